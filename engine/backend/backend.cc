@@ -1,0 +1,46 @@
+#include "engine/backend/backend.h"
+
+namespace moleserve::engine {
+
+size_t ScalarTypeSize(ScalarType t) {
+  switch (t) {
+    case ScalarType::kF32:
+      return 4;
+    case ScalarType::kBF16:
+    case ScalarType::kF16:
+      return 2;
+  }
+  return 0;
+}
+
+const char* ScalarTypeName(ScalarType t) {
+  switch (t) {
+    case ScalarType::kF32:
+      return "float32";
+    case ScalarType::kBF16:
+      return "bfloat16";
+    case ScalarType::kF16:
+      return "float16";
+  }
+  return "unknown";
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    data_ = other.data_;
+    bytes_ = other.bytes_;
+    free_ = std::move(other.free_);
+    other.data_ = nullptr;
+    other.bytes_ = 0;
+  }
+  return *this;
+}
+
+void DeviceBuffer::Reset() {
+  if (data_ != nullptr && free_) free_(data_);
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+}  // namespace moleserve::engine

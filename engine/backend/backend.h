@@ -1,0 +1,110 @@
+#pragma once
+
+// Backend: the device a model runs on. It owns device memory and the compute op table; engine
+// modules above it never see kernels/ or CUDA directly (DESIGN.md section 2).
+//
+//   ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateCpuBackend({.num_threads = 2}));
+//   ASSIGN_OR_RETURN(DeviceBuffer buf, backend->Allocate(1 << 20));
+//   RETURN_IF_ERROR(backend->RmsNorm({.x = buf.data(), ...}));
+//
+// Ops take the Params structs of kernels/common/params.h with device pointers, run in stream
+// order on the backend's compute stream, and return a Status naming the op when the kernel
+// refuses its arguments. Results are visible to the host after Synchronize() (a no-op on CPU).
+//
+// Thread safety: Allocate/Free may be called from any thread. Ops and copies are issued by one
+// thread at a time (the engine loop); the backend does not serialize them.
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/common/params.h"
+
+namespace moleserve::engine {
+
+using kernels::ScalarType;
+
+// Bytes per element of a ScalarType.
+size_t ScalarTypeSize(ScalarType t);
+const char* ScalarTypeName(ScalarType t);
+
+// Owning handle to device memory; frees on destruction. Move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(void* data, size_t bytes, std::function<void(void*)> free_fn)
+      : data_(data), bytes_(bytes), free_(std::move(free_fn)) {}
+  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { Reset(); }
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+  void Reset();
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  std::function<void(void*)> free_;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // "cpu" or "cuda".
+  virtual std::string name() const = 0;
+  // Element type of weights and activations on this backend (fp32 on CPU, bf16 on CUDA).
+  virtual ScalarType compute_dtype() const = 0;
+
+  // Device memory, zero-initialised. kResourceExhausted when the device is out of memory.
+  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
+  virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  // Waits for every op issued so far.
+  virtual absl::Status Synchronize() = 0;
+
+  // Op table: see kernels/common/params.h for each op's math and layouts.
+  virtual absl::Status Gemm(const kernels::GemmParams& p) = 0;
+  virtual absl::Status RmsNorm(const kernels::RmsNormParams& p) = 0;
+  virtual absl::Status SiluMul(const kernels::SiluMulParams& p) = 0;
+  virtual absl::Status Embedding(const kernels::EmbeddingParams& p) = 0;
+  virtual absl::Status Add(const kernels::AddParams& p) = 0;
+  virtual absl::Status Rope(const kernels::RopeParams& p) = 0;
+  virtual absl::Status KvWrite(const kernels::KvWriteParams& p) = 0;
+  virtual absl::Status PagedAttention(const kernels::PagedAttentionParams& p) = 0;
+};
+
+struct CpuBackendOptions {
+  // Threads for the CPU kernels and OpenBLAS; 0 = all hardware threads.
+  int num_threads = 0;
+};
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const CpuBackendOptions& options);
+
+// True when this binary was built with the CUDA backend (MOLESERVE_ENABLE_CUDA).
+bool CudaBackendCompiled();
+// Number of CUDA devices visible (0 when none, or when CUDA is not compiled in).
+int CudaDeviceCount();
+
+struct CudaBackendOptions {
+  int device = 0;
+};
+
+// The CUDA backend: memory, streams and the ops whose kernels exist so far (RmsNorm, SiluMul,
+// Embedding, Add). The remaining ops return kUnimplemented naming the op until their kernels
+// land, so a model cannot silently run on a partial backend. kFailedPrecondition when no device
+// is present or CUDA is not compiled in.
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options);
+
+}  // namespace moleserve::engine

@@ -1,0 +1,295 @@
+#include "engine/engine.h"
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/backend/backend.h"
+#include "engine/core/status_macros.h"
+#include "engine/executor/executor.h"
+#include "engine/model/demo_model.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/model_directory.h"
+#include "engine/tokenizer/tokenizer.h"
+
+namespace moleserve::engine {
+
+struct Engine::State {
+  EngineOptions options;
+  ModelInfo info;
+  int32_t context_length = 0;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<Executor> executor;
+
+  absl::Mutex mu;  // guards the fields below
+  bool accepting ABSL_GUARDED_BY(mu) = true;
+  int64_t in_flight ABSL_GUARDED_BY(mu) = 0;
+  uint64_t next_handle ABSL_GUARDED_BY(mu) = 1;
+};
+
+namespace {
+
+// Wraps the caller's sink to count requests in flight (for drain) without the executor knowing.
+class TrackedSink final : public GenerationSink {
+ public:
+  TrackedSink(std::shared_ptr<GenerationSink> inner, std::function<void()> on_done)
+      : inner_(std::move(inner)), on_done_(std::move(on_done)) {}
+  void OnChunk(GenerationChunk chunk) override { inner_->OnChunk(std::move(chunk)); }
+  void OnFinish(GenerationChunk last, FinishInfo info) override {
+    inner_->OnFinish(std::move(last), std::move(info));
+    on_done_();
+  }
+  void OnError(absl::Status status) override {
+    inner_->OnError(std::move(status));
+    on_done_();
+  }
+
+ private:
+  std::shared_ptr<GenerationSink> inner_;
+  std::function<void()> on_done_;
+};
+
+absl::Status ValidateOptions(const EngineOptions& o) {
+  if (o.max_num_seqs <= 0) return absl::InvalidArgumentError("max_num_seqs must be > 0");
+  if (o.max_batch_tokens < o.max_num_seqs) {
+    return absl::InvalidArgumentError(absl::StrCat("max_batch_tokens (", o.max_batch_tokens,
+                                                   ") must be >= max_num_seqs (", o.max_num_seqs,
+                                                   ")"));
+  }
+  if (o.max_queue < 0) return absl::InvalidArgumentError("max_queue must be >= 0");
+  if (o.kv_block_size <= 0) return absl::InvalidArgumentError("kv_block_size must be > 0");
+  if (o.max_model_len < 0) return absl::InvalidArgumentError("max_model_len must be >= 0");
+  if (o.default_max_new_tokens <= 0) {
+    return absl::InvalidArgumentError("default_max_new_tokens must be > 0");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  RETURN_IF_ERROR(ValidateOptions(options));
+  auto state = std::make_unique<State>();
+  state->options = options;
+  ASSIGN_OR_RETURN(state->backend, CreateCpuBackend({.num_threads = options.num_threads}));
+
+  ModelConfig config;
+  std::unique_ptr<WeightSource> weights;
+  if (options.model.empty()) {
+    config = DemoModelConfig();
+    weights = std::make_unique<HostWeights>(RandomLlamaWeights(config, kDemoModelSeed));
+    state->tokenizer = Tokenizer::ByteLevelDemo();
+  } else {
+    ASSIGN_OR_RETURN(ModelDirectory dir, OpenModelDirectory(options.model));
+    config = dir.config;
+    weights = std::move(dir.weights);
+    ASSIGN_OR_RETURN(state->tokenizer, Tokenizer::FromJsonFile(dir.tokenizer_path));
+  }
+  if (state->tokenizer->vocab_size() > config.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("the tokenizer has ",
+                                                   state->tokenizer->vocab_size(),
+                                                   " tokens but the model's vocab_size is ",
+                                                   config.vocab_size));
+  }
+  // The model config decides BOS/EOS (generation_config.json overrides config.json).
+  state->tokenizer->set_bos_id(config.bos_token_id);
+  state->tokenizer->set_eos_ids(config.eos_token_ids);
+
+  const int64_t per_block_token = 2LL * config.num_layers * config.num_kv_heads * config.head_dim *
+                                  static_cast<int64_t>(sizeof(float));
+  const int64_t num_blocks = options.kv_cache_bytes / (per_block_token * options.kv_block_size);
+  if (num_blocks < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_cache_bytes (", options.kv_cache_bytes, ") is smaller than one KV block (",
+        per_block_token * options.kv_block_size, " bytes)"));
+  }
+  LlamaModelOptions model_options{
+      .num_kv_blocks = static_cast<int32_t>(std::min<int64_t>(num_blocks, 1 << 24)),
+      .kv_block_size = options.kv_block_size,
+      .max_batch_tokens = options.max_batch_tokens,
+      .max_seqs = options.max_num_seqs};
+  ASSIGN_OR_RETURN(state->model,
+                   LlamaModel::Create(state->backend.get(), config, *weights, model_options));
+  weights.reset();  // weights now live on the backend; unmap the checkpoint
+
+  state->context_length = options.max_model_len > 0
+                              ? std::min(options.max_model_len, config.max_position_embeddings)
+                              : config.max_position_embeddings;
+  state->info = ModelInfo{.name = config.name,
+                          .architecture = config.architecture,
+                          .num_layers = config.num_layers,
+                          .hidden_size = config.hidden_size,
+                          .vocab_size = config.vocab_size,
+                          .context_length = state->context_length,
+                          .parameter_count = config.ParameterCount(),
+                          .backend = state->backend->name(),
+                          .dtype = ScalarTypeName(state->backend->compute_dtype())};
+  state->executor = std::make_unique<Executor>(
+      state->model.get(), state->tokenizer.get(),
+      SchedulerOptions{.max_batch_tokens = options.max_batch_tokens,
+                       .max_num_seqs = options.max_num_seqs},
+      options.metrics);
+  state->executor->Start();
+  return std::unique_ptr<Engine>(new Engine(std::move(state)));
+}
+
+Engine::Engine(std::unique_ptr<State> state) : state_(std::move(state)) {}
+
+Engine::~Engine() { Shutdown(); }
+
+absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
+                                        std::shared_ptr<GenerationSink> sink) {
+  State& s = *state_;
+  auto reject = [&](absl::Status status) {
+    if (s.options.metrics) s.options.metrics->OnRequestRejected(status.code());
+    return status;
+  };
+  {
+    absl::MutexLock lock(&s.mu);
+    if (!s.accepting) return reject(absl::UnavailableError("server is draining; retry on another replica"));
+  }
+  if (!request.adapter.empty()) {
+    return reject(absl::NotFoundError(absl::StrCat(
+        "adapter '", request.adapter, "' is not loaded; ListModels shows the loadable models")));
+  }
+  // Input.
+  std::vector<int32_t> prompt;
+  if (request.text.has_value()) {
+    if (!request.token_ids.empty()) {
+      return reject(absl::InvalidArgumentError("set either text or token_ids, not both"));
+    }
+    if (static_cast<int64_t>(request.text->size()) > s.options.max_input_bytes) {
+      return reject(absl::InvalidArgumentError(absl::StrCat(
+          "text input is ", request.text->size(), " bytes; the limit is ",
+          s.options.max_input_bytes)));
+    }
+    if (request.text->empty()) {
+      return reject(absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids"));
+    }
+    const bool add_bos = request.add_bos.value_or(s.tokenizer->bos_id().has_value());
+    prompt = s.tokenizer->Encode(*request.text, add_bos);
+  } else {
+    prompt = request.token_ids;
+    for (int32_t id : prompt) {
+      if (id < 0 || id >= s.info.vocab_size) {
+        return reject(absl::InvalidArgumentError(absl::StrCat(
+            "token_ids: ", id, " is outside the vocabulary [0, ", s.info.vocab_size, ")")));
+      }
+    }
+  }
+  if (prompt.empty()) {
+    return reject(absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids"));
+  }
+  // Sampling, stopping and output options.
+  if (absl::Status st = ValidateSamplingParams(request.sampling); !st.ok()) return reject(st);
+  if (absl::Status st = ValidateStoppingParams(request.stopping, s.info.vocab_size); !st.ok()) {
+    return reject(st);
+  }
+  if (request.top_logprobs < 0 || request.top_logprobs > kMaxTopLogprobs) {
+    return reject(absl::InvalidArgumentError(
+        absl::StrCat("output.top_logprobs must be in [0, ", kMaxTopLogprobs, "]")));
+  }
+  // Context rule: prompt + max_new_tokens <= context_length. An unset max_new_tokens takes the
+  // default, capped to the room left.
+  const int32_t prompt_len = static_cast<int32_t>(prompt.size());
+  if (prompt_len >= s.context_length) {
+    return reject(absl::InvalidArgumentError(absl::StrCat(
+        "the prompt has ", prompt_len, " tokens; the context holds ", s.context_length,
+        " tokens, so it must be at most ", s.context_length - 1)));
+  }
+  int32_t& max_new = request.stopping.max_new_tokens;
+  if (max_new == 0) {
+    max_new = std::min(s.options.default_max_new_tokens, s.context_length - prompt_len);
+  } else if (int64_t{prompt_len} + max_new > s.context_length) {
+    return reject(absl::InvalidArgumentError(absl::StrCat(
+        "prompt (", prompt_len, " tokens) + max_new_tokens (", max_new,
+        ") exceeds the context of ", s.context_length, " tokens; ask for at most ",
+        s.context_length - prompt_len, " new tokens")));
+  }
+  const int32_t blocks_needed = s.executor->BlocksNeeded(int64_t{prompt_len} + max_new);
+  if (blocks_needed > s.executor->total_blocks()) {
+    return reject(absl::ResourceExhaustedError(absl::StrCat(
+        "the request needs ", blocks_needed, " KV blocks but the whole cache has ",
+        s.executor->total_blocks(), "; lower max_new_tokens or raise --kv-cache-bytes")));
+  }
+  if (s.executor->counters().waiting >= s.options.max_queue) {
+    return reject(absl::ResourceExhaustedError(absl::StrCat(
+        "the request queue is full (", s.options.max_queue,
+        " waiting); retry later or on another replica")));
+  }
+  uint64_t seed = request.sampling.seed.has_value() ? *request.sampling.seed
+                                                    : std::random_device{}() * 0x100000001ull;
+  uint64_t handle;
+  {
+    absl::MutexLock lock(&s.mu);
+    if (!s.accepting) return reject(absl::UnavailableError("server is draining; retry on another replica"));
+    handle = s.next_handle++;
+    ++s.in_flight;
+  }
+  auto tracked = std::make_shared<TrackedSink>(std::move(sink), [state = state_.get()] {
+    absl::MutexLock lock(&state->mu);
+    --state->in_flight;
+  });
+  auto seq = std::make_unique<Sequence>(handle, std::move(request), std::move(prompt), seed,
+                                        std::move(tracked));
+  seq->arrival = absl::Now();
+  s.executor->Submit(std::move(seq));
+  return handle;
+}
+
+void Engine::Cancel(uint64_t handle) { state_->executor->Cancel(handle); }
+
+absl::StatusOr<Engine::Tokenized> Engine::Tokenize(std::string_view text,
+                                                   std::optional<bool> add_bos,
+                                                   bool return_pieces) const {
+  if (static_cast<int64_t>(text.size()) > state_->options.max_input_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("text is ", text.size(),
+                                                   " bytes; the limit is ",
+                                                   state_->options.max_input_bytes));
+  }
+  Tokenized out;
+  out.ids = state_->tokenizer->Encode(text, add_bos.value_or(state_->tokenizer->bos_id().has_value()));
+  if (return_pieces) {
+    for (int32_t id : out.ids) out.pieces.push_back(state_->tokenizer->Piece(id));
+  }
+  return out;
+}
+
+std::string Engine::DecodeToken(int32_t id) const { return state_->tokenizer->DecodeToken(id); }
+
+const ModelInfo& Engine::model_info() const { return state_->info; }
+
+EngineStats Engine::Stats() const {
+  Executor::Counters c = state_->executor->counters();
+  EngineStats out{.waiting = c.waiting,
+                  .running = c.running,
+                  .free_kv_blocks = c.free_blocks,
+                  .total_kv_blocks = state_->executor->total_blocks(),
+                  .steps = c.steps};
+  absl::MutexLock lock(&state_->mu);
+  out.in_flight = state_->in_flight;
+  return out;
+}
+
+void Engine::StopAccepting() {
+  absl::MutexLock lock(&state_->mu);
+  state_->accepting = false;
+}
+
+bool Engine::WaitIdle(absl::Duration timeout) {
+  absl::MutexLock lock(&state_->mu);
+  return state_->mu.AwaitWithTimeout(
+      absl::Condition(
+          +[](State* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu) { return s->in_flight == 0; },
+          state_.get()),
+      timeout);
+}
+
+void Engine::Shutdown() {
+  StopAccepting();
+  if (state_->executor) state_->executor->Stop();
+}
+
+}  // namespace moleserve::engine

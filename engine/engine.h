@@ -1,0 +1,106 @@
+#pragma once
+
+// Engine: the facade the server talks to (DESIGN.md section 2: server -> engine.h).
+//
+//   ASSIGN_OR_RETURN(auto engine, Engine::Create({.model = ""}));   // "" = built-in demo model
+//   ASSIGN_OR_RETURN(uint64_t handle, engine->Submit(request, sink));
+//   engine->Cancel(handle);
+//
+// Lifecycle: Create loads the model and tokenizer, allocates the KV cache and starts the engine
+// loop; StopAccepting() begins a drain (Submit then fails with kUnavailable); Shutdown() (or the
+// destructor) fails whatever is still in flight with kUnavailable and stops the loop.
+// Thread safety: every method may be called from any thread.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/metrics_sink.h"
+#include "engine/request.h"
+
+namespace moleserve::engine {
+
+struct EngineOptions {
+  // A Hugging Face-style model directory; empty = the built-in demo model.
+  std::string model;
+  // CPU threads for kernels and BLAS; 0 = all hardware threads.
+  int32_t num_threads = 0;
+  // Tokens per step (prefill chunks + decode tokens); must be >= max_num_seqs.
+  int32_t max_batch_tokens = 2048;
+  // Sequences running at once.
+  int32_t max_num_seqs = 64;
+  // Requests waiting for admission; beyond it Submit fails with kResourceExhausted.
+  int32_t max_queue = 256;
+  // KV cache memory; the block count is kv_cache_bytes / bytes per block.
+  int64_t kv_cache_bytes = int64_t{256} << 20;
+  int32_t kv_block_size = 16;
+  // Longest prompt + output of one request; 0 = the model's max_position_embeddings.
+  int32_t max_model_len = 0;
+  // max_new_tokens when a request leaves it 0 (capped by the room left in the context).
+  int32_t default_max_new_tokens = 256;
+  // Longest accepted text input in bytes.
+  int64_t max_input_bytes = int64_t{1} << 20;
+  MetricsSink* metrics = nullptr;  // not owned; must outlive the engine
+};
+
+struct ModelInfo {
+  std::string name;
+  std::string architecture;
+  int32_t num_layers = 0;
+  int32_t hidden_size = 0;
+  int32_t vocab_size = 0;
+  int32_t context_length = 0;
+  int64_t parameter_count = 0;
+  std::string backend;
+  std::string dtype;
+};
+
+struct EngineStats {
+  int64_t waiting = 0;
+  int64_t running = 0;
+  int64_t free_kv_blocks = 0;
+  int64_t total_kv_blocks = 0;
+  int64_t steps = 0;
+  int64_t in_flight = 0;  // submitted and not yet reported finished
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
+  ~Engine();
+
+  // Validates and queues a request; the sink then receives its output. Returns a handle for
+  // Cancel. Errors (nothing is queued): kInvalidArgument (bad input, naming the field),
+  // kNotFound (unknown adapter), kResourceExhausted (queue full, or a request larger than the
+  // whole KV cache), kUnavailable (draining).
+  absl::StatusOr<uint64_t> Submit(GenerateRequest request, std::shared_ptr<GenerationSink> sink);
+  void Cancel(uint64_t handle);
+
+  struct Tokenized {
+    std::vector<int32_t> ids;
+    std::vector<std::string> pieces;
+  };
+  absl::StatusOr<Tokenized> Tokenize(std::string_view text, std::optional<bool> add_bos,
+                                     bool return_pieces) const;
+  // Bytes of one token's text (special tokens: empty).
+  std::string DecodeToken(int32_t id) const;
+
+  const ModelInfo& model_info() const;
+  EngineStats Stats() const;
+
+  // Drain: refuse new requests from now on.
+  void StopAccepting();
+  // Waits until no request is in flight; false on timeout.
+  bool WaitIdle(absl::Duration timeout);
+  void Shutdown();
+
+ private:
+  struct State;
+  explicit Engine(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace moleserve::engine

@@ -1,0 +1,292 @@
+#include "engine/executor/executor.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/check.h"
+
+namespace moleserve::engine {
+namespace {
+
+double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+
+}  // namespace
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kStopSequence:
+      return "stop";
+    case FinishReason::kStopToken:
+      return "stop_token";
+    case FinishReason::kEos:
+      return "eos";
+  }
+  return "unknown";
+}
+
+Executor::Executor(LlamaModel* model, const Tokenizer* tokenizer, const SchedulerOptions& options,
+                   MetricsSink* metrics)
+    : model_(model),
+      tokenizer_(tokenizer),
+      metrics_(metrics),
+      blocks_(model->options().num_kv_blocks, model->options().kv_block_size),
+      scheduler_(options, &blocks_) {
+  counters_.free_blocks = blocks_.num_free();
+}
+
+Executor::~Executor() { Stop(); }
+
+void Executor::Start() {
+  MOLE_CHECK(!thread_.joinable());
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void Executor::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+void Executor::Submit(std::unique_ptr<Sequence> seq) {
+  absl::MutexLock lock(&mu_);
+  inbox_.push_back(std::move(seq));
+  ++counters_.waiting;
+}
+
+void Executor::Cancel(uint64_t handle) {
+  absl::MutexLock lock(&mu_);
+  cancels_.push_back(handle);
+}
+
+Executor::Counters Executor::counters() const {
+  absl::MutexLock lock(&mu_);
+  return counters_;
+}
+
+void Executor::PublishCounters() {
+  int64_t inbox;
+  {
+    absl::MutexLock lock(&mu_);
+    inbox = static_cast<int64_t>(inbox_.size());
+    counters_.waiting = inbox + scheduler_.num_waiting();
+    counters_.running = scheduler_.num_running();
+    counters_.free_blocks = blocks_.num_free();
+  }
+  if (metrics_) {
+    metrics_->OnQueueState(inbox + scheduler_.num_waiting(), scheduler_.num_running(),
+                           blocks_.Usage());
+  }
+}
+
+void Executor::Ingest(absl::Time now) {
+  std::vector<std::unique_ptr<Sequence>> inbox;
+  std::vector<uint64_t> cancels;
+  {
+    absl::MutexLock lock(&mu_);
+    inbox.swap(inbox_);
+    cancels.swap(cancels_);
+  }
+  for (auto& seq : inbox) {
+    by_handle_[seq->handle] = seq.get();
+    scheduler_.Enqueue(std::move(seq));
+  }
+  for (uint64_t handle : cancels) {
+    auto it = by_handle_.find(handle);
+    if (it != by_handle_.end()) Fail(it->second, absl::CancelledError("request cancelled by the client"));
+  }
+  // Deadlines, checked every step for waiting and running sequences alike.
+  std::vector<Sequence*> expired;
+  for (const auto& [handle, seq] : by_handle_) {
+    if (seq->request.deadline <= now) expired.push_back(seq);
+  }
+  for (Sequence* seq : expired) {
+    Fail(seq, absl::DeadlineExceededError(absl::StrCat(
+                  "deadline exceeded after ", seq->generated(), " generated tokens")));
+  }
+}
+
+void Executor::Loop() {
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (stop_) break;
+      // Idle: sleep until there is input (or a deadline to check soon).
+      if (by_handle_.empty()) {
+        mu_.AwaitWithTimeout(absl::Condition(
+                                 +[](Executor* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
+                                   return e->stop_ || !e->inbox_.empty() || !e->cancels_.empty();
+                                 },
+                                 this),
+                             absl::Milliseconds(100));
+        if (stop_) break;
+      }
+    }
+    const absl::Time now = absl::Now();
+    Ingest(now);
+    std::vector<ScheduledChunk> step = scheduler_.Schedule(now);
+    PublishCounters();
+    if (step.empty()) {
+      if (!by_handle_.empty()) {
+        // Waiting sequences that cannot be admitted yet; wait for input rather than spin.
+        absl::MutexLock lock(&mu_);
+        mu_.AwaitWithTimeout(absl::Condition(
+                                 +[](Executor* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
+                                   return e->stop_ || !e->inbox_.empty() || !e->cancels_.empty();
+                                 },
+                                 this),
+                             absl::Milliseconds(10));
+      }
+      continue;
+    }
+    RunStep(step);
+    PublishCounters();
+  }
+  // Shutdown: everything still in flight ends with UNAVAILABLE.
+  Ingest(absl::Now());
+  std::vector<Sequence*> left;
+  for (const auto& [handle, seq] : by_handle_) left.push_back(seq);
+  for (Sequence* seq : left) Fail(seq, absl::UnavailableError("server is shutting down"));
+  PublishCounters();
+}
+
+void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
+  const absl::Time start = absl::Now();
+  batch_.Clear();
+  int64_t prefill_tokens = 0;
+  int64_t decode_tokens = 0;
+  for (int32_t s = 0; s < static_cast<int32_t>(step.size()); ++s) {
+    const ScheduledChunk& chunk = step[s];
+    Sequence* seq = chunk.seq;
+    const int32_t begin = seq->num_computed;
+    scheduler_.EnsureBlocks(seq, begin + chunk.num_tokens);
+    for (int32_t i = 0; i < chunk.num_tokens; ++i) {
+      batch_.tokens.push_back(seq->tokens[begin + i]);
+      batch_.positions.push_back(begin + i);
+      batch_.token_seq.push_back(s);
+    }
+    batch_.block_tables.insert(batch_.block_tables.end(), seq->blocks.begin(), seq->blocks.end());
+    batch_.block_table_offsets.push_back(static_cast<int32_t>(batch_.block_tables.size()));
+    if (chunk.sample) batch_.sample_rows.push_back(batch_.num_tokens() - 1);
+    (seq->uncomputed() == 1 ? decode_tokens : prefill_tokens) += chunk.num_tokens;
+  }
+  absl::Status status = model_->Forward(batch_, &logits_);
+  if (!status.ok()) {
+    // A model failure is an engine fault: fail the step's sequences, keep serving the rest.
+    for (const ScheduledChunk& chunk : step) {
+      Fail(chunk.seq, absl::InternalError(absl::StrCat("forward pass failed: ", status.message())));
+    }
+    return;
+  }
+  const int32_t vocab = model_->config().vocab_size;
+  const absl::Time now = absl::Now();
+  int32_t row = 0;
+  for (const ScheduledChunk& chunk : step) {
+    Sequence* seq = chunk.seq;
+    seq->num_computed += chunk.num_tokens;
+    if (!chunk.sample) continue;
+    absl::Span<const float> logits(logits_.data() + static_cast<int64_t>(row++) * vocab, vocab);
+    SampledToken sampled = seq->sampler.Sample(logits);
+    seq->tokens.push_back(sampled.id);
+
+    if (!seq->first_token) {
+      seq->first_token = now;
+      if (metrics_) metrics_->OnFirstToken(Seconds(now - seq->arrival));
+    } else if (metrics_) {
+      metrics_->OnInterTokenLatency(Seconds(now - seq->last_token));
+    }
+    seq->last_token = now;
+
+    GenerationChunk out;
+    GeneratedToken token{sampled.id, sampled.logprob, {}};
+    if (seq->request.top_logprobs > 0) token.top = std::move(sampled.top);
+    out.tokens.push_back(std::move(token));
+
+    const StoppingParams& stop = seq->request.stopping;
+    const auto& eos = tokenizer_->eos_ids();
+    if (!stop.ignore_eos && std::find(eos.begin(), eos.end(), sampled.id) != eos.end()) {
+      out.text = seq->text.Flush();
+      Finish(seq, FinishReason::kEos, "", std::move(out));
+      continue;
+    }
+    if (std::find(stop.stop_token_ids.begin(), stop.stop_token_ids.end(), sampled.id) !=
+        stop.stop_token_ids.end()) {
+      out.text = seq->text.Flush();
+      Finish(seq, FinishReason::kStopToken, absl::StrCat(sampled.id), std::move(out));
+      continue;
+    }
+    OutputText::Update update = seq->text.Append(tokenizer_->DecodeToken(sampled.id));
+    out.text = std::move(update.delta);
+    if (update.stopped) {
+      Finish(seq, FinishReason::kStopSequence, std::move(update.matched), std::move(out));
+      continue;
+    }
+    if (seq->generated() >= stop.max_new_tokens) {
+      out.text += seq->text.Flush();
+      Finish(seq, FinishReason::kLength, "", std::move(out));
+      continue;
+    }
+    seq->sink->OnChunk(std::move(out));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    ++counters_.steps;
+  }
+  if (metrics_) {
+    metrics_->OnStep({.num_waiting = scheduler_.num_waiting(),
+                      .num_running = scheduler_.num_running(),
+                      .kv_cache_usage = blocks_.Usage(),
+                      .batch_tokens = batch_.num_tokens(),
+                      .prefill_tokens = prefill_tokens,
+                      .decode_tokens = decode_tokens,
+                      .step_seconds = Seconds(absl::Now() - start)});
+  }
+}
+
+void Executor::Finish(Sequence* seq, FinishReason reason, std::string matched,
+                      GenerationChunk last) {
+  by_handle_.erase(seq->handle);
+  std::unique_ptr<Sequence> owned = scheduler_.Remove(seq);
+  FinishInfo info;
+  info.reason = reason;
+  info.matched_stop = std::move(matched);
+  info.prompt_tokens = owned->prompt_len;
+  info.generated_tokens = owned->generated();
+  const absl::Time admitted = owned->admitted.value_or(owned->arrival);
+  const absl::Time first = owned->first_token.value_or(owned->last_token);
+  info.timings.queue_seconds = Seconds(admitted - owned->arrival);
+  info.timings.time_to_first_token_seconds = Seconds(first - owned->arrival);
+  info.timings.prefill_seconds = Seconds(first - admitted);
+  info.timings.decode_seconds = Seconds(owned->last_token - first);
+  info.timings.total_seconds = Seconds(owned->last_token - owned->arrival);
+  if (metrics_) {
+    metrics_->OnRequestFinished({.code = absl::StatusCode::kOk,
+                                 .finish_reason = FinishReasonName(reason),
+                                 .prompt_tokens = info.prompt_tokens,
+                                 .generated_tokens = info.generated_tokens,
+                                 .queue_seconds = info.timings.queue_seconds,
+                                 .e2e_seconds = info.timings.total_seconds,
+                                 .prefill_seconds = info.timings.prefill_seconds,
+                                 .decode_seconds = info.timings.decode_seconds});
+  }
+  owned->sink->OnFinish(std::move(last), std::move(info));
+}
+
+void Executor::Fail(Sequence* seq, absl::Status status) {
+  by_handle_.erase(seq->handle);
+  std::unique_ptr<Sequence> owned = scheduler_.Remove(seq);
+  if (metrics_) {
+    const absl::Time now = absl::Now();
+    metrics_->OnRequestFinished({.code = status.code(),
+                                 .prompt_tokens = owned->prompt_len,
+                                 .generated_tokens = owned->generated(),
+                                 .queue_seconds = Seconds(owned->admitted.value_or(now) - owned->arrival),
+                                 .e2e_seconds = Seconds(now - owned->arrival)});
+  }
+  owned->sink->OnError(std::move(status));
+}
+
+}  // namespace moleserve::engine

@@ -1,0 +1,83 @@
+#pragma once
+
+// Executor: the engine loop. One thread runs, per Step:
+//   ingest submissions and cancellations -> expire deadlines -> Scheduler::Schedule ->
+//   build the Batch (allocating KV blocks from reservations) -> LlamaModel::Forward ->
+//   sample, check stops, stream chunks to sinks -> remove finished sequences (freeing blocks).
+// New requests join between steps; finished and cancelled ones leave between steps.
+//
+// Lifecycle: Start() spawns the loop; Stop() fails every sequence still in flight with
+// kUnavailable and joins. Thread safety: Submit, Cancel, Stop and the counters may be called from
+// any thread; everything else runs on the loop thread.
+
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/kv_cache/block_manager.h"
+#include "engine/metrics_sink.h"
+#include "engine/model/llama_model.h"
+#include "engine/scheduler/scheduler.h"
+#include "engine/tokenizer/tokenizer.h"
+
+namespace moleserve::engine {
+
+class Executor {
+ public:
+  Executor(LlamaModel* model, const Tokenizer* tokenizer, const SchedulerOptions& options,
+           MetricsSink* metrics);
+  ~Executor();
+
+  void Start();
+  void Stop();
+
+  // Hands a validated sequence to the loop.
+  void Submit(std::unique_ptr<Sequence> seq);
+  // Cancels a request by handle (no-op when it already finished).
+  void Cancel(uint64_t handle);
+
+  // Blocks a request needs for its whole life, and the cache's total.
+  int32_t BlocksNeeded(int64_t tokens) const { return blocks_.BlocksFor(tokens); }
+  int32_t total_blocks() const { return blocks_.num_blocks(); }
+
+  struct Counters {
+    int64_t waiting = 0;   // submitted, not admitted
+    int64_t running = 0;   // admitted, not finished
+    int64_t free_blocks = 0;
+    int64_t steps = 0;
+  };
+  Counters counters() const;
+
+ private:
+  void Loop();
+  void Ingest(absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
+  void RunStep(const std::vector<ScheduledChunk>& step);
+  // Removes seq from the scheduler and reports the outcome to its sink.
+  void Finish(Sequence* seq, FinishReason reason, std::string matched, GenerationChunk last);
+  void Fail(Sequence* seq, absl::Status status);
+  void PublishCounters() ABSL_LOCKS_EXCLUDED(mu_);
+
+  LlamaModel* model_;            // not owned
+  const Tokenizer* tokenizer_;   // not owned
+  MetricsSink* metrics_;         // not owned, may be null
+  BlockManager blocks_;          // loop thread only
+  Scheduler scheduler_;          // loop thread only
+  std::unordered_map<uint64_t, Sequence*> by_handle_;  // loop thread only
+  Batch batch_;                  // reused across steps
+  std::vector<float> logits_;
+
+  mutable absl::Mutex mu_;  // guards the inbox, cancellations, stop flag and counters
+  std::vector<std::unique_ptr<Sequence>> inbox_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  Counters counters_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
+}  // namespace moleserve::engine

@@ -1,0 +1,97 @@
+#include "engine/model/model_directory.h"
+
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/status_macros.h"
+
+namespace moleserve::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+absl::StatusOr<std::string> ReadFile(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path.string()));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+absl::StatusOr<ModelDirectory> OpenModelDirectory(const std::string& dir) {
+  const fs::path root(dir);
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) {
+    return absl::NotFoundError(absl::StrCat("model directory ", dir, " does not exist"));
+  }
+  ModelDirectory out;
+  ASSIGN_OR_RETURN(std::string config_text, ReadFile(root / "config.json"));
+  absl::StatusOr<ModelConfig> config = ParseHfConfig(config_text);
+  if (!config.ok()) {
+    return absl::Status(config.status().code(),
+                        absl::StrCat(dir, "/", config.status().message()));
+  }
+  out.config = *std::move(config);
+  if (fs::exists(root / "generation_config.json", ec)) {
+    ASSIGN_OR_RETURN(std::string gen_text, ReadFile(root / "generation_config.json"));
+    nlohmann::json gen = nlohmann::json::parse(gen_text, nullptr, /*allow_exceptions=*/false);
+    if (gen.is_discarded() || !gen.is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(dir, "/generation_config.json is not a JSON object"));
+    }
+    if (auto it = gen.find("eos_token_id"); it != gen.end()) {
+      std::vector<int32_t> eos;
+      if (it->is_number_integer()) eos.push_back(it->get<int32_t>());
+      if (it->is_array()) {
+        for (const auto& e : *it) {
+          if (e.is_number_integer()) eos.push_back(e.get<int32_t>());
+        }
+      }
+      if (!eos.empty()) out.config.eos_token_ids = eos;
+    }
+    RETURN_IF_ERROR(out.config.Validate());
+  }
+
+  std::vector<std::string> shards;
+  if (fs::exists(root / "model.safetensors", ec)) {
+    shards.push_back((root / "model.safetensors").string());
+  } else if (fs::exists(root / "model.safetensors.index.json", ec)) {
+    ASSIGN_OR_RETURN(std::string index_text, ReadFile(root / "model.safetensors.index.json"));
+    nlohmann::json index = nlohmann::json::parse(index_text, nullptr, false);
+    auto map = index.is_object() ? index.find("weight_map") : index.end();
+    if (index.is_discarded() || map == index.end() || !map->is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(dir, "/model.safetensors.index.json has no 'weight_map' object"));
+    }
+    std::set<std::string> files;
+    for (const auto& [name, file] : map->items()) {
+      if (!file.is_string()) {
+        return absl::InvalidArgumentError(absl::StrCat("weight_map entry '", name, "' is not a file name"));
+      }
+      const std::string f = file.get<std::string>();
+      if (f.empty() || f.find('/') != std::string::npos || f == "..") {
+        return absl::InvalidArgumentError(absl::StrCat("weight_map entry '", name,
+                                                       "' names a file outside the directory: ", f));
+      }
+      files.insert(f);
+    }
+    for (const std::string& f : files) shards.push_back((root / f).string());
+  } else {
+    return absl::NotFoundError(absl::StrCat(
+        "model directory ", dir, " has neither model.safetensors nor model.safetensors.index.json"));
+  }
+  ASSIGN_OR_RETURN(out.weights, SafetensorsWeightSource::Open(shards));
+  out.tokenizer_path = (root / "tokenizer.json").string();
+  if (!fs::exists(out.tokenizer_path, ec)) {
+    return absl::NotFoundError(absl::StrCat("model directory ", dir, " has no tokenizer.json"));
+  }
+  return out;
+}
+
+}  // namespace moleserve::engine

@@ -1,0 +1,54 @@
+#pragma once
+
+// Sequence: the engine-local, mutable state of one admitted request (engine/README.md).
+// Owned by the Scheduler from Enqueue to Remove; touched only by the engine loop thread.
+//
+// tokens = prompt followed by generated tokens. The KV cache holds positions [0, num_computed).
+// A sequence is prefilling while more than one token is uncomputed, and decoding when exactly one
+// (the last sampled token) is.
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "engine/request.h"
+#include "engine/sampling/output_text.h"
+#include "engine/sampling/sampler.h"
+
+namespace moleserve::engine {
+
+struct Sequence {
+  Sequence(uint64_t handle, GenerateRequest request, std::vector<int32_t> prompt, uint64_t seed,
+           std::shared_ptr<GenerationSink> sink)
+      : handle(handle),
+        request(std::move(request)),
+        tokens(std::move(prompt)),
+        prompt_len(static_cast<int32_t>(tokens.size())),
+        sampler(this->request.sampling, seed, tokens, this->request.top_logprobs),
+        text(this->request.stopping.stop),
+        sink(std::move(sink)) {}
+
+  int32_t generated() const { return static_cast<int32_t>(tokens.size()) - prompt_len; }
+  int32_t uncomputed() const { return static_cast<int32_t>(tokens.size()) - num_computed; }
+
+  const uint64_t handle;
+  const GenerateRequest request;  // max_new_tokens already resolved
+  std::vector<int32_t> tokens;
+  const int32_t prompt_len;
+  int32_t num_computed = 0;
+  std::vector<int32_t> blocks;       // KV block table, logical order
+  int32_t reserved_blocks = 0;       // promised by the BlockManager, not yet taken
+  TokenSampler sampler;
+  OutputText text;
+  std::shared_ptr<GenerationSink> sink;
+
+  absl::Time arrival;
+  std::optional<absl::Time> admitted;
+  std::optional<absl::Time> first_token;
+  absl::Time last_token;
+};
+
+}  // namespace moleserve::engine

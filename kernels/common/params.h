@@ -1,0 +1,128 @@
+#pragma once
+
+// Parameter structs shared by the CPU (kernels/cpu) and CUDA (kernels/cuda) implementations of
+// every op. One struct per op; both implementations take the same struct, so the CPU version is
+// the oracle for the CUDA one. No CUDA headers here (DESIGN.md section 2).
+//
+// Layout conventions: row-major, the last dimension contiguous. Shapes are given per field.
+
+#include <cstdint>
+
+namespace moleserve::kernels {
+
+// Element type of activation/weight pointers that are declared `void*`.
+enum class ScalarType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:]   (Llama RMSNorm, fp32 math)
+struct RmsNormParams {
+  const void* x = nullptr;       // [rows, cols]
+  const void* weight = nullptr;  // [cols]
+  void* y = nullptr;             // [rows, cols]; may alias x
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float eps = 1e-6f;
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// out[t, i] = silu(gate[t, i]) * up[t, i]   (SwiGLU)
+struct SiluMulParams {
+  const void* gate = nullptr;  // [rows, cols]
+  const void* up = nullptr;    // [rows, cols]
+  void* out = nullptr;         // [rows, cols]; may alias gate or up
+  int64_t rows = 0;
+  int64_t cols = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// out[t, :] = table[ids[t], :]. Ids are validated by the caller (ids[t] < vocab).
+struct EmbeddingParams {
+  const int32_t* ids = nullptr;  // [num_tokens]
+  const void* table = nullptr;   // [vocab, hidden]
+  void* out = nullptr;           // [num_tokens, hidden]
+  int64_t num_tokens = 0;
+  int64_t hidden = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// out[i] = a[i] + b[i]
+struct AddParams {
+  const void* a = nullptr;  // [n]
+  const void* b = nullptr;  // [n]
+  void* out = nullptr;      // [n]; may alias a or b
+  int64_t n = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// y[m, n] = alpha * sum_k x[m, k] * w[n, k] + beta * y[m, n]   (x W^T, the nn.Linear layout)
+struct GemmParams {
+  const void* x = nullptr;  // [m, k]
+  const void* w = nullptr;  // [n, k]
+  void* y = nullptr;        // [m, n]
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  float alpha = 1.0f;
+  float beta = 0.0f;
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// Rotary position embedding, rotate-half ("NeoX") convention as in HF Llama: for each head and
+// i < head_dim/2, with angle = pos * inv_freq[i]:
+//   x'[i]          = x[i] cos - x[i + d/2] sin
+//   x'[i + d/2]    = x[i + d/2] cos + x[i] sin
+// applied in place to q and k.
+struct RopeParams {
+  void* q = nullptr;                  // [num_tokens, num_q_heads, head_dim]
+  void* k = nullptr;                  // [num_tokens, num_kv_heads, head_dim]
+  const int32_t* positions = nullptr;  // [num_tokens]
+  const float* inv_freq = nullptr;     // [head_dim / 2], already scaled (llama3 etc.)
+  int64_t num_tokens = 0;
+  int32_t num_q_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// Paged KV cache, vLLM-style. One cache tensor per layer for K and one for V:
+//   [num_blocks, block_size, num_kv_heads, head_dim]
+// A sequence's logical position p lives in physical block block_table[p / block_size], row
+// p % block_size. Block tables of all sequences of a step are concatenated into `block_tables`;
+// sequence s's table starts at block_table_offsets[s].
+struct PagedKvLayout {
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const int32_t* block_tables = nullptr;         // concatenated, int32 block ids
+  const int32_t* block_table_offsets = nullptr;  // [num_seqs + 1]
+  int32_t num_seqs = 0;
+  int32_t block_size = 16;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+};
+
+// Writes the step's new K and V rows into the paged cache at each token's position.
+struct KvWriteParams {
+  PagedKvLayout kv;
+  const void* k = nullptr;                // [num_tokens, num_kv_heads, head_dim]
+  const void* v = nullptr;                // [num_tokens, num_kv_heads, head_dim]
+  const int32_t* token_seq = nullptr;     // [num_tokens] sequence index of each token
+  const int32_t* positions = nullptr;     // [num_tokens]
+  int64_t num_tokens = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// Causal grouped-query attention over the paged cache for a flat batch of mixed prefill and decode
+// tokens: token t of sequence s attends to positions 0..positions[t] of s (which must already be in
+// the cache, i.e. KvWrite ran first). Query head h reads KV head h / (num_q_heads / num_kv_heads).
+struct PagedAttentionParams {
+  PagedKvLayout kv;
+  const void* q = nullptr;             // [num_tokens, num_q_heads, head_dim]
+  void* out = nullptr;                 // [num_tokens, num_q_heads, head_dim]
+  const int32_t* token_seq = nullptr;  // [num_tokens]
+  const int32_t* positions = nullptr;  // [num_tokens]
+  int64_t num_tokens = 0;
+  int32_t num_q_heads = 0;
+  float scale = 1.0f;                  // usually 1 / sqrt(head_dim)
+  ScalarType dtype = ScalarType::kF32;
+};
+
+}  // namespace moleserve::kernels

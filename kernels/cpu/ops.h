@@ -1,0 +1,27 @@
+#pragma once
+
+// CPU implementations of every op in kernels/common/params.h: fp32, OpenBLAS for GEMM, data
+// parallelism over a ThreadPool (may be null: run inline). They are both the CPU backend's compute
+// and the oracle the CUDA kernels are tested against. Each function is thread-compatible: distinct
+// calls on disjoint outputs may run concurrently.
+
+#include "kernels/common/kernel_status.h"
+#include "kernels/common/params.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace moleserve::kernels::cpu {
+
+KernelStatus RmsNorm(const RmsNormParams& p, ThreadPool* pool);
+KernelStatus SiluMul(const SiluMulParams& p, ThreadPool* pool);
+KernelStatus Embedding(const EmbeddingParams& p, ThreadPool* pool);
+KernelStatus Add(const AddParams& p, ThreadPool* pool);
+// OpenBLAS sgemm; its own threads (see SetBlasThreads).
+KernelStatus Gemm(const GemmParams& p);
+KernelStatus Rope(const RopeParams& p, ThreadPool* pool);
+KernelStatus KvWrite(const KvWriteParams& p, ThreadPool* pool);
+KernelStatus PagedAttention(const PagedAttentionParams& p, ThreadPool* pool);
+
+// Sets OpenBLAS's thread count (process-wide, OpenBLAS's own state).
+void SetBlasThreads(int n);
+
+}  // namespace moleserve::kernels::cpu

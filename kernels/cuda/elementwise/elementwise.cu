@@ -1,0 +1,44 @@
+#include <algorithm>
+
+#include "kernels/cuda/elementwise/elementwise.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace moleserve::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+// Grid-stride loops: enough blocks to fill any current GPU, no more.
+unsigned int GridFor(int64_t n) { return std::min<unsigned int>(CeilDiv(n, kThreads), 65535u); }
+
+}  // namespace
+
+cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream) {
+  const int64_t n = p.rows * p.cols;
+  if (n == 0) return cudaSuccess;
+  return DispatchFloat(p.dtype, [&]<typename T>() {
+    SiluMulKernel<T><<<GridFor(n), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.gate), static_cast<const T*>(p.up), static_cast<T*>(p.out), n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t Add(const AddParams& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  return DispatchFloat(p.dtype, [&]<typename T>() {
+    AddKernel<T><<<GridFor(p.n), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.a), static_cast<const T*>(p.b), static_cast<T*>(p.out), p.n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t Embedding(const EmbeddingParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return cudaSuccess;
+  if (p.num_tokens > 0x7fffffff) return cudaErrorInvalidValue;
+  return DispatchFloat(p.dtype, [&]<typename T>() {
+    EmbeddingKernel<T><<<static_cast<unsigned int>(p.num_tokens), kThreads, 0, stream>>>(
+        p.ids, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.hidden);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace moleserve::kernels::cuda

@@ -1,0 +1,21 @@
+#pragma once
+
+// proto <-> engine conversion for the Inference service. Validation that needs no model knowledge
+// (field presence, integer ranges of proto types) happens here; the engine validates the rest.
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/request.h"
+#include "moleserve/v1/inference.pb.h"
+
+namespace moleserve::server {
+
+absl::StatusOr<engine::GenerateRequest> FromProto(const moleserve::v1::GenerateRequest& in,
+                                                  absl::Time deadline);
+
+// Appends chunk's tokens, logprobs (when `logprobs`) and text to `out`.
+void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs,
+                 moleserve::v1::GenerateResponse* out);
+void SetFinal(const engine::FinishInfo& info, moleserve::v1::FinalInfo* out);
+
+}  // namespace moleserve::server

@@ -1,0 +1,202 @@
+#include "server/grpc/inference_service.h"
+
+#include <deque>
+#include <memory>
+#include <optional>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "server/grpc/conversion.h"
+#include "server/grpc/status_conversion.h"
+
+namespace moleserve::server {
+namespace {
+
+namespace pb = moleserve::v1;
+
+using Reactor = grpc::ServerWriteReactor<pb::GenerateResponse>;
+
+// Per-call output queue shared by the engine (producer, through GenerationSink) and the gRPC
+// reactor (consumer). It decides, under its mutex, the reactor's next operation: one write at a
+// time, then exactly one Finish; the operation itself is started outside the mutex. After
+// Finish nothing touches the reactor again, so gRPC may delete it in OnDone while the engine
+// still holds this state.
+class StreamState final : public engine::GenerationSink {
+ public:
+  StreamState(Reactor* reactor, std::string request_id, bool logprobs)
+      : reactor_(reactor), request_id_(std::move(request_id)), logprobs_(logprobs) {}
+
+  // GenerationSink (engine loop thread).
+  void OnChunk(engine::GenerationChunk chunk) override {
+    pb::GenerateResponse msg;
+    AppendChunk(chunk, logprobs_, &msg);
+    Push(std::move(msg), std::nullopt);
+  }
+  void OnFinish(engine::GenerationChunk last, engine::FinishInfo info) override {
+    pb::GenerateResponse msg;
+    AppendChunk(last, logprobs_, &msg);
+    SetFinal(info, msg.mutable_final());
+    Push(std::move(msg), grpc::Status::OK);
+  }
+  void OnError(absl::Status status) override { End(ToGrpcStatus(status), /*drop_pending=*/false); }
+
+  // Reactor callbacks (gRPC threads).
+  void WriteDone(bool ok) {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) {
+        // The stream broke (client gone); nothing more can be delivered.
+        pending_.clear();
+        if (!final_status_) final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "stream closed");
+      }
+    }
+    Advance();
+  }
+  void Cancelled() {
+    End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"), /*drop_pending=*/true);
+  }
+  // Finish right away with `status` (the request never reached the engine).
+  void Reject(grpc::Status status) { End(std::move(status), /*drop_pending=*/true); }
+
+ private:
+  void Push(pb::GenerateResponse msg, std::optional<grpc::Status> final_status) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || final_status_) return;
+      msg.set_request_id(request_id_);
+      pending_.push_back(std::move(msg));
+      if (final_status) final_status_ = std::move(final_status);
+    }
+    Advance();
+  }
+  void End(grpc::Status status, bool drop_pending) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (drop_pending) pending_.clear();
+      if (!final_status_) final_status_ = std::move(status);
+    }
+    Advance();
+  }
+  // Starts the next write, or Finish, if none is in flight.
+  void Advance() {
+    enum { kNone, kWrite, kFinish } action = kNone;
+    grpc::Status status;
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || finished_) return;
+      if (!pending_.empty()) {
+        current_ = std::move(pending_.front());
+        pending_.pop_front();
+        writing_ = true;
+        action = kWrite;
+      } else if (final_status_) {
+        finished_ = true;
+        status = *final_status_;
+        action = kFinish;
+      }
+    }
+    if (action == kWrite) reactor_->StartWrite(&current_);
+    if (action == kFinish) reactor_->Finish(status);
+  }
+
+  Reactor* const reactor_;  // valid until Finish completes (gRPC deletes it in OnDone)
+  const std::string request_id_;
+  const bool logprobs_;
+  absl::Mutex mu_;  // guards everything below
+  std::deque<pb::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
+  pb::GenerateResponse current_;  // the message being written; owned by the writer in flight
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  std::optional<grpc::Status> final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+class GenerateReactor final : public Reactor {
+ public:
+  GenerateReactor(engine::Engine* engine, grpc::CallbackServerContext* context,
+                  const pb::GenerateRequest& request, std::string request_id)
+      : engine_(engine) {
+    state_ = std::make_shared<StreamState>(
+        this, request_id, request.output().logprobs() || request.output().top_logprobs() > 0);
+    const auto deadline = context->deadline();
+    const absl::Time engine_deadline =
+        deadline == std::chrono::system_clock::time_point::max()
+            ? absl::InfiniteFuture()
+            : absl::FromChrono(deadline);
+    absl::StatusOr<engine::GenerateRequest> converted = FromProto(request, engine_deadline);
+    if (!converted.ok()) {
+      state_->Reject(ToGrpcStatus(converted.status()));
+      return;
+    }
+    converted->request_id = std::move(request_id);
+    absl::StatusOr<uint64_t> handle = engine_->Submit(*std::move(converted), state_);
+    if (!handle.ok()) {
+      state_->Reject(ToGrpcStatus(handle.status()));
+      return;
+    }
+    handle_ = *handle;
+  }
+
+  void OnWriteDone(bool ok) override { state_->WriteDone(ok); }
+  void OnCancel() override {
+    if (handle_) engine_->Cancel(*handle_);
+    state_->Cancelled();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  engine::Engine* engine_;
+  std::shared_ptr<StreamState> state_;
+  std::optional<uint64_t> handle_;
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<pb::GenerateResponse>* InferenceService::Generate(
+    grpc::CallbackServerContext* context, const pb::GenerateRequest* request) {
+  std::string id = request->request_id().empty()
+                       ? absl::StrCat("req-", next_request_id_.fetch_add(1))
+                       : request->request_id();
+  return new GenerateReactor(engine_, context, *request, std::move(id));
+}
+
+grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
+                                                     const pb::TokenizeRequest* request,
+                                                     pb::TokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  std::optional<bool> add_bos;
+  if (request->has_add_bos()) add_bos = request->add_bos();
+  absl::StatusOr<engine::Engine::Tokenized> result =
+      engine_->Tokenize(request->text(), add_bos, request->return_pieces());
+  if (!result.ok()) {
+    reactor->Finish(ToGrpcStatus(result.status()));
+    return reactor;
+  }
+  for (int32_t id : result->ids) response->add_ids(static_cast<uint32_t>(id));
+  for (std::string& piece : result->pieces) response->add_pieces(std::move(piece));
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* InferenceService::ListModels(grpc::CallbackServerContext* context,
+                                                       const pb::ListModelsRequest* request,
+                                                       pb::ListModelsResponse* response) {
+  const engine::ModelInfo& info = engine_->model_info();
+  pb::BaseModelInfo* base = response->mutable_base();
+  base->set_name(info.name);
+  base->set_architecture(info.architecture);
+  base->set_num_layers(static_cast<uint32_t>(info.num_layers));
+  base->set_hidden_size(static_cast<uint32_t>(info.hidden_size));
+  base->set_vocab_size(static_cast<uint32_t>(info.vocab_size));
+  base->set_context_length(static_cast<uint32_t>(info.context_length));
+  base->set_parameter_count(static_cast<uint64_t>(info.parameter_count));
+  base->set_backend(info.backend);
+  base->set_dtype(info.dtype);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace moleserve::server

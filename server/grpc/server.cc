@@ -1,0 +1,55 @@
+#include "server/grpc/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/str_cat.h"
+#include "server/grpc/inference_service.h"
+
+namespace moleserve::server {
+
+absl::StatusOr<std::unique_ptr<MoleServer>> MoleServer::Start(engine::Engine* engine,
+                                                              const ServerOptions& options) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  std::unique_ptr<MoleServer> server(new MoleServer());
+  server->engine_ = engine;
+  server->service_ = std::make_unique<InferenceService>(engine);
+
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(),
+                           &server->port_);
+  builder.RegisterService(server->service_.get());
+  builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr || server->port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen_address, " (address in use or invalid)"));
+  }
+  server->SetServing(true);
+  return server;
+}
+
+MoleServer::~MoleServer() {
+  if (server_) server_->Shutdown(std::chrono::system_clock::now());
+}
+
+void MoleServer::SetServing(bool serving) {
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus(serving);  // every registered service name, "" included
+  health->SetServingStatus("moleserve.v1.Inference", serving);
+}
+
+void MoleServer::Drain(absl::Duration timeout) {
+  SetServing(false);
+  engine_->StopAccepting();
+  engine_->WaitIdle(timeout);
+  // Whatever is still running after the timeout ends with UNAVAILABLE.
+  engine_->Shutdown();
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+}
+
+void MoleServer::Wait() { server_->Wait(); }
+
+}  // namespace moleserve::server

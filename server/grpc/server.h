@@ -1,0 +1,54 @@
+#pragma once
+
+// MoleServer: the gRPC server process around an Engine: the Inference service, the standard
+// grpc.health.v1 service and server reflection on one listener.
+//
+// Lifecycle: Start() -> serving (health SERVING) -> Drain(): health NOT_SERVING, the engine
+// refuses new requests (UNAVAILABLE), in-flight requests run to completion up to the timeout,
+// then whatever is left is failed with UNAVAILABLE and the listener shuts down.
+// Thread safety: Drain and Shutdown may be called from any thread, once.
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/engine.h"
+
+namespace moleserve::server {
+
+class InferenceService;
+
+struct ServerOptions {
+  // host:port; port 0 picks a free port (see port()).
+  std::string listen_address = "0.0.0.0:50051";
+  // Largest request message accepted; larger ones fail with RESOURCE_EXHAUSTED.
+  int max_receive_message_bytes = 4 << 20;
+};
+
+class MoleServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<MoleServer>> Start(engine::Engine* engine,
+                                                           const ServerOptions& options);
+  ~MoleServer();
+
+  int port() const { return port_; }
+  // Health of the overall server ("") and of "moleserve.v1.Inference".
+  void SetServing(bool serving);
+  // Returns once draining finished and the listener stopped.
+  void Drain(absl::Duration timeout);
+  // Blocks until the server shuts down.
+  void Wait();
+
+ private:
+  MoleServer() = default;
+
+  engine::Engine* engine_ = nullptr;  // not owned
+  std::unique_ptr<InferenceService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+};
+
+}  // namespace moleserve::server

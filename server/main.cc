@@ -1,0 +1,119 @@
+// moleserve: the gRPC inference server.
+//
+//   moleserve                       # built-in demo model on 0.0.0.0:50051, metrics on :9090
+//   moleserve --model DIR --port 8001 --metrics-port 9100
+//
+// SIGTERM / SIGINT drain: health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight
+// requests finish (up to --drain-timeout), then the process exits 0.
+
+#include <signal.h>
+
+#include <cstdio>
+#include <memory>
+
+#include <spdlog/spdlog.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "engine/engine.h"
+#include "server/cli/dashed_flags.h"
+#include "server/grpc/server.h"
+#include "server/metrics/prometheus_metrics.h"
+
+ABSL_FLAG(std::string, model, "",
+          "Hugging Face-style model directory (config.json, model.safetensors, tokenizer.json); "
+          "empty = the built-in demo model");
+ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC API listens on");
+ABSL_FLAG(int, port, 50051, "gRPC port (0 = any free port, printed at startup)");
+ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address /metrics listens on");
+ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port (0 = any free port, -1 = off)");
+ABSL_FLAG(int, threads, 0, "CPU threads for the engine (0 = all cores)");
+ABSL_FLAG(int, max_batch_tokens, 2048, "Tokens per engine step (prefill chunks + decode tokens)");
+ABSL_FLAG(int, max_num_seqs, 64, "Requests decoded together at most");
+ABSL_FLAG(int, max_queue, 256, "Requests waiting for admission; beyond it RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, kv_cache_mib, 256, "KV cache memory in MiB");
+ABSL_FLAG(int, max_model_len, 0, "Longest prompt + output per request (0 = model's context)");
+ABSL_FLAG(int, default_max_new_tokens, 256, "max_new_tokens when a request leaves it 0");
+ABSL_FLAG(int, max_message_bytes, 4 << 20, "Largest gRPC request message accepted");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
+          "On SIGTERM, how long in-flight requests may run before they are cancelled");
+ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+
+namespace {
+
+int Run() {
+  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  // Signals are handled synchronously by this thread (sigwait), so block them in every thread
+  // before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  std::unique_ptr<moleserve::server::PrometheusMetrics> metrics;
+  if (absl::GetFlag(FLAGS_metrics_port) >= 0) {
+    auto created = moleserve::server::PrometheusMetrics::Create(
+        absl::StrCat(absl::GetFlag(FLAGS_metrics_host), ":", absl::GetFlag(FLAGS_metrics_port)));
+    if (!created.ok()) {
+      spdlog::critical("{}", created.status().ToString());
+      return 1;
+    }
+    metrics = *std::move(created);
+  }
+
+  moleserve::engine::EngineOptions options;
+  options.model = absl::GetFlag(FLAGS_model);
+  options.num_threads = absl::GetFlag(FLAGS_threads);
+  options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
+  options.max_num_seqs = absl::GetFlag(FLAGS_max_num_seqs);
+  options.max_queue = absl::GetFlag(FLAGS_max_queue);
+  options.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mib) << 20;
+  options.max_model_len = absl::GetFlag(FLAGS_max_model_len);
+  options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
+  options.metrics = metrics.get();
+  spdlog::info("loading {}", options.model.empty() ? "the built-in demo model" : options.model);
+  auto engine = moleserve::engine::Engine::Create(options);
+  if (!engine.ok()) {
+    spdlog::critical("cannot start the engine: {}", engine.status().ToString());
+    return 1;
+  }
+  const moleserve::engine::ModelInfo& info = (*engine)->model_info();
+  spdlog::info("model {} ({}, {} layers, hidden {}, vocab {}, context {}, {:.1f}M params) on {}",
+               info.name, info.architecture, info.num_layers, info.hidden_size, info.vocab_size,
+               info.context_length, info.parameter_count / 1e6, info.backend);
+
+  auto server = moleserve::server::MoleServer::Start(
+      engine->get(),
+      {.listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),
+       .max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes)});
+  if (!server.ok()) {
+    spdlog::critical("{}", server.status().ToString());
+    return 1;
+  }
+  spdlog::info("serving gRPC on {}:{}", absl::GetFlag(FLAGS_host), (*server)->port());
+  if (metrics) spdlog::info("serving /metrics on port {}", metrics->port());
+  std::fflush(stdout);
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("signal {}: draining (up to {})", sig, absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)));
+  (*server)->Drain(absl::GetFlag(FLAGS_drain_timeout));
+  spdlog::info("drained; exiting");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "moleserve: gRPC inference server for Mixture-of-LoRA-Experts models.\n"
+      "  moleserve [--model DIR] [--port 50051] [--metrics-port 9090]");
+  std::vector<std::string> storage;
+  std::vector<char*> args = moleserve::server::NormalizeDashedFlags(argc, argv, &storage);
+  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  return Run();
+}

@@ -1,0 +1,64 @@
+#pragma once
+
+// PrometheusMetrics: engine::MetricsSink on prometheus-cpp, exposed over HTTP at /metrics.
+//
+// Families (vLLM semantics where they exist; no adapter label on any series):
+//   moleserve_requests_finished_total{outcome}   counter; outcome = finish reason ("length",
+//                                                "stop", "stop_token", "eos") or the gRPC code
+//                                                name of a failure ("cancelled", ...)
+//   moleserve_requests_rejected_total{code}      counter; refused at submission
+//   moleserve_prompt_tokens_total                counter, tokens
+//   moleserve_generation_tokens_total            counter, tokens
+//   moleserve_time_to_first_token_seconds        histogram, arrival -> first token
+//   moleserve_inter_token_latency_seconds        histogram, between consecutive tokens
+//   moleserve_e2e_request_latency_seconds        histogram, arrival -> last token
+//   moleserve_request_queue_time_seconds         histogram, arrival -> admission
+//   moleserve_request_prefill_time_seconds       histogram, admission -> first token
+//   moleserve_request_decode_time_seconds        histogram, first -> last token
+//   moleserve_num_requests_running               gauge
+//   moleserve_num_requests_waiting               gauge
+//   moleserve_kv_cache_usage_ratio               gauge, 0..1 of KV blocks allocated
+//   moleserve_steps_total                        counter, engine steps
+//   moleserve_step_tokens                        histogram, tokens per step
+// Thread safety: all methods are thread-safe (prometheus-cpp metrics are atomic).
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/metrics_sink.h"
+
+namespace prometheus {
+class Exposer;
+class Registry;
+}  // namespace prometheus
+
+namespace moleserve::server {
+
+class PrometheusMetrics final : public engine::MetricsSink {
+ public:
+  // Serves /metrics on `bind_address` ("host:port"; port 0 picks a free one). kUnavailable when
+  // the address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<PrometheusMetrics>> Create(const std::string& bind_address);
+  ~PrometheusMetrics() override;
+
+  int port() const { return port_; }
+
+  void OnRequestRejected(absl::StatusCode code) override;
+  void OnFirstToken(double seconds) override;
+  void OnInterTokenLatency(double seconds) override;
+  void OnRequestFinished(const engine::FinishedRequestMetrics& m) override;
+  void OnStep(const engine::StepMetrics& m) override;
+  void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) override;
+
+ private:
+  struct Families;
+  PrometheusMetrics();
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<Families> families_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int port_ = 0;
+};
+
+}  // namespace moleserve::server

@@ -1,0 +1,179 @@
+// molectl: command-line client for moleserve.
+//
+//   molectl generate --text "Hello" --max-new-tokens 32 --temperature 0
+//   molectl list
+//   molectl health
+//   molectl tokenize --text "Hello"
+//
+// generate prints text as it streams, then a summary line on stderr.
+
+#include <cstdio>
+#include <iostream>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "moleserve/v1/inference.grpc.pb.h"
+#include "server/cli/dashed_flags.h"
+#include "server/grpc/health_client.h"
+
+ABSL_FLAG(std::string, addr, "localhost:50051", "moleserve address (host:port)");
+ABSL_FLAG(absl::Duration, timeout, absl::Seconds(120), "Deadline of the call");
+ABSL_FLAG(std::string, text, "", "Input text");
+ABSL_FLAG(std::string, ids, "", "Input token ids, comma-separated (instead of --text)");
+ABSL_FLAG(std::string, adapter, "", "Adapter to apply (empty = base model)");
+ABSL_FLAG(int, max_new_tokens, 0, "Tokens to generate (0 = server default)");
+ABSL_FLAG(double, temperature, 1.0, "Sampling temperature (0 = greedy)");
+ABSL_FLAG(double, top_p, 1.0, "Nucleus sampling mass, (0, 1]");
+ABSL_FLAG(int, top_k, 0, "Top-k sampling (0 = off)");
+ABSL_FLAG(double, min_p, 0.0, "Min-p sampling (0 = off)");
+ABSL_FLAG(double, repetition_penalty, 1.0, "Repetition penalty (1 = off)");
+ABSL_FLAG(int64_t, seed, -1, "Sampling seed (-1 = random)");
+ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
+ABSL_FLAG(bool, ignore_eos, false, "Keep generating past EOS");
+ABSL_FLAG(bool, logprobs, false, "Print each token's id and log-probability");
+ABSL_FLAG(std::string, service, "", "Service name for `health` (empty = whole server)");
+
+namespace {
+
+namespace pb = moleserve::v1;
+
+int Fail(const grpc::Status& s) {
+  std::cerr << "error: " << s.error_code() << " " << s.error_message() << "\n";
+  return 2;
+}
+
+std::unique_ptr<grpc::ClientContext> Context() {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(absl::ToChronoTime(absl::Now() + absl::GetFlag(FLAGS_timeout)));
+  return ctx;
+}
+
+int Generate(pb::Inference::Stub& stub) {
+  pb::GenerateRequest req;
+  req.set_adapter(absl::GetFlag(FLAGS_adapter));
+  if (!absl::GetFlag(FLAGS_ids).empty()) {
+    for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_ids), ',')) {
+      uint32_t id;
+      if (!absl::SimpleAtoi(part, &id)) {
+        std::cerr << "error: --ids: '" << part << "' is not a token id\n";
+        return 2;
+      }
+      req.mutable_token_ids()->add_ids(id);
+    }
+  } else {
+    req.set_text(absl::GetFlag(FLAGS_text));
+  }
+  pb::SamplingParams* s = req.mutable_sampling();
+  s->set_temperature(static_cast<float>(absl::GetFlag(FLAGS_temperature)));
+  s->set_top_p(static_cast<float>(absl::GetFlag(FLAGS_top_p)));
+  s->set_top_k(absl::GetFlag(FLAGS_top_k));
+  s->set_min_p(static_cast<float>(absl::GetFlag(FLAGS_min_p)));
+  s->set_repetition_penalty(static_cast<float>(absl::GetFlag(FLAGS_repetition_penalty)));
+  if (absl::GetFlag(FLAGS_seed) >= 0) s->set_seed(static_cast<uint64_t>(absl::GetFlag(FLAGS_seed)));
+  pb::StoppingCriteria* st = req.mutable_stopping();
+  st->set_max_new_tokens(static_cast<uint32_t>(std::max(0, absl::GetFlag(FLAGS_max_new_tokens))));
+  for (const std::string& stop : absl::GetFlag(FLAGS_stop)) st->add_stop(stop);
+  st->set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
+  req.mutable_output()->set_logprobs(absl::GetFlag(FLAGS_logprobs));
+
+  auto ctx = Context();
+  std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = stub.Generate(ctx.get(), req);
+  pb::GenerateResponse resp;
+  pb::FinalInfo final;
+  while (reader->Read(&resp)) {
+    std::cout << resp.text() << std::flush;
+    if (absl::GetFlag(FLAGS_logprobs)) {
+      for (const pb::TokenLogprob& lp : resp.logprobs()) {
+        std::cerr << "[" << lp.token_id() << " " << lp.logprob() << "]";
+      }
+    }
+    if (resp.has_final()) final = resp.final();
+  }
+  grpc::Status status = reader->Finish();
+  std::cout << "\n";
+  if (!status.ok()) return Fail(status);
+  std::cerr << "finish=" << pb::FinishReason_Name(final.finish_reason())
+            << " prompt_tokens=" << final.prompt_tokens()
+            << " generated_tokens=" << final.generated_tokens()
+            << " ttft=" << final.timings().time_to_first_token_seconds() << "s"
+            << " total=" << final.timings().total_seconds() << "s\n";
+  return 0;
+}
+
+int List(pb::Inference::Stub& stub) {
+  pb::ListModelsResponse resp;
+  auto ctx = Context();
+  grpc::Status status = stub.ListModels(ctx.get(), pb::ListModelsRequest(), &resp);
+  if (!status.ok()) return Fail(status);
+  const pb::BaseModelInfo& b = resp.base();
+  std::cout << "base: " << b.name() << " (" << b.architecture() << ", " << b.num_layers()
+            << " layers, hidden " << b.hidden_size() << ", vocab " << b.vocab_size()
+            << ", context " << b.context_length() << ", " << b.parameter_count()
+            << " params, " << b.backend() << "/" << b.dtype() << ")\n";
+  for (const pb::AdapterInfo& a : resp.adapters()) {
+    std::cout << "adapter: " << a.name() << " " << pb::AdapterState_Name(a.state()) << " "
+              << a.family() << "\n";
+  }
+  if (resp.adapters_size() == 0) std::cout << "adapters: none\n";
+  return 0;
+}
+
+int Tokenize(pb::Inference::Stub& stub) {
+  pb::TokenizeRequest req;
+  req.set_text(absl::GetFlag(FLAGS_text));
+  req.set_return_pieces(true);
+  pb::TokenizeResponse resp;
+  auto ctx = Context();
+  grpc::Status status = stub.Tokenize(ctx.get(), req, &resp);
+  if (!status.ok()) return Fail(status);
+  for (int i = 0; i < resp.ids_size(); ++i) {
+    std::cout << resp.ids(i) << "\t" << (i < resp.pieces_size() ? resp.pieces(i) : "") << "\n";
+  }
+  return 0;
+}
+
+int Health(const std::shared_ptr<grpc::Channel>& channel) {
+  absl::StatusOr<moleserve::server::HealthStatus> s = moleserve::server::CheckHealth(
+      channel, absl::GetFlag(FLAGS_service), absl::GetFlag(FLAGS_timeout));
+  if (!s.ok()) {
+    std::cerr << "error: " << s.status() << "\n";
+    return 2;
+  }
+  std::cout << moleserve::server::HealthStatusName(*s) << "\n";
+  return *s == moleserve::server::HealthStatus::kServing ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "molectl COMMAND [flags]\n"
+      "  generate   stream a generation (--text or --ids, sampling flags)\n"
+      "  list       the base model and adapters\n"
+      "  tokenize   token ids and pieces of --text\n"
+      "  health     grpc.health.v1 status (exit 0 when SERVING)");
+  std::vector<std::string> storage;
+  std::vector<char*> normalized = moleserve::server::NormalizeDashedFlags(argc, argv, &storage);
+  std::vector<char*> args =
+      absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
+  if (args.size() != 2) {
+    std::cerr << absl::ProgramUsageMessage() << "\n";
+    return 2;
+  }
+  const std::string command = args[1];
+  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_addr), grpc::InsecureChannelCredentials());
+  if (command == "health") return Health(channel);
+  auto stub = pb::Inference::NewStub(channel);
+  if (command == "generate") return Generate(*stub);
+  if (command == "list") return List(*stub);
+  if (command == "tokenize") return Tokenize(*stub);
+  std::cerr << "unknown command '" << command << "'\n" << absl::ProgramUsageMessage() << "\n";
+  return 2;
+}
