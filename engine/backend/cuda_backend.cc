@@ -50,7 +50,10 @@ class CudaBackend final : public Backend {
     if (bytes == 0) return DeviceBuffer();
     RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
     void* p = nullptr;
-    RETURN_IF_ERROR(CudaStatus(cudaMalloc(&p, bytes), absl::StrCat("cudaMalloc(", bytes, ")")));
+    if (cudaError_t err = cudaMalloc(&p, bytes); err != cudaSuccess) {
+      cudaGetLastError();  // clear it so a later launch check does not report it again
+      return CudaStatus(err, absl::StrCat("cudaMalloc(", bytes, ")"));
+    }
     absl::Status zero = CudaStatus(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemsetAsync");
     if (!zero.ok()) {
       cudaFree(p);

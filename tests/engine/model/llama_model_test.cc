@@ -1,0 +1,356 @@
+// The Llama forward pass against an independent PyTorch reference (tests/reference/
+// llama_reference.py, Debian's python3-torch, float64) on the demo model written to disk, plus the
+// checkpoint loader's error paths.
+//
+// Tolerance: max |logit - reference| <= 1e-4 for fp32 weights (logits are O(1..10); fp32
+// accumulation over hidden 256 / intermediate 688 measures ~5e-6), and <= 1e-4 for a bf16 checkpoint
+// (the reference reads the same bf16 values, so only fp32 compute error remains).
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/backend/backend.h"
+#include "engine/model/demo_model.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/model_directory.h"
+#include "engine/model/safetensors.h"
+#include "engine/tokenizer/tokenizer.h"
+
+namespace moleserve::engine {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr float kTolerance = 1e-4f;
+
+std::string TempDir(const std::string& name) {
+  fs::path p = fs::path(::testing::TempDir()) / absl::StrCat("moleserve_", name, "_", getpid());
+  fs::remove_all(p);
+  return p.string();
+}
+
+std::string WriteDemo(const std::string& name, std::string_view dtype = "F32") {
+  const std::string dir = TempDir(name);
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  EXPECT_TRUE(WriteModelDirectory(dir, config, weights, Tokenizer::ByteLevelDemo()->ToJson()).ok());
+  if (dtype != "F32") {
+    std::vector<SafetensorsWriteTensor> tensors;
+    for (const TensorSpec& spec : LlamaTensorSpecs(config)) {
+      tensors.push_back({spec.name, spec.shape, weights.tensors().at(spec.name).data.data()});
+    }
+    EXPECT_TRUE(WriteSafetensors(dir + "/model.safetensors", tensors, {}, dtype).ok());
+  }
+  return dir;
+}
+
+// Runs the PyTorch reference; returns logits[prompt][position][vocab].
+std::vector<std::vector<std::vector<double>>> ReferenceLogits(
+    const std::string& dir, const std::vector<std::vector<int32_t>>& prompts) {
+  std::string cmd = absl::StrCat(MOLESERVE_PYTHON, " ", MOLESERVE_SOURCE_DIR,
+                                 "/tests/reference/llama_reference.py ", dir);
+  for (const auto& p : prompts) absl::StrAppend(&cmd, " --prompt ", absl::StrJoin(p, ","));
+  FILE* pipe = popen(cmd.c_str(), "r");
+  EXPECT_NE(pipe, nullptr);
+  std::string out;
+  char buf[65536];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  const int rc = pclose(pipe);
+  EXPECT_EQ(rc, 0) << "reference failed (is python3-torch installed?): " << cmd;
+  nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+  EXPECT_FALSE(j.is_discarded()) << "reference printed no JSON";
+  if (j.is_discarded()) return {};
+  return j["logits"].get<std::vector<std::vector<std::vector<double>>>>();
+}
+
+struct Loaded {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<LlamaModel> model;
+};
+
+Loaded LoadDir(const std::string& dir) {
+  Loaded l;
+  l.backend = *CreateCpuBackend({.num_threads = 2});
+  auto md = OpenModelDirectory(dir);
+  EXPECT_TRUE(md.ok()) << md.status();
+  auto model = LlamaModel::Create(l.backend.get(), md->config, *md->weights,
+                                  {.num_kv_blocks = 64, .kv_block_size = 4,
+                                   .max_batch_tokens = 128, .max_seqs = 64});
+  EXPECT_TRUE(model.ok()) << model.status();
+  l.model = *std::move(model);
+  return l;
+}
+
+// Appends `count` tokens of prompt p starting at `from` to the batch, as sequence `seq`, with
+// blocks [first_block, ...) (4 tokens per block, contiguous ids per sequence are fine: the
+// kernel tests cover scattered tables).
+void AddSeq(Batch* b, const std::vector<int32_t>& prompt, int from, int count,
+            const std::vector<int32_t>& blocks, bool sample_all) {
+  const int32_t seq = b->num_seqs();
+  for (int i = from; i < from + count; ++i) {
+    b->tokens.push_back(prompt[i]);
+    b->positions.push_back(i);
+    b->token_seq.push_back(seq);
+    if (sample_all) b->sample_rows.push_back(b->num_tokens() - 1);
+  }
+  b->block_tables.insert(b->block_tables.end(), blocks.begin(), blocks.end());
+  b->block_table_offsets.push_back(static_cast<int32_t>(b->block_tables.size()));
+}
+
+double MaxDiff(const float* got, const std::vector<double>& want) {
+  double m = 0;
+  for (size_t i = 0; i < want.size(); ++i) m = std::max(m, std::fabs(got[i] - want[i]));
+  return m;
+}
+
+const std::vector<std::vector<int32_t>> kPrompts = {
+    {256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33},
+    {256, 1, 2, 3},
+    {256, 200, 13, 10, 9, 77, 255, 0, 128, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74}};
+
+TEST(LlamaModelTest, MixedPrefillBatchMatchesTorchReference) {
+  const std::string dir = WriteDemo("ref");
+  auto ref = ReferenceLogits(dir, kPrompts);
+  ASSERT_EQ(ref.size(), kPrompts.size());
+  Loaded l = LoadDir(dir);
+  Batch b;
+  int32_t next_block = 0;
+  for (const auto& p : kPrompts) {
+    std::vector<int32_t> blocks;
+    for (size_t i = 0; i < (p.size() + 3) / 4; ++i) blocks.push_back(next_block++);
+    AddSeq(&b, p, 0, static_cast<int>(p.size()), blocks, /*sample_all=*/true);
+  }
+  std::vector<float> logits;
+  ASSERT_TRUE(l.model->Forward(b, &logits).ok());
+  const int vocab = l.model->config().vocab_size;
+  int row = 0;
+  double worst = 0;
+  for (size_t s = 0; s < kPrompts.size(); ++s) {
+    for (size_t pos = 0; pos < kPrompts[s].size(); ++pos, ++row) {
+      worst = std::max(worst, MaxDiff(&logits[row * vocab], ref[s][pos]));
+    }
+  }
+  EXPECT_LT(worst, kTolerance);
+  std::printf("max |logit - torch| over %d positions: %.3g\n", row, worst);
+}
+
+// Prefill a prefix, then decode one token per step while another sequence prefills in chunks in
+// the same steps: every position still matches the reference.
+TEST(LlamaModelTest, ChunkedPrefillAndDecodeMatchReference) {
+  const std::string dir = WriteDemo("decode");
+  auto ref = ReferenceLogits(dir, {kPrompts[0], kPrompts[2]});
+  ASSERT_EQ(ref.size(), 2u);
+  Loaded l = LoadDir(dir);
+  const int vocab = l.model->config().vocab_size;
+  const std::vector<int32_t> a_blocks = {9, 3, 14, 20}, b_blocks = {1, 30, 7, 2, 11};
+  int a_done = 0, b_done = 0;
+  const int a_len = static_cast<int>(kPrompts[0].size()), b_len = static_cast<int>(kPrompts[2].size());
+  // Step 0: A prefills 5 tokens. Then A decodes 1 per step while B prefills 3 per step.
+  double worst = 0;
+  for (int step = 0; a_done < a_len || b_done < b_len; ++step) {
+    Batch batch;
+    std::vector<std::pair<int, int>> rows;  // (sequence, position) per sampled row
+    const int a_n = std::min(step == 0 ? 5 : 1, a_len - a_done);
+    if (a_n > 0) {
+      AddSeq(&batch, kPrompts[0], a_done, a_n, a_blocks, true);
+      for (int i = 0; i < a_n; ++i) rows.push_back({0, a_done + i});
+    }
+    const int b_n = std::min(3, b_len - b_done);
+    if (b_n > 0 && step > 0) {
+      AddSeq(&batch, kPrompts[2], b_done, b_n, b_blocks, true);
+      for (int i = 0; i < b_n; ++i) rows.push_back({1, b_done + i});
+    }
+    std::vector<float> logits;
+    ASSERT_TRUE(l.model->Forward(batch, &logits).ok());
+    for (size_t r = 0; r < rows.size(); ++r) {
+      worst = std::max(worst, MaxDiff(&logits[r * vocab], ref[rows[r].first][rows[r].second]));
+    }
+    a_done += a_n;
+    if (step > 0) b_done += b_n;
+  }
+  EXPECT_LT(worst, kTolerance);
+}
+
+TEST(LlamaModelTest, Bf16CheckpointMatchesReferenceOnSameValues) {
+  const std::string dir = WriteDemo("bf16", "BF16");
+  auto ref = ReferenceLogits(dir, {kPrompts[0]});
+  ASSERT_EQ(ref.size(), 1u);
+  Loaded l = LoadDir(dir);
+  Batch b;
+  AddSeq(&b, kPrompts[0], 0, static_cast<int>(kPrompts[0].size()), {0, 1, 2, 3}, true);
+  std::vector<float> logits;
+  ASSERT_TRUE(l.model->Forward(b, &logits).ok());
+  double worst = 0;
+  for (size_t pos = 0; pos < kPrompts[0].size(); ++pos) {
+    worst = std::max(worst, MaxDiff(&logits[pos * 260], ref[0][pos]));
+  }
+  EXPECT_LT(worst, kTolerance);
+}
+
+TEST(LlamaModelTest, DirectoryRoundTripIsBitExact) {
+  const std::string dir = WriteDemo("roundtrip");
+  Loaded from_dir = LoadDir(dir);
+  auto backend = *CreateCpuBackend({.num_threads = 2});
+  const ModelConfig config = DemoModelConfig();
+  auto in_memory = *LlamaModel::Create(backend.get(), config,
+                                       RandomLlamaWeights(config, kDemoModelSeed),
+                                       {.num_kv_blocks = 64, .kv_block_size = 4,
+                                        .max_batch_tokens = 128, .max_seqs = 64});
+  Batch b;
+  AddSeq(&b, kPrompts[1], 0, 4, {5}, true);
+  std::vector<float> x, y;
+  ASSERT_TRUE(from_dir.model->Forward(b, &x).ok());
+  ASSERT_TRUE(in_memory->Forward(b, &y).ok());
+  EXPECT_EQ(x, y);
+}
+
+TEST(LlamaModelTest, ForwardRejectsBrokenBatches) {
+  const std::string dir = WriteDemo("badbatch");
+  Loaded l = LoadDir(dir);
+  std::vector<float> logits;
+  Batch b;
+  AddSeq(&b, {256, 999}, 0, 2, {0}, true);  // token 999 outside the vocabulary
+  EXPECT_EQ(l.model->Forward(b, &logits).code(), absl::StatusCode::kInvalidArgument);
+  Batch c;
+  AddSeq(&c, {1, 2, 3, 4, 5}, 0, 5, {0}, true);  // 5 positions, one 4-token block
+  absl::Status s = l.model->Forward(c, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("block table"), std::string::npos) << s;
+  Batch d;
+  AddSeq(&d, {1}, 0, 1, {64}, true);  // block id out of range
+  EXPECT_EQ(l.model->Forward(d, &logits).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(l.model->Forward(Batch{}, &logits).code(), absl::StatusCode::kInvalidArgument);
+}
+
+void Overwrite(const std::string& path, size_t offset, const std::string& bytes) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+TEST(ModelDirectoryTest, CorruptSafetensorsHeaderIsAClearError) {
+  const std::string dir = WriteDemo("corrupt");
+  Overwrite(dir + "/model.safetensors", 0, std::string("\xff\xff\xff\xff\xff\xff\xff\x7f", 8));
+  auto md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("model.safetensors"), std::string::npos) << md.status();
+}
+
+TEST(ModelDirectoryTest, HeaderThatIsNotJsonIsAClearError) {
+  const std::string dir = WriteDemo("notjson");
+  Overwrite(dir + "/model.safetensors", 8, "#");
+  auto md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("model.safetensors"), std::string::npos) << md.status();
+}
+
+TEST(ModelDirectoryTest, MissingAndMisshapedTensorsAreNamed) {
+  const ModelConfig config = DemoModelConfig();
+  HostWeights weights = RandomLlamaWeights(config, 1);
+  std::vector<SafetensorsWriteTensor> tensors;
+  std::vector<float> wrong(7, 0.0f);
+  for (const TensorSpec& spec : LlamaTensorSpecs(config)) {
+    if (spec.name == "model.layers.2.mlp.up_proj.weight") continue;  // missing
+    if (spec.name == "model.layers.1.self_attn.k_proj.weight") {
+      tensors.push_back({spec.name, {7}, wrong.data()});  // mis-shaped
+      continue;
+    }
+    tensors.push_back({spec.name, spec.shape, weights.tensors().at(spec.name).data.data()});
+  }
+  const std::string dir = WriteDemo("missing");
+  ASSERT_TRUE(WriteSafetensors(dir + "/model.safetensors", tensors, {}).ok());
+  auto md = OpenModelDirectory(dir);
+  ASSERT_TRUE(md.ok()) << md.status();
+  auto backend = *CreateCpuBackend({.num_threads = 1});
+  auto model = LlamaModel::Create(backend.get(), md->config, *md->weights, {});
+  ASSERT_FALSE(model.ok());
+  EXPECT_NE(model.status().message().find("model.layers.1.self_attn.k_proj.weight"),
+            std::string::npos)
+      << model.status();
+  // Fix the shape; now the missing tensor is reported.
+  for (auto& t : tensors) {
+    if (t.name == "model.layers.1.self_attn.k_proj.weight") {
+      t.shape = {128, 256};
+      t.data = weights.tensors().at(t.name).data.data();
+    }
+  }
+  ASSERT_TRUE(WriteSafetensors(dir + "/model.safetensors", tensors, {}).ok());
+  md = OpenModelDirectory(dir);
+  ASSERT_TRUE(md.ok());
+  model = LlamaModel::Create(backend.get(), md->config, *md->weights, {});
+  ASSERT_FALSE(model.ok());
+  EXPECT_NE(model.status().message().find("model.layers.2.mlp.up_proj.weight"), std::string::npos)
+      << model.status();
+}
+
+TEST(ModelDirectoryTest, NanWeightIsRejected) {
+  const ModelConfig config = DemoModelConfig();
+  HostWeights weights = RandomLlamaWeights(config, 1);
+  weights.tensors().at("model.norm.weight").data[3] = NAN;
+  auto backend = *CreateCpuBackend({.num_threads = 1});
+  auto model = LlamaModel::Create(backend.get(), config, weights, {});
+  ASSERT_FALSE(model.ok());
+  EXPECT_NE(model.status().message().find("model.norm.weight"), std::string::npos);
+}
+
+TEST(ModelDirectoryTest, MissingFilesAreNamed) {
+  const std::string dir = WriteDemo("nofiles");
+  fs::remove(dir + "/model.safetensors");
+  auto md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_EQ(md.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(md.status().message().find("model.safetensors"), std::string::npos);
+  fs::remove(dir + "/config.json");
+  md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("config.json"), std::string::npos);
+  EXPECT_EQ(OpenModelDirectory(dir + "/nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ModelConfigTest, ParsesAndRoundTrips) {
+  const ModelConfig c = DemoModelConfig();
+  auto parsed = ParseHfConfig(ToHfConfigJson(c));
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->num_kv_heads, 4);
+  EXPECT_EQ(parsed->head_dim, 32);
+  EXPECT_EQ(parsed->eos_token_ids, std::vector<int32_t>{257});
+  EXPECT_EQ(parsed->bos_token_id, 256);
+}
+
+TEST(ModelConfigTest, RejectsWhatItCannotRunByName) {
+  auto base = nlohmann::json::parse(ToHfConfigJson(DemoModelConfig()));
+  struct Case {
+    const char* key;
+    nlohmann::json value;
+    const char* expect;
+  };
+  for (const Case& c : {Case{"architectures", {"GPT2LMHeadModel"}, "GPT2LMHeadModel"},
+                        Case{"rope_scaling", {{"type", "yarn"}}, "rope_scaling"},
+                        Case{"attention_bias", true, "attention_bias"},
+                        Case{"hidden_act", "gelu", "hidden_act"},
+                        Case{"num_key_value_heads", 3, "num_key_value_heads"},
+                        Case{"hidden_size", -1, "hidden_size"}}) {
+    nlohmann::json j = base;
+    j[c.key] = c.value;
+    auto parsed = ParseHfConfig(j.dump());
+    ASSERT_FALSE(parsed.ok()) << c.key;
+    EXPECT_NE(parsed.status().message().find(c.expect), std::string::npos) << parsed.status();
+  }
+  nlohmann::json j = base;
+  j.erase("num_hidden_layers");
+  EXPECT_NE(ParseHfConfig(j.dump()).status().message().find("num_hidden_layers"),
+            std::string::npos);
+  EXPECT_FALSE(ParseHfConfig("{not json").ok());
+}
+
+}  // namespace
+}  // namespace moleserve::engine

@@ -1,0 +1,289 @@
+// CPU kernels against naive double-precision references written independently here.
+// Tolerances: max abs error <= 1e-4 relative to the output scale (fp32 accumulation over at most
+// a few thousand terms); copies (embedding, KV write) bit-exact.
+
+#include <atomic>
+#include <cmath>
+#include <complex>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "kernels/cpu/ops.h"
+
+namespace moleserve::kernels::cpu {
+namespace {
+
+std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+float MaxAbsDiff(const std::vector<float>& a, const std::vector<double>& b) {
+  float m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, static_cast<float>(std::fabs(a[i] - b[i])));
+  return m;
+}
+
+struct GemmShape {
+  int64_t m, n, k;
+};
+class GemmTest : public ::testing::TestWithParam<GemmShape> {};
+
+TEST_P(GemmTest, MatchesNaive) {
+  const auto [m, n, k] = GetParam();
+  auto x = Random(m * k, 1), w = Random(n * k, 2), y = Random(m * n, 3);
+  std::vector<double> ref(m * n);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (int64_t l = 0; l < k; ++l) acc += double{x[i * k + l]} * w[j * k + l];
+      ref[i * n + j] = 0.5 * acc + 2.0 * y[i * n + j];
+    }
+  }
+  ASSERT_EQ(Gemm({.x = x.data(), .w = w.data(), .y = y.data(), .m = m, .n = n, .k = k,
+                  .alpha = 0.5f, .beta = 2.0f}),
+            KernelStatus::kOk);
+  EXPECT_LT(MaxAbsDiff(y, ref), 1e-4f * std::sqrt(static_cast<float>(k)));
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, GemmTest,
+                         ::testing::Values(GemmShape{1, 1, 1}, GemmShape{1, 260, 256},
+                                           GemmShape{7, 33, 65}, GemmShape{64, 688, 256},
+                                           GemmShape{3, 256, 688}),
+                         [](const ::testing::TestParamInfo<GemmShape>& info) {
+                           return std::to_string(info.param.m) + "x" +
+                                  std::to_string(info.param.n) + "x" +
+                                  std::to_string(info.param.k);
+                         });
+
+class RowOpsTest : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
+
+TEST_P(RowOpsTest, RmsNormMatchesNaive) {
+  const auto [rows, cols] = GetParam();
+  auto x = Random(rows * cols, 4, 3.0f), w = Random(cols, 5);
+  std::vector<float> y(rows * cols);
+  std::vector<double> ref(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t c = 0; c < cols; ++c) ss += double{x[r * cols + c]} * x[r * cols + c];
+    const double inv = 1.0 / std::sqrt(ss / cols + 1e-5);
+    for (int64_t c = 0; c < cols; ++c) ref[r * cols + c] = x[r * cols + c] * inv * w[c];
+  }
+  ThreadPool pool(2);
+  ASSERT_EQ(RmsNorm({.x = x.data(), .weight = w.data(), .y = y.data(), .rows = rows, .cols = cols,
+                     .eps = 1e-5f},
+                    &pool),
+            KernelStatus::kOk);
+  EXPECT_LT(MaxAbsDiff(y, ref), 1e-5f);
+  // In place gives the same result.
+  ASSERT_EQ(RmsNorm({.x = x.data(), .weight = w.data(), .y = x.data(), .rows = rows,
+                     .cols = cols, .eps = 1e-5f},
+                    nullptr),
+            KernelStatus::kOk);
+  EXPECT_EQ(x, y);
+}
+
+TEST_P(RowOpsTest, SiluMulMatchesNaive) {
+  const auto [rows, cols] = GetParam();
+  auto g = Random(rows * cols, 6, 4.0f), u = Random(rows * cols, 7);
+  std::vector<float> out(rows * cols);
+  std::vector<double> ref(rows * cols);
+  for (size_t i = 0; i < ref.size(); ++i) ref[i] = g[i] / (1.0 + std::exp(-double{g[i]})) * u[i];
+  ThreadPool pool(3);
+  ASSERT_EQ(SiluMul({.gate = g.data(), .up = u.data(), .out = out.data(), .rows = rows,
+                     .cols = cols},
+                    &pool),
+            KernelStatus::kOk);
+  EXPECT_LT(MaxAbsDiff(out, ref), 1e-5f);
+}
+
+TEST_P(RowOpsTest, EmbeddingAndAddAreExact) {
+  const auto [rows, cols] = GetParam();
+  const int64_t vocab = 50;
+  auto table = Random(vocab * cols, 8);
+  std::vector<int32_t> ids(rows);
+  for (int64_t i = 0; i < rows; ++i) ids[i] = static_cast<int32_t>((i * 7 + 3) % vocab);
+  std::vector<float> out(rows * cols);
+  ThreadPool pool(2);
+  ASSERT_EQ(Embedding({.ids = ids.data(), .table = table.data(), .out = out.data(),
+                       .num_tokens = rows, .hidden = cols},
+                      &pool),
+            KernelStatus::kOk);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c = 0; c < cols; ++c) ASSERT_EQ(out[i * cols + c], table[ids[i] * cols + c]);
+  }
+  auto other = Random(rows * cols, 9);
+  std::vector<float> sum(rows * cols);
+  ASSERT_EQ(Add({.a = out.data(), .b = other.data(), .out = sum.data(), .n = rows * cols}, &pool),
+            KernelStatus::kOk);
+  for (size_t i = 0; i < sum.size(); ++i) ASSERT_EQ(sum[i], out[i] + other[i]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, RowOpsTest,
+                         ::testing::Values(std::pair<int64_t, int64_t>{1, 1},
+                                           std::pair<int64_t, int64_t>{1, 256},
+                                           std::pair<int64_t, int64_t>{17, 688},
+                                           std::pair<int64_t, int64_t>{64, 4096}),
+                         [](const auto& info) {
+                           return std::to_string(info.param.first) + "x" +
+                                  std::to_string(info.param.second);
+                         });
+
+TEST(RopeTest, MatchesComplexRotation) {
+  const int nq = 4, nkv = 2, d = 16, t = 5;
+  auto q = Random(t * nq * d, 10), k = Random(t * nkv * d, 11);
+  auto q0 = q, k0 = k;
+  std::vector<int32_t> pos = {0, 1, 7, 100, 4095};
+  std::vector<float> inv_freq(d / 2);
+  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / d);
+  ASSERT_EQ(Rope({.q = q.data(), .k = k.data(), .positions = pos.data(),
+                  .inv_freq = inv_freq.data(), .num_tokens = t, .num_q_heads = nq,
+                  .num_kv_heads = nkv, .head_dim = d},
+                 nullptr),
+            KernelStatus::kOk);
+  // Reference: pair (x[i], x[i + d/2]) as a complex number times e^{i * pos * f_i}.
+  auto check = [&](const std::vector<float>& before, const std::vector<float>& after, int heads) {
+    for (int tok = 0; tok < t; ++tok) {
+      for (int h = 0; h < heads; ++h) {
+        const float* x = &before[(tok * heads + h) * d];
+        const float* y = &after[(tok * heads + h) * d];
+        for (int i = 0; i < d / 2; ++i) {
+          std::complex<double> z(x[i], x[i + d / 2]);
+          z *= std::polar(1.0, static_cast<double>(pos[tok]) * inv_freq[i]);
+          ASSERT_NEAR(y[i], z.real(), 1e-4);
+          ASSERT_NEAR(y[i + d / 2], z.imag(), 1e-4);
+        }
+      }
+    }
+  };
+  check(q0, q, nq);
+  check(k0, k, nkv);
+}
+
+TEST(RopeTest, RejectsOddHeadDim) {
+  float x = 0;
+  int32_t p = 0;
+  EXPECT_EQ(Rope({.q = &x, .k = &x, .positions = &p, .inv_freq = &x, .num_tokens = 1,
+                  .num_q_heads = 1, .num_kv_heads = 1, .head_dim = 3},
+                 nullptr),
+            KernelStatus::kInvalidShape);
+}
+
+// Paged attention over a mixed batch (one prefill chunk continuing a cached prefix, one decode
+// token, one fresh prefill) against dense causal attention over contiguous K/V.
+TEST(PagedAttentionTest, MixedBatchMatchesDenseAttention) {
+  const int nq = 8, nkv = 2, d = 32, bs = 4, num_blocks = 40;
+  const int group = nq / nkv;
+  // Sequence lengths (total) and how many tokens are new in this step.
+  const std::vector<int> total = {11, 6, 9};
+  const std::vector<int> fresh = {5, 1, 9};
+  // Scattered, non-monotonic block tables.
+  std::vector<std::vector<int32_t>> tables = {{7, 2, 30}, {5, 19}, {33, 0, 12}};
+  std::vector<int32_t> flat, offsets = {0};
+  for (const auto& t : tables) {
+    flat.insert(flat.end(), t.begin(), t.end());
+    offsets.push_back(static_cast<int32_t>(flat.size()));
+  }
+  const int kv_width = nkv * d;
+  std::vector<float> k_cache(num_blocks * bs * kv_width, NAN), v_cache(k_cache.size(), NAN);
+  // Full K/V/Q of every position of every sequence (dense reference inputs).
+  std::vector<std::vector<float>> K, V, Q;
+  for (int s = 0; s < 3; ++s) {
+    K.push_back(Random(total[s] * kv_width, 100 + s));
+    V.push_back(Random(total[s] * kv_width, 200 + s));
+    Q.push_back(Random(total[s] * nq * d, 300 + s));
+  }
+  PagedKvLayout kv{.k_cache = k_cache.data(), .v_cache = v_cache.data(),
+                   .block_tables = flat.data(), .block_table_offsets = offsets.data(),
+                   .num_seqs = 3, .block_size = bs, .num_kv_heads = nkv, .head_dim = d};
+  ThreadPool pool(2);
+  // Step 1: the cached prefixes (positions before the new tokens).
+  std::vector<int32_t> seq_ids, positions;
+  std::vector<float> k_in, v_in;
+  auto add_tokens = [&](int s, int from, int to) {
+    for (int p = from; p < to; ++p) {
+      seq_ids.push_back(s);
+      positions.push_back(p);
+      k_in.insert(k_in.end(), K[s].begin() + p * kv_width, K[s].begin() + (p + 1) * kv_width);
+      v_in.insert(v_in.end(), V[s].begin() + p * kv_width, V[s].begin() + (p + 1) * kv_width);
+    }
+  };
+  for (int s = 0; s < 3; ++s) add_tokens(s, 0, total[s] - fresh[s]);
+  ASSERT_EQ(KvWrite({.kv = kv, .k = k_in.data(), .v = v_in.data(), .token_seq = seq_ids.data(),
+                     .positions = positions.data(),
+                     .num_tokens = static_cast<int64_t>(seq_ids.size())},
+                    &pool),
+            KernelStatus::kOk);
+  // Step 2: the new tokens of every sequence in one flat batch.
+  seq_ids.clear();
+  positions.clear();
+  k_in.clear();
+  v_in.clear();
+  std::vector<float> q_in;
+  for (int s = 0; s < 3; ++s) {
+    add_tokens(s, total[s] - fresh[s], total[s]);
+    for (int p = total[s] - fresh[s]; p < total[s]; ++p) {
+      q_in.insert(q_in.end(), Q[s].begin() + p * nq * d, Q[s].begin() + (p + 1) * nq * d);
+    }
+  }
+  const int64_t n = static_cast<int64_t>(seq_ids.size());
+  ASSERT_EQ(KvWrite({.kv = kv, .k = k_in.data(), .v = v_in.data(), .token_seq = seq_ids.data(),
+                     .positions = positions.data(), .num_tokens = n},
+                    &pool),
+            KernelStatus::kOk);
+  std::vector<float> out(n * nq * d);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  ASSERT_EQ(PagedAttention({.kv = kv, .q = q_in.data(), .out = out.data(),
+                            .token_seq = seq_ids.data(), .positions = positions.data(),
+                            .num_tokens = n, .num_q_heads = nq, .scale = scale},
+                           &pool),
+            KernelStatus::kOk);
+  for (int64_t t = 0; t < n; ++t) {
+    const int s = seq_ids[t], p = positions[t];
+    for (int h = 0; h < nq; ++h) {
+      const int kh = h / group;
+      std::vector<double> w(p + 1);
+      double mx = -INFINITY, den = 0;
+      for (int j = 0; j <= p; ++j) {
+        double dot = 0;
+        for (int i = 0; i < d; ++i) {
+          dot += double{Q[s][(p * nq + h) * d + i]} * K[s][j * kv_width + kh * d + i];
+        }
+        w[j] = dot * scale;
+        mx = std::max(mx, w[j]);
+      }
+      for (double& x : w) den += (x = std::exp(x - mx));
+      for (int i = 0; i < d; ++i) {
+        double acc = 0;
+        for (int j = 0; j <= p; ++j) acc += w[j] * V[s][j * kv_width + kh * d + i];
+        ASSERT_NEAR(out[(t * nq + h) * d + i], acc / den, 1e-5) << "token " << t << " head " << h;
+      }
+    }
+  }
+}
+
+TEST(PagedAttentionTest, RejectsHeadsNotDivisibleByKvHeads) {
+  PagedAttentionParams p;
+  p.kv.num_kv_heads = 3;
+  p.num_q_heads = 8;
+  EXPECT_EQ(PagedAttention(p, nullptr), KernelStatus::kInvalidShape);
+}
+
+TEST(ThreadPoolTest, CoversRangeExactlyOnce) {
+  ThreadPool pool(4);
+  for (int64_t n : {0, 1, 3, 4, 5, 1000}) {
+    std::vector<std::atomic<int>> hits(n);
+    pool.ParallelFor(n, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i]++;
+    });
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "n=" << n << " i=" << i;
+  }
+}
+
+}  // namespace
+}  // namespace moleserve::kernels::cpu

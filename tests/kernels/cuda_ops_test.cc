@@ -1,0 +1,206 @@
+// CUDA kernels against their CPU twins (kernels/cpu, the oracle), same Params structs.
+// Tolerances: fp32 max abs error 1e-5 x output scale (rsqrtf/__expf vs libm); bf16 outputs within
+// 2^-7 relative (one bf16 rounding of the output, inputs identical on both sides); copies exact.
+// Skipped without a CUDA device (ctest label `gpu`).
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/ops.h"
+
+namespace moleserve::kernels {
+namespace {
+
+bool HaveDevice() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
+
+uint16_t ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fff + ((u >> 16) & 1);  // round to nearest even (inputs are finite)
+  return static_cast<uint16_t>(u >> 16);
+}
+float FromBf16(uint16_t h) {
+  uint32_t u = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// Device copy of host data in the requested dtype; inputs are rounded to bf16 first so both
+// implementations see identical values.
+class DeviceArray {
+ public:
+  DeviceArray(std::vector<float>& host, ScalarType dtype) : dtype_(dtype), n_(host.size()) {
+    if (dtype == ScalarType::kBF16) {
+      std::vector<uint16_t> h(n_);
+      for (size_t i = 0; i < n_; ++i) {
+        h[i] = ToBf16(host[i]);
+        host[i] = FromBf16(h[i]);
+      }
+      EXPECT_EQ(cudaMalloc(&ptr_, n_ * 2), cudaSuccess);
+      EXPECT_EQ(cudaMemcpy(ptr_, h.data(), n_ * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    } else {
+      EXPECT_EQ(cudaMalloc(&ptr_, n_ * 4), cudaSuccess);
+      EXPECT_EQ(cudaMemcpy(ptr_, host.data(), n_ * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    }
+  }
+  ~DeviceArray() { cudaFree(ptr_); }
+  void* get() const { return ptr_; }
+  std::vector<float> Download() const {
+    std::vector<float> out(n_);
+    if (dtype_ == ScalarType::kBF16) {
+      std::vector<uint16_t> h(n_);
+      EXPECT_EQ(cudaMemcpy(h.data(), ptr_, n_ * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+      for (size_t i = 0; i < n_; ++i) out[i] = FromBf16(h[i]);
+    } else {
+      EXPECT_EQ(cudaMemcpy(out.data(), ptr_, n_ * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    }
+    return out;
+  }
+
+ private:
+  ScalarType dtype_;
+  size_t n_;
+  void* ptr_ = nullptr;
+};
+
+void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, ScalarType dtype,
+                 float abs_tol_f32) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    const float tol = dtype == ScalarType::kBF16 ? std::fabs(want[i]) * 0x1p-7f + 1e-6f
+                                                 : abs_tol_f32 * std::max(1.0f, std::fabs(want[i]));
+    ASSERT_NEAR(got[i], want[i], tol) << "at " << i;
+  }
+}
+
+struct Case {
+  int64_t rows, cols;
+  ScalarType dtype;
+};
+class CudaRowOpsTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaRowOpsTest, RmsNormMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const auto [rows, cols, dtype] = GetParam();
+  auto x = Random(rows * cols, 1, 2.0f), w = Random(cols, 2);
+  std::vector<float> y(rows * cols, 0.0f);
+  DeviceArray dx(x, dtype), dw(w, dtype), dy(y, dtype);
+  ASSERT_EQ(cuda::RmsNorm({.x = dx.get(), .weight = dw.get(), .y = dy.get(), .rows = rows,
+                           .cols = cols, .eps = 1e-5f, .dtype = dtype},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> ref(rows * cols);
+  ASSERT_EQ(cpu::RmsNorm({.x = x.data(), .weight = w.data(), .y = ref.data(), .rows = rows,
+                          .cols = cols, .eps = 1e-5f},
+                         nullptr),
+            KernelStatus::kOk);
+  ExpectClose(dy.Download(), ref, dtype, 1e-5f);
+}
+
+TEST_P(CudaRowOpsTest, SiluMulMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const auto [rows, cols, dtype] = GetParam();
+  auto g = Random(rows * cols, 3, 3.0f), u = Random(rows * cols, 4);
+  std::vector<float> out(rows * cols, 0.0f);
+  DeviceArray dg(g, dtype), du(u, dtype), dout(out, dtype);
+  ASSERT_EQ(cuda::SiluMul({.gate = dg.get(), .up = du.get(), .out = dout.get(), .rows = rows,
+                           .cols = cols, .dtype = dtype},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> ref(rows * cols);
+  ASSERT_EQ(cpu::SiluMul({.gate = g.data(), .up = u.data(), .out = ref.data(), .rows = rows,
+                          .cols = cols},
+                         nullptr),
+            KernelStatus::kOk);
+  ExpectClose(dout.Download(), ref, dtype, 1e-5f);
+}
+
+TEST_P(CudaRowOpsTest, EmbeddingIsExactAndAddMatches) {
+  SKIP_WITHOUT_GPU();
+  const auto [rows, cols, dtype] = GetParam();
+  const int64_t vocab = 97;
+  auto table = Random(vocab * cols, 5);
+  std::vector<int32_t> ids(rows);
+  for (int64_t i = 0; i < rows; ++i) ids[i] = static_cast<int32_t>((i * 31 + 7) % vocab);
+  int32_t* dids = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&dids), rows * 4), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dids, ids.data(), rows * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  std::vector<float> out(rows * cols, 0.0f);
+  DeviceArray dtable(table, dtype), dout(out, dtype);
+  ASSERT_EQ(cuda::Embedding({.ids = dids, .table = dtable.get(), .out = dout.get(),
+                             .num_tokens = rows, .hidden = cols, .dtype = dtype},
+                            nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> ref(rows * cols);
+  ASSERT_EQ(cpu::Embedding({.ids = ids.data(), .table = table.data(), .out = ref.data(),
+                            .num_tokens = rows, .hidden = cols},
+                           nullptr),
+            KernelStatus::kOk);
+  EXPECT_EQ(dout.Download(), ref);  // a gather is exact
+  cudaFree(dids);
+
+  auto a = Random(rows * cols, 6), b = Random(rows * cols, 7);
+  std::vector<float> sum(rows * cols, 0.0f);
+  DeviceArray da(a, dtype), db(b, dtype), dsum(sum, dtype);
+  ASSERT_EQ(cuda::Add({.a = da.get(), .b = db.get(), .out = dsum.get(), .n = rows * cols,
+                       .dtype = dtype},
+                      nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> ref_sum(rows * cols);
+  ASSERT_EQ(cpu::Add({.a = a.data(), .b = b.data(), .out = ref_sum.data(), .n = rows * cols},
+                     nullptr),
+            KernelStatus::kOk);
+  ExpectClose(dsum.Download(), ref_sum, dtype, 0.0f);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    ShapesAndDtypes, CudaRowOpsTest,
+    ::testing::Values(Case{1, 1, ScalarType::kF32}, Case{1, 4096, ScalarType::kF32},
+                      Case{37, 688, ScalarType::kF32}, Case{128, 5120, ScalarType::kF32},
+                      Case{1, 4096, ScalarType::kBF16}, Case{37, 688, ScalarType::kBF16},
+                      Case{256, 3584, ScalarType::kBF16}, Case{3, 14336, ScalarType::kBF16}),
+    [](const ::testing::TestParamInfo<Case>& info) {
+      return std::to_string(info.param.rows) + "x" + std::to_string(info.param.cols) +
+             (info.param.dtype == ScalarType::kBF16 ? "_bf16" : "_f32");
+    });
+
+TEST(CudaDispatchTest, UnsupportedDtypeIsInvalidValue) {
+  SKIP_WITHOUT_GPU();
+  EXPECT_EQ(cuda::Add({.a = nullptr, .b = nullptr, .out = nullptr, .n = 4,
+                       .dtype = ScalarType::kF16},
+                      nullptr),
+            cudaErrorInvalidValue);
+}
+
+}  // namespace
+}  // namespace moleserve::kernels
