@@ -40,10 +40,24 @@ TEST(CudaBackendTest, AllocateCopyAndRunAnOp) {
   EXPECT_NE(bad.message().find("Add"), absl::string_view::npos);
   // Ops without a CUDA kernel yet say so instead of computing something wrong.
   EXPECT_EQ(b.Gemm({}).code(), absl::StatusCode::kUnimplemented);
-  // Out of memory is ResourceExhausted, not a crash.
-  auto huge = b.Allocate(size_t{1} << 50);
+}
+
+// Kept apart: compute-sanitizer reports the (intended) failing cudaMalloc as an API error.
+TEST(CudaBackendTest, OutOfMemoryIsResourceExhaustedAndLeavesNoStickyError) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  auto backend = CreateCudaBackend({});
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto huge = (*backend)->Allocate(size_t{1} << 50);
   ASSERT_FALSE(huge.ok());
   EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted);
+  // The next op must not inherit the allocation error.
+  auto buf = (*backend)->Allocate(64);
+  ASSERT_TRUE(buf.ok());
+  EXPECT_TRUE((*backend)
+                  ->Add({.a = buf->data(), .b = buf->data(), .out = buf->data(), .n = 16,
+                         .dtype = ScalarType::kF32})
+                  .ok());
+  EXPECT_TRUE((*backend)->Synchronize().ok());
 }
 
 }  // namespace

@@ -180,6 +180,37 @@ TEST(LlamaModelTest, ChunkedPrefillAndDecodeMatchReference) {
   EXPECT_LT(worst, kTolerance);
 }
 
+// The fixture was produced on the GPU host by Hugging Face transformers' own LlamaForCausalLM in
+// float64 (tools/gpu/hf_reference.py) from the demo model directory; no Python needed here.
+TEST(LlamaModelTest, MatchesTransformersFixture) {
+  std::ifstream in(std::string(MOLESERVE_SOURCE_DIR) + "/tests/fixtures/demo_model_hf_logits.json");
+  ASSERT_TRUE(in.good());
+  nlohmann::json fixture = nlohmann::json::parse(in, nullptr, false);
+  ASSERT_FALSE(fixture.is_discarded());
+  const auto prompts = fixture["prompts"].get<std::vector<std::vector<int32_t>>>();
+  const auto ref = fixture["logits"].get<std::vector<std::vector<std::vector<double>>>>();
+  ASSERT_EQ(prompts, kPrompts);
+  Loaded l = LoadDir(WriteDemo("hf"));
+  Batch b;
+  int32_t next_block = 0;
+  for (const auto& p : prompts) {
+    std::vector<int32_t> blocks;
+    for (size_t i = 0; i < (p.size() + 3) / 4; ++i) blocks.push_back(next_block++);
+    AddSeq(&b, p, 0, static_cast<int>(p.size()), blocks, true);
+  }
+  std::vector<float> logits;
+  ASSERT_TRUE(l.model->Forward(b, &logits).ok());
+  double worst = 0;
+  int row = 0;
+  for (size_t s = 0; s < prompts.size(); ++s) {
+    for (size_t pos = 0; pos < prompts[s].size(); ++pos, ++row) {
+      worst = std::max(worst, MaxDiff(&logits[row * 260], ref[s][pos]));
+    }
+  }
+  EXPECT_LT(worst, kTolerance);
+  std::printf("max |logit - transformers| over %d positions: %.3g\n", row, worst);
+}
+
 TEST(LlamaModelTest, Bf16CheckpointMatchesReferenceOnSameValues) {
   const std::string dir = WriteDemo("bf16", "BF16");
   auto ref = ReferenceLogits(dir, {kPrompts[0]});
