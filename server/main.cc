@@ -21,7 +21,9 @@
 #include "engine/engine.h"
 #include "server/cli/dashed_flags.h"
 #include "server/grpc/server.h"
+#if MOLESERVE_WITH_METRICS
 #include "server/metrics/prometheus_metrics.h"
+#endif
 
 ABSL_FLAG(std::string, model, "",
           "Hugging Face-style model directory (config.json, model.safetensors, tokenizer.json); "
@@ -54,6 +56,7 @@ int Run() {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
+#if MOLESERVE_WITH_METRICS
   std::unique_ptr<moleserve::server::PrometheusMetrics> metrics;
   if (absl::GetFlag(FLAGS_metrics_port) >= 0) {
     auto created = moleserve::server::PrometheusMetrics::Create(
@@ -64,6 +67,14 @@ int Run() {
     }
     metrics = *std::move(created);
   }
+#else
+  struct NoMetrics {
+    moleserve::engine::MetricsSink* get() const { return nullptr; }
+  } metrics;
+  if (absl::GetFlag(FLAGS_metrics_port) >= 0) {
+    spdlog::warn("built without MOLESERVE_ENABLE_METRICS: /metrics is off");
+  }
+#endif
 
   moleserve::engine::EngineOptions options;
   options.model = absl::GetFlag(FLAGS_model);
@@ -95,7 +106,9 @@ int Run() {
     return 1;
   }
   spdlog::info("serving gRPC on {}:{}", absl::GetFlag(FLAGS_host), (*server)->port());
+#if MOLESERVE_WITH_METRICS
   if (metrics) spdlog::info("serving /metrics on port {}", metrics->port());
+#endif
   std::fflush(stdout);
 
   int sig = 0;
