@@ -109,37 +109,32 @@ void Executor::Ingest(absl::Time now) {
   }
 }
 
+bool Executor::WaitForInput(absl::Duration timeout) {
+  absl::MutexLock lock(&mu_);
+  mu_.AwaitWithTimeout(absl::Condition(
+                           +[](Executor* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
+                             return e->stop_ || !e->inbox_.empty() || !e->cancels_.empty();
+                           },
+                           this),
+                       timeout);
+  return stop_;
+}
+
 void Executor::Loop() {
   for (;;) {
     {
       absl::MutexLock lock(&mu_);
       if (stop_) break;
-      // Idle: sleep until there is input (or a deadline to check soon).
-      if (by_handle_.empty()) {
-        mu_.AwaitWithTimeout(absl::Condition(
-                                 +[](Executor* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
-                                   return e->stop_ || !e->inbox_.empty() || !e->cancels_.empty();
-                                 },
-                                 this),
-                             absl::Milliseconds(100));
-        if (stop_) break;
-      }
     }
+    // Idle: sleep until there is input.
+    if (by_handle_.empty() && WaitForInput(absl::Milliseconds(100))) break;
     const absl::Time now = absl::Now();
     Ingest(now);
     std::vector<ScheduledChunk> step = scheduler_.Schedule(now);
     PublishCounters();
     if (step.empty()) {
-      if (!by_handle_.empty()) {
-        // Waiting sequences that cannot be admitted yet; wait for input rather than spin.
-        absl::MutexLock lock(&mu_);
-        mu_.AwaitWithTimeout(absl::Condition(
-                                 +[](Executor* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
-                                   return e->stop_ || !e->inbox_.empty() || !e->cancels_.empty();
-                                 },
-                                 this),
-                             absl::Milliseconds(10));
-      }
+      // Waiting sequences that cannot be admitted yet (or none): wait for input, do not spin.
+      if (WaitForInput(absl::Milliseconds(10))) break;
       continue;
     }
     RunStep(step);

@@ -56,6 +56,9 @@ class Executor {
 
  private:
   void Loop();
+  // Sleeps until a submission, a cancellation or Stop arrives, or `timeout` passes; returns
+  // whether Stop was called.
+  bool WaitForInput(absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_);
   void Ingest(absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
   void RunStep(const std::vector<ScheduledChunk>& step);
   // Removes seq from the scheduler and reports the outcome to its sink.
