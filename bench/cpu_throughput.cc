@@ -8,9 +8,8 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
-#include <thread>
-
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"

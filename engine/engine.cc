@@ -88,10 +88,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     ASSIGN_OR_RETURN(state->tokenizer, Tokenizer::FromJsonFile(dir.tokenizer_path));
   }
   if (state->tokenizer->vocab_size() > config.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("the tokenizer has ",
-                                                   state->tokenizer->vocab_size(),
-                                                   " tokens but the model's vocab_size is ",
-                                                   config.vocab_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat("the tokenizer has ", state->tokenizer->vocab_size(),
+                     " tokens but the model's vocab_size is ", config.vocab_size));
   }
   // The model config decides BOS/EOS (generation_config.json overrides config.json).
   state->tokenizer->set_bos_id(config.bos_token_id);
@@ -101,9 +100,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                                   static_cast<int64_t>(sizeof(float));
   const int64_t num_blocks = options.kv_cache_bytes / (per_block_token * options.kv_block_size);
   if (num_blocks < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "kv_cache_bytes (", options.kv_cache_bytes, ") is smaller than one KV block (",
-        per_block_token * options.kv_block_size, " bytes)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_cache_bytes (", options.kv_cache_bytes, ") is smaller than one KV block (",
+                     per_block_token * options.kv_block_size, " bytes)"));
   }
   LlamaModelOptions model_options{
       .num_kv_blocks = static_cast<int32_t>(std::min<int64_t>(num_blocks, 1 << 24)),
@@ -126,11 +125,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                           .parameter_count = config.ParameterCount(),
                           .backend = state->backend->name(),
                           .dtype = ScalarTypeName(state->backend->compute_dtype())};
-  state->executor = std::make_unique<Executor>(
-      state->model.get(), state->tokenizer.get(),
-      SchedulerOptions{.max_batch_tokens = options.max_batch_tokens,
-                       .max_num_seqs = options.max_num_seqs},
-      options.metrics);
+  state->executor =
+      std::make_unique<Executor>(state->model.get(), state->tokenizer.get(),
+                                 SchedulerOptions{.max_batch_tokens = options.max_batch_tokens,
+                                                  .max_num_seqs = options.max_num_seqs},
+                                 options.metrics);
   state->executor->Start();
   return std::unique_ptr<Engine>(new Engine(std::move(state)));
 }
@@ -148,7 +147,8 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
   };
   {
     absl::MutexLock lock(&s.mu);
-    if (!s.accepting) return reject(absl::UnavailableError("server is draining; retry on another replica"));
+    if (!s.accepting)
+      return reject(absl::UnavailableError("server is draining; retry on another replica"));
   }
   if (!request.adapter.empty()) {
     return reject(absl::NotFoundError(absl::StrCat(
@@ -161,12 +161,13 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
       return reject(absl::InvalidArgumentError("set either text or token_ids, not both"));
     }
     if (static_cast<int64_t>(request.text->size()) > s.options.max_input_bytes) {
-      return reject(absl::InvalidArgumentError(absl::StrCat(
-          "text input is ", request.text->size(), " bytes; the limit is ",
-          s.options.max_input_bytes)));
+      return reject(absl::InvalidArgumentError(absl::StrCat("text input is ", request.text->size(),
+                                                            " bytes; the limit is ",
+                                                            s.options.max_input_bytes)));
     }
     if (request.text->empty()) {
-      return reject(absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids"));
+      return reject(
+          absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids"));
     }
     const bool add_bos = request.add_bos.value_or(s.tokenizer->bos_id().has_value());
     prompt = s.tokenizer->Encode(*request.text, add_bos);
@@ -180,7 +181,8 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
     }
   }
   if (prompt.empty()) {
-    return reject(absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids"));
+    return reject(
+        absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids"));
   }
   // Sampling, stopping and output options.
   if (absl::Status st = ValidateSamplingParams(request.sampling); !st.ok()) return reject(st);
@@ -195,18 +197,18 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
   // default, capped to the room left.
   const int32_t prompt_len = static_cast<int32_t>(prompt.size());
   if (prompt_len >= s.context_length) {
-    return reject(absl::InvalidArgumentError(absl::StrCat(
-        "the prompt has ", prompt_len, " tokens; the context holds ", s.context_length,
-        " tokens, so it must be at most ", s.context_length - 1)));
+    return reject(absl::InvalidArgumentError(
+        absl::StrCat("the prompt has ", prompt_len, " tokens; the context holds ", s.context_length,
+                     " tokens, so it must be at most ", s.context_length - 1)));
   }
   int32_t& max_new = request.stopping.max_new_tokens;
   if (max_new == 0) {
     max_new = std::min(s.options.default_max_new_tokens, s.context_length - prompt_len);
   } else if (int64_t{prompt_len} + max_new > s.context_length) {
-    return reject(absl::InvalidArgumentError(absl::StrCat(
-        "prompt (", prompt_len, " tokens) + max_new_tokens (", max_new,
-        ") exceeds the context of ", s.context_length, " tokens; ask for at most ",
-        s.context_length - prompt_len, " new tokens")));
+    return reject(absl::InvalidArgumentError(
+        absl::StrCat("prompt (", prompt_len, " tokens) + max_new_tokens (", max_new,
+                     ") exceeds the context of ", s.context_length, " tokens; ask for at most ",
+                     s.context_length - prompt_len, " new tokens")));
   }
   const int32_t blocks_needed = s.executor->BlocksNeeded(int64_t{prompt_len} + max_new);
   if (blocks_needed > s.executor->total_blocks()) {
@@ -215,16 +217,17 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
         s.executor->total_blocks(), "; lower max_new_tokens or raise --kv-cache-bytes")));
   }
   if (s.executor->counters().waiting >= s.options.max_queue) {
-    return reject(absl::ResourceExhaustedError(absl::StrCat(
-        "the request queue is full (", s.options.max_queue,
-        " waiting); retry later or on another replica")));
+    return reject(absl::ResourceExhaustedError(
+        absl::StrCat("the request queue is full (", s.options.max_queue,
+                     " waiting); retry later or on another replica")));
   }
   uint64_t seed = request.sampling.seed.has_value() ? *request.sampling.seed
                                                     : std::random_device{}() * 0x100000001ull;
   uint64_t handle;
   {
     absl::MutexLock lock(&s.mu);
-    if (!s.accepting) return reject(absl::UnavailableError("server is draining; retry on another replica"));
+    if (!s.accepting)
+      return reject(absl::UnavailableError("server is draining; retry on another replica"));
     handle = s.next_handle++;
     ++s.in_flight;
   }
@@ -245,12 +248,12 @@ absl::StatusOr<Engine::Tokenized> Engine::Tokenize(std::string_view text,
                                                    std::optional<bool> add_bos,
                                                    bool return_pieces) const {
   if (static_cast<int64_t>(text.size()) > state_->options.max_input_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("text is ", text.size(),
-                                                   " bytes; the limit is ",
+    return absl::InvalidArgumentError(absl::StrCat("text is ", text.size(), " bytes; the limit is ",
                                                    state_->options.max_input_bytes));
   }
   Tokenized out;
-  out.ids = state_->tokenizer->Encode(text, add_bos.value_or(state_->tokenizer->bos_id().has_value()));
+  out.ids =
+      state_->tokenizer->Encode(text, add_bos.value_or(state_->tokenizer->bos_id().has_value()));
   if (return_pieces) {
     for (int32_t id : out.ids) out.pieces.push_back(state_->tokenizer->Piece(id));
   }

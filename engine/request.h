@@ -26,7 +26,7 @@ struct GenerateRequest {
   SamplingParams sampling;
   StoppingParams stopping;
   bool logprobs = false;
-  int32_t top_logprobs = 0;     // 0..kMaxTopLogprobs
+  int32_t top_logprobs = 0;  // 0..kMaxTopLogprobs
   absl::Time deadline = absl::InfiniteFuture();
 };
 

@@ -7,11 +7,10 @@
 // requests finish (up to --drain-timeout), then the process exits 0.
 
 #include <signal.h>
+#include <spdlog/spdlog.h>
 
 #include <cstdio>
 #include <memory>
-
-#include <spdlog/spdlog.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -113,7 +112,8 @@ int Run() {
 
   int sig = 0;
   sigwait(&signals, &sig);
-  spdlog::info("signal {}: draining (up to {})", sig, absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)));
+  spdlog::info("signal {}: draining (up to {})", sig,
+               absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)));
   (*server)->Drain(absl::GetFlag(FLAGS_drain_timeout));
   spdlog::info("drained; exiting");
   return 0;

@@ -31,8 +31,8 @@ class CpuBackend final : public Backend {
     constexpr size_t kAlign = 64;
     void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
     if (p == nullptr) {
-      return absl::ResourceExhaustedError(absl::StrCat("cpu backend: out of memory allocating ",
-                                                       bytes, " bytes"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cpu backend: out of memory allocating ", bytes, " bytes"));
     }
     std::memset(p, 0, bytes);
     return DeviceBuffer(p, bytes, [](void* q) { std::free(q); });
@@ -47,7 +47,9 @@ class CpuBackend final : public Backend {
   }
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
-  absl::Status Gemm(const kernels::GemmParams& p) override { return FromKernel(kc::Gemm(p), "Gemm"); }
+  absl::Status Gemm(const kernels::GemmParams& p) override {
+    return FromKernel(kc::Gemm(p), "Gemm");
+  }
   absl::Status RmsNorm(const kernels::RmsNormParams& p) override {
     return FromKernel(kc::RmsNorm(p, &pool_), "RmsNorm");
   }
@@ -57,7 +59,9 @@ class CpuBackend final : public Backend {
   absl::Status Embedding(const kernels::EmbeddingParams& p) override {
     return FromKernel(kc::Embedding(p, &pool_), "Embedding");
   }
-  absl::Status Add(const kernels::AddParams& p) override { return FromKernel(kc::Add(p, &pool_), "Add"); }
+  absl::Status Add(const kernels::AddParams& p) override {
+    return FromKernel(kc::Add(p, &pool_), "Add");
+  }
   absl::Status Rope(const kernels::RopeParams& p) override {
     return FromKernel(kc::Rope(p, &pool_), "Rope");
   }

@@ -10,8 +10,8 @@ namespace moleserve::engine {
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view context) {
   if (err == cudaSuccess) return absl::OkStatus();
-  std::string msg = absl::StrCat(context, ": ", cudaGetErrorName(err), " (",
-                                 cudaGetErrorString(err), ")");
+  std::string msg =
+      absl::StrCat(context, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
   switch (err) {
     case cudaErrorMemoryAllocation:
       return absl::ResourceExhaustedError(msg);

@@ -12,10 +12,10 @@
 #define MOLE_STATUS_CONCAT_INNER(a, b) a##b
 #define MOLE_STATUS_CONCAT(a, b) MOLE_STATUS_CONCAT_INNER(a, b)
 
-#define RETURN_IF_ERROR(expr)                                  \
-  do {                                                         \
-    ::absl::Status _mole_status = (expr);                      \
-    if (!_mole_status.ok()) return _mole_status;               \
+#define RETURN_IF_ERROR(expr)                    \
+  do {                                           \
+    ::absl::Status _mole_status = (expr);        \
+    if (!_mole_status.ok()) return _mole_status; \
   } while (false)
 
 #define MOLE_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \

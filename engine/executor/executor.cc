@@ -96,7 +96,8 @@ void Executor::Ingest(absl::Time now) {
   }
   for (uint64_t handle : cancels) {
     auto it = by_handle_.find(handle);
-    if (it != by_handle_.end()) Fail(it->second, absl::CancelledError("request cancelled by the client"));
+    if (it != by_handle_.end())
+      Fail(it->second, absl::CancelledError("request cancelled by the client"));
   }
   // Deadlines, checked every step for waiting and running sequences alike.
   std::vector<Sequence*> expired;
@@ -104,8 +105,8 @@ void Executor::Ingest(absl::Time now) {
     if (seq->request.deadline <= now) expired.push_back(seq);
   }
   for (Sequence* seq : expired) {
-    Fail(seq, absl::DeadlineExceededError(absl::StrCat(
-                  "deadline exceeded after ", seq->generated(), " generated tokens")));
+    Fail(seq, absl::DeadlineExceededError(
+                  absl::StrCat("deadline exceeded after ", seq->generated(), " generated tokens")));
   }
 }
 
@@ -275,11 +276,12 @@ void Executor::Fail(Sequence* seq, absl::Status status) {
   std::unique_ptr<Sequence> owned = scheduler_.Remove(seq);
   if (metrics_) {
     const absl::Time now = absl::Now();
-    metrics_->OnRequestFinished({.code = status.code(),
-                                 .prompt_tokens = owned->prompt_len,
-                                 .generated_tokens = owned->generated(),
-                                 .queue_seconds = Seconds(owned->admitted.value_or(now) - owned->arrival),
-                                 .e2e_seconds = Seconds(now - owned->arrival)});
+    metrics_->OnRequestFinished(
+        {.code = status.code(),
+         .prompt_tokens = owned->prompt_len,
+         .generated_tokens = owned->generated(),
+         .queue_seconds = Seconds(owned->admitted.value_or(now) - owned->arrival),
+         .e2e_seconds = Seconds(now - owned->arrival)});
   }
   owned->sink->OnError(std::move(status));
 }

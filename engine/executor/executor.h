@@ -47,8 +47,8 @@ class Executor {
   int32_t total_blocks() const { return blocks_.num_blocks(); }
 
   struct Counters {
-    int64_t waiting = 0;   // submitted, not admitted
-    int64_t running = 0;   // admitted, not finished
+    int64_t waiting = 0;  // submitted, not admitted
+    int64_t running = 0;  // admitted, not finished
     int64_t free_blocks = 0;
     int64_t steps = 0;
   };
@@ -66,13 +66,13 @@ class Executor {
   void Fail(Sequence* seq, absl::Status status);
   void PublishCounters() ABSL_LOCKS_EXCLUDED(mu_);
 
-  LlamaModel* model_;            // not owned
-  const Tokenizer* tokenizer_;   // not owned
-  MetricsSink* metrics_;         // not owned, may be null
-  BlockManager blocks_;          // loop thread only
-  Scheduler scheduler_;          // loop thread only
+  LlamaModel* model_;                                  // not owned
+  const Tokenizer* tokenizer_;                         // not owned
+  MetricsSink* metrics_;                               // not owned, may be null
+  BlockManager blocks_;                                // loop thread only
+  Scheduler scheduler_;                                // loop thread only
   std::unordered_map<uint64_t, Sequence*> by_handle_;  // loop thread only
-  Batch batch_;                  // reused across steps
+  Batch batch_;                                        // reused across steps
   std::vector<float> logits_;
 
   mutable absl::Mutex mu_;  // guards the inbox, cancellations, stop flag and counters

@@ -2,7 +2,6 @@
 
 #include <filesystem>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -77,8 +76,7 @@ absl::Status WriteModelDirectory(const std::string& dir, const ModelConfig& conf
     }
     tensors.push_back({spec.name, it->second.shape, it->second.data.data()});
   }
-  return WriteSafetensors((root / "model.safetensors").string(), tensors,
-                          {{"format", "pt"}});
+  return WriteSafetensors((root / "model.safetensors").string(), tensors, {{"format", "pt"}});
 }
 
 }  // namespace moleserve::engine

@@ -47,7 +47,8 @@ absl::StatusOr<DeviceBuffer> LlamaModel::Upload(const WeightSource& weights,
   RETURN_IF_ERROR(weights.ReadF32(spec.name, spec.shape, host.data()));
   for (float v : host) {
     if (!std::isfinite(v)) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor '", spec.name, "' contains NaN or Inf"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", spec.name, "' contains NaN or Inf"));
     }
   }
   ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->Allocate(host.size() * sizeof(float)));
@@ -80,8 +81,8 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
 
   std::vector<float> inv_freq(c.head_dim / 2);
   for (int i = 0; i < c.head_dim / 2; ++i) {
-    inv_freq[i] = static_cast<float>(
-        1.0 / std::pow(static_cast<double>(c.rope_theta), 2.0 * i / c.head_dim));
+    inv_freq[i] =
+        static_cast<float>(1.0 / std::pow(static_cast<double>(c.rope_theta), 2.0 * i / c.head_dim));
   }
   ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
   RETURN_IF_ERROR(
@@ -95,17 +96,17 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
     DeviceBuffer* buf;
     int64_t bytes;
   };
-  for (auto [buf, bytes] : {Scratch{&x_, t * c.hidden_size * f}, Scratch{&h_, t * c.hidden_size * f},
-                            Scratch{&q_, t * q_width * f}, Scratch{&k_, t * kv_width * f},
-                            Scratch{&v_, t * kv_width * f}, Scratch{&attn_, t * q_width * f},
-                            Scratch{&gate_, t * c.intermediate_size * f},
-                            Scratch{&up_, t * c.intermediate_size * f},
-                            Scratch{&o_, t * c.hidden_size * f},
-                            Scratch{&logits_, int64_t{options_.max_seqs} * c.vocab_size * f},
-                            Scratch{&tokens_, t * 4}, Scratch{&positions_, t * 4},
-                            Scratch{&token_seq_, t * 4}, Scratch{&sample_rows_, int64_t{options_.max_seqs} * 4},
-                            Scratch{&block_offsets_, (int64_t{options_.max_seqs} + 1) * 4},
-                            Scratch{&block_tables_, int64_t{options_.num_kv_blocks} * 4}}) {
+  for (auto [buf, bytes] :
+       {Scratch{&x_, t * c.hidden_size * f}, Scratch{&h_, t * c.hidden_size * f},
+        Scratch{&q_, t * q_width * f}, Scratch{&k_, t * kv_width * f},
+        Scratch{&v_, t * kv_width * f}, Scratch{&attn_, t * q_width * f},
+        Scratch{&gate_, t * c.intermediate_size * f}, Scratch{&up_, t * c.intermediate_size * f},
+        Scratch{&o_, t * c.hidden_size * f},
+        Scratch{&logits_, int64_t{options_.max_seqs} * c.vocab_size * f}, Scratch{&tokens_, t * 4},
+        Scratch{&positions_, t * 4}, Scratch{&token_seq_, t * 4},
+        Scratch{&sample_rows_, int64_t{options_.max_seqs} * 4},
+        Scratch{&block_offsets_, (int64_t{options_.max_seqs} + 1) * 4},
+        Scratch{&block_tables_, int64_t{options_.num_kv_blocks} * 4}}) {
     ASSIGN_OR_RETURN(*buf, backend_->Allocate(bytes));
   }
   return absl::OkStatus();
@@ -115,16 +116,16 @@ absl::Status LlamaModel::ValidateBatch(const Batch& b) const {
   const int32_t n = b.num_tokens();
   if (n == 0) return absl::InvalidArgumentError("batch: no tokens");
   if (n > options_.max_batch_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("batch: ", n, " tokens exceed max_batch_tokens ",
-                                                   options_.max_batch_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch: ", n, " tokens exceed max_batch_tokens ", options_.max_batch_tokens));
   }
   if (b.positions.size() != b.tokens.size() || b.token_seq.size() != b.tokens.size()) {
     return absl::InvalidArgumentError("batch: tokens, positions and token_seq differ in length");
   }
   if (b.num_seqs() < 1 || b.num_seqs() > options_.max_seqs ||
       b.sample_rows.size() > static_cast<size_t>(options_.max_seqs)) {
-    return absl::InvalidArgumentError(absl::StrCat("batch: ", b.num_seqs(),
-                                                   " sequences, allowed 1..", options_.max_seqs));
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch: ", b.num_seqs(), " sequences, allowed 1..", options_.max_seqs));
   }
   if (b.block_tables.size() > static_cast<size_t>(options_.num_kv_blocks)) {
     return absl::InvalidArgumentError("batch: more block-table entries than KV blocks");
@@ -144,17 +145,16 @@ absl::Status LlamaModel::ValidateBatch(const Batch& b) const {
   }
   for (int32_t i = 0; i < n; ++i) {
     if (b.tokens[i] < 0 || b.tokens[i] >= config_.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("batch: token id ", b.tokens[i],
-                                                     " outside the vocabulary of ",
-                                                     config_.vocab_size));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "batch: token id ", b.tokens[i], " outside the vocabulary of ", config_.vocab_size));
     }
     const int32_t s = b.token_seq[i];
     if (s < 0 || s >= b.num_seqs()) return absl::InvalidArgumentError("batch: bad token_seq");
     const int64_t capacity =
         int64_t{b.block_table_offsets[s + 1] - b.block_table_offsets[s]} * options_.kv_block_size;
     if (b.positions[i] < 0 || b.positions[i] >= capacity) {
-      return absl::InvalidArgumentError(absl::StrCat("batch: position ", b.positions[i],
-                                                     " not covered by its block table"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch: position ", b.positions[i], " not covered by its block table"));
     }
   }
   for (int32_t r : b.sample_rows) {
@@ -185,26 +185,37 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
 
   auto gemm = [&](const DeviceBuffer& x, const DeviceBuffer& w, DeviceBuffer& y, int64_t rows,
                   int64_t out, int64_t in) {
-    return backend_->Gemm({.x = x.data(), .w = w.data(), .y = y.data(), .m = rows, .n = out,
-                           .k = in, .dtype = dt});
+    return backend_->Gemm(
+        {.x = x.data(), .w = w.data(), .y = y.data(), .m = rows, .n = out, .k = in, .dtype = dt});
   };
 
-  RETURN_IF_ERROR(backend_->Embedding(
-      {.ids = tokens_.as<int32_t>(), .table = embed_.data(), .out = x_.data(), .num_tokens = t,
-       .hidden = h, .dtype = dt}));
+  RETURN_IF_ERROR(backend_->Embedding({.ids = tokens_.as<int32_t>(),
+                                       .table = embed_.data(),
+                                       .out = x_.data(),
+                                       .num_tokens = t,
+                                       .hidden = h,
+                                       .dtype = dt}));
   for (Layer& layer : layers_) {
     // Attention block.
-    RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(), .weight = layer.input_norm.data(),
-                                       .y = h_.data(), .rows = t, .cols = h,
-                                       .eps = c.rms_norm_eps, .dtype = dt}));
+    RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(),
+                                       .weight = layer.input_norm.data(),
+                                       .y = h_.data(),
+                                       .rows = t,
+                                       .cols = h,
+                                       .eps = c.rms_norm_eps,
+                                       .dtype = dt}));
     RETURN_IF_ERROR(gemm(h_, layer.q, q_, t, q_width, h));
     RETURN_IF_ERROR(gemm(h_, layer.k, k_, t, kv_width, h));
     RETURN_IF_ERROR(gemm(h_, layer.v, v_, t, kv_width, h));
-    RETURN_IF_ERROR(backend_->Rope({.q = q_.data(), .k = k_.data(),
+    RETURN_IF_ERROR(backend_->Rope({.q = q_.data(),
+                                    .k = k_.data(),
                                     .positions = positions_.as<int32_t>(),
-                                    .inv_freq = inv_freq_.as<float>(), .num_tokens = t,
-                                    .num_q_heads = c.num_heads, .num_kv_heads = c.num_kv_heads,
-                                    .head_dim = c.head_dim, .dtype = dt}));
+                                    .inv_freq = inv_freq_.as<float>(),
+                                    .num_tokens = t,
+                                    .num_q_heads = c.num_heads,
+                                    .num_kv_heads = c.num_kv_heads,
+                                    .head_dim = c.head_dim,
+                                    .dtype = dt}));
     const kernels::PagedKvLayout kv{.k_cache = layer.k_cache.data(),
                                     .v_cache = layer.v_cache.data(),
                                     .block_tables = block_tables_.as<int32_t>(),
@@ -213,40 +224,62 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
                                     .block_size = options_.kv_block_size,
                                     .num_kv_heads = c.num_kv_heads,
                                     .head_dim = c.head_dim};
-    RETURN_IF_ERROR(backend_->KvWrite({.kv = kv, .k = k_.data(), .v = v_.data(),
+    RETURN_IF_ERROR(backend_->KvWrite({.kv = kv,
+                                       .k = k_.data(),
+                                       .v = v_.data(),
                                        .token_seq = token_seq_.as<int32_t>(),
-                                       .positions = positions_.as<int32_t>(), .num_tokens = t,
+                                       .positions = positions_.as<int32_t>(),
+                                       .num_tokens = t,
                                        .dtype = dt}));
     RETURN_IF_ERROR(backend_->PagedAttention(
-        {.kv = kv, .q = q_.data(), .out = attn_.data(), .token_seq = token_seq_.as<int32_t>(),
-         .positions = positions_.as<int32_t>(), .num_tokens = t, .num_q_heads = c.num_heads,
+        {.kv = kv,
+         .q = q_.data(),
+         .out = attn_.data(),
+         .token_seq = token_seq_.as<int32_t>(),
+         .positions = positions_.as<int32_t>(),
+         .num_tokens = t,
+         .num_q_heads = c.num_heads,
          .scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim))),
          .dtype = dt}));
     RETURN_IF_ERROR(gemm(attn_, layer.o, o_, t, h, q_width));
-    RETURN_IF_ERROR(backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h,
-                                   .dtype = dt}));
+    RETURN_IF_ERROR(
+        backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
     // MLP block (SwiGLU).
-    RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(), .weight = layer.post_norm.data(),
-                                       .y = h_.data(), .rows = t, .cols = h,
-                                       .eps = c.rms_norm_eps, .dtype = dt}));
+    RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(),
+                                       .weight = layer.post_norm.data(),
+                                       .y = h_.data(),
+                                       .rows = t,
+                                       .cols = h,
+                                       .eps = c.rms_norm_eps,
+                                       .dtype = dt}));
     RETURN_IF_ERROR(gemm(h_, layer.gate, gate_, t, inter, h));
     RETURN_IF_ERROR(gemm(h_, layer.up, up_, t, inter, h));
-    RETURN_IF_ERROR(backend_->SiluMul({.gate = gate_.data(), .up = up_.data(),
-                                       .out = gate_.data(), .rows = t, .cols = inter,
+    RETURN_IF_ERROR(backend_->SiluMul({.gate = gate_.data(),
+                                       .up = up_.data(),
+                                       .out = gate_.data(),
+                                       .rows = t,
+                                       .cols = inter,
                                        .dtype = dt}));
     RETURN_IF_ERROR(gemm(gate_, layer.down, o_, t, h, inter));
-    RETURN_IF_ERROR(backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h,
-                                   .dtype = dt}));
+    RETURN_IF_ERROR(
+        backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
   }
   const int64_t n = static_cast<int64_t>(b.sample_rows.size());
   logits->resize(n * c.vocab_size);
   if (n == 0) return backend_->Synchronize();
   // Gather the sampled rows (an embedding lookup into the hidden states), final norm, lm_head.
-  RETURN_IF_ERROR(backend_->Embedding({.ids = sample_rows_.as<int32_t>(), .table = x_.data(),
-                                       .out = h_.data(), .num_tokens = n, .hidden = h,
+  RETURN_IF_ERROR(backend_->Embedding({.ids = sample_rows_.as<int32_t>(),
+                                       .table = x_.data(),
+                                       .out = h_.data(),
+                                       .num_tokens = n,
+                                       .hidden = h,
                                        .dtype = dt}));
-  RETURN_IF_ERROR(backend_->RmsNorm({.x = h_.data(), .weight = final_norm_.data(),
-                                     .y = h_.data(), .rows = n, .cols = h, .eps = c.rms_norm_eps,
+  RETURN_IF_ERROR(backend_->RmsNorm({.x = h_.data(),
+                                     .weight = final_norm_.data(),
+                                     .y = h_.data(),
+                                     .rows = n,
+                                     .cols = h,
+                                     .eps = c.rms_norm_eps,
                                      .dtype = dt}));
   RETURN_IF_ERROR(gemm(h_, c.tie_word_embeddings ? embed_ : lm_head_, logits_, n, c.vocab_size, h));
   return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));

@@ -20,8 +20,8 @@
 namespace moleserve::engine {
 
 struct LlamaModelOptions {
-  int32_t num_kv_blocks = 1024;   // physical KV blocks per layer
-  int32_t kv_block_size = 16;     // tokens per block
+  int32_t num_kv_blocks = 1024;     // physical KV blocks per layer
+  int32_t kv_block_size = 16;       // tokens per block
   int32_t max_batch_tokens = 2048;  // tokens per Forward
   int32_t max_seqs = 256;           // sequences per Forward (and logits rows)
 };

@@ -61,7 +61,8 @@ absl::Status ModelConfig::Validate() const {
     return Bad(absl::StrCat("bos_token_id ", *bos_token_id, " outside the vocabulary"));
   }
   for (int32_t e : eos_token_ids) {
-    if (e < 0 || e >= vocab_size) return Bad(absl::StrCat("eos_token_id ", e, " outside the vocabulary"));
+    if (e < 0 || e >= vocab_size)
+      return Bad(absl::StrCat("eos_token_id ", e, " outside the vocabulary"));
   }
   return absl::OkStatus();
 }
@@ -121,7 +122,8 @@ absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text) {
       }
     }
   }
-  if (auto it = j.find("_name_or_path"); it != j.end() && it->is_string() && !it->get<std::string>().empty()) {
+  if (auto it = j.find("_name_or_path");
+      it != j.end() && it->is_string() && !it->get<std::string>().empty()) {
     c.name = it->get<std::string>();
   }
   if (absl::Status v = c.Validate(); !v.ok()) return v;

@@ -2,10 +2,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status_macros.h"
@@ -35,15 +34,15 @@ absl::StatusOr<ModelDirectory> OpenModelDirectory(const std::string& dir) {
   ASSIGN_OR_RETURN(std::string config_text, ReadFile(root / "config.json"));
   absl::StatusOr<ModelConfig> config = ParseHfConfig(config_text);
   if (!config.ok()) {
-    return absl::Status(config.status().code(),
-                        absl::StrCat(dir, "/", config.status().message()));
+    return absl::Status(config.status().code(), absl::StrCat(dir, "/", config.status().message()));
   }
   out.config = *std::move(config);
   if (fs::exists(root / "generation_config.json", ec)) {
     ASSIGN_OR_RETURN(std::string gen_text, ReadFile(root / "generation_config.json"));
     nlohmann::json gen = nlohmann::json::parse(gen_text, nullptr, /*allow_exceptions=*/false);
     if (gen.is_discarded() || !gen.is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(dir, "/generation_config.json is not a JSON object"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(dir, "/generation_config.json is not a JSON object"));
     }
     if (auto it = gen.find("eos_token_id"); it != gen.end()) {
       std::vector<int32_t> eos;
@@ -72,19 +71,21 @@ absl::StatusOr<ModelDirectory> OpenModelDirectory(const std::string& dir) {
     std::set<std::string> files;
     for (const auto& [name, file] : map->items()) {
       if (!file.is_string()) {
-        return absl::InvalidArgumentError(absl::StrCat("weight_map entry '", name, "' is not a file name"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("weight_map entry '", name, "' is not a file name"));
       }
       const std::string f = file.get<std::string>();
       if (f.empty() || f.find('/') != std::string::npos || f == "..") {
-        return absl::InvalidArgumentError(absl::StrCat("weight_map entry '", name,
-                                                       "' names a file outside the directory: ", f));
+        return absl::InvalidArgumentError(
+            absl::StrCat("weight_map entry '", name, "' names a file outside the directory: ", f));
       }
       files.insert(f);
     }
     for (const std::string& f : files) shards.push_back((root / f).string());
   } else {
-    return absl::NotFoundError(absl::StrCat(
-        "model directory ", dir, " has neither model.safetensors nor model.safetensors.index.json"));
+    return absl::NotFoundError(
+        absl::StrCat("model directory ", dir,
+                     " has neither model.safetensors nor model.safetensors.index.json"));
   }
   ASSIGN_OR_RETURN(out.weights, SafetensorsWeightSource::Open(shards));
   out.tokenizer_path = (root / "tokenizer.json").string();

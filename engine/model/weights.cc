@@ -69,11 +69,12 @@ std::vector<TensorSpec> LlamaTensorSpecs(const ModelConfig& c) {
 absl::Status HostWeights::ReadF32(const std::string& name, absl::Span<const int64_t> shape,
                                   float* out) const {
   auto it = tensors_.find(name);
-  if (it == tensors_.end()) return absl::InvalidArgumentError(absl::StrCat("missing tensor '", name, "'"));
+  if (it == tensors_.end())
+    return absl::InvalidArgumentError(absl::StrCat("missing tensor '", name, "'"));
   if (!std::equal(it->second.shape.begin(), it->second.shape.end(), shape.begin(), shape.end())) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' has shape [",
-                                                   absl::StrJoin(it->second.shape, ", "),
-                                                   "], expected [", absl::StrJoin(shape, ", "), "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor '", name, "' has shape [", absl::StrJoin(it->second.shape, ", "),
+                     "], expected [", absl::StrJoin(shape, ", "), "]"));
   }
   std::memcpy(out, it->second.data.data(), sizeof(float) * it->second.data.size());
   return absl::OkStatus();
@@ -102,7 +103,8 @@ absl::Status SafetensorsWeightSource::ReadF32(const std::string& name,
                                               absl::Span<const int64_t> shape, float* out) const {
   auto it = index_.find(name);
   if (it == index_.end()) {
-    return absl::InvalidArgumentError(absl::StrCat("missing tensor '", name, "' in the checkpoint"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("missing tensor '", name, "' in the checkpoint"));
   }
   return it->second->ReadF32(name, shape, out);
 }

@@ -36,7 +36,8 @@ std::vector<std::pair<int32_t, float>> TopLogprobs(absl::Span<const float> logit
   std::iota(ids.begin(), ids.end(), 0);
   std::partial_sort(ids.begin(), ids.begin() + n, ids.end(), ByValueDesc{logits.data()});
   const double lse = LogSumExp(logits);
-  for (int32_t i = 0; i < n; ++i) out.emplace_back(ids[i], static_cast<float>(logits[ids[i]] - lse));
+  for (int32_t i = 0; i < n; ++i)
+    out.emplace_back(ids[i], static_cast<float>(logits[ids[i]] - lse));
   return out;
 }
 
@@ -95,10 +96,9 @@ SampledToken TokenSampler::Sample(absl::Span<const float> logits) {
       std::sort(order_.begin(), order_.end(), ByValueDesc{w});
     } else {
       // Plain sampling: order does not matter, but keep the max first for a stable softmax.
-      std::iter_swap(order_.begin(), std::max_element(order_.begin(), order_.end(),
-                                                      [&](int32_t a, int32_t b) {
-                                                        return ByValueDesc{w}(b, a);
-                                                      }));
+      std::iter_swap(order_.begin(),
+                     std::max_element(order_.begin(), order_.end(),
+                                      [&](int32_t a, int32_t b) { return ByValueDesc{w}(b, a); }));
     }
     // Probabilities over the kept candidates; order_[0] holds the maximum.
     const float max_logit = w[order_[0]];

@@ -22,8 +22,8 @@ namespace moleserve::engine {
 
 struct SampledToken {
   int32_t id = -1;
-  float logprob = 0.0f;                          // log p(id) under the raw logits
-  std::vector<std::pair<int32_t, float>> top;    // top_logprobs alternatives, most likely first
+  float logprob = 0.0f;                        // log p(id) under the raw logits
+  std::vector<std::pair<int32_t, float>> top;  // top_logprobs alternatives, most likely first
 };
 
 class TokenSampler {

@@ -42,8 +42,8 @@ absl::Status ValidateStoppingParams(const StoppingParams& p, int32_t vocab_size)
     return absl::InvalidArgumentError("stopping.max_new_tokens must be >= 0");
   }
   if (p.stop.size() > kMaxStopStrings) {
-    return absl::InvalidArgumentError(absl::StrCat("stopping.stop has ", p.stop.size(),
-                                                   " strings; at most ", kMaxStopStrings));
+    return absl::InvalidArgumentError(
+        absl::StrCat("stopping.stop has ", p.stop.size(), " strings; at most ", kMaxStopStrings));
   }
   for (const std::string& s : p.stop) {
     if (s.empty() || s.size() > kMaxStopStringBytes) {
@@ -53,9 +53,8 @@ absl::Status ValidateStoppingParams(const StoppingParams& p, int32_t vocab_size)
   }
   for (int32_t id : p.stop_token_ids) {
     if (id < 0 || id >= vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("stopping.stop_token_ids: ", id,
-                                                     " is outside the vocabulary [0, ", vocab_size,
-                                                     ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "stopping.stop_token_ids: ", id, " is outside the vocabulary [0, ", vocab_size, ")"));
     }
   }
   return absl::OkStatus();

@@ -59,8 +59,8 @@ void Scheduler::EnsureBlocks(Sequence* seq, int32_t positions) {
 
 std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {
   std::unique_ptr<Sequence> out;
-  auto rit = std::find_if(running_.begin(), running_.end(),
-                          [&](const auto& s) { return s.get() == seq; });
+  auto rit =
+      std::find_if(running_.begin(), running_.end(), [&](const auto& s) { return s.get() == seq; });
   if (rit != running_.end()) {
     out = std::move(*rit);
     running_.erase(rit);

@@ -39,8 +39,8 @@ struct Sequence {
   std::vector<int32_t> tokens;
   const int32_t prompt_len;
   int32_t num_computed = 0;
-  std::vector<int32_t> blocks;       // KV block table, logical order
-  int32_t reserved_blocks = 0;       // promised by the BlockManager, not yet taken
+  std::vector<int32_t> blocks;  // KV block table, logical order
+  int32_t reserved_blocks = 0;  // promised by the BlockManager, not yet taken
   TokenSampler sampler;
   OutputText text;
   std::shared_ptr<GenerationSink> sink;

@@ -72,8 +72,8 @@ struct GemmParams {
 //   x'[i + d/2]    = x[i + d/2] cos + x[i] sin
 // applied in place to q and k.
 struct RopeParams {
-  void* q = nullptr;                  // [num_tokens, num_q_heads, head_dim]
-  void* k = nullptr;                  // [num_tokens, num_kv_heads, head_dim]
+  void* q = nullptr;                   // [num_tokens, num_q_heads, head_dim]
+  void* k = nullptr;                   // [num_tokens, num_kv_heads, head_dim]
   const int32_t* positions = nullptr;  // [num_tokens]
   const float* inv_freq = nullptr;     // [head_dim / 2], already scaled (llama3 etc.)
   int64_t num_tokens = 0;
@@ -102,10 +102,10 @@ struct PagedKvLayout {
 // Writes the step's new K and V rows into the paged cache at each token's position.
 struct KvWriteParams {
   PagedKvLayout kv;
-  const void* k = nullptr;                // [num_tokens, num_kv_heads, head_dim]
-  const void* v = nullptr;                // [num_tokens, num_kv_heads, head_dim]
-  const int32_t* token_seq = nullptr;     // [num_tokens] sequence index of each token
-  const int32_t* positions = nullptr;     // [num_tokens]
+  const void* k = nullptr;             // [num_tokens, num_kv_heads, head_dim]
+  const void* v = nullptr;             // [num_tokens, num_kv_heads, head_dim]
+  const int32_t* token_seq = nullptr;  // [num_tokens] sequence index of each token
+  const int32_t* positions = nullptr;  // [num_tokens]
   int64_t num_tokens = 0;
   ScalarType dtype = ScalarType::kF32;
 };
@@ -121,7 +121,7 @@ struct PagedAttentionParams {
   const int32_t* positions = nullptr;  // [num_tokens]
   int64_t num_tokens = 0;
   int32_t num_q_heads = 0;
-  float scale = 1.0f;                  // usually 1 / sqrt(head_dim)
+  float scale = 1.0f;  // usually 1 / sqrt(head_dim)
   ScalarType dtype = ScalarType::kF32;
 };
 

@@ -24,10 +24,10 @@ KernelStatus KvWrite(const KvWriteParams& p, ThreadPool* pool) {
   ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t off = CacheRowOffset(p.kv, p.token_seq[t], p.positions[t]);
-      std::memcpy(static_cast<float*>(p.kv.k_cache) + off, static_cast<const float*>(p.k) + t * width,
-                  sizeof(float) * width);
-      std::memcpy(static_cast<float*>(p.kv.v_cache) + off, static_cast<const float*>(p.v) + t * width,
-                  sizeof(float) * width);
+      std::memcpy(static_cast<float*>(p.kv.k_cache) + off,
+                  static_cast<const float*>(p.k) + t * width, sizeof(float) * width);
+      std::memcpy(static_cast<float*>(p.kv.v_cache) + off,
+                  static_cast<const float*>(p.v) + t * width, sizeof(float) * width);
     }
   });
   return KernelStatus::kOk;

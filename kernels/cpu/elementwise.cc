@@ -88,9 +88,11 @@ KernelStatus Rope(const RopeParams& p, ThreadPool* pool) {
         sin_v[i] = static_cast<float>(std::sin(angle));
       }
       auto* q = static_cast<float*>(p.q) + t * p.num_q_heads * p.head_dim;
-      for (int h = 0; h < p.num_q_heads; ++h) rotate(q + h * p.head_dim, cos_v.data(), sin_v.data());
+      for (int h = 0; h < p.num_q_heads; ++h)
+        rotate(q + h * p.head_dim, cos_v.data(), sin_v.data());
       auto* k = static_cast<float*>(p.k) + t * p.num_kv_heads * p.head_dim;
-      for (int h = 0; h < p.num_kv_heads; ++h) rotate(k + h * p.head_dim, cos_v.data(), sin_v.data());
+      for (int h = 0; h < p.num_kv_heads; ++h)
+        rotate(k + h * p.head_dim, cos_v.data(), sin_v.data());
     }
   });
   return KernelStatus::kOk;

@@ -40,6 +40,8 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
   return __float2bfloat16(v);
 }
 
-inline unsigned int CeilDiv(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
+inline unsigned int CeilDiv(int64_t a, int64_t b) {
+  return static_cast<unsigned int>((a + b - 1) / b);
+}
 
 }  // namespace moleserve::kernels::cuda

@@ -69,7 +69,8 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
   out.stopping.stop.assign(st.stop().begin(), st.stop().end());
   for (uint32_t id : st.stop_token_ids()) {
     if (id > kMaxInt32) {
-      return absl::InvalidArgumentError(absl::StrCat("stopping.stop_token_ids: ", id, " is out of range"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("stopping.stop_token_ids: ", id, " is out of range"));
     }
     out.stopping.stop_token_ids.push_back(static_cast<int32_t>(id));
   }
@@ -77,9 +78,9 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
 
   out.logprobs = in.output().logprobs() || in.output().top_logprobs() > 0;
   if (in.output().top_logprobs() > engine::kMaxTopLogprobs) {
-    return absl::InvalidArgumentError(absl::StrCat("output.top_logprobs = ",
-                                                   in.output().top_logprobs(), "; at most ",
-                                                   engine::kMaxTopLogprobs));
+    return absl::InvalidArgumentError(
+        absl::StrCat("output.top_logprobs = ", in.output().top_logprobs(), "; at most ",
+                     engine::kMaxTopLogprobs));
   }
   out.top_logprobs = static_cast<int32_t>(in.output().top_logprobs());
   out.deadline = deadline;

@@ -3,10 +3,10 @@
 // A grpc.health.v1.Health/Check client without the health proto: the request and response are
 // two tiny messages, encoded here by hand on a generic stub (Debian ships no health.proto).
 
+#include <grpcpp/channel.h>
+
 #include <memory>
 #include <string>
-
-#include <grpcpp/channel.h>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"

@@ -50,13 +50,15 @@ class StreamState final : public engine::GenerationSink {
       if (!ok) {
         // The stream broke (client gone); nothing more can be delivered.
         pending_.clear();
-        if (!final_status_) final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "stream closed");
+        if (!final_status_)
+          final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "stream closed");
       }
     }
     Advance();
   }
   void Cancelled() {
-    End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"), /*drop_pending=*/true);
+    End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"),
+        /*drop_pending=*/true);
   }
   // Finish right away with `status` (the request never reached the engine).
   void Reject(grpc::Status status) { End(std::move(status), /*drop_pending=*/true); }
@@ -121,10 +123,9 @@ class GenerateReactor final : public Reactor {
     state_ = std::make_shared<StreamState>(
         this, request_id, request.output().logprobs() || request.output().top_logprobs() > 0);
     const auto deadline = context->deadline();
-    const absl::Time engine_deadline =
-        deadline == std::chrono::system_clock::time_point::max()
-            ? absl::InfiniteFuture()
-            : absl::FromChrono(deadline);
+    const absl::Time engine_deadline = deadline == std::chrono::system_clock::time_point::max()
+                                           ? absl::InfiniteFuture()
+                                           : absl::FromChrono(deadline);
     absl::StatusOr<engine::GenerateRequest> converted = FromProto(request, engine_deadline);
     if (!converted.ok()) {
       state_->Reject(ToGrpcStatus(converted.status()));

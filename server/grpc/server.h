@@ -8,10 +8,10 @@
 // then whatever is left is failed with UNAVAILABLE and the listener shuts down.
 // Thread safety: Drain and Shutdown may be called from any thread, once.
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"

@@ -21,8 +21,8 @@ using prometheus::Histogram;
 
 // Latency buckets in seconds, 1 ms .. 60 s.
 Histogram::BucketBoundaries LatencyBuckets() {
-  return {0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
-          0.75,  1.0,    2.5,   5.0,  7.5,  10.0, 20.0, 40.0, 60.0};
+  return {0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,  0.25,
+          0.5,   0.75,   1.0,   2.5,  5.0,  7.5,  10.0, 20.0, 40.0, 60.0};
 }
 
 std::string CodeName(absl::StatusCode code) {
@@ -105,8 +105,8 @@ struct PrometheusMetrics::Families {
                         .Name("moleserve_step_tokens")
                         .Help("Tokens per engine step, tokens")
                         .Register(r)
-                        .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256,
-                                                             512, 1024, 2048, 4096, 8192})) {}
+                        .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
+                                                             1024, 2048, 4096, 8192})) {}
 
   prometheus::Family<prometheus::Counter>& finished;
   prometheus::Family<prometheus::Counter>& rejected;

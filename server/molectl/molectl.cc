@@ -7,10 +7,10 @@
 //
 // generate prints text as it streams, then a summary line on stderr.
 
+#include <grpcpp/grpcpp.h>
+
 #include <cstdio>
 #include <iostream>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -114,9 +114,9 @@ int List(pb::Inference::Stub& stub) {
   if (!status.ok()) return Fail(status);
   const pb::BaseModelInfo& b = resp.base();
   std::cout << "base: " << b.name() << " (" << b.architecture() << ", " << b.num_layers()
-            << " layers, hidden " << b.hidden_size() << ", vocab " << b.vocab_size()
-            << ", context " << b.context_length() << ", " << b.parameter_count()
-            << " params, " << b.backend() << "/" << b.dtype() << ")\n";
+            << " layers, hidden " << b.hidden_size() << ", vocab " << b.vocab_size() << ", context "
+            << b.context_length() << ", " << b.parameter_count() << " params, " << b.backend()
+            << "/" << b.dtype() << ")\n";
   for (const pb::AdapterInfo& a : resp.adapters()) {
     std::cout << "adapter: " << a.name() << " " << pb::AdapterState_Name(a.state()) << " "
               << a.family() << "\n";

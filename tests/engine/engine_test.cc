@@ -1,14 +1,15 @@
 // The engine facade on the demo model: continuous batching, chunked prefill, KV paging, stops,
 // cancellation, deadlines, admission limits and drain.
 
+#include "engine/engine.h"
+
+#include <gtest/gtest.h>
+
 #include <condition_variable>
 #include <mutex>
 #include <thread>
 
-#include <gtest/gtest.h>
-
 #include "absl/time/clock.h"
-#include "engine/engine.h"
 
 namespace moleserve::engine {
 namespace {
@@ -145,7 +146,8 @@ TEST(EngineTest, GreedyOutputDoesNotDependOnBatchmates) {
   std::vector<std::shared_ptr<Collector>> cs;
   for (int i = 0; i < 6; ++i) {
     auto c = std::make_shared<Collector>();
-    ASSERT_TRUE(e->Submit(Greedy(Prompt(20 + 7 * i, i == 3 ? 1 : i + 5), i == 3 ? 24 : 30), c).ok());
+    ASSERT_TRUE(
+        e->Submit(Greedy(Prompt(20 + 7 * i, i == 3 ? 1 : i + 5), i == 3 ? 24 : 30), c).ok());
     cs.push_back(c);
   }
   // cs[3] has prompt length 41, not the same; submit the real twin too.

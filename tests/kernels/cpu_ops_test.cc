@@ -2,13 +2,13 @@
 // Tolerances: max abs error <= 1e-4 relative to the output scale (fp32 accumulation over at most
 // a few thousand terms); copies (embedding, KV write) bit-exact.
 
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cmath>
 #include <complex>
 #include <random>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "kernels/cpu/ops.h"
 
@@ -45,8 +45,14 @@ TEST_P(GemmTest, MatchesNaive) {
       ref[i * n + j] = 0.5 * acc + 2.0 * y[i * n + j];
     }
   }
-  ASSERT_EQ(Gemm({.x = x.data(), .w = w.data(), .y = y.data(), .m = m, .n = n, .k = k,
-                  .alpha = 0.5f, .beta = 2.0f}),
+  ASSERT_EQ(Gemm({.x = x.data(),
+                  .w = w.data(),
+                  .y = y.data(),
+                  .m = m,
+                  .n = n,
+                  .k = k,
+                  .alpha = 0.5f,
+                  .beta = 2.0f}),
             KernelStatus::kOk);
   EXPECT_LT(MaxAbsDiff(y, ref), 1e-4f * std::sqrt(static_cast<float>(k)));
 }
@@ -57,8 +63,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmTest,
                                            GemmShape{3, 256, 688}),
                          [](const ::testing::TestParamInfo<GemmShape>& info) {
                            return std::to_string(info.param.m) + "x" +
-                                  std::to_string(info.param.n) + "x" +
-                                  std::to_string(info.param.k);
+                                  std::to_string(info.param.n) + "x" + std::to_string(info.param.k);
                          });
 
 class RowOpsTest : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
@@ -75,14 +80,22 @@ TEST_P(RowOpsTest, RmsNormMatchesNaive) {
     for (int64_t c = 0; c < cols; ++c) ref[r * cols + c] = x[r * cols + c] * inv * w[c];
   }
   ThreadPool pool(2);
-  ASSERT_EQ(RmsNorm({.x = x.data(), .weight = w.data(), .y = y.data(), .rows = rows, .cols = cols,
+  ASSERT_EQ(RmsNorm({.x = x.data(),
+                     .weight = w.data(),
+                     .y = y.data(),
+                     .rows = rows,
+                     .cols = cols,
                      .eps = 1e-5f},
                     &pool),
             KernelStatus::kOk);
   EXPECT_LT(MaxAbsDiff(y, ref), 1e-5f);
   // In place gives the same result.
-  ASSERT_EQ(RmsNorm({.x = x.data(), .weight = w.data(), .y = x.data(), .rows = rows,
-                     .cols = cols, .eps = 1e-5f},
+  ASSERT_EQ(RmsNorm({.x = x.data(),
+                     .weight = w.data(),
+                     .y = x.data(),
+                     .rows = rows,
+                     .cols = cols,
+                     .eps = 1e-5f},
                     nullptr),
             KernelStatus::kOk);
   EXPECT_EQ(x, y);
@@ -95,10 +108,10 @@ TEST_P(RowOpsTest, SiluMulMatchesNaive) {
   std::vector<double> ref(rows * cols);
   for (size_t i = 0; i < ref.size(); ++i) ref[i] = g[i] / (1.0 + std::exp(-double{g[i]})) * u[i];
   ThreadPool pool(3);
-  ASSERT_EQ(SiluMul({.gate = g.data(), .up = u.data(), .out = out.data(), .rows = rows,
-                     .cols = cols},
-                    &pool),
-            KernelStatus::kOk);
+  ASSERT_EQ(
+      SiluMul({.gate = g.data(), .up = u.data(), .out = out.data(), .rows = rows, .cols = cols},
+              &pool),
+      KernelStatus::kOk);
   EXPECT_LT(MaxAbsDiff(out, ref), 1e-5f);
 }
 
@@ -110,8 +123,11 @@ TEST_P(RowOpsTest, EmbeddingAndAddAreExact) {
   for (int64_t i = 0; i < rows; ++i) ids[i] = static_cast<int32_t>((i * 7 + 3) % vocab);
   std::vector<float> out(rows * cols);
   ThreadPool pool(2);
-  ASSERT_EQ(Embedding({.ids = ids.data(), .table = table.data(), .out = out.data(),
-                       .num_tokens = rows, .hidden = cols},
+  ASSERT_EQ(Embedding({.ids = ids.data(),
+                       .table = table.data(),
+                       .out = out.data(),
+                       .num_tokens = rows,
+                       .hidden = cols},
                       &pool),
             KernelStatus::kOk);
   for (int64_t i = 0; i < rows; ++i) {
@@ -124,15 +140,13 @@ TEST_P(RowOpsTest, EmbeddingAndAddAreExact) {
   for (size_t i = 0; i < sum.size(); ++i) ASSERT_EQ(sum[i], out[i] + other[i]);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, RowOpsTest,
-                         ::testing::Values(std::pair<int64_t, int64_t>{1, 1},
-                                           std::pair<int64_t, int64_t>{1, 256},
-                                           std::pair<int64_t, int64_t>{17, 688},
-                                           std::pair<int64_t, int64_t>{64, 4096}),
-                         [](const auto& info) {
-                           return std::to_string(info.param.first) + "x" +
-                                  std::to_string(info.param.second);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, RowOpsTest,
+    ::testing::Values(std::pair<int64_t, int64_t>{1, 1}, std::pair<int64_t, int64_t>{1, 256},
+                      std::pair<int64_t, int64_t>{17, 688}, std::pair<int64_t, int64_t>{64, 4096}),
+    [](const auto& info) {
+      return std::to_string(info.param.first) + "x" + std::to_string(info.param.second);
+    });
 
 TEST(RopeTest, MatchesComplexRotation) {
   const int nq = 4, nkv = 2, d = 16, t = 5;
@@ -141,9 +155,14 @@ TEST(RopeTest, MatchesComplexRotation) {
   std::vector<int32_t> pos = {0, 1, 7, 100, 4095};
   std::vector<float> inv_freq(d / 2);
   for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / d);
-  ASSERT_EQ(Rope({.q = q.data(), .k = k.data(), .positions = pos.data(),
-                  .inv_freq = inv_freq.data(), .num_tokens = t, .num_q_heads = nq,
-                  .num_kv_heads = nkv, .head_dim = d},
+  ASSERT_EQ(Rope({.q = q.data(),
+                  .k = k.data(),
+                  .positions = pos.data(),
+                  .inv_freq = inv_freq.data(),
+                  .num_tokens = t,
+                  .num_q_heads = nq,
+                  .num_kv_heads = nkv,
+                  .head_dim = d},
                  nullptr),
             KernelStatus::kOk);
   // Reference: pair (x[i], x[i + d/2]) as a complex number times e^{i * pos * f_i}.
@@ -168,8 +187,14 @@ TEST(RopeTest, MatchesComplexRotation) {
 TEST(RopeTest, RejectsOddHeadDim) {
   float x = 0;
   int32_t p = 0;
-  EXPECT_EQ(Rope({.q = &x, .k = &x, .positions = &p, .inv_freq = &x, .num_tokens = 1,
-                  .num_q_heads = 1, .num_kv_heads = 1, .head_dim = 3},
+  EXPECT_EQ(Rope({.q = &x,
+                  .k = &x,
+                  .positions = &p,
+                  .inv_freq = &x,
+                  .num_tokens = 1,
+                  .num_q_heads = 1,
+                  .num_kv_heads = 1,
+                  .head_dim = 3},
                  nullptr),
             KernelStatus::kInvalidShape);
 }
@@ -198,9 +223,14 @@ TEST(PagedAttentionTest, MixedBatchMatchesDenseAttention) {
     V.push_back(Random(total[s] * kv_width, 200 + s));
     Q.push_back(Random(total[s] * nq * d, 300 + s));
   }
-  PagedKvLayout kv{.k_cache = k_cache.data(), .v_cache = v_cache.data(),
-                   .block_tables = flat.data(), .block_table_offsets = offsets.data(),
-                   .num_seqs = 3, .block_size = bs, .num_kv_heads = nkv, .head_dim = d};
+  PagedKvLayout kv{.k_cache = k_cache.data(),
+                   .v_cache = v_cache.data(),
+                   .block_tables = flat.data(),
+                   .block_table_offsets = offsets.data(),
+                   .num_seqs = 3,
+                   .block_size = bs,
+                   .num_kv_heads = nkv,
+                   .head_dim = d};
   ThreadPool pool(2);
   // Step 1: the cached prefixes (positions before the new tokens).
   std::vector<int32_t> seq_ids, positions;
@@ -214,7 +244,10 @@ TEST(PagedAttentionTest, MixedBatchMatchesDenseAttention) {
     }
   };
   for (int s = 0; s < 3; ++s) add_tokens(s, 0, total[s] - fresh[s]);
-  ASSERT_EQ(KvWrite({.kv = kv, .k = k_in.data(), .v = v_in.data(), .token_seq = seq_ids.data(),
+  ASSERT_EQ(KvWrite({.kv = kv,
+                     .k = k_in.data(),
+                     .v = v_in.data(),
+                     .token_seq = seq_ids.data(),
                      .positions = positions.data(),
                      .num_tokens = static_cast<int64_t>(seq_ids.size())},
                     &pool),
@@ -232,15 +265,24 @@ TEST(PagedAttentionTest, MixedBatchMatchesDenseAttention) {
     }
   }
   const int64_t n = static_cast<int64_t>(seq_ids.size());
-  ASSERT_EQ(KvWrite({.kv = kv, .k = k_in.data(), .v = v_in.data(), .token_seq = seq_ids.data(),
-                     .positions = positions.data(), .num_tokens = n},
+  ASSERT_EQ(KvWrite({.kv = kv,
+                     .k = k_in.data(),
+                     .v = v_in.data(),
+                     .token_seq = seq_ids.data(),
+                     .positions = positions.data(),
+                     .num_tokens = n},
                     &pool),
             KernelStatus::kOk);
   std::vector<float> out(n * nq * d);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  ASSERT_EQ(PagedAttention({.kv = kv, .q = q_in.data(), .out = out.data(),
-                            .token_seq = seq_ids.data(), .positions = positions.data(),
-                            .num_tokens = n, .num_q_heads = nq, .scale = scale},
+  ASSERT_EQ(PagedAttention({.kv = kv,
+                            .q = q_in.data(),
+                            .out = out.data(),
+                            .token_seq = seq_ids.data(),
+                            .positions = positions.data(),
+                            .num_tokens = n,
+                            .num_q_heads = nq,
+                            .scale = scale},
                            &pool),
             KernelStatus::kOk);
   for (int64_t t = 0; t < n; ++t) {

@@ -4,13 +4,12 @@
 // Skipped without a CUDA device (ctest label `gpu`).
 
 #include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
@@ -111,14 +110,23 @@ TEST_P(CudaRowOpsTest, RmsNormMatchesCpu) {
   auto x = Random(rows * cols, 1, 2.0f), w = Random(cols, 2);
   std::vector<float> y(rows * cols, 0.0f);
   DeviceArray dx(x, dtype), dw(w, dtype), dy(y, dtype);
-  ASSERT_EQ(cuda::RmsNorm({.x = dx.get(), .weight = dw.get(), .y = dy.get(), .rows = rows,
-                           .cols = cols, .eps = 1e-5f, .dtype = dtype},
+  ASSERT_EQ(cuda::RmsNorm({.x = dx.get(),
+                           .weight = dw.get(),
+                           .y = dy.get(),
+                           .rows = rows,
+                           .cols = cols,
+                           .eps = 1e-5f,
+                           .dtype = dtype},
                           nullptr),
             cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<float> ref(rows * cols);
-  ASSERT_EQ(cpu::RmsNorm({.x = x.data(), .weight = w.data(), .y = ref.data(), .rows = rows,
-                          .cols = cols, .eps = 1e-5f},
+  ASSERT_EQ(cpu::RmsNorm({.x = x.data(),
+                          .weight = w.data(),
+                          .y = ref.data(),
+                          .rows = rows,
+                          .cols = cols,
+                          .eps = 1e-5f},
                          nullptr),
             KernelStatus::kOk);
   ExpectClose(dy.Download(), ref, dtype, 1e-5f);
@@ -130,15 +138,19 @@ TEST_P(CudaRowOpsTest, SiluMulMatchesCpu) {
   auto g = Random(rows * cols, 3, 3.0f), u = Random(rows * cols, 4);
   std::vector<float> out(rows * cols, 0.0f);
   DeviceArray dg(g, dtype), du(u, dtype), dout(out, dtype);
-  ASSERT_EQ(cuda::SiluMul({.gate = dg.get(), .up = du.get(), .out = dout.get(), .rows = rows,
-                           .cols = cols, .dtype = dtype},
+  ASSERT_EQ(cuda::SiluMul({.gate = dg.get(),
+                           .up = du.get(),
+                           .out = dout.get(),
+                           .rows = rows,
+                           .cols = cols,
+                           .dtype = dtype},
                           nullptr),
             cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<float> ref(rows * cols);
-  ASSERT_EQ(cpu::SiluMul({.gate = g.data(), .up = u.data(), .out = ref.data(), .rows = rows,
-                          .cols = cols},
-                         nullptr),
+  ASSERT_EQ(cpu::SiluMul(
+                {.gate = g.data(), .up = u.data(), .out = ref.data(), .rows = rows, .cols = cols},
+                nullptr),
             KernelStatus::kOk);
   ExpectClose(dout.Download(), ref, dtype, 1e-5f);
 }
@@ -155,14 +167,21 @@ TEST_P(CudaRowOpsTest, EmbeddingIsExactAndAddMatches) {
   ASSERT_EQ(cudaMemcpy(dids, ids.data(), rows * 4, cudaMemcpyHostToDevice), cudaSuccess);
   std::vector<float> out(rows * cols, 0.0f);
   DeviceArray dtable(table, dtype), dout(out, dtype);
-  ASSERT_EQ(cuda::Embedding({.ids = dids, .table = dtable.get(), .out = dout.get(),
-                             .num_tokens = rows, .hidden = cols, .dtype = dtype},
+  ASSERT_EQ(cuda::Embedding({.ids = dids,
+                             .table = dtable.get(),
+                             .out = dout.get(),
+                             .num_tokens = rows,
+                             .hidden = cols,
+                             .dtype = dtype},
                             nullptr),
             cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<float> ref(rows * cols);
-  ASSERT_EQ(cpu::Embedding({.ids = ids.data(), .table = table.data(), .out = ref.data(),
-                            .num_tokens = rows, .hidden = cols},
+  ASSERT_EQ(cpu::Embedding({.ids = ids.data(),
+                            .table = table.data(),
+                            .out = ref.data(),
+                            .num_tokens = rows,
+                            .hidden = cols},
                            nullptr),
             KernelStatus::kOk);
   EXPECT_EQ(dout.Download(), ref);  // a gather is exact
@@ -171,15 +190,15 @@ TEST_P(CudaRowOpsTest, EmbeddingIsExactAndAddMatches) {
   auto a = Random(rows * cols, 6), b = Random(rows * cols, 7);
   std::vector<float> sum(rows * cols, 0.0f);
   DeviceArray da(a, dtype), db(b, dtype), dsum(sum, dtype);
-  ASSERT_EQ(cuda::Add({.a = da.get(), .b = db.get(), .out = dsum.get(), .n = rows * cols,
-                       .dtype = dtype},
-                      nullptr),
-            cudaSuccess);
+  ASSERT_EQ(
+      cuda::Add({.a = da.get(), .b = db.get(), .out = dsum.get(), .n = rows * cols, .dtype = dtype},
+                nullptr),
+      cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<float> ref_sum(rows * cols);
-  ASSERT_EQ(cpu::Add({.a = a.data(), .b = b.data(), .out = ref_sum.data(), .n = rows * cols},
-                     nullptr),
-            KernelStatus::kOk);
+  ASSERT_EQ(
+      cpu::Add({.a = a.data(), .b = b.data(), .out = ref_sum.data(), .n = rows * cols}, nullptr),
+      KernelStatus::kOk);
   ExpectClose(dsum.Download(), ref_sum, dtype, 0.0f);
 }
 
@@ -196,10 +215,10 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(CudaDispatchTest, UnsupportedDtypeIsInvalidValue) {
   SKIP_WITHOUT_GPU();
-  EXPECT_EQ(cuda::Add({.a = nullptr, .b = nullptr, .out = nullptr, .n = 4,
-                       .dtype = ScalarType::kF16},
-                      nullptr),
-            cudaErrorInvalidValue);
+  EXPECT_EQ(
+      cuda::Add({.a = nullptr, .b = nullptr, .out = nullptr, .n = 4, .dtype = ScalarType::kF16},
+                nullptr),
+      cudaErrorInvalidValue);
 }
 
 }  // namespace

@@ -17,7 +17,8 @@ __global__ void RmsNormKernel(const T* __restrict__ x, const T* __restrict__ wei
     const float v = ToFloat(xr[c]);
     sum_sq += v * v;
   }
-  for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
+  for (int offset = 16; offset > 0; offset /= 2)
+    sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
   __shared__ float warp_sums[kBlockSize / 32];
   __shared__ float inv_rms;
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum_sq;

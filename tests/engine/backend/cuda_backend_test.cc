@@ -1,9 +1,9 @@
 // The CUDA backend's scaffolding: memory, copies, an op through the op table, error mapping.
 // Skipped without a CUDA device (ctest label `gpu`).
 
-#include <vector>
-
 #include <gtest/gtest.h>
+
+#include <vector>
 
 #include "engine/backend/backend.h"
 
@@ -28,14 +28,15 @@ TEST(CudaBackendTest, AllocateCopyAndRunAnOp) {
   ASSERT_TRUE(da.ok() && dc.ok());
   ASSERT_TRUE(b.CopyToDevice(da->data(), a.data(), 16).ok());
   ASSERT_TRUE(b.CopyToDevice(dc->data(), c.data(), 16).ok());
-  ASSERT_TRUE(b.Add({.a = da->data(), .b = dc->data(), .out = da->data(), .n = 4,
-                     .dtype = ScalarType::kF32})
-                  .ok());
+  ASSERT_TRUE(
+      b.Add(
+           {.a = da->data(), .b = dc->data(), .out = da->data(), .n = 4, .dtype = ScalarType::kF32})
+          .ok());
   ASSERT_TRUE(b.CopyToHost(out.data(), da->data(), 16).ok());
   EXPECT_EQ(out, (std::vector<float>{11, 22, 33, 44}));
   // A dtype the kernel does not support is a clear InvalidArgument naming the op.
-  absl::Status bad = b.Add({.a = da->data(), .b = dc->data(), .out = da->data(), .n = 4,
-                            .dtype = ScalarType::kF16});
+  absl::Status bad = b.Add(
+      {.a = da->data(), .b = dc->data(), .out = da->data(), .n = 4, .dtype = ScalarType::kF16});
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.message().find("Add"), absl::string_view::npos);
   // Ops without a CUDA kernel yet say so instead of computing something wrong.
@@ -54,7 +55,10 @@ TEST(CudaBackendTest, OutOfMemoryIsResourceExhaustedAndLeavesNoStickyError) {
   auto buf = (*backend)->Allocate(64);
   ASSERT_TRUE(buf.ok());
   EXPECT_TRUE((*backend)
-                  ->Add({.a = buf->data(), .b = buf->data(), .out = buf->data(), .n = 16,
+                  ->Add({.a = buf->data(),
+                         .b = buf->data(),
+                         .out = buf->data(),
+                         .n = 16,
                          .dtype = ScalarType::kF32})
                   .ok());
   EXPECT_TRUE((*backend)->Synchronize().ok());

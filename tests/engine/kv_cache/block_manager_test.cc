@@ -1,8 +1,8 @@
-#include <set>
+#include "engine/kv_cache/block_manager.h"
 
 #include <gtest/gtest.h>
 
-#include "engine/kv_cache/block_manager.h"
+#include <set>
 
 namespace moleserve::engine {
 namespace {

@@ -3,23 +3,24 @@
 // checkpoint loader's error paths.
 //
 // Tolerance: max |logit - reference| <= 1e-4 for fp32 weights (logits are O(1..10); fp32
-// accumulation over hidden 256 / intermediate 688 measures ~5e-6), and <= 1e-4 for a bf16 checkpoint
-// (the reference reads the same bf16 values, so only fp32 compute error remains).
+// accumulation over hidden 256 / intermediate 688 measures ~5e-6), and <= 1e-4 for a bf16
+// checkpoint (the reference reads the same bf16 values, so only fp32 compute error remains).
+
+#include "engine/model/llama_model.h"
+
+#include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <random>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/backend/backend.h"
 #include "engine/model/demo_model.h"
-#include "engine/model/llama_model.h"
 #include "engine/model/model_directory.h"
 #include "engine/model/safetensors.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -82,9 +83,9 @@ Loaded LoadDir(const std::string& dir) {
   l.backend = *CreateCpuBackend({.num_threads = 2});
   auto md = OpenModelDirectory(dir);
   EXPECT_TRUE(md.ok()) << md.status();
-  auto model = LlamaModel::Create(l.backend.get(), md->config, *md->weights,
-                                  {.num_kv_blocks = 64, .kv_block_size = 4,
-                                   .max_batch_tokens = 128, .max_seqs = 64});
+  auto model = LlamaModel::Create(
+      l.backend.get(), md->config, *md->weights,
+      {.num_kv_blocks = 64, .kv_block_size = 4, .max_batch_tokens = 128, .max_seqs = 64});
   EXPECT_TRUE(model.ok()) << model.status();
   l.model = *std::move(model);
   return l;
@@ -153,7 +154,8 @@ TEST(LlamaModelTest, ChunkedPrefillAndDecodeMatchReference) {
   const int vocab = l.model->config().vocab_size;
   const std::vector<int32_t> a_blocks = {9, 3, 14, 20}, b_blocks = {1, 30, 7, 2, 11};
   int a_done = 0, b_done = 0;
-  const int a_len = static_cast<int>(kPrompts[0].size()), b_len = static_cast<int>(kPrompts[2].size());
+  const int a_len = static_cast<int>(kPrompts[0].size()),
+            b_len = static_cast<int>(kPrompts[2].size());
   // Step 0: A prefills 5 tokens. Then A decodes 1 per step while B prefills 3 per step.
   double worst = 0;
   for (int step = 0; a_done < a_len || b_done < b_len; ++step) {
@@ -232,10 +234,9 @@ TEST(LlamaModelTest, DirectoryRoundTripIsBitExact) {
   Loaded from_dir = LoadDir(dir);
   auto backend = *CreateCpuBackend({.num_threads = 2});
   const ModelConfig config = DemoModelConfig();
-  auto in_memory = *LlamaModel::Create(backend.get(), config,
-                                       RandomLlamaWeights(config, kDemoModelSeed),
-                                       {.num_kv_blocks = 64, .kv_block_size = 4,
-                                        .max_batch_tokens = 128, .max_seqs = 64});
+  auto in_memory = *LlamaModel::Create(
+      backend.get(), config, RandomLlamaWeights(config, kDemoModelSeed),
+      {.num_kv_blocks = 64, .kv_block_size = 4, .max_batch_tokens = 128, .max_seqs = 64});
   Batch b;
   AddSeq(&b, kPrompts[1], 0, 4, {5}, true);
   std::vector<float> x, y;
@@ -364,12 +365,12 @@ TEST(ModelConfigTest, RejectsWhatItCannotRunByName) {
     nlohmann::json value;
     const char* expect;
   };
-  for (const Case& c : {Case{"architectures", {"GPT2LMHeadModel"}, "GPT2LMHeadModel"},
-                        Case{"rope_scaling", {{"type", "yarn"}}, "rope_scaling"},
-                        Case{"attention_bias", true, "attention_bias"},
-                        Case{"hidden_act", "gelu", "hidden_act"},
-                        Case{"num_key_value_heads", 3, "num_key_value_heads"},
-                        Case{"hidden_size", -1, "hidden_size"}}) {
+  for (const Case& c :
+       {Case{"architectures", {"GPT2LMHeadModel"}, "GPT2LMHeadModel"},
+        Case{"rope_scaling", {{"type", "yarn"}}, "rope_scaling"},
+        Case{"attention_bias", true, "attention_bias"}, Case{"hidden_act", "gelu", "hidden_act"},
+        Case{"num_key_value_heads", 3, "num_key_value_heads"},
+        Case{"hidden_size", -1, "hidden_size"}}) {
     nlohmann::json j = base;
     j[c.key] = c.value;
     auto parsed = ParseHfConfig(j.dump());

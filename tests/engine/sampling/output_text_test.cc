@@ -1,8 +1,8 @@
 // OutputText: stop strings across token boundaries, hold-back, UTF-8 safety.
 
-#include <gtest/gtest.h>
-
 #include "engine/sampling/output_text.h"
+
+#include <gtest/gtest.h>
 
 namespace moleserve::engine {
 namespace {
@@ -75,9 +75,12 @@ TEST(OutputTextTest, Utf8CodePointSplitAcrossTokensIsNeverHalfSent) {
     // Every chunk is complete UTF-8 on its own.
     for (size_t i = 0; i < d.size(); ++i) {
       unsigned char b = static_cast<unsigned char>(d[i]);
-      if (b >= 0xF0) i += 3;
-      else if (b >= 0xE0) i += 2;
-      else if (b >= 0xC0) i += 1;
+      if (b >= 0xF0)
+        i += 3;
+      else if (b >= 0xE0)
+        i += 2;
+      else if (b >= 0xC0)
+        i += 1;
       ASSERT_LE(i, d.size() - 1) << "chunk ends inside a code point";
     }
     streamed += d;
@@ -88,10 +91,15 @@ TEST(OutputTextTest, Utf8CodePointSplitAcrossTokensIsNeverHalfSent) {
 
 TEST(OutputTextTest, InvalidBytesBecomeReplacementCharacter) {
   OutputText t({});
-  std::string s = t.Append("a\xFF" "b").delta;
+  std::string s = t.Append(
+                       "a\xFF"
+                       "b")
+                      .delta;
   s += t.Append("\xC3").delta;  // held: could become a code point
   s += t.Flush();               // never completed
-  EXPECT_EQ(s, "a\xEF\xBF\xBD" "b\xEF\xBF\xBD");
+  EXPECT_EQ(s,
+            "a\xEF\xBF\xBD"
+            "b\xEF\xBF\xBD");
 }
 
 TEST(OutputTextTest, MultibyteStopString) {

@@ -1,13 +1,13 @@
 // TokenSampler: greedy, seeded determinism, each truncation rule, penalties and logprobs, with
 // expectations computed by hand or from closed-form distributions.
 
-#include <cmath>
-#include <map>
-#include <vector>
+#include "engine/sampling/sampler.h"
 
 #include <gtest/gtest.h>
 
-#include "engine/sampling/sampler.h"
+#include <cmath>
+#include <map>
+#include <vector>
 
 namespace moleserve::engine {
 namespace {
@@ -125,13 +125,13 @@ TEST(SamplingParamsTest, ValidationNamesTheField) {
     SamplingParams p;
     const char* field;
   };
-  for (const Case& c : {Case{{.temperature = -1}, "temperature"}, Case{{.top_p = 0}, "top_p"},
-                        Case{{.top_p = 1.5f}, "top_p"}, Case{{.top_k = -1}, "top_k"},
-                        Case{{.min_p = 2}, "min_p"},
-                        Case{{.repetition_penalty = 0}, "repetition_penalty"},
-                        Case{{.frequency_penalty = 3}, "frequency_penalty"},
-                        Case{{.presence_penalty = -3}, "presence_penalty"},
-                        Case{{.temperature = NAN}, "temperature"}}) {
+  for (const Case& c :
+       {Case{{.temperature = -1}, "temperature"}, Case{{.top_p = 0}, "top_p"},
+        Case{{.top_p = 1.5f}, "top_p"}, Case{{.top_k = -1}, "top_k"}, Case{{.min_p = 2}, "min_p"},
+        Case{{.repetition_penalty = 0}, "repetition_penalty"},
+        Case{{.frequency_penalty = 3}, "frequency_penalty"},
+        Case{{.presence_penalty = -3}, "presence_penalty"},
+        Case{{.temperature = NAN}, "temperature"}}) {
     absl::Status s = ValidateSamplingParams(c.p);
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << c.field;
     EXPECT_NE(s.message().find(c.field), std::string::npos) << s;

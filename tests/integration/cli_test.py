@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""End-to-end test of the moleserve and molectl binaries (Python 3 standard library only).
+
+    cli_test.py MOLESERVE MOLECTL MOLESERVE_WRITE_DEMO
+
+Writes the demo model to a directory, serves it, drives it with molectl (health, list,
+generate), checks that the built-in model gives the same greedy output as the directory round
+trip, that SIGTERM drains and exits 0, and that broken model directories make moleserve exit
+non-zero naming the bad file. Every child process runs under a timeout and is killed on the way
+out. Prints "N passed, M failed" and exits non-zero on any failure.
+"""
+
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+STARTUP_TIMEOUT_S = 60
+COMMAND_TIMEOUT_S = 60
+SHUTDOWN_TIMEOUT_S = 30
+PORT_RE = re.compile(r"serving gRPC on [^\s:]+:(\d+)")
+
+
+class TestFailure(Exception):
+    pass
+
+
+def check(condition, message):
+    if not condition:
+        raise TestFailure(message)
+
+
+def run(cmd, timeout=COMMAND_TIMEOUT_S):
+    """Runs cmd to completion (bounded); returns the CompletedProcess with text output."""
+    try:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise TestFailure(f"timed out after {timeout}s: {' '.join(cmd)}") from e
+
+
+def text(b):
+    return b.decode("utf-8", errors="replace")
+
+
+class Server:
+    """A moleserve child process whose combined output goes to a log file."""
+
+    def __init__(self, moleserve, args, log_path):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [moleserve, "--port", "0", "--metrics-port", "0", "--threads", "1"] + args,
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        self.port = None
+
+    def output(self):
+        with open(self.log_path, "rb") as f:
+            return text(f.read())
+
+    def wait_ready(self):
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            m = PORT_RE.search(self.output())
+            if m:
+                self.port = int(m.group(1))
+                check(self.port > 0, f"bad port in log: {m.group(0)}")
+                return self.port
+            if self.proc.poll() is not None:
+                raise TestFailure(f"moleserve exited with {self.proc.returncode} before serving:\n"
+                                  f"{self.output()}")
+            time.sleep(0.05)
+        raise TestFailure(f"moleserve did not log its port within {STARTUP_TIMEOUT_S}s:\n"
+                          f"{self.output()}")
+
+    def terminate(self):
+        """SIGTERM; returns the exit code (bounded wait)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+        except subprocess.TimeoutExpired as e:
+            raise TestFailure(f"moleserve did not exit within {SHUTDOWN_TIMEOUT_S}s of SIGTERM")\
+                from e
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.log.close()
+
+
+class Suite:
+    def __init__(self, moleserve, molectl, write_demo, tmp):
+        self.moleserve = moleserve
+        self.molectl = molectl
+        self.write_demo = write_demo
+        self.tmp = tmp
+        self.model_dir = os.path.join(tmp, "demo-model")
+        self.directory_generate_stdout = None
+
+    def molectl_cmd(self, port, *args):
+        return run([self.molectl, "--addr", f"127.0.0.1:{port}"] + list(args))
+
+    def generate(self, port):
+        r = self.molectl_cmd(port, "generate", "--text", "Hello", "--max-new-tokens", "16",
+                             "--temperature", "0", "--ignore-eos")
+        check(r.returncode == 0,
+              f"generate exit {r.returncode}: {text(r.stdout)} {text(r.stderr)}")
+        err = text(r.stderr)
+        check("generated_tokens=16" in err, f"summary lacks generated_tokens=16: {err!r}")
+        check("FINISH_REASON_LENGTH" in err, f"summary lacks the finish reason: {err!r}")
+        check(r.stdout.endswith(b"\n"), f"generate stdout not newline-terminated: {r.stdout!r}")
+        return r.stdout
+
+    # ---------------------------------------------------------------------------------------
+    def test_write_demo_model(self):
+        r = run([self.write_demo, "--out", self.model_dir])
+        check(r.returncode == 0, f"moleserve-write-demo exit {r.returncode}: {text(r.stderr)}")
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            path = os.path.join(self.model_dir, name)
+            check(os.path.isfile(path) and os.path.getsize(path) > 0, f"missing {path}")
+
+    def test_serve_model_directory(self):
+        check(os.path.isdir(self.model_dir), "the demo model was not written")
+        server = Server(self.moleserve, ["--model", self.model_dir],
+                        os.path.join(self.tmp, "serve-dir.log"))
+        try:
+            port = server.wait_ready()
+            r = self.molectl_cmd(port, "health")
+            check(r.returncode == 0, f"health exit {r.returncode}: {text(r.stderr)}")
+            check(text(r.stdout).strip() == "SERVING", f"health printed {text(r.stdout)!r}")
+            r = self.molectl_cmd(port, "health", "--service", "moleserve.v1.Inference")
+            check(r.returncode == 0 and "SERVING" in text(r.stdout),
+                  f"service health: {r.returncode} {text(r.stdout)} {text(r.stderr)}")
+
+            r = self.molectl_cmd(port, "list")
+            check(r.returncode == 0, f"list exit {r.returncode}: {text(r.stderr)}")
+            check("moleserve-demo" in text(r.stdout), f"list output: {text(r.stdout)!r}")
+            check("vocab 260" in text(r.stdout), f"list output: {text(r.stdout)!r}")
+
+            out = self.generate(port)
+            check(len(out) > 1, "generate printed no text")
+            self.directory_generate_stdout = out
+
+            r = self.molectl_cmd(port, "generate", "--text", "Hello", "--max-new-tokens",
+                                 "5000")
+            check(r.returncode != 0, "max_new_tokens past the context was accepted")
+            check("context" in text(r.stderr), f"error lacks the reason: {text(r.stderr)!r}")
+
+            code = server.terminate()
+            check(code == 0, f"exit code {code} after SIGTERM:\n{server.output()}")
+            check("drained" in server.output(), f"no 'drained' log line:\n{server.output()}")
+        finally:
+            server.kill()
+
+    def test_builtin_model_matches_directory(self):
+        check(self.directory_generate_stdout is not None,
+              "no output from the directory-served model to compare with")
+        server = Server(self.moleserve, [], os.path.join(self.tmp, "serve-builtin.log"))
+        try:
+            port = server.wait_ready()
+            out = self.generate(port)
+            check(out == self.directory_generate_stdout,
+                  f"built-in model output {out!r} != directory model output "
+                  f"{self.directory_generate_stdout!r}")
+            code = server.terminate()
+            check(code == 0, f"exit code {code} after SIGTERM:\n{server.output()}")
+            check("drained" in server.output(), f"no 'drained' log line:\n{server.output()}")
+        finally:
+            server.kill()
+
+    def expect_startup_failure(self, model_dir, name, must_mention):
+        server = Server(self.moleserve, ["--model", model_dir],
+                        os.path.join(self.tmp, f"{name}.log"))
+        try:
+            try:
+                code = server.proc.wait(timeout=STARTUP_TIMEOUT_S)
+            except subprocess.TimeoutExpired as e:
+                raise TestFailure(f"moleserve kept running with a broken model:\n"
+                                  f"{server.output()}") from e
+            out = server.output()
+            check(code != 0, f"moleserve exited 0 with a broken model:\n{out}")
+            check(must_mention in out, f"the error does not name {must_mention}:\n{out}")
+            check(not PORT_RE.search(out), f"moleserve served a broken model:\n{out}")
+        finally:
+            server.kill()
+
+    def test_corrupt_safetensors_header(self):
+        check(os.path.isdir(self.model_dir), "the demo model was not written")
+        bad = os.path.join(self.tmp, "corrupt-header")
+        shutil.copytree(self.model_dir, bad)
+        with open(os.path.join(bad, "model.safetensors"), "r+b") as f:
+            f.write(struct.pack("<Q", 0x7FFFFFFFFFFFFFF0))  # header length far past the file
+        self.expect_startup_failure(bad, "corrupt-header", "model.safetensors")
+
+    def test_missing_config_json(self):
+        check(os.path.isdir(self.model_dir), "the demo model was not written")
+        bad = os.path.join(self.tmp, "no-config")
+        shutil.copytree(self.model_dir, bad)
+        os.remove(os.path.join(bad, "config.json"))
+        self.expect_startup_failure(bad, "no-config", "config.json")
+
+
+def main(argv):
+    if len(argv) != 4:
+        print(__doc__)
+        return 2
+    moleserve, molectl, write_demo = (os.path.abspath(p) for p in argv[1:])
+    for path in (moleserve, molectl, write_demo):
+        if not os.access(path, os.X_OK):
+            print(f"not an executable: {path}")
+            return 2
+    tests = [
+        "test_write_demo_model",
+        "test_serve_model_directory",
+        "test_builtin_model_matches_directory",
+        "test_corrupt_safetensors_header",
+        "test_missing_config_json",
+    ]
+    passed = failed = 0
+    with tempfile.TemporaryDirectory(prefix="moleserve-cli-test-") as tmp:
+        suite = Suite(moleserve, molectl, write_demo, tmp)
+        for name in tests:
+            start = time.monotonic()
+            try:
+                getattr(suite, name)()
+            except Exception as e:  # report every failure, keep going
+                failed += 1
+                detail = str(e) if isinstance(e, TestFailure) else traceback.format_exc()
+                print(f"FAIL {name} ({time.monotonic() - start:.1f}s): {detail}", flush=True)
+            else:
+                passed += 1
+                print(f"ok   {name} ({time.monotonic() - start:.1f}s)", flush=True)
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

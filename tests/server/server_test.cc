@@ -1,0 +1,962 @@
+// End-to-end tests of the gRPC server: an in-process MoleServer on 127.0.0.1:0 around a CPU
+// engine with the built-in demo model (byte-level tokenizer: ids 0..255 are bytes, BOS 256,
+// EOS 257), driven through the generated stub. Each TEST runs in its own process under ctest
+// (gtest_discover_tests), so every test starts its own engine and server.
+
+#include "server/grpc/server.h"
+
+#include <arpa/inet.h>
+#include <google/protobuf/unknown_field_set.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "engine/engine.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "moleserve/v1/inference.grpc.pb.h"
+#include "server/grpc/health_client.h"
+#include "server/metrics/prometheus_metrics.h"
+
+namespace moleserve::server {
+namespace {
+
+namespace pb = moleserve::v1;
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+constexpr uint32_t kBos = 256;
+constexpr absl::Duration kCallTimeout = absl::Seconds(60);
+
+engine::EngineOptions SmallEngineOptions() {
+  engine::EngineOptions o;
+  o.num_threads = 2;
+  o.kv_cache_bytes = int64_t{64} << 20;
+  return o;
+}
+
+// One engine + server (+ optional /metrics) and a client stub. Members are destroyed in reverse
+// order: the client, then the server, then the engine, then the metrics sink it reports to.
+struct Instance {
+  std::unique_ptr<PrometheusMetrics> metrics;
+  std::unique_ptr<engine::Engine> engine;
+  std::unique_ptr<MoleServer> server;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<pb::Inference::Stub> stub;
+
+  static std::unique_ptr<Instance> Start(engine::EngineOptions engine_options,
+                                         ServerOptions server_options = {},
+                                         bool with_metrics = false) {
+    auto inst = std::make_unique<Instance>();
+    if (with_metrics) {
+      auto m = PrometheusMetrics::Create("127.0.0.1:0");
+      EXPECT_TRUE(m.ok()) << m.status();
+      if (!m.ok()) return nullptr;
+      inst->metrics = *std::move(m);
+      engine_options.metrics = inst->metrics.get();
+    }
+    auto e = engine::Engine::Create(engine_options);
+    EXPECT_TRUE(e.ok()) << e.status();
+    if (!e.ok()) return nullptr;
+    inst->engine = *std::move(e);
+    server_options.listen_address = "127.0.0.1:0";
+    auto s = MoleServer::Start(inst->engine.get(), server_options);
+    EXPECT_TRUE(s.ok()) << s.status();
+    if (!s.ok()) return nullptr;
+    inst->server = *std::move(s);
+    EXPECT_GT(inst->server->port(), 0);
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);
+    args.SetMaxSendMessageSize(-1);
+    inst->channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", inst->server->port()),
+                                              grpc::InsecureChannelCredentials(), args);
+    inst->stub = pb::Inference::NewStub(inst->channel);
+    return inst;
+  }
+
+  // Waits (bounded) until the engine holds no request and every KV block is free.
+  bool WaitEngineIdle(absl::Duration timeout = absl::Seconds(10)) const {
+    const absl::Time end = absl::Now() + timeout;
+    while (absl::Now() < end) {
+      engine::EngineStats s = engine->Stats();
+      if (s.running == 0 && s.waiting == 0 && s.in_flight == 0 &&
+          s.free_kv_blocks == s.total_kv_blocks) {
+        return true;
+      }
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    engine::EngineStats s = engine->Stats();
+    ADD_FAILURE() << "engine not idle: running=" << s.running << " waiting=" << s.waiting
+                  << " in_flight=" << s.in_flight << " free_kv_blocks=" << s.free_kv_blocks
+                  << " total_kv_blocks=" << s.total_kv_blocks;
+    return false;
+  }
+};
+
+void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
+  ctx->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+}
+
+pb::GenerateRequest Greedy(const std::string& text, uint32_t max_new_tokens) {
+  pb::GenerateRequest req;
+  req.set_text(text);
+  req.mutable_sampling()->set_temperature(0.0f);
+  req.mutable_stopping()->set_max_new_tokens(max_new_tokens);
+  req.mutable_stopping()->set_ignore_eos(true);
+  return req;
+}
+
+struct GenResult {
+  grpc::Status status;
+  std::vector<pb::GenerateResponse> messages;
+  std::vector<uint32_t> ids;
+  std::string text;
+  int finals = 0;  // messages that carried `final`
+  pb::FinalInfo final;
+};
+
+GenResult RunGenerate(pb::Inference::Stub& stub, const pb::GenerateRequest& req,
+                      absl::Duration timeout = kCallTimeout) {
+  GenResult r;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, timeout);
+  std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = stub.Generate(&ctx, req);
+  pb::GenerateResponse msg;
+  while (reader->Read(&msg)) {
+    r.ids.insert(r.ids.end(), msg.token_ids().begin(), msg.token_ids().end());
+    r.text += msg.text();
+    if (msg.has_final()) {
+      ++r.finals;
+      r.final = msg.final();
+    }
+    r.messages.push_back(msg);
+  }
+  r.status = reader->Finish();
+  return r;
+}
+
+// The status of a Generate call that is expected to fail before producing anything.
+grpc::Status GenerateStatus(pb::Inference::Stub& stub, const pb::GenerateRequest& req) {
+  GenResult r = RunGenerate(stub, req, absl::Seconds(30));
+  EXPECT_TRUE(r.ids.empty()) << "a rejected request produced tokens";
+  return r.status;
+}
+
+bool IsValidUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<uint8_t>(s[i]);
+    int len = 0;
+    uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + len > s.size()) return false;
+    for (int k = 1; k < len; ++k) {
+      const auto cc = static_cast<uint8_t>(s[i + k]);
+      if ((cc & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3F);
+    }
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) ||
+        cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
+      return false;
+    }
+    i += len;
+  }
+  return true;
+}
+
+std::string AsciiOnly(std::string_view s) {
+  std::string out;
+  for (char c : s) {
+    if (static_cast<uint8_t>(c) < 0x80) out.push_back(c);
+  }
+  return out;
+}
+
+// The raw bytes of generated tokens, as the engine's tokenizer decodes them one by one.
+std::string RawBytes(const engine::Engine& engine, const std::vector<uint32_t>& ids) {
+  std::string out;
+  for (uint32_t id : ids) out += engine.DecodeToken(static_cast<int32_t>(id));
+  return out;
+}
+
+// A quick request that must succeed: the server still serves after an error.
+void ExpectStillServing(pb::Inference::Stub& stub) {
+  GenResult r = RunGenerate(stub, Greedy("ok", 2), absl::Seconds(30));
+  EXPECT_TRUE(r.status.ok()) << r.status.error_code() << " " << r.status.error_message();
+  EXPECT_EQ(r.ids.size(), 2u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming and sampling
+
+TEST(ServerTest, StreamsExactlyMaxNewTokensWithFinalOnLastMessage) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  constexpr uint32_t kN = 24;
+  pb::GenerateRequest req = Greedy("Hello, world", kN);
+  req.set_request_id("stream-1");
+  GenResult r = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_FALSE(r.messages.empty());
+  EXPECT_EQ(r.ids.size(), kN);
+  EXPECT_EQ(r.finals, 1);
+  EXPECT_TRUE(r.messages.back().has_final());
+  for (const pb::GenerateResponse& m : r.messages) EXPECT_EQ(m.request_id(), "stream-1");
+  for (uint32_t id : r.ids) EXPECT_LT(id, 260u);
+  EXPECT_EQ(r.final.finish_reason(), pb::FINISH_REASON_LENGTH);
+  EXPECT_EQ(r.final.prompt_tokens(), 13u);  // BOS + 12 bytes
+  EXPECT_EQ(r.final.generated_tokens(), kN);
+  EXPECT_TRUE(r.final.matched_stop().empty());
+  EXPECT_GT(r.final.timings().time_to_first_token_seconds(), 0.0);
+  EXPECT_GE(r.final.timings().total_seconds(), r.final.timings().time_to_first_token_seconds());
+  // No logprobs unless asked for.
+  for (const pb::GenerateResponse& m : r.messages) EXPECT_EQ(m.logprobs_size(), 0);
+
+  // The text is the sanitized UTF-8 of the tokens' bytes: always valid, and byte-identical when
+  // the bytes themselves are valid UTF-8.
+  EXPECT_TRUE(IsValidUtf8(r.text));
+  const std::string raw = RawBytes(*inst->engine, r.ids);
+  if (IsValidUtf8(raw)) {
+    EXPECT_EQ(r.text, raw);
+  } else {
+    // Invalid sequences become U+FFFD, which contains no ASCII byte; ASCII bytes pass unchanged.
+    EXPECT_EQ(AsciiOnly(r.text), AsciiOnly(raw));
+    EXPECT_NE(r.text.find("\xEF\xBF\xBD"), std::string::npos);
+  }
+
+  // An empty request_id gets a server-assigned one, echoed on every message.
+  GenResult anon = RunGenerate(*inst->stub, Greedy("Hello, world", 4));
+  ASSERT_TRUE(anon.status.ok());
+  ASSERT_FALSE(anon.messages.empty());
+  const std::string assigned = anon.messages.front().request_id();
+  EXPECT_FALSE(assigned.empty());
+  for (const pb::GenerateResponse& m : anon.messages) EXPECT_EQ(m.request_id(), assigned);
+  // Greedy decoding is deterministic: the 4 tokens are the first 4 of the 24.
+  EXPECT_EQ(anon.ids, std::vector<uint32_t>(r.ids.begin(), r.ids.begin() + 4));
+
+  // Token-id input gives the same result as the equivalent text.
+  pb::GenerateRequest by_ids = Greedy("", kN);
+  for (uint32_t id : {kBos, 72u, 101u, 108u, 108u, 111u, 44u, 32u, 119u, 111u, 114u, 108u, 100u}) {
+    by_ids.mutable_token_ids()->add_ids(id);
+  }
+  GenResult r2 = RunGenerate(*inst->stub, by_ids);
+  ASSERT_TRUE(r2.status.ok());
+  EXPECT_EQ(r2.ids, r.ids);
+  EXPECT_EQ(r2.final.prompt_tokens(), 13u);
+}
+
+TEST(ServerTest, SameSeedSameTokensAndGreedyIsDeterministic) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  auto sampled = [&](uint64_t seed) {
+    pb::GenerateRequest req;
+    req.set_text("Once upon a time");
+    req.mutable_sampling()->set_temperature(1.0f);
+    req.mutable_sampling()->set_seed(seed);
+    req.mutable_stopping()->set_max_new_tokens(32);
+    req.mutable_stopping()->set_ignore_eos(true);
+    GenResult r = RunGenerate(*inst->stub, req);
+    EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+    EXPECT_EQ(r.ids.size(), 32u);
+    return r;
+  };
+  GenResult a = sampled(42);
+  GenResult b = sampled(42);
+  GenResult c = sampled(43);
+  EXPECT_EQ(a.ids, b.ids);
+  EXPECT_EQ(a.text, b.text);
+  // 32 tokens sampled at temperature 1 from a random model: another seed gives other tokens.
+  EXPECT_NE(a.ids, c.ids);
+
+  GenResult g1 = RunGenerate(*inst->stub, Greedy("Once upon a time", 32));
+  GenResult g2 = RunGenerate(*inst->stub, Greedy("Once upon a time", 32));
+  ASSERT_TRUE(g1.status.ok());
+  ASSERT_TRUE(g2.status.ok());
+  EXPECT_EQ(g1.ids.size(), 32u);
+  EXPECT_EQ(g1.ids, g2.ids);
+  EXPECT_EQ(g1.text, g2.text);
+}
+
+TEST(ServerTest, LogprobsAndTopLogprobsPerToken) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  constexpr uint32_t kN = 16;
+  constexpr int kTop = 5;
+  pb::GenerateRequest req = Greedy("The quick brown fox", kN);
+  req.mutable_output()->set_logprobs(true);
+  req.mutable_output()->set_top_logprobs(kTop);
+  GenResult r = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  ASSERT_EQ(r.ids.size(), kN);
+  size_t n = 0;
+  for (const pb::GenerateResponse& m : r.messages) {
+    ASSERT_EQ(m.logprobs_size(), m.token_ids_size());
+    for (int i = 0; i < m.logprobs_size(); ++i, ++n) {
+      const pb::TokenLogprob& lp = m.logprobs(i);
+      EXPECT_EQ(lp.token_id(), m.token_ids(i));
+      EXPECT_LE(lp.logprob(), 0.0f);
+      EXPECT_TRUE(std::isfinite(lp.logprob()));
+      ASSERT_EQ(lp.top_size(), kTop) << "token " << n;
+      double mass = 0;
+      for (int k = 0; k < kTop; ++k) {
+        EXPECT_LE(lp.top(k).logprob(), 0.0f);
+        EXPECT_LT(lp.top(k).token_id(), 260u);
+        if (k > 0) {
+          EXPECT_GE(lp.top(k - 1).logprob(), lp.top(k).logprob()) << "token " << n;
+        }
+        mass += std::exp(lp.top(k).logprob());
+      }
+      EXPECT_LE(mass, 1.0 + 1e-4);
+      // Greedy picks the most likely token: its logprob is the top one.
+      EXPECT_NEAR(lp.logprob(), lp.top(0).logprob(), 1e-5) << "token " << n;
+    }
+  }
+  EXPECT_EQ(n, kN);
+
+  // logprobs without alternatives.
+  pb::GenerateRequest plain = Greedy("The quick brown fox", 4);
+  plain.mutable_output()->set_logprobs(true);
+  GenResult p = RunGenerate(*inst->stub, plain);
+  ASSERT_TRUE(p.status.ok());
+  size_t count = 0;
+  for (const pb::GenerateResponse& m : p.messages) {
+    for (const pb::TokenLogprob& lp : m.logprobs()) {
+      EXPECT_EQ(lp.top_size(), 0);
+      EXPECT_LE(lp.logprob(), 0.0f);
+      ++count;
+    }
+  }
+  EXPECT_EQ(count, 4u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stopping
+
+TEST(ServerTest, StopSequenceSpanningTokensEndsTheTextBeforeIt) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  constexpr uint32_t kN = 64;
+  const std::string prompt = "The quick brown fox";
+  GenResult full = RunGenerate(*inst->stub, Greedy(prompt, kN));
+  ASSERT_TRUE(full.status.ok());
+  ASSERT_EQ(full.ids.size(), kN);
+  // Byte offset where each token's bytes end.
+  std::vector<size_t> end_of_token;
+  std::string raw;
+  for (uint32_t id : full.ids) {
+    raw += inst->engine->DecodeToken(static_cast<int32_t>(id));
+    end_of_token.push_back(raw.size());
+  }
+  // A 3-byte printable-ASCII stop string from the middle of the output (so it spans 3 tokens).
+  // ASCII bytes survive UTF-8 sanitization unchanged and never occur inside a replacement
+  // character, so the stop string occurs in the returned text exactly where it occurs in the
+  // bytes, and the expected text is the greedy text up to its first occurrence.
+  constexpr size_t kLen = 3;
+  auto printable = [](const std::string& s) {
+    for (char c : s) {
+      if (c < 0x20 || c > 0x7e) return false;
+    }
+    return true;
+  };
+  // Prefer a window of mixed characters (a run of one repeated byte is a weaker test).
+  std::optional<std::string> stop;
+  size_t first = 0;
+  for (bool mixed : {true, false}) {
+    for (size_t start = raw.size() / 3; start + kLen <= raw.size() && !stop; ++start) {
+      const std::string cand = raw.substr(start, kLen);
+      if (!printable(cand) || (mixed && cand == std::string(kLen, cand[0]))) continue;
+      const size_t pos = raw.find(cand);
+      if (pos == 0) continue;
+      stop = cand;
+      first = pos;
+    }
+  }
+  ASSERT_TRUE(stop.has_value()) << "no printable 3-byte window in the greedy output";
+  const size_t text_pos = full.text.find(*stop);
+  ASSERT_NE(text_pos, std::string::npos);
+  // The token whose bytes complete the first match.
+  size_t last_token = 0;
+  while (end_of_token[last_token] < first + kLen) ++last_token;
+  ASSERT_GE(last_token, 2u);
+
+  pb::GenerateRequest req = Greedy(prompt, kN);
+  req.mutable_stopping()->add_stop("this never appears \x01");
+  req.mutable_stopping()->add_stop(*stop);
+  GenResult r = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.final.finish_reason(), pb::FINISH_REASON_STOP_SEQUENCE);
+  EXPECT_EQ(r.final.matched_stop(), *stop);
+  EXPECT_EQ(r.text, full.text.substr(0, text_pos));
+  if (IsValidUtf8(raw.substr(0, first))) {
+    EXPECT_EQ(r.text, raw.substr(0, first));
+  }
+  EXPECT_EQ(r.ids, std::vector<uint32_t>(full.ids.begin(), full.ids.begin() + last_token + 1));
+  EXPECT_EQ(r.final.generated_tokens(), last_token + 1);
+  EXPECT_TRUE(inst->WaitEngineIdle());
+}
+
+TEST(ServerTest, StopTokenIdEndsAfterThatToken) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  constexpr uint32_t kN = 32;
+  GenResult full = RunGenerate(*inst->stub, Greedy("Stop token: ", kN));
+  ASSERT_TRUE(full.status.ok());
+  ASSERT_EQ(full.ids.size(), kN);
+  const uint32_t stop_id = full.ids[kN / 2];
+  size_t first = 0;
+  while (full.ids[first] != stop_id) ++first;
+
+  pb::GenerateRequest req = Greedy("Stop token: ", kN);
+  req.mutable_stopping()->add_stop_token_ids(stop_id);
+  GenResult r = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.final.finish_reason(), pb::FINISH_REASON_STOP_TOKEN);
+  EXPECT_EQ(r.final.matched_stop(), absl::StrCat(stop_id));
+  EXPECT_EQ(r.ids, std::vector<uint32_t>(full.ids.begin(), full.ids.begin() + first + 1));
+  EXPECT_EQ(r.final.generated_tokens(), first + 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancellation and deadlines
+
+TEST(ServerTest, ClientCancelMidStreamFreesKvBlocks) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  const engine::EngineStats before = inst->engine->Stats();
+  ASSERT_GT(before.total_kv_blocks, 0);
+  ASSERT_EQ(before.free_kv_blocks, before.total_kv_blocks);
+
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, kCallTimeout);
+  auto reader = inst->stub->Generate(&ctx, Greedy("A long story", 1500));
+  pb::GenerateResponse msg;
+  size_t tokens = 0;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(reader->Read(&msg));
+    EXPECT_FALSE(msg.has_final());
+    tokens += msg.token_ids_size();
+  }
+  EXPECT_GT(tokens, 0u);
+  // The request holds KV blocks while it runs.
+  EXPECT_LT(inst->engine->Stats().free_kv_blocks, before.total_kv_blocks);
+  ctx.TryCancel();
+  for (int i = 0; i < 2000 && reader->Read(&msg); ++i) {
+    EXPECT_FALSE(msg.has_final());
+  }
+  grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  EXPECT_TRUE(inst->WaitEngineIdle());
+  EXPECT_LT(inst->engine->Stats().steps, 1000) << "the cancelled request ran to completion";
+  ExpectStillServing(*inst->stub);
+}
+
+TEST(ServerTest, DeadlineExceededFreesKvBlocks) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  const absl::Time start = absl::Now();
+  GenResult r = RunGenerate(*inst->stub, Greedy("A long story", 2000), absl::Milliseconds(200));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << r.status.error_message();
+  EXPECT_LT(r.ids.size(), 2000u);
+  EXPECT_EQ(r.finals, 0);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_TRUE(inst->WaitEngineIdle());
+  EXPECT_LT(inst->engine->Stats().steps, 1500) << "the expired request ran to completion";
+  ExpectStillServing(*inst->stub);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input: every rejection has its status code, and the server keeps serving.
+
+TEST(ServerTest, InvalidArgumentsAreRejectedWithTheirCodes) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  pb::Inference::Stub& stub = *inst->stub;
+
+  struct Case {
+    std::string name;
+    pb::GenerateRequest req;
+    grpc::StatusCode code;
+    std::string message_part;  // expected in the error message
+  };
+  std::vector<Case> cases;
+  auto add = [&](std::string name, grpc::StatusCode code, std::string part, auto edit) {
+    pb::GenerateRequest req = Greedy("Hello", 8);
+    edit(req);
+    cases.push_back({std::move(name), std::move(req), code, std::move(part)});
+  };
+  using C = grpc::StatusCode;
+  add("empty text", C::INVALID_ARGUMENT, "empty", [](pb::GenerateRequest& r) { r.set_text(""); });
+  add("no input", C::INVALID_ARGUMENT, "input", [](pb::GenerateRequest& r) { r.clear_input(); });
+  add("empty token_ids", C::INVALID_ARGUMENT, "empty",
+      [](pb::GenerateRequest& r) { r.mutable_token_ids(); });
+  add("max_new_tokens past the context", C::INVALID_ARGUMENT, "context",
+      [](pb::GenerateRequest& r) { r.mutable_stopping()->set_max_new_tokens(5000); });
+  add("negative temperature", C::INVALID_ARGUMENT, "temperature",
+      [](pb::GenerateRequest& r) { r.mutable_sampling()->set_temperature(-0.5f); });
+  add("top_p 0", C::INVALID_ARGUMENT, "top_p",
+      [](pb::GenerateRequest& r) { r.mutable_sampling()->set_top_p(0.0f); });
+  add("top_p 1.5", C::INVALID_ARGUMENT, "top_p",
+      [](pb::GenerateRequest& r) { r.mutable_sampling()->set_top_p(1.5f); });
+  add("top_k -1", C::INVALID_ARGUMENT, "top_k",
+      [](pb::GenerateRequest& r) { r.mutable_sampling()->set_top_k(-1); });
+  add("min_p 2", C::INVALID_ARGUMENT, "min_p",
+      [](pb::GenerateRequest& r) { r.mutable_sampling()->set_min_p(2.0f); });
+  add("repetition_penalty 0", C::INVALID_ARGUMENT, "repetition_penalty",
+      [](pb::GenerateRequest& r) { r.mutable_sampling()->set_repetition_penalty(0.0f); });
+  add("frequency_penalty 3", C::INVALID_ARGUMENT, "frequency_penalty",
+      [](pb::GenerateRequest& r) { r.mutable_sampling()->set_frequency_penalty(3.0f); });
+  add("top_logprobs 50", C::INVALID_ARGUMENT, "top_logprobs",
+      [](pb::GenerateRequest& r) { r.mutable_output()->set_top_logprobs(50); });
+  add("token id 999", C::INVALID_ARGUMENT, "999", [](pb::GenerateRequest& r) {
+    r.mutable_token_ids()->add_ids(kBos);
+    r.mutable_token_ids()->add_ids(999);
+  });
+  add("stop token id 999", C::INVALID_ARGUMENT, "stop_token_ids",
+      [](pb::GenerateRequest& r) { r.mutable_stopping()->add_stop_token_ids(999); });
+  add("17 stop strings", C::INVALID_ARGUMENT, "stop", [](pb::GenerateRequest& r) {
+    for (int i = 0; i < 17; ++i) r.mutable_stopping()->add_stop(absl::StrCat("s", i));
+  });
+  add("empty stop string", C::INVALID_ARGUMENT, "stop",
+      [](pb::GenerateRequest& r) { r.mutable_stopping()->add_stop(""); });
+  add("unknown adapter", C::NOT_FOUND, "no-such-adapter",
+      [](pb::GenerateRequest& r) { r.set_adapter("no-such-adapter"); });
+
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    grpc::Status s = GenerateStatus(stub, c.req);
+    EXPECT_EQ(s.error_code(), c.code) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr(c.message_part));
+    ExpectStillServing(stub);
+  }
+  EXPECT_TRUE(inst->WaitEngineIdle());
+}
+
+TEST(ServerTest, OversizedMessageAndFullQueueAreResourceExhausted) {
+  engine::EngineOptions options = SmallEngineOptions();
+  options.max_num_seqs = 1;
+  options.max_queue = 1;
+  auto inst = Instance::Start(options, {.max_receive_message_bytes = 64 << 10});
+  ASSERT_NE(inst, nullptr);
+  pb::Inference::Stub& stub = *inst->stub;
+
+  // A 200 KiB request against a 64 KiB limit.
+  grpc::Status big = GenerateStatus(stub, Greedy(std::string(200 << 10, 'a'), 4));
+  EXPECT_EQ(big.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << big.error_message();
+  ExpectStillServing(stub);
+
+  // Hold the single running slot, fill the single queue slot, then one more is refused.
+  struct Background {
+    grpc::ClientContext ctx;
+    grpc::Status status;
+    std::thread thread;
+  };
+  auto start_background = [&](Background* b, uint32_t max_new_tokens) {
+    SetDeadline(&b->ctx, kCallTimeout);
+    b->thread = std::thread([&stub, b, max_new_tokens] {
+      auto reader = stub.Generate(&b->ctx, Greedy("hold the slot", max_new_tokens));
+      pb::GenerateResponse msg;
+      for (int i = 0; i < 5000 && reader->Read(&msg); ++i) {
+      }
+      b->status = reader->Finish();
+    });
+  };
+  auto wait_for = [&](auto pred) {
+    const absl::Time end = absl::Now() + absl::Seconds(10);
+    while (absl::Now() < end && !pred(inst->engine->Stats())) absl::SleepFor(absl::Milliseconds(5));
+    return pred(inst->engine->Stats());
+  };
+  Background running, waiting;
+  start_background(&running, 1900);
+  EXPECT_TRUE(wait_for([](const engine::EngineStats& s) { return s.running == 1; }));
+  start_background(&waiting, 100);
+  EXPECT_TRUE(wait_for([](const engine::EngineStats& s) { return s.waiting == 1; }));
+
+  grpc::Status full = GenerateStatus(stub, Greedy("one too many", 4));
+  EXPECT_EQ(full.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << full.error_message();
+  EXPECT_THAT(full.error_message(), HasSubstr("queue is full"));
+
+  running.ctx.TryCancel();
+  waiting.ctx.TryCancel();
+  running.thread.join();
+  waiting.thread.join();
+  EXPECT_EQ(running.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(waiting.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(inst->WaitEngineIdle());
+  ExpectStillServing(stub);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency
+
+TEST(ServerTest, ThirtyTwoConcurrentStreamsGetTheirExactTokenCounts) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  constexpr int kStreams = 32;
+  std::vector<GenResult> results(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      pb::GenerateRequest req = Greedy(absl::StrCat("stream number ", i), 8 + i);
+      req.set_request_id(absl::StrCat("c", i));
+      results[i] = RunGenerate(*inst->stub, req);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    SCOPED_TRACE(absl::StrCat("stream ", i));
+    const GenResult& r = results[i];
+    ASSERT_TRUE(r.status.ok()) << r.status.error_code() << " " << r.status.error_message();
+    EXPECT_EQ(r.ids.size(), static_cast<size_t>(8 + i));
+    EXPECT_EQ(r.finals, 1);
+    EXPECT_EQ(r.final.generated_tokens(), static_cast<uint32_t>(8 + i));
+    EXPECT_EQ(r.final.finish_reason(), pb::FINISH_REASON_LENGTH);
+    for (const pb::GenerateResponse& m : r.messages)
+      EXPECT_EQ(m.request_id(), absl::StrCat("c", i));
+  }
+  EXPECT_TRUE(inst->WaitEngineIdle());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health and drain
+
+TEST(ServerTest, HealthGoesNotServingDuringDrainWhileInFlightCompletes) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  auto health = [&](const std::string& service) {
+    return CheckHealth(inst->channel, service, absl::Seconds(5));
+  };
+  ASSERT_TRUE(health("").ok());
+  EXPECT_EQ(*health(""), HealthStatus::kServing);
+  EXPECT_EQ(*health("moleserve.v1.Inference"), HealthStatus::kServing);
+  EXPECT_EQ(health("no.such.Service").status().code(), absl::StatusCode::kNotFound);
+
+  constexpr uint32_t kInFlight = 1500;
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, kCallTimeout);
+  auto reader = inst->stub->Generate(&ctx, Greedy("in flight", kInFlight));
+  pb::GenerateResponse msg;
+  ASSERT_TRUE(reader->Read(&msg));
+  size_t tokens = msg.token_ids_size();
+
+  std::atomic<bool> drained{false};
+  std::thread drainer([&] {
+    inst->server->Drain(absl::Seconds(30));
+    drained = true;
+  });
+  // NOT_SERVING while the in-flight request still runs.
+  bool not_serving = false;
+  for (int i = 0; i < 500 && !not_serving; ++i) {
+    auto s = health("");
+    not_serving = s.ok() && *s == HealthStatus::kNotServing;
+    if (!not_serving) absl::SleepFor(absl::Milliseconds(2));
+  }
+  EXPECT_TRUE(not_serving) << "health(\"\") never became NOT_SERVING during the drain";
+  auto inference_health = health("moleserve.v1.Inference");
+  ASSERT_TRUE(inference_health.ok()) << inference_health.status();
+  EXPECT_EQ(*inference_health, HealthStatus::kNotServing);
+  EXPECT_FALSE(drained.load()) << "drain finished before the in-flight request did";
+
+  // New work is refused.
+  GenResult refused = RunGenerate(*inst->stub, Greedy("too late", 4), absl::Seconds(10));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << refused.status.error_message();
+  EXPECT_TRUE(refused.ids.empty());
+
+  // The in-flight request completes with all its tokens.
+  pb::FinalInfo final;
+  for (int i = 0; i < 5000 && reader->Read(&msg); ++i) {
+    tokens += msg.token_ids_size();
+    if (msg.has_final()) final = msg.final();
+  }
+  grpc::Status status = reader->Finish();
+  EXPECT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
+  EXPECT_EQ(tokens, kInFlight);
+  EXPECT_EQ(final.generated_tokens(), kInFlight);
+  EXPECT_EQ(final.finish_reason(), pb::FINISH_REASON_LENGTH);
+  drainer.join();
+  EXPECT_TRUE(drained.load());
+}
+
+// ---------------------------------------------------------------------------------------------
+// /metrics
+
+// GET http://127.0.0.1:port/metrics; returns the body ("" on failure).
+std::string HttpGetMetrics(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "";
+  timeval tv{.tv_sec = 5, .tv_usec = 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string response;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    if (send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
+      char buf[4096];
+      for (int i = 0; i < 10000; ++i) {
+        const ssize_t n = recv(fd, buf, sizeof(buf), 0);
+        if (n <= 0) break;
+        response.append(buf, static_cast<size_t>(n));
+      }
+    }
+  }
+  close(fd);
+  const size_t body = response.find("\r\n\r\n");
+  if (response.rfind("HTTP/1.", 0) != 0 || response.find(" 200 ") == std::string::npos ||
+      body == std::string::npos) {
+    ADD_FAILURE() << "bad /metrics response: " << response.substr(0, 200);
+    return "";
+  }
+  return response.substr(body + 4);
+}
+
+// Prometheus text format: `name{labels} value [timestamp]` per sample; '#' lines are comments.
+std::map<std::string, double> ParsePrometheus(const std::string& text) {
+  std::map<std::string, double> samples;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (line.empty() || line[0] == '#') continue;
+    // The name and labels end at the first space after the closing brace (label values may
+    // contain spaces).
+    size_t name_end = line.find('{');
+    size_t space;
+    if (name_end != absl::string_view::npos && name_end < line.find(' ')) {
+      space = line.find(' ', line.find('}', name_end));
+    } else {
+      space = line.find(' ');
+    }
+    if (space == absl::string_view::npos) {
+      ADD_FAILURE() << "malformed metrics line: " << line;
+      continue;
+    }
+    std::vector<absl::string_view> rest = absl::StrSplit(line.substr(space + 1), ' ');
+    double value = 0;
+    if (rest.empty() || !absl::SimpleAtod(rest[0], &value)) {
+      ADD_FAILURE() << "malformed metrics value: " << line;
+      continue;
+    }
+    samples[std::string(line.substr(0, space))] = value;
+  }
+  return samples;
+}
+
+TEST(ServerTest, MetricsEndpointCountsTraffic) {
+  auto inst = Instance::Start(SmallEngineOptions(), {}, /*with_metrics=*/true);
+  ASSERT_NE(inst, nullptr);
+  ASSERT_GT(inst->metrics->port(), 0);
+
+  const std::vector<uint32_t> lengths = {5, 7, 9};
+  uint32_t generated = 0, prompt = 0;
+  for (uint32_t n : lengths) {
+    GenResult r = RunGenerate(*inst->stub, Greedy("metrics", n));
+    ASSERT_TRUE(r.status.ok());
+    generated += r.final.generated_tokens();
+    prompt += r.final.prompt_tokens();
+  }
+  EXPECT_EQ(generated, 21u);
+  // One stop-token finish and one rejection.
+  pb::GenerateRequest stop_req = Greedy("metrics", 16);
+  GenResult first = RunGenerate(*inst->stub, Greedy("metrics", 1));
+  ASSERT_EQ(first.ids.size(), 1u);
+  stop_req.mutable_stopping()->add_stop_token_ids(first.ids[0]);
+  GenResult stopped = RunGenerate(*inst->stub, stop_req);
+  ASSERT_TRUE(stopped.status.ok());
+  ASSERT_EQ(stopped.final.finish_reason(), pb::FINISH_REASON_STOP_TOKEN);
+  generated += first.final.generated_tokens() + stopped.final.generated_tokens();
+  prompt += first.final.prompt_tokens() + stopped.final.prompt_tokens();
+  pb::GenerateRequest bad = Greedy("metrics", 4);
+  bad.mutable_sampling()->set_top_p(2.0f);
+  EXPECT_EQ(GenerateStatus(*inst->stub, bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  // Metrics are recorded by the engine around the final message; poll briefly until they agree.
+  std::map<std::string, double> m;
+  for (int i = 0; i < 100; ++i) {
+    m = ParsePrometheus(HttpGetMetrics(inst->metrics->port()));
+    if (m["moleserve_generation_tokens_total"] == generated &&
+        m["moleserve_time_to_first_token_seconds_count"] == 5) {
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_EQ(m["moleserve_generation_tokens_total"], generated);
+  EXPECT_EQ(m["moleserve_prompt_tokens_total"], prompt);
+  EXPECT_EQ(m["moleserve_requests_finished_total{outcome=\"length\"}"], 4);
+  EXPECT_EQ(m["moleserve_requests_finished_total{outcome=\"stop_token\"}"], 1);
+  EXPECT_EQ(m["moleserve_requests_rejected_total{code=\"invalid_argument\"}"], 1);
+  EXPECT_EQ(m["moleserve_time_to_first_token_seconds_count"], 5);
+  EXPECT_EQ(m["moleserve_e2e_request_latency_seconds_count"], 5);
+  EXPECT_GT(m["moleserve_time_to_first_token_seconds_sum"], 0);
+  EXPECT_EQ(m["moleserve_time_to_first_token_seconds_bucket{le=\"+Inf\"}"], 5);
+  EXPECT_GT(m["moleserve_steps_total"], 0);
+  for (const char* gauge : {"moleserve_num_requests_running", "moleserve_num_requests_waiting",
+                            "moleserve_kv_cache_usage_ratio"}) {
+    EXPECT_TRUE(m.contains(gauge)) << gauge;
+  }
+  EXPECT_GE(m["moleserve_kv_cache_usage_ratio"], 0.0);
+  EXPECT_LE(m["moleserve_kv_cache_usage_ratio"], 1.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokenize, ListModels, reflection
+
+TEST(ServerTest, TokenizeAndListModels) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  pb::TokenizeRequest treq;
+  treq.set_text("Hi");
+  treq.set_add_bos(true);
+  treq.set_return_pieces(true);
+  pb::TokenizeResponse tresp;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx, absl::Seconds(10));
+    grpc::Status s = inst->stub->Tokenize(&ctx, treq, &tresp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_THAT(tresp.ids(), ElementsAre(kBos, 72u, 105u));
+  ASSERT_EQ(tresp.pieces_size(), 3);
+  EXPECT_EQ(tresp.pieces(1), "H");
+  EXPECT_EQ(tresp.pieces(2), "i");
+
+  treq.set_add_bos(false);
+  treq.set_return_pieces(false);
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx, absl::Seconds(10));
+    ASSERT_TRUE(inst->stub->Tokenize(&ctx, treq, &tresp).ok());
+  }
+  EXPECT_THAT(tresp.ids(), ElementsAre(72u, 105u));
+  EXPECT_EQ(tresp.pieces_size(), 0);
+
+  pb::ListModelsResponse lresp;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx, absl::Seconds(10));
+    grpc::Status s = inst->stub->ListModels(&ctx, pb::ListModelsRequest(), &lresp);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+  }
+  EXPECT_EQ(lresp.base().name(), "moleserve-demo");
+  EXPECT_EQ(lresp.base().vocab_size(), 260u);
+  EXPECT_EQ(lresp.base().context_length(), 2048u);
+  EXPECT_EQ(lresp.base().num_layers(), 4u);
+  EXPECT_EQ(lresp.base().backend(), "cpu");
+  EXPECT_GT(lresp.base().parameter_count(), 0u);
+  EXPECT_EQ(lresp.adapters_size(), 0);
+}
+
+// Wire-level helpers for grpc.reflection.v1alpha (Debian ships no reflection client headers).
+std::string ToBytes(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buffer.Dump(&slices).ok()) return out;
+  for (const grpc::Slice& s : slices)
+    out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return out;
+}
+
+// Services listed by ServerReflectionInfo(list_services), or nullopt on an RPC failure.
+std::optional<std::vector<std::string>> ListServicesViaReflection(
+    const std::shared_ptr<grpc::Channel>& channel) {
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, absl::Seconds(10));
+  grpc::CompletionQueue cq;
+  auto call =
+      stub.PrepareCall(&ctx, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  void* tag = nullptr;
+  bool ok = false;
+  auto step = [&](intptr_t expected) {
+    return cq.Next(&tag, &ok) && reinterpret_cast<intptr_t>(tag) == expected && ok;
+  };
+  call->StartCall(reinterpret_cast<void*>(1));
+  if (!step(1)) return std::nullopt;
+  // ServerReflectionRequest { string list_services = 7; }
+  const std::string request = "\x3a\x01*";
+  grpc::Slice slice(request);
+  grpc::ByteBuffer out(&slice, 1);
+  call->Write(out, reinterpret_cast<void*>(2));
+  if (!step(2)) return std::nullopt;
+  call->WritesDone(reinterpret_cast<void*>(3));
+  if (!step(3)) return std::nullopt;
+  grpc::ByteBuffer in;
+  call->Read(&in, reinterpret_cast<void*>(4));
+  if (!step(4)) return std::nullopt;
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(5));
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  if (!status.ok()) return std::nullopt;
+
+  // ServerReflectionResponse { ListServiceResponse list_services_response = 6; }
+  // ListServiceResponse { repeated ServiceResponse service = 1; } ServiceResponse { name = 1; }
+  google::protobuf::UnknownFieldSet response;
+  if (!response.ParseFromString(ToBytes(in))) return std::nullopt;
+  std::vector<std::string> names;
+  for (int i = 0; i < response.field_count(); ++i) {
+    const google::protobuf::UnknownField& f = response.field(i);
+    if (f.number() != 6 || f.type() != google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED) {
+      continue;
+    }
+    google::protobuf::UnknownFieldSet list;
+    if (!list.ParseFromString(f.length_delimited())) return std::nullopt;
+    for (int j = 0; j < list.field_count(); ++j) {
+      if (list.field(j).number() != 1) continue;
+      google::protobuf::UnknownFieldSet service;
+      if (!service.ParseFromString(list.field(j).length_delimited())) return std::nullopt;
+      for (int k = 0; k < service.field_count(); ++k) {
+        if (service.field(k).number() == 1) names.push_back(service.field(k).length_delimited());
+      }
+    }
+  }
+  return names;
+}
+
+TEST(ServerTest, ReflectionListsTheServices) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  std::optional<std::vector<std::string>> services = ListServicesViaReflection(inst->channel);
+  ASSERT_TRUE(services.has_value()) << "reflection call failed";
+  EXPECT_THAT(*services,
+              ::testing::IsSupersetOf({"moleserve.v1.Inference", "grpc.health.v1.Health"}));
+}
+
+}  // namespace
+}  // namespace moleserve::server
