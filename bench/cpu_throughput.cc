@@ -5,6 +5,7 @@
 //   bench_cpu_throughput [--out bench/results/cpu_throughput.json] [--threads 2]
 //                        [--prompt_len 64] [--decode_steps 8] [--models demo,bench-200m]
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -24,6 +25,7 @@ ABSL_FLAG(std::string, out, "", "Write results as JSON here");
 ABSL_FLAG(int, threads, 0, "CPU threads (0 = all)");
 ABSL_FLAG(int, prompt_len, 64, "Prompt tokens per sequence for prefill");
 ABSL_FLAG(int, decode_steps, 8, "Decode steps measured per batch size");
+ABSL_FLAG(int, repeats, 3, "Measurements per point; the median is reported");
 ABSL_FLAG(std::string, models, "demo,bench-200m", "Comma-separated: demo, bench-200m");
 ABSL_FLAG(std::string, batches, "1,2,4,8,16,32", "Comma-separated batch sizes");
 
@@ -32,6 +34,11 @@ namespace {
 using namespace moleserve::engine;
 
 double Now() { return absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch()); }
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 nlohmann::json BenchModel(const std::string& label, const ModelConfig& config,
                           const std::vector<int>& batches, int prompt_len, int decode_steps) {
@@ -65,30 +72,37 @@ nlohmann::json BenchModel(const std::string& label, const ModelConfig& config,
       batch.block_table_offsets.push_back(static_cast<int32_t>(batch.block_tables.size()));
       batch.sample_rows.push_back(batch.num_tokens() - 1);
     }
-    double start = Now();
-    if (absl::Status st = model->Forward(batch, &logits); !st.ok()) {
-      std::fprintf(stderr, "%s\n", st.ToString().c_str());
-      std::exit(1);
-    }
-    const double prefill = b * prompt_len / (Now() - start);
-    // Decode: decode_steps steps of one token per sequence.
-    start = Now();
-    for (int step = 0; step < decode_steps; ++step) {
-      Batch d;
-      for (int s = 0; s < b; ++s) {
-        d.tokens.push_back((s + step) % config.vocab_size);
-        d.positions.push_back(prompt_len + step);
-        d.token_seq.push_back(s);
-        for (int k = 0; k < blocks_per_seq; ++k) d.block_tables.push_back(s * blocks_per_seq + k);
-        d.block_table_offsets.push_back(static_cast<int32_t>(d.block_tables.size()));
-        d.sample_rows.push_back(s);
-      }
-      if (absl::Status st = model->Forward(d, &logits); !st.ok()) {
+    std::vector<double> prefill_runs, decode_runs;
+    for (int rep = 0; rep < std::max(1, absl::GetFlag(FLAGS_repeats)); ++rep) {
+      double start = Now();
+      if (absl::Status st = model->Forward(batch, &logits); !st.ok()) {
         std::fprintf(stderr, "%s\n", st.ToString().c_str());
         std::exit(1);
       }
+      const double prefill = b * prompt_len / (Now() - start);
+      // Decode: decode_steps steps of one token per sequence.
+      start = Now();
+      for (int step = 0; step < decode_steps; ++step) {
+        Batch d;
+        for (int s = 0; s < b; ++s) {
+          d.tokens.push_back((s + step) % config.vocab_size);
+          d.positions.push_back(prompt_len + step);
+          d.token_seq.push_back(s);
+          for (int k = 0; k < blocks_per_seq; ++k) d.block_tables.push_back(s * blocks_per_seq + k);
+          d.block_table_offsets.push_back(static_cast<int32_t>(d.block_tables.size()));
+          d.sample_rows.push_back(s);
+        }
+        if (absl::Status st = model->Forward(d, &logits); !st.ok()) {
+          std::fprintf(stderr, "%s\n", st.ToString().c_str());
+          std::exit(1);
+        }
+      }
+      const double decode = b * decode_steps / (Now() - start);
+      prefill_runs.push_back(prefill);
+      decode_runs.push_back(decode);
     }
-    const double decode = b * decode_steps / (Now() - start);
+    const double prefill = Median(prefill_runs);
+    const double decode = Median(decode_runs);
     if (b == batches.front()) {
       prefill1 = prefill;
       decode1 = decode;
@@ -106,6 +120,7 @@ nlohmann::json BenchModel(const std::string& label, const ModelConfig& config,
           {"parameters", config.ParameterCount()},
           {"prompt_len", prompt_len},
           {"decode_steps", decode_steps},
+          {"repeats", absl::GetFlag(FLAGS_repeats)},
           {"results", rows}};
 }
 
