@@ -15,6 +15,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -35,7 +36,8 @@ ABSL_FLAG(int, top_k, 0, "Top-k sampling (0 = off)");
 ABSL_FLAG(double, min_p, 0.0, "Min-p sampling (0 = off)");
 ABSL_FLAG(double, repetition_penalty, 1.0, "Repetition penalty (1 = off)");
 ABSL_FLAG(int64_t, seed, -1, "Sampling seed (-1 = random)");
-ABSL_FLAG(std::vector<std::string>, stop, {}, "Stop strings, comma-separated");
+ABSL_FLAG(std::vector<std::string>, stop, {},
+          "Stop strings, comma-separated; C escapes such as \\n are understood");
 ABSL_FLAG(bool, ignore_eos, false, "Keep generating past EOS");
 ABSL_FLAG(bool, logprobs, false, "Print each token's id and log-probability");
 ABSL_FLAG(std::string, service, "", "Service name for `health` (empty = whole server)");
@@ -79,7 +81,14 @@ int Generate(pb::Inference::Stub& stub) {
   if (absl::GetFlag(FLAGS_seed) >= 0) s->set_seed(static_cast<uint64_t>(absl::GetFlag(FLAGS_seed)));
   pb::StoppingCriteria* st = req.mutable_stopping();
   st->set_max_new_tokens(static_cast<uint32_t>(std::max(0, absl::GetFlag(FLAGS_max_new_tokens))));
-  for (const std::string& stop : absl::GetFlag(FLAGS_stop)) st->add_stop(stop);
+  for (const std::string& stop : absl::GetFlag(FLAGS_stop)) {
+    std::string unescaped;
+    if (!absl::CUnescape(stop, &unescaped)) {
+      std::cerr << "error: --stop: bad escape in '" << stop << "'\n";
+      return 2;
+    }
+    st->add_stop(unescaped);
+  }
   st->set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
   req.mutable_output()->set_logprobs(absl::GetFlag(FLAGS_logprobs));
 
