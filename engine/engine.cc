@@ -3,8 +3,8 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "engine/backend/backend.h"
+#include "engine/core/mutex.h"
 #include "engine/core/status_macros.h"
 #include "engine/executor/executor.h"
 #include "engine/model/demo_model.h"
@@ -23,7 +23,8 @@ struct Engine::State {
   std::unique_ptr<LlamaModel> model;
   std::unique_ptr<Executor> executor;
 
-  absl::Mutex mu;  // guards the fields below
+  Mutex mu;         // guards the fields below
+  CondVar idle_cv;  // signalled when in_flight drops to 0
   bool accepting ABSL_GUARDED_BY(mu) = true;
   int64_t in_flight ABSL_GUARDED_BY(mu) = 0;
   uint64_t next_handle ABSL_GUARDED_BY(mu) = 1;
@@ -146,7 +147,7 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
     return status;
   };
   {
-    absl::MutexLock lock(&s.mu);
+    MutexLock lock(&s.mu);
     if (!s.accepting)
       return reject(absl::UnavailableError("server is draining; retry on another replica"));
   }
@@ -225,15 +226,15 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
                                                     : std::random_device{}() * 0x100000001ull;
   uint64_t handle;
   {
-    absl::MutexLock lock(&s.mu);
+    MutexLock lock(&s.mu);
     if (!s.accepting)
       return reject(absl::UnavailableError("server is draining; retry on another replica"));
     handle = s.next_handle++;
     ++s.in_flight;
   }
   auto tracked = std::make_shared<TrackedSink>(std::move(sink), [state = state_.get()] {
-    absl::MutexLock lock(&state->mu);
-    --state->in_flight;
+    MutexLock lock(&state->mu);
+    if (--state->in_flight == 0) state->idle_cv.NotifyAll();
   });
   auto seq = std::make_unique<Sequence>(handle, std::move(request), std::move(prompt), seed,
                                         std::move(tracked));
@@ -271,23 +272,21 @@ EngineStats Engine::Stats() const {
                   .free_kv_blocks = c.free_blocks,
                   .total_kv_blocks = state_->executor->total_blocks(),
                   .steps = c.steps};
-  absl::MutexLock lock(&state_->mu);
+  MutexLock lock(&state_->mu);
   out.in_flight = state_->in_flight;
   return out;
 }
 
 void Engine::StopAccepting() {
-  absl::MutexLock lock(&state_->mu);
+  MutexLock lock(&state_->mu);
   state_->accepting = false;
 }
 
 bool Engine::WaitIdle(absl::Duration timeout) {
-  absl::MutexLock lock(&state_->mu);
-  return state_->mu.AwaitWithTimeout(
-      absl::Condition(
-          +[](State* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu) { return s->in_flight == 0; },
-          state_.get()),
-      timeout);
+  MutexLock lock(&state_->mu);
+  return state_->idle_cv.WaitFor(&state_->mu, timeout, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return state_->in_flight == 0;
+  });
 }
 
 void Engine::Shutdown() {

@@ -45,32 +45,39 @@ void Executor::Start() {
 
 void Executor::Stop() {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     stop_ = true;
   }
+  input_cv_.NotifyAll();
   if (thread_.joinable()) thread_.join();
 }
 
 void Executor::Submit(std::unique_ptr<Sequence> seq) {
-  absl::MutexLock lock(&mu_);
-  inbox_.push_back(std::move(seq));
-  ++counters_.waiting;
+  {
+    MutexLock lock(&mu_);
+    inbox_.push_back(std::move(seq));
+    ++counters_.waiting;
+  }
+  input_cv_.NotifyAll();
 }
 
 void Executor::Cancel(uint64_t handle) {
-  absl::MutexLock lock(&mu_);
-  cancels_.push_back(handle);
+  {
+    MutexLock lock(&mu_);
+    cancels_.push_back(handle);
+  }
+  input_cv_.NotifyAll();
 }
 
 Executor::Counters Executor::counters() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return counters_;
 }
 
 void Executor::PublishCounters() {
   int64_t inbox;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     inbox = static_cast<int64_t>(inbox_.size());
     counters_.waiting = inbox + scheduler_.num_waiting();
     counters_.running = scheduler_.num_running();
@@ -86,7 +93,7 @@ void Executor::Ingest(absl::Time now) {
   std::vector<std::unique_ptr<Sequence>> inbox;
   std::vector<uint64_t> cancels;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     inbox.swap(inbox_);
     cancels.swap(cancels_);
   }
@@ -111,20 +118,17 @@ void Executor::Ingest(absl::Time now) {
 }
 
 bool Executor::WaitForInput(absl::Duration timeout) {
-  absl::MutexLock lock(&mu_);
-  mu_.AwaitWithTimeout(absl::Condition(
-                           +[](Executor* e) ABSL_EXCLUSIVE_LOCKS_REQUIRED(e->mu_) {
-                             return e->stop_ || !e->inbox_.empty() || !e->cancels_.empty();
-                           },
-                           this),
-                       timeout);
+  MutexLock lock(&mu_);
+  input_cv_.WaitFor(&mu_, timeout, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return stop_ || !inbox_.empty() || !cancels_.empty();
+  });
   return stop_;
 }
 
 void Executor::Loop() {
   for (;;) {
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       if (stop_) break;
     }
     // Idle: sleep until there is input.
@@ -228,7 +232,7 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     seq->sink->OnChunk(std::move(out));
   }
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     ++counters_.steps;
   }
   if (metrics_) {

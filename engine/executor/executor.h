@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/synchronization/mutex.h"
+#include "engine/core/mutex.h"
 #include "engine/kv_cache/block_manager.h"
 #include "engine/metrics_sink.h"
 #include "engine/model/llama_model.h"
@@ -75,7 +75,8 @@ class Executor {
   Batch batch_;                                        // reused across steps
   std::vector<float> logits_;
 
-  mutable absl::Mutex mu_;  // guards the inbox, cancellations, stop flag and counters
+  mutable Mutex mu_;  // guards the inbox, cancellations, stop flag and counters
+  CondVar input_cv_;  // signalled on submission, cancellation and Stop
   std::vector<std::unique_ptr<Sequence>> inbox_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;

@@ -6,8 +6,8 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "engine/core/mutex.h"
 #include "server/grpc/conversion.h"
 #include "server/grpc/status_conversion.h"
 
@@ -45,7 +45,7 @@ class StreamState final : public engine::GenerationSink {
   // Reactor callbacks (gRPC threads).
   void WriteDone(bool ok) {
     {
-      absl::MutexLock lock(&mu_);
+      engine::MutexLock lock(&mu_);
       writing_ = false;
       if (!ok) {
         // The stream broke (client gone); nothing more can be delivered.
@@ -66,7 +66,7 @@ class StreamState final : public engine::GenerationSink {
  private:
   void Push(pb::GenerateResponse msg, std::optional<grpc::Status> final_status) {
     {
-      absl::MutexLock lock(&mu_);
+      engine::MutexLock lock(&mu_);
       if (finished_ || final_status_) return;
       msg.set_request_id(request_id_);
       pending_.push_back(std::move(msg));
@@ -76,7 +76,7 @@ class StreamState final : public engine::GenerationSink {
   }
   void End(grpc::Status status, bool drop_pending) {
     {
-      absl::MutexLock lock(&mu_);
+      engine::MutexLock lock(&mu_);
       if (drop_pending) pending_.clear();
       if (!final_status_) final_status_ = std::move(status);
     }
@@ -87,7 +87,7 @@ class StreamState final : public engine::GenerationSink {
     enum { kNone, kWrite, kFinish } action = kNone;
     grpc::Status status;
     {
-      absl::MutexLock lock(&mu_);
+      engine::MutexLock lock(&mu_);
       if (writing_ || finished_) return;
       if (!pending_.empty()) {
         current_ = std::move(pending_.front());
@@ -107,7 +107,7 @@ class StreamState final : public engine::GenerationSink {
   Reactor* const reactor_;  // valid until Finish completes (gRPC deletes it in OnDone)
   const std::string request_id_;
   const bool logprobs_;
-  absl::Mutex mu_;  // guards everything below
+  engine::Mutex mu_;  // guards everything below
   std::deque<pb::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   pb::GenerateResponse current_;  // the message being written; owned by the writer in flight
   bool writing_ ABSL_GUARDED_BY(mu_) = false;

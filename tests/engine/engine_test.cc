@@ -259,7 +259,8 @@ TEST(EngineTest, DeadlineStopsTheSequence) {
 }
 
 TEST(EngineTest, ContextRule) {
-  auto e = MakeEngine();
+  auto e = MakeEngine({.max_model_len = 256});
+  ASSERT_EQ(e->model_info().context_length, 256);
   const int ctx = e->model_info().context_length;
   auto c = std::make_shared<Collector>();
   auto s = e->Submit(Greedy(Prompt(100, 1), ctx - 99), c);
