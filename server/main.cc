@@ -46,7 +46,14 @@ ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 namespace {
 
 int Run() {
-  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  const std::string level_name = absl::GetFlag(FLAGS_log_level);
+  const spdlog::level::level_enum level = spdlog::level::from_str(level_name);
+  if (level == spdlog::level::off && level_name != "off") {
+    spdlog::critical("--log-level: unknown level '{}' (trace, debug, info, warn, error, off)",
+                     level_name);
+    return 2;
+  }
+  spdlog::set_level(level);
   // Signals are handled synchronously by this thread (sigwait), so block them in every thread
   // before any thread starts.
   sigset_t signals;
