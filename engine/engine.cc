@@ -1,5 +1,6 @@
 #include "engine/engine.h"
 
+#include <new>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -59,7 +60,7 @@ absl::Status ValidateOptions(const EngineOptions& o) {
                                                    ") must be >= max_num_seqs (", o.max_num_seqs,
                                                    ")"));
   }
-  if (o.max_queue < 0) return absl::InvalidArgumentError("max_queue must be >= 0");
+  if (o.max_queue < 1) return absl::InvalidArgumentError("max_queue must be >= 1");
   if (o.kv_block_size <= 0) return absl::InvalidArgumentError("kv_block_size must be > 0");
   if (o.max_model_len < 0) return absl::InvalidArgumentError("max_model_len must be >= 0");
   if (o.default_max_new_tokens <= 0) {
@@ -110,8 +111,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       .kv_block_size = options.kv_block_size,
       .max_batch_tokens = options.max_batch_tokens,
       .max_seqs = options.max_num_seqs};
-  ASSIGN_OR_RETURN(state->model,
-                   LlamaModel::Create(state->backend.get(), config, *weights, model_options));
+  try {
+    // Host allocations while converting weights throw on exhaustion; report, don't abort.
+    ASSIGN_OR_RETURN(state->model,
+                     LlamaModel::Create(state->backend.get(), config, *weights, model_options));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat("out of memory loading the model (",
+                                                     config.ParameterCount(), " parameters) and ",
+                                                     options.kv_cache_bytes, " bytes of KV cache"));
+  }
   weights.reset();  // weights now live on the backend; unmap the checkpoint
 
   state->context_length = options.max_model_len > 0

@@ -32,7 +32,7 @@ struct EngineOptions {
   int32_t max_batch_tokens = 2048;
   // Sequences running at once.
   int32_t max_num_seqs = 64;
-  // Requests waiting for admission; beyond it Submit fails with kResourceExhausted.
+  // Requests waiting for admission (>= 1); beyond it Submit fails with kResourceExhausted.
   int32_t max_queue = 256;
   // KV cache memory; the block count is kv_cache_bytes / bytes per block.
   int64_t kv_cache_bytes = int64_t{256} << 20;

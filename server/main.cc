@@ -4,11 +4,14 @@
 //   moleserve --model DIR --port 8001 --metrics-port 9100
 //
 // SIGTERM / SIGINT drain: health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight
-// requests finish (up to --drain-timeout), then the process exits 0.
+// requests finish (up to --drain-timeout), then the process exits 0. A second signal exits at once.
 
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
+#include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <memory>
 
@@ -45,6 +48,16 @@ ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 
 namespace {
 
+int g_signal_pipe[2] = {-1, -1};
+std::atomic<int> g_signals{0};
+
+// Async-signal-safe: only write(2) and _exit(2).
+void OnSignal(int sig) {
+  if (g_signals.fetch_add(1) > 0) _exit(128 + sig);
+  const char byte = static_cast<char>(sig);
+  [[maybe_unused]] ssize_t n = write(g_signal_pipe[1], &byte, 1);
+}
+
 int Run() {
   const std::string level_name = absl::GetFlag(FLAGS_log_level);
   const spdlog::level::level_enum level = spdlog::level::from_str(level_name);
@@ -54,13 +67,17 @@ int Run() {
     return 2;
   }
   spdlog::set_level(level);
-  // Signals are handled synchronously by this thread (sigwait), so block them in every thread
-  // before any thread starts.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // SIGTERM/SIGINT: the first one starts a drain, a second one exits at once. A handler (not
+  // sigwait) because threads started before main (OpenBLAS's) do not block signals.
+  if (pipe(g_signal_pipe) != 0) {
+    spdlog::critical("cannot create the signal pipe");
+    return 1;
+  }
+  struct sigaction action = {};
+  action.sa_handler = OnSignal;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
 
 #if MOLESERVE_WITH_METRICS
   std::unique_ptr<moleserve::server::PrometheusMetrics> metrics;
@@ -117,9 +134,10 @@ int Run() {
 #endif
   std::fflush(stdout);
 
-  int sig = 0;
-  sigwait(&signals, &sig);
-  spdlog::info("signal {}: draining (up to {})", sig,
+  char sig = 0;
+  while (read(g_signal_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+  }
+  spdlog::info("signal {}: draining (up to {}); a second signal exits at once", int{sig},
                absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)));
   (*server)->Drain(absl::GetFlag(FLAGS_drain_timeout));
   spdlog::info("drained; exiting");

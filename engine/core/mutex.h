@@ -49,7 +49,12 @@ class CondVar {
   template <typename Pred>
   bool WaitFor(Mutex* mu, absl::Duration timeout, Pred pred) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     std::unique_lock<std::mutex> lock(mu->native(), std::adopt_lock);
-    const bool ok = cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout), pred);
+    bool ok = true;
+    if (timeout >= absl::Hours(24 * 365)) {  // "forever": wait_for would overflow the clock
+      cv_.wait(lock, pred);
+    } else {
+      ok = cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout), pred);
+    }
     lock.release();  // still held by the caller's MutexLock
     return ok;
   }

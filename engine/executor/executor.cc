@@ -1,6 +1,7 @@
 #include "engine/executor/executor.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/check.h"
@@ -55,9 +56,13 @@ void Executor::Stop() {
 void Executor::Submit(std::unique_ptr<Sequence> seq) {
   {
     MutexLock lock(&mu_);
-    inbox_.push_back(std::move(seq));
-    ++counters_.waiting;
+    if (!stop_) {
+      inbox_.push_back(std::move(seq));
+      ++counters_.waiting;
+    }
   }
+  // Lost the race with Stop(): the loop will never see it, so fail it here.
+  if (seq) seq->sink->OnError(absl::UnavailableError("server is shutting down"));
   input_cv_.NotifyAll();
 }
 
@@ -101,12 +106,8 @@ void Executor::Ingest(absl::Time now) {
     by_handle_[seq->handle] = seq.get();
     scheduler_.Enqueue(std::move(seq));
   }
-  for (uint64_t handle : cancels) {
-    auto it = by_handle_.find(handle);
-    if (it != by_handle_.end())
-      Fail(it->second, absl::CancelledError("request cancelled by the client"));
-  }
-  // Deadlines, checked every step for waiting and running sequences alike.
+  // Deadlines first, so a gRPC deadline (which also cancels the call) is reported as one.
+  // Checked every step for waiting and running sequences alike.
   std::vector<Sequence*> expired;
   for (const auto& [handle, seq] : by_handle_) {
     if (seq->request.deadline <= now) expired.push_back(seq);
@@ -114,6 +115,12 @@ void Executor::Ingest(absl::Time now) {
   for (Sequence* seq : expired) {
     Fail(seq, absl::DeadlineExceededError(
                   absl::StrCat("deadline exceeded after ", seq->generated(), " generated tokens")));
+  }
+  for (uint64_t handle : cancels) {
+    auto it = by_handle_.find(handle);
+    if (it != by_handle_.end()) {
+      Fail(it->second, absl::CancelledError("request cancelled by the client"));
+    }
   }
 }
 
@@ -189,6 +196,10 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     seq->num_computed += chunk.num_tokens;
     if (!chunk.sample) continue;
     absl::Span<const float> logits(logits_.data() + static_cast<int64_t>(row++) * vocab, vocab);
+    if (!std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); })) {
+      Fail(seq, absl::InternalError("the model produced non-finite logits (NaN or Inf)"));
+      continue;
+    }
     SampledToken sampled = seq->sampler.Sample(logits);
     seq->tokens.push_back(sampled.id);
 
@@ -214,7 +225,9 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     }
     if (std::find(stop.stop_token_ids.begin(), stop.stop_token_ids.end(), sampled.id) !=
         stop.stop_token_ids.end()) {
-      out.text = seq->text.Flush();
+      // The stop token is part of the output: its id and its text (empty for special tokens).
+      out.text = seq->text.Append(tokenizer_->DecodeToken(sampled.id)).delta;
+      out.text += seq->text.Flush();
       Finish(seq, FinishReason::kStopToken, absl::StrCat(sampled.id), std::move(out));
       continue;
     }

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
@@ -43,6 +44,12 @@ int64_t LlamaModel::kv_bytes_per_block() const {
 
 absl::StatusOr<DeviceBuffer> LlamaModel::Upload(const WeightSource& weights,
                                                 const TensorSpec& spec) {
+  ASSIGN_OR_RETURN(std::vector<int64_t> stored, weights.Shape(spec.name));
+  if (stored != spec.shape) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", spec.name, "' has shape [",
+                                                   absl::StrJoin(stored, ", "), "], expected [",
+                                                   absl::StrJoin(spec.shape, ", "), "]"));
+  }
   std::vector<float> host(Numel(spec.shape));
   RETURN_IF_ERROR(weights.ReadF32(spec.name, spec.shape, host.data()));
   for (float v : host) {

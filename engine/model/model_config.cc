@@ -1,6 +1,10 @@
 #include "engine/model/model_config.h"
 
+#include <cstdint>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <tuple>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -20,8 +24,19 @@ absl::Status ReadNumber(const json& j, const char* key, T* out, bool required) {
   if (it == j.end() || it->is_null()) {
     return required ? Bad(absl::StrCat("missing required field '", key, "'")) : absl::OkStatus();
   }
-  if (!it->is_number()) return Bad(absl::StrCat("field '", key, "' must be a number"));
-  *out = it->get<T>();
+  if constexpr (std::is_integral_v<T>) {
+    if (!it->is_number_integer()) return Bad(absl::StrCat("field '", key, "' must be an integer"));
+    const int64_t v = it->is_number_unsigned() && it->get<uint64_t>() > INT64_MAX
+                          ? INT64_MAX
+                          : it->get<int64_t>();
+    if (v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max()) {
+      return Bad(absl::StrCat("field '", key, "' = ", it->dump(), " is out of range"));
+    }
+    *out = static_cast<T>(v);
+  } else {
+    if (!it->is_number()) return Bad(absl::StrCat("field '", key, "' must be a number"));
+    *out = it->get<T>();
+  }
   return absl::OkStatus();
 }
 
@@ -49,6 +64,17 @@ absl::Status ModelConfig::Validate() const {
                       {"head_dim", head_dim},
                       {"max_position_embeddings", max_position_embeddings}}) {
     if (auto s = positive(n, v); !s.ok()) return s;
+  }
+  // Sanity bounds far above any supported model: a typo must not become a terabyte allocation.
+  for (auto [n, v, cap] :
+       {std::tuple<const char*, int64_t, int64_t>{"vocab_size", vocab_size, 1 << 22},
+        {"hidden_size", hidden_size, 1 << 16},
+        {"intermediate_size", intermediate_size, 1 << 18},
+        {"num_hidden_layers", num_layers, 1024},
+        {"num_attention_heads", num_heads, 1024},
+        {"head_dim", head_dim, 1024},
+        {"max_position_embeddings", max_position_embeddings, 1 << 24}}) {
+    if (v > cap) return Bad(absl::StrCat(n, " = ", v, " exceeds the supported maximum ", cap));
   }
   if (num_heads % num_kv_heads != 0) {
     return Bad(absl::StrCat("num_attention_heads (", num_heads,

@@ -80,6 +80,22 @@ absl::Status HostWeights::ReadF32(const std::string& name, absl::Span<const int6
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<int64_t>> HostWeights::Shape(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end())
+    return absl::InvalidArgumentError(absl::StrCat("missing tensor '", name, "'"));
+  return it->second.shape;
+}
+
+absl::StatusOr<std::vector<int64_t>> SafetensorsWeightSource::Shape(const std::string& name) const {
+  auto it = index_.find(name);
+  if (it == index_.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("missing tensor '", name, "' in the checkpoint"));
+  }
+  return it->second->Find(name)->shape;
+}
+
 absl::StatusOr<std::unique_ptr<SafetensorsWeightSource>> SafetensorsWeightSource::Open(
     const std::vector<std::string>& paths) {
   auto source = std::unique_ptr<SafetensorsWeightSource>(new SafetensorsWeightSource());

@@ -36,6 +36,9 @@ class WeightSource {
   // missing or its shape differs from `shape`.
   virtual absl::Status ReadF32(const std::string& name, absl::Span<const int64_t> shape,
                                float* out) const = 0;
+  // The stored shape of tensor `name`; kInvalidArgument naming it when it is missing. Lets
+  // callers check shapes before allocating anything.
+  virtual absl::StatusOr<std::vector<int64_t>> Shape(const std::string& name) const = 0;
 };
 
 // fp32 tensors held in host memory.
@@ -49,6 +52,7 @@ class HostWeights final : public WeightSource {
   const std::map<std::string, Tensor>& tensors() const { return tensors_; }
   absl::Status ReadF32(const std::string& name, absl::Span<const int64_t> shape,
                        float* out) const override;
+  absl::StatusOr<std::vector<int64_t>> Shape(const std::string& name) const override;
 
  private:
   std::map<std::string, Tensor> tensors_;
@@ -63,6 +67,7 @@ class SafetensorsWeightSource final : public WeightSource {
   ~SafetensorsWeightSource() override;
   absl::Status ReadF32(const std::string& name, absl::Span<const int64_t> shape,
                        float* out) const override;
+  absl::StatusOr<std::vector<int64_t>> Shape(const std::string& name) const override;
 
  private:
   std::vector<std::unique_ptr<SafetensorsFile>> files_;

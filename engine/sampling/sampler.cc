@@ -79,13 +79,18 @@ SampledToken TokenSampler::Sample(absl::Span<const float> logits) {
   }
 
   int32_t chosen = 0;
-  if (params_.temperature == 0.0f) {
+  if (params_.temperature < kGreedyTemperature) {
     for (int32_t i = 1; i < vocab; ++i) {
       if (w[i] > w[chosen]) chosen = i;
     }
   } else {
-    const float inv_t = 1.0f / params_.temperature;
-    for (int32_t i = 0; i < vocab; ++i) w[i] *= inv_t;
+    // Scale relative to the maximum, in double: with temperature >= kGreedyTemperature and
+    // finite logits nothing overflows, and the ordering (hence top-k/top-p) is unchanged.
+    const float max_raw = *std::max_element(work_.begin(), work_.end());
+    const double inv_t = 1.0 / params_.temperature;
+    for (int32_t i = 0; i < vocab; ++i) {
+      w[i] = static_cast<float>((static_cast<double>(w[i]) - max_raw) * inv_t);
+    }
     order_.resize(vocab);
     std::iota(order_.begin(), order_.end(), 0);
     int32_t keep = vocab;

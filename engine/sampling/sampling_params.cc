@@ -25,8 +25,9 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
   if (!std::isfinite(p.min_p) || p.min_p < 0.0f || p.min_p > 1.0f) {
     return Bad("min_p", p.min_p, "[0, 1]");
   }
-  if (!std::isfinite(p.repetition_penalty) || p.repetition_penalty <= 0.0f) {
-    return Bad("repetition_penalty", p.repetition_penalty, "(0, inf) (1 means off)");
+  if (!std::isfinite(p.repetition_penalty) || p.repetition_penalty < 0.01f ||
+      p.repetition_penalty > 100.0f) {
+    return Bad("repetition_penalty", p.repetition_penalty, "[0.01, 100] (1 means off)");
   }
   if (!std::isfinite(p.frequency_penalty) || std::fabs(p.frequency_penalty) > 2.0f) {
     return Bad("frequency_penalty", p.frequency_penalty, "[-2, 2]");

@@ -12,12 +12,16 @@
 
 namespace moleserve::engine {
 
+// Temperatures below this are treated as greedy (as vLLM does): dividing logits by a tinier
+// temperature only overflows.
+inline constexpr float kGreedyTemperature = 1e-5f;
+
 struct SamplingParams {
-  float temperature = 1.0f;         // >= 0; 0 = greedy
+  float temperature = 1.0f;         // >= 0; below kGreedyTemperature = greedy
   float top_p = 1.0f;               // (0, 1]
   int32_t top_k = 0;                // >= 0; 0 = off
   float min_p = 0.0f;               // [0, 1]
-  float repetition_penalty = 1.0f;  // > 0
+  float repetition_penalty = 1.0f;  // [0.01, 100]
   float frequency_penalty = 0.0f;   // [-2, 2]
   float presence_penalty = 0.0f;    // [-2, 2]
   std::optional<uint64_t> seed;     // unset: random

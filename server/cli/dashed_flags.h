@@ -1,11 +1,15 @@
 #pragma once
 
 // Lets users write flags with dashes (--metrics-port) as well as absl's underscores
-// (--metrics_port): rewrites the name part of every "--flag[=value]" argument before
-// absl::ParseCommandLine sees it. Arguments after a bare "--" are left alone.
+// (--metrics_port): rewrites the name part of a "--flag[=value]" argument when the underscored
+// name is a registered flag (so values such as `--text --my-prompt` are left alone). Arguments
+// after a bare "--" are left alone.
 
+#include <algorithm>
 #include <string>
 #include <vector>
+
+#include "absl/flags/reflection.h"
 
 namespace moleserve::server {
 
@@ -20,10 +24,13 @@ inline std::vector<char*> NormalizeDashedFlags(int argc, char** argv,
       done = done || arg == "--";
       continue;
     }
-    const size_t end = arg.find('=');
-    for (size_t j = 2; j < std::min(end, arg.size()); ++j) {
-      if (arg[j] == '-') arg[j] = '_';
-    }
+    const size_t end = std::min(arg.find('='), arg.size());
+    std::string name = arg.substr(2, end - 2);
+    std::replace(name.begin(), name.end(), '-', '_');
+    // "--noflag" is absl's negation of a boolean flag.
+    const bool known = absl::FindCommandLineFlag(name) != nullptr ||
+                       (name.rfind("no", 0) == 0 && absl::FindCommandLineFlag(name.substr(2)));
+    if (known) arg.replace(2, end - 2, name);
   }
   std::vector<char*> out;
   for (std::string& s : *storage) out.push_back(s.data());

@@ -1,6 +1,7 @@
 #include "server/grpc/inference_service.h"
 
 #include <deque>
+#include <functional>
 #include <memory>
 #include <optional>
 
@@ -44,18 +45,28 @@ class StreamState final : public engine::GenerationSink {
 
   // Reactor callbacks (gRPC threads).
   void WriteDone(bool ok) {
+    std::function<void()> cancel;
     {
       engine::MutexLock lock(&mu_);
       writing_ = false;
       if (!ok) {
-        // The stream broke (client gone); nothing more can be delivered.
+        // The stream broke (client gone); nothing more can be delivered, so stop generating.
         pending_.clear();
-        if (!final_status_)
+        if (!final_status_) {
           final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "stream closed");
+          cancel = on_broken_;
+        }
       }
     }
+    if (cancel) cancel();
     Advance();
   }
+  // Called (once, outside the mutex) when a write fails before the engine finished.
+  void SetOnBroken(std::function<void()> fn) {
+    engine::MutexLock lock(&mu_);
+    on_broken_ = std::move(fn);
+  }
+
   void Cancelled() {
     End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"),
         /*drop_pending=*/true);
@@ -68,11 +79,23 @@ class StreamState final : public engine::GenerationSink {
     {
       engine::MutexLock lock(&mu_);
       if (finished_ || final_status_) return;
-      msg.set_request_id(request_id_);
-      pending_.push_back(std::move(msg));
+      if (pending_.empty()) {
+        msg.set_request_id(request_id_);
+        pending_.push_back(std::move(msg));
+      } else {
+        // A write is in flight and one message already waits: fold this chunk into it, so a
+        // slow reader costs one message per stream, not one per token.
+        Coalesce(std::move(msg), &pending_.back());
+      }
       if (final_status) final_status_ = std::move(final_status);
     }
     Advance();
+  }
+  static void Coalesce(pb::GenerateResponse from, pb::GenerateResponse* into) {
+    into->mutable_token_ids()->Add(from.token_ids().begin(), from.token_ids().end());
+    into->mutable_text()->append(from.text());
+    for (pb::TokenLogprob& lp : *from.mutable_logprobs()) *into->add_logprobs() = std::move(lp);
+    if (from.has_final()) *into->mutable_final() = std::move(*from.mutable_final());
   }
   void End(grpc::Status status, bool drop_pending) {
     {
@@ -113,6 +136,16 @@ class StreamState final : public engine::GenerationSink {
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<grpc::Status> final_status_ ABSL_GUARDED_BY(mu_);
+  std::function<void()> on_broken_ ABSL_GUARDED_BY(mu_);
+};
+
+// Echoed in every response message, so it is kept short.
+constexpr size_t kMaxRequestIdBytes = 256;
+
+// A call refused before any engine work.
+class RejectedReactor final : public Reactor {
+ public:
+  void OnDone() override { delete this; }
 };
 
 class GenerateReactor final : public Reactor {
@@ -138,6 +171,7 @@ class GenerateReactor final : public Reactor {
       return;
     }
     handle_ = *handle;
+    state_->SetOnBroken([engine = engine_, h = *handle] { engine->Cancel(h); });
   }
 
   void OnWriteDone(bool ok) override { state_->WriteDone(ok); }
@@ -157,6 +191,13 @@ class GenerateReactor final : public Reactor {
 
 grpc::ServerWriteReactor<pb::GenerateResponse>* InferenceService::Generate(
     grpc::CallbackServerContext* context, const pb::GenerateRequest* request) {
+  if (request->request_id().size() > kMaxRequestIdBytes) {
+    auto* reactor = new RejectedReactor();
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 absl::StrCat("request_id is ", request->request_id().size(),
+                                              " bytes; at most ", kMaxRequestIdBytes)));
+    return reactor;
+  }
   std::string id = request->request_id().empty()
                        ? absl::StrCat("req-", next_request_id_.fetch_add(1))
                        : request->request_id();

@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "absl/time/clock.h"
+#include "engine/model/demo_model.h"
+#include "engine/tokenizer/tokenizer.h"
 
 namespace moleserve::engine {
 namespace {
@@ -187,20 +189,25 @@ TEST(EngineTest, StopTokenIdAndEos) {
   const auto first = std::find(ids.begin(), ids.end(), ids[4]) - ids.begin();
   EXPECT_EQ(c->info().reason, FinishReason::kStopToken);
   EXPECT_EQ(static_cast<long>(c->ids().size()), first + 1);
-  // EOS: the demo model's EOS is 257; force it by making the prompt end in a stop-token rule on
-  // EOS itself: with ignore_eos off, a stop at 257 is reported as EOS.
+  // EOS (257 on the demo model): with this seed the sampled sequence reaches it well before 2000
+  // tokens; the same request with ignore_eos runs on past it.
   GenerateRequest eos = Greedy({256, 65}, 2000);
   eos.stopping.ignore_eos = false;
   eos.sampling = {.temperature = 1.0f, .seed = 3};
   auto ce = std::make_shared<Collector>();
   ASSERT_TRUE(e->Submit(eos, ce).ok());
   ASSERT_TRUE(ce->Wait());
-  if (ce->info().reason == FinishReason::kEos) {
-    EXPECT_EQ(ce->ids().back(), 257);
-  } else {
-    EXPECT_EQ(ce->info().reason, FinishReason::kLength);
-    EXPECT_EQ(std::count(ce->ids().begin(), ce->ids().end(), 257), 0);
-  }
+  ASSERT_EQ(ce->info().reason, FinishReason::kEos);
+  const std::vector<int32_t> eos_ids = ce->ids();
+  EXPECT_EQ(eos_ids.back(), 257);
+  EXPECT_EQ(std::count(eos_ids.begin(), eos_ids.end(), 257), 1);
+  eos.stopping.ignore_eos = true;
+  eos.stopping.max_new_tokens = static_cast<int32_t>(ce->ids().size()) + 5;
+  auto past = std::make_shared<Collector>();
+  ASSERT_TRUE(e->Submit(eos, past).ok());
+  ASSERT_TRUE(past->Wait());
+  EXPECT_EQ(past->info().reason, FinishReason::kLength);
+  EXPECT_EQ(past->ids().size(), ce->ids().size() + 5);
 }
 
 TEST(EngineTest, StopStringSpanningTokens) {
@@ -228,10 +235,31 @@ TEST(EngineTest, StopStringSpanningTokens) {
   ASSERT_TRUE(c->Wait());
   EXPECT_EQ(c->info().reason, FinishReason::kStopSequence);
   EXPECT_EQ(c->info().matched_stop, stop);
-  std::string before;
-  for (size_t i = 0; i < c->ids().size(); ++i) before += e->DecodeToken(c->ids()[i]);
-  EXPECT_EQ(before.substr(0, at + stop.size()), raw.substr(0, at + stop.size()));
-  EXPECT_LE(c->text().size(), at + 3 * 3);  // at most the prefix (U+FFFD may replace bytes)
+  // Generation stops at the token that completes the stop string: count the tokens whose bytes
+  // reach the end of the first match.
+  size_t bytes = 0, expected_tokens = 0;
+  while (bytes < at + stop.size()) bytes += e->DecodeToken(ids[expected_tokens++]).size();
+  EXPECT_EQ(c->ids().size(), expected_tokens);
+  EXPECT_EQ(c->text().find(stop), std::string::npos);  // the stop string is not returned
+  // The text is the bytes before the match (sanitised: invalid bytes become U+FFFD, 3 bytes).
+  std::string printable_prefix;
+  for (char ch : raw.substr(0, at)) {
+    if (ch >= 0x20 && ch < 0x7f) printable_prefix += ch;
+  }
+  std::string printable_text;
+  for (char ch : c->text()) {
+    if (ch >= 0x20 && ch < 0x7f) printable_text += ch;
+  }
+  EXPECT_EQ(printable_text, printable_prefix);
+}
+
+TEST(EngineTest, TinyTemperatureIsGreedy) {
+  auto e = MakeEngine();
+  const auto greedy = RunAlone(*e, Greedy(Prompt(8, 2), 20));
+  GenerateRequest r = Greedy(Prompt(8, 2), 20);
+  r.sampling.temperature = 1e-30f;
+  r.sampling.top_p = 0.5f;
+  EXPECT_EQ(RunAlone(*e, r), greedy);
 }
 
 TEST(EngineTest, CancelMidStreamFreesBlocks) {
@@ -356,6 +384,23 @@ TEST(EngineTest, ShutdownFailsWhatIsLeftWithUnavailable) {
   e->Shutdown();
   ASSERT_TRUE(c->Wait(absl::Seconds(5)));
   EXPECT_EQ(c->status().code(), absl::StatusCode::kUnavailable);
+}
+
+// A checkpoint whose weights are finite but overflow the logits: the request fails with
+// INTERNAL instead of sampling garbage, and the engine keeps serving.
+TEST(EngineTest, NonFiniteLogitsFailTheRequest) {
+  const std::string dir = ::testing::TempDir() + "/moleserve_overflow_" + std::to_string(getpid());
+  const ModelConfig config = DemoModelConfig();
+  HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  for (float& w : weights.tensors().at("lm_head.weight").data) w = 3e38f;
+  ASSERT_TRUE(WriteModelDirectory(dir, config, weights, Tokenizer::ByteLevelDemo()->ToJson()).ok());
+  auto e = MakeEngine({.model = dir});
+  auto c = std::make_shared<Collector>();
+  ASSERT_TRUE(e->Submit(Greedy(Prompt(5, 1), 4), c).ok());
+  ASSERT_TRUE(c->Wait());
+  EXPECT_EQ(c->status().code(), absl::StatusCode::kInternal);
+  EXPECT_NE(c->status().message().find("non-finite"), std::string::npos) << c->status();
+  ExpectAllBlocksFree(*e);
 }
 
 TEST(EngineTest, TokenizeUsesBosByDefault) {

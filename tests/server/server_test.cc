@@ -776,6 +776,44 @@ std::map<std::string, double> ParsePrometheus(const std::string& text) {
   return samples;
 }
 
+// Past --drain-timeout, whatever still runs ends with UNAVAILABLE and the drain returns.
+TEST(ServerTest, DrainTimeoutEndsWhatIsLeftWithUnavailable) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, kCallTimeout);
+  auto reader = inst->stub->Generate(&ctx, Greedy("long", 1800));
+  pb::GenerateResponse msg;
+  ASSERT_TRUE(reader->Read(&msg));
+  const absl::Time start = absl::Now();
+  inst->server->Drain(absl::Milliseconds(300));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  size_t tokens = msg.token_ids_size();
+  bool got_final = false;
+  for (int i = 0; i < 5000 && reader->Read(&msg); ++i) {
+    tokens += msg.token_ids_size();
+    got_final = got_final || msg.has_final();
+  }
+  grpc::Status status = reader->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_FALSE(got_final);
+  EXPECT_LT(tokens, 1800u);
+}
+
+TEST(ServerTest, OverlongRequestIdIsInvalidArgument) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  pb::GenerateRequest req = Greedy("hi", 2);
+  req.set_request_id(std::string(257, 'x'));
+  GenResult r = RunGenerate(*inst->stub, req, absl::Seconds(10));
+  EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(r.status.error_message(), HasSubstr("request_id"));
+  req.set_request_id(std::string(256, 'x'));
+  r = RunGenerate(*inst->stub, req, absl::Seconds(10));
+  EXPECT_TRUE(r.status.ok()) << r.status.error_message();
+  EXPECT_EQ(r.ids.size(), 2u);
+}
+
 TEST(ServerTest, MetricsEndpointCountsTraffic) {
   auto inst = Instance::Start(SmallEngineOptions(), {}, /*with_metrics=*/true);
   ASSERT_NE(inst, nullptr);

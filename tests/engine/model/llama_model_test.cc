@@ -70,7 +70,15 @@ std::vector<std::vector<std::vector<double>>> ReferenceLogits(
   nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
   EXPECT_FALSE(j.is_discarded()) << "reference printed no JSON";
   if (j.is_discarded()) return {};
-  return j["logits"].get<std::vector<std::vector<std::vector<double>>>>();
+  auto logits = j["logits"].get<std::vector<std::vector<std::vector<double>>>>();
+  // Every prompt, every position, every vocabulary entry: a short answer must not pass.
+  EXPECT_EQ(logits.size(), prompts.size());
+  for (size_t p = 0; p < std::min(logits.size(), prompts.size()); ++p) {
+    EXPECT_EQ(logits[p].size(), prompts[p].size());
+    for (const auto& row : logits[p]) EXPECT_EQ(row.size(), 260u);
+  }
+  if (::testing::Test::HasFailure()) return {};
+  return logits;
 }
 
 struct Loaded {
@@ -192,6 +200,11 @@ TEST(LlamaModelTest, MatchesTransformersFixture) {
   const auto prompts = fixture["prompts"].get<std::vector<std::vector<int32_t>>>();
   const auto ref = fixture["logits"].get<std::vector<std::vector<std::vector<double>>>>();
   ASSERT_EQ(prompts, kPrompts);
+  ASSERT_EQ(ref.size(), prompts.size());
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    ASSERT_EQ(ref[p].size(), prompts[p].size());
+    for (const auto& row : ref[p]) ASSERT_EQ(row.size(), 260u);
+  }
   Loaded l = LoadDir(WriteDemo("hf"));
   Batch b;
   int32_t next_block = 0;

@@ -24,6 +24,17 @@ TEST(SamplerTest, GreedyPicksArgmaxTiesToLowerId) {
   EXPECT_EQ(s.Sample(std::vector<float>{5.0f, 5.0f}).id, 0);
 }
 
+TEST(SamplerTest, TemperatureBelowThresholdIsGreedyAndNeverOverflows) {
+  const std::vector<float> logits = {1.0f, 30.0f, -20.0f, 29.9f};
+  for (float t : {1e-30f, 1e-45f, 9e-6f}) {
+    TokenSampler s({.temperature = t, .top_p = 0.9f}, 1, {}, 0);
+    for (int i = 0; i < 20; ++i) ASSERT_EQ(s.Sample(logits).id, 1) << t;
+  }
+  // Just above the threshold with a large gap: still finite, still the argmax.
+  TokenSampler s({.temperature = 2e-5f}, 1, {}, 0);
+  EXPECT_EQ(s.Sample(logits).id, 1);
+}
+
 TEST(SamplerTest, SameSeedSameTokensDifferentSeedDifferent) {
   std::vector<float> logits(100);
   for (int i = 0; i < 100; ++i) logits[i] = std::sin(i * 0.7f);
