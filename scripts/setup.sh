@@ -4,7 +4,7 @@
 # /usr/local/cuda/bin/nvcc exists the CUDA backend is compiled too, otherwise it is left out.
 set -euo pipefail
 packages=(
-  build-essential cmake ninja-build pkg-config ccache git curl
+  build-essential cmake ninja-build pkg-config ccache git curl clang-format
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   prometheus-cpp-dev libopenblas-dev nlohmann-json3-dev libspdlog-dev
   libgtest-dev libgmock-dev

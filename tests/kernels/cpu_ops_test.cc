@@ -32,6 +32,7 @@ float MaxAbsDiff(const std::vector<float>& a, const std::vector<double>& b) {
 struct GemmShape {
   int64_t m, n, k;
 };
+void PrintTo(const GemmShape& s, std::ostream* os) { *os << s.m << "x" << s.n << "x" << s.k; }
 class GemmTest : public ::testing::TestWithParam<GemmShape> {};
 
 TEST_P(GemmTest, MatchesNaive) {

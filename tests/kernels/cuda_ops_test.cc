@@ -102,6 +102,9 @@ struct Case {
   int64_t rows, cols;
   ScalarType dtype;
 };
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.rows << "x" << c.cols << (c.dtype == ScalarType::kBF16 ? " bf16" : " f32");
+}
 class CudaRowOpsTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(CudaRowOpsTest, RmsNormMatchesCpu) {
