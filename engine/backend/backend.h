@@ -80,6 +80,7 @@ class Backend {
   virtual absl::Status SiluMul(const kernels::SiluMulParams& p) = 0;
   virtual absl::Status Embedding(const kernels::EmbeddingParams& p) = 0;
   virtual absl::Status Add(const kernels::AddParams& p) = 0;
+  virtual absl::Status BiasAdd(const kernels::BiasAddParams& p) = 0;
   virtual absl::Status Rope(const kernels::RopeParams& p) = 0;
   virtual absl::Status KvWrite(const kernels::KvWriteParams& p) = 0;
   virtual absl::Status PagedAttention(const kernels::PagedAttentionParams& p) = 0;
@@ -102,9 +103,9 @@ struct CudaBackendOptions {
 };
 
 // The CUDA backend: memory, streams and the ops whose kernels exist so far (RmsNorm, SiluMul,
-// Embedding, Add). The remaining ops return kUnimplemented naming the op until their kernels
-// land, so a model cannot silently run on a partial backend. kFailedPrecondition when no device
-// is present or CUDA is not compiled in.
+// Embedding, Add, BiasAdd). The remaining ops return kUnimplemented naming the op until their
+// kernels land, so a model cannot silently run on a partial backend. kFailedPrecondition when no
+// device is present or CUDA is not compiled in.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options);
 
 }  // namespace moleserve::engine

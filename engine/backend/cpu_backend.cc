@@ -62,6 +62,9 @@ class CpuBackend final : public Backend {
   absl::Status Add(const kernels::AddParams& p) override {
     return FromKernel(kc::Add(p, &pool_), "Add");
   }
+  absl::Status BiasAdd(const kernels::BiasAddParams& p) override {
+    return FromKernel(kc::BiasAdd(p, &pool_), "BiasAdd");
+  }
   absl::Status Rope(const kernels::RopeParams& p) override {
     return FromKernel(kc::Rope(p, &pool_), "Rope");
   }

@@ -91,6 +91,9 @@ class CudaBackend final : public Backend {
   absl::Status Add(const kernels::AddParams& p) override {
     return CudaStatus(kcu::Add(p, stream_), "Add");
   }
+  absl::Status BiasAdd(const kernels::BiasAddParams& p) override {
+    return CudaStatus(kcu::BiasAdd(p, stream_), "BiasAdd");
+  }
   absl::Status Rope(const kernels::RopeParams&) override { return Unimplemented("Rope"); }
   absl::Status KvWrite(const kernels::KvWriteParams&) override { return Unimplemented("KvWrite"); }
   absl::Status PagedAttention(const kernels::PagedAttentionParams&) override {

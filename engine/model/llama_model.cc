@@ -76,8 +76,16 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
   const int64_t kv_elems = static_cast<int64_t>(options_.num_kv_blocks) * options_.kv_block_size *
                            c.num_kv_heads * c.head_dim;
   for (Layer& layer : layers_) {
-    for (DeviceBuffer* b : {&layer.input_norm, &layer.q, &layer.k, &layer.v, &layer.o,
-                            &layer.post_norm, &layer.gate, &layer.up, &layer.down}) {
+    // Same order as LlamaTensorSpecs.
+    for (DeviceBuffer* b : {&layer.input_norm, &layer.q, &layer.k, &layer.v, &layer.o}) {
+      RETURN_IF_ERROR(take(b));
+    }
+    if (c.qkv_bias) {
+      for (DeviceBuffer* b : {&layer.q_bias, &layer.k_bias, &layer.v_bias})
+        RETURN_IF_ERROR(take(b));
+    }
+    if (c.o_bias) RETURN_IF_ERROR(take(&layer.o_bias));
+    for (DeviceBuffer* b : {&layer.post_norm, &layer.gate, &layer.up, &layer.down}) {
       RETURN_IF_ERROR(take(b));
     }
     ASSIGN_OR_RETURN(layer.k_cache, backend_->Allocate(kv_elems * sizeof(float)));
@@ -86,11 +94,8 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
   RETURN_IF_ERROR(take(&final_norm_));
   if (!c.tie_word_embeddings) RETURN_IF_ERROR(take(&lm_head_));
 
-  std::vector<float> inv_freq(c.head_dim / 2);
-  for (int i = 0; i < c.head_dim / 2; ++i) {
-    inv_freq[i] =
-        static_cast<float>(1.0 / std::pow(static_cast<double>(c.rope_theta), 2.0 * i / c.head_dim));
-  }
+  std::vector<float> inv_freq;
+  for (double f : RopeInverseFrequencies(c)) inv_freq.push_back(static_cast<float>(f));
   ASSIGN_OR_RETURN(inv_freq_, backend_->Allocate(inv_freq.size() * sizeof(float)));
   RETURN_IF_ERROR(
       backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
@@ -196,6 +201,11 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
         {.x = x.data(), .w = w.data(), .y = y.data(), .m = rows, .n = out, .k = in, .dtype = dt});
   };
 
+  auto bias = [&](DeviceBuffer& x, const DeviceBuffer& b, int64_t cols) {
+    return backend_->BiasAdd(
+        {.x = x.data(), .bias = b.data(), .rows = t, .cols = cols, .dtype = dt});
+  };
+
   RETURN_IF_ERROR(backend_->Embedding({.ids = tokens_.as<int32_t>(),
                                        .table = embed_.data(),
                                        .out = x_.data(),
@@ -214,6 +224,11 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
     RETURN_IF_ERROR(gemm(h_, layer.q, q_, t, q_width, h));
     RETURN_IF_ERROR(gemm(h_, layer.k, k_, t, kv_width, h));
     RETURN_IF_ERROR(gemm(h_, layer.v, v_, t, kv_width, h));
+    if (c.qkv_bias) {
+      RETURN_IF_ERROR(bias(q_, layer.q_bias, q_width));
+      RETURN_IF_ERROR(bias(k_, layer.k_bias, kv_width));
+      RETURN_IF_ERROR(bias(v_, layer.v_bias, kv_width));
+    }
     RETURN_IF_ERROR(backend_->Rope({.q = q_.data(),
                                     .k = k_.data(),
                                     .positions = positions_.as<int32_t>(),
@@ -247,8 +262,10 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
          .num_tokens = t,
          .num_q_heads = c.num_heads,
          .scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim))),
+         .sliding_window = c.sliding_window,
          .dtype = dt}));
     RETURN_IF_ERROR(gemm(attn_, layer.o, o_, t, h, q_width));
+    if (c.o_bias) RETURN_IF_ERROR(bias(o_, layer.o_bias, h));
     RETURN_IF_ERROR(
         backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
     // MLP block (SwiGLU).

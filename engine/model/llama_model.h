@@ -52,6 +52,7 @@ class LlamaModel {
 
   struct Layer {
     DeviceBuffer input_norm, q, k, v, o, post_norm, gate, up, down;
+    DeviceBuffer q_bias, k_bias, v_bias, o_bias;  // empty unless the config has biases
     DeviceBuffer k_cache, v_cache;  // [num_kv_blocks, block_size, num_kv_heads, head_dim]
   };
 

@@ -1,5 +1,6 @@
 #include "engine/model/model_config.h"
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -46,7 +47,8 @@ int64_t ModelConfig::ParameterCount() const {
   const int64_t h = hidden_size;
   const int64_t q = static_cast<int64_t>(num_heads) * head_dim;
   const int64_t kv = static_cast<int64_t>(num_kv_heads) * head_dim;
-  const int64_t per_layer = h * q + 2 * h * kv + q * h + 3 * h * intermediate_size + 2 * h;
+  const int64_t per_layer = h * q + 2 * h * kv + q * h + 3 * h * intermediate_size + 2 * h +
+                            (qkv_bias ? q + 2 * kv : 0) + (o_bias ? h : 0);
   return vocab_size * h * (tie_word_embeddings ? 1 : 2) + num_layers * per_layer + h;
 }
 
@@ -81,6 +83,7 @@ absl::Status ModelConfig::Validate() const {
                             ") must be a multiple of num_key_value_heads (", num_kv_heads, ")"));
   }
   if (head_dim % 2 != 0) return Bad(absl::StrCat("head_dim must be even, got ", head_dim));
+  if (sliding_window < 0) return Bad("sliding_window must be >= 0");
   if (!(rms_norm_eps > 0.0f)) return Bad("rms_norm_eps must be > 0");
   if (!(rope_theta > 0.0f)) return Bad("rope_theta must be > 0");
   if (bos_token_id && (*bos_token_id < 0 || *bos_token_id >= vocab_size)) {
@@ -93,6 +96,55 @@ absl::Status ModelConfig::Validate() const {
   return absl::OkStatus();
 }
 
+namespace {
+
+// Reads rope_theta and the scaling from `rope` (an object: rope_scaling or rope_parameters).
+absl::Status ParseRope(const json& rope, ModelConfig* c) {
+  if (!rope.is_object())
+    return Bad(absl::StrCat("rope scaling must be an object, got ", rope.dump()));
+  std::string type = "default";
+  for (const char* key : {"rope_type", "type"}) {
+    if (auto it = rope.find(key); it != rope.end() && it->is_string())
+      type = it->get<std::string>();
+  }
+  if (auto s = ReadNumber(rope, "rope_theta", &c->rope_theta, false); !s.ok()) return s;
+  RopeScaling& r = c->rope_scaling;
+  if (type == "default") {
+    r.type = RopeScalingType::kNone;
+    return absl::OkStatus();
+  }
+  if (type != "linear" && type != "llama3") {
+    return Bad(absl::StrCat("unsupported rope scaling type '", type, "' in ", rope.dump(),
+                            " (supported: default, linear, llama3)"));
+  }
+  r.type = type == "linear" ? RopeScalingType::kLinear : RopeScalingType::kLlama3;
+  if (auto s = ReadNumber(rope, "factor", &r.factor, true); !s.ok()) return s;
+  if (!(r.factor >= 1.0))
+    return Bad(absl::StrCat("rope scaling factor must be >= 1, got ", r.factor));
+  if (r.type == RopeScalingType::kLlama3) {
+    absl::Status s;
+    if (!(s = ReadNumber(rope, "low_freq_factor", &r.low_freq_factor, true)).ok()) return s;
+    if (!(s = ReadNumber(rope, "high_freq_factor", &r.high_freq_factor, true)).ok()) return s;
+    if (!(s = ReadNumber(rope, "original_max_position_embeddings",
+                         &r.original_max_position_embeddings, true))
+             .ok()) {
+      return s;
+    }
+    if (!(r.high_freq_factor > r.low_freq_factor) || !(r.low_freq_factor > 0) ||
+        r.original_max_position_embeddings <= 0) {
+      return Bad(absl::StrCat("inconsistent llama3 rope scaling ", rope.dump()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool TrueFlag(const json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_boolean() && it->get<bool>();
+}
+
+}  // namespace
+
 absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text) {
   json j = json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return Bad("not a JSON object");
@@ -102,22 +154,38 @@ absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text) {
     return Bad("'architectures' must be a list with one architecture name");
   }
   c.architecture = (*arch)[0].get<std::string>();
-  if (c.architecture != "LlamaForCausalLM") {
+  const bool llama = c.architecture == "LlamaForCausalLM";
+  const bool mistral = c.architecture == "MistralForCausalLM";
+  const bool qwen2 = c.architecture == "Qwen2ForCausalLM";
+  if (!llama && !mistral && !qwen2) {
     return Bad(absl::StrCat("unsupported architecture '", c.architecture,
-                            "' (supported: LlamaForCausalLM)"));
+                            "' (supported: LlamaForCausalLM, MistralForCausalLM, "
+                            "Qwen2ForCausalLM)"));
   }
   if (auto it = j.find("hidden_act"); it != j.end() && *it != "silu") {
     return Bad(absl::StrCat("unsupported hidden_act ", it->dump(), " (supported: \"silu\")"));
   }
-  if (auto it = j.find("rope_scaling"); it != j.end() && !it->is_null()) {
-    return Bad(absl::StrCat("unsupported rope_scaling ", it->dump()));
+  if (TrueFlag(j, "mlp_bias")) return Bad("unsupported option mlp_bias=true");
+  if (llama && TrueFlag(j, "attention_bias")) c.qkv_bias = c.o_bias = true;
+  if (qwen2) {
+    c.qkv_bias = true;  // Qwen2 always has q/k/v biases
+    if (TrueFlag(j, "use_sliding_window")) {
+      return Bad("unsupported option use_sliding_window=true (Qwen2 sliding-window layers)");
+    }
   }
-  for (const char* flag : {"attention_bias", "mlp_bias"}) {
-    if (auto it = j.find(flag); it != j.end() && it->is_boolean() && it->get<bool>()) {
-      return Bad(absl::StrCat("unsupported option ", flag, "=true"));
+  if (mistral) {
+    if (auto it = j.find("sliding_window"); it != j.end() && !it->is_null()) {
+      if (auto s = ReadNumber(j, "sliding_window", &c.sliding_window, true); !s.ok()) return s;
+      if (c.sliding_window <= 0) return Bad("sliding_window must be > 0 or null");
     }
   }
   absl::Status s;
+  if (!(s = ReadNumber(j, "rope_theta", &c.rope_theta, false)).ok()) return s;
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    if (auto it = j.find(key); it != j.end() && !it->is_null()) {
+      if (!(s = ParseRope(*it, &c)).ok()) return s;
+    }
+  }
   if (!(s = ReadNumber(j, "vocab_size", &c.vocab_size, true)).ok()) return s;
   if (!(s = ReadNumber(j, "hidden_size", &c.hidden_size, true)).ok()) return s;
   if (!(s = ReadNumber(j, "intermediate_size", &c.intermediate_size, true)).ok()) return s;
@@ -126,9 +194,10 @@ absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text) {
   c.num_kv_heads = c.num_heads;
   if (!(s = ReadNumber(j, "num_key_value_heads", &c.num_kv_heads, false)).ok()) return s;
   c.head_dim = c.num_heads > 0 ? c.hidden_size / c.num_heads : 0;
-  if (!(s = ReadNumber(j, "head_dim", &c.head_dim, false)).ok()) return s;
+  if (auto it = j.find("head_dim"); it != j.end() && !it->is_null()) {
+    if (!(s = ReadNumber(j, "head_dim", &c.head_dim, true)).ok()) return s;
+  }
   if (!(s = ReadNumber(j, "rms_norm_eps", &c.rms_norm_eps, false)).ok()) return s;
-  if (!(s = ReadNumber(j, "rope_theta", &c.rope_theta, false)).ok()) return s;
   if (!(s = ReadNumber(j, "max_position_embeddings", &c.max_position_embeddings, false)).ok()) {
     return s;
   }
@@ -159,7 +228,9 @@ absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text) {
 std::string ToHfConfigJson(const ModelConfig& c) {
   json j;
   j["architectures"] = {c.architecture};
-  j["model_type"] = "llama";
+  j["model_type"] = c.architecture == "MistralForCausalLM" ? "mistral"
+                    : c.architecture == "Qwen2ForCausalLM" ? "qwen2"
+                                                           : "llama";
   j["_name_or_path"] = c.name;
   j["vocab_size"] = c.vocab_size;
   j["hidden_size"] = c.hidden_size;
@@ -171,8 +242,27 @@ std::string ToHfConfigJson(const ModelConfig& c) {
   j["hidden_act"] = "silu";
   j["rms_norm_eps"] = c.rms_norm_eps;
   j["rope_theta"] = c.rope_theta;
-  j["rope_scaling"] = nullptr;
-  j["attention_bias"] = false;
+  switch (c.rope_scaling.type) {
+    case RopeScalingType::kNone:
+      j["rope_scaling"] = nullptr;
+      break;
+    case RopeScalingType::kLinear:
+      j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_scaling.factor}};
+      break;
+    case RopeScalingType::kLlama3:
+      j["rope_scaling"] = {
+          {"rope_type", "llama3"},
+          {"factor", c.rope_scaling.factor},
+          {"low_freq_factor", c.rope_scaling.low_freq_factor},
+          {"high_freq_factor", c.rope_scaling.high_freq_factor},
+          {"original_max_position_embeddings", c.rope_scaling.original_max_position_embeddings}};
+      break;
+  }
+  if (c.architecture == "LlamaForCausalLM") j["attention_bias"] = c.qkv_bias;
+  if (c.architecture == "MistralForCausalLM") {
+    j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
+  }
+  if (c.architecture == "Qwen2ForCausalLM") j["use_sliding_window"] = false;
   j["mlp_bias"] = false;
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
@@ -184,6 +274,35 @@ std::string ToHfConfigJson(const ModelConfig& c) {
     j["eos_token_id"] = c.eos_token_ids;
   }
   return j.dump(2);
+}
+
+std::vector<double> RopeInverseFrequencies(const ModelConfig& c) {
+  const int half = c.head_dim / 2;
+  std::vector<double> inv(half);
+  for (int i = 0; i < half; ++i) {
+    inv[i] = 1.0 / std::pow(static_cast<double>(c.rope_theta), 2.0 * i / c.head_dim);
+  }
+  const RopeScaling& r = c.rope_scaling;
+  if (r.type == RopeScalingType::kLinear) {
+    for (double& f : inv) f /= r.factor;
+  } else if (r.type == RopeScalingType::kLlama3) {
+    // transformers' _compute_llama3_parameters: long wavelengths are slowed by `factor`, short
+    // ones kept, and the band between is interpolated.
+    const double old_len = r.original_max_position_embeddings;
+    const double low_freq_wavelen = old_len / r.low_freq_factor;
+    const double high_freq_wavelen = old_len / r.high_freq_factor;
+    for (double& f : inv) {
+      const double wavelen = 2.0 * M_PI / f;
+      if (wavelen > low_freq_wavelen) {
+        f /= r.factor;
+      } else if (wavelen >= high_freq_wavelen) {
+        const double smooth =
+            (old_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+        f = (1.0 - smooth) * f / r.factor + smooth * f;
+      }
+    }
+  }
+  return inv;
 }
 
 }  // namespace moleserve::engine

@@ -56,6 +56,12 @@ std::vector<TensorSpec> LlamaTensorSpecs(const ModelConfig& c) {
     specs.push_back({p + "self_attn.k_proj.weight", {kv, h}});
     specs.push_back({p + "self_attn.v_proj.weight", {kv, h}});
     specs.push_back({p + "self_attn.o_proj.weight", {h, q}});
+    if (c.qkv_bias) {
+      specs.push_back({p + "self_attn.q_proj.bias", {q}});
+      specs.push_back({p + "self_attn.k_proj.bias", {kv}});
+      specs.push_back({p + "self_attn.v_proj.bias", {kv}});
+    }
+    if (c.o_bias) specs.push_back({p + "self_attn.o_proj.bias", {h}});
     specs.push_back({p + "post_attention_layernorm.weight", {h}});
     specs.push_back({p + "mlp.gate_proj.weight", {inter, h}});
     specs.push_back({p + "mlp.up_proj.weight", {inter, h}});
@@ -132,9 +138,12 @@ HostWeights RandomLlamaWeights(const ModelConfig& config, uint64_t seed) {
     HostWeights::Tensor t;
     t.shape = spec.shape;
     t.data.resize(Numel(spec.shape));
-    const bool is_norm = spec.shape.size() == 1;
+    const bool is_bias = spec.name.ends_with(".bias");
+    const bool is_norm = spec.shape.size() == 1 && !is_bias;
     const bool is_embedding = spec.name == "model.embed_tokens.weight";
-    const double stddev = is_norm ? 0.1 : is_embedding ? 1.0 : 1.0 / std::sqrt(spec.shape[1]);
+    const double stddev = is_norm || is_bias ? 0.1
+                          : is_embedding     ? 1.0
+                                             : 1.0 / std::sqrt(spec.shape[1]);
     for (float& v : t.data) v = static_cast<float>((is_norm ? 1.0 : 0.0) + stddev * rng.Normal());
     weights.tensors().emplace(spec.name, std::move(t));
   }

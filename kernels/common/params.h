@@ -53,6 +53,15 @@ struct AddParams {
   ScalarType dtype = ScalarType::kF32;
 };
 
+// x[r, c] += bias[c]   (the bias of an nn.Linear, applied after its GEMM)
+struct BiasAddParams {
+  void* x = nullptr;           // [rows, cols], updated in place
+  const void* bias = nullptr;  // [cols]
+  int64_t rows = 0;
+  int64_t cols = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
 // y[m, n] = alpha * sum_k x[m, k] * w[n, k] + beta * y[m, n]   (x W^T, the nn.Linear layout)
 struct GemmParams {
   const void* x = nullptr;  // [m, k]
@@ -112,7 +121,9 @@ struct KvWriteParams {
 
 // Causal grouped-query attention over the paged cache for a flat batch of mixed prefill and decode
 // tokens: token t of sequence s attends to positions 0..positions[t] of s (which must already be in
-// the cache, i.e. KvWrite ran first). Query head h reads KV head h / (num_q_heads / num_kv_heads).
+// the cache, i.e. KvWrite ran first), or with sliding_window W > 0 only to the last W of them
+// (positions[t] - W < j <= positions[t], Mistral). Query head h reads KV head
+// h / (num_q_heads / num_kv_heads).
 struct PagedAttentionParams {
   PagedKvLayout kv;
   const void* q = nullptr;             // [num_tokens, num_q_heads, head_dim]
@@ -121,7 +132,8 @@ struct PagedAttentionParams {
   const int32_t* positions = nullptr;  // [num_tokens]
   int64_t num_tokens = 0;
   int32_t num_q_heads = 0;
-  float scale = 1.0f;  // usually 1 / sqrt(head_dim)
+  float scale = 1.0f;          // usually 1 / sqrt(head_dim)
+  int32_t sliding_window = 0;  // 0 = full causal attention
   ScalarType dtype = ScalarType::kF32;
 };
 

@@ -52,10 +52,11 @@ KernelStatus PagedAttention(const PagedAttentionParams& p, ThreadPool* pool) {
       const int kvh = h / group;
       const int32_t seq = p.token_seq[t];
       const int32_t ctx = p.positions[t] + 1;
+      const int32_t first = p.sliding_window > 0 ? std::max(0, ctx - p.sliding_window) : 0;
       const float* q = static_cast<const float*>(p.q) + (t * p.num_q_heads + h) * d;
       scores.resize(ctx);
       float max_score = -std::numeric_limits<float>::infinity();
-      for (int32_t j = 0; j < ctx; ++j) {
+      for (int32_t j = first; j < ctx; ++j) {
         const float* k = k_cache + CacheRowOffset(p.kv, seq, j) + kvh * d;
         float dot = 0.0f;
         for (int i = 0; i < d; ++i) dot += q[i] * k[i];
@@ -64,7 +65,7 @@ KernelStatus PagedAttention(const PagedAttentionParams& p, ThreadPool* pool) {
       }
       float denom = 0.0f;
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int32_t j = 0; j < ctx; ++j) {
+      for (int32_t j = first; j < ctx; ++j) {
         const float w = std::exp(scores[j] - max_score);
         denom += w;
         const float* v = v_cache + CacheRowOffset(p.kv, seq, j) + kvh * d;

@@ -65,6 +65,19 @@ KernelStatus Add(const AddParams& p, ThreadPool* pool) {
   return KernelStatus::kOk;
 }
 
+KernelStatus BiasAdd(const BiasAddParams& p, ThreadPool* pool) {
+  if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
+  auto* x = static_cast<float*>(p.x);
+  const auto* b = static_cast<const float*>(p.bias);
+  ParallelFor(pool, p.rows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = x + r * p.cols;
+      for (int64_t c = 0; c < p.cols; ++c) row[c] += b[c];
+    }
+  });
+  return KernelStatus::kOk;
+}
+
 KernelStatus Rope(const RopeParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
   if (p.head_dim % 2 != 0) return KernelStatus::kInvalidShape;

@@ -15,6 +15,7 @@ KernelStatus RmsNorm(const RmsNormParams& p, ThreadPool* pool);
 KernelStatus SiluMul(const SiluMulParams& p, ThreadPool* pool);
 KernelStatus Embedding(const EmbeddingParams& p, ThreadPool* pool);
 KernelStatus Add(const AddParams& p, ThreadPool* pool);
+KernelStatus BiasAdd(const BiasAddParams& p, ThreadPool* pool);
 // OpenBLAS sgemm; its own threads (see SetBlasThreads).
 KernelStatus Gemm(const GemmParams& p);
 KernelStatus Rope(const RopeParams& p, ThreadPool* pool);

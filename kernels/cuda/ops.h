@@ -16,5 +16,6 @@ cudaError_t RmsNorm(const RmsNormParams& p, cudaStream_t stream);
 cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream);
 cudaError_t Embedding(const EmbeddingParams& p, cudaStream_t stream);
 cudaError_t Add(const AddParams& p, cudaStream_t stream);
+cudaError_t BiasAdd(const BiasAddParams& p, cudaStream_t stream);
 
 }  // namespace moleserve::kernels::cuda

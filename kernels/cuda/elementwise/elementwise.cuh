@@ -23,6 +23,15 @@ __global__ void AddKernel(const T* __restrict__ a, const T* __restrict__ b, T* _
   }
 }
 
+template <typename T>
+__global__ void BiasAddKernel(T* __restrict__ x, const T* __restrict__ bias, int64_t n,
+                              int64_t cols) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    x[i] = FromFloat<T>(ToFloat(x[i]) + ToFloat(bias[i % cols]));
+  }
+}
+
 // One block per token; threads copy the embedding row.
 template <typename T>
 __global__ void EmbeddingKernel(const int32_t* __restrict__ ids, const T* __restrict__ table,

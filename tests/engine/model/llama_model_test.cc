@@ -347,6 +347,55 @@ TEST(ModelDirectoryTest, NanWeightIsRejected) {
   EXPECT_NE(model.status().message().find("model.norm.weight"), std::string::npos);
 }
 
+TEST(ModelDirectoryTest, TruncatedSafetensorsIsAClearError) {
+  const std::string dir = WriteDemo("truncated");
+  const std::string file = dir + "/model.safetensors";
+  fs::resize_file(file, fs::file_size(file) / 2);
+  auto md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("model.safetensors"), std::string::npos) << md.status();
+  EXPECT_NE(md.status().message().find("data"), std::string::npos) << md.status();
+}
+
+TEST(ModelDirectoryTest, HeaderPointingPastTheEndIsAClearError) {
+  const std::string dir = WriteDemo("pastend");
+  const std::string file = dir + "/model.safetensors";
+  // Header length = file size: the header would end past the end of the file.
+  const uint64_t len = fs::file_size(file);
+  Overwrite(file, 0, std::string(reinterpret_cast<const char*>(&len), 8));
+  auto md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("model.safetensors"), std::string::npos) << md.status();
+  EXPECT_NE(md.status().message().find("header"), std::string::npos) << md.status();
+}
+
+TEST(ModelDirectoryTest, UnknownDtypeIsNamed) {
+  const std::string dir = WriteDemo("dtype");
+  const std::string file = dir + "/model.safetensors";
+  std::string bytes;
+  {
+    std::ifstream in(file, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  const size_t at = bytes.find("\"F32\"");
+  ASSERT_NE(at, std::string::npos);
+  Overwrite(file, at, "\"Q32\"");  // same length, so offsets stay valid
+  auto md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("Q32"), std::string::npos) << md.status();
+}
+
+TEST(ModelDirectoryTest, UnsupportedRopeScalingNamesIt) {
+  const std::string dir = WriteDemo("rope");
+  auto config = nlohmann::json::parse(ToHfConfigJson(DemoModelConfig()));
+  config["rope_scaling"] = {{"rope_type", "dynamic"}, {"factor", 2.0}};
+  std::ofstream(dir + "/config.json") << config.dump();
+  auto md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("config.json"), std::string::npos) << md.status();
+  EXPECT_NE(md.status().message().find("dynamic"), std::string::npos) << md.status();
+}
+
 TEST(ModelDirectoryTest, MissingFilesAreNamed) {
   const std::string dir = WriteDemo("nofiles");
   fs::remove(dir + "/model.safetensors");
@@ -359,6 +408,72 @@ TEST(ModelDirectoryTest, MissingFilesAreNamed) {
   ASSERT_FALSE(md.ok());
   EXPECT_NE(md.status().message().find("config.json"), std::string::npos);
   EXPECT_EQ(OpenModelDirectory(dir + "/nope").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ModelConfigTest, ArchitectureSpecificOptions) {
+  auto base = nlohmann::json::parse(ToHfConfigJson(DemoModelConfig()));
+  nlohmann::json llama = base;
+  llama["attention_bias"] = true;
+  auto l = ParseHfConfig(llama.dump());
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_TRUE(l->qkv_bias && l->o_bias);
+
+  nlohmann::json qwen = base;
+  qwen["architectures"] = {"Qwen2ForCausalLM"};
+  qwen["sliding_window"] = 4096;  // ignored unless use_sliding_window
+  auto q = ParseHfConfig(qwen.dump());
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_TRUE(q->qkv_bias);
+  EXPECT_FALSE(q->o_bias);
+  EXPECT_EQ(q->sliding_window, 0);
+  qwen["use_sliding_window"] = true;
+  EXPECT_NE(ParseHfConfig(qwen.dump()).status().message().find("use_sliding_window"),
+            std::string::npos);
+
+  nlohmann::json mistral = base;
+  mistral["architectures"] = {"MistralForCausalLM"};
+  mistral["sliding_window"] = 4096;
+  auto m = ParseHfConfig(mistral.dump());
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->sliding_window, 4096);
+  EXPECT_FALSE(m->qkv_bias);
+  mistral["sliding_window"] = nullptr;
+  EXPECT_EQ(ParseHfConfig(mistral.dump())->sliding_window, 0);
+
+  // transformers 5 writes rope_parameters (with rope_theta inside) instead of rope_scaling.
+  nlohmann::json v5 = base;
+  v5.erase("rope_theta");
+  v5.erase("rope_scaling");
+  v5["rope_parameters"] = {{"rope_type", "linear"}, {"rope_theta", 5e5}, {"factor", 4.0}};
+  auto p = ParseHfConfig(v5.dump());
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->rope_theta, 5e5f);
+  EXPECT_EQ(p->rope_scaling.type, RopeScalingType::kLinear);
+  EXPECT_EQ(p->rope_scaling.factor, 4.0);
+}
+
+// llama3 rope scaling against values worked out from transformers' formula by hand:
+// theta 10000, head_dim 8 -> inv_freq 1, 0.1, 0.01, 0.001 (wavelengths 6.3, 63, 628, 6283);
+// original context 1024, low 1, high 4 -> wavelengths above 1024 are divided by the factor 8,
+// those below 256 kept, 628 interpolated with smooth = (1024 / 628.3 - 1) / 3.
+TEST(ModelConfigTest, Llama3RopeFrequencies) {
+  ModelConfig c = DemoModelConfig();
+  c.head_dim = 8;
+  c.rope_theta = 10000;
+  c.rope_scaling = {.type = RopeScalingType::kLlama3,
+                    .factor = 8,
+                    .low_freq_factor = 1,
+                    .high_freq_factor = 4,
+                    .original_max_position_embeddings = 1024};
+  const std::vector<double> f = RopeInverseFrequencies(c);
+  ASSERT_EQ(f.size(), 4u);
+  EXPECT_DOUBLE_EQ(f[0], 1.0);
+  EXPECT_NEAR(f[1], 0.1, 1e-15);
+  const double smooth = (1024 / (2 * M_PI / 0.01) - 1) / 3;
+  EXPECT_NEAR(f[2], (1 - smooth) * 0.01 / 8 + smooth * 0.01, 1e-15);
+  EXPECT_NEAR(f[3], 0.001 / 8, 1e-15);
+  c.rope_scaling = {.type = RopeScalingType::kLinear, .factor = 2};
+  EXPECT_NEAR(RopeInverseFrequencies(c)[1], 0.05, 1e-15);
 }
 
 TEST(ModelConfigTest, ParsesAndRoundTrips) {
@@ -380,10 +495,14 @@ TEST(ModelConfigTest, RejectsWhatItCannotRunByName) {
   };
   for (const Case& c :
        {Case{"architectures", {"GPT2LMHeadModel"}, "GPT2LMHeadModel"},
-        Case{"rope_scaling", {{"type", "yarn"}}, "rope_scaling"},
-        Case{"attention_bias", true, "attention_bias"}, Case{"hidden_act", "gelu", "hidden_act"},
+        Case{"rope_scaling", {{"type", "yarn"}, {"factor", 4.0}}, "yarn"},
+        Case{"rope_scaling", {{"rope_type", "dynamic"}, {"factor", 2.0}}, "dynamic"},
+        Case{"rope_scaling", {{"rope_type", "llama3"}, {"factor", 8.0}}, "low_freq_factor"},
+        Case{"rope_scaling", {{"rope_type", "linear"}, {"factor", 0.5}}, "factor"},
+        Case{"mlp_bias", true, "mlp_bias"}, Case{"hidden_act", "gelu", "hidden_act"},
         Case{"num_key_value_heads", 3, "num_key_value_heads"},
-        Case{"hidden_size", -1, "hidden_size"}}) {
+        Case{"hidden_size", -1, "hidden_size"}, Case{"hidden_size", 1.5, "hidden_size"},
+        Case{"vocab_size", 1e12, "vocab_size"}, Case{"hidden_size", 1 << 20, "hidden_size"}}) {
     nlohmann::json j = base;
     j[c.key] = c.value;
     auto parsed = ParseHfConfig(j.dump());
