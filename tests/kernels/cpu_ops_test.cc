@@ -202,7 +202,7 @@ TEST(RopeTest, RejectsOddHeadDim) {
 
 // Paged attention over a mixed batch (one prefill chunk continuing a cached prefix, one decode
 // token, one fresh prefill) against dense causal attention over contiguous K/V.
-TEST(PagedAttentionTest, MixedBatchMatchesDenseAttention) {
+void CheckMixedBatchAgainstDenseAttention(int window) {
   const int nq = 8, nkv = 2, d = 32, bs = 4, num_blocks = 40;
   const int group = nq / nkv;
   // Sequence lengths (total) and how many tokens are new in this step.
@@ -283,16 +283,18 @@ TEST(PagedAttentionTest, MixedBatchMatchesDenseAttention) {
                             .positions = positions.data(),
                             .num_tokens = n,
                             .num_q_heads = nq,
-                            .scale = scale},
+                            .scale = scale,
+                            .sliding_window = window},
                            &pool),
             KernelStatus::kOk);
   for (int64_t t = 0; t < n; ++t) {
     const int s = seq_ids[t], p = positions[t];
     for (int h = 0; h < nq; ++h) {
       const int kh = h / group;
-      std::vector<double> w(p + 1);
+      const int first = window > 0 ? std::max(0, p - window + 1) : 0;
+      std::vector<double> w(p + 1, 0.0);
       double mx = -INFINITY, den = 0;
-      for (int j = 0; j <= p; ++j) {
+      for (int j = first; j <= p; ++j) {
         double dot = 0;
         for (int i = 0; i < d; ++i) {
           dot += double{Q[s][(p * nq + h) * d + i]} * K[s][j * kv_width + kh * d + i];
@@ -300,13 +302,36 @@ TEST(PagedAttentionTest, MixedBatchMatchesDenseAttention) {
         w[j] = dot * scale;
         mx = std::max(mx, w[j]);
       }
-      for (double& x : w) den += (x = std::exp(x - mx));
+      for (int j = first; j <= p; ++j) den += (w[j] = std::exp(w[j] - mx));
       for (int i = 0; i < d; ++i) {
         double acc = 0;
-        for (int j = 0; j <= p; ++j) acc += w[j] * V[s][j * kv_width + kh * d + i];
+        for (int j = first; j <= p; ++j) acc += w[j] * V[s][j * kv_width + kh * d + i];
         ASSERT_NEAR(out[(t * nq + h) * d + i], acc / den, 1e-5) << "token " << t << " head " << h;
       }
     }
+  }
+}
+
+TEST(PagedAttentionTest, MixedBatchMatchesDenseAttention) {
+  CheckMixedBatchAgainstDenseAttention(0);
+}
+
+// Mistral: each token sees only its last `window` positions (the window is shorter than the
+// cached prefixes, and longer than some sequences).
+TEST(PagedAttentionTest, SlidingWindowMatchesDenseWindowedAttention) {
+  CheckMixedBatchAgainstDenseAttention(3);
+  CheckMixedBatchAgainstDenseAttention(7);
+}
+
+TEST(BiasAddTest, AddsTheBiasToEveryRow) {
+  auto x = Random(13 * 37, 20);
+  const auto x0 = x;
+  auto b = Random(37, 21);
+  ThreadPool pool(2);
+  ASSERT_EQ(BiasAdd({.x = x.data(), .bias = b.data(), .rows = 13, .cols = 37}, &pool),
+            KernelStatus::kOk);
+  for (int r = 0; r < 13; ++r) {
+    for (int c = 0; c < 37; ++c) ASSERT_EQ(x[r * 37 + c], x0[r * 37 + c] + b[c]);
   }
 }
 

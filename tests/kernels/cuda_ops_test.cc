@@ -205,6 +205,21 @@ TEST_P(CudaRowOpsTest, EmbeddingIsExactAndAddMatches) {
   ExpectClose(dsum.Download(), ref_sum, dtype, 0.0f);
 }
 
+TEST_P(CudaRowOpsTest, BiasAddMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const auto [rows, cols, dtype] = GetParam();
+  auto x = Random(rows * cols, 8), b = Random(cols, 9);
+  DeviceArray dx(x, dtype), db(b, dtype);
+  ASSERT_EQ(
+      cuda::BiasAdd({.x = dx.get(), .bias = db.get(), .rows = rows, .cols = cols, .dtype = dtype},
+                    nullptr),
+      cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cpu::BiasAdd({.x = x.data(), .bias = b.data(), .rows = rows, .cols = cols}, nullptr),
+            KernelStatus::kOk);
+  ExpectClose(dx.Download(), x, dtype, 0.0f);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     ShapesAndDtypes, CudaRowOpsTest,
     ::testing::Values(Case{1, 1, ScalarType::kF32}, Case{1, 4096, ScalarType::kF32},
