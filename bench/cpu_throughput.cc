@@ -14,19 +14,22 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "engine/backend/backend.h"
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
+#include "engine/model/synthetic.h"
 
 ABSL_FLAG(std::string, out, "", "Write results as JSON here");
 ABSL_FLAG(int, threads, 0, "CPU threads (0 = all)");
 ABSL_FLAG(int, prompt_len, 64, "Prompt tokens per sequence for prefill");
 ABSL_FLAG(int, decode_steps, 8, "Decode steps measured per batch size");
 ABSL_FLAG(int, repeats, 3, "Measurements per point; the median is reported");
-ABSL_FLAG(std::string, models, "demo,bench-200m", "Comma-separated: demo, bench-200m");
+ABSL_FLAG(std::string, models, "demo,bench-200m",
+          "Comma-separated: demo, bench-200m, synthetic:<preset> (e.g. synthetic:llama3.2-1b)");
 ABSL_FLAG(std::string, batches, "1,2,4,8,16,32", "Comma-separated batch sizes");
 
 namespace {
@@ -41,13 +44,14 @@ double Median(std::vector<double> v) {
 }
 
 nlohmann::json BenchModel(const std::string& label, const ModelConfig& config,
-                          const std::vector<int>& batches, int prompt_len, int decode_steps) {
+                          const WeightSource& weights, const std::vector<int>& batches,
+                          int prompt_len, int decode_steps) {
   auto backend = *CreateCpuBackend({.num_threads = absl::GetFlag(FLAGS_threads)});
   const int block = 16;
   const int max_b = *std::max_element(batches.begin(), batches.end());
   const int blocks_per_seq = (prompt_len + decode_steps + block - 1) / block;
   const double t0 = Now();
-  auto model = *LlamaModel::Create(backend.get(), config, RandomLlamaWeights(config, 1),
+  auto model = *LlamaModel::Create(backend.get(), config, weights,
                                    {.num_kv_blocks = max_b * blocks_per_seq,
                                     .kv_block_size = block,
                                     .max_batch_tokens = max_b * prompt_len,
@@ -140,18 +144,32 @@ int main(int argc, char** argv) {
                           : static_cast<int>(std::thread::hardware_concurrency());
   report["backend"] = "cpu (fp32, OpenBLAS)";
   for (absl::string_view m : absl::StrSplit(absl::GetFlag(FLAGS_models), ',')) {
+    ModelConfig config;
     if (m == "demo") {
-      report["models"].push_back(BenchModel("demo", DemoModelConfig(), batches,
-                                            absl::GetFlag(FLAGS_prompt_len),
-                                            absl::GetFlag(FLAGS_decode_steps)));
+      config = DemoModelConfig();
     } else if (m == "bench-200m") {
-      report["models"].push_back(BenchModel("bench-200m", BenchModelConfig(), batches,
-                                            absl::GetFlag(FLAGS_prompt_len),
-                                            absl::GetFlag(FLAGS_decode_steps)));
+      config = BenchModelConfig();
+    } else if (absl::StartsWith(m, kSyntheticPrefix)) {
+      absl::StatusOr<ModelConfig> c = SyntheticModelConfig(m.substr(kSyntheticPrefix.size()));
+      if (!c.ok()) {
+        std::fprintf(stderr, "%s\n", c.status().ToString().c_str());
+        return 2;
+      }
+      config = *c;
     } else {
       std::fprintf(stderr, "unknown model '%s'\n", std::string(m).c_str());
       return 2;
     }
+    // The demo model's own weights; generated on demand for the others (no host copy).
+    std::unique_ptr<WeightSource> weights;
+    if (m == "demo") {
+      weights = std::make_unique<HostWeights>(RandomLlamaWeights(config, kDemoModelSeed));
+    } else {
+      weights = std::make_unique<RandomWeightSource>(config, 1);
+    }
+    report["models"].push_back(BenchModel(std::string(m), config, *weights, batches,
+                                          absl::GetFlag(FLAGS_prompt_len),
+                                          absl::GetFlag(FLAGS_decode_steps)));
   }
   if (!absl::GetFlag(FLAGS_out).empty()) {
     std::ofstream(absl::GetFlag(FLAGS_out)) << report.dump(2) << "\n";

@@ -3,6 +3,7 @@
 #include <new>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/backend/backend.h"
 #include "engine/core/mutex.h"
@@ -11,6 +12,7 @@
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/model_directory.h"
+#include "engine/model/synthetic.h"
 #include "engine/tokenizer/tokenizer.h"
 
 namespace moleserve::engine {
@@ -82,6 +84,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   if (options.model.empty()) {
     config = DemoModelConfig();
     weights = std::make_unique<HostWeights>(RandomLlamaWeights(config, kDemoModelSeed));
+    state->tokenizer = Tokenizer::ByteLevelDemo();
+  } else if (absl::StartsWith(options.model, kSyntheticPrefix)) {
+    ASSIGN_OR_RETURN(config, SyntheticModelConfig(options.model.substr(kSyntheticPrefix.size())));
+    weights = std::make_unique<RandomWeightSource>(config, kDemoModelSeed);
     state->tokenizer = Tokenizer::ByteLevelDemo();
   } else {
     ASSIGN_OR_RETURN(ModelDirectory dir, OpenModelDirectory(options.model));

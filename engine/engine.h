@@ -24,7 +24,8 @@
 namespace moleserve::engine {
 
 struct EngineOptions {
-  // A Hugging Face-style model directory; empty = the built-in demo model.
+  // A Hugging Face-style model directory; "synthetic:<preset>" for a real shape with random
+  // weights (engine/model/synthetic.h); empty = the built-in demo model.
   std::string model;
   // CPU threads for kernels and BLAS; 0 = all hardware threads.
   int32_t num_threads = 0;
