@@ -81,6 +81,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 
   ModelConfig config;
   std::unique_ptr<WeightSource> weights;
+  SamplingParams default_sampling;
   if (options.model.empty()) {
     config = DemoModelConfig();
     weights = std::make_unique<HostWeights>(RandomLlamaWeights(config, kDemoModelSeed));
@@ -92,6 +93,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   } else {
     ASSIGN_OR_RETURN(ModelDirectory dir, OpenModelDirectory(options.model));
     config = dir.config;
+    const GenerationDefaults& g = dir.generation_defaults;
+    SamplingParams& d = default_sampling;
+    d.temperature = g.temperature.value_or(d.temperature);
+    d.top_p = g.top_p.value_or(d.top_p);
+    d.top_k = g.top_k.value_or(d.top_k);
+    d.min_p = g.min_p.value_or(d.min_p);
+    d.repetition_penalty = g.repetition_penalty.value_or(d.repetition_penalty);
+    if (absl::Status s = ValidateSamplingParams(d); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(options.model, "/generation_config.json: ", s.message()));
+    }
     weights = std::move(dir.weights);
     ASSIGN_OR_RETURN(state->tokenizer, Tokenizer::FromJsonFile(dir.tokenizer_path));
   }
@@ -139,7 +151,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                           .context_length = state->context_length,
                           .parameter_count = config.ParameterCount(),
                           .backend = state->backend->name(),
-                          .dtype = ScalarTypeName(state->backend->compute_dtype())};
+                          .dtype = ScalarTypeName(state->backend->compute_dtype()),
+                          .default_sampling = default_sampling};
   state->executor =
       std::make_unique<Executor>(state->model.get(), state->tokenizer.get(),
                                  SchedulerOptions{.max_batch_tokens = options.max_batch_tokens,

@@ -57,6 +57,9 @@ struct ModelInfo {
   int64_t parameter_count = 0;
   std::string backend;
   std::string dtype;
+  // Sampling fields a request leaves unset take these values: the model's
+  // generation_config.json where it has them, else SamplingParams' defaults.
+  SamplingParams default_sampling;
 };
 
 struct EngineStats {

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status_macros.h"
@@ -54,6 +55,22 @@ absl::StatusOr<ModelDirectory> OpenModelDirectory(const std::string& dir) {
       }
       if (!eos.empty()) out.config.eos_token_ids = eos;
     }
+    GenerationDefaults& d = out.generation_defaults;
+    auto number = [&](const char* key, auto* field) -> absl::Status {
+      auto it = gen.find(key);
+      if (it == gen.end() || it->is_null()) return absl::OkStatus();
+      if (!it->is_number()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(dir, "/generation_config.json: '", key, "' must be a number"));
+      }
+      *field = it->get<typename std::decay_t<decltype(*field)>::value_type>();
+      return absl::OkStatus();
+    };
+    RETURN_IF_ERROR(number("temperature", &d.temperature));
+    RETURN_IF_ERROR(number("top_p", &d.top_p));
+    RETURN_IF_ERROR(number("top_k", &d.top_k));
+    RETURN_IF_ERROR(number("min_p", &d.min_p));
+    RETURN_IF_ERROR(number("repetition_penalty", &d.repetition_penalty));
     RETURN_IF_ERROR(out.config.Validate());
   }
 

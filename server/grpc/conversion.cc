@@ -28,8 +28,10 @@ pb::FinishReason ToProto(engine::FinishReason r) {
 }  // namespace
 
 absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
-                                                  absl::Time deadline) {
+                                                  absl::Time deadline,
+                                                  const engine::SamplingParams& defaults) {
   engine::GenerateRequest out;
+  out.sampling = defaults;
   out.request_id = in.request_id();
   out.adapter = in.adapter();
   switch (in.input_case()) {

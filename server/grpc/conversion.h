@@ -10,8 +10,10 @@
 
 namespace moleserve::server {
 
+// Unset sampling fields take `defaults` (the model's, see engine::ModelInfo::default_sampling).
 absl::StatusOr<engine::GenerateRequest> FromProto(const moleserve::v1::GenerateRequest& in,
-                                                  absl::Time deadline);
+                                                  absl::Time deadline,
+                                                  const engine::SamplingParams& defaults);
 
 // Appends chunk's tokens, logprobs (when `logprobs`) and text to `out`.
 void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs,

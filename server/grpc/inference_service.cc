@@ -159,7 +159,8 @@ class GenerateReactor final : public Reactor {
     const absl::Time engine_deadline = deadline == std::chrono::system_clock::time_point::max()
                                            ? absl::InfiniteFuture()
                                            : absl::FromChrono(deadline);
-    absl::StatusOr<engine::GenerateRequest> converted = FromProto(request, engine_deadline);
+    absl::StatusOr<engine::GenerateRequest> converted =
+        FromProto(request, engine_deadline, engine_->model_info().default_sampling);
     if (!converted.ok()) {
       state_->Reject(ToGrpcStatus(converted.status()));
       return;
@@ -236,6 +237,12 @@ grpc::ServerUnaryReactor* InferenceService::ListModels(grpc::CallbackServerConte
   base->set_parameter_count(static_cast<uint64_t>(info.parameter_count));
   base->set_backend(info.backend);
   base->set_dtype(info.dtype);
+  pb::SamplingParams* d = base->mutable_default_sampling();
+  d->set_temperature(info.default_sampling.temperature);
+  d->set_top_p(info.default_sampling.top_p);
+  d->set_top_k(info.default_sampling.top_k);
+  d->set_min_p(info.default_sampling.min_p);
+  d->set_repetition_penalty(info.default_sampling.repetition_penalty);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

@@ -396,6 +396,24 @@ TEST(ModelDirectoryTest, UnsupportedRopeScalingNamesIt) {
   EXPECT_NE(md.status().message().find("dynamic"), std::string::npos) << md.status();
 }
 
+TEST(ModelDirectoryTest, GenerationConfigGivesEosAndSamplingDefaults) {
+  const std::string dir = WriteDemo("genconfig");
+  std::ofstream(dir + "/generation_config.json")
+      << R"({"do_sample": true, "temperature": 0.6, "top_p": 0.9, "top_k": 40,
+             "eos_token_id": [257, 258]})";
+  auto md = OpenModelDirectory(dir);
+  ASSERT_TRUE(md.ok()) << md.status();
+  EXPECT_EQ(md->config.eos_token_ids, (std::vector<int32_t>{257, 258}));
+  EXPECT_EQ(md->generation_defaults.temperature, 0.6f);
+  EXPECT_EQ(md->generation_defaults.top_p, 0.9f);
+  EXPECT_EQ(md->generation_defaults.top_k, 40);
+  EXPECT_FALSE(md->generation_defaults.repetition_penalty.has_value());
+  std::ofstream(dir + "/generation_config.json") << R"({"temperature": "hot"})";
+  md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("temperature"), std::string::npos) << md.status();
+}
+
 TEST(ModelDirectoryTest, MissingFilesAreNamed) {
   const std::string dir = WriteDemo("nofiles");
   fs::remove(dir + "/model.safetensors");
