@@ -112,9 +112,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         absl::StrCat("the tokenizer has ", state->tokenizer->vocab_size(),
                      " tokens but the model's vocab_size is ", config.vocab_size));
   }
-  // The model config decides BOS/EOS (generation_config.json overrides config.json).
-  state->tokenizer->set_bos_id(config.bos_token_id);
-  state->tokenizer->set_eos_ids(config.eos_token_ids);
+  // BOS is the tokenizer's (its post-processor template, i.e. what HF adds with
+  // add_special_tokens=True: Llama has one, Qwen2 has none, whatever config.json says). EOS ids
+  // come from the model (generation_config.json overrides config.json), as HF generate does.
+  if (!config.eos_token_ids.empty()) state->tokenizer->set_eos_ids(config.eos_token_ids);
 
   const int64_t per_block_token = 2LL * config.num_layers * config.num_kv_heads * config.head_dim *
                                   static_cast<int64_t>(sizeof(float));

@@ -10,9 +10,11 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
 #include "engine/core/check.h"
 #include "engine/core/status_macros.h"
+#include "engine/tokenizer/bpe.h"
+#include "engine/tokenizer/components.h"
+#include "engine/tokenizer/utf8.h"
 #include "nlohmann/json.hpp"
 
 namespace moleserve::engine {
@@ -21,70 +23,12 @@ namespace {
 using Json = nlohmann::json;
 using OrderedJson = nlohmann::ordered_json;
 
-// Appends the UTF-8 encoding of `cp` (< 0x110000) to `out`.
-void AppendUtf8(char32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
-
-// Decodes the code point starting at s[i]. Returns its length in bytes, or 0 when the bytes there
-// are not well-formed UTF-8.
-size_t DecodeUtf8(std::string_view s, size_t i, char32_t* cp) {
-  const auto byte = [&](size_t k) { return static_cast<uint8_t>(s[k]); };
-  const uint8_t b0 = byte(i);
-  if (b0 < 0x80) {
-    *cp = b0;
-    return 1;
-  }
-  size_t len;
-  char32_t value;
-  char32_t min;
-  if ((b0 & 0xE0) == 0xC0) {
-    len = 2, value = b0 & 0x1F, min = 0x80;
-  } else if ((b0 & 0xF0) == 0xE0) {
-    len = 3, value = b0 & 0x0F, min = 0x800;
-  } else if ((b0 & 0xF8) == 0xF0) {
-    len = 4, value = b0 & 0x07, min = 0x10000;
-  } else {
-    return 0;
-  }
-  if (i + len > s.size()) return 0;
-  for (size_t k = 1; k < len; ++k) {
-    if ((byte(i + k) & 0xC0) != 0x80) return 0;
-    value = (value << 6) | (byte(i + k) & 0x3F);
-  }
-  if (value < min || value > 0x10FFFF || (value >= 0xD800 && value <= 0xDFFF)) return 0;
-  *cp = value;
-  return len;
-}
-
-// Unicode White_Space, which is what Rust's regex `\s` (used by Hugging Face for lstrip/rstrip)
-// matches.
-bool IsUnicodeWhitespace(char32_t c) {
-  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
-         c == 0x3000;
-}
-
 // Byte length of the whitespace run at the start of `s`.
 size_t LeadingWhitespace(std::string_view s) {
   size_t i = 0;
   char32_t cp;
   while (i < s.size()) {
-    const size_t len = DecodeUtf8(s, i, &cp);
+    const size_t len = DecodeCodePoint(s, i, &cp);
     if (len == 0 || !IsUnicodeWhitespace(cp)) break;
     i += len;
   }
@@ -101,58 +45,10 @@ size_t TrailingWhitespaceStart(std::string_view s) {
       --start;
     }
     char32_t cp;
-    if (DecodeUtf8(s, start, &cp) != end - start || !IsUnicodeWhitespace(cp)) break;
+    if (DecodeCodePoint(s, start, &cp) != end - start || !IsUnicodeWhitespace(cp)) break;
     end = start;
   }
   return end;
-}
-
-// GPT-2's bytes_to_unicode(): printable Latin-1 bytes map to themselves, the other 68 bytes to
-// U+0100.. in byte order, so that every byte has a visible, non-whitespace symbol.
-const std::array<char32_t, 256>& ByteToUnicode() {
-  static const std::array<char32_t, 256> table = [] {
-    std::array<char32_t, 256> t{};
-    char32_t next = 256;
-    for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
-      t[b] = printable ? static_cast<char32_t>(b) : next++;
-    }
-    return t;
-  }();
-  return table;
-}
-
-std::string ByteSymbol(uint8_t b) {
-  std::string s;
-  AppendUtf8(ByteToUnicode()[b], &s);
-  return s;
-}
-
-// The ByteLevel decoder applied to one token string: each symbol back to its byte. A token with
-// any character outside the byte alphabet (typically an added token) decodes to its own UTF-8.
-std::string ByteLevelDecode(std::string_view token) {
-  static const std::array<int, 324> inverse = [] {
-    std::array<int, 324> inv;
-    inv.fill(-1);
-    for (int b = 0; b < 256; ++b) inv[ByteToUnicode()[b]] = b;
-    return inv;
-  }();
-  std::string out;
-  size_t i = 0;
-  while (i < token.size()) {
-    char32_t cp;
-    const size_t len = DecodeUtf8(token, i, &cp);
-    if (len == 0 || cp >= inverse.size() || inverse[cp] < 0) return std::string(token);
-    out.push_back(static_cast<char>(inverse[cp]));
-    i += len;
-  }
-  return out;
-}
-
-size_t CountCodePoints(std::string_view s) {
-  size_t n = 0;
-  for (char c : s) n += (static_cast<uint8_t>(c) & 0xC0) != 0x80;
-  return n;
 }
 
 std::string TypeOf(const Json& j) {
@@ -196,65 +92,98 @@ bool JsonToId(const Json& j, int32_t* id) {
   return true;
 }
 
-// Checks that the pre-tokenizer is ByteLevel and returns its flags.
-absl::Status ParsePreTokenizer(const Json& root, bool* add_prefix_space, bool* use_regex) {
-  const auto it = root.find("pre_tokenizer");
-  if (it == root.end() || TypeOf(*it) != "ByteLevel") {
-    return Unsupported(absl::StrCat("pre_tokenizer ", it == root.end() ? "missing" : TypeOf(*it),
-                                    " is not supported (only ByteLevel)"));
-  }
-  // Hugging Face defaults: add_prefix_space true, use_regex true.
-  ASSIGN_OR_RETURN(*add_prefix_space, OptionalBool(*it, "add_prefix_space", true, "pre_tokenizer"));
-  ASSIGN_OR_RETURN(*use_regex, OptionalBool(*it, "use_regex", true, "pre_tokenizer"));
-  return absl::OkStatus();
+const Json& Member(const Json& obj, const char* key) {
+  static const Json kNull = nullptr;
+  const auto it = obj.find(key);
+  return it == obj.end() ? kNull : *it;
 }
 
-// Checks that the BPE model is one this version reproduces exactly.
-absl::Status CheckModel(const Json& model, std::vector<std::pair<std::string, int32_t>>* vocab,
-                        bool* ignore_merges) {
+// The parts of model (type BPE) that BpeModel::Create needs, plus what ToJson writes back.
+struct ParsedModel {
+  std::vector<std::pair<std::string, int32_t>> vocab;
+  std::vector<std::pair<std::string, std::string>> merges;
+  BpeModel::Options options;
+  std::optional<double> dropout;
+};
+
+absl::StatusOr<ParsedModel> ParseModel(const Json& model) {
   if (!model.is_object()) return Invalid("'model' must be an object");
   const auto type = model.find("type");
   if (type != model.end() ? TypeOf(model) != "BPE" : !model.contains("merges")) {
     return Unsupported(absl::StrCat("model type ", type != model.end() ? TypeOf(model) : "?",
                                     " is not supported (only BPE)"));
   }
-  const auto merges = model.find("merges");
-  if (merges != model.end() && !merges->is_null()) {
-    if (!merges->is_array()) return Invalid("model.merges must be an array");
-    if (!merges->empty()) {
-      return Unsupported(absl::StrCat("model.merges has ", merges->size(),
-                                      " entries; BPE merges are not supported yet (only an "
-                                      "empty merges list, i.e. one token per byte)"));
+  ParsedModel parsed;
+  const Json& merges = Member(model, "merges");
+  if (!merges.is_null()) {
+    if (!merges.is_array()) return Invalid("model.merges must be an array");
+    parsed.merges.reserve(merges.size());
+    for (size_t rank = 0; rank < merges.size(); ++rank) {
+      const Json& m = merges[rank];
+      if (m.is_string()) {
+        // Legacy "left right": exactly one space (HF rejects anything else).
+        const std::string& line = m.get_ref<const std::string&>();
+        const size_t space = line.find(' ');
+        if (space == std::string::npos || line.find(' ', space + 1) != std::string::npos) {
+          return Invalid(absl::StrCat("model.merges[", rank, "] '", line,
+                                      "' is not two tokens separated by one space"));
+        }
+        parsed.merges.emplace_back(line.substr(0, space), line.substr(space + 1));
+      } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
+        parsed.merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
+      } else {
+        return Invalid(absl::StrCat("model.merges[", rank, "] = ", m.dump(),
+                                    " is neither \"a b\" nor [\"a\", \"b\"]"));
+      }
     }
   }
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
-    const auto it = model.find(key);
-    if (it != model.end() && !it->is_null() && *it != "") {
-      return Unsupported(absl::StrCat("model.", key, " ", it->dump(), " is not supported"));
+    const Json& affix = Member(model, key);
+    if (!affix.is_null() && affix != "") {
+      return Unsupported(absl::StrCat("model.", key, " ", affix.dump(), " is not supported"));
     }
   }
-  ASSIGN_OR_RETURN(*ignore_merges, OptionalBool(model, "ignore_merges", false, "model"));
+  const Json& dropout = Member(model, "dropout");
+  if (!dropout.is_null()) {
+    if (!dropout.is_number()) return Invalid("model.dropout must be a number or null");
+    parsed.dropout = dropout.get<double>();
+    // Dropout randomizes merges at encode time (a training aid); without merges it is a no-op.
+    if (*parsed.dropout > 0 && !parsed.merges.empty()) {
+      return Unsupported(
+          absl::StrCat("model.dropout ", dropout.dump(), " is not supported (only null or 0)"));
+    }
+  }
+  const Json& unk = Member(model, "unk_token");
+  if (!unk.is_null()) {
+    if (!unk.is_string()) return Invalid("model.unk_token must be a string or null");
+    parsed.options.unk_token = unk.get<std::string>();
+  }
+  ASSIGN_OR_RETURN(parsed.options.fuse_unk, OptionalBool(model, "fuse_unk", false, "model"));
+  ASSIGN_OR_RETURN(parsed.options.byte_fallback,
+                   OptionalBool(model, "byte_fallback", false, "model"));
+  ASSIGN_OR_RETURN(parsed.options.ignore_merges,
+                   OptionalBool(model, "ignore_merges", false, "model"));
 
-  const auto v = model.find("vocab");
-  if (v == model.end() || !v->is_object()) return Invalid("model.vocab must be an object");
-  vocab->reserve(v->size());
-  for (const auto& [piece, id_json] : v->items()) {
+  const Json& vocab = Member(model, "vocab");
+  if (!vocab.is_object()) return Invalid("model.vocab must be an object");
+  parsed.vocab.reserve(vocab.size());
+  for (const auto& [piece, id_json] : vocab.items()) {
     int32_t id;
     if (!JsonToId(id_json, &id)) {
       return Invalid(absl::StrCat("model.vocab['", piece, "'] = ", id_json.dump(),
                                   " is not an id in [0, ", kMaxTokenizerVocabSize, ")"));
     }
-    vocab->emplace_back(piece, id);
+    parsed.vocab.emplace_back(piece, id);
   }
-  return absl::OkStatus();
+  return parsed;
 }
 
 absl::StatusOr<std::vector<Tokenizer::AddedToken>> ParseAddedTokens(const Json& root) {
   std::vector<Tokenizer::AddedToken> added;
-  const auto it = root.find("added_tokens");
-  if (it == root.end() || it->is_null()) return added;
-  if (!it->is_array()) return Invalid("'added_tokens' must be an array");
-  for (const Json& entry : *it) {
+  const Json& list = Member(root, "added_tokens");
+  if (list.is_null()) return added;
+  if (!list.is_array()) return Invalid("'added_tokens' must be an array");
+  for (const Json& entry : list) {
     if (!entry.is_object()) return Invalid("added_tokens entries must be objects");
     Tokenizer::AddedToken t;
     const auto content = entry.find("content");
@@ -283,7 +212,70 @@ absl::StatusOr<std::vector<Tokenizer::AddedToken>> ParseAddedTokens(const Json& 
   return added;
 }
 
+// The content of the special token a TemplateProcessing post-processor puts first in a single
+// sequence (searched inside Sequence post-processors too). `found` tells whether a
+// TemplateProcessing exists at all.
+std::optional<int32_t> TemplateBos(const Json& processor, bool* found) {
+  const std::string type = TypeOf(processor);
+  if (type == "Sequence") {
+    for (const Json& child : Member(processor, "processors")) {
+      std::optional<int32_t> bos = TemplateBos(child, found);
+      if (*found) return bos;
+    }
+    return std::nullopt;
+  }
+  if (type != "TemplateProcessing") return std::nullopt;
+  *found = true;
+  const Json& single = Member(processor, "single");
+  if (!single.is_array() || single.empty() || !single[0].is_object()) return std::nullopt;
+  const Json& special = Member(single[0], "SpecialToken");
+  if (!special.is_object() || !Member(special, "id").is_string()) return std::nullopt;
+  const Json& tokens = Member(processor, "special_tokens");
+  if (!tokens.is_object()) return std::nullopt;
+  const Json& entry = Member(tokens, special["id"].get_ref<const std::string&>().c_str());
+  const Json& ids = Member(entry, "ids");
+  int32_t id;
+  if (!ids.is_array() || ids.size() != 1 || !JsonToId(ids[0], &id)) return std::nullopt;
+  return id;
+}
+
+// tokenizer.json of ByteLevelDemo() (without its post-processor, which ToJson adds).
+std::string DemoJson() {
+  OrderedJson added = OrderedJson::array();
+  int32_t id = 256;
+  for (const char* name : {"<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"}) {
+    added.push_back({{"id", id++},
+                     {"content", name},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", true}});
+  }
+  OrderedJson vocab = OrderedJson::object();
+  for (int b = 0; b < 256; ++b) vocab[ByteLevelSymbol(static_cast<uint8_t>(b))] = b;
+  const OrderedJson root = {
+      {"added_tokens", std::move(added)},
+      {"normalizer", nullptr},
+      {"pre_tokenizer",
+       {{"type", "ByteLevel"},
+        {"add_prefix_space", false},
+        {"trim_offsets", true},
+        {"use_regex", false}}},
+      {"decoder",
+       {{"type", "ByteLevel"},
+        {"add_prefix_space", true},
+        {"trim_offsets", true},
+        {"use_regex", true}}},
+      {"model", {{"type", "BPE"}, {"vocab", std::move(vocab)}, {"merges", OrderedJson::array()}}},
+  };
+  return root.dump();
+}
+
 }  // namespace
+
+Tokenizer::Tokenizer() = default;
+Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJsonString(std::string_view json) {
   return ParseWithContext(json, "tokenizer.json");
@@ -314,38 +306,47 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::ParseJson(std::string_view
   }
   if (!root.is_object()) return Invalid("top level is not a JSON object");
 
-  const auto normalizer = root.find("normalizer");
-  if (normalizer != root.end() && !normalizer->is_null()) {
-    return Unsupported(
-        absl::StrCat("normalizer ", TypeOf(*normalizer), " is not supported (only null)"));
-  }
   auto tok = std::unique_ptr<Tokenizer>(new Tokenizer());
-  RETURN_IF_ERROR(ParsePreTokenizer(root, &tok->add_prefix_space_, &tok->use_regex_));
-  const auto decoder = root.find("decoder");
-  if (decoder == root.end() || TypeOf(*decoder) != "ByteLevel") {
-    return Unsupported(absl::StrCat("decoder ",
-                                    decoder == root.end() ? "missing" : TypeOf(*decoder),
-                                    " is not supported (only ByteLevel)"));
-  }
+  const Json& normalizer = Member(root, "normalizer");
+  const Json& pre_tokenizer = Member(root, "pre_tokenizer");
+  const Json& decoder = Member(root, "decoder");
+  ASSIGN_OR_RETURN(tok->normalizer_, Normalizer::FromJson(normalizer));
+  ASSIGN_OR_RETURN(tok->pre_tokenizer_, PreTokenizer::FromJson(pre_tokenizer));
+  ASSIGN_OR_RETURN(tok->decoder_, Decoder::FromJson(decoder));
+  tok->normalizer_json_ = normalizer.dump();
+  tok->pre_tokenizer_json_ = pre_tokenizer.dump();
+  tok->decoder_json_ = decoder.dump();
+  tok->sanitize_input_ = !(tok->normalizer_->identity() && tok->pre_tokenizer_->byte_level());
+
   const auto model = root.find("model");
   if (model == root.end()) return Invalid("no 'model'");
-  std::vector<std::pair<std::string, int32_t>> vocab;
-  bool ignore_merges = false;
-  RETURN_IF_ERROR(CheckModel(*model, &vocab, &ignore_merges));
-  if (ignore_merges) {
-    // With ignore_merges a whole pre-token found in the vocabulary is one token, so
-    // multi-symbol entries would need the GPT-2 regex split to reproduce.
-    for (const auto& [piece, id] : vocab) {
-      if (CountCodePoints(piece) > 1) {
-        return Unsupported(
-            absl::StrCat("ignore_merges=true with the multi-byte vocabulary "
-                         "entry '",
-                         piece, "' is not supported"));
-      }
+  ASSIGN_OR_RETURN(ParsedModel parsed, ParseModel(*model));
+  ASSIGN_OR_RETURN(std::vector<AddedToken> added, ParseAddedTokens(root));
+  tok->dropout_ = parsed.dropout;
+  // HF looks the unk token up in the model vocabulary only; a file whose unk token is an added
+  // token would make HF fail on unknown characters. We use the added token's id instead.
+  if (parsed.options.unk_token.has_value()) {
+    for (const AddedToken& t : added) {
+      if (t.content == *parsed.options.unk_token) parsed.options.unk_id = t.id;
+    }
+    for (const auto& [piece, id] : parsed.vocab) {
+      if (piece == *parsed.options.unk_token) parsed.options.unk_id = id;
     }
   }
-  ASSIGN_OR_RETURN(std::vector<AddedToken> added, ParseAddedTokens(root));
-  RETURN_IF_ERROR(tok->Init(std::move(vocab), std::move(added)));
+  ASSIGN_OR_RETURN(tok->model_,
+                   BpeModel::Create(std::move(parsed.vocab), parsed.merges, parsed.options));
+  RETURN_IF_ERROR(tok->Init(std::move(added)));
+
+  bool has_template = false;
+  const std::optional<int32_t> template_bos =
+      TemplateBos(Member(root, "post_processor"), &has_template);
+  if (has_template) {
+    tok->bos_id_.reset();
+    if (template_bos.has_value() && *template_bos < tok->vocab_size() &&
+        !tok->pieces_[*template_bos].empty()) {
+      tok->bos_id_ = template_bos;
+    }
+  }
   return tok;
 }
 
@@ -362,12 +363,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJsonFile(const std::st
   return ParseWithContext(contents.str(), path);
 }
 
-absl::Status Tokenizer::Init(std::vector<std::pair<std::string, int32_t>> vocab,
-                             std::vector<AddedToken> added) {
-  std::sort(vocab.begin(), vocab.end(),
-            [](const auto& a, const auto& b) { return a.second < b.second; });
-  int32_t max_id = -1;
-  for (const auto& [piece, id] : vocab) max_id = std::max(max_id, id);
+absl::Status Tokenizer::Init(std::vector<AddedToken> added) {
+  const auto& vocab = model_->vocab();
+  int32_t max_id = vocab.empty() ? -1 : vocab.back().second;
   for (const AddedToken& t : added) max_id = std::max(max_id, t.id);
 
   const size_t size = static_cast<size_t>(max_id + 1);
@@ -376,14 +374,8 @@ absl::Status Tokenizer::Init(std::vector<std::pair<std::string, int32_t>> vocab,
   special_.assign(size, false);
   std::vector<bool> used(size, false);
   for (const auto& [piece, id] : vocab) {
-    if (used[id]) {
-      return Invalid(absl::StrCat("model.vocab gives id ", id, " to both '", pieces_[id], "' and '",
-                                  piece, "'"));
-    }
     used[id] = true;
     pieces_[id] = piece;
-    decoded_[id] = ByteLevelDecode(piece);
-    piece_to_id_.emplace(piece, id);
   }
   std::set<std::string_view> added_contents;
   for (const AddedToken& t : added) {
@@ -397,33 +389,30 @@ absl::Status Tokenizer::Init(std::vector<std::pair<std::string, int32_t>> vocab,
     used[t.id] = true;
     pieces_[t.id] = t.content;
     special_[t.id] = t.special;
-    decoded_[t.id] = t.special ? "" : ByteLevelDecode(t.content);
-    piece_to_id_[t.content] = t.id;  // Added tokens take precedence, as in Hugging Face.
+    added_to_id_[t.content] = t.id;
   }
-  for (int b = 0; b < 256; ++b) {
-    const std::string symbol = ByteSymbol(static_cast<uint8_t>(b));
-    const auto it = piece_to_id_.find(symbol);
-    if (it == piece_to_id_.end()) {
-      return Invalid(absl::StrFormat(
-          "model.vocab has no token for byte 0x%02X (symbol '%s'); every byte needs one", b,
-          symbol));
-    }
-    byte_to_id_[b] = it->second;
+  for (size_t id = 0; id < size; ++id) {
+    if (used[id] && !special_[id]) decoded_[id] = decoder_->DecodeStreaming(pieces_[id]);
   }
 
-  vocab_ = std::move(vocab);
   added_ = std::move(added);
+  match_text_.clear();
   for (auto& set : match_sets_) {
     for (auto& bucket : set) bucket.clear();
   }
   for (size_t i = 0; i < added_.size(); ++i) {
     const AddedToken& t = added_[i];
-    match_sets_[t.normalized ? 1 : 0][static_cast<uint8_t>(t.content[0])].push_back(i);
+    // HF matches normalized=true tokens by their normalized content.
+    match_text_.push_back(t.normalized && !normalizer_->identity()
+                              ? normalizer_->Apply(SanitizeUtf8(t.content))
+                              : t.content);
+    if (match_text_.back().empty()) continue;
+    match_sets_[t.normalized ? 1 : 0][static_cast<uint8_t>(match_text_.back()[0])].push_back(i);
   }
   for (auto& set : match_sets_) {
     for (auto& bucket : set) {
       std::stable_sort(bucket.begin(), bucket.end(), [&](size_t a, size_t b) {
-        return added_[a].content.size() > added_[b].content.size();
+        return match_text_[a].size() > match_text_[b].size();
       });
     }
   }
@@ -432,10 +421,9 @@ absl::Status Tokenizer::Init(std::vector<std::pair<std::string, int32_t>> vocab,
   static constexpr std::string_view kEosNames[] = {"<|end_of_text|>", "</s>", "<|endoftext|>",
                                                    "<|im_end|>"};
   const auto find_added = [&](std::string_view name) -> std::optional<int32_t> {
-    for (const AddedToken& t : added_) {
-      if (t.content == name) return t.id;
-    }
-    return std::nullopt;
+    const auto it = added_to_id_.find(name);
+    if (it == added_to_id_.end()) return std::nullopt;
+    return it->second;
   };
   bos_id_.reset();
   for (std::string_view name : kBosNames) {
@@ -452,27 +440,14 @@ absl::Status Tokenizer::Init(std::vector<std::pair<std::string, int32_t>> vocab,
 }
 
 std::unique_ptr<Tokenizer> Tokenizer::ByteLevelDemo() {
-  std::vector<std::pair<std::string, int32_t>> vocab;
-  for (int b = 0; b < 256; ++b) vocab.emplace_back(ByteSymbol(static_cast<uint8_t>(b)), b);
-  std::vector<AddedToken> added;
-  int32_t id = 256;
-  for (const char* name : {"<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"}) {
-    AddedToken t;
-    t.id = id++;
-    t.content = name;
-    t.special = true;
-    t.normalized = false;
-    added.push_back(std::move(t));
-  }
-  auto tok = std::unique_ptr<Tokenizer>(new Tokenizer());
-  const absl::Status status = tok->Init(std::move(vocab), std::move(added));
+  auto tok = FromJsonString(DemoJson());
   // The demo vocabulary is fixed; failing to build it is a bug in this file.
-  MOLE_CHECK_MSG(status.ok(), "ByteLevelDemo vocabulary is inconsistent");
-  return tok;
+  MOLE_CHECK_MSG(tok.ok(), "ByteLevelDemo vocabulary is inconsistent");
+  return std::move(*tok);
 }
 
 std::string Tokenizer::ToJson() const {
-  OrderedJson added = OrderedJson::array();
+  Json added = Json::array();
   std::vector<const AddedToken*> sorted;
   for (const AddedToken& t : added_) sorted.push_back(&t);
   std::stable_sort(sorted.begin(), sorted.end(),
@@ -487,79 +462,88 @@ std::string Tokenizer::ToJson() const {
                      {"special", t->special}});
   }
 
-  OrderedJson post_processor = nullptr;
+  Json post_processor = nullptr;
   if (bos_id_.has_value() && *bos_id_ >= 0 && *bos_id_ < vocab_size() &&
       !pieces_[*bos_id_].empty()) {
     const std::string& bos = pieces_[*bos_id_];
     const auto special = [&](int type_id) {
-      return OrderedJson{{"SpecialToken", {{"id", bos}, {"type_id", type_id}}}};
+      return Json{{"SpecialToken", {{"id", bos}, {"type_id", type_id}}}};
     };
     const auto sequence = [](const char* id, int type_id) {
-      return OrderedJson{{"Sequence", {{"id", id}, {"type_id", type_id}}}};
+      return Json{{"Sequence", {{"id", id}, {"type_id", type_id}}}};
     };
     post_processor = {
         {"type", "TemplateProcessing"},
-        {"single", OrderedJson::array({special(0), sequence("A", 0)})},
-        {"pair", OrderedJson::array({special(0), sequence("A", 0), special(1), sequence("B", 1)})},
+        {"single", Json::array({special(0), sequence("A", 0)})},
+        {"pair", Json::array({special(0), sequence("A", 0), special(1), sequence("B", 1)})},
         {"special_tokens",
-         {{bos,
-           {{"id", bos},
-            {"ids", OrderedJson::array({*bos_id_})},
-            {"tokens", OrderedJson::array({bos})}}}}}};
+         {{bos, {{"id", bos}, {"ids", Json::array({*bos_id_})}, {"tokens", Json::array({bos})}}}}}};
   }
 
-  OrderedJson vocab = OrderedJson::object();
-  for (const auto& [piece, id] : vocab_) vocab[piece] = id;
+  // Plain (key-sorted) JSON objects: nlohmann's ordered_json inserts in linear time.
+  Json vocab = Json::object();
+  for (const auto& [piece, id] : model_->vocab()) vocab[piece] = id;
+  Json merges = Json::array();
+  for (const auto& [left, right] : model_->MergesByRank()) {
+    merges.push_back(Json::array({pieces_[left], pieces_[right]}));
+  }
+  const BpeModel::Options& options = model_->options();
 
-  OrderedJson root = {
+  Json root = {
       {"version", "1.0"},
       {"truncation", nullptr},
       {"padding", nullptr},
       {"added_tokens", std::move(added)},
-      {"normalizer", nullptr},
-      {"pre_tokenizer",
-       {{"type", "ByteLevel"},
-        {"add_prefix_space", add_prefix_space_},
-        {"trim_offsets", true},
-        {"use_regex", use_regex_}}},
+      {"normalizer", Json::parse(normalizer_json_)},
+      {"pre_tokenizer", Json::parse(pre_tokenizer_json_)},
       {"post_processor", std::move(post_processor)},
-      {"decoder",
-       {{"type", "ByteLevel"},
-        {"add_prefix_space", true},
-        {"trim_offsets", true},
-        {"use_regex", true}}},
+      {"decoder", Json::parse(decoder_json_)},
       {"model",
        {{"type", "BPE"},
-        {"dropout", nullptr},
-        {"unk_token", nullptr},
+        {"dropout", dropout_.has_value() ? Json(*dropout_) : Json(nullptr)},
+        {"unk_token", options.unk_token.has_value() ? Json(*options.unk_token) : Json(nullptr)},
         {"continuing_subword_prefix", nullptr},
         {"end_of_word_suffix", nullptr},
-        {"fuse_unk", false},
-        {"byte_fallback", false},
-        {"ignore_merges", false},
+        {"fuse_unk", options.fuse_unk},
+        {"byte_fallback", options.byte_fallback},
+        {"ignore_merges", options.ignore_merges},
         {"vocab", std::move(vocab)},
-        {"merges", OrderedJson::array()}}},
+        {"merges", std::move(merges)}}},
   };
   return root.dump(2);
 }
 
 std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool add_bos) const {
   std::vector<int32_t> ids;
-  ids.reserve(text.size() + 1);
+  ids.reserve(text.size() / 3 + 2);
   if (add_bos && bos_id_.has_value()) ids.push_back(*bos_id_);
-  EncodePiece(text, 0, &ids);
+  std::string sanitized;
+  if (sanitize_input_ && !IsValidUtf8(text)) {
+    sanitized = SanitizeUtf8(text);
+    text = sanitized;
+  }
+  EncodePiece(text, 0, /*at_start=*/true, &ids);
   return ids;
 }
 
-void Tokenizer::EncodePiece(std::string_view text, int pass, std::vector<int32_t>* out) const {
+void Tokenizer::EncodePiece(std::string_view text, int pass, bool at_start,
+                            std::vector<int32_t>* out) const {
   if (text.empty()) return;
-  if (pass == 2) {
-    // ByteLevel pre-tokenizer + BPE without merges: one token per byte. The optional GPT-2
-    // regex split only groups bytes into words, which cannot change ids without merges.
-    if (add_prefix_space_ && text[0] != ' ') out->push_back(byte_to_id_[' ']);
-    for (char c : text) out->push_back(byte_to_id_[static_cast<uint8_t>(c)]);
-    return;
-  }
+  // Hands a piece that is not an added token to the next stage.
+  const auto next = [&](std::string_view piece, bool piece_at_start) {
+    if (pass == 0) {
+      if (normalizer_->identity()) {
+        EncodePiece(piece, 1, piece_at_start, out);
+      } else {
+        EncodePiece(normalizer_->Apply(piece), 1, piece_at_start, out);
+      }
+      return;
+    }
+    std::vector<std::string> words;
+    pre_tokenizer_->Split(piece, piece_at_start, &words);
+    for (const std::string& word : words) model_->Tokenize(word, out);
+  };
+
   // Hugging Face AddedVocabulary::find_matches: leftmost-longest, non-overlapping matches;
   // lstrip/rstrip widen a match over adjacent whitespace, which is then dropped.
   const MatchSet& set = match_sets_[pass];
@@ -567,10 +551,12 @@ void Tokenizer::EncodePiece(std::string_view text, int pass, std::vector<int32_t
   size_t pos = 0;
   while (pos < text.size()) {
     const AddedToken* match = nullptr;
+    size_t match_size = 0;
     for (size_t index : set[static_cast<uint8_t>(text[pos])]) {
-      const AddedToken& t = added_[index];
-      if (text.substr(pos, t.content.size()) == t.content) {
-        match = &t;
+      const std::string& m = match_text_[index];
+      if (text.substr(pos, m.size()) == m) {
+        match = &added_[index];
+        match_size = m.size();
         break;
       }
     }
@@ -579,20 +565,22 @@ void Tokenizer::EncodePiece(std::string_view text, int pass, std::vector<int32_t
       continue;
     }
     size_t start = pos;
-    size_t stop = pos + match->content.size();
+    size_t stop = pos + match_size;
     if (match->lstrip) {
       start = std::max(TrailingWhitespaceStart(text.substr(0, start)), start_offset);
     }
     if (match->rstrip) stop += LeadingWhitespace(text.substr(stop));
     if (start_offset < start) {
-      EncodePiece(text.substr(start_offset, start - start_offset), pass + 1, out);
+      next(text.substr(start_offset, start - start_offset), at_start && start_offset == 0);
     }
     out->push_back(match->id);
     start_offset = stop;
     // The matcher resumes right after the matched text, not after the stripped whitespace.
-    pos += match->content.size();
+    pos += match_size;
   }
-  if (start_offset < text.size()) EncodePiece(text.substr(start_offset), pass + 1, out);
+  if (start_offset < text.size()) {
+    next(text.substr(start_offset), at_start && start_offset == 0);
+  }
 }
 
 std::string Tokenizer::DecodeToken(int32_t id) const {
@@ -601,11 +589,13 @@ std::string Tokenizer::DecodeToken(int32_t id) const {
 }
 
 std::string Tokenizer::Decode(absl::Span<const int32_t> ids) const {
-  std::string out;
+  std::vector<std::string> tokens;
+  tokens.reserve(ids.size());
   for (int32_t id : ids) {
-    if (id >= 0 && id < vocab_size()) out += decoded_[id];
+    if (id < 0 || id >= vocab_size() || special_[id] || pieces_[id].empty()) continue;
+    tokens.push_back(pieces_[id]);
   }
-  return out;
+  return decoder_->Decode(std::move(tokens));
 }
 
 std::string Tokenizer::Piece(int32_t id) const {
@@ -614,9 +604,10 @@ std::string Tokenizer::Piece(int32_t id) const {
 }
 
 std::optional<int32_t> Tokenizer::TokenToId(std::string_view piece) const {
-  const auto it = piece_to_id_.find(piece);
-  if (it == piece_to_id_.end()) return std::nullopt;
-  return it->second;
+  // Added tokens take precedence, as in Hugging Face.
+  const auto it = added_to_id_.find(piece);
+  if (it != added_to_id_.end()) return it->second;
+  return model_->PieceToId(piece);
 }
 
 bool Tokenizer::IsSpecial(int32_t id) const { return id >= 0 && id < vocab_size() && special_[id]; }

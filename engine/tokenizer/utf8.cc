@@ -73,6 +73,43 @@ bool IsValidUtf8(std::string_view bytes) {
   return true;
 }
 
+size_t DecodeCodePoint(std::string_view bytes, size_t i, char32_t* cp) {
+  const uint8_t b0 = static_cast<uint8_t>(bytes[i]);
+  const LeadInfo info = Lead(b0);
+  if (info.length == 0 || ValidPrefixLength(bytes, i, info) != info.length) return 0;
+  static constexpr uint8_t kLeadMask[] = {0, 0x7F, 0x1F, 0x0F, 0x07};
+  char32_t value = b0 & kLeadMask[info.length];
+  for (int k = 1; k < info.length; ++k) {
+    value = (value << 6) | (static_cast<uint8_t>(bytes[i + k]) & 0x3F);
+  }
+  *cp = value;
+  return static_cast<size_t>(info.length);
+}
+
+void AppendCodePoint(char32_t cp, std::string* out) {
+  if (cp < 0x80) {
+    out->push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else if (cp < 0x10000) {
+    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  } else {
+    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  }
+}
+
+bool IsUnicodeWhitespace(char32_t c) {
+  return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+         c == 0x3000;
+}
+
 std::string SanitizeUtf8(std::string_view bytes) {
   if (IsValidUtf8(bytes)) return std::string(bytes);
   std::string out;

@@ -35,4 +35,14 @@ namespace moleserve::engine {
 // True when `bytes` is entirely valid UTF-8.
 [[nodiscard]] bool IsValidUtf8(std::string_view bytes);
 
+// Decodes the code point that starts at bytes[i] into `*cp` and returns its length in bytes, or
+// returns 0 when the bytes there are not a well-formed UTF-8 sequence. Requires i < bytes.size().
+[[nodiscard]] size_t DecodeCodePoint(std::string_view bytes, size_t i, char32_t* cp);
+
+// Appends the UTF-8 encoding of `cp` (a Unicode scalar value) to `out`.
+void AppendCodePoint(char32_t cp, std::string* out);
+
+// Unicode White_Space (what Rust's char::is_whitespace and regex `\s` accept).
+[[nodiscard]] bool IsUnicodeWhitespace(char32_t cp);
+
 }  // namespace moleserve::engine

@@ -7,6 +7,7 @@
 
 #include <condition_variable>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <thread>
 
 #include "absl/time/clock.h"
@@ -401,6 +402,23 @@ TEST(EngineTest, NonFiniteLogitsFailTheRequest) {
   EXPECT_EQ(c->status().code(), absl::StatusCode::kInternal);
   EXPECT_NE(c->status().message().find("non-finite"), std::string::npos) << c->status();
   ExpectAllBlocksFree(*e);
+}
+
+// Like Qwen2: config.json names a bos_token_id but the tokenizer's post-processor adds none, so
+// no BOS is prepended (HF add_special_tokens=True adds nothing either).
+TEST(EngineTest, BosComesFromTheTokenizerNotTheConfig) {
+  auto tokenizer = nlohmann::json::parse(Tokenizer::ByteLevelDemo()->ToJson());
+  tokenizer["post_processor"] = nullptr;
+  for (auto& t : tokenizer["added_tokens"]) {
+    if (t["content"] == "<|begin_of_text|>") t["content"] = "<|im_start|>";
+  }
+  const std::string dir = ::testing::TempDir() + "/moleserve_nobos_" + std::to_string(getpid());
+  const ModelConfig config = DemoModelConfig();  // bos_token_id 256
+  ASSERT_TRUE(
+      WriteModelDirectory(dir, config, RandomLlamaWeights(config, 1), tokenizer.dump()).ok());
+  auto e = MakeEngine({.model = dir});
+  EXPECT_EQ(e->Tokenize("Hi", std::nullopt, false)->ids, (std::vector<int32_t>{72, 105}));
+  EXPECT_EQ(e->Tokenize("Hi", true, false)->ids, (std::vector<int32_t>{72, 105}));
 }
 
 TEST(EngineTest, TokenizeUsesBosByDefault) {

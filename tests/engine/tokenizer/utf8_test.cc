@@ -116,5 +116,33 @@ TEST(IsValidUtf8Test, Basics) {
   EXPECT_FALSE(IsValidUtf8("\xC3"));
 }
 
+TEST(CodePointTest, DecodeAndAppendRoundTrip) {
+  for (char32_t cp : {U'\0', U'A', U'\u00E9', U'\u0800', U'\uFFFD', U'\U0001F600', U'\U0010FFFF'}) {
+    std::string s;
+    AppendCodePoint(cp, &s);
+    EXPECT_TRUE(IsValidUtf8(s));
+    char32_t back = 0;
+    EXPECT_EQ(DecodeCodePoint(s, 0, &back), s.size());
+    EXPECT_EQ(back, cp);
+  }
+  char32_t cp = 0;
+  EXPECT_EQ(DecodeCodePoint("a\xC3\xA9", 1, &cp), 2u);
+  EXPECT_EQ(cp, U'\u00E9');
+  // Not well-formed: truncated, overlong, surrogate, lone continuation.
+  for (std::string_view bad : {"\xC3", "\xC0\x80", "\xED\xA0\x80", "\x80"}) {
+    EXPECT_EQ(DecodeCodePoint(bad, 0, &cp), 0u) << testing::PrintToString(bad);
+  }
+}
+
+TEST(CodePointTest, UnicodeWhitespace) {
+  for (char32_t cp :
+       {U'\t', U'\n', U'\r', U' ', U'\u0085', U'\u00A0', U'\u2003', U'\u2028', U'\u3000'}) {
+    EXPECT_TRUE(IsUnicodeWhitespace(cp)) << static_cast<uint32_t>(cp);
+  }
+  for (char32_t cp : {U'a', U'\u200B', U'\u180E', U'\uFEFF', U'\0'}) {
+    EXPECT_FALSE(IsUnicodeWhitespace(cp)) << static_cast<uint32_t>(cp);
+  }
+}
+
 }  // namespace
 }  // namespace moleserve::engine
