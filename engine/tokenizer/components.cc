@@ -92,7 +92,10 @@ absl::StatusOr<std::string> PatternMember(const Json& obj, std::string_view wher
     return Invalid(absl::StrCat(std::string(where),
                                 ": 'pattern' must be {\"String\": ...} or {\"Regex\": ...}"));
   }
-  const auto& [kind, value] = *it->items().begin();
+  // it->begin() iterates the object itself: key() and value() refer into `obj`, which outlives
+  // them (a binding into `*it->items().begin()` would dangle: that proxy is a temporary).
+  const std::string& kind = it->begin().key();
+  const Json& value = it->begin().value();
   if (!value.is_string()) {
     return Invalid(absl::StrCat(std::string(where), ": pattern.", kind, " must be a string"));
   }
