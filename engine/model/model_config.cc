@@ -9,6 +9,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/core/json_depth.h"
+#include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
 namespace {
@@ -102,10 +104,15 @@ namespace {
 absl::Status ParseRope(const json& rope, ModelConfig* c) {
   if (!rope.is_object())
     return Bad(absl::StrCat("rope scaling must be an object, got ", rope.dump()));
-  std::string type = "default";
+  // transformers >= 4.45 reads "type" over "rope_type" when both are present.
+  std::string type;
   for (const char* key : {"rope_type", "type"}) {
     if (auto it = rope.find(key); it != rope.end() && it->is_string())
       type = it->get<std::string>();
+  }
+  if (type.empty()) {
+    // E.g. {"factor": 8} or transformers-5 per-layer-type parameters: never guess "no scaling".
+    return Bad(absl::StrCat("rope scaling ", rope.dump(), " has no string 'rope_type'"));
   }
   if (auto s = ReadNumber(rope, "rope_theta", &c->rope_theta, false); !s.ok()) return s;
   RopeScaling& r = c->rope_scaling;
@@ -145,7 +152,29 @@ bool TrueFlag(const json& j, const char* key) {
 
 }  // namespace
 
+absl::StatusOr<std::vector<int32_t>> ReadTokenIds(const nlohmann::json& value,
+                                                  absl::string_view what) {
+  std::vector<int32_t> ids;
+  auto one = [&](const json& v) -> absl::Status {
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > INT32_MAX) ||
+        (!v.is_number_unsigned() && (v.get<int64_t>() < 0 || v.get<int64_t>() > INT32_MAX))) {
+      return Bad(absl::StrCat(what, ": ", v.dump(), " is not a token id"));
+    }
+    ids.push_back(static_cast<int32_t>(v.get<int64_t>()));
+    return absl::OkStatus();
+  };
+  if (value.is_array()) {
+    for (const auto& v : value) RETURN_IF_ERROR(one(v));
+  } else {
+    RETURN_IF_ERROR(one(value));
+  }
+  return ids;
+}
+
 absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text) {
+  if (JsonNestingDepth(std::string_view(json_text.data(), json_text.size())) > kMaxJsonDepth) {
+    return Bad(absl::StrCat("nested deeper than ", kMaxJsonDepth, " levels"));
+  }
   json j = json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return Bad("not a JSON object");
   ModelConfig c;
@@ -173,7 +202,12 @@ absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text) {
       return Bad("unsupported option use_sliding_window=true (Qwen2 sliding-window layers)");
     }
   }
+  // transformers' per-architecture defaults for keys a config.json may leave out.
+  if (mistral) c.max_position_embeddings = 4096 * 32;
+  if (qwen2) c.max_position_embeddings = 32768;
   if (mistral) {
+    c.sliding_window = 4096;  // MistralConfig's default; an explicit null turns it off
+    if (auto it = j.find("sliding_window"); it != j.end() && it->is_null()) c.sliding_window = 0;
     if (auto it = j.find("sliding_window"); it != j.end() && !it->is_null()) {
       if (auto s = ReadNumber(j, "sliding_window", &c.sliding_window, true); !s.ok()) return s;
       if (c.sliding_window <= 0) return Bad("sliding_window must be > 0 or null");
@@ -204,18 +238,13 @@ absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text) {
   if (auto it = j.find("tie_word_embeddings"); it != j.end() && it->is_boolean()) {
     c.tie_word_embeddings = it->get<bool>();
   }
-  if (auto it = j.find("bos_token_id"); it != j.end() && it->is_number_integer()) {
-    c.bos_token_id = it->get<int32_t>();
+  if (auto it = j.find("bos_token_id"); it != j.end() && !it->is_null()) {
+    int32_t bos = 0;
+    if (!(s = ReadNumber(j, "bos_token_id", &bos, true)).ok()) return s;
+    c.bos_token_id = bos;
   }
-  if (auto it = j.find("eos_token_id"); it != j.end()) {
-    if (it->is_number_integer()) {
-      c.eos_token_ids.push_back(it->get<int32_t>());
-    } else if (it->is_array()) {
-      for (const auto& e : *it) {
-        if (!e.is_number_integer()) return Bad("eos_token_id entries must be integers");
-        c.eos_token_ids.push_back(e.get<int32_t>());
-      }
-    }
+  if (auto it = j.find("eos_token_id"); it != j.end() && !it->is_null()) {
+    ASSIGN_OR_RETURN(c.eos_token_ids, ReadTokenIds(*it, "eos_token_id"));
   }
   if (auto it = j.find("_name_or_path");
       it != j.end() && it->is_string() && !it->get<std::string>().empty()) {

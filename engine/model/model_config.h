@@ -4,6 +4,7 @@
 // Hugging Face config.json or built in code (the demo model, synthetic presets). Plain value type.
 
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -64,6 +65,11 @@ absl::StatusOr<ModelConfig> ParseHfConfig(absl::string_view json_text);
 
 // The config.json that ParseHfConfig reads back to `config`.
 std::string ToHfConfigJson(const ModelConfig& config);
+
+// Reads a token id or a list of them (e.g. eos_token_id), each in [0, INT32_MAX];
+// kInvalidArgument naming `what` otherwise.
+absl::StatusOr<std::vector<int32_t>> ReadTokenIds(const nlohmann::json& value,
+                                                  absl::string_view what);
 
 // RoPE inverse frequencies (head_dim / 2 of them) with the config's scaling applied, computed in
 // double as HF's rope initialisers define them.

@@ -1,5 +1,6 @@
 #include "engine/model/model_directory.h"
 
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -8,6 +9,7 @@
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
@@ -40,28 +42,33 @@ absl::StatusOr<ModelDirectory> OpenModelDirectory(const std::string& dir) {
   out.config = *std::move(config);
   if (fs::exists(root / "generation_config.json", ec)) {
     ASSIGN_OR_RETURN(std::string gen_text, ReadFile(root / "generation_config.json"));
-    nlohmann::json gen = nlohmann::json::parse(gen_text, nullptr, /*allow_exceptions=*/false);
+    nlohmann::json gen = JsonNestingDepth(gen_text) > kMaxJsonDepth
+                             ? nlohmann::json(nlohmann::json::value_t::discarded)
+                             : nlohmann::json::parse(gen_text, nullptr, /*allow_exceptions=*/false);
     if (gen.is_discarded() || !gen.is_object()) {
       return absl::InvalidArgumentError(
           absl::StrCat(dir, "/generation_config.json is not a JSON object"));
     }
-    if (auto it = gen.find("eos_token_id"); it != gen.end()) {
-      std::vector<int32_t> eos;
-      if (it->is_number_integer()) eos.push_back(it->get<int32_t>());
-      if (it->is_array()) {
-        for (const auto& e : *it) {
-          if (e.is_number_integer()) eos.push_back(e.get<int32_t>());
-        }
+    if (auto it = gen.find("eos_token_id"); it != gen.end() && !it->is_null()) {
+      absl::StatusOr<std::vector<int32_t>> eos = ReadTokenIds(*it, "eos_token_id");
+      if (!eos.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(dir, "/generation_config.json: ", eos.status().message()));
       }
-      if (!eos.empty()) out.config.eos_token_ids = eos;
+      if (!eos->empty()) out.config.eos_token_ids = *eos;
     }
     GenerationDefaults& d = out.generation_defaults;
     auto number = [&](const char* key, auto* field) -> absl::Status {
       auto it = gen.find(key);
       if (it == gen.end() || it->is_null()) return absl::OkStatus();
-      if (!it->is_number()) {
+      using T = typename std::decay_t<decltype(*field)>::value_type;
+      const bool integral_ok =
+          !std::is_integral_v<T> ||
+          (it->is_number_integer() && it->get<int64_t>() >= 0 && it->get<int64_t>() <= INT32_MAX);
+      if (!it->is_number() || !integral_ok) {
         return absl::InvalidArgumentError(
-            absl::StrCat(dir, "/generation_config.json: '", key, "' must be a number"));
+            absl::StrCat(dir, "/generation_config.json: '", key, "' must be a ",
+                         std::is_integral_v<T> ? "non-negative 32-bit integer" : "number"));
       }
       *field = it->get<typename std::decay_t<decltype(*field)>::value_type>();
       return absl::OkStatus();
@@ -79,7 +86,9 @@ absl::StatusOr<ModelDirectory> OpenModelDirectory(const std::string& dir) {
     shards.push_back((root / "model.safetensors").string());
   } else if (fs::exists(root / "model.safetensors.index.json", ec)) {
     ASSIGN_OR_RETURN(std::string index_text, ReadFile(root / "model.safetensors.index.json"));
-    nlohmann::json index = nlohmann::json::parse(index_text, nullptr, false);
+    nlohmann::json index = JsonNestingDepth(index_text) > kMaxJsonDepth
+                               ? nlohmann::json(nlohmann::json::value_t::discarded)
+                               : nlohmann::json::parse(index_text, nullptr, false);
     auto map = index.is_object() ? index.find("weight_map") : index.end();
     if (index.is_discarded() || map == index.end() || !map->is_object()) {
       return absl::InvalidArgumentError(

@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -164,6 +165,10 @@ absl::Status SafetensorsFile::ParseHeader() {
   const uint64_t data_size = size_ - 8 - header_len;
   const uint8_t* data = base_ + 8 + header_len;
 
+  if (JsonNestingDepth(std::string_view(header_begin, header_len)) > kMaxJsonDepth) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path_, ": header JSON is nested deeper than ", kMaxJsonDepth, " levels"));
+  }
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(header_begin, header_begin + header_len);

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/check.h"
+#include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
 #include "engine/tokenizer/bpe.h"
 #include "engine/tokenizer/components.h"
@@ -298,6 +299,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::ParseWithContext(std::stri
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::ParseJson(std::string_view json) {
+  if (JsonNestingDepth(json) > kMaxJsonDepth) {
+    return Invalid(absl::StrCat("JSON nested deeper than ", kMaxJsonDepth, " levels"));
+  }
   Json root;
   try {
     root = Json::parse(json.begin(), json.end());

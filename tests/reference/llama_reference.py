@@ -97,7 +97,8 @@ def forward(cfg, w, ids):
     nkv = cfg.get("num_key_value_heads") or nh
     hd = cfg.get("head_dim") or h // nh
     eps = cfg.get("rms_norm_eps", 1e-6)
-    window = cfg.get("sliding_window") if cfg["architectures"] == ["MistralForCausalLM"] else None
+    # transformers' MistralConfig defaults sliding_window to 4096; an explicit null turns it off.
+    window = cfg.get("sliding_window", 4096) if cfg["architectures"] == ["MistralForCausalLM"] else None
     t = len(ids)
     x = w["model.embed_tokens.weight"][torch.tensor(ids)]
     inv_freq = rope_inv_freq(cfg, hd)
@@ -112,9 +113,21 @@ def forward(cfg, w, ids):
         allowed &= k_idx > q_idx - window
     mask = torch.zeros((t, t), dtype=torch.float64).masked_fill(~allowed, float("-inf"))
 
+    # Which projections have biases, decided from the config as transformers does (Qwen2: q/k/v;
+    # Llama attention_bias: q/k/v/o), and the checkpoint must agree.
+    arch = cfg["architectures"][0]
+    biased = set()
+    if arch == "Qwen2ForCausalLM" or (arch == "LlamaForCausalLM" and cfg.get("attention_bias")):
+        biased = {"q_proj", "k_proj", "v_proj"}
+    if arch == "LlamaForCausalLM" and cfg.get("attention_bias"):
+        biased.add("o_proj")
+
     def linear(name, inp):
         y = inp @ w[name + ".weight"].T
-        return y + w[name + ".bias"] if name + ".bias" in w else y
+        has_bias = name.split(".")[-1] in biased
+        if (name + ".bias" in w) != has_bias:
+            sys.exit(f"reference: {name}.bias {'missing' if has_bias else 'unexpected'}")
+        return y + w[name + ".bias"] if has_bias else y
 
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."

@@ -457,6 +457,14 @@ TEST(ModelConfigTest, ArchitectureSpecificOptions) {
   EXPECT_FALSE(m->qkv_bias);
   mistral["sliding_window"] = nullptr;
   EXPECT_EQ(ParseHfConfig(mistral.dump())->sliding_window, 0);
+  // Keys a config may leave out take transformers' per-architecture defaults.
+  mistral.erase("sliding_window");
+  mistral.erase("max_position_embeddings");
+  EXPECT_EQ(ParseHfConfig(mistral.dump())->sliding_window, 4096);
+  EXPECT_EQ(ParseHfConfig(mistral.dump())->max_position_embeddings, 131072);
+  qwen.erase("use_sliding_window");
+  qwen.erase("max_position_embeddings");
+  EXPECT_EQ(ParseHfConfig(qwen.dump())->max_position_embeddings, 32768);
 
   // transformers 5 writes rope_parameters (with rope_theta inside) instead of rope_scaling.
   nlohmann::json v5 = base;
@@ -494,6 +502,24 @@ TEST(ModelConfigTest, Llama3RopeFrequencies) {
   EXPECT_NEAR(RopeInverseFrequencies(c)[1], 0.05, 1e-15);
 }
 
+// A hostile file nested a million levels deep is an error, not a stack overflow.
+TEST(HostileJsonTest, DeepNestingIsRejectedEverywhere) {
+  const std::string deep = std::string(1000000, '[') + std::string(1000000, ']');
+  auto config = ParseHfConfig("{\"hidden_act\": " + deep + "}");
+  ASSERT_FALSE(config.ok());
+  EXPECT_NE(config.status().message().find("nested"), std::string::npos) << config.status();
+  auto tokenizer = Tokenizer::FromJsonString("{\"normalizer\": " + deep + "}");
+  ASSERT_FALSE(tokenizer.ok());
+  EXPECT_NE(tokenizer.status().message().find("nested"), std::string::npos) << tokenizer.status();
+  const std::string dir = WriteDemo("deepgen");
+  std::ofstream(dir + "/generation_config.json") << "{\"x\": " << deep << "}";
+  EXPECT_FALSE(OpenModelDirectory(dir).ok());
+  std::ofstream(dir + "/generation_config.json") << R"({"top_k": 1e30})";
+  auto md = OpenModelDirectory(dir);
+  ASSERT_FALSE(md.ok());
+  EXPECT_NE(md.status().message().find("top_k"), std::string::npos) << md.status();
+}
+
 TEST(ModelConfigTest, ParsesAndRoundTrips) {
   const ModelConfig c = DemoModelConfig();
   auto parsed = ParseHfConfig(ToHfConfigJson(c));
@@ -520,7 +546,12 @@ TEST(ModelConfigTest, RejectsWhatItCannotRunByName) {
         Case{"mlp_bias", true, "mlp_bias"}, Case{"hidden_act", "gelu", "hidden_act"},
         Case{"num_key_value_heads", 3, "num_key_value_heads"},
         Case{"hidden_size", -1, "hidden_size"}, Case{"hidden_size", 1.5, "hidden_size"},
-        Case{"vocab_size", 1e12, "vocab_size"}, Case{"hidden_size", 1 << 20, "hidden_size"}}) {
+        Case{"vocab_size", 1e12, "vocab_size"}, Case{"hidden_size", 1 << 20, "hidden_size"},
+        Case{"rope_scaling", {{"factor", 8.0}}, "rope_type"},
+        Case{"rope_parameters", {{"full_attention", {{"rope_type", "default"}}}}, "rope_type"},
+        Case{"eos_token_id", 4294967298.0, "eos_token_id"},
+        Case{"eos_token_id", {257, -1}, "eos_token_id"},
+        Case{"bos_token_id", 1.5, "bos_token_id"}}) {
     nlohmann::json j = base;
     j[c.key] = c.value;
     auto parsed = ParseHfConfig(j.dump());
