@@ -49,16 +49,6 @@ absl::Status Unsupported(std::string_view stage, const Json& j, std::string_view
                    " is not supported (supported: ", std::string(supported), ")"));
 }
 
-absl::StatusOr<bool> BoolMember(const Json& obj, const char* key, bool fallback,
-                                std::string_view where) {
-  const auto it = obj.find(key);
-  if (it == obj.end() || it->is_null()) return fallback;
-  if (!it->is_boolean()) {
-    return Invalid(absl::StrCat(std::string(where), ": '", key, "' must be a boolean"));
-  }
-  return it->get<bool>();
-}
-
 absl::StatusOr<std::string> StringMember(const Json& obj, const char* key,
                                          std::optional<std::string_view> fallback,
                                          std::string_view where) {
@@ -312,6 +302,16 @@ std::string Nfc(std::string_view text) {
 }
 
 }  // namespace
+
+absl::StatusOr<bool> BoolMember(const nlohmann::json& obj, const char* key, bool fallback,
+                                std::string_view where) {
+  const auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return fallback;
+  if (!it->is_boolean()) {
+    return Invalid(absl::StrCat(std::string(where), ": '", key, "' must be a boolean"));
+  }
+  return it->get<bool>();
+}
 
 const std::string& ByteLevelSymbol(uint8_t b) {
   static const std::array<std::string, 256> symbols = [] {

@@ -27,6 +27,11 @@
 
 namespace moleserve::engine {
 
+// Reads an optional boolean member of a tokenizer.json object: absent or null gives `fallback`;
+// any other non-boolean is kInvalidArgument naming `where` and `key`.
+absl::StatusOr<bool> BoolMember(const nlohmann::json& obj, const char* key, bool fallback,
+                                std::string_view where);
+
 class Regex;
 
 // GPT-2's bytes_to_unicode(): the printable character that stands for byte `b` in byte-level

@@ -67,17 +67,6 @@ absl::Status Unsupported(std::string_view what) {
   return absl::UnimplementedError(std::string(what));
 }
 
-// Reads an optional boolean member; absent or null gives `fallback`.
-absl::StatusOr<bool> OptionalBool(const Json& obj, const char* key, bool fallback,
-                                  std::string_view where) {
-  const auto it = obj.find(key);
-  if (it == obj.end() || it->is_null()) return fallback;
-  if (!it->is_boolean()) {
-    return Invalid(absl::StrCat(std::string(where), ": '", key, "' must be a boolean"));
-  }
-  return it->get<bool>();
-}
-
 // Reads a token id: a JSON integer in [0, kMaxTokenizerVocabSize).
 bool JsonToId(const Json& j, int32_t* id) {
   if (!j.is_number_integer()) return false;  // Also true for unsigned numbers.
@@ -159,11 +148,11 @@ absl::StatusOr<ParsedModel> ParseModel(const Json& model) {
     if (!unk.is_string()) return Invalid("model.unk_token must be a string or null");
     parsed.options.unk_token = unk.get<std::string>();
   }
-  ASSIGN_OR_RETURN(parsed.options.fuse_unk, OptionalBool(model, "fuse_unk", false, "model"));
+  ASSIGN_OR_RETURN(parsed.options.fuse_unk, BoolMember(model, "fuse_unk", false, "model"));
   ASSIGN_OR_RETURN(parsed.options.byte_fallback,
-                   OptionalBool(model, "byte_fallback", false, "model"));
+                   BoolMember(model, "byte_fallback", false, "model"));
   ASSIGN_OR_RETURN(parsed.options.ignore_merges,
-                   OptionalBool(model, "ignore_merges", false, "model"));
+                   BoolMember(model, "ignore_merges", false, "model"));
 
   const Json& vocab = Member(model, "vocab");
   if (!vocab.is_object()) return Invalid("model.vocab must be an object");
@@ -199,12 +188,12 @@ absl::StatusOr<std::vector<Tokenizer::AddedToken>> ParseAddedTokens(const Json& 
       return Invalid(
           absl::StrCat(where, " has no valid 'id' in [0, ", kMaxTokenizerVocabSize, ")"));
     }
-    ASSIGN_OR_RETURN(t.special, OptionalBool(entry, "special", false, where));
-    ASSIGN_OR_RETURN(t.single_word, OptionalBool(entry, "single_word", false, where));
-    ASSIGN_OR_RETURN(t.lstrip, OptionalBool(entry, "lstrip", false, where));
-    ASSIGN_OR_RETURN(t.rstrip, OptionalBool(entry, "rstrip", false, where));
+    ASSIGN_OR_RETURN(t.special, BoolMember(entry, "special", false, where));
+    ASSIGN_OR_RETURN(t.single_word, BoolMember(entry, "single_word", false, where));
+    ASSIGN_OR_RETURN(t.lstrip, BoolMember(entry, "lstrip", false, where));
+    ASSIGN_OR_RETURN(t.rstrip, BoolMember(entry, "rstrip", false, where));
     // Hugging Face: special tokens are not normalized unless the file says so.
-    ASSIGN_OR_RETURN(t.normalized, OptionalBool(entry, "normalized", !t.special, where));
+    ASSIGN_OR_RETURN(t.normalized, BoolMember(entry, "normalized", !t.special, where));
     if (t.single_word) {
       return Unsupported(absl::StrCat(where, " uses single_word=true, which is not supported"));
     }
