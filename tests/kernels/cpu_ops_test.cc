@@ -11,17 +11,12 @@
 #include <vector>
 
 #include "kernels/cpu/ops.h"
+#include "tests/kernels/random_inputs.h"
 
 namespace moleserve::kernels::cpu {
 namespace {
 
-std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+using test_util::Random;
 
 float MaxAbsDiff(const std::vector<float>& a, const std::vector<double>& b) {
   float m = 0;

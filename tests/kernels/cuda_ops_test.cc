@@ -13,6 +13,7 @@
 
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
+#include "tests/kernels/random_inputs.h"
 
 namespace moleserve::kernels {
 namespace {
@@ -42,13 +43,7 @@ float FromBf16(uint16_t h) {
   return f;
 }
 
-std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
+using test_util::Random;
 
 // Device copy of host data in the requested dtype; inputs are rounded to bf16 first so both
 // implementations see identical values.
