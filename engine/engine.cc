@@ -1,10 +1,13 @@
 #include "engine/engine.h"
 
+#include <algorithm>
+#include <map>
 #include <new>
 #include <random>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/adapters/registry.h"
 #include "engine/backend/backend.h"
 #include "engine/core/mutex.h"
 #include "engine/core/status_macros.h"
@@ -25,6 +28,8 @@ struct Engine::State {
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<LlamaModel> model;
   std::unique_ptr<Executor> executor;
+  AdapterRegistry adapters;
+  std::map<const Adapter*, int32_t> adapter_slots;  // written before the loop starts
 
   Mutex mu;         // guards the fields below
   CondVar idle_cv;  // signalled when in_flight drops to 0
@@ -141,6 +146,20 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   }
   weights.reset();  // weights now live on the backend; unmap the checkpoint
 
+  const AdapterLimits limits{.max_rank = options.max_adapter_rank,
+                             .max_experts = options.max_adapter_experts};
+  for (const auto& [name, dir] : options.adapters) {
+    if (name.empty() || state->adapters.Find(name) != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter name '", name, "' is empty or given twice"));
+    }
+    ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
+                     LoadAdapter(dir, name, config, limits));
+    ASSIGN_OR_RETURN(int32_t slot, state->model->AttachAdapter(adapter));
+    state->adapter_slots[adapter.get()] = slot;
+    state->adapters.Publish(std::move(adapter), dir);
+  }
+
   state->context_length = options.max_model_len > 0
                               ? std::min(options.max_model_len, config.max_position_embeddings)
                               : config.max_position_embeddings;
@@ -179,9 +198,20 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
     if (!s.accepting)
       return reject(absl::UnavailableError("server is draining; retry on another replica"));
   }
+  std::shared_ptr<const AdapterVersion> adapter;
   if (!request.adapter.empty()) {
-    return reject(absl::NotFoundError(absl::StrCat(
-        "adapter '", request.adapter, "' is not loaded; ListModels shows the loadable models")));
+    adapter = s.adapters.Find(request.adapter);
+    if (adapter == nullptr) {
+      return reject(absl::NotFoundError(absl::StrCat(
+          "adapter '", request.adapter, "' is not loaded; ListModels shows the loaded adapters")));
+    }
+    if (absl::Status st = ValidateRoutingOverride(*adapter->adapter, request.routing_override);
+        !st.ok()) {
+      return reject(st);
+    }
+  } else if (!request.routing_override.empty()) {
+    return reject(absl::InvalidArgumentError(
+        "a routing override needs an adapter: the base model has no router"));
   }
   // Input.
   std::vector<int32_t> prompt;
@@ -239,7 +269,9 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
                      ") exceeds the context of ", s.context_length, " tokens; ask for at most ",
                      s.context_length - prompt_len, " new tokens")));
   }
-  const int32_t blocks_needed = s.executor->BlocksNeeded(int64_t{prompt_len} + max_new);
+  const bool xlora = adapter != nullptr && adapter->adapter->is_xlora();
+  const int32_t blocks_needed =
+      s.executor->BlocksNeeded(int64_t{prompt_len} + max_new) * (xlora ? 2 : 1);
   if (blocks_needed > s.executor->total_blocks()) {
     return reject(absl::ResourceExhaustedError(absl::StrCat(
         "the request needs ", blocks_needed, " KV blocks but the whole cache has ",
@@ -267,6 +299,11 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
   auto seq = std::make_unique<Sequence>(handle, std::move(request), std::move(prompt), seed,
                                         std::move(tracked));
   seq->arrival = absl::Now();
+  if (adapter != nullptr) {
+    seq->adapter_slot = s.adapter_slots.at(adapter->adapter.get());
+    seq->xlora = xlora;
+    seq->adapter = std::move(adapter);
+  }
   s.executor->Submit(std::move(seq));
   return handle;
 }
@@ -292,6 +329,29 @@ absl::StatusOr<Engine::Tokenized> Engine::Tokenize(std::string_view text,
 std::string Engine::DecodeToken(int32_t id) const { return state_->tokenizer->DecodeToken(id); }
 
 const ModelInfo& Engine::model_info() const { return state_->info; }
+
+std::vector<AdapterSummary> Engine::ListAdapters() const {
+  std::vector<AdapterSummary> out;
+  for (const auto& v : state_->adapters.List()) {
+    const Adapter& a = *v->adapter;
+    AdapterSummary sum{.name = a.name,
+                       .family = a.source_family,
+                       .format = a.format,
+                       .version = v->version,
+                       .source = v->source,
+                       .num_experts = a.num_experts(),
+                       .bytes = a.bytes};
+    for (const GroupInfo& g : a.groups) {
+      sum.max_experts = std::max(sum.max_experts, g.max_experts);
+      sum.ranks.insert(sum.ranks.end(), g.ranks.begin(), g.ranks.end());
+      sum.algorithms.push_back(g.algorithm);
+    }
+    std::sort(sum.ranks.begin(), sum.ranks.end());
+    sum.ranks.erase(std::unique(sum.ranks.begin(), sum.ranks.end()), sum.ranks.end());
+    out.push_back(std::move(sum));
+  }
+  return out;
+}
 
 EngineStats Engine::Stats() const {
   Executor::Counters c = state_->executor->counters();

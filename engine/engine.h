@@ -45,6 +45,24 @@ struct EngineOptions {
   // Longest accepted text input in bytes.
   int64_t max_input_bytes = int64_t{1} << 20;
   MetricsSink* metrics = nullptr;  // not owned; must outlive the engine
+  // MoLE adapters loaded at start: (name, directory) of a mole/1 or PEFT LoRA directory.
+  std::vector<std::pair<std::string, std::string>> adapters;
+  int32_t max_adapter_rank = 256;
+  int32_t max_adapter_experts = 64;
+};
+
+// One served adapter (ListModels).
+struct AdapterSummary {
+  std::string name;
+  std::string family;  // source_family: lora, mixlora, mola, dynmole, loramoe, xlora, flylora...
+  std::string format;  // "mole/1" or "peft"
+  uint64_t version = 0;
+  std::string source;
+  int64_t num_experts = 0;              // over all routed sites (static LoRAs count one each)
+  int32_t max_experts = 0;              // most experts of one routed site
+  std::vector<int32_t> ranks;           // distinct ranks
+  std::vector<std::string> algorithms;  // routing algorithm per group
+  int64_t bytes = 0;
 };
 
 struct ModelInfo {
@@ -78,7 +96,8 @@ class Engine {
 
   // Validates and queues a request; the sink then receives its output. Returns a handle for
   // Cancel. Errors (nothing is queued): kInvalidArgument (bad input, naming the field),
-  // kNotFound (unknown adapter), kResourceExhausted (queue full, or a request larger than the
+  // kNotFound (unknown adapter; a routing override without an adapter, or one that does not fit
+  // it, is kInvalidArgument), kResourceExhausted (queue full, or a request larger than the
   // whole KV cache), kUnavailable (draining).
   absl::StatusOr<uint64_t> Submit(GenerateRequest request, std::shared_ptr<GenerationSink> sink);
   void Cancel(uint64_t handle);
@@ -93,6 +112,7 @@ class Engine {
   std::string DecodeToken(int32_t id) const;
 
   const ModelInfo& model_info() const;
+  std::vector<AdapterSummary> ListAdapters() const;
   EngineStats Stats() const;
 
   // Drain: refuse new requests from now on.

@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "engine/routing/routing.h"
 #include "engine/sampling/sampling_params.h"
 
 namespace moleserve::engine {
@@ -27,6 +28,11 @@ struct GenerateRequest {
   StoppingParams stopping;
   bool logprobs = false;
   int32_t top_logprobs = 0;  // 0..kMaxTopLogprobs
+  // Report, per generated token, the experts each routed site of the adapter chose for the
+  // position that produced it (GeneratedToken::routing).
+  bool return_routing = false;
+  // Replaces the adapter's routing (k, p, algorithm) for this request only.
+  RoutingOverride routing_override;
   absl::Time deadline = absl::InfiniteFuture();
 };
 
@@ -37,6 +43,7 @@ struct GeneratedToken {
   int32_t id = -1;
   float logprob = 0.0f;
   std::vector<std::pair<int32_t, float>> top;  // only when top_logprobs > 0
+  std::vector<RoutingRecord> routing;          // only when return_routing
 };
 
 struct GenerationChunk {

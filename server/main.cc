@@ -14,6 +14,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -30,6 +32,10 @@
 ABSL_FLAG(std::string, model, "",
           "Hugging Face-style model directory (config.json, model.safetensors, tokenizer.json); "
           "empty = the built-in demo model");
+ABSL_FLAG(std::vector<std::string>, adapter, {},
+          "MoLE adapter to serve, as name=DIR (a mole/1 or PEFT LoRA directory); repeat the flag "
+          "or separate with commas");
+ABSL_FLAG(int, max_adapter_rank, 256, "Largest LoRA rank an adapter may have");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC API listens on");
 ABSL_FLAG(int, port, 50051, "gRPC port (0 = any free port, printed at startup)");
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address /metrics listens on");
@@ -109,6 +115,15 @@ int Run() {
   options.max_model_len = absl::GetFlag(FLAGS_max_model_len);
   options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   options.metrics = metrics.get();
+  options.max_adapter_rank = absl::GetFlag(FLAGS_max_adapter_rank);
+  for (const std::string& spec : absl::GetFlag(FLAGS_adapter)) {
+    const size_t eq = spec.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
+      spdlog::critical("--adapter '{}': expected name=DIR", spec);
+      return 2;
+    }
+    options.adapters.emplace_back(spec.substr(0, eq), spec.substr(eq + 1));
+  }
   spdlog::info("loading {}", options.model.empty() ? "the built-in demo model" : options.model);
   auto engine = moleserve::engine::Engine::Create(options);
   if (!engine.ok()) {
@@ -119,6 +134,10 @@ int Run() {
   spdlog::info("model {} ({}, {} layers, hidden {}, vocab {}, context {}, {:.1f}M params) on {}",
                info.name, info.architecture, info.num_layers, info.hidden_size, info.vocab_size,
                info.context_length, info.parameter_count / 1e6, info.backend);
+  for (const moleserve::engine::AdapterSummary& a : (*engine)->ListAdapters()) {
+    spdlog::info("adapter {} ({}, {}; {} experts, {:.1f} MiB) from {}", a.name, a.family, a.format,
+                 a.num_experts, a.bytes / 1048576.0, a.source);
+  }
 
   auto server = moleserve::server::MoleServer::Start(
       engine->get(),
@@ -151,7 +170,8 @@ int main(int argc, char** argv) {
       "moleserve: gRPC inference server for Mixture-of-LoRA-Experts models.\n"
       "  moleserve [--model DIR] [--port 50051] [--metrics-port 9090]");
   std::vector<std::string> storage;
-  std::vector<char*> args = moleserve::server::NormalizeDashedFlags(argc, argv, &storage);
+  std::vector<char*> args =
+      moleserve::server::NormalizeDashedFlags(argc, argv, &storage, {"adapter"});
   absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
   return Run();
 }

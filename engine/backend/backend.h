@@ -84,6 +84,10 @@ class Backend {
   virtual absl::Status Rope(const kernels::RopeParams& p) = 0;
   virtual absl::Status KvWrite(const kernels::KvWriteParams& p) = 0;
   virtual absl::Status PagedAttention(const kernels::PagedAttentionParams& p) = 0;
+  // Segmented LoRA GEMMs over (row, expert) pairs and the weighted scatter-add.
+  virtual absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) = 0;
+  virtual absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) = 0;
+  virtual absl::Status ScatterAdd(const kernels::ScatterAddParams& p) = 0;
 };
 
 struct CpuBackendOptions {

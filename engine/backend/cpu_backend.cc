@@ -74,6 +74,15 @@ class CpuBackend final : public Backend {
   absl::Status PagedAttention(const kernels::PagedAttentionParams& p) override {
     return FromKernel(kc::PagedAttention(p, &pool_), "PagedAttention");
   }
+  absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
+    return FromKernel(kc::SgmvShrink(p, &pool_), "SgmvShrink");
+  }
+  absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
+    return FromKernel(kc::SgmvExpand(p, &pool_), "SgmvExpand");
+  }
+  absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
+    return FromKernel(kc::ScatterAdd(p, &pool_), "ScatterAdd");
+  }
 
  private:
   kc::ThreadPool pool_;

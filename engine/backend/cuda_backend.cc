@@ -99,6 +99,15 @@ class CudaBackend final : public Backend {
   absl::Status PagedAttention(const kernels::PagedAttentionParams&) override {
     return Unimplemented("PagedAttention");
   }
+  absl::Status SgmvShrink(const kernels::SgmvShrinkParams&) override {
+    return Unimplemented("SgmvShrink");
+  }
+  absl::Status SgmvExpand(const kernels::SgmvExpandParams&) override {
+    return Unimplemented("SgmvExpand");
+  }
+  absl::Status ScatterAdd(const kernels::ScatterAddParams&) override {
+    return Unimplemented("ScatterAdd");
+  }
 
  private:
   int device_;

@@ -163,6 +163,8 @@ void Executor::Loop() {
 void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
   const absl::Time start = absl::Now();
   batch_.Clear();
+  const bool mole = std::any_of(step.begin(), step.end(),
+                                [](const ScheduledChunk& c) { return c.seq->adapter_slot >= 0; });
   int64_t prefill_tokens = 0;
   int64_t decode_tokens = 0;
   for (int32_t s = 0; s < static_cast<int32_t>(step.size()); ++s) {
@@ -178,9 +180,24 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     batch_.block_tables.insert(batch_.block_tables.end(), seq->blocks.begin(), seq->blocks.end());
     batch_.block_table_offsets.push_back(static_cast<int32_t>(batch_.block_tables.size()));
     if (chunk.sample) batch_.sample_rows.push_back(batch_.num_tokens() - 1);
+    if (mole) {
+      batch_.seq_adapter.push_back(seq->adapter_slot);
+      batch_.seq_return_routing.push_back(seq->request.return_routing ? 1 : 0);
+      if (seq->request.routing_override.empty()) {
+        batch_.seq_override.push_back(-1);
+      } else {
+        batch_.seq_override.push_back(static_cast<int32_t>(batch_.overrides.size()));
+        batch_.overrides.push_back(seq->request.routing_override);
+      }
+      batch_.seq_frozen_scalings.push_back(seq->frozen_scalings ? &*seq->frozen_scalings : nullptr);
+      batch_.aux_block_tables.insert(batch_.aux_block_tables.end(), seq->aux_blocks.begin(),
+                                     seq->aux_blocks.end());
+      batch_.aux_block_table_offsets.push_back(
+          static_cast<int32_t>(batch_.aux_block_tables.size()));
+    }
     (seq->uncomputed() == 1 ? decode_tokens : prefill_tokens) += chunk.num_tokens;
   }
-  absl::Status status = model_->Forward(batch_, &logits_);
+  absl::Status status = model_->Forward(batch_, &logits_, mole ? &extras_ : nullptr);
   if (!status.ok()) {
     // A model failure is an engine fault: fail the step's sequences, keep serving the rest.
     for (const ScheduledChunk& chunk : step) {
@@ -195,7 +212,9 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     Sequence* seq = chunk.seq;
     seq->num_computed += chunk.num_tokens;
     if (!chunk.sample) continue;
-    absl::Span<const float> logits(logits_.data() + static_cast<int64_t>(row++) * vocab, vocab);
+    const int32_t sample_row = row++;
+    absl::Span<const float> logits(logits_.data() + static_cast<int64_t>(sample_row) * vocab,
+                                   vocab);
     if (!std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); })) {
       Fail(seq, absl::InternalError("the model produced non-finite logits (NaN or Inf)"));
       continue;
@@ -214,6 +233,16 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     GenerationChunk out;
     GeneratedToken token{sampled.id, sampled.logprob, {}};
     if (seq->request.top_logprobs > 0) token.top = std::move(sampled.top);
+    if (mole && seq->request.return_routing) {
+      token.routing = std::move(extras_.routing[sample_row]);
+    }
+    // X-LoRA: after `freeze_after` decode steps the scalings are frozen (no more scaling pass).
+    if (mole && seq->xlora && !seq->frozen_scalings) {
+      const std::optional<int32_t>& freeze = seq->adapter->adapter->xlora->freeze_after;
+      if (freeze && seq->generated() >= *freeze) {
+        seq->frozen_scalings = std::move(extras_.xlora_scalings[sample_row]);
+      }
+    }
     out.tokens.push_back(std::move(token));
 
     const StoppingParams& stop = seq->request.stopping;

@@ -74,6 +74,7 @@ class Executor {
   std::unordered_map<uint64_t, Sequence*> by_handle_;  // loop thread only
   Batch batch_;                                        // reused across steps
   std::vector<float> logits_;
+  ForwardExtras extras_;
 
   mutable Mutex mu_;  // guards the inbox, cancellations, stop flag and counters
   CondVar input_cv_;  // signalled on submission, cancellation and Stop

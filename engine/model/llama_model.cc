@@ -1,6 +1,7 @@
 #include "engine/model/llama_model.h"
 
 #include <cmath>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -172,11 +173,56 @@ absl::Status LlamaModel::ValidateBatch(const Batch& b) const {
   for (int32_t r : b.sample_rows) {
     if (r < 0 || r >= n) return absl::InvalidArgumentError("batch: sample row out of range");
   }
+  const size_t s = static_cast<size_t>(b.num_seqs());
+  if (!b.seq_adapter.empty()) {
+    if (b.seq_adapter.size() != s || (!b.seq_override.empty() && b.seq_override.size() != s) ||
+        (!b.seq_return_routing.empty() && b.seq_return_routing.size() != s) ||
+        (!b.seq_frozen_scalings.empty() && b.seq_frozen_scalings.size() != s) ||
+        b.aux_block_table_offsets.size() != s + 1) {
+      return absl::InvalidArgumentError("batch: MoLE fields must have one entry per sequence");
+    }
+    for (int32_t o : b.seq_override) {
+      if (o < -1 || o >= static_cast<int32_t>(b.overrides.size())) {
+        return absl::InvalidArgumentError("batch: bad routing override index");
+      }
+    }
+    for (int32_t slot : b.seq_adapter) {
+      if (slot >= 0 && adapters_.adapter(slot) == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("batch: adapter slot ", slot, " is not attached"));
+      }
+    }
+    for (size_t q = 0; q < s; ++q) {
+      if (b.aux_block_table_offsets[q] > b.aux_block_table_offsets[q + 1] ||
+          b.aux_block_table_offsets[q + 1] > static_cast<int32_t>(b.aux_block_tables.size())) {
+        return absl::InvalidArgumentError("batch: bad aux_block_table_offsets");
+      }
+    }
+    for (int32_t block : b.aux_block_tables) {
+      if (block < 0 || block >= options_.num_kv_blocks) {
+        return absl::InvalidArgumentError(absl::StrCat("batch: KV block ", block, " out of range"));
+      }
+    }
+    for (int32_t i = 0; i < n; ++i) {
+      const int32_t q = b.token_seq[i];
+      const Adapter* a = b.seq_adapter[q] >= 0 ? adapters_.adapter(b.seq_adapter[q]) : nullptr;
+      if (a == nullptr || !a->xlora ||
+          (!b.seq_frozen_scalings.empty() && b.seq_frozen_scalings[q] != nullptr)) {
+        continue;
+      }
+      const int64_t capacity =
+          int64_t{b.aux_block_table_offsets[q + 1] - b.aux_block_table_offsets[q]} *
+          options_.kv_block_size;
+      if (b.positions[i] >= capacity) {
+        return absl::InvalidArgumentError(absl::StrCat("batch: X-LoRA position ", b.positions[i],
+                                                       " not covered by its scaling-pass table"));
+      }
+    }
+  }
   return absl::OkStatus();
 }
 
-absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
-  RETURN_IF_ERROR(ValidateBatch(b));
+absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
   const ModelConfig& c = config_;
   const int64_t t = b.num_tokens();
   const int64_t h = c.hidden_size;
@@ -184,6 +230,7 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
   const int64_t kv_width = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
   const int64_t inter = c.intermediate_size;
   const ScalarType dt = ScalarType::kF32;
+  RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
 
   auto upload = [&](DeviceBuffer& dst, const std::vector<int32_t>& src) {
     return backend_->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
@@ -193,7 +240,6 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
   RETURN_IF_ERROR(upload(token_seq_, b.token_seq));
   RETURN_IF_ERROR(upload(block_tables_, b.block_tables));
   RETURN_IF_ERROR(upload(block_offsets_, b.block_table_offsets));
-  RETURN_IF_ERROR(upload(sample_rows_, b.sample_rows));
 
   auto gemm = [&](const DeviceBuffer& x, const DeviceBuffer& w, DeviceBuffer& y, int64_t rows,
                   int64_t out, int64_t in) {
@@ -212,7 +258,8 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
                                        .num_tokens = t,
                                        .hidden = h,
                                        .dtype = dt}));
-  for (Layer& layer : layers_) {
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    Layer& layer = layers_[l];
     // Attention block.
     RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(),
                                        .weight = layer.input_norm.data(),
@@ -229,6 +276,9 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
       RETURN_IF_ERROR(bias(k_, layer.k_bias, kv_width));
       RETURN_IF_ERROR(bias(v_, layer.v_bias, kv_width));
     }
+    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kQ, h_.data(), q_.data()));
+    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kK, h_.data(), k_.data()));
+    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kV, h_.data(), v_.data()));
     RETURN_IF_ERROR(backend_->Rope({.q = q_.data(),
                                     .k = k_.data(),
                                     .positions = positions_.as<int32_t>(),
@@ -266,6 +316,7 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
          .dtype = dt}));
     RETURN_IF_ERROR(gemm(attn_, layer.o, o_, t, h, q_width));
     if (c.o_bias) RETURN_IF_ERROR(bias(o_, layer.o_bias, h));
+    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kO, attn_.data(), o_.data()));
     RETURN_IF_ERROR(
         backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
     // MLP block (SwiGLU).
@@ -278,19 +329,158 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
                                        .dtype = dt}));
     RETURN_IF_ERROR(gemm(h_, layer.gate, gate_, t, inter, h));
     RETURN_IF_ERROR(gemm(h_, layer.up, up_, t, inter, h));
-    RETURN_IF_ERROR(backend_->SiluMul({.gate = gate_.data(),
-                                       .up = up_.data(),
-                                       .out = gate_.data(),
-                                       .rows = t,
-                                       .cols = inter,
-                                       .dtype = dt}));
+    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kGate, h_.data(), gate_.data()));
+    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kUp, h_.data(), up_.data()));
+    const bool block_ffn = adapters_.HasBlockFfn(l);
+    if (block_ffn) {
+      // MixLoRA: act = the base SwiGLU, or sum_e w_e a_e for routed tokens (written over gate_
+      // after gate_ and up_ have been read).
+      RETURN_IF_ERROR(adapters_.BlockFfnAct(l, h_.data(), gate_.data(), up_.data(), gate_.data()));
+    } else {
+      RETURN_IF_ERROR(backend_->SiluMul({.gate = gate_.data(),
+                                         .up = up_.data(),
+                                         .out = gate_.data(),
+                                         .rows = t,
+                                         .cols = inter,
+                                         .dtype = dt}));
+    }
     RETURN_IF_ERROR(gemm(gate_, layer.down, o_, t, h, inter));
+    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kDown, gate_.data(), o_.data()));
+    if (block_ffn) RETURN_IF_ERROR(adapters_.BlockFfnDown(l, o_.data()));
     RETURN_IF_ERROR(
         backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
   }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
+                                 ForwardExtras* extras) {
+  RETURN_IF_ERROR(ValidateBatch(b));
+  const ModelConfig& c = config_;
+  const int64_t t = b.num_tokens();
+  const int64_t h = c.hidden_size;
+  const ScalarType dt = ScalarType::kF32;
+  const bool mole = !b.seq_adapter.empty();
+  auto seq_slot = [&](int32_t s) { return mole ? b.seq_adapter[s] : -1; };
+  auto xlora_of = [&](int32_t s) -> const XloraSpec* {
+    const int32_t slot = seq_slot(s);
+    if (slot < 0) return nullptr;
+    const Adapter* a = adapters_.adapter(slot);
+    return a != nullptr && a->xlora ? &*a->xlora : nullptr;
+  };
+
+  // X-LoRA scaling pass: the X-LoRA sequences without frozen scalings run once more over their
+  // own KV (aux block tables) with scaling_pass_value scalings; the classifier turns the final-norm
+  // hidden state of every token into that token's scalings for the real pass.
+  std::vector<std::vector<float>> token_scalings(t);
+  {
+    Batch sub;
+    std::vector<int32_t> sub_of_token;  // sub-batch token -> batch token
+    std::vector<int32_t> sub_seq_of(b.num_seqs(), -1);
+    PassTokens pass;
+    for (int32_t i = 0; i < t; ++i) {
+      const int32_t s = b.token_seq[i];
+      if (xlora_of(s) == nullptr ||
+          (!b.seq_frozen_scalings.empty() && b.seq_frozen_scalings[s] != nullptr)) {
+        continue;
+      }
+      if (sub_seq_of[s] < 0) {
+        sub_seq_of[s] = sub.num_seqs();
+        sub.block_tables.insert(sub.block_tables.end(),
+                                b.aux_block_tables.begin() + b.aux_block_table_offsets[s],
+                                b.aux_block_tables.begin() + b.aux_block_table_offsets[s + 1]);
+        sub.block_table_offsets.push_back(static_cast<int32_t>(sub.block_tables.size()));
+      }
+      sub.tokens.push_back(b.tokens[i]);
+      sub.positions.push_back(b.positions[i]);
+      sub.token_seq.push_back(sub_seq_of[s]);
+      sub_of_token.push_back(i);
+      pass.slot.push_back(seq_slot(s));
+    }
+    if (!sub.tokens.empty()) {
+      pass.scaling_pass = true;
+      const int64_t n = sub.num_tokens();
+      RETURN_IF_ERROR(RunDecoder(sub, std::move(pass)));
+      RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(),
+                                         .weight = final_norm_.data(),
+                                         .y = h_.data(),
+                                         .rows = n,
+                                         .cols = h,
+                                         .eps = c.rms_norm_eps,
+                                         .dtype = dt}));
+      std::vector<float> hidden(n * h);
+      RETURN_IF_ERROR(
+          backend_->CopyToHost(hidden.data(), h_.data(), hidden.size() * sizeof(float)));
+      // Tokens of one adapter are classified together.
+      std::map<int32_t, std::vector<int64_t>> by_slot;
+      for (int64_t i = 0; i < n; ++i) by_slot[seq_slot(b.token_seq[sub_of_token[i]])].push_back(i);
+      for (const auto& [slot, rows] : by_slot) {
+        std::vector<float> in(rows.size() * h), out;
+        for (size_t r = 0; r < rows.size(); ++r) {
+          std::copy(hidden.begin() + rows[r] * h, hidden.begin() + (rows[r] + 1) * h,
+                    in.begin() + r * h);
+        }
+        RETURN_IF_ERROR(adapters_.XloraScalings(slot, in.data(), rows.size(), &out));
+        const int64_t cols = static_cast<int64_t>(out.size() / rows.size());
+        for (size_t r = 0; r < rows.size(); ++r) {
+          token_scalings[sub_of_token[rows[r]]].assign(out.begin() + r * cols,
+                                                       out.begin() + (r + 1) * cols);
+        }
+      }
+    }
+  }
+
+  // The real pass.
+  PassTokens pass;
+  pass.slot.resize(t, -1);
+  pass.override_index.resize(t, -1);
+  pass.record.resize(t, -1);
+  pass.scalings.resize(t, nullptr);
+  pass.overrides = b.overrides;
+  for (int32_t i = 0; i < t; ++i) {
+    const int32_t s = b.token_seq[i];
+    pass.slot[i] = seq_slot(s);
+    if (!b.seq_override.empty()) pass.override_index[i] = b.seq_override[s];
+    if (xlora_of(s) != nullptr) {
+      pass.scalings[i] = !b.seq_frozen_scalings.empty() && b.seq_frozen_scalings[s] != nullptr
+                             ? b.seq_frozen_scalings[s]->data()
+                             : token_scalings[i].data();
+    }
+  }
+  if (extras != nullptr) {
+    extras->routing.assign(b.sample_rows.size(), {});
+    extras->xlora_scalings.assign(b.sample_rows.size(), {});
+    for (size_t r = 0; r < b.sample_rows.size(); ++r) {
+      const int32_t row = b.sample_rows[r];
+      const int32_t s = b.token_seq[row];
+      if (!b.seq_return_routing.empty() && b.seq_return_routing[s]) {
+        pass.record[row] = pass.num_records++;
+      }
+      if (xlora_of(s) != nullptr) {
+        const float* sc = pass.scalings[row];
+        const XloraSpec& xs = *xlora_of(s);
+        const int64_t cols = xs.classifier.back().out;
+        extras->xlora_scalings[r].assign(sc, sc + cols);
+      }
+    }
+  }
+  RETURN_IF_ERROR(RunDecoder(b, std::move(pass)));
+  if (extras != nullptr) {
+    std::vector<std::vector<RoutingRecord>>& records = adapters_.records();
+    size_t next = 0;  // records were numbered in sample-row order above
+    for (size_t r = 0; r < b.sample_rows.size(); ++r) {
+      const int32_t s = b.token_seq[b.sample_rows[r]];
+      if (!b.seq_return_routing.empty() && b.seq_return_routing[s]) {
+        extras->routing[r] = std::move(records[next++]);
+      }
+    }
+  }
+
   const int64_t n = static_cast<int64_t>(b.sample_rows.size());
   logits->resize(n * c.vocab_size);
   if (n == 0) return backend_->Synchronize();
+  RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
+                                         b.sample_rows.size() * sizeof(int32_t)));
   // Gather the sampled rows (an embedding lookup into the hidden states), final norm, lm_head.
   RETURN_IF_ERROR(backend_->Embedding({.ids = sample_rows_.as<int32_t>(),
                                        .table = x_.data(),
@@ -305,7 +495,13 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits) {
                                      .cols = h,
                                      .eps = c.rms_norm_eps,
                                      .dtype = dt}));
-  RETURN_IF_ERROR(gemm(h_, c.tie_word_embeddings ? embed_ : lm_head_, logits_, n, c.vocab_size, h));
+  RETURN_IF_ERROR(backend_->Gemm({.x = h_.data(),
+                                  .w = (c.tie_word_embeddings ? embed_ : lm_head_).data(),
+                                  .y = logits_.data(),
+                                  .m = n,
+                                  .n = c.vocab_size,
+                                  .k = h,
+                                  .dtype = dt}));
   return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
 }
 

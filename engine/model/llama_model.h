@@ -12,7 +12,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/adapters/adapter.h"
 #include "engine/backend/backend.h"
+#include "engine/model/adapter_executor.h"
 #include "engine/model/batch.h"
 #include "engine/model/model_config.h"
 #include "engine/model/weights.h"
@@ -26,6 +28,14 @@ struct LlamaModelOptions {
   int32_t max_seqs = 256;           // sequences per Forward (and logits rows)
 };
 
+// What a forward pass reports besides logits (all per sample row).
+struct ForwardExtras {
+  // The routing of each routed site, for sequences with seq_return_routing.
+  std::vector<std::vector<RoutingRecord>> routing;
+  // X-LoRA sequences: the scalings the row used ([C] classifier output), for freezing.
+  std::vector<std::vector<float>> xlora_scalings;
+};
+
 class LlamaModel {
  public:
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Create(Backend* backend,
@@ -36,7 +46,15 @@ class LlamaModel {
   // Runs the batch and writes the logits of batch.sample_rows to `logits` ([N, vocab] fp32,
   // resized). K/V of every token are written to the cache at its position. kInvalidArgument when
   // the batch breaks its invariants or exceeds the options (nothing is computed then).
-  absl::Status Forward(const Batch& batch, std::vector<float>* logits);
+  absl::Status Forward(const Batch& batch, std::vector<float>* logits,
+                       ForwardExtras* extras = nullptr);
+
+  // MoLE adapters: Attach uploads one and returns the slot that Batch::seq_adapter names;
+  // Detach frees it (no batch may name the slot afterwards).
+  absl::StatusOr<int32_t> AttachAdapter(std::shared_ptr<const Adapter> adapter) {
+    return adapters_.Attach(std::move(adapter));
+  }
+  void DetachAdapter(int32_t slot) { adapters_.Detach(slot); }
 
   const ModelConfig& config() const { return config_; }
   const LlamaModelOptions& options() const { return options_; }
@@ -45,9 +63,12 @@ class LlamaModel {
 
  private:
   LlamaModel(Backend* backend, const ModelConfig& config, const LlamaModelOptions& options)
-      : backend_(backend), config_(config), options_(options) {}
+      : backend_(backend), config_(config), options_(options), adapters_(backend, config) {}
   absl::Status Init(const WeightSource& weights);
   absl::Status ValidateBatch(const Batch& batch) const;
+  // Embedding and every decoder layer over `b` (whose index arrays are uploaded here), leaving
+  // the last hidden states (before the final norm) in x_.
+  absl::Status RunDecoder(const Batch& b, PassTokens tokens);
   absl::StatusOr<DeviceBuffer> Upload(const WeightSource& weights, const TensorSpec& spec);
 
   struct Layer {
@@ -59,6 +80,7 @@ class LlamaModel {
   Backend* backend_;
   ModelConfig config_;
   LlamaModelOptions options_;
+  AdapterExecutor adapters_;
   DeviceBuffer embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<Layer> layers_;
   // Scratch, sized for max_batch_tokens rows.

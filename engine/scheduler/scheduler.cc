@@ -16,7 +16,9 @@ Scheduler::~Scheduler() {
 }
 
 int32_t Scheduler::BlocksNeeded(const Sequence& seq) const {
-  return blocks_->BlocksFor(int64_t{seq.prompt_len} + seq.request.stopping.max_new_tokens);
+  const int32_t n =
+      blocks_->BlocksFor(int64_t{seq.prompt_len} + seq.request.stopping.max_new_tokens);
+  return seq.xlora ? 2 * n : n;  // X-LoRA: the scaling pass has its own KV
 }
 
 void Scheduler::Enqueue(std::unique_ptr<Sequence> seq) { waiting_.push_back(std::move(seq)); }
@@ -55,6 +57,11 @@ void Scheduler::EnsureBlocks(Sequence* seq, int32_t positions) {
     seq->blocks.push_back(blocks_->AllocateReserved());
     --seq->reserved_blocks;
   }
+  while (seq->xlora && static_cast<int32_t>(seq->aux_blocks.size()) < need) {
+    MOLE_CHECK_MSG(seq->reserved_blocks > 0, "sequence outgrew its KV reservation");
+    seq->aux_blocks.push_back(blocks_->AllocateReserved());
+    --seq->reserved_blocks;
+  }
 }
 
 std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {
@@ -73,6 +80,8 @@ std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {
   }
   blocks_->Free(out->blocks);
   out->blocks.clear();
+  blocks_->Free(out->aux_blocks);
+  out->aux_blocks.clear();
   blocks_->Unreserve(out->reserved_blocks);
   out->reserved_blocks = 0;
   return out;

@@ -40,7 +40,8 @@ class Scheduler {
   Scheduler(const SchedulerOptions& options, BlockManager* blocks);
   ~Scheduler();
 
-  // Blocks `seq` needs reserved for its whole life (prompt + max_new_tokens).
+  // Blocks `seq` needs reserved for its whole life (prompt + max_new_tokens; twice that for
+  // X-LoRA, whose scaling pass keeps its own KV).
   int32_t BlocksNeeded(const Sequence& seq) const;
 
   void Enqueue(std::unique_ptr<Sequence> seq);

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
+#include "engine/adapters/registry.h"
 #include "engine/request.h"
 #include "engine/sampling/output_text.h"
 #include "engine/sampling/sampler.h"
@@ -40,6 +41,14 @@ struct Sequence {
   const int32_t prompt_len;
   int32_t num_computed = 0;
   std::vector<int32_t> blocks;  // KV block table, logical order
+  // MoLE: the adapter version the request resolved at Submit (kept alive while it runs) and its
+  // model slot; -1 = base model. X-LoRA sequences keep a second KV table for the scaling pass
+  // and, once frozen, the scalings they reuse.
+  std::shared_ptr<const AdapterVersion> adapter;
+  int32_t adapter_slot = -1;
+  bool xlora = false;
+  std::vector<int32_t> aux_blocks;
+  std::optional<std::vector<float>> frozen_scalings;
   int32_t reserved_blocks = 0;  // promised by the BlockManager, not yet taken
   TokenSampler sampler;
   OutputText text;

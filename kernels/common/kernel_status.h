@@ -9,6 +9,7 @@ enum class KernelStatus : int {
   kOk = 0,
   kUnsupportedDtype,  // the op has no implementation for Params::dtype on this device
   kInvalidShape,      // a size or head count that the op cannot handle (e.g. odd head_dim)
+  kInvalidArgument,   // a null pointer, a negative row index or an out-of-order segment table
 };
 
 inline const char* KernelStatusName(KernelStatus s) {
@@ -19,6 +20,8 @@ inline const char* KernelStatusName(KernelStatus s) {
       return "unsupported dtype";
     case KernelStatus::kInvalidShape:
       return "invalid shape";
+    case KernelStatus::kInvalidArgument:
+      return "invalid argument";
   }
   return "unknown";
 }

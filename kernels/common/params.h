@@ -137,4 +137,59 @@ struct PagedAttentionParams {
   ScalarType dtype = ScalarType::kF32;
 };
 
+// Segmented GEMM over (row, expert) pairs, the LoRA "shrink" half (SGMV, as in Punica/S-LoRA):
+//   v[p, i] = sum_k x[x_row[p], k] * A_s[i, k]       for each pair p of segment s and i < rank[s]
+// Pairs are grouped by expert into segments: segment s owns pairs seg_start[s] .. seg_start[s+1)
+// and applies one expert. Expert weights are reached through a row table so that a paged expert
+// cache can place every rank row anywhere: row i of segment s's A is
+//   a_rows[seg_row_offset[s] + i]   (`in` elements, contiguous).
+// Gather of the input rows is fused (x_row); each expert's rows are read once per call no matter
+// how many pairs use them. Columns i >= rank[s] of v are left untouched. Accumulation is fp32.
+struct SgmvShrinkParams {
+  const void* x = nullptr;                  // [*, in], dtype
+  float* v = nullptr;                       // [num_pairs, v_stride] fp32
+  const int32_t* x_row = nullptr;           // [num_pairs] row of x for each pair
+  const int32_t* seg_start = nullptr;       // [num_segments + 1], seg_start[0] == 0, non-decreasing
+  const int32_t* seg_rank = nullptr;        // [num_segments], 0 <= rank <= v_stride
+  const int64_t* seg_row_offset = nullptr;  // [num_segments] first row-table entry of segment s
+  const void* const* a_rows = nullptr;      // row table: pointers to `in`-wide rows, dtype
+  int32_t num_segments = 0;
+  int64_t in = 0;
+  int32_t v_stride = 0;  // >= max rank
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// The "expand" half, with the weighted scatter-add fused:
+//   y[y_row[p], j] += weight[p] * sum_i v[p, i] * Bt_s[i, j]     for i < rank[s]
+// where Bt_s is the expert's B transposed (rank-major, so a rank row is one page): row i is
+//   b_rows[seg_row_offset[s] + i]   (`out` elements, contiguous).
+// weight[p] carries everything multiplicative (gate weight x LoRA scale). Several pairs may add to
+// the same y row (a token routed to k experts); the result is their sum in any order.
+struct SgmvExpandParams {
+  const float* v = nullptr;                 // [num_pairs, v_stride] fp32
+  void* y = nullptr;                        // [*, out], dtype, accumulated into
+  const int32_t* y_row = nullptr;           // [num_pairs]
+  const float* weight = nullptr;            // [num_pairs]
+  const int32_t* seg_start = nullptr;       // [num_segments + 1]
+  const int32_t* seg_rank = nullptr;        // [num_segments]
+  const int64_t* seg_row_offset = nullptr;  // [num_segments]
+  const void* const* b_rows = nullptr;      // row table: pointers to `out`-wide rows, dtype
+  int32_t num_segments = 0;
+  int64_t out = 0;
+  int32_t v_stride = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
+// y[y_row[r], :] += weight[r] * x[r, :]  for r < rows (weight == nullptr: 1). Several rows may
+// add to the same y row. (MixLoRA's weighted sum of the k expert activations of a token.)
+struct ScatterAddParams {
+  const void* x = nullptr;         // [rows, cols]
+  void* y = nullptr;               // [*, cols], accumulated into
+  const int32_t* y_row = nullptr;  // [rows]
+  const float* weight = nullptr;   // [rows] or nullptr
+  int64_t rows = 0;
+  int64_t cols = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
 }  // namespace moleserve::kernels

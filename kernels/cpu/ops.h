@@ -22,6 +22,17 @@ KernelStatus Rope(const RopeParams& p, ThreadPool* pool);
 KernelStatus KvWrite(const KvWriteParams& p, ThreadPool* pool);
 KernelStatus PagedAttention(const PagedAttentionParams& p, ThreadPool* pool);
 
+// Segmented LoRA GEMMs and the weighted scatter-add (params.h). fp32 only (other dtypes:
+// kUnsupportedDtype). Arguments are checked before anything is written: negative sizes or a rank
+// above v_stride -> kInvalidShape; null pointers, negative row indices or offsets, or a seg_start
+// that does not start at 0 and never decrease -> kInvalidArgument. Row indices are not checked
+// against the (unknown) row counts of x and y. Segments with many pairs go through OpenBLAS sgemm
+// on the calling thread (OpenBLAS's own threads), the rest run on the pool; the calling thread
+// keeps scratch buffers for the gathered rows between calls.
+KernelStatus SgmvShrink(const SgmvShrinkParams& p, ThreadPool* pool);
+KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool);
+KernelStatus ScatterAdd(const ScatterAddParams& p, ThreadPool* pool);
+
 // Sets OpenBLAS's thread count (process-wide, OpenBLAS's own state).
 void SetBlasThreads(int n);
 

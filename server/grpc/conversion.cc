@@ -85,13 +85,42 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
                      engine::kMaxTopLogprobs));
   }
   out.top_logprobs = static_cast<int32_t>(in.output().top_logprobs());
+  out.return_routing = in.output().return_routing();
+  if (in.has_routing()) {
+    const pb::RoutingOverride& r = in.routing();
+    if (!r.algorithm().empty()) {
+      absl::StatusOr<engine::RoutingAlgorithm> a = engine::ParseRoutingAlgorithm(r.algorithm());
+      if (!a.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("routing.algorithm '", r.algorithm(),
+                         "' is unknown (topk, top_p, dynmole, soft, switch, rank_topk)"));
+      }
+      out.routing_override.algorithm = *a;
+    }
+    if (r.has_k()) {
+      if (r.k() > 1u << 20) return absl::InvalidArgumentError("routing.k is out of range");
+      out.routing_override.k = static_cast<int32_t>(r.k());
+    }
+    if (r.has_p()) out.routing_override.p = r.p();
+  }
   out.deadline = deadline;
   return out;
 }
 
-void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs, pb::GenerateResponse* out) {
+void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs, bool routing,
+                 pb::GenerateResponse* out) {
   for (const engine::GeneratedToken& t : chunk.tokens) {
     out->add_token_ids(static_cast<uint32_t>(t.id));
+    if (routing) {
+      pb::TokenRouting* tr = out->add_routing();
+      for (const engine::RoutingRecord& rec : t.routing) {
+        pb::SiteRouting* site = tr->add_sites();
+        site->set_layer(static_cast<uint32_t>(rec.layer));
+        site->set_module(rec.module);
+        for (int32_t e : rec.experts) site->add_experts(static_cast<uint32_t>(e));
+        for (float w : rec.weights) site->add_weights(w);
+      }
+    }
     if (logprobs) {
       pb::TokenLogprob* lp = out->add_logprobs();
       lp->set_token_id(static_cast<uint32_t>(t.id));

@@ -15,8 +15,8 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const moleserve::v1::GenerateR
                                                   absl::Time deadline,
                                                   const engine::SamplingParams& defaults);
 
-// Appends chunk's tokens, logprobs (when `logprobs`) and text to `out`.
-void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs,
+// Appends chunk's tokens, logprobs (when `logprobs`), routing (when `routing`) and text to `out`.
+void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs, bool routing,
                  moleserve::v1::GenerateResponse* out);
 void SetFinal(const engine::FinishInfo& info, moleserve::v1::FinalInfo* out);
 

@@ -26,18 +26,21 @@ using Reactor = grpc::ServerWriteReactor<pb::GenerateResponse>;
 // still holds this state.
 class StreamState final : public engine::GenerationSink {
  public:
-  StreamState(Reactor* reactor, std::string request_id, bool logprobs)
-      : reactor_(reactor), request_id_(std::move(request_id)), logprobs_(logprobs) {}
+  StreamState(Reactor* reactor, std::string request_id, bool logprobs, bool routing)
+      : reactor_(reactor),
+        request_id_(std::move(request_id)),
+        logprobs_(logprobs),
+        routing_(routing) {}
 
   // GenerationSink (engine loop thread).
   void OnChunk(engine::GenerationChunk chunk) override {
     pb::GenerateResponse msg;
-    AppendChunk(chunk, logprobs_, &msg);
+    AppendChunk(chunk, logprobs_, routing_, &msg);
     Push(std::move(msg), std::nullopt);
   }
   void OnFinish(engine::GenerationChunk last, engine::FinishInfo info) override {
     pb::GenerateResponse msg;
-    AppendChunk(last, logprobs_, &msg);
+    AppendChunk(last, logprobs_, routing_, &msg);
     SetFinal(info, msg.mutable_final());
     Push(std::move(msg), grpc::Status::OK);
   }
@@ -95,6 +98,7 @@ class StreamState final : public engine::GenerationSink {
     into->mutable_token_ids()->Add(from.token_ids().begin(), from.token_ids().end());
     into->mutable_text()->append(from.text());
     for (pb::TokenLogprob& lp : *from.mutable_logprobs()) *into->add_logprobs() = std::move(lp);
+    for (pb::TokenRouting& r : *from.mutable_routing()) *into->add_routing() = std::move(r);
     if (from.has_final()) *into->mutable_final() = std::move(*from.mutable_final());
   }
   void End(grpc::Status status, bool drop_pending) {
@@ -130,6 +134,7 @@ class StreamState final : public engine::GenerationSink {
   Reactor* const reactor_;  // valid until Finish completes (gRPC deletes it in OnDone)
   const std::string request_id_;
   const bool logprobs_;
+  const bool routing_;
   engine::Mutex mu_;  // guards everything below
   std::deque<pb::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
   pb::GenerateResponse current_;  // the message being written; owned by the writer in flight
@@ -154,7 +159,8 @@ class GenerateReactor final : public Reactor {
                   const pb::GenerateRequest& request, std::string request_id)
       : engine_(engine) {
     state_ = std::make_shared<StreamState>(
-        this, request_id, request.output().logprobs() || request.output().top_logprobs() > 0);
+        this, request_id, request.output().logprobs() || request.output().top_logprobs() > 0,
+        request.output().return_routing());
     const auto deadline = context->deadline();
     const absl::Time engine_deadline = deadline == std::chrono::system_clock::time_point::max()
                                            ? absl::InfiniteFuture()
@@ -243,6 +249,19 @@ grpc::ServerUnaryReactor* InferenceService::ListModels(grpc::CallbackServerConte
   d->set_top_k(info.default_sampling.top_k);
   d->set_min_p(info.default_sampling.min_p);
   d->set_repetition_penalty(info.default_sampling.repetition_penalty);
+  for (const engine::AdapterSummary& a : engine_->ListAdapters()) {
+    pb::AdapterInfo* out = response->add_adapters();
+    out->set_name(a.name);
+    out->set_state(pb::ADAPTER_STATE_READY);
+    out->set_family(a.family);
+    out->set_format(a.format);
+    out->set_version(a.version);
+    out->set_num_experts(static_cast<uint64_t>(a.num_experts));
+    out->set_max_experts_per_site(static_cast<uint32_t>(a.max_experts));
+    for (int32_t r : a.ranks) out->add_ranks(static_cast<uint32_t>(r));
+    for (const std::string& alg : a.algorithms) out->add_algorithms(alg);
+    out->set_bytes(static_cast<uint64_t>(a.bytes));
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

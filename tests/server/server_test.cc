@@ -18,9 +18,12 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -31,6 +34,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "engine/engine.h"
+#include "engine/model/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "moleserve/v1/inference.grpc.pb.h"
@@ -1001,6 +1005,169 @@ TEST(ServerTest, ReflectionListsTheServices) {
   ASSERT_TRUE(services.has_value()) << "reflection call failed";
   EXPECT_THAT(*services,
               ::testing::IsSupersetOf({"moleserve.v1.Inference", "grpc.health.v1.Health"}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoLE adapters over the API: ListModels, per-request adapter, return_routing, routing override
+
+namespace mole_api {
+
+// A mole/1 adapter for the demo model (4 layers, hidden 256, 8 q heads / 4 kv heads of 32):
+// a top-2 routed group of 4 rank-4 experts on q_proj and o_proj of every layer, strong enough
+// to change greedy output.
+std::string WriteDemoMoleAdapter(const std::string& dir) {
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0.0f, 0.3f);
+  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<float> v(n);
+    for (float& x : v) x = dist(rng);
+    t[name] = {std::move(shape), std::move(v)};
+  };
+  for (int l = 0; l < 4; ++l) {
+    for (const std::string m : {"q_proj", "o_proj"}) {
+      const std::string p = absl::StrCat("groups.g.layers.", l, ".", m);
+      add(p + ".A", {4, 4, 256});
+      add(p + ".B", {4, 256, 4});
+      add(p + ".router.weight", {4, 256});
+    }
+  }
+  std::vector<engine::SafetensorsWriteTensor> out;
+  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
+  EXPECT_TRUE(engine::WriteSafetensors(dir + "/model.safetensors", out, {}).ok());
+  std::ofstream(dir + "/mole_config.json") << R"({
+    "format": "mole", "format_version": 1, "name": "demo-mola", "source_family": "mola",
+    "routed_groups": [{"id": "g", "scope": "module",
+      "targets": {"layers": "all", "modules": ["q_proj", "o_proj"]},
+      "num_experts": 4, "rank": 4, "scale": 2.0,
+      "routing": {"algorithm": "topk", "k": 2}}]})";
+  return dir;
+}
+
+}  // namespace mole_api
+
+TEST(ServerTest, AdaptersListedRoutedAndOverriddenPerRequest) {
+  const std::string dir = mole_api::WriteDemoMoleAdapter(
+      absl::StrCat(::testing::TempDir(), "/moleserve_demo_mola_", getpid()));
+  engine::EngineOptions options = SmallEngineOptions();
+  options.adapters = {{"mola", dir}};
+  auto inst = Instance::Start(options);
+  ASSERT_NE(inst, nullptr);
+
+  // ListModels shows the adapter with its family, experts, ranks and bytes.
+  pb::ListModelsResponse models;
+  {
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx, kCallTimeout);
+    ASSERT_TRUE(inst->stub->ListModels(&ctx, pb::ListModelsRequest(), &models).ok());
+  }
+  ASSERT_EQ(models.adapters_size(), 1);
+  const pb::AdapterInfo& info = models.adapters(0);
+  EXPECT_EQ(info.name(), "mola");
+  EXPECT_EQ(info.state(), pb::ADAPTER_STATE_READY);
+  EXPECT_EQ(info.family(), "mola");
+  EXPECT_EQ(info.format(), "mole/1");
+  EXPECT_EQ(info.num_experts(), 4u * 2 * 4);
+  EXPECT_EQ(info.max_experts_per_site(), 4u);
+  EXPECT_THAT(info.ranks(), ElementsAre(4u));
+  EXPECT_THAT(info.algorithms(), ElementsAre("topk"));
+  // A [4,4,256] + B^T [4,4,256] + 4 scales + router [4,256], per site.
+  EXPECT_EQ(info.bytes(), 8u * (4 * 4 * 256 * 2 + 4 + 4 * 256) * 4);
+
+  // The adapter changes the output, and return_routing reports top-2 renormalised choices at
+  // every routed site for every token.
+  constexpr uint32_t kN = 12;
+  GenResult base = RunGenerate(*inst->stub, Greedy("Hello, world", kN));
+  ASSERT_TRUE(base.status.ok());
+  pb::GenerateRequest req = Greedy("Hello, world", kN);
+  req.set_adapter("mola");
+  req.mutable_output()->set_return_routing(true);
+  GenResult adapted = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(adapted.status.ok()) << adapted.status.error_message();
+  EXPECT_NE(adapted.ids, base.ids);
+  std::vector<pb::TokenRouting> routing;
+  for (const pb::GenerateResponse& m : adapted.messages) {
+    routing.insert(routing.end(), m.routing().begin(), m.routing().end());
+  }
+  ASSERT_EQ(routing.size(), kN);
+  for (const pb::TokenRouting& tr : routing) {
+    ASSERT_EQ(tr.sites_size(), 8);
+    for (const pb::SiteRouting& s : tr.sites()) {
+      EXPECT_LT(s.layer(), 4u);
+      EXPECT_TRUE(s.module() == "q_proj" || s.module() == "o_proj") << s.module();
+      ASSERT_EQ(s.experts_size(), 2);
+      EXPECT_NE(s.experts(0), s.experts(1));
+      EXPECT_LT(s.experts(0), 4u);
+      EXPECT_GE(s.weights(0), s.weights(1));
+      EXPECT_NEAR(s.weights(0) + s.weights(1), 1.0f, 1e-5f);
+    }
+  }
+  // Routing is not returned unless asked for.
+  req.mutable_output()->set_return_routing(false);
+  GenResult quiet = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(quiet.status.ok());
+  EXPECT_EQ(quiet.ids, adapted.ids);
+  for (const pb::GenerateResponse& m : quiet.messages) EXPECT_EQ(m.routing_size(), 0);
+
+  // A per-request override applies to that request only: k = 1 gives one expert of weight 1.
+  req.mutable_output()->set_return_routing(true);
+  req.mutable_routing()->set_k(1);
+  GenResult top1 = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(top1.status.ok()) << top1.status.error_message();
+  for (const pb::GenerateResponse& m : top1.messages) {
+    for (const pb::TokenRouting& tr : m.routing()) {
+      for (const pb::SiteRouting& s : tr.sites()) {
+        ASSERT_EQ(s.experts_size(), 1);
+        EXPECT_FLOAT_EQ(s.weights(0), 1.0f);
+      }
+    }
+  }
+  // Soft routing over all 4 experts.
+  req.mutable_routing()->Clear();
+  req.mutable_routing()->set_algorithm("soft");
+  GenResult soft = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(soft.status.ok()) << soft.status.error_message();
+  ASSERT_FALSE(soft.messages.empty());
+  ASSERT_GT(soft.messages[0].routing_size(), 0);
+  EXPECT_EQ(soft.messages[0].routing(0).sites(0).experts_size(), 4);
+  // ...and the next request without an override routes top-2 again.
+  req.clear_routing();
+  GenResult again = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(again.status.ok());
+  EXPECT_EQ(again.ids, adapted.ids);
+
+  // Bad adapter names and overrides are refused with an actionable message.
+  pb::GenerateRequest bad = Greedy("Hello", 4);
+  bad.set_adapter("nope");
+  grpc::Status st = GenerateStatus(*inst->stub, bad);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(st.error_message(), HasSubstr("nope"));
+  bad.set_adapter("mola");
+  bad.mutable_routing()->set_k(5);
+  st = GenerateStatus(*inst->stub, bad);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), HasSubstr("k"));
+  bad.mutable_routing()->Clear();
+  bad.mutable_routing()->set_algorithm("bogus");
+  st = GenerateStatus(*inst->stub, bad);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), HasSubstr("bogus"));
+  bad.mutable_routing()->Clear();
+  bad.mutable_routing()->set_algorithm("top_p");  // no p given and the adapter has none
+  st = GenerateStatus(*inst->stub, bad);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  bad.clear_adapter();
+  bad.mutable_routing()->Clear();
+  bad.mutable_routing()->set_k(1);
+  st = GenerateStatus(*inst->stub, bad);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(st.error_message(), HasSubstr("needs an adapter"));
+  EXPECT_TRUE(inst->WaitEngineIdle());
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -1,0 +1,128 @@
+#include "engine/adapters/adapter.h"
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "engine/adapters/loaders.h"
+#include "engine/core/status_macros.h"
+
+namespace moleserve::engine {
+namespace {
+
+constexpr const char* kModuleNames[kNumLinearModules] = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+
+}  // namespace
+
+const char* LinearModuleName(LinearModule m) { return kModuleNames[static_cast<int>(m)]; }
+
+std::optional<LinearModule> ParseLinearModule(std::string_view name) {
+  for (int i = 0; i < kNumLinearModules; ++i) {
+    if (name == kModuleNames[i]) return static_cast<LinearModule>(i);
+  }
+  return std::nullopt;
+}
+
+std::array<int64_t, 2> LinearModuleShape(const ModelConfig& c, LinearModule m) {
+  const int64_t h = c.hidden_size;
+  const int64_t q = int64_t{c.num_heads} * c.head_dim;
+  const int64_t kv = int64_t{c.num_kv_heads} * c.head_dim;
+  switch (m) {
+    case LinearModule::kQ:
+      return {h, q};
+    case LinearModule::kK:
+    case LinearModule::kV:
+      return {h, kv};
+    case LinearModule::kO:
+      return {q, h};
+    case LinearModule::kGate:
+    case LinearModule::kUp:
+      return {h, c.intermediate_size};
+    case LinearModule::kDown:
+      return {c.intermediate_size, h};
+  }
+  return {0, 0};
+}
+
+int64_t LoraStack::bytes() const {
+  return static_cast<int64_t>((a.size() + bt.size() + scale.size()) * sizeof(float));
+}
+
+int64_t Adapter::num_experts() const {
+  int64_t n = 0;
+  for (const AdapterLayer& layer : layers) {
+    for (const auto& statics : layer.statics) n += static_cast<int64_t>(statics.size());
+    for (const auto& routed : layer.routed) {
+      if (routed) n += routed->rank_granular ? routed->experts.rank : routed->experts.num_experts;
+    }
+    if (layer.block_ffn) n += layer.block_ffn->num_experts;
+  }
+  return n;
+}
+
+absl::Status ValidateRoutingOverride(const Adapter& adapter, const RoutingOverride& ov) {
+  if (ov.empty()) return absl::OkStatus();
+  bool any = false;
+  for (size_t l = 0; l < adapter.layers.size(); ++l) {
+    const AdapterLayer& layer = adapter.layers[l];
+    auto check = [&](const RoutingSpec& spec, int32_t n, const char* where) -> absl::Status {
+      any = true;
+      absl::StatusOr<RoutingSpec> s = ApplyRoutingOverride(spec, ov, n);
+      if (!s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("routing override for adapter '",
+                                                       adapter.name, "', layer ", l, " ", where,
+                                                       ": ", s.status().message()));
+      }
+      return absl::OkStatus();
+    };
+    for (int m = 0; m < kNumLinearModules; ++m) {
+      const auto& r = layer.routed[m];
+      if (!r || r->router_type == RouterType::kXloraRef) continue;
+      RETURN_IF_ERROR(check(r->routing, r->rank_granular ? r->experts.rank : r->experts.num_experts,
+                            LinearModuleName(static_cast<LinearModule>(m))));
+    }
+    if (layer.block_ffn) {
+      RETURN_IF_ERROR(check(layer.block_ffn->routing, layer.block_ffn->num_experts, "ffn"));
+    }
+  }
+  if (!any) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("routing override: adapter '", adapter.name, "' has no router to override",
+                     adapter.is_xlora() ? " (X-LoRA scalings come from its classifier)" : ""));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& dir,
+                                                           const std::string& name,
+                                                           const ModelConfig& base,
+                                                           const AdapterLimits& limits) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    return absl::NotFoundError(absl::StrCat("adapter '", name, "': ", dir, " is not a directory"));
+  }
+  absl::StatusOr<std::unique_ptr<Adapter>> adapter;
+  if (fs::exists(fs::path(dir) / "mole_config.json", ec)) {
+    adapter = LoadMoleDirectory(dir, base, limits);
+  } else if (fs::exists(fs::path(dir) / "adapter_config.json", ec)) {
+    adapter = LoadPeftDirectory(dir, base, limits);
+  } else {
+    return absl::NotFoundError(absl::StrCat("adapter '", name, "': ", dir,
+                                            " has neither mole_config.json (mole/1) nor "
+                                            "adapter_config.json (PEFT LoRA)"));
+  }
+  if (!adapter.ok()) {
+    return absl::Status(adapter.status().code(), absl::StrCat("adapter '", name, "' (", dir,
+                                                              "): ", adapter.status().message()));
+  }
+  (*adapter)->name = name;
+  if ((*adapter)->bytes > limits.max_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("adapter '", name, "': ", (*adapter)->bytes,
+                                                   " bytes exceed the limit of ",
+                                                   limits.max_bytes));
+  }
+  return std::shared_ptr<const Adapter>(std::move(*adapter));
+}
+
+}  // namespace moleserve::engine

@@ -1,0 +1,578 @@
+// mole/1 directories (engine/adapters/README.md): mole_config.json + *.safetensors.
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/adapters/json_fields.h"
+#include "engine/adapters/loaders.h"
+#include "engine/core/status_macros.h"
+
+namespace moleserve::engine {
+namespace {
+
+namespace aj = adapter_json;
+using aj::Json;
+
+struct Targets {
+  std::vector<int32_t> layers;
+  std::vector<LinearModule> modules;
+};
+
+absl::StatusOr<Targets> ParseTargets(const Json& obj, int32_t num_layers, const std::string& ctx) {
+  auto it = obj.find("targets");
+  if (it == obj.end() || !it->is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(ctx, ": missing 'targets' object"));
+  }
+  Targets t;
+  auto layers = it->find("layers");
+  if (layers == it->end() || (layers->is_string() && *layers == "all")) {
+    for (int32_t l = 0; l < num_layers; ++l) t.layers.push_back(l);
+  } else if (layers->is_array()) {
+    std::set<int32_t> seen;
+    for (const Json& e : *layers) {
+      if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() >= num_layers) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            ctx, ": targets.layers must be \"all\" or layer indices in 0..", num_layers - 1));
+      }
+      if (seen.insert(e.get<int32_t>()).second) t.layers.push_back(e.get<int32_t>());
+    }
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat(ctx, ": targets.layers must be \"all\" or a list of layer indices"));
+  }
+  ASSIGN_OR_RETURN(std::vector<std::string> modules,
+                   aj::StringList(*it, "modules", ctx + ".targets"));
+  for (const std::string& m : modules) {
+    std::optional<LinearModule> mod = ParseLinearModule(m);
+    if (!mod) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(ctx, ": unsupported target module '", m,
+                       "' (supported: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"));
+    }
+    if (std::find(t.modules.begin(), t.modules.end(), *mod) == t.modules.end()) {
+      t.modules.push_back(*mod);
+    }
+  }
+  if (t.modules.empty())
+    return absl::InvalidArgumentError(absl::StrCat(ctx, ": no target modules"));
+  return t;
+}
+
+absl::StatusOr<int32_t> CheckedCount(double v, int32_t lo, int32_t hi, const std::string& what) {
+  if (v != std::floor(v) || v < lo || v > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " = ", v, " must be an integer in ", lo, "..", hi));
+  }
+  return static_cast<int32_t>(v);
+}
+
+absl::StatusOr<RoutingSpec> ParseRouting(const Json& group, int32_t num_layers,
+                                         const std::string& ctx,
+                                         std::vector<int32_t>* k_per_layer) {
+  auto it = group.find("routing");
+  if (it == group.end() || !it->is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(ctx, ": missing 'routing' object"));
+  }
+  const Json& r = *it;
+  const std::string rctx = ctx + ".routing";
+  RoutingSpec spec;
+  ASSIGN_OR_RETURN(std::string algorithm, aj::String(r, "algorithm", std::nullopt, rctx));
+  absl::StatusOr<RoutingAlgorithm> alg = ParseRoutingAlgorithm(algorithm);
+  if (!alg.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(rctx, ": unknown routing algorithm '", algorithm, "'"));
+  }
+  spec.algorithm = *alg;
+  ASSIGN_OR_RETURN(std::vector<double> k, aj::PerLayer(r, "k", 2.0, num_layers, rctx));
+  for (double v : k) {
+    ASSIGN_OR_RETURN(int32_t ki, CheckedCount(v, 1, 1 << 20, rctx + ".k"));
+    k_per_layer->push_back(ki);
+  }
+  ASSIGN_OR_RETURN(double p, aj::Number(r, "p", 0.0, rctx));
+  spec.p = static_cast<float>(p);
+  ASSIGN_OR_RETURN(std::string mode, aj::String(r, "p_mode", "exceed", rctx));
+  if (mode == "exceed") {
+    spec.p_mode = TopPMode::kExceed;
+  } else if (mode == "within") {
+    spec.p_mode = TopPMode::kWithin;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat(rctx, ": p_mode '", mode, "' is not \"exceed\" or \"within\""));
+  }
+  ASSIGN_OR_RETURN(int64_t min_k, aj::Int(r, "min_k", 0, rctx));
+  if (min_k < 0 || min_k > (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat(rctx, ": min_k must be >= 0"));
+  }
+  spec.min_k = static_cast<int32_t>(min_k);
+  ASSIGN_OR_RETURN(double t, aj::Number(r, "temperature", 1.0, rctx));
+  spec.temperature = static_cast<float>(t);
+  ASSIGN_OR_RETURN(double pt, aj::Number(r, "prob_temperature", 0.0, rctx));
+  spec.prob_temperature = static_cast<float>(pt);
+  const bool renorm_default =
+      spec.algorithm == RoutingAlgorithm::kTopK || spec.algorithm == RoutingAlgorithm::kRankTopK;
+  ASSIGN_OR_RETURN(spec.renormalize, aj::Bool(r, "renormalize", renorm_default, rctx));
+  auto ent = r.find("entropy");
+  if (ent != r.end() && !ent->is_null()) {
+    if (!ent->is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(rctx, ": 'entropy' must be an object"));
+    }
+    const std::string ectx = rctx + ".entropy";
+    ASSIGN_OR_RETURN(std::string type, aj::String(*ent, "type", "tsallis", ectx));
+    if (type != "tsallis") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          ectx, ": entropy type '", type, "' is not supported (tsallis; q = 1 is Shannon)"));
+    }
+    spec.entropy.enabled = true;
+    ASSIGN_OR_RETURN(spec.entropy.q, aj::Number(*ent, "q", 1.1, ectx));
+    ASSIGN_OR_RETURN(spec.entropy.threshold, aj::Number(*ent, "threshold", 0.9, ectx));
+    ASSIGN_OR_RETURN(spec.entropy.eps, aj::Number(*ent, "eps", 1e-5, ectx));
+  }
+  return spec;
+}
+
+absl::StatusOr<RouterWeights> ReadRouter(TensorSet& tensors, const std::string& prefix,
+                                         int32_t rows, int64_t in, bool bias, bool select_bias,
+                                         bool has_weight) {
+  RouterWeights r;
+  r.rows = rows;
+  r.in = in;
+  if (has_weight) {
+    ASSIGN_OR_RETURN(r.weight, tensors.Read(prefix + ".weight", {rows, in}));
+  }
+  if (bias) {
+    ASSIGN_OR_RETURN(r.bias, tensors.Read(prefix + ".bias", {rows}));
+  }
+  if (select_bias) {
+    ASSIGN_OR_RETURN(r.select_bias, tensors.Read(prefix + ".select_bias", {rows}));
+  }
+  return r;
+}
+
+// Reads an optional per-expert scale override tensor.
+absl::Status ReadScaleOverride(TensorSet& tensors, const std::string& name, LoraStack* stack) {
+  std::optional<std::vector<int64_t>> shape = tensors.Shape(name);
+  if (!shape) return absl::OkStatus();
+  const int64_t n = stack->num_experts;
+  std::vector<int64_t> want = {n};
+  if (*shape != want && !(n == 1 && shape->empty())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tensor '", name, "' has shape [", absl::StrJoin(*shape, ", "), "], expected [", n, "]"));
+  }
+  ASSIGN_OR_RETURN(stack->scale, tensors.Read(name, *shape));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<XloraSpec> ParseXlora(const Json& x, TensorSet& tensors, const ModelConfig& base,
+                                     std::map<std::string, int32_t>* module_index) {
+  const std::string ctx = "xlora";
+  XloraSpec spec;
+  ASSIGN_OR_RETURN(std::vector<std::string> adapters, aj::StringList(x, "adapters", ctx));
+  spec.num_adapters = static_cast<int32_t>(adapters.size());
+  if (spec.num_adapters < 1) {
+    return absl::InvalidArgumentError("xlora: 'adapters' lists no adapter");
+  }
+  auto mi = x.find("module_index");
+  if (mi == x.end() || !mi->is_object() || mi->empty()) {
+    return absl::InvalidArgumentError("xlora: missing 'module_index' object");
+  }
+  std::set<int64_t> seen;
+  for (auto it = mi->begin(); it != mi->end(); ++it) {
+    if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 ||
+        it.value().get<int64_t>() >= static_cast<int64_t>(mi->size()) ||
+        !seen.insert(it.value().get<int64_t>()).second) {
+      return absl::InvalidArgumentError(absl::StrCat("xlora.module_index: '", it.key(),
+                                                     "' must map to a distinct index in 0..",
+                                                     mi->size() - 1));
+    }
+    (*module_index)[it.key()] = it.value().get<int32_t>();
+  }
+  spec.num_modules = static_cast<int32_t>(mi->size());
+  ASSIGN_OR_RETURN(spec.layerwise, aj::Bool(x, "layerwise_scalings", false, ctx));
+  ASSIGN_OR_RETURN(spec.enable_softmax, aj::Bool(x, "enable_softmax", true, ctx));
+  ASSIGN_OR_RETURN(double temp, aj::Number(x, "softmax_temperature", 1.0, ctx));
+  if (temp <= 0) return absl::InvalidArgumentError("xlora: softmax_temperature must be > 0");
+  spec.softmax_temperature = static_cast<float>(temp);
+  ASSIGN_OR_RETURN(int64_t top_k, aj::Int(x, "top_k", 0, ctx));
+  if (top_k < 0 || top_k > spec.num_adapters) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("xlora: top_k = ", top_k, " must be in 0..", spec.num_adapters));
+  }
+  spec.top_k = static_cast<int32_t>(top_k);
+  ASSIGN_OR_RETURN(spec.softmax_topk, aj::Bool(x, "softmax_topk", false, ctx));
+  if (spec.softmax_topk && spec.top_k == 0) {
+    return absl::InvalidArgumentError("xlora: softmax_topk needs top_k");
+  }
+  ASSIGN_OR_RETURN(double spv, aj::Number(x, "scaling_pass_value", 0.0, ctx));
+  spec.scaling_pass_value = static_cast<float>(spv);
+  ASSIGN_OR_RETURN(double gsw, aj::Number(x, "global_scaling_weight", 1.0, ctx));
+  spec.global_scaling_weight = static_cast<float>(gsw);
+
+  auto cls = x.find("classifier");
+  if (cls == x.end() || !cls->is_object()) {
+    return absl::InvalidArgumentError("xlora: missing 'classifier' object");
+  }
+  ASSIGN_OR_RETURN(int64_t depth, aj::Int(*cls, "depth", 1, "xlora.classifier"));
+  if (depth < 1 || depth > 16) {
+    return absl::InvalidArgumentError("xlora.classifier: depth must be in 1..16");
+  }
+  ASSIGN_OR_RETURN(bool bias, aj::Bool(*cls, "bias", true, "xlora.classifier"));
+  ASSIGN_OR_RETURN(spec.relu, aj::Bool(*cls, "relu", true, "xlora.classifier"));
+  const int64_t out_final = int64_t{spec.num_adapters} * (spec.layerwise ? spec.num_modules : 1);
+  int64_t in = base.hidden_size;
+  for (int64_t i = 0; i < depth; ++i) {
+    const std::string name = absl::StrCat("xlora.classifier.", i, ".weight");
+    std::optional<std::vector<int64_t>> shape = tensors.Shape(name);
+    if (!shape || shape->size() != 2 || (*shape)[1] != in) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("xlora classifier tensor '", name, "' is missing or not [*, ", in, "]"));
+    }
+    const int64_t out = i + 1 == depth ? out_final : (*shape)[0];
+    if ((*shape)[0] != out || out <= 0 || out > (1 << 16)) {
+      return absl::InvalidArgumentError(absl::StrCat("xlora classifier tensor '", name, "' has ",
+                                                     (*shape)[0], " rows, expected ", out));
+    }
+    XloraSpec::Linear lin;
+    lin.in = in;
+    lin.out = out;
+    ASSIGN_OR_RETURN(lin.weight, tensors.Read(name, {out, in}));
+    if (bias) {
+      ASSIGN_OR_RETURN(lin.bias,
+                       tensors.Read(absl::StrCat("xlora.classifier.", i, ".bias"), {out}));
+    }
+    spec.classifier.push_back(std::move(lin));
+    in = out;
+  }
+  return spec;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& dir,
+                                                           const ModelConfig& base,
+                                                           const AdapterLimits& limits) {
+  ASSIGN_OR_RETURN(Json cfg,
+                   aj::ParseFile((std::filesystem::path(dir) / "mole_config.json").string()));
+  const std::string ctx = "mole_config.json";
+  ASSIGN_OR_RETURN(std::string format, aj::String(cfg, "format", std::nullopt, ctx));
+  ASSIGN_OR_RETURN(int64_t version, aj::Int(cfg, "format_version", std::nullopt, ctx));
+  if (format != "mole" || version != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(ctx, ": format '", format, "' version ", version, " is not mole/1"));
+  }
+  const int32_t num_layers = base.num_layers;
+  if (auto bm = cfg.find("base_model"); bm != cfg.end() && bm->is_object()) {
+    const std::pair<const char*, int64_t> checks[] = {{"num_layers", base.num_layers},
+                                                      {"hidden_size", base.hidden_size},
+                                                      {"intermediate_size", base.intermediate_size},
+                                                      {"num_attention_heads", base.num_heads},
+                                                      {"num_key_value_heads", base.num_kv_heads}};
+    for (const auto& [key, have] : checks) {
+      ASSIGN_OR_RETURN(int64_t want, aj::Int(*bm, key, have, ctx + ".base_model"));
+      if (want != have) {
+        return absl::InvalidArgumentError(absl::StrCat("adapter was made for a base model with ",
+                                                       key, " = ", want, "; the served model has ",
+                                                       have));
+      }
+    }
+  }
+  ASSIGN_OR_RETURN(std::vector<std::string> files, ListSafetensors(dir));
+  ASSIGN_OR_RETURN(std::unique_ptr<TensorSet> tensors, TensorSet::Open(files));
+
+  auto adapter = std::make_unique<Adapter>();
+  adapter->format = "mole/1";
+  ASSIGN_OR_RETURN(adapter->source_family, aj::String(cfg, "source_family", "mole", ctx));
+  adapter->layers.resize(num_layers);
+
+  // Static LoRAs.
+  if (auto st = cfg.find("static_loras"); st != cfg.end() && !st->is_null()) {
+    if (!st->is_array()) return absl::InvalidArgumentError(ctx + ": 'static_loras' must be a list");
+    for (size_t i = 0; i < st->size(); ++i) {
+      const Json& s = (*st)[i];
+      std::string sctx = absl::StrCat(ctx, ".static_loras[", i, "]");
+      if (!s.is_object()) return absl::InvalidArgumentError(sctx + " must be an object");
+      ASSIGN_OR_RETURN(std::string id, aj::String(s, "id", std::nullopt, sctx));
+      ASSIGN_OR_RETURN(Targets targets, ParseTargets(s, num_layers, sctx));
+      ASSIGN_OR_RETURN(std::vector<double> scale,
+                       aj::PerLayer(s, "scale", std::nullopt, num_layers, sctx));
+      GroupInfo info{.id = id,
+                     .scope = "static",
+                     .granularity = "lora",
+                     .algorithm = "static",
+                     .max_experts = 1,
+                     .min_experts = 1};
+      for (int32_t l : targets.layers) {
+        for (LinearModule m : targets.modules) {
+          const auto [in, out] = LinearModuleShape(base, m);
+          const std::string prefix =
+              absl::StrCat("static.", id, ".layers.", l, ".", LinearModuleName(m));
+          ASSIGN_OR_RETURN(LoraStack stack, ReadLoraStack(*tensors, prefix + ".A", prefix + ".B",
+                                                          /*stacked=*/false, in, out, limits));
+          stack.scale.assign(1, static_cast<float>(scale[l]));
+          RETURN_IF_ERROR(ReadScaleOverride(*tensors, prefix + ".scale", &stack));
+          info.ranks.push_back(stack.rank);
+          ++info.num_modules;
+          adapter->layers[l].statics[static_cast<int>(m)].push_back(std::move(stack));
+        }
+      }
+      adapter->groups.push_back(std::move(info));
+    }
+  }
+
+  // X-LoRA block (before the groups that refer to it).
+  std::map<std::string, int32_t> module_index;
+  if (auto x = cfg.find("xlora"); x != cfg.end() && !x->is_null()) {
+    if (!x->is_object()) return absl::InvalidArgumentError(ctx + ": 'xlora' must be an object");
+    ASSIGN_OR_RETURN(XloraSpec spec, ParseXlora(*x, *tensors, base, &module_index));
+    adapter->xlora = std::move(spec);
+    if (auto inf = cfg.find("inference"); inf != cfg.end() && inf->is_object()) {
+      ASSIGN_OR_RETURN(int64_t freeze,
+                       aj::Int(*inf, "freeze_scalings_after", -1, ctx + ".inference"));
+      if (freeze >= 0) adapter->xlora->freeze_after = static_cast<int32_t>(freeze);
+    }
+  }
+
+  // Routed groups.
+  std::set<int32_t> xlora_indices_used;
+  if (auto gs = cfg.find("routed_groups"); gs != cfg.end() && !gs->is_null()) {
+    if (!gs->is_array())
+      return absl::InvalidArgumentError(ctx + ": 'routed_groups' must be a list");
+    for (size_t gi = 0; gi < gs->size(); ++gi) {
+      const Json& g = (*gs)[gi];
+      std::string gctx = absl::StrCat(ctx, ".routed_groups[", gi, "]");
+      if (!g.is_object()) return absl::InvalidArgumentError(gctx + " must be an object");
+      ASSIGN_OR_RETURN(std::string id, aj::String(g, "id", std::nullopt, gctx));
+      gctx = absl::StrCat(ctx, ".routed_groups['", id, "']");
+      ASSIGN_OR_RETURN(std::string scope, aj::String(g, "scope", "module", gctx));
+      ASSIGN_OR_RETURN(std::string granularity, aj::String(g, "granularity", "lora", gctx));
+      ASSIGN_OR_RETURN(Targets targets, ParseTargets(g, num_layers, gctx));
+      ASSIGN_OR_RETURN(std::vector<double> num_experts,
+                       aj::PerLayer(g, "num_experts", std::nullopt, num_layers, gctx));
+      ASSIGN_OR_RETURN(std::vector<double> scale,
+                       aj::PerLayer(g, "scale", std::nullopt, num_layers, gctx));
+      ASSIGN_OR_RETURN(std::string act, aj::String(g, "act_fn", "silu", gctx));
+      if (act != "silu") {
+        return absl::InvalidArgumentError(
+            absl::StrCat(gctx, ": act_fn '", act, "' is not supported (silu, as the base)"));
+      }
+      const Json empty = Json::object();
+      const Json& router = g.contains("router") && g["router"].is_object() ? g["router"] : empty;
+      const std::string rctx = gctx + ".router";
+      ASSIGN_OR_RETURN(std::string router_type_name, aj::String(router, "type", "linear", rctx));
+      ASSIGN_OR_RETURN(bool router_bias, aj::Bool(router, "bias", false, rctx));
+      ASSIGN_OR_RETURN(bool select_bias, aj::Bool(router, "select_bias", false, rctx));
+      ASSIGN_OR_RETURN(bool select_on_abs, aj::Bool(router, "select_on_abs", false, rctx));
+      RouterType router_type;
+      if (router_type_name == "linear") {
+        router_type = RouterType::kLinear;
+      } else if (router_type_name == "implicit_A") {
+        router_type = RouterType::kImplicitA;
+      } else if (router_type_name == "xlora_ref") {
+        router_type = RouterType::kXloraRef;
+      } else {
+        return absl::InvalidArgumentError(
+            absl::StrCat(rctx, ": router type '", router_type_name,
+                         "' is not supported (linear, implicit_A, xlora_ref)"));
+      }
+      const bool rank_granular = granularity == "rank";
+      if (!rank_granular && granularity != "lora") {
+        return absl::InvalidArgumentError(
+            absl::StrCat(gctx, ": granularity '", granularity, "' is not \"lora\" or \"rank\""));
+      }
+      std::vector<int32_t> k_per_layer;
+      RoutingSpec routing;
+      const bool xlora_group = scope == "model_scalings";
+      if (xlora_group != (router_type == RouterType::kXloraRef)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(gctx, ": scope model_scalings goes with router type xlora_ref"));
+      }
+      if (xlora_group) {
+        if (!adapter->xlora) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(gctx, ": scope model_scalings needs the 'xlora' block"));
+        }
+        k_per_layer.assign(num_layers, 1);
+      } else {
+        ASSIGN_OR_RETURN(routing, ParseRouting(g, num_layers, gctx, &k_per_layer));
+      }
+      if (rank_granular != (!xlora_group && routing.algorithm == RoutingAlgorithm::kRankTopK)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(gctx, ": granularity rank goes with routing algorithm rank_topk"));
+      }
+      if (router_type == RouterType::kImplicitA && !rank_granular) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(gctx, ": router type implicit_A needs granularity rank"));
+      }
+      GroupInfo info{.id = id,
+                     .scope = scope,
+                     .granularity = granularity,
+                     .algorithm = xlora_group ? "xlora" : RoutingAlgorithmName(routing.algorithm)};
+      info.min_experts = 1 << 30;
+      const int32_t group_index = static_cast<int32_t>(adapter->groups.size());
+
+      if (scope == "block_ffn") {
+        if (rank_granular || router_type != RouterType::kLinear) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(gctx, ": block_ffn needs granularity lora and a linear router"));
+        }
+        for (LinearModule m : targets.modules) {
+          if (m != LinearModule::kGate && m != LinearModule::kUp && m != LinearModule::kDown) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                gctx, ": block_ffn targets only gate_proj, up_proj and down_proj, not ",
+                LinearModuleName(m)));
+          }
+        }
+        for (int32_t l : targets.layers) {
+          AdapterLayer& layer = adapter->layers[l];
+          if (layer.block_ffn) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(gctx, ": layer ", l, " already has a block_ffn group"));
+          }
+          for (LinearModule m : {LinearModule::kGate, LinearModule::kUp, LinearModule::kDown}) {
+            if (layer.routed[static_cast<int>(m)]) {
+              return absl::InvalidArgumentError(absl::StrCat(
+                  gctx, ": layer ", l, " ", LinearModuleName(m), " already has a routed group"));
+            }
+          }
+          ASSIGN_OR_RETURN(int32_t e, CheckedCount(num_experts[l], 1, limits.max_experts,
+                                                   absl::StrCat(gctx, ".num_experts[", l, "]")));
+          BlockFfn ffn;
+          ffn.group = group_index;
+          ffn.num_experts = e;
+          ffn.routing = routing;
+          ffn.routing.k = k_per_layer[l];
+          absl::Status valid = ValidateRoutingSpec(ffn.routing, e);
+          if (!valid.ok()) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(gctx, " layer ", l, ": ", valid.message()));
+          }
+          const std::string prefix = absl::StrCat("groups.", id, ".layers.", l);
+          ASSIGN_OR_RETURN(ffn.router, ReadRouter(*tensors, prefix + ".router", e, base.hidden_size,
+                                                  router_bias, select_bias,
+                                                  /*has_weight=*/true));
+          for (LinearModule m : targets.modules) {
+            const auto [in, out] = LinearModuleShape(base, m);
+            const std::string mp = absl::StrCat(prefix, ".", LinearModuleName(m));
+            ASSIGN_OR_RETURN(LoraStack stack, ReadLoraStack(*tensors, mp + ".A", mp + ".B",
+                                                            /*stacked=*/true, in, out, limits));
+            if (stack.num_experts != e) {
+              return absl::InvalidArgumentError(absl::StrCat(
+                  "tensor '", mp, ".A' stacks ", stack.num_experts, " experts, the group has ", e));
+            }
+            stack.scale.assign(e, static_cast<float>(scale[l]));
+            RETURN_IF_ERROR(ReadScaleOverride(*tensors, mp + ".scale", &stack));
+            info.ranks.push_back(stack.rank);
+            ++info.num_modules;
+            ffn.lora[static_cast<int>(m) - static_cast<int>(LinearModule::kGate)] =
+                std::move(stack);
+          }
+          info.max_experts = std::max(info.max_experts, e);
+          info.min_experts = std::min(info.min_experts, e);
+          layer.block_ffn = std::move(ffn);
+        }
+      } else if (scope == "module" || xlora_group) {
+        for (int32_t l : targets.layers) {
+          for (LinearModule m : targets.modules) {
+            AdapterLayer& layer = adapter->layers[l];
+            const int mi = static_cast<int>(m);
+            if (layer.routed[mi] || (layer.block_ffn && m >= LinearModule::kGate)) {
+              return absl::InvalidArgumentError(absl::StrCat(
+                  gctx, ": layer ", l, " ", LinearModuleName(m), " already has a routed group"));
+            }
+            const auto [in, out] = LinearModuleShape(base, m);
+            const std::string mp =
+                absl::StrCat("groups.", id, ".layers.", l, ".", LinearModuleName(m));
+            RoutedModule rm;
+            rm.group = group_index;
+            rm.router_type = router_type;
+            rm.rank_granular = rank_granular;
+            rm.select_on_abs = select_on_abs;
+            ASSIGN_OR_RETURN(rm.experts, ReadLoraStack(*tensors, mp + ".A", mp + ".B",
+                                                       /*stacked=*/true, in, out, limits));
+            const int32_t e = rm.experts.num_experts;
+            ASSIGN_OR_RETURN(int32_t want_e,
+                             CheckedCount(num_experts[l], 1, limits.max_experts,
+                                          absl::StrCat(gctx, ".num_experts[", l, "]")));
+            if (e != want_e || (rank_granular && e != 1)) {
+              return absl::InvalidArgumentError(absl::StrCat("tensor '", mp, ".A' stacks ", e,
+                                                             " experts, the group has ",
+                                                             rank_granular ? 1 : want_e));
+            }
+            rm.experts.scale.assign(e, static_cast<float>(scale[l]));
+            RETURN_IF_ERROR(ReadScaleOverride(*tensors, mp + ".scale", &rm.experts));
+            if (xlora_group) {
+              const std::string key = absl::StrCat("layers.", l, ".", LinearModuleName(m));
+              auto it = module_index.find(key);
+              if (it == module_index.end()) {
+                return absl::InvalidArgumentError(
+                    absl::StrCat("xlora.module_index has no entry '", key, "'"));
+              }
+              if (e != adapter->xlora->num_adapters) {
+                return absl::InvalidArgumentError(
+                    absl::StrCat("tensor '", mp, ".A' stacks ", e, " experts; X-LoRA has ",
+                                 adapter->xlora->num_adapters, " adapters"));
+              }
+              rm.xlora_index = it->second;
+              xlora_indices_used.insert(it->second);
+              if (auto tr = g.find("true_ranks");
+                  tr != g.end() && tr->is_array() && tr->size() == static_cast<size_t>(e)) {
+                for (int32_t i = 0; i < e; ++i) {
+                  if ((*tr)[i].is_number_integer() && (*tr)[i].get<int64_t>() >= 0 &&
+                      (*tr)[i].get<int64_t>() <= rm.experts.rank) {
+                    rm.experts.true_rank[i] = (*tr)[i].get<int32_t>();
+                  }
+                }
+              }
+            } else {
+              rm.routing = routing;
+              rm.routing.k = k_per_layer[l];
+              const int32_t rows = rank_granular ? rm.experts.rank : e;
+              absl::Status valid = ValidateRoutingSpec(rm.routing, rows);
+              if (!valid.ok()) {
+                return absl::InvalidArgumentError(absl::StrCat(
+                    gctx, " layer ", l, " ", LinearModuleName(m), ": ", valid.message()));
+              }
+              ASSIGN_OR_RETURN(rm.router,
+                               ReadRouter(*tensors, mp + ".router", rows, in, router_bias,
+                                          select_bias, router_type == RouterType::kLinear));
+            }
+            info.ranks.push_back(rm.experts.rank);
+            info.max_experts = std::max(info.max_experts, e);
+            info.min_experts = std::min(info.min_experts, e);
+            ++info.num_modules;
+            layer.routed[mi] = std::move(rm);
+          }
+        }
+      } else {
+        return absl::InvalidArgumentError(
+            absl::StrCat(gctx, ": scope '", scope, "' is not module, block_ffn or model_scalings"));
+      }
+      std::sort(info.ranks.begin(), info.ranks.end());
+      info.ranks.erase(std::unique(info.ranks.begin(), info.ranks.end()), info.ranks.end());
+      if (info.min_experts > info.max_experts) info.min_experts = info.max_experts;
+      adapter->groups.push_back(std::move(info));
+    }
+  }
+  if (adapter->xlora && xlora_indices_used.empty()) {
+    return absl::InvalidArgumentError(
+        "an 'xlora' block needs a routed group with scope model_scalings");
+  }
+  std::vector<std::string> unused = tensors->Unused();
+  if (!unused.empty()) {
+    if (unused.size() > 5) unused.resize(5);
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensors not described by mole_config.json (unsupported or misnamed): ",
+                     absl::StrJoin(unused, ", ")));
+  }
+  if (adapter->groups.empty()) {
+    return absl::InvalidArgumentError(ctx + ": no static_loras and no routed_groups");
+  }
+  ComputeAdapterBytes(adapter.get());
+  return adapter;
+}
+
+}  // namespace moleserve::engine

@@ -1,0 +1,577 @@
+#include "engine/model/adapter_executor.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "engine/core/status_macros.h"
+
+namespace moleserve::engine {
+
+// An attached LoRA stack in device memory: A [E, rank, in] and Bt [E, rank, out], fp32.
+struct AdapterExecutor::DeviceLora {
+  const LoraStack* host = nullptr;
+  DeviceBuffer a, bt;
+  const void* a_row(int32_t expert, int32_t i) const {
+    return a.as<float>() + (int64_t{expert} * host->rank + i) * host->in;
+  }
+  const void* b_row(int32_t expert, int32_t i) const {
+    return bt.as<float>() + (int64_t{expert} * host->rank + i) * host->out;
+  }
+};
+
+struct AdapterExecutor::Attached {
+  std::shared_ptr<const Adapter> adapter;
+  // Router weight and bias per host router.
+  std::map<const RouterWeights*, std::pair<DeviceBuffer, DeviceBuffer>> routers;
+  std::vector<const LoraStack*> loras;
+};
+
+AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config)
+    : backend_(backend), config_(config) {}
+AdapterExecutor::~AdapterExecutor() = default;
+
+absl::StatusOr<DeviceBuffer> AdapterExecutor::UploadFloats(const std::vector<float>& v) {
+  ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->Allocate(v.size() * sizeof(float)));
+  RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), v.data(), v.size() * sizeof(float)));
+  return buf;
+}
+
+absl::Status AdapterExecutor::UploadLora(const LoraStack& stack) {
+  auto d = std::make_unique<DeviceLora>();
+  d->host = &stack;
+  ASSIGN_OR_RETURN(d->a, UploadFloats(stack.a));
+  ASSIGN_OR_RETURN(d->bt, UploadFloats(stack.bt));
+  device_loras_[&stack] = std::move(d);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> adapter) {
+  if (adapter->layers.size() != static_cast<size_t>(config_.num_layers)) {
+    return absl::InvalidArgumentError(absl::StrCat("adapter '", adapter->name, "' has ",
+                                                   adapter->layers.size(), " layers, the model ",
+                                                   config_.num_layers));
+  }
+  auto att = std::make_unique<Attached>();
+  auto add_router = [&](const RouterWeights& r) -> absl::Status {
+    std::pair<DeviceBuffer, DeviceBuffer> bufs;
+    if (!r.weight.empty()) {
+      ASSIGN_OR_RETURN(bufs.first, UploadFloats(r.weight));
+    }
+    if (!r.bias.empty()) {
+      ASSIGN_OR_RETURN(bufs.second, UploadFloats(r.bias));
+    }
+    att->routers[&r] = std::move(bufs);
+    return absl::OkStatus();
+  };
+  absl::Status status;
+  auto add_lora = [&](const LoraStack& s) -> absl::Status {
+    att->loras.push_back(&s);
+    return UploadLora(s);
+  };
+  for (const AdapterLayer& layer : adapter->layers) {
+    for (const auto& statics : layer.statics) {
+      for (const LoraStack& s : statics) status.Update(add_lora(s));
+    }
+    for (const auto& r : layer.routed) {
+      if (!r) continue;
+      status.Update(add_lora(r->experts));
+      status.Update(add_router(r->router));
+    }
+    if (layer.block_ffn) {
+      status.Update(add_router(layer.block_ffn->router));
+      for (const auto& s : layer.block_ffn->lora) {
+        if (s) status.Update(add_lora(*s));
+      }
+    }
+  }
+  if (!status.ok()) {
+    for (const LoraStack* s : att->loras) device_loras_.erase(s);
+    return status;
+  }
+  att->adapter = std::move(adapter);
+  const int32_t slot = next_slot_++;
+  attached_[slot] = std::move(att);
+  return slot;
+}
+
+void AdapterExecutor::Detach(int32_t slot) {
+  auto it = attached_.find(slot);
+  if (it == attached_.end()) return;
+  for (const LoraStack* s : it->second->loras) device_loras_.erase(s);
+  attached_.erase(it);
+}
+
+const Adapter* AdapterExecutor::adapter(int32_t slot) const {
+  auto it = attached_.find(slot);
+  return it == attached_.end() ? nullptr : it->second->adapter.get();
+}
+
+absl::Status AdapterExecutor::BeginPass(PassTokens tokens) {
+  pass_ = std::move(tokens);
+  tokens_by_slot_.clear();
+  active_ = false;
+  const size_t t = pass_.slot.size();
+  pass_.override_index.resize(t, -1);
+  pass_.record.resize(t, -1);
+  pass_.scalings.resize(t, nullptr);
+  for (size_t i = 0; i < t; ++i) {
+    const int32_t slot = pass_.slot[i];
+    if (slot < 0) continue;
+    if (!attached_.count(slot)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch: adapter slot ", slot, " is not attached"));
+    }
+    tokens_by_slot_[slot].push_back(static_cast<int32_t>(i));
+    active_ = true;
+  }
+  records_.assign(pass_.num_records, {});
+  return absl::OkStatus();
+}
+
+absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {
+  if (buf->bytes() >= bytes) return absl::OkStatus();
+  ASSIGN_OR_RETURN(*buf, backend_->Allocate(std::max(bytes, buf->bytes() * 2)));
+  return absl::OkStatus();
+}
+
+const RoutingSpec& AdapterExecutor::SpecFor(int32_t token, const RoutingSpec& base,
+                                            int32_t num_experts, RoutingSpec* scratch) const {
+  const int32_t o = pass_.override_index[token];
+  if (o < 0) return base;
+  absl::StatusOr<RoutingSpec> spec = ApplyRoutingOverride(base, pass_.overrides[o], num_experts);
+  if (!spec.ok()) return base;  // validated at Submit; cannot fail here
+  *scratch = *spec;
+  return *scratch;
+}
+
+void AdapterExecutor::Record(int32_t token, int32_t layer, const char* module,
+                             const int32_t* experts, const float* weights, int32_t n) {
+  const int32_t r = pass_.record[token];
+  if (r < 0) return;
+  RoutingRecord rec;
+  rec.layer = layer;
+  rec.module = module;
+  rec.experts.assign(experts, experts + n);
+  rec.weights.assign(weights, weights + n);
+  records_[r].push_back(std::move(rec));
+}
+
+absl::Status AdapterExecutor::RouterLogits(const RouterWeights& router, const void* x, int64_t in,
+                                           const std::vector<int32_t>& tokens,
+                                           std::vector<float>* logits) {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const Attached* owner = nullptr;
+  for (const auto& [slot, att] : attached_) {
+    if (att->routers.count(&router)) owner = att.get();
+  }
+  if (owner == nullptr) return absl::InternalError("router of an unattached adapter");
+  const auto& [weight, bias] = owner->routers.at(&router);
+  RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&gathered_, n * in * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&logits_, n * router.rows * sizeof(float)));
+  RETURN_IF_ERROR(backend_->CopyToDevice(ids_.data(), tokens.data(), n * sizeof(int32_t)));
+  RETURN_IF_ERROR(backend_->Embedding({.ids = ids_.as<int32_t>(),
+                                       .table = x,
+                                       .out = gathered_.data(),
+                                       .num_tokens = n,
+                                       .hidden = in}));
+  RETURN_IF_ERROR(backend_->Gemm({.x = gathered_.data(),
+                                  .w = weight.data(),
+                                  .y = logits_.data(),
+                                  .m = n,
+                                  .n = router.rows,
+                                  .k = in}));
+  if (!router.bias.empty()) {
+    RETURN_IF_ERROR(backend_->BiasAdd(
+        {.x = logits_.data(), .bias = bias.data(), .rows = n, .cols = router.rows}));
+  }
+  logits->resize(n * router.rows);
+  return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
+}
+
+absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, const void* x,
+                                          int64_t in, void* y, int64_t out) {
+  std::vector<int32_t> x_rows, y_rows, seg_start{0}, seg_rank;
+  std::vector<float> weights;
+  std::vector<int64_t> seg_off;
+  std::vector<const void*> a_rows, b_rows;
+  int32_t v_stride = 0;
+  for (const Segment& s : segments) {
+    if (s.pairs.empty()) continue;
+    const int32_t rank = s.lora->host->rank;
+    seg_off.push_back(static_cast<int64_t>(a_rows.size()));
+    for (int32_t i = 0; i < rank; ++i) {
+      a_rows.push_back(s.lora->a_row(s.expert, i));
+      b_rows.push_back(s.lora->b_row(s.expert, i));
+    }
+    for (const Pair& p : s.pairs) {
+      x_rows.push_back(p.x_row);
+      y_rows.push_back(p.y_row);
+      weights.push_back(p.weight);
+    }
+    seg_start.push_back(static_cast<int32_t>(x_rows.size()));
+    seg_rank.push_back(rank);
+    v_stride = std::max(v_stride, rank);
+  }
+  const int32_t num_segments = static_cast<int32_t>(seg_rank.size());
+  if (num_segments == 0) return absl::OkStatus();
+  const int64_t num_pairs = static_cast<int64_t>(x_rows.size());
+  struct Upload {
+    DeviceBuffer* buf;
+    const void* src;
+    size_t bytes;
+  };
+  for (const Upload& u : {Upload{&pair_x_, x_rows.data(), x_rows.size() * 4},
+                          Upload{&pair_y_, y_rows.data(), y_rows.size() * 4},
+                          Upload{&pair_w_, weights.data(), weights.size() * 4},
+                          Upload{&seg_start_, seg_start.data(), seg_start.size() * 4},
+                          Upload{&seg_rank_, seg_rank.data(), seg_rank.size() * 4},
+                          Upload{&seg_off_, seg_off.data(), seg_off.size() * 8},
+                          Upload{&a_rows_, a_rows.data(), a_rows.size() * sizeof(void*)},
+                          Upload{&b_rows_, b_rows.data(), b_rows.size() * sizeof(void*)}}) {
+    RETURN_IF_ERROR(Grow(u.buf, u.bytes));
+    RETURN_IF_ERROR(backend_->CopyToDevice(u.buf->data(), u.src, u.bytes));
+  }
+  RETURN_IF_ERROR(Grow(&v_, num_pairs * v_stride * sizeof(float)));
+  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                        .v = v_.as<float>(),
+                                        .x_row = pair_x_.as<int32_t>(),
+                                        .seg_start = seg_start_.as<int32_t>(),
+                                        .seg_rank = seg_rank_.as<int32_t>(),
+                                        .seg_row_offset = seg_off_.as<int64_t>(),
+                                        .a_rows = a_rows_.as<const void*>(),
+                                        .num_segments = num_segments,
+                                        .in = in,
+                                        .v_stride = v_stride}));
+  return backend_->SgmvExpand({.v = v_.as<float>(),
+                               .y = y,
+                               .y_row = pair_y_.as<int32_t>(),
+                               .weight = pair_w_.as<float>(),
+                               .seg_start = seg_start_.as<int32_t>(),
+                               .seg_rank = seg_rank_.as<int32_t>(),
+                               .seg_row_offset = seg_off_.as<int64_t>(),
+                               .b_rows = b_rows_.as<const void*>(),
+                               .num_segments = num_segments,
+                               .out = out,
+                               .v_stride = v_stride});
+}
+
+absl::Status AdapterExecutor::ApplyRankGroup(int32_t layer, LinearModule m, const RoutedModule& rm,
+                                             const std::vector<int32_t>& tokens, const void* x,
+                                             void* y) {
+  const LoraStack& stack = rm.experts;
+  const DeviceLora* lora = device_loras_.at(&stack).get();
+  const int32_t r = stack.rank;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  // Shrink: z = A x for every token (one segment, v row = token ordinal).
+  std::vector<int32_t> x_rows(tokens), seg_start{0, static_cast<int32_t>(n)}, seg_rank{r};
+  std::vector<int64_t> seg_off{0};
+  std::vector<const void*> a_rows, b_rows;
+  for (int32_t i = 0; i < r; ++i) {
+    a_rows.push_back(lora->a_row(0, i));
+    b_rows.push_back(lora->b_row(0, i));
+  }
+  std::vector<float> weights(n, stack.scale[0]);
+  for (auto [buf, src, bytes] :
+       {std::tuple<DeviceBuffer*, const void*, size_t>{&pair_x_, x_rows.data(), n * 4},
+        {&pair_y_, x_rows.data(), n * 4},
+        {&pair_w_, weights.data(), n * 4},
+        {&seg_start_, seg_start.data(), 8},
+        {&seg_rank_, seg_rank.data(), 4},
+        {&seg_off_, seg_off.data(), 8},
+        {&a_rows_, a_rows.data(), r * sizeof(void*)},
+        {&b_rows_, b_rows.data(), r * sizeof(void*)}}) {
+    RETURN_IF_ERROR(Grow(buf, bytes));
+    RETURN_IF_ERROR(backend_->CopyToDevice(buf->data(), src, bytes));
+  }
+  RETURN_IF_ERROR(Grow(&v_, n * r * sizeof(float)));
+  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                        .v = v_.as<float>(),
+                                        .x_row = pair_x_.as<int32_t>(),
+                                        .seg_start = seg_start_.as<int32_t>(),
+                                        .seg_rank = seg_rank_.as<int32_t>(),
+                                        .seg_row_offset = seg_off_.as<int64_t>(),
+                                        .a_rows = a_rows_.as<const void*>(),
+                                        .num_segments = 1,
+                                        .in = stack.in,
+                                        .v_stride = r}));
+  std::vector<float> z(n * r);
+  RETURN_IF_ERROR(backend_->CopyToHost(z.data(), v_.data(), z.size() * sizeof(float)));
+  std::vector<float> logits;
+  if (rm.router_type == RouterType::kLinear) {
+    RETURN_IF_ERROR(RouterLogits(rm.router, x, stack.in, tokens, &logits));
+  }
+  std::vector<float> u(n * r);
+  std::vector<int32_t> kept(r);
+  std::vector<float> ones(r, 1.0f);
+  RoutingSpec scratch;
+  for (int64_t i = 0; i < n; ++i) {
+    const RoutingSpec& spec = SpecFor(tokens[i], rm.routing, r, &scratch);
+    absl::Span<const float> router_logits;
+    if (!logits.empty()) router_logits = absl::MakeConstSpan(logits.data() + i * r, r);
+    RETURN_IF_ERROR(RouteRanks(spec, absl::MakeConstSpan(z.data() + i * r, r), router_logits,
+                               rm.router.select_bias, rm.select_on_abs, kept.data(),
+                               absl::MakeSpan(u.data() + i * r, r)));
+    Record(tokens[i], layer, LinearModuleName(m), kept.data(), ones.data(), spec.k);
+  }
+  RETURN_IF_ERROR(backend_->CopyToDevice(v_.data(), u.data(), u.size() * sizeof(float)));
+  return backend_->SgmvExpand({.v = v_.as<float>(),
+                               .y = y,
+                               .y_row = pair_y_.as<int32_t>(),
+                               .weight = pair_w_.as<float>(),
+                               .seg_start = seg_start_.as<int32_t>(),
+                               .seg_rank = seg_rank_.as<int32_t>(),
+                               .seg_row_offset = seg_off_.as<int64_t>(),
+                               .b_rows = b_rows_.as<const void*>(),
+                               .num_segments = 1,
+                               .out = stack.out,
+                               .v_stride = r});
+}
+
+absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y) {
+  if (!active_) return absl::OkStatus();
+  const auto [in, out] = LinearModuleShape(config_, m);
+  const int mi = static_cast<int>(m);
+  std::vector<Segment> segments;
+  std::vector<float> logits;
+  std::vector<int32_t> experts;
+  std::vector<float> weights;
+  for (const auto& [slot, tokens] : tokens_by_slot_) {
+    const Adapter& a = *attached_.at(slot)->adapter;
+    const AdapterLayer& L = a.layers[layer];
+    for (const LoraStack& s : L.statics[mi]) {
+      Segment seg{device_loras_.at(&s).get(), 0, {}};
+      for (int32_t t : tokens) seg.pairs.push_back({t, t, s.scale[0]});
+      segments.push_back(std::move(seg));
+    }
+    if (!L.routed[mi]) continue;
+    const RoutedModule& rm = *L.routed[mi];
+    if (rm.rank_granular) {
+      RETURN_IF_ERROR(ApplyRankGroup(layer, m, rm, tokens, x, y));
+      continue;
+    }
+    const LoraStack& stack = rm.experts;
+    const int32_t e_count = stack.num_experts;
+    const DeviceLora* lora = device_loras_.at(&stack).get();
+    std::vector<Segment> per_expert(e_count);
+    for (int32_t e = 0; e < e_count; ++e) per_expert[e] = Segment{lora, e, {}};
+    experts.resize(e_count);
+    weights.resize(e_count);
+    if (rm.router_type == RouterType::kXloraRef) {
+      const XloraSpec& xs = *a.xlora;
+      std::vector<float> scal(e_count);
+      for (int32_t t : tokens) {
+        if (pass_.scaling_pass) {
+          if (xs.scaling_pass_value == 0.0f) break;  // exactly the base model
+          std::fill(scal.begin(), scal.end(), xs.scaling_pass_value);
+        } else {
+          const float* s = pass_.scalings[t];
+          if (s == nullptr) return absl::InternalError("X-LoRA token without scalings");
+          const float* row = s + (xs.layerwise ? int64_t{rm.xlora_index} * e_count : 0);
+          std::copy(row, row + e_count, scal.begin());
+        }
+        XloraModuleWeights(scal, xs.top_k, xs.softmax_topk, absl::MakeSpan(weights));
+        int32_t n = 0;
+        for (int32_t e = 0; e < e_count; ++e) {
+          if (weights[e] == 0.0f) continue;
+          per_expert[e].pairs.push_back(
+              {t, t, weights[e] * stack.scale[e] * xs.global_scaling_weight});
+        }
+        // Record in descending weight order, ties to the lower index.
+        std::vector<int32_t> order(e_count);
+        TopKIndices(weights, e_count, order.data());
+        std::vector<float> w_sorted;
+        for (int32_t e : order) {
+          if (weights[e] != 0.0f) {
+            experts[n++] = e;
+            w_sorted.push_back(weights[e]);
+          }
+        }
+        Record(t, layer, LinearModuleName(m), experts.data(), w_sorted.data(), n);
+      }
+    } else {
+      RETURN_IF_ERROR(RouterLogits(rm.router, x, in, tokens, &logits));
+      RoutingSpec scratch;
+      for (size_t i = 0; i < tokens.size(); ++i) {
+        const int32_t t = tokens[i];
+        const RoutingSpec& spec = SpecFor(t, rm.routing, e_count, &scratch);
+        ASSIGN_OR_RETURN(int32_t n,
+                         RouteToken(spec, absl::MakeConstSpan(logits.data() + i * e_count, e_count),
+                                    experts.data(), weights.data()));
+        for (int32_t j = 0; j < n; ++j) {
+          per_expert[experts[j]].pairs.push_back({t, t, weights[j] * stack.scale[experts[j]]});
+        }
+        Record(t, layer, LinearModuleName(m), experts.data(), weights.data(), n);
+      }
+    }
+    for (Segment& s : per_expert) segments.push_back(std::move(s));
+  }
+  return RunSegments(segments, x, in, y, out);
+}
+
+absl::Status AdapterExecutor::XloraScalings(int32_t slot, const float* hidden, int64_t n,
+                                            std::vector<float>* out) const {
+  auto it = attached_.find(slot);
+  if (it == attached_.end() || !it->second->adapter->xlora) {
+    return absl::InternalError("X-LoRA scalings asked of a non-X-LoRA adapter");
+  }
+  const XloraSpec& xs = *it->second->adapter->xlora;
+  const int64_t hidden_size = config_.hidden_size;
+  const int64_t c = xs.classifier.back().out;
+  out->assign(n * c, 0.0f);
+  std::vector<float> cur, next;
+  for (int64_t t = 0; t < n; ++t) {
+    cur.assign(hidden + t * hidden_size, hidden + (t + 1) * hidden_size);
+    for (size_t li = 0; li < xs.classifier.size(); ++li) {
+      const XloraSpec::Linear& lin = xs.classifier[li];
+      next.assign(lin.out, 0.0f);
+      for (int64_t o = 0; o < lin.out; ++o) {
+        const float* w = lin.weight.data() + o * lin.in;
+        float acc = lin.bias.empty() ? 0.0f : lin.bias[o];
+        for (int64_t i = 0; i < lin.in; ++i) acc += w[i] * cur[i];
+        next[o] = acc;
+      }
+      if (li + 1 < xs.classifier.size() && xs.relu) {
+        for (float& v : next) v = std::max(v, 0.0f);
+      }
+      cur.swap(next);
+    }
+    float* dst = out->data() + t * c;
+    if (xs.enable_softmax) {
+      // Softmax over the N adapters of each module row.
+      for (int64_t row = 0; row < c; row += xs.num_adapters) {
+        SoftmaxF32(absl::MakeConstSpan(cur.data() + row, xs.num_adapters), xs.softmax_temperature,
+                   absl::MakeSpan(dst + row, xs.num_adapters));
+      }
+    } else {
+      std::copy(cur.begin(), cur.end(), dst);
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool AdapterExecutor::HasBlockFfn(int32_t layer) const {
+  for (const auto& [slot, tokens] : tokens_by_slot_) {
+    if (attached_.at(slot)->adapter->layers[layer].block_ffn) return true;
+  }
+  return false;
+}
+
+absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const void* gate,
+                                          const void* up, void* act) {
+  const int64_t t_count = static_cast<int64_t>(pass_.slot.size());
+  const int64_t hidden = config_.hidden_size;
+  const int64_t inter = config_.intermediate_size;
+  block_ = BlockPairs();
+  // Route every block token; pairs in (adapter, expert) order.
+  std::vector<int32_t> pair_token;
+  std::vector<float> pair_weight;
+  std::vector<Segment> gate_segs, up_segs;
+  std::vector<int32_t> ordinal(t_count, -1);
+  int32_t num_block_tokens = 0;
+  std::vector<float> logits;
+  for (const auto& [slot, tokens] : tokens_by_slot_) {
+    const Adapter& a = *attached_.at(slot)->adapter;
+    if (!a.layers[layer].block_ffn) continue;
+    const BlockFfn& ffn = *a.layers[layer].block_ffn;
+    const int32_t e_count = ffn.num_experts;
+    for (int32_t t : tokens) ordinal[t] = num_block_tokens++;
+    RETURN_IF_ERROR(RouterLogits(ffn.router, h, hidden, tokens, &logits));
+    std::vector<std::vector<std::pair<int32_t, float>>> by_expert(e_count);
+    std::vector<int32_t> experts(e_count);
+    std::vector<float> weights(e_count);
+    RoutingSpec scratch;
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      const RoutingSpec& spec = SpecFor(tokens[i], ffn.routing, e_count, &scratch);
+      ASSIGN_OR_RETURN(int32_t n,
+                       RouteToken(spec, absl::MakeConstSpan(logits.data() + i * e_count, e_count),
+                                  experts.data(), weights.data()));
+      for (int32_t j = 0; j < n; ++j) by_expert[experts[j]].push_back({tokens[i], weights[j]});
+      Record(tokens[i], layer, "ffn", experts.data(), weights.data(), n);
+    }
+    const DeviceLora* g = ffn.lora[0] ? device_loras_.at(&*ffn.lora[0]).get() : nullptr;
+    const DeviceLora* u = ffn.lora[1] ? device_loras_.at(&*ffn.lora[1]).get() : nullptr;
+    const DeviceLora* d = ffn.lora[2] ? device_loras_.at(&*ffn.lora[2]).get() : nullptr;
+    for (int32_t e = 0; e < e_count; ++e) {
+      Segment gs{g, e, {}}, us{u, e, {}}, ds{d, e, {}};
+      for (const auto& [t, w] : by_expert[e]) {
+        const int32_t p = static_cast<int32_t>(pair_token.size());
+        pair_token.push_back(t);
+        pair_weight.push_back(w);
+        if (g) gs.pairs.push_back({t, p, g->host->scale[e]});
+        if (u) us.pairs.push_back({t, p, u->host->scale[e]});
+        if (d) ds.pairs.push_back({p, t, w * d->host->scale[e]});
+      }
+      if (g) gate_segs.push_back(std::move(gs));
+      if (u) up_segs.push_back(std::move(us));
+      if (d) block_.by_expert_a.push_back(std::move(ds));
+    }
+  }
+  const int64_t num_pairs = static_cast<int64_t>(pair_token.size());
+  block_.num_pairs = num_pairs;
+  // Per-pair copies of the shared base results, then each expert's gate/up LoRA deltas.
+  RETURN_IF_ERROR(Grow(&block_g_, std::max<int64_t>(num_pairs, 1) * inter * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&block_u_, std::max<int64_t>(num_pairs, 1) * inter * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&ids_, std::max<int64_t>(num_pairs, t_count) * sizeof(int32_t)));
+  if (num_pairs > 0) {
+    RETURN_IF_ERROR(
+        backend_->CopyToDevice(ids_.data(), pair_token.data(), num_pairs * sizeof(int32_t)));
+    for (auto [src, dst] : {std::pair{gate, &block_g_}, std::pair{up, &block_u_}}) {
+      RETURN_IF_ERROR(backend_->Embedding({.ids = ids_.as<int32_t>(),
+                                           .table = src,
+                                           .out = dst->data(),
+                                           .num_tokens = num_pairs,
+                                           .hidden = inter}));
+    }
+    RETURN_IF_ERROR(RunSegments(gate_segs, h, hidden, block_g_.data(), inter));
+    RETURN_IF_ERROR(RunSegments(up_segs, h, hidden, block_u_.data(), inter));
+    RETURN_IF_ERROR(backend_->SiluMul({.gate = block_g_.data(),
+                                       .up = block_u_.data(),
+                                       .out = block_g_.data(),
+                                       .rows = num_pairs,
+                                       .cols = inter}));
+  }
+  // ext = [base SwiGLU of all T tokens ; zeroed rows for the block tokens], then
+  // ext[T + ordinal(t)] += w * a_pair, and act[t] = ext[t or T + ordinal(t)].
+  const int64_t ext_rows = t_count + num_block_tokens;
+  RETURN_IF_ERROR(Grow(&ext_, ext_rows * inter * sizeof(float)));
+  RETURN_IF_ERROR(backend_->SiluMul(
+      {.gate = gate, .up = up, .out = ext_.data(), .rows = t_count, .cols = inter}));
+  const std::vector<float> zeros(num_block_tokens * inter, 0.0f);
+  RETURN_IF_ERROR(backend_->CopyToDevice(ext_.as<float>() + t_count * inter, zeros.data(),
+                                         zeros.size() * sizeof(float)));
+  if (num_pairs > 0) {
+    std::vector<int32_t> rows(num_pairs);
+    for (int64_t p = 0; p < num_pairs; ++p) rows[p] = t_count + ordinal[pair_token[p]];
+    RETURN_IF_ERROR(Grow(&pair_y_, num_pairs * sizeof(int32_t)));
+    RETURN_IF_ERROR(Grow(&pair_w_, num_pairs * sizeof(float)));
+    RETURN_IF_ERROR(backend_->CopyToDevice(pair_y_.data(), rows.data(), num_pairs * 4));
+    RETURN_IF_ERROR(backend_->CopyToDevice(pair_w_.data(), pair_weight.data(), num_pairs * 4));
+    RETURN_IF_ERROR(backend_->ScatterAdd({.x = block_g_.data(),
+                                          .y = ext_.data(),
+                                          .y_row = pair_y_.as<int32_t>(),
+                                          .weight = pair_w_.as<float>(),
+                                          .rows = num_pairs,
+                                          .cols = inter}));
+  }
+  std::vector<int32_t> ext_ids(t_count);
+  for (int64_t t = 0; t < t_count; ++t) {
+    ext_ids[t] = ordinal[t] < 0 ? static_cast<int32_t>(t) : t_count + ordinal[t];
+  }
+  RETURN_IF_ERROR(Grow(&ext_ids_, t_count * sizeof(int32_t)));
+  RETURN_IF_ERROR(backend_->CopyToDevice(ext_ids_.data(), ext_ids.data(), t_count * 4));
+  return backend_->Embedding({.ids = ext_ids_.as<int32_t>(),
+                              .table = ext_.data(),
+                              .out = act,
+                              .num_tokens = t_count,
+                              .hidden = inter});
+}
+
+absl::Status AdapterExecutor::BlockFfnDown(int32_t layer, void* o) {
+  if (block_.num_pairs == 0) return absl::OkStatus();
+  return RunSegments(block_.by_expert_a, block_g_.data(), config_.intermediate_size, o,
+                     config_.hidden_size);
+}
+
+}  // namespace moleserve::engine

@@ -1,0 +1,142 @@
+#pragma once
+
+// AdapterExecutor: runs the MoLE part of a forward pass for the adapters attached to a model.
+// LlamaModel calls it after each base linear module (static LoRAs, module-scope routed groups,
+// rank-granular groups, X-LoRA modules) and for block-routed FFNs (MixLoRA), once per layer.
+//
+// Per module, the (token, expert, weight) pairs of every adapter in the pass are grouped by expert
+// into segments and applied with one segmented-GEMM shrink + expand (Backend::SgmvShrink /
+// SgmvExpand) whose row tables point at the attached experts' rank rows. Router logits are fp32
+// GEMMs on the backend; the routing decision itself (engine/routing) runs on the host.
+//
+// Lifecycle: Attach uploads an adapter (weights stay until Detach); BeginPass sets up one pass
+// (which adapter each token uses, X-LoRA scalings, which tokens record their routing); then the
+// model calls ApplyLinear / BlockFfn* layer by layer. Scratch buffers grow on demand and are kept.
+// Thread safety: not thread-safe; the engine loop drives it. Device memory: owned (adapter weights
+// and scratch), freed on Detach / destruction.
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/adapters/adapter.h"
+#include "engine/backend/backend.h"
+#include "engine/model/model_config.h"
+#include "engine/routing/routing.h"
+
+namespace moleserve::engine {
+
+struct PassTokens {
+  // slot[t]: attached adapter of token t, -1 = base model.
+  std::vector<int32_t> slot;
+  // override_index[t]: index into overrides, -1 = none.
+  std::vector<int32_t> override_index;
+  std::vector<RoutingOverride> overrides;
+  // record[t]: index into the records output, -1 = do not record.
+  std::vector<int32_t> record;
+  int32_t num_records = 0;
+  // X-LoRA: scalings[t] points at the token's [num_modules * N] weights (after the classifier's
+  // softmax); nullptr for tokens of other adapters.
+  std::vector<const float*> scalings;
+  // The X-LoRA scaling pass: X-LoRA tokens use scaling_pass_value for every scaling.
+  bool scaling_pass = false;
+};
+
+class AdapterExecutor {
+ public:
+  AdapterExecutor(Backend* backend, const ModelConfig& config);
+  ~AdapterExecutor();
+
+  // Uploads the adapter; returns its slot. kInvalidArgument when it does not fit the model.
+  absl::StatusOr<int32_t> Attach(std::shared_ptr<const Adapter> adapter);
+  void Detach(int32_t slot);
+  const Adapter* adapter(int32_t slot) const;
+
+  // Starts a pass over `tokens` (size T). kInvalidArgument on an unknown slot.
+  absl::Status BeginPass(PassTokens tokens);
+  // True when some token of the pass uses an adapter.
+  bool active() const { return active_; }
+
+  // y[t] += adapter deltas of module m for every adapter token, x [T, in], y [T, out].
+  absl::Status ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y);
+
+  // True when some token of the pass has a block-routed FFN at `layer`.
+  bool HasBlockFfn(int32_t layer) const;
+  // Block-routed FFN (MOLE_FORMAT 1.3, serving rewrite). In: h [T, H] (FFN input), gate/up [T, I]
+  // base results (with static deltas). Out: act [T, I], the input of the down projection: the
+  // base SwiGLU for other tokens, sum_e w_e a_e for routed ones. Keeps the pairs for
+  // BlockFfnDown, which adds sum_e w_e s_d B_d,e A_d,e a_e to o [T, H].
+  absl::Status BlockFfnAct(int32_t layer, const void* h, const void* gate, const void* up,
+                           void* act);
+  absl::Status BlockFfnDown(int32_t layer, void* o);
+
+  // X-LoRA classifier of the adapter in `slot` on final-norm hidden states [n, H] (host):
+  // out [n, C] scalings, softmaxed per module row when enable_softmax (C = N, or num_modules * N
+  // when layerwise).
+  absl::Status XloraScalings(int32_t slot, const float* hidden, int64_t n,
+                             std::vector<float>* out) const;
+
+  // The routing recorded during the pass, indexed by PassTokens::record.
+  std::vector<std::vector<RoutingRecord>>& records() { return records_; }
+
+ private:
+  struct DeviceLora;
+  struct Attached;
+  struct Pair {
+    int32_t x_row;
+    int32_t y_row;
+    float weight;
+  };
+  // One segment of an SGMV call: an expert of a LoRA stack and its pairs.
+  struct Segment {
+    const DeviceLora* lora;
+    int32_t expert;
+    std::vector<Pair> pairs;
+  };
+
+  absl::Status UploadLora(const LoraStack& stack);
+  absl::StatusOr<DeviceBuffer> UploadFloats(const std::vector<float>& v);
+  absl::Status Grow(DeviceBuffer* buf, size_t bytes);
+  // Router logits [n, rows] of `tokens` (rows of x, width in): fp32 GEMM + bias on the backend.
+  absl::Status RouterLogits(const RouterWeights& router, const void* x, int64_t in,
+                            const std::vector<int32_t>& tokens, std::vector<float>* logits);
+  // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]).
+  absl::Status RunSegments(const std::vector<Segment>& segments, const void* x, int64_t in, void* y,
+                           int64_t out);
+  // Applies a rank-granular group to the tokens of one adapter.
+  absl::Status ApplyRankGroup(int32_t layer, LinearModule m, const RoutedModule& rm,
+                              const std::vector<int32_t>& tokens, const void* x, void* y);
+  const RoutingSpec& SpecFor(int32_t token, const RoutingSpec& base, int32_t num_experts,
+                             RoutingSpec* scratch) const;
+  void Record(int32_t token, int32_t layer, const char* module, const int32_t* experts,
+              const float* weights, int32_t n);
+
+  Backend* backend_;
+  ModelConfig config_;
+  std::map<int32_t, std::unique_ptr<Attached>> attached_;
+  std::map<const LoraStack*, std::unique_ptr<DeviceLora>> device_loras_;
+  int32_t next_slot_ = 0;
+
+  // Current pass.
+  PassTokens pass_;
+  bool active_ = false;
+  std::map<int32_t, std::vector<int32_t>> tokens_by_slot_;  // ascending token indices
+  std::vector<std::vector<RoutingRecord>> records_;
+  // Block FFN pairs of the current layer: (token, expert, weight) in segment order.
+  struct BlockPairs {
+    std::vector<Segment> by_expert_h;  // x_row = token, y_row = pair (gate/up LoRA)
+    std::vector<Segment> by_expert_a;  // x_row = pair, y_row = token (down LoRA, weight w * s)
+    int64_t num_pairs = 0;
+  } block_;
+
+  // Scratch (grown on demand).
+  DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_y_, pair_w_, seg_start_, seg_rank_,
+      seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_;
+};
+
+}  // namespace moleserve::engine

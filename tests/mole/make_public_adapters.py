@@ -1,0 +1,445 @@
+#!/usr/bin/env python3
+"""Writes seeded random MoLE adapters for a base model in every family's PUBLIC on-disk format, one
+sub-directory each, laid out as the public code saves them (see MOLE_FORMAT.md sections 1-4), using
+only Debian's python3-torch and numpy.
+
+  make_public_adapters.py BASE_DIR OUT_DIR      # prints "name family" per adapter written
+
+Shapes come from BASE_DIR/config.json (Llama, Mistral and Qwen2 module names). Weights are large
+enough that every adapter visibly changes the logits (A ~ N(0, 1/in), B ~ N(0, 0.5/r), B != 0) and
+routers are peaked enough that routing choices are not near-ties on ordinary prompts. `.bin` files
+are torch.save'd state dicts (MixLoRA / MoE-PEFT / original MoLA), `.safetensors` files come from
+the small writer of make_tiny_checkpoints.py. Each directory's weights come from its own seed, so a
+directory does not change when another one is added.
+
+Directories ("name  family flag  what it exercises"; the flag is the --family of
+tools/mole_convert.py and tests/reference/mole_reference.py):
+  peft_lora             peft_lora      r 8, alpha 16, rsLoRA, q/v/down, rank + alpha patterns
+  peft_lora_all_linear  peft_lora      target_modules "all-linear", layers_to_transform [last]
+  mixlora               mixlora        top-k (E 4, k 2), attention LoRAs q,v, experts on
+                                       gate/up/down, expert_lora overriding r/alpha, act_fn silu
+  mixlora_legacy        mixlora        routing_strategy "mixtral", legacy gate / w1,w2,w3 names
+  mixlora_dynamic       mixlora        top-p 0.6, temperature 0
+  mixlora_dynamic_temp  mixlora        top-p 0.6, temperature 0.9 (probabilities divided by T)
+  mixlora_switch        mixlora        switch (top-1, weight p_max)
+  moepeft_mola          mola           MoE-PEFT MoLA, E 3, k 2, all 7 modules
+  moepeft_loramoe       loramoe        MoE-PEFT LoRAMoE: soft routers on gate/up/down, plain q,v
+  moepeft_dynmole       dynmole        DynMoLE defaults, E 8; both the entropy and top-p branches
+  mola_original         mola_original  GCYZSL layout, E per layer 2,4, r per layer 4,8, k 1,3
+                                       in mola_sidecar.json
+  xlora_peft            xlora          peft layout, 3 adapters, depth 2, dropout 0.2, pass value
+                                       0.25
+  xlora_peft_topk       xlora          peft layout, depth 1, layerwise, top_k 2, T 0.5, gsw 0.8
+  xlora_mistralrs       xlora          mistral.rs layout (xlora_classifier.safetensors inner/last,
+                                       ordering.json with a permuted adapter order), depth 3,
+                                       no ReLU
+  flylora               flylora        FlyLoRA peft fork: sparse A, lora_topk_bias, top_k 4 of 16
+(Per-layer lists alternate with the layer parity on bases with more than 2 layers.)
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import zlib
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "reference"))
+from make_tiny_checkpoints import write_safetensors  # noqa: E402
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+ALL = ATTN + MLP
+
+
+class Base:
+    def __init__(self, base_dir):
+        self.dir = os.path.abspath(base_dir)
+        with open(os.path.join(base_dir, "config.json")) as f:
+            cfg = json.load(f)
+        h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+        nkv = cfg.get("num_key_value_heads") or nh
+        hd = cfg.get("head_dim") or h // nh
+        inter = cfg["intermediate_size"]
+        self.layers = cfg["num_hidden_layers"]
+        self.hidden = h
+        self.dims = {"q_proj": (h, nh * hd), "k_proj": (h, nkv * hd), "v_proj": (h, nkv * hd),
+                     "o_proj": (nh * hd, h), "gate_proj": (h, inter), "up_proj": (h, inter),
+                     "down_proj": (inter, h)}  # module -> (in, out)
+
+
+def block(m):
+    return "self_attn" if m in ATTN else "mlp"
+
+
+class Gen:
+    """Seeded tensors: every directory gets its own generator."""
+
+    def __init__(self, name):
+        self.g = torch.Generator().manual_seed(1000 + zlib.crc32(name.encode()))
+
+    def normal(self, shape, std):
+        return (torch.randn(shape, generator=self.g, dtype=torch.float64) * std).float()
+
+    def lora(self, r, din, dout):
+        return self.normal((r, din), 1 / math.sqrt(din)), self.normal((dout, r), math.sqrt(0.5 / r))
+
+    def router(self, e, din, logit_std):
+        # Router inputs are RMS-normalised hidden states (|x|^2 ~ din) or FFN activations; the
+        # caller picks logit_std so that the routing is decisive but not degenerate.
+        return self.normal((e, din), logit_std / math.sqrt(din))
+
+
+def save_bin(path, tensors):
+    torch.save({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def save_st(path, tensors):
+    write_safetensors(path, [(k, v.double()) for k, v in tensors.items()], "F32")
+
+
+def dump(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def peft_config(base, **kw):
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.dir,
+           "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none",
+           "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+           "use_rslora": False, "use_dora": False, "modules_to_save": None,
+           "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+           "alpha_pattern": {}, "revision": None}
+    cfg.update(kw)
+    return cfg
+
+
+def peft_lora_dir(base, out, g, modules_by_layer, rank_of):
+    """PEFT LoRA weights: modules_by_layer {l: [module]}, rank_of(l, m) -> r."""
+    w = {}
+    for l, mods in modules_by_layer.items():
+        for m in mods:
+            din, dout = base.dims[m]
+            a, b = g.lora(rank_of(l, m), din, dout)
+            p = f"base_model.model.model.layers.{l}.{block(m)}.{m}"
+            w[p + ".lora_A.weight"], w[p + ".lora_B.weight"] = a, b
+    save_st(os.path.join(out, "adapter_model.safetensors"), w)
+
+
+def make_peft_lora(base, out, g):
+    # Overridden modules get mole/1 `.scale` tensors, which are float32: their scales here
+    # (32/sqrt(16), 16/sqrt(4)) are exact in float32, the default 16/sqrt(8) lives in the JSON.
+    last = base.layers - 1
+    cfg = peft_config(base, r=8, lora_alpha=16, use_rslora=True,
+                      target_modules=["q_proj", "v_proj", "down_proj"],
+                      rank_pattern={"v_proj": 16, f"layers.{last}.mlp.down_proj": 4},
+                      alpha_pattern={"v_proj": 32})
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    ranks = {"v_proj": 16}
+    peft_lora_dir(base, out, g, {l: ["q_proj", "v_proj", "down_proj"] for l in range(base.layers)},
+                  lambda l, m: 4 if (l, m) == (last, "down_proj") else ranks.get(m, 8))
+
+
+def make_peft_lora_all_linear(base, out, g):
+    last = base.layers - 1
+    cfg = peft_config(base, r=4, lora_alpha=8, target_modules="all-linear",
+                      layers_to_transform=[last])
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    peft_lora_dir(base, out, g, {last: list(ALL)}, lambda l, m: 4)
+
+
+def moe_peft_config(base, peft_type, targets, r, alpha, **kw):
+    # MoE-PEFT LoraConfig.export() plus the family's own keys.
+    cfg = {"bias": "none", "peft_type": peft_type, "task_type": "CAUSAL_LM",
+           "base_model_name_or_path": base.dir, "r": r, "lora_alpha": alpha,
+           "lora_dropout": 0.05, "target_modules": list(targets)}
+    cfg.update(kw)
+    return cfg
+
+
+MIXLORA_VARIANTS = {
+    # name: (routing_strategy, extra config keys, router logit std)
+    "mixlora": ("mixlora", {"top_k": 2}, 2.5),
+    "mixlora_legacy": ("mixtral", {"top_k": 2}, 2.5),
+    "mixlora_dynamic": ("mixlora-dynamic", {"top_p": 0.6, "temperature": 0.0}, 1.5),
+    "mixlora_dynamic_temp": ("mixlora-dynamic", {"top_p": 0.6, "temperature": 0.9}, 1.5),
+    "mixlora_switch": ("mixlora-switch", {"expert_capacity": 32, "sparse_step": None}, 2.5),
+}
+
+
+def make_mixlora(base, out, g, name):
+    strategy, extra, logit_std = MIXLORA_VARIANTS[name]
+    legacy = strategy == "mixtral"
+    e, attn, ffn = 4, ["q_proj", "v_proj"], ["gate_proj", "up_proj", "down_proj"]
+    legacy_names = {"gate_proj": "w1_proj", "down_proj": "w2_proj", "up_proj": "w3_proj"}
+    targets = attn + ([legacy_names[m] for m in ffn] if legacy else ffn)
+    expert_lora = {"bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.dir,
+                   "r": 4, "lora_alpha": 12, "lora_dropout": 0.05}
+    cfg = moe_peft_config(base, "MIXLORA", targets, 8, 16, expert_lora=expert_lora,
+                          routing_strategy=strategy, num_experts=e, **extra)
+    if name == "mixlora":
+        cfg["act_fn"] = "silu"
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    w = {}
+    for l in range(base.layers):
+        for m in attn:
+            a, b = g.lora(8, *base.dims[m])
+            p = f"mixlora.layers.{l}.self_attn.{m}"
+            w[p + ".lora_A.weight"], w[p + ".lora_B.weight"] = a, b
+        gate = g.router(e, base.hidden, logit_std)
+        w[f"mixlora.layers.{l}.gate.weight" if legacy else
+          f"mixlora.layers.{l}.mlp.moe_gate.weight"] = gate
+        for m in ffn:
+            for x in range(e):
+                a, b = g.lora(4, *base.dims[m])
+                p = (f"mixlora.layers.{l}.experts.{x}.{legacy_names[m]}" if legacy else
+                     f"mixlora.layers.{l}.mlp.{m}.experts.{x}")
+                w[p + ".lora_A.weight"], w[p + ".lora_B.weight"] = a, b
+    save_bin(os.path.join(out, "adapter_model.bin"), w)
+
+
+def moe_peft_plugin(base, out, g, prefix, e, routed, plain, r, logit_std):
+    """MoE-PEFT plugin layout: moe_gate + experts per `routed` module, plain LoRA for `plain`."""
+    w = {}
+    for l in range(base.layers):
+        for m in ALL:
+            p = f"{prefix}.layers.{l}.{block(m)}.{m}"
+            din, dout = base.dims[m]
+            if m in routed:
+                # down_proj's input (the FFN activation, LoRA-adapted) is ~3x larger than the
+                # normalised hidden states.
+                std = logit_std * (0.35 if m == "down_proj" else 1.0)
+                w[p + ".moe_gate.weight"] = g.router(e, din, std)
+                for x in range(e):
+                    a, b = g.lora(r, din, dout)
+                    w[f"{p}.experts.{x}.lora_A.weight"], w[f"{p}.experts.{x}.lora_B.weight"] = a, b
+            elif m in plain:
+                a, b = g.lora(r, din, dout)
+                w[p + ".lora_A.weight"], w[p + ".lora_B.weight"] = a, b
+    save_bin(os.path.join(out, "adapter_model.bin"), w)
+
+
+def make_mola(base, out, g):
+    cfg = moe_peft_config(base, "MOLA", ALL, 4, 8, routing_strategy="mola", num_experts=3, top_k=2)
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    moe_peft_plugin(base, out, g, "mola", 3, ALL, (), 4, 2.5)
+
+
+def make_loramoe(base, out, g):
+    targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = moe_peft_config(base, "LORAMOE", targets, 4, 8, use_rslora=True,
+                          routing_strategy="loramoe", num_experts=3)
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    moe_peft_plugin(base, out, g, "loramoe", 3, MLP, ("q_proj", "v_proj"), 4, 1.5)
+
+
+def make_dynmole(base, out, g):
+    # Defaults of MOLE_FORMAT 3.3 written out as DynMoleConfig.export() does. Router logits of
+    # std ~1.4 over 8 experts: flat tokens trip the entropy gate (all 8 experts), peaked ones
+    # go through top-p "within" 0.75 plus keep_top_k 2.
+    cfg = moe_peft_config(base, "DYNMOLE", ALL, 4, 8, routing_strategy="dynmole", num_experts=8,
+                          entropy_threshold=0.9, entropy_index=1.1, entropy_type="tsallis",
+                          entropy_eps=1e-5, keep_top_k=2, top_p=0.75)
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    moe_peft_plugin(base, out, g, "dynmole", 8, ALL, (), 4, 1.4)
+
+
+def make_mola_original(base, out, g):
+    # GCYZSL/MoLA: the peft LoraConfig (r is a per-layer list), adapter_model.bin with
+    # lora_A_{e} / lora_B_{e} and router.router per module; E and k per layer live only on the
+    # training command line, so they go to a sidecar named after its flags.
+    experts = [2 + 2 * (l % 2) for l in range(base.layers)]        # [2, 4, ...]
+    ranks = [4 + 4 * (l % 2) for l in range(base.layers)]          # [4, 8, ...]
+    top_k = [1 + 2 * (l % 2) for l in range(base.layers)]          # [1, 3, ...]
+    cfg = peft_config(base, r=ranks, lora_alpha=16, target_modules=list(ALL))
+    for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
+        del cfg[k]  # the hacked LoraConfig predates them
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    dump(os.path.join(out, "mola_sidecar.json"), {"number_experts": experts, "top_k": top_k})
+    w = {}
+    for l in range(base.layers):
+        for m in ALL:
+            p = f"base_model.model.model.layers.{l}.{block(m)}.{m}"
+            din, dout = base.dims[m]
+            w[p + ".router.router.weight"] = g.router(experts[l], din,
+                                                      0.9 if m == "down_proj" else 2.5)
+            for x in range(experts[l]):
+                a, b = g.lora(ranks[l], din, dout)
+                w[f"{p}.lora_A_{x}.weight"], w[f"{p}.lora_B_{x}.weight"] = a, b
+    save_bin(os.path.join(out, "adapter_model.bin"), w)
+
+
+XLORA_EXPERTS = [  # (name, r, alpha, use_rslora, target modules)
+    ("adapter_1", 4, 8, False, ["q_proj", "v_proj"]),
+    ("adapter_2", 16, 16, True, ["q_proj", "down_proj"]),  # rsLoRA: 16/sqrt(16), exact in f32
+    ("adapter_3", 2, 4, False, ["v_proj", "gate_proj", "up_proj"]),
+]
+
+
+def xlora_experts(base, out, g):
+    for name, r, alpha, rslora, targets in XLORA_EXPERTS:
+        d = os.path.join(out, name)
+        os.makedirs(d)
+        dump(os.path.join(d, "adapter_config.json"),
+             peft_config(base, r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=targets))
+        peft_lora_dir(base, d, g, {l: targets for l in range(base.layers)}, lambda l, m: r)
+
+
+def xlora_n_modules(base):
+    union = {m for _, _, _, _, t in XLORA_EXPERTS for m in t}
+    return base.layers * len(union)
+
+
+def classifier_linears(g, dims):
+    """[(weight, bias)] for Linear layers mapping dims[i] -> dims[i + 1]."""
+    return [(g.normal((o, i), 2.0 / math.sqrt(i)), g.normal((o,), 0.3))
+            for i, o in zip(dims[:-1], dims[1:])]
+
+
+def xlora_peft_config(base, **kw):
+    cfg = {"peft_type": "XLORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.dir,
+           "hidden_size": base.hidden,
+           "adapters": {name: name for name, *_ in XLORA_EXPERTS},
+           "enable_softmax": True, "enable_softmax_topk": False, "layerwise_scalings": False,
+           "xlora_depth": 1, "xlora_size": 2048, "xlora_dropout_p": 0.2,
+           "use_trainable_adapters": False, "softmax_temperature": 1.0, "top_k_lora": None,
+           "scaling_pass_value": 0.0, "global_scaling_weight": 1.0, "inference_mode": True}
+    cfg.update(kw)
+    return cfg
+
+
+def peft_sequential_names(cfg, n):
+    """nn.Sequential indices of the Linear layers of peft's XLoraClassifier (ReLU, Dropout)."""
+    names, j = [], 0
+    for i in range(n):
+        names.append(f"internal_xlora_classifier.layers.{j}")
+        j += 1
+        if i < n - 1:
+            j += 1 + (cfg["xlora_dropout_p"] > 0)  # ReLU [+ Dropout]
+    return names
+
+
+def make_xlora_peft(base, out, g, **kw):
+    n = len(XLORA_EXPERTS)
+    cfg = xlora_peft_config(base, **kw)
+    depth, size = cfg["xlora_depth"], cfg["xlora_size"]
+    n_out = n * (xlora_n_modules(base) if cfg["layerwise_scalings"] else 1)
+    dims = [base.hidden] + [size] * (depth - 1) + [n_out]
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    xlora_experts(base, out, g)
+    w = {}
+    for name, (wt, b) in zip(peft_sequential_names(cfg, depth), classifier_linears(g, dims)):
+        w[name + ".weight"], w[name + ".bias"] = wt, b
+    save_st(os.path.join(out, "adapter_model.safetensors"), w)
+
+
+def make_xlora_mistralrs(base, out, g):
+    n, depth = len(XLORA_EXPERTS), 3
+    names = [name for name, *_ in XLORA_EXPERTS]
+    # mistral.rs builds `last` with input hidden_size, so a working depth >= 2 classifier has
+    # xlora_size == hidden_size.
+    cfg = {"hidden_size": base.hidden, "base_model_id": base.dir, "adapters": names,
+           "layerwise_scalings": False, "enable_relu_and_dropout": False, "xlora_depth": depth,
+           "xlora_size": base.hidden, "xlora_dropout_p": 0.2, "enable_softmax": True,
+           "softmax_temperature": 1.0, "scaling_pass_value": 0.0, "use_trainable_adapters": False,
+           "use_bias": True, "global_scaling_weight": 1.0, "top_k_lora": None,
+           "enable_softmax_topk": False}
+    dump(os.path.join(out, "xlora_config.json"), cfg)
+    xlora_experts(base, out, g)
+    lin = classifier_linears(g, [base.hidden] * depth + [n])
+    w = {}
+    for i, (wt, b) in enumerate(lin[:-1]):
+        w[f"inner.{i}.weight"], w[f"inner.{i}.bias"] = wt, b
+    w["last.weight"], w["last.bias"] = lin[-1]
+    save_st(os.path.join(out, "xlora_classifier.safetensors"), w)
+    # scripts/create_ordering.py: a replay of peft's module traversal over the union of the
+    # targets; the adapter order given there (here a permutation) is the classifier's class order.
+    union = {m for _, _, _, _, t in XLORA_EXPERTS for m in t}
+    layers, idx = {}, 0
+    for l in range(base.layers):
+        for m in ALL:
+            if m in union:
+                layers[f"model.layers.{l}.{block(m)}.{m}"] = idx
+                idx += 1
+    dump(os.path.join(out, "ordering.json"),
+         {"order": [names[2], names[0], names[1]], "layers": layers, "base_model_id": base.dir})
+
+
+def make_flylora(base, out, g):
+    r, k = 16, 4
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    cfg = peft_config(base, r=r, lora_alpha=2 * r, target_modules=targets,
+                      init_lora_weights="sparse", top_k=k, bias_u=0.01)
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    w = {}
+    for l in range(base.layers):
+        for m in targets:
+            din, dout = base.dims[m]
+            nnz = din // (r // k)  # the fork's sparse init: in // (r // top_k) non-zeros per row
+            mask = torch.zeros(r, din)
+            for i in range(r):
+                mask[i, torch.randperm(din, generator=g.g)[:nnz]] = 1
+            a = g.normal((r, din), 1 / math.sqrt(nnz)) * mask
+            b = g.normal((dout, r), math.sqrt(0.5 / k))
+            p = f"base_model.model.model.layers.{l}.{block(m)}.{m}"
+            w[p + ".lora_A.weight"], w[p + ".lora_B.weight"] = a, b
+            w[p + ".lora_topk_bias"] = g.normal((r,), 0.3)  # as left by the fork's bias updates
+    save_st(os.path.join(out, "adapter_model.safetensors"), w)
+
+
+ADAPTERS = [  # (directory, family flag, writer)
+    ("peft_lora", "peft_lora", make_peft_lora),
+    ("peft_lora_all_linear", "peft_lora", make_peft_lora_all_linear),
+    ("mixlora", "mixlora", lambda b, o, g: make_mixlora(b, o, g, "mixlora")),
+    ("mixlora_legacy", "mixlora", lambda b, o, g: make_mixlora(b, o, g, "mixlora_legacy")),
+    ("mixlora_dynamic", "mixlora", lambda b, o, g: make_mixlora(b, o, g, "mixlora_dynamic")),
+    ("mixlora_dynamic_temp", "mixlora",
+     lambda b, o, g: make_mixlora(b, o, g, "mixlora_dynamic_temp")),
+    ("mixlora_switch", "mixlora", lambda b, o, g: make_mixlora(b, o, g, "mixlora_switch")),
+    ("moepeft_mola", "mola", make_mola),
+    ("moepeft_loramoe", "loramoe", make_loramoe),
+    ("moepeft_dynmole", "dynmole", make_dynmole),
+    ("mola_original", "mola_original", make_mola_original),
+    ("xlora_peft", "xlora",
+     lambda b, o, g: make_xlora_peft(b, o, g, xlora_depth=2, xlora_size=32,
+                                     scaling_pass_value=0.25)),
+    ("xlora_peft_topk", "xlora",
+     lambda b, o, g: make_xlora_peft(b, o, g, xlora_depth=1, layerwise_scalings=True, top_k_lora=2,
+                                     softmax_temperature=0.5, global_scaling_weight=0.8)),
+    ("xlora_mistralrs", "xlora", make_xlora_mistralrs),
+    ("flylora", "flylora", make_flylora),
+]
+
+
+# Seed salts, picked so that on llama_rope_linear_fp32 no routing decision of the test prompts
+# (tests/mole/converter_check.py, tests/engine/model/mole_families_test.cc incl. 16 greedy
+# tokens) lies within 1e-4 of DynMoLE's top-p cut or entropy threshold.
+SEED_SALT = {"moepeft_dynmole": "#7"}
+
+
+def write_all(base_dir, out_root, names=None):
+    """Writes the adapters (all, or those in `names`); returns [(name, family)]."""
+    base = Base(base_dir)
+    written = []
+    for name, family, writer in ADAPTERS:
+        if names is not None and name not in names:
+            continue
+        out = os.path.join(out_root, name)
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        writer(base, out, Gen(name + SEED_SALT.get(name, "")))
+        written.append((name, family))
+    return written
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    for name, family in write_all(sys.argv[1], sys.argv[2]):
+        print(name, family)
+
+
+if __name__ == "__main__":
+    main()
