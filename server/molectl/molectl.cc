@@ -40,6 +40,10 @@ ABSL_FLAG(std::vector<std::string>, stop, {},
           "Stop strings, comma-separated; C escapes such as \\n are understood");
 ABSL_FLAG(bool, ignore_eos, false, "Keep generating past EOS");
 ABSL_FLAG(bool, logprobs, false, "Print each token's id and log-probability");
+ABSL_FLAG(bool, routing, false, "Print the experts each routed site chose for every token");
+ABSL_FLAG(std::string, routing_algorithm, "", "Routing override: topk, top_p, soft, ...");
+ABSL_FLAG(int, routing_k, 0, "Routing override: k (0 = the adapter's)");
+ABSL_FLAG(double, routing_p, 0.0, "Routing override: p (0 = the adapter's)");
 ABSL_FLAG(std::string, service, "", "Service name for `health` (empty = whole server)");
 
 namespace {
@@ -91,6 +95,16 @@ int Generate(pb::Inference::Stub& stub) {
   }
   st->set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
   req.mutable_output()->set_logprobs(absl::GetFlag(FLAGS_logprobs));
+  req.mutable_output()->set_return_routing(absl::GetFlag(FLAGS_routing));
+  if (!absl::GetFlag(FLAGS_routing_algorithm).empty()) {
+    req.mutable_routing()->set_algorithm(absl::GetFlag(FLAGS_routing_algorithm));
+  }
+  if (absl::GetFlag(FLAGS_routing_k) > 0) {
+    req.mutable_routing()->set_k(static_cast<uint32_t>(absl::GetFlag(FLAGS_routing_k)));
+  }
+  if (absl::GetFlag(FLAGS_routing_p) > 0) {
+    req.mutable_routing()->set_p(static_cast<float>(absl::GetFlag(FLAGS_routing_p)));
+  }
 
   auto ctx = Context();
   std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = stub.Generate(ctx.get(), req);
@@ -101,6 +115,16 @@ int Generate(pb::Inference::Stub& stub) {
     if (absl::GetFlag(FLAGS_logprobs)) {
       for (const pb::TokenLogprob& lp : resp.logprobs()) {
         std::cerr << "[" << lp.token_id() << " " << lp.logprob() << "]";
+      }
+    }
+    for (const pb::TokenRouting& tr : resp.routing()) {
+      std::cerr << "\n  routing:";
+      for (const pb::SiteRouting& site : tr.sites()) {
+        std::cerr << " " << site.layer() << "." << site.module() << "={";
+        for (int i = 0; i < site.experts_size(); ++i) {
+          std::cerr << (i ? "," : "") << site.experts(i) << ":" << site.weights(i);
+        }
+        std::cerr << "}";
       }
     }
     if (resp.has_final()) final = resp.final();
@@ -128,7 +152,9 @@ int List(pb::Inference::Stub& stub) {
             << "/" << b.dtype() << ")\n";
   for (const pb::AdapterInfo& a : resp.adapters()) {
     std::cout << "adapter: " << a.name() << " " << pb::AdapterState_Name(a.state()) << " "
-              << a.family() << "\n";
+              << a.family() << " (" << a.format() << " v" << a.version() << ", " << a.num_experts()
+              << " experts, ranks " << absl::StrJoin(a.ranks(), "/") << ", routing "
+              << absl::StrJoin(a.algorithms(), "+") << ", " << a.bytes() << " bytes)\n";
   }
   if (resp.adapters_size() == 0) std::cout << "adapters: none\n";
   return 0;

@@ -24,6 +24,7 @@ import traceback
 STARTUP_TIMEOUT_S = 60
 COMMAND_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 30
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PORT_RE = re.compile(r"serving gRPC on [^\s:]+:(\d+)")
 
 
@@ -177,8 +178,56 @@ class Suite:
         finally:
             server.kill()
 
-    def expect_startup_failure(self, model_dir, name, must_mention):
-        server = Server(self.moleserve, ["--model", model_dir],
+    def test_serve_adapters(self):
+        """--adapter name=DIR (PEFT LoRA loaded directly, MixLoRA converted from its public
+        .bin layout by tools/mole_convert.py), listed, routed per request; a broken adapter
+        stops startup with its name."""
+        check(os.path.isdir(self.model_dir), "the demo model was not written")
+        public = os.path.join(self.tmp, "public-adapters")
+        r = run([sys.executable, os.path.join(REPO, "tests/mole/make_public_adapters.py"),
+                 self.model_dir, public], timeout=300)
+        check(r.returncode == 0, f"make_public_adapters.py: {text(r.stdout)} {text(r.stderr)}")
+        mix = os.path.join(self.tmp, "mixlora-mole")
+        r = run([sys.executable, os.path.join(REPO, "tools/mole_convert.py"),
+                 os.path.join(public, "mixlora"), mix])
+        check(r.returncode == 0, f"mole_convert.py: {text(r.stdout)} {text(r.stderr)}")
+        lora = os.path.join(public, "peft_lora")
+        server = Server(self.moleserve, ["--model", self.model_dir, "--adapter", f"lora={lora}",
+                                         f"--adapter=mix={mix}"],
+                        os.path.join(self.tmp, "serve-adapters.log"))
+        try:
+            port = server.wait_ready()
+            r = self.molectl_cmd(port, "list")
+            out = text(r.stdout)
+            check(r.returncode == 0 and "adapter: lora ADAPTER_STATE_READY lora (peft" in out
+                  and "adapter: mix ADAPTER_STATE_READY mixlora (mole/1" in out,
+                  f"list output: {out!r} {text(r.stderr)}")
+            r = self.molectl_cmd(port, "generate", "--adapter", "mix", "--text", "Hello",
+                                 "--max-new-tokens", "4", "--temperature", "0", "--routing")
+            err = text(r.stderr)
+            check(r.returncode == 0 and "routing: 0.ffn={" in err,
+                  f"generate --routing: {r.returncode} {err!r}")
+            r = self.molectl_cmd(port, "generate", "--adapter", "nope", "--text", "Hello")
+            check(r.returncode != 0 and "is not loaded" in text(r.stderr),
+                  f"unknown adapter: {r.returncode} {text(r.stderr)!r}")
+            check(server.terminate() == 0, f"exit after SIGTERM:\n{server.output()}")
+        finally:
+            server.kill()
+        # A NaN in an adapter stops startup, naming the adapter and the tensor.
+        bad = os.path.join(self.tmp, "nan-lora")
+        shutil.copytree(lora, bad)
+        path = os.path.join(bad, "adapter_model.safetensors")
+        with open(path, "r+b") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            f.seek(8 + header_len)
+            f.write(struct.pack("<f", float("nan")))
+        self.expect_startup_failure(self.model_dir, "nan-adapter", "adapter 'bad'",
+                                    ["--adapter", f"bad={bad}"])
+        self.expect_startup_failure(self.model_dir, "bad-flag", "expected name=DIR",
+                                    ["--adapter", "just-a-dir"])
+
+    def expect_startup_failure(self, model_dir, name, must_mention, extra_args=()):
+        server = Server(self.moleserve, ["--model", model_dir] + list(extra_args),
                         os.path.join(self.tmp, f"{name}.log"))
         try:
             try:
@@ -224,6 +273,7 @@ def main(argv):
         "test_builtin_model_matches_directory",
         "test_corrupt_safetensors_header",
         "test_missing_config_json",
+        "test_serve_adapters",
     ]
     passed = failed = 0
     with tempfile.TemporaryDirectory(prefix="moleserve-cli-test-") as tmp:
