@@ -190,13 +190,13 @@ absl::Status AdapterExecutor::RouterLogits(const RouterWeights& router, const vo
   return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
 }
 
-absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, const void* x,
-                                          int64_t in, void* y, int64_t out) {
+absl::StatusOr<AdapterExecutor::SgmvCall> AdapterExecutor::UploadSegments(
+    const std::vector<Segment>& segments) {
   std::vector<int32_t> x_rows, y_rows, seg_start{0}, seg_rank;
   std::vector<float> weights;
   std::vector<int64_t> seg_off;
   std::vector<const void*> a_rows, b_rows;
-  int32_t v_stride = 0;
+  SgmvCall call;
   for (const Segment& s : segments) {
     if (s.pairs.empty()) continue;
     const int32_t rank = s.lora->host->rank;
@@ -212,11 +212,11 @@ absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, 
     }
     seg_start.push_back(static_cast<int32_t>(x_rows.size()));
     seg_rank.push_back(rank);
-    v_stride = std::max(v_stride, rank);
+    call.v_stride = std::max(call.v_stride, rank);
   }
-  const int32_t num_segments = static_cast<int32_t>(seg_rank.size());
-  if (num_segments == 0) return absl::OkStatus();
-  const int64_t num_pairs = static_cast<int64_t>(x_rows.size());
+  call.num_segments = static_cast<int32_t>(seg_rank.size());
+  call.num_pairs = static_cast<int64_t>(x_rows.size());
+  if (call.num_segments == 0) return call;
   struct Upload {
     DeviceBuffer* buf;
     const void* src;
@@ -233,17 +233,24 @@ absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, 
     RETURN_IF_ERROR(Grow(u.buf, u.bytes));
     RETURN_IF_ERROR(backend_->CopyToDevice(u.buf->data(), u.src, u.bytes));
   }
-  RETURN_IF_ERROR(Grow(&v_, num_pairs * v_stride * sizeof(float)));
-  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
-                                        .v = v_.as<float>(),
-                                        .x_row = pair_x_.as<int32_t>(),
-                                        .seg_start = seg_start_.as<int32_t>(),
-                                        .seg_rank = seg_rank_.as<int32_t>(),
-                                        .seg_row_offset = seg_off_.as<int64_t>(),
-                                        .a_rows = a_rows_.as<const void*>(),
-                                        .num_segments = num_segments,
-                                        .in = in,
-                                        .v_stride = v_stride}));
+  RETURN_IF_ERROR(Grow(&v_, call.num_pairs * call.v_stride * sizeof(float)));
+  return call;
+}
+
+absl::Status AdapterExecutor::Shrink(const SgmvCall& call, const void* x, int64_t in) {
+  return backend_->SgmvShrink({.x = x,
+                               .v = v_.as<float>(),
+                               .x_row = pair_x_.as<int32_t>(),
+                               .seg_start = seg_start_.as<int32_t>(),
+                               .seg_rank = seg_rank_.as<int32_t>(),
+                               .seg_row_offset = seg_off_.as<int64_t>(),
+                               .a_rows = a_rows_.as<const void*>(),
+                               .num_segments = call.num_segments,
+                               .in = in,
+                               .v_stride = call.v_stride});
+}
+
+absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out) {
   return backend_->SgmvExpand({.v = v_.as<float>(),
                                .y = y,
                                .y_row = pair_y_.as<int32_t>(),
@@ -252,50 +259,31 @@ absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, 
                                .seg_rank = seg_rank_.as<int32_t>(),
                                .seg_row_offset = seg_off_.as<int64_t>(),
                                .b_rows = b_rows_.as<const void*>(),
-                               .num_segments = num_segments,
+                               .num_segments = call.num_segments,
                                .out = out,
-                               .v_stride = v_stride});
+                               .v_stride = call.v_stride});
+}
+
+absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, const void* x,
+                                          int64_t in, void* y, int64_t out) {
+  ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segments));
+  if (call.num_segments == 0) return absl::OkStatus();
+  RETURN_IF_ERROR(Shrink(call, x, in));
+  return Expand(call, y, out);
 }
 
 absl::Status AdapterExecutor::ApplyRankGroup(int32_t layer, LinearModule m, const RoutedModule& rm,
                                              const std::vector<int32_t>& tokens, const void* x,
                                              void* y) {
   const LoraStack& stack = rm.experts;
-  const DeviceLora* lora = device_loras_.at(&stack).get();
   const int32_t r = stack.rank;
   const int64_t n = static_cast<int64_t>(tokens.size());
-  // Shrink: z = A x for every token (one segment, v row = token ordinal).
-  std::vector<int32_t> x_rows(tokens), seg_start{0, static_cast<int32_t>(n)}, seg_rank{r};
-  std::vector<int64_t> seg_off{0};
-  std::vector<const void*> a_rows, b_rows;
-  for (int32_t i = 0; i < r; ++i) {
-    a_rows.push_back(lora->a_row(0, i));
-    b_rows.push_back(lora->b_row(0, i));
-  }
-  std::vector<float> weights(n, stack.scale[0]);
-  for (auto [buf, src, bytes] :
-       {std::tuple<DeviceBuffer*, const void*, size_t>{&pair_x_, x_rows.data(), n * 4},
-        {&pair_y_, x_rows.data(), n * 4},
-        {&pair_w_, weights.data(), n * 4},
-        {&seg_start_, seg_start.data(), 8},
-        {&seg_rank_, seg_rank.data(), 4},
-        {&seg_off_, seg_off.data(), 8},
-        {&a_rows_, a_rows.data(), r * sizeof(void*)},
-        {&b_rows_, b_rows.data(), r * sizeof(void*)}}) {
-    RETURN_IF_ERROR(Grow(buf, bytes));
-    RETURN_IF_ERROR(backend_->CopyToDevice(buf->data(), src, bytes));
-  }
-  RETURN_IF_ERROR(Grow(&v_, n * r * sizeof(float)));
-  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
-                                        .v = v_.as<float>(),
-                                        .x_row = pair_x_.as<int32_t>(),
-                                        .seg_start = seg_start_.as<int32_t>(),
-                                        .seg_rank = seg_rank_.as<int32_t>(),
-                                        .seg_row_offset = seg_off_.as<int64_t>(),
-                                        .a_rows = a_rows_.as<const void*>(),
-                                        .num_segments = 1,
-                                        .in = stack.in,
-                                        .v_stride = r}));
+  // One segment over the adapter's tokens: z = A x (v row = token ordinal), then the per-token
+  // rank mask/gates replace z on the host, then y += s B u.
+  std::vector<Segment> segment{{device_loras_.at(&stack).get(), 0, {}}};
+  for (int32_t t : tokens) segment[0].pairs.push_back({t, t, stack.scale[0]});
+  ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segment));
+  RETURN_IF_ERROR(Shrink(call, x, stack.in));
   std::vector<float> z(n * r);
   RETURN_IF_ERROR(backend_->CopyToHost(z.data(), v_.data(), z.size() * sizeof(float)));
   std::vector<float> logits;
@@ -316,17 +304,7 @@ absl::Status AdapterExecutor::ApplyRankGroup(int32_t layer, LinearModule m, cons
     Record(tokens[i], layer, LinearModuleName(m), kept.data(), ones.data(), spec.k);
   }
   RETURN_IF_ERROR(backend_->CopyToDevice(v_.data(), u.data(), u.size() * sizeof(float)));
-  return backend_->SgmvExpand({.v = v_.as<float>(),
-                               .y = y,
-                               .y_row = pair_y_.as<int32_t>(),
-                               .weight = pair_w_.as<float>(),
-                               .seg_start = seg_start_.as<int32_t>(),
-                               .seg_rank = seg_rank_.as<int32_t>(),
-                               .seg_row_offset = seg_off_.as<int64_t>(),
-                               .b_rows = b_rows_.as<const void*>(),
-                               .num_segments = 1,
-                               .out = stack.out,
-                               .v_stride = r});
+  return Expand(call, y, stack.out);
 }
 
 absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y) {

@@ -105,6 +105,15 @@ class AdapterExecutor {
   // Router logits [n, rows] of `tokens` (rows of x, width in): fp32 GEMM + bias on the backend.
   absl::Status RouterLogits(const RouterWeights& router, const void* x, int64_t in,
                             const std::vector<int32_t>& tokens, std::vector<float>* logits);
+  // One SGMV call's shape after UploadSegments put its pair and row tables on the device.
+  struct SgmvCall {
+    int32_t num_segments = 0;
+    int64_t num_pairs = 0;
+    int32_t v_stride = 0;
+  };
+  absl::StatusOr<SgmvCall> UploadSegments(const std::vector<Segment>& segments);
+  absl::Status Shrink(const SgmvCall& call, const void* x, int64_t in);  // v = A x[x_row]
+  absl::Status Expand(const SgmvCall& call, void* y, int64_t out);       // y[y_row] += w B v
   // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]).
   absl::Status RunSegments(const std::vector<Segment>& segments, const void* x, int64_t in, void* y,
                            int64_t out);
