@@ -24,6 +24,7 @@
 #include "engine/engine.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/model_directory.h"
+#include "tests/common/run_command.h"
 
 namespace moleserve::engine {
 namespace {
@@ -36,19 +37,7 @@ const std::vector<std::vector<int32_t>> kPrompts = {
     {256, 200, 13, 10, 9, 77, 255, 0, 128, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77}};
 constexpr int kGreedyTokens = 64;
 
-std::string RunCommand(const std::string& cmd, int* rc) {
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string out;
-  if (pipe == nullptr) {
-    *rc = -1;
-    return out;
-  }
-  char buf[65536];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-  *rc = pclose(pipe);
-  return out;
-}
+using ::moleserve::test_util::RunCommand;
 
 // Writes the checkpoints once per test binary run.
 class HfCheckpointsTest : public ::testing::TestWithParam<std::string> {

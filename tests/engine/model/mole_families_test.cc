@@ -36,6 +36,7 @@
 #include "engine/metrics_sink.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/model_directory.h"
+#include "tests/common/run_command.h"
 
 namespace moleserve::engine {
 namespace {
@@ -49,19 +50,7 @@ const std::vector<std::vector<int32_t>> kPrompts = {
 constexpr int kGreedyTokens = 16;
 constexpr const char* kBase = "llama_rope_linear_fp32";
 
-std::string RunCommand(const std::string& cmd, int* rc) {
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string out;
-  if (pipe == nullptr) {
-    *rc = -1;
-    return out;
-  }
-  char buf[65536];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-  *rc = pclose(pipe);
-  return out;
-}
+using ::moleserve::test_util::RunCommand;
 
 struct FamilyCase {
   std::string name;     // sub-directory written by make_public_adapters.py
