@@ -24,8 +24,11 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -99,32 +102,49 @@ struct Collect : GenerationSink {
 
 class MoleFamiliesTest : public ::testing::TestWithParam<FamilyCase> {
  public:
+  // The fixtures (base model, public adapters, converted mole/1 directories) are written once
+  // per build tree and version of the scripts that write them: ctest runs every test case as its
+  // own process, and writing them takes tens of seconds. A process writes into a private
+  // directory and renames it into place; a concurrent writer that loses the race drops its copy.
   static void SetUpTestSuite() {
     if (root_ != nullptr) return;  // shared by the parameterized and the mixed-batch suites
-    root_ = new std::string(
-        (fs::path(::testing::TempDir()) / absl::StrCat("moleserve_mole_", getpid())).string());
     const std::string py = MOLESERVE_PYTHON;
     const std::string src = MOLESERVE_SOURCE_DIR;
+    size_t version = 0;
+    for (const char* script : {"/tests/reference/make_tiny_checkpoints.py",
+                               "/tests/mole/make_public_adapters.py", "/tools/mole_convert.py"}) {
+      std::ifstream in(src + script);
+      std::stringstream text;
+      text << in.rdbuf();
+      version = version * 31 + std::hash<std::string>()(text.str());
+    }
+    root_ = new std::string(
+        absl::StrCat(MOLESERVE_BINARY_DIR, "/test_fixtures/mole_", absl::Hex(version)));
+    if (fs::exists(*root_ + "/complete")) return;
+    const std::string tmp = absl::StrCat(*root_, ".tmp.", getpid());
+    fs::remove_all(tmp);
     int rc = 0;
     std::string out = RunCommand(
-        absl::StrCat(py, " ", src, "/tests/reference/make_tiny_checkpoints.py ", *root_, " 2>&1"),
+        absl::StrCat(py, " ", src, "/tests/reference/make_tiny_checkpoints.py ", tmp, " 2>&1"),
         &rc);
     ASSERT_EQ(rc, 0) << out;
-    out = RunCommand(absl::StrCat(py, " ", src, "/tests/mole/make_public_adapters.py ", base(), " ",
-                                  *root_, "/public 2>&1"),
+    out = RunCommand(absl::StrCat(py, " ", src, "/tests/mole/make_public_adapters.py ", tmp, "/",
+                                  kBase, " ", tmp, "/public 2>&1"),
                      &rc);
     ASSERT_EQ(rc, 0) << "make_public_adapters.py failed:\n" << out;
     for (const FamilyCase& c : Cases()) {
       if (!c.convert) continue;
-      out = RunCommand(
-          absl::StrCat(py, " ", src, "/tools/mole_convert.py ", *root_, "/public/", c.name, " ",
-                       *root_, "/mole/", c.name, " --family ", c.family, " 2>&1"),
-          &rc);
+      out =
+          RunCommand(absl::StrCat(py, " ", src, "/tools/mole_convert.py ", tmp, "/public/", c.name,
+                                  " ", tmp, "/mole/", c.name, " --family ", c.family, " 2>&1"),
+                     &rc);
       ASSERT_EQ(rc, 0) << "mole_convert.py " << c.name << " failed:\n" << out;
     }
-  }
-  static void RemoveFiles() {
-    if (root_ != nullptr) fs::remove_all(*root_);
+    std::ofstream(tmp + "/complete") << "ok\n";
+    std::error_code ec;
+    fs::rename(tmp, *root_, ec);
+    if (ec) fs::remove_all(tmp);  // another process finished first; its copy is identical
+    ASSERT_TRUE(fs::exists(*root_ + "/complete")) << "cannot place fixtures at " << *root_;
   }
   static std::string base() { return *root_ + "/" + kBase; }
   static std::string public_dir(const FamilyCase& c) { return *root_ + "/public/" + c.name; }
@@ -333,12 +353,6 @@ TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
   EXPECT_EQ(max_alone, 1);
   EXPECT_GE(watcher.max_running.load(), 10) << "the requests did not share steps";
 }
-
-class RemoveFilesAtExit : public ::testing::Environment {
- public:
-  void TearDown() override { MoleFamiliesTest::RemoveFiles(); }
-};
-const auto* const kCleanup = ::testing::AddGlobalTestEnvironment(new RemoveFilesAtExit);
 
 }  // namespace
 }  // namespace moleserve::engine
