@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <regex>
 #include <set>
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -24,6 +26,36 @@ using aj::Json;
 
 constexpr size_t kMaxPatternLength = 512;
 
+// Whether `text` matches `pattern` entirely (PCRE2, close to Python's `re` for the module-name
+// patterns PEFT configs use). Match and recursion limits bound the work a hostile pattern can
+// cause; hitting them is an error, not a silent "no match".
+absl::StatusOr<bool> FullMatch(const std::string& pattern, const std::string& text) {
+  int error = 0;
+  PCRE2_SIZE offset = 0;
+  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                                   PCRE2_ANCHORED | PCRE2_ENDANCHORED, &error, &offset, nullptr);
+  if (code == nullptr) {
+    PCRE2_UCHAR message[256];
+    pcre2_get_error_message(error, message, sizeof(message));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "'", pattern,
+        "' is not a valid regular expression: ", reinterpret_cast<const char*>(message)));
+  }
+  pcre2_match_context* context = pcre2_match_context_create(nullptr);
+  pcre2_set_match_limit(context, 100000);
+  pcre2_set_depth_limit(context, 1000);
+  pcre2_match_data* data = pcre2_match_data_create_from_pattern(code, nullptr);
+  const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), 0, 0,
+                             data, context);
+  pcre2_match_data_free(data);
+  pcre2_match_context_free(context);
+  pcre2_code_free(code);
+  if (rc >= 0) return true;
+  if (rc == PCRE2_ERROR_NOMATCH) return false;
+  return absl::InvalidArgumentError(
+      absl::StrCat("pattern '", pattern, "' is too expensive to match (PCRE2 error ", rc, ")"));
+}
+
 // peft's get_pattern_key: the first pattern key that equals `key` or matches "(.*\.)?(pattern)$".
 absl::StatusOr<std::optional<std::string>> MatchPattern(const Json& patterns,
                                                         const std::string& key,
@@ -34,12 +66,10 @@ absl::StatusOr<std::optional<std::string>> MatchPattern(const Json& patterns,
     if (pattern.size() > kMaxPatternLength) {
       return absl::InvalidArgumentError(absl::StrCat(what, ": pattern too long"));
     }
-    try {
-      if (std::regex_match(key, std::regex("(.*\\.)?(" + pattern + ")"))) return pattern;
-    } catch (const std::regex_error&) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": '", pattern, "' is not a valid regular expression"));
-    }
+    absl::StatusOr<bool> match = FullMatch("(?:.*\\.)?(?:" + pattern + ")", key);
+    if (!match.ok())
+      return absl::InvalidArgumentError(absl::StrCat(what, ": ", match.status().message()));
+    if (*match) return pattern;
   }
   return std::nullopt;
 }

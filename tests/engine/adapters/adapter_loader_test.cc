@@ -310,6 +310,12 @@ TEST(PeftLoaderTest, RejectsUnsupported) {
   ExpectPeftRejected("target module 'lm_head' is not supported", [](AdapterDir&, Json& c) {
     c["target_modules"] = {"q_proj", "lm_head"};
   });
+  ExpectPeftRejected("not a valid regular expression", [](AdapterDir&, Json& c) {
+    c["alpha_pattern"] = {{"q_proj([", 4}};
+  });
+  ExpectPeftRejected("too expensive to match", [](AdapterDir&, Json& c) {
+    c["alpha_pattern"] = {{"(.*)*(.*)*(.*)*(.*)*(.*)*(.*)*attn_q", 4}};
+  });
   ExpectPeftRejected("NaN or Inf", [](AdapterDir& d, Json&) {
     d.data("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")[3] =
         -std::numeric_limits<float>::infinity();
