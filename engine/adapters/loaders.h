@@ -26,6 +26,12 @@ absl::StatusOr<LoraStack> ReadLoraStack(TensorSet& tensors, const std::string& a
                                         const std::string& b_name, bool stacked, int64_t in,
                                         int64_t out, const AdapterLimits& limits);
 
+// kInvalidArgument when the tensors, as fp32, exceed limits.max_bytes (checked from the headers,
+// before anything is read).
+absl::Status CheckAdapterSize(const TensorSet& tensors, const AdapterLimits& limits);
+// kInvalidArgument naming (up to 5) tensors that no loader step read.
+absl::Status CheckAllTensorsUsed(const TensorSet& tensors);
+
 // Fills Adapter::bytes from the weights it holds.
 void ComputeAdapterBytes(Adapter* adapter);
 

@@ -63,6 +63,25 @@ absl::StatusOr<Targets> ParseTargets(const Json& obj, int32_t num_layers, const 
   return t;
 }
 
+// A config number used as a float (LoRA scale, probability, temperature): finite after the cast.
+absl::StatusOr<float> FiniteFloat(double v, const std::string& what) {
+  const float f = static_cast<float>(v);
+  if (!std::isfinite(f)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " = ", v, " is not a finite float"));
+  }
+  return f;
+}
+
+absl::StatusOr<std::vector<float>> FiniteFloats(const std::vector<double>& v,
+                                                const std::string& what) {
+  std::vector<float> out;
+  for (double d : v) {
+    ASSIGN_OR_RETURN(float f, FiniteFloat(d, what));
+    out.push_back(f);
+  }
+  return out;
+}
+
 absl::StatusOr<int32_t> CheckedCount(double v, int32_t lo, int32_t hi, const std::string& what) {
   if (v != std::floor(v) || v < lo || v > hi) {
     return absl::InvalidArgumentError(
@@ -94,7 +113,7 @@ absl::StatusOr<RoutingSpec> ParseRouting(const Json& group, int32_t num_layers,
     k_per_layer->push_back(ki);
   }
   ASSIGN_OR_RETURN(double p, aj::Number(r, "p", 0.0, rctx));
-  spec.p = static_cast<float>(p);
+  ASSIGN_OR_RETURN(spec.p, FiniteFloat(p, rctx + ".p"));
   ASSIGN_OR_RETURN(std::string mode, aj::String(r, "p_mode", "exceed", rctx));
   if (mode == "exceed") {
     spec.p_mode = TopPMode::kExceed;
@@ -110,9 +129,9 @@ absl::StatusOr<RoutingSpec> ParseRouting(const Json& group, int32_t num_layers,
   }
   spec.min_k = static_cast<int32_t>(min_k);
   ASSIGN_OR_RETURN(double t, aj::Number(r, "temperature", 1.0, rctx));
-  spec.temperature = static_cast<float>(t);
+  ASSIGN_OR_RETURN(spec.temperature, FiniteFloat(t, rctx + ".temperature"));
   ASSIGN_OR_RETURN(double pt, aj::Number(r, "prob_temperature", 0.0, rctx));
-  spec.prob_temperature = static_cast<float>(pt);
+  ASSIGN_OR_RETURN(spec.prob_temperature, FiniteFloat(pt, rctx + ".prob_temperature"));
   const bool renorm_default =
       spec.algorithm == RoutingAlgorithm::kTopK || spec.algorithm == RoutingAlgorithm::kRankTopK;
   ASSIGN_OR_RETURN(spec.renormalize, aj::Bool(r, "renormalize", renorm_default, rctx));
@@ -196,7 +215,7 @@ absl::StatusOr<XloraSpec> ParseXlora(const Json& x, TensorSet& tensors, const Mo
   ASSIGN_OR_RETURN(spec.enable_softmax, aj::Bool(x, "enable_softmax", true, ctx));
   ASSIGN_OR_RETURN(double temp, aj::Number(x, "softmax_temperature", 1.0, ctx));
   if (temp <= 0) return absl::InvalidArgumentError("xlora: softmax_temperature must be > 0");
-  spec.softmax_temperature = static_cast<float>(temp);
+  ASSIGN_OR_RETURN(spec.softmax_temperature, FiniteFloat(temp, "xlora.softmax_temperature"));
   ASSIGN_OR_RETURN(int64_t top_k, aj::Int(x, "top_k", 0, ctx));
   if (top_k < 0 || top_k > spec.num_adapters) {
     return absl::InvalidArgumentError(
@@ -208,9 +227,9 @@ absl::StatusOr<XloraSpec> ParseXlora(const Json& x, TensorSet& tensors, const Mo
     return absl::InvalidArgumentError("xlora: softmax_topk needs top_k");
   }
   ASSIGN_OR_RETURN(double spv, aj::Number(x, "scaling_pass_value", 0.0, ctx));
-  spec.scaling_pass_value = static_cast<float>(spv);
+  ASSIGN_OR_RETURN(spec.scaling_pass_value, FiniteFloat(spv, "xlora.scaling_pass_value"));
   ASSIGN_OR_RETURN(double gsw, aj::Number(x, "global_scaling_weight", 1.0, ctx));
-  spec.global_scaling_weight = static_cast<float>(gsw);
+  ASSIGN_OR_RETURN(spec.global_scaling_weight, FiniteFloat(gsw, "xlora.global_scaling_weight"));
 
   auto cls = x.find("classifier");
   if (cls == x.end() || !cls->is_object()) {
@@ -282,12 +301,14 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
   }
   ASSIGN_OR_RETURN(std::vector<std::string> files, ListSafetensors(dir));
   ASSIGN_OR_RETURN(std::unique_ptr<TensorSet> tensors, TensorSet::Open(files));
+  RETURN_IF_ERROR(CheckAdapterSize(*tensors, limits));
 
   auto adapter = std::make_unique<Adapter>();
   adapter->format = "mole/1";
   ASSIGN_OR_RETURN(adapter->source_family, aj::String(cfg, "source_family", "mole", ctx));
   adapter->layers.resize(num_layers);
 
+  std::set<std::string> ids;  // static and group ids share one namespace (tensor prefixes)
   // Static LoRAs.
   if (auto st = cfg.find("static_loras"); st != cfg.end() && !st->is_null()) {
     if (!st->is_array()) return absl::InvalidArgumentError(ctx + ": 'static_loras' must be a list");
@@ -297,8 +318,12 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
       if (!s.is_object()) return absl::InvalidArgumentError(sctx + " must be an object");
       ASSIGN_OR_RETURN(std::string id, aj::String(s, "id", std::nullopt, sctx));
       ASSIGN_OR_RETURN(Targets targets, ParseTargets(s, num_layers, sctx));
-      ASSIGN_OR_RETURN(std::vector<double> scale,
+      ASSIGN_OR_RETURN(std::vector<double> scale_json,
                        aj::PerLayer(s, "scale", std::nullopt, num_layers, sctx));
+      ASSIGN_OR_RETURN(std::vector<float> scale, FiniteFloats(scale_json, sctx + ".scale"));
+      if (!ids.insert(id).second) {
+        return absl::InvalidArgumentError(absl::StrCat(sctx, ": id '", id, "' is used twice"));
+      }
       GroupInfo info{.id = id,
                      .scope = "static",
                      .granularity = "lora",
@@ -312,7 +337,7 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
               absl::StrCat("static.", id, ".layers.", l, ".", LinearModuleName(m));
           ASSIGN_OR_RETURN(LoraStack stack, ReadLoraStack(*tensors, prefix + ".A", prefix + ".B",
                                                           /*stacked=*/false, in, out, limits));
-          stack.scale.assign(1, static_cast<float>(scale[l]));
+          stack.scale.assign(1, scale[l]);
           RETURN_IF_ERROR(ReadScaleOverride(*tensors, prefix + ".scale", &stack));
           info.ranks.push_back(stack.rank);
           ++info.num_modules;
@@ -332,6 +357,10 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
     if (auto inf = cfg.find("inference"); inf != cfg.end() && inf->is_object()) {
       ASSIGN_OR_RETURN(int64_t freeze,
                        aj::Int(*inf, "freeze_scalings_after", -1, ctx + ".inference"));
+      if (freeze < -1 || freeze > (1 << 30)) {
+        return absl::InvalidArgumentError(
+            "mole_config.json: inference.freeze_scalings_after must be a token count >= 0");
+      }
       if (freeze >= 0) adapter->xlora->freeze_after = static_cast<int32_t>(freeze);
     }
   }
@@ -352,14 +381,23 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
       ASSIGN_OR_RETURN(Targets targets, ParseTargets(g, num_layers, gctx));
       ASSIGN_OR_RETURN(std::vector<double> num_experts,
                        aj::PerLayer(g, "num_experts", std::nullopt, num_layers, gctx));
-      ASSIGN_OR_RETURN(std::vector<double> scale,
+      ASSIGN_OR_RETURN(std::vector<double> scale_json,
                        aj::PerLayer(g, "scale", std::nullopt, num_layers, gctx));
+      ASSIGN_OR_RETURN(std::vector<float> scale, FiniteFloats(scale_json, gctx + ".scale"));
+      ASSIGN_OR_RETURN(std::vector<double> rank_json,
+                       aj::PerLayer(g, "rank", 0.0, num_layers, gctx));
+      if (!ids.insert("group:" + id).second) {
+        return absl::InvalidArgumentError(absl::StrCat(gctx, ": id '", id, "' is used twice"));
+      }
       ASSIGN_OR_RETURN(std::string act, aj::String(g, "act_fn", "silu", gctx));
       if (act != "silu") {
         return absl::InvalidArgumentError(
             absl::StrCat(gctx, ": act_fn '", act, "' is not supported (silu, as the base)"));
       }
       const Json empty = Json::object();
+      if (g.contains("router") && !g["router"].is_null() && !g["router"].is_object()) {
+        return absl::InvalidArgumentError(gctx + ": 'router' must be an object");
+      }
       const Json& router = g.contains("router") && g["router"].is_object() ? g["router"] : empty;
       const std::string rctx = gctx + ".router";
       ASSIGN_OR_RETURN(std::string router_type_name, aj::String(router, "type", "linear", rctx));
@@ -407,6 +445,23 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
         return absl::InvalidArgumentError(
             absl::StrCat(gctx, ": router type implicit_A needs granularity rank"));
       }
+      if (select_bias && !rank_granular) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            gctx, ": router.select_bias applies to rank-granular groups (FlyLoRA, SMoRA) only"));
+      }
+      if (router_bias && router_type != RouterType::kLinear) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(gctx, ": router.bias needs a linear router"));
+      }
+      // The config's rank (when given) must be the tensors' rank.
+      auto check_rank = [&](int32_t l, int32_t have, const std::string& tensor) -> absl::Status {
+        if (rank_json[l] != 0 && rank_json[l] != have) {
+          return absl::InvalidArgumentError(absl::StrCat(gctx, ": rank ", rank_json[l],
+                                                         " at layer ", l, " but tensor '", tensor,
+                                                         "' has rank ", have));
+        }
+        return absl::OkStatus();
+      };
       GroupInfo info{.id = id,
                      .scope = scope,
                      .granularity = granularity,
@@ -463,7 +518,8 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
               return absl::InvalidArgumentError(absl::StrCat(
                   "tensor '", mp, ".A' stacks ", stack.num_experts, " experts, the group has ", e));
             }
-            stack.scale.assign(e, static_cast<float>(scale[l]));
+            RETURN_IF_ERROR(check_rank(l, stack.rank, mp + ".A"));
+            stack.scale.assign(e, scale[l]);
             RETURN_IF_ERROR(ReadScaleOverride(*tensors, mp + ".scale", &stack));
             info.ranks.push_back(stack.rank);
             ++info.num_modules;
@@ -502,7 +558,8 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
                                                              " experts, the group has ",
                                                              rank_granular ? 1 : want_e));
             }
-            rm.experts.scale.assign(e, static_cast<float>(scale[l]));
+            RETURN_IF_ERROR(check_rank(l, rm.experts.rank, mp + ".A"));
+            rm.experts.scale.assign(e, scale[l]);
             RETURN_IF_ERROR(ReadScaleOverride(*tensors, mp + ".scale", &rm.experts));
             if (xlora_group) {
               const std::string key = absl::StrCat("layers.", l, ".", LinearModuleName(m));
@@ -518,13 +575,19 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
               }
               rm.xlora_index = it->second;
               xlora_indices_used.insert(it->second);
-              if (auto tr = g.find("true_ranks");
-                  tr != g.end() && tr->is_array() && tr->size() == static_cast<size_t>(e)) {
+              if (auto tr = g.find("true_ranks"); tr != g.end() && !tr->is_null()) {
+                if (!tr->is_array() || tr->size() != static_cast<size_t>(e)) {
+                  return absl::InvalidArgumentError(
+                      absl::StrCat(gctx, ": true_ranks must list one rank per expert (", e, ")"));
+                }
                 for (int32_t i = 0; i < e; ++i) {
-                  if ((*tr)[i].is_number_integer() && (*tr)[i].get<int64_t>() >= 0 &&
-                      (*tr)[i].get<int64_t>() <= rm.experts.rank) {
-                    rm.experts.true_rank[i] = (*tr)[i].get<int32_t>();
+                  const Json& v = (*tr)[i];
+                  if (!v.is_number_integer() || v.get<int64_t>() < 0 ||
+                      v.get<int64_t>() > rm.experts.rank) {
+                    return absl::InvalidArgumentError(absl::StrCat(
+                        gctx, ": true_ranks[", i, "] must be in 0..", rm.experts.rank));
                   }
+                  rm.experts.true_rank[i] = v.get<int32_t>();
                 }
               }
             } else {
@@ -561,13 +624,7 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
     return absl::InvalidArgumentError(
         "an 'xlora' block needs a routed group with scope model_scalings");
   }
-  std::vector<std::string> unused = tensors->Unused();
-  if (!unused.empty()) {
-    if (unused.size() > 5) unused.resize(5);
-    return absl::InvalidArgumentError(
-        absl::StrCat("tensors not described by mole_config.json (unsupported or misnamed): ",
-                     absl::StrJoin(unused, ", ")));
-  }
+  RETURN_IF_ERROR(CheckAllTensorsUsed(*tensors));
   if (adapter->groups.empty()) {
     return absl::InvalidArgumentError(ctx + ": no static_loras and no routed_groups");
   }

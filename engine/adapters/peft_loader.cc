@@ -25,54 +25,89 @@ namespace aj = adapter_json;
 using aj::Json;
 
 constexpr size_t kMaxPatternLength = 512;
+constexpr size_t kMaxPatterns = 256;
 
-// Whether `text` matches `pattern` entirely (PCRE2, close to Python's `re` for the module-name
-// patterns PEFT configs use). Match and recursion limits bound the work a hostile pattern can
-// cause; hitting them is an error, not a silent "no match".
-absl::StatusOr<bool> FullMatch(const std::string& pattern, const std::string& text) {
-  int error = 0;
-  PCRE2_SIZE offset = 0;
-  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                                   PCRE2_ANCHORED | PCRE2_ENDANCHORED, &error, &offset, nullptr);
-  if (code == nullptr) {
-    PCRE2_UCHAR message[256];
-    pcre2_get_error_message(error, message, sizeof(message));
-    return absl::InvalidArgumentError(absl::StrCat(
-        "'", pattern,
-        "' is not a valid regular expression: ", reinterpret_cast<const char*>(message)));
-  }
-  pcre2_match_context* context = pcre2_match_context_create(nullptr);
-  pcre2_set_match_limit(context, 100000);
-  pcre2_set_depth_limit(context, 1000);
-  pcre2_match_data* data = pcre2_match_data_create_from_pattern(code, nullptr);
-  const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), 0, 0,
-                             data, context);
-  pcre2_match_data_free(data);
-  pcre2_match_context_free(context);
-  pcre2_code_free(code);
-  if (rc >= 0) return true;
-  if (rc == PCRE2_ERROR_NOMATCH) return false;
-  return absl::InvalidArgumentError(
-      absl::StrCat("pattern '", pattern, "' is too expensive to match (PCRE2 error ", rc, ")"));
-}
-
-// peft's get_pattern_key: the first pattern key that equals `key` or matches "(.*\.)?(pattern)$".
-absl::StatusOr<std::optional<std::string>> MatchPattern(const Json& patterns,
-                                                        const std::string& key,
-                                                        const std::string& what) {
-  for (auto it = patterns.begin(); it != patterns.end(); ++it) {
-    const std::string& pattern = it.key();
-    if (pattern == key) return pattern;
-    if (pattern.size() > kMaxPatternLength) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": pattern too long"));
+// rank_pattern / alpha_pattern of a PEFT config: peft's get_pattern_key picks the first pattern
+// key that equals the module key or matches "(.*\.)?(pattern)$" (Python `re`; PCRE2 here agrees
+// on the module-name patterns configs use). Each pattern is compiled once per load; match and
+// depth limits bound what a hostile pattern can cost, and hitting them is an error, not a silent
+// "no match". Not thread-safe.
+class PatternTable {
+ public:
+  static absl::StatusOr<std::unique_ptr<PatternTable>> Create(const Json& patterns,
+                                                              const std::string& what) {
+    auto table = std::unique_ptr<PatternTable>(new PatternTable(what));
+    if (patterns.size() > kMaxPatterns) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": ", patterns.size(), " patterns; at most ", kMaxPatterns));
     }
-    absl::StatusOr<bool> match = FullMatch("(?:.*\\.)?(?:" + pattern + ")", key);
-    if (!match.ok())
-      return absl::InvalidArgumentError(absl::StrCat(what, ": ", match.status().message()));
-    if (*match) return pattern;
+    for (auto it = patterns.begin(); it != patterns.end(); ++it) {
+      if (!it.value().is_number()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(what, ": pattern '", it.key(), "' must map to a number"));
+      }
+      const std::string& pattern = it.key();
+      if (pattern.size() > kMaxPatternLength) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": pattern too long"));
+      }
+      const std::string full = "(?:.*\\.)?(?:" + pattern + ")";
+      int error = 0;
+      PCRE2_SIZE offset = 0;
+      pcre2_code* code =
+          pcre2_compile(reinterpret_cast<PCRE2_SPTR>(full.data()), full.size(),
+                        PCRE2_ANCHORED | PCRE2_ENDANCHORED, &error, &offset, nullptr);
+      if (code == nullptr) {
+        PCRE2_UCHAR message[256];
+        pcre2_get_error_message(error, message, sizeof(message));
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, ": '", pattern,
+            "' is not a valid regular expression: ", reinterpret_cast<const char*>(message)));
+      }
+      table->entries_.push_back({pattern, it.value().get<double>(), code});
+    }
+    return table;
   }
-  return std::nullopt;
-}
+  ~PatternTable() {
+    for (const Entry& e : entries_) pcre2_code_free(e.code);
+    pcre2_match_data_free(data_);
+    pcre2_match_context_free(context_);
+  }
+
+  // The value of the first matching pattern, or nullopt.
+  absl::StatusOr<std::optional<std::pair<std::string, double>>> Match(const std::string& key) {
+    for (const Entry& e : entries_) {
+      if (e.pattern == key) return std::make_pair(e.pattern, e.value);
+    }
+    for (const Entry& e : entries_) {
+      const int rc = pcre2_match(e.code, reinterpret_cast<PCRE2_SPTR>(key.data()), key.size(), 0, 0,
+                                 data_, context_);
+      if (rc >= 0) return std::make_pair(e.pattern, e.value);
+      if (rc != PCRE2_ERROR_NOMATCH) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what_, ": pattern '", e.pattern, "' is too expensive to match (PCRE2 error ", rc, ")"));
+      }
+    }
+    return std::nullopt;
+  }
+
+ private:
+  struct Entry {
+    std::string pattern;
+    double value;
+    pcre2_code* code;
+  };
+  explicit PatternTable(std::string what)
+      : what_(std::move(what)),
+        context_(pcre2_match_context_create(nullptr)),
+        data_(pcre2_match_data_create(1, nullptr)) {
+    pcre2_set_match_limit(context_, 10000);
+    pcre2_set_depth_limit(context_, 1000);
+  }
+  std::string what_;
+  std::vector<Entry> entries_;
+  pcre2_match_context* context_;
+  pcre2_match_data* data_;
+};
 
 struct ParsedName {
   int32_t layer = 0;
@@ -173,6 +208,24 @@ absl::StatusOr<LoraStack> ReadLoraStack(TensorSet& tensors, const std::string& a
   return s;
 }
 
+absl::Status CheckAdapterSize(const TensorSet& tensors, const AdapterLimits& limits) {
+  const int64_t bytes = tensors.TotalElements() * static_cast<int64_t>(sizeof(float));
+  if (bytes > limits.max_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the tensors hold ", bytes, " bytes as fp32, more than the limit of ", limits.max_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckAllTensorsUsed(const TensorSet& tensors) {
+  std::vector<std::string> unused = tensors.Unused();
+  if (unused.empty()) return absl::OkStatus();
+  if (unused.size() > 5) unused.resize(5);
+  return absl::InvalidArgumentError(
+      absl::StrCat("tensors the adapter's config does not describe (unsupported or misnamed): ",
+                   absl::StrJoin(unused, ", ")));
+}
+
 void ComputeAdapterBytes(Adapter* adapter) {
   int64_t bytes = 0;
   auto router_bytes = [](const RouterWeights& r) {
@@ -235,19 +288,15 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadPeftDirectory(const std::string& di
   ASSIGN_OR_RETURN(double alpha_default, aj::Number(cfg, "lora_alpha", 8.0, ctx));
   ASSIGN_OR_RETURN(bool rslora, aj::Bool(cfg, "use_rslora", false, ctx));
   const Json empty = Json::object();
-  const Json& rank_pattern =
+  const Json& rank_json =
       cfg.contains("rank_pattern") && cfg["rank_pattern"].is_object() ? cfg["rank_pattern"] : empty;
-  const Json& alpha_pattern = cfg.contains("alpha_pattern") && cfg["alpha_pattern"].is_object()
-                                  ? cfg["alpha_pattern"]
-                                  : empty;
-  for (const Json* pat : {&rank_pattern, &alpha_pattern}) {
-    for (auto it = pat->begin(); it != pat->end(); ++it) {
-      if (!it.value().is_number()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(ctx, ": pattern '", it.key(), "' must map to a number"));
-      }
-    }
-  }
+  const Json& alpha_json = cfg.contains("alpha_pattern") && cfg["alpha_pattern"].is_object()
+                               ? cfg["alpha_pattern"]
+                               : empty;
+  ASSIGN_OR_RETURN(std::unique_ptr<PatternTable> rank_pattern,
+                   PatternTable::Create(rank_json, ctx + ".rank_pattern"));
+  ASSIGN_OR_RETURN(std::unique_ptr<PatternTable> alpha_pattern,
+                   PatternTable::Create(alpha_json, ctx + ".alpha_pattern"));
   // target_modules: reject names of modules we cannot adapt; the tensors say what is adapted.
   if (auto tm = cfg.find("target_modules"); tm != cfg.end() && tm->is_array()) {
     for (const Json& t : *tm) {
@@ -265,22 +314,24 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadPeftDirectory(const std::string& di
   std::optional<std::vector<int32_t>> layers_to_transform;
   if (auto lt = cfg.find("layers_to_transform"); lt != cfg.end() && !lt->is_null()) {
     layers_to_transform.emplace();
-    if (lt->is_number_integer()) {
-      layers_to_transform->push_back(lt->get<int32_t>());
-    } else if (lt->is_array()) {
-      for (const Json& e : *lt) {
-        if (!e.is_number_integer()) {
-          return absl::InvalidArgumentError(ctx + ": layers_to_transform must be integers");
-        }
-        layers_to_transform->push_back(e.get<int32_t>());
-      }
+    std::vector<Json> entries;
+    if (lt->is_array()) {
+      entries.assign(lt->begin(), lt->end());
     } else {
-      return absl::InvalidArgumentError(ctx + ": layers_to_transform must be an int or a list");
+      entries.push_back(*lt);
+    }
+    for (const Json& e : entries) {
+      if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() >= base.num_layers) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            ctx, ": layers_to_transform must list layer indices in 0..", base.num_layers - 1));
+      }
+      layers_to_transform->push_back(static_cast<int32_t>(e.get<int64_t>()));
     }
   }
 
   ASSIGN_OR_RETURN(std::vector<std::string> files, ListSafetensors(dir));
   ASSIGN_OR_RETURN(std::unique_ptr<TensorSet> tensors, TensorSet::Open(files));
+  RETURN_IF_ERROR(CheckAdapterSize(*tensors, limits));
   // Collect the adapted (layer, module) sites from the tensor names.
   std::set<std::pair<int32_t, int>> sites;
   for (const std::string& name : tensors->Names()) {
@@ -319,19 +370,28 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadPeftDirectory(const std::string& di
                      LinearModuleName(m));
     int64_t r = r_default;
     double alpha = alpha_default;
-    ASSIGN_OR_RETURN(std::optional<std::string> rk,
-                     MatchPattern(rank_pattern, key, ctx + ".rank_pattern"));
-    if (rk) r = rank_pattern[*rk].get<int64_t>();
-    ASSIGN_OR_RETURN(std::optional<std::string> ak,
-                     MatchPattern(alpha_pattern, key, ctx + ".alpha_pattern"));
-    if (ak) alpha = alpha_pattern[*ak].get<double>();
+    ASSIGN_OR_RETURN(auto rk, rank_pattern->Match(key));
+    if (rk) {
+      if (rk->second != std::floor(rk->second) || rk->second < 1 || rk->second > (1 << 20)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(ctx, ".rank_pattern: '", rk->first, "' must map to a positive integer"));
+      }
+      r = static_cast<int64_t>(rk->second);
+    }
+    ASSIGN_OR_RETURN(auto ak, alpha_pattern->Match(key));
+    if (ak) alpha = ak->second;
     if (r != stack.rank) {
       return absl::InvalidArgumentError(absl::StrCat(
           "LoRA of ", key, " has rank ", stack.rank, " but adapter_config.json says r = ", r,
-          rk ? absl::StrCat(" (rank_pattern '", *rk, "')") : std::string()));
+          rk ? absl::StrCat(" (rank_pattern '", rk->first, "')") : std::string()));
     }
-    const double s = rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
-    stack.scale.assign(1, static_cast<float>(s));
+    const float s = static_cast<float>(rslora ? alpha / std::sqrt(static_cast<double>(r))
+                                              : alpha / static_cast<double>(r));
+    if (!std::isfinite(s)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(ctx, ": lora_alpha ", alpha, " gives a non-finite scale for ", key));
+    }
+    stack.scale.assign(1, s);
     info.ranks.push_back(stack.rank);
     ++info.num_modules;
     adapter->layers[l].statics[mi].push_back(std::move(stack));
@@ -339,6 +399,7 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadPeftDirectory(const std::string& di
   std::sort(info.ranks.begin(), info.ranks.end());
   info.ranks.erase(std::unique(info.ranks.begin(), info.ranks.end()), info.ranks.end());
   adapter->groups.push_back(std::move(info));
+  RETURN_IF_ERROR(CheckAllTensorsUsed(*tensors));
   ComputeAdapterBytes(adapter.get());
   return adapter;
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -59,6 +60,17 @@ std::vector<std::string> TensorSet::Unused() const {
     if (!used_.count(name)) out.push_back(name);
   }
   return out;
+}
+
+int64_t TensorSet::TotalElements() const {
+  constexpr int64_t kCap = std::numeric_limits<int64_t>::max() / 8;
+  int64_t total = 0;
+  for (const auto& [name, file] : index_) {
+    int64_t n = 1;
+    for (int64_t d : file->Find(name)->shape) n = d != 0 && n > kCap / d ? kCap : n * d;
+    total = std::min(kCap, total + n);
+  }
+  return total;
 }
 
 std::vector<std::string> TensorSet::Names() const {

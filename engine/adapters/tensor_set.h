@@ -36,6 +36,8 @@ class TensorSet {
   // Names never Read, sorted.
   std::vector<std::string> Unused() const;
   std::vector<std::string> Names() const;
+  // Elements of all tensors (saturating at INT64_MAX / 8).
+  int64_t TotalElements() const;
 
  private:
   TensorSet() = default;

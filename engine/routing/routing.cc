@@ -212,7 +212,20 @@ absl::StatusOr<RoutingSpec> ApplyRoutingOverride(const RoutingSpec& spec,
                        "groups; this group routes with ",
                        RoutingAlgorithmName(spec.algorithm)));
     }
+    // A new algorithm starts from its own defaults (the mole/1 ones): the group's
+    // algorithm-specific settings (renormalisation of top-p, DynMoLE's min_k and entropy gate,
+    // MixLoRA-dynamic's probability temperature) describe the old rule, not the new one.
     out.algorithm = *override_spec.algorithm;
+    out.renormalize = out.algorithm == RoutingAlgorithm::kTopK;
+    out.p_mode =
+        out.algorithm == RoutingAlgorithm::kDynMole ? TopPMode::kWithin : TopPMode::kExceed;
+    out.min_k = 0;
+    out.prob_temperature = 0.0f;
+    out.entropy = EntropyGate();
+    if (out.algorithm == RoutingAlgorithm::kDynMole) {
+      out.entropy.enabled = true;  // DynMoLE's defaults: q 1.1, threshold 0.9, keep_top_k 2
+      out.min_k = std::min(2, num_experts);
+    }
   }
   if (override_spec.k) {
     if (!UsesK(out.algorithm)) {

@@ -91,7 +91,9 @@ struct RoutingOverride {
 // The spec with the override applied; kInvalidArgument when the result is not valid for
 // `num_experts` (e.g. k > E) or the override cannot apply (rank-granular groups only take k; a
 // lora-granular group cannot become rank_topk; k applies only to topk / rank_topk and p only to
-// top_p / dynmole, after the override's algorithm is applied).
+// top_p / dynmole, after the override's algorithm is applied). A changed algorithm starts from
+// its own defaults (renormalize only for topk; top_p "exceed"; dynmole with its entropy gate and
+// min_k 2), keeping the group's k, p and logit temperature unless the override sets them.
 absl::StatusOr<RoutingSpec> ApplyRoutingOverride(const RoutingSpec& spec,
                                                  const RoutingOverride& override_spec,
                                                  int32_t num_experts);

@@ -188,7 +188,7 @@ TEST(MoleLoaderTest, RejectsBadAdapters) {
                  [](AdapterDir&, Json& c) { c["routed_groups"][0]["routing"]["k"] = 5; });
   ExpectRejected("hidden_size = 64",
                  [](AdapterDir&, Json& c) { c["base_model"]["hidden_size"] = 64; });
-  ExpectRejected("not described by mole_config.json",
+  ExpectRejected("config does not describe",
                  [](AdapterDir& d, Json&) { d.Tensor("groups.ffn.layers.0.extra", {3}); });
   ExpectRejected("unsupported target module 'lm_head'", [](AdapterDir&, Json& c) {
     c["static_loras"][0]["targets"]["modules"] = {"lm_head"};
@@ -196,6 +196,22 @@ TEST(MoleLoaderTest, RejectsBadAdapters) {
   ExpectRejected("is not mole/1", [](AdapterDir&, Json& c) { c["format_version"] = 2; });
   ExpectRejected("'num_experts' must be",
                  [](AdapterDir&, Json& c) { c["routed_groups"][0]["num_experts"] = "four"; });
+  ExpectRejected("scale = 1e+300 is not a finite float",
+                 [](AdapterDir&, Json& c) { c["routed_groups"][0]["scale"] = 1e300; });
+  ExpectRejected("static_loras[0].scale = -1e+39 is not a finite float",
+                 [](AdapterDir&, Json& c) { c["static_loras"][0]["scale"] = -1e39; });
+  ExpectRejected("temperature = 1e+40 is not a finite float", [](AdapterDir&, Json& c) {
+    c["routed_groups"][0]["routing"]["temperature"] = 1e40;
+  });
+  ExpectRejected("'router' must be an object",
+                 [](AdapterDir&, Json& c) { c["routed_groups"][0]["router"] = "bogus"; });
+  ExpectRejected("select_bias applies to rank-granular groups", [](AdapterDir&, Json& c) {
+    c["routed_groups"][0]["router"] = {{"type", "linear"}, {"select_bias", true}};
+  });
+  ExpectRejected("id 'attn' is used twice",
+                 [](AdapterDir&, Json& c) { c["static_loras"].push_back(c["static_loras"][0]); });
+  ExpectRejected("rank 8 at layer 0 but tensor 'groups.ffn.layers.0.gate_proj.A' has rank 4",
+                 [](AdapterDir&, Json& c) { c["routed_groups"][0]["rank"] = 8; });
   ExpectRejected("p_mode 'maybe'", [](AdapterDir&, Json& c) {
     c["routed_groups"][0]["routing"]["p_mode"] = "maybe";
   });
@@ -315,6 +331,13 @@ TEST(PeftLoaderTest, RejectsUnsupported) {
   });
   ExpectPeftRejected("too expensive to match", [](AdapterDir&, Json& c) {
     c["alpha_pattern"] = {{"(.*)*(.*)*(.*)*(.*)*(.*)*(.*)*attn_q", 4}};
+  });
+  ExpectPeftRejected("non-finite scale", [](AdapterDir&, Json& c) { c["lora_alpha"] = 1e300; });
+  ExpectPeftRejected("layer indices in 0..1",
+                     [](AdapterDir&, Json& c) { c["layers_to_transform"] = {4294967296}; });
+  ExpectPeftRejected("does not describe", [](AdapterDir& d, Json&) {
+    // An alias of layer 1 that a lenient integer parse would silently drop.
+    d.Tensor("base_model.model.model.layers.01.self_attn.q_proj.lora_A.weight", {4, 32});
   });
   ExpectPeftRejected("NaN or Inf", [](AdapterDir& d, Json&) {
     d.data("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight")[3] =

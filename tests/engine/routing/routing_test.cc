@@ -480,6 +480,39 @@ TEST(RoutingTest, OverrideApplies) {
       4u);
 }
 
+TEST(RoutingTest, OverrideToAnotherAlgorithmTakesItsDefaults) {
+  // A MixLoRA-dynamic group (raw top-p weights, probability temperature) overridden to top-k
+  // renormalises, as MixLoRA's top-k does; back to top_p does not.
+  RoutingSpec dyn{.algorithm = RoutingAlgorithm::kTopP,
+                  .p = 0.6f,
+                  .prob_temperature = 0.9f,
+                  .renormalize = false};
+  absl::StatusOr<RoutingSpec> topk =
+      ApplyRoutingOverride(dyn, {.algorithm = RoutingAlgorithm::kTopK, .k = 2}, 4);
+  ASSERT_TRUE(topk.ok()) << topk.status();
+  EXPECT_TRUE(topk->renormalize);
+  EXPECT_EQ(topk->prob_temperature, 0.0f);
+  int32_t experts[4];
+  float weights[4];
+  const std::vector<float> logits = {0.3f, 1.2f, -0.4f, 0.9f};
+  absl::StatusOr<int32_t> n = RouteToken(*topk, logits, experts, weights);
+  ASSERT_TRUE(n.ok());
+  ASSERT_EQ(*n, 2);
+  EXPECT_NEAR(weights[0] + weights[1], 1.0f, 1e-6f);
+  RoutingSpec mixlora{.algorithm = RoutingAlgorithm::kTopK, .k = 2, .renormalize = true};
+  absl::StatusOr<RoutingSpec> top_p =
+      ApplyRoutingOverride(mixlora, {.algorithm = RoutingAlgorithm::kTopP, .p = 0.5f}, 4);
+  ASSERT_TRUE(top_p.ok()) << top_p.status();
+  EXPECT_FALSE(top_p->renormalize);
+  EXPECT_EQ(top_p->p_mode, TopPMode::kExceed);
+  absl::StatusOr<RoutingSpec> dynmole =
+      ApplyRoutingOverride(mixlora, {.algorithm = RoutingAlgorithm::kDynMole, .p = 0.75f}, 8);
+  ASSERT_TRUE(dynmole.ok()) << dynmole.status();
+  EXPECT_TRUE(dynmole->entropy.enabled);
+  EXPECT_EQ(dynmole->min_k, 2);
+  EXPECT_FALSE(dynmole->renormalize);
+}
+
 TEST(RoutingTest, OverrideErrors) {
   const RoutingSpec topk{.algorithm = RoutingAlgorithm::kTopK, .k = 2};
   ExpectInvalid(ApplyRoutingOverride(topk, {.k = 9}, 8).status(),
