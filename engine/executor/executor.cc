@@ -236,11 +236,14 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     if (mole && seq->request.return_routing) {
       token.routing = std::move(extras_.routing[sample_row]);
     }
-    // X-LoRA: after `freeze_after` decode steps the scalings are frozen (no more scaling pass).
+    // X-LoRA: once `freeze_after` tokens are generated (mistral.rs's tgt_non_granular_index;
+    // 0 acts as 1), the scalings that produced the last one are kept for the rest of the
+    // request and the scaling pass and its KV go away.
     if (mole && seq->xlora && !seq->frozen_scalings) {
       const std::optional<int32_t>& freeze = seq->adapter->adapter->xlora->freeze_after;
       if (freeze && seq->generated() >= *freeze) {
         seq->frozen_scalings = std::move(extras_.xlora_scalings[sample_row]);
+        scheduler_.ReleaseAuxBlocks(seq);
       }
     }
     out.tokens.push_back(std::move(token));

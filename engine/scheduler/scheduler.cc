@@ -57,11 +57,23 @@ void Scheduler::EnsureBlocks(Sequence* seq, int32_t positions) {
     seq->blocks.push_back(blocks_->AllocateReserved());
     --seq->reserved_blocks;
   }
-  while (seq->xlora && static_cast<int32_t>(seq->aux_blocks.size()) < need) {
+  while (seq->xlora && !seq->frozen_scalings &&
+         static_cast<int32_t>(seq->aux_blocks.size()) < need) {
     MOLE_CHECK_MSG(seq->reserved_blocks > 0, "sequence outgrew its KV reservation");
     seq->aux_blocks.push_back(blocks_->AllocateReserved());
     --seq->reserved_blocks;
   }
+}
+
+void Scheduler::ReleaseAuxBlocks(Sequence* seq) {
+  // Half of the reservation was for the scaling pass's KV: give back what it did not take.
+  const int32_t aux_total = BlocksNeeded(*seq) / 2;
+  const int32_t untaken = aux_total - static_cast<int32_t>(seq->aux_blocks.size());
+  MOLE_CHECK_MSG(untaken >= 0 && untaken <= seq->reserved_blocks, "aux KV accounting broken");
+  blocks_->Free(seq->aux_blocks);
+  seq->aux_blocks.clear();
+  blocks_->Unreserve(untaken);
+  seq->reserved_blocks -= untaken;
 }
 
 std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {

@@ -50,6 +50,9 @@ class Scheduler {
   std::vector<ScheduledChunk> Schedule(absl::Time now);
   // Takes blocks from the reservation so seq's table covers `positions` positions.
   void EnsureBlocks(Sequence* seq, int32_t positions);
+  // X-LoRA sequence whose scalings were just frozen: frees its scaling-pass KV blocks and the
+  // part of its reservation they had not taken yet.
+  void ReleaseAuxBlocks(Sequence* seq);
   // Removes a sequence (waiting or running), returning its blocks; returns ownership.
   std::unique_ptr<Sequence> Remove(Sequence* seq);
 

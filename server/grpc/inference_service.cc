@@ -82,18 +82,20 @@ class StreamState final : public engine::GenerationSink {
     {
       engine::MutexLock lock(&mu_);
       if (finished_ || final_status_) return;
-      if (pending_.empty()) {
+      if (pending_.empty() || pending_.back().ByteSizeLong() >= kMaxCoalescedBytes) {
         msg.set_request_id(request_id_);
         pending_.push_back(std::move(msg));
       } else {
-        // A write is in flight and one message already waits: fold this chunk into it, so a
-        // slow reader costs one message per stream, not one per token.
+        // A write is in flight and a message already waits: fold this chunk into it, so a slow
+        // reader costs one message per stream, not one per token, up to kMaxCoalescedBytes
+        // (routing adds kilobytes per token; clients' default receive limit is 4 MiB).
         Coalesce(std::move(msg), &pending_.back());
       }
       if (final_status) final_status_ = std::move(final_status);
     }
     Advance();
   }
+  static constexpr size_t kMaxCoalescedBytes = 1 << 20;
   static void Coalesce(pb::GenerateResponse from, pb::GenerateResponse* into) {
     into->mutable_token_ids()->Add(from.token_ids().begin(), from.token_ids().end());
     into->mutable_text()->append(from.text());
