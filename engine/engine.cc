@@ -300,7 +300,12 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
                                         std::move(tracked));
   seq->arrival = absl::Now();
   if (adapter != nullptr) {
-    seq->adapter_slot = s.adapter_slots.at(adapter->adapter.get());
+    auto slot = s.adapter_slots.find(adapter->adapter.get());
+    if (slot == s.adapter_slots.end()) {
+      return reject(absl::FailedPreconditionError(
+          absl::StrCat("adapter '", request.adapter, "' is not ready on the model yet")));
+    }
+    seq->adapter_slot = slot->second;
     seq->xlora = xlora;
     seq->adapter = std::move(adapter);
   }

@@ -24,7 +24,8 @@ struct AdapterExecutor::Attached {
   std::shared_ptr<const Adapter> adapter;
   // Router weight and bias per host router.
   std::map<const RouterWeights*, std::pair<DeviceBuffer, DeviceBuffer>> routers;
-  std::vector<const LoraStack*> loras;
+  std::map<const LoraStack*, std::unique_ptr<DeviceLora>> loras;
+  const DeviceLora* lora(const LoraStack& s) const { return loras.at(&s).get(); }
 };
 
 AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config)
@@ -37,13 +38,13 @@ absl::StatusOr<DeviceBuffer> AdapterExecutor::UploadFloats(const std::vector<flo
   return buf;
 }
 
-absl::Status AdapterExecutor::UploadLora(const LoraStack& stack) {
+absl::StatusOr<std::unique_ptr<AdapterExecutor::DeviceLora>> AdapterExecutor::UploadLora(
+    const LoraStack& stack) {
   auto d = std::make_unique<DeviceLora>();
   d->host = &stack;
   ASSIGN_OR_RETURN(d->a, UploadFloats(stack.a));
   ASSIGN_OR_RETURN(d->bt, UploadFloats(stack.bt));
-  device_loras_[&stack] = std::move(d);
-  return absl::OkStatus();
+  return d;
 }
 
 absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> adapter) {
@@ -66,8 +67,8 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
   };
   absl::Status status;
   auto add_lora = [&](const LoraStack& s) -> absl::Status {
-    att->loras.push_back(&s);
-    return UploadLora(s);
+    ASSIGN_OR_RETURN(att->loras[&s], UploadLora(s));
+    return absl::OkStatus();
   };
   for (const AdapterLayer& layer : adapter->layers) {
     for (const auto& statics : layer.statics) {
@@ -85,10 +86,7 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
       }
     }
   }
-  if (!status.ok()) {
-    for (const LoraStack* s : att->loras) device_loras_.erase(s);
-    return status;
-  }
+  if (!status.ok()) return status;  // `att` and what it uploaded go away
   att->adapter = std::move(adapter);
   const int32_t slot = next_slot_++;
   attached_[slot] = std::move(att);
@@ -98,7 +96,6 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
 void AdapterExecutor::Detach(int32_t slot) {
   auto it = attached_.find(slot);
   if (it == attached_.end()) return;
-  for (const LoraStack* s : it->second->loras) device_loras_.erase(s);
   attached_.erase(it);
 }
 
@@ -157,16 +154,12 @@ void AdapterExecutor::Record(int32_t token, int32_t layer, const char* module,
   records_[r].push_back(std::move(rec));
 }
 
-absl::Status AdapterExecutor::RouterLogits(const RouterWeights& router, const void* x, int64_t in,
+absl::Status AdapterExecutor::RouterLogits(const Attached& owner, const RouterWeights& router,
+                                           const void* x, int64_t in,
                                            const std::vector<int32_t>& tokens,
                                            std::vector<float>* logits) {
   const int64_t n = static_cast<int64_t>(tokens.size());
-  const Attached* owner = nullptr;
-  for (const auto& [slot, att] : attached_) {
-    if (att->routers.count(&router)) owner = att.get();
-  }
-  if (owner == nullptr) return absl::InternalError("router of an unattached adapter");
-  const auto& [weight, bias] = owner->routers.at(&router);
+  const auto& [weight, bias] = owner.routers.at(&router);
   RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
   RETURN_IF_ERROR(Grow(&gathered_, n * in * sizeof(float)));
   RETURN_IF_ERROR(Grow(&logits_, n * router.rows * sizeof(float)));
@@ -272,7 +265,8 @@ absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, 
   return Expand(call, y, out);
 }
 
-absl::Status AdapterExecutor::ApplyRankGroup(int32_t layer, LinearModule m, const RoutedModule& rm,
+absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer, LinearModule m,
+                                             const RoutedModule& rm,
                                              const std::vector<int32_t>& tokens, const void* x,
                                              void* y) {
   const LoraStack& stack = rm.experts;
@@ -280,7 +274,7 @@ absl::Status AdapterExecutor::ApplyRankGroup(int32_t layer, LinearModule m, cons
   const int64_t n = static_cast<int64_t>(tokens.size());
   // One segment over the adapter's tokens: z = A x (v row = token ordinal), then the per-token
   // rank mask/gates replace z on the host, then y += s B u.
-  std::vector<Segment> segment{{device_loras_.at(&stack).get(), 0, {}}};
+  std::vector<Segment> segment{{att.lora(stack), 0, {}}};
   for (int32_t t : tokens) segment[0].pairs.push_back({t, t, stack.scale[0]});
   ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segment));
   RETURN_IF_ERROR(Shrink(call, x, stack.in));
@@ -288,7 +282,7 @@ absl::Status AdapterExecutor::ApplyRankGroup(int32_t layer, LinearModule m, cons
   RETURN_IF_ERROR(backend_->CopyToHost(z.data(), v_.data(), z.size() * sizeof(float)));
   std::vector<float> logits;
   if (rm.router_type == RouterType::kLinear) {
-    RETURN_IF_ERROR(RouterLogits(rm.router, x, stack.in, tokens, &logits));
+    RETURN_IF_ERROR(RouterLogits(att, rm.router, x, stack.in, tokens, &logits));
   }
   std::vector<float> u(n * r);
   std::vector<int32_t> kept(r);
@@ -316,22 +310,23 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
   std::vector<int32_t> experts;
   std::vector<float> weights;
   for (const auto& [slot, tokens] : tokens_by_slot_) {
-    const Adapter& a = *attached_.at(slot)->adapter;
+    const Attached& att = *attached_.at(slot);
+    const Adapter& a = *att.adapter;
     const AdapterLayer& L = a.layers[layer];
     for (const LoraStack& s : L.statics[mi]) {
-      Segment seg{device_loras_.at(&s).get(), 0, {}};
+      Segment seg{att.lora(s), 0, {}};
       for (int32_t t : tokens) seg.pairs.push_back({t, t, s.scale[0]});
       segments.push_back(std::move(seg));
     }
     if (!L.routed[mi]) continue;
     const RoutedModule& rm = *L.routed[mi];
     if (rm.rank_granular) {
-      RETURN_IF_ERROR(ApplyRankGroup(layer, m, rm, tokens, x, y));
+      RETURN_IF_ERROR(ApplyRankGroup(att, layer, m, rm, tokens, x, y));
       continue;
     }
     const LoraStack& stack = rm.experts;
     const int32_t e_count = stack.num_experts;
-    const DeviceLora* lora = device_loras_.at(&stack).get();
+    const DeviceLora* lora = att.lora(stack);
     std::vector<Segment> per_expert(e_count);
     for (int32_t e = 0; e < e_count; ++e) per_expert[e] = Segment{lora, e, {}};
     experts.resize(e_count);
@@ -369,7 +364,7 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
         Record(t, layer, LinearModuleName(m), experts.data(), w_sorted.data(), n);
       }
     } else {
-      RETURN_IF_ERROR(RouterLogits(rm.router, x, in, tokens, &logits));
+      RETURN_IF_ERROR(RouterLogits(att, rm.router, x, in, tokens, &logits));
       RoutingSpec scratch;
       for (size_t i = 0; i < tokens.size(); ++i) {
         const int32_t t = tokens[i];
@@ -450,12 +445,13 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
   int32_t num_block_tokens = 0;
   std::vector<float> logits;
   for (const auto& [slot, tokens] : tokens_by_slot_) {
-    const Adapter& a = *attached_.at(slot)->adapter;
+    const Attached& att = *attached_.at(slot);
+    const Adapter& a = *att.adapter;
     if (!a.layers[layer].block_ffn) continue;
     const BlockFfn& ffn = *a.layers[layer].block_ffn;
     const int32_t e_count = ffn.num_experts;
     for (int32_t t : tokens) ordinal[t] = num_block_tokens++;
-    RETURN_IF_ERROR(RouterLogits(ffn.router, h, hidden, tokens, &logits));
+    RETURN_IF_ERROR(RouterLogits(att, ffn.router, h, hidden, tokens, &logits));
     std::vector<std::vector<std::pair<int32_t, float>>> by_expert(e_count);
     std::vector<int32_t> experts(e_count);
     std::vector<float> weights(e_count);
@@ -468,9 +464,9 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
       for (int32_t j = 0; j < n; ++j) by_expert[experts[j]].push_back({tokens[i], weights[j]});
       Record(tokens[i], layer, "ffn", experts.data(), weights.data(), n);
     }
-    const DeviceLora* g = ffn.lora[0] ? device_loras_.at(&*ffn.lora[0]).get() : nullptr;
-    const DeviceLora* u = ffn.lora[1] ? device_loras_.at(&*ffn.lora[1]).get() : nullptr;
-    const DeviceLora* d = ffn.lora[2] ? device_loras_.at(&*ffn.lora[2]).get() : nullptr;
+    const DeviceLora* g = ffn.lora[0] ? att.lora(*ffn.lora[0]) : nullptr;
+    const DeviceLora* u = ffn.lora[1] ? att.lora(*ffn.lora[1]) : nullptr;
+    const DeviceLora* d = ffn.lora[2] ? att.lora(*ffn.lora[2]) : nullptr;
     for (int32_t e = 0; e < e_count; ++e) {
       Segment gs{g, e, {}}, us{u, e, {}}, ds{d, e, {}};
       for (const auto& [t, w] : by_expert[e]) {
@@ -516,9 +512,11 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
   RETURN_IF_ERROR(Grow(&ext_, ext_rows * inter * sizeof(float)));
   RETURN_IF_ERROR(backend_->SiluMul(
       {.gate = gate, .up = up, .out = ext_.data(), .rows = t_count, .cols = inter}));
-  const std::vector<float> zeros(num_block_tokens * inter, 0.0f);
-  RETURN_IF_ERROR(backend_->CopyToDevice(ext_.as<float>() + t_count * inter, zeros.data(),
-                                         zeros.size() * sizeof(float)));
+  if (zeros_.size() < static_cast<size_t>(num_block_tokens * inter)) {
+    zeros_.resize(num_block_tokens * inter, 0.0f);
+  }
+  RETURN_IF_ERROR(backend_->CopyToDevice(ext_.as<float>() + t_count * inter, zeros_.data(),
+                                         num_block_tokens * inter * sizeof(float)));
   if (num_pairs > 0) {
     std::vector<int32_t> rows(num_pairs);
     for (int64_t p = 0; p < num_pairs; ++p) rows[p] = t_count + ordinal[pair_token[p]];

@@ -99,12 +99,13 @@ class AdapterExecutor {
     std::vector<Pair> pairs;
   };
 
-  absl::Status UploadLora(const LoraStack& stack);
+  absl::StatusOr<std::unique_ptr<DeviceLora>> UploadLora(const LoraStack& stack);
   absl::StatusOr<DeviceBuffer> UploadFloats(const std::vector<float>& v);
   absl::Status Grow(DeviceBuffer* buf, size_t bytes);
   // Router logits [n, rows] of `tokens` (rows of x, width in): fp32 GEMM + bias on the backend.
-  absl::Status RouterLogits(const RouterWeights& router, const void* x, int64_t in,
-                            const std::vector<int32_t>& tokens, std::vector<float>* logits);
+  absl::Status RouterLogits(const Attached& owner, const RouterWeights& router, const void* x,
+                            int64_t in, const std::vector<int32_t>& tokens,
+                            std::vector<float>* logits);
   // One SGMV call's shape after UploadSegments put its pair and row tables on the device.
   struct SgmvCall {
     int32_t num_segments = 0;
@@ -118,8 +119,9 @@ class AdapterExecutor {
   absl::Status RunSegments(const std::vector<Segment>& segments, const void* x, int64_t in, void* y,
                            int64_t out);
   // Applies a rank-granular group to the tokens of one adapter.
-  absl::Status ApplyRankGroup(int32_t layer, LinearModule m, const RoutedModule& rm,
-                              const std::vector<int32_t>& tokens, const void* x, void* y);
+  absl::Status ApplyRankGroup(const Attached& att, int32_t layer, LinearModule m,
+                              const RoutedModule& rm, const std::vector<int32_t>& tokens,
+                              const void* x, void* y);
   const RoutingSpec& SpecFor(int32_t token, const RoutingSpec& base, int32_t num_experts,
                              RoutingSpec* scratch) const;
   void Record(int32_t token, int32_t layer, const char* module, const int32_t* experts,
@@ -128,7 +130,6 @@ class AdapterExecutor {
   Backend* backend_;
   ModelConfig config_;
   std::map<int32_t, std::unique_ptr<Attached>> attached_;
-  std::map<const LoraStack*, std::unique_ptr<DeviceLora>> device_loras_;
   int32_t next_slot_ = 0;
 
   // Current pass.
@@ -136,6 +137,7 @@ class AdapterExecutor {
   bool active_ = false;
   std::map<int32_t, std::vector<int32_t>> tokens_by_slot_;  // ascending token indices
   std::vector<std::vector<RoutingRecord>> records_;
+  std::vector<float> zeros_;  // host zeros for clearing device rows (grown on demand)
   // Block FFN pairs of the current layer: (token, expert, weight) in segment order.
   struct BlockPairs {
     std::vector<Segment> by_expert_h;  // x_row = token, y_row = pair (gate/up LoRA)

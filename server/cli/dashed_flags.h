@@ -37,33 +37,38 @@ inline std::vector<char*> NormalizeDashedFlags(int argc, char** argv,
     if (known) arg.replace(2, end - 2, name);
   }
   for (const std::string& flag : list_flags) {
-    const std::string eq = "--" + flag + "=", bare = "--" + flag;
     std::string values;
-    size_t first = storage->size();
+    bool seen = false;
+    size_t first = 0;
     for (size_t i = 1; i < storage->size();) {
-      std::string& arg = (*storage)[i];
+      const std::string& arg = (*storage)[i];
       if (arg == "--") break;
+      // absl accepts "--name" and "-name", each as "=value" or followed by the value.
+      const size_t dashes = arg.compare(0, 2, "--") == 0 ? 2 : arg.compare(0, 1, "-") == 0 ? 1 : 0;
+      const std::string rest = arg.substr(dashes);
       std::string value;
       size_t take = 0;
-      if (arg.compare(0, eq.size(), eq) == 0) {
-        value = arg.substr(eq.size());
+      if (dashes > 0 && rest.compare(0, flag.size() + 1, flag + "=") == 0) {
+        value = rest.substr(flag.size() + 1);
         take = 1;
-      } else if (arg == bare && i + 1 < storage->size()) {
-        value = (*storage)[i + 1];
-        take = 2;
+      } else if (dashes > 0 && rest == flag) {
+        // A bare flag takes the next argument unless that is another flag (then its value is
+        // empty, which the caller reports).
+        const bool has_value = i + 1 < storage->size() && (*storage)[i + 1].rfind("-", 0) != 0;
+        if (has_value) value = (*storage)[i + 1];
+        take = has_value ? 2 : 1;
       }
       if (take == 0) {
         ++i;
         continue;
       }
-      if (!values.empty() && !value.empty()) values += ",";
+      if (seen) values += ",";
       values += value;
-      first = std::min(first, i);
+      if (!seen) first = i;
+      seen = true;
       storage->erase(storage->begin() + i, storage->begin() + i + take);
     }
-    if (first != storage->size() || !values.empty()) {
-      storage->insert(storage->begin() + std::min(first, storage->size()), eq + values);
-    }
+    if (seen) storage->insert(storage->begin() + first, "--" + flag + "=" + values);
   }
   std::vector<char*> out;
   for (std::string& s : *storage) out.push_back(s.data());
