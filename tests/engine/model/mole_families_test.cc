@@ -86,9 +86,13 @@ const std::vector<FamilyCase>& Cases() {
 
 struct Collect : GenerationSink {
   std::vector<int32_t> ids;
+  std::vector<std::vector<RoutingRecord>> routing;  // per token, when return_routing
   absl::Notification done;
   void OnChunk(GenerationChunk chunk) override {
-    for (const auto& t : chunk.tokens) ids.push_back(t.id);
+    for (auto& t : chunk.tokens) {
+      ids.push_back(t.id);
+      routing.push_back(std::move(t.routing));
+    }
   }
   void OnFinish(GenerationChunk last, FinishInfo) override {
     OnChunk(std::move(last));
@@ -346,8 +350,9 @@ class StepWatcher final : public MetricsSink {
 };
 
 // 8 adapters of 7 families (PEFT LoRA, MixLoRA top-k and top-p, MoLA, LoRAMoE, DynMoLE, X-LoRA,
-// FlyLoRA) plus base-model requests in the same steps: each request gets exactly the greedy
-// tokens it gets when it runs alone.
+// FlyLoRA) plus base-model requests and requests with a routing override (top-1 on MixLoRA,
+// soft on MoLA) in the same steps: each request gets exactly the greedy tokens and the routing
+// it gets when it runs alone.
 TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
   const std::vector<std::string> names = {"peft_lora",    "mixlora",         "mixlora_dynamic",
                                           "moepeft_mola", "moepeft_loramoe", "moepeft_dynmole",
@@ -373,6 +378,17 @@ TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
     GenerateRequest base_request;  // base model
     base_request.token_ids = kPrompts[p];
     requests.push_back(base_request);
+    // The same adapters with a per-request override, in the same steps as those without.
+    GenerateRequest top1;
+    top1.adapter = "mixlora";
+    top1.token_ids = kPrompts[p];
+    top1.routing_override.k = 1;
+    requests.push_back(top1);
+    GenerateRequest soft;
+    soft.adapter = "moepeft_mola";
+    soft.token_ids = kPrompts[p];
+    soft.routing_override.algorithm = RoutingAlgorithm::kSoft;
+    requests.push_back(soft);
   }
   for (GenerateRequest& r : requests) {
     r.sampling.temperature = 0;
@@ -380,13 +396,13 @@ TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
     r.stopping.ignore_eos = true;
     r.return_routing = true;
   }
-  std::vector<std::vector<int32_t>> alone;
+  std::vector<std::shared_ptr<Collect>> alone;
   for (const GenerateRequest& r : requests) {
     auto sink = std::make_shared<Collect>();
     ASSERT_TRUE((*engine)->Submit(r, sink).ok());
     sink->done.WaitForNotification();
     ASSERT_EQ(sink->ids.size(), 12u);
-    alone.push_back(sink->ids);
+    alone.push_back(sink);
   }
   const int64_t max_alone = watcher.max_running.load();
   std::vector<std::shared_ptr<Collect>> sinks;
@@ -396,8 +412,27 @@ TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
   }
   for (size_t i = 0; i < requests.size(); ++i) {
     sinks[i]->done.WaitForNotification();
-    EXPECT_EQ(sinks[i]->ids, alone[i])
+    EXPECT_EQ(sinks[i]->ids, alone[i]->ids)
         << "request " << i << " (adapter '" << requests[i].adapter << "')";
+    // The same routing decisions too (weights within fp32 noise of a different batch shape).
+    ASSERT_EQ(sinks[i]->routing.size(), alone[i]->routing.size());
+    for (size_t t = 0; t < sinks[i]->routing.size(); ++t) {
+      const auto& a = sinks[i]->routing[t];
+      const auto& b = alone[i]->routing[t];
+      ASSERT_EQ(a.size(), b.size()) << "request " << i << " token " << t;
+      for (size_t site = 0; site < a.size(); ++site) {
+        EXPECT_EQ(a[site].experts, b[site].experts) << "request " << i << " token " << t;
+        for (size_t e = 0; e < a[site].weights.size() && e < b[site].weights.size(); ++e) {
+          EXPECT_NEAR(a[site].weights[e], b[site].weights[e], 1e-5f);
+        }
+      }
+    }
+    if (!requests[i].adapter.empty() && requests[i].adapter != "peft_lora") {
+      EXPECT_FALSE(sinks[i]->routing[0].empty()) << "no routing for " << requests[i].adapter;
+    }
+    if (requests[i].routing_override.k == 1) {
+      for (const RoutingRecord& r : sinks[i]->routing[0]) EXPECT_EQ(r.experts.size(), 1u);
+    }
   }
   EXPECT_EQ(max_alone, 1);
   EXPECT_GE(watcher.max_running.load(), 10) << "the requests did not share steps";
