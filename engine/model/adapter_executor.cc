@@ -25,6 +25,7 @@ struct AdapterExecutor::Attached {
   // Router weight and bias per host router.
   std::map<const RouterWeights*, std::pair<DeviceBuffer, DeviceBuffer>> routers;
   std::map<const LoraStack*, std::unique_ptr<DeviceLora>> loras;
+  std::vector<std::pair<DeviceBuffer, DeviceBuffer>> classifier;  // X-LoRA: weight, bias
   const DeviceLora* lora(const LoraStack& s) const { return loras.at(&s).get(); }
 };
 
@@ -84,6 +85,16 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
       for (const auto& s : layer.block_ffn->lora) {
         if (s) status.Update(add_lora(*s));
       }
+    }
+  }
+  if (adapter->xlora) {
+    for (const XloraSpec::Linear& lin : adapter->xlora->classifier) {
+      std::pair<DeviceBuffer, DeviceBuffer> bufs;
+      ASSIGN_OR_RETURN(bufs.first, UploadFloats(lin.weight));
+      if (!lin.bias.empty()) {
+        ASSIGN_OR_RETURN(bufs.second, UploadFloats(lin.bias));
+      }
+      att->classifier.push_back(std::move(bufs));
     }
   }
   if (!status.ok()) return status;  // `att` and what it uploaded go away
@@ -383,42 +394,64 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
   return RunSegments(segments, x, in, y, out);
 }
 
-absl::Status AdapterExecutor::XloraScalings(int32_t slot, const float* hidden, int64_t n,
-                                            std::vector<float>* out) const {
+absl::Status AdapterExecutor::XloraScalings(int32_t slot, const void* hidden,
+                                            const std::vector<int32_t>& rows,
+                                            std::vector<float>* out) {
   auto it = attached_.find(slot);
   if (it == attached_.end() || !it->second->adapter->xlora) {
     return absl::InternalError("X-LoRA scalings asked of a non-X-LoRA adapter");
   }
-  const XloraSpec& xs = *it->second->adapter->xlora;
-  const int64_t hidden_size = config_.hidden_size;
-  const int64_t c = xs.classifier.back().out;
-  out->assign(n * c, 0.0f);
-  std::vector<float> cur, next;
-  for (int64_t t = 0; t < n; ++t) {
-    cur.assign(hidden + t * hidden_size, hidden + (t + 1) * hidden_size);
-    for (size_t li = 0; li < xs.classifier.size(); ++li) {
-      const XloraSpec::Linear& lin = xs.classifier[li];
-      next.assign(lin.out, 0.0f);
-      for (int64_t o = 0; o < lin.out; ++o) {
-        const float* w = lin.weight.data() + o * lin.in;
-        float acc = lin.bias.empty() ? 0.0f : lin.bias[o];
-        for (int64_t i = 0; i < lin.in; ++i) acc += w[i] * cur[i];
-        next[o] = acc;
-      }
-      if (li + 1 < xs.classifier.size() && xs.relu) {
-        for (float& v : next) v = std::max(v, 0.0f);
-      }
-      cur.swap(next);
+  const Attached& att = *it->second;
+  const XloraSpec& xs = *att.adapter->xlora;
+  const int64_t n = static_cast<int64_t>(rows.size());
+  int64_t widest = config_.hidden_size;
+  for (const XloraSpec::Linear& lin : xs.classifier) widest = std::max(widest, lin.out);
+  RETURN_IF_ERROR(Grow(&cls_in_, n * widest * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&cls_out_, n * widest * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
+  RETURN_IF_ERROR(backend_->CopyToDevice(ids_.data(), rows.data(), n * sizeof(int32_t)));
+  RETURN_IF_ERROR(backend_->Embedding({.ids = ids_.as<int32_t>(),
+                                       .table = hidden,
+                                       .out = cls_in_.data(),
+                                       .num_tokens = n,
+                                       .hidden = config_.hidden_size}));
+  std::vector<float> host;
+  for (size_t li = 0; li < xs.classifier.size(); ++li) {
+    const XloraSpec::Linear& lin = xs.classifier[li];
+    const auto& [weight, bias] = att.classifier[li];
+    RETURN_IF_ERROR(backend_->Gemm({.x = cls_in_.data(),
+                                    .w = weight.data(),
+                                    .y = cls_out_.data(),
+                                    .m = n,
+                                    .n = lin.out,
+                                    .k = lin.in}));
+    if (!lin.bias.empty()) {
+      RETURN_IF_ERROR(backend_->BiasAdd(
+          {.x = cls_out_.data(), .bias = bias.data(), .rows = n, .cols = lin.out}));
     }
+    host.resize(n * lin.out);
+    RETURN_IF_ERROR(
+        backend_->CopyToHost(host.data(), cls_out_.data(), host.size() * sizeof(float)));
+    if (li + 1 == xs.classifier.size()) break;
+    if (xs.relu) {
+      for (float& v : host) v = std::max(v, 0.0f);
+    }
+    RETURN_IF_ERROR(
+        backend_->CopyToDevice(cls_in_.data(), host.data(), host.size() * sizeof(float)));
+  }
+  const int64_t c = xs.classifier.back().out;
+  out->resize(n * c);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* src = host.data() + t * c;
     float* dst = out->data() + t * c;
-    if (xs.enable_softmax) {
-      // Softmax over the N adapters of each module row.
-      for (int64_t row = 0; row < c; row += xs.num_adapters) {
-        SoftmaxF32(absl::MakeConstSpan(cur.data() + row, xs.num_adapters), xs.softmax_temperature,
-                   absl::MakeSpan(dst + row, xs.num_adapters));
-      }
-    } else {
-      std::copy(cur.begin(), cur.end(), dst);
+    if (!xs.enable_softmax) {
+      std::copy(src, src + c, dst);
+      continue;
+    }
+    // Softmax over the N adapters of each module row.
+    for (int64_t row = 0; row < c; row += xs.num_adapters) {
+      SoftmaxF32(absl::MakeConstSpan(src + row, xs.num_adapters), xs.softmax_temperature,
+                 absl::MakeSpan(dst + row, xs.num_adapters));
     }
   }
   return absl::OkStatus();

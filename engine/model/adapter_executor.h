@@ -75,11 +75,12 @@ class AdapterExecutor {
                            void* act);
   absl::Status BlockFfnDown(int32_t layer, void* o);
 
-  // X-LoRA classifier of the adapter in `slot` on final-norm hidden states [n, H] (host):
-  // out [n, C] scalings, softmaxed per module row when enable_softmax (C = N, or num_modules * N
-  // when layerwise).
-  absl::Status XloraScalings(int32_t slot, const float* hidden, int64_t n,
-                             std::vector<float>* out) const;
+  // X-LoRA classifier of the adapter in `slot` on rows `rows` of the final-norm hidden states
+  // `hidden` ([*, H], device): GEMMs on the backend, ReLU and softmax on the host. out [n, C]
+  // scalings, softmaxed per module row when enable_softmax (C = N, or num_modules * N when
+  // layerwise).
+  absl::Status XloraScalings(int32_t slot, const void* hidden, const std::vector<int32_t>& rows,
+                             std::vector<float>* out);
 
   // The routing recorded during the pass, indexed by PassTokens::record.
   std::vector<std::vector<RoutingRecord>>& records() { return records_; }
@@ -147,7 +148,7 @@ class AdapterExecutor {
 
   // Scratch (grown on demand).
   DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_y_, pair_w_, seg_start_, seg_rank_,
-      seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_;
+      seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_, cls_in_, cls_out_;
 };
 
 }  // namespace moleserve::engine

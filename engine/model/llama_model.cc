@@ -408,19 +408,15 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
                                          .cols = h,
                                          .eps = c.rms_norm_eps,
                                          .dtype = dt}));
-      std::vector<float> hidden(n * h);
-      RETURN_IF_ERROR(
-          backend_->CopyToHost(hidden.data(), h_.data(), hidden.size() * sizeof(float)));
-      // Tokens of one adapter are classified together.
-      std::map<int32_t, std::vector<int64_t>> by_slot;
-      for (int64_t i = 0; i < n; ++i) by_slot[seq_slot(b.token_seq[sub_of_token[i]])].push_back(i);
+      // Tokens of one adapter are classified together, on the backend (h_ holds the final-norm
+      // hidden states of the scaling pass).
+      std::map<int32_t, std::vector<int32_t>> by_slot;
+      for (int64_t i = 0; i < n; ++i) {
+        by_slot[seq_slot(b.token_seq[sub_of_token[i]])].push_back(static_cast<int32_t>(i));
+      }
       for (const auto& [slot, rows] : by_slot) {
-        std::vector<float> in(rows.size() * h), out;
-        for (size_t r = 0; r < rows.size(); ++r) {
-          std::copy(hidden.begin() + rows[r] * h, hidden.begin() + (rows[r] + 1) * h,
-                    in.begin() + r * h);
-        }
-        RETURN_IF_ERROR(adapters_.XloraScalings(slot, in.data(), rows.size(), &out));
+        std::vector<float> out;
+        RETURN_IF_ERROR(adapters_.XloraScalings(slot, h_.data(), rows, &out));
         const int64_t cols = static_cast<int64_t>(out.size() / rows.size());
         for (size_t r = 0; r < rows.size(); ++r) {
           token_scalings[sub_of_token[rows[r]]].assign(out.begin() + r * cols,
