@@ -14,11 +14,27 @@
 #include <string>
 #include <vector>
 
+#include "engine/model/model_config.h"
 #include "engine/model/safetensors.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
 namespace moleserve::test_util {
+
+// A tiny Llama shape for adapter tests: 2 layers, hidden 32, intermediate 48, 4 query / 2 KV
+// heads of 8, vocab 64.
+inline engine::ModelConfig TinyModelConfig() {
+  engine::ModelConfig c;
+  c.name = "tiny";
+  c.vocab_size = 64;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  return c;
+}
 
 // Writes an adapter directory: a config file and one safetensors file.
 class AdapterDir {

@@ -27,18 +27,7 @@ using ::testing::HasSubstr;
 using Json = nlohmann::json;
 using ::moleserve::test_util::AdapterDir;
 
-ModelConfig TinyConfig() {
-  ModelConfig c;
-  c.name = "tiny";
-  c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  return c;
-}
+ModelConfig TinyConfig() { return test_util::TinyModelConfig(); }
 
 Json MoleConfig() {
   return Json{{"format", "mole"},

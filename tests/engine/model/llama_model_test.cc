@@ -24,6 +24,7 @@
 #include "engine/model/model_directory.h"
 #include "engine/model/safetensors.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "tests/common/run_command.h"
 
 namespace moleserve::engine {
 namespace {
@@ -59,13 +60,8 @@ std::vector<std::vector<std::vector<double>>> ReferenceLogits(
   std::string cmd = absl::StrCat(MOLESERVE_PYTHON, " ", MOLESERVE_SOURCE_DIR,
                                  "/tests/reference/llama_reference.py ", dir);
   for (const auto& p : prompts) absl::StrAppend(&cmd, " --prompt ", absl::StrJoin(p, ","));
-  FILE* pipe = popen(cmd.c_str(), "r");
-  EXPECT_NE(pipe, nullptr);
-  std::string out;
-  char buf[65536];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-  const int rc = pclose(pipe);
+  int rc = 0;
+  const std::string out = ::moleserve::test_util::RunCommand(cmd, &rc);
   EXPECT_EQ(rc, 0) << "reference failed (is python3-torch installed?): " << cmd;
   nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
   EXPECT_FALSE(j.is_discarded()) << "reference printed no JSON";

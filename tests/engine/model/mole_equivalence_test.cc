@@ -29,18 +29,7 @@ using ::moleserve::test_util::AdapterDir;
 constexpr float kTol = 2e-5f;
 const std::vector<int32_t> kPrompt = {1, 7, 3, 9, 60, 2, 33, 5, 17};
 
-ModelConfig TinyConfig() {
-  ModelConfig c;
-  c.name = "tiny";
-  c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  return c;
-}
+ModelConfig TinyConfig() { return test_util::TinyModelConfig(); }
 
 Json Mole() { return Json{{"format", "mole"}, {"format_version", 1}}; }
 

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "tests/common/run_command.h"
 
 // Counts heap allocations so the test can check that RouteToken does not allocate for E <= 64.
 namespace {
@@ -604,14 +605,8 @@ double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
 nlohmann::json RunReference() {
   const std::string cmd = absl::StrCat(MOLESERVE_PYTHON, " ", MOLESERVE_SOURCE_DIR,
                                        "/tests/engine/routing/routing_reference.py");
-  FILE* pipe = popen(cmd.c_str(), "r");
-  EXPECT_NE(pipe, nullptr);
-  if (pipe == nullptr) return {};
-  std::string out;
-  char buf[65536];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-  const int rc = pclose(pipe);
+  int rc = 0;
+  const std::string out = ::moleserve::test_util::RunCommand(cmd, &rc);
   EXPECT_EQ(rc, 0) << "reference failed (is python3-torch installed?): " << cmd;
   nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
   EXPECT_FALSE(j.is_discarded()) << "reference printed no JSON";
