@@ -34,6 +34,9 @@ tools/mole_convert.py and tests/reference/mole_reference.py):
                                        ordering.json with a permuted adapter order), depth 3,
                                        no ReLU
   flylora               flylora        FlyLoRA peft fork: sparse A, lora_topk_bias, top_k 4 of 16
+Native mole/1 (families with no public code or checkpoint format; written by write_native):
+  smora                 smora          SMoRA: rank-granular group, linear router over the 8 ranks
+                                       plus a selection-only bias, k 3, renormalised gates
 (Per-layer lists alternate with the layer parity on bases with more than 2 layers.)
 """
 import json
@@ -389,6 +392,44 @@ def make_flylora(base, out, g):
     save_st(os.path.join(out, "adapter_model.safetensors"), w)
 
 
+def make_smora(base, out, g):
+    """SMoRA ("each rank is an expert", MOLE_FORMAT 3.5) has no public code or checkpoint
+    layout, so it is written directly as mole/1 (engine/adapters/README.md)."""
+    r, k, targets = 8, 3, ["q_proj", "up_proj"]
+    cfg = {"format": "mole", "format_version": 1, "name": "smora", "source_family": "smora",
+           "routed_groups": [{
+               "id": "smora", "scope": "module", "granularity": "rank",
+               "targets": {"layers": "all", "modules": targets},
+               "num_experts": 1, "rank": r, "scale": 2.0,
+               "router": {"type": "linear", "select_bias": True},
+               "routing": {"algorithm": "rank_topk", "k": k, "renormalize": True}}]}
+    dump(os.path.join(out, "mole_config.json"), cfg)
+    w = {}
+    for l in range(base.layers):
+        for m in targets:
+            din, dout = base.dims[m]
+            p = f"groups.smora.layers.{l}.{m}"
+            w[p + ".A"] = g.normal((1, r, din), 1 / math.sqrt(din))
+            w[p + ".B"] = g.normal((1, dout, r), math.sqrt(0.5 / k))
+            w[p + ".router.weight"] = g.normal((r, din), 3 / math.sqrt(din))
+            w[p + ".router.select_bias"] = g.normal((r,), 0.3)
+    save_st(os.path.join(out, "model.safetensors"), w)
+
+
+NATIVE = [("smora", "smora", make_smora)]  # (directory, family flag, writer)
+
+
+def write_native(base_dir, out_root):
+    """Writes the native mole/1 adapters; returns [(name, family)]."""
+    base = Base(base_dir)
+    for name, _, writer in NATIVE:
+        out = os.path.join(out_root, name)
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        writer(base, out, Gen(name))
+    return [(name, family) for name, family, _ in NATIVE]
+
+
 ADAPTERS = [  # (directory, family flag, writer)
     ("peft_lora", "peft_lora", make_peft_lora),
     ("peft_lora_all_linear", "peft_lora", make_peft_lora_all_linear),
@@ -437,7 +478,8 @@ def write_all(base_dir, out_root, names=None):
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
-    for name, family in write_all(sys.argv[1], sys.argv[2]):
+    for name, family in write_all(sys.argv[1], sys.argv[2]) + write_native(sys.argv[1],
+                                                                          sys.argv[2]):
         print(name, family)
 
 

@@ -4,7 +4,8 @@
   mole_reference.py BASE_DIR ADAPTER_DIR --family F --prompt 1,2,3 [--prompt ...] [--greedy N]
                     [--k-per-layer 2,2] [--ordering FILE] > out.json
 
-F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | auto.
+F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | smora
+(native mole/1: SMoRA has no public format) | auto.
 Reads the base model as llama_reference.py does (Llama, Mistral, Qwen2) and the adapter directory as
 its public code writes it: PEFT adapter_config.json + adapter_model.safetensors, MixLoRA / MoE-PEFT
 adapter_model.bin (torch pickle), original MoLA (GCYZSL) adapter_model.bin + mola_sidecar.json,
@@ -532,6 +533,42 @@ class FlyLora(PeftLora):
         return y + s * ((z * mask) @ b.T)
 
 
+class Smora(Adapter):
+    """SMoRA from its mole/1 files (it has no public code or format): MOLE_FORMAT (c)
+    route_smora. Per token and module: l = x Wg^T; keep the k ranks with the largest l + b_sel;
+    g = softmax(l) restricted to them (renormalised when the config says so);
+    y += s * B (g * (A x)) on the kept ranks. Router math in float32."""
+
+    def __init__(self, d, base):
+        super().__init__()
+        cfg = read_json(os.path.join(d, "mole_config.json"))
+        (grp,) = cfg["routed_groups"]
+        self.k = grp["routing"]["k"]
+        self.renormalize = grp["routing"].get("renormalize", True)
+        self.scale = grp["scale"]
+        t = load_adapter_tensors(d, ("model.safetensors",))
+        self.sites = {}
+        for l in range(base.layers):
+            for m in grp["targets"]["modules"]:
+                p = f"groups.{grp['id']}.layers.{l}.{m}"
+                self.sites[(l, m)] = (f64(t[p + ".A"][0]), f64(t[p + ".B"][0]),
+                                      t[p + ".router.weight"].float(),
+                                      t[p + ".router.select_bias"].float())
+
+    def linear(self, l, m, x, y):
+        if (l, m) not in self.sites:
+            return y
+        a, b, wg, sel = self.sites[(l, m)]
+        logits = x.float() @ wg.T
+        keep = torch.topk(logits + sel, self.k, dim=-1).indices
+        mask = torch.zeros_like(logits).scatter(-1, keep, 1.0)
+        g = torch.softmax(logits, dim=-1) * mask
+        if self.renormalize:
+            g = g / g.sum(dim=-1, keepdim=True)
+        self.routing[f"{l}.{m}"] = mask.double()
+        return y + self.scale * ((f64(g) * (x @ a.T)) @ b.T)
+
+
 class XLora(Adapter):
     """X-LoRA, peft layout (adapter_config.json, peft_type XLORA) or mistral.rs layout."""
 
@@ -690,6 +727,8 @@ def make_adapter(base, d, family, k_per_layer=None, ordering=None):
         return XLora(d, base, ordering)
     if family == "flylora":
         return FlyLora(d, base)
+    if family == "smora":
+        return Smora(d, base)
     fail(f"unknown family {family}")
 
 
@@ -718,7 +757,7 @@ def main(argv=None):
     ap.add_argument("adapter_dir")
     ap.add_argument("--family", required=True,
                     choices=["auto", "peft_lora", "mixlora", "mola", "loramoe", "dynmole",
-                             "mola_original", "xlora", "flylora"])
+                             "mola_original", "xlora", "flylora", "smora"])
     ap.add_argument("--prompt", action="append", required=True, help="comma-separated token ids")
     ap.add_argument("--greedy", type=int, default=0, help="greedy continuation length")
     ap.add_argument("--k-per-layer", help="original MoLA: top-k per layer (default: sidecar or 2)")

@@ -59,7 +59,7 @@ using ::moleserve::test_util::RunCommand;
 struct FamilyCase {
   std::string name;     // sub-directory written by make_public_adapters.py
   std::string family;   // --family of the converter and the reference
-  bool convert = true;  // PEFT LoRA loads directly
+  bool convert = true;  // PEFT LoRA and native mole/1 load directly
 };
 
 std::ostream& operator<<(std::ostream& os, const FamilyCase& c) { return os << c.name; }
@@ -81,6 +81,7 @@ const std::vector<FamilyCase>& Cases() {
       {"xlora_peft_topk", "xlora"},
       {"xlora_mistralrs", "xlora"},
       {"flylora", "flylora"},
+      {"smora", "smora", false},  // native mole/1: no public format exists
   };
   return *cases;
 }
