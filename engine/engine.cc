@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <map>
 #include <new>
 #include <random>
@@ -29,7 +30,12 @@ struct Engine::State {
   std::unique_ptr<LlamaModel> model;
   std::unique_ptr<Executor> executor;
   AdapterRegistry adapters;
-  std::map<const Adapter*, int32_t> adapter_slots;  // written before the loop starts
+  // Registry lookups and slot assignment happen together under adapters_mu, so a request never
+  // resolves a version whose slot is not known; hot loads of one name are serialized by
+  // load_mu (validation runs outside both, off the engine loop).
+  Mutex adapters_mu;
+  std::map<const Adapter*, int32_t> adapter_slots ABSL_GUARDED_BY(adapters_mu);
+  Mutex load_mu;
 
   Mutex mu;         // guards the fields below
   CondVar idle_cv;  // signalled when in_flight drops to 0
@@ -154,8 +160,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
           absl::StrCat("adapter name '", name, "' is empty or given twice"));
     }
     ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
-                     LoadAdapter(dir, name, config, limits));
+                     engine::LoadAdapter(dir, name, config, limits));
     ASSIGN_OR_RETURN(int32_t slot, state->model->AttachAdapter(adapter));
+    MutexLock lock(&state->adapters_mu);
     state->adapter_slots[adapter.get()] = slot;
     state->adapters.Publish(std::move(adapter), dir);
   }
@@ -199,8 +206,13 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
       return reject(absl::UnavailableError("server is draining; retry on another replica"));
   }
   std::shared_ptr<const AdapterVersion> adapter;
+  int32_t adapter_slot = -1;
   if (!request.adapter.empty()) {
-    adapter = s.adapters.Find(request.adapter);
+    {
+      MutexLock lock(&s.adapters_mu);
+      adapter = s.adapters.Find(request.adapter);
+      if (adapter != nullptr) adapter_slot = s.adapter_slots.at(adapter->adapter.get());
+    }
     if (adapter == nullptr) {
       return reject(absl::NotFoundError(absl::StrCat(
           "adapter '", request.adapter, "' is not loaded; ListModels shows the loaded adapters")));
@@ -300,12 +312,7 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
                                         std::move(tracked));
   seq->arrival = absl::Now();
   if (adapter != nullptr) {
-    auto slot = s.adapter_slots.find(adapter->adapter.get());
-    if (slot == s.adapter_slots.end()) {
-      return reject(absl::FailedPreconditionError(
-          absl::StrCat("adapter '", request.adapter, "' is not ready on the model yet")));
-    }
-    seq->adapter_slot = slot->second;
+    seq->adapter_slot = adapter_slot;
     seq->xlora = xlora;
     seq->adapter = std::move(adapter);
   }
@@ -334,6 +341,139 @@ absl::StatusOr<Engine::Tokenized> Engine::Tokenize(std::string_view text,
 std::string Engine::DecodeToken(int32_t id) const { return state_->tokenizer->DecodeToken(id); }
 
 const ModelInfo& Engine::model_info() const { return state_->info; }
+
+namespace {
+
+bool ValidAdapterName(const std::string& name) {
+  if (name.empty() || name.size() > 128) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
+           c == '_' || c == '-';
+  });
+}
+
+// True when `p` is `root` or inside it (both canonical).
+bool Within(const std::filesystem::path& root, const std::filesystem::path& p) {
+  auto r = root.begin();
+  auto q = p.begin();
+  for (; r != root.end(); ++r, ++q) {
+    if (q == p.end() || *r != *q) return false;
+  }
+  return true;
+}
+
+// `relative` resolved under `root` with every symlink followed, refusing escapes; the directory's
+// entries must resolve inside the root too (a symlinked weight file cannot reach outside).
+absl::StatusOr<std::string> ConfinedAdapterDir(const std::string& root,
+                                               const std::string& relative) {
+  namespace fs = std::filesystem;
+  if (relative.empty()) return absl::InvalidArgumentError("adapter path is empty");
+  if (fs::path(relative).is_absolute()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "adapter path '", relative, "' is absolute; give it relative to the adapter root"));
+  }
+  std::error_code ec;
+  const fs::path canonical_root = fs::canonical(root, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("adapter root '", root, "' is not usable: ", ec.message()));
+  }
+  const fs::path dir = fs::weakly_canonical(canonical_root / relative, ec);
+  if (ec || !Within(canonical_root, dir)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter path '", relative, "' leaves the adapter root"));
+  }
+  if (!fs::is_directory(dir, ec)) {
+    return absl::NotFoundError(
+        absl::StrCat("adapter path '", relative, "' is not a directory under the adapter root"));
+  }
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const fs::path target = fs::weakly_canonical(entry.path(), ec);
+    if (ec || !Within(canonical_root, target)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "adapter file '", entry.path().filename().string(), "' links outside the adapter root"));
+    }
+  }
+  if (ec) return absl::NotFoundError(absl::StrCat("cannot list '", relative, "': ", ec.message()));
+  return dir.string();
+}
+
+}  // namespace
+
+absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, const std::string& path,
+                                                   bool replace) {
+  State& s = *state_;
+  if (s.options.adapter_root.empty()) {
+    return absl::FailedPreconditionError(
+        "hot loading is off: start the server with an adapter root");
+  }
+  if (!ValidAdapterName(name)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter name '", name, "' must be 1-128 characters of A-Z a-z 0-9 . _ -"));
+  }
+  MutexLock load_lock(&s.load_mu);
+  if (!replace && s.adapters.Find(name) != nullptr) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("adapter '", name, "' is already loaded; set replace to reload it"));
+  }
+  ASSIGN_OR_RETURN(std::string dir, ConfinedAdapterDir(s.options.adapter_root, path));
+  const AdapterLimits limits{.max_rank = s.options.max_adapter_rank,
+                             .max_experts = s.options.max_adapter_experts};
+  ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
+                   engine::LoadAdapter(dir, name, s.model->config(), limits));
+  ASSIGN_OR_RETURN(int32_t slot, s.executor->AttachAdapter(adapter));
+  std::shared_ptr<const AdapterVersion> old;
+  int32_t old_slot = -1;
+  {
+    MutexLock lock(&s.adapters_mu);
+    old = s.adapters.Find(name);
+    if (old != nullptr) {
+      old_slot = s.adapter_slots.at(old->adapter.get());
+      s.adapter_slots.erase(old->adapter.get());
+    }
+    s.adapter_slots[adapter.get()] = slot;
+    s.adapters.Publish(adapter, dir);
+  }
+  if (old != nullptr) s.executor->RetireAdapter(old_slot, old);
+  for (AdapterSummary& a : ListAdapters()) {
+    if (a.name == name) return a;
+  }
+  return absl::InternalError("a published adapter is missing from the list");
+}
+
+absl::StatusOr<Engine::UnloadResult> Engine::UnloadAdapter(const std::string& name,
+                                                           absl::Duration drain_timeout,
+                                                           bool force) {
+  State& s = *state_;
+  MutexLock load_lock(&s.load_mu);
+  std::shared_ptr<const AdapterVersion> version;
+  int32_t slot = -1;
+  {
+    MutexLock lock(&s.adapters_mu);
+    version = s.adapters.Find(name);
+    if (version == nullptr) {
+      return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded"));
+    }
+    slot = s.adapter_slots.at(version->adapter.get());
+    s.adapter_slots.erase(version->adapter.get());
+    RETURN_IF_ERROR(s.adapters.Remove(name));
+  }
+  // Requests in flight hold the version; ours is the one extra reference.
+  UnloadResult result;
+  const int64_t in_flight = version.use_count() - 1;
+  std::weak_ptr<const AdapterVersion> watch = version;
+  const Adapter* adapter = version->adapter.get();
+  version.reset();
+  const absl::Time deadline = absl::Now() + (force ? absl::ZeroDuration() : drain_timeout);
+  while (!watch.expired() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
+  if (!watch.expired()) {
+    result.cancelled = s.executor->CancelAdapterRequests(
+        adapter, absl::CancelledError(absl::StrCat("adapter '", name, "' was unloaded")));
+  }
+  result.drained = std::max<int64_t>(0, in_flight - result.cancelled);
+  s.executor->RetireAdapter(slot, watch);
+  return result;
+}
 
 std::vector<AdapterSummary> Engine::ListAdapters() const {
   std::vector<AdapterSummary> out;

@@ -47,6 +47,8 @@ struct EngineOptions {
   MetricsSink* metrics = nullptr;  // not owned; must outlive the engine
   // MoLE adapters loaded at start: (name, directory) of a mole/1 or PEFT LoRA directory.
   std::vector<std::pair<std::string, std::string>> adapters;
+  // Directory that hot-loaded adapter paths are confined to; empty = hot loading is off.
+  std::string adapter_root;
   int32_t max_adapter_rank = 256;
   int32_t max_adapter_experts = 64;
 };
@@ -113,6 +115,28 @@ class Engine {
 
   const ModelInfo& model_info() const;
   std::vector<AdapterSummary> ListAdapters() const;
+
+  // Hot-loads the mole/1 or PEFT LoRA directory `path`, relative to EngineOptions::adapter_root
+  // (absolute paths, `..` and symlinks that leave the root are refused), as adapter `name`
+  // ([A-Za-z0-9._-], at most 128 bytes). Everything is read and validated on the calling thread
+  // (decoding goes on); the engine loop only attaches the finished adapter between steps; then
+  // the version is published atomically. With `replace`, requests that already resolved the old
+  // version finish on it and its memory is freed after the last one. Loads of one name are
+  // serialized. Errors, after which the previous version (if any) keeps serving:
+  // kFailedPrecondition (no adapter root), kAlreadyExists (loaded, no `replace`),
+  // kInvalidArgument (bad name, path or adapter content), kNotFound (no such directory).
+  absl::StatusOr<AdapterSummary> LoadAdapter(const std::string& name, const std::string& path,
+                                             bool replace);
+
+  struct UnloadResult {
+    int64_t drained = 0;    // in-flight requests that finished normally during the drain
+    int64_t cancelled = 0;  // cancelled (force, or still running at the drain timeout)
+  };
+  // Unloads adapter `name`: new requests get kNotFound at once; requests in flight finish for up
+  // to `drain_timeout` (none with `force`), the rest end with kCancelled naming the unload; then
+  // its memory is freed. kNotFound when it is not loaded.
+  absl::StatusOr<UnloadResult> UnloadAdapter(const std::string& name, absl::Duration drain_timeout,
+                                             bool force);
   EngineStats Stats() const;
 
   // Drain: refuse new requests from now on.

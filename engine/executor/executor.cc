@@ -41,6 +41,10 @@ Executor::~Executor() { Stop(); }
 
 void Executor::Start() {
   MOLE_CHECK(!thread_.joinable());
+  {
+    MutexLock lock(&mu_);
+    loop_running_ = true;
+  }
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -64,6 +68,72 @@ void Executor::Submit(std::unique_ptr<Sequence> seq) {
   // Lost the race with Stop(): the loop will never see it, so fail it here.
   if (seq) seq->sink->OnError(absl::UnavailableError("server is shutting down"));
   input_cv_.NotifyAll();
+}
+
+void Executor::RunOnLoop(std::function<void()> task) {
+  auto done = std::make_shared<std::pair<Mutex, CondVar>>();
+  bool finished = false;
+  {
+    MutexLock lock(&mu_);
+    if (loop_running_) {
+      tasks_.push_back([&, done, task = std::move(task)] {
+        task();
+        MutexLock l(&done->first);
+        finished = true;
+        done->second.NotifyAll();
+      });
+    } else {
+      finished = true;  // no loop (before Start, after it ended): nobody else touches the model
+    }
+  }
+  if (finished) {
+    task();
+    return;
+  }
+  input_cv_.NotifyAll();
+  MutexLock lock(&done->first);
+  done->second.WaitFor(&done->first, absl::InfiniteDuration(),
+                       [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return finished; });
+}
+
+absl::StatusOr<int32_t> Executor::AttachAdapter(std::shared_ptr<const Adapter> adapter) {
+  absl::StatusOr<int32_t> slot = absl::InternalError("attach did not run");
+  RunOnLoop([&] { slot = model_->AttachAdapter(std::move(adapter)); });
+  return slot;
+}
+
+void Executor::RetireAdapter(int32_t slot, std::weak_ptr<const AdapterVersion> version) {
+  RunOnLoop([&] {
+    retired_.emplace_back(slot, std::move(version));
+    DetachRetired();
+  });
+}
+
+int64_t Executor::CancelAdapterRequests(const Adapter* adapter, absl::Status status) {
+  int64_t n = 0;
+  RunOnLoop([&] {
+    std::vector<Sequence*> victims;
+    for (const auto& [handle, seq] : by_handle_) {
+      if (seq->adapter != nullptr && seq->adapter->adapter.get() == adapter) {
+        victims.push_back(seq);
+      }
+    }
+    for (Sequence* seq : victims) Fail(seq, status);
+    n = static_cast<int64_t>(victims.size());
+    DetachRetired();
+  });
+  return n;
+}
+
+void Executor::DetachRetired() {
+  for (auto it = retired_.begin(); it != retired_.end();) {
+    if (it->second.expired()) {
+      model_->DetachAdapter(it->first);
+      it = retired_.erase(it);
+    } else {
+      ++it;
+    }
+  }
 }
 
 void Executor::Cancel(uint64_t handle) {
@@ -97,11 +167,14 @@ void Executor::PublishCounters() {
 void Executor::Ingest(absl::Time now) {
   std::vector<std::unique_ptr<Sequence>> inbox;
   std::vector<uint64_t> cancels;
+  std::vector<std::function<void()>> tasks;
   {
     MutexLock lock(&mu_);
     inbox.swap(inbox_);
     cancels.swap(cancels_);
+    tasks.swap(tasks_);
   }
+  for (auto& task : tasks) task();
   for (auto& seq : inbox) {
     by_handle_[seq->handle] = seq.get();
     scheduler_.Enqueue(std::move(seq));
@@ -127,7 +200,7 @@ void Executor::Ingest(absl::Time now) {
 bool Executor::WaitForInput(absl::Duration timeout) {
   MutexLock lock(&mu_);
   input_cv_.WaitFor(&mu_, timeout, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-    return stop_ || !inbox_.empty() || !cancels_.empty();
+    return stop_ || !inbox_.empty() || !cancels_.empty() || !tasks_.empty();
   });
   return stop_;
 }
@@ -145,11 +218,13 @@ void Executor::Loop() {
     std::vector<ScheduledChunk> step = scheduler_.Schedule(now);
     PublishCounters();
     if (step.empty()) {
+      DetachRetired();
       // Waiting sequences that cannot be admitted yet (or none): wait for input, do not spin.
       if (WaitForInput(absl::Milliseconds(10))) break;
       continue;
     }
     RunStep(step);
+    DetachRetired();
     PublishCounters();
   }
   // Shutdown: everything still in flight ends with UNAVAILABLE.
@@ -158,6 +233,14 @@ void Executor::Loop() {
   for (const auto& [handle, seq] : by_handle_) left.push_back(seq);
   for (Sequence* seq : left) Fail(seq, absl::UnavailableError("server is shutting down"));
   PublishCounters();
+  // Tasks queued while the loop was still marked running run here; later ones run inline.
+  std::vector<std::function<void()>> tasks;
+  {
+    MutexLock lock(&mu_);
+    loop_running_ = false;
+    tasks.swap(tasks_);
+  }
+  for (auto& task : tasks) task();
 }
 
 void Executor::RunStep(const std::vector<ScheduledChunk>& step) {

@@ -12,6 +12,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -42,6 +43,15 @@ class Executor {
   // Cancels a request by handle (no-op when it already finished).
   void Cancel(uint64_t handle);
 
+  // MoLE adapters, for hot loading (the model is touched only by the loop thread):
+  // Attaches `adapter` on the loop thread between steps and returns its slot.
+  absl::StatusOr<int32_t> AttachAdapter(std::shared_ptr<const Adapter> adapter);
+  // Detaches `slot` once `version` is no longer referenced (by the registry or any request):
+  // a replaced or unloaded version keeps serving the requests that resolved it.
+  void RetireAdapter(int32_t slot, std::weak_ptr<const AdapterVersion> version);
+  // Fails every request (waiting or running) that uses `adapter` with `status`; returns how many.
+  int64_t CancelAdapterRequests(const Adapter* adapter, absl::Status status);
+
   // Blocks a request needs for its whole life, and the cache's total.
   int32_t BlocksNeeded(int64_t tokens) const { return blocks_.BlocksFor(tokens); }
   int32_t total_blocks() const { return blocks_.num_blocks(); }
@@ -65,6 +75,11 @@ class Executor {
   void Finish(Sequence* seq, FinishReason reason, std::string matched, GenerationChunk last);
   void Fail(Sequence* seq, absl::Status status);
   void PublishCounters() ABSL_LOCKS_EXCLUDED(mu_);
+  // Runs `task` on the loop thread between steps and waits for it (immediately when the loop is
+  // not running).
+  void RunOnLoop(std::function<void()> task) ABSL_LOCKS_EXCLUDED(mu_);
+  // Detaches retired adapter slots whose versions nobody references any more.
+  void DetachRetired();
 
   LlamaModel* model_;                                  // not owned
   const Tokenizer* tokenizer_;                         // not owned
@@ -80,6 +95,10 @@ class Executor {
   CondVar input_cv_;  // signalled on submission, cancellation and Stop
   std::vector<std::unique_ptr<Sequence>> inbox_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> cancels_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::function<void()>> tasks_ ABSL_GUARDED_BY(mu_);
+  bool loop_running_ ABSL_GUARDED_BY(mu_) = false;
+  // Retired adapter slots waiting for their last request (loop thread only).
+  std::vector<std::pair<int32_t, std::weak_ptr<const AdapterVersion>>> retired_;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   Counters counters_ ABSL_GUARDED_BY(mu_);
   std::thread thread_;

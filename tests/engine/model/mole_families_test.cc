@@ -17,6 +17,7 @@
 // the reference's greedy tokens. Then a mixed batch: 8 adapters of 6 families plus base-model
 // requests, all at once, each request getting exactly its tokens when run alone.
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -87,21 +88,27 @@ const std::vector<FamilyCase>& Cases() {
 }
 
 struct Collect : GenerationSink {
+  explicit Collect(bool may_fail = false) : may_fail(may_fail) {}
+  const bool may_fail;  // an error is an expected outcome (cancellation)
   std::vector<int32_t> ids;
   std::vector<std::vector<RoutingRecord>> routing;  // per token, when return_routing
-  absl::Notification done;
+  absl::Status error;
+  absl::Notification first_token, done;
   void OnChunk(GenerationChunk chunk) override {
     for (auto& t : chunk.tokens) {
       ids.push_back(t.id);
       routing.push_back(std::move(t.routing));
     }
+    if (!ids.empty() && !first_token.HasBeenNotified()) first_token.Notify();
   }
   void OnFinish(GenerationChunk last, FinishInfo) override {
     OnChunk(std::move(last));
     done.Notify();
   }
   void OnError(absl::Status s) override {
-    ADD_FAILURE() << s;
+    if (!may_fail) ADD_FAILURE() << s;
+    error = std::move(s);
+    if (!first_token.HasBeenNotified()) first_token.Notify();
     done.Notify();
   }
 };
@@ -338,6 +345,153 @@ TEST_F(MoleFamiliesTest, XloraFrozenScalingsKeepPrefixAndFreeTheirKv) {
   }
   EXPECT_EQ(stats.free_kv_blocks, stats.total_kv_blocks);
   fs::remove_all(frozen);
+}
+
+// Hot loading (issue 5's engine side): adapters loaded, replaced and unloaded while requests run.
+TEST_F(MoleFamiliesTest, HotLoadReplaceAndUnloadWhileServing) {
+  const std::string tag = std::to_string(getpid());
+  absl::StatusOr<std::unique_ptr<Engine>> engine =
+      Engine::Create({.model = base(), .num_threads = 2, .adapter_root = *root_});
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine& e = **engine;
+  auto run = [&](const std::string& adapter, int32_t n, bool may_fail = false) {
+    GenerateRequest r;
+    r.adapter = adapter;
+    r.token_ids = kPrompts[0];
+    r.sampling.temperature = 0;
+    r.stopping.max_new_tokens = n;
+    r.stopping.ignore_eos = true;
+    auto sink = std::make_shared<Collect>(may_fail);
+    absl::StatusOr<uint64_t> h = e.Submit(r, sink);
+    if (!h.ok()) {
+      sink->error = h.status();
+      sink->first_token.Notify();
+      sink->done.Notify();
+    }
+    return sink;
+  };
+  // Reference outputs from engines that load the adapters at startup.
+  auto startup_tokens = [&](const std::string& dir, int32_t n) {
+    absl::StatusOr<std::unique_ptr<Engine>> ref =
+        Engine::Create({.model = base(), .num_threads = 2, .adapters = {{"a", dir}}});
+    EXPECT_TRUE(ref.ok()) << ref.status();
+    GenerateRequest r;
+    r.adapter = "a";
+    r.token_ids = kPrompts[0];
+    r.sampling.temperature = 0;
+    r.stopping.max_new_tokens = n;
+    r.stopping.ignore_eos = true;
+    auto sink = std::make_shared<Collect>();
+    EXPECT_TRUE((*ref)->Submit(r, sink).ok());
+    sink->done.WaitForNotification();
+    return sink->ids;
+  };
+  const std::vector<int32_t> want_topk = startup_tokens(*root_ + "/mole/mixlora", 300);
+  const std::vector<int32_t> want_switch = startup_tokens(*root_ + "/mole/mixlora_switch", 300);
+  ASSERT_NE(want_topk, want_switch);
+
+  // Load while base-model requests decode: none fails, and the adapter serves its own tokens.
+  std::vector<std::shared_ptr<Collect>> base_runs;
+  for (int i = 0; i < 4; ++i) base_runs.push_back(run("", 300));
+  base_runs[0]->first_token.WaitForNotification();
+  absl::StatusOr<AdapterSummary> loaded = e.LoadAdapter("mix", "mole/mixlora", false);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_EQ(loaded->family, "mixlora");
+  EXPECT_EQ(loaded->version, 1u);
+  for (auto& r : base_runs) {
+    r->done.WaitForNotification();
+    EXPECT_TRUE(r->error.ok()) << r->error;
+    EXPECT_EQ(r->ids.size(), 300u);
+  }
+  auto first = run("mix", 300);
+  first->done.WaitForNotification();
+  EXPECT_EQ(first->ids, want_topk);
+
+  // Replace while a request of the old version runs: it finishes on the old version, new
+  // requests get the new one.
+  auto old_run = run("mix", 300);
+  old_run->first_token.WaitForNotification();
+  absl::StatusOr<AdapterSummary> replaced = e.LoadAdapter("mix", "mole/mixlora_switch", true);
+  ASSERT_TRUE(replaced.ok()) << replaced.status();
+  EXPECT_EQ(replaced->version, 2u);
+  auto new_run = run("mix", 300);
+  old_run->done.WaitForNotification();
+  new_run->done.WaitForNotification();
+  EXPECT_EQ(old_run->ids, want_topk);
+  EXPECT_EQ(new_run->ids, want_switch);
+
+  // Refused loads leave the serving version alone.
+  const std::string corrupt = "corrupt_" + tag;
+  fs::copy(*root_ + "/mole/mixlora", *root_ + "/" + corrupt);
+  fs::resize_file(*root_ + "/" + corrupt + "/model.safetensors", 100);
+  const std::string escape = "escape_" + tag;
+  fs::create_directory_symlink(fs::temp_directory_path(), *root_ + "/" + escape);
+  const std::string linked = "linked_" + tag;
+  fs::copy(*root_ + "/mole/mixlora", *root_ + "/" + linked);
+  fs::remove(*root_ + "/" + linked + "/model.safetensors");
+  fs::create_symlink("/etc/hostname", *root_ + "/" + linked + "/model.safetensors");
+  struct Refused {
+    std::string name, path;
+    bool replace;
+    absl::StatusCode code;
+    std::string message;
+  };
+  for (const Refused& r : std::vector<Refused>{
+           {"mix", corrupt, true, absl::StatusCode::kDataLoss, "model.safetensors"},
+           {"mix", "../" + std::string(kBase), true, absl::StatusCode::kInvalidArgument,
+            "leaves the adapter root"},
+           {"mix", "/etc", true, absl::StatusCode::kInvalidArgument, "absolute"},
+           {"mix", escape, true, absl::StatusCode::kInvalidArgument, "leaves the adapter root"},
+           {"mix", linked, true, absl::StatusCode::kInvalidArgument, "links outside"},
+           {"mix", "no_such_dir", true, absl::StatusCode::kNotFound, "not a directory"},
+           {"mix", "mole/mixlora", false, absl::StatusCode::kAlreadyExists, "already loaded"},
+           {"bad/name", "mole/mixlora", false, absl::StatusCode::kInvalidArgument, "name"}}) {
+    absl::StatusOr<AdapterSummary> s = e.LoadAdapter(r.name, r.path, r.replace);
+    EXPECT_EQ(s.status().code(), r.code) << r.path << ": " << s.status();
+    EXPECT_THAT(std::string(s.status().message()), ::testing::HasSubstr(r.message)) << r.path;
+  }
+  auto still = run("mix", 300);
+  still->done.WaitForNotification();
+  EXPECT_EQ(still->ids, want_switch);
+  fs::remove_all(*root_ + "/" + corrupt);
+  fs::remove_all(*root_ + "/" + linked);
+  fs::remove(*root_ + "/" + escape);
+
+  // Unload drains a running request, then the name is gone.
+  auto draining = run("mix", 300);
+  draining->first_token.WaitForNotification();
+  absl::StatusOr<Engine::UnloadResult> unloaded = e.UnloadAdapter("mix", absl::Seconds(30), false);
+  ASSERT_TRUE(unloaded.ok()) << unloaded.status();
+  draining->done.WaitForNotification();
+  EXPECT_TRUE(draining->error.ok()) << draining->error;
+  EXPECT_EQ(draining->ids, want_switch);
+  EXPECT_EQ(unloaded->cancelled, 0);
+  auto gone = run("mix", 4, /*may_fail=*/true);
+  EXPECT_EQ(gone->error.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(e.UnloadAdapter("mix", absl::Seconds(1), false).status().code(),
+            absl::StatusCode::kNotFound);
+
+  // Forced unload cancels what runs, with a status that says why.
+  ASSERT_TRUE(e.LoadAdapter("mix", "mole/mixlora", false).ok());
+  auto cancelled = run("mix", 400, /*may_fail=*/true);
+  cancelled->first_token.WaitForNotification();
+  unloaded = e.UnloadAdapter("mix", absl::Seconds(30), true);
+  ASSERT_TRUE(unloaded.ok()) << unloaded.status();
+  cancelled->done.WaitForNotification();
+  if (unloaded->cancelled == 1) {
+    EXPECT_EQ(cancelled->error.code(), absl::StatusCode::kCancelled);
+    EXPECT_THAT(std::string(cancelled->error.message()), ::testing::HasSubstr("unloaded"));
+  } else {  // the request had already finished: nothing to cancel
+    EXPECT_TRUE(cancelled->error.ok());
+  }
+  EXPECT_TRUE(e.ListAdapters().empty());
+  ASSERT_TRUE(e.WaitIdle(absl::Seconds(10)));
+  EngineStats stats = e.Stats();
+  for (int i = 0; i < 500 && stats.free_kv_blocks != stats.total_kv_blocks; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+    stats = e.Stats();
+  }
+  EXPECT_EQ(stats.free_kv_blocks, stats.total_kv_blocks);
 }
 
 // Records the most sequences one step ran, to prove the requests really shared steps.
