@@ -71,29 +71,30 @@ void Executor::Submit(std::unique_ptr<Sequence> seq) {
 }
 
 void Executor::RunOnLoop(std::function<void()> task) {
-  auto done = std::make_shared<std::pair<Mutex, CondVar>>();
-  bool finished = false;
+  Mutex done_mu;
+  CondVar done_cv;
+  bool finished = false;  // guarded by done_mu
+  bool queued = false;
   {
     MutexLock lock(&mu_);
     if (loop_running_) {
-      tasks_.push_back([&, done, task = std::move(task)] {
+      tasks_.push_back([&] {
         task();
-        MutexLock l(&done->first);
+        MutexLock l(&done_mu);
         finished = true;
-        done->second.NotifyAll();
+        done_cv.NotifyAll();
       });
-    } else {
-      finished = true;  // no loop (before Start, after it ended): nobody else touches the model
+      queued = true;
     }
   }
-  if (finished) {
-    task();
+  if (!queued) {
+    task();  // no loop (before Start, after it ended): nobody else touches the model
     return;
   }
   input_cv_.NotifyAll();
-  MutexLock lock(&done->first);
-  done->second.WaitFor(&done->first, absl::InfiniteDuration(),
-                       [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return finished; });
+  MutexLock lock(&done_mu);
+  done_cv.WaitFor(&done_mu, absl::InfiniteDuration(),
+                  [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return finished; });
 }
 
 absl::StatusOr<int32_t> Executor::AttachAdapter(std::shared_ptr<const Adapter> adapter) {

@@ -23,11 +23,13 @@
 
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -87,13 +89,37 @@ const std::vector<FamilyCase>& Cases() {
   return *cases;
 }
 
+// absl::Notification's API on std::mutex: Debian's Abseil is not TSan-instrumented, so its
+// synchronisation is invisible to the cpu-tsan preset; pthread-based std types are.
+class Flag {
+ public:
+  void Notify() {
+    std::lock_guard<std::mutex> lock(mu_);
+    set_ = true;
+    cv_.notify_all();
+  }
+  bool HasBeenNotified() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return set_;
+  }
+  void WaitForNotification() const {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return set_; });
+  }
+
+ private:
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  bool set_ = false;
+};
+
 struct Collect : GenerationSink {
   explicit Collect(bool may_fail = false) : may_fail(may_fail) {}
   const bool may_fail;  // an error is an expected outcome (cancellation)
   std::vector<int32_t> ids;
   std::vector<std::vector<RoutingRecord>> routing;  // per token, when return_routing
   absl::Status error;
-  absl::Notification first_token, done;
+  Flag first_token, done;
   void OnChunk(GenerationChunk chunk) override {
     for (auto& t : chunk.tokens) {
       ids.push_back(t.id);
