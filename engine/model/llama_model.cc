@@ -222,6 +222,17 @@ absl::Status LlamaModel::ValidateBatch(const Batch& b) const {
   return absl::OkStatus();
 }
 
+absl::Status LlamaModel::RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& weight,
+                                     DeviceBuffer& y, int64_t rows) {
+  return backend_->RmsNorm({.x = x.data(),
+                            .weight = weight.data(),
+                            .y = y.data(),
+                            .rows = rows,
+                            .cols = config_.hidden_size,
+                            .eps = config_.rms_norm_eps,
+                            .dtype = ScalarType::kF32});
+}
+
 absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
   const ModelConfig& c = config_;
   const int64_t t = b.num_tokens();
@@ -261,13 +272,7 @@ absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
   for (int32_t l = 0; l < c.num_layers; ++l) {
     Layer& layer = layers_[l];
     // Attention block.
-    RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(),
-                                       .weight = layer.input_norm.data(),
-                                       .y = h_.data(),
-                                       .rows = t,
-                                       .cols = h,
-                                       .eps = c.rms_norm_eps,
-                                       .dtype = dt}));
+    RETURN_IF_ERROR(RmsNormRows(x_, layer.input_norm, h_, t));
     RETURN_IF_ERROR(gemm(h_, layer.q, q_, t, q_width, h));
     RETURN_IF_ERROR(gemm(h_, layer.k, k_, t, kv_width, h));
     RETURN_IF_ERROR(gemm(h_, layer.v, v_, t, kv_width, h));
@@ -320,13 +325,7 @@ absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
     RETURN_IF_ERROR(
         backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
     // MLP block (SwiGLU).
-    RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(),
-                                       .weight = layer.post_norm.data(),
-                                       .y = h_.data(),
-                                       .rows = t,
-                                       .cols = h,
-                                       .eps = c.rms_norm_eps,
-                                       .dtype = dt}));
+    RETURN_IF_ERROR(RmsNormRows(x_, layer.post_norm, h_, t));
     RETURN_IF_ERROR(gemm(h_, layer.gate, gate_, t, inter, h));
     RETURN_IF_ERROR(gemm(h_, layer.up, up_, t, inter, h));
     RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kGate, h_.data(), gate_.data()));
@@ -401,13 +400,7 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
       pass.scaling_pass = true;
       const int64_t n = sub.num_tokens();
       RETURN_IF_ERROR(RunDecoder(sub, std::move(pass)));
-      RETURN_IF_ERROR(backend_->RmsNorm({.x = x_.data(),
-                                         .weight = final_norm_.data(),
-                                         .y = h_.data(),
-                                         .rows = n,
-                                         .cols = h,
-                                         .eps = c.rms_norm_eps,
-                                         .dtype = dt}));
+      RETURN_IF_ERROR(RmsNormRows(x_, final_norm_, h_, n));
       // Tokens of one adapter are classified together, on the backend (h_ holds the final-norm
       // hidden states of the scaling pass).
       std::map<int32_t, std::vector<int32_t>> by_slot;
@@ -484,13 +477,7 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
                                        .num_tokens = n,
                                        .hidden = h,
                                        .dtype = dt}));
-  RETURN_IF_ERROR(backend_->RmsNorm({.x = h_.data(),
-                                     .weight = final_norm_.data(),
-                                     .y = h_.data(),
-                                     .rows = n,
-                                     .cols = h,
-                                     .eps = c.rms_norm_eps,
-                                     .dtype = dt}));
+  RETURN_IF_ERROR(RmsNormRows(h_, final_norm_, h_, n));
   RETURN_IF_ERROR(backend_->Gemm({.x = h_.data(),
                                   .w = (c.tie_word_embeddings ? embed_ : lm_head_).data(),
                                   .y = logits_.data(),

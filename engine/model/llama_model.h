@@ -69,6 +69,9 @@ class LlamaModel {
   // Embedding and every decoder layer over `b` (whose index arrays are uploaded here), leaving
   // the last hidden states (before the final norm) in x_.
   absl::Status RunDecoder(const Batch& b, PassTokens tokens);
+  // y = RMSNorm(x) * weight over `rows` rows of hidden_size.
+  absl::Status RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& weight, DeviceBuffer& y,
+                           int64_t rows);
   absl::StatusOr<DeviceBuffer> Upload(const WeightSource& weights, const TensorSpec& spec);
 
   struct Layer {
