@@ -144,13 +144,16 @@ absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {
 }
 
 const RoutingSpec& AdapterExecutor::SpecFor(int32_t token, const RoutingSpec& base,
-                                            int32_t num_experts, RoutingSpec* scratch) const {
+                                            int32_t num_experts, SpecCache* cache) const {
   const int32_t o = pass_.override_index[token];
   if (o < 0) return base;
-  absl::StatusOr<RoutingSpec> spec = ApplyRoutingOverride(base, pass_.overrides[o], num_experts);
-  if (!spec.ok()) return base;  // validated at Submit; cannot fail here
-  *scratch = *spec;
-  return *scratch;
+  // Tokens of one sequence come in a row: apply its override once per site, not per token.
+  if (cache->override_index != o) {
+    absl::StatusOr<RoutingSpec> spec = ApplyRoutingOverride(base, pass_.overrides[o], num_experts);
+    cache->spec = spec.ok() ? *spec : base;  // validated at Submit; cannot fail here
+    cache->override_index = o;
+  }
+  return cache->spec;
 }
 
 void AdapterExecutor::Record(int32_t token, int32_t layer, const char* module,
@@ -298,7 +301,7 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   std::vector<float> u(n * r);
   std::vector<int32_t> kept(r);
   std::vector<float> ones(r, 1.0f);
-  RoutingSpec scratch;
+  SpecCache scratch;
   for (int64_t i = 0; i < n; ++i) {
     const RoutingSpec& spec = SpecFor(tokens[i], rm.routing, r, &scratch);
     absl::Span<const float> router_logits;
@@ -376,7 +379,7 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
       }
     } else {
       RETURN_IF_ERROR(RouterLogits(att, rm.router, x, in, tokens, &logits));
-      RoutingSpec scratch;
+      SpecCache scratch;
       for (size_t i = 0; i < tokens.size(); ++i) {
         const int32_t t = tokens[i];
         const RoutingSpec& spec = SpecFor(t, rm.routing, e_count, &scratch);
@@ -488,7 +491,7 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
     std::vector<std::vector<std::pair<int32_t, float>>> by_expert(e_count);
     std::vector<int32_t> experts(e_count);
     std::vector<float> weights(e_count);
-    RoutingSpec scratch;
+    SpecCache scratch;
     for (size_t i = 0; i < tokens.size(); ++i) {
       const RoutingSpec& spec = SpecFor(tokens[i], ffn.routing, e_count, &scratch);
       ASSIGN_OR_RETURN(int32_t n,

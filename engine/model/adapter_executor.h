@@ -123,8 +123,14 @@ class AdapterExecutor {
   absl::Status ApplyRankGroup(const Attached& att, int32_t layer, LinearModule m,
                               const RoutedModule& rm, const std::vector<int32_t>& tokens,
                               const void* x, void* y);
+  // The routing spec of `token` at a site whose own spec is `base`: base, or base with the
+  // token's request override applied (memoised in `cache`, one per site and pass).
+  struct SpecCache {
+    int32_t override_index = -1;
+    RoutingSpec spec;
+  };
   const RoutingSpec& SpecFor(int32_t token, const RoutingSpec& base, int32_t num_experts,
-                             RoutingSpec* scratch) const;
+                             SpecCache* cache) const;
   void Record(int32_t token, int32_t layer, const char* module, const int32_t* experts,
               const float* weights, int32_t n);
 
