@@ -3,49 +3,28 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
 
-// An attached LoRA stack in device memory: A [E, rank, in] and Bt [E, rank, out], fp32.
-struct AdapterExecutor::DeviceLora {
-  const LoraStack* host = nullptr;
-  DeviceBuffer a, bt;
-  const void* a_row(int32_t expert, int32_t i) const {
-    return a.as<float>() + (int64_t{expert} * host->rank + i) * host->in;
-  }
-  const void* b_row(int32_t expert, int32_t i) const {
-    return bt.as<float>() + (int64_t{expert} * host->rank + i) * host->out;
-  }
-};
-
 struct AdapterExecutor::Attached {
   std::shared_ptr<const Adapter> adapter;
   // Router weight and bias per host router.
   std::map<const RouterWeights*, std::pair<DeviceBuffer, DeviceBuffer>> routers;
-  std::map<const LoraStack*, std::unique_ptr<DeviceLora>> loras;
   std::vector<std::pair<DeviceBuffer, DeviceBuffer>> classifier;  // X-LoRA: weight, bias
-  const DeviceLora* lora(const LoraStack& s) const { return loras.at(&s).get(); }
 };
 
-AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config)
-    : backend_(backend), config_(config) {}
+AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config,
+                                 ExpertCacheOptions cache_options)
+    : backend_(backend), config_(config), cache_(backend, cache_options) {}
 AdapterExecutor::~AdapterExecutor() = default;
 
 absl::StatusOr<DeviceBuffer> AdapterExecutor::UploadFloats(const std::vector<float>& v) {
   ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->Allocate(v.size() * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), v.data(), v.size() * sizeof(float)));
   return buf;
-}
-
-absl::StatusOr<std::unique_ptr<AdapterExecutor::DeviceLora>> AdapterExecutor::UploadLora(
-    const LoraStack& stack) {
-  auto d = std::make_unique<DeviceLora>();
-  d->host = &stack;
-  ASSIGN_OR_RETURN(d->a, UploadFloats(stack.a));
-  ASSIGN_OR_RETURN(d->bt, UploadFloats(stack.bt));
-  return d;
 }
 
 absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> adapter) {
@@ -67,8 +46,10 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
     return absl::OkStatus();
   };
   absl::Status status;
-  auto add_lora = [&](const LoraStack& s) -> absl::Status {
-    ASSIGN_OR_RETURN(att->loras[&s], UploadLora(s));
+  // LoRA experts live in the expert cache's pages (copied in on first use), not per adapter.
+  std::vector<const LoraStack*> stacks;
+  auto add_lora = [&](const LoraStack& s) {
+    stacks.push_back(&s);
     return absl::OkStatus();
   };
   for (const AdapterLayer& layer : adapter->layers) {
@@ -98,8 +79,13 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
     }
   }
   if (!status.ok()) return status;  // `att` and what it uploaded go away
+  const int32_t slot = next_slot_;
+  if (absl::Status fits = cache_.AddOwner(slot, stacks); !fits.ok()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("adapter '", adapter->name, "' does not fit: ", fits.message()));
+  }
+  ++next_slot_;
   att->adapter = std::move(adapter);
-  const int32_t slot = next_slot_++;
   attached_[slot] = std::move(att);
   return slot;
 }
@@ -107,7 +93,21 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
 void AdapterExecutor::Detach(int32_t slot) {
   auto it = attached_.find(slot);
   if (it == attached_.end()) return;
+  cache_.RemoveOwner(slot);
   attached_.erase(it);
+}
+
+int64_t AdapterExecutor::DeviceBytes(int32_t slot) const {
+  auto it = attached_.find(slot);
+  if (it == attached_.end()) return 0;
+  int64_t bytes = cache_.ResidentBytes(slot);
+  for (const auto& [router, bufs] : it->second->routers) {
+    bytes += static_cast<int64_t>(bufs.first.bytes() + bufs.second.bytes());
+  }
+  for (const auto& [weight, bias] : it->second->classifier) {
+    bytes += static_cast<int64_t>(weight.bytes() + bias.bytes());
+  }
+  return bytes;
 }
 
 const Adapter* AdapterExecutor::adapter(int32_t slot) const {
@@ -197,21 +197,33 @@ absl::Status AdapterExecutor::RouterLogits(const Attached& owner, const RouterWe
   return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
 }
 
+void AdapterExecutor::ReleasePins() {
+  for (const auto& [stack, expert] : pins_) cache_.Release(stack, expert);
+  pins_.clear();
+}
+
 absl::StatusOr<AdapterExecutor::SgmvCall> AdapterExecutor::UploadSegments(
-    const std::vector<Segment>& segments) {
+    const std::vector<Segment>& segments, size_t* next) {
   std::vector<int32_t> x_rows, y_rows, seg_start{0}, seg_rank;
   std::vector<float> weights;
   std::vector<int64_t> seg_off;
   std::vector<const void*> a_rows, b_rows;
   SgmvCall call;
-  for (const Segment& s : segments) {
+  // Pin the segments' experts in order; stop at the first that does not fit next to the pinned
+  // ones (the caller runs this part and comes back for the rest).
+  for (; *next < segments.size(); ++*next) {
+    const Segment& s = segments[*next];
     if (s.pairs.empty()) continue;
-    const int32_t rank = s.lora->host->rank;
-    seg_off.push_back(static_cast<int64_t>(a_rows.size()));
-    for (int32_t i = 0; i < rank; ++i) {
-      a_rows.push_back(s.lora->a_row(s.expert, i));
-      b_rows.push_back(s.lora->b_row(s.expert, i));
+    const int32_t rank = s.lora->rank;
+    const size_t rows_before = a_rows.size();
+    absl::Status pinned = cache_.Acquire(s.lora, s.expert, &a_rows, &b_rows);
+    if (absl::IsResourceExhausted(pinned) && !pins_.empty()) {
+      ++splits_;
+      break;
     }
+    RETURN_IF_ERROR(pinned);
+    pins_.push_back({s.lora, s.expert});
+    seg_off.push_back(static_cast<int64_t>(rows_before));
     for (const Pair& p : s.pairs) {
       x_rows.push_back(p.x_row);
       y_rows.push_back(p.y_row);
@@ -273,10 +285,17 @@ absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out)
 
 absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, const void* x,
                                           int64_t in, void* y, int64_t out) {
-  ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segments));
-  if (call.num_segments == 0) return absl::OkStatus();
-  RETURN_IF_ERROR(Shrink(call, x, in));
-  return Expand(call, y, out);
+  // y accumulates, so a call split into parts (when the pinned experts fill the cache) adds up
+  // to the same result.
+  size_t next = 0;
+  while (next < segments.size()) {
+    absl::Cleanup unpin = [this] { ReleasePins(); };
+    ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segments, &next));
+    if (call.num_segments == 0) continue;
+    RETURN_IF_ERROR(Shrink(call, x, in));
+    RETURN_IF_ERROR(Expand(call, y, out));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer, LinearModule m,
@@ -288,9 +307,11 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   const int64_t n = static_cast<int64_t>(tokens.size());
   // One segment over the adapter's tokens: z = A x (v row = token ordinal), then the per-token
   // rank mask/gates replace z on the host, then y += s B u.
-  std::vector<Segment> segment{{att.lora(stack), 0, {}}};
+  std::vector<Segment> segment{{&stack, 0, {}}};
   for (int32_t t : tokens) segment[0].pairs.push_back({t, t, stack.scale[0]});
-  ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segment));
+  absl::Cleanup unpin = [this] { ReleasePins(); };
+  size_t next = 0;
+  ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segment, &next));
   RETURN_IF_ERROR(Shrink(call, x, stack.in));
   std::vector<float> z(n * r);
   RETURN_IF_ERROR(backend_->CopyToHost(z.data(), v_.data(), z.size() * sizeof(float)));
@@ -328,7 +349,7 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     const Adapter& a = *att.adapter;
     const AdapterLayer& L = a.layers[layer];
     for (const LoraStack& s : L.statics[mi]) {
-      Segment seg{att.lora(s), 0, {}};
+      Segment seg{&s, 0, {}};
       for (int32_t t : tokens) seg.pairs.push_back({t, t, s.scale[0]});
       segments.push_back(std::move(seg));
     }
@@ -340,9 +361,8 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     }
     const LoraStack& stack = rm.experts;
     const int32_t e_count = stack.num_experts;
-    const DeviceLora* lora = att.lora(stack);
     std::vector<Segment> per_expert(e_count);
-    for (int32_t e = 0; e < e_count; ++e) per_expert[e] = Segment{lora, e, {}};
+    for (int32_t e = 0; e < e_count; ++e) per_expert[e] = Segment{&stack, e, {}};
     experts.resize(e_count);
     weights.resize(e_count);
     if (rm.router_type == RouterType::kXloraRef) {
@@ -500,18 +520,18 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
       for (int32_t j = 0; j < n; ++j) by_expert[experts[j]].push_back({tokens[i], weights[j]});
       Record(tokens[i], layer, "ffn", experts.data(), weights.data(), n);
     }
-    const DeviceLora* g = ffn.lora[0] ? att.lora(*ffn.lora[0]) : nullptr;
-    const DeviceLora* u = ffn.lora[1] ? att.lora(*ffn.lora[1]) : nullptr;
-    const DeviceLora* d = ffn.lora[2] ? att.lora(*ffn.lora[2]) : nullptr;
+    const LoraStack* g = ffn.lora[0] ? &*ffn.lora[0] : nullptr;
+    const LoraStack* u = ffn.lora[1] ? &*ffn.lora[1] : nullptr;
+    const LoraStack* d = ffn.lora[2] ? &*ffn.lora[2] : nullptr;
     for (int32_t e = 0; e < e_count; ++e) {
       Segment gs{g, e, {}}, us{u, e, {}}, ds{d, e, {}};
       for (const auto& [t, w] : by_expert[e]) {
         const int32_t p = static_cast<int32_t>(pair_token.size());
         pair_token.push_back(t);
         pair_weight.push_back(w);
-        if (g) gs.pairs.push_back({t, p, g->host->scale[e]});
-        if (u) us.pairs.push_back({t, p, u->host->scale[e]});
-        if (d) ds.pairs.push_back({p, t, w * d->host->scale[e]});
+        if (g) gs.pairs.push_back({t, p, g->scale[e]});
+        if (u) us.pairs.push_back({t, p, u->scale[e]});
+        if (d) ds.pairs.push_back({p, t, w * d->scale[e]});
       }
       if (g) gate_segs.push_back(std::move(gs));
       if (u) up_segs.push_back(std::move(us));

@@ -9,7 +9,12 @@
 // SgmvExpand) whose row tables point at the attached experts' rank rows. Router logits are fp32
 // GEMMs on the backend; the routing decision itself (engine/routing) runs on the host.
 //
-// Lifecycle: Attach uploads an adapter (weights stay until Detach); BeginPass sets up one pass
+// Expert weights live in the paged expert cache (engine/expert_cache): each SGMV call pins the
+// experts of its segments (copying misses in from the adapter's host memory) and releases them
+// after its kernels; when the pinned experts fill the cache, the call is split into parts that fit.
+//
+// Lifecycle: Attach registers an adapter (routers and the X-LoRA classifier are uploaded; its LoRA
+// experts are registered with the cache) until Detach; BeginPass sets up one pass
 // (which adapter each token uses, X-LoRA scalings, which tokens record their routing); then the
 // model calls ApplyLinear / BlockFfn* layer by layer. Scratch buffers grow on demand and are kept.
 // Thread safety: not thread-safe; the engine loop drives it. Device memory: owned (adapter weights
@@ -26,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "engine/adapters/adapter.h"
 #include "engine/backend/backend.h"
+#include "engine/expert_cache/expert_cache.h"
 #include "engine/model/model_config.h"
 #include "engine/routing/routing.h"
 
@@ -49,13 +55,21 @@ struct PassTokens {
 
 class AdapterExecutor {
  public:
-  AdapterExecutor(Backend* backend, const ModelConfig& config);
+  AdapterExecutor(Backend* backend, const ModelConfig& config,
+                  ExpertCacheOptions cache_options = {});
   ~AdapterExecutor();
 
-  // Uploads the adapter; returns its slot. kInvalidArgument when it does not fit the model.
+  // Uploads the adapter; returns its slot. kInvalidArgument when it does not fit the model,
+  // kResourceExhausted when the expert cache cannot hold its largest expert.
   absl::StatusOr<int32_t> Attach(std::shared_ptr<const Adapter> adapter);
   void Detach(int32_t slot);
   const Adapter* adapter(int32_t slot) const;
+  // Device bytes the adapter holds now: routers, classifier and its resident experts.
+  int64_t DeviceBytes(int32_t slot) const;
+  ExpertCache& cache() { return cache_; }
+  const ExpertCache& cache() const { return cache_; }
+  // SGMV calls split because their experts did not fit the cache at once.
+  int64_t splits() const { return splits_; }
 
   // Starts a pass over `tokens` (size T). kInvalidArgument on an unknown slot.
   absl::Status BeginPass(PassTokens tokens);
@@ -86,7 +100,6 @@ class AdapterExecutor {
   std::vector<std::vector<RoutingRecord>>& records() { return records_; }
 
  private:
-  struct DeviceLora;
   struct Attached;
   struct Pair {
     int32_t x_row;
@@ -95,12 +108,11 @@ class AdapterExecutor {
   };
   // One segment of an SGMV call: an expert of a LoRA stack and its pairs.
   struct Segment {
-    const DeviceLora* lora;
+    const LoraStack* lora;
     int32_t expert;
     std::vector<Pair> pairs;
   };
 
-  absl::StatusOr<std::unique_ptr<DeviceLora>> UploadLora(const LoraStack& stack);
   absl::StatusOr<DeviceBuffer> UploadFloats(const std::vector<float>& v);
   absl::Status Grow(DeviceBuffer* buf, size_t bytes);
   // Router logits [n, rows] of `tokens` (rows of x, width in): fp32 GEMM + bias on the backend.
@@ -113,7 +125,10 @@ class AdapterExecutor {
     int64_t num_pairs = 0;
     int32_t v_stride = 0;
   };
-  absl::StatusOr<SgmvCall> UploadSegments(const std::vector<Segment>& segments);
+  // Pins the experts of segments[*next...] (as many as fit; at least one) and uploads their pair
+  // and row tables; advances *next past them. ReleasePins unpins them after the kernels.
+  absl::StatusOr<SgmvCall> UploadSegments(const std::vector<Segment>& segments, size_t* next);
+  void ReleasePins();
   absl::Status Shrink(const SgmvCall& call, const void* x, int64_t in);  // v = A x[x_row]
   absl::Status Expand(const SgmvCall& call, void* y, int64_t out);       // y[y_row] += w B v
   // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]).
@@ -136,6 +151,9 @@ class AdapterExecutor {
 
   Backend* backend_;
   ModelConfig config_;
+  ExpertCache cache_;
+  std::vector<std::pair<const LoraStack*, int32_t>> pins_;  // experts pinned by the current call
+  int64_t splits_ = 0;
   std::map<int32_t, std::unique_ptr<Attached>> attached_;
   int32_t next_slot_ = 0;
 

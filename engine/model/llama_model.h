@@ -26,6 +26,7 @@ struct LlamaModelOptions {
   int32_t kv_block_size = 16;       // tokens per block
   int32_t max_batch_tokens = 2048;  // tokens per Forward
   int32_t max_seqs = 256;           // sequences per Forward (and logits rows)
+  ExpertCacheOptions expert_cache;  // device pool of LoRA expert pages
 };
 
 // What a forward pass reports besides logits (all per sample row).
@@ -55,6 +56,8 @@ class LlamaModel {
     return adapters_.Attach(std::move(adapter));
   }
   void DetachAdapter(int32_t slot) { adapters_.Detach(slot); }
+  AdapterExecutor& adapters() { return adapters_; }
+  const AdapterExecutor& adapters() const { return adapters_; }
 
   const ModelConfig& config() const { return config_; }
   const LlamaModelOptions& options() const { return options_; }
@@ -63,7 +66,7 @@ class LlamaModel {
 
  private:
   LlamaModel(Backend* backend, const ModelConfig& config, const LlamaModelOptions& options)
-      : backend_(backend), config_(config), options_(options), adapters_(backend, config) {}
+      : backend_(backend), config_(config), options_(options), adapters_(backend, config, options.expert_cache) {}
   absl::Status Init(const WeightSource& weights);
   absl::Status ValidateBatch(const Batch& batch) const;
   // Embedding and every decoder layer over `b` (whose index arrays are uploaded here), leaving

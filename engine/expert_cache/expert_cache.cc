@@ -1,0 +1,340 @@
+#include "engine/expert_cache/expert_cache.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "engine/core/status_macros.h"
+
+namespace moleserve::engine {
+namespace {
+
+constexpr int64_t kRowElementBytes = sizeof(float);  // pages hold fp32 rows (DESIGN.md section 5)
+
+int64_t ExpertBytes(const LoraStack& s) { return int64_t{s.rank} * (s.in + s.out) * 4; }
+
+}  // namespace
+
+struct ExpertCache::Pool {
+  struct Chunk {
+    DeviceBuffer buf;
+    int32_t first = 0;  // first page id
+    int32_t pages = 0;
+  };
+  int64_t width = 0;
+  int32_t pages = 0;
+  std::vector<Chunk> chunks;  // ascending page ids, contiguous
+  std::vector<int32_t> free;  // free page ids
+};
+
+ExpertCache::ExpertCache(Backend* backend, ExpertCacheOptions options)
+    : backend_(backend), options_(options) {}
+ExpertCache::~ExpertCache() = default;
+
+ExpertCache::Pool& ExpertCache::PoolFor(int64_t width) {
+  Pool& pool = pools_[width];
+  pool.width = width;
+  return pool;
+}
+
+void* ExpertCache::PagePtr(const Pool& pool, int32_t page) const {
+  for (const Pool::Chunk& c : pool.chunks) {
+    if (page >= c.first && page < c.first + c.pages) {
+      return c.buf.as<char>() + int64_t{page - c.first} * pool.width * kRowElementBytes;
+    }
+  }
+  return nullptr;  // unreachable: pages come from the pool's chunks
+}
+
+absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraStack*>& stacks) {
+  MutexLock lock(&mu_);
+  if (owners_.count(owner)) {
+    return absl::AlreadyExistsError(absl::StrCat("expert cache: owner ", owner, " is registered"));
+  }
+  for (const LoraStack* s : stacks) {
+    StackInfo& info = stacks_[s];
+    info.owner = owner;
+    info.experts.resize(s->num_experts);
+    for (int32_t e = 0; e < s->num_experts; ++e) {
+      info.experts[e].stack = s;
+      info.experts[e].owner = owner;
+      info.experts[e].expert = e;
+    }
+  }
+  owners_[owner] = stacks;
+  if (absl::Status fits = Repartition(/*check_only=*/true); !fits.ok()) {
+    for (const LoraStack* s : stacks) stacks_.erase(s);
+    owners_.erase(owner);
+    return fits;
+  }
+  return Repartition(/*check_only=*/false);
+}
+
+void ExpertCache::RemoveOwner(int32_t owner) {
+  MutexLock lock(&mu_);
+  auto it = owners_.find(owner);
+  if (it == owners_.end()) return;
+  for (const LoraStack* s : it->second) {
+    for (Entry& e : stacks_.at(s).experts) {
+      if (e.resident) Evict(&e, &stats_.evicted_unload);
+    }
+    stacks_.erase(s);
+  }
+  owners_.erase(it);
+  resident_bytes_.erase(owner);
+  Repartition(/*check_only=*/false).IgnoreError();  // shrinking needs no new memory
+}
+
+absl::Status ExpertCache::Repartition(bool check_only) {
+  // Rows of each width: all registered experts (demand) and the largest single expert (minimum).
+  std::map<int64_t, int64_t> demand, minimum;
+  for (const auto& [s, info] : stacks_) {
+    demand[s->in] += int64_t{s->num_experts} * s->rank;
+    demand[s->out] += int64_t{s->num_experts} * s->rank;
+    if (s->in == s->out) {
+      minimum[s->in] = std::max<int64_t>(minimum[s->in], 2 * int64_t{s->rank});
+    } else {
+      minimum[s->in] = std::max<int64_t>(minimum[s->in], s->rank);
+      minimum[s->out] = std::max<int64_t>(minimum[s->out], s->rank);
+    }
+  }
+  std::map<int64_t, int64_t> target = demand;
+  if (options_.capacity_bytes > 0) {
+    int64_t min_bytes = 0, extra_bytes = 0;
+    for (const auto& [w, rows] : minimum) {
+      min_bytes += rows * w * kRowElementBytes;
+      extra_bytes += (demand[w] - rows) * w * kRowElementBytes;
+    }
+    if (min_bytes > options_.capacity_bytes) {
+      std::vector<std::string> parts;
+      for (const auto& [w, rows] : minimum) parts.push_back(absl::StrCat(rows, " rows of ", w));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "expert cache of ", options_.capacity_bytes, " bytes (--expert-cache-bytes) cannot hold ",
+          "the largest expert of every row width (", absl::StrJoin(parts, ", "),
+          " fp32 elements = ", min_bytes, " bytes)"));
+    }
+    const double spare = static_cast<double>(options_.capacity_bytes - min_bytes);
+    for (auto& [w, rows] : target) {
+      const int64_t extra = demand[w] - minimum[w];
+      int64_t share = 0;
+      if (extra_bytes > 0) {
+        share = static_cast<int64_t>(spare * (static_cast<double>(extra * w * kRowElementBytes) /
+                                              static_cast<double>(extra_bytes)) /
+                                     static_cast<double>(w * kRowElementBytes));
+      }
+      rows = std::min(demand[w], minimum[w] + share);
+    }
+  }
+  if (check_only) return absl::OkStatus();
+  // Pools whose width nobody uses any more go away; shrink before growing.
+  for (auto& [w, pool] : pools_) {
+    if (!target.count(w)) target[w] = 0;
+  }
+  for (const bool grow : {false, true}) {
+    for (const auto& [w, pages] : target) {
+      Pool& pool = PoolFor(w);
+      const bool keep = options_.capacity_bytes > 0 && pages > 0 && pool.pages >= minimum[w] &&
+                        std::abs(pages - pool.pages) <= pool.pages / 8;  // hysteresis
+      if (keep || (pages > pool.pages) != grow) continue;
+      RETURN_IF_ERROR(ResizePool(&pool, pages));
+    }
+  }
+  for (auto it = pools_.begin(); it != pools_.end();) {
+    it = it->second.pages == 0 ? pools_.erase(it) : std::next(it);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertCache::ResizePool(Pool* pool, int64_t pages) {
+  // Drop whole chunks from the tail while they are above the target, evicting their experts.
+  while (!pool->chunks.empty() && pool->pages > pages) {
+    const Pool::Chunk& last = pool->chunks.back();
+    const int32_t lo = last.first, hi = last.first + last.pages;
+    auto in_chunk = [&](const std::vector<int32_t>& p) {
+      return std::any_of(p.begin(), p.end(), [&](int32_t id) { return id >= lo && id < hi; });
+    };
+    std::vector<Entry*> victims;
+    bool pinned = false;
+    for (Entry* e : lru_) {
+      const bool uses = (e->stack->in == pool->width && in_chunk(e->a_pages)) ||
+                        (e->stack->out == pool->width && in_chunk(e->b_pages));
+      if (!uses) continue;
+      pinned = pinned || e->pins > 0;
+      victims.push_back(e);
+    }
+    if (pinned) break;  // stays larger until its experts are released
+    for (Entry* e : victims) Evict(e, &stats_.evicted_resize);
+    std::erase_if(pool->free, [&](int32_t id) { return id >= lo && id < hi; });
+    pool->pages -= last.pages;
+    pool->chunks.pop_back();
+  }
+  if (pool->pages < pages) {
+    Pool::Chunk chunk;
+    chunk.first = pool->pages;
+    chunk.pages = static_cast<int32_t>(pages - pool->pages);
+    ASSIGN_OR_RETURN(chunk.buf,
+                     backend_->Allocate(int64_t{chunk.pages} * pool->width * kRowElementBytes));
+    for (int32_t p = chunk.first + chunk.pages - 1; p >= chunk.first; --p) pool->free.push_back(p);
+    pool->pages += chunk.pages;
+    pool->chunks.push_back(std::move(chunk));
+  }
+  return absl::OkStatus();
+}
+
+void ExpertCache::Evict(Entry* entry, int64_t* counter) {
+  Pool& pa = pools_.at(entry->stack->in);
+  Pool& pb = pools_.at(entry->stack->out);
+  pa.free.insert(pa.free.end(), entry->a_pages.begin(), entry->a_pages.end());
+  pb.free.insert(pb.free.end(), entry->b_pages.begin(), entry->b_pages.end());
+  entry->a_pages.clear();
+  entry->b_pages.clear();
+  entry->resident = false;
+  lru_.erase(entry->lru);
+  resident_bytes_[entry->owner] -= ExpertBytes(*entry->stack);
+  --stats_.resident_experts;
+  ++*counter;
+}
+
+bool ExpertCache::MakeResident(Entry* entry, bool (*evictable)(const Entry&, int64_t step),
+                               bool prefetch) {
+  const LoraStack& s = *entry->stack;
+  auto pa_it = pools_.find(s.in), pb_it = pools_.find(s.out);
+  if (pa_it == pools_.end() || pb_it == pools_.end()) return false;
+  Pool& pa = pa_it->second;
+  Pool& pb = pb_it->second;
+  const size_t need_a = s.in == s.out ? 2 * size_t(s.rank) : size_t(s.rank);
+  const size_t need_b = s.in == s.out ? 0 : size_t(s.rank);
+  auto short_a = [&] { return pa.free.size() < need_a; };
+  auto short_b = [&] { return pb.free.size() < need_b; };
+  if (short_a() || short_b()) {
+    // Oldest first; only idle experts that hold pages of a width still short.
+    std::vector<Entry*> candidates(lru_.rbegin(), lru_.rend());
+    for (Entry* e : candidates) {
+      if (!short_a() && !short_b()) break;
+      if (e->pins > 0 || !evictable(*e, step_)) continue;
+      const bool holds_a = e->stack->in == s.in || e->stack->out == s.in;
+      const bool holds_b = e->stack->in == s.out || e->stack->out == s.out;
+      if ((short_a() && holds_a) || (short_b() && holds_b)) Evict(e, &stats_.evicted_lru);
+    }
+    if (short_a() || short_b()) return false;
+  }
+  const absl::Time start = absl::Now();
+  auto take = [](Pool& pool) {
+    const int32_t page = pool.free.back();
+    pool.free.pop_back();
+    return page;
+  };
+  for (int32_t i = 0; i < s.rank; ++i) entry->a_pages.push_back(take(pa));
+  for (int32_t i = 0; i < s.rank; ++i) entry->b_pages.push_back(take(pb));
+  const int64_t row0 = int64_t{entry->expert} * s.rank;
+  absl::Status copied;
+  for (int32_t i = 0; i < s.rank && copied.ok(); ++i) {
+    copied.Update(backend_->CopyToDevice(PagePtr(pa, entry->a_pages[i]),
+                                         s.a.data() + (row0 + i) * s.in, s.in * 4));
+    copied.Update(backend_->CopyToDevice(PagePtr(pb, entry->b_pages[i]),
+                                         s.bt.data() + (row0 + i) * s.out, s.out * 4));
+  }
+  entry->resident = true;
+  lru_.push_front(entry);
+  entry->lru = lru_.begin();
+  resident_bytes_[entry->owner] += ExpertBytes(s);
+  ++stats_.resident_experts;
+  if (!copied.ok()) {  // a failed copy leaves nothing resident
+    int64_t ignored = 0;
+    Evict(entry, &ignored);
+    return false;
+  }
+  stats_.bytes_to_device += ExpertBytes(s);
+  stats_.copy_seconds += absl::ToDoubleSeconds(absl::Now() - start);
+  if (prefetch) ++stats_.prefetched;
+  return true;
+}
+
+void ExpertCache::AppendRows(const Entry& entry, std::vector<const void*>* a_rows,
+                             std::vector<const void*>* b_rows) {
+  const Pool& pa = pools_.at(entry.stack->in);
+  const Pool& pb = pools_.at(entry.stack->out);
+  for (int32_t p : entry.a_pages) a_rows->push_back(PagePtr(pa, p));
+  for (int32_t p : entry.b_pages) b_rows->push_back(PagePtr(pb, p));
+}
+
+absl::Status ExpertCache::Acquire(const LoraStack* stack, int32_t expert,
+                                  std::vector<const void*>* a_rows,
+                                  std::vector<const void*>* b_rows) {
+  MutexLock lock(&mu_);
+  auto it = stacks_.find(stack);
+  if (it == stacks_.end()) return absl::NotFoundError("expert cache: unknown LoRA stack");
+  if (expert < 0 || expert >= stack->num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("expert cache: no expert ", expert));
+  }
+  Entry& entry = it->second.experts[expert];
+  if (entry.resident) {
+    ++stats_.hits;
+    lru_.splice(lru_.begin(), lru_, entry.lru);
+  } else {
+    auto any_idle = [](const Entry&, int64_t) { return true; };
+    if (!MakeResident(&entry, any_idle, /*prefetch=*/false)) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("expert cache: no room for an expert of rank ", stack->rank, " (", stack->in,
+                       " -> ", stack->out, ") while ", stats_.pinned_experts,
+                       " experts are pinned"));
+    }
+    ++stats_.misses;
+  }
+  if (entry.pins++ == 0) ++stats_.pinned_experts;
+  entry.last_step = step_;
+  AppendRows(entry, a_rows, b_rows);
+  return absl::OkStatus();
+}
+
+void ExpertCache::Release(const LoraStack* stack, int32_t expert) {
+  MutexLock lock(&mu_);
+  auto it = stacks_.find(stack);
+  if (it == stacks_.end() || expert < 0 || expert >= stack->num_experts) return;
+  Entry& entry = it->second.experts[expert];
+  if (entry.pins > 0 && --entry.pins == 0) --stats_.pinned_experts;
+}
+
+void ExpertCache::BeginStep() {
+  MutexLock lock(&mu_);
+  ++step_;
+}
+
+int64_t ExpertCache::Prefetch(int32_t owner, int64_t max_bytes) {
+  MutexLock lock(&mu_);
+  auto it = owners_.find(owner);
+  if (it == owners_.end()) return 0;
+  // Experts of the running batch were used this step or the previous one: never evicted here.
+  auto cold = [](const Entry& e, int64_t step) { return e.last_step < step - 1; };
+  int64_t copied = 0;
+  for (const LoraStack* s : it->second) {
+    for (Entry& e : stacks_.at(s).experts) {
+      if (e.resident) continue;
+      if (copied + ExpertBytes(*s) > max_bytes) return copied;
+      if (!MakeResident(&e, cold, /*prefetch=*/true)) return copied;
+      e.last_step = step_;
+      copied += ExpertBytes(*s);
+    }
+  }
+  return copied;
+}
+
+int64_t ExpertCache::ResidentBytes(int32_t owner) const {
+  MutexLock lock(&mu_);
+  auto it = resident_bytes_.find(owner);
+  return it == resident_bytes_.end() ? 0 : it->second;
+}
+
+ExpertCacheStats ExpertCache::stats() const {
+  MutexLock lock(&mu_);
+  ExpertCacheStats s = stats_;
+  s.capacity_bytes = 0;
+  for (const auto& [w, pool] : pools_) {
+    s.pools.push_back({w, pool.pages, static_cast<int64_t>(pool.free.size())});
+    s.capacity_bytes += int64_t{pool.pages} * w * kRowElementBytes;
+  }
+  return s;
+}
+
+}  // namespace moleserve::engine
