@@ -8,6 +8,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "engine/adapters/adapter_files.h"
 #include "engine/adapters/registry.h"
 #include "engine/backend/backend.h"
 #include "engine/core/mutex.h"
@@ -35,12 +36,25 @@ struct Engine::State {
   // load_mu (validation runs outside both, off the engine loop).
   Mutex adapters_mu;
   std::map<const Adapter*, int32_t> adapter_slots ABSL_GUARDED_BY(adapters_mu);
+  // Every known name's state (loading, ready, draining, failed), for the admin API.
+  struct Record {
+    AdapterState state = AdapterState::kLoading;
+    std::string error;
+    std::string path;
+    std::string sha256;
+    int64_t disk_bytes = 0;
+    // DRAINING: the version being unloaded (no longer in the registry) and its slot.
+    std::weak_ptr<const AdapterVersion> draining;
+    int32_t draining_slot = -1;
+  };
+  std::map<std::string, Record> records ABSL_GUARDED_BY(adapters_mu);
   Mutex load_mu;
 
   Mutex mu;         // guards the fields below
   CondVar idle_cv;  // signalled when in_flight drops to 0
   bool accepting ABSL_GUARDED_BY(mu) = true;
   int64_t in_flight ABSL_GUARDED_BY(mu) = 0;
+  std::map<std::string, int64_t> adapter_in_flight ABSL_GUARDED_BY(mu);  // by adapter name
   uint64_t next_handle ABSL_GUARDED_BY(mu) = 1;
 };
 
@@ -66,6 +80,10 @@ class TrackedSink final : public GenerationSink {
   std::function<void()> on_done_;
 };
 
+AdapterFileLimits FileLimits(const EngineOptions& o) {
+  return {.max_file_bytes = o.max_adapter_file_bytes, .max_total_bytes = o.max_adapter_bytes};
+}
+
 absl::Status ValidateOptions(const EngineOptions& o) {
   if (o.max_num_seqs <= 0) return absl::InvalidArgumentError("max_num_seqs must be > 0");
   if (o.max_batch_tokens < o.max_num_seqs) {
@@ -78,6 +96,11 @@ absl::Status ValidateOptions(const EngineOptions& o) {
   if (o.max_model_len < 0) return absl::InvalidArgumentError("max_model_len must be >= 0");
   if (o.default_max_new_tokens <= 0) {
     return absl::InvalidArgumentError("default_max_new_tokens must be > 0");
+  }
+  if (o.expert_cache_bytes < 0)
+    return absl::InvalidArgumentError("expert_cache_bytes must be >= 0");
+  if (o.max_adapter_file_bytes <= 0 || o.max_adapter_bytes <= 0) {
+    return absl::InvalidArgumentError("adapter size limits must be > 0");
   }
   return absl::OkStatus();
 }
@@ -140,7 +163,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       .num_kv_blocks = static_cast<int32_t>(std::min<int64_t>(num_blocks, 1 << 24)),
       .kv_block_size = options.kv_block_size,
       .max_batch_tokens = options.max_batch_tokens,
-      .max_seqs = options.max_num_seqs};
+      .max_seqs = options.max_num_seqs,
+      .expert_cache = {.capacity_bytes = options.expert_cache_bytes}};
   try {
     // Host allocations while converting weights throw on exhaustion; report, don't abort.
     ASSIGN_OR_RETURN(state->model,
@@ -159,12 +183,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       return absl::InvalidArgumentError(
           absl::StrCat("adapter name '", name, "' is empty or given twice"));
     }
+    ASSIGN_OR_RETURN(AdapterFiles files,
+                     InspectAdapterFiles(dir, FileLimits(options), /*digest=*/false));
     ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
                      engine::LoadAdapter(dir, name, config, limits));
     ASSIGN_OR_RETURN(int32_t slot, state->model->AttachAdapter(adapter));
     MutexLock lock(&state->adapters_mu);
     state->adapter_slots[adapter.get()] = slot;
     state->adapters.Publish(std::move(adapter), dir);
+    state->records[name] = {
+        .state = AdapterState::kReady, .path = dir, .disk_bytes = files.total_bytes};
   }
 
   state->context_length = options.max_model_len > 0
@@ -208,11 +236,30 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
   std::shared_ptr<const AdapterVersion> adapter;
   int32_t adapter_slot = -1;
   if (!request.adapter.empty()) {
+    absl::Status not_ready;
     {
       MutexLock lock(&s.adapters_mu);
       adapter = s.adapters.Find(request.adapter);
       if (adapter != nullptr) adapter_slot = s.adapter_slots.at(adapter->adapter.get());
+      auto rec = s.records.find(request.adapter);
+      if (adapter == nullptr && rec != s.records.end()) {
+        const std::string& n = request.adapter;
+        switch (rec->second.state) {
+          case AdapterState::kLoading:
+            not_ready = absl::FailedPreconditionError(
+                absl::StrCat("adapter '", n, "' is still loading; retry when it is READY"));
+            break;
+          case AdapterState::kDraining:
+            not_ready =
+                absl::FailedPreconditionError(absl::StrCat("adapter '", n, "' is being unloaded"));
+            break;
+          default:
+            not_ready = absl::FailedPreconditionError(
+                absl::StrCat("adapter '", n, "' failed to load: ", rec->second.error));
+        }
+      }
     }
+    if (!not_ready.ok()) return reject(not_ready);
     if (adapter == nullptr) {
       return reject(absl::NotFoundError(absl::StrCat(
           "adapter '", request.adapter, "' is not loaded; ListModels shows the loaded adapters")));
@@ -303,11 +350,20 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
       return reject(absl::UnavailableError("server is draining; retry on another replica"));
     handle = s.next_handle++;
     ++s.in_flight;
+    if (adapter != nullptr) ++s.adapter_in_flight[request.adapter];
   }
-  auto tracked = std::make_shared<TrackedSink>(std::move(sink), [state = state_.get()] {
-    MutexLock lock(&state->mu);
-    if (--state->in_flight == 0) state->idle_cv.NotifyAll();
-  });
+  std::string adapter_name = adapter != nullptr ? request.adapter : std::string();
+  auto tracked = std::make_shared<TrackedSink>(
+      std::move(sink), [state = state_.get(), adapter_name = std::move(adapter_name)] {
+        MutexLock lock(&state->mu);
+        if (!adapter_name.empty()) {
+          auto it = state->adapter_in_flight.find(adapter_name);
+          if (it != state->adapter_in_flight.end() && --it->second == 0) {
+            state->adapter_in_flight.erase(it);
+          }
+        }
+        if (--state->in_flight == 0) state->idle_cv.NotifyAll();
+      });
   auto seq = std::make_unique<Sequence>(handle, std::move(request), std::move(prompt), seed,
                                         std::move(tracked));
   seq->arrival = absl::Now();
@@ -400,28 +456,92 @@ absl::StatusOr<std::string> ConfinedAdapterDir(const std::string& root,
 
 }  // namespace
 
+// Why a load failed, for the load-failure metric.
+std::string LoadFailureReason(const absl::Status& status, const char* stage) {
+  if (absl::IsAlreadyExists(status)) return "already_exists";
+  if (absl::IsResourceExhausted(status)) return "does_not_fit";
+  if (absl::IsNotFound(status)) return "not_found";
+  if (absl::IsFailedPrecondition(status)) return "disabled";
+  return stage;
+}
+
 absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, const std::string& path,
-                                                   bool replace) {
+                                                   bool replace, const std::string& sha256) {
   State& s = *state_;
+  AdapterLoadMetrics m;
+  absl::Time t0 = absl::Now();
+  auto fail = [&](absl::Status status, const char* stage) {
+    m.failure_reason = LoadFailureReason(status, stage);
+    if (s.options.metrics) s.options.metrics->OnAdapterLoad(m);
+    return status;
+  };
   if (s.options.adapter_root.empty()) {
-    return absl::FailedPreconditionError(
-        "hot loading is off: start the server with an adapter root");
+    return fail(
+        absl::FailedPreconditionError("hot loading is off: start the server with an adapter root"),
+        "disabled");
   }
   if (!ValidAdapterName(name)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("adapter name '", name, "' must be 1-128 characters of A-Z a-z 0-9 . _ -"));
+    return fail(absl::InvalidArgumentError(absl::StrCat(
+                    "adapter name '", name, "' must be 1-128 characters of A-Z a-z 0-9 . _ -")),
+                "invalid_name");
+  }
+  if (!sha256.empty() &&
+      (sha256.size() != 64 || !std::all_of(sha256.begin(), sha256.end(), [](char c) {
+         return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+       }))) {
+    return fail(absl::InvalidArgumentError("sha256 must be 64 lowercase hex digits"),
+                "invalid_name");
   }
   MutexLock load_lock(&s.load_mu);
-  if (!replace && s.adapters.Find(name) != nullptr) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("adapter '", name, "' is already loaded; set replace to reload it"));
+  {
+    MutexLock lock(&s.adapters_mu);
+    if (!replace && s.adapters.Find(name) != nullptr) {
+      return fail(absl::AlreadyExistsError(absl::StrCat(
+                      "adapter '", name, "' is already loaded; set replace to reload it")),
+                  "already_exists");
+    }
+    State::Record& rec = s.records[name];
+    if (rec.state != AdapterState::kReady) rec = {.state = AdapterState::kLoading, .path = path};
   }
-  ASSIGN_OR_RETURN(std::string dir, ConfinedAdapterDir(s.options.adapter_root, path));
+  // A failure leaves a first load FAILED and a reload READY on its previous version.
+  auto failed = [&](absl::Status status, const char* stage) {
+    {
+      MutexLock lock(&s.adapters_mu);
+      State::Record& rec = s.records[name];
+      rec.error = std::string(status.message());
+      if (rec.state != AdapterState::kReady) {
+        rec.state = AdapterState::kFailed;
+        rec.path = path;
+      }
+    }
+    return fail(std::move(status), stage);
+  };
+  absl::StatusOr<std::string> dir = ConfinedAdapterDir(s.options.adapter_root, path);
+  if (!dir.ok()) return failed(dir.status(), "invalid_path");
+  absl::StatusOr<AdapterFiles> files =
+      InspectAdapterFiles(*dir, FileLimits(s.options), /*digest=*/!sha256.empty());
+  if (!files.ok()) return failed(files.status(), "too_large");
+  if (!sha256.empty() && files->sha256 != sha256) {
+    return failed(absl::InvalidArgumentError(absl::StrCat("sha256 mismatch: the files of '", path,
+                                                          "' digest to ", files->sha256,
+                                                          ", expected ", sha256)),
+                  "digest_mismatch");
+  }
   const AdapterLimits limits{.max_rank = s.options.max_adapter_rank,
                              .max_experts = s.options.max_adapter_experts};
-  ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
-                   engine::LoadAdapter(dir, name, s.model->config(), limits));
-  ASSIGN_OR_RETURN(int32_t slot, s.executor->AttachAdapter(adapter));
+  absl::StatusOr<std::shared_ptr<const Adapter>> adapter;
+  try {
+    adapter = engine::LoadAdapter(*dir, name, s.model->config(), limits);
+  } catch (const std::bad_alloc&) {
+    adapter = absl::ResourceExhaustedError("out of host memory reading the adapter");
+  }
+  if (!adapter.ok()) return failed(adapter.status(), "invalid_adapter");
+  m.read_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+  t0 = absl::Now();
+  absl::StatusOr<int32_t> slot = s.executor->AttachAdapter(*adapter);
+  if (!slot.ok()) return failed(slot.status(), "invalid_adapter");
+  m.attach_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+  t0 = absl::Now();
   std::shared_ptr<const AdapterVersion> old;
   int32_t old_slot = -1;
   {
@@ -431,10 +551,16 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
       old_slot = s.adapter_slots.at(old->adapter.get());
       s.adapter_slots.erase(old->adapter.get());
     }
-    s.adapter_slots[adapter.get()] = slot;
-    s.adapters.Publish(adapter, dir);
+    s.adapter_slots[adapter->get()] = *slot;
+    s.adapters.Publish(*adapter, *dir);
+    s.records[name] = {.state = AdapterState::kReady,
+                       .path = path,
+                       .sha256 = files->sha256,
+                       .disk_bytes = files->total_bytes};
   }
   if (old != nullptr) s.executor->RetireAdapter(old_slot, old);
+  m.publish_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
+  if (s.options.metrics) s.options.metrics->OnAdapterLoad(m);
   for (AdapterSummary& a : ListAdapters()) {
     if (a.name == name) return a;
   }
@@ -452,11 +578,19 @@ absl::StatusOr<Engine::UnloadResult> Engine::UnloadAdapter(const std::string& na
     MutexLock lock(&s.adapters_mu);
     version = s.adapters.Find(name);
     if (version == nullptr) {
+      auto rec = s.records.find(name);
+      if (rec != s.records.end() && rec->second.state == AdapterState::kFailed) {
+        s.records.erase(rec);  // forget the failed load
+        return UnloadResult{};
+      }
       return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded"));
     }
     slot = s.adapter_slots.at(version->adapter.get());
     s.adapter_slots.erase(version->adapter.get());
     RETURN_IF_ERROR(s.adapters.Remove(name));
+    s.records[name].state = AdapterState::kDraining;
+    s.records[name].draining = version;
+    s.records[name].draining_slot = slot;
   }
   // Requests in flight hold the version; ours is the one extra reference.
   UnloadResult result;
@@ -472,30 +606,123 @@ absl::StatusOr<Engine::UnloadResult> Engine::UnloadAdapter(const std::string& na
   }
   result.drained = std::max<int64_t>(0, in_flight - result.cancelled);
   s.executor->RetireAdapter(slot, watch);
+  MutexLock lock(&s.adapters_mu);
+  s.records.erase(name);
   return result;
+}
+
+namespace {
+
+AdapterSummary Summarize(const AdapterVersion& v) {
+  const Adapter& a = *v.adapter;
+  AdapterSummary sum{.name = a.name,
+                     .family = a.source_family,
+                     .format = a.format,
+                     .version = v.version,
+                     .source = v.source,
+                     .num_experts = a.num_experts(),
+                     .bytes = a.bytes};
+  for (const GroupInfo& g : a.groups) {
+    sum.max_experts = std::max(sum.max_experts, g.max_experts);
+    sum.ranks.insert(sum.ranks.end(), g.ranks.begin(), g.ranks.end());
+    sum.algorithms.push_back(g.algorithm);
+  }
+  std::sort(sum.ranks.begin(), sum.ranks.end());
+  sum.ranks.erase(std::unique(sum.ranks.begin(), sum.ranks.end()), sum.ranks.end());
+  return sum;
+}
+
+// Device bytes an attached adapter keeps outside the expert cache: routers and classifier.
+int64_t RouterBytes(const Adapter& a) {
+  int64_t floats = 0;
+  auto router = [&](const RouterWeights& r) { floats += r.weight.size() + r.bias.size(); };
+  for (const AdapterLayer& layer : a.layers) {
+    for (const auto& r : layer.routed) {
+      if (r) router(r->router);
+    }
+    if (layer.block_ffn) router(layer.block_ffn->router);
+  }
+  if (a.xlora) {
+    for (const XloraSpec::Linear& lin : a.xlora->classifier) {
+      floats += lin.weight.size() + lin.bias.size();
+    }
+  }
+  return floats * static_cast<int64_t>(sizeof(float));
+}
+
+}  // namespace
+
+const char* AdapterStateName(AdapterState s) {
+  switch (s) {
+    case AdapterState::kLoading:
+      return "LOADING";
+    case AdapterState::kReady:
+      return "READY";
+    case AdapterState::kDraining:
+      return "DRAINING";
+    case AdapterState::kFailed:
+      return "FAILED";
+  }
+  return "UNKNOWN";
 }
 
 std::vector<AdapterSummary> Engine::ListAdapters() const {
   std::vector<AdapterSummary> out;
-  for (const auto& v : state_->adapters.List()) {
-    const Adapter& a = *v->adapter;
-    AdapterSummary sum{.name = a.name,
-                       .family = a.source_family,
-                       .format = a.format,
-                       .version = v->version,
-                       .source = v->source,
-                       .num_experts = a.num_experts(),
-                       .bytes = a.bytes};
-    for (const GroupInfo& g : a.groups) {
-      sum.max_experts = std::max(sum.max_experts, g.max_experts);
-      sum.ranks.insert(sum.ranks.end(), g.ranks.begin(), g.ranks.end());
-      sum.algorithms.push_back(g.algorithm);
+  for (const auto& v : state_->adapters.List()) out.push_back(Summarize(*v));
+  return out;
+}
+
+std::vector<AdapterStatus> Engine::AdapterStatuses() const {
+  State& s = *state_;
+  std::vector<AdapterStatus> out;
+  {
+    MutexLock lock(&s.adapters_mu);
+    for (const auto& [name, rec] : s.records) {
+      AdapterStatus st{.name = name,
+                       .state = rec.state,
+                       .error = rec.error,
+                       .path = rec.path,
+                       .sha256 = rec.sha256,
+                       .disk_bytes = rec.disk_bytes};
+      std::shared_ptr<const AdapterVersion> v =
+          rec.state == AdapterState::kDraining ? rec.draining.lock() : s.adapters.Find(name);
+      if (v != nullptr) {
+        const int32_t slot = rec.state == AdapterState::kDraining
+                                 ? rec.draining_slot
+                                 : s.adapter_slots.at(v->adapter.get());
+        st.has_version = true;
+        st.summary = Summarize(*v);
+        st.host_bytes = v->adapter->bytes;
+        st.device_bytes =
+            s.model->adapters().cache().ResidentBytes(slot) + RouterBytes(*v->adapter);
+        st.loaded_at = v->loaded_at;
+      }
+      out.push_back(std::move(st));
     }
-    std::sort(sum.ranks.begin(), sum.ranks.end());
-    sum.ranks.erase(std::unique(sum.ranks.begin(), sum.ranks.end()), sum.ranks.end());
-    out.push_back(std::move(sum));
+  }
+  MutexLock lock(&s.mu);
+  for (AdapterStatus& st : out) {
+    auto it = s.adapter_in_flight.find(st.name);
+    if (it != s.adapter_in_flight.end()) st.in_flight = it->second;
   }
   return out;
+}
+
+absl::StatusOr<AdapterStatus> Engine::GetAdapterStatus(const std::string& name) const {
+  for (AdapterStatus& st : AdapterStatuses()) {
+    if (st.name == name) return std::move(st);
+  }
+  return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not known"));
+}
+
+ExpertCacheInfo Engine::CacheInfo() const {
+  const ExpertCacheStats st = state_->model->adapters().cache().stats();
+  return {.capacity_bytes = st.capacity_bytes,
+          .hits = st.hits,
+          .misses = st.misses,
+          .evictions = st.evicted_lru + st.evicted_resize,
+          .resident_experts = st.resident_experts,
+          .bytes_to_device = st.bytes_to_device};
 }
 
 EngineStats Engine::Stats() const {

@@ -51,6 +51,11 @@ struct EngineOptions {
   std::string adapter_root;
   int32_t max_adapter_rank = 256;
   int32_t max_adapter_experts = 64;
+  // Size limits on an adapter directory's files (hot loads and start-up adapters).
+  int64_t max_adapter_file_bytes = int64_t{8} << 30;
+  int64_t max_adapter_bytes = int64_t{32} << 30;
+  // Device pool for LoRA expert pages (engine/expert_cache); 0 = hold every loaded expert.
+  int64_t expert_cache_bytes = 0;
 };
 
 // One served adapter (ListModels).
@@ -65,6 +70,37 @@ struct AdapterSummary {
   std::vector<int32_t> ranks;           // distinct ranks
   std::vector<std::string> algorithms;  // routing algorithm per group
   int64_t bytes = 0;
+};
+
+enum class AdapterState { kLoading, kReady, kDraining, kFailed };
+const char* AdapterStateName(AdapterState s);  // "LOADING", "READY", "DRAINING", "FAILED"
+
+// An adapter name's state for the admin API (ListAdapters / GetAdapter).
+struct AdapterStatus {
+  std::string name;
+  AdapterState state = AdapterState::kLoading;
+  // FAILED: why the load failed. READY: the error of the last failed reload (the previous
+  // version kept serving), empty when the last load succeeded.
+  std::string error;
+  std::string path;    // as given to the load (relative to the adapter root) or at start-up
+  std::string sha256;  // digest of the adapter's files when the load asked for one
+  bool has_version = false;
+  AdapterSummary summary;    // the serving version (has_version)
+  int64_t disk_bytes = 0;    // its files
+  int64_t host_bytes = 0;    // host memory (every loaded adapter is there)
+  int64_t device_bytes = 0;  // resident experts in the expert cache + routers and classifier
+  int64_t in_flight = 0;     // requests using it now
+  absl::Time loaded_at;
+};
+
+// The paged expert cache (Engine::CacheStats).
+struct ExpertCacheInfo {
+  int64_t capacity_bytes = 0;  // of all pools now
+  int64_t hits = 0;
+  int64_t misses = 0;
+  int64_t evictions = 0;
+  int64_t resident_experts = 0;
+  int64_t bytes_to_device = 0;
 };
 
 struct ModelInfo {
@@ -125,19 +161,28 @@ class Engine {
   // serialized. Errors, after which the previous version (if any) keeps serving:
   // kFailedPrecondition (no adapter root), kAlreadyExists (loaded, no `replace`),
   // kInvalidArgument (bad name, path or adapter content), kNotFound (no such directory).
+  // A non-empty `sha256` (hex, InspectAdapterFiles' digest) must match the files:
+  // kInvalidArgument otherwise. Files over EngineOptions' size limits: kInvalidArgument. An
+  // adapter whose largest expert cannot fit the expert cache: kResourceExhausted.
   absl::StatusOr<AdapterSummary> LoadAdapter(const std::string& name, const std::string& path,
-                                             bool replace);
+                                             bool replace, const std::string& sha256 = "");
 
   struct UnloadResult {
     int64_t drained = 0;    // in-flight requests that finished normally during the drain
     int64_t cancelled = 0;  // cancelled (force, or still running at the drain timeout)
   };
-  // Unloads adapter `name`: new requests get kNotFound at once; requests in flight finish for up
-  // to `drain_timeout` (none with `force`), the rest end with kCancelled naming the unload; then
-  // its memory is freed. kNotFound when it is not loaded.
+  // Unloads adapter `name`: it is DRAINING (new requests get kFailedPrecondition), requests in
+  // flight finish for up to `drain_timeout` (none with `force`), the rest end with kCancelled
+  // naming the unload; then its memory is freed and the name is gone (kNotFound). Unloading a
+  // FAILED name forgets it. kNotFound when the name is unknown.
   absl::StatusOr<UnloadResult> UnloadAdapter(const std::string& name, absl::Duration drain_timeout,
                                              bool force);
   EngineStats Stats() const;
+
+  // Admin view: every name that is loading, ready, draining or failed, by name.
+  std::vector<AdapterStatus> AdapterStatuses() const;
+  absl::StatusOr<AdapterStatus> GetAdapterStatus(const std::string& name) const;  // kNotFound
+  ExpertCacheInfo CacheInfo() const;
 
   // Drain: refuse new requests from now on.
   void StopAccepting();

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 
@@ -21,6 +22,8 @@ struct FinishedRequestMetrics {
   double e2e_seconds = 0;
   double prefill_seconds = 0;
   double decode_seconds = 0;
+  // Time the steps it took part in spent copying LoRA experts into the device pool.
+  double expert_wait_seconds = 0;
 };
 
 struct StepMetrics {
@@ -31,6 +34,36 @@ struct StepMetrics {
   int64_t prefill_tokens = 0;
   int64_t decode_tokens = 0;
   double step_seconds = 0;
+};
+
+// The paged expert cache after a step. Counters are cumulative since start (sinks publish the
+// increments); gauges are the current state.
+struct ExpertCacheMetrics {
+  int64_t device_hits = 0;
+  int64_t device_misses = 0;  // each miss is a host-tier hit (host memory holds every adapter)
+  int64_t prefetched = 0;
+  int64_t evicted_lru = 0;
+  int64_t evicted_unload = 0;
+  int64_t evicted_resize = 0;
+  int64_t bytes_to_device = 0;
+  int64_t split_calls = 0;  // SGMV calls split because their experts did not fit at once
+  int64_t resident_experts = 0;
+  struct Pool {
+    int64_t width = 0;
+    int64_t pages = 0;
+    int64_t free_pages = 0;
+  };
+  std::vector<Pool> pools;
+};
+
+// One hot load (or reload) through Engine::LoadAdapter.
+struct AdapterLoadMetrics {
+  // Empty on success, else why it failed: invalid_name, invalid_path, not_found, too_large,
+  // digest_mismatch, invalid_adapter, already_exists, does_not_fit, disabled.
+  std::string failure_reason;
+  double read_seconds = 0;     // read, parse and validate into host memory (off the engine loop)
+  double attach_seconds = 0;   // waiting for and attaching on the engine loop
+  double publish_seconds = 0;  // registry publish
 };
 
 class MetricsSink {
@@ -44,6 +77,10 @@ class MetricsSink {
   virtual void OnStep(const StepMetrics& m) = 0;
   // Queue, running and KV state after ingesting requests or finishing a step.
   virtual void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) = 0;
+  // After each step that ran adapter tokens or prefetched experts.
+  virtual void OnExpertCache(const ExpertCacheMetrics& m) { (void)m; }
+  // After each LoadAdapter call (from the caller's thread).
+  virtual void OnAdapterLoad(const AdapterLoadMetrics& m) { (void)m; }
 };
 
 }  // namespace moleserve::engine

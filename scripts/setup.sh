@@ -8,7 +8,7 @@ packages=(
   build-essential cmake ninja-build pkg-config ccache git curl clang-format
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   prometheus-cpp-dev libopenblas-dev nlohmann-json3-dev libspdlog-dev
-  libgtest-dev libgmock-dev libpcre2-dev libicu-dev
+  libgtest-dev libgmock-dev libpcre2-dev libicu-dev libssl-dev
   python3 python3-numpy python3-torch
 )
 sudo=""

@@ -150,6 +150,40 @@ Executor::Counters Executor::counters() const {
   return counters_;
 }
 
+void Executor::PrefetchForQueue() {
+  ExpertCache& cache = model_->adapters().cache();
+  // Requests that wait for admission: copy their adapters' experts in ahead, a bounded amount per
+  // step (an eighth of the pool), into free pages or pages the last two steps did not use.
+  const int64_t capacity = cache.stats().capacity_bytes;
+  int64_t budget = std::max<int64_t>(capacity / 8, 1);
+  std::vector<int32_t> slots;
+  for (const auto& seq : scheduler_.waiting()) {
+    if (seq->adapter_slot < 0 ||
+        std::find(slots.begin(), slots.end(), seq->adapter_slot) != slots.end()) {
+      continue;
+    }
+    slots.push_back(seq->adapter_slot);
+    budget -= cache.Prefetch(seq->adapter_slot, budget);
+    if (budget <= 0 || slots.size() >= 4) break;
+  }
+  if (!metrics_) return;
+  const ExpertCacheStats st = cache.stats();
+  const int64_t events = st.hits + st.misses + st.prefetched + st.evicted_unload;
+  if (events == published_cache_events_) return;
+  published_cache_events_ = events;
+  ExpertCacheMetrics m{.device_hits = st.hits,
+                       .device_misses = st.misses,
+                       .prefetched = st.prefetched,
+                       .evicted_lru = st.evicted_lru,
+                       .evicted_unload = st.evicted_unload,
+                       .evicted_resize = st.evicted_resize,
+                       .bytes_to_device = st.bytes_to_device,
+                       .split_calls = model_->adapters().splits(),
+                       .resident_experts = st.resident_experts};
+  for (const auto& p : st.pools) m.pools.push_back({p.width, p.pages, p.free_pages});
+  metrics_->OnExpertCache(m);
+}
+
 void Executor::PublishCounters() {
   int64_t inbox;
   {
@@ -226,6 +260,7 @@ void Executor::Loop() {
     }
     RunStep(step);
     DetachRetired();
+    PrefetchForQueue();
     PublishCounters();
   }
   // Shutdown: everything still in flight ends with UNAVAILABLE.
@@ -281,7 +316,15 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     }
     (seq->uncomputed() == 1 ? decode_tokens : prefill_tokens) += chunk.num_tokens;
   }
+  ExpertCache& cache = model_->adapters().cache();
+  const double copy_before = mole ? cache.stats().copy_seconds : 0;
+  if (mole) cache.BeginStep();
   absl::Status status = model_->Forward(batch_, &logits_, mole ? &extras_ : nullptr);
+  if (mole) {
+    // Every sequence of the step waited for the experts copied in during it.
+    const double waited = cache.stats().copy_seconds - copy_before;
+    for (const ScheduledChunk& chunk : step) chunk.seq->expert_wait_seconds += waited;
+  }
   if (!status.ok()) {
     // A model failure is an engine fault: fail the step's sequences, keep serving the rest.
     for (const ScheduledChunk& chunk : step) {
@@ -399,7 +442,8 @@ void Executor::Finish(Sequence* seq, FinishReason reason, std::string matched,
                                  .queue_seconds = info.timings.queue_seconds,
                                  .e2e_seconds = info.timings.total_seconds,
                                  .prefill_seconds = info.timings.prefill_seconds,
-                                 .decode_seconds = info.timings.decode_seconds});
+                                 .decode_seconds = info.timings.decode_seconds,
+                                 .expert_wait_seconds = owned->expert_wait_seconds});
   }
   owned->sink->OnFinish(std::move(last), std::move(info));
 }
@@ -414,7 +458,8 @@ void Executor::Fail(Sequence* seq, absl::Status status) {
          .prompt_tokens = owned->prompt_len,
          .generated_tokens = owned->generated(),
          .queue_seconds = Seconds(owned->admitted.value_or(now) - owned->arrival),
-         .e2e_seconds = Seconds(now - owned->arrival)});
+         .e2e_seconds = Seconds(now - owned->arrival),
+         .expert_wait_seconds = owned->expert_wait_seconds});
   }
   owned->sink->OnError(std::move(status));
 }

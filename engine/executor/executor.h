@@ -80,6 +80,8 @@ class Executor {
   void RunOnLoop(std::function<void()> task) ABSL_LOCKS_EXCLUDED(mu_);
   // Detaches retired adapter slots whose versions nobody references any more.
   void DetachRetired();
+  // Prefetches experts of waiting requests' adapters; publishes the expert cache's metrics.
+  void PrefetchForQueue();
 
   LlamaModel* model_;                                  // not owned
   const Tokenizer* tokenizer_;                         // not owned
@@ -90,6 +92,7 @@ class Executor {
   Batch batch_;                                        // reused across steps
   std::vector<float> logits_;
   ForwardExtras extras_;
+  int64_t published_cache_events_ = 0;  // lookups + prefetches at the last OnExpertCache
 
   mutable Mutex mu_;  // guards the inbox, cancellations, stop flag and counters
   CondVar input_cv_;  // signalled on submission, cancellation and Stop

@@ -119,9 +119,10 @@ absl::Status ExpertCache::Repartition(bool check_only) {
       const int64_t extra = demand[w] - minimum[w];
       int64_t share = 0;
       if (extra_bytes > 0) {
-        share = static_cast<int64_t>(spare * (static_cast<double>(extra * w * kRowElementBytes) /
-                                              static_cast<double>(extra_bytes)) /
-                                     static_cast<double>(w * kRowElementBytes));
+        share = static_cast<int64_t>(
+            spare *
+            (static_cast<double>(extra * w * kRowElementBytes) / static_cast<double>(extra_bytes)) /
+            static_cast<double>(w * kRowElementBytes));
       }
       rows = std::min(demand[w], minimum[w] + share);
     }
@@ -275,10 +276,9 @@ absl::Status ExpertCache::Acquire(const LoraStack* stack, int32_t expert,
   } else {
     auto any_idle = [](const Entry&, int64_t) { return true; };
     if (!MakeResident(&entry, any_idle, /*prefetch=*/false)) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("expert cache: no room for an expert of rank ", stack->rank, " (", stack->in,
-                       " -> ", stack->out, ") while ", stats_.pinned_experts,
-                       " experts are pinned"));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "expert cache: no room for an expert of rank ", stack->rank, " (", stack->in, " -> ",
+          stack->out, ") while ", stats_.pinned_experts, " experts are pinned"));
     }
     ++stats_.misses;
   }

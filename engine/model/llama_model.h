@@ -66,7 +66,10 @@ class LlamaModel {
 
  private:
   LlamaModel(Backend* backend, const ModelConfig& config, const LlamaModelOptions& options)
-      : backend_(backend), config_(config), options_(options), adapters_(backend, config, options.expert_cache) {}
+      : backend_(backend),
+        config_(config),
+        options_(options),
+        adapters_(backend, config, options.expert_cache) {}
   absl::Status Init(const WeightSource& weights);
   absl::Status ValidateBatch(const Batch& batch) const;
   // Embedding and every decoder layer over `b` (whose index arrays are uploaded here), leaving

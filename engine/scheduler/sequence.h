@@ -58,6 +58,8 @@ struct Sequence {
   std::optional<absl::Time> admitted;
   std::optional<absl::Time> first_token;
   absl::Time last_token;
+  // Time the steps it ran in spent copying LoRA experts in (metrics).
+  double expert_wait_seconds = 0;
 };
 
 }  // namespace moleserve::engine

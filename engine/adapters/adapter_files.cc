@@ -1,0 +1,99 @@
+#include "engine/adapters/adapter_files.h"
+
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace moleserve::engine {
+namespace {
+
+using DigestContext = std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)>;
+
+std::string Hex(const unsigned char* bytes, unsigned int n) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < n; ++i) {
+    out.push_back(kDigits[bytes[i] >> 4]);
+    out.push_back(kDigits[bytes[i] & 15]);
+  }
+  return out;
+}
+
+absl::StatusOr<std::string> Sha256Hex(const std::filesystem::path& file) {
+  DigestContext ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) {
+    return absl::InternalError("sha256: cannot initialise a digest");
+  }
+  std::ifstream in(file, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", file.string(), "'"));
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    if (in.gcount() > 0) EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<size_t>(in.gcount()));
+  }
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading '", file.string(), "'"));
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx.get(), md, &len);
+  return Hex(md, len);
+}
+
+std::string Sha256Hex(const std::string& text) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  EVP_Digest(text.data(), text.size(), md, &len, EVP_sha256(), nullptr);
+  return Hex(md, len);
+}
+
+}  // namespace
+
+absl::StatusOr<AdapterFiles> InspectAdapterFiles(const std::string& dir,
+                                                 const AdapterFileLimits& limits, bool digest) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<std::pair<std::string, fs::path>> files;  // "./relative", path
+  fs::recursive_directory_iterator it(dir, fs::directory_options::follow_directory_symlink, ec);
+  if (ec) return absl::NotFoundError(absl::StrCat("cannot list '", dir, "': ", ec.message()));
+  AdapterFiles out;
+  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (ec) break;
+    if (it.depth() > 8) {
+      return absl::InvalidArgumentError("adapter directory nests deeper than 8 levels");
+    }
+    if (!fs::is_regular_file(it->path(), ec)) continue;  // follows symlinks
+    const int64_t size = static_cast<int64_t>(fs::file_size(it->path(), ec));
+    if (ec) break;
+    const std::string rel = "./" + fs::relative(it->path(), dir, ec).generic_string();
+    if (size > limits.max_file_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("adapter file '", rel.substr(2), "' is ", size,
+                                                     " bytes; the limit per file is ",
+                                                     limits.max_file_bytes));
+    }
+    out.total_bytes += size;
+    ++out.num_files;
+    if (out.total_bytes > limits.max_total_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "adapter files exceed ", limits.max_total_bytes, " bytes, the limit per adapter"));
+    }
+    files.emplace_back(rel, it->path());
+  }
+  if (ec) return absl::NotFoundError(absl::StrCat("cannot list '", dir, "': ", ec.message()));
+  if (!digest) return out;
+  std::sort(files.begin(), files.end());
+  std::string listing;
+  for (const auto& [rel, path] : files) {
+    absl::StatusOr<std::string> h = Sha256Hex(path);
+    if (!h.ok()) return h.status();
+    absl::StrAppend(&listing, *h, "  ", rel, "\n");
+  }
+  out.sha256 = Sha256Hex(listing);
+  return out;
+}
+
+}  // namespace moleserve::engine

@@ -1,0 +1,302 @@
+#include "engine/expert_cache/expert_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+namespace moleserve::engine {
+namespace {
+
+// Row r of expert e of stack id: every element encodes (id, e, r, column), so a row read through
+// the cache's row pointers proves which expert and row it came from.
+float Value(int32_t id, int32_t e, int32_t r, int64_t c, bool b) {
+  return static_cast<float>(id * 100000 + e * 1000 + r * 10 + (b ? 5 : 0)) +
+         static_cast<float>(c % 7) * 0.125f;
+}
+
+std::unique_ptr<LoraStack> MakeStack(int32_t id, int32_t experts, int32_t rank, int64_t in,
+                                     int64_t out) {
+  auto s = std::make_unique<LoraStack>();
+  s->num_experts = experts;
+  s->rank = rank;
+  s->in = in;
+  s->out = out;
+  s->a.resize(int64_t{experts} * rank * in);
+  s->bt.resize(int64_t{experts} * rank * out);
+  for (int32_t e = 0; e < experts; ++e) {
+    for (int32_t r = 0; r < rank; ++r) {
+      for (int64_t c = 0; c < in; ++c)
+        s->a[(int64_t{e} * rank + r) * in + c] = Value(id, e, r, c, false);
+      for (int64_t c = 0; c < out; ++c) {
+        s->bt[(int64_t{e} * rank + r) * out + c] = Value(id, e, r, c, true);
+      }
+    }
+  }
+  s->scale.assign(experts, 1.0f);
+  s->true_rank.assign(experts, rank);
+  return s;
+}
+
+int64_t ExpertBytes(const LoraStack& s) { return int64_t{s.rank} * (s.in + s.out) * 4; }
+
+class ExpertCacheTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto backend = CreateCpuBackend({.num_threads = 1});
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    backend_ = std::move(*backend);
+  }
+
+  // Checks that rows (as returned by one Acquire) hold expert e of stack `id`.
+  void ExpectRows(const LoraStack& s, int32_t id, int32_t e, const std::vector<const void*>& a,
+                  const std::vector<const void*>& b) {
+    ASSERT_EQ(a.size(), static_cast<size_t>(s.rank));
+    ASSERT_EQ(b.size(), static_cast<size_t>(s.rank));
+    std::vector<float> row(std::max(s.in, s.out));
+    for (int32_t r = 0; r < s.rank; ++r) {
+      ASSERT_TRUE(backend_->CopyToHost(row.data(), a[r], s.in * 4).ok());
+      for (int64_t c = 0; c < s.in; ++c) ASSERT_EQ(row[c], Value(id, e, r, c, false));
+      ASSERT_TRUE(backend_->CopyToHost(row.data(), b[r], s.out * 4).ok());
+      for (int64_t c = 0; c < s.out; ++c) ASSERT_EQ(row[c], Value(id, e, r, c, true));
+    }
+  }
+
+  std::unique_ptr<Backend> backend_;
+};
+
+TEST_F(ExpertCacheTest, UnboundedHoldsEverythingAndCountsHitsAndMisses) {
+  ExpertCache cache(backend_.get(), {});
+  auto s = MakeStack(1, 4, 3, 16, 8);
+  ASSERT_TRUE(cache.AddOwner(0, {s.get()}).ok());
+  std::vector<const void*> a, b;
+  for (int round = 0; round < 2; ++round) {
+    for (int32_t e = 0; e < 4; ++e) {
+      a.clear();
+      b.clear();
+      ASSERT_TRUE(cache.Acquire(s.get(), e, &a, &b).ok());
+      ExpectRows(*s, 1, e, a, b);
+      cache.Release(s.get(), e);
+    }
+  }
+  ExpertCacheStats st = cache.stats();
+  EXPECT_EQ(st.misses, 4);
+  EXPECT_EQ(st.hits, 4);
+  EXPECT_EQ(st.evicted_lru, 0);
+  EXPECT_EQ(st.bytes_to_device, 4 * ExpertBytes(*s));
+  EXPECT_EQ(cache.ResidentBytes(0), 4 * ExpertBytes(*s));
+  EXPECT_EQ(st.resident_experts, 4);
+  // Pools: width 16 holds the A rows, width 8 the Bt rows, all of them.
+  ASSERT_EQ(st.pools.size(), 2u);
+  EXPECT_EQ(st.pools[0].width, 8);
+  EXPECT_EQ(st.pools[0].pages, 12);
+  EXPECT_EQ(st.pools[1].width, 16);
+  EXPECT_EQ(st.pools[1].pages, 12);
+  cache.RemoveOwner(0);
+  st = cache.stats();
+  EXPECT_EQ(st.evicted_unload, 4);
+  EXPECT_EQ(st.resident_experts, 0);
+  EXPECT_EQ(st.capacity_bytes, 0);  // pools of widths nobody uses are freed
+  EXPECT_EQ(cache.ResidentBytes(0), 0);
+}
+
+TEST_F(ExpertCacheTest, MixedRanksNeverFragmentAndRowsStayCorrect) {
+  // Four adapters of ranks 1, 4, 8 and 16 over two widths; a pool of 40 rank rows per width
+  // (the largest expert needs 32 in the square width).
+  const int64_t w = 32;
+  std::vector<std::unique_ptr<LoraStack>> stacks;
+  stacks.push_back(MakeStack(1, 6, 1, w, w));
+  stacks.push_back(MakeStack(2, 6, 4, w, w));
+  stacks.push_back(MakeStack(3, 6, 8, w, w));
+  stacks.push_back(MakeStack(4, 6, 16, w, w));
+  ExpertCache cache(backend_.get(), {.capacity_bytes = 80 * w * 4});
+  for (int32_t i = 0; i < 4; ++i) ASSERT_TRUE(cache.AddOwner(i, {stacks[i].get()}).ok());
+  ExpertCacheStats st = cache.stats();
+  ASSERT_EQ(st.pools.size(), 1u);
+  const int64_t pages = st.pools[0].pages;
+  EXPECT_LE(st.capacity_bytes, 80 * w * 4);
+  EXPECT_GE(pages, 32);
+
+  std::mt19937 rng(7);
+  std::vector<const void*> a, b;
+  for (int iter = 0; iter < 2000; ++iter) {
+    const int32_t i = static_cast<int32_t>(rng() % 4);
+    const int32_t e = static_cast<int32_t>(rng() % 6);
+    a.clear();
+    b.clear();
+    // Nothing else is pinned, so every acquire must succeed whatever mix of ranks came before:
+    // free pages are never stranded.
+    ASSERT_TRUE(cache.Acquire(stacks[i].get(), e, &a, &b).ok()) << "iteration " << iter;
+    ExpectRows(*stacks[i], i + 1, e, a, b);
+    cache.Release(stacks[i].get(), e);
+    st = cache.stats();
+    int64_t used = 0;
+    for (int32_t j = 0; j < 4; ++j) used += cache.ResidentBytes(j) / (w * 4);
+    ASSERT_EQ(used + st.pools[0].free_pages, pages) << "iteration " << iter;
+  }
+  st = cache.stats();
+  EXPECT_GT(st.evicted_lru, 0);
+  for (int32_t i = 0; i < 4; ++i) cache.RemoveOwner(i);
+  EXPECT_EQ(cache.stats().resident_experts, 0);
+}
+
+TEST_F(ExpertCacheTest, PinnedExpertsAreNeverEvicted) {
+  // Room for exactly two rank-4 experts (16 rows of the square width).
+  auto s = MakeStack(1, 4, 4, 8, 8);
+  ExpertCache cache(backend_.get(), {.capacity_bytes = 16 * 8 * 4});
+  ASSERT_TRUE(cache.AddOwner(0, {s.get()}).ok());
+  std::vector<const void*> a0, b0, a1, b1, a2, b2;
+  ASSERT_TRUE(cache.Acquire(s.get(), 0, &a0, &b0).ok());
+  ASSERT_TRUE(cache.Acquire(s.get(), 1, &a1, &b1).ok());
+  // Both pinned: no room for a third.
+  absl::Status full = cache.Acquire(s.get(), 2, &a2, &b2);
+  EXPECT_TRUE(absl::IsResourceExhausted(full)) << full;
+  EXPECT_TRUE(a2.empty());
+  // Release 1: the third evicts it, never 0.
+  cache.Release(s.get(), 1);
+  ASSERT_TRUE(cache.Acquire(s.get(), 2, &a2, &b2).ok());
+  ExpectRows(*s, 1, 0, a0, b0);
+  ExpectRows(*s, 1, 2, a2, b2);
+  EXPECT_EQ(cache.stats().evicted_lru, 1);
+  EXPECT_EQ(cache.stats().pinned_experts, 2);
+  cache.Release(s.get(), 0);
+  cache.Release(s.get(), 2);
+  EXPECT_EQ(cache.stats().pinned_experts, 0);
+}
+
+TEST_F(ExpertCacheTest, EvictsLeastRecentlyUsed) {
+  // Room for three rank-2 experts.
+  auto s = MakeStack(1, 5, 2, 8, 8);
+  ExpertCache cache(backend_.get(), {.capacity_bytes = 12 * 8 * 4});
+  ASSERT_TRUE(cache.AddOwner(0, {s.get()}).ok());
+  std::vector<const void*> a, b;
+  auto touch = [&](int32_t e) {
+    a.clear();
+    b.clear();
+    EXPECT_TRUE(cache.Acquire(s.get(), e, &a, &b).ok());
+    cache.Release(s.get(), e);
+  };
+  touch(0);
+  touch(1);
+  touch(2);
+  touch(0);  // order, most recent first: 0 2 1
+  touch(3);  // evicts 1
+  EXPECT_EQ(cache.stats().misses, 4);
+  touch(0);
+  touch(2);
+  EXPECT_EQ(cache.stats().misses, 4);  // 0 and 2 stayed
+  touch(1);                            // was evicted; evicts 3 (order was 2 0 3)
+  EXPECT_EQ(cache.stats().misses, 5);
+  touch(0);
+  touch(2);
+  EXPECT_EQ(cache.stats().misses, 5);
+  touch(3);
+  EXPECT_EQ(cache.stats().misses, 6);
+  EXPECT_EQ(cache.stats().evicted_lru, 3);
+}
+
+TEST_F(ExpertCacheTest, RefusesAnAdapterWhoseExpertCannotFit) {
+  auto small = MakeStack(1, 2, 2, 8, 8);
+  auto big = MakeStack(2, 2, 16, 8, 8);
+  ExpertCache cache(backend_.get(), {.capacity_bytes = 8 * 8 * 4});
+  ASSERT_TRUE(cache.AddOwner(0, {small.get()}).ok());
+  absl::Status st = cache.AddOwner(1, {big.get()});
+  EXPECT_TRUE(absl::IsResourceExhausted(st)) << st;
+  EXPECT_NE(st.message().find("--expert-cache-bytes"), std::string::npos) << st;
+  // The refused owner left nothing behind; the first one still works.
+  std::vector<const void*> a, b;
+  EXPECT_TRUE(absl::IsNotFound(cache.Acquire(big.get(), 0, &a, &b)));
+  ASSERT_TRUE(cache.Acquire(small.get(), 1, &a, &b).ok());
+  ExpectRows(*small, 1, 1, a, b);
+  cache.Release(small.get(), 1);
+  EXPECT_TRUE(absl::IsAlreadyExists(cache.AddOwner(0, {small.get()})));
+}
+
+TEST_F(ExpertCacheTest, PrefetchFillsFreePagesButSparesTheRunningSet) {
+  auto running = MakeStack(1, 2, 2, 8, 8);
+  auto queued = MakeStack(2, 4, 2, 8, 8);
+  // Room for four rank-2 experts.
+  ExpertCache cache(backend_.get(), {.capacity_bytes = 16 * 8 * 4});
+  ASSERT_TRUE(cache.AddOwner(0, {running.get()}).ok());
+  ASSERT_TRUE(cache.AddOwner(1, {queued.get()}).ok());
+  std::vector<const void*> a, b;
+  cache.BeginStep();
+  for (int32_t e = 0; e < 2; ++e) {
+    ASSERT_TRUE(cache.Acquire(running.get(), e, &a, &b).ok());
+    cache.Release(running.get(), e);
+  }
+  // Two free experts' worth: prefetch takes them and does not evict the running experts, which
+  // were used in this step.
+  EXPECT_EQ(cache.Prefetch(1, int64_t{1} << 20), 2 * ExpertBytes(*queued));
+  EXPECT_EQ(cache.ResidentBytes(0), 2 * ExpertBytes(*running));
+  cache.BeginStep();  // still used in the previous step: spared
+  EXPECT_EQ(cache.Prefetch(1, int64_t{1} << 20), 0);
+  cache.BeginStep();  // now cold: prefetch may take their pages, within its byte budget
+  EXPECT_EQ(cache.Prefetch(1, ExpertBytes(*queued)), ExpertBytes(*queued));
+  EXPECT_EQ(cache.stats().prefetched, 3);
+  // The prefetched experts are hits.
+  const int64_t misses = cache.stats().misses;
+  for (int32_t e = 0; e < 3; ++e) {
+    a.clear();
+    b.clear();
+    ASSERT_TRUE(cache.Acquire(queued.get(), e, &a, &b).ok());
+    ExpectRows(*queued, 2, e, a, b);
+    cache.Release(queued.get(), e);
+  }
+  EXPECT_EQ(cache.stats().misses, misses);
+}
+
+TEST_F(ExpertCacheTest, ConcurrentAcquireAndRelease) {
+  // Four threads pin random experts of mixed ranks and widths, check their rows while pinned and
+  // release them; the pool holds a fraction of them, so evictions race with reads (run under
+  // ThreadSanitizer in the cpu-tsan preset).
+  std::vector<std::unique_ptr<LoraStack>> stacks;
+  stacks.push_back(MakeStack(1, 8, 2, 16, 8));
+  stacks.push_back(MakeStack(2, 8, 4, 16, 16));
+  stacks.push_back(MakeStack(3, 8, 3, 8, 16));
+  ExpertCache cache(backend_.get(), {.capacity_bytes = 40 * 16 * 4});
+  for (int32_t i = 0; i < 3; ++i) ASSERT_TRUE(cache.AddOwner(i, {stacks[i].get()}).ok());
+  std::atomic<int64_t> bad_rows{0}, refusals{0}, done{0};
+  auto worker = [&](uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::vector<const void*> a, b;
+    for (int iter = 0; iter < 400; ++iter) {
+      const int32_t i = static_cast<int32_t>(rng() % 3);
+      const int32_t e = static_cast<int32_t>(rng() % 8);
+      a.clear();
+      b.clear();
+      absl::Status st = cache.Acquire(stacks[i].get(), e, &a, &b);
+      if (!st.ok()) {  // every page pinned by the other threads: try again
+        ++refusals;
+        continue;
+      }
+      const LoraStack& s = *stacks[i];
+      for (int32_t r = 0; r < s.rank; ++r) {
+        const float* ra = static_cast<const float*>(a[r]);
+        const float* rb = static_cast<const float*>(b[r]);
+        if (ra[0] != Value(i + 1, e, r, 0, false) ||
+            rb[s.out - 1] != Value(i + 1, e, r, s.out - 1, true)) {
+          ++bad_rows;
+        }
+      }
+      cache.Release(stacks[i].get(), e);
+      ++done;
+    }
+  };
+  std::vector<std::thread> threads;
+  for (uint32_t t = 0; t < 4; ++t) threads.emplace_back(worker, 100 + t);
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(bad_rows.load(), 0);
+  EXPECT_EQ(done.load() + refusals.load(), 1600);
+  EXPECT_GT(done.load(), 1000);
+  ExpertCacheStats st = cache.stats();
+  EXPECT_EQ(st.pinned_experts, 0);
+  EXPECT_EQ(st.hits + st.misses, done.load());
+  EXPECT_GT(st.evicted_lru, 0);
+}
+
+}  // namespace
+}  // namespace moleserve::engine
