@@ -24,6 +24,7 @@
 #include "absl/time/time.h"
 #include "engine/engine.h"
 #include "server/cli/dashed_flags.h"
+#include "server/grpc/admin_service.h"
 #include "server/grpc/server.h"
 #if MOLESERVE_WITH_METRICS
 #include "server/metrics/prometheus_metrics.h"
@@ -36,6 +37,17 @@ ABSL_FLAG(std::vector<std::string>, adapter, {},
           "MoLE adapter to serve, as name=DIR (a mole/1 or PEFT LoRA directory); repeat the flag "
           "or separate with commas");
 ABSL_FLAG(int, max_adapter_rank, 256, "Largest LoRA rank an adapter may have");
+ABSL_FLAG(
+    std::string, adapter_root, "",
+    "Directory that AdapterAdmin.LoadAdapter paths are confined to (empty = hot loading off)");
+ABSL_FLAG(int64_t, max_adapter_file_bytes, int64_t{8} << 30, "Largest file of an adapter");
+ABSL_FLAG(int64_t, max_adapter_bytes, int64_t{32} << 30, "Largest adapter (all its files)");
+ABSL_FLAG(int64_t, expert_cache_bytes, 0,
+          "Device memory for LoRA expert pages (0 = hold every loaded expert)");
+ABSL_FLAG(std::string, admin_host, "127.0.0.1", "Address the AdapterAdmin API listens on");
+ABSL_FLAG(int, admin_port, 50052, "AdapterAdmin port (0 = any free port, -1 = off)");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "File whose first line is the admin bearer token (empty = admin API off)");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC API listens on");
 ABSL_FLAG(int, port, 50051, "gRPC port (0 = any free port, printed at startup)");
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address /metrics listens on");
@@ -116,6 +128,28 @@ int Run() {
   options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
   options.metrics = metrics.get();
   options.max_adapter_rank = absl::GetFlag(FLAGS_max_adapter_rank);
+  options.adapter_root = absl::GetFlag(FLAGS_adapter_root);
+  options.max_adapter_file_bytes = absl::GetFlag(FLAGS_max_adapter_file_bytes);
+  options.max_adapter_bytes = absl::GetFlag(FLAGS_max_adapter_bytes);
+  options.expert_cache_bytes = absl::GetFlag(FLAGS_expert_cache_bytes);
+  moleserve::server::ServerOptions server_options{
+      .listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),
+      .max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes)};
+  if (const std::string token_file = absl::GetFlag(FLAGS_admin_token_file);
+      !token_file.empty() && absl::GetFlag(FLAGS_admin_port) >= 0) {
+    absl::StatusOr<std::string> token = moleserve::server::ReadAdminToken(token_file);
+    if (!token.ok()) {
+      spdlog::critical("--admin-token-file: {}", std::string(token.status().message()));
+      return 2;
+    }
+    server_options.admin_address =
+        absl::StrCat(absl::GetFlag(FLAGS_admin_host), ":", absl::GetFlag(FLAGS_admin_port));
+    server_options.admin_token = *std::move(token);
+    server_options.admin_audit = [](const moleserve::server::AdminAuditEntry& e) {
+      spdlog::info("admin audit: peer={} authenticated={} method={} adapter='{}' {} -> {}", e.peer,
+                   e.authenticated, e.method, e.adapter, e.detail, e.result);
+    };
+  }
   for (const std::string& spec : absl::GetFlag(FLAGS_adapter)) {
     const size_t eq = spec.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
@@ -139,15 +173,19 @@ int Run() {
                  a.num_experts, a.bytes / 1048576.0, a.source);
   }
 
-  auto server = moleserve::server::MoleServer::Start(
-      engine->get(),
-      {.listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),
-       .max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes)});
+  auto server = moleserve::server::MoleServer::Start(engine->get(), server_options);
   if (!server.ok()) {
     spdlog::critical("{}", server.status().ToString());
     return 1;
   }
   spdlog::info("serving gRPC on {}:{}", absl::GetFlag(FLAGS_host), (*server)->port());
+  if ((*server)->admin_port() != 0) {
+    spdlog::info("serving AdapterAdmin on {}:{} (adapter root: {})",
+                 absl::GetFlag(FLAGS_admin_host), (*server)->admin_port(),
+                 options.adapter_root.empty() ? "none, loads refused" : options.adapter_root);
+  } else {
+    spdlog::info("AdapterAdmin off (no --admin-token-file)");
+  }
 #if MOLESERVE_WITH_METRICS
   if (metrics) spdlog::info("serving /metrics on port {}", metrics->port());
 #endif

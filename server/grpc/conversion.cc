@@ -148,4 +148,17 @@ void SetFinal(const engine::FinishInfo& info, pb::FinalInfo* out) {
   t->set_total_seconds(info.timings.total_seconds);
 }
 
+void ToProto(const engine::AdapterSummary& a, pb::AdapterInfo* out) {
+  out->set_name(a.name);
+  out->set_state(pb::ADAPTER_STATE_READY);
+  out->set_family(a.family);
+  out->set_format(a.format);
+  out->set_version(a.version);
+  out->set_num_experts(static_cast<uint64_t>(a.num_experts));
+  out->set_max_experts_per_site(static_cast<uint32_t>(a.max_experts));
+  for (int32_t r : a.ranks) out->add_ranks(static_cast<uint32_t>(r));
+  for (const std::string& alg : a.algorithms) out->add_algorithms(alg);
+  out->set_bytes(static_cast<uint64_t>(a.bytes));
+}
+
 }  // namespace moleserve::server

@@ -5,6 +5,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "engine/engine.h"
 #include "engine/request.h"
 #include "moleserve/v1/inference.pb.h"
 
@@ -19,5 +20,7 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const moleserve::v1::GenerateR
 void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs, bool routing,
                  moleserve::v1::GenerateResponse* out);
 void SetFinal(const engine::FinishInfo& info, moleserve::v1::FinalInfo* out);
+// A served adapter version (ListModels, and the admin API's AdapterStatus.info).
+void ToProto(const engine::AdapterSummary& a, moleserve::v1::AdapterInfo* out);
 
 }  // namespace moleserve::server

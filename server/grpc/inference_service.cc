@@ -252,17 +252,7 @@ grpc::ServerUnaryReactor* InferenceService::ListModels(grpc::CallbackServerConte
   d->set_min_p(info.default_sampling.min_p);
   d->set_repetition_penalty(info.default_sampling.repetition_penalty);
   for (const engine::AdapterSummary& a : engine_->ListAdapters()) {
-    pb::AdapterInfo* out = response->add_adapters();
-    out->set_name(a.name);
-    out->set_state(pb::ADAPTER_STATE_READY);
-    out->set_family(a.family);
-    out->set_format(a.format);
-    out->set_version(a.version);
-    out->set_num_experts(static_cast<uint64_t>(a.num_experts));
-    out->set_max_experts_per_site(static_cast<uint32_t>(a.max_experts));
-    for (int32_t r : a.ranks) out->add_ranks(static_cast<uint32_t>(r));
-    for (const std::string& alg : a.algorithms) out->add_algorithms(alg);
-    out->set_bytes(static_cast<uint64_t>(a.bytes));
+    ToProto(a, response->add_adapters());
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);

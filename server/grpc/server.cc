@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/strings/str_cat.h"
+#include "server/grpc/admin_service.h"
 #include "server/grpc/inference_service.h"
 
 namespace moleserve::server {
@@ -26,11 +27,29 @@ absl::StatusOr<std::unique_ptr<MoleServer>> MoleServer::Start(engine::Engine* en
     return absl::UnavailableError(
         absl::StrCat("cannot listen on ", options.listen_address, " (address in use or invalid)"));
   }
+  if (!options.admin_address.empty()) {
+    if (options.admin_token.empty()) {
+      return absl::InvalidArgumentError("the admin listener needs a token (--admin-token-file)");
+    }
+    server->admin_service_ =
+        std::make_unique<AdminService>(engine, options.admin_token, options.admin_audit);
+    grpc::ServerBuilder admin;
+    admin.AddListeningPort(options.admin_address, grpc::InsecureServerCredentials(),
+                           &server->admin_port_);
+    admin.RegisterService(server->admin_service_.get());
+    admin.SetMaxReceiveMessageSize(64 << 10);  // admin requests are a few names and paths
+    server->admin_server_ = admin.BuildAndStart();
+    if (server->admin_server_ == nullptr || server->admin_port_ == 0) {
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", options.admin_address,
+                                                 " (admin; address in use or invalid)"));
+    }
+  }
   server->SetServing(true);
   return server;
 }
 
 MoleServer::~MoleServer() {
+  if (admin_server_) admin_server_->Shutdown(std::chrono::system_clock::now());
   if (server_) server_->Shutdown(std::chrono::system_clock::now());
 }
 
@@ -47,6 +66,7 @@ void MoleServer::Drain(absl::Duration timeout) {
   engine_->WaitIdle(timeout);
   // Whatever is still running after the timeout ends with UNAVAILABLE.
   engine_->Shutdown();
+  if (admin_server_) admin_server_->Shutdown(std::chrono::system_clock::now());
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
 }
 

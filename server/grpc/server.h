@@ -1,7 +1,9 @@
 #pragma once
 
 // MoleServer: the gRPC server process around an Engine: the Inference service, the standard
-// grpc.health.v1 service and server reflection on one listener.
+// grpc.health.v1 service and server reflection on one listener; the AdapterAdmin service on a
+// second one (when an admin address is given), so that operators' calls never compete with
+// inference traffic and the admin port can stay on localhost.
 //
 // Lifecycle: Start() -> serving (health SERVING) -> Drain(): health NOT_SERVING, the engine
 // refuses new requests (UNAVAILABLE), in-flight requests run to completion up to the timeout,
@@ -10,6 +12,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -20,12 +23,20 @@
 namespace moleserve::server {
 
 class InferenceService;
+class AdminService;
+struct AdminAuditEntry;
 
 struct ServerOptions {
   // host:port; port 0 picks a free port (see port()).
   std::string listen_address = "0.0.0.0:50051";
   // Largest request message accepted; larger ones fail with RESOURCE_EXHAUSTED.
   int max_receive_message_bytes = 4 << 20;
+  // AdapterAdmin listener host:port (port 0 = any free port, see admin_port()); empty = off.
+  std::string admin_address;
+  // Bearer token every admin call must carry; required with admin_address.
+  std::string admin_token;
+  // Receives every admin call after it finished (the audit log).
+  std::function<void(const AdminAuditEntry&)> admin_audit;
 };
 
 class MoleServer {
@@ -35,6 +46,7 @@ class MoleServer {
   ~MoleServer();
 
   int port() const { return port_; }
+  int admin_port() const { return admin_port_; }  // 0 when the admin listener is off
   // Health of the overall server ("") and of "moleserve.v1.Inference".
   void SetServing(bool serving);
   // Returns once draining finished and the listener stopped.
@@ -49,6 +61,9 @@ class MoleServer {
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+  std::unique_ptr<AdminService> admin_service_;
+  std::unique_ptr<grpc::Server> admin_server_;
+  int admin_port_ = 0;
 };
 
 }  // namespace moleserve::server

@@ -106,7 +106,62 @@ struct PrometheusMetrics::Families {
                         .Help("Tokens per engine step, tokens")
                         .Register(r)
                         .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
-                                                             1024, 2048, 4096, 8192})) {}
+                                                             1024, 2048, 4096, 8192})),
+        cache_lookups(BuildCounter()
+                          .Name("moleserve_expert_cache_lookups_total")
+                          .Help("Expert cache lookups by tier (device, host) and result")
+                          .Register(r)),
+        cache_prefetched(BuildCounter()
+                             .Name("moleserve_expert_cache_prefetched_total")
+                             .Help("Experts copied to the device ahead of queued requests")
+                             .Register(r)
+                             .Add({})),
+        cache_evictions(BuildCounter()
+                            .Name("moleserve_expert_cache_evictions_total")
+                            .Help("Experts evicted from the device pool, by reason")
+                            .Register(r)),
+        cache_bytes(BuildCounter()
+                        .Name("moleserve_expert_cache_bytes_to_device_total")
+                        .Help("Expert bytes copied host to device")
+                        .Register(r)
+                        .Add({})),
+        cache_splits(BuildCounter()
+                         .Name("moleserve_expert_cache_split_calls_total")
+                         .Help("Segmented-GEMM calls split because their experts did not fit")
+                         .Register(r)
+                         .Add({})),
+        cache_resident(BuildGauge()
+                           .Name("moleserve_expert_cache_resident_experts")
+                           .Help("Experts resident in the device pool")
+                           .Register(r)
+                           .Add({})),
+        cache_pages(BuildGauge()
+                        .Name("moleserve_expert_cache_pages")
+                        .Help("Pages (rank rows) of the device pool of each row width")
+                        .Register(r)),
+        cache_free_pages(BuildGauge()
+                             .Name("moleserve_expert_cache_free_pages")
+                             .Help("Free pages of the device pool of each row width")
+                             .Register(r)),
+        expert_wait(BuildHistogram()
+                        .Name("moleserve_request_expert_wait_seconds")
+                        .Help("Time a request's steps spent copying experts in, seconds")
+                        .Register(r)
+                        .Add({}, Histogram::BucketBoundaries{0, 0.0001, 0.001, 0.005, 0.01, 0.05,
+                                                             0.1, 0.5, 1, 5})),
+        load_seconds(BuildHistogram()
+                         .Name("moleserve_adapter_load_seconds")
+                         .Help("Adapter hot-load time by stage (read, attach, publish), seconds")
+                         .Register(r)),
+        loads(BuildCounter()
+                  .Name("moleserve_adapter_loads_total")
+                  .Help("Successful adapter hot loads")
+                  .Register(r)
+                  .Add({})),
+        load_failures(BuildCounter()
+                          .Name("moleserve_adapter_load_failures_total")
+                          .Help("Failed adapter hot loads, by reason")
+                          .Register(r)) {}
 
   prometheus::Family<prometheus::Counter>& finished;
   prometheus::Family<prometheus::Counter>& rejected;
@@ -123,6 +178,18 @@ struct PrometheusMetrics::Families {
   prometheus::Gauge& kv_usage;
   prometheus::Counter& steps;
   Histogram& step_tokens;
+  prometheus::Family<prometheus::Counter>& cache_lookups;
+  prometheus::Counter& cache_prefetched;
+  prometheus::Family<prometheus::Counter>& cache_evictions;
+  prometheus::Counter& cache_bytes;
+  prometheus::Counter& cache_splits;
+  prometheus::Gauge& cache_resident;
+  prometheus::Family<prometheus::Gauge>& cache_pages;
+  prometheus::Family<prometheus::Gauge>& cache_free_pages;
+  Histogram& expert_wait;
+  prometheus::Family<Histogram>& load_seconds;
+  prometheus::Counter& loads;
+  prometheus::Family<prometheus::Counter>& load_failures;
 };
 
 PrometheusMetrics::PrometheusMetrics()
@@ -160,6 +227,7 @@ void PrometheusMetrics::OnRequestFinished(const engine::FinishedRequestMetrics& 
   families_->finished.Add({{"outcome", outcome}}).Increment();
   families_->prompt_tokens.Increment(static_cast<double>(m.prompt_tokens));
   families_->generation_tokens.Increment(static_cast<double>(m.generated_tokens));
+  families_->expert_wait.Observe(m.expert_wait_seconds);
   if (m.code == absl::StatusCode::kOk) {
     families_->e2e.Observe(m.e2e_seconds);
     families_->queue.Observe(m.queue_seconds);
@@ -181,6 +249,51 @@ void PrometheusMetrics::OnQueueState(int64_t num_waiting, int64_t num_running,
   families_->kv_usage.Set(kv_cache_usage);
   families_->running.Set(static_cast<double>(num_running));
   families_->waiting.Set(static_cast<double>(num_waiting));
+}
+
+void PrometheusMetrics::OnExpertCache(const engine::ExpertCacheMetrics& m) {
+  Families& f = *families_;
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  engine::ExpertCacheMetrics& last = last_cache_;
+  auto add = [](prometheus::Counter& c, int64_t now, int64_t before) {
+    if (now > before) c.Increment(static_cast<double>(now - before));
+  };
+  add(f.cache_lookups.Add({{"tier", "device"}, {"result", "hit"}}), m.device_hits,
+      last.device_hits);
+  add(f.cache_lookups.Add({{"tier", "device"}, {"result", "miss"}}), m.device_misses,
+      last.device_misses);
+  add(f.cache_lookups.Add({{"tier", "host"}, {"result", "hit"}}), m.device_misses,
+      last.device_misses);
+  add(f.cache_prefetched, m.prefetched, last.prefetched);
+  add(f.cache_evictions.Add({{"reason", "lru"}}), m.evicted_lru, last.evicted_lru);
+  add(f.cache_evictions.Add({{"reason", "unload"}}), m.evicted_unload, last.evicted_unload);
+  add(f.cache_evictions.Add({{"reason", "resize"}}), m.evicted_resize, last.evicted_resize);
+  add(f.cache_bytes, m.bytes_to_device, last.bytes_to_device);
+  add(f.cache_splits, m.split_calls, last.split_calls);
+  f.cache_resident.Set(static_cast<double>(m.resident_experts));
+  for (const auto& p : last.pools) {  // pools that went away read 0
+    f.cache_pages.Add({{"width", std::to_string(p.width)}}).Set(0);
+    f.cache_free_pages.Add({{"width", std::to_string(p.width)}}).Set(0);
+  }
+  for (const auto& p : m.pools) {
+    f.cache_pages.Add({{"width", std::to_string(p.width)}}).Set(static_cast<double>(p.pages));
+    f.cache_free_pages.Add({{"width", std::to_string(p.width)}})
+        .Set(static_cast<double>(p.free_pages));
+  }
+  last = m;
+}
+
+void PrometheusMetrics::OnAdapterLoad(const engine::AdapterLoadMetrics& m) {
+  Families& f = *families_;
+  if (!m.failure_reason.empty()) {
+    f.load_failures.Add({{"reason", m.failure_reason}}).Increment();
+    return;
+  }
+  f.loads.Increment();
+  const Histogram::BucketBoundaries buckets = LatencyBuckets();
+  f.load_seconds.Add({{"stage", "read"}}, buckets).Observe(m.read_seconds);
+  f.load_seconds.Add({{"stage", "attach"}}, buckets).Observe(m.attach_seconds);
+  f.load_seconds.Add({{"stage", "publish"}}, buckets).Observe(m.publish_seconds);
 }
 
 }  // namespace moleserve::server

@@ -20,9 +20,27 @@
 //   moleserve_kv_cache_usage_ratio               gauge, 0..1 of KV blocks allocated
 //   moleserve_steps_total                        counter, engine steps
 //   moleserve_step_tokens                        histogram, tokens per step
+// Paged expert cache and hot loading (what no peer publishes):
+//   moleserve_expert_cache_lookups_total{tier,result}  counter; tier="device" hit|miss, and
+//                                                tier="host" hit (each device miss is served from
+//                                                host memory, which holds every loaded adapter)
+//   moleserve_expert_cache_prefetched_total      counter, experts copied in for queued requests
+//   moleserve_expert_cache_evictions_total{reason}  counter; lru, unload, resize
+//   moleserve_expert_cache_bytes_to_device_total counter, host -> device bytes
+//   moleserve_expert_cache_split_calls_total     counter, SGMV calls split to fit the pool
+//   moleserve_expert_cache_resident_experts      gauge
+//   moleserve_expert_cache_pages{width}          gauge, pages of the pool of rank rows `width`
+//   moleserve_expert_cache_free_pages{width}     gauge
+//   moleserve_request_expert_wait_seconds        histogram, per request: time its steps spent
+//                                                copying experts in
+//   moleserve_adapter_load_seconds{stage}        histogram; read (disk -> validated host
+//                                                memory), attach, publish
+//   moleserve_adapter_loads_total                counter, successful hot loads
+//   moleserve_adapter_load_failures_total{reason}  counter (engine::AdapterLoadMetrics reasons)
 // Thread safety: all methods are thread-safe (prometheus-cpp metrics are atomic).
 
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -50,6 +68,8 @@ class PrometheusMetrics final : public engine::MetricsSink {
   void OnRequestFinished(const engine::FinishedRequestMetrics& m) override;
   void OnStep(const engine::StepMetrics& m) override;
   void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) override;
+  void OnExpertCache(const engine::ExpertCacheMetrics& m) override;
+  void OnAdapterLoad(const engine::AdapterLoadMetrics& m) override;
 
  private:
   struct Families;
@@ -58,6 +78,8 @@ class PrometheusMetrics final : public engine::MetricsSink {
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<Families> families_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::mutex cache_mu_;  // the last cumulative expert cache counters, for increments
+  engine::ExpertCacheMetrics last_cache_;
   int port_ = 0;
 };
 

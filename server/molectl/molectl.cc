@@ -4,22 +4,29 @@
 //   molectl list
 //   molectl health
 //   molectl tokenize --text "Hello"
+//   molectl admin load NAME PATH [--replace] [--sha256 HEX]    (AdapterAdmin; --admin-addr and
+//   molectl admin unload NAME [--force] [--drain-timeout 30s]   --admin-token-file, or the
+//   molectl admin list | molectl admin get NAME                  MOLESERVE_ADMIN_TOKEN variable)
 //
 // generate prints text as it streams, then a summary line on stderr.
 
 #include <grpcpp/grpcpp.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <iostream>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
+#include "moleserve/v1/admin.grpc.pb.h"
 #include "moleserve/v1/inference.grpc.pb.h"
 #include "server/cli/dashed_flags.h"
 #include "server/grpc/health_client.h"
@@ -45,6 +52,14 @@ ABSL_FLAG(std::string, routing_algorithm, "", "Routing override: topk, top_p, so
 ABSL_FLAG(int, routing_k, 0, "Routing override: k (0 = the adapter's)");
 ABSL_FLAG(double, routing_p, 0.0, "Routing override: p (0 = the adapter's)");
 ABSL_FLAG(std::string, service, "", "Service name for `health` (empty = whole server)");
+ABSL_FLAG(std::string, admin_addr, "localhost:50052", "moleserve AdapterAdmin address");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "File with the admin token (default: the MOLESERVE_ADMIN_TOKEN variable)");
+ABSL_FLAG(bool, replace, false, "admin load: replace a loaded adapter");
+ABSL_FLAG(std::string, sha256, "", "admin load: expected digest of the adapter's files");
+ABSL_FLAG(bool, force, false, "admin unload: cancel in-flight requests at once");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
+          "admin unload: how long in-flight requests may finish");
 
 namespace {
 
@@ -185,6 +200,102 @@ int Health(const std::shared_ptr<grpc::Channel>& channel) {
   return *s == moleserve::server::HealthStatus::kServing ? 0 : 1;
 }
 
+std::string AdminToken() {
+  const std::string file = absl::GetFlag(FLAGS_admin_token_file);
+  if (file.empty()) {
+    const char* env = std::getenv("MOLESERVE_ADMIN_TOKEN");
+    return env != nullptr ? env : "";
+  }
+  std::ifstream in(file);
+  std::string line;
+  std::getline(in, line);
+  return std::string(absl::StripAsciiWhitespace(line));
+}
+
+void PrintAdapter(const pb::AdapterStatus& a) {
+  const pb::AdapterInfo& i = a.info();
+  std::cout << i.name() << "\t" << pb::AdapterState_Name(i.state());
+  if (i.version() > 0) {
+    std::cout << "\tv" << i.version() << " " << i.family() << " (" << i.format() << ", "
+              << i.num_experts() << " experts, ranks " << absl::StrJoin(i.ranks(), "/") << ")";
+  }
+  std::cout << "\tpath=" << a.path() << " disk=" << a.disk_bytes() << " host=" << a.host_bytes()
+            << " device=" << a.device_bytes() << " in_flight=" << a.in_flight();
+  if (!a.sha256().empty()) std::cout << " sha256=" << a.sha256();
+  if (!a.error().empty()) std::cout << "\terror: " << a.error();
+  std::cout << "\n";
+}
+
+int Admin(const std::vector<char*>& args) {
+  if (args.size() < 3) {
+    std::cerr << "admin: load NAME PATH | unload NAME | list | get NAME\n";
+    return 2;
+  }
+  const std::string verb = args[2];
+  auto stub = pb::AdapterAdmin::NewStub(
+      grpc::CreateChannel(absl::GetFlag(FLAGS_admin_addr), grpc::InsecureChannelCredentials()));
+  auto ctx = Context();
+  if (const std::string token = AdminToken(); !token.empty()) {
+    ctx->AddMetadata("authorization", "Bearer " + token);
+  }
+  const auto arity = [&](size_t n) {
+    if (args.size() == n) return true;
+    std::cerr << "admin " << verb << ": expected " << n - 3 << " argument(s)\n";
+    return false;
+  };
+  if (verb == "load") {
+    if (!arity(5)) return 2;
+    pb::LoadAdapterRequest req;
+    req.set_name(args[3]);
+    req.set_path(args[4]);
+    req.set_replace(absl::GetFlag(FLAGS_replace));
+    req.set_sha256(absl::GetFlag(FLAGS_sha256));
+    pb::LoadAdapterResponse resp;
+    grpc::Status st = stub->LoadAdapter(ctx.get(), req, &resp);
+    if (!st.ok()) return Fail(st);
+    PrintAdapter(resp.adapter());
+    std::cerr << "loaded in " << resp.load_seconds() << " s\n";
+    return 0;
+  }
+  if (verb == "unload") {
+    if (!arity(4)) return 2;
+    pb::UnloadAdapterRequest req;
+    req.set_name(args[3]);
+    req.set_force(absl::GetFlag(FLAGS_force));
+    req.set_drain_timeout_seconds(absl::ToDoubleSeconds(absl::GetFlag(FLAGS_drain_timeout)));
+    pb::UnloadAdapterResponse resp;
+    grpc::Status st = stub->UnloadAdapter(ctx.get(), req, &resp);
+    if (!st.ok()) return Fail(st);
+    std::cout << "unloaded " << args[3] << ": " << resp.drained() << " drained, "
+              << resp.cancelled() << " cancelled\n";
+    return 0;
+  }
+  if (verb == "list") {
+    if (!arity(3)) return 2;
+    pb::ListAdaptersResponse resp;
+    grpc::Status st = stub->ListAdapters(ctx.get(), pb::ListAdaptersRequest(), &resp);
+    if (!st.ok()) return Fail(st);
+    for (const pb::AdapterStatus& a : resp.adapters()) PrintAdapter(a);
+    const pb::ExpertCacheStatus& c = resp.cache();
+    std::cout << "expert cache: " << c.capacity_bytes() << " bytes, " << c.resident_experts()
+              << " experts resident, " << c.hits() << " hits, " << c.misses() << " misses, "
+              << c.evictions() << " evictions, " << c.bytes_to_device() << " bytes copied in\n";
+    return 0;
+  }
+  if (verb == "get") {
+    if (!arity(4)) return 2;
+    pb::GetAdapterRequest req;
+    req.set_name(args[3]);
+    pb::AdapterStatus resp;
+    grpc::Status st = stub->GetAdapter(ctx.get(), req, &resp);
+    if (!st.ok()) return Fail(st);
+    PrintAdapter(resp);
+    return 0;
+  }
+  std::cerr << "admin: unknown verb '" << verb << "' (load, unload, list, get)\n";
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -193,11 +304,14 @@ int main(int argc, char** argv) {
       "  generate   stream a generation (--text or --ids, sampling flags)\n"
       "  list       the base model and adapters\n"
       "  tokenize   token ids and pieces of --text\n"
-      "  health     grpc.health.v1 status (exit 0 when SERVING)");
+      "  health     grpc.health.v1 status (exit 0 when SERVING)\n"
+      "  admin      load NAME PATH [--replace --sha256 HEX] | unload NAME [--force\n"
+      "             --drain-timeout D] | list | get NAME   (--admin-addr, --admin-token-file)");
   std::vector<std::string> storage;
   std::vector<char*> normalized = moleserve::server::NormalizeDashedFlags(argc, argv, &storage);
   std::vector<char*> args =
       absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
+  if (args.size() >= 2 && std::string(args[1]) == "admin") return Admin(args);
   if (args.size() != 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";
     return 2;
