@@ -209,11 +209,12 @@ void Executor::Ingest(absl::Time now) {
     cancels.swap(cancels_);
     tasks.swap(tasks_);
   }
-  for (auto& task : tasks) task();
+  // Submissions first, so that a task (e.g. cancelling an adapter's requests) sees them.
   for (auto& seq : inbox) {
     by_handle_[seq->handle] = seq.get();
     scheduler_.Enqueue(std::move(seq));
   }
+  for (auto& task : tasks) task();
   // Deadlines first, so a gRPC deadline (which also cancels the call) is reported as one.
   // Checked every step for waiting and running sequences alike.
   std::vector<Sequence*> expired;

@@ -40,6 +40,8 @@
 #include "moleserve/v1/inference.grpc.pb.h"
 #include "server/grpc/health_client.h"
 #include "server/metrics/prometheus_metrics.h"
+#include "tests/common/demo_mole_adapter.h"
+#include "tests/common/metrics_scrape.h"
 
 namespace moleserve::server {
 namespace {
@@ -725,68 +727,6 @@ TEST(ServerTest, HealthGoesNotServingDuringDrainWhileInFlightCompletes) {
 // ---------------------------------------------------------------------------------------------
 // /metrics
 
-// GET http://127.0.0.1:port/metrics; returns the body ("" on failure).
-std::string HttpGetMetrics(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  timeval tv{.tv_sec = 5, .tv_usec = 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string response;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
-    if (send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
-      char buf[4096];
-      for (int i = 0; i < 10000; ++i) {
-        const ssize_t n = recv(fd, buf, sizeof(buf), 0);
-        if (n <= 0) break;
-        response.append(buf, static_cast<size_t>(n));
-      }
-    }
-  }
-  close(fd);
-  const size_t body = response.find("\r\n\r\n");
-  if (response.rfind("HTTP/1.", 0) != 0 || response.find(" 200 ") == std::string::npos ||
-      body == std::string::npos) {
-    ADD_FAILURE() << "bad /metrics response: " << response.substr(0, 200);
-    return "";
-  }
-  return response.substr(body + 4);
-}
-
-// Prometheus text format: `name{labels} value [timestamp]` per sample; '#' lines are comments.
-std::map<std::string, double> ParsePrometheus(const std::string& text) {
-  std::map<std::string, double> samples;
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (line.empty() || line[0] == '#') continue;
-    // The name and labels end at the first space after the closing brace (label values may
-    // contain spaces).
-    size_t name_end = line.find('{');
-    size_t space;
-    if (name_end != absl::string_view::npos && name_end < line.find(' ')) {
-      space = line.find(' ', line.find('}', name_end));
-    } else {
-      space = line.find(' ');
-    }
-    if (space == absl::string_view::npos) {
-      ADD_FAILURE() << "malformed metrics line: " << line;
-      continue;
-    }
-    std::vector<absl::string_view> rest = absl::StrSplit(line.substr(space + 1), ' ');
-    double value = 0;
-    if (rest.empty() || !absl::SimpleAtod(rest[0], &value)) {
-      ADD_FAILURE() << "malformed metrics value: " << line;
-      continue;
-    }
-    samples[std::string(line.substr(0, space))] = value;
-  }
-  return samples;
-}
-
 // Past --drain-timeout, whatever still runs ends with UNAVAILABLE and the drain returns.
 TEST(ServerTest, DrainTimeoutEndsWhatIsLeftWithUnavailable) {
   auto inst = Instance::Start(SmallEngineOptions());
@@ -856,7 +796,7 @@ TEST(ServerTest, MetricsEndpointCountsTraffic) {
   // Metrics are recorded by the engine around the final message; poll briefly until they agree.
   std::map<std::string, double> m;
   for (int i = 0; i < 100; ++i) {
-    m = ParsePrometheus(HttpGetMetrics(inst->metrics->port()));
+    m = test_util::ParsePrometheus(test_util::HttpGetMetrics(inst->metrics->port()));
     if (m["moleserve_generation_tokens_total"] == generated &&
         m["moleserve_time_to_first_token_seconds_count"] == 5) {
       break;
@@ -1010,48 +950,8 @@ TEST(ServerTest, ReflectionListsTheServices) {
 // ---------------------------------------------------------------------------------------------
 // MoLE adapters over the API: ListModels, per-request adapter, return_routing, routing override
 
-namespace mole_api {
-
-// A mole/1 adapter for the demo model (4 layers, hidden 256, 8 q heads / 4 kv heads of 32):
-// a top-2 routed group of 4 rank-4 experts on q_proj and o_proj of every layer, strong enough
-// to change greedy output.
-std::string WriteDemoMoleAdapter(const std::string& dir) {
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  std::mt19937 rng(7);
-  std::normal_distribution<float> dist(0.0f, 0.3f);
-  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::vector<float> v(n);
-    for (float& x : v) x = dist(rng);
-    t[name] = {std::move(shape), std::move(v)};
-  };
-  for (int l = 0; l < 4; ++l) {
-    for (const std::string m : {"q_proj", "o_proj"}) {
-      const std::string p = absl::StrCat("groups.g.layers.", l, ".", m);
-      add(p + ".A", {4, 4, 256});
-      add(p + ".B", {4, 256, 4});
-      add(p + ".router.weight", {4, 256});
-    }
-  }
-  std::vector<engine::SafetensorsWriteTensor> out;
-  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
-  EXPECT_TRUE(engine::WriteSafetensors(dir + "/model.safetensors", out, {}).ok());
-  std::ofstream(dir + "/mole_config.json") << R"({
-    "format": "mole", "format_version": 1, "name": "demo-mola", "source_family": "mola",
-    "routed_groups": [{"id": "g", "scope": "module",
-      "targets": {"layers": "all", "modules": ["q_proj", "o_proj"]},
-      "num_experts": 4, "rank": 4, "scale": 2.0,
-      "routing": {"algorithm": "topk", "k": 2}}]})";
-  return dir;
-}
-
-}  // namespace mole_api
-
 TEST(ServerTest, AdaptersListedRoutedAndOverriddenPerRequest) {
-  const std::string dir = mole_api::WriteDemoMoleAdapter(
+  const std::string dir = test_util::WriteDemoMoleAdapter(
       absl::StrCat(::testing::TempDir(), "/moleserve_demo_mola_", getpid()));
   engine::EngineOptions options = SmallEngineOptions();
   options.adapters = {{"mola", dir}};

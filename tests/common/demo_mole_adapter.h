@@ -1,0 +1,57 @@
+#pragma once
+
+// WriteDemoMoleAdapter: a random mole/1 adapter for the built-in demo model, for server tests.
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model/safetensors.h"
+#include "gtest/gtest.h"
+
+namespace moleserve::test_util {
+
+// A mole/1 adapter for the demo model (4 layers, hidden 256, 8 q heads / 4 kv heads of 32):
+// a top-2 routed group of `num_experts` experts of rank `rank` (default 4 and 4) on q_proj and
+// o_proj of every layer, strong enough to change greedy output.
+inline std::string WriteDemoMoleAdapter(const std::string& dir, uint32_t seed = 7,
+                                        int32_t num_experts = 4, int32_t rank = 4) {
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 0.3f);
+  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<float> v(n);
+    for (float& x : v) x = dist(rng);
+    t[name] = {std::move(shape), std::move(v)};
+  };
+  for (int l = 0; l < 4; ++l) {
+    for (const std::string m : {"q_proj", "o_proj"}) {
+      const std::string p = absl::StrCat("groups.g.layers.", l, ".", m);
+      add(p + ".A", {num_experts, rank, 256});
+      add(p + ".B", {num_experts, 256, rank});
+      add(p + ".router.weight", {num_experts, 256});
+    }
+  }
+  std::vector<engine::SafetensorsWriteTensor> out;
+  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
+  EXPECT_TRUE(engine::WriteSafetensors(dir + "/model.safetensors", out, {}).ok());
+  std::ofstream(dir + "/mole_config.json")
+      << R"({"format": "mole", "format_version": 1, "name": "demo-mola", "source_family": "mola",
+    "routed_groups": [{"id": "g", "scope": "module",
+      "targets": {"layers": "all", "modules": ["q_proj", "o_proj"]},
+      "num_experts": )"
+      << num_experts << R"(, "rank": )" << rank << R"(, "scale": 2.0,
+      "routing": {"algorithm": "topk", "k": 2}}]})";
+  return dir;
+}
+
+}  // namespace moleserve::test_util
