@@ -310,8 +310,8 @@ TEST(AdminTest, Sha256IsCheckedAndCorruptReplaceKeepsTheOldVersionServing) {
                   fs::file_size(root.path / "truncated" / "model.safetensors") / 2);
   for (const std::string bad : {"nan", "truncated"}) {
     grpc::Status st = inst->Load("m", bad, /*replace=*/true);
-    EXPECT_THAT(st.error_code(), ::testing::AnyOf(grpc::StatusCode::INVALID_ARGUMENT,
-                                                  grpc::StatusCode::DATA_LOSS))
+    EXPECT_THAT(st.error_code(),
+                ::testing::AnyOf(grpc::StatusCode::INVALID_ARGUMENT, grpc::StatusCode::DATA_LOSS))
         << bad << ": " << st.error_message();
     absl::StatusOr<pb::AdapterStatus> after = inst->Get("m");
     ASSERT_TRUE(after.ok());
