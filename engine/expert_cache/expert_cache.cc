@@ -39,12 +39,12 @@ ExpertCache::Pool& ExpertCache::PoolFor(int64_t width) {
 }
 
 void* ExpertCache::PagePtr(const Pool& pool, int32_t page) const {
-  for (const Pool::Chunk& c : pool.chunks) {
-    if (page >= c.first && page < c.first + c.pages) {
-      return c.buf.as<char>() + int64_t{page - c.first} * pool.width * kRowElementBytes;
-    }
-  }
-  return nullptr;  // unreachable: pages come from the pool's chunks
+  // The chunk whose first page is the last one <= page (chunks are sorted and contiguous).
+  auto it = std::upper_bound(pool.chunks.begin(), pool.chunks.end(), page,
+                             [](int32_t p, const Pool::Chunk& c) { return p < c.first; });
+  if (it == pool.chunks.begin()) return nullptr;  // unreachable: pages come from the chunks
+  const Pool::Chunk& c = *std::prev(it);
+  return c.buf.as<char>() + int64_t{page - c.first} * pool.width * kRowElementBytes;
 }
 
 absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraStack*>& stacks) {
@@ -135,9 +135,7 @@ absl::Status ExpertCache::Repartition(bool check_only) {
   for (const bool grow : {false, true}) {
     for (const auto& [w, pages] : target) {
       Pool& pool = PoolFor(w);
-      const bool keep = options_.capacity_bytes > 0 && pages > 0 && pool.pages >= minimum[w] &&
-                        std::abs(pages - pool.pages) <= pool.pages / 8;  // hysteresis
-      if (keep || (pages > pool.pages) != grow) continue;
+      if (pages == pool.pages || (pages > pool.pages) != grow) continue;
       RETURN_IF_ERROR(ResizePool(&pool, pages));
     }
   }

@@ -19,7 +19,8 @@
 // ever evicted for room). Otherwise the capacity is split between the widths in proportion to the
 // registered experts' rows of each width, each pool holding at least the largest single expert's
 // rows of its width (so one expert always fits; AddOwner refuses an adapter that would break
-// this). A pool is a list of backend allocations (chunks); resizing adds or drops whole chunks.
+// this). A pool is a list of backend allocations (chunks); growing adds a chunk, shrinking drops
+// whole chunks from the tail (evicting their experts) and adds one back up to the target.
 //
 // A pinned expert is never evicted. Acquire fails with kResourceExhausted only when the pool
 // cannot make room because every other expert holding pages of the needed width is pinned; the
