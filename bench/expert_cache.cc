@@ -31,7 +31,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "engine/engine.h"
-#include "engine/model/safetensors.h"
+#include "tests/common/demo_mole_adapter.h"
 
 ABSL_FLAG(std::string, out, "bench/results/expert_cache.json", "JSON report path ('' = none)");
 ABSL_FLAG(int, adapters, 40, "MoLE adapters");
@@ -48,39 +48,6 @@ using moleserve::engine::Engine;
 constexpr int kLayers = 4, kHidden = 256, kExperts = 8, kRank = 8;  // the demo model's shape
 // Expert bytes of one adapter: 4 layers x 2 sites x 8 experts x (8 A + 8 Bt rows) x 256 fp32.
 constexpr int64_t kAdapterExpertBytes = int64_t{kLayers} * 2 * kExperts * 2 * kRank * kHidden * 4;
-
-void WriteAdapter(const fs::path& dir, uint32_t seed) {
-  fs::create_directories(dir);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 0.2f);
-  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::vector<float> v(n);
-    for (float& x : v) x = dist(rng);
-    t[name] = {std::move(shape), std::move(v)};
-  };
-  for (int l = 0; l < kLayers; ++l) {
-    for (const std::string m : {"q_proj", "o_proj"}) {
-      const std::string p = absl::StrCat("groups.g.layers.", l, ".", m);
-      add(p + ".A", {kExperts, kRank, kHidden});
-      add(p + ".B", {kExperts, kHidden, kRank});
-      add(p + ".router.weight", {kExperts, kHidden});
-    }
-  }
-  std::vector<moleserve::engine::SafetensorsWriteTensor> out;
-  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
-  if (!moleserve::engine::WriteSafetensors((dir / "model.safetensors").string(), out, {}).ok()) {
-    std::fprintf(stderr, "cannot write %s\n", dir.c_str());
-    std::exit(1);
-  }
-  std::ofstream(dir / "mole_config.json")
-      << R"({"format": "mole", "format_version": 1, "name": "bench", "source_family": "mola",
-      "routed_groups": [{"id": "g", "scope": "module",
-      "targets": {"layers": "all", "modules": ["q_proj", "o_proj"]},
-      "num_experts": 8, "rank": 8, "scale": 2.0, "routing": {"algorithm": "topk", "k": 2}}]})";
-}
 
 // Counts finished requests; Wait blocks until `n` finished.
 class Done {
@@ -146,7 +113,14 @@ int main(int argc, char** argv) {
   const int tokens = absl::GetFlag(FLAGS_tokens);
   const int concurrency = absl::GetFlag(FLAGS_concurrency);
   const fs::path root = fs::temp_directory_path() / absl::StrCat("moleserve_bench_", getpid());
-  for (int i = 0; i < num_adapters; ++i) WriteAdapter(root / absl::StrCat("a", i), 100 + i);
+  for (int i = 0; i < num_adapters; ++i) {
+    const fs::path dir = root / absl::StrCat("a", i);
+    if (moleserve::test_util::WriteDemoMoleAdapter(dir.string(), 100 + i, kExperts, kRank, 0.2f)
+            .empty()) {
+      std::fprintf(stderr, "cannot write %s\n", dir.c_str());
+      return 1;
+    }
+  }
   const int64_t all_bytes = kAdapterExpertBytes * num_adapters;
 
   std::printf("%d adapters x %.0f KiB of experts, %d requests x %d tokens, %d in flight\n",

@@ -1,6 +1,7 @@
 #pragma once
 
-// WriteDemoMoleAdapter: a random mole/1 adapter for the built-in demo model, for server tests.
+// WriteDemoMoleAdapter: a random mole/1 adapter for the built-in demo model, for server tests and
+// benchmarks (no gtest here). Returns the directory, or "" when the weights cannot be written.
 
 #include <cstdint>
 #include <filesystem>
@@ -12,7 +13,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/safetensors.h"
-#include "gtest/gtest.h"
 
 namespace moleserve::test_util {
 
@@ -20,11 +20,12 @@ namespace moleserve::test_util {
 // a top-2 routed group of `num_experts` experts of rank `rank` (default 4 and 4) on q_proj and
 // o_proj of every layer, strong enough to change greedy output.
 inline std::string WriteDemoMoleAdapter(const std::string& dir, uint32_t seed = 7,
-                                        int32_t num_experts = 4, int32_t rank = 4) {
+                                        int32_t num_experts = 4, int32_t rank = 4,
+                                        float stddev = 0.3f) {
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 0.3f);
+  std::normal_distribution<float> dist(0.0f, stddev);
   std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
   auto add = [&](const std::string& name, std::vector<int64_t> shape) {
     int64_t n = 1;
@@ -43,7 +44,7 @@ inline std::string WriteDemoMoleAdapter(const std::string& dir, uint32_t seed = 
   }
   std::vector<engine::SafetensorsWriteTensor> out;
   for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
-  EXPECT_TRUE(engine::WriteSafetensors(dir + "/model.safetensors", out, {}).ok());
+  if (!engine::WriteSafetensors(dir + "/model.safetensors", out, {}).ok()) return "";
   std::ofstream(dir + "/mole_config.json")
       << R"({"format": "mole", "format_version": 1, "name": "demo-mola", "source_family": "mola",
     "routed_groups": [{"id": "g", "scope": "module",

@@ -52,7 +52,8 @@ struct AdapterRoot {
   ~AdapterRoot() { fs::remove_all(path); }
   // Writes a demo adapter at root/rel.
   std::string Write(const std::string& rel, uint32_t seed, int32_t experts = 4, int32_t rank = 4) {
-    test_util::WriteDemoMoleAdapter((path / rel).string(), seed, experts, rank);
+    EXPECT_FALSE(
+        test_util::WriteDemoMoleAdapter((path / rel).string(), seed, experts, rank).empty());
     return rel;
   }
 };
@@ -238,7 +239,7 @@ TEST(AdminTest, HostilePathsAreRefusedAndLeaveNothingServing) {
   auto inst = Instance::Start(root.path.string());
   ASSERT_NE(inst, nullptr);
   const fs::path outside = fs::path(::testing::TempDir()) / absl::StrCat("outside_", getpid());
-  test_util::WriteDemoMoleAdapter(outside.string(), 3);
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(outside.string(), 3).empty());
   fs::create_directory_symlink(outside, root.path / "escape");
   root.Write("inner", 4);
   fs::create_symlink(outside / "model.safetensors", root.path / "inner" / "linked.safetensors");

@@ -953,6 +953,7 @@ TEST(ServerTest, ReflectionListsTheServices) {
 TEST(ServerTest, AdaptersListedRoutedAndOverriddenPerRequest) {
   const std::string dir = test_util::WriteDemoMoleAdapter(
       absl::StrCat(::testing::TempDir(), "/moleserve_demo_mola_", getpid()));
+  ASSERT_FALSE(dir.empty());
   engine::EngineOptions options = SmallEngineOptions();
   options.adapters = {{"mola", dir}};
   auto inst = Instance::Start(options);
