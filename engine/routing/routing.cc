@@ -432,4 +432,65 @@ absl::Status RouteRanks(const RoutingSpec& spec, absl::Span<const float> z,
   return absl::OkStatus();
 }
 
+absl::StatusOr<kernels::RouteParams> ToRouteParams(const RoutingSpec& spec, int32_t num_experts) {
+  if (num_experts < 1 || num_experts > kernels::kMaxRouteWidth) {
+    return absl::InvalidArgumentError(absl::StrCat("routing: ", num_experts,
+                                                   " experts; device routing handles 1..",
+                                                   kernels::kMaxRouteWidth));
+  }
+  kernels::RouteParams p;
+  switch (spec.algorithm) {
+    case RoutingAlgorithm::kTopK:
+      p.rule = kernels::RouteRule::kTopK;
+      break;
+    case RoutingAlgorithm::kTopP:
+      p.rule = kernels::RouteRule::kTopP;
+      break;
+    case RoutingAlgorithm::kDynMole:
+      p.rule = kernels::RouteRule::kDynMole;
+      break;
+    case RoutingAlgorithm::kSoft:
+      p.rule = kernels::RouteRule::kSoft;
+      break;
+    case RoutingAlgorithm::kSwitch:
+      p.rule = kernels::RouteRule::kSwitch;
+      break;
+    case RoutingAlgorithm::kRankTopK:
+      return absl::InvalidArgumentError("routing: rank_topk routes ranks; use ToRankRouteParams");
+  }
+  p.num_experts = num_experts;
+  p.k = spec.k;
+  p.p = spec.p;
+  p.p_within = spec.p_mode == TopPMode::kWithin;
+  p.min_k = spec.min_k;
+  p.temperature = spec.temperature;
+  p.prob_temperature = spec.prob_temperature;
+  p.renormalize = spec.renormalize;
+  p.entropy_gate = spec.entropy.enabled;
+  p.entropy_q = spec.entropy.q;
+  p.entropy_threshold = spec.entropy.threshold;
+  p.entropy_eps = spec.entropy.eps;
+  return p;
+}
+
+absl::StatusOr<kernels::RankRouteParams> ToRankRouteParams(const RoutingSpec& spec, int32_t rank,
+                                                           bool select_on_abs) {
+  if (spec.algorithm != RoutingAlgorithm::kRankTopK) {
+    return absl::InvalidArgumentError("routing: rank routing needs a rank_topk spec");
+  }
+  if (rank < 1 || rank > kernels::kMaxRouteWidth || spec.k < 1 || spec.k > rank) {
+    return absl::InvalidArgumentError(absl::StrCat("routing: rank ", rank, " with k ", spec.k,
+                                                   "; device rank routing handles ranks 1..",
+                                                   kernels::kMaxRouteWidth, " and k in 1..rank"));
+  }
+  kernels::RankRouteParams p;
+  p.rank = rank;
+  p.z_stride = rank;
+  p.k = spec.k;
+  p.select_on_abs = select_on_abs;
+  p.temperature = spec.temperature;
+  p.renormalize = spec.renormalize;
+  return p;
+}
+
 }  // namespace moleserve::engine

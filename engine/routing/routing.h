@@ -23,6 +23,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kernels/common/params.h"
 
 namespace moleserve::engine {
 
@@ -140,5 +141,14 @@ void XloraModuleWeights(absl::Span<const float> scalings, int32_t top_k, bool so
 absl::Status RouteRanks(const RoutingSpec& spec, absl::Span<const float> z,
                         absl::Span<const float> router_logits, absl::Span<const float> select_bias,
                         bool select_on_abs, int32_t* kept, absl::Span<float> u);
+
+// The kernel-side description of a validated lora-granular spec over `num_experts` experts (the
+// device routing kernel and its CPU twin, kernels/common/routing_math.h); pointers and
+// num_tokens are left for the caller. kInvalidArgument for kRankTopK or more than
+// kernels::kMaxRouteWidth experts.
+absl::StatusOr<kernels::RouteParams> ToRouteParams(const RoutingSpec& spec, int32_t num_experts);
+// Likewise for a rank-granular (kRankTopK) spec over r ranks.
+absl::StatusOr<kernels::RankRouteParams> ToRankRouteParams(const RoutingSpec& spec, int32_t rank,
+                                                           bool select_on_abs);
 
 }  // namespace moleserve::engine

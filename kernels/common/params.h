@@ -192,4 +192,62 @@ struct ScatterAddParams {
   ScalarType dtype = ScalarType::kF32;
 };
 
+// dst[i] = src[i] converted (bf16 <-> fp32 with round-to-nearest-even, or a copy).
+struct ConvertParams {
+  const void* src = nullptr;  // [n], src_dtype
+  void* dst = nullptr;        // [n], dst_dtype; must not overlap src unless the dtypes are equal
+  int64_t n = 0;
+  ScalarType src_dtype = ScalarType::kF32;
+  ScalarType dst_dtype = ScalarType::kF32;
+};
+
+// Selection rules of lora-granular routers (engine/routing's RoutingAlgorithm minus rank_topk).
+enum class RouteRule : int32_t { kTopK = 0, kTopP, kDynMole, kSoft, kSwitch };
+
+// Widest router a routing kernel handles (experts, or ranks for rank routing).
+inline constexpr int32_t kMaxRouteWidth = 128;
+
+// Per token t: p = softmax(logits[t] / temperature) and the rule's selection (routing_math.h),
+// experts[t, 0..count[t]) in descending weight (ties: lower index), weights alike. count[t] = 0
+// when the token's logits are undefined (NaN, +inf, all -inf): the caller reports it.
+struct RouteParams {
+  const float* logits = nullptr;  // [num_tokens, num_experts] fp32
+  int32_t* experts = nullptr;     // [num_tokens, num_experts]
+  float* weights = nullptr;       // [num_tokens, num_experts]
+  int32_t* count = nullptr;       // [num_tokens]
+  int64_t num_tokens = 0;
+  int32_t num_experts = 0;  // 1..kMaxRouteWidth
+  RouteRule rule = RouteRule::kTopK;
+  int32_t k = 2;
+  float p = 0.0f;
+  bool p_within = false;  // kTopP: "within" instead of "exceed" (kDynMole is always within)
+  int32_t min_k = 0;
+  float temperature = 1.0f;
+  float prob_temperature = 0.0f;
+  bool renormalize = true;
+  bool entropy_gate = false;  // kDynMole
+  double entropy_q = 1.1;
+  double entropy_threshold = 0.9;
+  double entropy_eps = 1e-5;
+};
+
+// Rank routing (FlyLoRA without router_logits, SMoRA with), per token t over r ranks of the
+// shrink output z (routing_math.h RouteRanksOne): kept[t, 0..k) and u[t, 0..r). ok[t] = 0 on NaN
+// or an undefined softmax.
+struct RankRouteParams {
+  const float* z = nullptr;              // [num_tokens, z_stride]
+  const float* router_logits = nullptr;  // [num_tokens, rank] or nullptr (FlyLoRA)
+  const float* select_bias = nullptr;    // [rank] or nullptr
+  float* u = nullptr;                    // [num_tokens, z_stride]; must not alias z
+  int32_t* kept = nullptr;               // [num_tokens, k]
+  int32_t* ok = nullptr;                 // [num_tokens]
+  int64_t num_tokens = 0;
+  int32_t rank = 0;  // 1..kMaxRouteWidth
+  int32_t z_stride = 0;
+  int32_t k = 1;
+  bool select_on_abs = false;
+  float temperature = 1.0f;
+  bool renormalize = true;
+};
+
 }  // namespace moleserve::kernels

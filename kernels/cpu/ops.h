@@ -33,6 +33,13 @@ KernelStatus SgmvShrink(const SgmvShrinkParams& p, ThreadPool* pool);
 KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool);
 KernelStatus ScatterAdd(const ScatterAddParams& p, ThreadPool* pool);
 
+// Routing (routing_math.h, the same per-token code the CUDA kernel runs) and dtype conversion.
+// Route / RankRoute: widths outside 1..kMaxRouteWidth or k outside 1..width -> kInvalidShape.
+KernelStatus Route(const RouteParams& p, ThreadPool* pool);
+KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool);
+// fp32 <-> bf16 (round to nearest even; NaN stays NaN) or a same-dtype copy.
+KernelStatus Convert(const ConvertParams& p, ThreadPool* pool);
+
 // Sets OpenBLAS's thread count (process-wide, OpenBLAS's own state).
 void SetBlasThreads(int n);
 

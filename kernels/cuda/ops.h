@@ -17,5 +17,17 @@ cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream);
 cudaError_t Embedding(const EmbeddingParams& p, cudaStream_t stream);
 cudaError_t Add(const AddParams& p, cudaStream_t stream);
 cudaError_t BiasAdd(const BiasAddParams& p, cudaStream_t stream);
+cudaError_t Rope(const RopeParams& p, cudaStream_t stream);
+cudaError_t Convert(const ConvertParams& p, cudaStream_t stream);
+cudaError_t KvWrite(const KvWriteParams& p, cudaStream_t stream);
+cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream);
+// Segmented GEMMs: the segment tables live on the device, so ranks above v_stride cannot be
+// refused here; such rows are skipped (the backend's callers build the tables).
+cudaError_t SgmvShrink(const SgmvShrinkParams& p, cudaStream_t stream);
+cudaError_t SgmvExpand(const SgmvExpandParams& p, cudaStream_t stream);
+cudaError_t ScatterAdd(const ScatterAddParams& p, cudaStream_t stream);
+// Routing: count[t] == 0 / ok[t] == 0 marks a token with NaN or undefined logits.
+cudaError_t Route(const RouteParams& p, cudaStream_t stream);
+cudaError_t RankRoute(const RankRouteParams& p, cudaStream_t stream);
 
 }  // namespace moleserve::kernels::cuda

@@ -52,4 +52,38 @@ cudaError_t Embedding(const EmbeddingParams& p, cudaStream_t stream) {
   });
 }
 
+cudaError_t Rope(const RopeParams& p, cudaStream_t stream) {
+  if (p.num_tokens == 0) return cudaSuccess;
+  if (p.num_tokens < 0 || p.num_tokens > 0x7fffffff || p.head_dim <= 0 || p.head_dim % 2 != 0 ||
+      p.num_q_heads < 0 || p.num_kv_heads < 0) {
+    return cudaErrorInvalidValue;
+  }
+  return DispatchFloat(p.dtype, [&]<typename T>() {
+    const int threads = std::min(128, std::max(32, p.head_dim / 2));
+    RopeKernel<T><<<static_cast<unsigned int>(p.num_tokens), threads, 0, stream>>>(
+        static_cast<T*>(p.q), static_cast<T*>(p.k), p.positions, p.inv_freq, p.num_q_heads,
+        p.num_kv_heads, p.head_dim);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t Convert(const ConvertParams& p, cudaStream_t stream) {
+  if (p.n < 0) return cudaErrorInvalidValue;
+  if (p.n == 0) return cudaSuccess;
+  if (p.src_dtype == p.dst_dtype) {
+    if (p.src_dtype != ScalarType::kF32 && p.src_dtype != ScalarType::kBF16) {
+      return cudaErrorInvalidValue;
+    }
+    const size_t bytes = static_cast<size_t>(p.n) * (p.src_dtype == ScalarType::kF32 ? 4 : 2);
+    return cudaMemcpyAsync(p.dst, p.src, bytes, cudaMemcpyDeviceToDevice, stream);
+  }
+  return DispatchFloat(p.src_dtype, [&]<typename From>() {
+    return DispatchFloat(p.dst_dtype, [&]<typename To>() {
+      ConvertKernel<From, To><<<GridFor(p.n), kThreads, 0, stream>>>(
+          static_cast<const From*>(p.src), static_cast<To*>(p.dst), p.n);
+      return cudaGetLastError();
+    });
+  });
+}
+
 }  // namespace moleserve::kernels::cuda

@@ -41,4 +41,37 @@ __global__ void EmbeddingKernel(const int32_t* __restrict__ ids, const T* __rest
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = src[c];
 }
 
+// Rotary embedding (params.h RopeParams): one block per token; thread i computes the angle of
+// frequency i once (in double, like the CPU twin: large positions lose bits in fp32) and rotates
+// that pair of every query and key head.
+template <typename T>
+__global__ void RopeKernel(T* __restrict__ q, T* __restrict__ k,
+                           const int32_t* __restrict__ positions,
+                           const float* __restrict__ inv_freq, int32_t num_q_heads,
+                           int32_t num_kv_heads, int32_t head_dim) {
+  const int64_t t = blockIdx.x;
+  const int32_t half = head_dim / 2;
+  const double pos = positions[t];
+  for (int32_t i = threadIdx.x; i < half; i += blockDim.x) {
+    double sin_d, cos_d;
+    sincos(pos * static_cast<double>(inv_freq[i]), &sin_d, &cos_d);
+    const float c = static_cast<float>(cos_d), s = static_cast<float>(sin_d);
+    auto rotate = [&](T* head) {
+      const float x0 = ToFloat(head[i]), x1 = ToFloat(head[i + half]);
+      head[i] = FromFloat<T>(x0 * c - x1 * s);
+      head[i + half] = FromFloat<T>(x1 * c + x0 * s);
+    };
+    for (int32_t h = 0; h < num_q_heads; ++h) rotate(q + (t * num_q_heads + h) * head_dim);
+    for (int32_t h = 0; h < num_kv_heads; ++h) rotate(k + (t * num_kv_heads + h) * head_dim);
+  }
+}
+
+template <typename From, typename To>
+__global__ void ConvertKernel(const From* __restrict__ src, To* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dst[i] = FromFloat<To>(ToFloat(src[i]));
+  }
+}
+
 }  // namespace moleserve::kernels::cuda

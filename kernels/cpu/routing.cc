@@ -1,0 +1,81 @@
+// CPU twins of the routing kernels (the per-token code is routing_math.h, shared with CUDA) and
+// of the dtype conversion.
+
+#include <cstring>
+#include <vector>
+
+#include "kernels/common/bf16.h"
+#include "kernels/common/routing_math.h"
+#include "kernels/cpu/ops.h"
+
+namespace moleserve::kernels::cpu {
+
+KernelStatus Route(const RouteParams& p, ThreadPool* pool) {
+  if (p.num_tokens < 0 || p.num_experts < 1 || p.num_experts > kMaxRouteWidth) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.num_tokens == 0) return KernelStatus::kOk;
+  if (p.logits == nullptr || p.experts == nullptr || p.weights == nullptr || p.count == nullptr) {
+    return KernelStatus::kInvalidArgument;
+  }
+  const int32_t e = p.num_experts;
+  ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
+    float prob[kMaxRouteWidth];
+    int32_t order[kMaxRouteWidth];
+    for (int64_t t = begin; t < end; ++t) {
+      p.count[t] = routing_math::RouteOne(p, p.logits + t * e, p.experts + t * e,
+                                          p.weights + t * e, prob, order);
+    }
+  });
+  return KernelStatus::kOk;
+}
+
+KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool) {
+  if (p.num_tokens < 0 || p.rank < 1 || p.rank > kMaxRouteWidth || p.z_stride < p.rank ||
+      p.k < 1 || p.k > p.rank) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.num_tokens == 0) return KernelStatus::kOk;
+  if (p.z == nullptr || p.u == nullptr || p.kept == nullptr || p.ok == nullptr || p.z == p.u) {
+    return KernelStatus::kInvalidArgument;
+  }
+  ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
+    float key[kMaxRouteWidth], g[kMaxRouteWidth];
+    int32_t order[kMaxRouteWidth];
+    for (int64_t t = begin; t < end; ++t) {
+      const float* logits = p.router_logits == nullptr ? nullptr : p.router_logits + t * p.rank;
+      p.ok[t] = routing_math::RouteRanksOne(p, p.z + t * p.z_stride, logits, p.kept + t * p.k,
+                                            p.u + t * p.z_stride, key, g, order)
+                    ? 1
+                    : 0;
+    }
+  });
+  return KernelStatus::kOk;
+}
+
+KernelStatus Convert(const ConvertParams& p, ThreadPool* pool) {
+  if (p.n < 0) return KernelStatus::kInvalidShape;
+  if (p.n == 0) return KernelStatus::kOk;
+  if (p.src == nullptr || p.dst == nullptr) return KernelStatus::kInvalidArgument;
+  const bool f32_in = p.src_dtype == ScalarType::kF32, bf16_in = p.src_dtype == ScalarType::kBF16;
+  const bool f32_out = p.dst_dtype == ScalarType::kF32, bf16_out = p.dst_dtype == ScalarType::kBF16;
+  if (!(f32_in || bf16_in) || !(f32_out || bf16_out)) return KernelStatus::kUnsupportedDtype;
+  if (p.src_dtype == p.dst_dtype) {
+    std::memmove(p.dst, p.src, static_cast<size_t>(p.n) * (f32_in ? 4 : 2));
+    return KernelStatus::kOk;
+  }
+  ParallelFor(pool, p.n, [&](int64_t begin, int64_t end) {
+    if (f32_in) {
+      const auto* s = static_cast<const float*>(p.src);
+      auto* d = static_cast<uint16_t*>(p.dst);
+      for (int64_t i = begin; i < end; ++i) d[i] = F32ToBf16(s[i]);
+    } else {
+      const auto* s = static_cast<const uint16_t*>(p.src);
+      auto* d = static_cast<float*>(p.dst);
+      for (int64_t i = begin; i < end; ++i) d[i] = Bf16ToF32(s[i]);
+    }
+  });
+  return KernelStatus::kOk;
+}
+
+}  // namespace moleserve::kernels::cpu

@@ -1,0 +1,131 @@
+#pragma once
+
+// Segmented LoRA GEMMs (shrink / expand) over expert-sorted (row, expert) pairs with fused
+// gather and weighted scatter-add, reading experts through the row tables of the paged expert
+// cache. Launch shapes and their rationale: kernels/common/launch_plan.h.
+
+#include "kernels/common/launch_plan.h"
+#include "kernels/cuda/dispatch.cuh"
+
+namespace moleserve::kernels::cuda {
+
+// kVec elements of T as fp32 from a 16-byte load (kVec == 16 / sizeof(T)) or a scalar load.
+template <typename T, int kVec>
+__device__ __forceinline__ void LoadVec(const T* p, float (&out)[kVec]) {
+  if constexpr (kVec == 1) {
+    out[0] = ToFloat(p[0]);
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = ToFloat(v[i]);
+  }
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// v[p, i] = sum_k x[x_row[p], k] * A_s[i, k]: warp w of block (s, y) owns rank row
+// i = y * kShrinkWarps + w of segment s and walks the segment's pairs kShrinkPairs at a time.
+template <typename T, int kVec>
+__global__ void SgmvShrinkKernel(const T* __restrict__ x, float* __restrict__ v,
+                                 const int32_t* __restrict__ x_row,
+                                 const int32_t* __restrict__ seg_start,
+                                 const int32_t* __restrict__ seg_rank,
+                                 const int64_t* __restrict__ seg_row_offset,
+                                 const void* const* __restrict__ a_rows, int64_t in,
+                                 int32_t v_stride) {
+  const int32_t s = blockIdx.x;
+  const int32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int32_t i = blockIdx.y * kShrinkWarps + warp;
+  if (i >= seg_rank[s] || i >= v_stride) return;  // a rank above v_stride writes nothing
+  const T* a = static_cast<const T*>(a_rows[seg_row_offset[s] + i]);
+  const int32_t begin = seg_start[s], end = seg_start[s + 1];
+  for (int32_t p0 = begin; p0 < end; p0 += kShrinkPairs) {
+    const int32_t n = min(kShrinkPairs, end - p0);
+    const T* xr[kShrinkPairs];
+#pragma unroll
+    for (int q = 0; q < kShrinkPairs; ++q) {
+      xr[q] = x + static_cast<int64_t>(x_row[p0 + (q < n ? q : 0)]) * in;
+    }
+    float acc[kShrinkPairs] = {};
+    for (int64_t k = int64_t{lane} * kVec; k < in; k += 32 * kVec) {
+      float av[kVec];
+      LoadVec<T, kVec>(a + k, av);
+#pragma unroll
+      for (int q = 0; q < kShrinkPairs; ++q) {
+        if (q < n) {
+          float xv[kVec];
+          LoadVec<T, kVec>(xr[q] + k, xv);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) acc[q] += av[e] * xv[e];
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kShrinkPairs; ++q) {
+      const float sum = WarpSum(acc[q]);
+      if (lane == 0 && q < n) v[static_cast<int64_t>(p0 + q) * v_stride + i] = sum;
+    }
+  }
+}
+
+__device__ __forceinline__ void AtomicAddTo(float* p, float v) { atomicAdd(p, v); }
+__device__ __forceinline__ void AtomicAddTo(__nv_bfloat16* p, float v) {
+  atomicAdd(p, __float2bfloat16(v));
+}
+
+// y[y_row[p], j] += weight[p] * sum_i v[p, i] * Bt_s[i, j]: thread j of block (s, y) owns column
+// j = y * kExpandCols + threadIdx.x; v rows of kExpandPairs pairs are staged in shared memory.
+template <typename T>
+__global__ void SgmvExpandKernel(const float* __restrict__ v, T* __restrict__ y,
+                                 const int32_t* __restrict__ y_row,
+                                 const float* __restrict__ weight,
+                                 const int32_t* __restrict__ seg_start,
+                                 const int32_t* __restrict__ seg_rank,
+                                 const int64_t* __restrict__ seg_row_offset,
+                                 const void* const* __restrict__ b_rows, int64_t out,
+                                 int32_t v_stride) {
+  extern __shared__ float staged[];  // [kExpandPairs, v_stride]
+  const int32_t s = blockIdx.x;
+  const int32_t rank = min(seg_rank[s], v_stride);
+  const int64_t j = int64_t{blockIdx.y} * kExpandCols + threadIdx.x;
+  const void* const* rows = b_rows + seg_row_offset[s];
+  const int32_t begin = seg_start[s], end = seg_start[s + 1];
+  for (int32_t p0 = begin; p0 < end; p0 += kExpandPairs) {
+    const int32_t n = min(kExpandPairs, end - p0);
+    __syncthreads();  // the previous chunk's readers are done with `staged`
+    for (int32_t e = threadIdx.x; e < n * rank; e += blockDim.x) {
+      const int32_t q = e / rank, i = e % rank;
+      staged[q * v_stride + i] = v[static_cast<int64_t>(p0 + q) * v_stride + i];
+    }
+    __syncthreads();
+    if (j >= out) continue;
+    float acc[kExpandPairs] = {};
+    for (int32_t i = 0; i < rank; ++i) {
+      const float b = ToFloat(static_cast<const T*>(rows[i])[j]);
+#pragma unroll
+      for (int q = 0; q < kExpandPairs; ++q) acc[q] += staged[q * v_stride + i] * b;
+    }
+    for (int q = 0; q < n; ++q) {
+      AtomicAddTo(y + static_cast<int64_t>(y_row[p0 + q]) * out + j, weight[p0 + q] * acc[q]);
+    }
+  }
+}
+
+// y[y_row[r], c] += weight[r] * x[r, c]; grid (rows, column blocks).
+template <typename T>
+__global__ void ScatterAddKernel(const T* __restrict__ x, T* __restrict__ y,
+                                 const int32_t* __restrict__ y_row,
+                                 const float* __restrict__ weight, int64_t cols) {
+  const int64_t r = blockIdx.x;
+  const int64_t c = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const float w = weight == nullptr ? 1.0f : weight[r];
+  AtomicAddTo(y + static_cast<int64_t>(y_row[r]) * cols + c, w * ToFloat(x[r * cols + c]));
+}
+
+}  // namespace moleserve::kernels::cuda

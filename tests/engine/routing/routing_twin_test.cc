@@ -1,0 +1,200 @@
+// The device routing code (kernels/common/routing_math.h, run by the CUDA routing kernels one
+// thread per token and by their CPU twins kernels::cpu::Route / RankRoute) against engine/routing,
+// the host implementation that routing_test.cc checks against torch. Both run the same fp32
+// operations in the same order, so the chosen experts must be identical and the weights equal to
+// the last bit (tolerance: exact).
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "engine/routing/routing.h"
+#include "kernels/cpu/ops.h"
+
+namespace moleserve::engine {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Logits with repeated values (ties) and, now and then, -inf entries.
+std::vector<float> TieHeavyLogits(int64_t tokens, int32_t e, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::uniform_int_distribution<int> pick(0, 9);
+  std::vector<float> v(tokens * e);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int32_t i = 0; i < e; ++i) {
+      float& x = v[t * e + i];
+      const int r = pick(rng);
+      if (r == 0 && i > 0) {
+        x = v[t * e + i - 1];  // a tie with the previous expert
+      } else if (r == 1 && i > 0 && e > 2) {
+        x = -kInf;
+      } else {
+        x = std::round(normal(rng) * 4.0f) / 4.0f;  // coarse grid: more ties
+      }
+    }
+  }
+  return v;
+}
+
+struct Case {
+  const char* name;
+  RoutingSpec spec;
+};
+
+std::vector<Case> Cases() {
+  std::vector<Case> cases;
+  cases.push_back({"topk2", {.algorithm = RoutingAlgorithm::kTopK, .k = 2}});
+  cases.push_back({"topk3_raw_T2",
+                   {.algorithm = RoutingAlgorithm::kTopK, .k = 3, .temperature = 2.0f,
+                    .renormalize = false}});
+  cases.push_back({"top_p_exceed", {.algorithm = RoutingAlgorithm::kTopP, .p = 0.6f}});
+  cases.push_back({"top_p_within_min2",
+                   {.algorithm = RoutingAlgorithm::kTopP, .p = 0.5f, .p_mode = TopPMode::kWithin,
+                    .min_k = 2}});
+  cases.push_back({"top_p_prob_temperature",
+                   {.algorithm = RoutingAlgorithm::kTopP, .p = 0.8f, .prob_temperature = 1.5f}});
+  RoutingSpec dyn{.algorithm = RoutingAlgorithm::kDynMole, .p = 0.75f, .min_k = 2};
+  dyn.entropy.enabled = true;
+  cases.push_back({"dynmole_tsallis", dyn});
+  dyn.entropy.q = 1.0;
+  dyn.entropy.threshold = 0.6;
+  cases.push_back({"dynmole_shannon", dyn});
+  dyn.entropy.enabled = false;
+  cases.push_back({"dynmole_no_gate", dyn});
+  cases.push_back({"soft", {.algorithm = RoutingAlgorithm::kSoft, .temperature = 0.7f}});
+  cases.push_back({"switch", {.algorithm = RoutingAlgorithm::kSwitch}});
+  return cases;
+}
+
+TEST(RoutingTwinTest, EveryRuleMatchesEngineRoutingExactly) {
+  for (int32_t e : {1, 2, 3, 8, 16, 64, 128}) {
+    const int64_t tokens = 257;
+    const std::vector<float> logits = TieHeavyLogits(tokens, e, 17u + e);
+    for (const Case& c : Cases()) {
+      RoutingSpec spec = c.spec;
+      spec.k = std::min(spec.k, e);
+      spec.min_k = std::min(spec.min_k, e);
+      if (!ValidateRoutingSpec(spec, e).ok()) continue;
+      SCOPED_TRACE(::testing::Message() << c.name << " E=" << e);
+      absl::StatusOr<kernels::RouteParams> params = ToRouteParams(spec, e);
+      ASSERT_TRUE(params.ok()) << params.status();
+      std::vector<int32_t> experts(tokens * e, -1), count(tokens, -1);
+      std::vector<float> weights(tokens * e, -1.0f);
+      params->logits = logits.data();
+      params->experts = experts.data();
+      params->weights = weights.data();
+      params->count = count.data();
+      params->num_tokens = tokens;
+      ASSERT_EQ(kernels::cpu::Route(*params, nullptr), kernels::KernelStatus::kOk);
+      std::vector<int32_t> want_e(e);
+      std::vector<float> want_w(e);
+      for (int64_t t = 0; t < tokens; ++t) {
+        absl::StatusOr<int32_t> n = RouteToken(
+            spec, absl::MakeConstSpan(logits.data() + t * e, e), want_e.data(), want_w.data());
+        if (!n.ok()) {
+          EXPECT_EQ(count[t], 0) << "token " << t << ": " << n.status();
+          continue;
+        }
+        ASSERT_EQ(count[t], *n) << "token " << t;
+        for (int32_t j = 0; j < *n; ++j) {
+          EXPECT_EQ(experts[t * e + j], want_e[j]) << "token " << t << " slot " << j;
+          EXPECT_EQ(weights[t * e + j], want_w[j]) << "token " << t << " slot " << j;
+        }
+      }
+    }
+  }
+}
+
+TEST(RoutingTwinTest, UndefinedLogitsGiveCountZero) {
+  const int32_t e = 4;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> logits = {1, nan, 0, 0, kInf, 0, 0, 0, -kInf, -kInf, -kInf, -kInf,
+                               1, 2,   3, 4};
+  std::vector<int32_t> experts(16), count(4, -1);
+  std::vector<float> weights(16);
+  absl::StatusOr<kernels::RouteParams> p =
+      ToRouteParams({.algorithm = RoutingAlgorithm::kTopK, .k = 2}, e);
+  ASSERT_TRUE(p.ok());
+  p->logits = logits.data();
+  p->experts = experts.data();
+  p->weights = weights.data();
+  p->count = count.data();
+  p->num_tokens = 4;
+  ASSERT_EQ(kernels::cpu::Route(*p, nullptr), kernels::KernelStatus::kOk);
+  EXPECT_EQ(count, (std::vector<int32_t>{0, 0, 0, 2}));
+  EXPECT_EQ(experts[12], 3);
+  EXPECT_EQ(experts[13], 2);
+}
+
+TEST(RoutingTwinTest, RankRoutingMatchesEngineRoutingExactly) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int32_t r : {1, 4, 16, 64, 128}) {
+    for (bool smora : {false, true}) {
+      for (bool abs : {false, true}) {
+        for (bool bias : {false, true}) {
+          for (bool renorm : {false, true}) {
+            SCOPED_TRACE(::testing::Message() << "r=" << r << " smora=" << smora
+                                              << " abs=" << abs << " bias=" << bias
+                                              << " renorm=" << renorm);
+            const int64_t tokens = 33;
+            const int32_t stride = r + 3;  // a padded v row, as the SGMV shrink writes it
+            std::vector<float> z(tokens * stride), logits(smora ? tokens * r : 0), sb(bias ? r : 0);
+            for (float& x : z) x = std::round(normal(rng) * 8.0f) / 8.0f;
+            for (float& x : logits) x = normal(rng);
+            for (float& x : sb) x = normal(rng) * 0.1f;
+            RoutingSpec spec{.algorithm = RoutingAlgorithm::kRankTopK,
+                             .k = std::max(1, r / 4),
+                             .temperature = 0.9f,
+                             .renormalize = renorm};
+            absl::StatusOr<kernels::RankRouteParams> p = ToRankRouteParams(spec, r, abs);
+            ASSERT_TRUE(p.ok()) << p.status();
+            std::vector<float> u(tokens * stride, 7.0f);
+            std::vector<int32_t> kept(tokens * spec.k), ok(tokens);
+            p->z = z.data();
+            p->z_stride = stride;
+            p->router_logits = smora ? logits.data() : nullptr;
+            p->select_bias = bias ? sb.data() : nullptr;
+            p->u = u.data();
+            p->kept = kept.data();
+            p->ok = ok.data();
+            p->num_tokens = tokens;
+            ASSERT_EQ(kernels::cpu::RankRoute(*p, nullptr), kernels::KernelStatus::kOk);
+            std::vector<int32_t> want_kept(spec.k);
+            std::vector<float> want_u(r);
+            for (int64_t t = 0; t < tokens; ++t) {
+              absl::Span<const float> lg;
+              if (smora) lg = absl::MakeConstSpan(logits.data() + t * r, r);
+              ASSERT_TRUE(RouteRanks(spec, absl::MakeConstSpan(z.data() + t * stride, r), lg, sb,
+                                     abs, want_kept.data(), absl::MakeSpan(want_u))
+                              .ok());
+              ASSERT_EQ(ok[t], 1);
+              for (int32_t j = 0; j < spec.k; ++j) EXPECT_EQ(kept[t * spec.k + j], want_kept[j]);
+              for (int32_t i = 0; i < r; ++i) EXPECT_EQ(u[t * stride + i], want_u[i]);
+              for (int32_t i = r; i < stride; ++i) EXPECT_EQ(u[t * stride + i], 7.0f);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(RoutingTwinTest, RefusesWidthsTheDeviceCannotRoute) {
+  EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kTopK, .k = 2}, 129).ok());
+  EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, 8).ok());
+  EXPECT_FALSE(ToRankRouteParams({.algorithm = RoutingAlgorithm::kTopK, .k = 2}, 8, false).ok());
+  EXPECT_FALSE(ToRankRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 9}, 8, false).ok());
+  kernels::RouteParams p{.num_tokens = 1, .num_experts = 129};
+  EXPECT_EQ(kernels::cpu::Route(p, nullptr), kernels::KernelStatus::kInvalidShape);
+  kernels::RankRouteParams rp{.num_tokens = 1, .rank = 8, .z_stride = 4, .k = 2};
+  EXPECT_EQ(kernels::cpu::RankRoute(rp, nullptr), kernels::KernelStatus::kInvalidShape);
+}
+
+}  // namespace
+}  // namespace moleserve::engine
