@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -71,6 +72,21 @@ class Backend {
   virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
   virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  // A batch of host -> device copies (an expert's pages) on the backend's copy stream: ordered
+  // after every op issued so far (so it never overwrites memory a pending kernel still reads)
+  // and before every op issued after it. The sources may be reused once the call returns.
+  // CPU: memcpys.
+  struct HostToDevice {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  virtual absl::Status CopyToDeviceBulk(const std::vector<HostToDevice>& copies) {
+    for (const HostToDevice& c : copies) {
+      if (absl::Status s = CopyToDevice(c.dst, c.src, c.bytes); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
   // Waits for every op issued so far.
   virtual absl::Status Synchronize() = 0;
 
@@ -88,6 +104,10 @@ class Backend {
   virtual absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) = 0;
   virtual absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) = 0;
   virtual absl::Status ScatterAdd(const kernels::ScatterAddParams& p) = 0;
+  virtual absl::Status Convert(const kernels::ConvertParams& p) = 0;
+  // Routing of lora-granular and rank-granular groups (kernels/common/routing_math.h).
+  virtual absl::Status Route(const kernels::RouteParams& p) = 0;
+  virtual absl::Status RankRoute(const kernels::RankRouteParams& p) = 0;
 };
 
 struct CpuBackendOptions {
@@ -104,12 +124,20 @@ int CudaDeviceCount();
 
 struct CudaBackendOptions {
   int device = 0;
+  // Pinned host memory through which small host -> device copies (a step's token, position and
+  // segment tables) go, so they never block the host. Copies larger than a quarter of it go
+  // straight from pageable memory.
+  size_t staging_bytes = size_t{16} << 20;
+  // cuBLAS workspace, allocated once.
+  size_t blas_workspace_bytes = size_t{32} << 20;
 };
 
-// The CUDA backend: memory, streams and the ops whose kernels exist so far (RmsNorm, SiluMul,
-// Embedding, Add, BiasAdd). The remaining ops return kUnimplemented naming the op until their
-// kernels land, so a model cannot silently run on a partial backend. kFailedPrecondition when no
-// device is present or CUDA is not compiled in.
+// The CUDA backend: bf16 compute (fp32 accumulation), every op of the table on the device
+// (kernels/cuda, cuBLAS for GEMMs). Memory comes from a stream-ordered pool that keeps what it
+// has reserved (after the first steps, Allocate and free do not reach the driver); a compute
+// stream runs the ops, a copy stream runs CopyToDeviceBulk, ordered with events. Errors carry the
+// op and CUDA's or cuBLAS's error name. kFailedPrecondition when no device is present or CUDA is
+// not compiled in.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options);
 
 }  // namespace moleserve::engine

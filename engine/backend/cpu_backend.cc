@@ -83,6 +83,15 @@ class CpuBackend final : public Backend {
   absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
     return FromKernel(kc::ScatterAdd(p, &pool_), "ScatterAdd");
   }
+  absl::Status Convert(const kernels::ConvertParams& p) override {
+    return FromKernel(kc::Convert(p, &pool_), "Convert");
+  }
+  absl::Status Route(const kernels::RouteParams& p) override {
+    return FromKernel(kc::Route(p, &pool_), "Route");
+  }
+  absl::Status RankRoute(const kernels::RankRouteParams& p) override {
+    return FromKernel(kc::RankRoute(p, &pool_), "RankRoute");
+  }
 
  private:
   kc::ThreadPool pool_;

@@ -1,9 +1,14 @@
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
 #include "absl/strings/str_cat.h"
 #include "engine/backend/backend.h"
 #include "engine/backend/cuda_status.h"
 #include "engine/core/status_macros.h"
+#include "kernels/cuda/blas/blas.h"
 #include "kernels/cuda/ops.h"
 
 namespace moleserve::engine {
@@ -22,25 +27,59 @@ absl::Status CudaStatus(cudaError_t err, absl::string_view context) {
   }
 }
 
+absl::Status CublasStatus(cublasStatus_t status, absl::string_view context) {
+  if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  std::string msg = absl::StrCat(context, ": ", kernels::cuda::BlasStatusName(status));
+  switch (status) {
+    case CUBLAS_STATUS_ALLOC_FAILED:
+      return absl::ResourceExhaustedError(msg);
+    case CUBLAS_STATUS_INVALID_VALUE:
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+      return absl::InvalidArgumentError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
 namespace {
 
 namespace kcu = kernels::cuda;
 
-absl::Status Unimplemented(const char* op) {
-  return absl::UnimplementedError(
-      absl::StrCat("cuda backend: op ", op, " has no CUDA kernel yet; use --backend=cpu"));
-}
+// Streams, events and the memory pool, shared by the backend and every buffer it handed out, so
+// a buffer freed after the backend still frees into a live stream and pool.
+struct CudaState {
+  int device = 0;
+  cudaStream_t compute = nullptr;
+  cudaStream_t copy = nullptr;
+  cudaEvent_t compute_done = nullptr;  // recorded on compute before a bulk copy
+  cudaEvent_t copy_done = nullptr;     // recorded on copy after it
+  cudaMemPool_t pool = nullptr;
 
-// Device memory through cudaMalloc; ops enqueue on one compute stream owned by the backend.
-// Copies are synchronous with respect to that stream (cudaMemcpyAsync + stream sync at
-// Synchronize()).
+  ~CudaState() {
+    cudaSetDevice(device);
+    if (compute != nullptr) cudaStreamSynchronize(compute);
+    if (copy != nullptr) cudaStreamSynchronize(copy);
+    if (compute_done != nullptr) cudaEventDestroy(compute_done);
+    if (copy_done != nullptr) cudaEventDestroy(copy_done);
+    if (compute != nullptr) cudaStreamDestroy(compute);
+    if (copy != nullptr) cudaStreamDestroy(copy);
+    if (pool != nullptr) cudaMemPoolDestroy(pool);
+  }
+};
+
+struct PinnedDeleter {
+  void operator()(void* p) const { cudaFreeHost(p); }
+};
+
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, cudaStream_t stream) : device_(device), stream_(stream) {}
-  ~CudaBackend() override {
-    cudaSetDevice(device_);
-    cudaStreamSynchronize(stream_);
-    cudaStreamDestroy(stream_);
+  CudaBackend(std::shared_ptr<CudaState> state, std::unique_ptr<void, PinnedDeleter> staging,
+              size_t staging_bytes)
+      : state_(std::move(state)), staging_(std::move(staging)), staging_bytes_(staging_bytes) {}
+  ~CudaBackend() override { cudaStreamSynchronize(state_->compute); }
+
+  absl::Status Init(size_t blas_workspace_bytes) {
+    return CublasStatus(blas_.Init(state_->compute, blas_workspace_bytes), "cuBLAS init");
   }
 
   std::string name() const override { return "cuda"; }
@@ -48,70 +87,135 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
     if (bytes == 0) return DeviceBuffer();
-    RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
+    RETURN_IF_ERROR(CudaStatus(cudaSetDevice(state_->device), "cudaSetDevice"));
     void* p = nullptr;
-    if (cudaError_t err = cudaMalloc(&p, bytes); err != cudaSuccess) {
+    if (cudaError_t err = cudaMallocFromPoolAsync(&p, bytes, state_->pool, state_->compute);
+        err != cudaSuccess) {
       cudaGetLastError();  // clear it so a later launch check does not report it again
-      return CudaStatus(err, absl::StrCat("cudaMalloc(", bytes, ")"));
+      return CudaStatus(err, absl::StrCat("cuda backend: allocating ", bytes, " bytes"));
     }
-    absl::Status zero = CudaStatus(cudaMemsetAsync(p, 0, bytes, stream_), "cudaMemsetAsync");
-    if (!zero.ok()) {
-      cudaFree(p);
-      return zero;
-    }
-    const int device = device_;
-    return DeviceBuffer(p, bytes, [device](void* q) {
-      cudaSetDevice(device);
-      cudaFree(q);
+    std::shared_ptr<CudaState> state = state_;
+    DeviceBuffer buf(p, bytes, [state](void* q) {
+      cudaSetDevice(state->device);
+      cudaFreeAsync(q, state->compute);
     });
-  }
-  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
-    return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_),
-                      "CopyToDevice");
-  }
-  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
-    RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_),
-                               "CopyToHost"));
-    return CudaStatus(cudaStreamSynchronize(stream_), "CopyToHost sync");
-  }
-  absl::Status Synchronize() override {
-    return CudaStatus(cudaStreamSynchronize(stream_), "Synchronize");
+    RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(p, 0, bytes, state_->compute), "cudaMemsetAsync"));
+    return buf;
   }
 
-  absl::Status Gemm(const kernels::GemmParams&) override { return Unimplemented("Gemm"); }
+  absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    return Copy(dst, src, bytes, state_->compute, "CopyToDevice");
+  }
+
+  absl::Status CopyToDeviceBulk(const std::vector<HostToDevice>& copies) override {
+    if (copies.empty()) return absl::OkStatus();
+    // The copies after every op issued so far (their pages may have been read by them), the ops
+    // issued from now on after the copies.
+    RETURN_IF_ERROR(CudaStatus(cudaEventRecord(state_->compute_done, state_->compute),
+                               "CopyToDeviceBulk: record"));
+    RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(state_->copy, state_->compute_done, 0),
+                               "CopyToDeviceBulk: wait"));
+    for (const HostToDevice& c : copies) {
+      RETURN_IF_ERROR(Copy(c.dst, c.src, c.bytes, state_->copy, "CopyToDeviceBulk"));
+    }
+    RETURN_IF_ERROR(
+        CudaStatus(cudaEventRecord(state_->copy_done, state_->copy), "CopyToDeviceBulk: record"));
+    return CudaStatus(cudaStreamWaitEvent(state_->compute, state_->copy_done, 0),
+                      "CopyToDeviceBulk: wait");
+  }
+
+  absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, state_->compute), "CopyToHost"));
+    return Synchronize();
+  }
+
+  absl::Status Synchronize() override {
+    RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(state_->compute), "Synchronize"));
+    staging_used_ = 0;  // every copy (bulk copies included: compute waited on them) is done
+    return absl::OkStatus();
+  }
+
+  absl::Status Gemm(const kernels::GemmParams& p) override {
+    return CublasStatus(kcu::Gemm(p, blas_), "Gemm");
+  }
   absl::Status RmsNorm(const kernels::RmsNormParams& p) override {
-    return CudaStatus(kcu::RmsNorm(p, stream_), "RmsNorm");
+    return Launched(kcu::RmsNorm(p, state_->compute), "RmsNorm");
   }
   absl::Status SiluMul(const kernels::SiluMulParams& p) override {
-    return CudaStatus(kcu::SiluMul(p, stream_), "SiluMul");
+    return Launched(kcu::SiluMul(p, state_->compute), "SiluMul");
   }
   absl::Status Embedding(const kernels::EmbeddingParams& p) override {
-    return CudaStatus(kcu::Embedding(p, stream_), "Embedding");
+    return Launched(kcu::Embedding(p, state_->compute), "Embedding");
   }
   absl::Status Add(const kernels::AddParams& p) override {
-    return CudaStatus(kcu::Add(p, stream_), "Add");
+    return Launched(kcu::Add(p, state_->compute), "Add");
   }
   absl::Status BiasAdd(const kernels::BiasAddParams& p) override {
-    return CudaStatus(kcu::BiasAdd(p, stream_), "BiasAdd");
+    return Launched(kcu::BiasAdd(p, state_->compute), "BiasAdd");
   }
-  absl::Status Rope(const kernels::RopeParams&) override { return Unimplemented("Rope"); }
-  absl::Status KvWrite(const kernels::KvWriteParams&) override { return Unimplemented("KvWrite"); }
-  absl::Status PagedAttention(const kernels::PagedAttentionParams&) override {
-    return Unimplemented("PagedAttention");
+  absl::Status Rope(const kernels::RopeParams& p) override {
+    return Launched(kcu::Rope(p, state_->compute), "Rope");
   }
-  absl::Status SgmvShrink(const kernels::SgmvShrinkParams&) override {
-    return Unimplemented("SgmvShrink");
+  absl::Status KvWrite(const kernels::KvWriteParams& p) override {
+    return Launched(kcu::KvWrite(p, state_->compute), "KvWrite");
   }
-  absl::Status SgmvExpand(const kernels::SgmvExpandParams&) override {
-    return Unimplemented("SgmvExpand");
+  absl::Status PagedAttention(const kernels::PagedAttentionParams& p) override {
+    return Launched(kcu::PagedAttention(p, state_->compute), "PagedAttention");
   }
-  absl::Status ScatterAdd(const kernels::ScatterAddParams&) override {
-    return Unimplemented("ScatterAdd");
+  absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
+    return Launched(kcu::SgmvShrink(p, state_->compute), "SgmvShrink");
+  }
+  absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
+    return Launched(kcu::SgmvExpand(p, state_->compute), "SgmvExpand");
+  }
+  absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
+    return Launched(kcu::ScatterAdd(p, state_->compute), "ScatterAdd");
+  }
+  absl::Status Convert(const kernels::ConvertParams& p) override {
+    return Launched(kcu::Convert(p, state_->compute), "Convert");
+  }
+  absl::Status Route(const kernels::RouteParams& p) override {
+    return Launched(kcu::Route(p, state_->compute), "Route");
+  }
+  absl::Status RankRoute(const kernels::RankRouteParams& p) override {
+    return Launched(kcu::RankRoute(p, state_->compute), "RankRoute");
   }
 
  private:
-  int device_;
-  cudaStream_t stream_;
+  static absl::Status Launched(cudaError_t err, const char* op) {
+    if (err == cudaErrorInvalidValue) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda backend: ", op, " refused its arguments (dtype or shape)"));
+    }
+    return CudaStatus(err, absl::StrCat("cuda backend: ", op));
+  }
+
+  // Host -> device on `stream`: through the pinned staging buffer when the copy is small (the
+  // host returns at once), else straight from pageable memory (the driver stages it).
+  absl::Status Copy(void* dst, const void* src, size_t bytes, cudaStream_t stream,
+                    const char* what) {
+    if (bytes == 0) return absl::OkStatus();
+    if (bytes > staging_bytes_ / 4) {
+      return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), what);
+    }
+    constexpr size_t kAlign = 256;
+    if (staging_used_ + bytes > staging_bytes_) {
+      // Wrapped: wait until the copies that read the buffer are done (rare: once per
+      // staging_bytes of small copies without a Synchronize in between).
+      RETURN_IF_ERROR(Synchronize());
+    }
+    char* slot = static_cast<char*>(staging_.get()) + staging_used_;
+    std::memcpy(slot, src, bytes);
+    staging_used_ += (bytes + kAlign - 1) / kAlign * kAlign;
+    return CudaStatus(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream), what);
+  }
+
+  std::shared_ptr<CudaState> state_;
+  std::unique_ptr<void, PinnedDeleter> staging_;
+  size_t staging_bytes_;
+  size_t staging_used_ = 0;
+  kcu::BlasContext blas_;
 };
 
 }  // namespace
@@ -134,11 +238,38 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOpti
     return absl::InvalidArgumentError(
         absl::StrCat("cuda backend: device ", options.device, " out of range [0, ", count, ")"));
   }
+  if (options.staging_bytes < 4096) {
+    return absl::InvalidArgumentError("cuda backend: staging_bytes must be >= 4096");
+  }
   RETURN_IF_ERROR(CudaStatus(cudaSetDevice(options.device), "cudaSetDevice"));
-  cudaStream_t stream = nullptr;
+  auto state = std::make_shared<CudaState>();
+  state->device = options.device;
+  RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&state->compute, cudaStreamNonBlocking),
+                             "cudaStreamCreate"));
+  RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&state->copy, cudaStreamNonBlocking),
+                             "cudaStreamCreate"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&state->compute_done, cudaEventDisableTiming),
+                             "cudaEventCreate"));
+  RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&state->copy_done, cudaEventDisableTiming),
+                             "cudaEventCreate"));
+  // A pool of our own that keeps every byte it reserved: once the first steps have sized the
+  // scratch buffers, allocations and frees are served without the driver.
+  cudaMemPoolProps props = {};
+  props.allocType = cudaMemAllocationTypePinned;
+  props.location.type = cudaMemLocationTypeDevice;
+  props.location.id = options.device;
+  RETURN_IF_ERROR(CudaStatus(cudaMemPoolCreate(&state->pool, &props), "cudaMemPoolCreate"));
+  uint64_t keep = UINT64_MAX;
   RETURN_IF_ERROR(
-      CudaStatus(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"));
-  return std::unique_ptr<Backend>(new CudaBackend(options.device, stream));
+      CudaStatus(cudaMemPoolSetAttribute(state->pool, cudaMemPoolAttrReleaseThreshold, &keep),
+                 "cudaMemPoolSetAttribute"));
+  void* staging = nullptr;
+  RETURN_IF_ERROR(CudaStatus(cudaHostAlloc(&staging, options.staging_bytes, cudaHostAllocDefault),
+                             "cudaHostAlloc (staging)"));
+  auto backend = std::make_unique<CudaBackend>(state, std::unique_ptr<void, PinnedDeleter>(staging),
+                                               options.staging_bytes);
+  RETURN_IF_ERROR(backend->Init(options.blas_workspace_bytes));
+  return std::unique_ptr<Backend>(std::move(backend));
 }
 
 }  // namespace moleserve::engine

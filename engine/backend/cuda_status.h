@@ -1,7 +1,8 @@
 #pragma once
 
-// The one place that turns CUDA runtime errors into absl::Status (STYLE.md section 3).
+// The one place that turns CUDA runtime and cuBLAS errors into absl::Status (STYLE.md section 3).
 
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
 #include "absl/status/status.h"
@@ -13,5 +14,8 @@ namespace moleserve::engine {
 // cudaErrorInvalidValue (a kernel refused its Params), kInternal for the rest. The message names
 // `context` and CUDA's own error name and string.
 absl::Status CudaStatus(cudaError_t err, absl::string_view context);
+// Likewise for cuBLAS: kResourceExhausted for CUBLAS_STATUS_ALLOC_FAILED, kInvalidArgument for
+// CUBLAS_STATUS_INVALID_VALUE / NOT_SUPPORTED, kInternal otherwise.
+absl::Status CublasStatus(cublasStatus_t status, absl::string_view context);
 
 }  // namespace moleserve::engine

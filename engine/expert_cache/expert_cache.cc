@@ -1,16 +1,16 @@
 #include "engine/expert_cache/expert_cache.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "engine/core/status_macros.h"
+#include "kernels/common/bf16.h"
 
 namespace moleserve::engine {
 namespace {
-
-constexpr int64_t kRowElementBytes = sizeof(float);  // pages hold fp32 rows (DESIGN.md section 5)
 
 int64_t ExpertBytes(const LoraStack& s) { return int64_t{s.rank} * (s.in + s.out) * 4; }
 
@@ -28,8 +28,20 @@ struct ExpertCache::Pool {
   std::vector<int32_t> free;  // free page ids
 };
 
+void ExpertCache::ToDtype(const float* src, int64_t n, char* dst) const {
+  if (dtype_ == ScalarType::kBF16) {
+    auto* out = reinterpret_cast<uint16_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) out[i] = kernels::F32ToBf16(src[i]);
+  } else {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+
 ExpertCache::ExpertCache(Backend* backend, ExpertCacheOptions options)
-    : backend_(backend), options_(options) {}
+    : backend_(backend),
+      options_(options),
+      dtype_(backend->compute_dtype()),
+      elem_bytes_(static_cast<int64_t>(ScalarTypeSize(dtype_))) {}
 ExpertCache::~ExpertCache() = default;
 
 ExpertCache::Pool& ExpertCache::PoolFor(int64_t width) {
@@ -44,7 +56,7 @@ void* ExpertCache::PagePtr(const Pool& pool, int32_t page) const {
                              [](int32_t p, const Pool::Chunk& c) { return p < c.first; });
   if (it == pool.chunks.begin()) return nullptr;  // unreachable: pages come from the chunks
   const Pool::Chunk& c = *std::prev(it);
-  return c.buf.as<char>() + int64_t{page - c.first} * pool.width * kRowElementBytes;
+  return c.buf.as<char>() + int64_t{page - c.first} * pool.width * elem_bytes_;
 }
 
 absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraStack*>& stacks) {
@@ -103,8 +115,8 @@ absl::Status ExpertCache::Repartition(bool check_only) {
   if (options_.capacity_bytes > 0) {
     int64_t min_bytes = 0, extra_bytes = 0;
     for (const auto& [w, rows] : minimum) {
-      min_bytes += rows * w * kRowElementBytes;
-      extra_bytes += (demand[w] - rows) * w * kRowElementBytes;
+      min_bytes += rows * w * elem_bytes_;
+      extra_bytes += (demand[w] - rows) * w * elem_bytes_;
     }
     if (min_bytes > options_.capacity_bytes) {
       std::vector<std::string> parts;
@@ -121,8 +133,8 @@ absl::Status ExpertCache::Repartition(bool check_only) {
       if (extra_bytes > 0) {
         share = static_cast<int64_t>(
             spare *
-            (static_cast<double>(extra * w * kRowElementBytes) / static_cast<double>(extra_bytes)) /
-            static_cast<double>(w * kRowElementBytes));
+            (static_cast<double>(extra * w * elem_bytes_) / static_cast<double>(extra_bytes)) /
+            static_cast<double>(w * elem_bytes_));
       }
       rows = std::min(demand[w], minimum[w] + share);
     }
@@ -173,7 +185,7 @@ absl::Status ExpertCache::ResizePool(Pool* pool, int64_t pages) {
     chunk.first = pool->pages;
     chunk.pages = static_cast<int32_t>(pages - pool->pages);
     ASSIGN_OR_RETURN(chunk.buf,
-                     backend_->Allocate(int64_t{chunk.pages} * pool->width * kRowElementBytes));
+                     backend_->Allocate(int64_t{chunk.pages} * pool->width * elem_bytes_));
     for (int32_t p = chunk.first + chunk.pages - 1; p >= chunk.first; --p) pool->free.push_back(p);
     pool->pages += chunk.pages;
     pool->chunks.push_back(std::move(chunk));
@@ -227,13 +239,21 @@ bool ExpertCache::MakeResident(Entry* entry, bool (*evictable)(const Entry&, int
   for (int32_t i = 0; i < s.rank; ++i) entry->a_pages.push_back(take(pa));
   for (int32_t i = 0; i < s.rank; ++i) entry->b_pages.push_back(take(pb));
   const int64_t row0 = int64_t{entry->expert} * s.rank;
-  absl::Status copied;
-  for (int32_t i = 0; i < s.rank && copied.ok(); ++i) {
-    copied.Update(backend_->CopyToDevice(PagePtr(pa, entry->a_pages[i]),
-                                         s.a.data() + (row0 + i) * s.in, s.in * 4));
-    copied.Update(backend_->CopyToDevice(PagePtr(pb, entry->b_pages[i]),
-                                         s.bt.data() + (row0 + i) * s.out, s.out * 4));
+  // The expert's rows in the backend's dtype, then one batch of page copies.
+  const int64_t row_elems = s.in + s.out;
+  staged_.resize(static_cast<size_t>(s.rank * row_elems * elem_bytes_));
+  std::vector<Backend::HostToDevice> copies;
+  for (int32_t i = 0; i < s.rank; ++i) {
+    char* a_dst = staged_.data() + i * row_elems * elem_bytes_;
+    char* b_dst = a_dst + s.in * elem_bytes_;
+    ToDtype(s.a.data() + (row0 + i) * s.in, s.in, a_dst);
+    ToDtype(s.bt.data() + (row0 + i) * s.out, s.out, b_dst);
+    copies.push_back(
+        {PagePtr(pa, entry->a_pages[i]), a_dst, static_cast<size_t>(s.in * elem_bytes_)});
+    copies.push_back(
+        {PagePtr(pb, entry->b_pages[i]), b_dst, static_cast<size_t>(s.out * elem_bytes_)});
   }
+  const absl::Status copied = backend_->CopyToDeviceBulk(copies);
   entry->resident = true;
   lru_.push_front(entry);
   entry->lru = lru_.begin();
@@ -330,7 +350,7 @@ ExpertCacheStats ExpertCache::stats() const {
   s.capacity_bytes = 0;
   for (const auto& [w, pool] : pools_) {
     s.pools.push_back({w, pool.pages, static_cast<int64_t>(pool.free.size())});
-    s.capacity_bytes += int64_t{pool.pages} * w * kRowElementBytes;
+    s.capacity_bytes += int64_t{pool.pages} * w * elem_bytes_;
   }
   return s;
 }

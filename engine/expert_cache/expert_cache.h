@@ -4,10 +4,11 @@
 //
 // Host memory holds every attached adapter's LoRA stacks (Adapter, fp32). The device holds a
 // bounded working set of their experts in pools of pages; a page is one rank row (one vector of a
-// module's input or output width), and there is one pool per distinct width, so experts of mixed
-// ranks never fragment a pool and evicting an expert frees exactly the pages it took. Kernels
-// reach the rows through the row pointers Acquire hands out (SgmvShrink/SgmvExpand row tables),
-// so residency changes never move another expert.
+// module's input or output width) in the backend's compute dtype (converted from fp32 as it is
+// copied in, in one batch on the backend's copy stream), and there is one pool per distinct width,
+// so experts of mixed ranks never fragment a pool and evicting an expert frees exactly the pages it
+// took. Kernels reach the rows through the row pointers Acquire hands out (SgmvShrink/SgmvExpand
+// row tables), so residency changes never move another expert.
 //
 //   cache.AddOwner(slot, {&stack_q, &stack_v});     // when an adapter is attached
 //   cache.Acquire(&stack_q, e, &a_rows, &b_rows);   // pins expert e; copies it in on a miss
@@ -129,15 +130,20 @@ class ExpertCache {
   absl::Status ResizePool(Pool* pool, int64_t pages) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AppendRows(const Entry& entry, std::vector<const void*>* a_rows,
                   std::vector<const void*>* b_rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // n fp32 host values in the page dtype (the backend's compute dtype) at dst.
+  void ToDtype(const float* src, int64_t n, char* dst) const;
 
   Backend* backend_;  // not owned
   const ExpertCacheOptions options_;
+  const ScalarType dtype_;    // of the pages: the backend's compute dtype
+  const int64_t elem_bytes_;  // bytes per page element
   mutable Mutex mu_;
   std::map<int64_t, Pool> pools_ ABSL_GUARDED_BY(mu_);  // by width
   std::map<const LoraStack*, StackInfo> stacks_ ABSL_GUARDED_BY(mu_);
   std::map<int32_t, std::vector<const LoraStack*>> owners_ ABSL_GUARDED_BY(mu_);
   std::map<int32_t, int64_t> resident_bytes_ ABSL_GUARDED_BY(mu_);  // by owner
   std::list<Entry*> lru_ ABSL_GUARDED_BY(mu_);
+  std::vector<char> staged_ ABSL_GUARDED_BY(mu_);  // an expert's rows in the page dtype
   int64_t step_ ABSL_GUARDED_BY(mu_) = 0;
   ExpertCacheStats stats_ ABSL_GUARDED_BY(mu_);
 };

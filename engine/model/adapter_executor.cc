@@ -6,6 +6,7 @@
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/status_macros.h"
+#include "kernels/common/bf16.h"
 
 namespace moleserve::engine {
 
@@ -18,13 +19,32 @@ struct AdapterExecutor::Attached {
 
 AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config,
                                  ExpertCacheOptions cache_options)
-    : backend_(backend), config_(config), cache_(backend, cache_options) {}
+    : backend_(backend),
+      config_(config),
+      dt_(backend->compute_dtype()),
+      es_(static_cast<int64_t>(ScalarTypeSize(dt_))),
+      cache_(backend, cache_options) {}
 AdapterExecutor::~AdapterExecutor() = default;
 
 absl::StatusOr<DeviceBuffer> AdapterExecutor::UploadFloats(const std::vector<float>& v) {
-  ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->Allocate(v.size() * sizeof(float)));
-  RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), v.data(), v.size() * sizeof(float)));
+  ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->Allocate(v.size() * es_));
+  RETURN_IF_ERROR(FromHostF32(v.data(), static_cast<int64_t>(v.size()), buf.data()));
   return buf;
+}
+
+absl::Status AdapterExecutor::FromHostF32(const float* src, int64_t n, void* dst) {
+  if (dt_ == ScalarType::kF32) return backend_->CopyToDevice(dst, src, n * sizeof(float));
+  host_bf16_.resize(n);
+  for (int64_t i = 0; i < n; ++i) host_bf16_[i] = kernels::F32ToBf16(src[i]);
+  return backend_->CopyToDevice(dst, host_bf16_.data(), n * sizeof(uint16_t));
+}
+
+absl::Status AdapterExecutor::ToHostF32(const void* src, int64_t n, float* dst) {
+  if (dt_ == ScalarType::kF32) return backend_->CopyToHost(dst, src, n * sizeof(float));
+  RETURN_IF_ERROR(Grow(&f32_, n * sizeof(float)));
+  RETURN_IF_ERROR(backend_->Convert(
+      {.src = src, .dst = f32_.data(), .n = n, .src_dtype = dt_, .dst_dtype = ScalarType::kF32}));
+  return backend_->CopyToHost(dst, f32_.data(), n * sizeof(float));
 }
 
 absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> adapter) {
@@ -175,26 +195,28 @@ absl::Status AdapterExecutor::RouterLogits(const Attached& owner, const RouterWe
   const int64_t n = static_cast<int64_t>(tokens.size());
   const auto& [weight, bias] = owner.routers.at(&router);
   RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
-  RETURN_IF_ERROR(Grow(&gathered_, n * in * sizeof(float)));
-  RETURN_IF_ERROR(Grow(&logits_, n * router.rows * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&gathered_, n * in * es_));
+  RETURN_IF_ERROR(Grow(&logits_, n * router.rows * es_));
   RETURN_IF_ERROR(backend_->CopyToDevice(ids_.data(), tokens.data(), n * sizeof(int32_t)));
   RETURN_IF_ERROR(backend_->Embedding({.ids = ids_.as<int32_t>(),
                                        .table = x,
                                        .out = gathered_.data(),
                                        .num_tokens = n,
-                                       .hidden = in}));
+                                       .hidden = in,
+                                       .dtype = dt_}));
   RETURN_IF_ERROR(backend_->Gemm({.x = gathered_.data(),
                                   .w = weight.data(),
                                   .y = logits_.data(),
                                   .m = n,
                                   .n = router.rows,
-                                  .k = in}));
+                                  .k = in,
+                                  .dtype = dt_}));
   if (!router.bias.empty()) {
     RETURN_IF_ERROR(backend_->BiasAdd(
-        {.x = logits_.data(), .bias = bias.data(), .rows = n, .cols = router.rows}));
+        {.x = logits_.data(), .bias = bias.data(), .rows = n, .cols = router.rows, .dtype = dt_}));
   }
   logits->resize(n * router.rows);
-  return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
+  return ToHostF32(logits_.data(), n * router.rows, logits->data());
 }
 
 void AdapterExecutor::ReleasePins() {
@@ -266,7 +288,8 @@ absl::Status AdapterExecutor::Shrink(const SgmvCall& call, const void* x, int64_
                                .a_rows = a_rows_.as<const void*>(),
                                .num_segments = call.num_segments,
                                .in = in,
-                               .v_stride = call.v_stride});
+                               .v_stride = call.v_stride,
+                               .dtype = dt_});
 }
 
 absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out) {
@@ -280,7 +303,8 @@ absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out)
                                .b_rows = b_rows_.as<const void*>(),
                                .num_segments = call.num_segments,
                                .out = out,
-                               .v_stride = call.v_stride});
+                               .v_stride = call.v_stride,
+                               .dtype = dt_});
 }
 
 absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, const void* x,
@@ -429,15 +453,16 @@ absl::Status AdapterExecutor::XloraScalings(int32_t slot, const void* hidden,
   const int64_t n = static_cast<int64_t>(rows.size());
   int64_t widest = config_.hidden_size;
   for (const XloraSpec::Linear& lin : xs.classifier) widest = std::max(widest, lin.out);
-  RETURN_IF_ERROR(Grow(&cls_in_, n * widest * sizeof(float)));
-  RETURN_IF_ERROR(Grow(&cls_out_, n * widest * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&cls_in_, n * widest * es_));
+  RETURN_IF_ERROR(Grow(&cls_out_, n * widest * es_));
   RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
   RETURN_IF_ERROR(backend_->CopyToDevice(ids_.data(), rows.data(), n * sizeof(int32_t)));
   RETURN_IF_ERROR(backend_->Embedding({.ids = ids_.as<int32_t>(),
                                        .table = hidden,
                                        .out = cls_in_.data(),
                                        .num_tokens = n,
-                                       .hidden = config_.hidden_size}));
+                                       .hidden = config_.hidden_size,
+                                       .dtype = dt_}));
   std::vector<float> host;
   for (size_t li = 0; li < xs.classifier.size(); ++li) {
     const XloraSpec::Linear& lin = xs.classifier[li];
@@ -447,20 +472,19 @@ absl::Status AdapterExecutor::XloraScalings(int32_t slot, const void* hidden,
                                     .y = cls_out_.data(),
                                     .m = n,
                                     .n = lin.out,
-                                    .k = lin.in}));
+                                    .k = lin.in,
+                                    .dtype = dt_}));
     if (!lin.bias.empty()) {
       RETURN_IF_ERROR(backend_->BiasAdd(
-          {.x = cls_out_.data(), .bias = bias.data(), .rows = n, .cols = lin.out}));
+          {.x = cls_out_.data(), .bias = bias.data(), .rows = n, .cols = lin.out, .dtype = dt_}));
     }
     host.resize(n * lin.out);
-    RETURN_IF_ERROR(
-        backend_->CopyToHost(host.data(), cls_out_.data(), host.size() * sizeof(float)));
+    RETURN_IF_ERROR(ToHostF32(cls_out_.data(), n * lin.out, host.data()));
     if (li + 1 == xs.classifier.size()) break;
     if (xs.relu) {
       for (float& v : host) v = std::max(v, 0.0f);
     }
-    RETURN_IF_ERROR(
-        backend_->CopyToDevice(cls_in_.data(), host.data(), host.size() * sizeof(float)));
+    RETURN_IF_ERROR(FromHostF32(host.data(), static_cast<int64_t>(host.size()), cls_in_.data()));
   }
   const int64_t c = xs.classifier.back().out;
   out->resize(n * c);
@@ -541,8 +565,8 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
   const int64_t num_pairs = static_cast<int64_t>(pair_token.size());
   block_.num_pairs = num_pairs;
   // Per-pair copies of the shared base results, then each expert's gate/up LoRA deltas.
-  RETURN_IF_ERROR(Grow(&block_g_, std::max<int64_t>(num_pairs, 1) * inter * sizeof(float)));
-  RETURN_IF_ERROR(Grow(&block_u_, std::max<int64_t>(num_pairs, 1) * inter * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&block_g_, std::max<int64_t>(num_pairs, 1) * inter * es_));
+  RETURN_IF_ERROR(Grow(&block_u_, std::max<int64_t>(num_pairs, 1) * inter * es_));
   RETURN_IF_ERROR(Grow(&ids_, std::max<int64_t>(num_pairs, t_count) * sizeof(int32_t)));
   if (num_pairs > 0) {
     RETURN_IF_ERROR(
@@ -552,7 +576,8 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
                                            .table = src,
                                            .out = dst->data(),
                                            .num_tokens = num_pairs,
-                                           .hidden = inter}));
+                                           .hidden = inter,
+                                           .dtype = dt_}));
     }
     RETURN_IF_ERROR(RunSegments(gate_segs, h, hidden, block_g_.data(), inter));
     RETURN_IF_ERROR(RunSegments(up_segs, h, hidden, block_u_.data(), inter));
@@ -560,19 +585,21 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
                                        .up = block_u_.data(),
                                        .out = block_g_.data(),
                                        .rows = num_pairs,
-                                       .cols = inter}));
+                                       .cols = inter,
+                                       .dtype = dt_}));
   }
   // ext = [base SwiGLU of all T tokens ; zeroed rows for the block tokens], then
   // ext[T + ordinal(t)] += w * a_pair, and act[t] = ext[t or T + ordinal(t)].
   const int64_t ext_rows = t_count + num_block_tokens;
-  RETURN_IF_ERROR(Grow(&ext_, ext_rows * inter * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&ext_, ext_rows * inter * es_));
   RETURN_IF_ERROR(backend_->SiluMul(
-      {.gate = gate, .up = up, .out = ext_.data(), .rows = t_count, .cols = inter}));
+      {.gate = gate, .up = up, .out = ext_.data(), .rows = t_count, .cols = inter, .dtype = dt_}));
   if (zeros_.size() < static_cast<size_t>(num_block_tokens * inter)) {
     zeros_.resize(num_block_tokens * inter, 0.0f);
   }
-  RETURN_IF_ERROR(backend_->CopyToDevice(ext_.as<float>() + t_count * inter, zeros_.data(),
-                                         num_block_tokens * inter * sizeof(float)));
+  // All-zero bytes are 0 in every dtype.
+  RETURN_IF_ERROR(backend_->CopyToDevice(ext_.as<char>() + t_count * inter * es_, zeros_.data(),
+                                         num_block_tokens * inter * es_));
   if (num_pairs > 0) {
     std::vector<int32_t> rows(num_pairs);
     for (int64_t p = 0; p < num_pairs; ++p) rows[p] = t_count + ordinal[pair_token[p]];
@@ -585,7 +612,8 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
                                           .y_row = pair_y_.as<int32_t>(),
                                           .weight = pair_w_.as<float>(),
                                           .rows = num_pairs,
-                                          .cols = inter}));
+                                          .cols = inter,
+                                          .dtype = dt_}));
   }
   std::vector<int32_t> ext_ids(t_count);
   for (int64_t t = 0; t < t_count; ++t) {
@@ -597,7 +625,8 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
                               .table = ext_.data(),
                               .out = act,
                               .num_tokens = t_count,
-                              .hidden = inter});
+                              .hidden = inter,
+                              .dtype = dt_});
 }
 
 absl::Status AdapterExecutor::BlockFfnDown(int32_t layer, void* o) {

@@ -6,8 +6,10 @@
 //
 // Per module, the (token, expert, weight) pairs of every adapter in the pass are grouped by expert
 // into segments and applied with one segmented-GEMM shrink + expand (Backend::SgmvShrink /
-// SgmvExpand) whose row tables point at the attached experts' rank rows. Router logits are fp32
-// GEMMs on the backend; the routing decision itself (engine/routing) runs on the host.
+// SgmvExpand) whose row tables point at the attached experts' rank rows. Activations, routers and
+// pages are in the backend's compute dtype (fp32 on CPU, bf16 on CUDA; the SGMV intermediate v is
+// fp32). Router logits are GEMMs on the backend, read back as fp32; the routing decision itself
+// (engine/routing) runs on the host.
 //
 // Expert weights live in the paged expert cache (engine/expert_cache): each SGMV call pins the
 // experts of its segments (copying misses in from the adapter's host memory) and releases them
@@ -113,9 +115,14 @@ class AdapterExecutor {
     std::vector<Pair> pairs;
   };
 
+  // fp32 host values uploaded in the compute dtype.
   absl::StatusOr<DeviceBuffer> UploadFloats(const std::vector<float>& v);
+  absl::Status FromHostF32(const float* src, int64_t n, void* dst);
+  // n compute-dtype values on the device as fp32 on the host.
+  absl::Status ToHostF32(const void* src, int64_t n, float* dst);
   absl::Status Grow(DeviceBuffer* buf, size_t bytes);
-  // Router logits [n, rows] of `tokens` (rows of x, width in): fp32 GEMM + bias on the backend.
+  // Router logits [n, rows] of `tokens` (rows of x, width in): GEMM + bias on the backend, fp32 on
+  // the host.
   absl::Status RouterLogits(const Attached& owner, const RouterWeights& router, const void* x,
                             int64_t in, const std::vector<int32_t>& tokens,
                             std::vector<float>* logits);
@@ -151,6 +158,8 @@ class AdapterExecutor {
 
   Backend* backend_;
   ModelConfig config_;
+  ScalarType dt_;  // the backend's compute dtype: activations, routers, classifier, pages
+  int64_t es_;     // its element size in bytes
   ExpertCache cache_;
   std::vector<std::pair<const LoraStack*, int32_t>> pins_;  // experts pinned by the current call
   int64_t splits_ = 0;
@@ -172,7 +181,8 @@ class AdapterExecutor {
 
   // Scratch (grown on demand).
   DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_y_, pair_w_, seg_start_, seg_rank_,
-      seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_, cls_in_, cls_out_;
+      seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_, cls_in_, cls_out_, f32_;
+  std::vector<uint16_t> host_bf16_;  // FromHostF32's conversion buffer
 };
 
 }  // namespace moleserve::engine

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/core/status_macros.h"
+#include "kernels/common/bf16.h"
 
 namespace moleserve::engine {
 namespace {
@@ -28,10 +29,11 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(Backend* backend,
     return absl::InvalidArgumentError(
         "model options: num_kv_blocks, kv_block_size, max_batch_tokens and max_seqs must be > 0");
   }
-  if (backend->compute_dtype() != ScalarType::kF32) {
-    return absl::UnimplementedError(absl::StrCat("LlamaModel runs fp32 weights only so far; the ",
+  const ScalarType dt = backend->compute_dtype();
+  if (dt != ScalarType::kF32 && dt != ScalarType::kBF16) {
+    return absl::UnimplementedError(absl::StrCat("LlamaModel runs fp32 or bf16; the ",
                                                  backend->name(), " backend computes in ",
-                                                 ScalarTypeName(backend->compute_dtype())));
+                                                 ScalarTypeName(dt)));
   }
   std::unique_ptr<LlamaModel> model(new LlamaModel(backend, config, options));
   RETURN_IF_ERROR(model->Init(weights));
@@ -40,7 +42,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(Backend* backend,
 
 int64_t LlamaModel::kv_bytes_per_block() const {
   return 2LL * config_.num_layers * options_.kv_block_size * config_.num_kv_heads *
-         config_.head_dim * static_cast<int64_t>(sizeof(float));
+         config_.head_dim * static_cast<int64_t>(ScalarTypeSize(backend_->compute_dtype()));
 }
 
 absl::StatusOr<DeviceBuffer> LlamaModel::Upload(const WeightSource& weights,
@@ -59,8 +61,14 @@ absl::StatusOr<DeviceBuffer> LlamaModel::Upload(const WeightSource& weights,
           absl::StrCat("tensor '", spec.name, "' contains NaN or Inf"));
     }
   }
-  ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->Allocate(host.size() * sizeof(float)));
-  RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), host.data(), host.size() * sizeof(float)));
+  ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->Allocate(host.size() * es_));
+  if (dt_ == ScalarType::kF32) {
+    RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), host.data(), host.size() * sizeof(float)));
+  } else {
+    std::vector<uint16_t> bf16(host.size());
+    for (size_t i = 0; i < host.size(); ++i) bf16[i] = kernels::F32ToBf16(host[i]);
+    RETURN_IF_ERROR(backend_->CopyToDevice(buf.data(), bf16.data(), bf16.size() * 2));
+  }
   return buf;
 }
 
@@ -89,8 +97,8 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
     for (DeviceBuffer* b : {&layer.post_norm, &layer.gate, &layer.up, &layer.down}) {
       RETURN_IF_ERROR(take(b));
     }
-    ASSIGN_OR_RETURN(layer.k_cache, backend_->Allocate(kv_elems * sizeof(float)));
-    ASSIGN_OR_RETURN(layer.v_cache, backend_->Allocate(kv_elems * sizeof(float)));
+    ASSIGN_OR_RETURN(layer.k_cache, backend_->Allocate(kv_elems * es_));
+    ASSIGN_OR_RETURN(layer.v_cache, backend_->Allocate(kv_elems * es_));
   }
   RETURN_IF_ERROR(take(&final_norm_));
   if (!c.tie_word_embeddings) RETURN_IF_ERROR(take(&lm_head_));
@@ -102,7 +110,7 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
       backend_->CopyToDevice(inv_freq_.data(), inv_freq.data(), inv_freq.size() * sizeof(float)));
 
   const int64_t t = options_.max_batch_tokens;
-  const int64_t f = sizeof(float);
+  const int64_t f = es_;  // activations are in the compute dtype
   const int64_t q_width = static_cast<int64_t>(c.num_heads) * c.head_dim;
   const int64_t kv_width = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
   struct Scratch {
@@ -115,8 +123,10 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
         Scratch{&v_, t * kv_width * f}, Scratch{&attn_, t * q_width * f},
         Scratch{&gate_, t * c.intermediate_size * f}, Scratch{&up_, t * c.intermediate_size * f},
         Scratch{&o_, t * c.hidden_size * f},
-        Scratch{&logits_, int64_t{options_.max_seqs} * c.vocab_size * f}, Scratch{&tokens_, t * 4},
-        Scratch{&positions_, t * 4}, Scratch{&token_seq_, t * 4},
+        Scratch{&logits_, int64_t{options_.max_seqs} * c.vocab_size * f},
+        Scratch{&logits_f32_,
+                dt_ == ScalarType::kF32 ? 0 : int64_t{options_.max_seqs} * c.vocab_size * 4},
+        Scratch{&tokens_, t * 4}, Scratch{&positions_, t * 4}, Scratch{&token_seq_, t * 4},
         Scratch{&sample_rows_, int64_t{options_.max_seqs} * 4},
         Scratch{&block_offsets_, (int64_t{options_.max_seqs} + 1) * 4},
         Scratch{&block_tables_, int64_t{options_.num_kv_blocks} * 4}}) {
@@ -230,7 +240,7 @@ absl::Status LlamaModel::RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& 
                             .rows = rows,
                             .cols = config_.hidden_size,
                             .eps = config_.rms_norm_eps,
-                            .dtype = ScalarType::kF32});
+                            .dtype = dt_});
 }
 
 absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
@@ -240,7 +250,7 @@ absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
   const int64_t q_width = static_cast<int64_t>(c.num_heads) * c.head_dim;
   const int64_t kv_width = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
   const int64_t inter = c.intermediate_size;
-  const ScalarType dt = ScalarType::kF32;
+  const ScalarType dt = dt_;
   RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
 
   auto upload = [&](DeviceBuffer& dst, const std::vector<int32_t>& src) {
@@ -358,7 +368,7 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
   const ModelConfig& c = config_;
   const int64_t t = b.num_tokens();
   const int64_t h = c.hidden_size;
-  const ScalarType dt = ScalarType::kF32;
+  const ScalarType dt = dt_;
   const bool mole = !b.seq_adapter.empty();
   auto seq_slot = [&](int32_t s) { return mole ? b.seq_adapter[s] : -1; };
   auto xlora_of = [&](int32_t s) -> const XloraSpec* {
@@ -485,7 +495,16 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
                                   .n = c.vocab_size,
                                   .k = h,
                                   .dtype = dt}));
-  return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
+  if (dt == ScalarType::kF32) {
+    return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
+  }
+  const int64_t count = static_cast<int64_t>(logits->size());
+  RETURN_IF_ERROR(backend_->Convert({.src = logits_.data(),
+                                     .dst = logits_f32_.data(),
+                                     .n = count,
+                                     .src_dtype = dt,
+                                     .dst_dtype = ScalarType::kF32}));
+  return backend_->CopyToHost(logits->data(), logits_f32_.data(), count * sizeof(float));
 }
 
 }  // namespace moleserve::engine

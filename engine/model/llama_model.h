@@ -3,6 +3,10 @@
 // LlamaModel: a Llama-family decoder (RMSNorm, RoPE, grouped-query attention over a paged KV
 // cache, SwiGLU) running on a Backend over flat mixed prefill/decode batches.
 //
+// Weights (converted from the checkpoint's dtype on upload), KV cache and activations are in the
+// backend's compute dtype (fp32 on CPU, bf16 on CUDA) with fp32 math inside the ops; the logits
+// handed back are fp32.
+//
 // Lifecycle: Create() uploads the weights and allocates, once, the paged KV cache and every
 // scratch buffer a step of up to `max_batch_tokens` tokens needs; Forward() allocates nothing.
 // Device memory: owned by the model (weights, KV cache, scratch), freed on destruction.
@@ -69,6 +73,8 @@ class LlamaModel {
       : backend_(backend),
         config_(config),
         options_(options),
+        dt_(backend->compute_dtype()),
+        es_(static_cast<int64_t>(ScalarTypeSize(dt_))),
         adapters_(backend, config, options.expert_cache) {}
   absl::Status Init(const WeightSource& weights);
   absl::Status ValidateBatch(const Batch& batch) const;
@@ -89,11 +95,14 @@ class LlamaModel {
   Backend* backend_;
   ModelConfig config_;
   LlamaModelOptions options_;
+  ScalarType dt_;  // the backend's compute dtype: weights, KV cache and activations
+  int64_t es_;     // its element size
   AdapterExecutor adapters_;
   DeviceBuffer embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<Layer> layers_;
   // Scratch, sized for max_batch_tokens rows.
   DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, o_, logits_;
+  DeviceBuffer logits_f32_;  // logits converted for the host (bf16 backends only)
   DeviceBuffer tokens_, positions_, token_seq_, block_tables_, block_offsets_, sample_rows_;
 };
 

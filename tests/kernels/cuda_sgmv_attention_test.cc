@@ -1,0 +1,676 @@
+// The CUDA segmented GEMM, attention, RoPE, GEMM (cuBLAS), conversion and routing kernels against
+// their CPU twins (kernels/cpu), over shapes x ranks x expert counts x dtypes. bf16 inputs are
+// rounded to bf16 first so both sides see identical values. Tolerances:
+//  - fp32 outputs of fp32 math (SGMV v, attention, RoPE, GEMM with fp32 operands): 1e-5 relative
+//    to the sum of |terms| of the output (summation order differs);
+//  - bf16 outputs: 2^-6 relative to max(1, |want|) (one bf16 rounding per atomic add of each of
+//    the <= 2 contributions, plus the output's own rounding);
+//  - routing: identical experts and counts, weights within 1e-6 (expf on the device vs libm).
+// Skipped without a CUDA device (ctest label `gpu`).
+
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kernels/common/bf16.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/blas/blas.h"
+#include "kernels/cuda/ops.h"
+#include "tests/kernels/random_inputs.h"
+
+namespace moleserve::kernels {
+namespace {
+
+using test_util::Random;
+
+bool HaveDevice() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
+
+// Device memory of raw bytes.
+class DeviceBytes {
+ public:
+  explicit DeviceBytes(size_t bytes) : bytes_(bytes) {
+    EXPECT_EQ(cudaMalloc(&ptr_, std::max<size_t>(bytes, 16)), cudaSuccess);
+  }
+  template <typename T>
+  explicit DeviceBytes(const std::vector<T>& host) : DeviceBytes(host.size() * sizeof(T)) {
+    EXPECT_EQ(cudaMemcpy(ptr_, host.data(), bytes_, cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  ~DeviceBytes() { cudaFree(ptr_); }
+  DeviceBytes(const DeviceBytes&) = delete;
+  DeviceBytes& operator=(const DeviceBytes&) = delete;
+  template <typename T = void>
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
+  template <typename T>
+  std::vector<T> Download(size_t n) const {
+    std::vector<T> out(n);
+    EXPECT_EQ(cudaMemcpy(out.data(), ptr_, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return out;
+  }
+
+ private:
+  size_t bytes_;
+  void* ptr_ = nullptr;
+};
+
+// Values in `dtype` on the device; `host` is rounded to bf16 in place for kBF16.
+std::unique_ptr<DeviceBytes> Upload(std::vector<float>& host, ScalarType dtype) {
+  if (dtype == ScalarType::kF32) return std::make_unique<DeviceBytes>(host);
+  std::vector<uint16_t> h(host.size());
+  for (size_t i = 0; i < host.size(); ++i) {
+    h[i] = F32ToBf16(host[i]);
+    host[i] = Bf16ToF32(h[i]);
+  }
+  return std::make_unique<DeviceBytes>(h);
+}
+std::vector<float> DownloadAs(const DeviceBytes& d, size_t n, ScalarType dtype) {
+  if (dtype == ScalarType::kF32) return d.Download<float>(n);
+  std::vector<uint16_t> h = d.Download<uint16_t>(n);
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = Bf16ToF32(h[i]);
+  return out;
+}
+size_t ElemBytes(ScalarType t) { return t == ScalarType::kF32 ? 4 : 2; }
+const char* DtypeName(ScalarType t) { return t == ScalarType::kF32 ? "f32" : "bf16"; }
+
+void ExpectBf16Close(const std::vector<float>& got, const std::vector<float>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_NEAR(got[i], want[i], 0x1p-6f * std::max(1.0f, std::fabs(want[i]))) << "at " << i;
+  }
+}
+
+// ---------------------------------------------------------------- segmented GEMM
+
+struct SgmvCase {
+  int64_t tokens;
+  int32_t experts;
+  int32_t rank;
+  int64_t in, out;
+  ScalarType dtype;
+};
+
+class CudaSgmvTest : public ::testing::TestWithParam<SgmvCase> {};
+
+// Tokens routed top-2 over `experts` experts of ranks rank and rank/2 alternating; expert rows
+// scattered over a page pool in a shuffled order (as the expert cache places them).
+TEST_P(CudaSgmvTest, ShrinkAndExpandMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const SgmvCase c = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(c.tokens * 131 + c.experts * 7 + c.rank));
+  std::vector<int32_t> ranks(c.experts);
+  for (int32_t e = 0; e < c.experts; ++e) ranks[e] = e % 2 == 0 ? c.rank : std::max(1, c.rank / 2);
+  const int32_t total_rows = std::accumulate(ranks.begin(), ranks.end(), 0);
+  // Page pools: A rows (`in` wide) and B^T rows (`out` wide), in a shuffled order.
+  std::vector<float> a_pool = Random(size_t(total_rows) * c.in, 11, 0.05f);
+  std::vector<float> b_pool = Random(size_t(total_rows) * c.out, 12, 0.05f);
+  auto d_a = Upload(a_pool, c.dtype);
+  auto d_b = Upload(b_pool, c.dtype);
+  std::vector<int32_t> page(total_rows);
+  std::iota(page.begin(), page.end(), 0);
+  std::shuffle(page.begin(), page.end(), rng);
+
+  // Pairs: each token to min(2, experts) distinct experts, sorted by expert.
+  std::vector<std::vector<std::pair<int32_t, float>>> by_expert(c.experts);
+  std::uniform_real_distribution<float> w(0.1f, 1.0f);
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    const int32_t e0 = static_cast<int32_t>(rng() % c.experts);
+    by_expert[e0].push_back({static_cast<int32_t>(t), w(rng)});
+    if (c.experts > 1) {
+      const int32_t e1 = (e0 + 1 + static_cast<int32_t>(rng() % (c.experts - 1))) % c.experts;
+      by_expert[e1].push_back({static_cast<int32_t>(t), w(rng)});
+    }
+  }
+  std::vector<int32_t> x_row, seg_start{0}, seg_rank;
+  std::vector<float> weight;
+  std::vector<int64_t> seg_off;
+  std::vector<const void*> a_host, b_host, a_dev, b_dev;
+  int32_t first_row = 0;
+  for (int32_t e = 0; e < c.experts; ++e) {
+    if (!by_expert[e].empty()) {
+      seg_off.push_back(static_cast<int64_t>(a_host.size()));
+      for (int32_t i = 0; i < ranks[e]; ++i) {
+        const int64_t p = page[first_row + i];
+        a_host.push_back(a_pool.data() + p * c.in);
+        b_host.push_back(b_pool.data() + p * c.out);
+        a_dev.push_back(d_a->get<char>() + p * c.in * ElemBytes(c.dtype));
+        b_dev.push_back(d_b->get<char>() + p * c.out * ElemBytes(c.dtype));
+      }
+      for (auto [t, wt] : by_expert[e]) {
+        x_row.push_back(t);
+        weight.push_back(wt);
+      }
+      seg_start.push_back(static_cast<int32_t>(x_row.size()));
+      seg_rank.push_back(ranks[e]);
+    }
+    first_row += ranks[e];
+  }
+  const int32_t segments = static_cast<int32_t>(seg_rank.size());
+  const int64_t pairs = static_cast<int64_t>(x_row.size());
+  const int32_t v_stride = c.rank;
+
+  std::vector<float> x = Random(c.tokens * c.in, 13);
+  std::vector<float> y0 = Random(c.tokens * c.out, 14);
+  auto d_x = Upload(x, c.dtype);
+  auto d_y = Upload(y0, c.dtype);
+  DeviceBytes d_xrow(x_row), d_start(seg_start), d_rank(seg_rank), d_off(seg_off), d_w(weight),
+      d_arows(a_dev), d_brows(b_dev), d_v(pairs * v_stride * sizeof(float));
+  ASSERT_EQ(cudaMemset(d_v.get(), 0, pairs * v_stride * sizeof(float)), cudaSuccess);
+
+  SgmvShrinkParams shrink{.x = d_x->get(),
+                          .v = d_v.get<float>(),
+                          .x_row = d_xrow.get<int32_t>(),
+                          .seg_start = d_start.get<int32_t>(),
+                          .seg_rank = d_rank.get<int32_t>(),
+                          .seg_row_offset = d_off.get<int64_t>(),
+                          .a_rows = d_arows.get<const void*>(),
+                          .num_segments = segments,
+                          .in = c.in,
+                          .v_stride = v_stride,
+                          .dtype = c.dtype};
+  ASSERT_EQ(cuda::SgmvShrink(shrink, nullptr), cudaSuccess);
+  SgmvExpandParams expand{.v = d_v.get<float>(),
+                          .y = d_y->get(),
+                          .y_row = d_xrow.get<int32_t>(),
+                          .weight = d_w.get<float>(),
+                          .seg_start = d_start.get<int32_t>(),
+                          .seg_rank = d_rank.get<int32_t>(),
+                          .seg_row_offset = d_off.get<int64_t>(),
+                          .b_rows = d_brows.get<const void*>(),
+                          .num_segments = segments,
+                          .out = c.out,
+                          .v_stride = v_stride,
+                          .dtype = c.dtype};
+  ASSERT_EQ(cuda::SgmvExpand(expand, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+  // CPU twin, fp32 on the same (rounded) values.
+  std::vector<float> v_ref(pairs * v_stride, 0.0f), y_ref = y0;
+  SgmvShrinkParams cs = shrink;
+  cs.x = x.data();
+  cs.v = v_ref.data();
+  cs.x_row = x_row.data();
+  cs.seg_start = seg_start.data();
+  cs.seg_rank = seg_rank.data();
+  cs.seg_row_offset = seg_off.data();
+  cs.a_rows = a_host.data();
+  cs.dtype = ScalarType::kF32;
+  ASSERT_EQ(cpu::SgmvShrink(cs, nullptr), KernelStatus::kOk);
+  SgmvExpandParams ce = expand;
+  ce.v = v_ref.data();
+  ce.y = y_ref.data();
+  ce.y_row = x_row.data();
+  ce.weight = weight.data();
+  ce.seg_start = seg_start.data();
+  ce.seg_rank = seg_rank.data();
+  ce.seg_row_offset = seg_off.data();
+  ce.b_rows = b_host.data();
+  ce.dtype = ScalarType::kF32;
+  ASSERT_EQ(cpu::SgmvExpand(ce, nullptr), KernelStatus::kOk);
+
+  const std::vector<float> v = d_v.Download<float>(pairs * v_stride);
+  for (int32_t s = 0; s < segments; ++s) {
+    for (int32_t p = seg_start[s]; p < seg_start[s + 1]; ++p) {
+      for (int32_t i = 0; i < seg_rank[s]; ++i) {
+        const float* a = static_cast<const float*>(a_host[seg_off[s] + i]);
+        double mag = 0.0;
+        for (int64_t k = 0; k < c.in; ++k) mag += std::fabs(a[k] * x[x_row[p] * c.in + k]);
+        ASSERT_NEAR(v[p * v_stride + i], v_ref[p * v_stride + i], 1e-5 * mag + 1e-7)
+            << "pair " << p << " rank row " << i;
+      }
+    }
+  }
+  const std::vector<float> y = DownloadAs(*d_y, y0.size(), c.dtype);
+  if (c.dtype == ScalarType::kBF16) {
+    ExpectBf16Close(y, y_ref);
+  } else {
+    for (size_t i = 0; i < y.size(); ++i) {
+      ASSERT_NEAR(y[i], y_ref[i], 1e-5f * std::max(1.0f, std::fabs(y_ref[i]))) << "at " << i;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(ShapesRanksExperts, CudaSgmvTest,
+                         ::testing::Values(SgmvCase{1, 1, 16, 4096, 4096, ScalarType::kBF16},
+                                           SgmvCase{1, 8, 8, 4096, 11008, ScalarType::kBF16},
+                                           SgmvCase{7, 4, 16, 896, 4864, ScalarType::kBF16},
+                                           SgmvCase{64, 64, 16, 4096, 4096, ScalarType::kBF16},
+                                           SgmvCase{256, 8, 64, 4096, 1024, ScalarType::kBF16},
+                                           SgmvCase{33, 16, 128, 3584, 18944, ScalarType::kBF16},
+                                           SgmvCase{5, 3, 32, 4100, 4098,
+                                                    ScalarType::kBF16},  // unaligned widths
+                                           SgmvCase{1, 1, 8, 4096, 4096, ScalarType::kF32},
+                                           SgmvCase{64, 16, 64, 2048, 8192, ScalarType::kF32},
+                                           SgmvCase{9, 5, 128, 1001, 333, ScalarType::kF32}),
+                         [](const ::testing::TestParamInfo<SgmvCase>& info) {
+                           const SgmvCase& c = info.param;
+                           return "t" + std::to_string(c.tokens) + "_e" +
+                                  std::to_string(c.experts) + "_r" + std::to_string(c.rank) + "_" +
+                                  std::to_string(c.in) + "x" + std::to_string(c.out) + "_" +
+                                  DtypeName(c.dtype);
+                         });
+
+TEST(CudaSgmvTest, ScatterAddMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  for (ScalarType dtype : {ScalarType::kF32, ScalarType::kBF16}) {
+    const int64_t rows = 50, cols = 4864, targets = 20;
+    std::vector<float> x = Random(rows * cols, 21), y0 = Random(targets * cols, 22);
+    std::vector<float> w = Random(rows, 23);
+    std::vector<int32_t> y_row(rows);
+    for (int64_t r = 0; r < rows; ++r) y_row[r] = static_cast<int32_t>((r * 7) % targets);
+    auto dx = Upload(x, dtype);
+    auto dy = Upload(y0, dtype);
+    DeviceBytes dr(y_row), dw(w);
+    ASSERT_EQ(cuda::ScatterAdd({.x = dx->get(),
+                                .y = dy->get(),
+                                .y_row = dr.get<int32_t>(),
+                                .weight = dw.get<float>(),
+                                .rows = rows,
+                                .cols = cols,
+                                .dtype = dtype},
+                               nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> ref = y0;
+    ASSERT_EQ(cpu::ScatterAdd({.x = x.data(),
+                               .y = ref.data(),
+                               .y_row = y_row.data(),
+                               .weight = w.data(),
+                               .rows = rows,
+                               .cols = cols},
+                              nullptr),
+              KernelStatus::kOk);
+    const std::vector<float> got = DownloadAs(*dy, ref.size(), dtype);
+    // Up to 3 rows add into each target: 3 + 1 bf16 roundings of values around 3.
+    for (size_t i = 0; i < got.size(); ++i) {
+      const float tol = dtype == ScalarType::kBF16 ? 0x1p-5f * std::max(1.0f, std::fabs(ref[i]))
+                                                   : 1e-5f * std::max(1.0f, std::fabs(ref[i]));
+      ASSERT_NEAR(got[i], ref[i], tol) << DtypeName(dtype) << " at " << i;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- attention
+
+struct AttentionCase {
+  int32_t q_heads, kv_heads, head_dim, block_size, sliding_window;
+  ScalarType dtype;
+};
+class CudaAttentionTest : public ::testing::TestWithParam<AttentionCase> {};
+
+// Three sequences: a 70-token prefill, a decode at position 300 and a chunked prefill of 9 tokens
+// at 120..128, block tables shuffled over the pool. KvWrite then PagedAttention on both sides.
+TEST_P(CudaAttentionTest, KvWriteAndPagedAttentionMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const AttentionCase c = GetParam();
+  const int32_t bs = c.block_size;
+  const std::vector<std::pair<int32_t, int32_t>> seqs = {{0, 70}, {300, 1}, {120, 9}};  // start,n
+  std::vector<int32_t> token_seq, positions, tables, offsets{0};
+  int32_t next_block = 0;
+  std::vector<int32_t> perm(4096);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937(3));
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const auto [start, n] = seqs[s];
+    for (int32_t i = 0; i < n; ++i) {
+      token_seq.push_back(static_cast<int32_t>(s));
+      positions.push_back(start + i);
+    }
+    const int32_t blocks = (start + n + bs - 1) / bs;
+    for (int32_t b = 0; b < blocks; ++b) tables.push_back(perm[next_block++]);
+    offsets.push_back(static_cast<int32_t>(tables.size()));
+  }
+  const int32_t num_blocks = *std::max_element(tables.begin(), tables.end()) + 1;
+  const int64_t t = static_cast<int64_t>(positions.size());
+  const int64_t kvw = int64_t{c.kv_heads} * c.head_dim, qw = int64_t{c.q_heads} * c.head_dim;
+  const int64_t cache_elems = int64_t{num_blocks} * bs * kvw;
+  // The history before each sequence's first new token is written first (as earlier steps
+  // would have), the new tokens by the KvWrite under test.
+  std::vector<float> k_cache = Random(cache_elems, 31), v_cache = Random(cache_elems, 32);
+  std::vector<float> q = Random(t * qw, 33), k = Random(t * kvw, 34), v = Random(t * kvw, 35);
+  auto dkc = Upload(k_cache, c.dtype);
+  auto dvc = Upload(v_cache, c.dtype);
+  auto dq = Upload(q, c.dtype);
+  auto dk = Upload(k, c.dtype);
+  auto dv = Upload(v, c.dtype);
+  std::vector<float> out0(t * qw, 0.0f);
+  auto dout = Upload(out0, c.dtype);
+  DeviceBytes dseq(token_seq), dpos(positions), dtab(tables), doff(offsets);
+  PagedKvLayout kv{.k_cache = dkc->get(),
+                   .v_cache = dvc->get(),
+                   .block_tables = dtab.get<int32_t>(),
+                   .block_table_offsets = doff.get<int32_t>(),
+                   .num_seqs = static_cast<int32_t>(seqs.size()),
+                   .block_size = bs,
+                   .num_kv_heads = c.kv_heads,
+                   .head_dim = c.head_dim};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  ASSERT_EQ(cuda::KvWrite({.kv = kv,
+                           .k = dk->get(),
+                           .v = dv->get(),
+                           .token_seq = dseq.get<int32_t>(),
+                           .positions = dpos.get<int32_t>(),
+                           .num_tokens = t,
+                           .dtype = c.dtype},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::PagedAttention({.kv = kv,
+                                  .q = dq->get(),
+                                  .out = dout->get(),
+                                  .token_seq = dseq.get<int32_t>(),
+                                  .positions = dpos.get<int32_t>(),
+                                  .num_tokens = t,
+                                  .num_q_heads = c.q_heads,
+                                  .scale = scale,
+                                  .sliding_window = c.sliding_window,
+                                  .dtype = c.dtype},
+                                 nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+  PagedKvLayout hkv = kv;
+  hkv.k_cache = k_cache.data();
+  hkv.v_cache = v_cache.data();
+  hkv.block_tables = tables.data();
+  hkv.block_table_offsets = offsets.data();
+  ASSERT_EQ(cpu::KvWrite({.kv = hkv,
+                          .k = k.data(),
+                          .v = v.data(),
+                          .token_seq = token_seq.data(),
+                          .positions = positions.data(),
+                          .num_tokens = t},
+                         nullptr),
+            KernelStatus::kOk);
+  std::vector<float> ref(t * qw);
+  ASSERT_EQ(cpu::PagedAttention({.kv = hkv,
+                                 .q = q.data(),
+                                 .out = ref.data(),
+                                 .token_seq = token_seq.data(),
+                                 .positions = positions.data(),
+                                 .num_tokens = t,
+                                 .num_q_heads = c.q_heads,
+                                 .scale = scale,
+                                 .sliding_window = c.sliding_window},
+                                nullptr),
+            KernelStatus::kOk);
+  // The cache itself: KvWrite is a copy, exact.
+  EXPECT_EQ(DownloadAs(*dkc, cache_elems, c.dtype), k_cache);
+  EXPECT_EQ(DownloadAs(*dvc, cache_elems, c.dtype), v_cache);
+  const std::vector<float> got = DownloadAs(*dout, ref.size(), c.dtype);
+  for (size_t i = 0; i < got.size(); ++i) {
+    // Outputs are convex combinations of V rows (|v| <~ 4): fp32 1e-5, bf16 one rounding.
+    const float tol = c.dtype == ScalarType::kBF16 ? 0x1p-7f * std::max(1.0f, std::fabs(ref[i]))
+                                                   : 1e-5f * std::max(1.0f, std::fabs(ref[i]));
+    ASSERT_NEAR(got[i], ref[i], tol) << "at " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Heads, CudaAttentionTest,
+    ::testing::Values(AttentionCase{32, 8, 128, 16, 0, ScalarType::kBF16},   // Llama 3 / Mistral
+                      AttentionCase{32, 32, 128, 16, 0, ScalarType::kBF16},  // Llama 2 (MHA)
+                      AttentionCase{14, 2, 64, 16, 0, ScalarType::kBF16},    // Qwen2-0.5B
+                      AttentionCase{8, 4, 32, 8, 0, ScalarType::kF32},       // demo model
+                      AttentionCase{8, 2, 256, 16, 0, ScalarType::kF32},
+                      AttentionCase{8, 8, 80, 32, 0, ScalarType::kF32},
+                      AttentionCase{32, 8, 128, 16, 64, ScalarType::kBF16}),  // sliding window
+    [](const ::testing::TestParamInfo<AttentionCase>& info) {
+      const AttentionCase& c = info.param;
+      return "q" + std::to_string(c.q_heads) + "_kv" + std::to_string(c.kv_heads) + "_d" +
+             std::to_string(c.head_dim) + "_bs" + std::to_string(c.block_size) + "_w" +
+             std::to_string(c.sliding_window) + "_" + DtypeName(c.dtype);
+    });
+
+// ---------------------------------------------------------------- RoPE, GEMM, conversion
+
+TEST(CudaElementwiseTest, RopeMatchesCpuIncludingLargePositions) {
+  SKIP_WITHOUT_GPU();
+  for (ScalarType dtype : {ScalarType::kF32, ScalarType::kBF16}) {
+    const int64_t t = 6;
+    const int32_t hq = 8, hkv = 2, d = 128;
+    std::vector<int32_t> pos = {0, 1, 17, 4095, 65536, 131071};
+    std::vector<float> inv_freq(d / 2);
+    for (int i = 0; i < d / 2; ++i) {
+      inv_freq[i] = static_cast<float>(std::pow(500000.0, -2.0 * i / d));  // llama3 base
+    }
+    std::vector<float> q = Random(t * hq * d, 41), k = Random(t * hkv * d, 42);
+    auto dq = Upload(q, dtype);
+    auto dk = Upload(k, dtype);
+    DeviceBytes dpos(pos), dfreq(inv_freq);
+    ASSERT_EQ(cuda::Rope({.q = dq->get(),
+                          .k = dk->get(),
+                          .positions = dpos.get<int32_t>(),
+                          .inv_freq = dfreq.get<float>(),
+                          .num_tokens = t,
+                          .num_q_heads = hq,
+                          .num_kv_heads = hkv,
+                          .head_dim = d,
+                          .dtype = dtype},
+                         nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cpu::Rope({.q = q.data(),
+                         .k = k.data(),
+                         .positions = pos.data(),
+                         .inv_freq = inv_freq.data(),
+                         .num_tokens = t,
+                         .num_q_heads = hq,
+                         .num_kv_heads = hkv,
+                         .head_dim = d},
+                        nullptr),
+              KernelStatus::kOk);
+    for (auto [dev, ref] : {std::pair{dq.get(), &q}, std::pair{dk.get(), &k}}) {
+      const std::vector<float> got = DownloadAs(*dev, ref->size(), dtype);
+      for (size_t i = 0; i < got.size(); ++i) {
+        const float tol = dtype == ScalarType::kBF16
+                              ? 0x1p-7f * std::max(1.0f, std::fabs((*ref)[i]))
+                              : 1e-5f * std::max(1.0f, std::fabs((*ref)[i]));
+        ASSERT_NEAR(got[i], (*ref)[i], tol) << DtypeName(dtype) << " at " << i;
+      }
+    }
+  }
+}
+
+TEST(CudaElementwiseTest, CublasGemmMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  cuda::BlasContext blas;
+  ASSERT_EQ(blas.Init(stream), CUBLAS_STATUS_SUCCESS);
+  for (ScalarType dtype : {ScalarType::kF32, ScalarType::kBF16}) {
+    for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 4096, 4096},
+                           {7, 688, 256},
+                           {64, 1000, 333},
+                           {300, 32000, 128}}) {
+      SCOPED_TRACE(::testing::Message() << DtypeName(dtype) << " " << m << "x" << n << "x" << k);
+      std::vector<float> x = Random(m * k, 51), w = Random(n * k, 52, 0.05f);
+      std::vector<float> y0 = Random(m * n, 53);
+      auto dx = Upload(x, dtype);
+      auto dw = Upload(w, dtype);
+      auto dy = Upload(y0, dtype);
+      const GemmParams p{.x = dx->get(),
+                         .w = dw->get(),
+                         .y = dy->get(),
+                         .m = m,
+                         .n = n,
+                         .k = k,
+                         .alpha = 1.0f,
+                         .beta = 0.5f,
+                         .dtype = dtype};
+      ASSERT_EQ(cuda::Gemm(p, blas), CUBLAS_STATUS_SUCCESS);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      std::vector<float> ref = y0;
+      ASSERT_EQ(cpu::Gemm({.x = x.data(),
+                           .w = w.data(),
+                           .y = ref.data(),
+                           .m = m,
+                           .n = n,
+                           .k = k,
+                           .alpha = 1.0f,
+                           .beta = 0.5f}),
+                KernelStatus::kOk);
+      const std::vector<float> got = DownloadAs(*dy, ref.size(), dtype);
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j = 0; j < n; ++j) {
+          double mag = 0.5 * std::fabs(y0[r * n + j]);
+          for (int64_t i = 0; i < k; ++i) mag += std::fabs(x[r * k + i] * w[j * k + i]);
+          const double tol =
+              dtype == ScalarType::kBF16
+                  ? 0x1p-7 * std::max(1.0, std::fabs(double{ref[r * n + j]})) + 1e-5 * mag
+                  : 1e-5 * mag + 1e-6;
+          ASSERT_NEAR(got[r * n + j], ref[r * n + j], tol) << "at " << r << "," << j;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cuda::Gemm({.m = 1, .n = 1, .k = 1, .dtype = ScalarType::kF16}, blas),
+            CUBLAS_STATUS_INVALID_VALUE);
+  cudaStreamDestroy(stream);
+}
+
+TEST(CudaElementwiseTest, ConvertRoundsLikeTheHost) {
+  SKIP_WITHOUT_GPU();
+  std::vector<float> v = Random(100000, 61, 100.0f);
+  v.push_back(std::numeric_limits<float>::quiet_NaN());
+  v.push_back(std::numeric_limits<float>::infinity());
+  v.push_back(3.0e38f);  // rounds to inf in bf16
+  DeviceBytes src(v), dst(v.size() * 2), back(v.size() * 4);
+  const int64_t n = static_cast<int64_t>(v.size());
+  ASSERT_EQ(cuda::Convert({.src = src.get(),
+                           .dst = dst.get(),
+                           .n = n,
+                           .src_dtype = ScalarType::kF32,
+                           .dst_dtype = ScalarType::kBF16},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::Convert({.src = dst.get(),
+                           .dst = back.get(),
+                           .n = n,
+                           .src_dtype = ScalarType::kBF16,
+                           .dst_dtype = ScalarType::kF32},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<uint16_t> bits = dst.Download<uint16_t>(v.size());
+  const std::vector<float> round_trip = back.Download<float>(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (std::isnan(v[i])) {
+      EXPECT_TRUE(std::isnan(round_trip[i]));
+      continue;
+    }
+    ASSERT_EQ(bits[i], F32ToBf16(v[i])) << "at " << i << " value " << v[i];
+    ASSERT_EQ(round_trip[i], Bf16ToF32(bits[i]));
+  }
+}
+
+// ---------------------------------------------------------------- routing
+
+TEST(CudaRoutingTest, EveryRuleMatchesTheCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  const int64_t t = 300;
+  for (int32_t e : {2, 8, 64, 128}) {
+    std::vector<float> logits = Random(t * e, 71 + e, 2.0f);
+    for (int64_t i = 0; i < t * e; i += 7) logits[i] = std::round(logits[i]);  // ties
+    DeviceBytes dl(logits), de(t * e * 4), dw(t * e * 4), dc(t * 4);
+    std::vector<RouteParams> rules;
+    rules.push_back({.rule = RouteRule::kTopK, .k = std::min(2, e)});
+    rules.push_back({.rule = RouteRule::kTopP, .p = 0.6f});
+    rules.push_back({.rule = RouteRule::kTopP, .p = 0.8f, .prob_temperature = 1.5f});
+    rules.push_back(
+        {.rule = RouteRule::kDynMole, .p = 0.75f, .min_k = std::min(2, e), .entropy_gate = true});
+    rules.push_back({.rule = RouteRule::kSoft, .temperature = 0.7f});
+    rules.push_back({.rule = RouteRule::kSwitch});
+    for (RouteParams p : rules) {
+      SCOPED_TRACE(::testing::Message() << "E=" << e << " rule=" << static_cast<int>(p.rule));
+      p.num_tokens = t;
+      p.num_experts = e;
+      RouteParams dp = p;
+      dp.logits = dl.get<float>();
+      dp.experts = de.get<int32_t>();
+      dp.weights = dw.get<float>();
+      dp.count = dc.get<int32_t>();
+      ASSERT_EQ(cuda::Route(dp, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<int32_t> experts(t * e), count(t);
+      std::vector<float> weights(t * e);
+      p.logits = logits.data();
+      p.experts = experts.data();
+      p.weights = weights.data();
+      p.count = count.data();
+      ASSERT_EQ(cpu::Route(p, nullptr), KernelStatus::kOk);
+      const auto got_e = de.Download<int32_t>(t * e);
+      const auto got_w = dw.Download<float>(t * e);
+      const auto got_c = dc.Download<int32_t>(t);
+      for (int64_t i = 0; i < t; ++i) {
+        ASSERT_EQ(got_c[i], count[i]) << "token " << i;
+        for (int32_t j = 0; j < count[i]; ++j) {
+          ASSERT_EQ(got_e[i * e + j], experts[i * e + j]) << "token " << i;
+          ASSERT_NEAR(got_w[i * e + j], weights[i * e + j], 1e-6f) << "token " << i;
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaRoutingTest, RankRoutingMatchesTheCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  const int64_t t = 100;
+  for (int32_t r : {8, 64, 128}) {
+    for (bool smora : {false, true}) {
+      const int32_t stride = r + 4, k = r / 4;
+      std::vector<float> z = Random(t * stride, 81), logits = Random(t * r, 82);
+      std::vector<float> bias = Random(r, 83, 0.1f);
+      DeviceBytes dz(z), dl(logits), db(bias), du(t * stride * 4), dk(t * k * 4), dok(t * 4);
+      RankRouteParams p{.num_tokens = t,
+                        .rank = r,
+                        .z_stride = stride,
+                        .k = k,
+                        .select_on_abs = true,
+                        .temperature = 0.9f};
+      RankRouteParams dp = p;
+      dp.z = dz.get<float>();
+      dp.router_logits = smora ? dl.get<float>() : nullptr;
+      dp.select_bias = db.get<float>();
+      dp.u = du.get<float>();
+      dp.kept = dk.get<int32_t>();
+      dp.ok = dok.get<int32_t>();
+      ASSERT_EQ(cuda::RankRoute(dp, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      std::vector<float> u(t * stride, 0.0f);
+      std::vector<int32_t> kept(t * k), ok(t);
+      p.z = z.data();
+      p.router_logits = smora ? logits.data() : nullptr;
+      p.select_bias = bias.data();
+      p.u = u.data();
+      p.kept = kept.data();
+      p.ok = ok.data();
+      ASSERT_EQ(cpu::RankRoute(p, nullptr), KernelStatus::kOk);
+      EXPECT_EQ(dk.Download<int32_t>(t * k), kept);
+      EXPECT_EQ(dok.Download<int32_t>(t), ok);
+      const auto got_u = du.Download<float>(t * stride);
+      for (int64_t i = 0; i < t; ++i) {
+        for (int32_t j = 0; j < r; ++j) {
+          ASSERT_NEAR(got_u[i * stride + j], u[i * stride + j], 1e-6f);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moleserve::kernels
