@@ -92,6 +92,10 @@ absl::Status ValidateOptions(const EngineOptions& o) {
                                                    ")"));
   }
   if (o.max_queue < 1) return absl::InvalidArgumentError("max_queue must be >= 1");
+  if (o.backend != "cpu" && o.backend != "cuda" && o.backend != "auto") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend '", o.backend, "' is not one of cpu, cuda, auto"));
+  }
   if (o.kv_block_size <= 0) return absl::InvalidArgumentError("kv_block_size must be > 0");
   if (o.max_model_len < 0) return absl::InvalidArgumentError("max_model_len must be >= 0");
   if (o.default_max_new_tokens <= 0) {
@@ -111,7 +115,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   RETURN_IF_ERROR(ValidateOptions(options));
   auto state = std::make_unique<State>();
   state->options = options;
-  ASSIGN_OR_RETURN(state->backend, CreateCpuBackend({.num_threads = options.num_threads}));
+  const bool use_cuda =
+      options.backend == "cuda" || (options.backend == "auto" && CudaDeviceCount() > 0);
+  if (use_cuda) {
+    ASSIGN_OR_RETURN(state->backend, CreateCudaBackend({.device = options.cuda_device}));
+  } else {
+    ASSIGN_OR_RETURN(state->backend, CreateCpuBackend({.num_threads = options.num_threads}));
+  }
 
   ModelConfig config;
   std::unique_ptr<WeightSource> weights;
@@ -151,8 +161,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   // come from the model (generation_config.json overrides config.json), as HF generate does.
   if (!config.eos_token_ids.empty()) state->tokenizer->set_eos_ids(config.eos_token_ids);
 
-  const int64_t per_block_token = 2LL * config.num_layers * config.num_kv_heads * config.head_dim *
-                                  static_cast<int64_t>(sizeof(float));
+  const int64_t per_block_token =
+      2LL * config.num_layers * config.num_kv_heads * config.head_dim *
+      static_cast<int64_t>(ScalarTypeSize(state->backend->compute_dtype()));
   const int64_t num_blocks = options.kv_cache_bytes / (per_block_token * options.kv_block_size);
   if (num_blocks < 1) {
     return absl::InvalidArgumentError(

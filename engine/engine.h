@@ -29,6 +29,10 @@ struct EngineOptions {
   std::string model;
   // CPU threads for kernels and BLAS; 0 = all hardware threads.
   int32_t num_threads = 0;
+  // "cpu" (fp32), "cuda" (bf16 on cuda_device; kFailedPrecondition without a device or a CUDA
+  // build) or "auto" (cuda when a device is visible, else cpu).
+  std::string backend = "cpu";
+  int32_t cuda_device = 0;
   // Tokens per step (prefill chunks + decode tokens); must be >= max_num_seqs.
   int32_t max_batch_tokens = 2048;
   // Sequences running at once.

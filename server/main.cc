@@ -53,6 +53,10 @@ ABSL_FLAG(int, port, 50051, "gRPC port (0 = any free port, printed at startup)")
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address /metrics listens on");
 ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port (0 = any free port, -1 = off)");
 ABSL_FLAG(int, threads, 0, "CPU threads for the engine (0 = all cores)");
+ABSL_FLAG(std::string, backend, "cpu",
+          "Compute backend: cpu (fp32), cuda (bf16 on --cuda-device) or auto (cuda when a GPU is "
+          "visible)");
+ABSL_FLAG(int, cuda_device, 0, "CUDA device index for --backend=cuda/auto");
 ABSL_FLAG(int, max_batch_tokens, 2048, "Tokens per engine step (prefill chunks + decode tokens)");
 ABSL_FLAG(int, max_num_seqs, 64, "Requests decoded together at most");
 ABSL_FLAG(int, max_queue, 256, "Requests waiting for admission; beyond it RESOURCE_EXHAUSTED");
@@ -120,6 +124,8 @@ int Run() {
   moleserve::engine::EngineOptions options;
   options.model = absl::GetFlag(FLAGS_model);
   options.num_threads = absl::GetFlag(FLAGS_threads);
+  options.backend = absl::GetFlag(FLAGS_backend);
+  options.cuda_device = absl::GetFlag(FLAGS_cuda_device);
   options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.max_num_seqs = absl::GetFlag(FLAGS_max_num_seqs);
   options.max_queue = absl::GetFlag(FLAGS_max_queue);

@@ -43,6 +43,7 @@
 #include "engine/metrics_sink.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/model_directory.h"
+#include "tests/common/mole_fixtures.h"
 #include "tests/common/run_command.h"
 
 namespace moleserve::engine {
@@ -55,39 +56,13 @@ const std::vector<std::vector<int32_t>> kPrompts = {
     {256, 72, 105, 33, 10, 84, 104, 101},
     {256, 200, 13, 10, 9, 77, 255, 0, 128, 65, 66, 67, 68, 69}};
 constexpr int kGreedyTokens = 16;
-constexpr const char* kBase = "llama_rope_linear_fp32";
+constexpr const char* kBase = test_util::kMoleFixtureBase;
 
 using ::moleserve::test_util::RunCommand;
 
-struct FamilyCase {
-  std::string name;     // sub-directory written by make_public_adapters.py
-  std::string family;   // --family of the converter and the reference
-  bool convert = true;  // PEFT LoRA and native mole/1 load directly
-};
+using ::moleserve::test_util::FamilyCase;
 
-std::ostream& operator<<(std::ostream& os, const FamilyCase& c) { return os << c.name; }
-
-const std::vector<FamilyCase>& Cases() {
-  static const auto* cases = new std::vector<FamilyCase>{
-      {"peft_lora", "peft_lora", false},
-      {"peft_lora_all_linear", "peft_lora", false},
-      {"mixlora", "mixlora"},
-      {"mixlora_legacy", "mixlora"},
-      {"mixlora_dynamic", "mixlora"},
-      {"mixlora_dynamic_temp", "mixlora"},
-      {"mixlora_switch", "mixlora"},
-      {"moepeft_mola", "mola"},
-      {"moepeft_loramoe", "loramoe"},
-      {"moepeft_dynmole", "dynmole"},
-      {"mola_original", "mola_original"},
-      {"xlora_peft", "xlora"},
-      {"xlora_peft_topk", "xlora"},
-      {"xlora_mistralrs", "xlora"},
-      {"flylora", "flylora"},
-      {"smora", "smora", false},  // native mole/1: no public format exists
-  };
-  return *cases;
-}
+const std::vector<FamilyCase>& Cases() { return test_util::MoleFamilyCases(); }
 
 // absl::Notification's API on std::mutex: Debian's Abseil is not TSan-instrumented, so its
 // synchronisation is invisible to the cpu-tsan preset; pthread-based std types are.
@@ -141,54 +116,19 @@ struct Collect : GenerationSink {
 
 class MoleFamiliesTest : public ::testing::TestWithParam<FamilyCase> {
  public:
-  // The fixtures (base model, public adapters, converted mole/1 directories) are written once
-  // per build tree and version of the scripts that write them: ctest runs every test case as its
-  // own process, and writing them takes tens of seconds. A process writes into a private
-  // directory and renames it into place; a concurrent writer that loses the race drops its copy.
+  // The fixtures (base model, public adapters, converted mole/1 directories):
+  // tests/common/mole_fixtures.h.
   static void SetUpTestSuite() {
     if (root_ != nullptr) return;  // shared by the parameterized and the mixed-batch suites
-    const std::string py = MOLESERVE_PYTHON;
-    const std::string src = MOLESERVE_SOURCE_DIR;
-    size_t version = 0;
-    for (const char* script : {"/tests/reference/make_tiny_checkpoints.py",
-                               "/tests/mole/make_public_adapters.py", "/tools/mole_convert.py"}) {
-      std::ifstream in(src + script);
-      std::stringstream text;
-      text << in.rdbuf();
-      version = version * 31 + std::hash<std::string>()(text.str());
-    }
-    root_ = new std::string(
-        absl::StrCat(MOLESERVE_BINARY_DIR, "/test_fixtures/mole_", absl::Hex(version)));
-    if (fs::exists(*root_ + "/complete")) return;
-    const std::string tmp = absl::StrCat(*root_, ".tmp.", getpid());
-    fs::remove_all(tmp);
-    int rc = 0;
-    std::string out = RunCommand(
-        absl::StrCat(py, " ", src, "/tests/reference/make_tiny_checkpoints.py ", tmp, " 2>&1"),
-        &rc);
-    ASSERT_EQ(rc, 0) << out;
-    out = RunCommand(absl::StrCat(py, " ", src, "/tests/mole/make_public_adapters.py ", tmp, "/",
-                                  kBase, " ", tmp, "/public 2>&1"),
-                     &rc);
-    ASSERT_EQ(rc, 0) << "make_public_adapters.py failed:\n" << out;
-    for (const FamilyCase& c : Cases()) {
-      if (!c.convert) continue;
-      out =
-          RunCommand(absl::StrCat(py, " ", src, "/tools/mole_convert.py ", tmp, "/public/", c.name,
-                                  " ", tmp, "/mole/", c.name, " --family ", c.family, " 2>&1"),
-                     &rc);
-      ASSERT_EQ(rc, 0) << "mole_convert.py " << c.name << " failed:\n" << out;
-    }
-    std::ofstream(tmp + "/complete") << "ok\n";
-    std::error_code ec;
-    fs::rename(tmp, *root_, ec);
-    if (ec) fs::remove_all(tmp);  // another process finished first; its copy is identical
-    ASSERT_TRUE(fs::exists(*root_ + "/complete")) << "cannot place fixtures at " << *root_;
+    std::string error;
+    const std::string root = test_util::MoleFixturesRoot(&error);
+    ASSERT_FALSE(root.empty()) << error;
+    root_ = new std::string(root);
   }
   static std::string base() { return *root_ + "/" + kBase; }
   static std::string public_dir(const FamilyCase& c) { return *root_ + "/public/" + c.name; }
   static std::string load_dir(const FamilyCase& c) {
-    return c.convert ? *root_ + "/mole/" + c.name : public_dir(c);
+    return test_util::MoleFixtureAdapterDir(*root_, c);
   }
 
   static Json Reference(const FamilyCase& c) {
