@@ -1,0 +1,323 @@
+// CUDA decode at a real model shape with random weights (synthetic:llama-7b, bf16), in one run:
+//  1. decode step time of the bare model (LlamaModel) for batches of 1..64 sequences with 128
+//     tokens of context, against the weight-bandwidth bound: bytes of weights / measured copy
+//     bandwidth (cudaMemcpy device to device, read + write bytes);
+//  2. serving throughput through the engine (continuous batching, 64 concurrent greedy requests
+//     of 64 prompt + 64 generated tokens) for the base model, for requests spread over 32
+//     distinct plain LoRAs (PEFT, rank 16, all seven linear modules), and for a top-2-of-8 MoLE
+//     adapter (mole/1, rank 16 experts on all seven linear modules), each as a ratio of the base
+//     model's throughput measured in the same run.
+// Adapters are written (bf16 safetensors) under --workdir. Prints a table, writes JSON.
+//
+//   bench_gpu_decode [--out bench/results/gpu_decode_raw.json] [--preset llama-7b]
+//                    [--workdir /tmp/moleserve_gpu_decode]
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "engine/backend/backend.h"
+#include "engine/engine.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/safetensors.h"
+#include "engine/model/synthetic.h"
+
+ABSL_FLAG(std::string, out, "", "Write results as JSON here");
+ABSL_FLAG(std::string, preset, "llama-7b", "Synthetic model preset");
+ABSL_FLAG(std::string, workdir, "/tmp/moleserve_gpu_decode", "Where the adapters are written");
+ABSL_FLAG(int, requests, 64, "Concurrent requests per throughput run");
+ABSL_FLAG(int, prompt_tokens, 64, "Prompt tokens per request");
+ABSL_FLAG(int, new_tokens, 64, "Generated tokens per request");
+
+namespace {
+
+using namespace moleserve::engine;  // NOLINT: a benchmark's main file
+namespace fs = std::filesystem;
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+void Check(const absl::Status& s, const char* what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+double CopyBandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) std::exit(1);
+  cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  float best = 1e30f;
+  for (int r = 0; r < 10; ++r) {
+    cudaEventRecord(start);
+    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    best = std::min(best, ms);
+  }
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / (best * 1e-3);
+}
+
+// Uniform values in [-scale, scale) from a fast LCG: the values do not matter for timing.
+std::vector<float> Fill(int64_t n, uint32_t seed, float scale) {
+  std::vector<float> v(n);
+  uint32_t state = seed * 2654435761u + 1;
+  for (float& x : v) {
+    state = state * 1664525u + 1013904223u;
+    x = scale * (static_cast<float>(state >> 8) * 0x1p-23f - 1.0f);
+  }
+  return v;
+}
+
+struct ModuleShape {
+  const char* name;
+  const char* block;  // self_attn / mlp
+  int64_t in, out;
+};
+std::vector<ModuleShape> Modules(const ModelConfig& c) {
+  const int64_t q = int64_t{c.num_heads} * c.head_dim, kv = int64_t{c.num_kv_heads} * c.head_dim;
+  return {{"q_proj", "self_attn", c.hidden_size, q},
+          {"k_proj", "self_attn", c.hidden_size, kv},
+          {"v_proj", "self_attn", c.hidden_size, kv},
+          {"o_proj", "self_attn", q, c.hidden_size},
+          {"gate_proj", "mlp", c.hidden_size, c.intermediate_size},
+          {"up_proj", "mlp", c.hidden_size, c.intermediate_size},
+          {"down_proj", "mlp", c.intermediate_size, c.hidden_size}};
+}
+
+void WriteTensors(const std::string& path,
+                  std::vector<std::pair<std::string, std::pair<std::vector<int64_t>,
+                                                               std::vector<float>>>>& t) {
+  std::vector<SafetensorsWriteTensor> out;
+  for (auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
+  Check(WriteSafetensors(path, out, {}, "BF16"), "write safetensors");
+}
+
+// PEFT LoRA, rank r on every linear module of every layer.
+std::string WritePeftLora(const std::string& dir, const ModelConfig& c, int r, uint32_t seed) {
+  fs::create_directories(dir);
+  std::vector<std::pair<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>> t;
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (const ModuleShape& m : Modules(c)) {
+      const std::string p =
+          absl::StrCat("base_model.model.model.layers.", l, ".", m.block, ".", m.name);
+      t.push_back({p + ".lora_A.weight", {{r, m.in}, Fill(r * m.in, seed++, 0.01f)}});
+      t.push_back({p + ".lora_B.weight", {{m.out, r}, Fill(m.out * r, seed++, 0.01f)}});
+    }
+  }
+  WriteTensors(dir + "/adapter_model.safetensors", t);
+  std::ofstream(dir + "/adapter_config.json")
+      << R"({"peft_type": "LORA", "r": )" << r << R"(, "lora_alpha": )" << 2 * r
+      << R"(, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+         "down_proj"]})";
+  return dir;
+}
+
+// mole/1, top-k of E experts of rank r on every linear module of every layer.
+std::string WriteMole(const std::string& dir, const ModelConfig& c, int experts, int k, int r) {
+  fs::create_directories(dir);
+  std::vector<std::pair<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>> t;
+  uint32_t seed = 99;
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (const ModuleShape& m : Modules(c)) {
+      const std::string p = absl::StrCat("groups.g.layers.", l, ".", m.name);
+      t.push_back({p + ".A", {{experts, r, m.in}, Fill(experts * r * m.in, seed++, 0.01f)}});
+      t.push_back({p + ".B", {{experts, m.out, r}, Fill(experts * m.out * r, seed++, 0.01f)}});
+      t.push_back({p + ".router.weight", {{experts, m.in}, Fill(experts * m.in, seed++, 0.05f)}});
+    }
+  }
+  WriteTensors(dir + "/model.safetensors", t);
+  std::ofstream(dir + "/mole_config.json")
+      << R"({"format": "mole", "format_version": 1, "name": "bench-mole", "source_family": "mola",
+    "routed_groups": [{"id": "g", "scope": "module",
+      "targets": {"layers": "all", "modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                  "gate_proj", "up_proj", "down_proj"]},
+      "num_experts": )"
+      << experts << R"(, "rank": )" << r << R"(, "scale": 2.0,
+      "routing": {"algorithm": "topk", "k": )"
+      << k << "}}]}";
+  return dir;
+}
+
+struct Done : GenerationSink {
+  int64_t tokens = 0;
+  absl::Status error;
+  absl::Notification done;
+  void OnChunk(GenerationChunk chunk) override { tokens += chunk.tokens.size(); }
+  void OnFinish(GenerationChunk last, FinishInfo) override {
+    OnChunk(std::move(last));
+    done.Notify();
+  }
+  void OnError(absl::Status s) override {
+    error = std::move(s);
+    done.Notify();
+  }
+};
+
+// Generated tokens per second of `n` concurrent greedy requests; adapter_of(i) names request i's.
+double Throughput(Engine& engine, int n, const std::function<std::string(int)>& adapter_of) {
+  std::vector<std::shared_ptr<Done>> sinks;
+  const double start = Now();
+  for (int i = 0; i < n; ++i) {
+    GenerateRequest req;
+    req.adapter = adapter_of(i);
+    req.token_ids.push_back(256);
+    for (int j = 1; j < absl::GetFlag(FLAGS_prompt_tokens); ++j) {
+      req.token_ids.push_back((i * 131 + j * 17) % 256);
+    }
+    req.sampling.temperature = 0;
+    req.stopping.max_new_tokens = absl::GetFlag(FLAGS_new_tokens);
+    req.stopping.ignore_eos = true;
+    sinks.push_back(std::make_shared<Done>());
+    Check(engine.Submit(req, sinks.back()).status(), "submit");
+  }
+  int64_t tokens = 0;
+  for (auto& s : sinks) {
+    s->done.WaitForNotification();
+    Check(s->error, "request");
+    tokens += s->tokens;
+  }
+  return tokens / (Now() - start);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const std::string preset = absl::GetFlag(FLAGS_preset);
+  absl::StatusOr<ModelConfig> config = SyntheticModelConfig(preset);
+  Check(config.status(), "preset");
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  const double copy_bw = CopyBandwidth();
+  const double weight_bytes = 2.0 * config->ParameterCount();
+  const double bound_ms = weight_bytes / copy_bw * 1e3;
+  std::printf("device %s: copy bandwidth %.0f GB/s; %s weights %.2f GB -> bound %.3f ms/step\n",
+              prop.name, copy_bw / 1e9, preset.c_str(), weight_bytes / 1e9, bound_ms);
+  nlohmann::json steps = nlohmann::json::array();
+  {
+    auto backend = CreateCudaBackend({});
+    Check(backend.status(), "cuda backend");
+    RandomWeightSource weights(*config, 1);
+    constexpr int kContext = 128, kBlock = 16, kMaxSeqs = 64;
+    auto model = LlamaModel::Create(
+        backend->get(), *config, weights,
+        {.num_kv_blocks = kMaxSeqs * (kContext + 64) / kBlock, .kv_block_size = kBlock,
+         .max_batch_tokens = 2048, .max_seqs = kMaxSeqs});
+    Check(model.status(), "model");
+    std::printf("%6s %10s %10s %10s\n", "batch", "ms/step", "bound ms", "bound/step");
+    for (int batch : {1, 8, 16, 32, 64}) {
+      Batch b;
+      for (int s = 0; s < batch; ++s) {
+        for (int blk = 0; blk < (kContext + 64) / kBlock; ++blk) {
+          b.block_tables.push_back(s * ((kContext + 64) / kBlock) + blk);
+        }
+        b.block_table_offsets.push_back(s * ((kContext + 64) / kBlock));
+      }
+      b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
+      // Prefill the contexts, 16 sequences per forward.
+      std::vector<float> logits;
+      for (int s0 = 0; s0 < batch; s0 += 16) {
+        Batch p = b;
+        for (int s = s0; s < std::min(batch, s0 + 16); ++s) {
+          for (int i = 0; i < kContext; ++i) {
+            p.tokens.push_back((s * 7 + i) % 256);
+            p.positions.push_back(i);
+            p.token_seq.push_back(s);
+          }
+          p.sample_rows.push_back(static_cast<int32_t>(p.tokens.size() - 1));
+        }
+        Check((*model)->Forward(p, &logits), "prefill");
+      }
+      std::vector<double> ms;
+      for (int step = 0; step < 24; ++step) {
+        Batch d = b;
+        for (int s = 0; s < batch; ++s) {
+          d.tokens.push_back((s + step) % 256);
+          d.positions.push_back(kContext + step);
+          d.token_seq.push_back(s);
+          d.sample_rows.push_back(s);
+        }
+        const double t0 = Now();
+        Check((*model)->Forward(d, &logits), "decode");
+        if (step >= 4) ms.push_back((Now() - t0) * 1e3);
+      }
+      std::sort(ms.begin(), ms.end());
+      const double step_ms = ms[ms.size() / 2];
+      std::printf("%6d %10.3f %10.3f %10.3f\n", batch, step_ms, bound_ms, bound_ms / step_ms);
+      steps.push_back({{"batch", batch},
+                       {"ms_per_step", step_ms},
+                       {"bound_ms", bound_ms},
+                       {"bound_over_step", bound_ms / step_ms}});
+    }
+  }
+
+  // Throughput with adapters.
+  const std::string work = absl::GetFlag(FLAGS_workdir);
+  fs::remove_all(work);
+  EngineOptions options{.model = "synthetic:" + preset,
+                        .backend = "cuda",
+                        .max_num_seqs = 64,
+                        .kv_cache_bytes = int64_t{6} << 30,
+                        .adapter_root = work};
+  for (int i = 0; i < 32; ++i) {
+    const std::string name = absl::StrCat("lora", i);
+    options.adapters.push_back(
+        {name, WritePeftLora(work + "/" + name, *config, 16, 1000u * (i + 1))});
+  }
+  options.adapters.push_back({"mole", WriteMole(work + "/mole", *config, 8, 2, 16)});
+  auto engine = Engine::Create(options);
+  Check(engine.status(), "engine");
+  const int n = absl::GetFlag(FLAGS_requests);
+  Throughput(**engine, 8, [](int) { return ""; });  // warm-up
+  const double base = Throughput(**engine, n, [](int) { return ""; });
+  const double loras = Throughput(**engine, n, [](int i) { return absl::StrCat("lora", i % 32); });
+  const double mole = Throughput(**engine, n, [](int) { return "mole"; });
+  std::printf("throughput (tokens/s): base %.1f, 32 LoRAs %.1f (%.3f x base), "
+              "top-2-of-8 MoLE %.1f (%.3f x base)\n",
+              base, loras, loras / base, mole, mole / base);
+  const nlohmann::json result = {
+      {"bench", "gpu_decode"},
+      {"device", prop.name},
+      {"preset", preset},
+      {"dtype", "bf16"},
+      {"copy_bandwidth_bytes_per_s", copy_bw},
+      {"weight_bytes", weight_bytes},
+      {"decode_steps", steps},
+      {"throughput",
+       {{"requests", n},
+        {"prompt_tokens", absl::GetFlag(FLAGS_prompt_tokens)},
+        {"new_tokens", absl::GetFlag(FLAGS_new_tokens)},
+        {"base_tokens_per_s", base},
+        {"loras32_rank16_tokens_per_s", loras},
+        {"loras32_over_base", loras / base},
+        {"mole_top2_of_8_tokens_per_s", mole},
+        {"mole_over_base", mole / base}}}};
+  if (const std::string out = absl::GetFlag(FLAGS_out); !out.empty()) {
+    std::ofstream(out) << result.dump(1) << "\n";
+  }
+  fs::remove_all(work);
+  return 0;
+}
