@@ -108,6 +108,15 @@ class Backend {
   // Routing of lora-granular and rank-granular groups (kernels/common/routing_math.h).
   virtual absl::Status Route(const kernels::RouteParams& p) = 0;
   virtual absl::Status RankRoute(const kernels::RankRouteParams& p) = 0;
+
+  // Graphs (the decode fast path: CUDA graphs). CaptureGraph calls `record`, during which ops are
+  // recorded instead of run, and returns a handle; LaunchGraph replays the recorded ops with the
+  // Params they were given (so the inputs must be in the same buffers, updated before the
+  // launch). Inside `record` only ops are allowed: Allocate, copies and Synchronize fail with
+  // kFailedPrecondition. The CPU backend records a list of op calls (so the rules are checked and
+  // the replay is testable without a GPU); CUDA captures its compute stream.
+  virtual absl::StatusOr<int64_t> CaptureGraph(const std::function<absl::Status()>& record) = 0;
+  virtual absl::Status LaunchGraph(int64_t graph) = 0;
 };
 
 struct CpuBackendOptions {

@@ -1,10 +1,13 @@
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <new>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/backend.h"
+#include "engine/core/status_macros.h"
 #include "kernels/cpu/ops.h"
 
 namespace moleserve::engine {
@@ -27,6 +30,7 @@ class CpuBackend final : public Backend {
   ScalarType compute_dtype() const override { return ScalarType::kF32; }
 
   absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    RETURN_IF_ERROR(NotRecording("Allocate"));
     if (bytes == 0) return DeviceBuffer();
     constexpr size_t kAlign = 64;
     void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
@@ -38,63 +42,101 @@ class CpuBackend final : public Backend {
     return DeviceBuffer(p, bytes, [](void* q) { std::free(q); });
   }
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    RETURN_IF_ERROR(NotRecording("CopyToDevice"));
     if (bytes) std::memcpy(dst, src, bytes);
     return absl::OkStatus();
   }
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    RETURN_IF_ERROR(NotRecording("CopyToHost"));
     if (bytes) std::memcpy(dst, src, bytes);
     return absl::OkStatus();
   }
-  absl::Status Synchronize() override { return absl::OkStatus(); }
+  absl::Status Synchronize() override { return NotRecording("Synchronize"); }
+
+  absl::StatusOr<int64_t> CaptureGraph(const std::function<absl::Status()>& record) override {
+    RETURN_IF_ERROR(NotRecording("CaptureGraph"));
+    std::vector<std::function<absl::Status()>> ops;
+    recording_ = &ops;
+    absl::Status recorded = record();
+    recording_ = nullptr;
+    RETURN_IF_ERROR(recorded);
+    graphs_.push_back(std::move(ops));
+    return static_cast<int64_t>(graphs_.size() - 1);
+  }
+  absl::Status LaunchGraph(int64_t graph) override {
+    RETURN_IF_ERROR(NotRecording("LaunchGraph"));
+    if (graph < 0 || graph >= static_cast<int64_t>(graphs_.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("cpu backend: no graph ", graph));
+    }
+    for (const auto& op : graphs_[graph]) RETURN_IF_ERROR(op());
+    return absl::OkStatus();
+  }
 
   absl::Status Gemm(const kernels::GemmParams& p) override {
-    return FromKernel(kc::Gemm(p), "Gemm");
+    return Run("Gemm", [p] { return kc::Gemm(p); });
   }
   absl::Status RmsNorm(const kernels::RmsNormParams& p) override {
-    return FromKernel(kc::RmsNorm(p, &pool_), "RmsNorm");
+    return Run("RmsNorm", [this, p] { return kc::RmsNorm(p, &pool_); });
   }
   absl::Status SiluMul(const kernels::SiluMulParams& p) override {
-    return FromKernel(kc::SiluMul(p, &pool_), "SiluMul");
+    return Run("SiluMul", [this, p] { return kc::SiluMul(p, &pool_); });
   }
   absl::Status Embedding(const kernels::EmbeddingParams& p) override {
-    return FromKernel(kc::Embedding(p, &pool_), "Embedding");
+    return Run("Embedding", [this, p] { return kc::Embedding(p, &pool_); });
   }
   absl::Status Add(const kernels::AddParams& p) override {
-    return FromKernel(kc::Add(p, &pool_), "Add");
+    return Run("Add", [this, p] { return kc::Add(p, &pool_); });
   }
   absl::Status BiasAdd(const kernels::BiasAddParams& p) override {
-    return FromKernel(kc::BiasAdd(p, &pool_), "BiasAdd");
+    return Run("BiasAdd", [this, p] { return kc::BiasAdd(p, &pool_); });
   }
   absl::Status Rope(const kernels::RopeParams& p) override {
-    return FromKernel(kc::Rope(p, &pool_), "Rope");
+    return Run("Rope", [this, p] { return kc::Rope(p, &pool_); });
   }
   absl::Status KvWrite(const kernels::KvWriteParams& p) override {
-    return FromKernel(kc::KvWrite(p, &pool_), "KvWrite");
+    return Run("KvWrite", [this, p] { return kc::KvWrite(p, &pool_); });
   }
   absl::Status PagedAttention(const kernels::PagedAttentionParams& p) override {
-    return FromKernel(kc::PagedAttention(p, &pool_), "PagedAttention");
+    return Run("PagedAttention", [this, p] { return kc::PagedAttention(p, &pool_); });
   }
   absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
-    return FromKernel(kc::SgmvShrink(p, &pool_), "SgmvShrink");
+    return Run("SgmvShrink", [this, p] { return kc::SgmvShrink(p, &pool_); });
   }
   absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
-    return FromKernel(kc::SgmvExpand(p, &pool_), "SgmvExpand");
+    return Run("SgmvExpand", [this, p] { return kc::SgmvExpand(p, &pool_); });
   }
   absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
-    return FromKernel(kc::ScatterAdd(p, &pool_), "ScatterAdd");
+    return Run("ScatterAdd", [this, p] { return kc::ScatterAdd(p, &pool_); });
   }
   absl::Status Convert(const kernels::ConvertParams& p) override {
-    return FromKernel(kc::Convert(p, &pool_), "Convert");
+    return Run("Convert", [this, p] { return kc::Convert(p, &pool_); });
   }
   absl::Status Route(const kernels::RouteParams& p) override {
-    return FromKernel(kc::Route(p, &pool_), "Route");
+    return Run("Route", [this, p] { return kc::Route(p, &pool_); });
   }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
-    return FromKernel(kc::RankRoute(p, &pool_), "RankRoute");
+    return Run("RankRoute", [this, p] { return kc::RankRoute(p, &pool_); });
   }
 
  private:
+  // Runs the op, or records it while a graph is captured.
+  template <typename F>
+  absl::Status Run(const char* op, F f) {
+    if (recording_ != nullptr) {
+      recording_->push_back([op, f] { return FromKernel(f(), op); });
+      return absl::OkStatus();
+    }
+    return FromKernel(f(), op);
+  }
+  absl::Status NotRecording(const char* what) const {
+    if (recording_ == nullptr) return absl::OkStatus();
+    return absl::FailedPreconditionError(
+        absl::StrCat("cpu backend: ", what, " while a graph is being captured"));
+  }
+
   kc::ThreadPool pool_;
+  std::vector<std::function<absl::Status()>>* recording_ = nullptr;  // while capturing
+  std::vector<std::vector<std::function<absl::Status()>>> graphs_;
 };
 
 }  // namespace

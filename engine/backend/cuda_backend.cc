@@ -1,11 +1,17 @@
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/backend.h"
+#include "engine/backend/cuda_plugin.h"
 #include "engine/backend/cuda_status.h"
 #include "engine/core/status_macros.h"
 #include "kernels/cuda/blas/blas.h"
@@ -54,11 +60,17 @@ struct CudaState {
   cudaEvent_t compute_done = nullptr;  // recorded on compute before a bulk copy
   cudaEvent_t copy_done = nullptr;     // recorded on copy after it
   cudaMemPool_t pool = nullptr;
+  // Held while the compute stream is being captured, so that an Allocate from another thread
+  // waits instead of enqueueing into the capture.
+  std::mutex capture_mu;
+  std::atomic<std::thread::id> capturing{};
+  std::vector<cudaGraphExec_t> graphs;
 
   ~CudaState() {
     cudaSetDevice(device);
     if (compute != nullptr) cudaStreamSynchronize(compute);
     if (copy != nullptr) cudaStreamSynchronize(copy);
+    for (cudaGraphExec_t g : graphs) cudaGraphExecDestroy(g);
     if (compute_done != nullptr) cudaEventDestroy(compute_done);
     if (copy_done != nullptr) cudaEventDestroy(copy_done);
     if (compute != nullptr) cudaStreamDestroy(compute);
@@ -86,7 +98,9 @@ class CudaBackend final : public Backend {
   ScalarType compute_dtype() const override { return ScalarType::kBF16; }
 
   absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) override {
+    RETURN_IF_ERROR(NotCapturing("Allocate"));
     if (bytes == 0) return DeviceBuffer();
+    std::lock_guard<std::mutex> lock(state_->capture_mu);
     RETURN_IF_ERROR(CudaStatus(cudaSetDevice(state_->device), "cudaSetDevice"));
     void* p = nullptr;
     if (cudaError_t err = cudaMallocFromPoolAsync(&p, bytes, state_->pool, state_->compute);
@@ -104,10 +118,12 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
+    RETURN_IF_ERROR(NotCapturing("CopyToDevice"));
     return Copy(dst, src, bytes, state_->compute, "CopyToDevice");
   }
 
   absl::Status CopyToDeviceBulk(const std::vector<HostToDevice>& copies) override {
+    RETURN_IF_ERROR(NotCapturing("CopyToDeviceBulk"));
     if (copies.empty()) return absl::OkStatus();
     // The copies after every op issued so far (their pages may have been read by them), the ops
     // issued from now on after the copies.
@@ -125,12 +141,14 @@ class CudaBackend final : public Backend {
   }
 
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
+    RETURN_IF_ERROR(NotCapturing("CopyToHost"));
     RETURN_IF_ERROR(CudaStatus(
         cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, state_->compute), "CopyToHost"));
     return Synchronize();
   }
 
   absl::Status Synchronize() override {
+    RETURN_IF_ERROR(NotCapturing("Synchronize"));
     RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(state_->compute), "Synchronize"));
     staging_used_ = 0;  // every copy (bulk copies included: compute waited on them) is done
     return absl::OkStatus();
@@ -182,7 +200,47 @@ class CudaBackend final : public Backend {
     return Launched(kcu::RankRoute(p, state_->compute), "RankRoute");
   }
 
+  absl::StatusOr<int64_t> CaptureGraph(const std::function<absl::Status()>& record) override {
+    RETURN_IF_ERROR(NotCapturing("CaptureGraph"));
+    std::lock_guard<std::mutex> lock(state_->capture_mu);
+    RETURN_IF_ERROR(
+        CudaStatus(cudaStreamBeginCapture(state_->compute, cudaStreamCaptureModeThreadLocal),
+                   "graph capture"));
+    state_->capturing = std::this_thread::get_id();
+    const absl::Status recorded = record();
+    state_->capturing = std::thread::id();
+    cudaGraph_t graph = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(state_->compute, &graph);
+    if (!recorded.ok() || ended != cudaSuccess) {
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      cudaGetLastError();
+      RETURN_IF_ERROR(recorded);
+      return CudaStatus(ended, "graph capture");
+    }
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    RETURN_IF_ERROR(CudaStatus(made, "graph instantiate"));
+    state_->graphs.push_back(exec);
+    return static_cast<int64_t>(state_->graphs.size() - 1);
+  }
+
+  absl::Status LaunchGraph(int64_t graph) override {
+    RETURN_IF_ERROR(NotCapturing("LaunchGraph"));
+    if (graph < 0 || graph >= static_cast<int64_t>(state_->graphs.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("cuda backend: no graph ", graph));
+    }
+    return CudaStatus(cudaGraphLaunch(state_->graphs[graph], state_->compute), "graph launch");
+  }
+
  private:
+  // Copies, allocation and synchronization are not ops: a capture may not contain them.
+  absl::Status NotCapturing(const char* what) const {
+    if (state_->capturing.load() != std::this_thread::get_id()) return absl::OkStatus();
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda backend: ", what, " while a graph is being captured"));
+  }
+
   static absl::Status Launched(cudaError_t err, const char* op) {
     if (err == cudaErrorInvalidValue) {
       return absl::InvalidArgumentError(
@@ -220,9 +278,9 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-bool CudaBackendCompiled() { return true; }
+namespace {
 
-int CudaDeviceCount() {
+int DeviceCount() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
     cudaGetLastError();  // clear the sticky "no device" error
@@ -231,8 +289,8 @@ int CudaDeviceCount() {
   return n;
 }
 
-absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options) {
-  const int count = CudaDeviceCount();
+absl::StatusOr<std::unique_ptr<Backend>> Create(const CudaBackendOptions& options) {
+  const int count = DeviceCount();
   if (count == 0) return absl::FailedPreconditionError("cuda backend: no CUDA device is visible");
   if (options.device < 0 || options.device >= count) {
     return absl::InvalidArgumentError(
@@ -272,4 +330,15 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOpti
   return std::unique_ptr<Backend>(std::move(backend));
 }
 
+}  // namespace
+
 }  // namespace moleserve::engine
+
+// The plugin's entry point (cuda_plugin.h).
+extern "C" __attribute__((visibility("default"))) const moleserve::engine::CudaPluginApi*
+moleserve_cuda_plugin() {
+  static const moleserve::engine::CudaPluginApi api{moleserve::engine::kCudaPluginApiVersion,
+                                                    &moleserve::engine::DeviceCount,
+                                                    &moleserve::engine::Create};
+  return &api;
+}

@@ -243,16 +243,7 @@ absl::Status LlamaModel::RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& 
                             .dtype = dt_});
 }
 
-absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
-  const ModelConfig& c = config_;
-  const int64_t t = b.num_tokens();
-  const int64_t h = c.hidden_size;
-  const int64_t q_width = static_cast<int64_t>(c.num_heads) * c.head_dim;
-  const int64_t kv_width = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
-  const int64_t inter = c.intermediate_size;
-  const ScalarType dt = dt_;
-  RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
-
+absl::Status LlamaModel::UploadBatch(const Batch& b) {
   auto upload = [&](DeviceBuffer& dst, const std::vector<int32_t>& src) {
     return backend_->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
   };
@@ -260,7 +251,23 @@ absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
   RETURN_IF_ERROR(upload(positions_, b.positions));
   RETURN_IF_ERROR(upload(token_seq_, b.token_seq));
   RETURN_IF_ERROR(upload(block_tables_, b.block_tables));
-  RETURN_IF_ERROR(upload(block_offsets_, b.block_table_offsets));
+  return upload(block_offsets_, b.block_table_offsets);
+}
+
+absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
+  RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
+  RETURN_IF_ERROR(UploadBatch(b));
+  return DecoderLayers(b);
+}
+
+absl::Status LlamaModel::DecoderLayers(const Batch& b) {
+  const ModelConfig& c = config_;
+  const int64_t t = b.num_tokens();
+  const int64_t h = c.hidden_size;
+  const int64_t q_width = static_cast<int64_t>(c.num_heads) * c.head_dim;
+  const int64_t kv_width = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
+  const int64_t inter = c.intermediate_size;
+  const ScalarType dt = dt_;
 
   auto gemm = [&](const DeviceBuffer& x, const DeviceBuffer& w, DeviceBuffer& y, int64_t rows,
                   int64_t out, int64_t in) {
@@ -365,10 +372,13 @@ absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
 absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
                                  ForwardExtras* extras) {
   RETURN_IF_ERROR(ValidateBatch(b));
+  if (IsGraphableDecode(b)) {
+    if (extras != nullptr) *extras = ForwardExtras{};
+    ASSIGN_OR_RETURN(bool done, DecodeWithGraph(b, logits));
+    if (done) return absl::OkStatus();
+  }
   const ModelConfig& c = config_;
   const int64_t t = b.num_tokens();
-  const int64_t h = c.hidden_size;
-  const ScalarType dt = dt_;
   const bool mole = !b.seq_adapter.empty();
   auto seq_slot = [&](int32_t s) { return mole ? b.seq_adapter[s] : -1; };
   auto xlora_of = [&](int32_t s) -> const XloraSpec* {
@@ -480,6 +490,14 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
   if (n == 0) return backend_->Synchronize();
   RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
                                          b.sample_rows.size() * sizeof(int32_t)));
+  RETURN_IF_ERROR(Head(n));
+  return LogitsToHost(logits);
+}
+
+absl::Status LlamaModel::Head(int64_t n) {
+  const ModelConfig& c = config_;
+  const int64_t h = c.hidden_size;
+  const ScalarType dt = dt_;
   // Gather the sampled rows (an embedding lookup into the hidden states), final norm, lm_head.
   RETURN_IF_ERROR(backend_->Embedding({.ids = sample_rows_.as<int32_t>(),
                                        .table = x_.data(),
@@ -495,16 +513,63 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
                                   .n = c.vocab_size,
                                   .k = h,
                                   .dtype = dt}));
-  if (dt == ScalarType::kF32) {
-    return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
+  if (dt == ScalarType::kF32) return absl::OkStatus();
+  return backend_->Convert({.src = logits_.data(),
+                            .dst = logits_f32_.data(),
+                            .n = n * c.vocab_size,
+                            .src_dtype = dt,
+                            .dst_dtype = ScalarType::kF32});
+}
+
+absl::Status LlamaModel::LogitsToHost(std::vector<float>* logits) {
+  const DeviceBuffer& src = dt_ == ScalarType::kF32 ? logits_ : logits_f32_;
+  return backend_->CopyToHost(logits->data(), src.data(), logits->size() * sizeof(float));
+}
+
+bool LlamaModel::IsGraphableDecode(const Batch& b) const {
+  if (!options_.decode_graphs || graphs_unavailable_) return false;
+  const int32_t n = b.num_tokens();
+  if (n != b.num_seqs() || n > kMaxGraphBatch || b.sample_rows.size() != static_cast<size_t>(n)) {
+    return false;
   }
-  const int64_t count = static_cast<int64_t>(logits->size());
-  RETURN_IF_ERROR(backend_->Convert({.src = logits_.data(),
-                                     .dst = logits_f32_.data(),
-                                     .n = count,
-                                     .src_dtype = dt,
-                                     .dst_dtype = ScalarType::kF32}));
-  return backend_->CopyToHost(logits->data(), logits_f32_.data(), count * sizeof(float));
+  for (int32_t s : b.seq_adapter) {
+    if (s >= 0) return false;  // adapters route on the host between ops
+  }
+  for (int32_t i = 0; i < n; ++i) {
+    if (b.token_seq[i] != i || b.sample_rows[i] != i) return false;
+  }
+  return true;
+}
+
+absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, std::vector<float>* logits) {
+  const int32_t n = b.num_tokens();
+  PassTokens pass;
+  pass.slot.assign(n, -1);
+  RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
+  RETURN_IF_ERROR(UploadBatch(b));
+  RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
+                                         b.sample_rows.size() * sizeof(int32_t)));
+  logits->resize(int64_t{n} * config_.vocab_size);
+  auto it = decode_graphs_.find(n);
+  if (it == decode_graphs_.end()) {
+    // Everything between the uploads and the logits copy: the same ops as the eager path, with
+    // host scalars that depend only on n (a pure decode batch of n sequences).
+    absl::StatusOr<int64_t> graph = backend_->CaptureGraph([&]() -> absl::Status {
+      RETURN_IF_ERROR(DecoderLayers(b));
+      return Head(n);
+    });
+    if (!graph.ok()) {
+      // No graphs on this backend (CPU without them, or a capture the driver refused): run
+      // eagerly from now on, with the reason kept for graph_status().
+      graphs_unavailable_ = true;
+      graph_status_ = graph.status();
+      return false;
+    }
+    it = decode_graphs_.emplace(n, *graph).first;
+  }
+  RETURN_IF_ERROR(backend_->LaunchGraph(it->second));
+  RETURN_IF_ERROR(LogitsToHost(logits));
+  return true;
 }
 
 }  // namespace moleserve::engine

@@ -12,6 +12,7 @@
 // Device memory: owned by the model (weights, KV cache, scratch), freed on destruction.
 // Thread safety: Forward() must be called by one thread at a time (the engine loop).
 
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -31,6 +32,10 @@ struct LlamaModelOptions {
   int32_t max_batch_tokens = 2048;  // tokens per Forward
   int32_t max_seqs = 256;           // sequences per Forward (and logits rows)
   ExpertCacheOptions expert_cache;  // device pool of LoRA expert pages
+  // Decode fast path: pure decode steps without adapters (one token per sequence) replay a graph
+  // of the whole forward pass captured once per batch size (Backend::CaptureGraph: CUDA graphs),
+  // so launches cost one call instead of one per op.
+  bool decode_graphs = true;
 };
 
 // What a forward pass reports besides logits (all per sample row).
@@ -65,6 +70,9 @@ class LlamaModel {
 
   const ModelConfig& config() const { return config_; }
   const LlamaModelOptions& options() const { return options_; }
+  // Decode graphs captured so far (one per batch size), and why graphs are off if they are.
+  int64_t decode_graphs() const { return static_cast<int64_t>(decode_graphs_.size()); }
+  const absl::Status& graph_status() const { return graph_status_; }
   // Bytes of KV cache per block (all layers, K and V).
   int64_t kv_bytes_per_block() const;
 
@@ -81,6 +89,19 @@ class LlamaModel {
   // Embedding and every decoder layer over `b` (whose index arrays are uploaded here), leaving
   // the last hidden states (before the final norm) in x_.
   absl::Status RunDecoder(const Batch& b, PassTokens tokens);
+  // RunDecoder's parts: the batch's index arrays to the device, then the ops only.
+  absl::Status UploadBatch(const Batch& b);
+  absl::Status DecoderLayers(const Batch& b);
+  // Final norm and lm_head of the n rows named by sample_rows_ (uploaded) into logits_ (and
+  // logits_f32_ on bf16 backends); LogitsToHost copies them out.
+  absl::Status Head(int64_t n);
+  absl::Status LogitsToHost(std::vector<float>* logits);
+  // The decode fast path (LlamaModelOptions::decode_graphs).
+  static constexpr int32_t kMaxGraphBatch = 256;
+  bool IsGraphableDecode(const Batch& b) const;
+  // True when the step ran through a graph; false when graphs turned out unavailable (the
+  // caller runs the step eagerly).
+  absl::StatusOr<bool> DecodeWithGraph(const Batch& b, std::vector<float>* logits);
   // y = RMSNorm(x) * weight over `rows` rows of hidden_size.
   absl::Status RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& weight, DeviceBuffer& y,
                            int64_t rows);
@@ -102,7 +123,10 @@ class LlamaModel {
   std::vector<Layer> layers_;
   // Scratch, sized for max_batch_tokens rows.
   DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, o_, logits_;
-  DeviceBuffer logits_f32_;  // logits converted for the host (bf16 backends only)
+  DeviceBuffer logits_f32_;                   // logits converted for the host (bf16 backends only)
+  std::map<int32_t, int64_t> decode_graphs_;  // batch size -> Backend graph
+  bool graphs_unavailable_ = false;           // the backend has no graphs
+  absl::Status graph_status_;                 // why, when it has none
   DeviceBuffer tokens_, positions_, token_seq_, block_tables_, block_offsets_, sample_rows_;
 };
 

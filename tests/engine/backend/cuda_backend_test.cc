@@ -17,6 +17,10 @@ TEST(CudaBackendTest, CreateFailsCleanlyWithoutDevice) {
   auto backend = CreateCudaBackend({});
   ASSERT_FALSE(backend.ok());
   EXPECT_EQ(backend.status().code(), absl::StatusCode::kFailedPrecondition);
+  // The plugin (libmoleserve_cuda.so, built next to the tests) loaded and found no device; it did
+  // not fail to load.
+  EXPECT_NE(backend.status().message().find("no CUDA device is visible"), absl::string_view::npos)
+      << backend.status();
 }
 
 TEST(CudaBackendTest, AllocateCopyAndRunAnOp) {
