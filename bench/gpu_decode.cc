@@ -46,8 +46,7 @@ using namespace moleserve::engine;  // NOLINT: a benchmark's main file
 namespace fs = std::filesystem;
 
 double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 void Check(const absl::Status& s, const char* what) {
@@ -107,9 +106,9 @@ std::vector<ModuleShape> Modules(const ModelConfig& c) {
           {"down_proj", "mlp", c.intermediate_size, c.hidden_size}};
 }
 
-void WriteTensors(const std::string& path,
-                  std::vector<std::pair<std::string, std::pair<std::vector<int64_t>,
-                                                               std::vector<float>>>>& t) {
+void WriteTensors(
+    const std::string& path,
+    std::vector<std::pair<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>>& t) {
   std::vector<SafetensorsWriteTensor> out;
   for (auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
   Check(WriteSafetensors(path, out, {}, "BF16"), "write safetensors");
@@ -222,10 +221,11 @@ int main(int argc, char** argv) {
     Check(backend.status(), "cuda backend");
     RandomWeightSource weights(*config, 1);
     constexpr int kContext = 128, kBlock = 16, kMaxSeqs = 64;
-    auto model = LlamaModel::Create(
-        backend->get(), *config, weights,
-        {.num_kv_blocks = kMaxSeqs * (kContext + 64) / kBlock, .kv_block_size = kBlock,
-         .max_batch_tokens = 2048, .max_seqs = kMaxSeqs});
+    auto model = LlamaModel::Create(backend->get(), *config, weights,
+                                    {.num_kv_blocks = kMaxSeqs * (kContext + 64) / kBlock,
+                                     .kv_block_size = kBlock,
+                                     .max_batch_tokens = 2048,
+                                     .max_seqs = kMaxSeqs});
     Check(model.status(), "model");
     std::printf("%6s %10s %10s %10s\n", "batch", "ms/step", "bound ms", "bound/step");
     for (int batch : {1, 8, 16, 32, 64}) {
@@ -295,26 +295,26 @@ int main(int argc, char** argv) {
   const double base = Throughput(**engine, n, [](int) { return ""; });
   const double loras = Throughput(**engine, n, [](int i) { return absl::StrCat("lora", i % 32); });
   const double mole = Throughput(**engine, n, [](int) { return "mole"; });
-  std::printf("throughput (tokens/s): base %.1f, 32 LoRAs %.1f (%.3f x base), "
-              "top-2-of-8 MoLE %.1f (%.3f x base)\n",
-              base, loras, loras / base, mole, mole / base);
-  const nlohmann::json result = {
-      {"bench", "gpu_decode"},
-      {"device", prop.name},
-      {"preset", preset},
-      {"dtype", "bf16"},
-      {"copy_bandwidth_bytes_per_s", copy_bw},
-      {"weight_bytes", weight_bytes},
-      {"decode_steps", steps},
-      {"throughput",
-       {{"requests", n},
-        {"prompt_tokens", absl::GetFlag(FLAGS_prompt_tokens)},
-        {"new_tokens", absl::GetFlag(FLAGS_new_tokens)},
-        {"base_tokens_per_s", base},
-        {"loras32_rank16_tokens_per_s", loras},
-        {"loras32_over_base", loras / base},
-        {"mole_top2_of_8_tokens_per_s", mole},
-        {"mole_over_base", mole / base}}}};
+  std::printf(
+      "throughput (tokens/s): base %.1f, 32 LoRAs %.1f (%.3f x base), "
+      "top-2-of-8 MoLE %.1f (%.3f x base)\n",
+      base, loras, loras / base, mole, mole / base);
+  const nlohmann::json result = {{"bench", "gpu_decode"},
+                                 {"device", prop.name},
+                                 {"preset", preset},
+                                 {"dtype", "bf16"},
+                                 {"copy_bandwidth_bytes_per_s", copy_bw},
+                                 {"weight_bytes", weight_bytes},
+                                 {"decode_steps", steps},
+                                 {"throughput",
+                                  {{"requests", n},
+                                   {"prompt_tokens", absl::GetFlag(FLAGS_prompt_tokens)},
+                                   {"new_tokens", absl::GetFlag(FLAGS_new_tokens)},
+                                   {"base_tokens_per_s", base},
+                                   {"loras32_rank16_tokens_per_s", loras},
+                                   {"loras32_over_base", loras / base},
+                                   {"mole_top2_of_8_tokens_per_s", mole},
+                                   {"mole_over_base", mole / base}}}};
   if (const std::string out = absl::GetFlag(FLAGS_out); !out.empty()) {
     std::ofstream(out) << result.dump(1) << "\n";
   }

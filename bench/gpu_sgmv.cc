@@ -41,14 +41,13 @@ namespace {
 
 namespace kk = moleserve::kernels;
 
-#define CHECK_CUDA(expr)                                                                  \
-  do {                                                                                    \
-    cudaError_t err_ = (expr);                                                            \
-    if (err_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr,                   \
-                   cudaGetErrorString(err_));                                             \
-      std::exit(1);                                                                       \
-    }                                                                                     \
+#define CHECK_CUDA(expr)                                                                           \
+  do {                                                                                             \
+    cudaError_t err_ = (expr);                                                                     \
+    if (err_ != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                                \
+    }                                                                                              \
   } while (0)
 
 std::vector<int> ParseList(const std::string& s) {
@@ -60,7 +59,8 @@ std::vector<int> ParseList(const std::string& s) {
 template <typename T>
 T* Upload(const std::vector<T>& host) {
   T* d = nullptr;
-  CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(host.size() * sizeof(T), 16)));
+  CHECK_CUDA(
+      cudaMalloc(reinterpret_cast<void**>(&d), std::max<size_t>(host.size() * sizeof(T), 16)));
   CHECK_CUDA(cudaMemcpy(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
   return d;
 }
@@ -131,7 +131,8 @@ int main(int argc, char** argv) {
   uint16_t* d_x = Upload(RandomBf16(int64_t{max_tokens} * hidden, 3, 1.0f));
   uint16_t* d_y = Upload(RandomBf16(int64_t{max_tokens} * hidden, 4, 1.0f));
   float* d_v = nullptr;
-  CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_v), int64_t{max_tokens} * max_rank * sizeof(float)));
+  CHECK_CUDA(
+      cudaMalloc(reinterpret_cast<void**>(&d_v), int64_t{max_tokens} * max_rank * sizeof(float)));
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
@@ -166,16 +167,29 @@ int main(int argc, char** argv) {
         float* d_w = Upload(weight);
         const void** d_arows = Upload(a_rows);
         const void** d_brows = Upload(b_rows);
-        const kk::SgmvShrinkParams shrink{.x = d_x, .v = d_v, .x_row = d_xrow,
-                                          .seg_start = d_start, .seg_rank = d_rank,
-                                          .seg_row_offset = d_off, .a_rows = d_arows,
-                                          .num_segments = experts, .in = hidden,
-                                          .v_stride = rank, .dtype = kk::ScalarType::kBF16};
-        const kk::SgmvExpandParams expand{.v = d_v, .y = d_y, .y_row = d_xrow, .weight = d_w,
-                                          .seg_start = d_start, .seg_rank = d_rank,
-                                          .seg_row_offset = d_off, .b_rows = d_brows,
-                                          .num_segments = experts, .out = hidden,
-                                          .v_stride = rank, .dtype = kk::ScalarType::kBF16};
+        const kk::SgmvShrinkParams shrink{.x = d_x,
+                                          .v = d_v,
+                                          .x_row = d_xrow,
+                                          .seg_start = d_start,
+                                          .seg_rank = d_rank,
+                                          .seg_row_offset = d_off,
+                                          .a_rows = d_arows,
+                                          .num_segments = experts,
+                                          .in = hidden,
+                                          .v_stride = rank,
+                                          .dtype = kk::ScalarType::kBF16};
+        const kk::SgmvExpandParams expand{.v = d_v,
+                                          .y = d_y,
+                                          .y_row = d_xrow,
+                                          .weight = d_w,
+                                          .seg_start = d_start,
+                                          .seg_rank = d_rank,
+                                          .seg_row_offset = d_off,
+                                          .b_rows = d_brows,
+                                          .num_segments = experts,
+                                          .out = hidden,
+                                          .v_stride = rank,
+                                          .dtype = kk::ScalarType::kBF16};
         for (int w = 0; w < 10; ++w) {
           CHECK_CUDA(kk::cuda::SgmvShrink(shrink, nullptr));
           CHECK_CUDA(kk::cuda::SgmvExpand(expand, nullptr));
@@ -195,10 +209,10 @@ int main(int argc, char** argv) {
         }
         std::sort(per_call_us.begin(), per_call_us.end());
         const double us = per_call_us[per_call_us.size() / 2];
-        const double bytes = 2.0 * experts * rank * hidden * 2     // A and B rows, bf16
-                             + 2.0 * tokens * hidden               // x read
-                             + 2.0 * 2 * tokens * hidden           // y read + written
-                             + 2.0 * 4 * tokens * rank;            // v written + read
+        const double bytes = 2.0 * experts * rank * hidden * 2  // A and B rows, bf16
+                             + 2.0 * tokens * hidden            // x read
+                             + 2.0 * 2 * tokens * hidden        // y read + written
+                             + 2.0 * 4 * tokens * rank;         // v written + read
         const double frac = bytes / (us * 1e-6) / copy_bw;
         std::printf("%7d %7d %5d %10.2f %12.3f %10.3f\n", tokens, experts, rank, us, bytes / 1e6,
                     frac);
@@ -209,10 +223,10 @@ int main(int argc, char** argv) {
                           {"us_per_call", us},
                           {"bytes", bytes},
                           {"fraction_of_copy_bandwidth", frac}});
-        for (void* p : {static_cast<void*>(d_xrow), static_cast<void*>(d_start),
-                        static_cast<void*>(d_rank), static_cast<void*>(d_off),
-                        static_cast<void*>(d_w), static_cast<void*>(d_arows),
-                        static_cast<void*>(d_brows)}) {
+        for (void* p :
+             {static_cast<void*>(d_xrow), static_cast<void*>(d_start), static_cast<void*>(d_rank),
+              static_cast<void*>(d_off), static_cast<void*>(d_w), static_cast<void*>(d_arows),
+              static_cast<void*>(d_brows)}) {
           cudaFree(p);
         }
       }

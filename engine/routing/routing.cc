@@ -434,9 +434,8 @@ absl::Status RouteRanks(const RoutingSpec& spec, absl::Span<const float> z,
 
 absl::StatusOr<kernels::RouteParams> ToRouteParams(const RoutingSpec& spec, int32_t num_experts) {
   if (num_experts < 1 || num_experts > kernels::kMaxRouteWidth) {
-    return absl::InvalidArgumentError(absl::StrCat("routing: ", num_experts,
-                                                   " experts; device routing handles 1..",
-                                                   kernels::kMaxRouteWidth));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "routing: ", num_experts, " experts; device routing handles 1..", kernels::kMaxRouteWidth));
   }
   kernels::RouteParams p;
   switch (spec.algorithm) {

@@ -23,9 +23,9 @@ struct LaunchPlan {
   bool ok = false;
   const char* error = "";
   LaunchDims grid;
-  uint32_t block = 0;      // threads per block (1-D)
+  uint32_t block = 0;       // threads per block (1-D)
   size_t shared_bytes = 0;  // dynamic shared memory
-  int32_t vec = 1;         // elements per vector load (1 = scalar path)
+  int32_t vec = 1;          // elements per vector load (1 = scalar path)
 };
 
 // Hardware limits every target GPU (sm_80, sm_90) shares.

@@ -23,16 +23,16 @@ KernelStatus Route(const RouteParams& p, ThreadPool* pool) {
     float prob[kMaxRouteWidth];
     int32_t order[kMaxRouteWidth];
     for (int64_t t = begin; t < end; ++t) {
-      p.count[t] = routing_math::RouteOne(p, p.logits + t * e, p.experts + t * e,
-                                          p.weights + t * e, prob, order);
+      p.count[t] = routing_math::RouteOne(p, p.logits + t * e, p.experts + t * e, p.weights + t * e,
+                                          prob, order);
     }
   });
   return KernelStatus::kOk;
 }
 
 KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool) {
-  if (p.num_tokens < 0 || p.rank < 1 || p.rank > kMaxRouteWidth || p.z_stride < p.rank ||
-      p.k < 1 || p.k > p.rank) {
+  if (p.num_tokens < 0 || p.rank < 1 || p.rank > kMaxRouteWidth || p.z_stride < p.rank || p.k < 1 ||
+      p.k > p.rank) {
     return KernelStatus::kInvalidShape;
   }
   if (p.num_tokens == 0) return KernelStatus::kOk;

@@ -5,8 +5,8 @@ namespace moleserve::kernels::cuda {
 
 cudaError_t KvWrite(const KvWriteParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
-  if (p.num_tokens < 0 || p.num_tokens > kMaxGridX || p.kv.num_kv_heads < 1 ||
-      p.kv.head_dim < 1 || p.kv.block_size < 1) {
+  if (p.num_tokens < 0 || p.num_tokens > kMaxGridX || p.kv.num_kv_heads < 1 || p.kv.head_dim < 1 ||
+      p.kv.block_size < 1) {
     return cudaErrorInvalidValue;
   }
   return DispatchFloat(p.dtype, [&]<typename T>() {

@@ -36,9 +36,9 @@ cudaError_t SgmvExpand(const SgmvExpandParams& p, cudaStream_t stream) {
   if (!plan.ok) return cudaErrorInvalidValue;
   if (plan.grid.y == 0 || p.v_stride == 0) return cudaSuccess;
   return DispatchFloat(p.dtype, [&]<typename T>() {
-    SgmvExpandKernel<T><<<dim3(plan.grid.x, plan.grid.y), plan.block, plan.shared_bytes,
-                          stream>>>(p.v, static_cast<T*>(p.y), p.y_row, p.weight, p.seg_start,
-                                    p.seg_rank, p.seg_row_offset, p.b_rows, p.out, p.v_stride);
+    SgmvExpandKernel<T><<<dim3(plan.grid.x, plan.grid.y), plan.block, plan.shared_bytes, stream>>>(
+        p.v, static_cast<T*>(p.y), p.y_row, p.weight, p.seg_start, p.seg_rank, p.seg_row_offset,
+        p.b_rows, p.out, p.v_stride);
     return cudaGetLastError();
   });
 }

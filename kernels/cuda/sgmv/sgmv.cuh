@@ -81,14 +81,11 @@ __device__ __forceinline__ void AtomicAddTo(__nv_bfloat16* p, float v) {
 // y[y_row[p], j] += weight[p] * sum_i v[p, i] * Bt_s[i, j]: thread j of block (s, y) owns column
 // j = y * kExpandCols + threadIdx.x; v rows of kExpandPairs pairs are staged in shared memory.
 template <typename T>
-__global__ void SgmvExpandKernel(const float* __restrict__ v, T* __restrict__ y,
-                                 const int32_t* __restrict__ y_row,
-                                 const float* __restrict__ weight,
-                                 const int32_t* __restrict__ seg_start,
-                                 const int32_t* __restrict__ seg_rank,
-                                 const int64_t* __restrict__ seg_row_offset,
-                                 const void* const* __restrict__ b_rows, int64_t out,
-                                 int32_t v_stride) {
+__global__ void SgmvExpandKernel(
+    const float* __restrict__ v, T* __restrict__ y, const int32_t* __restrict__ y_row,
+    const float* __restrict__ weight, const int32_t* __restrict__ seg_start,
+    const int32_t* __restrict__ seg_rank, const int64_t* __restrict__ seg_row_offset,
+    const void* const* __restrict__ b_rows, int64_t out, int32_t v_stride) {
   extern __shared__ float staged[];  // [kExpandPairs, v_stride]
   const int32_t s = blockIdx.x;
   const int32_t rank = min(seg_rank[s], v_stride);

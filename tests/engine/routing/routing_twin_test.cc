@@ -49,13 +49,13 @@ struct Case {
 std::vector<Case> Cases() {
   std::vector<Case> cases;
   cases.push_back({"topk2", {.algorithm = RoutingAlgorithm::kTopK, .k = 2}});
-  cases.push_back({"topk3_raw_T2",
-                   {.algorithm = RoutingAlgorithm::kTopK, .k = 3, .temperature = 2.0f,
-                    .renormalize = false}});
+  cases.push_back(
+      {"topk3_raw_T2",
+       {.algorithm = RoutingAlgorithm::kTopK, .k = 3, .temperature = 2.0f, .renormalize = false}});
   cases.push_back({"top_p_exceed", {.algorithm = RoutingAlgorithm::kTopP, .p = 0.6f}});
-  cases.push_back({"top_p_within_min2",
-                   {.algorithm = RoutingAlgorithm::kTopP, .p = 0.5f, .p_mode = TopPMode::kWithin,
-                    .min_k = 2}});
+  cases.push_back(
+      {"top_p_within_min2",
+       {.algorithm = RoutingAlgorithm::kTopP, .p = 0.5f, .p_mode = TopPMode::kWithin, .min_k = 2}});
   cases.push_back({"top_p_prob_temperature",
                    {.algorithm = RoutingAlgorithm::kTopP, .p = 0.8f, .prob_temperature = 1.5f}});
   RoutingSpec dyn{.algorithm = RoutingAlgorithm::kDynMole, .p = 0.75f, .min_k = 2};
@@ -94,8 +94,8 @@ TEST(RoutingTwinTest, EveryRuleMatchesEngineRoutingExactly) {
       std::vector<int32_t> want_e(e);
       std::vector<float> want_w(e);
       for (int64_t t = 0; t < tokens; ++t) {
-        absl::StatusOr<int32_t> n = RouteToken(
-            spec, absl::MakeConstSpan(logits.data() + t * e, e), want_e.data(), want_w.data());
+        absl::StatusOr<int32_t> n = RouteToken(spec, absl::MakeConstSpan(logits.data() + t * e, e),
+                                               want_e.data(), want_w.data());
         if (!n.ok()) {
           EXPECT_EQ(count[t], 0) << "token " << t << ": " << n.status();
           continue;
@@ -113,8 +113,7 @@ TEST(RoutingTwinTest, EveryRuleMatchesEngineRoutingExactly) {
 TEST(RoutingTwinTest, UndefinedLogitsGiveCountZero) {
   const int32_t e = 4;
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  std::vector<float> logits = {1, nan, 0, 0, kInf, 0, 0, 0, -kInf, -kInf, -kInf, -kInf,
-                               1, 2,   3, 4};
+  std::vector<float> logits = {1, nan, 0, 0, kInf, 0, 0, 0, -kInf, -kInf, -kInf, -kInf, 1, 2, 3, 4};
   std::vector<int32_t> experts(16), count(4, -1);
   std::vector<float> weights(16);
   absl::StatusOr<kernels::RouteParams> p =
@@ -139,9 +138,8 @@ TEST(RoutingTwinTest, RankRoutingMatchesEngineRoutingExactly) {
       for (bool abs : {false, true}) {
         for (bool bias : {false, true}) {
           for (bool renorm : {false, true}) {
-            SCOPED_TRACE(::testing::Message() << "r=" << r << " smora=" << smora
-                                              << " abs=" << abs << " bias=" << bias
-                                              << " renorm=" << renorm);
+            SCOPED_TRACE(::testing::Message() << "r=" << r << " smora=" << smora << " abs=" << abs
+                                              << " bias=" << bias << " renorm=" << renorm);
             const int64_t tokens = 33;
             const int32_t stride = r + 3;  // a padded v row, as the SGMV shrink writes it
             std::vector<float> z(tokens * stride), logits(smora ? tokens * r : 0), sb(bias ? r : 0);
@@ -189,7 +187,8 @@ TEST(RoutingTwinTest, RefusesWidthsTheDeviceCannotRoute) {
   EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kTopK, .k = 2}, 129).ok());
   EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, 8).ok());
   EXPECT_FALSE(ToRankRouteParams({.algorithm = RoutingAlgorithm::kTopK, .k = 2}, 8, false).ok());
-  EXPECT_FALSE(ToRankRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 9}, 8, false).ok());
+  EXPECT_FALSE(
+      ToRankRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 9}, 8, false).ok());
   kernels::RouteParams p{.num_tokens = 1, .num_experts = 129};
   EXPECT_EQ(kernels::cpu::Route(p, nullptr), kernels::KernelStatus::kInvalidShape);
   kernels::RankRouteParams rp{.num_tokens = 1, .rank = 8, .z_stride = 4, .k = 2};
