@@ -65,7 +65,7 @@ void ExpectLogitsClose(const std::vector<float>& got, const std::vector<float>& 
       << what << ": max |cuda - cpu| " << max_diff << " (max |cpu| " << max_ref << ")";
 }
 
-// Two sequences: a 20-token prefill and, after it, one decode step of both at once.
+// Two sequences: a 20-token prefill and, after it, decode steps of both at once.
 TEST(CudaForwardTest, DemoModelPrefillAndDecodeMatchCpu) {
   SKIP_WITHOUT_GPU();
   Backends b = MakeBackends();
@@ -90,16 +90,21 @@ TEST(CudaForwardTest, DemoModelPrefillAndDecodeMatchCpu) {
   ASSERT_TRUE((*cpu)->Forward(prefill, &want).ok());
   ASSERT_TRUE((*cuda)->Forward(prefill, &got).ok());
   ExpectLogitsClose(got, want, "prefill");
-  Batch decode;
-  decode.tokens = {17, 230};
-  decode.positions = {20, 20};
-  decode.token_seq = {0, 1};
-  decode.sample_rows = {0, 1};
-  decode.block_tables = prefill.block_tables;
-  decode.block_table_offsets = prefill.block_table_offsets;
-  ASSERT_TRUE((*cpu)->Forward(decode, &want).ok());
-  ASSERT_TRUE((*cuda)->Forward(decode, &got).ok());
-  ExpectLogitsClose(got, want, "decode");
+  // Three decode steps of both sequences: the first captures the CUDA graph of a batch of two,
+  // the next two replay it with new tokens and positions.
+  for (int32_t step = 0; step < 3; ++step) {
+    Batch decode;
+    decode.tokens = {17 + step, 230 - step};
+    decode.positions = {20 + step, 20 + step};
+    decode.token_seq = {0, 1};
+    decode.sample_rows = {0, 1};
+    decode.block_tables = prefill.block_tables;
+    decode.block_table_offsets = prefill.block_table_offsets;
+    ASSERT_TRUE((*cpu)->Forward(decode, &want).ok());
+    ASSERT_TRUE((*cuda)->Forward(decode, &got).ok());
+    ExpectLogitsClose(got, want, absl::StrCat("decode step ", step));
+  }
+  EXPECT_EQ((*cuda)->decode_graphs(), 1) << (*cuda)->graph_status();
 }
 
 class CudaFamiliesTest : public ::testing::TestWithParam<test_util::FamilyCase> {};

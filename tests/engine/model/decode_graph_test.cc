@@ -1,0 +1,132 @@
+// The decode fast path (LlamaModelOptions::decode_graphs, Backend::CaptureGraph): on the CPU
+// backend, whose graphs are recorded op lists with the same rules as CUDA graphs, a model that
+// replays graphs gives bit-identical logits to one that runs every op eagerly, over many steps
+// whose positions, tokens and block tables change and batch sizes that come and go; and a
+// capture refuses what a CUDA graph cannot hold (copies, allocation, synchronization).
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "engine/backend/backend.h"
+#include "engine/model/demo_model.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/weights.h"
+
+namespace moleserve::engine {
+namespace {
+
+TEST(DecodeGraphTest, ReplayedDecodeStepsEqualEagerOnes) {
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  auto b_graph = CreateCpuBackend({.num_threads = 2});
+  auto b_eager = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+
+  // Three sequences with prompts of 5, 9 and 14 tokens; each gets blocks as it grows.
+  const std::vector<int32_t> prompt_len = {5, 9, 14};
+  std::vector<std::vector<int32_t>> blocks = {{10}, {3}, {7}};
+  int32_t next_block = 20;
+  Batch prefill;
+  for (int32_t s = 0; s < 3; ++s) {
+    for (int32_t i = 0; i < prompt_len[s]; ++i) {
+      prefill.tokens.push_back((i * 29 + s * 71 + 3) % 256);
+      prefill.positions.push_back(i);
+      prefill.token_seq.push_back(s);
+    }
+    prefill.sample_rows.push_back(static_cast<int32_t>(prefill.tokens.size() - 1));
+    prefill.block_tables.push_back(blocks[s][0]);
+    prefill.block_table_offsets.push_back(s + 1);
+  }
+  std::vector<float> lg, le;
+  absl::Status st = (*graphed)->Forward(prefill, &lg);
+  ASSERT_TRUE(st.ok()) << st;
+  ASSERT_TRUE((*eager)->Forward(prefill, &le).ok());
+  ASSERT_EQ(lg, le);
+
+  // 40 decode steps; sequence 1 pauses for steps 10..19 (a batch of 2 instead of 3), and every
+  // sequence crosses a block boundary, so block tables change under the same graph.
+  std::vector<int32_t> len = prompt_len;
+  std::vector<int32_t> last(3, 65);
+  for (int step = 0; step < 40; ++step) {
+    Batch d;
+    for (int32_t s = 0; s < 3; ++s) {
+      if (s == 1 && step >= 10 && step < 20) continue;
+      if (len[s] == static_cast<int32_t>(blocks[s].size()) * 16) blocks[s].push_back(next_block++);
+      const int32_t q = d.num_seqs();
+      d.tokens.push_back(last[s]);
+      d.positions.push_back(len[s]);
+      d.token_seq.push_back(q);
+      d.sample_rows.push_back(q);
+      d.block_tables.insert(d.block_tables.end(), blocks[s].begin(), blocks[s].end());
+      d.block_table_offsets.push_back(static_cast<int32_t>(d.block_tables.size()));
+    }
+    ASSERT_TRUE((*graphed)->Forward(d, &lg).ok()) << "step " << step;
+    ASSERT_TRUE((*eager)->Forward(d, &le).ok()) << "step " << step;
+    ASSERT_EQ(lg, le) << "step " << step;
+    int32_t q = 0;
+    for (int32_t s = 0; s < 3; ++s) {
+      if (s == 1 && step >= 10 && step < 20) continue;
+      const float* row = lg.data() + int64_t{q++} * config.vocab_size;
+      last[s] = static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row);
+      ++len[s];
+    }
+  }
+  // One graph per decode batch size seen (3 and 2), none for the eager model.
+  EXPECT_EQ((*graphed)->decode_graphs(), 2);
+  EXPECT_EQ((*eager)->decode_graphs(), 0);
+  EXPECT_TRUE((*graphed)->graph_status().ok());
+}
+
+TEST(DecodeGraphTest, CaptureHoldsOpsOnlyAndReplaysThemOnCurrentInputs) {
+  auto backend = CreateCpuBackend({.num_threads = 1});
+  ASSERT_TRUE(backend.ok());
+  Backend& b = **backend;
+  auto a = b.Allocate(16), c = b.Allocate(16), out = b.Allocate(16);
+  ASSERT_TRUE(a.ok() && c.ok() && out.ok());
+  std::vector<float> va = {1, 2, 3, 4}, vc = {10, 20, 30, 40}, got(4);
+  ASSERT_TRUE(b.CopyToDevice(a->data(), va.data(), 16).ok());
+  ASSERT_TRUE(b.CopyToDevice(c->data(), vc.data(), 16).ok());
+  const kernels::AddParams add{.a = a->data(), .b = c->data(), .out = out->data(), .n = 4};
+  auto graph = b.CaptureGraph([&] { return b.Add(add); });
+  ASSERT_TRUE(graph.ok()) << graph.status();
+  ASSERT_TRUE(b.CopyToHost(got.data(), out->data(), 16).ok());
+  EXPECT_EQ(got, (std::vector<float>{0, 0, 0, 0}));  // recorded, not run
+  ASSERT_TRUE(b.LaunchGraph(*graph).ok());
+  ASSERT_TRUE(b.CopyToHost(got.data(), out->data(), 16).ok());
+  EXPECT_EQ(got, (std::vector<float>{11, 22, 33, 44}));
+  va = {100, 200, 300, 400};
+  ASSERT_TRUE(b.CopyToDevice(a->data(), va.data(), 16).ok());
+  ASSERT_TRUE(b.LaunchGraph(*graph).ok());
+  ASSERT_TRUE(b.CopyToHost(got.data(), out->data(), 16).ok());
+  EXPECT_EQ(got, (std::vector<float>{110, 220, 330, 440}));
+
+  // What a CUDA graph cannot hold is refused inside a capture, and the capture fails.
+  for (int what = 0; what < 4; ++what) {
+    auto bad = b.CaptureGraph([&]() -> absl::Status {
+      switch (what) {
+        case 0:
+          return b.CopyToDevice(a->data(), va.data(), 16);
+        case 1:
+          return b.CopyToHost(got.data(), a->data(), 16);
+        case 2:
+          return b.Allocate(16).status();
+        default:
+          return b.Synchronize();
+      }
+    });
+    ASSERT_FALSE(bad.ok()) << what;
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kFailedPrecondition) << bad.status();
+  }
+  EXPECT_FALSE(b.LaunchGraph(*graph + 5).ok());
+  EXPECT_TRUE(b.Synchronize().ok());  // no capture left open
+}
+
+}  // namespace
+}  // namespace moleserve::engine
