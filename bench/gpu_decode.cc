@@ -27,6 +27,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "bench/gpu/copy_bandwidth.h"
 #include "engine/backend/backend.h"
 #include "engine/engine.h"
 #include "engine/model/llama_model.h"
@@ -54,29 +55,6 @@ void Check(const absl::Status& s, const char* what) {
     std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
     std::exit(1);
   }
-}
-
-double CopyBandwidth() {
-  const size_t bytes = size_t{1} << 30;
-  void *a = nullptr, *b = nullptr;
-  if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess) std::exit(1);
-  cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  float best = 1e30f;
-  for (int r = 0; r < 10; ++r) {
-    cudaEventRecord(start);
-    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice);
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, start, stop);
-    best = std::min(best, ms);
-  }
-  cudaFree(a);
-  cudaFree(b);
-  return 2.0 * bytes / (best * 1e-3);
 }
 
 // Uniform values in [-scale, scale) from a fast LCG: the values do not matter for timing.
@@ -210,7 +188,7 @@ int main(int argc, char** argv) {
   Check(config.status(), "preset");
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
-  const double copy_bw = CopyBandwidth();
+  const double copy_bw = moleserve::bench::MeasureCopyBandwidth();
   const double weight_bytes = 2.0 * config->ParameterCount();
   const double bound_ms = weight_bytes / copy_bw * 1e3;
   std::printf("device %s: copy bandwidth %.0f GB/s; %s weights %.2f GB -> bound %.3f ms/step\n",

@@ -27,6 +27,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_split.h"
+#include "bench/gpu/copy_bandwidth.h"
 #include "kernels/common/bf16.h"
 #include "kernels/cuda/ops.h"
 
@@ -75,31 +76,6 @@ std::vector<uint16_t> RandomBf16(size_t n, uint32_t seed, float scale) {
   return v;
 }
 
-// Bytes per second of a device-to-device copy of `bytes`, counting what is read and written.
-double CopyBandwidth(size_t bytes) {
-  void *a = nullptr, *b = nullptr;
-  CHECK_CUDA(cudaMalloc(&a, bytes));
-  CHECK_CUDA(cudaMalloc(&b, bytes));
-  CHECK_CUDA(cudaMemset(a, 1, bytes));
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  CHECK_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));  // warm-up
-  float best_ms = 1e30f;
-  for (int r = 0; r < 10; ++r) {
-    CHECK_CUDA(cudaEventRecord(start));
-    CHECK_CUDA(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
-    CHECK_CUDA(cudaEventRecord(stop));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float ms = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-    best_ms = std::min(best_ms, ms);
-  }
-  cudaFree(a);
-  cudaFree(b);
-  return 2.0 * static_cast<double>(bytes) / (best_ms * 1e-3);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -108,7 +84,7 @@ int main(int argc, char** argv) {
   const int iters = absl::GetFlag(FLAGS_iters);
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  const double copy_bw = CopyBandwidth(size_t{1} << 30);
+  const double copy_bw = moleserve::bench::MeasureCopyBandwidth();
   std::printf("device %s, measured copy bandwidth %.0f GB/s (read + write)\n", prop.name,
               copy_bw / 1e9);
   std::printf("%7s %7s %5s %10s %12s %10s\n", "tokens", "experts", "rank", "us/call", "MB moved",

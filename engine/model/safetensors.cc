@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
+#include "kernels/common/bf16.h"
 #include "nlohmann/json.hpp"
 
 namespace moleserve::engine {
@@ -75,7 +76,7 @@ size_t SafetensorsDtypeSize(std::string_view dtype) {
   return 0;
 }
 
-float Bf16ToFloat(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+float Bf16ToFloat(uint16_t bits) { return kernels::Bf16ToF32(bits); }
 
 float Fp16ToFloat(uint16_t bits) {
   const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
@@ -102,17 +103,7 @@ float Fp16ToFloat(uint16_t bits) {
   return std::bit_cast<float>(out);
 }
 
-uint16_t FloatToBf16(float value) {
-  const uint32_t bits = std::bit_cast<uint32_t>(value);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    // NaN: truncate and force the quiet bit so a payload in the low bits cannot become Inf.
-    return static_cast<uint16_t>((bits >> 16) | 0x0040u);
-  }
-  // Round to nearest even; a carry out of the mantissa correctly bumps the exponent (to Inf at
-  // the top of the range).
-  const uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>((bits + rounding_bias) >> 16);
-}
+uint16_t FloatToBf16(float value) { return kernels::F32ToBf16(value); }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);

@@ -11,8 +11,12 @@ namespace moleserve::kernels {
 inline uint16_t F32ToBf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even; overflow rounds to inf
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    // NaN: truncate and force the quiet bit so a payload in the low bits cannot become Inf.
+    return static_cast<uint16_t>((u >> 16) | 0x40u);
+  }
+  // Round to nearest even; a carry out of the mantissa bumps the exponent (to Inf at the top).
+  u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
 

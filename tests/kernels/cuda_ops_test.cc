@@ -11,37 +11,17 @@
 #include <random>
 #include <vector>
 
+#include "kernels/common/bf16.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/ops.h"
+#include "tests/kernels/cuda_device.h"
 #include "tests/kernels/random_inputs.h"
 
 namespace moleserve::kernels {
 namespace {
 
-bool HaveDevice() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
-
-uint16_t ToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fff + ((u >> 16) & 1);  // round to nearest even (inputs are finite)
-  return static_cast<uint16_t>(u >> 16);
-}
-float FromBf16(uint16_t h) {
-  uint32_t u = uint32_t{h} << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+uint16_t ToBf16(float f) { return F32ToBf16(f); }
+float FromBf16(uint16_t h) { return Bf16ToF32(h); }
 
 using test_util::Random;
 

@@ -21,23 +21,13 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/blas/blas.h"
 #include "kernels/cuda/ops.h"
+#include "tests/kernels/cuda_device.h"
 #include "tests/kernels/random_inputs.h"
 
 namespace moleserve::kernels {
 namespace {
 
 using test_util::Random;
-
-bool HaveDevice() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveDevice()) GTEST_SKIP() << "no CUDA device"
 
 // Device memory of raw bytes.
 class DeviceBytes {

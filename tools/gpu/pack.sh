@@ -19,5 +19,8 @@ for t in kernels_cuda_test kernels_cuda_sgmv_attention_test cuda_backend_test cu
   bins="$bins $(find build/gpu-hopper/tests -name $t -type f)"
 done
 bins="$bins build/gpu-hopper/bench/bench_gpu_sgmv build/gpu-hopper/bench/bench_gpu_decode"
+# The CUDA backend plugin is dlopen-ed (not in ldd): packed as a binary, moved to .gpu/lib below.
+bins="$bins build/gpu-hopper/lib/libmoleserve_cuda.so"
 ../shared/gpu/pack.sh $bins /tmp/mole_fixtures
 cp /tmp/gpu_commit/commit.txt .gpu/data/commit.txt
+mv .gpu/bin/libmoleserve_cuda.so .gpu/lib/
