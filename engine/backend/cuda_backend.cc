@@ -64,7 +64,20 @@ struct CudaState {
   // waits instead of enqueueing into the capture.
   std::mutex capture_mu;
   std::atomic<std::thread::id> capturing{};
+  std::vector<void*> deferred_frees;  // freed by the capturing thread during a capture
   std::vector<cudaGraphExec_t> graphs;
+
+  // A buffer's free: stream-ordered on compute, never into a capture (the capturing thread's
+  // frees wait until the capture ends; other threads wait for it).
+  void Free(void* p) {
+    if (capturing.load() == std::this_thread::get_id()) {
+      deferred_frees.push_back(p);
+      return;
+    }
+    std::lock_guard<std::mutex> lock(capture_mu);
+    cudaSetDevice(device);
+    cudaFreeAsync(p, compute);
+  }
 
   ~CudaState() {
     cudaSetDevice(device);
@@ -88,7 +101,11 @@ class CudaBackend final : public Backend {
   CudaBackend(std::shared_ptr<CudaState> state, std::unique_ptr<void, PinnedDeleter> staging,
               size_t staging_bytes)
       : state_(std::move(state)), staging_(std::move(staging)), staging_bytes_(staging_bytes) {}
-  ~CudaBackend() override { cudaStreamSynchronize(state_->compute); }
+  ~CudaBackend() override {
+    cudaSetDevice(state_->device);
+    cudaStreamSynchronize(state_->compute);
+    cudaStreamSynchronize(state_->copy);
+  }
 
   absl::Status Init(size_t blas_workspace_bytes) {
     return CublasStatus(blas_.Init(state_->compute, blas_workspace_bytes), "cuBLAS init");
@@ -109,39 +126,42 @@ class CudaBackend final : public Backend {
       return CudaStatus(err, absl::StrCat("cuda backend: allocating ", bytes, " bytes"));
     }
     std::shared_ptr<CudaState> state = state_;
-    DeviceBuffer buf(p, bytes, [state](void* q) {
-      cudaSetDevice(state->device);
-      cudaFreeAsync(q, state->compute);
-    });
+    DeviceBuffer buf(p, bytes, [state](void* q) { state->Free(q); });
     RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(p, 0, bytes, state_->compute), "cudaMemsetAsync"));
     return buf;
   }
 
   absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) override {
     RETURN_IF_ERROR(NotCapturing("CopyToDevice"));
+    RETURN_IF_ERROR(Bind());
     return Copy(dst, src, bytes, state_->compute, "CopyToDevice");
   }
 
   absl::Status CopyToDeviceBulk(const std::vector<HostToDevice>& copies) override {
     RETURN_IF_ERROR(NotCapturing("CopyToDeviceBulk"));
     if (copies.empty()) return absl::OkStatus();
+    RETURN_IF_ERROR(Bind());
     // The copies after every op issued so far (their pages may have been read by them), the ops
-    // issued from now on after the copies.
+    // issued from now on after the copies, also when one of them fails.
     RETURN_IF_ERROR(CudaStatus(cudaEventRecord(state_->compute_done, state_->compute),
                                "CopyToDeviceBulk: record"));
     RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(state_->copy, state_->compute_done, 0),
                                "CopyToDeviceBulk: wait"));
+    absl::Status copied;
     for (const HostToDevice& c : copies) {
-      RETURN_IF_ERROR(Copy(c.dst, c.src, c.bytes, state_->copy, "CopyToDeviceBulk"));
+      copied = Copy(c.dst, c.src, c.bytes, state_->copy, "CopyToDeviceBulk");
+      if (!copied.ok()) break;
     }
     RETURN_IF_ERROR(
         CudaStatus(cudaEventRecord(state_->copy_done, state_->copy), "CopyToDeviceBulk: record"));
-    return CudaStatus(cudaStreamWaitEvent(state_->compute, state_->copy_done, 0),
-                      "CopyToDeviceBulk: wait");
+    RETURN_IF_ERROR(CudaStatus(cudaStreamWaitEvent(state_->compute, state_->copy_done, 0),
+                               "CopyToDeviceBulk: wait"));
+    return copied;
   }
 
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
     RETURN_IF_ERROR(NotCapturing("CopyToHost"));
+    RETURN_IF_ERROR(Bind());
     RETURN_IF_ERROR(CudaStatus(
         cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, state_->compute), "CopyToHost"));
     return Synchronize();
@@ -149,60 +169,60 @@ class CudaBackend final : public Backend {
 
   absl::Status Synchronize() override {
     RETURN_IF_ERROR(NotCapturing("Synchronize"));
+    RETURN_IF_ERROR(Bind());
     RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(state_->compute), "Synchronize"));
-    staging_used_ = 0;  // every copy (bulk copies included: compute waited on them) is done
+    RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(state_->copy), "Synchronize (copy stream)"));
+    staging_used_ = 0;  // every copy that read the staging buffer is done
     return absl::OkStatus();
   }
 
   absl::Status Gemm(const kernels::GemmParams& p) override {
+    RETURN_IF_ERROR(Bind());
     return CublasStatus(kcu::Gemm(p, blas_), "Gemm");
   }
   absl::Status RmsNorm(const kernels::RmsNormParams& p) override {
-    return Launched(kcu::RmsNorm(p, state_->compute), "RmsNorm");
+    return Launch("RmsNorm", &kcu::RmsNorm, p);
   }
   absl::Status SiluMul(const kernels::SiluMulParams& p) override {
-    return Launched(kcu::SiluMul(p, state_->compute), "SiluMul");
+    return Launch("SiluMul", &kcu::SiluMul, p);
   }
   absl::Status Embedding(const kernels::EmbeddingParams& p) override {
-    return Launched(kcu::Embedding(p, state_->compute), "Embedding");
+    return Launch("Embedding", &kcu::Embedding, p);
   }
-  absl::Status Add(const kernels::AddParams& p) override {
-    return Launched(kcu::Add(p, state_->compute), "Add");
-  }
+  absl::Status Add(const kernels::AddParams& p) override { return Launch("Add", &kcu::Add, p); }
   absl::Status BiasAdd(const kernels::BiasAddParams& p) override {
-    return Launched(kcu::BiasAdd(p, state_->compute), "BiasAdd");
+    return Launch("BiasAdd", &kcu::BiasAdd, p);
   }
-  absl::Status Rope(const kernels::RopeParams& p) override {
-    return Launched(kcu::Rope(p, state_->compute), "Rope");
-  }
+  absl::Status Rope(const kernels::RopeParams& p) override { return Launch("Rope", &kcu::Rope, p); }
   absl::Status KvWrite(const kernels::KvWriteParams& p) override {
-    return Launched(kcu::KvWrite(p, state_->compute), "KvWrite");
+    return Launch("KvWrite", &kcu::KvWrite, p);
   }
   absl::Status PagedAttention(const kernels::PagedAttentionParams& p) override {
-    return Launched(kcu::PagedAttention(p, state_->compute), "PagedAttention");
+    return Launch("PagedAttention", &kcu::PagedAttention, p);
   }
   absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
-    return Launched(kcu::SgmvShrink(p, state_->compute), "SgmvShrink");
+    return Launch("SgmvShrink", &kcu::SgmvShrink, p);
   }
   absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
-    return Launched(kcu::SgmvExpand(p, state_->compute), "SgmvExpand");
+    return Launch("SgmvExpand", &kcu::SgmvExpand, p);
   }
   absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
-    return Launched(kcu::ScatterAdd(p, state_->compute), "ScatterAdd");
+    return Launch("ScatterAdd", &kcu::ScatterAdd, p);
   }
   absl::Status Convert(const kernels::ConvertParams& p) override {
-    return Launched(kcu::Convert(p, state_->compute), "Convert");
+    return Launch("Convert", &kcu::Convert, p);
   }
   absl::Status Route(const kernels::RouteParams& p) override {
-    return Launched(kcu::Route(p, state_->compute), "Route");
+    return Launch("Route", &kcu::Route, p);
   }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
-    return Launched(kcu::RankRoute(p, state_->compute), "RankRoute");
+    return Launch("RankRoute", &kcu::RankRoute, p);
   }
 
   absl::StatusOr<int64_t> CaptureGraph(const std::function<absl::Status()>& record) override {
     RETURN_IF_ERROR(NotCapturing("CaptureGraph"));
-    std::lock_guard<std::mutex> lock(state_->capture_mu);
+    RETURN_IF_ERROR(Bind());
+    std::unique_lock<std::mutex> lock(state_->capture_mu);
     RETURN_IF_ERROR(
         CudaStatus(cudaStreamBeginCapture(state_->compute, cudaStreamCaptureModeThreadLocal),
                    "graph capture"));
@@ -211,6 +231,10 @@ class CudaBackend final : public Backend {
     state_->capturing = std::thread::id();
     cudaGraph_t graph = nullptr;
     const cudaError_t ended = cudaStreamEndCapture(state_->compute, &graph);
+    lock.unlock();
+    std::vector<void*> deferred;
+    deferred.swap(state_->deferred_frees);
+    for (void* p : deferred) state_->Free(p);
     if (!recorded.ok() || ended != cudaSuccess) {
       if (graph != nullptr) cudaGraphDestroy(graph);
       cudaGetLastError();
@@ -227,6 +251,7 @@ class CudaBackend final : public Backend {
 
   absl::Status LaunchGraph(int64_t graph) override {
     RETURN_IF_ERROR(NotCapturing("LaunchGraph"));
+    RETURN_IF_ERROR(Bind());
     if (graph < 0 || graph >= static_cast<int64_t>(state_->graphs.size())) {
       return absl::InvalidArgumentError(absl::StrCat("cuda backend: no graph ", graph));
     }
@@ -234,6 +259,16 @@ class CudaBackend final : public Backend {
   }
 
  private:
+  // The CUDA runtime's current device is per thread: the engine loop is not the thread that
+  // created the backend, so every entry point binds the backend's device first.
+  absl::Status Bind() const { return CudaStatus(cudaSetDevice(state_->device), "cudaSetDevice"); }
+
+  template <typename P>
+  absl::Status Launch(const char* op, cudaError_t (*launcher)(const P&, cudaStream_t), const P& p) {
+    RETURN_IF_ERROR(Bind());
+    return Launched(launcher(p, state_->compute), op);
+  }
+
   // Copies, allocation and synchronization are not ops: a capture may not contain them.
   absl::Status NotCapturing(const char* what) const {
     if (state_->capturing.load() != std::this_thread::get_id()) return absl::OkStatus();
@@ -259,8 +294,9 @@ class CudaBackend final : public Backend {
     }
     constexpr size_t kAlign = 256;
     if (staging_used_ + bytes > staging_bytes_) {
-      // Wrapped: wait until the copies that read the buffer are done (rare: once per
-      // staging_bytes of small copies without a Synchronize in between).
+      // Wrapped: wait until the copies that read the buffer are done, on both streams (rare:
+      // once per staging_bytes of small copies without a Synchronize in between). The copy
+      // stream's pending copies wait only on compute work already issued, so this cannot hang.
       RETURN_IF_ERROR(Synchronize());
     }
     char* slot = static_cast<char*>(staging_.get()) + staging_used_;

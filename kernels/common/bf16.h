@@ -1,7 +1,9 @@
 #pragma once
 
 // Host-side bfloat16 conversions (the bit pattern as uint16_t), matching CUDA's
-// __float2bfloat16 (round to nearest even) and __bfloat162float. No CUDA headers.
+// __float2bfloat16 (round to nearest even) and __bfloat162float bit for bit on every non-NaN
+// value; a NaN stays a NaN (CUDA returns the canonical 0x7fff, this keeps sign and payload). No
+// CUDA headers.
 
 #include <cstdint>
 #include <cstring>

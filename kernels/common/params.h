@@ -154,7 +154,7 @@ struct SgmvShrinkParams {
   const int64_t* seg_row_offset = nullptr;  // [num_segments] first row-table entry of segment s
   const void* const* a_rows = nullptr;      // row table: pointers to `in`-wide rows, dtype
   int32_t num_segments = 0;
-  int64_t in = 0;
+  int64_t in = 0;        // >= 1 when num_segments > 0
   int32_t v_stride = 0;  // >= max rank
   ScalarType dtype = ScalarType::kF32;
 };
@@ -195,7 +195,8 @@ struct ScatterAddParams {
 // dst[i] = src[i] converted (bf16 <-> fp32 with round-to-nearest-even, or a copy).
 struct ConvertParams {
   const void* src = nullptr;  // [n], src_dtype
-  void* dst = nullptr;        // [n], dst_dtype; must not overlap src unless the dtypes are equal
+  void* dst = nullptr;        // [n], dst_dtype; must not overlap src (dst == src with equal
+                              // dtypes is allowed: nothing to do)
   int64_t n = 0;
   ScalarType src_dtype = ScalarType::kF32;
   ScalarType dst_dtype = ScalarType::kF32;

@@ -60,8 +60,14 @@ KernelStatus Convert(const ConvertParams& p, ThreadPool* pool) {
   const bool f32_in = p.src_dtype == ScalarType::kF32, bf16_in = p.src_dtype == ScalarType::kBF16;
   const bool f32_out = p.dst_dtype == ScalarType::kF32, bf16_out = p.dst_dtype == ScalarType::kBF16;
   if (!(f32_in || bf16_in) || !(f32_out || bf16_out)) return KernelStatus::kUnsupportedDtype;
+  const size_t src_bytes = static_cast<size_t>(p.n) * (f32_in ? 4 : 2);
+  const size_t dst_bytes = static_cast<size_t>(p.n) * (f32_out ? 4 : 2);
+  if (p.src_dtype == p.dst_dtype && p.src == p.dst) return KernelStatus::kOk;
+  const auto* s0 = static_cast<const char*>(p.src);
+  const auto* d0 = static_cast<const char*>(p.dst);
+  if (s0 < d0 + dst_bytes && d0 < s0 + src_bytes) return KernelStatus::kInvalidArgument;
   if (p.src_dtype == p.dst_dtype) {
-    std::memmove(p.dst, p.src, static_cast<size_t>(p.n) * (f32_in ? 4 : 2));
+    std::memcpy(p.dst, p.src, src_bytes);
     return KernelStatus::kOk;
   }
   ParallelFor(pool, p.n, [&](int64_t begin, int64_t end) {

@@ -320,7 +320,7 @@ void ParallelColumns(ThreadPool* pool, int64_t cols, int64_t work, Fn&& fn) {
 
 KernelStatus SgmvShrink(const SgmvShrinkParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
-  if (p.in < 0) return KernelStatus::kInvalidShape;
+  if (p.in < 0 || (p.in == 0 && p.num_segments > 0)) return KernelStatus::kInvalidShape;
   const Segments seg{p.seg_start, p.seg_rank, p.seg_row_offset, p.num_segments, p.v_stride};
   int64_t num_pairs = 0;
   if (KernelStatus s = CheckSegments(seg, p.a_rows, &num_pairs); s != KernelStatus::kOk) return s;

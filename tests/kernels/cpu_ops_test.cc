@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "kernels/common/bf16.h"
 #include "kernels/cpu/ops.h"
 #include "tests/kernels/random_inputs.h"
 
@@ -346,6 +347,54 @@ TEST(ThreadPoolTest, CoversRangeExactlyOnce) {
     });
     for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "n=" << n << " i=" << i;
   }
+}
+
+// fp32 -> bf16 rounds to nearest even (values chosen at and around ties), bf16 -> fp32 is exact,
+// overlapping buffers are refused and an in-place same-dtype conversion is a no-op.
+TEST(ConvertTest, RoundsToNearestEvenAndRefusesOverlap) {
+  const std::vector<float> in = {
+      1.0f,  1.00390625f /* tie: even 0x3f80 */, 1.01171875f /* tie: up to 0x3f82 */,
+      -2.5f, 3.4e38f /* past bf16 max: inf */,   1e-40f /* subnormal */};
+  const std::vector<uint16_t> want = {0x3f80, 0x3f80, 0x3f82, 0xc020, 0x7f80, 0x0001};
+  std::vector<uint16_t> bits(in.size());
+  ASSERT_EQ(Convert({.src = in.data(),
+                     .dst = bits.data(),
+                     .n = 6,
+                     .src_dtype = ScalarType::kF32,
+                     .dst_dtype = ScalarType::kBF16},
+                    nullptr),
+            KernelStatus::kOk);
+  EXPECT_EQ(bits, want);
+  std::vector<float> back(in.size());
+  ASSERT_EQ(Convert({.src = bits.data(),
+                     .dst = back.data(),
+                     .n = 6,
+                     .src_dtype = ScalarType::kBF16,
+                     .dst_dtype = ScalarType::kF32},
+                    nullptr),
+            KernelStatus::kOk);
+  for (size_t i = 0; i < in.size(); ++i) EXPECT_EQ(F32ToBf16(back[i]), want[i]) << i;
+  EXPECT_EQ(back[0], 1.0f);
+  EXPECT_EQ(back[3], -2.5f);
+  std::vector<float> buf = {1, 2, 3, 4};
+  EXPECT_EQ(Convert({.src = buf.data(), .dst = buf.data(), .n = 4}, nullptr), KernelStatus::kOk);
+  EXPECT_EQ(buf, (std::vector<float>{1, 2, 3, 4}));
+  EXPECT_EQ(Convert({.src = buf.data(), .dst = buf.data() + 1, .n = 3}, nullptr),
+            KernelStatus::kInvalidArgument);
+  EXPECT_EQ(Convert({.src = buf.data(),
+                     .dst = buf.data(),
+                     .n = 4,
+                     .src_dtype = ScalarType::kF32,
+                     .dst_dtype = ScalarType::kBF16},
+                    nullptr),
+            KernelStatus::kInvalidArgument);
+  EXPECT_EQ(Convert({.src = buf.data(),
+                     .dst = bits.data(),
+                     .n = 2,
+                     .src_dtype = ScalarType::kF16,
+                     .dst_dtype = ScalarType::kF32},
+                    nullptr),
+            KernelStatus::kUnsupportedDtype);
 }
 
 }  // namespace

@@ -20,7 +20,7 @@ cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
   const LaunchPlan plan = PlanPagedAttention(p.num_tokens, p.num_q_heads, p.kv.num_kv_heads,
                                              p.kv.head_dim, p.kv.block_size);
-  if (!plan.ok || p.sliding_window < 0) return cudaErrorInvalidValue;
+  if (!plan.ok) return cudaErrorInvalidValue;  // sliding_window <= 0: full attention, as on CPU
   return DispatchFloat(p.dtype, [&]<typename T>() {
     PagedAttentionKernel<T><<<dim3(plan.grid.x, plan.grid.y), plan.block, 0, stream>>>(
         p.kv, static_cast<const T*>(p.q), static_cast<T*>(p.out), p.token_seq, p.positions,

@@ -44,7 +44,7 @@ cudaError_t BiasAdd(const BiasAddParams& p, cudaStream_t stream) {
 
 cudaError_t Embedding(const EmbeddingParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
-  if (p.num_tokens > 0x7fffffff) return cudaErrorInvalidValue;
+  if (p.num_tokens < 0 || p.num_tokens > 0x7fffffff) return cudaErrorInvalidValue;
   return DispatchFloat(p.dtype, [&]<typename T>() {
     EmbeddingKernel<T><<<static_cast<unsigned int>(p.num_tokens), kThreads, 0, stream>>>(
         p.ids, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.hidden);
@@ -70,12 +70,18 @@ cudaError_t Rope(const RopeParams& p, cudaStream_t stream) {
 cudaError_t Convert(const ConvertParams& p, cudaStream_t stream) {
   if (p.n < 0) return cudaErrorInvalidValue;
   if (p.n == 0) return cudaSuccess;
+  auto size_of = [](ScalarType t) -> size_t {
+    return t == ScalarType::kF32 ? 4 : (t == ScalarType::kBF16 ? 2 : 0);
+  };
+  const size_t src_bytes = static_cast<size_t>(p.n) * size_of(p.src_dtype);
+  const size_t dst_bytes = static_cast<size_t>(p.n) * size_of(p.dst_dtype);
+  if (src_bytes == 0 || dst_bytes == 0) return cudaErrorInvalidValue;
+  if (p.src_dtype == p.dst_dtype && p.src == p.dst) return cudaSuccess;
+  const auto* s0 = static_cast<const char*>(p.src);
+  const auto* d0 = static_cast<const char*>(p.dst);
+  if (s0 < d0 + dst_bytes && d0 < s0 + src_bytes) return cudaErrorInvalidValue;  // overlap
   if (p.src_dtype == p.dst_dtype) {
-    if (p.src_dtype != ScalarType::kF32 && p.src_dtype != ScalarType::kBF16) {
-      return cudaErrorInvalidValue;
-    }
-    const size_t bytes = static_cast<size_t>(p.n) * (p.src_dtype == ScalarType::kF32 ? 4 : 2);
-    return cudaMemcpyAsync(p.dst, p.src, bytes, cudaMemcpyDeviceToDevice, stream);
+    return cudaMemcpyAsync(p.dst, p.src, src_bytes, cudaMemcpyDeviceToDevice, stream);
   }
   return DispatchFloat(p.src_dtype, [&]<typename From>() {
     return DispatchFloat(p.dst_dtype, [&]<typename To>() {

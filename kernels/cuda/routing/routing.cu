@@ -34,8 +34,8 @@ __global__ void RankRouteKernel(RankRouteParams p) {
 }  // namespace
 
 cudaError_t Route(const RouteParams& p, cudaStream_t stream) {
-  const LaunchPlan plan =
-      PlanRoute(p.num_tokens, p.num_experts, p.rule == RouteRule::kTopK ? p.k : 1);
+  // k is clamped to 1..E by the per-token code, as on the CPU.
+  const LaunchPlan plan = PlanRoute(p.num_tokens, p.num_experts, 1);
   if (!plan.ok) return cudaErrorInvalidValue;
   if (p.num_tokens == 0) return cudaSuccess;
   if (p.logits == nullptr || p.experts == nullptr || p.weights == nullptr || p.count == nullptr) {

@@ -11,8 +11,8 @@ cudaError_t SgmvShrink(const SgmvShrinkParams& p, cudaStream_t stream) {
   }
   return DispatchFloat(p.dtype, [&]<typename T>() {
     const LaunchPlan plan = PlanSgmvShrink(p.num_segments, p.v_stride, p.in, sizeof(T), p.x);
-    if (!plan.ok) return cudaErrorInvalidValue;
-    if (plan.grid.y == 0 || p.in == 0) return cudaSuccess;
+    if (!plan.ok || p.in == 0) return cudaErrorInvalidValue;
+    if (plan.grid.y == 0) return cudaSuccess;
     const dim3 grid(plan.grid.x, plan.grid.y);
     auto launch = [&]<int kVec>() {
       SgmvShrinkKernel<T, kVec><<<grid, plan.block, 0, stream>>>(

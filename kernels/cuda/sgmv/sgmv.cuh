@@ -89,6 +89,7 @@ __global__ void SgmvExpandKernel(
   extern __shared__ float staged[];  // [kExpandPairs, v_stride]
   const int32_t s = blockIdx.x;
   const int32_t rank = min(seg_rank[s], v_stride);
+  if (rank <= 0) return;  // the whole block: nothing to add (the CPU twin skips it too)
   const int64_t j = int64_t{blockIdx.y} * kExpandCols + threadIdx.x;
   const void* const* rows = b_rows + seg_row_offset[s];
   const int32_t begin = seg_start[s], end = seg_start[s + 1];
