@@ -373,7 +373,10 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
                                  ForwardExtras* extras) {
   RETURN_IF_ERROR(ValidateBatch(b));
   if (IsGraphableDecode(b)) {
-    if (extras != nullptr) *extras = ForwardExtras{};
+    if (extras != nullptr) {  // no adapter tokens: nothing routed, one empty entry per row
+      extras->routing.assign(b.sample_rows.size(), {});
+      extras->xlora_scalings.assign(b.sample_rows.size(), {});
+    }
     ASSIGN_OR_RETURN(bool done, DecodeWithGraph(b, logits));
     if (done) return absl::OkStatus();
   }
