@@ -108,6 +108,8 @@ class Backend {
   // Routing of lora-granular and rank-granular groups (kernels/common/routing_math.h).
   virtual absl::Status Route(const kernels::RouteParams& p) = 0;
   virtual absl::Status RankRoute(const kernels::RankRouteParams& p) = 0;
+  // SGMV segments from Route's decisions, on the device (no host round trip).
+  virtual absl::Status BuildSegments(const kernels::SegmentBuildParams& p) = 0;
 
   // Graphs (the decode fast path: CUDA graphs). CaptureGraph calls `record`, during which ops are
   // recorded instead of run, and returns a handle; LaunchGraph replays the recorded ops with the

@@ -114,6 +114,9 @@ class CpuBackend final : public Backend {
   absl::Status Route(const kernels::RouteParams& p) override {
     return Run("Route", [this, p] { return kc::Route(p, &pool_); });
   }
+  absl::Status BuildSegments(const kernels::SegmentBuildParams& p) override {
+    return Run("BuildSegments", [this, p] { return kc::BuildSegments(p, &pool_); });
+  }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return Run("RankRoute", [this, p] { return kc::RankRoute(p, &pool_); });
   }

@@ -215,6 +215,9 @@ class CudaBackend final : public Backend {
   absl::Status Route(const kernels::RouteParams& p) override {
     return Launch("Route", &kcu::Route, p);
   }
+  absl::Status BuildSegments(const kernels::SegmentBuildParams& p) override {
+    return Launch("BuildSegments", &kcu::BuildSegments, p);
+  }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return Launch("RankRoute", &kcu::RankRoute, p);
   }

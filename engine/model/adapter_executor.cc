@@ -154,6 +154,12 @@ absl::Status AdapterExecutor::BeginPass(PassTokens tokens) {
     active_ = true;
   }
   records_.assign(pass_.num_records, {});
+  device_routed_ = false;
+  if (active_) {
+    RETURN_IF_ERROR(Grow(&route_undefined_, sizeof(int32_t)));
+    const int32_t zero = 0;
+    RETURN_IF_ERROR(backend_->CopyToDevice(route_undefined_.data(), &zero, sizeof(zero)));
+  }
   return absl::OkStatus();
 }
 
@@ -188,10 +194,9 @@ void AdapterExecutor::Record(int32_t token, int32_t layer, const char* module,
   records_[r].push_back(std::move(rec));
 }
 
-absl::Status AdapterExecutor::RouterLogits(const Attached& owner, const RouterWeights& router,
-                                           const void* x, int64_t in,
-                                           const std::vector<int32_t>& tokens,
-                                           std::vector<float>* logits) {
+absl::StatusOr<const float*> AdapterExecutor::RouterLogitsOnDevice(
+    const Attached& owner, const RouterWeights& router, const void* x, int64_t in,
+    const std::vector<int32_t>& tokens) {
   const int64_t n = static_cast<int64_t>(tokens.size());
   const auto& [weight, bias] = owner.routers.at(&router);
   RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
@@ -215,8 +220,133 @@ absl::Status AdapterExecutor::RouterLogits(const Attached& owner, const RouterWe
     RETURN_IF_ERROR(backend_->BiasAdd(
         {.x = logits_.data(), .bias = bias.data(), .rows = n, .cols = router.rows, .dtype = dt_}));
   }
-  logits->resize(n * router.rows);
-  return ToHostF32(logits_.data(), n * router.rows, logits->data());
+  if (dt_ == ScalarType::kF32) return logits_.as<float>();
+  RETURN_IF_ERROR(Grow(&f32_, n * router.rows * sizeof(float)));
+  RETURN_IF_ERROR(backend_->Convert({.src = logits_.data(),
+                                     .dst = f32_.data(),
+                                     .n = n * router.rows,
+                                     .src_dtype = dt_,
+                                     .dst_dtype = ScalarType::kF32}));
+  return f32_.as<float>();
+}
+
+absl::Status AdapterExecutor::RouterLogits(const Attached& owner, const RouterWeights& router,
+                                           const void* x, int64_t in,
+                                           const std::vector<int32_t>& tokens,
+                                           std::vector<float>* logits) {
+  ASSIGN_OR_RETURN(const float* device, RouterLogitsOnDevice(owner, router, x, in, tokens));
+  logits->resize(tokens.size() * router.rows);
+  return backend_->CopyToHost(logits->data(), device, logits->size() * sizeof(float));
+}
+
+absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t layer,
+                                                    LinearModule m, const RoutedModule& rm,
+                                                    const std::vector<int32_t>& tokens,
+                                                    const void* x, int64_t in, void* y,
+                                                    int64_t out) {
+  const LoraStack& stack = rm.experts;
+  const int32_t e_count = stack.num_experts;
+  const int32_t rank = stack.rank;
+  // Every expert of the stack pinned, its rows in expert order (seg_row_offset = e * rank).
+  // When they do not fit the cache at once, the host path splits the call instead.
+  std::vector<const void*> a_rows, b_rows;
+  absl::Cleanup unpin = [this] { ReleasePins(); };
+  for (int32_t e = 0; e < e_count; ++e) {
+    absl::Status pinned = cache_.Acquire(&stack, e, &a_rows, &b_rows);
+    if (absl::IsResourceExhausted(pinned)) return false;
+    RETURN_IF_ERROR(pinned);
+    pins_.push_back({&stack, e});
+  }
+  // Tokens grouped by their routing spec (per-request overrides), one Route call per group.
+  std::vector<int32_t> ordered = tokens;
+  std::stable_sort(ordered.begin(), ordered.end(), [&](int32_t a, int32_t b) {
+    return pass_.override_index[a] < pass_.override_index[b];
+  });
+  const int64_t n = static_cast<int64_t>(ordered.size());
+  ASSIGN_OR_RETURN(const float* logits, RouterLogitsOnDevice(att, rm.router, x, in, ordered));
+  RETURN_IF_ERROR(Grow(&route_experts_, n * e_count * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&route_weights_, n * e_count * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&route_count_, n * sizeof(int32_t)));
+  SpecCache scratch;
+  for (int64_t begin = 0; begin < n;) {
+    int64_t end = begin + 1;
+    while (end < n && pass_.override_index[ordered[end]] == pass_.override_index[ordered[begin]]) {
+      ++end;
+    }
+    const RoutingSpec& spec = SpecFor(ordered[begin], rm.routing, e_count, &scratch);
+    ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(spec, e_count));
+    route.logits = logits + begin * e_count;
+    route.experts = route_experts_.as<int32_t>() + begin * e_count;
+    route.weights = route_weights_.as<float>() + begin * e_count;
+    route.count = route_count_.as<int32_t>() + begin;
+    route.num_tokens = end - begin;
+    RETURN_IF_ERROR(backend_->Route(route));
+    begin = end;
+  }
+  // Pairs, segments and row tables on the device; then one shrink and one expand.
+  const int64_t max_pairs = n * e_count;
+  struct Upload {
+    DeviceBuffer* buf;
+    const void* src;
+    size_t bytes;
+  };
+  for (const Upload& u : {Upload{&route_rows_, ordered.data(), ordered.size() * 4},
+                          Upload{&scale_, stack.scale.data(), stack.scale.size() * 4},
+                          Upload{&a_rows_, a_rows.data(), a_rows.size() * sizeof(void*)},
+                          Upload{&b_rows_, b_rows.data(), b_rows.size() * sizeof(void*)}}) {
+    RETURN_IF_ERROR(Grow(u.buf, u.bytes));
+    RETURN_IF_ERROR(backend_->CopyToDevice(u.buf->data(), u.src, u.bytes));
+  }
+  RETURN_IF_ERROR(Grow(&pair_x_, max_pairs * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&pair_w_, max_pairs * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&seg_start_, (e_count + 1) * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&seg_rank_, e_count * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&seg_off_, e_count * sizeof(int64_t)));
+  RETURN_IF_ERROR(Grow(&v_, max_pairs * rank * sizeof(float)));
+  RETURN_IF_ERROR(backend_->BuildSegments({.experts = route_experts_.as<int32_t>(),
+                                           .weights = route_weights_.as<float>(),
+                                           .count = route_count_.as<int32_t>(),
+                                           .rows = route_rows_.as<int32_t>(),
+                                           .scale = scale_.as<float>(),
+                                           .pair_row = pair_x_.as<int32_t>(),
+                                           .pair_weight = pair_w_.as<float>(),
+                                           .seg_start = seg_start_.as<int32_t>(),
+                                           .seg_rank = seg_rank_.as<int32_t>(),
+                                           .seg_row_offset = seg_off_.as<int64_t>(),
+                                           .undefined = route_undefined_.as<int32_t>(),
+                                           .num_tokens = static_cast<int32_t>(n),
+                                           .num_experts = e_count,
+                                           .rank = rank}));
+  device_routed_ = true;
+  const SgmvCall call{.num_segments = e_count, .num_pairs = max_pairs, .v_stride = rank};
+  RETURN_IF_ERROR(Shrink(call, x, in));
+  RETURN_IF_ERROR(Expand(call, y, out, pair_x_.as<int32_t>()));  // a pair's x and y rows agree
+  // Routing records are the only reason to bring the decisions to the host.
+  if (std::any_of(ordered.begin(), ordered.end(),
+                  [&](int32_t t) { return pass_.record[t] >= 0; })) {
+    std::vector<int32_t> experts(n * e_count), count(n);
+    std::vector<float> weights(n * e_count);
+    RETURN_IF_ERROR(
+        backend_->CopyToHost(experts.data(), route_experts_.data(), experts.size() * 4));
+    RETURN_IF_ERROR(
+        backend_->CopyToHost(weights.data(), route_weights_.data(), weights.size() * 4));
+    RETURN_IF_ERROR(backend_->CopyToHost(count.data(), route_count_.data(), count.size() * 4));
+    for (int64_t i = 0; i < n; ++i) {
+      Record(ordered[i], layer, LinearModuleName(m), experts.data() + i * e_count,
+             weights.data() + i * e_count, count[i]);
+    }
+  }
+  return true;
+}
+
+absl::Status AdapterExecutor::CheckRouting() {
+  if (!device_routed_) return absl::OkStatus();
+  int32_t undefined = 0;
+  RETURN_IF_ERROR(backend_->CopyToHost(&undefined, route_undefined_.data(), sizeof(undefined)));
+  if (undefined == 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("routing: router logits contain NaN, or are +inf or all -inf, for ", undefined,
+                   " token-site(s) of this step"));
 }
 
 void AdapterExecutor::ReleasePins() {
@@ -292,10 +422,11 @@ absl::Status AdapterExecutor::Shrink(const SgmvCall& call, const void* x, int64_
                                .dtype = dt_});
 }
 
-absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out) {
+absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out,
+                                     const int32_t* y_row) {
   return backend_->SgmvExpand({.v = v_.as<float>(),
                                .y = y,
-                               .y_row = pair_y_.as<int32_t>(),
+                               .y_row = y_row != nullptr ? y_row : pair_y_.as<int32_t>(),
                                .weight = pair_w_.as<float>(),
                                .seg_start = seg_start_.as<int32_t>(),
                                .seg_rank = seg_rank_.as<int32_t>(),
@@ -385,6 +516,10 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     }
     const LoraStack& stack = rm.experts;
     const int32_t e_count = stack.num_experts;
+    if (rm.router_type == RouterType::kLinear && e_count <= kernels::kMaxRouteWidth) {
+      ASSIGN_OR_RETURN(bool routed, RouteOnDevice(att, layer, m, rm, tokens, x, in, y, out));
+      if (routed) continue;
+    }
     std::vector<Segment> per_expert(e_count);
     for (int32_t e = 0; e < e_count; ++e) per_expert[e] = Segment{&stack, e, {}};
     experts.resize(e_count);

@@ -8,8 +8,10 @@
 // into segments and applied with one segmented-GEMM shrink + expand (Backend::SgmvShrink /
 // SgmvExpand) whose row tables point at the attached experts' rank rows. Activations, routers and
 // pages are in the backend's compute dtype (fp32 on CPU, bf16 on CUDA; the SGMV intermediate v is
-// fp32). Router logits are GEMMs on the backend, read back as fp32; the routing decision itself
-// (engine/routing) runs on the host.
+// fp32). Module-scope groups with a linear router are routed on the device (Backend::Route +
+// BuildSegments, the same selection rules as engine/routing, no host round trip); X-LoRA,
+// rank-granular groups and block-routed FFNs take their router logits to the host and route
+// there (engine/routing).
 //
 // Expert weights live in the paged expert cache (engine/expert_cache): each SGMV call pins the
 // experts of its segments (copying misses in from the adapter's host memory) and releases them
@@ -91,6 +93,11 @@ class AdapterExecutor {
                            void* act);
   absl::Status BlockFfnDown(int32_t layer, void* o);
 
+  // After a pass: kInvalidArgument when some token routed on the device had undefined router
+  // logits (NaN, +inf or all -inf), as host routing reports it. One device read when any group
+  // was routed on the device, nothing otherwise.
+  absl::Status CheckRouting();
+
   // X-LoRA classifier of the adapter in `slot` on rows `rows` of the final-norm hidden states
   // `hidden` ([*, H], device): GEMMs on the backend, ReLU and softmax on the host. out [n, C]
   // scalings, softmaxed per module row when enable_softmax (C = N, or num_modules * N when
@@ -121,8 +128,11 @@ class AdapterExecutor {
   // n compute-dtype values on the device as fp32 on the host.
   absl::Status ToHostF32(const void* src, int64_t n, float* dst);
   absl::Status Grow(DeviceBuffer* buf, size_t bytes);
-  // Router logits [n, rows] of `tokens` (rows of x, width in): GEMM + bias on the backend, fp32 on
-  // the host.
+  // Router logits [n, rows] of `tokens` (rows of x, width in): GEMM + bias on the backend, as
+  // fp32 on the device (RouterLogitsOnDevice) or on the host.
+  absl::StatusOr<const float*> RouterLogitsOnDevice(const Attached& owner,
+                                                    const RouterWeights& router, const void* x,
+                                                    int64_t in, const std::vector<int32_t>& tokens);
   absl::Status RouterLogits(const Attached& owner, const RouterWeights& router, const void* x,
                             int64_t in, const std::vector<int32_t>& tokens,
                             std::vector<float>* logits);
@@ -137,10 +147,18 @@ class AdapterExecutor {
   absl::StatusOr<SgmvCall> UploadSegments(const std::vector<Segment>& segments, size_t* next);
   void ReleasePins();
   absl::Status Shrink(const SgmvCall& call, const void* x, int64_t in);  // v = A x[x_row]
-  absl::Status Expand(const SgmvCall& call, void* y, int64_t out);       // y[y_row] += w B v
+  // y[y_row] += w B v; y_row defaults to the uploaded pair_y_.
+  absl::Status Expand(const SgmvCall& call, void* y, int64_t out, const int32_t* y_row = nullptr);
   // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]).
   absl::Status RunSegments(const std::vector<Segment>& segments, const void* x, int64_t in, void* y,
                            int64_t out);
+  // A module-scope routed group with a linear router, routed on the device: router logits,
+  // Backend::Route, Backend::BuildSegments and one shrink + expand, with no host round trip
+  // (decisions come to the host only for routing records). False when the stack's experts do not
+  // fit the cache at once (the caller routes on the host, which can split the call).
+  absl::StatusOr<bool> RouteOnDevice(const Attached& att, int32_t layer, LinearModule m,
+                                     const RoutedModule& rm, const std::vector<int32_t>& tokens,
+                                     const void* x, int64_t in, void* y, int64_t out);
   // Applies a rank-granular group to the tokens of one adapter.
   absl::Status ApplyRankGroup(const Attached& att, int32_t layer, LinearModule m,
                               const RoutedModule& rm, const std::vector<int32_t>& tokens,
@@ -182,6 +200,9 @@ class AdapterExecutor {
   // Scratch (grown on demand).
   DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_y_, pair_w_, seg_start_, seg_rank_,
       seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_, cls_in_, cls_out_, f32_;
+  // Device routing: decisions, LoRA scales of the stack, the undefined-logits counter.
+  DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, route_undefined_;
+  bool device_routed_ = false;       // some group of the current pass was routed on the device
   std::vector<uint16_t> host_bf16_;  // FromHostF32's conversion buffer
 };
 

@@ -490,11 +490,15 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
 
   const int64_t n = static_cast<int64_t>(b.sample_rows.size());
   logits->resize(n * c.vocab_size);
-  if (n == 0) return backend_->Synchronize();
+  if (n == 0) {
+    RETURN_IF_ERROR(backend_->Synchronize());
+    return adapters_.CheckRouting();
+  }
   RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
                                          b.sample_rows.size() * sizeof(int32_t)));
   RETURN_IF_ERROR(Head(n));
-  return LogitsToHost(logits);
+  RETURN_IF_ERROR(LogitsToHost(logits));
+  return adapters_.CheckRouting();  // after the logits' sync: a read of one finished int
 }
 
 absl::Status LlamaModel::Head(int64_t n) {

@@ -251,4 +251,27 @@ struct RankRouteParams {
   bool renormalize = true;
 };
 
+// Segments of a segmented GEMM from per-token routing decisions (RouteParams outputs), built on
+// the device so that a routed module never waits for the host: pairs ordered by expert, within an
+// expert by token. For expert e: seg_start[e] .. seg_start[e+1) are the tokens that chose e,
+// pair_row[p] = rows[t] (the token's row in x and y), pair_weight[p] = weights[t, j] * scale[e];
+// seg_rank[e] = rank and seg_row_offset[e] = e * rank (the stack's row table holds every expert,
+// in order). Tokens with count 0 (undefined logits) add 1 each to *undefined and get no pairs.
+struct SegmentBuildParams {
+  const int32_t* experts = nullptr;   // [num_tokens, num_experts]
+  const float* weights = nullptr;     // [num_tokens, num_experts]
+  const int32_t* count = nullptr;     // [num_tokens]
+  const int32_t* rows = nullptr;      // [num_tokens]
+  const float* scale = nullptr;       // [num_experts]
+  int32_t* pair_row = nullptr;        // [num_tokens * num_experts]
+  float* pair_weight = nullptr;       // [num_tokens * num_experts]
+  int32_t* seg_start = nullptr;       // [num_experts + 1]
+  int32_t* seg_rank = nullptr;        // [num_experts]
+  int64_t* seg_row_offset = nullptr;  // [num_experts]
+  int32_t* undefined = nullptr;       // [1], accumulated into
+  int32_t num_tokens = 0;
+  int32_t num_experts = 0;  // 1..kMaxRouteWidth
+  int32_t rank = 0;
+};
+
 }  // namespace moleserve::kernels

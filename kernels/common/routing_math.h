@@ -186,4 +186,32 @@ MOLESERVE_HD inline bool RouteRanksOne(const RankRouteParams& rp, const float* z
   return true;
 }
 
+// SegmentBuildParams, split so that each expert's part can run on its own thread:
+// the number of tokens that chose expert e,
+MOLESERVE_HD inline int32_t ExpertPairCount(const SegmentBuildParams& p, int32_t e) {
+  int32_t n = 0;
+  for (int32_t t = 0; t < p.num_tokens; ++t) {
+    const int32_t c = p.count[t];
+    for (int32_t j = 0; j < c; ++j) n += p.experts[int64_t{t} * p.num_experts + j] == e ? 1 : 0;
+  }
+  return n;
+}
+
+// and, once seg_start is known, expert e's segment: its pairs in token order, rank and offset.
+MOLESERVE_HD inline void WriteExpertSegment(const SegmentBuildParams& p, int32_t e) {
+  int32_t at = p.seg_start[e];
+  for (int32_t t = 0; t < p.num_tokens; ++t) {
+    const int32_t c = p.count[t];
+    for (int32_t j = 0; j < c; ++j) {
+      const int64_t k = int64_t{t} * p.num_experts + j;
+      if (p.experts[k] != e) continue;
+      p.pair_row[at] = p.rows[t];
+      p.pair_weight[at] = p.weights[k] * p.scale[e];
+      ++at;
+    }
+  }
+  p.seg_rank[e] = p.rank;
+  p.seg_row_offset[e] = int64_t{e} * p.rank;
+}
+
 }  // namespace moleserve::kernels::routing_math

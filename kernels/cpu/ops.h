@@ -37,6 +37,8 @@ KernelStatus ScatterAdd(const ScatterAddParams& p, ThreadPool* pool);
 // Route / RankRoute: widths outside 1..kMaxRouteWidth or k outside 1..width -> kInvalidShape.
 KernelStatus Route(const RouteParams& p, ThreadPool* pool);
 KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool);
+// Segments from routing decisions (params.h SegmentBuildParams); runs on the calling thread.
+KernelStatus BuildSegments(const SegmentBuildParams& p, ThreadPool* pool);
 // fp32 <-> bf16 (round to nearest even; NaN stays NaN) or a same-dtype copy.
 KernelStatus Convert(const ConvertParams& p, ThreadPool* pool);
 

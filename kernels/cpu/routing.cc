@@ -53,6 +53,26 @@ KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool) {
   return KernelStatus::kOk;
 }
 
+KernelStatus BuildSegments(const SegmentBuildParams& p, ThreadPool*) {
+  if (p.num_tokens < 0 || p.num_experts < 1 || p.num_experts > kMaxRouteWidth || p.rank < 0) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.seg_start == nullptr || p.seg_rank == nullptr || p.seg_row_offset == nullptr ||
+      p.undefined == nullptr ||
+      (p.num_tokens > 0 &&
+       (p.experts == nullptr || p.weights == nullptr || p.count == nullptr || p.rows == nullptr ||
+        p.scale == nullptr || p.pair_row == nullptr || p.pair_weight == nullptr))) {
+    return KernelStatus::kInvalidArgument;
+  }
+  p.seg_start[0] = 0;
+  for (int32_t e = 0; e < p.num_experts; ++e) {
+    p.seg_start[e + 1] = p.seg_start[e] + routing_math::ExpertPairCount(p, e);
+  }
+  for (int32_t e = 0; e < p.num_experts; ++e) routing_math::WriteExpertSegment(p, e);
+  for (int32_t t = 0; t < p.num_tokens; ++t) *p.undefined += p.count[t] == 0 ? 1 : 0;
+  return KernelStatus::kOk;
+}
+
 KernelStatus Convert(const ConvertParams& p, ThreadPool* pool) {
   if (p.n < 0) return KernelStatus::kInvalidShape;
   if (p.n == 0) return KernelStatus::kOk;

@@ -29,5 +29,6 @@ cudaError_t ScatterAdd(const ScatterAddParams& p, cudaStream_t stream);
 // Routing: count[t] == 0 / ok[t] == 0 marks a token with NaN or undefined logits.
 cudaError_t Route(const RouteParams& p, cudaStream_t stream);
 cudaError_t RankRoute(const RankRouteParams& p, cudaStream_t stream);
+cudaError_t BuildSegments(const SegmentBuildParams& p, cudaStream_t stream);
 
 }  // namespace moleserve::kernels::cuda

@@ -184,6 +184,9 @@ class Bf16CpuBackend final : public engine::Backend {
   }
   absl::Status Convert(const kernels::ConvertParams& p) override { return inner_->Convert(p); }
   absl::Status Route(const kernels::RouteParams& p) override { return inner_->Route(p); }
+  absl::Status BuildSegments(const kernels::SegmentBuildParams& p) override {
+    return inner_->BuildSegments(p);
+  }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return inner_->RankRoute(p);
   }

@@ -617,6 +617,71 @@ TEST(CudaRoutingTest, EveryRuleMatchesTheCpuTwin) {
   }
 }
 
+TEST(CudaRoutingTest, BuildSegmentsMatchesTheCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  for (int32_t e : {1, 8, 64, 128}) {
+    const int32_t t = 200, rank = 16;
+    // Decisions of a top-min(3, e) route with one undefined token.
+    std::vector<float> logits = Random(int64_t{t} * e, 91 + e, 2.0f);
+    logits[5 * e] = std::numeric_limits<float>::quiet_NaN();
+    RouteParams route{
+        .num_tokens = t, .num_experts = e, .rule = RouteRule::kTopK, .k = std::min(3, e)};
+    std::vector<int32_t> experts(t * e), count(t), rows(t);
+    std::vector<float> weights(t * e), scale(e);
+    for (int32_t i = 0; i < t; ++i) rows[i] = 2 * i + 1;
+    for (int32_t i = 0; i < e; ++i) scale[i] = 0.25f * (i + 1);
+    route.logits = logits.data();
+    route.experts = experts.data();
+    route.weights = weights.data();
+    route.count = count.data();
+    ASSERT_EQ(cpu::Route(route, nullptr), KernelStatus::kOk);
+    DeviceBytes de(experts), dw(weights), dc(count), dr(rows), ds(scale);
+    DeviceBytes dpr(t * e * 4), dpw(t * e * 4), dstart((e + 1) * 4), drank(e * 4), doff(e * 8);
+    std::vector<int32_t> zero = {0};
+    DeviceBytes dund(zero);
+    SegmentBuildParams p{.num_tokens = t, .num_experts = e, .rank = rank};
+    SegmentBuildParams dp = p;
+    dp.experts = de.get<int32_t>();
+    dp.weights = dw.get<float>();
+    dp.count = dc.get<int32_t>();
+    dp.rows = dr.get<int32_t>();
+    dp.scale = ds.get<float>();
+    dp.pair_row = dpr.get<int32_t>();
+    dp.pair_weight = dpw.get<float>();
+    dp.seg_start = dstart.get<int32_t>();
+    dp.seg_rank = drank.get<int32_t>();
+    dp.seg_row_offset = doff.get<int64_t>();
+    dp.undefined = dund.get<int32_t>();
+    ASSERT_EQ(cuda::BuildSegments(dp, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<int32_t> pair_row(t * e), seg_start(e + 1), seg_rank(e);
+    std::vector<float> pair_weight(t * e);
+    std::vector<int64_t> seg_off(e);
+    int32_t undefined = 0;
+    p.experts = experts.data();
+    p.weights = weights.data();
+    p.count = count.data();
+    p.rows = rows.data();
+    p.scale = scale.data();
+    p.pair_row = pair_row.data();
+    p.pair_weight = pair_weight.data();
+    p.seg_start = seg_start.data();
+    p.seg_rank = seg_rank.data();
+    p.seg_row_offset = seg_off.data();
+    p.undefined = &undefined;
+    ASSERT_EQ(cpu::BuildSegments(p, nullptr), KernelStatus::kOk);
+    const int32_t pairs = seg_start[e];
+    EXPECT_EQ(dstart.Download<int32_t>(e + 1), seg_start);
+    EXPECT_EQ(drank.Download<int32_t>(e), seg_rank);
+    EXPECT_EQ(doff.Download<int64_t>(e), seg_off);
+    EXPECT_EQ(dund.Download<int32_t>(1)[0], undefined);
+    const auto got_rows = dpr.Download<int32_t>(pairs);
+    const auto got_w = dpw.Download<float>(pairs);
+    EXPECT_EQ(got_rows, std::vector<int32_t>(pair_row.begin(), pair_row.begin() + pairs));
+    EXPECT_EQ(got_w, std::vector<float>(pair_weight.begin(), pair_weight.begin() + pairs));
+  }
+}
+
 TEST(CudaRoutingTest, RankRoutingMatchesTheCpuTwin) {
   SKIP_WITHOUT_GPU();
   const int64_t t = 100;

@@ -31,7 +31,41 @@ __global__ void RankRouteKernel(RankRouteParams p) {
                 : 0;
 }
 
+// One block, thread e owns expert e: counts its pairs, thread 0 scans the counts into
+// seg_start, then each thread writes its segment in token order (the CPU twin's order).
+__global__ void BuildSegmentsKernel(SegmentBuildParams p) {
+  const int32_t e = threadIdx.x;
+  __shared__ int32_t counts[kMaxRouteWidth];
+  if (e < p.num_experts) counts[e] = routing_math::ExpertPairCount(p, e);
+  __syncthreads();
+  if (e == 0) {
+    int32_t total = 0;
+    p.seg_start[0] = 0;
+    for (int32_t i = 0; i < p.num_experts; ++i) {
+      total += counts[i];
+      p.seg_start[i + 1] = total;
+    }
+    int32_t undefined = 0;
+    for (int32_t t = 0; t < p.num_tokens; ++t) undefined += p.count[t] == 0 ? 1 : 0;
+    if (undefined > 0) atomicAdd(p.undefined, undefined);
+  }
+  __syncthreads();
+  if (e < p.num_experts) routing_math::WriteExpertSegment(p, e);
+}
+
 }  // namespace
+
+cudaError_t BuildSegments(const SegmentBuildParams& p, cudaStream_t stream) {
+  if (p.num_tokens < 0 || p.num_experts < 1 || p.num_experts > kMaxRouteWidth || p.rank < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.seg_start == nullptr || p.seg_rank == nullptr || p.seg_row_offset == nullptr ||
+      p.undefined == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  BuildSegmentsKernel<<<1, kMaxRouteWidth, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 cudaError_t Route(const RouteParams& p, cudaStream_t stream) {
   // k is clamped to 1..E by the per-token code, as on the CPU.

@@ -183,6 +183,70 @@ TEST(RoutingTwinTest, RankRoutingMatchesEngineRoutingExactly) {
   }
 }
 
+// BuildSegments turns Route's decisions into the same segments the host path builds: for each
+// expert in order, the tokens that chose it in token order, weight x LoRA scale; tokens with
+// undefined logits are counted and get no pairs.
+TEST(RoutingTwinTest, BuildSegmentsMatchesTheHostGrouping) {
+  const int32_t e = 8, rank = 4;
+  const int64_t tokens = 50;
+  std::vector<float> logits = TieHeavyLogits(tokens, e, 99);
+  logits[7 * e] = std::numeric_limits<float>::quiet_NaN();  // token 7: undefined
+  RoutingSpec spec{.algorithm = RoutingAlgorithm::kTopP, .p = 0.7f};
+  absl::StatusOr<kernels::RouteParams> route = ToRouteParams(spec, e);
+  ASSERT_TRUE(route.ok());
+  std::vector<int32_t> experts(tokens * e), count(tokens), rows(tokens);
+  std::vector<float> weights(tokens * e), scale(e);
+  for (int32_t i = 0; i < e; ++i) scale[i] = 0.5f + i;
+  for (int64_t t = 0; t < tokens; ++t) rows[t] = static_cast<int32_t>(3 * t + 1);
+  route->logits = logits.data();
+  route->experts = experts.data();
+  route->weights = weights.data();
+  route->count = count.data();
+  route->num_tokens = tokens;
+  ASSERT_EQ(kernels::cpu::Route(*route, nullptr), kernels::KernelStatus::kOk);
+  std::vector<int32_t> pair_row(tokens * e, -1), seg_start(e + 1), seg_rank(e);
+  std::vector<float> pair_weight(tokens * e);
+  std::vector<int64_t> seg_off(e);
+  int32_t undefined = 5;  // accumulated into
+  ASSERT_EQ(kernels::cpu::BuildSegments({.experts = experts.data(),
+                                         .weights = weights.data(),
+                                         .count = count.data(),
+                                         .rows = rows.data(),
+                                         .scale = scale.data(),
+                                         .pair_row = pair_row.data(),
+                                         .pair_weight = pair_weight.data(),
+                                         .seg_start = seg_start.data(),
+                                         .seg_rank = seg_rank.data(),
+                                         .seg_row_offset = seg_off.data(),
+                                         .undefined = &undefined,
+                                         .num_tokens = static_cast<int32_t>(tokens),
+                                         .num_experts = e,
+                                         .rank = rank},
+                                        nullptr),
+            kernels::KernelStatus::kOk);
+  EXPECT_EQ(undefined, 6);
+  // The host grouping (AdapterExecutor's host path) from engine/routing's decisions.
+  std::vector<std::vector<std::pair<int32_t, float>>> want(e);
+  std::vector<int32_t> ex(e);
+  std::vector<float> w(e);
+  for (int64_t t = 0; t < tokens; ++t) {
+    absl::StatusOr<int32_t> n =
+        RouteToken(spec, absl::MakeConstSpan(logits.data() + t * e, e), ex.data(), w.data());
+    if (!n.ok()) continue;
+    for (int32_t j = 0; j < *n; ++j) want[ex[j]].push_back({rows[t], w[j] * scale[ex[j]]});
+  }
+  ASSERT_EQ(seg_start[0], 0);
+  for (int32_t x = 0; x < e; ++x) {
+    ASSERT_EQ(seg_start[x + 1] - seg_start[x], static_cast<int32_t>(want[x].size())) << x;
+    EXPECT_EQ(seg_rank[x], rank);
+    EXPECT_EQ(seg_off[x], int64_t{x} * rank);
+    for (size_t i = 0; i < want[x].size(); ++i) {
+      EXPECT_EQ(pair_row[seg_start[x] + i], want[x][i].first);
+      EXPECT_EQ(pair_weight[seg_start[x] + i], want[x][i].second);
+    }
+  }
+}
+
 TEST(RoutingTwinTest, RefusesWidthsTheDeviceCannotRoute) {
   EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kTopK, .k = 2}, 129).ok());
   EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, 8).ok());
