@@ -306,6 +306,36 @@ absl::Status ExpertCache::Acquire(const LoraStack* stack, int32_t expert,
   return absl::OkStatus();
 }
 
+absl::StatusOr<bool> ExpertCache::AcquireAllIfRoom(const LoraStack* stack,
+                                                   std::vector<const void*>* a_rows,
+                                                   std::vector<const void*>* b_rows) {
+  MutexLock lock(&mu_);
+  auto it = stacks_.find(stack);
+  if (it == stacks_.end()) return absl::NotFoundError("expert cache: unknown LoRA stack");
+  std::vector<Entry>& experts = it->second.experts;
+  auto evict_nothing = [](const Entry&, int64_t) { return false; };
+  int64_t hits = 0, misses = 0;
+  for (Entry& entry : experts) {
+    if (entry.resident) {
+      ++hits;
+    } else if (MakeResident(&entry, evict_nothing, /*prefetch=*/false)) {
+      ++misses;
+    } else {
+      stats_.misses += misses;  // what was copied in stays resident, unpinned
+      return false;
+    }
+  }
+  stats_.hits += hits;
+  stats_.misses += misses;
+  for (Entry& entry : experts) {
+    lru_.splice(lru_.begin(), lru_, entry.lru);
+    if (entry.pins++ == 0) ++stats_.pinned_experts;
+    entry.last_step = step_;
+    AppendRows(entry, a_rows, b_rows);
+  }
+  return true;
+}
+
 void ExpertCache::Release(const LoraStack* stack, int32_t expert) {
   MutexLock lock(&mu_);
   auto it = stacks_.find(stack);

@@ -91,6 +91,13 @@ class ExpertCache {
   absl::Status Acquire(const LoraStack* stack, int32_t expert, std::vector<const void*>* a_rows,
                        std::vector<const void*>* b_rows);
   void Release(const LoraStack* stack, int32_t expert);
+  // Pins every expert of `stack` (rows appended in expert order, each expert then needs one
+  // Release) when each is resident or fits the free pages: nothing is evicted for it. Otherwise
+  // pins nothing, appends nothing and returns false. (Device routing needs the whole stack; when
+  // it would push other experts out, the caller routes on the host and copies in only the routed
+  // experts.) kNotFound: the stack is not registered.
+  absl::StatusOr<bool> AcquireAllIfRoom(const LoraStack* stack, std::vector<const void*>* a_rows,
+                                        std::vector<const void*>* b_rows);
 
   // Starts a new step of the LRU clock (the engine loop calls it once per step).
   void BeginStep();

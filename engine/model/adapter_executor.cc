@@ -247,16 +247,13 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   const LoraStack& stack = rm.experts;
   const int32_t e_count = stack.num_experts;
   const int32_t rank = stack.rank;
-  // Every expert of the stack pinned, its rows in expert order (seg_row_offset = e * rank).
-  // When they do not fit the cache at once, the host path splits the call instead.
+  // Every expert of the stack pinned, its rows in expert order (seg_row_offset = e * rank). When
+  // that would evict other experts, the host path routes and copies in only the routed experts.
   std::vector<const void*> a_rows, b_rows;
+  ASSIGN_OR_RETURN(bool pinned, cache_.AcquireAllIfRoom(&stack, &a_rows, &b_rows));
+  if (!pinned) return false;
   absl::Cleanup unpin = [this] { ReleasePins(); };
-  for (int32_t e = 0; e < e_count; ++e) {
-    absl::Status pinned = cache_.Acquire(&stack, e, &a_rows, &b_rows);
-    if (absl::IsResourceExhausted(pinned)) return false;
-    RETURN_IF_ERROR(pinned);
-    pins_.push_back({&stack, e});
-  }
+  for (int32_t e = 0; e < e_count; ++e) pins_.push_back({&stack, e});
   // Tokens grouped by their routing spec (per-request overrides), one Route call per group.
   std::vector<int32_t> ordered = tokens;
   std::stable_sort(ordered.begin(), ordered.end(), [&](int32_t a, int32_t b) {

@@ -154,8 +154,9 @@ class AdapterExecutor {
                            int64_t out);
   // A module-scope routed group with a linear router, routed on the device: router logits,
   // Backend::Route, Backend::BuildSegments and one shrink + expand, with no host round trip
-  // (decisions come to the host only for routing records). False when the stack's experts do not
-  // fit the cache at once (the caller routes on the host, which can split the call).
+  // (decisions come to the host only for routing records). False when the stack's experts are
+  // not all resident and do not fit the free pages (ExpertCache::AcquireAllIfRoom): the caller
+  // routes on the host, which copies in only the routed experts and can split the call.
   absl::StatusOr<bool> RouteOnDevice(const Attached& att, int32_t layer, LinearModule m,
                                      const RoutedModule& rm, const std::vector<int32_t>& tokens,
                                      const void* x, int64_t in, void* y, int64_t out);

@@ -167,6 +167,43 @@ TEST_F(ExpertCacheTest, PinnedExpertsAreNeverEvicted) {
   EXPECT_EQ(cache.stats().pinned_experts, 0);
 }
 
+// Device routing pins a whole stack, but never by evicting other experts.
+TEST_F(ExpertCacheTest, AcquireAllIfRoomPinsAWholeStackWithoutEvicting) {
+  // Room for eight rank-2 experts (32 rows of the square width): a stack of 3 and one of 6.
+  auto small = MakeStack(1, 3, 2, 8, 8);
+  auto big = MakeStack(2, 6, 2, 8, 8);
+  ExpertCache cache(backend_.get(), {.capacity_bytes = 16 * 2 * 8 * 4});
+  ASSERT_TRUE(cache.AddOwner(0, {small.get(), big.get()}).ok());
+  std::vector<const void*> a, b;
+  absl::StatusOr<bool> all = cache.AcquireAllIfRoom(small.get(), &a, &b);
+  ASSERT_TRUE(all.ok() && *all);
+  ASSERT_EQ(a.size(), 3u * 2);  // every expert's rows, in expert order
+  for (int32_t e = 0; e < 3; ++e) {
+    ExpectRows(*small, 1, e, std::vector<const void*>(a.begin() + 2 * e, a.begin() + 2 * e + 2),
+               std::vector<const void*>(b.begin() + 2 * e, b.begin() + 2 * e + 2));
+  }
+  EXPECT_EQ(cache.stats().pinned_experts, 3);
+  EXPECT_EQ(cache.stats().misses, 3);
+  for (int32_t e = 0; e < 3; ++e) cache.Release(small.get(), e);
+  // The big stack needs 6 more experts; only 5 fit beside the small one's: refused, nothing
+  // pinned or appended, nothing evicted.
+  std::vector<const void*> a2, b2;
+  all = cache.AcquireAllIfRoom(big.get(), &a2, &b2);
+  ASSERT_TRUE(all.ok());
+  EXPECT_FALSE(*all);
+  EXPECT_TRUE(a2.empty() && b2.empty());
+  EXPECT_EQ(cache.stats().pinned_experts, 0);
+  EXPECT_EQ(cache.stats().evicted_lru, 0);
+  // The small stack is still resident: all hits.
+  a.clear();
+  b.clear();
+  all = cache.AcquireAllIfRoom(small.get(), &a, &b);
+  ASSERT_TRUE(all.ok() && *all);
+  EXPECT_EQ(cache.stats().hits, 3);
+  for (int32_t e = 0; e < 3; ++e) cache.Release(small.get(), e);
+  EXPECT_FALSE(cache.AcquireAllIfRoom(nullptr, &a, &b).ok());
+}
+
 TEST_F(ExpertCacheTest, EvictsLeastRecentlyUsed) {
   // Room for three rank-2 experts.
   auto s = MakeStack(1, 5, 2, 8, 8);
