@@ -643,8 +643,9 @@ AdapterSummary Summarize(const AdapterVersion& v) {
   return sum;
 }
 
-// Device bytes an attached adapter keeps outside the expert cache: routers and classifier.
-int64_t RouterBytes(const Adapter& a) {
+// Device bytes an attached adapter keeps outside the expert cache: routers and classifier, in
+// the compute dtype.
+int64_t RouterBytes(const Adapter& a, size_t element_bytes) {
   int64_t floats = 0;
   auto router = [&](const RouterWeights& r) { floats += r.weight.size() + r.bias.size(); };
   for (const AdapterLayer& layer : a.layers) {
@@ -658,7 +659,7 @@ int64_t RouterBytes(const Adapter& a) {
       floats += lin.weight.size() + lin.bias.size();
     }
   }
-  return floats * static_cast<int64_t>(sizeof(float));
+  return floats * static_cast<int64_t>(element_bytes);
 }
 
 }  // namespace
@@ -704,8 +705,8 @@ std::vector<AdapterStatus> Engine::AdapterStatuses() const {
         st.has_version = true;
         st.summary = Summarize(*v);
         st.host_bytes = v->adapter->bytes;
-        st.device_bytes =
-            s.model->adapters().cache().ResidentBytes(slot) + RouterBytes(*v->adapter);
+        st.device_bytes = s.model->adapters().cache().ResidentBytes(slot) +
+                          RouterBytes(*v->adapter, ScalarTypeSize(s.backend->compute_dtype()));
         st.loaded_at = v->loaded_at;
       }
       out.push_back(std::move(st));

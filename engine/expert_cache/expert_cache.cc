@@ -10,11 +10,7 @@
 #include "kernels/common/bf16.h"
 
 namespace moleserve::engine {
-namespace {
-
-int64_t ExpertBytes(const LoraStack& s) { return int64_t{s.rank} * (s.in + s.out) * 4; }
-
-}  // namespace
+namespace {}  // namespace
 
 struct ExpertCache::Pool {
   struct Chunk {
@@ -27,6 +23,10 @@ struct ExpertCache::Pool {
   std::vector<Chunk> chunks;  // ascending page ids, contiguous
   std::vector<int32_t> free;  // free page ids
 };
+
+int64_t ExpertCache::ExpertBytes(const LoraStack& s) const {
+  return int64_t{s.rank} * (s.in + s.out) * elem_bytes_;
+}
 
 void ExpertCache::ToDtype(const float* src, int64_t n, char* dst) const {
   if (dtype_ == ScalarType::kBF16) {
@@ -123,8 +123,8 @@ absl::Status ExpertCache::Repartition(bool check_only) {
       for (const auto& [w, rows] : minimum) parts.push_back(absl::StrCat(rows, " rows of ", w));
       return absl::ResourceExhaustedError(absl::StrCat(
           "expert cache of ", options_.capacity_bytes, " bytes (--expert-cache-bytes) cannot hold ",
-          "the largest expert of every row width (", absl::StrJoin(parts, ", "),
-          " fp32 elements = ", min_bytes, " bytes)"));
+          "the largest expert of every row width (", absl::StrJoin(parts, ", "), " elements of ",
+          elem_bytes_, " bytes = ", min_bytes, " bytes)"));
     }
     const double spare = static_cast<double>(options_.capacity_bytes - min_bytes);
     for (auto& [w, rows] : target) {
@@ -313,6 +313,18 @@ absl::StatusOr<bool> ExpertCache::AcquireAllIfRoom(const LoraStack* stack,
   auto it = stacks_.find(stack);
   if (it == stacks_.end()) return absl::NotFoundError("expert cache: unknown LoRA stack");
   std::vector<Entry>& experts = it->second.experts;
+  // Enough free pages for the experts not resident? (Checked first: a copy that cannot finish
+  // the stack would be wasted.)
+  int64_t missing = 0;
+  for (const Entry& entry : experts) missing += entry.resident ? 0 : 1;
+  if (missing > 0) {
+    const int64_t rows = missing * stack->rank;
+    const int64_t free_a = static_cast<int64_t>(PoolFor(stack->in).free.size());
+    const int64_t free_b = static_cast<int64_t>(PoolFor(stack->out).free.size());
+    const bool fits =
+        stack->in == stack->out ? free_a >= 2 * rows : free_a >= rows && free_b >= rows;
+    if (!fits) return false;
+  }
   auto evict_nothing = [](const Entry&, int64_t) { return false; };
   int64_t hits = 0, misses = 0;
   for (Entry& entry : experts) {

@@ -137,6 +137,8 @@ class ExpertCache {
   absl::Status ResizePool(Pool* pool, int64_t pages) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AppendRows(const Entry& entry, std::vector<const void*>* a_rows,
                   std::vector<const void*>* b_rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Device bytes of one expert of `s` (its A and B^T rows in the page dtype).
+  int64_t ExpertBytes(const LoraStack& s) const;
   // n fp32 host values in the page dtype (the backend's compute dtype) at dst.
   void ToDtype(const float* src, int64_t n, char* dst) const;
 

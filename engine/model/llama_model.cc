@@ -439,6 +439,9 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
                                                        out.begin() + (r + 1) * cols);
         }
       }
+      // Device-routed groups of the scaling pass report undefined router logits now: the real
+      // pass starts counting afresh.
+      RETURN_IF_ERROR(adapters_.CheckRouting());
     }
   }
 
