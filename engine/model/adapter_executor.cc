@@ -420,8 +420,8 @@ absl::Status AdapterExecutor::Shrink(const SgmvCall& call, const void* x, int64_
 }
 
 absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out,
-                                     const int32_t* y_row) {
-  return backend_->SgmvExpand({.v = v_.as<float>(),
+                                     const int32_t* y_row, const float* v) {
+  return backend_->SgmvExpand({.v = v != nullptr ? v : v_.as<float>(),
                                .y = y,
                                .y_row = y_row != nullptr ? y_row : pair_y_.as<int32_t>(),
                                .weight = pair_w_.as<float>(),
@@ -458,34 +458,64 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   const int32_t r = stack.rank;
   const int64_t n = static_cast<int64_t>(tokens.size());
   // One segment over the adapter's tokens: z = A x (v row = token ordinal), then the per-token
-  // rank mask/gates replace z on the host, then y += s B u.
+  // rank mask / gates turn z into u on the device (Backend::RankRoute), then y += s B u.
   std::vector<Segment> segment{{&stack, 0, {}}};
   for (int32_t t : tokens) segment[0].pairs.push_back({t, t, stack.scale[0]});
   absl::Cleanup unpin = [this] { ReleasePins(); };
   size_t next = 0;
   ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segment, &next));
   RETURN_IF_ERROR(Shrink(call, x, stack.in));
-  std::vector<float> z(n * r);
-  RETURN_IF_ERROR(backend_->CopyToHost(z.data(), v_.data(), z.size() * sizeof(float)));
-  std::vector<float> logits;
+  const float* logits = nullptr;
   if (rm.router_type == RouterType::kLinear) {
-    RETURN_IF_ERROR(RouterLogits(att, rm.router, x, stack.in, tokens, &logits));
+    ASSIGN_OR_RETURN(logits, RouterLogitsOnDevice(att, rm.router, x, stack.in, tokens));
   }
-  std::vector<float> u(n * r);
-  std::vector<int32_t> kept(r);
-  std::vector<float> ones(r, 1.0f);
+  RETURN_IF_ERROR(Grow(&rank_u_, n * r * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&route_experts_, n * r * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&route_count_, n * sizeof(int32_t)));
+  const std::vector<float>& bias = rm.router.select_bias;
+  if (!bias.empty()) {
+    RETURN_IF_ERROR(Grow(&scale_, bias.size() * sizeof(float)));
+    RETURN_IF_ERROR(backend_->CopyToDevice(scale_.data(), bias.data(), bias.size() * 4));
+  }
+  // One call per run of tokens with the same routing spec (per-request overrides change k).
+  std::vector<std::pair<int64_t, int32_t>> runs;  // (first token ordinal, k)
   SpecCache scratch;
-  for (int64_t i = 0; i < n; ++i) {
-    const RoutingSpec& spec = SpecFor(tokens[i], rm.routing, r, &scratch);
-    absl::Span<const float> router_logits;
-    if (!logits.empty()) router_logits = absl::MakeConstSpan(logits.data() + i * r, r);
-    RETURN_IF_ERROR(RouteRanks(spec, absl::MakeConstSpan(z.data() + i * r, r), router_logits,
-                               rm.router.select_bias, rm.select_on_abs, kept.data(),
-                               absl::MakeSpan(u.data() + i * r, r)));
-    Record(tokens[i], layer, LinearModuleName(m), kept.data(), ones.data(), spec.k);
+  for (int64_t begin = 0; begin < n;) {
+    int64_t end = begin + 1;
+    while (end < n && pass_.override_index[tokens[end]] == pass_.override_index[tokens[begin]]) {
+      ++end;
+    }
+    const RoutingSpec& spec = SpecFor(tokens[begin], rm.routing, r, &scratch);
+    ASSIGN_OR_RETURN(kernels::RankRouteParams route, ToRankRouteParams(spec, r, rm.select_on_abs));
+    route.z = v_.as<float>() + begin * r;
+    route.router_logits = logits == nullptr ? nullptr : logits + begin * r;
+    route.select_bias = bias.empty() ? nullptr : scale_.as<float>();
+    route.u = rank_u_.as<float>() + begin * r;
+    route.kept = route_experts_.as<int32_t>() + begin * r;  // k <= r entries per token
+    route.ok = route_count_.as<int32_t>() + begin;
+    route.undefined = route_undefined_.as<int32_t>();
+    route.num_tokens = end - begin;
+    route.z_stride = r;
+    RETURN_IF_ERROR(backend_->RankRoute(route));
+    runs.push_back({begin, spec.k});
+    begin = end;
   }
-  RETURN_IF_ERROR(backend_->CopyToDevice(v_.data(), u.data(), u.size() * sizeof(float)));
-  return Expand(call, y, stack.out);
+  device_routed_ = true;
+  // Routing records are the only reason to bring the decisions to the host.
+  if (std::any_of(tokens.begin(), tokens.end(), [&](int32_t t) { return pass_.record[t] >= 0; })) {
+    std::vector<int32_t> kept(n * r);
+    RETURN_IF_ERROR(backend_->CopyToHost(kept.data(), route_experts_.data(), kept.size() * 4));
+    std::vector<float> ones(r, 1.0f);
+    for (size_t g = 0; g < runs.size(); ++g) {
+      const auto [begin, k] = runs[g];
+      const int64_t end = g + 1 < runs.size() ? runs[g + 1].first : n;
+      for (int64_t i = begin; i < end; ++i) {
+        Record(tokens[i], layer, LinearModuleName(m), kept.data() + begin * r + (i - begin) * k,
+               ones.data(), k);
+      }
+    }
+  }
+  return Expand(call, y, stack.out, /*y_row=*/nullptr, rank_u_.as<float>());
 }
 
 absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y) {

@@ -9,9 +9,9 @@
 // SgmvExpand) whose row tables point at the attached experts' rank rows. Activations, routers and
 // pages are in the backend's compute dtype (fp32 on CPU, bf16 on CUDA; the SGMV intermediate v is
 // fp32). Module-scope groups with a linear router are routed on the device (Backend::Route +
-// BuildSegments, the same selection rules as engine/routing, no host round trip); X-LoRA,
-// rank-granular groups and block-routed FFNs take their router logits to the host and route
-// there (engine/routing).
+// BuildSegments) and so are rank-granular groups (Backend::RankRoute), with the selection rules
+// of engine/routing and no host round trip; X-LoRA and block-routed FFNs take their router
+// logits to the host and route there (engine/routing).
 //
 // Expert weights live in the paged expert cache (engine/expert_cache): each SGMV call pins the
 // experts of its segments (copying misses in from the adapter's host memory) and releases them
@@ -147,8 +147,9 @@ class AdapterExecutor {
   absl::StatusOr<SgmvCall> UploadSegments(const std::vector<Segment>& segments, size_t* next);
   void ReleasePins();
   absl::Status Shrink(const SgmvCall& call, const void* x, int64_t in);  // v = A x[x_row]
-  // y[y_row] += w B v; y_row defaults to the uploaded pair_y_.
-  absl::Status Expand(const SgmvCall& call, void* y, int64_t out, const int32_t* y_row = nullptr);
+  // y[y_row] += w B v; y_row defaults to the uploaded pair_y_, v to v_.
+  absl::Status Expand(const SgmvCall& call, void* y, int64_t out, const int32_t* y_row = nullptr,
+                      const float* v = nullptr);
   // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]).
   absl::Status RunSegments(const std::vector<Segment>& segments, const void* x, int64_t in, void* y,
                            int64_t out);
@@ -202,7 +203,10 @@ class AdapterExecutor {
   DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_y_, pair_w_, seg_start_, seg_rank_,
       seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_, cls_in_, cls_out_, f32_;
   // Device routing: decisions, LoRA scales of the stack, the undefined-logits counter.
-  DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, route_undefined_;
+  // (Rank groups: route_experts_ holds the kept ranks, route_count_ the ok flags, scale_ the
+  // selection bias, rank_u_ the gated shrink output.)
+  DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, route_undefined_,
+      rank_u_;
   bool device_routed_ = false;       // some group of the current pass was routed on the device
   std::vector<uint16_t> host_bf16_;  // FromHostF32's conversion buffer
 };

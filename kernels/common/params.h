@@ -234,7 +234,7 @@ struct RouteParams {
 
 // Rank routing (FlyLoRA without router_logits, SMoRA with), per token t over r ranks of the
 // shrink output z (routing_math.h RouteRanksOne): kept[t, 0..k) and u[t, 0..r). ok[t] = 0 on NaN
-// or an undefined softmax.
+// or an undefined softmax; such tokens also add 1 each to *undefined when it is given.
 struct RankRouteParams {
   const float* z = nullptr;              // [num_tokens, z_stride]
   const float* router_logits = nullptr;  // [num_tokens, rank] or nullptr (FlyLoRA)
@@ -242,6 +242,7 @@ struct RankRouteParams {
   float* u = nullptr;                    // [num_tokens, z_stride]; must not alias z
   int32_t* kept = nullptr;               // [num_tokens, k]
   int32_t* ok = nullptr;                 // [num_tokens]
+  int32_t* undefined = nullptr;          // [1] or nullptr, accumulated into
   int64_t num_tokens = 0;
   int32_t rank = 0;  // 1..kMaxRouteWidth
   int32_t z_stride = 0;

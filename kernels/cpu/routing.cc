@@ -50,6 +50,9 @@ KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool) {
                     : 0;
     }
   });
+  if (p.undefined != nullptr) {
+    for (int64_t t = 0; t < p.num_tokens; ++t) *p.undefined += p.ok[t] == 0 ? 1 : 0;
+  }
   return KernelStatus::kOk;
 }
 

@@ -29,6 +29,7 @@ __global__ void RankRouteKernel(RankRouteParams p) {
                                         p.u + t * p.z_stride, key, g, order)
                 ? 1
                 : 0;
+  if (p.ok[t] == 0 && p.undefined != nullptr) atomicAdd(p.undefined, 1);
 }
 
 // One block, thread e owns expert e: counts its pairs, thread 0 scans the counts into

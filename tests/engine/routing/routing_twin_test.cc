@@ -247,6 +247,30 @@ TEST(RoutingTwinTest, BuildSegmentsMatchesTheHostGrouping) {
   }
 }
 
+TEST(RoutingTwinTest, RankRoutingCountsUndefinedTokens) {
+  const int32_t r = 4;
+  std::vector<float> z = {1, 2, 3, 4, 1, std::numeric_limits<float>::quiet_NaN(), 0, 0, 4, 3, 2, 1};
+  std::vector<float> u(12);
+  std::vector<int32_t> kept(3 * 2), ok(3);
+  int32_t undefined = 1;  // accumulated into
+  absl::StatusOr<kernels::RankRouteParams> p =
+      ToRankRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, r, false);
+  ASSERT_TRUE(p.ok());
+  p->z = z.data();
+  p->u = u.data();
+  p->kept = kept.data();
+  p->ok = ok.data();
+  p->undefined = &undefined;
+  p->num_tokens = 3;
+  ASSERT_EQ(kernels::cpu::RankRoute(*p, nullptr), kernels::KernelStatus::kOk);
+  EXPECT_EQ(ok, (std::vector<int32_t>{1, 0, 1}));
+  EXPECT_EQ(undefined, 2);
+  EXPECT_EQ(kept[0], 3);  // token 0 keeps ranks 3 and 2
+  EXPECT_EQ(kept[1], 2);
+  EXPECT_EQ(kept[4], 0);  // token 2 keeps ranks 0 and 1
+  EXPECT_EQ(kept[5], 1);
+}
+
 TEST(RoutingTwinTest, RefusesWidthsTheDeviceCannotRoute) {
   EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kTopK, .k = 2}, 129).ok());
   EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, 8).ok());
