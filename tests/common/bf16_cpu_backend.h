@@ -151,10 +151,7 @@ class Bf16CpuBackend final : public engine::Backend {
   }
   absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
     if (!Bf16(p.dtype)) return inner_->SgmvShrink(p);
-    const int64_t pairs = p.num_segments == 0 ? 0 : p.seg_start[p.num_segments];
-    int64_t rows = 0;
-    for (int64_t i = 0; i < pairs; ++i) rows = std::max<int64_t>(rows, p.x_row[i] + 1);
-    std::vector<float> x = In(p.x, rows * p.in);
+    std::vector<float> x = In(p.x, RowsReached(p.x_row, Pairs(p)) * p.in);
     std::vector<std::vector<float>> a;
     std::vector<const void*> table = RowTable(p.a_rows, p, p.in, &a);
     kernels::SgmvShrinkParams q = p;
@@ -163,10 +160,7 @@ class Bf16CpuBackend final : public engine::Backend {
   }
   absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
     if (!Bf16(p.dtype)) return inner_->SgmvExpand(p);
-    const int64_t pairs = p.num_segments == 0 ? 0 : p.seg_start[p.num_segments];
-    int64_t rows = 0;
-    for (int64_t i = 0; i < pairs; ++i) rows = std::max<int64_t>(rows, p.y_row[i] + 1);
-    std::vector<float> y = In(p.y, rows * p.out);
+    std::vector<float> y = In(p.y, RowsReached(p.y_row, Pairs(p)) * p.out);
     std::vector<std::vector<float>> b;
     std::vector<const void*> table = RowTable(p.b_rows, p, p.out, &b);
     kernels::SgmvExpandParams q = p;
@@ -175,9 +169,8 @@ class Bf16CpuBackend final : public engine::Backend {
   }
   absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
     if (!Bf16(p.dtype)) return inner_->ScatterAdd(p);
-    int64_t rows = 0;
-    for (int64_t i = 0; i < p.rows; ++i) rows = std::max<int64_t>(rows, p.y_row[i] + 1);
-    std::vector<float> x = In(p.x, p.rows * p.cols), y = In(p.y, rows * p.cols);
+    std::vector<float> x = In(p.x, p.rows * p.cols);
+    std::vector<float> y = In(p.y, RowsReached(p.y_row, p.rows) * p.cols);
     kernels::ScatterAddParams q = p;
     q.x = x.data(), q.y = y.data(), q.dtype = kF32;
     return Out(inner_->ScatterAdd(q), y, p.y);
@@ -210,6 +203,16 @@ class Bf16CpuBackend final : public engine::Backend {
   static absl::Status Out(absl::Status s, const std::vector<float>& v, void* p) {
     if (s.ok()) Store(v, p);
     return s;
+  }
+  // Rows of a buffer that row indices idx[0..n) reach; pairs of a segmented GEMM call.
+  static int64_t RowsReached(const int32_t* idx, int64_t n) {
+    int64_t rows = 0;
+    for (int64_t i = 0; i < n; ++i) rows = std::max<int64_t>(rows, idx[i] + 1);
+    return rows;
+  }
+  template <typename P>
+  static int64_t Pairs(const P& p) {
+    return p.num_segments == 0 ? 0 : p.seg_start[p.num_segments];
   }
   static int64_t RowOffset(const kernels::PagedKvLayout& kv, int32_t seq, int32_t pos) {
     const int32_t block = kv.block_tables[kv.block_table_offsets[seq] + pos / kv.block_size];
