@@ -92,6 +92,17 @@ absl::Status ValidateOptions(const EngineOptions& o) {
                                                    ")"));
   }
   if (o.max_queue < 1) return absl::InvalidArgumentError("max_queue must be >= 1");
+  SchedulingPolicy policy;
+  if (!ParseSchedulingPolicy(o.scheduling_policy, &policy)) {
+    return absl::InvalidArgumentError(absl::StrCat("scheduling_policy '", o.scheduling_policy,
+                                                   "' is not one of fcfs, expert_aware"));
+  }
+  if (o.max_queue_delay <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("max_queue_delay must be > 0");
+  }
+  if (o.fair_share_tokens < 0) {
+    return absl::InvalidArgumentError("fair_share_tokens must be >= 0");
+  }
   if (o.backend != "cpu" && o.backend != "cuda" && o.backend != "auto") {
     return absl::InvalidArgumentError(
         absl::StrCat("backend '", o.backend, "' is not one of cpu, cuda, auto"));
@@ -219,11 +230,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                           .backend = state->backend->name(),
                           .dtype = ScalarTypeName(state->backend->compute_dtype()),
                           .default_sampling = default_sampling};
-  state->executor =
-      std::make_unique<Executor>(state->model.get(), state->tokenizer.get(),
-                                 SchedulerOptions{.max_batch_tokens = options.max_batch_tokens,
-                                                  .max_num_seqs = options.max_num_seqs},
-                                 options.metrics);
+  SchedulerOptions scheduling{.max_batch_tokens = options.max_batch_tokens,
+                              .max_num_seqs = options.max_num_seqs,
+                              .max_queue_delay = options.max_queue_delay,
+                              .fair_share_tokens = options.fair_share_tokens};
+  ParseSchedulingPolicy(options.scheduling_policy, &scheduling.policy);  // validated above
+  state->executor = std::make_unique<Executor>(state->model.get(), state->tokenizer.get(),
+                                               scheduling, options.metrics);
   state->executor->Start();
   return std::unique_ptr<Engine>(new Engine(std::move(state)));
 }

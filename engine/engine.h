@@ -39,6 +39,15 @@ struct EngineOptions {
   int32_t max_num_seqs = 64;
   // Requests waiting for admission (>= 1); beyond it Submit fails with kResourceExhausted.
   int32_t max_queue = 256;
+  // Queue policy (engine/scheduler/scheduler.h): "expert_aware" groups requests by the experts
+  // they use, within a per-adapter fair share and an aging bound; "fcfs" is arrival order.
+  std::string scheduling_policy = "expert_aware";
+  // expert_aware: longest a request waits because of grouping or fair share before it is taken
+  // first (oldest first).
+  absl::Duration max_queue_delay = absl::Seconds(2);
+  // expert_aware: weighted tokens (prefill 1, decode 2) an adapter may be served ahead of the
+  // least served waiting adapter and still be picked; 0 = max_batch_tokens.
+  int64_t fair_share_tokens = 0;
   // KV cache memory; the block count is kv_cache_bytes / bytes per block.
   int64_t kv_cache_bytes = int64_t{256} << 20;
   int32_t kv_block_size = 16;

@@ -34,6 +34,10 @@ struct StepMetrics {
   int64_t prefill_tokens = 0;
   int64_t decode_tokens = 0;
   double step_seconds = 0;
+  // Tokens of the step that ran an adapter, and the distinct LoRA experts the step read (both 0
+  // for a base-model-only step).
+  int64_t adapter_tokens = 0;
+  int64_t distinct_experts = 0;
 };
 
 // The paged expert cache after a step. Counters are cumulative since start (sinks publish the
@@ -75,6 +79,8 @@ class MetricsSink {
   virtual void OnInterTokenLatency(double seconds) = 0;
   virtual void OnRequestFinished(const FinishedRequestMetrics& m) = 0;
   virtual void OnStep(const StepMetrics& m) = 0;
+  // `n` running sequences were preempted (KV freed, recomputed later) to make room.
+  virtual void OnPreempted(int64_t n) { (void)n; }
   // Queue, running and KV state after ingesting requests or finishing a step.
   virtual void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) = 0;
   // After each step that ran adapter tokens or prefetched experts.

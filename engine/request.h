@@ -34,6 +34,8 @@ struct GenerateRequest {
   // Replaces the adapter's routing (k, p, algorithm) for this request only.
   RoutingOverride routing_override;
   absl::Time deadline = absl::InfiniteFuture();
+  // Scheduling priority: higher is admitted first (and preempted last); 0 = normal.
+  int32_t priority = 0;
 };
 
 enum class FinishReason { kLength, kStopSequence, kStopToken, kEos };

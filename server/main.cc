@@ -60,6 +60,14 @@ ABSL_FLAG(int, cuda_device, 0, "CUDA device index for --backend=cuda/auto");
 ABSL_FLAG(int, max_batch_tokens, 2048, "Tokens per engine step (prefill chunks + decode tokens)");
 ABSL_FLAG(int, max_num_seqs, 64, "Requests decoded together at most");
 ABSL_FLAG(int, max_queue, 256, "Requests waiting for admission; beyond it RESOURCE_EXHAUSTED");
+ABSL_FLAG(std::string, scheduling_policy, "expert_aware",
+          "Queue policy: expert_aware (group requests by the experts they use, within a fair "
+          "share per adapter and --max-queue-delay) or fcfs (arrival order)");
+ABSL_FLAG(absl::Duration, max_queue_delay, absl::Seconds(2),
+          "expert_aware: longest a request waits because of grouping before it goes first");
+ABSL_FLAG(int64_t, fair_share_tokens, 0,
+          "expert_aware: weighted tokens an adapter may be served ahead of the least served "
+          "waiting one (0 = --max-batch-tokens)");
 ABSL_FLAG(int64_t, kv_cache_mib, 256, "KV cache memory in MiB");
 ABSL_FLAG(int, max_model_len, 0, "Longest prompt + output per request (0 = model's context)");
 ABSL_FLAG(int, default_max_new_tokens, 256, "max_new_tokens when a request leaves it 0");
@@ -129,6 +137,9 @@ int Run() {
   options.max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens);
   options.max_num_seqs = absl::GetFlag(FLAGS_max_num_seqs);
   options.max_queue = absl::GetFlag(FLAGS_max_queue);
+  options.scheduling_policy = absl::GetFlag(FLAGS_scheduling_policy);
+  options.max_queue_delay = absl::GetFlag(FLAGS_max_queue_delay);
+  options.fair_share_tokens = absl::GetFlag(FLAGS_fair_share_tokens);
   options.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mib) << 20;
   options.max_model_len = absl::GetFlag(FLAGS_max_model_len);
   options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);

@@ -33,11 +33,31 @@ Executor::Executor(LlamaModel* model, const Tokenizer* tokenizer, const Schedule
       tokenizer_(tokenizer),
       metrics_(metrics),
       blocks_(model->options().num_kv_blocks, model->options().kv_block_size),
-      scheduler_(options, &blocks_) {
+      cache_view_(&model->adapters().cache()),
+      scheduler_(options, &blocks_, &cache_view_) {
   counters_.free_blocks = blocks_.num_free();
 }
 
 Executor::~Executor() { Stop(); }
+
+int64_t Executor::CacheView::capacity_bytes() const {
+  // An unbounded pool grows to hold every registered expert: nothing to fit.
+  return cache_->bounded() ? cache_->stats().capacity_bytes : 0;
+}
+
+uint32_t Executor::RoutedExpertKey(int32_t layer, std::string_view module, int32_t expert) {
+  uint32_t h = 2166136261u;  // FNV-1a
+  auto mix = [&](uint32_t v) {
+    for (int i = 0; i < 4; ++i) {
+      h ^= (v >> (8 * i)) & 0xffu;
+      h *= 16777619u;
+    }
+  };
+  for (char c : module) mix(static_cast<unsigned char>(c));
+  mix(static_cast<uint32_t>(layer));
+  mix(static_cast<uint32_t>(expert));
+  return h;
+}
 
 void Executor::Start() {
   MOLE_CHECK(!thread_.joinable());
@@ -152,19 +172,13 @@ Executor::Counters Executor::counters() const {
 
 void Executor::PrefetchForQueue() {
   ExpertCache& cache = model_->adapters().cache();
-  // Requests that wait for admission: copy their adapters' experts in ahead, a bounded amount per
-  // step (an eighth of the pool), into free pages or pages the last two steps did not use.
+  // The adapters the scheduler would admit next: copy their experts in ahead, a bounded amount
+  // per step (an eighth of the pool), into free pages or pages the last two steps did not use.
   const int64_t capacity = cache.stats().capacity_bytes;
   int64_t budget = std::max<int64_t>(capacity / 8, 1);
-  std::vector<int32_t> slots;
-  for (const auto& seq : scheduler_.waiting()) {
-    if (seq->adapter_slot < 0 ||
-        std::find(slots.begin(), slots.end(), seq->adapter_slot) != slots.end()) {
-      continue;
-    }
-    slots.push_back(seq->adapter_slot);
-    budget -= cache.Prefetch(seq->adapter_slot, budget);
-    if (budget <= 0 || slots.size() >= 4) break;
+  for (int32_t slot : scheduler_.prefetch_hint()) {
+    budget -= cache.Prefetch(slot, budget);
+    if (budget <= 0) break;
   }
   if (!metrics_) return;
   const ExpertCacheStats st = cache.stats();
@@ -251,7 +265,11 @@ void Executor::Loop() {
     if (by_handle_.empty() && WaitForInput(absl::Milliseconds(100))) break;
     const absl::Time now = absl::Now();
     Ingest(now);
-    std::vector<ScheduledChunk> step = scheduler_.Schedule(now);
+    std::vector<Sequence*> preempted;
+    std::vector<ScheduledChunk> step = scheduler_.Schedule(now, &preempted);
+    if (metrics_ && !preempted.empty()) {
+      metrics_->OnPreempted(static_cast<int64_t>(preempted.size()));
+    }
     PublishCounters();
     if (step.empty()) {
       DetachRetired();
@@ -287,11 +305,14 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
                                 [](const ScheduledChunk& c) { return c.seq->adapter_slot >= 0; });
   int64_t prefill_tokens = 0;
   int64_t decode_tokens = 0;
+  int64_t adapter_tokens = 0;
   for (int32_t s = 0; s < static_cast<int32_t>(step.size()); ++s) {
     const ScheduledChunk& chunk = step[s];
     Sequence* seq = chunk.seq;
     const int32_t begin = seq->num_computed;
-    scheduler_.EnsureBlocks(seq, begin + chunk.num_tokens);
+    MOLE_CHECK_MSG(
+        static_cast<int64_t>(seq->blocks.size()) * blocks_.block_size() >= begin + chunk.num_tokens,
+        "the scheduler did not allocate the step's KV blocks");
     for (int32_t i = 0; i < chunk.num_tokens; ++i) {
       batch_.tokens.push_back(seq->tokens[begin + i]);
       batch_.positions.push_back(begin + i);
@@ -302,7 +323,11 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     if (chunk.sample) batch_.sample_rows.push_back(batch_.num_tokens() - 1);
     if (mole) {
       batch_.seq_adapter.push_back(seq->adapter_slot);
-      batch_.seq_return_routing.push_back(seq->request.return_routing ? 1 : 0);
+      // The expert-aware policy learns each sequence's routed experts from its prefill's last
+      // token.
+      const bool observe = chunk.sample && seq->adapter_slot >= 0 && seq->routed_experts.empty() &&
+                           scheduler_.options().policy == SchedulingPolicy::kExpertAware;
+      batch_.seq_return_routing.push_back(seq->request.return_routing || observe ? 1 : 0);
       if (seq->request.routing_override.empty()) {
         batch_.seq_override.push_back(-1);
       } else {
@@ -316,14 +341,18 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
           static_cast<int32_t>(batch_.aux_block_tables.size()));
     }
     (seq->uncomputed() == 1 ? decode_tokens : prefill_tokens) += chunk.num_tokens;
+    if (seq->adapter_slot >= 0) adapter_tokens += chunk.num_tokens;
   }
   ExpertCache& cache = model_->adapters().cache();
   const double copy_before = mole ? cache.stats().copy_seconds : 0;
   if (mole) cache.BeginStep();
   absl::Status status = model_->Forward(batch_, &logits_, mole ? &extras_ : nullptr);
+  int64_t distinct_experts = 0;
   if (mole) {
     // Every sequence of the step waited for the experts copied in during it.
-    const double waited = cache.stats().copy_seconds - copy_before;
+    const ExpertCacheStats after = cache.stats();
+    distinct_experts = after.step_experts;
+    const double waited = after.copy_seconds - copy_before;
     for (const ScheduledChunk& chunk : step) chunk.seq->expert_wait_seconds += waited;
   }
   if (!status.ok()) {
@@ -361,6 +390,17 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     GenerationChunk out;
     GeneratedToken token{sampled.id, sampled.logprob, {}};
     if (seq->request.top_logprobs > 0) token.top = std::move(sampled.top);
+    if (mole && seq->adapter_slot >= 0 && seq->routed_experts.empty() &&
+        !extras_.routing[sample_row].empty()) {
+      for (const RoutingRecord& rec : extras_.routing[sample_row]) {
+        for (int32_t e : rec.experts) {
+          seq->routed_experts.push_back(RoutedExpertKey(rec.layer, rec.module, e));
+        }
+      }
+      std::sort(seq->routed_experts.begin(), seq->routed_experts.end());
+      seq->routed_experts.erase(std::unique(seq->routed_experts.begin(), seq->routed_experts.end()),
+                                seq->routed_experts.end());
+    }
     if (mole && seq->request.return_routing) {
       token.routing = std::move(extras_.routing[sample_row]);
     }
@@ -415,7 +455,9 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
                       .batch_tokens = batch_.num_tokens(),
                       .prefill_tokens = prefill_tokens,
                       .decode_tokens = decode_tokens,
-                      .step_seconds = Seconds(absl::Now() - start)});
+                      .step_seconds = Seconds(absl::Now() - start),
+                      .adapter_tokens = adapter_tokens,
+                      .distinct_experts = distinct_experts});
   }
 }
 

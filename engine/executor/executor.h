@@ -33,6 +33,8 @@ class Executor {
  public:
   Executor(LlamaModel* model, const Tokenizer* tokenizer, const SchedulerOptions& options,
            MetricsSink* metrics);
+  // A key for (layer, module, expert) in Sequence::routed_experts.
+  static uint32_t RoutedExpertKey(int32_t layer, std::string_view module, int32_t expert);
   ~Executor();
 
   void Start();
@@ -80,13 +82,27 @@ class Executor {
   void RunOnLoop(std::function<void()> task) ABSL_LOCKS_EXCLUDED(mu_);
   // Detaches retired adapter slots whose versions nobody references any more.
   void DetachRetired();
-  // Prefetches experts of waiting requests' adapters; publishes the expert cache's metrics.
+  // Prefetches experts of the adapters the scheduler would admit next; publishes the expert
+  // cache's metrics.
   void PrefetchForQueue();
 
-  LlamaModel* model_;                                  // not owned
-  const Tokenizer* tokenizer_;                         // not owned
-  MetricsSink* metrics_;                               // not owned, may be null
-  BlockManager blocks_;                                // loop thread only
+  // The scheduler's view of the device expert pool.
+  class CacheView final : public ExpertView {
+   public:
+    explicit CacheView(const ExpertCache* cache) : cache_(cache) {}
+    int64_t capacity_bytes() const override;
+    int64_t AdapterBytes(int32_t slot) const override { return cache_->OwnerBytes(slot); }
+    int64_t ResidentBytes(int32_t slot) const override { return cache_->ResidentBytes(slot); }
+
+   private:
+    const ExpertCache* cache_;  // not owned
+  };
+
+  LlamaModel* model_;           // not owned
+  const Tokenizer* tokenizer_;  // not owned
+  MetricsSink* metrics_;        // not owned, may be null
+  BlockManager blocks_;         // loop thread only
+  CacheView cache_view_;
   Scheduler scheduler_;                                // loop thread only
   std::unordered_map<uint64_t, Sequence*> by_handle_;  // loop thread only
   Batch batch_;                                        // reused across steps

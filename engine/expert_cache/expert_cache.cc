@@ -302,6 +302,7 @@ absl::Status ExpertCache::Acquire(const LoraStack* stack, int32_t expert,
   }
   if (entry.pins++ == 0) ++stats_.pinned_experts;
   entry.last_step = step_;
+  MarkUsed(&entry);
   AppendRows(entry, a_rows, b_rows);
   return absl::OkStatus();
 }
@@ -343,6 +344,7 @@ absl::StatusOr<bool> ExpertCache::AcquireAllIfRoom(const LoraStack* stack,
     lru_.splice(lru_.begin(), lru_, entry.lru);
     if (entry.pins++ == 0) ++stats_.pinned_experts;
     entry.last_step = step_;
+    MarkUsed(&entry);
     AppendRows(entry, a_rows, b_rows);
   }
   return true;
@@ -356,9 +358,16 @@ void ExpertCache::Release(const LoraStack* stack, int32_t expert) {
   if (entry.pins > 0 && --entry.pins == 0) --stats_.pinned_experts;
 }
 
+void ExpertCache::MarkUsed(Entry* entry) {
+  if (entry->used_step == step_) return;
+  entry->used_step = step_;
+  ++stats_.step_experts;
+}
+
 void ExpertCache::BeginStep() {
   MutexLock lock(&mu_);
   ++step_;
+  stats_.step_experts = 0;
 }
 
 int64_t ExpertCache::Prefetch(int32_t owner, int64_t max_bytes) {
@@ -384,6 +393,15 @@ int64_t ExpertCache::ResidentBytes(int32_t owner) const {
   MutexLock lock(&mu_);
   auto it = resident_bytes_.find(owner);
   return it == resident_bytes_.end() ? 0 : it->second;
+}
+
+int64_t ExpertCache::OwnerBytes(int32_t owner) const {
+  MutexLock lock(&mu_);
+  auto it = owners_.find(owner);
+  if (it == owners_.end()) return 0;
+  int64_t bytes = 0;
+  for (const LoraStack* s : it->second) bytes += ExpertBytes(*s) * s->num_experts;
+  return bytes;
 }
 
 ExpertCacheStats ExpertCache::stats() const {

@@ -61,6 +61,7 @@ struct ExpertCacheStats {
   double copy_seconds = 0;       // time spent copying experts in
   int64_t resident_experts = 0;  // experts with pages now
   int64_t pinned_experts = 0;    // experts pinned now
+  int64_t step_experts = 0;      // distinct experts acquired in the current step
   int64_t capacity_bytes = 0;    // bytes of all pools now
   struct Pool {
     int64_t width = 0;  // elements per page
@@ -105,8 +106,11 @@ class ExpertCache {
   // pages of experts not used in the current or previous step. Returns the bytes copied.
   int64_t Prefetch(int32_t owner, int64_t max_bytes);
 
-  // Device bytes of the owner's resident experts.
+  // Device bytes of the owner's resident experts, and of all its experts.
   int64_t ResidentBytes(int32_t owner) const;
+  int64_t OwnerBytes(int32_t owner) const;
+  // Whether the capacity is bounded (else the pools grow to hold every registered expert).
+  bool bounded() const { return options_.capacity_bytes > 0; }
   ExpertCacheStats stats() const;
 
  private:
@@ -117,6 +121,7 @@ class ExpertCache {
     int32_t expert = 0;
     int32_t pins = 0;
     int64_t last_step = -1;
+    int64_t used_step = -1;  // last step that acquired it (not prefetch)
     bool resident = false;
     std::vector<int32_t> a_pages, b_pages;
     std::list<Entry*>::iterator lru;  // valid while resident; front = most recent
@@ -135,6 +140,8 @@ class ExpertCache {
   // Recomputes every pool's page count from the registered stacks and resizes the pools.
   absl::Status Repartition(bool check_only) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ResizePool(Pool* pool, int64_t pages) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Marks `entry` used by the current step (counts distinct experts per step).
+  void MarkUsed(Entry* entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AppendRows(const Entry& entry, std::vector<const void*>* a_rows,
                   std::vector<const void*>* b_rows) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Device bytes of one expert of `s` (its A and B^T rows in the page dtype).

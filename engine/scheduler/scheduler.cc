@@ -1,18 +1,71 @@
 #include "engine/scheduler/scheduler.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "engine/core/check.h"
 
 namespace moleserve::engine {
+namespace {
 
-Scheduler::Scheduler(const SchedulerOptions& options, BlockManager* blocks)
-    : options_(options), blocks_(blocks) {
+// S-LoRA's virtual token counter weights: an output token costs twice an input token.
+constexpr int64_t kPrefillWeight = 1;
+constexpr int64_t kDecodeWeight = 2;
+constexpr size_t kMaxPrefetchHint = 4;
+
+// Higher priority first, then earlier arrival, then submission order.
+bool Before(const Sequence& a, const Sequence& b) {
+  if (a.request.priority != b.request.priority) return a.request.priority > b.request.priority;
+  if (a.arrival != b.arrival) return a.arrival < b.arrival;
+  return a.handle < b.handle;
+}
+
+// |a ∩ b| / |a| of two sorted key sets (0 when a is empty).
+double Overlap(const std::vector<uint32_t>& a, const std::vector<uint32_t>& b) {
+  if (a.empty()) return 0;
+  size_t i = 0, j = 0, common = 0;
+  while (i < a.size() && j < b.size()) {
+    if (a[i] == b[j]) {
+      ++common, ++i, ++j;
+    } else if (a[i] < b[j]) {
+      ++i;
+    } else {
+      ++j;
+    }
+  }
+  return static_cast<double>(common) / static_cast<double>(a.size());
+}
+
+}  // namespace
+
+const char* SchedulingPolicyName(SchedulingPolicy p) {
+  return p == SchedulingPolicy::kFcfs ? "fcfs" : "expert_aware";
+}
+
+bool ParseSchedulingPolicy(std::string_view name, SchedulingPolicy* out) {
+  if (name == "fcfs") {
+    *out = SchedulingPolicy::kFcfs;
+    return true;
+  }
+  if (name == "expert_aware" || name == "expert-aware") {
+    *out = SchedulingPolicy::kExpertAware;
+    return true;
+  }
+  return false;
+}
+
+Scheduler::Scheduler(const SchedulerOptions& options, BlockManager* blocks,
+                     const ExpertView* experts)
+    : options_(options), blocks_(blocks), experts_(experts) {
   MOLE_CHECK(options.max_num_seqs > 0 && options.max_batch_tokens >= options.max_num_seqs);
+  if (options_.fair_share_tokens <= 0) options_.fair_share_tokens = options_.max_batch_tokens;
+  watermark_ = options.watermark_blocks >= 0 ? options.watermark_blocks
+                                             : std::max(1, blocks->num_blocks() / 100);
 }
 
 Scheduler::~Scheduler() {
   while (!running_.empty()) Remove(running_.back().get());
+  while (!waiting_.empty()) Remove(waiting_.back().get());
 }
 
 int32_t Scheduler::BlocksNeeded(const Sequence& seq) const {
@@ -21,48 +74,194 @@ int32_t Scheduler::BlocksNeeded(const Sequence& seq) const {
   return seq.xlora ? 2 * n : n;  // X-LoRA: the scaling pass has its own KV
 }
 
-void Scheduler::Enqueue(std::unique_ptr<Sequence> seq) { waiting_.push_back(std::move(seq)); }
-
-std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now) {
-  std::vector<ScheduledChunk> step;
-  int32_t budget = options_.max_batch_tokens;
-  for (const auto& seq : running_) {
-    if (budget == 0) break;
-    const int32_t remaining = seq->uncomputed();
-    if (remaining == 0) continue;
-    const int32_t n = std::min(remaining, budget);
-    step.push_back({seq.get(), n, n == remaining});
-    budget -= n;
-  }
-  while (!waiting_.empty() && budget > 0 &&
-         static_cast<int32_t>(running_.size()) < options_.max_num_seqs) {
-    Sequence* seq = waiting_.front().get();
-    const int32_t need = BlocksNeeded(*seq);
-    if (!blocks_->Reserve(need)) break;  // FCFS: the head waits for blocks
-    seq->reserved_blocks = need;
-    seq->admitted = now;
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.pop_front();
-    const int32_t n = std::min(seq->uncomputed(), budget);
-    step.push_back({seq, n, n == seq->uncomputed()});
-    budget -= n;
-  }
-  return step;
+int64_t Scheduler::ServedTokens(int32_t slot) const {
+  auto it = served_.find(slot);
+  return it == served_.end() ? 0 : it->second;
 }
 
-void Scheduler::EnsureBlocks(Sequence* seq, int32_t positions) {
+bool Scheduler::AdapterActive(int32_t slot) const {
+  auto it = active_.find(slot);
+  return it != active_.end() && it->second > 0;
+}
+
+void Scheduler::ActivateAdapter(int32_t slot) {
+  if (!AdapterActive(slot)) {
+    // S-LoRA's lift: an adapter that was idle starts level with the least served active one, so
+    // idleness is not banked as credit.
+    int64_t least = std::numeric_limits<int64_t>::max();
+    for (const auto& [s, n] : active_) {
+      if (n > 0) least = std::min(least, ServedTokens(s));
+    }
+    if (least != std::numeric_limits<int64_t>::max()) {
+      served_[slot] = std::max(ServedTokens(slot), least);
+    }
+  }
+  ++active_[slot];
+}
+
+void Scheduler::Enqueue(std::unique_ptr<Sequence> seq) {
+  ActivateAdapter(seq->adapter_slot);
+  waiting_.push_back(std::move(seq));
+}
+
+void Scheduler::Account(const Sequence& seq, int32_t tokens) {
+  served_[seq.adapter_slot] += tokens * (seq.uncomputed() == 1 ? kDecodeWeight : kPrefillWeight);
+}
+
+double Scheduler::AdapterScore(int32_t slot) const {
+  if (slot < 0) return 2;  // the base model needs no experts
+  if (std::find(step_adapters_.begin(), step_adapters_.end(), slot) != step_adapters_.end()) {
+    return 2;  // its experts are read this step anyway
+  }
+  if (experts_ == nullptr) return 1;
+  const int64_t bytes = experts_->AdapterBytes(slot);
+  if (bytes <= 0) return 1;
+  return static_cast<double>(experts_->ResidentBytes(slot)) / static_cast<double>(bytes);
+}
+
+bool Scheduler::FitsExpertPool(int32_t slot) const {
+  if (slot < 0 || experts_ == nullptr || experts_->capacity_bytes() <= 0) return true;
+  if (std::find(step_adapters_.begin(), step_adapters_.end(), slot) != step_adapters_.end()) {
+    return true;
+  }
+  const bool any_adapter =
+      std::any_of(step_adapters_.begin(), step_adapters_.end(), [](int32_t s) { return s >= 0; });
+  // The first adapter of a step always fits: the expert cache splits what does not fit at once.
+  return !any_adapter ||
+         step_expert_bytes_ + experts_->AdapterBytes(slot) <= experts_->capacity_bytes();
+}
+
+int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bool* overdue) const {
+  *overdue = false;
+  const int64_t n = static_cast<int64_t>(waiting_.size());
+  if (options_.policy == SchedulingPolicy::kFcfs) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!skip[i] && (best < 0 || Before(*waiting_[i], *waiting_[best]))) best = i;
+    }
+    return best;
+  }
+  // Aging: the oldest overdue sequence goes first, whatever its adapter or priority.
+  int64_t oldest = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (skip[i] || now - waiting_[i]->arrival < options_.max_queue_delay) continue;
+    if (oldest < 0 || waiting_[i]->arrival < waiting_[oldest]->arrival) oldest = i;
+  }
+  if (oldest >= 0) {
+    *overdue = true;
+    return oldest;
+  }
+  int32_t priority = std::numeric_limits<int32_t>::min();
+  for (int64_t i = 0; i < n; ++i) {
+    if (!skip[i]) priority = std::max(priority, waiting_[i]->request.priority);
+  }
+  // Per adapter: its first waiting sequence (by Before) of the top priority.
+  std::map<int32_t, int64_t> head;
+  for (int64_t i = 0; i < n; ++i) {
+    const Sequence& s = *waiting_[i];
+    if (skip[i] || s.request.priority != priority) continue;
+    auto [it, inserted] = head.emplace(s.adapter_slot, i);
+    if (!inserted && Before(s, *waiting_[it->second])) it->second = i;
+  }
+  if (head.empty()) return -1;
+  int64_t least = std::numeric_limits<int64_t>::max();
+  for (const auto& [slot, i] : head) least = std::min(least, ServedTokens(slot));
+  int64_t best = -1;
+  double best_score = -1;
+  for (const auto& [slot, i] : head) {
+    if (ServedTokens(slot) > least + options_.fair_share_tokens) continue;  // ahead of its share
+    if (!FitsExpertPool(slot)) continue;
+    const Sequence& s = *waiting_[i];
+    double score = AdapterScore(slot);
+    // A preempted sequence knows the experts its prefill routed to.
+    if (!s.routed_experts.empty()) score += Overlap(s.routed_experts, step_experts_);
+    const bool better = best < 0 || score > best_score ||
+                        (score == best_score &&
+                         (ServedTokens(slot) < ServedTokens(waiting_[best]->adapter_slot) ||
+                          (ServedTokens(slot) == ServedTokens(waiting_[best]->adapter_slot) &&
+                           Before(s, *waiting_[best]))));
+    if (better) {
+      best = i;
+      best_score = score;
+    }
+  }
+  return best;
+}
+
+bool Scheduler::Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::Time now) {
+  Sequence* seq = it->get();
+  if (seq->xlora) {
+    const int32_t need = BlocksNeeded(*seq);
+    if (!blocks_->Reserve(need)) return false;
+    seq->reserved_blocks = need;
+  } else {
+    const int32_t need = blocks_->BlocksFor(static_cast<int64_t>(seq->tokens.size()));
+    // The watermark keeps room for running sequences to grow (none to keep when none runs).
+    const int32_t keep = running_.empty() ? 0 : watermark_;
+    if (blocks_->num_free() - blocks_->num_reserved() - need < keep) return false;
+    MOLE_CHECK(blocks_->Reserve(need));
+    for (int32_t i = 0; i < need; ++i) seq->blocks.push_back(blocks_->AllocateReserved());
+  }
+  if (!seq->admitted) seq->admitted = now;
+  running_.push_back(std::move(*it));
+  waiting_.erase(it);
+  return true;
+}
+
+void Scheduler::Preempt(Sequence* seq, std::vector<Sequence*>* preempted) {
+  auto it =
+      std::find_if(running_.begin(), running_.end(), [&](const auto& s) { return s.get() == seq; });
+  MOLE_CHECK_MSG(it != running_.end(), "Preempt of a sequence that is not running");
+  MOLE_CHECK_MSG(!seq->xlora, "X-LoRA sequences are never preempted");
+  blocks_->Free(seq->blocks);
+  seq->blocks.clear();
+  seq->num_computed = 0;  // recompute: prompt + generated tokens are prefilled again
+  ++seq->preemptions;
+  ++num_preemptions_;
+  std::unique_ptr<Sequence> owned = std::move(*it);
+  running_.erase(it);
+  // Back among the waiting in arrival order (it keeps its arrival time).
+  auto pos =
+      std::upper_bound(waiting_.begin(), waiting_.end(), owned, [](const auto& a, const auto& b) {
+        return std::pair(a->arrival, a->handle) < std::pair(b->arrival, b->handle);
+      });
+  waiting_.insert(pos, std::move(owned));
+  if (preempted != nullptr) preempted->push_back(seq);
+}
+
+bool Scheduler::GrowBlocks(Sequence* seq, int32_t positions, std::vector<Sequence*>* preempted) {
   const int32_t need = blocks_->BlocksFor(positions);
+  if (seq->xlora) {  // whole life reserved at admission
+    while (static_cast<int32_t>(seq->blocks.size()) < need) {
+      MOLE_CHECK_MSG(seq->reserved_blocks > 0, "sequence outgrew its KV reservation");
+      seq->blocks.push_back(blocks_->AllocateReserved());
+      --seq->reserved_blocks;
+    }
+    while (!seq->frozen_scalings && static_cast<int32_t>(seq->aux_blocks.size()) < need) {
+      MOLE_CHECK_MSG(seq->reserved_blocks > 0, "sequence outgrew its KV reservation");
+      seq->aux_blocks.push_back(blocks_->AllocateReserved());
+      --seq->reserved_blocks;
+    }
+    return true;
+  }
   while (static_cast<int32_t>(seq->blocks.size()) < need) {
-    MOLE_CHECK_MSG(seq->reserved_blocks > 0, "sequence outgrew its KV reservation");
-    seq->blocks.push_back(blocks_->AllocateReserved());
-    --seq->reserved_blocks;
+    if (blocks_->Reserve(1)) {
+      seq->blocks.push_back(blocks_->AllocateReserved());
+      continue;
+    }
+    // Out of blocks: preempt the last preemptible running sequence (running_ is kept in Before
+    // order, so that is the lowest-priority, latest-arrived one); seq itself when it is last.
+    Sequence* victim = seq;
+    for (auto it = running_.rbegin(); it != running_.rend() && it->get() != seq; ++it) {
+      if (!(*it)->xlora) {
+        victim = it->get();
+        break;
+      }
+    }
+    Preempt(victim, preempted);
+    if (victim == seq) return false;
   }
-  while (seq->xlora && !seq->frozen_scalings &&
-         static_cast<int32_t>(seq->aux_blocks.size()) < need) {
-    MOLE_CHECK_MSG(seq->reserved_blocks > 0, "sequence outgrew its KV reservation");
-    seq->aux_blocks.push_back(blocks_->AllocateReserved());
-    --seq->reserved_blocks;
-  }
+  return true;
 }
 
 void Scheduler::ReleaseAuxBlocks(Sequence* seq) {
@@ -74,6 +273,91 @@ void Scheduler::ReleaseAuxBlocks(Sequence* seq) {
   seq->aux_blocks.clear();
   blocks_->Unreserve(untaken);
   seq->reserved_blocks -= untaken;
+}
+
+std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequence*>* preempted) {
+  std::vector<ScheduledChunk> step;
+  step_adapters_.clear();
+  step_expert_bytes_ = 0;
+  step_experts_.clear();
+  auto join_step = [&](const Sequence& seq, int32_t n) {
+    Account(seq, n);
+    const int32_t slot = seq.adapter_slot;
+    if (std::find(step_adapters_.begin(), step_adapters_.end(), slot) == step_adapters_.end()) {
+      step_adapters_.push_back(slot);
+      if (slot >= 0 && experts_ != nullptr) step_expert_bytes_ += experts_->AdapterBytes(slot);
+    }
+    if (!seq.routed_experts.empty()) {
+      std::vector<uint32_t> merged;
+      std::set_union(step_experts_.begin(), step_experts_.end(), seq.routed_experts.begin(),
+                     seq.routed_experts.end(), std::back_inserter(merged));
+      step_experts_.swap(merged);
+    }
+  };
+
+  int32_t budget = options_.max_batch_tokens;
+  std::stable_sort(running_.begin(), running_.end(),
+                   [](const auto& a, const auto& b) { return Before(*a, *b); });
+  for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+    Sequence* seq = running_[i].get();
+    const int32_t remaining = seq->uncomputed();
+    if (remaining == 0) continue;
+    const int32_t n = std::min(remaining, budget);
+    if (!GrowBlocks(seq, seq->num_computed + n, preempted)) break;  // seq was the last running
+    step.push_back({seq, n, n == remaining});
+    budget -= n;
+    join_step(*seq, n);
+  }
+
+  std::vector<uint8_t> skip(waiting_.size(), 0);
+  while (budget > 0 && static_cast<int32_t>(running_.size()) < options_.max_num_seqs) {
+    bool overdue = false;
+    const int64_t i = PickNext(now, skip, &overdue);
+    if (i < 0) break;
+    Sequence* seq = waiting_[i].get();
+    // A sequence preempted in this step does not come straight back.
+    if (preempted != nullptr &&
+        std::find(preempted->begin(), preempted->end(), seq) != preempted->end()) {
+      skip[i] = 1;
+      continue;
+    }
+    if (!Admit(waiting_.begin() + i, now)) {
+      // FCFS and overdue sequences: the head waits for blocks and nobody overtakes it.
+      if (options_.policy == SchedulingPolicy::kFcfs || overdue) break;
+      skip[i] = 1;
+      continue;
+    }
+    skip.erase(skip.begin() + i);
+    const int32_t n = std::min(seq->uncomputed(), budget);
+    if (seq->xlora) GrowBlocks(seq, seq->num_computed + n, preempted);
+    step.push_back({seq, n, n == seq->uncomputed()});
+    budget -= n;
+    join_step(*seq, n);
+  }
+  ComputePrefetchHint(now, skip);
+  return step;
+}
+
+void Scheduler::ComputePrefetchHint(absl::Time now, std::vector<uint8_t> skip) {
+  prefetch_hint_.clear();
+  // What the policy would pick next if room appeared: its picks, one adapter at a time. The pool
+  // constraint of this step is left out (the hint is for the steps after it).
+  const std::vector<int32_t> step_adapters = step_adapters_;
+  const int64_t step_bytes = step_expert_bytes_;
+  step_adapters_.clear();
+  step_expert_bytes_ = 0;
+  while (prefetch_hint_.size() < kMaxPrefetchHint) {
+    bool overdue = false;
+    const int64_t i = PickNext(now, skip, &overdue);
+    if (i < 0) break;
+    const int32_t slot = waiting_[i]->adapter_slot;
+    for (size_t j = 0; j < waiting_.size(); ++j) {
+      if (waiting_[j]->adapter_slot == slot) skip[j] = 1;
+    }
+    if (slot >= 0) prefetch_hint_.push_back(slot);
+  }
+  step_adapters_ = step_adapters;
+  step_expert_bytes_ = step_bytes;
 }
 
 std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {
@@ -96,6 +380,7 @@ std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {
   out->aux_blocks.clear();
   blocks_->Unreserve(out->reserved_blocks);
   out->reserved_blocks = 0;
+  if (--active_[out->adapter_slot] == 0) active_.erase(out->adapter_slot);
   return out;
 }
 

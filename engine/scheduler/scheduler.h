@@ -1,30 +1,90 @@
 #pragma once
 
-// Scheduler: iteration-level continuous batching (one decision per Step).
+// Scheduler: iteration-level continuous batching (one decision per Step), with a pluggable queue
+// policy that groups requests by the experts they use.
 //
-// Queue discipline (this version): first come, first served. A step takes, within the token
-// budget, one decode token of every running sequence and the next prefill chunk of sequences
-// still prefilling (chunked prefill: a long prompt spans several steps), then admits waiting
-// sequences in arrival order while the sequence limit, the budget and the KV blocks allow.
-// Admission reserves the KV blocks of prompt + max_new_tokens, so a running sequence never
-// runs out of blocks (no preemption needed).
+// A step takes, within the token budget (max_batch_tokens) and the sequence limit (max_num_seqs):
+//   1. one decode token of every running sequence and the next prefill chunk of running sequences
+//      still prefilling (chunked prefill: a long prompt spans several steps);
+//   2. then waiting sequences (new or preempted), in the order the policy picks them, while the
+//      limits, the KV blocks and (expert-aware policy) the device expert pool allow.
 //
-// State machine of a sequence: waiting --admit--> running --Remove--> gone (blocks freed).
+// KV blocks are allocated as positions advance. Admission needs the blocks of the sequence's known
+// tokens plus a watermark of free blocks. When a running sequence cannot get the block its next
+// tokens need, the latest-arrived running sequence (lowest priority first) is preempted by
+// recompute: its blocks are freed, its num_computed drops to 0 and it goes back to waiting with
+// its tokens (prompt + generated so far) and sampler state kept, so when it is admitted again its
+// next prefill recomputes the KV and samples the token it would have sampled next: the output is
+// the one an uninterrupted run gives (greedy, or seeded sampling). X-LoRA sequences are never
+// preempted (their scaling-pass KV cannot be recomputed to the same values once scalings are
+// frozen): they reserve their whole life's blocks at admission, as before.
+//
+// Policies (SchedulerOptions::policy):
+// - kFcfs: arrival order (higher priority first); the head of the queue waits for KV blocks and
+//   nobody overtakes it. Adapters are ignored (the expert cache splits calls that do not fit).
+// - kExpertAware: among waiting sequences the policy prefers, per adapter, (a) adapters whose
+//   experts the step already uses, then (b) adapters whose experts are resident in the device pool
+//   (ExpertView::ResidentBytes / AdapterBytes), adding for preempted sequences the overlap of the
+//   routed expert set observed at their prefill with the running sequences' sets; an adapter is
+//   admitted only when the step's distinct adapters' experts fit the pool. Two bounds keep it fair:
+//     * fair share (S-LoRA's virtual token counter): every adapter (the base model is one) counts
+//       the tokens served to it (prefill 1, decode 2 per token); an adapter becoming active is
+//       lifted to the least active count, and only adapters within fair_share_tokens of the least
+//       counted waiting adapter may be picked, so a flooding adapter cannot hold another back by
+//       more than that many weighted tokens of its own service;
+//     * aging: a sequence waiting longer than max_queue_delay since it arrived is overdue; overdue
+//       sequences go first, oldest first, ignoring the expert pool, and nobody overtakes the
+//       oldest overdue one for KV blocks.
+//   After a step is decided, prefetch_hint() lists the adapters the policy would take next, for
+//   the executor to prefetch their experts.
+// Both policies put preempted sequences back with their original arrival time and priority.
+//
+// State machine of a sequence:
+//   waiting --admit--> running --preempt--> waiting (num_computed = 0, blocks freed)
+//   running/waiting --Remove--> gone (blocks and reservation freed)
 // Thread safety: not thread-safe; the engine loop owns it.
 
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
+#include <string_view>
 #include <vector>
 
+#include "absl/time/time.h"
 #include "engine/kv_cache/block_manager.h"
 #include "engine/scheduler/sequence.h"
 
 namespace moleserve::engine {
 
+enum class SchedulingPolicy { kFcfs, kExpertAware };
+const char* SchedulingPolicyName(SchedulingPolicy p);  // "fcfs", "expert_aware"
+// Parses "fcfs" or "expert_aware" (also "expert-aware"); false for anything else.
+bool ParseSchedulingPolicy(std::string_view name, SchedulingPolicy* out);
+
+// What the expert-aware policy needs to know of the device expert pool (the executor implements
+// it over ExpertCache; policy tests implement it with a table).
+class ExpertView {
+ public:
+  virtual ~ExpertView() = default;
+  // Bytes of the device expert pool; 0 = unbounded (every adapter's experts fit).
+  virtual int64_t capacity_bytes() const = 0;
+  // Device bytes of all of the adapter's experts, and of those resident now.
+  virtual int64_t AdapterBytes(int32_t slot) const = 0;
+  virtual int64_t ResidentBytes(int32_t slot) const = 0;
+};
+
 struct SchedulerOptions {
   int32_t max_batch_tokens = 2048;  // tokens per step (>= max_num_seqs)
   int32_t max_num_seqs = 64;        // running sequences at once
+  SchedulingPolicy policy = SchedulingPolicy::kExpertAware;
+  // Expert-aware: no sequence waits longer than this because of grouping or fair share.
+  absl::Duration max_queue_delay = absl::Seconds(2);
+  // Expert-aware: weighted tokens an adapter may be ahead of the least served waiting adapter and
+  // still be picked; 0 = max_batch_tokens.
+  int64_t fair_share_tokens = 0;
+  // Free KV blocks admission leaves for running sequences to grow into; -1 = 1% of the blocks.
+  int32_t watermark_blocks = -1;
 };
 
 // Part of a step: `num_tokens` uncomputed tokens of `seq`, starting at seq->num_computed.
@@ -37,35 +97,72 @@ struct ScheduledChunk {
 
 class Scheduler {
  public:
-  Scheduler(const SchedulerOptions& options, BlockManager* blocks);
+  // `experts` may be null (treated as an unbounded pool with nothing resident).
+  Scheduler(const SchedulerOptions& options, BlockManager* blocks,
+            const ExpertView* experts = nullptr);
   ~Scheduler();
 
-  // Blocks `seq` needs reserved for its whole life (prompt + max_new_tokens; twice that for
-  // X-LoRA, whose scaling pass keeps its own KV).
+  const SchedulerOptions& options() const { return options_; }
+
+  // Blocks `seq` needs for its whole life (prompt + max_new_tokens; twice that for X-LoRA, whose
+  // scaling pass keeps its own KV).
   int32_t BlocksNeeded(const Sequence& seq) const;
 
   void Enqueue(std::unique_ptr<Sequence> seq);
-  // Decides the next step; empty when there is nothing to run. Newly admitted sequences get
-  // their `admitted` time set to `now`.
-  std::vector<ScheduledChunk> Schedule(absl::Time now);
-  // Takes blocks from the reservation so seq's table covers `positions` positions.
-  void EnsureBlocks(Sequence* seq, int32_t positions);
+  // Decides the next step and allocates the KV blocks it writes; empty when there is nothing to
+  // run. Newly admitted sequences get their `admitted` time set to `now` (first admission only).
+  // Sequences preempted to make room are appended to `preempted` (when given).
+  std::vector<ScheduledChunk> Schedule(absl::Time now, std::vector<Sequence*>* preempted = nullptr);
   // X-LoRA sequence whose scalings were just frozen: frees its scaling-pass KV blocks and the
   // part of its reservation they had not taken yet.
   void ReleaseAuxBlocks(Sequence* seq);
   // Removes a sequence (waiting or running), returning its blocks; returns ownership.
   std::unique_ptr<Sequence> Remove(Sequence* seq);
 
+  // Adapter slots whose waiting sequences the policy would admit next, best first (at most 4).
+  const std::vector<int32_t>& prefetch_hint() const { return prefetch_hint_; }
+
   const std::deque<std::unique_ptr<Sequence>>& waiting() const { return waiting_; }
   const std::vector<std::unique_ptr<Sequence>>& running() const { return running_; }
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
+  int64_t num_preemptions() const { return num_preemptions_; }
+  // Weighted tokens served to the adapter in `slot` (-1 = base model), for tests and metrics.
+  int64_t ServedTokens(int32_t slot) const;
 
  private:
+  // Takes the blocks seq's table needs to cover `positions`, preempting running sequences that
+  // arrived after it (latest first) when there are not enough free ones. False when seq itself
+  // had to be preempted.
+  bool GrowBlocks(Sequence* seq, int32_t positions, std::vector<Sequence*>* preempted);
+  void Preempt(Sequence* seq, std::vector<Sequence*>* preempted);
+  // Moves seq from waiting to running and allocates its blocks; false (nothing changed) when the
+  // KV blocks do not allow it.
+  bool Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::Time now);
+  // Index into waiting_ of the sequence the policy takes next among those not in `skip`; -1 when
+  // none. `overdue` is set when the pick is overdue.
+  int64_t PickNext(absl::Time now, const std::vector<uint8_t>& skip, bool* overdue) const;
+  double AdapterScore(int32_t slot) const;
+  bool FitsExpertPool(int32_t slot) const;
+  void Account(const Sequence& seq, int32_t tokens);
+  void ActivateAdapter(int32_t slot);
+  bool AdapterActive(int32_t slot) const;
+  void ComputePrefetchHint(absl::Time now, std::vector<uint8_t> skip);
+
   SchedulerOptions options_;
-  BlockManager* blocks_;  // not owned
-  std::deque<std::unique_ptr<Sequence>> waiting_;
+  BlockManager* blocks_;       // not owned
+  const ExpertView* experts_;  // not owned, may be null
+  int32_t watermark_;
+  std::deque<std::unique_ptr<Sequence>> waiting_;   // arrival order (preempted: re-inserted)
   std::vector<std::unique_ptr<Sequence>> running_;  // admission order
+  std::map<int32_t, int64_t> served_;               // virtual token counter per adapter slot
+  std::map<int32_t, int32_t> active_;               // waiting + running sequences per adapter slot
+  // The step being built: its adapters and the union of its sequences' observed expert sets.
+  std::vector<int32_t> step_adapters_;
+  int64_t step_expert_bytes_ = 0;
+  std::vector<uint32_t> step_experts_;
+  std::vector<int32_t> prefetch_hint_;
+  int64_t num_preemptions_ = 0;
 };
 
 }  // namespace moleserve::engine

@@ -60,6 +60,11 @@ struct Sequence {
   absl::Time last_token;
   // Time the steps it ran in spent copying LoRA experts in (metrics).
   double expert_wait_seconds = 0;
+  // Times it was preempted (its KV freed, to be recomputed when it is admitted again).
+  int32_t preemptions = 0;
+  // The experts its prefill's last token was routed to, as sorted keys (RoutedExpertKey), for the
+  // expert-aware scheduling policy; empty until observed or for the base model.
+  std::vector<uint32_t> routed_experts;
 };
 
 }  // namespace moleserve::engine

@@ -104,6 +104,7 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
     if (r.has_p()) out.routing_override.p = r.p();
   }
   out.deadline = deadline;
+  out.priority = in.priority();
   return out;
 }
 

@@ -107,6 +107,23 @@ struct PrometheusMetrics::Families {
                         .Register(r)
                         .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
                                                              1024, 2048, 4096, 8192})),
+        preempted(BuildCounter()
+                      .Name("moleserve_requests_preempted_total")
+                      .Help("Running requests preempted (KV freed, recomputed later) for room")
+                      .Register(r)
+                      .Add({})),
+        step_experts(BuildHistogram()
+                         .Name("moleserve_step_distinct_experts")
+                         .Help("Distinct LoRA experts read by a step with adapter tokens, experts")
+                         .Register(r)
+                         .Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128, 256, 512,
+                                                              1024, 2048, 4096})),
+        tokens_per_expert(BuildHistogram()
+                              .Name("moleserve_step_tokens_per_expert")
+                              .Help("Adapter tokens of a step per LoRA expert it read, tokens")
+                              .Register(r)
+                              .Add({}, Histogram::BucketBoundaries{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2,
+                                                                   4, 8, 16, 64})),
         cache_lookups(BuildCounter()
                           .Name("moleserve_expert_cache_lookups_total")
                           .Help("Expert cache lookups by tier (device, host) and result")
@@ -178,6 +195,9 @@ struct PrometheusMetrics::Families {
   prometheus::Gauge& kv_usage;
   prometheus::Counter& steps;
   Histogram& step_tokens;
+  prometheus::Counter& preempted;
+  Histogram& step_experts;
+  Histogram& tokens_per_expert;
   prometheus::Family<prometheus::Counter>& cache_lookups;
   prometheus::Counter& cache_prefetched;
   prometheus::Family<prometheus::Counter>& cache_evictions;
@@ -239,9 +259,18 @@ void PrometheusMetrics::OnRequestFinished(const engine::FinishedRequestMetrics& 
 void PrometheusMetrics::OnStep(const engine::StepMetrics& m) {
   families_->steps.Increment();
   families_->step_tokens.Observe(static_cast<double>(m.batch_tokens));
+  if (m.adapter_tokens > 0 && m.distinct_experts > 0) {
+    families_->step_experts.Observe(static_cast<double>(m.distinct_experts));
+    families_->tokens_per_expert.Observe(static_cast<double>(m.adapter_tokens) /
+                                         static_cast<double>(m.distinct_experts));
+  }
   families_->kv_usage.Set(m.kv_cache_usage);
   families_->running.Set(static_cast<double>(m.num_running));
   families_->waiting.Set(static_cast<double>(m.num_waiting));
+}
+
+void PrometheusMetrics::OnPreempted(int64_t n) {
+  families_->preempted.Increment(static_cast<double>(n));
 }
 
 void PrometheusMetrics::OnQueueState(int64_t num_waiting, int64_t num_running,

@@ -20,6 +20,8 @@
 //   moleserve_kv_cache_usage_ratio               gauge, 0..1 of KV blocks allocated
 //   moleserve_steps_total                        counter, engine steps
 //   moleserve_step_tokens                        histogram, tokens per step
+//   moleserve_requests_preempted_total           counter, running requests preempted (KV freed
+//                                                and recomputed later) to make room
 // Paged expert cache and hot loading (what no peer publishes):
 //   moleserve_expert_cache_lookups_total{tier,result}  counter; tier="device" hit|miss, and
 //                                                tier="host" hit (each device miss is served from
@@ -31,6 +33,10 @@
 //   moleserve_expert_cache_resident_experts      gauge
 //   moleserve_expert_cache_pages{width}          gauge, pages of the pool of rank rows `width`
 //   moleserve_expert_cache_free_pages{width}     gauge
+//   moleserve_step_distinct_experts             histogram, LoRA experts a step read (steps with
+//                                                adapter tokens only)
+//   moleserve_step_tokens_per_expert             histogram, adapter tokens per expert read in a
+//                                                step (how well grouping shares each read)
 //   moleserve_request_expert_wait_seconds        histogram, per request: time its steps spent
 //                                                copying experts in
 //   moleserve_adapter_load_seconds{stage}        histogram; read (disk -> validated host
@@ -67,6 +73,7 @@ class PrometheusMetrics final : public engine::MetricsSink {
   void OnInterTokenLatency(double seconds) override;
   void OnRequestFinished(const engine::FinishedRequestMetrics& m) override;
   void OnStep(const engine::StepMetrics& m) override;
+  void OnPreempted(int64_t n) override;
   void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) override;
   void OnExpertCache(const engine::ExpertCacheMetrics& m) override;
   void OnAdapterLoad(const engine::AdapterLoadMetrics& m) override;

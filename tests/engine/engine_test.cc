@@ -4,15 +4,20 @@
 #include "engine/engine.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
+#include <filesystem>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "engine/model/demo_model.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "tests/common/demo_mole_adapter.h"
 
 namespace moleserve::engine {
 namespace {
@@ -363,6 +368,78 @@ TEST(EngineTest, KvPressureDelaysAdmissionButEverythingCompletes) {
   auto s = e->Submit(Greedy(Prompt(100, 1), 1000), std::make_shared<Collector>());
   EXPECT_EQ(s.status().code(), absl::StatusCode::kResourceExhausted);
   ExpectAllBlocksFree(*e);
+}
+
+// Counts preemptions and steps (the other reports are ignored).
+class PreemptionCounter final : public MetricsSink {
+ public:
+  void OnRequestRejected(absl::StatusCode) override {}
+  void OnFirstToken(double) override {}
+  void OnInterTokenLatency(double) override {}
+  void OnRequestFinished(const FinishedRequestMetrics&) override {}
+  void OnStep(const StepMetrics& m) override {
+    if (m.adapter_tokens > 0)
+      max_distinct_experts = std::max<int64_t>(max_distinct_experts, m.distinct_experts);
+  }
+  void OnQueueState(int64_t, int64_t, double) override {}
+  void OnPreempted(int64_t n) override { preempted += n; }
+  std::atomic<int64_t> preempted{0};
+  std::atomic<int64_t> max_distinct_experts{0};
+};
+
+// Six requests of 100 prompt + 60 new tokens in 22 KV blocks: admission takes the 7 blocks of a
+// prompt, so three start, and as they grow the latest-arrived is preempted (its KV freed) and
+// recomputed when blocks return. Each output equals the one the request gives alone, for the base
+// model, a MoLE adapter (greedy) and seeded sampling, under both policies.
+TEST(EngineTest, PreemptedRequestsResumeWithTheUninterruptedTokens) {
+  const std::string dir = test_util::WriteDemoMoleAdapter(
+      (std::filesystem::temp_directory_path() / absl::StrCat("preempt_mole_", getpid())).string());
+  ASSERT_FALSE(dir.empty());
+  for (const char* policy : {"expert_aware", "fcfs"}) {
+    SCOPED_TRACE(policy);
+    PreemptionCounter metrics;
+    auto e = MakeEngine({.max_num_seqs = 8,
+                         .scheduling_policy = policy,
+                         .kv_cache_bytes = 22 * 65536,
+                         .metrics = &metrics,
+                         .adapters = {{"mole", dir}}});
+    ASSERT_EQ(e->Stats().total_kv_blocks, 22);
+    auto request = [](int i) {
+      GenerateRequest r = Greedy(Prompt(100, i), 60);
+      if (i % 2 == 1) r.adapter = "mole";
+      if (i == 4) {
+        r.sampling.temperature = 0.8f;
+        r.sampling.seed = 5;
+      }
+      return r;
+    };
+    std::vector<std::vector<int32_t>> alone;
+    for (int i = 0; i < 6; ++i) alone.push_back(RunAlone(*e, request(i)));
+    ASSERT_EQ(metrics.preempted, 0);
+    std::vector<std::shared_ptr<Collector>> cs;
+    for (int i = 0; i < 6; ++i) {
+      cs.push_back(std::make_shared<Collector>());
+      ASSERT_TRUE(e->Submit(request(i), cs.back()).ok());
+    }
+    for (int i = 0; i < 6; ++i) {
+      ASSERT_TRUE(cs[i]->Wait());
+      ASSERT_TRUE(cs[i]->status().ok()) << cs[i]->status();
+      EXPECT_EQ(cs[i]->ids(), alone[i]) << "request " << i;
+    }
+    EXPECT_GT(metrics.preempted, 0);
+    // 4 layers x 2 sites x 4 experts of the demo adapter: at most 32 distinct experts per step.
+    EXPECT_GT(metrics.max_distinct_experts, 0);
+    EXPECT_LE(metrics.max_distinct_experts, 32);
+    ExpectAllBlocksFree(*e);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(EngineTest, UnknownSchedulingPolicyIsRefused) {
+  auto e = Engine::Create({.scheduling_policy = "lifo"});
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(e.status().message().find("fcfs, expert_aware"), std::string::npos);
 }
 
 TEST(EngineTest, DrainRefusesNewWorkAndFinishesInFlight) {
