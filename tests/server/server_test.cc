@@ -663,6 +663,106 @@ TEST(ServerTest, ThirtyTwoConcurrentStreamsGetTheirExactTokenCounts) {
   EXPECT_TRUE(inst->WaitEngineIdle());
 }
 
+// Overload: requests arrive at twice the measured capacity, a fixed count of them. The queue is
+// bounded: the ones beyond it get RESOURCE_EXHAUSTED at once, naming the full queue; every
+// accepted one completes with the tokens it gives alone; the server stays healthy; /metrics
+// counts what happened.
+TEST(ServerTest, OverloadAtTwiceCapacityRejectsQuicklyAndCompletesTheRest) {
+  engine::EngineOptions options = SmallEngineOptions();
+  options.max_num_seqs = 4;
+  options.max_queue = 6;
+  auto inst = Instance::Start(options, {}, /*with_metrics=*/true);
+  ASSERT_NE(inst, nullptr);
+  constexpr uint32_t kTokens = 48;
+  std::vector<std::string> prompts;
+  std::vector<std::vector<uint32_t>> reference;
+  for (int i = 0; i < 4; ++i) {
+    prompts.push_back(absl::StrCat("overload prompt ", i));
+    GenResult r = RunGenerate(*inst->stub, Greedy(prompts.back(), kTokens));
+    ASSERT_TRUE(r.status.ok());
+    reference.push_back(r.ids);
+  }
+  // Capacity: 8 requests, 4 at a time (the running batch), closed loop; the faster of two runs
+  // (a hiccup of a shared machine must not make "twice" too slow to overflow).
+  double capacity = 0;  // requests/s
+  for (int round = 0; round < 2; ++round) {
+    const absl::Time calib_start = absl::Now();
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; ++i) {
+      threads.emplace_back([&, i] {
+        for (int k = 0; k < 2; ++k) RunGenerate(*inst->stub, Greedy(prompts[i], kTokens));
+      });
+    }
+    for (std::thread& t : threads) t.join();
+    capacity = std::max(capacity, 8 / absl::ToDoubleSeconds(absl::Now() - calib_start));
+  }
+  ASSERT_TRUE(inst->WaitEngineIdle());
+  const std::map<std::string, double> before =
+      test_util::ParsePrometheus(test_util::HttpGetMetrics(inst->metrics->port()));
+
+  constexpr int kRequests = 60;
+  const absl::Duration gap = absl::Seconds(1 / (2 * capacity));
+  struct Outcome {
+    GenResult result;
+    absl::Duration latency;
+  };
+  std::vector<Outcome> outcomes(kRequests);
+  std::vector<std::thread> threads;
+  const absl::Time start = absl::Now();
+  for (int i = 0; i < kRequests; ++i) {
+    absl::SleepFor(start + gap * i - absl::Now());
+    threads.emplace_back([&, i] {
+      const absl::Time sent = absl::Now();
+      outcomes[i].result = RunGenerate(*inst->stub, Greedy(prompts[i % 4], kTokens));
+      outcomes[i].latency = absl::Now() - sent;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  int accepted = 0, rejected = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    SCOPED_TRACE(absl::StrCat("request ", i));
+    const GenResult& r = outcomes[i].result;
+    if (r.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      ++rejected;
+      EXPECT_THAT(r.status.error_message(), HasSubstr("queue is full"));
+      EXPECT_TRUE(r.ids.empty());
+      EXPECT_LT(outcomes[i].latency, absl::Milliseconds(500)) << "a rejection should be at once";
+      continue;
+    }
+    ASSERT_TRUE(r.status.ok()) << r.status.error_code() << " " << r.status.error_message();
+    ++accepted;
+    EXPECT_EQ(r.ids, reference[i % 4]);
+    EXPECT_EQ(r.final.finish_reason(), pb::FINISH_REASON_LENGTH);
+  }
+  const double run_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  std::printf("capacity %.1f req/s, arrivals %.1f req/s over %.2f s: %d accepted, %d rejected\n",
+              capacity, 2 * capacity, run_seconds, accepted, rejected);
+  EXPECT_EQ(accepted + rejected, kRequests);
+  EXPECT_GT(rejected, 0) << "twice the capacity should overflow a queue of 6";
+  EXPECT_GT(accepted, 10) << "the queue and the running batch should take some";
+  ASSERT_TRUE(inst->WaitEngineIdle());
+  ExpectStillServing(*inst->stub);
+
+  std::map<std::string, double> after;
+  auto delta = [&](const std::string& name) {
+    auto b = before.find(name);
+    return after[name] - (b == before.end() ? 0.0 : b->second);
+  };
+  for (int i = 0; i < 100; ++i) {
+    after = test_util::ParsePrometheus(test_util::HttpGetMetrics(inst->metrics->port()));
+    if (delta("moleserve_request_queue_time_seconds_count") == accepted + 1) break;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_EQ(delta("moleserve_requests_rejected_total{code=\"resource_exhausted\"}"), rejected);
+  // The accepted ones and the ExpectStillServing request.
+  EXPECT_EQ(delta("moleserve_requests_finished_total{outcome=\"length\"}"), accepted + 1);
+  EXPECT_EQ(delta("moleserve_request_queue_time_seconds_count"), accepted + 1);
+  EXPECT_EQ(delta("moleserve_generation_tokens_total"), (accepted * kTokens) + 2);
+  EXPECT_TRUE(after.contains("moleserve_requests_preempted_total"));
+  EXPECT_EQ(after["moleserve_num_requests_waiting"], 0);
+  EXPECT_EQ(after["moleserve_num_requests_running"], 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Health and drain
 
