@@ -41,5 +41,17 @@ TEST(ConversionTest, RejectsValuesOutsideTheEngineTypes) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(ConversionTest, PriorityIsCarried) {
+  pb::GenerateRequest req;
+  req.set_text("hi");
+  auto normal = FromProto(req, absl::InfiniteFuture(), {});
+  ASSERT_TRUE(normal.ok());
+  EXPECT_EQ(normal->priority, 0);
+  req.set_priority(-3);
+  auto background = FromProto(req, absl::InfiniteFuture(), {});
+  ASSERT_TRUE(background.ok());
+  EXPECT_EQ(background->priority, -3);
+}
+
 }  // namespace
 }  // namespace moleserve::server
