@@ -22,7 +22,9 @@ THREADS=${THREADS:-2}
 PROMPT_LEN=${PROMPT_LEN:-uniform:16:64}
 OUTPUT_LEN=${OUTPUT_LEN:-uniform:8:32}
 FRACTIONS=${FRACTIONS:-"1.0 0.25 0.10"}
-POLICIES=${POLICIES:-"fcfs expert_aware"}
+# expert_aware_nofair: the expert-aware policy with the per-adapter fair share off (to separate
+# the effect of grouping from that of fairness).
+POLICIES=${POLICIES:-"fcfs expert_aware expert_aware_nofair"}
 PORT=${PORT:-51051}
 METRICS_PORT=${METRICS_PORT:-51090}
 
@@ -48,9 +50,13 @@ for fraction in $FRACTIONS; do
   pool=$(python3 -c "import math,sys; print(math.ceil(int(sys.argv[1]) * float(sys.argv[2])))" \
     "$working_set" "$fraction")
   for policy in $POLICIES; do
+    policy_flags=(--scheduling-policy "$policy")
+    if [[ "$policy" == expert_aware_nofair ]]; then
+      policy_flags=(--scheduling-policy expert_aware --fair-share-tokens 1000000000000)
+    fi
     "$BUILD/server/moleserve" --port "$PORT" --metrics-port "$METRICS_PORT" --admin-port -1 \
       --threads "$THREADS" --max-num-seqs "$MAX_NUM_SEQS" --max-queue 1024 \
-      --expert-cache-bytes "$pool" --scheduling-policy "$policy" --adapter "$adapter_flags" \
+      --expert-cache-bytes "$pool" "${policy_flags[@]}" --adapter "$adapter_flags" \
       --log-level warn >"$work/server.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 600); do

@@ -65,14 +65,14 @@ def main():
                       "pool_bytes": int(a.working_set * float(fraction) + 0.999999)})
             by_policy[policy] = r
             report["rows"].append(r)
-            print(f"{float(fraction) * 100:>5.0f}% {policy:<13}"
+            print(f"{float(fraction) * 100:>5.0f}% {policy[:13]:<13}"
                   f"{r['request_throughput']:>13.2f}{r['output_token_throughput']:>13.1f}"
                   f"{r['ttft_p50_ms']:>13.1f}{r['ttft_p99_ms']:>13.1f}"
                   f"{r['swaps_per_1000_tokens']:>13.1f}"
                   f"{r['expert_bytes_per_token'] * 1000 / 1048576:>13.2f}"
                   f"{r['distinct_experts_per_step']:>13.1f}")
-        if "fcfs" in by_policy and "expert_aware" in by_policy:
-            f, e = by_policy["fcfs"], by_policy["expert_aware"]
+        for other in [p for p in policies if p != "fcfs" and "fcfs" in by_policy]:
+            f, e = by_policy["fcfs"], by_policy[other]
 
             def ratio(k):
                 return e[k] / f[k] if f[k] else None
@@ -82,8 +82,8 @@ def main():
                     "distinct_experts_per_step"]
             ratios = {k: ratio(k) for k in keys}
             report["rows"].append({"pool_fraction": float(fraction),
-                                   "policy": "expert_aware/fcfs", **ratios})
-            print(f"{'':>6} {'aware/fcfs':<13}" + "".join(
+                                   "policy": f"{other}/fcfs", **ratios})
+            print(f"{'':>6} {other[:8] + '/fcfs':<13}" + "".join(
                 f"{(ratios[k] if ratios[k] is not None else float('nan')):>12.2f}x"
                 for k in keys))
     pathlib.Path(a.out).write_text(json.dumps(report, indent=2) + "\n")

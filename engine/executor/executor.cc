@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/check.h"
@@ -43,6 +44,10 @@ Executor::~Executor() { Stop(); }
 int64_t Executor::CacheView::capacity_bytes() const {
   // An unbounded pool grows to hold every registered expert: nothing to fit.
   return cache_->bounded() ? cache_->stats().capacity_bytes : 0;
+}
+
+int64_t Executor::CacheView::FreeBytes() const {
+  return cache_->bounded() ? cache_->FreeBytes() : std::numeric_limits<int64_t>::max();
 }
 
 uint32_t Executor::RoutedExpertKey(int32_t layer, std::string_view module, int32_t expert) {

@@ -93,6 +93,7 @@ class Executor {
     int64_t capacity_bytes() const override;
     int64_t AdapterBytes(int32_t slot) const override { return cache_->OwnerBytes(slot); }
     int64_t ResidentBytes(int32_t slot) const override { return cache_->ResidentBytes(slot); }
+    int64_t FreeBytes() const override;
 
    private:
     const ExpertCache* cache_;  // not owned

@@ -404,6 +404,15 @@ int64_t ExpertCache::OwnerBytes(int32_t owner) const {
   return bytes;
 }
 
+int64_t ExpertCache::FreeBytes() const {
+  MutexLock lock(&mu_);
+  int64_t bytes = 0;
+  for (const auto& [width, pool] : pools_) {
+    bytes += static_cast<int64_t>(pool.free.size()) * width * elem_bytes_;
+  }
+  return bytes;
+}
+
 ExpertCacheStats ExpertCache::stats() const {
   MutexLock lock(&mu_);
   ExpertCacheStats s = stats_;

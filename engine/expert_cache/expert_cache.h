@@ -109,6 +109,8 @@ class ExpertCache {
   // Device bytes of the owner's resident experts, and of all its experts.
   int64_t ResidentBytes(int32_t owner) const;
   int64_t OwnerBytes(int32_t owner) const;
+  // Device bytes of the free pages of all pools.
+  int64_t FreeBytes() const;
   // Whether the capacity is bounded (else the pools grow to hold every registered expert).
   bool bounded() const { return options_.capacity_bytes > 0; }
   ExpertCacheStats stats() const;

@@ -109,14 +109,19 @@ void Scheduler::Account(const Sequence& seq, int32_t tokens) {
 }
 
 double Scheduler::AdapterScore(int32_t slot) const {
-  if (slot < 0) return 2;  // the base model needs no experts
+  // How little the adapter's experts would push out of the pool: 1 for the base model, an adapter
+  // the step already reads, or one whose missing experts fit the free pages; else the resident
+  // fraction. Adapters that evict nothing tie, and ties go by arrival: grouping reorders requests
+  // only where it saves evictions.
+  if (slot < 0) return 1;
   if (std::find(step_adapters_.begin(), step_adapters_.end(), slot) != step_adapters_.end()) {
-    return 2;  // its experts are read this step anyway
+    return 1;
   }
   if (experts_ == nullptr) return 1;
   const int64_t bytes = experts_->AdapterBytes(slot);
-  if (bytes <= 0) return 1;
-  return static_cast<double>(experts_->ResidentBytes(slot)) / static_cast<double>(bytes);
+  const int64_t resident = experts_->ResidentBytes(slot);
+  if (bytes <= 0 || bytes - resident <= experts_->FreeBytes()) return 1;
+  return std::min(1.0, static_cast<double>(resident) / static_cast<double>(bytes));
 }
 
 bool Scheduler::FitsExpertPool(int32_t slot) const {
@@ -175,11 +180,8 @@ int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bo
     double score = AdapterScore(slot);
     // A preempted sequence knows the experts its prefill routed to.
     if (!s.routed_experts.empty()) score += Overlap(s.routed_experts, step_experts_);
-    const bool better = best < 0 || score > best_score ||
-                        (score == best_score &&
-                         (ServedTokens(slot) < ServedTokens(waiting_[best]->adapter_slot) ||
-                          (ServedTokens(slot) == ServedTokens(waiting_[best]->adapter_slot) &&
-                           Before(s, *waiting_[best]))));
+    const bool better =
+        best < 0 || score > best_score || (score == best_score && Before(s, *waiting_[best]));
     if (better) {
       best = i;
       best_score = score;

@@ -22,11 +22,14 @@
 // Policies (SchedulerOptions::policy):
 // - kFcfs: arrival order (higher priority first); the head of the queue waits for KV blocks and
 //   nobody overtakes it. Adapters are ignored (the expert cache splits calls that do not fit).
-// - kExpertAware: among waiting sequences the policy prefers, per adapter, (a) adapters whose
-//   experts the step already uses, then (b) adapters whose experts are resident in the device pool
-//   (ExpertView::ResidentBytes / AdapterBytes), adding for preempted sequences the overlap of the
-//   routed expert set observed at their prefill with the running sequences' sets; an adapter is
-//   admitted only when the step's distinct adapters' experts fit the pool. Two bounds keep it fair:
+// - kExpertAware: among waiting sequences the policy prefers adapters whose experts need no copy:
+//   the score of an adapter is 1 when the step already reads it, for the base model, or when its
+//   missing experts fit the pool's free pages (nothing is evicted), else the resident fraction of
+//   its experts (ExpertView::ResidentBytes / AdapterBytes); a preempted
+//   sequence adds the overlap of the routed expert set observed at its prefill with the running
+//   sequences' sets. Equal scores go by arrival, so when everything is resident the order is
+//   FCFS's. An adapter is admitted only while the step's distinct adapters' experts fit the pool.
+//   Two bounds keep it fair:
 //     * fair share (S-LoRA's virtual token counter): every adapter (the base model is one) counts
 //       the tokens served to it (prefill 1, decode 2 per token); an adapter becoming active is
 //       lifted to the least active count, and only adapters within fair_share_tokens of the least
@@ -72,6 +75,8 @@ class ExpertView {
   // Device bytes of all of the adapter's experts, and of those resident now.
   virtual int64_t AdapterBytes(int32_t slot) const = 0;
   virtual int64_t ResidentBytes(int32_t slot) const = 0;
+  // Bytes of free pages (an adapter whose missing experts fit there evicts nothing).
+  virtual int64_t FreeBytes() const = 0;
 };
 
 struct SchedulerOptions {

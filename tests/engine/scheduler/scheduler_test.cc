@@ -39,6 +39,9 @@ class FakePool final : public ExpertView {
   int64_t ResidentBytes(int32_t slot) const override {
     return std::find(lru_.begin(), lru_.end(), slot) != lru_.end() ? kAdapterBytes : 0;
   }
+  int64_t FreeBytes() const override {
+    return std::max<int64_t>(0, capacity_ - static_cast<int64_t>(lru_.size()) * kAdapterBytes);
+  }
   // A step reads the experts of `slots`: misses are copied in, evicting the least recently used
   // adapters not in the step.
   void Use(const std::vector<int32_t>& slots) {
