@@ -38,7 +38,8 @@ int main(int argc, char** argv) {
   // Demo model: 4 layers x 2 routed sites (q_proj, o_proj), hidden 256; an expert is `rank` A
   // rows and `rank` B^T rows of 256 fp32 values.
   const long long per_adapter = 4LL * 2 * experts * rank * (256 + 256) * 4;
-  std::printf("{\"adapters\": %d, \"expert_bytes_per_adapter\": %lld, \"working_set_bytes\": %lld}\n",
-              count, per_adapter, per_adapter * count);
+  std::printf(
+      "{\"adapters\": %d, \"expert_bytes_per_adapter\": %lld, \"working_set_bytes\": %lld}\n",
+      count, per_adapter, per_adapter * count);
   return 0;
 }
