@@ -330,7 +330,7 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
       batch_.seq_adapter.push_back(seq->adapter_slot);
       // The expert-aware policy learns each sequence's routed experts from its prefill's last
       // token.
-      const bool observe = chunk.sample && seq->adapter_slot >= 0 && seq->routed_experts.empty() &&
+      const bool observe = chunk.sample && seq->adapter_slot >= 0 && !seq->routing_observed &&
                            scheduler_.options().policy == SchedulingPolicy::kExpertAware;
       batch_.seq_return_routing.push_back(seq->request.return_routing || observe ? 1 : 0);
       if (seq->request.routing_override.empty()) {
@@ -395,8 +395,9 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     GenerationChunk out;
     GeneratedToken token{sampled.id, sampled.logprob, {}};
     if (seq->request.top_logprobs > 0) token.top = std::move(sampled.top);
-    if (mole && seq->adapter_slot >= 0 && seq->routed_experts.empty() &&
-        !extras_.routing[sample_row].empty()) {
+    if (mole && seq->adapter_slot >= 0 && !seq->routing_observed &&
+        scheduler_.options().policy == SchedulingPolicy::kExpertAware) {
+      seq->routing_observed = true;
       for (const RoutingRecord& rec : extras_.routing[sample_row]) {
         for (int32_t e : rec.experts) {
           seq->routed_experts.push_back(RoutedExpertKey(rec.layer, rec.module, e));

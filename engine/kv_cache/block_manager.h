@@ -3,9 +3,9 @@
 // BlockManager: the paged KV cache's physical blocks (vLLM-style, block_size tokens each).
 //
 // A block is free, reserved (promised to a sequence that has not used it yet) or allocated (holds
-// K/V rows of one sequence). Admission reserves every block a sequence can ever need (prompt +
-// max_new_tokens), so a running sequence never fails to grow; blocks are taken from the
-// reservation as positions advance and all return to the free list when the sequence leaves.
+// K/V rows of one sequence). The scheduler reserves and takes blocks as positions advance (and
+// reserves an X-LoRA sequence's whole life at admission); all return to the free list when the
+// sequence leaves or is preempted.
 //   free --Reserve--> reserved --AllocateReserved--> allocated --Free--> free
 //   reserved --Unreserve--> free
 // Thread safety: not thread-safe; owned and used by the engine loop only.

@@ -92,9 +92,8 @@ void Scheduler::ActivateAdapter(int32_t slot) {
     for (const auto& [s, n] : active_) {
       if (n > 0) least = std::min(least, ServedTokens(s));
     }
-    if (least != std::numeric_limits<int64_t>::max()) {
-      served_[slot] = std::max(ServedTokens(slot), least);
-    }
+    if (least == std::numeric_limits<int64_t>::max()) least = last_idle_served_;  // none active
+    served_[slot] = std::max(ServedTokens(slot), least);
   }
   ++active_[slot];
 }
@@ -300,29 +299,34 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
   int32_t budget = options_.max_batch_tokens;
   std::stable_sort(running_.begin(), running_.end(),
                    [](const auto& a, const auto& b) { return Before(*a, *b); });
-  for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+  std::vector<Sequence*> local_preempted;
+  if (preempted == nullptr) preempted = &local_preempted;
+  const size_t preempted_before = preempted->size();
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* seq = running_[i].get();
     const int32_t remaining = seq->uncomputed();
-    if (remaining == 0) continue;
     const int32_t n = std::min(remaining, budget);
-    if (!GrowBlocks(seq, seq->num_computed + n, preempted)) break;  // seq was the last running
+    if (remaining == 0) {
+      ++i;
+      continue;
+    }
+    // seq preempted itself: it left running_, so index i now names the next sequence (X-LoRA).
+    if (!GrowBlocks(seq, seq->num_computed + n, preempted)) continue;
     step.push_back({seq, n, n == remaining});
     budget -= n;
     join_step(*seq, n);
+    ++i;
   }
 
   std::vector<uint8_t> skip(waiting_.size(), 0);
-  while (budget > 0 && static_cast<int32_t>(running_.size()) < options_.max_num_seqs) {
+  // A step that had to preempt admits nobody: the blocks just freed go to the running sequences
+  // (and nobody overtakes the preempted ones into them).
+  const bool admit = preempted->size() == preempted_before;
+  while (admit && budget > 0 && static_cast<int32_t>(running_.size()) < options_.max_num_seqs) {
     bool overdue = false;
     const int64_t i = PickNext(now, skip, &overdue);
     if (i < 0) break;
     Sequence* seq = waiting_[i].get();
-    // A sequence preempted in this step does not come straight back.
-    if (preempted != nullptr &&
-        std::find(preempted->begin(), preempted->end(), seq) != preempted->end()) {
-      skip[i] = 1;
-      continue;
-    }
     if (!Admit(waiting_.begin() + i, now)) {
       // FCFS and overdue sequences: the head waits for blocks and nobody overtakes it.
       if (options_.policy == SchedulingPolicy::kFcfs || overdue) break;
@@ -336,7 +340,7 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
     budget -= n;
     join_step(*seq, n);
   }
-  ComputePrefetchHint(now, skip);
+  ComputePrefetchHint(now, std::vector<uint8_t>(waiting_.size(), 0));
   return step;
 }
 
@@ -382,7 +386,10 @@ std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {
   out->aux_blocks.clear();
   blocks_->Unreserve(out->reserved_blocks);
   out->reserved_blocks = 0;
-  if (--active_[out->adapter_slot] == 0) active_.erase(out->adapter_slot);
+  if (--active_[out->adapter_slot] == 0) {
+    active_.erase(out->adapter_slot);
+    last_idle_served_ = ServedTokens(out->adapter_slot);
+  }
   return out;
 }
 

@@ -32,7 +32,8 @@
 //   Two bounds keep it fair:
 //     * fair share (S-LoRA's virtual token counter): every adapter (the base model is one) counts
 //       the tokens served to it (prefill 1, decode 2 per token); an adapter becoming active is
-//       lifted to the least active count, and only adapters within fair_share_tokens of the least
+//       lifted to the least active count (or, when none is active, to the count of the last one
+//       to go idle), and only adapters within fair_share_tokens of the least
 //       counted waiting adapter may be picked, so a flooding adapter cannot hold another back by
 //       more than that many weighted tokens of its own service;
 //     * aging: a sequence waiting longer than max_queue_delay since it arrived is overdue; overdue
@@ -43,7 +44,8 @@
 // Both policies put preempted sequences back with their original arrival time and priority.
 //
 // State machine of a sequence:
-//   waiting --admit--> running --preempt--> waiting (num_computed = 0, blocks freed)
+//   waiting --admit--> running --preempt--> waiting (num_computed = 0, blocks freed; a step
+//   that preempts admits nobody)
 //   running/waiting --Remove--> gone (blocks and reservation freed)
 // Thread safety: not thread-safe; the engine loop owns it.
 
@@ -162,6 +164,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> running_;  // admission order
   std::map<int32_t, int64_t> served_;               // virtual token counter per adapter slot
   std::map<int32_t, int32_t> active_;               // waiting + running sequences per adapter slot
+  int64_t last_idle_served_ = 0;  // counter of the last adapter to go idle (S-LoRA's lift)
   // The step being built: its adapters and the union of its sequences' observed expert sets.
   std::vector<int32_t> step_adapters_;
   int64_t step_expert_bytes_ = 0;

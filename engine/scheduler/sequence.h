@@ -65,6 +65,7 @@ struct Sequence {
   // The experts its prefill's last token was routed to, as sorted keys (RoutedExpertKey), for the
   // expert-aware scheduling policy; empty until observed or for the base model.
   std::vector<uint32_t> routed_experts;
+  bool routing_observed = false;  // routed_experts was taken (it may be empty)
 };
 
 }  // namespace moleserve::engine
