@@ -340,12 +340,13 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
     budget -= n;
     join_step(*seq, n);
   }
-  ComputePrefetchHint(now, std::vector<uint8_t>(waiting_.size(), 0));
+  ComputePrefetchHint(now);
   return step;
 }
 
-void Scheduler::ComputePrefetchHint(absl::Time now, std::vector<uint8_t> skip) {
+void Scheduler::ComputePrefetchHint(absl::Time now) {
   prefetch_hint_.clear();
+  std::vector<uint8_t> skip(waiting_.size(), 0);
   // What the policy would pick next if room appeared: its picks, one adapter at a time. The pool
   // constraint of this step is left out (the hint is for the steps after it).
   const std::vector<int32_t> step_adapters = step_adapters_;

@@ -154,7 +154,8 @@ class Scheduler {
   void Account(const Sequence& seq, int32_t tokens);
   void ActivateAdapter(int32_t slot);
   bool AdapterActive(int32_t slot) const;
-  void ComputePrefetchHint(absl::Time now, std::vector<uint8_t> skip);
+  // Fills prefetch_hint_ from every waiting sequence.
+  void ComputePrefetchHint(absl::Time now);
 
   SchedulerOptions options_;
   BlockManager* blocks_;       // not owned
