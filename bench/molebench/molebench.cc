@@ -56,6 +56,7 @@
 #include "engine/core/mutex.h"
 #include "moleserve/v1/inference.grpc.pb.h"
 #include "server/cli/dashed_flags.h"
+#include "server/grpc/metadata.h"
 
 ABSL_FLAG(std::string, addr, "localhost:50051", "moleserve gRPC address (host:port)");
 ABSL_FLAG(std::string, metrics_addr, "",
@@ -218,6 +219,9 @@ class GenerateCall final : public grpc::ClientReadReactor<pb::GenerateResponse> 
 
   void Start(pb::Inference::Stub* stub, absl::Duration timeout) {
     context_.set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(timeout));
+    // The adapter also as metadata, so a balancer that hashes on it (deploy/nginx) can route.
+    if (!request_.adapter().empty())
+      context_.AddMetadata(moleserve::server::kAdapterHeader, request_.adapter());
     record_->send_s = driver_->Now();
     stub->async()->Generate(&context_, &request_, this);
     StartRead(&response_);

@@ -149,6 +149,30 @@ class StreamState final : public engine::GenerationSink {
 // Echoed in every response message, so it is kept short.
 constexpr size_t kMaxRequestIdBytes = 256;
 
+// The adapter a Generate call names: GenerateRequest.adapter and the kAdapterHeader metadata
+// (see inference_service.h), which must agree when both are set.
+absl::StatusOr<std::string> ResolveAdapter(const grpc::CallbackServerContext& context,
+                                           const std::string& body_adapter) {
+  std::optional<std::string> header;
+  const auto [first, last] = context.client_metadata().equal_range(kAdapterHeader);
+  for (auto it = first; it != last; ++it) {
+    std::string value(it->second.data(), it->second.size());
+    if (header && *header != value) {
+      return absl::InvalidArgumentError(absl::StrCat("the ", kAdapterHeader, " header is set to '",
+                                                     *header, "' and to '", value,
+                                                     "'; send it once"));
+    }
+    header = std::move(value);
+  }
+  if (!header) return body_adapter;
+  if (!body_adapter.empty() && body_adapter != *header) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GenerateRequest.adapter is '", body_adapter, "' but the ", kAdapterHeader,
+                     " header is '", *header, "'; set one of them, or both to the same name"));
+  }
+  return *header;
+}
+
 // A call refused before any engine work.
 class RejectedReactor final : public Reactor {
  public:
@@ -173,6 +197,12 @@ class GenerateReactor final : public Reactor {
       state_->Reject(ToGrpcStatus(converted.status()));
       return;
     }
+    absl::StatusOr<std::string> adapter = ResolveAdapter(*context, request.adapter());
+    if (!adapter.ok()) {
+      state_->Reject(ToGrpcStatus(adapter.status()));
+      return;
+    }
+    converted->adapter = *std::move(adapter);
     converted->request_id = std::move(request_id);
     absl::StatusOr<uint64_t> handle = engine_->Submit(*std::move(converted), state_);
     if (!handle.ok()) {

@@ -15,6 +15,7 @@
 
 #include "engine/engine.h"
 #include "moleserve/v1/inference.grpc.pb.h"
+#include "server/grpc/metadata.h"
 
 namespace moleserve::server {
 

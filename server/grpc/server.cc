@@ -58,6 +58,9 @@ void MoleServer::SetServing(bool serving) {
   if (health == nullptr) return;
   health->SetServingStatus(serving);  // every registered service name, "" included
   health->SetServingStatus("moleserve.v1.Inference", serving);
+  // Liveness stays SERVING through a drain: the process is alive and finishing its requests, and
+  // must not be restarted for going NOT_SERVING (deploy/kubernetes's livenessProbe asks for it).
+  health->SetServingStatus(kLivenessService, true);
 }
 
 void MoleServer::Drain(absl::Duration timeout) {

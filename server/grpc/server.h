@@ -22,6 +22,10 @@
 
 namespace moleserve::server {
 
+// grpc.health.v1 service name that stays SERVING until the process exits, drains included (the
+// liveness probe); "" and "moleserve.v1.Inference" are readiness: NOT_SERVING while draining.
+inline constexpr char kLivenessService[] = "moleserve.liveness";
+
 class InferenceService;
 class AdminService;
 struct AdminAuditEntry;

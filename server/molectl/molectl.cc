@@ -30,6 +30,7 @@
 #include "moleserve/v1/inference.grpc.pb.h"
 #include "server/cli/dashed_flags.h"
 #include "server/grpc/health_client.h"
+#include "server/grpc/metadata.h"
 
 ABSL_FLAG(std::string, addr, "localhost:50051", "moleserve address (host:port)");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(120), "Deadline of the call");
@@ -122,6 +123,8 @@ int Generate(pb::Inference::Stub& stub) {
   }
 
   auto ctx = Context();
+  // Also as metadata, for a balancer that routes on it (deploy/nginx).
+  if (!req.adapter().empty()) ctx->AddMetadata(moleserve::server::kAdapterHeader, req.adapter());
   std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = stub.Generate(ctx.get(), req);
   pb::GenerateResponse resp;
   pb::FinalInfo final;

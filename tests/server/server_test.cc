@@ -39,6 +39,7 @@
 #include "gtest/gtest.h"
 #include "moleserve/v1/inference.grpc.pb.h"
 #include "server/grpc/health_client.h"
+#include "server/grpc/metadata.h"
 #include "server/metrics/prometheus_metrics.h"
 #include "tests/common/demo_mole_adapter.h"
 #include "tests/common/metrics_scrape.h"
@@ -142,10 +143,12 @@ struct GenResult {
 };
 
 GenResult RunGenerate(pb::Inference::Stub& stub, const pb::GenerateRequest& req,
-                      absl::Duration timeout = kCallTimeout) {
+                      absl::Duration timeout = kCallTimeout,
+                      const std::vector<std::pair<std::string, std::string>>& metadata = {}) {
   GenResult r;
   grpc::ClientContext ctx;
   SetDeadline(&ctx, timeout);
+  for (const auto& [key, value] : metadata) ctx.AddMetadata(key, value);
   std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = stub.Generate(&ctx, req);
   pb::GenerateResponse msg;
   while (reader->Read(&msg)) {
@@ -775,6 +778,7 @@ TEST(ServerTest, HealthGoesNotServingDuringDrainWhileInFlightCompletes) {
   ASSERT_TRUE(health("").ok());
   EXPECT_EQ(*health(""), HealthStatus::kServing);
   EXPECT_EQ(*health("moleserve.v1.Inference"), HealthStatus::kServing);
+  EXPECT_EQ(*health(std::string(kLivenessService)), HealthStatus::kServing);
   EXPECT_EQ(health("no.such.Service").status().code(), absl::StatusCode::kNotFound);
 
   constexpr uint32_t kInFlight = 1500;
@@ -801,6 +805,10 @@ TEST(ServerTest, HealthGoesNotServingDuringDrainWhileInFlightCompletes) {
   auto inference_health = health("moleserve.v1.Inference");
   ASSERT_TRUE(inference_health.ok()) << inference_health.status();
   EXPECT_EQ(*inference_health, HealthStatus::kNotServing);
+  // Liveness stays SERVING: a draining server must not be restarted by its liveness probe.
+  auto liveness = health(std::string(kLivenessService));
+  ASSERT_TRUE(liveness.ok()) << liveness.status();
+  EXPECT_EQ(*liveness, HealthStatus::kServing);
   EXPECT_FALSE(drained.load()) << "drain finished before the in-flight request did";
 
   // New work is refused.
@@ -1049,6 +1057,55 @@ TEST(ServerTest, ReflectionListsTheServices) {
 
 // ---------------------------------------------------------------------------------------------
 // MoLE adapters over the API: ListModels, per-request adapter, return_routing, routing override
+
+// The adapter can also come from the x-moleserve-adapter header (what deploy/nginx hashes on):
+// alone it selects the adapter, with the same name in the body it is accepted, and any
+// disagreement is refused rather than guessed.
+TEST(ServerTest, AdapterFromTheMetadataHeader) {
+  const std::string dir = test_util::WriteDemoMoleAdapter(
+      absl::StrCat(::testing::TempDir(), "/moleserve_header_mola_", getpid()));
+  ASSERT_FALSE(dir.empty());
+  engine::EngineOptions options = SmallEngineOptions();
+  options.adapters = {{"mola", dir}, {"mola2", dir}};
+  auto inst = Instance::Start(options);
+  ASSERT_NE(inst, nullptr);
+  constexpr uint32_t kN = 8;
+  const GenResult base = RunGenerate(*inst->stub, Greedy("Hello, world", kN));
+  ASSERT_TRUE(base.status.ok());
+  pb::GenerateRequest in_body = Greedy("Hello, world", kN);
+  in_body.set_adapter("mola");
+  const GenResult body = RunGenerate(*inst->stub, in_body);
+  ASSERT_TRUE(body.status.ok()) << body.status.error_message();
+  ASSERT_NE(body.ids, base.ids);
+
+  const GenResult header = RunGenerate(*inst->stub, Greedy("Hello, world", kN), kCallTimeout,
+                                       {{server::kAdapterHeader, "mola"}});
+  ASSERT_TRUE(header.status.ok()) << header.status.error_message();
+  EXPECT_EQ(header.ids, body.ids);
+  const GenResult both =
+      RunGenerate(*inst->stub, in_body, kCallTimeout, {{server::kAdapterHeader, "mola"}});
+  ASSERT_TRUE(both.status.ok()) << both.status.error_message();
+  EXPECT_EQ(both.ids, body.ids);
+  // An empty header names the base model, like an empty GenerateRequest.adapter.
+  const GenResult empty = RunGenerate(*inst->stub, Greedy("Hello, world", kN), kCallTimeout,
+                                      {{server::kAdapterHeader, ""}});
+  ASSERT_TRUE(empty.status.ok());
+  EXPECT_EQ(empty.ids, base.ids);
+
+  const GenResult conflict =
+      RunGenerate(*inst->stub, in_body, kCallTimeout, {{server::kAdapterHeader, "mola2"}});
+  EXPECT_EQ(conflict.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(conflict.status.error_message(), HasSubstr("x-moleserve-adapter"));
+  EXPECT_TRUE(conflict.ids.empty());
+  const GenResult twice =
+      RunGenerate(*inst->stub, Greedy("Hello, world", kN), kCallTimeout,
+                  {{server::kAdapterHeader, "mola"}, {server::kAdapterHeader, "mola2"}});
+  EXPECT_EQ(twice.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  const GenResult unknown = RunGenerate(*inst->stub, Greedy("Hello, world", kN), kCallTimeout,
+                                        {{server::kAdapterHeader, "nope"}});
+  EXPECT_EQ(unknown.status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(unknown.status.error_message(), HasSubstr("nope"));
+}
 
 TEST(ServerTest, AdaptersListedRoutedAndOverriddenPerRequest) {
   const std::string dir = test_util::WriteDemoMoleAdapter(
