@@ -3,10 +3,10 @@
 # packed the binaries and fixtures into .gpu/. In one run, results under $OUT:
 #   1. every `gpu`-labelled test binary (CUDA kernels vs CPU twins, CUDA backend, CUDA forward of
 #      the demo model and of every MoLE family vs CPU, 64 streams), gtest JSON + logs;
-#   2. compute-sanitizer --tool memcheck on the kernel and backend tests;
+#   2. compute-sanitizer --tool memcheck on the kernel and backend tests (memcheck);
 #   3. the benchmarks: bench_gpu_sgmv + the torch baselines (merged with ratios), bench_gpu_decode;
 #   4. the transformers reference of the demo model (tools/gpu/hf_reference.py).
-# Usage: OUT=/tmp/out tools/gpu/run_gpu_checks.sh [tests|bench|all]
+# Usage: OUT=/tmp/out tools/gpu/run_gpu_checks.sh [tests|memcheck|bench|all]
 set -uo pipefail
 what=${1:-all}
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -23,6 +23,8 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     .gpu/bin/$t --gtest_output=json:$OUT/$t.json > "$OUT/$t.log" 2>&1 || status=1
     tail -3 "$OUT/$t.log"
   done
+fi
+if [ "$what" = memcheck ] || [ "$what" = all ]; then
   for t in kernels_cuda_test kernels_cuda_sgmv_attention_test cuda_backend_test; do
     compute-sanitizer --tool memcheck --error-exitcode 99 .gpu/bin/$t --gtest_filter=-*OutOfMemory* \
       > "$OUT/memcheck_$t.log" 2>&1
