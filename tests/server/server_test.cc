@@ -666,11 +666,11 @@ TEST(ServerTest, ThirtyTwoConcurrentStreamsGetTheirExactTokenCounts) {
   EXPECT_TRUE(inst->WaitEngineIdle());
 }
 
-// Overload: requests arrive at twice the measured capacity, a fixed count of them. The queue is
-// bounded: the ones beyond it get RESOURCE_EXHAUSTED at once, naming the full queue; every
+// Overload: requests arrive at three times the measured capacity, a fixed count of them. The queue
+// is bounded: the ones beyond it get RESOURCE_EXHAUSTED at once, naming the full queue; every
 // accepted one completes with the tokens it gives alone; the server stays healthy; /metrics
 // counts what happened.
-TEST(ServerTest, OverloadAtTwiceCapacityRejectsQuicklyAndCompletesTheRest) {
+TEST(ServerTest, OverloadAtThriceCapacityRejectsQuicklyAndCompletesTheRest) {
   engine::EngineOptions options = SmallEngineOptions();
   options.max_num_seqs = 4;
   options.max_queue = 6;
@@ -685,10 +685,11 @@ TEST(ServerTest, OverloadAtTwiceCapacityRejectsQuicklyAndCompletesTheRest) {
     ASSERT_TRUE(r.status.ok());
     reference.push_back(r.ids);
   }
-  // Capacity: 8 requests, 4 at a time (the running batch), closed loop; the faster of two runs
-  // (a hiccup of a shared machine must not make "twice" too slow to overflow).
+  // Capacity: 8 requests, 4 at a time (the running batch), closed loop; the fastest of three runs
+  // (a hiccup of a shared machine, e.g. ctest -j beside it, must not make the overload too slow
+  // to overflow; at twice the calibrated rate, under ctest -j2, it once did not).
   double capacity = 0;  // requests/s
-  for (int round = 0; round < 2; ++round) {
+  for (int round = 0; round < 3; ++round) {
     const absl::Time calib_start = absl::Now();
     std::vector<std::thread> threads;
     for (int i = 0; i < 4; ++i) {
@@ -704,7 +705,7 @@ TEST(ServerTest, OverloadAtTwiceCapacityRejectsQuicklyAndCompletesTheRest) {
       test_util::ParsePrometheus(test_util::HttpGetMetrics(inst->metrics->port()));
 
   constexpr int kRequests = 60;
-  const absl::Duration gap = absl::Seconds(1 / (2 * capacity));
+  const absl::Duration gap = absl::Seconds(1 / (3 * capacity));
   struct Outcome {
     GenResult result;
     absl::Duration latency;
@@ -739,9 +740,9 @@ TEST(ServerTest, OverloadAtTwiceCapacityRejectsQuicklyAndCompletesTheRest) {
   }
   const double run_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   std::printf("capacity %.1f req/s, arrivals %.1f req/s over %.2f s: %d accepted, %d rejected\n",
-              capacity, 2 * capacity, run_seconds, accepted, rejected);
+              capacity, 3 * capacity, run_seconds, accepted, rejected);
   EXPECT_EQ(accepted + rejected, kRequests);
-  EXPECT_GT(rejected, 0) << "twice the capacity should overflow a queue of 6";
+  EXPECT_GT(rejected, 0) << "three times the capacity should overflow a queue of 6";
   EXPECT_GT(accepted, 10) << "the queue and the running batch should take some";
   ASSERT_TRUE(inst->WaitEngineIdle());
   ExpectStillServing(*inst->stub);
