@@ -212,9 +212,9 @@ int main(int argc, char** argv) {
         for (int blk = 0; blk < (kContext + 64) / kBlock; ++blk) {
           b.block_tables.push_back(s * ((kContext + 64) / kBlock) + blk);
         }
-        b.block_table_offsets.push_back(s * ((kContext + 64) / kBlock));
+        // Batch::block_table_offsets starts at {0}: each sequence adds where its table ends.
+        b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
       }
-      b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
       // Prefill the contexts, 16 sequences per forward.
       std::vector<float> logits;
       for (int s0 = 0; s0 < batch; s0 += 16) {
