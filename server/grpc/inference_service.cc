@@ -150,13 +150,15 @@ class StreamState final : public engine::GenerationSink {
 constexpr size_t kMaxRequestIdBytes = 256;
 
 // The adapter a Generate call names: GenerateRequest.adapter and the kAdapterHeader metadata
-// (see inference_service.h), which must agree when both are set.
+// (see metadata.h), which must agree when both are set. An empty header counts as absent (a
+// client interceptor may always send it; nginx treats it so too).
 absl::StatusOr<std::string> ResolveAdapter(const grpc::CallbackServerContext& context,
                                            const std::string& body_adapter) {
   std::optional<std::string> header;
   const auto [first, last] = context.client_metadata().equal_range(kAdapterHeader);
   for (auto it = first; it != last; ++it) {
     std::string value(it->second.data(), it->second.size());
+    if (value.empty()) continue;
     if (header && *header != value) {
       return absl::InvalidArgumentError(absl::StrCat("the ", kAdapterHeader, " header is set to '",
                                                      *header, "' and to '", value,

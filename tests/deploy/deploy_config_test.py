@@ -204,6 +204,9 @@ def test_kubernetes(tmp):
     for res in kust["resources"]:
         check(os.path.isfile(os.path.join(root, res)), f"kustomization: {res} is missing")
         docs += load_yaml_docs(os.path.join(root, res))
+    check("servicemonitor.yaml" not in kust["resources"],
+          "the ServiceMonitor needs the operator's CRDs: apply it on its own")
+    docs += load_yaml_docs(os.path.join(root, "servicemonitor.yaml"))
     by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
     dep = by[("Deployment", "moleserve")]
     pod = dep["spec"]["template"]["spec"]
@@ -229,6 +232,9 @@ def test_kubernetes(tmp):
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     check(os.path.dirname(flags["admin_token_file"]) == mounts["admin-token"], "token mount")
+    check(pod["securityContext"].get("fsGroup") == pod["securityContext"]["runAsUser"] and
+          volumes["admin-token"]["secret"]["defaultMode"] & 0o040,
+          "the non-root user cannot read the admin token Secret (fsGroup / defaultMode)")
     check(volumes["admin-token"]["secret"]["secretName"] == "moleserve-admin-token", "secret")
     check(flags["model"].startswith(mounts["models"]) and
           flags["adapter_root"].startswith(mounts["adapters"]), "model / adapter mounts")
@@ -257,8 +263,13 @@ def test_kubernetes(tmp):
     with open(repo_path("deploy/nginx/upstream.conf")) as f:
         hash_line = re.search(r"^\s*(hash .*;)", f.read(), re.M).group(1)
     check(hash_line in cm["upstream.conf"], "router: not the same hash as deploy/nginx")
-    check(f"moleserve-replicas.{kust['namespace']}.svc.cluster.local:{ports['grpc']}" in
-          cm["upstream.conf"], "router upstream: not the headless Service")
+    # One peer per pod (SRV records of the headless Service's grpc port), so each has its own
+    # points on the hash ring.
+    replicas_svc = by[("Service", "moleserve-replicas")]["spec"]["ports"]
+    check(any(p["name"] == "grpc" for p in replicas_svc), "headless Service has no grpc port")
+    check(re.search(rf"server moleserve-replicas\.{kust['namespace']}\.svc\.cluster\.local "
+                    r"service=grpc resolve ", cm["upstream.conf"]),
+          "router upstream: not the SRV records of the headless Service")
     router = by[("Deployment", "moleserve-router")]["spec"]["template"]["spec"]
     router_ports = {p["name"] for p in router["containers"][0]["ports"]}
     check("listen 8080 http2;" in cm["moleserve.conf"] and
@@ -269,7 +280,7 @@ def test_kubernetes(tmp):
     if kubectl:
         r = run([kubectl, "kustomize", root])
         check(r.returncode == 0, f"kubectl kustomize: {r.stderr}")
-        check(len(list(yaml.safe_load_all(r.stdout))) == len(docs), "kustomize output")
+        check(len(list(yaml.safe_load_all(r.stdout))) == len(docs) - 1, "kustomize output")
 
 
 def test_nginx_syntax(tmp):

@@ -1087,11 +1087,15 @@ TEST(ServerTest, AdapterFromTheMetadataHeader) {
       RunGenerate(*inst->stub, in_body, kCallTimeout, {{server::kAdapterHeader, "mola"}});
   ASSERT_TRUE(both.status.ok()) << both.status.error_message();
   EXPECT_EQ(both.ids, body.ids);
-  // An empty header names the base model, like an empty GenerateRequest.adapter.
+  // An empty header is no header: the body decides (the base model when it names none).
   const GenResult empty = RunGenerate(*inst->stub, Greedy("Hello, world", kN), kCallTimeout,
                                       {{server::kAdapterHeader, ""}});
   ASSERT_TRUE(empty.status.ok());
   EXPECT_EQ(empty.ids, base.ids);
+  const GenResult empty_with_body =
+      RunGenerate(*inst->stub, in_body, kCallTimeout, {{server::kAdapterHeader, ""}});
+  ASSERT_TRUE(empty_with_body.status.ok()) << empty_with_body.status.error_message();
+  EXPECT_EQ(empty_with_body.ids, body.ids);
 
   const GenResult conflict =
       RunGenerate(*inst->stub, in_body, kCallTimeout, {{server::kAdapterHeader, "mola2"}});
