@@ -130,8 +130,9 @@ def molectl(binary, *args, timeout=COMMAND_TIMEOUT_S):
     return run([binary] + list(args), timeout=timeout)
 
 
-def run_tests(tests, tmp):
-    """Runs (name, fn(tmp)) pairs; prints a line per test and the total; returns the exit code."""
+def run_tests(tests, tmp, logs=()):
+    """Runs (name, fn(tmp)) pairs; prints a line per test and the total, and on a failure the
+    tail of each of `logs` (file names in tmp) that exists; returns the exit code."""
     import traceback
     failed = 0
     for name, fn in tests:
@@ -144,4 +145,9 @@ def run_tests(tests, tmp):
             if not isinstance(e, TestFailure):
                 traceback.print_exc()
     print(f"{len(tests) - failed} passed, {failed} failed", flush=True)
+    for log in logs if failed else ():
+        path = os.path.join(tmp, log)
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                print(f"--- {log} (tail)\n" + f.read()[-3000:])
     return 1 if failed else 0

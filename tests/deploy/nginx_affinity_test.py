@@ -13,14 +13,13 @@ each replica's own /metrics:
     fails.
 """
 
-import json
 import os
 import re
 import signal
 import sys
 import tempfile
 
-from harness import (REPO, Moleserve, Process, TestFailure, check, counter_sum, free_port,
+from harness import (REPO, Moleserve, Process, check, counter_sum, free_port,
                      molectl, run, run_tests, wait_until)
 
 MOLESERVE, MOLECTL, WRITE_ADAPTERS, NGINX = sys.argv[1:5]
@@ -141,10 +140,5 @@ def health_ok(port):
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="moleserve_nginx_") as tmp:
-        code = run_tests([("affinity_and_failover", test_affinity_and_failover)], tmp)
-        if code:
-            for log in ("replica0.log", "replica1.log", "nginx_error.log"):
-                path = os.path.join(tmp, log)
-                if os.path.exists(path):
-                    print(f"--- {log} (tail)\n" + open(path, errors="replace").read()[-3000:])
-        sys.exit(code)
+        sys.exit(run_tests([("affinity_and_failover", test_affinity_and_failover)], tmp,
+                           logs=("replica0.log", "replica1.log", "nginx_error.log")))

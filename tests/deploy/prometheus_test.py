@@ -23,7 +23,7 @@ import urllib.request
 
 import yaml
 
-from harness import (REPO, Moleserve, Process, TestFailure, check, counter_sum, free_port,
+from harness import (REPO, Moleserve, Process, check, counter_sum, free_port,
                      molectl, parse_samples, run, run_tests, wait_until)
 
 MOLESERVE, MOLECTL, WRITE_ADAPTERS, PROMETHEUS = sys.argv[1:5]
@@ -162,10 +162,5 @@ def wait_scrapes(port, n):
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="moleserve_prometheus_") as tmp:
-        code = run_tests([("scrape_and_dashboard", test_scrape_and_dashboard)], tmp)
-        if code:
-            for log in ("moleserve.log", "prometheus.log"):
-                path = os.path.join(tmp, log)
-                if os.path.exists(path):
-                    print(f"--- {log} (tail)\n" + open(path, errors="replace").read()[-3000:])
-        sys.exit(code)
+        sys.exit(run_tests([("scrape_and_dashboard", test_scrape_and_dashboard)], tmp,
+                           logs=("moleserve.log", "prometheus.log")))
