@@ -9,9 +9,11 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/adapters/adapter_files.h"
+#include "engine/adapters/adapter_path.h"
 #include "engine/adapters/registry.h"
 #include "engine/backend/backend.h"
 #include "engine/core/mutex.h"
+#include "engine/core/quote.h"
 #include "engine/core/status_macros.h"
 #include "engine/executor/executor.h"
 #include "engine/model/demo_model.h"
@@ -203,7 +205,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   for (const auto& [name, dir] : options.adapters) {
     if (name.empty() || state->adapters.Find(name) != nullptr) {
       return absl::InvalidArgumentError(
-          absl::StrCat("adapter name '", name, "' is empty or given twice"));
+          absl::StrCat("adapter name ", Quote(name), " is empty or given twice"));
     }
     ASSIGN_OR_RETURN(AdapterFiles files,
                      InspectAdapterFiles(dir, FileLimits(options), /*digest=*/false));
@@ -245,20 +247,30 @@ Engine::Engine(std::unique_ptr<State> state) : state_(std::move(state)) {}
 
 Engine::~Engine() { Shutdown(); }
 
-absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
-                                        std::shared_ptr<GenerationSink> sink) {
-  State& s = *state_;
-  auto reject = [&](absl::Status status) {
-    if (s.options.metrics) s.options.metrics->OnRequestRejected(status.code());
-    return status;
-  };
-  {
-    MutexLock lock(&s.mu);
-    if (!s.accepting)
-      return reject(absl::UnavailableError("server is draining; retry on another replica"));
-  }
-  std::shared_ptr<const AdapterVersion> adapter;
+struct Engine::Admission {
+  std::shared_ptr<const AdapterVersion> adapter;  // null for the base model
   int32_t adapter_slot = -1;
+  bool xlora = false;
+  std::vector<int32_t> prompt;
+};
+
+absl::Status Engine::Validate(const GenerateRequest& request) const {
+  {
+    MutexLock lock(&state_->mu);
+    if (!state_->accepting) {
+      return absl::UnavailableError("server is draining; retry on another replica");
+    }
+  }
+  GenerateRequest copy = request;
+  Admission admission;
+  return Admit(&copy, &admission);
+}
+
+absl::Status Engine::Admit(GenerateRequest* request_ptr, Admission* out) const {
+  State& s = *state_;
+  GenerateRequest& request = *request_ptr;
+  std::shared_ptr<const AdapterVersion>& adapter = out->adapter;
+  int32_t& adapter_slot = out->adapter_slot;
   if (!request.adapter.empty()) {
     absl::Status not_ready;
     {
@@ -271,45 +283,45 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
         switch (rec->second.state) {
           case AdapterState::kLoading:
             not_ready = absl::FailedPreconditionError(
-                absl::StrCat("adapter '", n, "' is still loading; retry when it is READY"));
+                absl::StrCat("adapter ", Quote(n), " is still loading; retry when it is READY"));
             break;
           case AdapterState::kDraining:
-            not_ready =
-                absl::FailedPreconditionError(absl::StrCat("adapter '", n, "' is being unloaded"));
+            not_ready = absl::FailedPreconditionError(
+                absl::StrCat("adapter ", Quote(n), " is being unloaded"));
             break;
           default:
             not_ready = absl::FailedPreconditionError(
-                absl::StrCat("adapter '", n, "' failed to load: ", rec->second.error));
+                absl::StrCat("adapter ", Quote(n), " failed to load: ", rec->second.error));
         }
       }
     }
-    if (!not_ready.ok()) return reject(not_ready);
+    if (!not_ready.ok()) return not_ready;
     if (adapter == nullptr) {
-      return reject(absl::NotFoundError(absl::StrCat(
-          "adapter '", request.adapter, "' is not loaded; ListModels shows the loaded adapters")));
+      return absl::NotFoundError(
+          absl::StrCat("adapter ", Quote(request.adapter),
+                       " is not loaded; ListModels shows the loaded adapters"));
     }
     if (absl::Status st = ValidateRoutingOverride(*adapter->adapter, request.routing_override);
         !st.ok()) {
-      return reject(st);
+      return st;
     }
   } else if (!request.routing_override.empty()) {
-    return reject(absl::InvalidArgumentError(
-        "a routing override needs an adapter: the base model has no router"));
+    return absl::InvalidArgumentError(
+        "a routing override needs an adapter: the base model has no router");
   }
   // Input.
-  std::vector<int32_t> prompt;
+  std::vector<int32_t>& prompt = out->prompt;
   if (request.text.has_value()) {
     if (!request.token_ids.empty()) {
-      return reject(absl::InvalidArgumentError("set either text or token_ids, not both"));
+      return absl::InvalidArgumentError("set either text or token_ids, not both");
     }
     if (static_cast<int64_t>(request.text->size()) > s.options.max_input_bytes) {
-      return reject(absl::InvalidArgumentError(absl::StrCat("text input is ", request.text->size(),
-                                                            " bytes; the limit is ",
-                                                            s.options.max_input_bytes)));
+      return absl::InvalidArgumentError(absl::StrCat("text input is ", request.text->size(),
+                                                     " bytes; the limit is ",
+                                                     s.options.max_input_bytes));
     }
     if (request.text->empty()) {
-      return reject(
-          absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids"));
+      return absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids");
     }
     const bool add_bos = request.add_bos.value_or(s.tokenizer->bos_id().has_value());
     prompt = s.tokenizer->Encode(*request.text, add_bos);
@@ -317,54 +329,75 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
     prompt = request.token_ids;
     for (int32_t id : prompt) {
       if (id < 0 || id >= s.info.vocab_size) {
-        return reject(absl::InvalidArgumentError(absl::StrCat(
-            "token_ids: ", id, " is outside the vocabulary [0, ", s.info.vocab_size, ")")));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token_ids: ", id, " is outside the vocabulary [0, ", s.info.vocab_size, ")"));
       }
     }
   }
   if (prompt.empty()) {
-    return reject(
-        absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids"));
+    return absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids");
   }
   // Sampling, stopping and output options.
-  if (absl::Status st = ValidateSamplingParams(request.sampling); !st.ok()) return reject(st);
+  if (absl::Status st = ValidateSamplingParams(request.sampling); !st.ok()) return st;
   if (absl::Status st = ValidateStoppingParams(request.stopping, s.info.vocab_size); !st.ok()) {
-    return reject(st);
+    return st;
   }
   if (request.top_logprobs < 0 || request.top_logprobs > kMaxTopLogprobs) {
-    return reject(absl::InvalidArgumentError(
-        absl::StrCat("output.top_logprobs must be in [0, ", kMaxTopLogprobs, "]")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("output.top_logprobs must be in [0, ", kMaxTopLogprobs, "]"));
   }
   // Context rule: prompt + max_new_tokens <= context_length. An unset max_new_tokens takes the
   // default, capped to the room left.
   const int32_t prompt_len = static_cast<int32_t>(prompt.size());
   if (prompt_len >= s.context_length) {
-    return reject(absl::InvalidArgumentError(
+    return absl::InvalidArgumentError(
         absl::StrCat("the prompt has ", prompt_len, " tokens; the context holds ", s.context_length,
-                     " tokens, so it must be at most ", s.context_length - 1)));
+                     " tokens, so it must be at most ", s.context_length - 1));
   }
   int32_t& max_new = request.stopping.max_new_tokens;
   if (max_new == 0) {
     max_new = std::min(s.options.default_max_new_tokens, s.context_length - prompt_len);
   } else if (int64_t{prompt_len} + max_new > s.context_length) {
-    return reject(absl::InvalidArgumentError(
+    return absl::InvalidArgumentError(
         absl::StrCat("prompt (", prompt_len, " tokens) + max_new_tokens (", max_new,
                      ") exceeds the context of ", s.context_length, " tokens; ask for at most ",
-                     s.context_length - prompt_len, " new tokens")));
+                     s.context_length - prompt_len, " new tokens"));
   }
-  const bool xlora = adapter != nullptr && adapter->adapter->is_xlora();
+  out->xlora = adapter != nullptr && adapter->adapter->is_xlora();
+  const bool xlora = out->xlora;
   const int32_t blocks_needed =
       s.executor->BlocksNeeded(int64_t{prompt_len} + max_new) * (xlora ? 2 : 1);
   if (blocks_needed > s.executor->total_blocks()) {
-    return reject(absl::ResourceExhaustedError(absl::StrCat(
+    return absl::ResourceExhaustedError(absl::StrCat(
         "the request needs ", blocks_needed, " KV blocks but the whole cache has ",
-        s.executor->total_blocks(), "; lower max_new_tokens or raise --kv-cache-bytes")));
+        s.executor->total_blocks(), "; lower max_new_tokens or raise --kv-cache-bytes"));
   }
   if (s.executor->counters().waiting >= s.options.max_queue) {
-    return reject(absl::ResourceExhaustedError(
+    return absl::ResourceExhaustedError(
         absl::StrCat("the request queue is full (", s.options.max_queue,
-                     " waiting); retry later or on another replica")));
+                     " waiting); retry later or on another replica"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
+                                        std::shared_ptr<GenerationSink> sink) {
+  State& s = *state_;
+  auto reject = [&](absl::Status status) {
+    if (s.options.metrics) s.options.metrics->OnRequestRejected(status.code());
+    return status;
+  };
+  {
+    MutexLock lock(&s.mu);
+    if (!s.accepting)
+      return reject(absl::UnavailableError("server is draining; retry on another replica"));
+  }
+  Admission admission;
+  if (absl::Status st = Admit(&request, &admission); !st.ok()) return reject(st);
+  std::shared_ptr<const AdapterVersion> adapter = std::move(admission.adapter);
+  const int32_t adapter_slot = admission.adapter_slot;
+  const bool xlora = admission.xlora;
+  std::vector<int32_t> prompt = std::move(admission.prompt);
   uint64_t seed = request.sampling.seed.has_value() ? *request.sampling.seed
                                                     : std::random_device{}() * 0x100000001ull;
   uint64_t handle;
@@ -402,6 +435,10 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
 
 void Engine::Cancel(uint64_t handle) { state_->executor->Cancel(handle); }
 
+void Engine::CountRejected(absl::StatusCode code) const {
+  if (state_->options.metrics) state_->options.metrics->OnRequestRejected(code);
+}
+
 absl::StatusOr<Engine::Tokenized> Engine::Tokenize(std::string_view text,
                                                    std::optional<bool> add_bos,
                                                    bool return_pieces) const {
@@ -422,75 +459,20 @@ std::string Engine::DecodeToken(int32_t id) const { return state_->tokenizer->De
 
 const ModelInfo& Engine::model_info() const { return state_->info; }
 
-namespace {
-
-bool ValidAdapterName(const std::string& name) {
-  if (name.empty() || name.size() > 128) return false;
-  return std::all_of(name.begin(), name.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
-           c == '_' || c == '-';
-  });
-}
-
-// True when `p` is `root` or inside it (both canonical).
-bool Within(const std::filesystem::path& root, const std::filesystem::path& p) {
-  auto r = root.begin();
-  auto q = p.begin();
-  for (; r != root.end(); ++r, ++q) {
-    if (q == p.end() || *r != *q) return false;
-  }
-  return true;
-}
-
-// `relative` resolved under `root` with every symlink followed, refusing escapes; the directory's
-// entries must resolve inside the root too (a symlinked weight file cannot reach outside).
-absl::StatusOr<std::string> ConfinedAdapterDir(const std::string& root,
-                                               const std::string& relative) {
-  namespace fs = std::filesystem;
-  if (relative.empty()) return absl::InvalidArgumentError("adapter path is empty");
-  if (fs::path(relative).is_absolute()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "adapter path '", relative, "' is absolute; give it relative to the adapter root"));
-  }
-  std::error_code ec;
-  const fs::path canonical_root = fs::canonical(root, ec);
-  if (ec) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("adapter root '", root, "' is not usable: ", ec.message()));
-  }
-  const fs::path dir = fs::weakly_canonical(canonical_root / relative, ec);
-  if (ec || !Within(canonical_root, dir)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("adapter path '", relative, "' leaves the adapter root"));
-  }
-  if (!fs::is_directory(dir, ec)) {
-    return absl::NotFoundError(
-        absl::StrCat("adapter path '", relative, "' is not a directory under the adapter root"));
-  }
-  for (const auto& entry : fs::directory_iterator(dir, ec)) {
-    const fs::path target = fs::weakly_canonical(entry.path(), ec);
-    if (ec || !Within(canonical_root, target)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "adapter file '", entry.path().filename().string(), "' links outside the adapter root"));
-    }
-  }
-  if (ec) return absl::NotFoundError(absl::StrCat("cannot list '", relative, "': ", ec.message()));
-  return dir.string();
-}
-
-}  // namespace
-
 // Why a load failed, for the load-failure metric.
 std::string LoadFailureReason(const absl::Status& status, const char* stage) {
   if (absl::IsAlreadyExists(status)) return "already_exists";
   if (absl::IsResourceExhausted(status)) return "does_not_fit";
   if (absl::IsNotFound(status)) return "not_found";
   if (absl::IsFailedPrecondition(status)) return "disabled";
+  if (absl::IsUnavailable(status)) return "shutdown";
+  if (absl::IsDeadlineExceeded(status)) return "timeout";
   return stage;
 }
 
 absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, const std::string& path,
-                                                   bool replace, const std::string& sha256) {
+                                                   bool replace, const std::string& sha256,
+                                                   absl::Time deadline) {
   State& s = *state_;
   AdapterLoadMetrics m;
   absl::Time t0 = absl::Now();
@@ -504,24 +486,14 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
         absl::FailedPreconditionError("hot loading is off: start the server with an adapter root"),
         "disabled");
   }
-  if (!ValidAdapterName(name)) {
-    return fail(absl::InvalidArgumentError(absl::StrCat(
-                    "adapter name '", name, "' must be 1-128 characters of A-Z a-z 0-9 . _ -")),
-                "invalid_name");
-  }
-  if (!sha256.empty() &&
-      (sha256.size() != 64 || !std::all_of(sha256.begin(), sha256.end(), [](char c) {
-         return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
-       }))) {
-    return fail(absl::InvalidArgumentError("sha256 must be 64 lowercase hex digits"),
-                "invalid_name");
-  }
+  if (absl::Status st = ValidateAdapterName(name); !st.ok()) return fail(st, "invalid_name");
+  if (absl::Status st = ValidateSha256(sha256); !st.ok()) return fail(st, "invalid_name");
   MutexLock load_lock(&s.load_mu);
   {
     MutexLock lock(&s.adapters_mu);
     if (!replace && s.adapters.Find(name) != nullptr) {
       return fail(absl::AlreadyExistsError(absl::StrCat(
-                      "adapter '", name, "' is already loaded; set replace to reload it")),
+                      "adapter ", Quote(name), " is already loaded; set replace to reload it")),
                   "already_exists");
     }
     State::Record& rec = s.records[name];
@@ -540,19 +512,41 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
     }
     return fail(std::move(status), stage);
   };
+  deadline = std::min(deadline, absl::Now() + s.options.max_adapter_load_time);
+  // Entering `stage`: gives up when past the deadline or when the engine stops accepting.
+  auto enter = [&](const char* stage) -> absl::Status {
+    if (s.options.adapter_load_stage_hook) s.options.adapter_load_stage_hook(stage);
+    {
+      MutexLock lock(&s.mu);
+      if (!s.accepting) {
+        return absl::UnavailableError(
+            absl::StrCat("the server is shutting down; the load stopped before its ", stage,
+                         " stage"));
+      }
+    }
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "the load passed its deadline before its ", stage, " stage (at most ",
+          absl::FormatDuration(s.options.max_adapter_load_time), ", --max-adapter-load-time)"));
+    }
+    return absl::OkStatus();
+  };
+  if (absl::Status st = ValidateAdapterPath(path); !st.ok()) return failed(st, "invalid_path");
+  if (absl::Status st = enter("inspect"); !st.ok()) return failed(st, "timeout");
   absl::StatusOr<std::string> dir = ConfinedAdapterDir(s.options.adapter_root, path);
   if (!dir.ok()) return failed(dir.status(), "invalid_path");
   absl::StatusOr<AdapterFiles> files =
       InspectAdapterFiles(*dir, FileLimits(s.options), /*digest=*/!sha256.empty());
   if (!files.ok()) return failed(files.status(), "too_large");
   if (!sha256.empty() && files->sha256 != sha256) {
-    return failed(absl::InvalidArgumentError(absl::StrCat("sha256 mismatch: the files of '", path,
-                                                          "' digest to ", files->sha256,
+    return failed(absl::InvalidArgumentError(absl::StrCat("sha256 mismatch: the files of ", Quote(path),
+                                                          " digest to ", files->sha256,
                                                           ", expected ", sha256)),
                   "digest_mismatch");
   }
   const AdapterLimits limits{.max_rank = s.options.max_adapter_rank,
                              .max_experts = s.options.max_adapter_experts};
+  if (absl::Status st = enter("read"); !st.ok()) return failed(st, "timeout");
   absl::StatusOr<std::shared_ptr<const Adapter>> adapter;
   try {
     adapter = engine::LoadAdapter(*dir, name, s.model->config(), limits);
@@ -562,6 +556,7 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
   if (!adapter.ok()) return failed(adapter.status(), "invalid_adapter");
   m.read_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
   t0 = absl::Now();
+  if (absl::Status st = enter("attach"); !st.ok()) return failed(st, "timeout");
   absl::StatusOr<int32_t> slot = s.executor->AttachAdapter(*adapter);
   if (!slot.ok()) return failed(slot.status(), "invalid_adapter");
   m.attach_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
@@ -607,7 +602,7 @@ absl::StatusOr<Engine::UnloadResult> Engine::UnloadAdapter(const std::string& na
         s.records.erase(rec);  // forget the failed load
         return UnloadResult{};
       }
-      return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded"));
+      return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not loaded"));
     }
     slot = s.adapter_slots.at(version->adapter.get());
     s.adapter_slots.erase(version->adapter.get());
@@ -626,7 +621,7 @@ absl::StatusOr<Engine::UnloadResult> Engine::UnloadAdapter(const std::string& na
   while (!watch.expired() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
   if (!watch.expired()) {
     result.cancelled = s.executor->CancelAdapterRequests(
-        adapter, absl::CancelledError(absl::StrCat("adapter '", name, "' was unloaded")));
+        adapter, absl::CancelledError(absl::StrCat("adapter ", Quote(name), " was unloaded")));
   }
   result.drained = std::max<int64_t>(0, in_flight - result.cancelled);
   s.executor->RetireAdapter(slot, watch);
@@ -737,7 +732,7 @@ absl::StatusOr<AdapterStatus> Engine::GetAdapterStatus(const std::string& name) 
   for (AdapterStatus& st : AdapterStatuses()) {
     if (st.name == name) return std::move(st);
   }
-  return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not known"));
+  return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not known"));
 }
 
 ExpertCacheInfo Engine::CacheInfo() const {

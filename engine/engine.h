@@ -12,8 +12,10 @@
 // Thread safety: every method may be called from any thread.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -69,6 +71,13 @@ struct EngineOptions {
   int64_t max_adapter_bytes = int64_t{32} << 30;
   // Device pool for LoRA expert pages (engine/expert_cache); 0 = hold every loaded expert.
   int64_t expert_cache_bytes = 0;
+  // Longest a hot load may take (LoadAdapter's own deadline, when earlier, wins). Checked
+  // between the load's stages; a load past it fails with kDeadlineExceeded.
+  absl::Duration max_adapter_load_time = absl::Minutes(10);
+  // Called on the loading thread as each stage of a hot load begins: "inspect" (size limits and
+  // digest), "read" (parse and validate), "attach". For tests, which hold a load at a stage;
+  // production leaves it empty.
+  std::function<void(std::string_view stage)> adapter_load_stage_hook;
 };
 
 // One served adapter (ListModels).
@@ -151,7 +160,15 @@ class Engine {
   // it, is kInvalidArgument), kResourceExhausted (queue full, or a request larger than the
   // whole KV cache), kUnavailable (draining).
   absl::StatusOr<uint64_t> Submit(GenerateRequest request, std::shared_ptr<GenerationSink> sink);
+  // Every check Submit makes, with the same codes and messages, without queueing anything or
+  // counting a rejection: adapter lookup, input (text is tokenized), sampling, stopping,
+  // top_logprobs, the context rule, KV blocks, a full queue and draining. OK means Submit would
+  // accept the request if nothing changed in between.
+  absl::Status Validate(const GenerateRequest& request) const;
   void Cancel(uint64_t handle);
+  // Counts a request refused before it reached Submit (a malformed message, an overlong
+  // request_id) in the metrics sink's rejections, by code, like Submit's own refusals.
+  void CountRejected(absl::StatusCode code) const;
 
   struct Tokenized {
     std::vector<int32_t> ids;
@@ -176,9 +193,13 @@ class Engine {
   // kInvalidArgument (bad name, path or adapter content), kNotFound (no such directory).
   // A non-empty `sha256` (hex, InspectAdapterFiles' digest) must match the files:
   // kInvalidArgument otherwise. Files over EngineOptions' size limits: kInvalidArgument. An
-  // adapter whose largest expert cannot fit the expert cache: kResourceExhausted.
+  // adapter whose largest expert cannot fit the expert cache: kResourceExhausted. Between its
+  // stages the load gives up with kDeadlineExceeded past `deadline` or
+  // EngineOptions::max_adapter_load_time, and with kUnavailable once the engine stops accepting
+  // (a drain or shutdown never waits for more than the stage in progress).
   absl::StatusOr<AdapterSummary> LoadAdapter(const std::string& name, const std::string& path,
-                                             bool replace, const std::string& sha256 = "");
+                                             bool replace, const std::string& sha256 = "",
+                                             absl::Time deadline = absl::InfiniteFuture());
 
   struct UnloadResult {
     int64_t drained = 0;    // in-flight requests that finished normally during the drain
@@ -205,7 +226,12 @@ class Engine {
 
  private:
   struct State;
+  // What Admit resolves for an accepted request (defined in engine.cc).
+  struct Admission;
   explicit Engine(std::unique_ptr<State> state);
+  // Submit's validation, after the draining check: fills `out` and defaults
+  // request->stopping.max_new_tokens, or returns the error Submit rejects the request with.
+  absl::Status Admit(GenerateRequest* request, Admission* out) const;
   std::unique_ptr<State> state_;
 };
 

@@ -6,6 +6,7 @@
 // SIGTERM / SIGINT drain: health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight
 // requests finish (up to --drain-timeout), then the process exits 0. A second signal exits at once.
 
+#include <google/protobuf/stubs/logging.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
@@ -20,6 +21,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "engine/engine.h"
@@ -37,6 +39,9 @@ ABSL_FLAG(std::vector<std::string>, adapter, {},
           "MoLE adapter to serve, as name=DIR (a mole/1 or PEFT LoRA directory); repeat the flag "
           "or separate with commas");
 ABSL_FLAG(int, max_adapter_rank, 256, "Largest LoRA rank an adapter may have");
+ABSL_FLAG(absl::Duration, max_adapter_load_time, absl::Minutes(10),
+          "Longest a hot load may take (checked between its stages); the admin call's deadline "
+          "wins when earlier");
 ABSL_FLAG(
     std::string, adapter_root, "",
     "Directory that AdapterAdmin.LoadAdapter paths are confined to (empty = hot loading off)");
@@ -81,6 +86,19 @@ namespace {
 int g_signal_pipe[2] = {-1, -1};
 std::atomic<int> g_signals{0};
 
+// protobuf logs an ERROR line for every string field that is not UTF-8, that is for every such
+// request, which is already answered INVALID_ARGUMENT and counted in the rejections: its lines go
+// to debug, escaped, so that hostile clients cannot flood or forge the log.
+void ProtobufLog(google::protobuf::LogLevel level, const char* file, int line,
+                 const std::string& message) {
+  const std::string text = absl::CHexEscape(message);
+  if (level == google::protobuf::LOGLEVEL_FATAL) {
+    spdlog::critical("protobuf {}:{}: {}", file, line, text);
+  } else {
+    spdlog::debug("protobuf {}:{}: {}", file, line, text);
+  }
+}
+
 // Async-signal-safe: only write(2) and _exit(2).
 void OnSignal(int sig) {
   if (g_signals.fetch_add(1) > 0) _exit(128 + sig);
@@ -97,6 +115,7 @@ int Run() {
     return 2;
   }
   spdlog::set_level(level);
+  google::protobuf::SetLogHandler(&ProtobufLog);
   // SIGTERM/SIGINT: the first one starts a drain, a second one exits at once. A handler (not
   // sigwait) because threads started before main (OpenBLAS's) do not block signals.
   if (pipe(g_signal_pipe) != 0) {
@@ -149,6 +168,7 @@ int Run() {
   options.max_adapter_file_bytes = absl::GetFlag(FLAGS_max_adapter_file_bytes);
   options.max_adapter_bytes = absl::GetFlag(FLAGS_max_adapter_bytes);
   options.expert_cache_bytes = absl::GetFlag(FLAGS_expert_cache_bytes);
+  options.max_adapter_load_time = absl::GetFlag(FLAGS_max_adapter_load_time);
   moleserve::server::ServerOptions server_options{
       .listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),
       .max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes)};
@@ -162,9 +182,9 @@ int Run() {
     server_options.admin_address =
         absl::StrCat(absl::GetFlag(FLAGS_admin_host), ":", absl::GetFlag(FLAGS_admin_port));
     server_options.admin_token = *std::move(token);
+    // One JSON object per line: nothing a caller sends can forge or split an audit line.
     server_options.admin_audit = [](const moleserve::server::AdminAuditEntry& e) {
-      spdlog::info("admin audit: peer={} authenticated={} method={} adapter='{}' {} -> {}", e.peer,
-                   e.authenticated, e.method, e.adapter, e.detail, e.result);
+      spdlog::info("admin audit: {}", moleserve::server::FormatAuditLine(e));
     };
   }
   for (const std::string& spec : absl::GetFlag(FLAGS_adapter)) {

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/adapters/loaders.h"
+#include "engine/core/quote.h"
 #include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
@@ -69,8 +70,8 @@ absl::Status ValidateRoutingOverride(const Adapter& adapter, const RoutingOverri
       any = true;
       absl::StatusOr<RoutingSpec> s = ApplyRoutingOverride(spec, ov, n);
       if (!s.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("routing override for adapter '",
-                                                       adapter.name, "', layer ", l, " ", where,
+        return absl::InvalidArgumentError(absl::StrCat("routing override for adapter ",
+                                                       Quote(adapter.name), ", layer ", l, " ", where,
                                                        ": ", s.status().message()));
       }
       return absl::OkStatus();
@@ -87,7 +88,7 @@ absl::Status ValidateRoutingOverride(const Adapter& adapter, const RoutingOverri
   }
   if (!any) {
     return absl::InvalidArgumentError(
-        absl::StrCat("routing override: adapter '", adapter.name, "' has no router to override",
+        absl::StrCat("routing override: adapter ", Quote(adapter.name), " has no router to override",
                      adapter.is_xlora() ? " (X-LoRA scalings come from its classifier)" : ""));
   }
   return absl::OkStatus();
@@ -100,7 +101,7 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
   namespace fs = std::filesystem;
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
-    return absl::NotFoundError(absl::StrCat("adapter '", name, "': ", dir, " is not a directory"));
+    return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), ": ", dir, " is not a directory"));
   }
   absl::StatusOr<std::unique_ptr<Adapter>> adapter;
   if (fs::exists(fs::path(dir) / "mole_config.json", ec)) {
@@ -108,17 +109,17 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
   } else if (fs::exists(fs::path(dir) / "adapter_config.json", ec)) {
     adapter = LoadPeftDirectory(dir, base, limits);
   } else {
-    return absl::NotFoundError(absl::StrCat("adapter '", name, "': ", dir,
+    return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), ": ", dir,
                                             " has neither mole_config.json (mole/1) nor "
                                             "adapter_config.json (PEFT LoRA)"));
   }
   if (!adapter.ok()) {
-    return absl::Status(adapter.status().code(), absl::StrCat("adapter '", name, "' (", dir,
+    return absl::Status(adapter.status().code(), absl::StrCat("adapter ", Quote(name), " (", dir,
                                                               "): ", adapter.status().message()));
   }
   (*adapter)->name = name;
   if ((*adapter)->bytes > limits.max_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("adapter '", name, "': ", (*adapter)->bytes,
+    return absl::InvalidArgumentError(absl::StrCat("adapter ", Quote(name), ": ", (*adapter)->bytes,
                                                    " bytes exceed the limit of ",
                                                    limits.max_bytes));
   }

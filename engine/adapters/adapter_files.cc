@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/file_io.h"
 
 namespace moleserve::engine {
 namespace {
@@ -30,14 +31,16 @@ absl::StatusOr<std::string> Sha256Hex(const std::filesystem::path& file) {
   if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) {
     return absl::InternalError("sha256: cannot initialise a digest");
   }
-  std::ifstream in(file, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read '", file.string(), "'"));
+  absl::StatusOr<UniqueFd> fd = OpenRegularFile(file.string());
+  if (!fd.ok()) return fd.status();
   std::vector<char> buf(1 << 20);
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    if (in.gcount() > 0) EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<size_t>(in.gcount()));
+  while (true) {
+    const ssize_t n = ::read(fd->get(), buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return absl::DataLossError(absl::StrCat("error reading '", file.string(), "'"));
+    if (n == 0) break;
+    EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<size_t>(n));
   }
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading '", file.string(), "'"));
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
   EVP_DigestFinal_ex(ctx.get(), md, &len);

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/file_io.h"
 #include "engine/core/json_depth.h"
 
 namespace moleserve::engine::adapter_json {
@@ -30,17 +31,12 @@ absl::Status WrongType(const std::string& ctx, const std::string& key, const cha
 }  // namespace
 
 absl::StatusOr<Json> ParseFile(const std::string& path) {
-  std::error_code ec;
-  const auto size = std::filesystem::file_size(path, ec);
-  if (ec) return absl::NotFoundError(absl::StrCat("cannot read ", path, ": ", ec.message()));
-  if (size > kMaxConfigBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": ", size, " bytes, more than a config file may have"));
+  absl::StatusOr<std::string> read = ReadRegularFile(path, kMaxConfigBytes);
+  if (!read.ok()) {
+    if (absl::IsInvalidArgument(read.status())) return read.status();
+    return absl::NotFoundError(absl::StrCat("cannot read ", read.status().message()));
   }
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  const std::string text = buffer.str();
+  const std::string& text = *read;
   if (JsonNestingDepth(text) > kMaxJsonDepth) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": JSON nested too deeply"));
   }

@@ -1,6 +1,7 @@
 #include "engine/adapters/registry.h"
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/quote.h"
 
 namespace moleserve::engine {
 
@@ -26,7 +27,7 @@ std::shared_ptr<const AdapterVersion> AdapterRegistry::Find(const std::string& n
 absl::Status AdapterRegistry::Remove(const std::string& name) {
   MutexLock lock(&mu_);
   if (adapters_.erase(name) == 0) {
-    return absl::NotFoundError(absl::StrCat("adapter '", name, "' is not loaded"));
+    return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not loaded"));
   }
   return absl::OkStatus();
 }

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/file_io.h"
 #include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
 
@@ -17,12 +18,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// config.json and generation_config.json are a few KB; this bounds a hostile one.
+constexpr int64_t kMaxConfigBytes = 16 << 20;
+
 absl::StatusOr<std::string> ReadFile(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path.string()));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  return ReadRegularFile(path.string(), kMaxConfigBytes);
 }
 
 }  // namespace

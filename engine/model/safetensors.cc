@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/core/file_io.h"
 #include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
 #include "kernels/common/bf16.h"
@@ -106,27 +107,18 @@ float Fp16ToFloat(uint16_t bits) {
 uint16_t FloatToBf16(float value) { return kernels::F32ToBf16(value); }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus(errno, absl::StrCat(path, ": cannot open"));
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return ErrnoStatus(err, absl::StrCat(path, ": cannot stat"));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
-  const size_t size = static_cast<size_t>(st.st_size);
+  // Non-blocking open and a regular-file check on the descriptor: a FIFO named like a weight
+  // file is refused at once instead of blocking the loader (engine/core/file_io.h).
+  int64_t file_size = 0;
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenRegularFile(path, &file_size));
+  const size_t size = static_cast<size_t>(file_size);
   if (size < 8) {
-    ::close(fd);
     return absl::DataLossError(
         absl::StrCat(path, ": file is ", size, " bytes, too short for the 8-byte header length"));
   }
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd.get(), 0);
   const int map_errno = errno;
-  ::close(fd);  // The mapping keeps its own reference to the file.
+  fd.reset();  // The mapping keeps its own reference to the file.
   if (map == MAP_FAILED) return ErrnoStatus(map_errno, absl::StrCat(path, ": cannot mmap"));
 
   std::unique_ptr<SafetensorsFile> file(

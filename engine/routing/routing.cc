@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/quote.h"
 
 namespace moleserve::engine {
 namespace {
@@ -147,8 +148,8 @@ absl::StatusOr<RoutingAlgorithm> ParseRoutingAlgorithm(std::string_view name) {
     if (name == RoutingAlgorithmName(a)) return a;
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("routing: unknown algorithm \"", absl::string_view(name.data(), name.size()),
-                   "\" (expected topk, top_p, dynmole, soft, switch or rank_topk)"));
+      absl::StrCat("routing: unknown algorithm ", Quote(name),
+                   " (expected topk, top_p, dynmole, soft, switch or rank_topk)"));
 }
 
 absl::Status ValidateRoutingSpec(const RoutingSpec& spec, int32_t num_experts) {

@@ -1,12 +1,17 @@
 #include "server/grpc/admin_service.h"
 
-#include <fstream>
+#include <grpcpp/impl/codegen/method_handler.h>
+#include <grpcpp/impl/codegen/rpc_service_method.h>
+
+#include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "engine/core/file_io.h"
 #include "server/grpc/conversion.h"
 #include "server/grpc/status_conversion.h"
+#include "server/grpc/wire.h"
 
 namespace moleserve::server {
 namespace {
@@ -74,116 +79,176 @@ std::string Describe(const grpc::Status& s) {
   return absl::StrCat(code >= 0 && code <= 16 ? kNames[code] : "CODE", ": ", s.error_message());
 }
 
+// Audit fields are cut to this many bytes: enough for any valid name or path, and a refused
+// 100 KB name costs one short line.
+constexpr size_t kMaxAuditFieldBytes = 256;
+
+std::string Cut(const std::string& text) {
+  if (text.size() <= kMaxAuditFieldBytes) return text;
+  return absl::StrCat(text.substr(0, kMaxAuditFieldBytes), "... (", text.size(), " bytes)");
+}
+
+std::string DescribeLoad(const pb::LoadAdapterRequest& r) {
+  return absl::StrCat("path=", r.path(), " replace=", r.replace() ? "true" : "false",
+                      r.sha256().empty() ? "" : " sha256=given");
+}
+std::string DescribeUnload(const pb::UnloadAdapterRequest& r) {
+  return absl::StrCat("force=", r.force() ? "true" : "false",
+                      " drain_timeout_seconds=", r.drain_timeout_seconds());
+}
+std::string DescribeNothing(const pb::ListAdaptersRequest&) { return ""; }
+std::string DescribeNothing(const pb::GetAdapterRequest&) { return ""; }
+
+// The adapter a request names, for the audit entry.
+std::string AdapterOf(const pb::LoadAdapterRequest& r) { return r.name(); }
+std::string AdapterOf(const pb::UnloadAdapterRequest& r) { return r.name(); }
+std::string AdapterOf(const pb::ListAdaptersRequest&) { return ""; }
+std::string AdapterOf(const pb::GetAdapterRequest& r) { return r.name(); }
+
 }  // namespace
+
+std::string FormatAuditLine(const AdminAuditEntry& e) {
+  const nlohmann::json line = {{"event", "admin_audit"},  {"peer", Cut(e.peer)},
+                               {"authenticated", e.authenticated}, {"method", Cut(e.method)},
+                               {"adapter", Cut(e.adapter)}, {"detail", Cut(e.detail)},
+                               {"result", Cut(e.result)}};
+  // ASCII only: control characters, quotes and non-ASCII become escapes; invalid UTF-8 is
+  // replaced (U+FFFD), never an exception.
+  return line.dump(-1, ' ', /*ensure_ascii=*/true, nlohmann::json::error_handler_t::replace);
+}
 
 AdminService::AdminService(engine::Engine* engine, std::string token,
                            std::function<void(const AdminAuditEntry&)> audit)
-    : engine_(engine), token_(std::move(token)), audit_(std::move(audit)) {}
+    : engine_(engine), token_(std::move(token)), audit_(std::move(audit)) {
+  AddRawMethod("LoadAdapter", &AdminService::LoadAdapter, &DescribeLoad);
+  AddRawMethod("UnloadAdapter", &AdminService::UnloadAdapter, &DescribeUnload);
+  AddRawMethod<pb::ListAdaptersRequest, pb::ListAdaptersResponse>(
+      "ListAdapters", &AdminService::ListAdapters, &DescribeNothing);
+  AddRawMethod<pb::GetAdapterRequest, pb::AdapterStatus>("GetAdapter", &AdminService::GetAdapter,
+                                                         &DescribeNothing);
+}
 
-grpc::Status AdminService::Audited(grpc::ServerContext* context, const char* method,
-                                   const std::string& adapter, const std::string& detail,
-                                   const std::function<grpc::Status()>& body) {
-  AdminAuditEntry entry{
-      .peer = context->peer(), .method = method, .adapter = adapter, .detail = detail};
-  grpc::Status status;
+bool AdminService::Authenticate(grpc::ServerContext* context, grpc::Status* refusal) const {
   const auto& md = context->client_metadata();
   auto it = md.find("authorization");
   constexpr std::string_view kBearer = "Bearer ";
   if (it == md.end()) {
-    status = grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                          "missing admin token: send metadata 'authorization: Bearer <token>'");
-  } else {
-    const std::string_view value(it->second.data(), it->second.size());
-    if (value.substr(0, kBearer.size()) != kBearer ||
-        !ConstantTimeEquals(value.substr(kBearer.size()), token_)) {
-      status = grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "wrong admin token");
-    } else {
-      entry.authenticated = true;
-      status = body();
-    }
+    *refusal = grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                            "missing admin token: send metadata 'authorization: Bearer <token>'");
+    return false;
   }
-  entry.result = Describe(status);
-  if (audit_) audit_(entry);
-  return status;
+  const std::string_view value(it->second.data(), it->second.size());
+  if (value.substr(0, kBearer.size()) != kBearer ||
+      !ConstantTimeEquals(value.substr(kBearer.size()), token_)) {
+    *refusal = grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "wrong admin token");
+    return false;
+  }
+  return true;
+}
+
+template <typename Request, typename Response>
+void AdminService::AddRawMethod(const char* method,
+                                grpc::Status (AdminService::*handler)(grpc::ServerContext*,
+                                                                      const Request&, Response*),
+                                std::string (*describe)(const Request&)) {
+  method_paths_.push_back(absl::StrCat("/", pb::AdapterAdmin::service_full_name(), "/", method));
+  // gRPC's generated services register their methods the same way, with typed messages; ours
+  // take the raw body so that parsing is ours (see wire.h).
+  AddMethod(new grpc::internal::RpcServiceMethod(
+      method_paths_.back().c_str(), grpc::internal::RpcMethod::NORMAL_RPC,
+      new grpc::internal::RpcMethodHandler<AdminService, grpc::ByteBuffer, grpc::ByteBuffer>(
+          [method, handler, describe](AdminService* self, grpc::ServerContext* context,
+                                      const grpc::ByteBuffer* raw, grpc::ByteBuffer* raw_out) {
+            AdminAuditEntry entry{.peer = context->peer(), .method = method};
+            grpc::Status status;
+            if (self->Authenticate(context, &status)) {
+              entry.authenticated = true;
+              Request request;
+              if (absl::Status parsed = ParseRequest(*raw, &request); !parsed.ok()) {
+                self->engine_->CountRejected(parsed.code());
+                status = ToGrpcStatus(parsed);
+              } else {
+                entry.adapter = AdapterOf(request);
+                entry.detail = describe(request);
+                Response response;
+                status = (self->*handler)(context, request, &response);
+                if (status.ok()) *raw_out = SerializeMessage(response);
+              }
+            }
+            entry.result = Describe(status);
+            if (self->audit_) self->audit_(entry);
+            return status;
+          },
+          this)));
 }
 
 grpc::Status AdminService::LoadAdapter(grpc::ServerContext* context,
-                                       const pb::LoadAdapterRequest* request,
+                                       const pb::LoadAdapterRequest& request,
                                        pb::LoadAdapterResponse* response) {
-  const std::string detail =
-      absl::StrCat("path=", request->path(), " replace=", request->replace() ? "true" : "false",
-                   request->sha256().empty() ? "" : " sha256=given");
-  return Audited(context, "LoadAdapter", request->name(), detail, [&] {
-    const absl::Time start = absl::Now();
-    absl::StatusOr<engine::AdapterSummary> loaded = engine_->LoadAdapter(
-        request->name(), request->path(), request->replace(), request->sha256());
-    if (!loaded.ok()) return ToGrpcStatus(loaded.status());
-    response->set_load_seconds(absl::ToDoubleSeconds(absl::Now() - start));
-    absl::StatusOr<engine::AdapterStatus> st = engine_->GetAdapterStatus(request->name());
-    if (st.ok()) ToProto(*st, response->mutable_adapter());
-    return grpc::Status::OK;
-  });
+  const absl::Time start = absl::Now();
+  const auto call_deadline = context->deadline();
+  const absl::Time deadline = call_deadline == std::chrono::system_clock::time_point::max()
+                                  ? absl::InfiniteFuture()
+                                  : absl::FromChrono(call_deadline);
+  absl::StatusOr<engine::AdapterSummary> loaded = engine_->LoadAdapter(
+      request.name(), request.path(), request.replace(), request.sha256(), deadline);
+  if (!loaded.ok()) return ToGrpcStatus(loaded.status());
+  response->set_load_seconds(absl::ToDoubleSeconds(absl::Now() - start));
+  absl::StatusOr<engine::AdapterStatus> st = engine_->GetAdapterStatus(request.name());
+  if (st.ok()) ToProto(*st, response->mutable_adapter());
+  return grpc::Status::OK;
 }
 
 grpc::Status AdminService::UnloadAdapter(grpc::ServerContext* context,
-                                         const pb::UnloadAdapterRequest* request,
+                                         const pb::UnloadAdapterRequest& request,
                                          pb::UnloadAdapterResponse* response) {
-  const std::string detail =
-      absl::StrCat("force=", request->force() ? "true" : "false",
-                   " drain_timeout_seconds=", request->drain_timeout_seconds());
-  return Audited(context, "UnloadAdapter", request->name(), detail, [&] {
-    const double seconds = request->drain_timeout_seconds();
-    if (!(seconds >= 0) || seconds > 3600) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                          "drain_timeout_seconds must be in [0, 3600]");
-    }
-    const absl::Duration drain = seconds > 0 ? absl::Seconds(seconds) : kDefaultDrain;
-    absl::StatusOr<engine::Engine::UnloadResult> r =
-        engine_->UnloadAdapter(request->name(), drain, request->force());
-    if (!r.ok()) return ToGrpcStatus(r.status());
-    response->set_drained(static_cast<uint64_t>(r->drained));
-    response->set_cancelled(static_cast<uint64_t>(r->cancelled));
-    return grpc::Status::OK;
-  });
+  const double seconds = request.drain_timeout_seconds();
+  if (!(seconds >= 0) || seconds > 3600) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "drain_timeout_seconds must be in [0, 3600]");
+  }
+  const absl::Duration drain = seconds > 0 ? absl::Seconds(seconds) : kDefaultDrain;
+  absl::StatusOr<engine::Engine::UnloadResult> r =
+      engine_->UnloadAdapter(request.name(), drain, request.force());
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  response->set_drained(static_cast<uint64_t>(r->drained));
+  response->set_cancelled(static_cast<uint64_t>(r->cancelled));
+  return grpc::Status::OK;
 }
 
 grpc::Status AdminService::ListAdapters(grpc::ServerContext* context,
-                                        const pb::ListAdaptersRequest* request,
+                                        const pb::ListAdaptersRequest& request,
                                         pb::ListAdaptersResponse* response) {
-  return Audited(context, "ListAdapters", "", "", [&] {
-    for (const engine::AdapterStatus& st : engine_->AdapterStatuses()) {
-      ToProto(st, response->add_adapters());
-    }
-    const engine::ExpertCacheInfo c = engine_->CacheInfo();
-    pb::ExpertCacheStatus* out = response->mutable_cache();
-    out->set_capacity_bytes(static_cast<uint64_t>(c.capacity_bytes));
-    out->set_hits(static_cast<uint64_t>(c.hits));
-    out->set_misses(static_cast<uint64_t>(c.misses));
-    out->set_evictions(static_cast<uint64_t>(c.evictions));
-    out->set_resident_experts(static_cast<uint64_t>(c.resident_experts));
-    out->set_bytes_to_device(static_cast<uint64_t>(c.bytes_to_device));
-    return grpc::Status::OK;
-  });
+  for (const engine::AdapterStatus& st : engine_->AdapterStatuses()) {
+    ToProto(st, response->add_adapters());
+  }
+  const engine::ExpertCacheInfo c = engine_->CacheInfo();
+  pb::ExpertCacheStatus* out = response->mutable_cache();
+  out->set_capacity_bytes(static_cast<uint64_t>(c.capacity_bytes));
+  out->set_hits(static_cast<uint64_t>(c.hits));
+  out->set_misses(static_cast<uint64_t>(c.misses));
+  out->set_evictions(static_cast<uint64_t>(c.evictions));
+  out->set_resident_experts(static_cast<uint64_t>(c.resident_experts));
+  out->set_bytes_to_device(static_cast<uint64_t>(c.bytes_to_device));
+  return grpc::Status::OK;
 }
 
 grpc::Status AdminService::GetAdapter(grpc::ServerContext* context,
-                                      const pb::GetAdapterRequest* request,
+                                      const pb::GetAdapterRequest& request,
                                       pb::AdapterStatus* response) {
-  return Audited(context, "GetAdapter", request->name(), "", [&] {
-    absl::StatusOr<engine::AdapterStatus> st = engine_->GetAdapterStatus(request->name());
-    if (!st.ok()) return ToGrpcStatus(st.status());
-    ToProto(*st, response);
-    return grpc::Status::OK;
-  });
+  absl::StatusOr<engine::AdapterStatus> st = engine_->GetAdapterStatus(request.name());
+  if (!st.ok()) return ToGrpcStatus(st.status());
+  ToProto(*st, response);
+  return grpc::Status::OK;
 }
 
 absl::StatusOr<std::string> ReadAdminToken(const std::string& path) {
-  std::ifstream in(path);
-  if (!in)
-    return absl::InvalidArgumentError(absl::StrCat("cannot read admin token file '", path, "'"));
-  std::string line;
-  std::getline(in, line);
-  std::string token(absl::StripAsciiWhitespace(line));
+  absl::StatusOr<std::string> text = engine::ReadRegularFile(path, 64 << 10);
+  if (!text.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot read admin token file: ", text.status().message()));
+  }
+  std::string token(absl::StripAsciiWhitespace(text->substr(0, text->find('\n'))));
   if (token.size() < 16) {
     return absl::InvalidArgumentError(
         absl::StrCat("admin token in '", path,

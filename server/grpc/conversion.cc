@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/quote.h"
 
 namespace moleserve::server {
 namespace {
@@ -92,8 +93,9 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
       absl::StatusOr<engine::RoutingAlgorithm> a = engine::ParseRoutingAlgorithm(r.algorithm());
       if (!a.ok()) {
         return absl::InvalidArgumentError(
-            absl::StrCat("routing.algorithm '", r.algorithm(),
-                         "' is unknown (topk, top_p, dynmole, soft, switch, rank_topk)"));
+            absl::StrCat("routing.algorithm ", engine::Quote(r.algorithm()),
+                         " is an unknown algorithm (topk, top_p, dynmole, soft, switch, "
+                         "rank_topk)"));
       }
       out.routing_override.algorithm = *a;
     }

@@ -9,15 +9,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "engine/core/mutex.h"
+#include "engine/core/quote.h"
 #include "server/grpc/conversion.h"
 #include "server/grpc/status_conversion.h"
+#include "server/grpc/wire.h"
 
 namespace moleserve::server {
 namespace {
 
 namespace pb = moleserve::v1;
 
-using Reactor = grpc::ServerWriteReactor<pb::GenerateResponse>;
+using Reactor = grpc::ServerWriteReactor<grpc::ByteBuffer>;
 
 // Per-call output queue shared by the engine (producer, through GenerationSink) and the gRPC
 // reactor (consumer). It decides, under its mutex, the reactor's next operation: one write at a
@@ -119,7 +121,7 @@ class StreamState final : public engine::GenerationSink {
       engine::MutexLock lock(&mu_);
       if (writing_ || finished_) return;
       if (!pending_.empty()) {
-        current_ = std::move(pending_.front());
+        current_ = SerializeMessage(pending_.front());
         pending_.pop_front();
         writing_ = true;
         action = kWrite;
@@ -139,7 +141,7 @@ class StreamState final : public engine::GenerationSink {
   const bool routing_;
   engine::Mutex mu_;  // guards everything below
   std::deque<pb::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
-  pb::GenerateResponse current_;  // the message being written; owned by the writer in flight
+  grpc::ByteBuffer current_;  // the message being written; owned by the writer in flight
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<grpc::Status> final_status_ ABSL_GUARDED_BY(mu_);
@@ -160,17 +162,18 @@ absl::StatusOr<std::string> ResolveAdapter(const grpc::CallbackServerContext& co
     std::string value(it->second.data(), it->second.size());
     if (value.empty()) continue;
     if (header && *header != value) {
-      return absl::InvalidArgumentError(absl::StrCat("the ", kAdapterHeader, " header is set to '",
-                                                     *header, "' and to '", value,
-                                                     "'; send it once"));
+      return absl::InvalidArgumentError(absl::StrCat("the ", kAdapterHeader, " header is set to ",
+                                                     engine::Quote(*header), " and to ",
+                                                     engine::Quote(value), "; send it once"));
     }
     header = std::move(value);
   }
   if (!header) return body_adapter;
   if (!body_adapter.empty() && body_adapter != *header) {
     return absl::InvalidArgumentError(
-        absl::StrCat("GenerateRequest.adapter is '", body_adapter, "' but the ", kAdapterHeader,
-                     " header is '", *header, "'; set one of them, or both to the same name"));
+        absl::StrCat("GenerateRequest.adapter is ", engine::Quote(body_adapter), " but the ",
+                     kAdapterHeader, " header is ", engine::Quote(*header),
+                     "; set one of them, or both to the same name"));
   }
   return *header;
 }
@@ -196,11 +199,13 @@ class GenerateReactor final : public Reactor {
     absl::StatusOr<engine::GenerateRequest> converted =
         FromProto(request, engine_deadline, engine_->model_info().default_sampling);
     if (!converted.ok()) {
+      engine_->CountRejected(converted.status().code());
       state_->Reject(ToGrpcStatus(converted.status()));
       return;
     }
     absl::StatusOr<std::string> adapter = ResolveAdapter(*context, request.adapter());
     if (!adapter.ok()) {
+      engine_->CountRejected(adapter.status().code());
       state_->Reject(ToGrpcStatus(adapter.status()));
       return;
     }
@@ -230,25 +235,39 @@ class GenerateReactor final : public Reactor {
 
 }  // namespace
 
-grpc::ServerWriteReactor<pb::GenerateResponse>* InferenceService::Generate(
-    grpc::CallbackServerContext* context, const pb::GenerateRequest* request) {
-  if (request->request_id().size() > kMaxRequestIdBytes) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw) {
+  auto reject = [&](const absl::Status& status) {
+    engine_->CountRejected(status.code());
     auto* reactor = new RejectedReactor();
-    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                 absl::StrCat("request_id is ", request->request_id().size(),
-                                              " bytes; at most ", kMaxRequestIdBytes)));
+    reactor->Finish(ToGrpcStatus(status));
     return reactor;
+  };
+  pb::GenerateRequest request;
+  if (absl::Status st = ParseRequest(*raw, &request); !st.ok()) return reject(st);
+  if (request.request_id().size() > kMaxRequestIdBytes) {
+    return reject(absl::InvalidArgumentError(absl::StrCat(
+        "request_id is ", request.request_id().size(), " bytes; at most ", kMaxRequestIdBytes)));
   }
-  std::string id = request->request_id().empty()
+  std::string id = request.request_id().empty()
                        ? absl::StrCat("req-", next_request_id_.fetch_add(1))
-                       : request->request_id();
-  return new GenerateReactor(engine_, context, *request, std::move(id));
+                       : request.request_id();
+  return new GenerateReactor(engine_, context, request, std::move(id));
 }
 
 grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,
-                                                     const pb::TokenizeRequest* request,
-                                                     pb::TokenizeResponse* response) {
+                                                     const grpc::ByteBuffer* raw,
+                                                     grpc::ByteBuffer* raw_response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  pb::TokenizeRequest parsed;
+  if (absl::Status st = ParseRequest(*raw, &parsed); !st.ok()) {
+    engine_->CountRejected(st.code());
+    reactor->Finish(ToGrpcStatus(st));
+    return reactor;
+  }
+  const pb::TokenizeRequest* request = &parsed;
+  pb::TokenizeResponse out;
+  pb::TokenizeResponse* response = &out;
   std::optional<bool> add_bos;
   if (request->has_add_bos()) add_bos = request->add_bos();
   absl::StatusOr<engine::Engine::Tokenized> result =
@@ -259,13 +278,23 @@ grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext
   }
   for (int32_t id : result->ids) response->add_ids(static_cast<uint32_t>(id));
   for (std::string& piece : result->pieces) response->add_pieces(std::move(piece));
+  *raw_response = SerializeMessage(out);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }
 
 grpc::ServerUnaryReactor* InferenceService::ListModels(grpc::CallbackServerContext* context,
-                                                       const pb::ListModelsRequest* request,
-                                                       pb::ListModelsResponse* response) {
+                                                       const grpc::ByteBuffer* raw,
+                                                       grpc::ByteBuffer* raw_response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  pb::ListModelsRequest request;
+  if (absl::Status st = ParseRequest(*raw, &request); !st.ok()) {
+    engine_->CountRejected(st.code());
+    reactor->Finish(ToGrpcStatus(st));
+    return reactor;
+  }
+  pb::ListModelsResponse out;
+  pb::ListModelsResponse* response = &out;
   const engine::ModelInfo& info = engine_->model_info();
   pb::BaseModelInfo* base = response->mutable_base();
   base->set_name(info.name);
@@ -286,7 +315,7 @@ grpc::ServerUnaryReactor* InferenceService::ListModels(grpc::CallbackServerConte
   for (const engine::AdapterSummary& a : engine_->ListAdapters()) {
     ToProto(a, response->add_adapters());
   }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  *raw_response = SerializeMessage(out);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -7,6 +7,9 @@
 // a time (gRPC allows one outstanding write) and finishes the call once the engine is done, the
 // client cancels, or a write fails. Client cancellation and the gRPC deadline cancel the engine
 // request, which frees its KV blocks.
+// Every method is registered raw (grpc::ByteBuffer in and out) and parses its request with
+// wire.h, so a malformed body is INVALID_ARGUMENT with a reason, counted in the rejections, not
+// gRPC's bare UNIMPLEMENTED.
 // Thread safety: gRPC calls the service from its own threads; the service holds no mutable state
 // beyond an atomic id counter.
 
@@ -19,18 +22,26 @@
 
 namespace moleserve::server {
 
-class InferenceService final : public moleserve::v1::Inference::CallbackService {
+using RawInferenceService = moleserve::v1::Inference::WithRawCallbackMethod_Generate<
+    moleserve::v1::Inference::WithRawCallbackMethod_Tokenize<
+        moleserve::v1::Inference::WithRawCallbackMethod_ListModels<
+            moleserve::v1::Inference::Service>>>;
+
+class InferenceService final : public RawInferenceService {
  public:
   explicit InferenceService(engine::Engine* engine) : engine_(engine) {}
 
-  grpc::ServerWriteReactor<moleserve::v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context, const moleserve::v1::GenerateRequest* request) override;
+  // moleserve.v1.GenerateRequest in, a stream of moleserve.v1.GenerateResponse out.
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
+  // moleserve.v1.TokenizeRequest in, moleserve.v1.TokenizeResponse out.
   grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
-                                     const moleserve::v1::TokenizeRequest* request,
-                                     moleserve::v1::TokenizeResponse* response) override;
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  // moleserve.v1.ListModelsRequest in, moleserve.v1.ListModelsResponse out.
   grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* context,
-                                       const moleserve::v1::ListModelsRequest* request,
-                                       moleserve::v1::ListModelsResponse* response) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
 
  private:
   engine::Engine* engine_;  // not owned
