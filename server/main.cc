@@ -27,6 +27,7 @@
 #include "engine/engine.h"
 #include "server/cli/dashed_flags.h"
 #include "server/grpc/admin_service.h"
+#include "server/grpc/listeners.h"
 #include "server/grpc/server.h"
 #if MOLESERVE_WITH_METRICS
 #include "server/metrics/prometheus_metrics.h"
@@ -53,6 +54,24 @@ ABSL_FLAG(std::string, admin_host, "127.0.0.1", "Address the AdapterAdmin API li
 ABSL_FLAG(int, admin_port, 50052, "AdapterAdmin port (0 = any free port, -1 = off)");
 ABSL_FLAG(std::string, admin_token_file, "",
           "File whose first line is the admin bearer token (empty = admin API off)");
+ABSL_FLAG(bool, admin_allow_insecure, false,
+          "Allow the admin listener on a non-loopback address without TLS (the bearer token then "
+          "travels in plaintext)");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM certificate chain for TLS on the gRPC listener (and the admin listener unless "
+          "--admin-tls-cert-file is given); empty = plaintext");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls-cert-file");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "PEM CA bundle: gRPC clients must present a certificate signed by it (mTLS)");
+ABSL_FLAG(std::string, admin_tls_cert_file, "",
+          "PEM certificate chain for the admin listener (default: --tls-cert-file)");
+ABSL_FLAG(std::string, admin_tls_key_file, "",
+          "PEM private key of --admin-tls-cert-file (default: --tls-key-file)");
+ABSL_FLAG(std::string, admin_tls_client_ca_file, "",
+          "PEM CA bundle: admin clients must present a certificate signed by it (mTLS)");
+ABSL_FLAG(absl::Duration, tls_reload_interval, absl::Minutes(1),
+          "How often certificate, key and CA files are re-read (renewals apply without a "
+          "restart)");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address the gRPC API listens on");
 ABSL_FLAG(int, port, 50051, "gRPC port (0 = any free port, printed at startup)");
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address /metrics listens on");
@@ -171,7 +190,21 @@ int Run() {
   options.max_adapter_load_time = absl::GetFlag(FLAGS_max_adapter_load_time);
   moleserve::server::ServerOptions server_options{
       .listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),
-      .max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes)};
+      .max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes),
+      .tls = {.cert_file = absl::GetFlag(FLAGS_tls_cert_file),
+              .key_file = absl::GetFlag(FLAGS_tls_key_file),
+              .client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file),
+              .reload_interval = absl::GetFlag(FLAGS_tls_reload_interval)},
+      .allow_insecure_admin = absl::GetFlag(FLAGS_admin_allow_insecure)};
+  const bool own_admin_cert = !absl::GetFlag(FLAGS_admin_tls_cert_file).empty() ||
+                              !absl::GetFlag(FLAGS_admin_tls_key_file).empty();
+  server_options.admin_tls = {
+      .cert_file = own_admin_cert ? absl::GetFlag(FLAGS_admin_tls_cert_file)
+                                  : server_options.tls.cert_file,
+      .key_file = own_admin_cert ? absl::GetFlag(FLAGS_admin_tls_key_file)
+                                 : server_options.tls.key_file,
+      .client_ca_file = absl::GetFlag(FLAGS_admin_tls_client_ca_file),
+      .reload_interval = absl::GetFlag(FLAGS_tls_reload_interval)};
   if (const std::string token_file = absl::GetFlag(FLAGS_admin_token_file);
       !token_file.empty() && absl::GetFlag(FLAGS_admin_port) >= 0) {
     absl::StatusOr<std::string> token = moleserve::server::ReadAdminToken(token_file);
@@ -215,17 +248,31 @@ int Run() {
     spdlog::critical("{}", server.status().ToString());
     return 1;
   }
-  spdlog::info("serving gRPC on {}:{}", absl::GetFlag(FLAGS_host), (*server)->port());
+  auto security = [](const moleserve::server::TlsOptions& tls) {
+    if (!tls.enabled()) return std::string("plaintext");
+    return tls.client_ca_file.empty() ? std::string("TLS") : std::string("TLS, client certificates required");
+  };
+  spdlog::info("serving gRPC on {}:{} ({})", absl::GetFlag(FLAGS_host), (*server)->port(),
+               security(server_options.tls));
   if ((*server)->admin_port() != 0) {
-    spdlog::info("serving AdapterAdmin on {}:{} (adapter root: {})",
+    spdlog::info("serving AdapterAdmin on {}:{} ({}; adapter root: {})",
                  absl::GetFlag(FLAGS_admin_host), (*server)->admin_port(),
+                 security(server_options.admin_tls),
                  options.adapter_root.empty() ? "none, loads refused" : options.adapter_root);
   } else {
     spdlog::info("AdapterAdmin off (no --admin-token-file)");
   }
 #if MOLESERVE_WITH_METRICS
-  if (metrics) spdlog::info("serving /metrics on port {}", metrics->port());
+  if (metrics) {
+    spdlog::info("serving /metrics on {}:{} (plaintext)", absl::GetFlag(FLAGS_metrics_host),
+                 metrics->port());
+  }
 #endif
+  // Every socket this process listens on, as the kernel reports them: an operator can check
+  // that nothing serves on an address they were not told about.
+  for (const std::string& address : moleserve::server::ListeningTcpAddresses()) {
+    spdlog::info("listening socket: {}", address);
+  }
   std::fflush(stdout);
 
   char sig = 0;

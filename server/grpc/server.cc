@@ -17,9 +17,14 @@ absl::StatusOr<std::unique_ptr<MoleServer>> MoleServer::Start(engine::Engine* en
   server->engine_ = engine;
   server->service_ = std::make_unique<InferenceService>(engine);
 
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      MakeServerCredentials(options.tls, "gRPC");
+  if (!credentials.ok()) return credentials.status();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(),
-                           &server->port_);
+  // One socket on exactly the given address: with SO_REUSEPORT gRPC 1.51 clones listeners, and
+  // a clone of a port-0 listener lands on a second, unannounced port.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.AddListeningPort(options.listen_address, *credentials, &server->port_);
   builder.RegisterService(server->service_.get());
   builder.SetMaxReceiveMessageSize(options.max_receive_message_bytes);
   server->server_ = builder.BuildAndStart();
@@ -31,11 +36,23 @@ absl::StatusOr<std::unique_ptr<MoleServer>> MoleServer::Start(engine::Engine* en
     if (options.admin_token.empty()) {
       return absl::InvalidArgumentError("the admin listener needs a token (--admin-token-file)");
     }
+    if (!options.admin_tls.enabled() && !options.allow_insecure_admin &&
+        !IsLoopbackHost(HostOf(options.admin_address))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the admin listener ", options.admin_address,
+          " is reachable from other hosts and has no TLS: its bearer token would travel in "
+          "plaintext; give it a certificate (--tls-cert-file/--tls-key-file or "
+          "--admin-tls-cert-file/--admin-tls-key-file), bind it to loopback, or pass "
+          "--admin-allow-insecure"));
+    }
+    absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> admin_credentials =
+        MakeServerCredentials(options.admin_tls, "admin");
+    if (!admin_credentials.ok()) return admin_credentials.status();
     server->admin_service_ =
         std::make_unique<AdminService>(engine, options.admin_token, options.admin_audit);
     grpc::ServerBuilder admin;
-    admin.AddListeningPort(options.admin_address, grpc::InsecureServerCredentials(),
-                           &server->admin_port_);
+    admin.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+    admin.AddListeningPort(options.admin_address, *admin_credentials, &server->admin_port_);
     admin.RegisterService(server->admin_service_.get());
     admin.SetMaxReceiveMessageSize(64 << 10);  // admin requests are a few names and paths
     server->admin_server_ = admin.BuildAndStart();

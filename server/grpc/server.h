@@ -5,6 +5,11 @@
 // second one (when an admin address is given), so that operators' calls never compete with
 // inference traffic and the admin port can stay on localhost.
 //
+// Listeners bind exactly the address they are given, one socket each (SO_REUSEPORT is off, so no
+// other process can bind the same port, and gRPC opens no extra sockets); TLS and mTLS are per
+// listener (tls.h). The admin listener refuses to start on an address other hosts can reach
+// unless it has TLS or `allow_insecure_admin` says so.
+//
 // Lifecycle: Start() -> serving (health SERVING) -> Drain(): health NOT_SERVING, the engine
 // refuses new requests (UNAVAILABLE), in-flight requests run to completion up to the timeout,
 // then whatever is left is failed with UNAVAILABLE and the listener shuts down.
@@ -19,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "engine/engine.h"
+#include "server/grpc/tls.h"
 
 namespace moleserve::server {
 
@@ -41,6 +47,12 @@ struct ServerOptions {
   std::string admin_token;
   // Receives every admin call after it finished (the audit log).
   std::function<void(const AdminAuditEntry&)> admin_audit;
+  // TLS of the inference listener and of the admin listener (plaintext when not enabled).
+  TlsOptions tls;
+  TlsOptions admin_tls;
+  // Lets the admin listener serve plaintext on a non-loopback address (the token then travels in
+  // the clear); without it that configuration is refused at Start.
+  bool allow_insecure_admin = false;
 };
 
 class MoleServer {

@@ -11,8 +11,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -30,8 +34,10 @@
 #include "moleserve/v1/admin.grpc.pb.h"
 #include "moleserve/v1/inference.grpc.pb.h"
 #include "server/grpc/admin_service.h"
+#include "server/grpc/listeners.h"
 #include "server/grpc/metadata.h"
 #include "server/grpc/server.h"
+#include "server/grpc/tls.h"
 #include "server/grpc/wire.h"
 #include "server/metrics/prometheus_metrics.h"
 #include "tests/common/demo_mole_adapter.h"
@@ -744,6 +750,236 @@ TEST(HardeningTest, TextLimitOfOneMebibyteAtItsEdge) {
   EXPECT_THAT(gen.status.error_message(), HasSubstr("the limit is 1048576"));
   GenResult at = RunGenerate(*inst->stub, Greedy(std::string(1 << 20, 'a'), 1));
   EXPECT_THAT(at.status.error_message(), Not(HasSubstr("the limit is 1048576")));
+}
+
+}  // namespace
+}  // namespace moleserve::server
+
+namespace moleserve::server {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Listeners
+
+TEST(HardeningTest, EachListenerIsExactlyOneSocketOnItsAddress) {
+  const std::vector<std::string> before = ListeningTcpAddresses();
+  AdapterRoot root;
+  engine::EngineOptions o;
+  o.adapter_root = root.path.string();
+  auto inst = Instance::Start(o);  // inference and admin on 127.0.0.1:0, /metrics on 127.0.0.1:0
+  ASSERT_NE(inst, nullptr);
+  std::vector<std::string> added;
+  for (const std::string& a : ListeningTcpAddresses()) {
+    if (std::find(before.begin(), before.end(), a) == before.end()) added.push_back(a);
+  }
+  EXPECT_THAT(added, ::testing::UnorderedElementsAre(
+                         absl::StrCat("127.0.0.1:", inst->server->port()),
+                         absl::StrCat("127.0.0.1:", inst->server->admin_port()),
+                         absl::StrCat("127.0.0.1:", inst->metrics->port())));
+}
+
+TEST(HardeningTest, AdminOnANonLoopbackAddressNeedsTlsOrAnExplicitFlag) {
+  EXPECT_TRUE(IsLoopbackHost("127.0.0.1"));
+  EXPECT_TRUE(IsLoopbackHost("127.8.9.10"));
+  EXPECT_TRUE(IsLoopbackHost("::1"));
+  EXPECT_TRUE(IsLoopbackHost("LocalHost"));
+  EXPECT_FALSE(IsLoopbackHost("0.0.0.0"));
+  EXPECT_FALSE(IsLoopbackHost("::"));
+  EXPECT_FALSE(IsLoopbackHost("10.0.0.1"));
+  EXPECT_FALSE(IsLoopbackHost("admin.internal"));
+  EXPECT_EQ(HostOf("[::1]:50052"), "::1");
+  EXPECT_EQ(HostOf("0.0.0.0:50052"), "0.0.0.0");
+
+  auto engine = engine::Engine::Create({});
+  ASSERT_TRUE(engine.ok());
+  ServerOptions so{.listen_address = "127.0.0.1:0",
+                   .admin_address = "0.0.0.0:0",
+                   .admin_token = kToken};
+  absl::StatusOr<std::unique_ptr<MoleServer>> refused = MoleServer::Start(engine->get(), so);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(), HasSubstr("--admin-allow-insecure"));
+  so.allow_insecure_admin = true;
+  absl::StatusOr<std::unique_ptr<MoleServer>> allowed = MoleServer::Start(engine->get(), so);
+  EXPECT_TRUE(allowed.ok()) << allowed.status();
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+// Certificates made with the openssl command line in a temp directory: two CAs, a server
+// certificate (localhost, 127.0.0.1) and a client certificate from each.
+class Pki {
+ public:
+  Pki() {
+    dir_ = fs::path(::testing::TempDir()) / absl::StrCat("moleserve_pki_", getpid());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    std::ofstream(dir_ / "san.ext") << "subjectAltName=DNS:localhost,IP:127.0.0.1\n";
+    ok_ = Run("openssl version") && MakeCa("ca1") && MakeCa("ca2") &&
+          MakeLeaf("server1", "ca1", "localhost", true) &&
+          MakeLeaf("server2", "ca2", "localhost", true) && MakeLeaf("client1", "ca1", "c1", false) &&
+          MakeLeaf("client2", "ca2", "c2", false);
+  }
+  ~Pki() { fs::remove_all(dir_); }
+  bool ok() const { return ok_; }
+  std::string Path(const std::string& file) const { return (dir_ / file).string(); }
+  std::string Read(const std::string& file) const {
+    std::ifstream in(dir_ / file);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+
+ private:
+  bool Run(const std::string& cmd) const {
+    const std::string full = absl::StrCat("cd '", dir_.string(), "' && ", cmd, " >/dev/null 2>&1");
+    const int rc = std::system(full.c_str());
+    if (rc != 0) ADD_FAILURE() << "failed: " << cmd;
+    return rc == 0;
+  }
+  bool MakeCa(const std::string& name) const {
+    return Run(absl::StrCat("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 "
+                            "-nodes -keyout ", name, ".key -out ", name, ".pem -days 2 -subj /CN=",
+                            name));
+  }
+  bool MakeLeaf(const std::string& name, const std::string& ca, const std::string& cn,
+                bool server) const {
+    return Run(absl::StrCat("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+                            "-keyout ", name, ".key -out ", name, ".csr -subj /CN=", cn)) &&
+           Run(absl::StrCat("openssl x509 -req -in ", name, ".csr -CA ", ca, ".pem -CAkey ", ca,
+                            ".key -CAcreateserial -days 2 -out ", name, ".pem",
+                            server ? " -extfile san.ext" : ""));
+  }
+
+  fs::path dir_;
+  bool ok_ = false;
+};
+
+// A channel to 127.0.0.1:port trusting `ca` (PEM), presenting `client` (cert, key) when given.
+std::shared_ptr<grpc::Channel> TlsChannel(int port, const std::string& ca,
+                                          const std::string& client_cert = "",
+                                          const std::string& client_key = "") {
+  grpc::SslCredentialsOptions ssl{
+      .pem_root_certs = ca, .pem_private_key = client_key, .pem_cert_chain = client_cert};
+  grpc::ChannelArguments args;
+  // A fresh connection per channel (no sharing with channels of other credentials).
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port), grpc::SslCredentials(ssl),
+                                   args);
+}
+
+// ListModels over `channel` within a few seconds.
+grpc::Status Ping(const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = pb::Inference::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  pb::ListModelsResponse out;
+  return stub->ListModels(&ctx, pb::ListModelsRequest(), &out);
+}
+grpc::Status AdminPing(const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = pb::AdapterAdmin::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  ctx.AddMetadata("authorization", absl::StrCat("Bearer ", kToken));
+  pb::ListAdaptersResponse out;
+  return stub->ListAdapters(&ctx, pb::ListAdaptersRequest(), &out);
+}
+
+TEST(HardeningTest, TlsAndMutualTlsPerListener) {
+  Pki pki;
+  ASSERT_TRUE(pki.ok());
+  ServerOptions so;
+  so.tls = {.cert_file = pki.Path("server1.pem"), .key_file = pki.Path("server1.key")};
+  so.admin_tls = so.tls;
+  so.admin_tls.client_ca_file = pki.Path("ca1.pem");
+  auto inst = Instance::Start({}, so);
+  ASSERT_NE(inst, nullptr);
+  const int port = inst->server->port();
+  const int admin_port = inst->server->admin_port();
+
+  // Inference: TLS, no client certificate needed.
+  EXPECT_TRUE(Ping(TlsChannel(port, pki.Read("ca1.pem"))).ok());
+  EXPECT_FALSE(Ping(inst->channel).ok()) << "a plaintext client must be refused";
+  EXPECT_FALSE(Ping(TlsChannel(port, pki.Read("ca2.pem"))).ok())
+      << "a client that does not trust the server's CA must fail";
+
+  // Admin: mTLS with clients of ca1 only.
+  EXPECT_TRUE(AdminPing(TlsChannel(admin_port, pki.Read("ca1.pem"), pki.Read("client1.pem"),
+                                   pki.Read("client1.key")))
+                  .ok());
+  EXPECT_FALSE(AdminPing(TlsChannel(admin_port, pki.Read("ca1.pem"))).ok())
+      << "no client certificate";
+  EXPECT_FALSE(AdminPing(TlsChannel(admin_port, pki.Read("ca1.pem"), pki.Read("client2.pem"),
+                                    pki.Read("client2.key")))
+                   .ok())
+      << "a client certificate from an unknown CA";
+  EXPECT_FALSE(AdminPing(inst->admin_channel).ok()) << "plaintext";
+}
+
+TEST(HardeningTest, BadTlsFilesStopStartupWithTheirName) {
+  Pki pki;
+  ASSERT_TRUE(pki.ok());
+  auto engine = engine::Engine::Create({});
+  ASSERT_TRUE(engine.ok());
+  struct Case {
+    std::string what;
+    TlsOptions tls;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"missing key", {.cert_file = pki.Path("server1.pem")}, "both a certificate file and a key"},
+      {"absent file", {.cert_file = pki.Path("nope.pem"), .key_file = pki.Path("server1.key")},
+       "nope.pem"},
+      {"key of another certificate",
+       {.cert_file = pki.Path("server1.pem"), .key_file = pki.Path("server2.key")},
+       "does not belong to the certificate"},
+      {"key in place of the certificate",
+       {.cert_file = pki.Path("server1.key"), .key_file = pki.Path("server1.key")},
+       "no PEM certificate"},
+      {"client CA without TLS", {.client_ca_file = pki.Path("ca1.pem")}, "needs TLS"},
+      {"client CA that is a key",
+       {.cert_file = pki.Path("server1.pem"),
+        .key_file = pki.Path("server1.key"),
+        .client_ca_file = pki.Path("ca1.key")},
+       "no PEM certificate"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    ServerOptions so{.listen_address = "127.0.0.1:0", .tls = c.tls};
+    absl::StatusOr<std::unique_ptr<MoleServer>> s = MoleServer::Start(engine->get(), so);
+    ASSERT_FALSE(s.ok());
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(s.status().message(), HasSubstr(c.message));
+  }
+}
+
+TEST(HardeningTest, RenewedCertificatesApplyWithoutARestart) {
+  Pki pki;
+  ASSERT_TRUE(pki.ok());
+  const fs::path live = fs::path(pki.Path("live"));
+  fs::create_directories(live);
+  fs::copy_file(pki.Path("server1.pem"), live / "cert.pem");
+  fs::copy_file(pki.Path("server1.key"), live / "key.pem");
+  ServerOptions so;
+  so.tls = {.cert_file = (live / "cert.pem").string(),
+            .key_file = (live / "key.pem").string(),
+            .reload_interval = absl::Seconds(1)};
+  auto inst = Instance::Start({}, so);
+  ASSERT_NE(inst, nullptr);
+  const int port = inst->server->port();
+  ASSERT_TRUE(Ping(TlsChannel(port, pki.Read("ca1.pem"))).ok());
+  // Renewal: a certificate from ca2 replaces the files (each written whole, then renamed).
+  fs::copy_file(pki.Path("server2.key"), live / "key.tmp");
+  fs::copy_file(pki.Path("server2.pem"), live / "cert.tmp");
+  fs::rename(live / "key.tmp", live / "key.pem");
+  fs::rename(live / "cert.tmp", live / "cert.pem");
+  // Within a few reload intervals new connections get the new certificate (bounded wait).
+  bool renewed = false;
+  for (int i = 0; i < 120 && !renewed; ++i) {
+    renewed = Ping(TlsChannel(port, pki.Read("ca2.pem"))).ok();
+    if (!renewed) absl::SleepFor(absl::Milliseconds(250));
+  }
+  EXPECT_TRUE(renewed) << "the renewed certificate was never served";
+  EXPECT_FALSE(Ping(TlsChannel(port, pki.Read("ca1.pem"))).ok())
+      << "the old certificate is still served";
 }
 
 }  // namespace
