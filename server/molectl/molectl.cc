@@ -8,7 +8,9 @@
 //   molectl admin unload NAME [--force] [--drain-timeout 30s]   --admin-token-file, or the
 //   molectl admin list | molectl admin get NAME                  MOLESERVE_ADMIN_TOKEN variable)
 //
-// generate prints text as it streams, then a summary line on stderr.
+// generate prints text as it streams, then a summary line on stderr. With --tls-ca-file the
+// channels use TLS (add --tls-cert-file/--tls-key-file for a listener that requires client
+// certificates).
 
 #include <grpcpp/grpcpp.h>
 
@@ -54,6 +56,14 @@ ABSL_FLAG(int, routing_k, 0, "Routing override: k (0 = the adapter's)");
 ABSL_FLAG(double, routing_p, 0.0, "Routing override: p (0 = the adapter's)");
 ABSL_FLAG(std::string, service, "", "Service name for `health` (empty = whole server)");
 ABSL_FLAG(std::string, admin_addr, "localhost:50052", "moleserve AdapterAdmin address");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "PEM CA bundle that signed the server's certificate: connect with TLS (empty = "
+          "plaintext)");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM client certificate, for listeners that require one (mTLS)");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls-cert-file");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "Name to verify the server's certificate against (default: the host of the address)");
 ABSL_FLAG(std::string, admin_token_file, "",
           "File with the admin token (default: the MOLESERVE_ADMIN_TOKEN variable)");
 ABSL_FLAG(bool, replace, false, "admin load: replace a loaded adapter");
@@ -203,6 +213,31 @@ int Health(const std::shared_ptr<grpc::Channel>& channel) {
   return *s == moleserve::server::HealthStatus::kServing ? 0 : 1;
 }
 
+std::string ReadFileOrDie(const std::string& path, const char* flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    std::cerr << flag << ": cannot read " << path << "\n";
+    std::exit(2);
+  }
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A channel to `address`: TLS when --tls-ca-file is given, plaintext otherwise.
+std::shared_ptr<grpc::Channel> Channel(const std::string& address) {
+  const std::string ca = absl::GetFlag(FLAGS_tls_ca_file);
+  if (ca.empty()) return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::SslCredentialsOptions ssl{.pem_root_certs = ReadFileOrDie(ca, "--tls-ca-file")};
+  if (const std::string cert = absl::GetFlag(FLAGS_tls_cert_file); !cert.empty()) {
+    ssl.pem_cert_chain = ReadFileOrDie(cert, "--tls-cert-file");
+    ssl.pem_private_key = ReadFileOrDie(absl::GetFlag(FLAGS_tls_key_file), "--tls-key-file");
+  }
+  grpc::ChannelArguments args;
+  if (const std::string name = absl::GetFlag(FLAGS_tls_server_name); !name.empty()) {
+    args.SetSslTargetNameOverride(name);
+  }
+  return grpc::CreateCustomChannel(address, grpc::SslCredentials(ssl), args);
+}
+
 std::string AdminToken() {
   const std::string file = absl::GetFlag(FLAGS_admin_token_file);
   if (file.empty()) {
@@ -235,8 +270,7 @@ int Admin(const std::vector<char*>& args) {
     return 2;
   }
   const std::string verb = args[2];
-  auto stub = pb::AdapterAdmin::NewStub(
-      grpc::CreateChannel(absl::GetFlag(FLAGS_admin_addr), grpc::InsecureChannelCredentials()));
+  auto stub = pb::AdapterAdmin::NewStub(Channel(absl::GetFlag(FLAGS_admin_addr)));
   auto ctx = Context();
   if (const std::string token = AdminToken(); !token.empty()) {
     ctx->AddMetadata("authorization", "Bearer " + token);
@@ -320,7 +354,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string command = args[1];
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_addr), grpc::InsecureChannelCredentials());
+  auto channel = Channel(absl::GetFlag(FLAGS_addr));
   if (command == "health") return Health(channel);
   auto stub = pb::Inference::NewStub(channel);
   if (command == "generate") return Generate(*stub);

@@ -10,6 +10,7 @@ non-zero naming the bad file. Every child process runs under a timeout and is ki
 out. Prints "N passed, M failed" and exits non-zero on any failure.
 """
 
+import json
 import os
 import re
 import shutil
@@ -242,6 +243,79 @@ class Suite:
         finally:
             server.kill()
 
+    def test_tls_listeners_fifo_and_audit(self):
+        """TLS on both listeners (molectl with and without a CA), a FIFO in the adapter root
+        refused at once, unauthenticated admin calls whose strings cannot forge audit lines,
+        every listening socket logged, and a SIGTERM drain that exits."""
+        pki = os.path.join(self.tmp, "pki")
+        os.makedirs(pki)
+        with open(os.path.join(pki, "san.ext"), "w") as f:
+            f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for cmd in (["openssl", "req", "-x509"] + ec + ["-keyout", "ca.key", "-out", "ca.pem",
+                                                        "-days", "2", "-subj", "/CN=ca"],
+                    ["openssl", "req"] + ec + ["-keyout", "server.key", "-out", "server.csr",
+                                               "-subj", "/CN=localhost"],
+                    ["openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey",
+                     "ca.key", "-CAcreateserial", "-days", "2", "-out", "server.pem",
+                     "-extfile", "san.ext"]):
+            r = subprocess.run(cmd, cwd=pki, capture_output=True, timeout=COMMAND_TIMEOUT_S)
+            check(r.returncode == 0, f"{' '.join(cmd)}: {text(r.stderr)}")
+        root = os.path.join(self.tmp, "tls-root")
+        os.makedirs(os.path.join(root, "fifo"))
+        with open(os.path.join(root, "fifo", "adapter_config.json"), "w") as f:
+            f.write('{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}')
+        os.mkfifo(os.path.join(root, "fifo", "adapter_model.safetensors"))
+        token = os.path.join(self.tmp, "tls-token")
+        with open(token, "w") as f:
+            f.write("tls-test-token-0123456789abcdef\n")
+        server = Server(self.moleserve,
+                        ["--tls-cert-file", os.path.join(pki, "server.pem"),
+                         "--tls-key-file", os.path.join(pki, "server.key"),
+                         "--admin-port", "0", "--admin-token-file", token,
+                         "--adapter-root", root],
+                        os.path.join(self.tmp, "tls.log"))
+        try:
+            port = server.wait_ready()
+            admin_re = re.compile(r"serving AdapterAdmin on 127\.0\.0\.1:(\d+) \(TLS")
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while not admin_re.search(server.output()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            m = admin_re.search(server.output())
+            check(m, f"no TLS admin listener in the log:\n{server.output()}")
+            admin_port = int(m.group(1))
+            tls = ["--tls-ca-file", os.path.join(pki, "ca.pem")]
+            r = self.molectl_cmd(port, "health", *tls)
+            check(r.returncode == 0 and b"SERVING" in r.stdout,
+                  f"health over TLS: {r.returncode} {text(r.stdout)} {text(r.stderr)}")
+            r = self.molectl_cmd(port, "health", "--timeout", "5s")
+            check(r.returncode != 0, "a plaintext client was served by the TLS listener")
+            admin = [self.molectl, "--admin-addr", f"127.0.0.1:{admin_port}"] + tls
+            start = time.monotonic()
+            r = run(admin + ["--admin-token-file", token, "admin", "load", "fifo", "fifo"])
+            check(r.returncode != 0 and "FIFO" in text(r.stderr),
+                  f"FIFO load: {r.returncode} {text(r.stderr)!r}")
+            check(time.monotonic() - start < COMMAND_TIMEOUT_S, "the FIFO load blocked")
+            forged = "x\nadmin audit: {\"authenticated\":true,\"result\":\"OK\"}"
+            r = run(admin + ["admin", "load", forged, "fifo"])
+            check(r.returncode != 0 and "missing admin token" in text(r.stderr),
+                  f"unauthenticated load: {r.returncode} {text(r.stderr)!r}")
+            check(server.terminate() == 0, f"exit after SIGTERM:\n{server.output()}")
+            out = server.output()
+            audits = [line for line in out.splitlines() if "admin audit:" in line]
+            check(len(audits) == 2, f"expected 2 audit lines:\n{out}")
+            for line in audits:
+                record = json.loads(line.split("admin audit: ", 1)[1])
+                check(record["event"] == "admin_audit", line)
+            check(json.loads(audits[1].split("admin audit: ", 1)[1])["adapter"] == "",
+                  f"a refused call's name reached the log: {audits[1]}")
+            sockets = re.findall(r"listening socket: (\S+)", out)
+            check(len(sockets) == 3 and any(s.endswith(f":{admin_port}") for s in sockets)
+                  and any(s.endswith(f":{port}") for s in sockets),
+                  f"listening sockets: {sockets}")
+        finally:
+            server.kill()
+
     def test_corrupt_safetensors_header(self):
         check(os.path.isdir(self.model_dir), "the demo model was not written")
         bad = os.path.join(self.tmp, "corrupt-header")
@@ -274,6 +348,7 @@ def main(argv):
         "test_corrupt_safetensors_header",
         "test_missing_config_json",
         "test_serve_adapters",
+        "test_tls_listeners_fifo_and_audit",
     ]
     passed = failed = 0
     with tempfile.TemporaryDirectory(prefix="moleserve-cli-test-") as tmp:
