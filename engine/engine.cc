@@ -519,9 +519,8 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
     {
       MutexLock lock(&s.mu);
       if (!s.accepting) {
-        return absl::UnavailableError(
-            absl::StrCat("the server is shutting down; the load stopped before its ", stage,
-                         " stage"));
+        return absl::UnavailableError(absl::StrCat(
+            "the server is shutting down; the load stopped before its ", stage, " stage"));
       }
     }
     if (absl::Now() > deadline) {
@@ -539,8 +538,8 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
       InspectAdapterFiles(*dir, FileLimits(s.options), /*digest=*/!sha256.empty());
   if (!files.ok()) return failed(files.status(), "too_large");
   if (!sha256.empty() && files->sha256 != sha256) {
-    return failed(absl::InvalidArgumentError(absl::StrCat("sha256 mismatch: the files of ", Quote(path),
-                                                          " digest to ", files->sha256,
+    return failed(absl::InvalidArgumentError(absl::StrCat("sha256 mismatch: the files of ",
+                                                          Quote(path), " digest to ", files->sha256,
                                                           ", expected ", sha256)),
                   "digest_mismatch");
   }

@@ -198,13 +198,12 @@ int Run() {
       .allow_insecure_admin = absl::GetFlag(FLAGS_admin_allow_insecure)};
   const bool own_admin_cert = !absl::GetFlag(FLAGS_admin_tls_cert_file).empty() ||
                               !absl::GetFlag(FLAGS_admin_tls_key_file).empty();
-  server_options.admin_tls = {
-      .cert_file = own_admin_cert ? absl::GetFlag(FLAGS_admin_tls_cert_file)
-                                  : server_options.tls.cert_file,
-      .key_file = own_admin_cert ? absl::GetFlag(FLAGS_admin_tls_key_file)
-                                 : server_options.tls.key_file,
-      .client_ca_file = absl::GetFlag(FLAGS_admin_tls_client_ca_file),
-      .reload_interval = absl::GetFlag(FLAGS_tls_reload_interval)};
+  server_options.admin_tls = {.cert_file = own_admin_cert ? absl::GetFlag(FLAGS_admin_tls_cert_file)
+                                                          : server_options.tls.cert_file,
+                              .key_file = own_admin_cert ? absl::GetFlag(FLAGS_admin_tls_key_file)
+                                                         : server_options.tls.key_file,
+                              .client_ca_file = absl::GetFlag(FLAGS_admin_tls_client_ca_file),
+                              .reload_interval = absl::GetFlag(FLAGS_tls_reload_interval)};
   if (const std::string token_file = absl::GetFlag(FLAGS_admin_token_file);
       !token_file.empty() && absl::GetFlag(FLAGS_admin_port) >= 0) {
     absl::StatusOr<std::string> token = moleserve::server::ReadAdminToken(token_file);
@@ -250,7 +249,8 @@ int Run() {
   }
   auto security = [](const moleserve::server::TlsOptions& tls) {
     if (!tls.enabled()) return std::string("plaintext");
-    return tls.client_ca_file.empty() ? std::string("TLS") : std::string("TLS, client certificates required");
+    return tls.client_ca_file.empty() ? std::string("TLS")
+                                      : std::string("TLS, client certificates required");
   };
   spdlog::info("serving gRPC on {}:{} ({})", absl::GetFlag(FLAGS_host), (*server)->port(),
                security(server_options.tls));

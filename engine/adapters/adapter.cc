@@ -71,8 +71,8 @@ absl::Status ValidateRoutingOverride(const Adapter& adapter, const RoutingOverri
       absl::StatusOr<RoutingSpec> s = ApplyRoutingOverride(spec, ov, n);
       if (!s.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("routing override for adapter ",
-                                                       Quote(adapter.name), ", layer ", l, " ", where,
-                                                       ": ", s.status().message()));
+                                                       Quote(adapter.name), ", layer ", l, " ",
+                                                       where, ": ", s.status().message()));
       }
       return absl::OkStatus();
     };
@@ -87,9 +87,9 @@ absl::Status ValidateRoutingOverride(const Adapter& adapter, const RoutingOverri
     }
   }
   if (!any) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("routing override: adapter ", Quote(adapter.name), " has no router to override",
-                     adapter.is_xlora() ? " (X-LoRA scalings come from its classifier)" : ""));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "routing override: adapter ", Quote(adapter.name), " has no router to override",
+        adapter.is_xlora() ? " (X-LoRA scalings come from its classifier)" : ""));
   }
   return absl::OkStatus();
 }
@@ -101,7 +101,8 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
   namespace fs = std::filesystem;
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
-    return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), ": ", dir, " is not a directory"));
+    return absl::NotFoundError(
+        absl::StrCat("adapter ", Quote(name), ": ", dir, " is not a directory"));
   }
   absl::StatusOr<std::unique_ptr<Adapter>> adapter;
   if (fs::exists(fs::path(dir) / "mole_config.json", ec)) {

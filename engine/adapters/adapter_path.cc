@@ -19,12 +19,12 @@ bool IsNameChar(char c) {
 // "byte 0x0a (a control character) at offset 4".
 std::string DescribeByte(std::string_view text, size_t offset) {
   const auto byte = static_cast<unsigned char>(text[offset]);
-  const char* what = byte == 0          ? "NUL"
-                     : byte < 0x20      ? "a control character"
-                     : byte == 0x7f     ? "DEL"
-                     : byte >= 0x80     ? "a non-ASCII byte"
-                     : byte == ' '      ? "a space"
-                                        : "a character outside the allowed set";
+  const char* what = byte == 0      ? "NUL"
+                     : byte < 0x20  ? "a control character"
+                     : byte == 0x7f ? "DEL"
+                     : byte >= 0x80 ? "a non-ASCII byte"
+                     : byte == ' '  ? "a space"
+                                    : "a character outside the allowed set";
   return absl::StrFormat("byte 0x%02x (%s) at offset %d", byte, what, offset);
 }
 
@@ -48,9 +48,9 @@ absl::Status ValidateAdapterName(std::string_view name) {
   }
   const auto bad = std::find_if_not(name.begin(), name.end(), IsNameChar);
   if (bad != name.end()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "adapter name ", Quote(name), " has ", DescribeByte(name, bad - name.begin()),
-        "; names are 1-", kMaxAdapterNameBytes, " characters of A-Z a-z 0-9 . _ -"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("adapter name ", Quote(name), " has ", DescribeByte(name, bad - name.begin()),
+                     "; names are 1-", kMaxAdapterNameBytes, " characters of A-Z a-z 0-9 . _ -"));
   }
   return absl::OkStatus();
 }
@@ -61,13 +61,12 @@ absl::Status ValidateAdapterPath(std::string_view path) {
     return absl::InvalidArgumentError(absl::StrCat("adapter path is ", path.size(),
                                                    " bytes; the limit is ", kMaxAdapterPathBytes));
   }
-  const auto bad = std::find_if_not(path.begin(), path.end(), [](char c) {
-    return IsNameChar(c) || c == '/';
-  });
+  const auto bad =
+      std::find_if_not(path.begin(), path.end(), [](char c) { return IsNameChar(c) || c == '/'; });
   if (bad != path.end()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "adapter path ", Quote(path), " has ", DescribeByte(path, bad - path.begin()),
-        "; paths are relative, of A-Z a-z 0-9 . _ - /"));
+    return absl::InvalidArgumentError(absl::StrCat("adapter path ", Quote(path), " has ",
+                                                   DescribeByte(path, bad - path.begin()),
+                                                   "; paths are relative, of A-Z a-z 0-9 . _ - /"));
   }
   if (path.front() == '/') {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -114,13 +113,13 @@ absl::StatusOr<std::string> ConfinedAdapterDir(const std::string& root,
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     const fs::path target = fs::weakly_canonical(entry.path(), ec);
     if (ec || !Within(canonical_root, target)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "adapter file ", Quote(entry.path().filename().string()), " links outside the adapter root"));
+      return absl::InvalidArgumentError(absl::StrCat("adapter file ",
+                                                     Quote(entry.path().filename().string()),
+                                                     " links outside the adapter root"));
     }
   }
   if (ec) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot list ", Quote(relative), ": ", ec.message()));
+    return absl::NotFoundError(absl::StrCat("cannot list ", Quote(relative), ": ", ec.message()));
   }
   return dir.string();
 }

@@ -108,9 +108,9 @@ std::string AdapterOf(const pb::GetAdapterRequest& r) { return r.name(); }
 }  // namespace
 
 std::string FormatAuditLine(const AdminAuditEntry& e) {
-  const nlohmann::json line = {{"event", "admin_audit"},  {"peer", Cut(e.peer)},
+  const nlohmann::json line = {{"event", "admin_audit"},           {"peer", Cut(e.peer)},
                                {"authenticated", e.authenticated}, {"method", Cut(e.method)},
-                               {"adapter", Cut(e.adapter)}, {"detail", Cut(e.detail)},
+                               {"adapter", Cut(e.adapter)},        {"detail", Cut(e.detail)},
                                {"result", Cut(e.result)}};
   // ASCII only: control characters, quotes and non-ASCII become escapes; invalid UTF-8 is
   // replaced (U+FFFD), never an exception.

@@ -15,9 +15,9 @@
 // reason (and counted in the rejections), never gRPC's bare UNIMPLEMENTED.
 // Thread safety: gRPC calls it from many threads; it holds no mutable state.
 
+#include <deque>
 #include <functional>
 #include <string>
-#include <deque>
 
 #include "absl/status/statusor.h"
 #include "engine/engine.h"

@@ -170,10 +170,9 @@ absl::StatusOr<std::string> ResolveAdapter(const grpc::CallbackServerContext& co
   }
   if (!header) return body_adapter;
   if (!body_adapter.empty() && body_adapter != *header) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("GenerateRequest.adapter is ", engine::Quote(body_adapter), " but the ",
-                     kAdapterHeader, " header is ", engine::Quote(*header),
-                     "; set one of them, or both to the same name"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "GenerateRequest.adapter is ", engine::Quote(body_adapter), " but the ", kAdapterHeader,
+        " header is ", engine::Quote(*header), "; set one of them, or both to the same name"));
   }
   return *header;
 }

@@ -39,20 +39,19 @@ absl::Status CheckKeyPair(const std::string& cert_pem, const std::string& key_pe
   std::unique_ptr<X509, decltype(&X509_free)> cert(
       PEM_read_bio_X509(cert_bio.get(), nullptr, nullptr, nullptr), &X509_free);
   if (cert == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " TLS certificate ", tls.cert_file,
-                                                   ": no PEM certificate in it"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " TLS certificate ", tls.cert_file, ": no PEM certificate in it"));
   }
   BioPtr key_bio(BIO_new_mem_buf(key_pem.data(), static_cast<int>(key_pem.size())), &BIO_free);
   std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(
       PEM_read_bio_PrivateKey(key_bio.get(), nullptr, nullptr, nullptr), &EVP_PKEY_free);
   if (key == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " TLS key ", tls.key_file,
-                                                   ": no unencrypted PEM private key in it"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " TLS key ", tls.key_file, ": no unencrypted PEM private key in it"));
   }
   if (X509_check_private_key(cert.get(), key.get()) != 1) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " TLS key ", tls.key_file,
-                                                   " does not belong to the certificate ",
-                                                   tls.cert_file));
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " TLS key ", tls.key_file, " does not belong to the certificate ", tls.cert_file));
   }
   return absl::OkStatus();
 }
@@ -63,8 +62,8 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const TlsOptions& tls, const std::string& what) {
   if (!tls.enabled()) {
     if (!tls.client_ca_file.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, ": a client CA (mTLS) needs TLS: give a certificate and key too"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": a client CA (mTLS) needs TLS: give a certificate and key too"));
     }
     return grpc::InsecureServerCredentials();
   }
@@ -81,12 +80,12 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     absl::StatusOr<std::string> ca = ReadPem(tls.client_ca_file, what, "client CA");
     if (!ca.ok()) return ca.status();
     if (ca->find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(what, " TLS client CA ", tls.client_ca_file,
-                                                     ": no PEM certificate in it"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " TLS client CA ", tls.client_ca_file, ": no PEM certificate in it"));
     }
   }
-  const auto interval = static_cast<unsigned int>(
-      std::max<int64_t>(1, absl::ToInt64Seconds(tls.reload_interval)));
+  const auto interval =
+      static_cast<unsigned int>(std::max<int64_t>(1, absl::ToInt64Seconds(tls.reload_interval)));
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
       tls.key_file, tls.cert_file, tls.client_ca_file, interval);
   grpc::experimental::TlsServerCredentialsOptions options(provider);

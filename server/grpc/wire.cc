@@ -46,9 +46,9 @@ absl::Status ParseError(std::string_view bytes, const gp::Message& out) {
   const std::string type = out.GetDescriptor()->full_name();
   gp::UnknownFieldSet set;
   if (!set.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the request is not a valid ", type, ": malformed protobuf (", bytes.size(),
-        " bytes: truncated, a length past the end, or nested too deeply)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("the request is not a valid ", type, ": malformed protobuf (", bytes.size(),
+                     " bytes: truncated, a length past the end, or nested too deeply)"));
   }
   std::string why = Explain(set, *out.GetDescriptor(), 0);
   if (why.empty()) why = "it does not match the schema";

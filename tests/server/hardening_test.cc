@@ -203,8 +203,8 @@ grpc::Status RawUnaryCall(grpc::Channel* channel, const std::string& method,
   grpc::ByteBuffer request(&slice, 1);
   grpc::ByteBuffer response;
   const grpc::internal::RpcMethod rpc(method.c_str(), grpc::internal::RpcMethod::NORMAL_RPC);
-  return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
-      channel, rpc, &ctx, request, &response);
+  return grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(channel, rpc, &ctx,
+                                                                               request, &response);
 }
 
 std::string Varint(uint64_t v) {
@@ -251,7 +251,8 @@ TEST(HardeningTest, MalformedBodiesAreInvalidArgumentWithAReasonAndCounted) {
   o.adapter_root = root.path.string();
   auto inst = Instance::Start(o);
   ASSERT_NE(inst, nullptr);
-  const double before = inst->Metric("moleserve_requests_rejected_total{code=\"invalid_argument\"}");
+  const double before =
+      inst->Metric("moleserve_requests_rejected_total{code=\"invalid_argument\"}");
   int sent = 0;
   for (const MalformedBody& body : MalformedBodies("moleserve.v1.GenerateRequest")) {
     SCOPED_TRACE(body.name);
@@ -266,7 +267,8 @@ TEST(HardeningTest, MalformedBodiesAreInvalidArgumentWithAReasonAndCounted) {
   grpc::Status utf8 =
       RawStreamingCall(inst->channel.get(), "/moleserve.v1.Inference/Generate", text);
   EXPECT_EQ(utf8.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_THAT(utf8.error_message(), HasSubstr("moleserve.v1.GenerateRequest.text is not valid UTF-8"));
+  EXPECT_THAT(utf8.error_message(),
+              HasSubstr("moleserve.v1.GenerateRequest.text is not valid UTF-8"));
   ++sent;
   // Nested: stopping.stop[0] (field 7 -> field 2).
   std::string stop = std::string("\x3a\x04\x12\x02\xc3\x28", 6);
@@ -361,8 +363,7 @@ TEST(HardeningTest, RefusedAdminCallsAuditOnlyPeerMethodAndRefusal) {
   ASSERT_NE(inst, nullptr);
   const std::string forged =
       "x\nadmin audit: peer=ipv4:10.0.0.1:1 authenticated=true method=LoadAdapter -> OK";
-  EXPECT_EQ(inst->Load(forged, "good\nforged", "").error_code(),
-            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_EQ(inst->Load(forged, "good\nforged", "").error_code(), grpc::StatusCode::UNAUTHENTICATED);
   EXPECT_EQ(inst->Load(forged, "good", "wrong-token-wrong-token").error_code(),
             grpc::StatusCode::UNAUTHENTICATED);
   // An authenticated call with the same strings is refused for its name, and its line is one line.
@@ -622,7 +623,8 @@ TEST(HardeningTest, EveryDocumentedBoundAtItsEdge) {
          r.mutable_stopping()->set_max_new_tokens(55);
        },
        "exceeds the context"},
-      {"prompt = context - 1", [&](auto& r) {
+      {"prompt = context - 1",
+       [&](auto& r) {
          tokens(r, 63);
          r.mutable_stopping()->set_max_new_tokens(1);
        },
@@ -772,10 +774,10 @@ TEST(HardeningTest, EachListenerIsExactlyOneSocketOnItsAddress) {
   for (const std::string& a : ListeningTcpAddresses()) {
     if (std::find(before.begin(), before.end(), a) == before.end()) added.push_back(a);
   }
-  EXPECT_THAT(added, ::testing::UnorderedElementsAre(
-                         absl::StrCat("127.0.0.1:", inst->server->port()),
-                         absl::StrCat("127.0.0.1:", inst->server->admin_port()),
-                         absl::StrCat("127.0.0.1:", inst->metrics->port())));
+  EXPECT_THAT(
+      added, ::testing::UnorderedElementsAre(absl::StrCat("127.0.0.1:", inst->server->port()),
+                                             absl::StrCat("127.0.0.1:", inst->server->admin_port()),
+                                             absl::StrCat("127.0.0.1:", inst->metrics->port())));
 }
 
 TEST(HardeningTest, AdminOnANonLoopbackAddressNeedsTlsOrAnExplicitFlag) {
@@ -792,9 +794,8 @@ TEST(HardeningTest, AdminOnANonLoopbackAddressNeedsTlsOrAnExplicitFlag) {
 
   auto engine = engine::Engine::Create({});
   ASSERT_TRUE(engine.ok());
-  ServerOptions so{.listen_address = "127.0.0.1:0",
-                   .admin_address = "0.0.0.0:0",
-                   .admin_token = kToken};
+  ServerOptions so{
+      .listen_address = "127.0.0.1:0", .admin_address = "0.0.0.0:0", .admin_token = kToken};
   absl::StatusOr<std::unique_ptr<MoleServer>> refused = MoleServer::Start(engine->get(), so);
   ASSERT_FALSE(refused.ok());
   EXPECT_THAT(refused.status().message(), HasSubstr("--admin-allow-insecure"));
@@ -817,8 +818,8 @@ class Pki {
     std::ofstream(dir_ / "san.ext") << "subjectAltName=DNS:localhost,IP:127.0.0.1\n";
     ok_ = Run("openssl version") && MakeCa("ca1") && MakeCa("ca2") &&
           MakeLeaf("server1", "ca1", "localhost", true) &&
-          MakeLeaf("server2", "ca2", "localhost", true) && MakeLeaf("client1", "ca1", "c1", false) &&
-          MakeLeaf("client2", "ca2", "c2", false);
+          MakeLeaf("server2", "ca2", "localhost", true) &&
+          MakeLeaf("client1", "ca1", "c1", false) && MakeLeaf("client2", "ca2", "c2", false);
   }
   ~Pki() { fs::remove_all(dir_); }
   bool ok() const { return ok_; }
@@ -836,14 +837,16 @@ class Pki {
     return rc == 0;
   }
   bool MakeCa(const std::string& name) const {
-    return Run(absl::StrCat("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 "
-                            "-nodes -keyout ", name, ".key -out ", name, ".pem -days 2 -subj /CN=",
-                            name));
+    return Run(
+        absl::StrCat("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 "
+                     "-nodes -keyout ",
+                     name, ".key -out ", name, ".pem -days 2 -subj /CN=", name));
   }
   bool MakeLeaf(const std::string& name, const std::string& ca, const std::string& cn,
                 bool server) const {
     return Run(absl::StrCat("openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
-                            "-keyout ", name, ".key -out ", name, ".csr -subj /CN=", cn)) &&
+                            "-keyout ",
+                            name, ".key -out ", name, ".csr -subj /CN=", cn)) &&
            Run(absl::StrCat("openssl x509 -req -in ", name, ".csr -CA ", ca, ".pem -CAkey ", ca,
                             ".key -CAcreateserial -days 2 -out ", name, ".pem",
                             server ? " -extfile san.ext" : ""));
@@ -926,7 +929,8 @@ TEST(HardeningTest, BadTlsFilesStopStartupWithTheirName) {
   };
   const std::vector<Case> cases = {
       {"missing key", {.cert_file = pki.Path("server1.pem")}, "both a certificate file and a key"},
-      {"absent file", {.cert_file = pki.Path("nope.pem"), .key_file = pki.Path("server1.key")},
+      {"absent file",
+       {.cert_file = pki.Path("nope.pem"), .key_file = pki.Path("server1.key")},
        "nope.pem"},
       {"key of another certificate",
        {.cert_file = pki.Path("server1.pem"), .key_file = pki.Path("server2.key")},
