@@ -513,30 +513,39 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
     return fail(std::move(status), stage);
   };
   deadline = std::min(deadline, absl::Now() + s.options.max_adapter_load_time);
-  // Entering `stage`: gives up when past the deadline or when the engine stops accepting.
-  auto enter = [&](const char* stage) -> absl::Status {
-    if (s.options.adapter_load_stage_hook) s.options.adapter_load_stage_hook(stage);
+  // Whether the load may go on: not past the deadline, and the engine still accepting.
+  auto keep_going = [&](const char* stage) -> absl::Status {
     {
       MutexLock lock(&s.mu);
       if (!s.accepting) {
         return absl::UnavailableError(absl::StrCat(
-            "the server is shutting down; the load stopped before its ", stage, " stage"));
+            "the server is shutting down; the load stopped in its ", stage, " stage"));
       }
     }
     if (absl::Now() > deadline) {
       return absl::DeadlineExceededError(absl::StrCat(
-          "the load passed its deadline before its ", stage, " stage (at most ",
+          "the load passed its deadline in its ", stage, " stage (at most ",
           absl::FormatDuration(s.options.max_adapter_load_time), ", --max-adapter-load-time)"));
     }
     return absl::OkStatus();
+  };
+  // Entering `stage`: the test hook, then the same check.
+  auto enter = [&](const char* stage) -> absl::Status {
+    if (s.options.adapter_load_stage_hook) s.options.adapter_load_stage_hook(stage);
+    return keep_going(stage);
   };
   if (absl::Status st = ValidateAdapterPath(path); !st.ok()) return failed(st, "invalid_path");
   if (absl::Status st = enter("inspect"); !st.ok()) return failed(st, "timeout");
   absl::StatusOr<std::string> dir = ConfinedAdapterDir(s.options.adapter_root, path);
   if (!dir.ok()) return failed(dir.status(), "invalid_path");
   absl::StatusOr<AdapterFiles> files =
-      InspectAdapterFiles(*dir, FileLimits(s.options), /*digest=*/!sha256.empty());
-  if (!files.ok()) return failed(files.status(), "too_large");
+      InspectAdapterFiles(*dir, FileLimits(s.options), /*digest=*/!sha256.empty(),
+                          [&] { return keep_going("inspect"); });
+  if (!files.ok()) {
+    const absl::Status& st = files.status();
+    return failed(st, absl::IsDeadlineExceeded(st) || absl::IsUnavailable(st) ? "timeout"
+                                                                              : "too_large");
+  }
   if (!sha256.empty() && files->sha256 != sha256) {
     return failed(absl::InvalidArgumentError(absl::StrCat("sha256 mismatch: the files of ",
                                                           Quote(path), " digest to ", files->sha256,

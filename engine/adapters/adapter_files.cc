@@ -26,7 +26,8 @@ std::string Hex(const unsigned char* bytes, unsigned int n) {
   return out;
 }
 
-absl::StatusOr<std::string> Sha256Hex(const std::filesystem::path& file) {
+absl::StatusOr<std::string> Sha256Hex(const std::filesystem::path& file,
+                                      const std::function<absl::Status()>& keep_going) {
   DigestContext ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
   if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) {
     return absl::InternalError("sha256: cannot initialise a digest");
@@ -34,7 +35,10 @@ absl::StatusOr<std::string> Sha256Hex(const std::filesystem::path& file) {
   absl::StatusOr<UniqueFd> fd = OpenRegularFile(file.string());
   if (!fd.ok()) return fd.status();
   std::vector<char> buf(1 << 20);
-  while (true) {
+  for (int64_t chunk = 1;; ++chunk) {
+    if (keep_going && chunk % 64 == 0) {
+      if (absl::Status st = keep_going(); !st.ok()) return st;
+    }
     const ssize_t n = ::read(fd->get(), buf.data(), buf.size());
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return absl::DataLossError(absl::StrCat("error reading '", file.string(), "'"));
@@ -56,8 +60,9 @@ std::string Sha256Hex(const std::string& text) {
 
 }  // namespace
 
-absl::StatusOr<AdapterFiles> InspectAdapterFiles(const std::string& dir,
-                                                 const AdapterFileLimits& limits, bool digest) {
+absl::StatusOr<AdapterFiles> InspectAdapterFiles(
+    const std::string& dir, const AdapterFileLimits& limits, bool digest,
+    const std::function<absl::Status()>& keep_going) {
   namespace fs = std::filesystem;
   std::error_code ec;
   std::vector<std::pair<std::string, fs::path>> files;  // "./relative", path
@@ -91,7 +96,10 @@ absl::StatusOr<AdapterFiles> InspectAdapterFiles(const std::string& dir,
   std::sort(files.begin(), files.end());
   std::string listing;
   for (const auto& [rel, path] : files) {
-    absl::StatusOr<std::string> h = Sha256Hex(path);
+    if (keep_going) {
+      if (absl::Status st = keep_going(); !st.ok()) return st;
+    }
+    absl::StatusOr<std::string> h = Sha256Hex(path, keep_going);
     if (!h.ok()) return h.status();
     absl::StrAppend(&listing, *h, "  ", rel, "\n");
   }

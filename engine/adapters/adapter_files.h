@@ -9,6 +9,7 @@
 //   cd DIR && find -L . -type f | LC_ALL=C sort | xargs sha256sum | sha256sum
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -27,7 +28,10 @@ struct AdapterFiles {
 };
 
 // kInvalidArgument naming the file when a limit is exceeded; kNotFound when `dir` cannot be read.
-absl::StatusOr<AdapterFiles> InspectAdapterFiles(const std::string& dir,
-                                                 const AdapterFileLimits& limits, bool digest);
+// `keep_going` (optional) is asked before each file and every 64 MiB hashed; a non-OK answer
+// stops the inspection and is returned (a load's deadline or a drain).
+absl::StatusOr<AdapterFiles> InspectAdapterFiles(
+    const std::string& dir, const AdapterFileLimits& limits, bool digest,
+    const std::function<absl::Status()>& keep_going = nullptr);
 
 }  // namespace moleserve::engine

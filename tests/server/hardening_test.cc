@@ -28,6 +28,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "engine/adapters/adapter_files.h"
 #include "engine/engine.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -524,6 +525,35 @@ TEST(HardeningTest, ALoadInProgressStopsWhenTheServerDrains) {
   EXPECT_EQ(loaded.error_code(), grpc::StatusCode::UNAVAILABLE) << loaded.error_message();
   EXPECT_THAT(loaded.error_message(), HasSubstr("shutting down"));
   inst->server->Drain(absl::Seconds(1));
+}
+
+TEST(HardeningTest, DigestingStopsWhenTheLoadMustNotGoOn) {
+  AdapterRoot root;
+  root.Write("a", 9);
+  // A 130 MiB file (sparse): hashing asks keep_going before the file and every 64 MiB.
+  {
+    std::ofstream big(root.path / "a" / "padding.bin", std::ios::binary);
+  }
+  fs::resize_file(root.path / "a" / "padding.bin", 130 << 20);
+  int calls = 0;
+  auto counting = [&] {
+    ++calls;
+    return absl::OkStatus();
+  };
+  absl::StatusOr<engine::AdapterFiles> all =
+      engine::InspectAdapterFiles((root.path / "a").string(), {}, /*digest=*/true, counting);
+  ASSERT_TRUE(all.ok()) << all.status();
+  const int files = static_cast<int>(all->num_files);
+  EXPECT_EQ(calls, files + 2);  // one per file, and at 64 and 128 MiB of the big one
+  // Refusing at the last check (inside the big file) stops the digest with that status.
+  const int allowed = calls - 1;
+  calls = 0;
+  auto refusing = [&] {
+    return ++calls > allowed ? absl::DeadlineExceededError("too late") : absl::OkStatus();
+  };
+  absl::StatusOr<engine::AdapterFiles> stopped =
+      engine::InspectAdapterFiles((root.path / "a").string(), {}, /*digest=*/true, refusing);
+  EXPECT_TRUE(absl::IsDeadlineExceeded(stopped.status())) << stopped.status();
 }
 
 // ---------------------------------------------------------------------------------------------
