@@ -264,8 +264,8 @@ int Run() {
   }
 #if MOLESERVE_WITH_METRICS
   if (metrics) {
-    spdlog::info("serving /metrics on {}:{} (plaintext)", absl::GetFlag(FLAGS_metrics_host),
-                 metrics->port());
+    spdlog::info("serving /metrics on port {} (host {}, plaintext)", metrics->port(),
+                 absl::GetFlag(FLAGS_metrics_host));
   }
 #endif
   // Every socket this process listens on, as the kernel reports them: an operator can check

@@ -291,11 +291,10 @@ class Suite:
             r = self.molectl_cmd(port, "health", "--timeout", "5s")
             check(r.returncode != 0, "a plaintext client was served by the TLS listener")
             admin = [self.molectl, "--admin-addr", f"127.0.0.1:{admin_port}"] + tls
-            start = time.monotonic()
+            # run() fails the test if the load blocks past its timeout.
             r = run(admin + ["--admin-token-file", token, "admin", "load", "fifo", "fifo"])
             check(r.returncode != 0 and "FIFO" in text(r.stderr),
                   f"FIFO load: {r.returncode} {text(r.stderr)!r}")
-            check(time.monotonic() - start < COMMAND_TIMEOUT_S, "the FIFO load blocked")
             forged = "x\nadmin audit: {\"authenticated\":true,\"result\":\"OK\"}"
             r = run(admin + ["admin", "load", forged, "fifo"])
             check(r.returncode != 0 and "missing admin token" in text(r.stderr),

@@ -93,7 +93,7 @@ TEST(RoutingTest, AlgorithmNamesRoundTrip) {
   }
   absl::StatusOr<RoutingAlgorithm> bad = ParseRoutingAlgorithm("top-k");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(bad.status().message().find("\"top-k\""), std::string::npos) << bad.status();
+  EXPECT_NE(bad.status().message().find("'top-k'"), std::string::npos) << bad.status();
 }
 
 TEST(RoutingTest, TopKTiesGoToTheLowerIndex) {
