@@ -86,6 +86,14 @@ AdapterFileLimits FileLimits(const EngineOptions& o) {
   return {.max_file_bytes = o.max_adapter_file_bytes, .max_total_bytes = o.max_adapter_bytes};
 }
 
+// FileLimits of a hot load: every entry must resolve inside the adapter root, at any depth.
+AdapterFileLimits ConfinedFileLimits(const EngineOptions& o) {
+  AdapterFileLimits limits = FileLimits(o);
+  std::error_code ec;
+  limits.confine_to = std::filesystem::canonical(o.adapter_root, ec).string();
+  return limits;
+}
+
 absl::Status ValidateOptions(const EngineOptions& o) {
   if (o.max_num_seqs <= 0) return absl::InvalidArgumentError("max_num_seqs must be > 0");
   if (o.max_batch_tokens < o.max_num_seqs) {
@@ -504,7 +512,9 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
     {
       MutexLock lock(&s.adapters_mu);
       State::Record& rec = s.records[name];
-      rec.error = std::string(status.message());
+      // Shown by GetAdapter/ListAdapters: escaped and bounded, whatever file text reached it.
+      const absl::string_view message = status.message();
+      rec.error = SanitizeMessage(std::string_view(message.data(), message.size()));
       if (rec.state != AdapterState::kReady) {
         rec.state = AdapterState::kFailed;
         rec.path = path;
@@ -518,8 +528,8 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
     {
       MutexLock lock(&s.mu);
       if (!s.accepting) {
-        return absl::UnavailableError(absl::StrCat(
-            "the server is shutting down; the load stopped in its ", stage, " stage"));
+        return absl::UnavailableError(
+            absl::StrCat("the server is shutting down; the load stopped in its ", stage, " stage"));
       }
     }
     if (absl::Now() > deadline) {
@@ -539,12 +549,12 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
   absl::StatusOr<std::string> dir = ConfinedAdapterDir(s.options.adapter_root, path);
   if (!dir.ok()) return failed(dir.status(), "invalid_path");
   absl::StatusOr<AdapterFiles> files =
-      InspectAdapterFiles(*dir, FileLimits(s.options), /*digest=*/!sha256.empty(),
+      InspectAdapterFiles(*dir, ConfinedFileLimits(s.options), /*digest=*/!sha256.empty(),
                           [&] { return keep_going("inspect"); });
   if (!files.ok()) {
     const absl::Status& st = files.status();
-    return failed(st, absl::IsDeadlineExceeded(st) || absl::IsUnavailable(st) ? "timeout"
-                                                                              : "too_large");
+    return failed(
+        st, absl::IsDeadlineExceeded(st) || absl::IsUnavailable(st) ? "timeout" : "too_large");
   }
   if (!sha256.empty() && files->sha256 != sha256) {
     return failed(absl::InvalidArgumentError(absl::StrCat("sha256 mismatch: the files of ",

@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/adapters/adapter_path.h"
 #include "engine/core/file_io.h"
+#include "engine/core/quote.h"
 
 namespace moleserve::engine {
 namespace {
@@ -60,27 +62,45 @@ std::string Sha256Hex(const std::string& text) {
 
 }  // namespace
 
-absl::StatusOr<AdapterFiles> InspectAdapterFiles(
-    const std::string& dir, const AdapterFileLimits& limits, bool digest,
-    const std::function<absl::Status()>& keep_going) {
+absl::StatusOr<AdapterFiles> InspectAdapterFiles(const std::string& dir,
+                                                 const AdapterFileLimits& limits, bool digest,
+                                                 const std::function<absl::Status()>& keep_going) {
   namespace fs = std::filesystem;
   std::error_code ec;
   std::vector<std::pair<std::string, fs::path>> files;  // "./relative", path
   fs::recursive_directory_iterator it(dir, fs::directory_options::follow_directory_symlink, ec);
   if (ec) return absl::NotFoundError(absl::StrCat("cannot list '", dir, "': ", ec.message()));
   AdapterFiles out;
+  const fs::path root = limits.confine_to;
+  int64_t entries = 0;
   for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
     if (ec) break;
     if (it.depth() > 8) {
       return absl::InvalidArgumentError("adapter directory nests deeper than 8 levels");
+    }
+    if (++entries > limits.max_entries) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter directory has more than ", limits.max_entries, " entries"));
+    }
+    if (keep_going && entries % 256 == 0) {
+      if (absl::Status st = keep_going(); !st.ok()) return st;
+    }
+    if (!root.empty()) {
+      // Checked before the iterator descends into a symlinked directory.
+      const fs::path target = fs::weakly_canonical(it->path(), ec);
+      if (ec || !IsWithin(root, target)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "adapter entry ", Quote(it->path().lexically_relative(dir).generic_string()),
+            " links outside the adapter root"));
+      }
     }
     if (!fs::is_regular_file(it->path(), ec)) continue;  // follows symlinks
     const int64_t size = static_cast<int64_t>(fs::file_size(it->path(), ec));
     if (ec) break;
     const std::string rel = "./" + fs::relative(it->path(), dir, ec).generic_string();
     if (size > limits.max_file_bytes) {
-      return absl::InvalidArgumentError(absl::StrCat("adapter file '", rel.substr(2), "' is ", size,
-                                                     " bytes; the limit per file is ",
+      return absl::InvalidArgumentError(absl::StrCat("adapter file ", Quote(rel.substr(2)), " is ",
+                                                     size, " bytes; the limit per file is ",
                                                      limits.max_file_bytes));
     }
     out.total_bytes += size;

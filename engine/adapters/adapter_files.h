@@ -19,6 +19,10 @@ namespace moleserve::engine {
 struct AdapterFileLimits {
   int64_t max_file_bytes = int64_t{8} << 30;    // any one file
   int64_t max_total_bytes = int64_t{32} << 30;  // all files of the adapter
+  int64_t max_entries = 100000;                 // files, directories and links, at any depth
+  // When set (a canonical directory), every entry at any depth, symlinks followed, must resolve
+  // inside it: a link nested in a subdirectory cannot reach outside the adapter root.
+  std::string confine_to;
 };
 
 struct AdapterFiles {
@@ -27,9 +31,10 @@ struct AdapterFiles {
   std::string sha256;  // hex; empty unless asked for
 };
 
-// kInvalidArgument naming the file when a limit is exceeded; kNotFound when `dir` cannot be read.
-// `keep_going` (optional) is asked before each file and every 64 MiB hashed; a non-OK answer
-// stops the inspection and is returned (a load's deadline or a drain).
+// kInvalidArgument naming the file when a limit is exceeded or an entry leaves `confine_to`;
+// kNotFound when `dir` cannot be read. `keep_going` (optional) is asked every 256 entries listed,
+// before each file hashed and every 64 MiB hashed; a non-OK answer stops the inspection and is
+// returned (a load's deadline or a drain).
 absl::StatusOr<AdapterFiles> InspectAdapterFiles(
     const std::string& dir, const AdapterFileLimits& limits, bool digest,
     const std::function<absl::Status()>& keep_going = nullptr);

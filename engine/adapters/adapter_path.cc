@@ -28,8 +28,9 @@ std::string DescribeByte(std::string_view text, size_t offset) {
   return absl::StrFormat("byte 0x%02x (%s) at offset %d", byte, what, offset);
 }
 
-// True when `p` is `root` or inside it (both canonical).
-bool Within(const std::filesystem::path& root, const std::filesystem::path& p) {
+}  // namespace
+
+bool IsWithin(const std::filesystem::path& root, const std::filesystem::path& p) {
   auto r = root.begin();
   auto q = p.begin();
   for (; r != root.end(); ++r, ++q) {
@@ -37,8 +38,6 @@ bool Within(const std::filesystem::path& root, const std::filesystem::path& p) {
   }
   return true;
 }
-
-}  // namespace
 
 absl::Status ValidateAdapterName(std::string_view name) {
   if (name.empty() || name.size() > kMaxAdapterNameBytes) {
@@ -102,7 +101,7 @@ absl::StatusOr<std::string> ConfinedAdapterDir(const std::string& root,
         absl::StrCat("adapter root ", Quote(root), " is not usable: ", ec.message()));
   }
   const fs::path dir = fs::weakly_canonical(canonical_root / relative, ec);
-  if (ec || !Within(canonical_root, dir)) {
+  if (ec || !IsWithin(canonical_root, dir)) {
     return absl::InvalidArgumentError(
         absl::StrCat("adapter path ", Quote(relative), " leaves the adapter root"));
   }
@@ -112,7 +111,7 @@ absl::StatusOr<std::string> ConfinedAdapterDir(const std::string& root,
   }
   for (const auto& entry : fs::directory_iterator(dir, ec)) {
     const fs::path target = fs::weakly_canonical(entry.path(), ec);
-    if (ec || !Within(canonical_root, target)) {
+    if (ec || !IsWithin(canonical_root, target)) {
       return absl::InvalidArgumentError(absl::StrCat("adapter file ",
                                                      Quote(entry.path().filename().string()),
                                                      " links outside the adapter root"));

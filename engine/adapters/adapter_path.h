@@ -15,6 +15,7 @@
 //
 // All functions are pure (ConfinedAdapterDir reads the file system) and thread-safe.
 
+#include <filesystem>
 #include <string>
 #include <string_view>
 
@@ -38,5 +39,8 @@ absl::Status ValidateSha256(std::string_view sha256);
 // kNotFound when it is not a directory, kFailedPrecondition when the root itself is unusable.
 absl::StatusOr<std::string> ConfinedAdapterDir(const std::string& root,
                                                const std::string& relative);
+
+// True when the canonical path `p` is the canonical path `root` or inside it.
+bool IsWithin(const std::filesystem::path& root, const std::filesystem::path& p);
 
 }  // namespace moleserve::engine

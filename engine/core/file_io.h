@@ -78,7 +78,8 @@ inline absl::StatusOr<UniqueFd> OpenRegularFile(const std::string& path, int64_t
   }
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) {
-    return absl::ErrnoToStatus(errno, absl::StrCat(path, ": cannot stat"));
+    const int err = errno;  // before anything else can overwrite it
+    return absl::ErrnoToStatus(err, absl::StrCat(path, ": cannot stat"));
   }
   if (!S_ISREG(st.st_mode)) {
     return absl::InvalidArgumentError(
@@ -105,8 +106,9 @@ inline absl::StatusOr<std::string> ReadRegularFile(const std::string& path, int6
   char buf[1 << 16];
   while (true) {
     const ssize_t n = ::read(fd->get(), buf, sizeof(buf));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return absl::ErrnoToStatus(errno, absl::StrCat(path, ": read failed"));
+    const int err = errno;
+    if (n < 0 && err == EINTR) continue;
+    if (n < 0) return absl::ErrnoToStatus(err, absl::StrCat(path, ": read failed"));
     if (n == 0) break;
     out.append(buf, static_cast<size_t>(n));
     // The file may grow while it is read; the limit holds for what is read.

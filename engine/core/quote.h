@@ -31,4 +31,33 @@ inline std::string Quote(std::string_view text, size_t max_bytes = kMaxQuotedByt
   return absl::StrCat("'", absl::CHexEscape(head), "'... (", text.size(), " bytes)");
 }
 
+// Bytes of a status message kept by SanitizeMessage.
+inline constexpr size_t kMaxMessageBytes = 1024;
+
+// A status message made safe to send and to log, whatever text reached it (an adapter file's
+// tensor names, a parser's complaint): control characters, DEL and bytes outside ASCII become
+// \xNN, and beyond `max_bytes` the message is cut with a note of its length. Printable ASCII,
+// including the backslashes of Quote()'s escapes, is kept as it is. The gRPC boundary and stored
+// errors (an adapter's last load error) go through it, so no message escapes unbounded.
+inline std::string SanitizeMessage(std::string_view message, size_t max_bytes = kMaxMessageBytes) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(std::min(message.size(), max_bytes) + 16);
+  for (size_t i = 0; i < message.size(); ++i) {
+    if (out.size() >= max_bytes) {
+      absl::StrAppend(&out, "... (message cut from ", message.size(), " bytes)");
+      break;
+    }
+    const auto c = static_cast<unsigned char>(message[i]);
+    if (c >= 0x20 && c < 0x7f) {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out += "\\x";
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 15]);
+    }
+  }
+  return out;
+}
+
 }  // namespace moleserve::engine

@@ -1,10 +1,11 @@
 #pragma once
 
 // The one place absl::Status becomes grpc::Status (STYLE.md section 3). Canonical codes map
-// one to one. The message is kept up to kMaxStatusMessageBytes: a status message travels in
-// response metadata, and clients refuse metadata over their limit (gRPC's default is 8 KB) with
-// a RESOURCE_EXHAUSTED that hides the real error. Messages quote their inputs through
-// engine::Quote, so this cap is the safety net, not the rule.
+// one to one. The message goes through engine::SanitizeMessage: control and non-ASCII bytes
+// escaped (text from an adapter file cannot reach a terminal or a log raw) and at most
+// kMaxStatusMessageBytes kept (a status message travels in response metadata, and clients refuse
+// metadata over their limit, gRPC's default being 8 KB, with a RESOURCE_EXHAUSTED that hides the
+// real error). Messages quote client input through engine::Quote; this is the net under them.
 
 #include <grpcpp/support/status.h>
 

@@ -56,9 +56,10 @@ ABSL_FLAG(int, routing_k, 0, "Routing override: k (0 = the adapter's)");
 ABSL_FLAG(double, routing_p, 0.0, "Routing override: p (0 = the adapter's)");
 ABSL_FLAG(std::string, service, "", "Service name for `health` (empty = whole server)");
 ABSL_FLAG(std::string, admin_addr, "localhost:50052", "moleserve AdapterAdmin address");
+ABSL_FLAG(bool, tls, false,
+          "Connect with TLS, trusting the system's CA roots (implied by any --tls-*-file flag)");
 ABSL_FLAG(std::string, tls_ca_file, "",
-          "PEM CA bundle that signed the server's certificate: connect with TLS (empty = "
-          "plaintext)");
+          "PEM CA bundle that signed the server's certificate: connect with TLS");
 ABSL_FLAG(std::string, tls_cert_file, "",
           "PEM client certificate, for listeners that require one (mTLS)");
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key of --tls-cert-file");
@@ -222,14 +223,24 @@ std::string ReadFileOrDie(const std::string& path, const char* flag) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-// A channel to `address`: TLS when --tls-ca-file is given, plaintext otherwise.
+// A channel to `address`: TLS when any --tls-* flag is given (the system's CA roots unless
+// --tls-ca-file names others), plaintext otherwise.
 std::shared_ptr<grpc::Channel> Channel(const std::string& address) {
   const std::string ca = absl::GetFlag(FLAGS_tls_ca_file);
-  if (ca.empty()) return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
-  grpc::SslCredentialsOptions ssl{.pem_root_certs = ReadFileOrDie(ca, "--tls-ca-file")};
-  if (const std::string cert = absl::GetFlag(FLAGS_tls_cert_file); !cert.empty()) {
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert_file);
+  const std::string key = absl::GetFlag(FLAGS_tls_key_file);
+  if (ca.empty() && cert.empty() && key.empty() && !absl::GetFlag(FLAGS_tls)) {
+    return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  }
+  if (cert.empty() != key.empty()) {
+    std::cerr << "--tls-cert-file and --tls-key-file go together\n";
+    std::exit(2);
+  }
+  grpc::SslCredentialsOptions ssl;
+  if (!ca.empty()) ssl.pem_root_certs = ReadFileOrDie(ca, "--tls-ca-file");
+  if (!cert.empty()) {
     ssl.pem_cert_chain = ReadFileOrDie(cert, "--tls-cert-file");
-    ssl.pem_private_key = ReadFileOrDie(absl::GetFlag(FLAGS_tls_key_file), "--tls-key-file");
+    ssl.pem_private_key = ReadFileOrDie(key, "--tls-key-file");
   }
   grpc::ChannelArguments args;
   if (const std::string name = absl::GetFlag(FLAGS_tls_server_name); !name.empty()) {

@@ -30,6 +30,7 @@
 #include "absl/time/time.h"
 #include "engine/adapters/adapter_files.h"
 #include "engine/engine.h"
+#include "engine/model/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "moleserve/v1/admin.grpc.pb.h"
@@ -54,7 +55,8 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 
 constexpr char kToken[] = "hardening-admin-token-0123456789";
-constexpr absl::Duration kCallTimeout = absl::Seconds(60);
+// A hang guard, not a speed bound (the suite must pass on a loaded machine).
+constexpr absl::Duration kCallTimeout = absl::Seconds(240);
 constexpr uint32_t kBos = 256;
 
 struct AdapterRoot {
@@ -451,7 +453,7 @@ TEST(HardeningTest, NamesAndPathsOutsideTheDocumentedSetAreRefused) {
 // ---------------------------------------------------------------------------------------------
 // Special files, deadlines, shutdown
 
-TEST(HardeningTest, SpecialFilesAreRefusedAtOnceAndShutdownIsNotHeld) {
+TEST(HardeningTest, SpecialFilesAreRefusedAtOnce) {
   AdapterRoot root;
   root.Write("template", 4);
   engine::EngineOptions o;
@@ -479,8 +481,68 @@ TEST(HardeningTest, SpecialFilesAreRefusedAtOnceAndShutdownIsNotHeld) {
   fs::remove(root.path / "dirfile" / "mole_config.json");
   fs::create_directory(root.path / "dirfile" / "mole_config.json");
   EXPECT_EQ(inst->Load("dirfile", "dirfile").error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  // Drain ends: no load holds the admin listener.
-  inst->server->Drain(absl::Seconds(1));
+}
+
+// A symlink nested in a subdirectory of the adapter cannot reach outside the root, and what the
+// load would have read out there never shows in a message.
+TEST(HardeningTest, NestedLinksOutsideTheRootAreRefused) {
+  AdapterRoot root;
+  root.Write("a", 10);
+  const fs::path outside =
+      fs::path(::testing::TempDir()) / absl::StrCat("outside_nested_", getpid());
+  fs::create_directories(outside);
+  std::ofstream(outside / "secret.txt") << "secret";
+  fs::create_directories(root.path / "a" / "sub");
+  fs::create_directory_symlink(outside, root.path / "a" / "sub" / "escape");
+  engine::EngineOptions o;
+  o.adapter_root = root.path.string();
+  auto inst = Instance::Start(o);
+  ASSERT_NE(inst, nullptr);
+  grpc::Status st = inst->Load("a", "a");
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(st.error_message(), HasSubstr("'sub/escape' links outside the adapter root"));
+  fs::remove(root.path / "a" / "sub" / "escape");
+  EXPECT_TRUE(inst->Load("a", "a").ok());  // the same adapter without the link loads
+  fs::remove_all(outside);
+}
+
+// Text from an adapter file (here a tensor name with an escape sequence and a newline, 50 KB long)
+// reaches the client and the adapter's stored error escaped and bounded.
+TEST(HardeningTest, FileTextInErrorsIsEscapedAndBounded) {
+  AdapterRoot root;
+  root.Write("a", 11);
+  // A tensor the adapter does not use, named hostilely: the loader refuses it by name.
+  const std::string hostile = "\x1b[2J\nadmin audit: forged " + std::string(50000, 'x');
+  const std::string weights = (root.path / "a" / "model.safetensors").string();
+  std::vector<std::vector<float>> data;
+  std::vector<engine::SafetensorsWriteTensor> tensors;
+  {
+    auto file = engine::SafetensorsFile::Open(weights);
+    ASSERT_TRUE(file.ok()) << file.status();
+    data.reserve((*file)->tensors().size() + 1);
+    for (const engine::SafetensorsTensor& t : (*file)->tensors()) {
+      int64_t n = 1;
+      for (int64_t d : t.shape) n *= d;
+      data.emplace_back(static_cast<size_t>(n));
+      ASSERT_TRUE((*file)->ReadF32(t.name, t.shape, data.back().data()).ok());
+      tensors.push_back({t.name, t.shape, data.back().data()});
+    }
+  }
+  data.push_back({0.0f});
+  tensors.push_back({hostile, {1}, data.back().data()});
+  ASSERT_TRUE(engine::WriteSafetensors(weights, tensors, {}).ok());
+  engine::EngineOptions o;
+  o.adapter_root = root.path.string();
+  auto inst = Instance::Start(o);
+  ASSERT_NE(inst, nullptr);
+  grpc::Status st = inst->Load("a", "a");
+  ASSERT_FALSE(st.ok());
+  EXPECT_LT(st.error_message().size(), 1200u);
+  for (char c : st.error_message()) EXPECT_TRUE(c >= 0x20 && c < 0x7f) << int{c};
+  absl::StatusOr<pb::AdapterStatus> got = inst->Get("a");
+  ASSERT_TRUE(got.ok());
+  EXPECT_LT(got->error().size(), 1200u);
+  EXPECT_EQ(got->error().find('\n'), std::string::npos);
 }
 
 TEST(HardeningTest, ALoadPastItsDeadlineFails) {
@@ -531,9 +593,7 @@ TEST(HardeningTest, DigestingStopsWhenTheLoadMustNotGoOn) {
   AdapterRoot root;
   root.Write("a", 9);
   // A 130 MiB file (sparse): hashing asks keep_going before the file and every 64 MiB.
-  {
-    std::ofstream big(root.path / "a" / "padding.bin", std::ios::binary);
-  }
+  { std::ofstream big(root.path / "a" / "padding.bin", std::ios::binary); }
   fs::resize_file(root.path / "a" / "padding.bin", 130 << 20);
   int calls = 0;
   auto counting = [&] {
@@ -988,10 +1048,16 @@ TEST(HardeningTest, BadTlsFilesStopStartupWithTheirName) {
 TEST(HardeningTest, RenewedCertificatesApplyWithoutARestart) {
   Pki pki;
   ASSERT_TRUE(pki.ok());
+  // The layout of a Kubernetes Secret volume: `live` is a symlink to the current version's
+  // directory, swapped atomically on renewal, so certificate and key always change together.
   const fs::path live = fs::path(pki.Path("live"));
-  fs::create_directories(live);
-  fs::copy_file(pki.Path("server1.pem"), live / "cert.pem");
-  fs::copy_file(pki.Path("server1.key"), live / "key.pem");
+  fs::create_directories(pki.Path("v1"));
+  fs::create_directories(pki.Path("v2"));
+  fs::copy_file(pki.Path("server1.pem"), pki.Path("v1/cert.pem"));
+  fs::copy_file(pki.Path("server1.key"), pki.Path("v1/key.pem"));
+  fs::copy_file(pki.Path("server2.pem"), pki.Path("v2/cert.pem"));
+  fs::copy_file(pki.Path("server2.key"), pki.Path("v2/key.pem"));
+  fs::create_directory_symlink("v1", live);
   ServerOptions so;
   so.tls = {.cert_file = (live / "cert.pem").string(),
             .key_file = (live / "key.pem").string(),
@@ -1000,11 +1066,9 @@ TEST(HardeningTest, RenewedCertificatesApplyWithoutARestart) {
   ASSERT_NE(inst, nullptr);
   const int port = inst->server->port();
   ASSERT_TRUE(Ping(TlsChannel(port, pki.Read("ca1.pem"))).ok());
-  // Renewal: a certificate from ca2 replaces the files (each written whole, then renamed).
-  fs::copy_file(pki.Path("server2.key"), live / "key.tmp");
-  fs::copy_file(pki.Path("server2.pem"), live / "cert.tmp");
-  fs::rename(live / "key.tmp", live / "key.pem");
-  fs::rename(live / "cert.tmp", live / "cert.pem");
+  // Renewal: a certificate from ca2, swapped in with the symlink.
+  fs::create_directory_symlink("v2", pki.Path("live.new"));
+  fs::rename(pki.Path("live.new"), live);
   // Within a few reload intervals new connections get the new certificate (bounded wait).
   bool renewed = false;
   for (int i = 0; i < 120 && !renewed; ++i) {

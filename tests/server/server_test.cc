@@ -53,7 +53,8 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 constexpr uint32_t kBos = 256;
-constexpr absl::Duration kCallTimeout = absl::Seconds(60);
+// A hang guard, not a speed bound (the suite must pass on a loaded machine).
+constexpr absl::Duration kCallTimeout = absl::Seconds(240);
 
 engine::EngineOptions SmallEngineOptions() {
   engine::EngineOptions o;
@@ -679,7 +680,7 @@ TEST(ServerTest, OverloadRejectsAtOnceWhenFullAndCompletesTheRest) {
   options.max_queue = 6;
   auto inst = Instance::Start(options, {}, /*with_metrics=*/true);
   ASSERT_NE(inst, nullptr);
-  constexpr uint32_t kLong = 400;
+  constexpr uint32_t kLong = 200;
   constexpr uint32_t kShort = 8;
   std::vector<std::string> prompts;
   std::vector<std::vector<uint32_t>> reference;  // greedy, kLong tokens; kShort is its prefix
@@ -707,7 +708,9 @@ TEST(ServerTest, OverloadRejectsAtOnceWhenFullAndCompletesTheRest) {
   bool full = true;
   for (int i = 0; i < kHolders && full; ++i) {
     threads.emplace_back([&, i] {
-      holders[i].result = RunGenerate(*inst->stub, Greedy(prompts[i % 4], kLong));
+      // A hang guard, not a speed bound: under a loaded machine the last holders queue for long.
+      holders[i].result =
+          RunGenerate(*inst->stub, Greedy(prompts[i % 4], kLong), absl::Seconds(240));
       holders[i].done = absl::Now();
     });
     const int64_t running = std::min(i + 1, 4), waiting = std::max(0, i + 1 - 4);
@@ -724,7 +727,8 @@ TEST(ServerTest, OverloadRejectsAtOnceWhenFullAndCompletesTheRest) {
   ASSERT_TRUE(full) << "never saw the holders running and queued one by one";
   for (int i = 0; i < kBurst; ++i) {
     threads.emplace_back([&, i] {
-      burst[i].result = RunGenerate(*inst->stub, Greedy(prompts[i % 4], kShort));
+      burst[i].result =
+          RunGenerate(*inst->stub, Greedy(prompts[i % 4], kShort), absl::Seconds(240));
       burst[i].done = absl::Now();
     });
   }
