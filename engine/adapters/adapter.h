@@ -146,7 +146,10 @@ struct AdapterLimits {
 // Loads a mole/1 directory (mole_config.json) or a PEFT LoRA directory (adapter_config.json),
 // validates everything against `base` (shapes, ranks 1..max_rank, expert counts, NaN/Inf, routing
 // parameters, router tensors present) and returns it. Errors are kInvalidArgument (bad or
-// unsupported content, naming the file, tensor or key), kNotFound (no config file).
+// unsupported content, naming the file, tensor or key; a file that is not a regular file),
+// kDataLoss (a truncated safetensors file, offsets past its end), kNotFound (no config file, a
+// missing file) and errno-derived codes such as kPermissionDenied (a file the server may not
+// read).
 absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& dir,
                                                            const std::string& name,
                                                            const ModelConfig& base,

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/check.h"
+#include "engine/core/file_io.h"
 #include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
 #include "engine/tokenizer/bpe.h"
@@ -344,16 +345,10 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::ParseJson(std::string_view
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJsonFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int err = errno;
-    // ErrnoToStatus appends strerror.
-    return absl::ErrnoToStatus(err != 0 ? err : ENOENT, absl::StrCat(path, ": cannot open"));
-  }
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
-  return ParseWithContext(contents.str(), path);
+  // The largest public tokenizer.json files are tens of MB; this bounds a hostile one.
+  constexpr int64_t kMaxTokenizerBytes = int64_t{512} << 20;
+  ASSIGN_OR_RETURN(std::string contents, ReadRegularFile(path, kMaxTokenizerBytes));
+  return ParseWithContext(contents, path);
 }
 
 absl::Status Tokenizer::Init(std::vector<AddedToken> added) {
@@ -471,6 +466,16 @@ std::string Tokenizer::ToJson() const {
         {"pair", Json::array({special(0), sequence("A", 0), special(1), sequence("B", 1)})},
         {"special_tokens",
          {{bos, {{"id", bos}, {"ids", Json::array({*bos_id_})}, {"tokens", Json::array({bos})}}}}}};
+  } else {
+    // A template that adds nothing: with null, loading this back would take <s> or
+    // <|begin_of_text|> as BOS by name.
+    const auto sequence = [](const char* id, int type_id) {
+      return Json{{"Sequence", {{"id", id}, {"type_id", type_id}}}};
+    };
+    post_processor = {{"type", "TemplateProcessing"},
+                      {"single", Json::array({sequence("A", 0)})},
+                      {"pair", Json::array({sequence("A", 0), sequence("B", 1)})},
+                      {"special_tokens", Json::object()}};
   }
 
   // Plain (key-sorted) JSON objects: nlohmann's ordered_json inserts in linear time.

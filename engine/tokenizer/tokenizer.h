@@ -115,7 +115,8 @@ class Tokenizer {
   // A Hugging Face compatible tokenizer.json that FromJsonString turns into a tokenizer that
   // encodes and decodes identically: the vocabulary, merges, added tokens, normalizer,
   // pre-tokenizer and decoder as loaded, and a TemplateProcessing post-processor that prepends
-  // BOS when bos_id() names a token (null otherwise).
+  // BOS when bos_id() names a token (one that prepends nothing otherwise, so that no BOS is
+  // guessed from token names on reload).
   [[nodiscard]] std::string ToJson() const;
 
   // Token ids of `text` (arbitrary bytes; see the file comment about invalid UTF-8), preceded by

@@ -86,7 +86,7 @@ class Moleserve(Process):
     def __init__(self, binary, args, log_path, name="moleserve"):
         super().__init__(name, [binary, "--port", "0", "--metrics-port", "0", "--threads", "1",
                                 "--log-level", "info"] + args, log_path)
-        self.port = self.metrics_port = None
+        self.port = self.metrics_port = self.admin_port = None
 
     def wait_ready(self):
         def ports():
@@ -98,6 +98,10 @@ class Moleserve(Process):
             return (int(grpc.group(1)), int(metrics.group(1))) if grpc and metrics else None
         self.port, self.metrics_port = wait_until(f"{self.name} serving", ports,
                                                   STARTUP_TIMEOUT_S)
+        # With --admin-port 0 the admin port is read back too (no free-port race: moleserve's
+        # listeners do not share ports, so a port taken in between would fail the start).
+        admin = re.search(r"serving AdapterAdmin on [^\s:]+:(\d+)", self.output())
+        self.admin_port = int(admin.group(1)) if admin else None
         return self
 
     def metrics(self):

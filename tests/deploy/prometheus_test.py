@@ -75,11 +75,10 @@ def test_scrape_and_dashboard(tmp):
     token = os.path.join(tmp, "token")
     with open(token, "w") as f:
         f.write("test-token-0123456789\n")
-    admin_port = free_port()
     server = Moleserve(MOLESERVE, [
         "--adapter", f"a0={adapters}/a0", "--adapter-root", adapters,
         "--expert-cache-bytes", str(info["working_set_bytes"]),  # a0 + a1 need twice this
-        "--admin-port", str(admin_port), "--admin-token-file", token],
+        "--admin-port", "0", "--admin-token-file", token],
         os.path.join(tmp, "moleserve.log")).wait_ready()
     try:
         # Prometheus with the deploy scrape config, the target pointed at this server.
@@ -100,7 +99,7 @@ def test_scrape_and_dashboard(tmp):
             f"--web.listen-address=127.0.0.1:{prom_port}"],
             os.path.join(tmp, "prometheus.log"))
         try:
-            admin = ["--admin-addr", f"127.0.0.1:{admin_port}", "--admin-token-file", token]
+            admin = ["--admin-addr", f"127.0.0.1:{server.admin_port}", "--admin-token-file", token]
             r = molectl(MOLECTL, "admin", "load", "a1", "a1", *admin)
             check(r.returncode == 0, f"admin load a1: {r.stderr}")
             r = molectl(MOLECTL, "admin", "load", "bad", "broken", *admin)

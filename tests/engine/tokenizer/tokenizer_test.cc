@@ -869,6 +869,22 @@ TEST(TokenizerPostProcessorTest, BosFromTemplate) {
   EXPECT_THAT(tok->Encode("hi", true), ElementsAre(kSpmHi));
 }
 
+// Found by tests/fuzz/tokenizer_fuzz: ToJson wrote a null post-processor for "no BOS", and loading
+// that back took <s> as BOS by its name.
+TEST(TokenizerJsonTest, RoundTripKeepsNoBos) {
+  Json j = SpmJson();
+  j["post_processor"] = {{"type", "TemplateProcessing"},
+                         {"single", {{{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+                         {"special_tokens", Json::object()}};
+  auto tok = FromJson(j);
+  ASSERT_NE(tok, nullptr);
+  ASSERT_EQ(tok->bos_id(), std::nullopt);
+  auto copy = Tokenizer::FromJsonString(tok->ToJson());
+  ASSERT_TRUE(copy.ok()) << copy.status();
+  EXPECT_EQ((*copy)->bos_id(), std::nullopt);
+  EXPECT_EQ((*copy)->Encode("hi", true), tok->Encode("hi", true));
+}
+
 TEST(TokenizerBpeTest, ToJsonKeepsMergesAndPipeline) {
   auto tok = FromJson(MetaspaceJson("first", true));
   ASSERT_NE(tok, nullptr);
