@@ -1,5 +1,6 @@
 // CUDA decode at a real model shape with random weights (synthetic:llama-7b, bf16), in one run:
-//  1. decode step time of the bare model (LlamaModel) for batches of 1..64 sequences with 128
+//  1. decode step time of the bare model (LlamaModel::ForwardSample: forward pass and greedy
+//     sampling on the device) for batches of 1..64 sequences with 128
 //     tokens of context, against the weight-bandwidth bound: bytes of weights / measured copy
 //     bandwidth (cudaMemcpy device to device, read + write bytes);
 //  2. serving throughput through the engine (continuous batching, 64 concurrent greedy requests
@@ -229,6 +230,11 @@ int main(int argc, char** argv) {
         }
         Check((*model)->Forward(p, &logits), "prefill");
       }
+      // Decode steps as the engine runs them: greedy sampling on the device, 16 bytes per
+      // sequence back to the host.
+      StepSampling sampling;
+      sampling.rows.resize(batch);
+      StepSamples samples;
       std::vector<double> ms;
       for (int step = 0; step < 24; ++step) {
         Batch d = b;
@@ -239,7 +245,7 @@ int main(int argc, char** argv) {
           d.sample_rows.push_back(s);
         }
         const double t0 = Now();
-        Check((*model)->Forward(d, &logits), "decode");
+        Check((*model)->ForwardSample(d, sampling, &samples), "decode");
         if (step >= 4) ms.push_back((Now() - t0) * 1e3);
       }
       std::sort(ms.begin(), ms.end());

@@ -1,5 +1,9 @@
 #include "engine/backend/backend.h"
 
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+
 namespace moleserve::engine {
 
 size_t ScalarTypeSize(ScalarType t) {
@@ -41,6 +45,16 @@ void DeviceBuffer::Reset() {
   if (data_ != nullptr && free_) free_(data_);
   data_ = nullptr;
   bytes_ = 0;
+}
+
+absl::StatusOr<DeviceBuffer> Backend::AllocateHost(size_t bytes) {
+  if (bytes == 0) return DeviceBuffer();
+  void* p = std::calloc(1, bytes);
+  if (p == nullptr) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("out of host memory allocating ", bytes, " bytes"));
+  }
+  return DeviceBuffer(p, bytes, [](void* q) { std::free(q); });
 }
 
 }  // namespace moleserve::engine

@@ -70,8 +70,19 @@ class Backend {
 
   // Device memory, zero-initialised. kResourceExhausted when the device is out of memory.
   virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes) = 0;
+  // Host memory the device copies into directly (CUDA: page-locked, so a device -> host copy
+  // is one DMA, not staged through the driver), zero-initialised; for what comes back every step.
+  // CPU: ordinary memory.
+  virtual absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes);
   virtual absl::Status CopyToDevice(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status CopyToHost(void* dst, const void* src, size_t bytes) = 0;
+  // Device -> host in stream order without waiting: `dst` (AllocateHost memory, so the copy is
+  // asynchronous on CUDA) holds the data once the next CopyToHost or Synchronize returns. For
+  // what a step brings back besides its main result (routing decisions), so the step still
+  // synchronises once. Default (and CPU): CopyToHost.
+  virtual absl::Status CopyToHostAsync(void* dst, const void* src, size_t bytes) {
+    return CopyToHost(dst, src, bytes);
+  }
   // A batch of host -> device copies (an expert's pages) on the backend's copy stream: ordered
   // after every op issued so far (so it never overwrites memory a pending kernel still reads)
   // and before every op issued after it. The sources may be reused once the call returns.
@@ -110,6 +121,9 @@ class Backend {
   virtual absl::Status RankRoute(const kernels::RankRouteParams& p) = 0;
   // SGMV segments from Route's decisions, on the device (no host round trip).
   virtual absl::Status BuildSegments(const kernels::SegmentBuildParams& p) = 0;
+  // The next token of each row from fp32 logits (kernels/common/sampling_math.h), so that only
+  // the chosen ids, their logprobs and any asked-for alternatives leave the device.
+  virtual absl::Status Sample(const kernels::SampleParams& p) = 0;
 
   // Graphs (the decode fast path: CUDA graphs). CaptureGraph calls `record`, during which ops are
   // recorded instead of run, and returns a handle; LaunchGraph replays the recorded ops with the
@@ -136,8 +150,9 @@ int CudaDeviceCount();
 struct CudaBackendOptions {
   int device = 0;
   // Pinned host memory through which small host -> device copies (a step's token, position and
-  // segment tables) go, so they never block the host. Copies larger than a quarter of it go
-  // straight from pageable memory.
+  // segment tables) go, so they never block the host: a ring of 8 segments, each reused once the
+  // copies that last read it are done (an event, not a device-wide synchronisation). Copies
+  // larger than a segment go straight from pageable memory.
   size_t staging_bytes = size_t{16} << 20;
   // cuBLAS workspace, allocated once.
   size_t blas_workspace_bytes = size_t{32} << 20;

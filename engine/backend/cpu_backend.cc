@@ -117,6 +117,9 @@ class CpuBackend final : public Backend {
   absl::Status BuildSegments(const kernels::SegmentBuildParams& p) override {
     return Run("BuildSegments", [this, p] { return kc::BuildSegments(p, &pool_); });
   }
+  absl::Status Sample(const kernels::SampleParams& p) override {
+    return Run("Sample", [this, p] { return kc::Sample(p, &pool_); });
+  }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return Run("RankRoute", [this, p] { return kc::RankRoute(p, &pool_); });
   }

@@ -1,5 +1,6 @@
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -105,6 +106,9 @@ class CudaBackend final : public Backend {
     cudaSetDevice(state_->device);
     cudaStreamSynchronize(state_->compute);
     cudaStreamSynchronize(state_->copy);
+    for (cudaEvent_t e : segment_done_) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
   }
 
   absl::Status Init(size_t blas_workspace_bytes) {
@@ -159,6 +163,27 @@ class CudaBackend final : public Backend {
     return copied;
   }
 
+  absl::StatusOr<DeviceBuffer> AllocateHost(size_t bytes) override {
+    if (bytes == 0) return DeviceBuffer();
+    RETURN_IF_ERROR(NotCapturing("AllocateHost"));
+    RETURN_IF_ERROR(Bind());
+    void* p = nullptr;
+    if (cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocDefault); err != cudaSuccess) {
+      cudaGetLastError();
+      return absl::ResourceExhaustedError(absl::StrCat("cuda backend: cudaHostAlloc of ", bytes,
+                                                       " bytes failed: ", cudaGetErrorName(err)));
+    }
+    std::memset(p, 0, bytes);
+    return DeviceBuffer(p, bytes, [](void* q) { cudaFreeHost(q); });
+  }
+
+  absl::Status CopyToHostAsync(void* dst, const void* src, size_t bytes) override {
+    RETURN_IF_ERROR(NotCapturing("CopyToHostAsync"));
+    RETURN_IF_ERROR(Bind());
+    return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, state_->compute),
+                      "CopyToHostAsync");
+  }
+
   absl::Status CopyToHost(void* dst, const void* src, size_t bytes) override {
     RETURN_IF_ERROR(NotCapturing("CopyToHost"));
     RETURN_IF_ERROR(Bind());
@@ -172,7 +197,9 @@ class CudaBackend final : public Backend {
     RETURN_IF_ERROR(Bind());
     RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(state_->compute), "Synchronize"));
     RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(state_->copy), "Synchronize (copy stream)"));
-    staging_used_ = 0;  // every copy that read the staging buffer is done
+    // Every copy that read the staging buffer is done.
+    segment_pending_.fill(false);
+    segment_used_ = 0;
     return absl::OkStatus();
   }
 
@@ -220,6 +247,9 @@ class CudaBackend final : public Backend {
   }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return Launch("RankRoute", &kcu::RankRoute, p);
+  }
+  absl::Status Sample(const kernels::SampleParams& p) override {
+    return Launch("Sample", &kcu::Sample, p);
   }
 
   absl::StatusOr<int64_t> CaptureGraph(const std::function<absl::Status()>& record) override {
@@ -287,31 +317,55 @@ class CudaBackend final : public Backend {
     return CudaStatus(err, absl::StrCat("cuda backend: ", op));
   }
 
-  // Host -> device on `stream`: through the pinned staging buffer when the copy is small (the
-  // host returns at once), else straight from pageable memory (the driver stages it).
+  // The staging buffer is a ring of kStagingSegments segments. When a segment is full, an event
+  // is recorded on the compute stream (which every bulk copy on the copy stream is ordered
+  // before), and the next segment is reused only once the event recorded when it was last
+  // closed has completed: a wrap waits for copies issued a whole ring ago, never for the device
+  // to drain.
+  static constexpr int kStagingSegments = 8;
+  static constexpr size_t kAlign = 256;
+  size_t segment_bytes() const { return staging_bytes_ / kStagingSegments / kAlign * kAlign; }
+
+  absl::Status NextSegment() {
+    cudaEvent_t& done = segment_done_[segment_];
+    if (done == nullptr) {
+      RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&done, cudaEventDisableTiming),
+                                 "staging: create event"));
+    }
+    RETURN_IF_ERROR(CudaStatus(cudaEventRecord(done, state_->compute), "staging: record"));
+    segment_pending_[segment_] = true;
+    segment_ = (segment_ + 1) % kStagingSegments;
+    segment_used_ = 0;
+    if (segment_pending_[segment_]) {
+      RETURN_IF_ERROR(
+          CudaStatus(cudaEventSynchronize(segment_done_[segment_]), "staging: wait for reuse"));
+      segment_pending_[segment_] = false;
+    }
+    return absl::OkStatus();
+  }
+
+  // Host -> device on `stream`: through the pinned staging ring when the copy fits a segment
+  // (the host returns at once), else straight from pageable memory (the driver stages it).
   absl::Status Copy(void* dst, const void* src, size_t bytes, cudaStream_t stream,
                     const char* what) {
     if (bytes == 0) return absl::OkStatus();
-    if (bytes > staging_bytes_ / 4) {
+    if (bytes > segment_bytes()) {
       return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), what);
     }
-    constexpr size_t kAlign = 256;
-    if (staging_used_ + bytes > staging_bytes_) {
-      // Wrapped: wait until the copies that read the buffer are done, on both streams (rare:
-      // once per staging_bytes of small copies without a Synchronize in between). The copy
-      // stream's pending copies wait only on compute work already issued, so this cannot hang.
-      RETURN_IF_ERROR(Synchronize());
-    }
-    char* slot = static_cast<char*>(staging_.get()) + staging_used_;
+    if (segment_used_ + bytes > segment_bytes()) RETURN_IF_ERROR(NextSegment());
+    char* slot = static_cast<char*>(staging_.get()) + segment_ * segment_bytes() + segment_used_;
     std::memcpy(slot, src, bytes);
-    staging_used_ += (bytes + kAlign - 1) / kAlign * kAlign;
+    segment_used_ += (bytes + kAlign - 1) / kAlign * kAlign;
     return CudaStatus(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream), what);
   }
 
   std::shared_ptr<CudaState> state_;
   std::unique_ptr<void, PinnedDeleter> staging_;
   size_t staging_bytes_;
-  size_t staging_used_ = 0;
+  int segment_ = 0;          // the ring segment small copies go to
+  size_t segment_used_ = 0;  // bytes of it taken since it became current
+  std::array<cudaEvent_t, kStagingSegments> segment_done_{};
+  std::array<bool, kStagingSegments> segment_pending_{};
   kcu::BlasContext blas_;
 };
 

@@ -348,10 +348,19 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     (seq->uncomputed() == 1 ? decode_tokens : prefill_tokens) += chunk.num_tokens;
     if (seq->adapter_slot >= 0) adapter_tokens += chunk.num_tokens;
   }
+  // Each sampled sequence's row for the device sampler (its random draw for this step included).
+  sampling_.Clear();
+  for (const ScheduledChunk& chunk : step) {
+    if (chunk.sample) {
+      sampling_.rows.push_back(
+          chunk.seq->sampler.NextRow(&sampling_.penalty_ids, &sampling_.penalty_counts));
+    }
+  }
   ExpertCache& cache = model_->adapters().cache();
   const double copy_before = mole ? cache.stats().copy_seconds : 0;
   if (mole) cache.BeginStep();
-  absl::Status status = model_->Forward(batch_, &logits_, mole ? &extras_ : nullptr);
+  absl::Status status =
+      model_->ForwardSample(batch_, sampling_, &samples_, mole ? &extras_ : nullptr);
   int64_t distinct_experts = 0;
   if (mole) {
     // Every sequence of the step waited for the experts copied in during it.
@@ -367,7 +376,6 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     }
     return;
   }
-  const int32_t vocab = model_->config().vocab_size;
   const absl::Time now = absl::Now();
   int32_t row = 0;
   for (const ScheduledChunk& chunk : step) {
@@ -375,13 +383,12 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     seq->num_computed += chunk.num_tokens;
     if (!chunk.sample) continue;
     const int32_t sample_row = row++;
-    absl::Span<const float> logits(logits_.data() + static_cast<int64_t>(sample_row) * vocab,
-                                   vocab);
-    if (!std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); })) {
+    const kernels::SampledRow& sampled = samples_.rows[sample_row];
+    if (!sampled.finite) {
       Fail(seq, absl::InternalError("the model produced non-finite logits (NaN or Inf)"));
       continue;
     }
-    SampledToken sampled = seq->sampler.Sample(logits);
+    seq->sampler.Observe(sampled.id);
     seq->tokens.push_back(sampled.id);
 
     if (!seq->first_token) {
@@ -394,7 +401,10 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
 
     GenerationChunk out;
     GeneratedToken token{sampled.id, sampled.logprob, {}};
-    if (seq->request.top_logprobs > 0) token.top = std::move(sampled.top);
+    for (int32_t j = 0; j < sampled.num_top; ++j) {
+      const int64_t at = int64_t{sample_row} * kernels::kMaxSampleTopLogprobs + j;
+      token.top.emplace_back(samples_.top_ids[at], samples_.top_logprobs[at]);
+    }
     if (mole && seq->adapter_slot >= 0 && !seq->routing_observed &&
         scheduler_.options().policy == SchedulingPolicy::kExpertAware) {
       seq->routing_observed = true;

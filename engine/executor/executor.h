@@ -107,7 +107,8 @@ class Executor {
   Scheduler scheduler_;                                // loop thread only
   std::unordered_map<uint64_t, Sequence*> by_handle_;  // loop thread only
   Batch batch_;                                        // reused across steps
-  std::vector<float> logits_;
+  StepSampling sampling_;                              // the step's rows for the device sampler
+  StepSamples samples_;                                // what it returned
   ForwardExtras extras_;
   int64_t published_cache_events_ = 0;  // lookups + prefetches at the last OnExpertCache
 

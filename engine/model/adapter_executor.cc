@@ -59,8 +59,10 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
     if (!r.weight.empty()) {
       ASSIGN_OR_RETURN(bufs.first, UploadFloats(r.weight));
     }
-    if (!r.bias.empty()) {
-      ASSIGN_OR_RETURN(bufs.second, UploadFloats(r.bias));
+    if (!r.bias.empty()) {  // fp32: added to the fp32 router logits
+      ASSIGN_OR_RETURN(bufs.second, backend_->Allocate(r.bias.size() * sizeof(float)));
+      RETURN_IF_ERROR(
+          backend_->CopyToDevice(bufs.second.data(), r.bias.data(), r.bias.size() * sizeof(float)));
     }
     att->routers[&r] = std::move(bufs);
     return absl::OkStatus();
@@ -136,6 +138,7 @@ const Adapter* AdapterExecutor::adapter(int32_t slot) const {
 }
 
 absl::Status AdapterExecutor::BeginPass(PassTokens tokens) {
+  EndPass();
   pass_ = std::move(tokens);
   tokens_by_slot_.clear();
   active_ = false;
@@ -154,6 +157,10 @@ absl::Status AdapterExecutor::BeginPass(PassTokens tokens) {
     active_ = true;
   }
   records_.assign(pass_.num_records, {});
+  pending_.clear();
+  record_words_ = 0;
+  records_in_plan_ = false;
+  results_issued_ = false;
   device_routed_ = false;
   if (active_) {
     RETURN_IF_ERROR(Grow(&route_undefined_, sizeof(int32_t)));
@@ -161,6 +168,402 @@ absl::Status AdapterExecutor::BeginPass(PassTokens tokens) {
     RETURN_IF_ERROR(backend_->CopyToDevice(route_undefined_.data(), &zero, sizeof(zero)));
   }
   return absl::OkStatus();
+}
+
+void AdapterExecutor::EndPass() {
+  for (const auto& [stack, expert] : plan_.pins) cache_.Release(stack, expert);
+  plan_ = StepPlan();
+}
+
+namespace {
+
+// Most adapters with routed groups a planned pass holds (PlanPass).
+constexpr int64_t kMaxPlannedRoutedAdapters = 8;
+
+int32_t NextPow2(int32_t v) {
+  int32_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+}  // namespace
+
+absl::StatusOr<bool> AdapterExecutor::PlanPass() {
+  EndPass();
+  if (!active_ || pass_.scaling_pass) return false;
+  for (int32_t o : pass_.override_index) {
+    if (o >= 0) return false;  // per-request routing: one Route call per spec, run eagerly
+  }
+  const int64_t t = static_cast<int64_t>(pass_.slot.size());
+  std::vector<int32_t> slots;
+  std::vector<const Attached*> atts;
+  int32_t max_rank = 0, max_experts = 0, routed_rank = 0;
+  for (const auto& [slot, tokens] : tokens_by_slot_) {
+    const Attached& att = *attached_.at(slot);
+    const Adapter& a = *att.adapter;
+    if (a.xlora) return false;
+    for (const AdapterLayer& layer : a.layers) {
+      if (layer.block_ffn) return false;
+      for (int mi = 0; mi < kNumLinearModules; ++mi) {
+        if (layer.statics[mi].size() > 1) return false;
+        if (!layer.statics[mi].empty()) max_rank = std::max(max_rank, layer.statics[mi][0].rank);
+        if (!layer.routed[mi]) continue;
+        const RoutedModule& rm = *layer.routed[mi];
+        if (rm.rank_granular || rm.router_type != RouterType::kLinear ||
+            rm.experts.num_experts > kernels::kMaxRouteWidth ||
+            !ToRouteParams(rm.routing, rm.experts.num_experts).ok()) {
+          return false;
+        }
+        max_experts = std::max(max_experts, rm.experts.num_experts);
+        routed_rank = std::max(routed_rank, rm.experts.rank);
+      }
+    }
+    slots.push_back(slot);
+    atts.push_back(&att);
+  }
+  const int32_t s_count = NextPow2(static_cast<int32_t>(slots.size()));
+  const int32_t v = NextPow2(std::max(max_rank, 1));
+  const int64_t sites = int64_t{config_.num_layers} * kNumLinearModules;
+
+  // Host image of the tables, laid out as on the device (8-byte aligned parts): shared pair
+  // tokens, segment starts, identity rows and per-adapter token masks; per site the static
+  // tables; per routed group its scales and row tables.
+  struct Layout {
+    int64_t bytes = 0;
+    int64_t Take(int64_t b) {
+      const int64_t at = bytes;
+      bytes += (b + 7) / 8 * 8;
+      return at;
+    }
+  } layout;
+  const int64_t pair_token_at = layout.Take(t * 4);
+  const int64_t seg_start_at = layout.Take((s_count + 1) * 4);
+  const int64_t identity_at = layout.Take(t * 4);
+  const int64_t masks_at = layout.Take(int64_t{s_count} * t * 4);
+  struct SiteAt {
+    int64_t weight, rank, off, a_rows, b_rows;
+  };
+  std::vector<SiteAt> site_at(sites);
+  for (SiteAt& at : site_at) {
+    at.weight = layout.Take(t * 4);
+    at.rank = layout.Take(s_count * 4);
+    at.off = layout.Take(s_count * 8);
+    at.a_rows = layout.Take(int64_t{s_count} * v * 8);
+    at.b_rows = layout.Take(int64_t{s_count} * v * 8);
+  }
+  struct RoutedAt {
+    int64_t scale, a_rows, b_rows;
+  };
+  std::vector<StepPlan::Routed> routed;
+  std::vector<RoutedAt> routed_at;
+  plan_.routed_of_site.assign(sites, {});
+  for (int64_t site = 0; site < sites; ++site) {
+    const int32_t layer = static_cast<int32_t>(site / kNumLinearModules);
+    const int mi = static_cast<int>(site % kNumLinearModules);
+    for (size_t j = 0; j < atts.size(); ++j) {
+      const auto& r = atts[j]->adapter->layers[layer].routed[mi];
+      if (!r) continue;
+      const int32_t e = r->experts.num_experts, rank = r->experts.rank;
+      plan_.routed_of_site[site].push_back(static_cast<int32_t>(routed.size()));
+      StepPlan::Routed entry;
+      entry.layer = layer;
+      entry.module = static_cast<LinearModule>(mi);
+      entry.slot_index = static_cast<int32_t>(j);
+      entry.rm = &*r;
+      entry.att = atts[j];
+      routed.push_back(entry);
+      routed_at.push_back({layout.Take(e * 4), layout.Take(int64_t{e} * rank * 8),
+                           layout.Take(int64_t{e} * rank * 8)});
+    }
+  }
+  if (max_rank == 0 && routed.empty()) return false;
+  // Each routed adapter routes every token of the step under its mask: bounded so that the
+  // router work stays a small multiple of what gathering the adapter's tokens costs.
+  std::vector<uint8_t> routes(atts.size(), 0);
+  for (const StepPlan::Routed& entry : routed) routes[entry.slot_index] = 1;
+  if (std::count(routes.begin(), routes.end(), 1) > kMaxPlannedRoutedAdapters) return false;
+  plan_host_.assign(layout.bytes, 0);
+  char* h = plan_host_.data();
+  auto* pair_token = reinterpret_cast<int32_t*>(h + pair_token_at);
+  auto* seg_start = reinterpret_cast<int32_t*>(h + seg_start_at);
+  auto* identity = reinterpret_cast<int32_t*>(h + identity_at);
+  auto* masks = reinterpret_cast<int32_t*>(h + masks_at);
+  for (int64_t i = 0; i < t; ++i) identity[i] = static_cast<int32_t>(i);
+  int64_t pairs = 0;
+  int32_t j = 0;
+  for (const auto& [slot, tokens] : tokens_by_slot_) {
+    seg_start[j] = static_cast<int32_t>(pairs);
+    for (int32_t tok : tokens) {
+      pair_token[pairs++] = tok;
+      masks[int64_t{j} * t + tok] = 1;
+    }
+    ++j;
+  }
+  for (; j <= s_count; ++j) seg_start[j] = static_cast<int32_t>(pairs);
+
+  // Pin every expert of the pass and fill the tables; when they do not all fit, no plan.
+  auto pin = [&](const LoraStack* stack, int32_t expert, std::vector<const void*>* a,
+                 std::vector<const void*>* b) -> absl::StatusOr<bool> {
+    absl::Status pinned = cache_.Acquire(stack, expert, a, b);
+    if (absl::IsResourceExhausted(pinned)) return false;
+    RETURN_IF_ERROR(pinned);
+    plan_.pins.push_back({stack, expert});
+    return true;
+  };
+  auto give_up = [&](absl::StatusOr<bool> why) -> absl::StatusOr<bool> {
+    EndPass();
+    return why;
+  };
+  plan_.site_used.assign(sites, 0);
+  std::vector<const void*> a_rows, b_rows;
+  for (int64_t site = 0; site < sites; ++site) {
+    const SiteAt& at = site_at[site];
+    auto* weight = reinterpret_cast<float*>(h + at.weight);
+    auto* seg_rank = reinterpret_cast<int32_t*>(h + at.rank);
+    auto* seg_off = reinterpret_cast<int64_t*>(h + at.off);
+    auto* a_table = reinterpret_cast<const void**>(h + at.a_rows);
+    auto* b_table = reinterpret_cast<const void**>(h + at.b_rows);
+    const int32_t layer = static_cast<int32_t>(site / kNumLinearModules);
+    const int mi = static_cast<int>(site % kNumLinearModules);
+    for (int32_t a = 0; a < s_count; ++a) {
+      seg_off[a] = int64_t{a} * v;
+      if (a >= static_cast<int32_t>(atts.size())) continue;
+      const auto& statics = atts[a]->adapter->layers[layer].statics[mi];
+      if (statics.empty()) continue;
+      const LoraStack& stack = statics[0];
+      a_rows.clear();
+      b_rows.clear();
+      absl::StatusOr<bool> ok = pin(&stack, 0, &a_rows, &b_rows);
+      if (!ok.ok() || !*ok) return give_up(ok);
+      seg_rank[a] = stack.rank;
+      std::copy(a_rows.begin(), a_rows.end(), a_table + int64_t{a} * v);
+      std::copy(b_rows.begin(), b_rows.end(), b_table + int64_t{a} * v);
+      for (int32_t p = seg_start[a]; p < seg_start[a + 1]; ++p) weight[p] = stack.scale[0];
+      plan_.site_used[site] = 1;
+    }
+  }
+  for (size_t r = 0; r < routed.size(); ++r) {
+    const LoraStack& stack = routed[r].rm->experts;
+    std::memcpy(h + routed_at[r].scale, stack.scale.data(), stack.scale.size() * 4);
+    a_rows.clear();
+    b_rows.clear();
+    for (int32_t e = 0; e < stack.num_experts; ++e) {
+      absl::StatusOr<bool> ok = pin(&stack, e, &a_rows, &b_rows);
+      if (!ok.ok() || !*ok) return give_up(ok);
+    }
+    std::copy(a_rows.begin(), a_rows.end(),
+              reinterpret_cast<const void**>(h + routed_at[r].a_rows));
+    std::copy(b_rows.begin(), b_rows.end(),
+              reinterpret_cast<const void**>(h + routed_at[r].b_rows));
+  }
+  // Routing records: each recording token's decisions at each routed site are copied (ops) into
+  // plan_record_; placeholders now, in the order the eager pass records (site by site).
+  const int64_t e_max = std::max(max_experts, 1);
+  int64_t record_words = 0;
+  for (StepPlan::Routed& entry : routed) {
+    const int32_t e = entry.rm->experts.num_experts;
+    const auto& tokens = tokens_by_slot_.at(slots[entry.slot_index]);
+    if (std::none_of(tokens.begin(), tokens.end(),
+                     [&](int32_t tok) { return pass_.record[tok] >= 0; })) {
+      continue;
+    }
+    entry.record_at = record_words;
+    record_words += 2 * t * e + t;
+  }
+  for (int64_t site = 0; site < sites; ++site) {
+    for (int32_t r : plan_.routed_of_site[site]) {
+      const StepPlan::Routed& entry = routed[r];
+      if (entry.record_at < 0) continue;
+      const int32_t e = entry.rm->experts.num_experts;
+      for (int32_t tok : tokens_by_slot_.at(slots[entry.slot_index])) {
+        Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * e,
+              entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
+      }
+    }
+  }
+  // Device buffers keep their addresses while they are big enough (graphs hold them); growing
+  // one changes the key, so graphs captured with the old ones are never replayed.
+  // ApplyPlanned's scratch: 5 [t, e_max] arrays, counts, segment starts and ranks, then the
+  // 8-aligned segment offsets.
+  const int64_t scratch_bytes = ((5 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8 + 8 * e_max;
+  const int64_t v_floats = std::max(t * v, t * e_max * std::max(routed_rank, 1));
+  const bool grows = plan_buf_.bytes() < static_cast<size_t>(layout.bytes) ||
+                     plan_v_.bytes() < static_cast<size_t>(v_floats * 4) ||
+                     plan_scratch_.bytes() < static_cast<size_t>(scratch_bytes) ||
+                     plan_record_.bytes() < static_cast<size_t>(record_words * 4);
+  if (grows) ++plan_epoch_;
+  absl::Status st = Grow(&plan_buf_, layout.bytes);
+  if (st.ok()) st = Grow(&plan_v_, v_floats * 4);
+  if (st.ok()) st = Grow(&plan_scratch_, scratch_bytes);
+  if (st.ok() && record_words > 0) st = Grow(&plan_record_, record_words * 4);
+  if (st.ok()) st = backend_->CopyToDevice(plan_buf_.data(), h, layout.bytes);
+  if (!st.ok()) return give_up(st);
+  char* d = plan_buf_.as<char>();
+  plan_.pair_token = reinterpret_cast<const int32_t*>(d + pair_token_at);
+  plan_.seg_start = reinterpret_cast<const int32_t*>(d + seg_start_at);
+  plan_.sites.resize(sites);
+  for (int64_t site = 0; site < sites; ++site) {
+    const SiteAt& at = site_at[site];
+    StepPlan::Site& s = plan_.sites[site];
+    s.weight = reinterpret_cast<const float*>(d + at.weight);
+    s.seg_rank = reinterpret_cast<const int32_t*>(d + at.rank);
+    s.seg_off = reinterpret_cast<const int64_t*>(d + at.off);
+    s.a_rows = reinterpret_cast<const void* const*>(d + at.a_rows);
+    s.b_rows = reinterpret_cast<const void* const*>(d + at.b_rows);
+  }
+  for (size_t r = 0; r < routed.size(); ++r) {
+    routed[r].mask = reinterpret_cast<const int32_t*>(d + masks_at) + routed[r].slot_index * t;
+    routed[r].scale = reinterpret_cast<const float*>(d + routed_at[r].scale);
+    routed[r].a_rows = reinterpret_cast<const void* const*>(d + routed_at[r].a_rows);
+    routed[r].b_rows = reinterpret_cast<const void* const*>(d + routed_at[r].b_rows);
+  }
+  plan_.identity = reinterpret_cast<const int32_t*>(d + identity_at);
+  plan_.routed = std::move(routed);
+  plan_.segments = s_count;
+  plan_.v_stride = v;
+  plan_.tokens = t;
+  plan_.max_experts = static_cast<int32_t>(e_max);
+  plan_.key = {s_count, v, plan_epoch_};
+  if (!plan_.routed.empty()) {
+    // Routing parameters are host scalars of the launches: the adapters themselves are part of
+    // the key (slots are never reused).
+    plan_.key.push_back(-1);
+    plan_.key.insert(plan_.key.end(), slots.begin(), slots.end());
+    for (const StepPlan::Routed& entry : plan_.routed) plan_.key.push_back(entry.record_at);
+  }
+  for (int64_t site = 0; site < sites; site += 64) {  // the statically adapted sites
+    int64_t word = 0;
+    for (int64_t i = site; i < std::min(sites, site + 64); ++i) {
+      word |= int64_t{plan_.site_used[i]} << (i - site);
+    }
+    plan_.key.push_back(word);
+  }
+  records_in_plan_ = record_words > 0;
+  record_words_ = record_words;
+  device_routed_ = device_routed_ || !plan_.routed.empty();
+  plan_.active = true;
+  return true;
+}
+
+absl::Status AdapterExecutor::ApplyPlanned(int32_t layer, LinearModule m, const void* x, void* y) {
+  const int64_t site = int64_t{layer} * kNumLinearModules + static_cast<int>(m);
+  const auto [in, out] = LinearModuleShape(config_, m);
+  const int64_t t = plan_.tokens;
+  const int64_t e_max = plan_.max_experts;
+  // Scratch words: logits | experts | weights | pair rows | pair weights | count | segments.
+  float* logits = plan_scratch_.as<float>();
+  int32_t* experts = plan_scratch_.as<int32_t>() + t * e_max;
+  float* weights = plan_scratch_.as<float>() + 2 * t * e_max;
+  int32_t* pair_row = plan_scratch_.as<int32_t>() + 3 * t * e_max;
+  float* pair_w = plan_scratch_.as<float>() + 4 * t * e_max;
+  int32_t* count = plan_scratch_.as<int32_t>() + 5 * t * e_max;
+  int32_t* seg_start = count + t;
+  int32_t* seg_rank = seg_start + e_max + 1;
+  // int64 offsets after them, 8-aligned.
+  auto* seg_off = reinterpret_cast<int64_t*>(
+      plan_scratch_.as<char>() + ((5 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8);
+  for (int32_t r : plan_.routed_of_site[site]) {
+    const StepPlan::Routed& entry = plan_.routed[r];
+    const RoutedModule& rm = *entry.rm;
+    const int32_t e = rm.experts.num_experts, rank = rm.experts.rank;
+    const auto& [weight, bias] = entry.att->routers.at(&rm.router);
+    // Router logits of every token of the step (the adapter's mask picks its own), fp32.
+    RETURN_IF_ERROR(backend_->Gemm({.x = x,
+                                    .w = weight.data(),
+                                    .y = logits,
+                                    .m = t,
+                                    .n = e,
+                                    .k = in,
+                                    .dtype = dt_,
+                                    .y_f32 = true}));
+    if (!rm.router.bias.empty()) {
+      RETURN_IF_ERROR(backend_->BiasAdd(
+          {.x = logits, .bias = bias.data(), .rows = t, .cols = e, .dtype = ScalarType::kF32}));
+    }
+    ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(rm.routing, e));
+    route.logits = logits;
+    route.experts = experts;
+    route.weights = weights;
+    route.count = count;
+    route.active = entry.mask;
+    route.num_tokens = t;
+    RETURN_IF_ERROR(backend_->Route(route));
+    RETURN_IF_ERROR(backend_->BuildSegments({.experts = experts,
+                                             .weights = weights,
+                                             .count = count,
+                                             .rows = plan_.identity,
+                                             .scale = entry.scale,
+                                             .active = entry.mask,
+                                             .pair_row = pair_row,
+                                             .pair_weight = pair_w,
+                                             .seg_start = seg_start,
+                                             .seg_rank = seg_rank,
+                                             .seg_row_offset = seg_off,
+                                             .undefined = route_undefined_.as<int32_t>(),
+                                             .num_tokens = static_cast<int32_t>(t),
+                                             .num_experts = e,
+                                             .rank = rank}));
+    RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                          .v = plan_v_.as<float>(),
+                                          .x_row = pair_row,
+                                          .seg_start = seg_start,
+                                          .seg_rank = seg_rank,
+                                          .seg_row_offset = seg_off,
+                                          .a_rows = entry.a_rows,
+                                          .num_segments = e,
+                                          .in = in,
+                                          .v_stride = rank,
+                                          .dtype = dt_}));
+    RETURN_IF_ERROR(backend_->SgmvExpand({.v = plan_v_.as<float>(),
+                                          .y = y,
+                                          .y_row = pair_row,
+                                          .weight = pair_w,
+                                          .seg_start = seg_start,
+                                          .seg_rank = seg_rank,
+                                          .seg_row_offset = seg_off,
+                                          .b_rows = entry.b_rows,
+                                          .num_segments = e,
+                                          .out = out,
+                                          .v_stride = rank,
+                                          .dtype = dt_}));
+    if (entry.record_at >= 0) {  // the decisions, for the step's one copy back
+      int32_t* dst = plan_record_.as<int32_t>() + entry.record_at;
+      for (auto [src, words, at] : {std::tuple<const void*, int64_t, int64_t>{experts, t * e, 0},
+                                    {weights, t * e, t * e},
+                                    {count, t, 2 * t * e}}) {
+        RETURN_IF_ERROR(backend_->Convert({.src = src,
+                                           .dst = dst + at,
+                                           .n = words,
+                                           .src_dtype = ScalarType::kF32,
+                                           .dst_dtype = ScalarType::kF32}));
+      }
+    }
+  }
+  if (!plan_.site_used[site]) return absl::OkStatus();
+  const StepPlan::Site& s = plan_.sites[site];
+  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                        .v = plan_v_.as<float>(),
+                                        .x_row = plan_.pair_token,
+                                        .seg_start = plan_.seg_start,
+                                        .seg_rank = s.seg_rank,
+                                        .seg_row_offset = s.seg_off,
+                                        .a_rows = s.a_rows,
+                                        .num_segments = plan_.segments,
+                                        .in = in,
+                                        .v_stride = plan_.v_stride,
+                                        .dtype = dt_}));
+  return backend_->SgmvExpand({.v = plan_v_.as<float>(),
+                               .y = y,
+                               .y_row = plan_.pair_token,
+                               .weight = s.weight,
+                               .seg_start = plan_.seg_start,
+                               .seg_rank = s.seg_rank,
+                               .seg_row_offset = s.seg_off,
+                               .b_rows = s.b_rows,
+                               .num_segments = plan_.segments,
+                               .out = out,
+                               .v_stride = plan_.v_stride,
+                               .dtype = dt_});
 }
 
 absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {
@@ -201,7 +604,7 @@ absl::StatusOr<const float*> AdapterExecutor::RouterLogitsOnDevice(
   const auto& [weight, bias] = owner.routers.at(&router);
   RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
   RETURN_IF_ERROR(Grow(&gathered_, n * in * es_));
-  RETURN_IF_ERROR(Grow(&logits_, n * router.rows * es_));
+  RETURN_IF_ERROR(Grow(&logits_, n * router.rows * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyToDevice(ids_.data(), tokens.data(), n * sizeof(int32_t)));
   RETURN_IF_ERROR(backend_->Embedding({.ids = ids_.as<int32_t>(),
                                        .table = x,
@@ -215,19 +618,16 @@ absl::StatusOr<const float*> AdapterExecutor::RouterLogitsOnDevice(
                                   .m = n,
                                   .n = router.rows,
                                   .k = in,
-                                  .dtype = dt_}));
+                                  .dtype = dt_,
+                                  .y_f32 = true}));
   if (!router.bias.empty()) {
-    RETURN_IF_ERROR(backend_->BiasAdd(
-        {.x = logits_.data(), .bias = bias.data(), .rows = n, .cols = router.rows, .dtype = dt_}));
+    RETURN_IF_ERROR(backend_->BiasAdd({.x = logits_.data(),
+                                       .bias = bias.data(),
+                                       .rows = n,
+                                       .cols = router.rows,
+                                       .dtype = ScalarType::kF32}));
   }
-  if (dt_ == ScalarType::kF32) return logits_.as<float>();
-  RETURN_IF_ERROR(Grow(&f32_, n * router.rows * sizeof(float)));
-  RETURN_IF_ERROR(backend_->Convert({.src = logits_.data(),
-                                     .dst = f32_.data(),
-                                     .n = n * router.rows,
-                                     .src_dtype = dt_,
-                                     .dst_dtype = ScalarType::kF32}));
-  return f32_.as<float>();
+  return logits_.as<float>();
 }
 
 absl::Status AdapterExecutor::RouterLogits(const Attached& owner, const RouterWeights& router,
@@ -318,22 +718,100 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   const SgmvCall call{.num_segments = e_count, .num_pairs = max_pairs, .v_stride = rank};
   RETURN_IF_ERROR(Shrink(call, x, in));
   RETURN_IF_ERROR(Expand(call, y, out, pair_x_.as<int32_t>()));  // a pair's x and y rows agree
-  // Routing records are the only reason to bring the decisions to the host.
+  // Routing records are the only reason to bring the decisions to the host: kept on the device
+  // now, copied with the step's results (IssueResultCopies).
   if (std::any_of(ordered.begin(), ordered.end(),
                   [&](int32_t t) { return pass_.record[t] >= 0; })) {
-    std::vector<int32_t> experts(n * e_count), count(n);
-    std::vector<float> weights(n * e_count);
-    RETURN_IF_ERROR(
-        backend_->CopyToHost(experts.data(), route_experts_.data(), experts.size() * 4));
-    RETURN_IF_ERROR(
-        backend_->CopyToHost(weights.data(), route_weights_.data(), weights.size() * 4));
-    RETURN_IF_ERROR(backend_->CopyToHost(count.data(), route_count_.data(), count.size() * 4));
+    ASSIGN_OR_RETURN(const int64_t experts_at, KeepWords(route_experts_.data(), n * e_count));
+    ASSIGN_OR_RETURN(const int64_t weights_at, KeepWords(route_weights_.data(), n * e_count));
+    ASSIGN_OR_RETURN(const int64_t count_at, KeepWords(route_count_.data(), n));
     for (int64_t i = 0; i < n; ++i) {
-      Record(ordered[i], layer, LinearModuleName(m), experts.data() + i * e_count,
-             weights.data() + i * e_count, count[i]);
+      Defer(ordered[i], layer, LinearModuleName(m), experts_at + i * e_count,
+            weights_at + i * e_count, count_at + i, 0);
     }
   }
   return true;
+}
+
+absl::StatusOr<int64_t> AdapterExecutor::KeepWords(const void* src, int64_t words) {
+  const int64_t at = record_words_;
+  const size_t need = static_cast<size_t>(at + words) * 4;
+  if (record_dev_.bytes() < need) {
+    // Grow keeping what earlier sites copied (a device-side copy, in stream order).
+    ASSIGN_OR_RETURN(DeviceBuffer grown,
+                     backend_->Allocate(std::max(need, record_dev_.bytes() * 2)));
+    if (at > 0) {
+      RETURN_IF_ERROR(backend_->Convert({.src = record_dev_.data(),
+                                         .dst = grown.data(),
+                                         .n = at,
+                                         .src_dtype = ScalarType::kF32,
+                                         .dst_dtype = ScalarType::kF32}));
+    }
+    record_dev_ = std::move(grown);
+  }
+  // A same-dtype Convert is a copy of 4-byte words, whatever they hold.
+  RETURN_IF_ERROR(backend_->Convert({.src = src,
+                                     .dst = record_dev_.as<int32_t>() + at,
+                                     .n = words,
+                                     .src_dtype = ScalarType::kF32,
+                                     .dst_dtype = ScalarType::kF32}));
+  record_words_ += words;
+  return at;
+}
+
+void AdapterExecutor::Defer(int32_t token, int32_t layer, const char* module, int64_t experts_at,
+                            int64_t weights_at, int64_t count_at, int32_t fixed_count) {
+  const int32_t r = pass_.record[token];
+  if (r < 0) return;
+  RoutingRecord rec;
+  rec.layer = layer;
+  rec.module = module;
+  records_[r].push_back(std::move(rec));
+  pending_.push_back({r, records_[r].size() - 1, experts_at, weights_at, count_at, fixed_count});
+}
+
+absl::Status AdapterExecutor::IssueResultCopies() {
+  results_issued_ = true;
+  if (!pending_.empty()) {
+    const size_t bytes = static_cast<size_t>(record_words_) * 4;
+    if (record_host_.bytes() < bytes) {
+      ASSIGN_OR_RETURN(record_host_,
+                       backend_->AllocateHost(std::max(bytes, record_host_.bytes() * 2)));
+    }
+    const DeviceBuffer& src = records_in_plan_ ? plan_record_ : record_dev_;
+    RETURN_IF_ERROR(backend_->CopyToHostAsync(record_host_.data(), src.data(), bytes));
+  }
+  if (device_routed_) {
+    if (undefined_host_.bytes() == 0) {
+      ASSIGN_OR_RETURN(undefined_host_, backend_->AllocateHost(sizeof(int32_t)));
+    }
+    RETURN_IF_ERROR(backend_->CopyToHostAsync(undefined_host_.data(), route_undefined_.data(),
+                                              sizeof(int32_t)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AdapterExecutor::CollectResults() {
+  if (!results_issued_) return absl::InternalError("CollectResults before IssueResultCopies");
+  const int32_t* words = record_host_.as<int32_t>();
+  for (const PendingRecord& p : pending_) {
+    RoutingRecord& rec = records_[p.record][p.index];
+    const int32_t n = p.count_at >= 0 ? words[p.count_at] : p.fixed_count;
+    rec.experts.assign(words + p.experts_at, words + p.experts_at + n);
+    if (p.weights_at >= 0) {
+      const auto* w = reinterpret_cast<const float*>(words + p.weights_at);
+      rec.weights.assign(w, w + n);
+    } else {
+      rec.weights.assign(n, 1.0f);
+    }
+  }
+  pending_.clear();
+  if (!device_routed_) return absl::OkStatus();
+  const int32_t undefined = *undefined_host_.as<int32_t>();
+  if (undefined == 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("routing: router logits contain NaN, or are +inf or all -inf, for ", undefined,
+                   " token-site(s) of this step"));
 }
 
 absl::Status AdapterExecutor::CheckRouting() {
@@ -503,15 +981,13 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   device_routed_ = true;
   // Routing records are the only reason to bring the decisions to the host.
   if (std::any_of(tokens.begin(), tokens.end(), [&](int32_t t) { return pass_.record[t] >= 0; })) {
-    std::vector<int32_t> kept(n * r);
-    RETURN_IF_ERROR(backend_->CopyToHost(kept.data(), route_experts_.data(), kept.size() * 4));
-    std::vector<float> ones(r, 1.0f);
+    ASSIGN_OR_RETURN(const int64_t kept_at, KeepWords(route_experts_.data(), n * r));
     for (size_t g = 0; g < runs.size(); ++g) {
       const auto [begin, k] = runs[g];
       const int64_t end = g + 1 < runs.size() ? runs[g + 1].first : n;
       for (int64_t i = begin; i < end; ++i) {
-        Record(tokens[i], layer, LinearModuleName(m), kept.data() + begin * r + (i - begin) * k,
-               ones.data(), k);
+        Defer(tokens[i], layer, LinearModuleName(m), kept_at + begin * r + (i - begin) * k,
+              /*weights_at=*/-1, /*count_at=*/-1, k);
       }
     }
   }
@@ -520,6 +996,7 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
 
 absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y) {
   if (!active_) return absl::OkStatus();
+  if (plan_.active) return ApplyPlanned(layer, m, x, y);
   const auto [in, out] = LinearModuleShape(config_, m);
   const int mi = static_cast<int>(m);
   std::vector<Segment> segments;

@@ -77,6 +77,25 @@ class AdapterExecutor {
 
   // Starts a pass over `tokens` (size T). kInvalidArgument on an unknown slot.
   absl::Status BeginPass(PassTokens tokens);
+  // Plans the pass: when every adapter of the pass is plain LoRA or module-scope routed with a
+  // linear router (at most one static LoRA per module; no rank-wise group, block FFN or X-LoRA;
+  // no per-request routing override in the pass) and all their experts fit the cache at once,
+  // pins them for the whole pass and uploads, in one copy, every table the pass needs: the
+  // static segments of every site, each adapter's token mask, the routed groups' scales and row
+  // tables. ApplyLinear then issues only ops, with no host work and no copies: per routed group
+  // router logits of all the step's tokens, Route and BuildSegments under the adapter's mask, a
+  // shrink and an expand; then one shrink and expand for the static LoRAs. So the pass can be
+  // captured in a graph. Routing records are copied on the device and come back with the step's
+  // results. False (nothing planned, nothing pinned) otherwise; the pass then runs as before.
+  absl::StatusOr<bool> PlanPass();
+  bool planned() const { return plan_.active; }
+  // What the launches of a planned pass depend on besides the token count (segments, rank
+  // stride, which sites are adapted, the plan buffers' allocation, and the adapters when a
+  // routed group takes part): a graph captured for one key replays correctly for any planned
+  // pass with the same key.
+  const std::vector<int64_t>& plan_key() const { return plan_.key; }
+  // Ends the pass: releases what the plan pinned.
+  void EndPass();
   // True when some token of the pass uses an adapter.
   bool active() const { return active_; }
 
@@ -97,6 +116,12 @@ class AdapterExecutor {
   // logits (NaN, +inf or all -inf), as host routing reports it. One device read when any group
   // was routed on the device, nothing otherwise.
   absl::Status CheckRouting();
+  // The same in two halves, so a step synchronises once: IssueResultCopies queues (without
+  // waiting) the copies of the device-routed decisions that records() still lacks and of the
+  // undefined-logits count; after the caller's synchronising copy, CollectResults fills those
+  // records and returns what CheckRouting would.
+  absl::Status IssueResultCopies();
+  absl::Status CollectResults();
 
   // X-LoRA classifier of the adapter in `slot` on rows `rows` of the final-norm hidden states
   // `hidden` ([*, H], device): GEMMs on the backend, ReLU and softmax on the host. out [n, C]
@@ -175,6 +200,61 @@ class AdapterExecutor {
                              SpecCache* cache) const;
   void Record(int32_t token, int32_t layer, const char* module, const int32_t* experts,
               const float* weights, int32_t n);
+  // Device-routed decisions of recording tokens: the site's decisions are copied (an op, on the
+  // device) into record_dev_ and a placeholder record is kept; CollectResults fills it.
+  struct PendingRecord {
+    int32_t record;      // index into records_
+    size_t index;        // the placeholder's position in records_[record]
+    int64_t experts_at;  // words of record_dev_: expert (or rank) ids
+    int64_t weights_at;  // weights, or -1: every weight is 1 (rank groups)
+    int64_t count_at;    // the count, or -1: fixed_count
+    int32_t fixed_count;
+  };
+  // Copies `words` 4-byte words from device memory into record_dev_; returns their offset.
+  absl::StatusOr<int64_t> KeepWords(const void* src, int64_t words);
+  void Defer(int32_t token, int32_t layer, const char* module, int64_t experts_at,
+             int64_t weights_at, int64_t count_at, int32_t fixed_count);
+
+  // The plan of the current pass (PlanPass). Device tables in plan_buf_: shared pair_token [T]
+  // (x_row = y_row), seg_start [S + 1], identity rows [T] and the adapters' token masks [S, T];
+  // per site weight [T], seg_rank [S], seg_off [S] and row tables [S * V] for A and B (segment j
+  // is the j-th adapter of the pass); per routed group its scales [E] and row tables [E * r].
+  struct StepPlan {
+    struct Site {
+      const float* weight = nullptr;
+      const int32_t* seg_rank = nullptr;
+      const int64_t* seg_off = nullptr;
+      const void* const* a_rows = nullptr;
+      const void* const* b_rows = nullptr;
+    };
+    struct Routed {  // one adapter's routed group at one site
+      int32_t layer = 0;
+      LinearModule module = LinearModule::kQ;
+      int32_t slot_index = 0;  // j: the adapter's place in the pass
+      const RoutedModule* rm = nullptr;
+      const Attached* att = nullptr;
+      const int32_t* mask = nullptr;
+      const float* scale = nullptr;
+      const void* const* a_rows = nullptr;
+      const void* const* b_rows = nullptr;
+      int64_t record_at = -1;  // words of plan_record_ when some of its tokens record routing
+    };
+    bool active = false;
+    int32_t segments = 0;  // S, a power of two
+    int32_t v_stride = 0;  // V, a power of two
+    int64_t tokens = 0;
+    int32_t max_experts = 0;
+    const int32_t* pair_token = nullptr;
+    const int32_t* seg_start = nullptr;
+    const int32_t* identity = nullptr;
+    std::vector<uint8_t> site_used;  // some adapter has a static LoRA at the site
+    std::vector<Site> sites;
+    std::vector<Routed> routed;
+    std::vector<std::vector<int32_t>> routed_of_site;
+    std::vector<std::pair<const LoraStack*, int32_t>> pins;
+    std::vector<int64_t> key;
+  };
+  absl::Status ApplyPlanned(int32_t layer, LinearModule m, const void* x, void* y);
 
   Backend* backend_;
   ModelConfig config_;
@@ -207,6 +287,16 @@ class AdapterExecutor {
   // selection bias, rank_u_ the gated shrink output.)
   DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, route_undefined_,
       rank_u_;
+  StepPlan plan_;
+  // Grown on demand; each growth bumps plan_epoch_.
+  DeviceBuffer plan_buf_, plan_v_, plan_scratch_, plan_record_;
+  bool records_in_plan_ = false;  // the pass's pending records are in plan_record_
+  std::vector<char> plan_host_;
+  int64_t plan_epoch_ = 0;
+  std::vector<PendingRecord> pending_;
+  DeviceBuffer record_dev_, record_host_, undefined_host_;
+  int64_t record_words_ = 0;         // used words of record_dev_
+  bool results_issued_ = false;      // IssueResultCopies ran for this pass
   bool device_routed_ = false;       // some group of the current pass was routed on the device
   std::vector<uint16_t> host_bf16_;  // FromHostF32's conversion buffer
 };

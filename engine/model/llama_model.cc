@@ -1,6 +1,8 @@
 #include "engine/model/llama_model.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -123,15 +125,20 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
         Scratch{&v_, t * kv_width * f}, Scratch{&attn_, t * q_width * f},
         Scratch{&gate_, t * c.intermediate_size * f}, Scratch{&up_, t * c.intermediate_size * f},
         Scratch{&o_, t * c.hidden_size * f},
-        Scratch{&logits_, int64_t{options_.max_seqs} * c.vocab_size * f},
-        Scratch{&logits_f32_,
-                dt_ == ScalarType::kF32 ? 0 : int64_t{options_.max_seqs} * c.vocab_size * 4},
+        Scratch{&logits_, int64_t{options_.max_seqs} * c.vocab_size * 4},
+        Scratch{&sample_work_, int64_t{options_.max_seqs} * c.vocab_size * 4},
+        Scratch{&sample_params_,
+                int64_t{options_.max_seqs} * int64_t{sizeof(kernels::SampleRowParams)}},
+        Scratch{&sample_out_,
+                int64_t{options_.max_seqs} * (int64_t{sizeof(kernels::SampledRow)} +
+                                              2 * kernels::kMaxSampleTopLogprobs * 4)},
         Scratch{&tokens_, t * 4}, Scratch{&positions_, t * 4}, Scratch{&token_seq_, t * 4},
         Scratch{&sample_rows_, int64_t{options_.max_seqs} * 4},
         Scratch{&block_offsets_, (int64_t{options_.max_seqs} + 1) * 4},
         Scratch{&block_tables_, int64_t{options_.num_kv_blocks} * 4}}) {
     ASSIGN_OR_RETURN(*buf, backend_->Allocate(bytes));
   }
+  ASSIGN_OR_RETURN(sample_host_, backend_->AllocateHost(sample_out_.bytes()));
   return absl::OkStatus();
 }
 
@@ -256,6 +263,9 @@ absl::Status LlamaModel::UploadBatch(const Batch& b) {
 
 absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
   RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
+  // Planned passes (AdapterExecutor::PlanPass): every table in one upload, no host work between
+  // modules.
+  RETURN_IF_ERROR(adapters_.PlanPass().status());
   RETURN_IF_ERROR(UploadBatch(b));
   return DecoderLayers(b);
 }
@@ -372,15 +382,117 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b) {
 absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
                                  ForwardExtras* extras) {
   RETURN_IF_ERROR(ValidateBatch(b));
+  RETURN_IF_ERROR(RunToLogits(b, extras));
+  const int64_t n = static_cast<int64_t>(b.sample_rows.size());
+  logits->resize(n * config_.vocab_size);
+  if (n == 0) {
+    RETURN_IF_ERROR(backend_->Synchronize());
+  } else {
+    RETURN_IF_ERROR(LogitsToHost(logits));
+  }
+  return TakeRouting(b, extras);  // after the sync: the routing copies are done
+}
+
+absl::Status LlamaModel::ForwardSample(const Batch& b, const StepSampling& sampling,
+                                       StepSamples* out, ForwardExtras* extras) {
+  RETURN_IF_ERROR(ValidateBatch(b));
+  RETURN_IF_ERROR(ValidateSampling(b, sampling));
+  RETURN_IF_ERROR(RunToLogits(b, extras));
+  if (b.sample_rows.empty()) {
+    out->rows.clear();
+    RETURN_IF_ERROR(backend_->Synchronize());
+  } else {
+    RETURN_IF_ERROR(SampleOnDevice(sampling, out));
+  }
+  return TakeRouting(b, extras);
+}
+
+absl::Status LlamaModel::ValidateSampling(const Batch& b, const StepSampling& s) const {
+  if (s.rows.size() != b.sample_rows.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("sampling: ", s.rows.size(), " rows for ",
+                                                   b.sample_rows.size(), " sample rows"));
+  }
+  if (s.penalty_ids.size() != s.penalty_counts.size() ||
+      s.penalty_ids.size() > static_cast<size_t>(INT32_MAX / 2)) {
+    return absl::InvalidArgumentError("sampling: penalty ids and counts differ in length");
+  }
+  const auto entries = static_cast<int32_t>(s.penalty_ids.size());
+  for (const kernels::SampleRowParams& r : s.rows) {
+    if (r.num_top_logprobs < 0 || r.num_top_logprobs > kernels::kMaxSampleTopLogprobs ||
+        r.penalty_begin < 0 || r.penalty_begin > r.penalty_end || r.penalty_end > entries) {
+      return absl::InvalidArgumentError(
+          "sampling: top logprobs outside 0..20 or a penalty range outside the entries");
+    }
+  }
+  for (int32_t id : s.penalty_ids) {
+    if (id < 0 || id >= config_.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sampling: penalty token id ", id, " outside the vocabulary"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::SampleOnDevice(const StepSampling& s, StepSamples* out) {
+  const int64_t n = static_cast<int64_t>(s.rows.size());
+  const int64_t entries = static_cast<int64_t>(s.penalty_ids.size());
+  if (entries > 0) {
+    if (penalties_.bytes() < static_cast<size_t>(2 * entries * 4)) {
+      penalties_.Reset();
+      ASSIGN_OR_RETURN(penalties_, backend_->Allocate(2 * entries * 4 * 2));  // room to grow
+    }
+    RETURN_IF_ERROR(backend_->CopyToDevice(penalties_.data(), s.penalty_ids.data(), entries * 4));
+    RETURN_IF_ERROR(backend_->CopyToDevice(penalties_.as<int32_t>() + entries,
+                                           s.penalty_counts.data(), entries * 4));
+  }
+  RETURN_IF_ERROR(backend_->CopyToDevice(sample_params_.data(), s.rows.data(),
+                                         n * sizeof(kernels::SampleRowParams)));
+  const bool any_top = std::any_of(s.rows.begin(), s.rows.end(),
+                                   [](const auto& r) { return r.num_top_logprobs > 0; });
+  // One device buffer, one copy out: [n SampledRow][n x 20 ids][n x 20 logprobs], the
+  // alternatives only when some row asked for them.
+  constexpr int64_t kTop = kernels::kMaxSampleTopLogprobs;
+  char* base = sample_out_.as<char>();
+  const int64_t rows_bytes = n * static_cast<int64_t>(sizeof(kernels::SampledRow));
+  int32_t* top_ids = reinterpret_cast<int32_t*>(base + rows_bytes);
+  float* top_lp = reinterpret_cast<float*>(base + rows_bytes + n * kTop * 4);
+  RETURN_IF_ERROR(backend_->Sample({.logits = logits_.as<float>(),
+                                    .work = sample_work_.as<float>(),
+                                    .row_params = sample_params_.as<kernels::SampleRowParams>(),
+                                    .penalty_ids = penalties_.as<int32_t>(),
+                                    .penalty_counts = penalties_.as<int32_t>() + entries,
+                                    .out = reinterpret_cast<kernels::SampledRow*>(base),
+                                    .top_ids = any_top ? top_ids : nullptr,
+                                    .top_logprobs = any_top ? top_lp : nullptr,
+                                    .rows = n,
+                                    .vocab = config_.vocab_size}));
+  const int64_t bytes = rows_bytes + (any_top ? 2 * n * kTop * 4 : 0);
+  const char* host = sample_host_.as<char>();
+  RETURN_IF_ERROR(backend_->CopyToHost(sample_host_.data(), base, bytes));
+  out->rows.resize(n);
+  std::memcpy(out->rows.data(), host, rows_bytes);
+  out->top_ids.assign(any_top ? n * kTop : 0, -1);
+  out->top_logprobs.assign(any_top ? n * kTop : 0, 0.0f);
+  if (any_top) {
+    std::memcpy(out->top_ids.data(), host + rows_bytes, n * kTop * 4);
+    std::memcpy(out->top_logprobs.data(), host + rows_bytes + n * kTop * 4, n * kTop * 4);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::RunToLogits(const Batch& b, ForwardExtras* extras) {
+  routing_to_take_ = false;
   if (IsGraphableDecode(b)) {
-    if (extras != nullptr) {  // no adapter tokens: nothing routed, one empty entry per row
+    if (extras != nullptr) {  // base or plain LoRA tokens: nothing routed, an empty entry per row
       extras->routing.assign(b.sample_rows.size(), {});
       extras->xlora_scalings.assign(b.sample_rows.size(), {});
     }
-    ASSIGN_OR_RETURN(bool done, DecodeWithGraph(b, logits));
-    if (done) return absl::OkStatus();
+    ASSIGN_OR_RETURN(bool done, DecodeWithGraph(b, extras != nullptr));
+    if (done) {
+      routing_to_take_ = extras != nullptr;
+      return adapters_.IssueResultCopies();
+    }
   }
-  const ModelConfig& c = config_;
   const int64_t t = b.num_tokens();
   const bool mole = !b.seq_adapter.empty();
   auto seq_slot = [&](int32_t s) { return mole ? b.seq_adapter[s] : -1; };
@@ -480,28 +592,31 @@ absl::Status LlamaModel::Forward(const Batch& b, std::vector<float>* logits,
     }
   }
   RETURN_IF_ERROR(RunDecoder(b, std::move(pass)));
-  if (extras != nullptr) {
-    std::vector<std::vector<RoutingRecord>>& records = adapters_.records();
-    size_t next = 0;  // records were numbered in sample-row order above
-    for (size_t r = 0; r < b.sample_rows.size(); ++r) {
-      const int32_t s = b.token_seq[b.sample_rows[r]];
-      if (!b.seq_return_routing.empty() && b.seq_return_routing[s]) {
-        extras->routing[r] = std::move(records[next++]);
-      }
+  routing_to_take_ = extras != nullptr;  // TakeRouting, once the step's copies are done
+
+  adapters_.EndPass();
+  const int64_t n = static_cast<int64_t>(b.sample_rows.size());
+  if (n > 0) {
+    RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
+                                           b.sample_rows.size() * sizeof(int32_t)));
+    RETURN_IF_ERROR(Head(n));
+  }
+  return adapters_.IssueResultCopies();
+}
+
+absl::Status LlamaModel::TakeRouting(const Batch& b, ForwardExtras* extras) {
+  RETURN_IF_ERROR(adapters_.CollectResults());
+  if (!routing_to_take_ || extras == nullptr) return absl::OkStatus();
+  routing_to_take_ = false;
+  std::vector<std::vector<RoutingRecord>>& records = adapters_.records();
+  size_t next = 0;  // records were numbered in sample-row order
+  for (size_t r = 0; r < b.sample_rows.size(); ++r) {
+    const int32_t s = b.token_seq[b.sample_rows[r]];
+    if (!b.seq_return_routing.empty() && b.seq_return_routing[s]) {
+      extras->routing[r] = std::move(records[next++]);
     }
   }
-
-  const int64_t n = static_cast<int64_t>(b.sample_rows.size());
-  logits->resize(n * c.vocab_size);
-  if (n == 0) {
-    RETURN_IF_ERROR(backend_->Synchronize());
-    return adapters_.CheckRouting();
-  }
-  RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
-                                         b.sample_rows.size() * sizeof(int32_t)));
-  RETURN_IF_ERROR(Head(n));
-  RETURN_IF_ERROR(LogitsToHost(logits));
-  return adapters_.CheckRouting();  // after the logits' sync: a read of one finished int
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::Head(int64_t n) {
@@ -522,18 +637,13 @@ absl::Status LlamaModel::Head(int64_t n) {
                                   .m = n,
                                   .n = c.vocab_size,
                                   .k = h,
-                                  .dtype = dt}));
-  if (dt == ScalarType::kF32) return absl::OkStatus();
-  return backend_->Convert({.src = logits_.data(),
-                            .dst = logits_f32_.data(),
-                            .n = n * c.vocab_size,
-                            .src_dtype = dt,
-                            .dst_dtype = ScalarType::kF32});
+                                  .dtype = dt,
+                                  .y_f32 = true}));
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::LogitsToHost(std::vector<float>* logits) {
-  const DeviceBuffer& src = dt_ == ScalarType::kF32 ? logits_ : logits_f32_;
-  return backend_->CopyToHost(logits->data(), src.data(), logits->size() * sizeof(float));
+  return backend_->CopyToHost(logits->data(), logits_.data(), logits->size() * sizeof(float));
 }
 
 bool LlamaModel::IsGraphableDecode(const Batch& b) const {
@@ -542,28 +652,43 @@ bool LlamaModel::IsGraphableDecode(const Batch& b) const {
   if (n != b.num_seqs() || n > kMaxGraphBatch || b.sample_rows.size() != static_cast<size_t>(n)) {
     return false;
   }
-  for (int32_t s : b.seq_adapter) {
-    if (s >= 0) return false;  // adapters route on the host between ops
-  }
   for (int32_t i = 0; i < n; ++i) {
     if (b.token_seq[i] != i || b.sample_rows[i] != i) return false;
   }
   return true;
 }
 
-absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, std::vector<float>* logits) {
+absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   const int32_t n = b.num_tokens();
   PassTokens pass;
   pass.slot.assign(n, -1);
+  pass.record.assign(n, -1);
+  if (!b.seq_adapter.empty()) pass.slot.assign(b.seq_adapter.begin(), b.seq_adapter.end());
+  if (!b.seq_override.empty()) {
+    pass.override_index.assign(b.seq_override.begin(), b.seq_override.end());
+    pass.overrides = b.overrides;
+  }
+  for (int32_t i = 0; records && i < n && !b.seq_return_routing.empty(); ++i) {
+    if (b.seq_return_routing[i]) pass.record[i] = pass.num_records++;  // token i = row i
+  }
   RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
+  // Adapter steps are graphed when their tables can be laid out before the launch
+  // (AdapterExecutor::PlanPass: plain LoRAs and module-scope routed groups); others (rank-wise,
+  // X-LoRA, block FFN, routing overrides) run eagerly.
+  std::vector<int64_t> key = {n};
+  if (adapters_.active()) {
+    ASSIGN_OR_RETURN(bool planned, adapters_.PlanPass());
+    if (!planned) return false;
+    key.insert(key.end(), adapters_.plan_key().begin(), adapters_.plan_key().end());
+  }
   RETURN_IF_ERROR(UploadBatch(b));
   RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
                                          b.sample_rows.size() * sizeof(int32_t)));
-  logits->resize(int64_t{n} * config_.vocab_size);
-  auto it = decode_graphs_.find(n);
+  auto it = decode_graphs_.find(key);
   if (it == decode_graphs_.end()) {
     // Everything between the uploads and the logits copy: the same ops as the eager path, with
-    // host scalars that depend only on n (a pure decode batch of n sequences).
+    // host scalars that depend only on the key (a pure decode batch of n sequences, and the
+    // plan's shape when adapters take part).
     absl::StatusOr<int64_t> graph = backend_->CaptureGraph([&]() -> absl::Status {
       RETURN_IF_ERROR(DecoderLayers(b));
       return Head(n);
@@ -575,10 +700,10 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, std::vector<flo
       graph_status_ = graph.status();
       return false;
     }
-    it = decode_graphs_.emplace(n, *graph).first;
+    it = decode_graphs_.emplace(std::move(key), *graph).first;
   }
   RETURN_IF_ERROR(backend_->LaunchGraph(it->second));
-  RETURN_IF_ERROR(LogitsToHost(logits));
+  adapters_.EndPass();
   return true;
 }
 

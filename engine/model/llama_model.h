@@ -4,8 +4,8 @@
 // cache, SwiGLU) running on a Backend over flat mixed prefill/decode batches.
 //
 // Weights (converted from the checkpoint's dtype on upload), KV cache and activations are in the
-// backend's compute dtype (fp32 on CPU, bf16 on CUDA) with fp32 math inside the ops; the logits
-// handed back are fp32.
+// backend's compute dtype (fp32 on CPU, bf16 on CUDA) with fp32 math inside the ops; lm_head
+// writes fp32 logits (never rounded to bf16), which the device sampler reads.
 //
 // Lifecycle: Create() uploads the weights and allocates, once, the paged KV cache and every
 // scratch buffer a step of up to `max_batch_tokens` tokens needs; Forward() allocates nothing.
@@ -32,10 +32,33 @@ struct LlamaModelOptions {
   int32_t max_batch_tokens = 2048;  // tokens per Forward
   int32_t max_seqs = 256;           // sequences per Forward (and logits rows)
   ExpertCacheOptions expert_cache;  // device pool of LoRA expert pages
-  // Decode fast path: pure decode steps without adapters (one token per sequence) replay a graph
-  // of the whole forward pass captured once per batch size (Backend::CaptureGraph: CUDA graphs),
-  // so launches cost one call instead of one per op.
+  // Decode fast path: pure decode steps (one token per sequence) without adapters or with plain
+  // LoRAs only replay a graph of the whole forward pass captured once per batch size (and, with
+  // LoRAs, per plan shape: AdapterExecutor::plan_key) (Backend::CaptureGraph: CUDA graphs), so
+  // launches cost one call instead of one per op.
   bool decode_graphs = true;
+};
+
+// The sampling of one step (ForwardSample): one row per Batch::sample_rows entry, in that order
+// (TokenSampler::NextRow makes them), and the rows' penalty entries.
+struct StepSampling {
+  std::vector<kernels::SampleRowParams> rows;
+  std::vector<int32_t> penalty_ids;
+  std::vector<int32_t> penalty_counts;
+  void Clear() {
+    rows.clear();
+    penalty_ids.clear();
+    penalty_counts.clear();
+  }
+};
+
+// What the device sampler returned: rows[r] per sample row; row r's alternatives (when some row
+// asked for them; empty otherwise) are top_ids / top_logprobs
+// [r * kMaxSampleTopLogprobs, + rows[r].num_top).
+struct StepSamples {
+  std::vector<kernels::SampledRow> rows;
+  std::vector<int32_t> top_ids;
+  std::vector<float> top_logprobs;
 };
 
 // What a forward pass reports besides logits (all per sample row).
@@ -58,6 +81,13 @@ class LlamaModel {
   // the batch breaks its invariants or exceeds the options (nothing is computed then).
   absl::Status Forward(const Batch& batch, std::vector<float>* logits,
                        ForwardExtras* extras = nullptr);
+  // Runs the batch and samples the next token of every sample row on the backend
+  // (Backend::Sample): only the chosen ids, their logprobs and the alternatives some row asked
+  // for come back (16 bytes per row, plus 160 when any row wants top logprobs), never the
+  // logits. A row whose logits are not finite comes back with finite = 0. kInvalidArgument as
+  // Forward, or when `sampling` does not match the batch.
+  absl::Status ForwardSample(const Batch& batch, const StepSampling& sampling, StepSamples* out,
+                             ForwardExtras* extras = nullptr);
 
   // MoLE adapters: Attach uploads one and returns the slot that Batch::seq_adapter names;
   // Detach frees it (no batch may name the slot afterwards).
@@ -86,14 +116,22 @@ class LlamaModel {
         adapters_(backend, config, options.expert_cache) {}
   absl::Status Init(const WeightSource& weights);
   absl::Status ValidateBatch(const Batch& batch) const;
+  absl::Status ValidateSampling(const Batch& batch, const StepSampling& sampling) const;
+  // Everything up to the fp32 logits of the sample rows on the device (logits_); nothing is
+  // synchronised.
+  absl::Status RunToLogits(const Batch& b, ForwardExtras* extras);
+  absl::Status SampleOnDevice(const StepSampling& sampling, StepSamples* out);
+  // After the step's synchronising copy: the routing decisions copied with it
+  // (AdapterExecutor::CollectResults) into extras->routing of the recording rows.
+  absl::Status TakeRouting(const Batch& b, ForwardExtras* extras);
   // Embedding and every decoder layer over `b` (whose index arrays are uploaded here), leaving
   // the last hidden states (before the final norm) in x_.
   absl::Status RunDecoder(const Batch& b, PassTokens tokens);
   // RunDecoder's parts: the batch's index arrays to the device, then the ops only.
   absl::Status UploadBatch(const Batch& b);
   absl::Status DecoderLayers(const Batch& b);
-  // Final norm and lm_head of the n rows named by sample_rows_ (uploaded) into logits_ (and
-  // logits_f32_ on bf16 backends); LogitsToHost copies them out.
+  // Final norm and lm_head of the n rows named by sample_rows_ (uploaded) into logits_, fp32
+  // from the GEMM's accumulator (GemmParams::y_f32); LogitsToHost copies them out.
   absl::Status Head(int64_t n);
   absl::Status LogitsToHost(std::vector<float>* logits);
   // The decode fast path (LlamaModelOptions::decode_graphs).
@@ -101,7 +139,8 @@ class LlamaModel {
   bool IsGraphableDecode(const Batch& b) const;
   // True when the step ran through a graph; false when graphs turned out unavailable (the
   // caller runs the step eagerly).
-  absl::StatusOr<bool> DecodeWithGraph(const Batch& b, std::vector<float>* logits);
+  // `records`: the routing of sequences with seq_return_routing is recorded (TakeRouting).
+  absl::StatusOr<bool> DecodeWithGraph(const Batch& b, bool records);
   // y = RMSNorm(x) * weight over `rows` rows of hidden_size.
   absl::Status RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& weight, DeviceBuffer& y,
                            int64_t rows);
@@ -122,12 +161,18 @@ class LlamaModel {
   DeviceBuffer embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<Layer> layers_;
   // Scratch, sized for max_batch_tokens rows.
-  DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, o_, logits_;
-  DeviceBuffer logits_f32_;                   // logits converted for the host (bf16 backends only)
-  std::map<int32_t, int64_t> decode_graphs_;  // batch size -> Backend graph
-  bool graphs_unavailable_ = false;           // the backend has no graphs
-  absl::Status graph_status_;                 // why, when it has none
+  DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, o_;
+  DeviceBuffer logits_;  // fp32 on every backend (lm_head writes fp32: no bf16 rounding)
+  // {batch size, AdapterExecutor::plan_key()...} -> Backend graph
+  std::map<std::vector<int64_t>, int64_t> decode_graphs_;
+  bool graphs_unavailable_ = false;  // the backend has no graphs
+  bool routing_to_take_ = false;     // the eager pass left records for TakeRouting
+  absl::Status graph_status_;        // why, when it has none
   DeviceBuffer tokens_, positions_, token_seq_, block_tables_, block_offsets_, sample_rows_;
+  // The device sampler's buffers: fp32 work rows, row parameters, penalty entries (ids then
+  // counts, grown on demand) and the packed results; sample_host_ (Backend::AllocateHost:
+  // pinned on CUDA) receives them.
+  DeviceBuffer sample_work_, sample_params_, penalties_, sample_out_, sample_host_;
 };
 
 }  // namespace moleserve::engine

@@ -58,6 +58,39 @@ double TokenSampler::NextUniform() {
   return static_cast<double>(z >> 11) * 0x1.0p-53;
 }
 
+static_assert(kGreedyTemperature == kernels::kSampleGreedyTemperature);
+
+kernels::SampleRowParams TokenSampler::NextRow(std::vector<int32_t>* penalty_ids,
+                                               std::vector<int32_t>* penalty_counts) {
+  kernels::SampleRowParams row{.temperature = params_.temperature,
+                               .top_k = params_.top_k,
+                               .top_p = params_.top_p,
+                               .min_p = params_.min_p,
+                               .repetition_penalty = params_.repetition_penalty,
+                               .frequency_penalty = params_.frequency_penalty,
+                               .presence_penalty = params_.presence_penalty,
+                               .num_top_logprobs = top_logprobs_};
+  if (params_.temperature >= kGreedyTemperature) row.uniform = NextUniform();
+  row.penalty_begin = static_cast<int32_t>(penalty_ids->size());
+  auto count_of = [&](int32_t id) {
+    auto it = output_counts_.find(id);
+    return it == output_counts_.end() ? 0 : it->second;
+  };
+  if (params_.repetition_penalty != 1.0f) {
+    for (const auto& [id, unused] : seen_) {  // holds every output id too
+      penalty_ids->push_back(id);
+      penalty_counts->push_back(count_of(id));
+    }
+  } else if (params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f) {
+    for (const auto& [id, count] : output_counts_) {
+      penalty_ids->push_back(id);
+      penalty_counts->push_back(count);
+    }
+  }
+  row.penalty_end = static_cast<int32_t>(penalty_ids->size());
+  return row;
+}
+
 void TokenSampler::Observe(int32_t id) {
   ++output_counts_[id];
   if (params_.repetition_penalty != 1.0f) seen_[id] = true;
@@ -97,13 +130,10 @@ SampledToken TokenSampler::Sample(absl::Span<const float> logits) {
     if (params_.top_k > 0 && params_.top_k < vocab) {
       keep = params_.top_k;
       std::partial_sort(order_.begin(), order_.begin() + keep, order_.end(), ByValueDesc{w});
-    } else if (params_.top_p < 1.0f || params_.min_p > 0.0f) {
-      std::sort(order_.begin(), order_.end(), ByValueDesc{w});
     } else {
-      // Plain sampling: order does not matter, but keep the max first for a stable softmax.
-      std::iter_swap(order_.begin(),
-                     std::max_element(order_.begin(), order_.end(),
-                                      [&](int32_t a, int32_t b) { return ByValueDesc{w}(b, a); }));
+      // Every candidate in order, so that a given uniform picks the same token as the device
+      // sampler (kernels/common/sampling_math.h), which walks candidates in this order.
+      std::sort(order_.begin(), order_.end(), ByValueDesc{w});
     }
     // Probabilities over the kept candidates; order_[0] holds the maximum.
     const float max_logit = w[order_[0]];

@@ -17,6 +17,7 @@
 
 #include "absl/types/span.h"
 #include "engine/sampling/sampling_params.h"
+#include "kernels/common/params.h"
 
 namespace moleserve::engine {
 
@@ -31,8 +32,17 @@ class TokenSampler {
   TokenSampler(const SamplingParams& params, uint64_t seed, absl::Span<const int32_t> prompt,
                int32_t top_logprobs);
 
-  // Samples from logits[0..vocab) and records the token as part of the output.
+  // Samples from logits[0..vocab) and records the token as part of the output. The host
+  // reference of the device sampler (Backend::Sample), which serving uses.
   SampledToken Sample(absl::Span<const float> logits);
+
+  // For the device sampler: this step's row (draws the step's uniform from the sequence's
+  // stream unless greedy, as Sample does) with its penalty entries appended to `penalty_ids` /
+  // `penalty_counts` (every id of the prompt and output when repetition_penalty != 1, the
+  // output's when frequency or presence penalties are set; none otherwise). The caller then
+  // Observe()s the token the device picked.
+  kernels::SampleRowParams NextRow(std::vector<int32_t>* penalty_ids,
+                                   std::vector<int32_t>* penalty_counts);
 
   // Records a token as output without sampling (used when resuming from known tokens).
   void Observe(int32_t id);

@@ -63,16 +63,19 @@ struct BiasAddParams {
 };
 
 // y[m, n] = alpha * sum_k x[m, k] * w[n, k] + beta * y[m, n]   (x W^T, the nn.Linear layout)
+// y_f32: y is fp32 whatever dtype is (the fp32 accumulator rounded once to fp32, not to dtype):
+// logits and router logits, whose ties must not be made by a bf16 rounding.
 struct GemmParams {
   const void* x = nullptr;  // [m, k]
   const void* w = nullptr;  // [n, k]
-  void* y = nullptr;        // [m, n]
+  void* y = nullptr;        // [m, n], dtype (fp32 when y_f32)
   int64_t m = 0;
   int64_t n = 0;
   int64_t k = 0;
   float alpha = 1.0f;
   float beta = 0.0f;
   ScalarType dtype = ScalarType::kF32;
+  bool y_f32 = false;
 };
 
 // Rotary position embedding, rotate-half ("NeoX") convention as in HF Llama: for each head and
@@ -216,6 +219,9 @@ struct RouteParams {
   int32_t* experts = nullptr;     // [num_tokens, num_experts]
   float* weights = nullptr;       // [num_tokens, num_experts]
   int32_t* count = nullptr;       // [num_tokens]
+  // [num_tokens] or nullptr (all): tokens with active[t] == 0 are not routed (count 0), so one
+  // launch over a whole batch routes only one adapter's tokens.
+  const int32_t* active = nullptr;
   int64_t num_tokens = 0;
   int32_t num_experts = 0;  // 1..kMaxRouteWidth
   RouteRule rule = RouteRule::kTopK;
@@ -257,13 +263,15 @@ struct RankRouteParams {
 // expert by token. For expert e: seg_start[e] .. seg_start[e+1) are the tokens that chose e,
 // pair_row[p] = rows[t] (the token's row in x and y), pair_weight[p] = weights[t, j] * scale[e];
 // seg_rank[e] = rank and seg_row_offset[e] = e * rank (the stack's row table holds every expert,
-// in order). Tokens with count 0 (undefined logits) add 1 each to *undefined and get no pairs.
+// in order). Tokens with count 0 (undefined logits) add 1 each to *undefined and get no pairs;
+// inactive tokens (active[t] == 0) get no pairs and are not undefined.
 struct SegmentBuildParams {
   const int32_t* experts = nullptr;   // [num_tokens, num_experts]
   const float* weights = nullptr;     // [num_tokens, num_experts]
   const int32_t* count = nullptr;     // [num_tokens]
   const int32_t* rows = nullptr;      // [num_tokens]
   const float* scale = nullptr;       // [num_experts]
+  const int32_t* active = nullptr;    // [num_tokens] or nullptr: inactive tokens count nowhere
   int32_t* pair_row = nullptr;        // [num_tokens * num_experts]
   float* pair_weight = nullptr;       // [num_tokens * num_experts]
   int32_t* seg_start = nullptr;       // [num_experts + 1]
@@ -273,6 +281,65 @@ struct SegmentBuildParams {
   int32_t num_tokens = 0;
   int32_t num_experts = 0;  // 1..kMaxRouteWidth
   int32_t rank = 0;
+};
+
+// ---- Sampling (the next token of each row on the device; kernels/common/sampling_math.h) ----
+
+// Most alternatives a row can ask for (SampleRowParams::num_top_logprobs).
+inline constexpr int32_t kMaxSampleTopLogprobs = 20;
+// Temperatures below this are greedy (dividing logits by a tinier one only overflows).
+inline constexpr float kSampleGreedyTemperature = 1e-5f;
+
+// What one row asks of the sampler (engine/sampling's SamplingParams, resolved for this step).
+struct SampleRowParams {
+  float temperature = 0.0f;  // < kSampleGreedyTemperature: argmax
+  int32_t top_k = 0;         // 0 = off
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float frequency_penalty = 0.0f;
+  float presence_penalty = 0.0f;
+  int32_t num_top_logprobs = 0;  // 0..kMaxSampleTopLogprobs
+  double uniform = 0.0;          // this step's draw in [0, 1) (ignored when greedy)
+  // The row's penalty entries: penalty_ids / penalty_counts [penalty_begin, penalty_end).
+  int32_t penalty_begin = 0;
+  int32_t penalty_end = 0;
+};
+
+// What the sampler returns per row. id = -1 and finite = 0 when the row's logits hold a NaN or
+// an infinity (nothing else is written then).
+struct SampledRow {
+  int32_t id = -1;
+  float logprob = 0.0f;  // log-softmax of the raw logits at id
+  int32_t finite = 0;
+  int32_t num_top = 0;  // entries written to the row's top_ids / top_logprobs
+};
+
+// Per row r (one block per row on the device):
+//   - rows whose logits are not all finite are reported (SampledRow::finite = 0);
+//   - logprob and up to num_top_logprobs alternatives from the raw logits' log-softmax, in
+//     descending order, ties to the lower id;
+//   - penalties on a copy: for each entry (id, count) of the row, repetition_penalty when it
+//     is not 1 (HF: divide positive logits, multiply negative ones; entries are every id of the
+//     prompt and the output), then frequency_penalty * count + presence_penalty when count > 0
+//     (OpenAI: output tokens only);
+//   - temperature < kSampleGreedyTemperature: the argmax, ties to the lower id;
+//   - otherwise w = (logit - max) / temperature, probabilities exp(w) over the candidates in
+//     descending order (ties to the lower id): the top_k first (when 0 < top_k < vocab), then the
+//     shortest prefix whose normalised mass reaches top_p (when top_p < 1), then those with
+//     probability >= min_p * the largest (when min_p > 0); the token is the first candidate whose
+//     cumulative probability exceeds uniform * their total (the last one if rounding leaves none).
+struct SampleParams {
+  const float* logits = nullptr;                // [rows, vocab] fp32
+  float* work = nullptr;                        // [rows, vocab] fp32 scratch
+  const SampleRowParams* row_params = nullptr;  // [rows]
+  const int32_t* penalty_ids = nullptr;         // entries of every row, distinct within a row
+  const int32_t* penalty_counts = nullptr;      // output occurrences (0: prompt only)
+  SampledRow* out = nullptr;                    // [rows]
+  int32_t* top_ids = nullptr;                   // [rows, kMaxSampleTopLogprobs] or nullptr
+  float* top_logprobs = nullptr;                // [rows, kMaxSampleTopLogprobs] or nullptr
+  int64_t rows = 0;
+  int32_t vocab = 0;
 };
 
 }  // namespace moleserve::kernels

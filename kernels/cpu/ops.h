@@ -39,6 +39,10 @@ KernelStatus Route(const RouteParams& p, ThreadPool* pool);
 KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool);
 // Segments from routing decisions (params.h SegmentBuildParams); runs on the calling thread.
 KernelStatus BuildSegments(const SegmentBuildParams& p, ThreadPool* pool);
+// The next token of each row (params.h SampleParams, sampling_math.h): rows on the pool. Negative
+// rows or vocab < 1 -> kInvalidShape; a null pointer the rows need, num_top_logprobs outside
+// 0..kMaxSampleTopLogprobs or a reversed penalty range -> kInvalidArgument.
+KernelStatus Sample(const SampleParams& p, ThreadPool* pool);
 // fp32 <-> bf16 (round to nearest even; NaN stays NaN) or a same-dtype copy.
 KernelStatus Convert(const ConvertParams& p, ThreadPool* pool);
 

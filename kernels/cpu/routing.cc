@@ -23,8 +23,10 @@ KernelStatus Route(const RouteParams& p, ThreadPool* pool) {
     float prob[kMaxRouteWidth];
     int32_t order[kMaxRouteWidth];
     for (int64_t t = begin; t < end; ++t) {
-      p.count[t] = routing_math::RouteOne(p, p.logits + t * e, p.experts + t * e, p.weights + t * e,
-                                          prob, order);
+      p.count[t] = p.active != nullptr && p.active[t] == 0
+                       ? 0
+                       : routing_math::RouteOne(p, p.logits + t * e, p.experts + t * e,
+                                                p.weights + t * e, prob, order);
     }
   });
   return KernelStatus::kOk;
@@ -72,7 +74,10 @@ KernelStatus BuildSegments(const SegmentBuildParams& p, ThreadPool*) {
     p.seg_start[e + 1] = p.seg_start[e] + routing_math::ExpertPairCount(p, e);
   }
   for (int32_t e = 0; e < p.num_experts; ++e) routing_math::WriteExpertSegment(p, e);
-  for (int32_t t = 0; t < p.num_tokens; ++t) *p.undefined += p.count[t] == 0 ? 1 : 0;
+  for (int32_t t = 0; t < p.num_tokens; ++t) {
+    const bool active = p.active == nullptr || p.active[t] != 0;
+    *p.undefined += active && p.count[t] == 0 ? 1 : 0;
+  }
   return KernelStatus::kOk;
 }
 

@@ -30,5 +30,9 @@ cudaError_t ScatterAdd(const ScatterAddParams& p, cudaStream_t stream);
 cudaError_t Route(const RouteParams& p, cudaStream_t stream);
 cudaError_t RankRoute(const RankRouteParams& p, cudaStream_t stream);
 cudaError_t BuildSegments(const SegmentBuildParams& p, cudaStream_t stream);
+// The next token of each row (params.h SampleParams): one block per row, thresholds by bisection
+// over sampling_math.h's order keys (no sort), fixed-order block sums (the same inputs give the
+// same tokens run to run).
+cudaError_t Sample(const SampleParams& p, cudaStream_t stream);
 
 }  // namespace moleserve::kernels::cuda

@@ -53,9 +53,11 @@ class Bf16CpuBackend final : public engine::Backend {
   absl::Status Gemm(const kernels::GemmParams& p) override {
     if (!Bf16(p.dtype)) return inner_->Gemm(p);
     std::vector<float> x = In(p.x, p.m * p.k), w = In(p.w, p.n * p.k);
-    std::vector<float> y = p.beta != 0.0f ? In(p.y, p.m * p.n) : std::vector<float>(p.m * p.n);
     kernels::GemmParams q = p;
-    q.x = x.data(), q.w = w.data(), q.y = y.data(), q.dtype = kF32;
+    q.x = x.data(), q.w = w.data(), q.dtype = kF32;
+    if (p.y_f32) return inner_->Gemm(q);  // y is fp32 already: no rounding
+    std::vector<float> y = p.beta != 0.0f ? In(p.y, p.m * p.n) : std::vector<float>(p.m * p.n);
+    q.y = y.data();
     return Out(inner_->Gemm(q), y, p.y);
   }
   absl::Status RmsNorm(const kernels::RmsNormParams& p) override {
@@ -180,6 +182,7 @@ class Bf16CpuBackend final : public engine::Backend {
   absl::Status BuildSegments(const kernels::SegmentBuildParams& p) override {
     return inner_->BuildSegments(p);
   }
+  absl::Status Sample(const kernels::SampleParams& p) override { return inner_->Sample(p); }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return inner_->RankRoute(p);
   }

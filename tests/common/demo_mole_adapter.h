@@ -55,4 +55,43 @@ inline std::string WriteDemoMoleAdapter(const std::string& dir, uint32_t seed = 
   return dir;
 }
 
+// A PEFT LoRA for the demo model: one static LoRA of rank `rank` on q_proj, v_proj and down_proj
+// of every layer (lora_alpha = 2 * rank), strong enough to change greedy output.
+inline std::string WriteDemoPeftLora(const std::string& dir, uint32_t seed = 11, int32_t rank = 8,
+                                     float stddev = 0.2f) {
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<float> v(n);
+    for (float& x : v) x = dist(rng);
+    t[name] = {std::move(shape), std::move(v)};
+  };
+  struct Module {
+    const char* path;
+    int64_t in, out;
+  };
+  // Demo shapes: hidden 256, 4 KV heads of 32 (v_proj 128 wide), intermediate 688.
+  for (int l = 0; l < 4; ++l) {
+    for (const Module& m :
+         {Module{"self_attn.q_proj", 256, 256}, Module{"self_attn.v_proj", 256, 128},
+          Module{"mlp.down_proj", 688, 256}}) {
+      const std::string p = absl::StrCat("base_model.model.model.layers.", l, ".", m.path);
+      add(p + ".lora_A.weight", {rank, m.in});
+      add(p + ".lora_B.weight", {m.out, rank});
+    }
+  }
+  std::vector<engine::SafetensorsWriteTensor> out;
+  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
+  if (!engine::WriteSafetensors(dir + "/adapter_model.safetensors", out, {}).ok()) return "";
+  std::ofstream(dir + "/adapter_config.json")
+      << R"({"peft_type": "LORA", "r": )" << rank << R"(, "lora_alpha": )" << 2 * rank
+      << R"(, "target_modules": ["q_proj", "v_proj", "down_proj"]})";
+  return dir;
+}
+
 }  // namespace moleserve::test_util

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -212,6 +213,120 @@ TEST(CudaDispatchTest, UnsupportedDtypeIsInvalidValue) {
       cuda::Add({.a = nullptr, .b = nullptr, .out = nullptr, .n = 4, .dtype = ScalarType::kF16},
                 nullptr),
       cudaErrorInvalidValue);
+}
+
+// The device sampler against its CPU twin (which sampling_twin_test checks against the host
+// sampler). Both use sampling_math.h's order and penalties; the device sums probabilities in
+// another order (fixed-order block sums of fp32 exp in double), so: non-finite flags, greedy
+// tokens and the alternatives' ids are identical; logprobs within 1e-4; seeded tokens identical
+// on at least 97% of rows (a draw that lands within rounding of a boundary may go either way);
+// two device runs bit-identical.
+TEST(CudaSampleTest, MatchesCpuTwinAndRepeatsExactly) {
+  SKIP_WITHOUT_GPU();
+  constexpr int32_t kTopN = kMaxSampleTopLogprobs;
+  for (int32_t vocab : {7, 1000, 32000}) {
+    const int32_t rows = 48;
+    std::vector<float> logits = Random(int64_t{rows} * vocab, 11 + vocab, 3.0f);
+    for (float& v : logits) v = std::round(v * 8.0f) / 8.0f;  // ties
+    logits[5 * vocab + 3] = NAN;                              // row 5 is not finite
+    std::vector<SampleRowParams> rp(rows);
+    std::vector<int32_t> pids, pcounts;
+    for (int32_t r = 0; r < rows; ++r) {
+      SampleRowParams& p = rp[r];
+      p.temperature = r % 3 == 0 ? 0.0f : 0.4f + 0.2f * (r % 5);
+      p.top_k = r % 4 == 1 ? 1 + r % 50 : 0;
+      p.top_p = r % 5 == 2 ? 0.8f : 1.0f;
+      p.min_p = r % 7 == 3 ? 0.1f : 0.0f;
+      p.repetition_penalty = r % 6 == 4 ? 1.3f : 1.0f;
+      p.frequency_penalty = r % 6 == 4 ? 0.5f : 0.0f;
+      p.num_top_logprobs = r % 2 == 0 ? std::min<int32_t>(kTopN, vocab) : 0;
+      p.uniform = (r * 0.6180339887) - std::floor(r * 0.6180339887);
+      p.penalty_begin = static_cast<int32_t>(pids.size());
+      if (p.repetition_penalty != 1.0f) {
+        for (int32_t i = 0; i < 5; ++i) {
+          pids.push_back((r * 31 + i * 7) % vocab);
+          pcounts.push_back(i % 2);
+        }
+        std::sort(pids.begin() + p.penalty_begin, pids.end());
+        pids.erase(std::unique(pids.begin() + p.penalty_begin, pids.end()), pids.end());
+        pcounts.resize(pids.size());
+      }
+      p.penalty_end = static_cast<int32_t>(pids.size());
+    }
+    // CPU twin.
+    std::vector<float> work(logits.size());
+    std::vector<SampledRow> want(rows);
+    std::vector<int32_t> want_ids(rows * kTopN);
+    std::vector<float> want_lp(rows * kTopN);
+    ASSERT_EQ(cpu::Sample({.logits = logits.data(),
+                           .work = work.data(),
+                           .row_params = rp.data(),
+                           .penalty_ids = pids.data(),
+                           .penalty_counts = pcounts.data(),
+                           .out = want.data(),
+                           .top_ids = want_ids.data(),
+                           .top_logprobs = want_lp.data(),
+                           .rows = rows,
+                           .vocab = vocab},
+                          nullptr),
+              KernelStatus::kOk);
+    // Device, twice.
+    std::vector<float> l = logits;
+    DeviceArray d_logits(l, ScalarType::kF32);
+    void *d_work, *d_rp, *d_pid, *d_pc, *d_out, *d_ids, *d_lp;
+    ASSERT_EQ(cudaMalloc(&d_work, logits.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_rp, rows * sizeof(SampleRowParams)), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_pid, pids.size() * 4 + 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_pc, pids.size() * 4 + 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_out, rows * sizeof(SampledRow)), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_ids, rows * kTopN * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_lp, rows * kTopN * 4), cudaSuccess);
+    cudaMemcpy(d_rp, rp.data(), rows * sizeof(SampleRowParams), cudaMemcpyHostToDevice);
+    cudaMemcpy(d_pid, pids.data(), pids.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_pc, pcounts.data(), pcounts.size() * 4, cudaMemcpyHostToDevice);
+    std::vector<SampledRow> got[2] = {std::vector<SampledRow>(rows), std::vector<SampledRow>(rows)};
+    std::vector<int32_t> got_ids(rows * kTopN);
+    std::vector<float> got_lp(rows * kTopN);
+    for (int run = 0; run < 2; ++run) {
+      ASSERT_EQ(cuda::Sample({.logits = static_cast<const float*>(d_logits.get()),
+                              .work = static_cast<float*>(d_work),
+                              .row_params = static_cast<const SampleRowParams*>(d_rp),
+                              .penalty_ids = static_cast<const int32_t*>(d_pid),
+                              .penalty_counts = static_cast<const int32_t*>(d_pc),
+                              .out = static_cast<SampledRow*>(d_out),
+                              .top_ids = static_cast<int32_t*>(d_ids),
+                              .top_logprobs = static_cast<float*>(d_lp),
+                              .rows = rows,
+                              .vocab = vocab},
+                             nullptr),
+                cudaSuccess);
+      ASSERT_EQ(
+          cudaMemcpy(got[run].data(), d_out, rows * sizeof(SampledRow), cudaMemcpyDeviceToHost),
+          cudaSuccess);
+    }
+    cudaMemcpy(got_ids.data(), d_ids, got_ids.size() * 4, cudaMemcpyDeviceToHost);
+    cudaMemcpy(got_lp.data(), d_lp, got_lp.size() * 4, cudaMemcpyDeviceToHost);
+    int agree = 0, sampled = 0;
+    for (int32_t r = 0; r < rows; ++r) {
+      EXPECT_EQ(std::memcmp(&got[0][r], &got[1][r], sizeof(SampledRow)), 0) << "row " << r;
+      ASSERT_EQ(got[0][r].finite, want[r].finite) << "row " << r;
+      if (!want[r].finite) continue;
+      EXPECT_NEAR(got[0][r].logprob, want[r].logprob, 1e-4) << "row " << r;
+      ASSERT_EQ(got[0][r].num_top, want[r].num_top);
+      for (int32_t j = 0; j < want[r].num_top; ++j) {
+        EXPECT_EQ(got_ids[r * kTopN + j], want_ids[r * kTopN + j]) << "row " << r << " #" << j;
+        EXPECT_NEAR(got_lp[r * kTopN + j], want_lp[r * kTopN + j], 1e-4);
+      }
+      if (rp[r].temperature == 0.0f) {
+        EXPECT_EQ(got[0][r].id, want[r].id) << "greedy row " << r;
+      } else {
+        ++sampled;
+        agree += got[0][r].id == want[r].id ? 1 : 0;
+      }
+    }
+    EXPECT_GE(agree, sampled * 97 / 100) << "vocab " << vocab;
+    for (void* ptr : {d_work, d_rp, d_pid, d_pc, d_out, d_ids, d_lp}) cudaFree(ptr);
+  }
 }
 
 }  // namespace

@@ -99,8 +99,8 @@ cublasStatus_t Gemm(const GemmParams& p, BlasContext& ctx) {
   // y^T (n x m, ld n), and y^T = w x^T = op_T(w^T) * x^T.
   const int m = static_cast<int>(p.m), n = static_cast<int>(p.n), k = static_cast<int>(p.k);
   return Library().gemm_ex(ctx.handle(), CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &p.alpha, p.w, type, k,
-                           p.x, type, k, &p.beta, p.y, type, n, CUBLAS_COMPUTE_32F,
-                           CUBLAS_GEMM_DEFAULT);
+                           p.x, type, k, &p.beta, p.y, p.y_f32 ? CUDA_R_32F : type, n,
+                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
 const char* BlasStatusName(cublasStatus_t s) {

@@ -15,6 +15,10 @@ __global__ void RouteKernel(RouteParams p) {
   float prob[kMaxRouteWidth];
   int32_t order[kMaxRouteWidth];
   const int32_t e = p.num_experts;
+  if (p.active != nullptr && p.active[t] == 0) {
+    p.count[t] = 0;
+    return;
+  }
   p.count[t] = routing_math::RouteOne(p, p.logits + t * e, p.experts + t * e, p.weights + t * e,
                                       prob, order);
 }
@@ -47,7 +51,10 @@ __global__ void BuildSegmentsKernel(SegmentBuildParams p) {
       p.seg_start[i + 1] = total;
     }
     int32_t undefined = 0;
-    for (int32_t t = 0; t < p.num_tokens; ++t) undefined += p.count[t] == 0 ? 1 : 0;
+    for (int32_t t = 0; t < p.num_tokens; ++t) {
+      const bool active = p.active == nullptr || p.active[t] != 0;
+      undefined += active && p.count[t] == 0 ? 1 : 0;
+    }
     if (undefined > 0) atomicAdd(p.undefined, undefined);
   }
   __syncthreads();

@@ -6,12 +6,16 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <vector>
 
+#include "engine/adapters/adapter.h"
 #include "engine/backend/backend.h"
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/weights.h"
+#include "tests/common/demo_mole_adapter.h"
 
 namespace moleserve::engine {
 namespace {
@@ -82,6 +86,118 @@ TEST(DecodeGraphTest, ReplayedDecodeStepsEqualEagerOnes) {
   EXPECT_EQ((*graphed)->decode_graphs(), 2);
   EXPECT_EQ((*eager)->decode_graphs(), 0);
   EXPECT_TRUE((*graphed)->graph_status().ok());
+}
+
+// Adapters in the graph (AdapterExecutor::PlanPass): decode steps whose sequences use two PEFT
+// LoRAs, a routed MoLE and the base model replay graphs that give the eager model's logits and
+// routing records bit for bit while the composition changes (sequences pause and come back, two
+// sequences share an adapter, the MoLE sequence joins and leaves, records are asked on some
+// steps only); a step with a routing override is not planned and runs eagerly, still equal.
+TEST(DecodeGraphTest, PlainLoraStepsReplayEqualEagerOnesAsTheBatchChanges) {
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  auto b_graph = CreateCpuBackend({.num_threads = 2});
+  auto b_eager = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+  const std::string root = testing::TempDir() + "/decode_graph_adapters";
+  std::vector<std::shared_ptr<const Adapter>> adapters;
+  for (int i = 0; i < 3; ++i) {
+    const std::string dir = root + "/" + std::to_string(i);
+    const std::string written = i < 2 ? test_util::WriteDemoPeftLora(dir, 30 + i, 4 + 4 * i)
+                                      : test_util::WriteDemoMoleAdapter(dir);
+    ASSERT_FALSE(written.empty());
+    auto a = LoadAdapter(dir, "a" + std::to_string(i), config, {});
+    ASSERT_TRUE(a.ok()) << a.status();
+    adapters.push_back(*a);
+  }
+  std::vector<int32_t> slot;
+  for (const auto& a : adapters) {
+    auto g = (*graphed)->AttachAdapter(a);
+    auto e = (*eager)->AttachAdapter(a);
+    ASSERT_TRUE(g.ok() && e.ok());
+    ASSERT_EQ(*g, *e);
+    slot.push_back(*g);
+  }
+  std::filesystem::remove_all(root);
+
+  // Sequence s uses uses[s]; active over steps [from[s], to[s]) (a pause when paused[s] holds).
+  const std::vector<int32_t> uses = {-1, slot[0], slot[1], slot[1], slot[2]};
+  const std::vector<int32_t> from = {0, 0, 0, 12, 24};
+  const std::vector<int32_t> to = {36, 36, 36, 36, 30};
+  auto paused = [](int32_t s, int32_t step) { return s == 1 && step >= 8 && step < 16; };
+  std::vector<std::vector<int32_t>> tokens(uses.size());
+  for (size_t s = 0; s < uses.size(); ++s) {
+    for (int32_t i = 0; i < 5 + static_cast<int32_t>(s); ++i) {
+      tokens[s].push_back((i * 41 + static_cast<int32_t>(s) * 17 + 3) % 256);
+    }
+  }
+  std::vector<int32_t> computed(uses.size(), 0);
+  for (int32_t step = 0; step < 36; ++step) {
+    Batch b;
+    std::vector<int32_t> in_batch;
+    for (int32_t s = 0; s < static_cast<int32_t>(uses.size()); ++s) {
+      if (step < from[s] || step >= to[s] || paused(s, step)) continue;
+      const int32_t q = b.num_seqs();
+      for (int32_t p = computed[s]; p < static_cast<int32_t>(tokens[s].size()); ++p) {
+        b.tokens.push_back(tokens[s][p]);
+        b.positions.push_back(p);
+        b.token_seq.push_back(q);
+      }
+      computed[s] = static_cast<int32_t>(tokens[s].size());
+      b.sample_rows.push_back(b.num_tokens() - 1);
+      for (int32_t k = 0; k < 3; ++k) b.block_tables.push_back(s * 3 + k);
+      b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
+      b.seq_adapter.push_back(uses[s]);
+      in_batch.push_back(s);
+    }
+    b.aux_block_table_offsets.assign(b.num_seqs() + 1, 0);
+    // The MoLE sequence records its routing on even steps; on step 27 it overrides its routing
+    // (top-1), which is not planned.
+    b.seq_return_routing.assign(b.num_seqs(), 0);
+    b.seq_override.assign(b.num_seqs(), -1);
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      if (in_batch[r] != 4) continue;
+      b.seq_return_routing[r] = step % 2 == 0 ? 1 : 0;
+      if (step == 27) {
+        RoutingOverride o;
+        o.k = 1;
+        b.seq_override[r] = 0;
+        b.overrides.push_back(o);
+      }
+    }
+    std::vector<float> lg, le;
+    ForwardExtras xg, xe;
+    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
+    ASSERT_EQ(lg, le) << "step " << step;
+    ASSERT_EQ(xg.routing.size(), xe.routing.size());
+    for (size_t r = 0; r < xg.routing.size(); ++r) {
+      ASSERT_EQ(xg.routing[r].size(), xe.routing[r].size()) << "step " << step;
+      for (size_t i = 0; i < xg.routing[r].size(); ++i) {
+        EXPECT_EQ(xg.routing[r][i].experts, xe.routing[r][i].experts) << "step " << step;
+        EXPECT_EQ(xg.routing[r][i].weights, xe.routing[r][i].weights) << "step " << step;
+      }
+      // Only the MoLE sequence routes; it records 8 sites on the steps it asks.
+      const bool mole_records = in_batch[r] == 4 && step % 2 == 0;
+      EXPECT_EQ(xg.routing[r].size(), mole_records ? 8u : 0u) << "step " << step;
+    }
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const float* row = lg.data() + r * config.vocab_size;
+      tokens[in_batch[r]].push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+  }
+  // Graphs for the shapes seen: LoRA-only steps of 3 and 4 sequences, and MoLE steps with and
+  // without records.
+  EXPECT_GE((*graphed)->decode_graphs(), 4);
+  EXPECT_EQ((*eager)->decode_graphs(), 0);
 }
 
 TEST(DecodeGraphTest, CaptureHoldsOpsOnlyAndReplaysThemOnCurrentInputs) {

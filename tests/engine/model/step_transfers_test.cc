@@ -1,0 +1,257 @@
+// What one step costs in traffic with the device, counted on the CPU backend through
+// tests/common/counting_backend.h (no GPU needed), and what the device sampler returns:
+// - a pure decode step is one graph launch plus the sampler, one copy out of 16 bytes per
+//   sequence (+160 when some row asks for top logprobs), one synchronisation, and small uploads;
+// - steps with MoLE adapters bring no logits to the host either;
+// - the tokens, logprobs and alternatives equal the host sampler's over the full logits of an
+//   identical model (greedy: identical ids; logprobs within 1e-5).
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <vector>
+
+#include "engine/adapters/adapter.h"
+#include "engine/model/demo_model.h"
+#include "engine/model/llama_model.h"
+#include "engine/model/weights.h"
+#include "engine/sampling/sampler.h"
+#include "tests/common/counting_backend.h"
+#include "tests/common/demo_mole_adapter.h"
+
+namespace moleserve::engine {
+namespace {
+
+using test_util::BackendCounts;
+using test_util::CountingBackend;
+
+constexpr int64_t kRowBytes = sizeof(kernels::SampledRow);
+constexpr int64_t kTopBytes = 2 * 4 * kernels::kMaxSampleTopLogprobs;
+
+struct Models {
+  std::unique_ptr<CountingBackend> counting;
+  std::unique_ptr<Backend> plain;
+  std::unique_ptr<LlamaModel> model;      // on `counting`, decode graphs on
+  std::unique_ptr<LlamaModel> reference;  // on `plain`, eager, logits to the host
+};
+
+Models MakeModels() {
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  Models m;
+  m.counting = std::make_unique<CountingBackend>(*CreateCpuBackend({.num_threads = 2}));
+  m.plain = *CreateCpuBackend({.num_threads = 2});
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  m.model = *LlamaModel::Create(m.counting.get(), config, weights, options);
+  options.decode_graphs = false;
+  m.reference = *LlamaModel::Create(m.plain.get(), config, weights, options);
+  return m;
+}
+
+// Sequences that decode together: tokens so far and one KV block each (prompts stay short).
+struct Seqs {
+  std::vector<std::vector<int32_t>> tokens;
+  std::vector<int32_t> slot;          // adapter slot per sequence, -1 = base
+  std::vector<int32_t> top;           // top logprobs asked
+  std::vector<uint8_t> routing = {};  // return_routing per sequence (empty: none)
+  int32_t computed = 0;               // tokens already in the KV cache (same for all)
+
+  // The next batch: the whole prompt first, then one token per sequence.
+  Batch Next() const {
+    Batch b;
+    for (int32_t s = 0; s < static_cast<int32_t>(tokens.size()); ++s) {
+      for (int32_t p = computed; p < static_cast<int32_t>(tokens[s].size()); ++p) {
+        b.tokens.push_back(tokens[s][p]);
+        b.positions.push_back(p);
+        b.token_seq.push_back(s);
+      }
+      b.sample_rows.push_back(b.num_tokens() - 1);
+      b.block_tables.push_back(2 * s);
+      b.block_tables.push_back(2 * s + 1);
+      b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
+    }
+    if (std::any_of(slot.begin(), slot.end(), [](int32_t x) { return x >= 0; })) {
+      b.seq_adapter = slot;
+      b.aux_block_table_offsets.assign(slot.size() + 1, 0);
+      b.seq_return_routing = routing;
+    }
+    return b;
+  }
+};
+
+// One step on both models: the device sampler on `m.model`, the host sampler over the
+// reference's logits; returns the counted traffic of the device side.
+BackendCounts StepAndCompare(Models& m, Seqs& seqs, const std::string& what) {
+  const Batch b = seqs.Next();
+  const int32_t vocab = m.model->config().vocab_size;
+  StepSampling sampling;
+  std::vector<TokenSampler> host;
+  for (size_t s = 0; s < seqs.tokens.size(); ++s) {
+    TokenSampler twin({.temperature = 0.0f}, 1, seqs.tokens[s], seqs.top[s]);
+    sampling.rows.push_back(twin.NextRow(&sampling.penalty_ids, &sampling.penalty_counts));
+    host.emplace_back(SamplingParams{.temperature = 0.0f}, 1, seqs.tokens[s], seqs.top[s]);
+  }
+  m.counting->Reset();
+  StepSamples got;
+  ForwardExtras got_extras, want_extras;
+  absl::Status st = m.model->ForwardSample(b, sampling, &got, &got_extras);
+  EXPECT_TRUE(st.ok()) << what << ": " << st;
+  const BackendCounts counts = m.counting->counts();
+  std::vector<float> logits;
+  st = m.reference->Forward(b, &logits, &want_extras);
+  EXPECT_TRUE(st.ok()) << what << ": " << st;
+  // Routing records (copied with the step's results on the device side, per site on the
+  // reference's eager host reads) agree exactly.
+  EXPECT_EQ(got_extras.routing.size(), want_extras.routing.size()) << what;
+  for (size_t r = 0; r < got_extras.routing.size() && r < want_extras.routing.size(); ++r) {
+    const auto& g = got_extras.routing[r];
+    const auto& w = want_extras.routing[r];
+    EXPECT_EQ(g.size(), w.size()) << what << " row " << r;
+    if (g.size() != w.size()) continue;
+    for (size_t i = 0; i < g.size(); ++i) {
+      EXPECT_EQ(g[i].layer, w[i].layer) << what;
+      EXPECT_EQ(g[i].module, w[i].module) << what;
+      EXPECT_EQ(g[i].experts, w[i].experts) << what;
+      EXPECT_EQ(g[i].weights, w[i].weights) << what;
+    }
+  }
+  EXPECT_EQ(got.rows.size(), seqs.tokens.size()) << what;
+  for (size_t s = 0; s < seqs.tokens.size() && s < got.rows.size(); ++s) {
+    const SampledToken want = host[s].Sample(absl::MakeConstSpan(logits.data() + s * vocab, vocab));
+    EXPECT_EQ(got.rows[s].finite, 1) << what;
+    EXPECT_EQ(got.rows[s].id, want.id) << what << " row " << s;
+    EXPECT_NEAR(got.rows[s].logprob, want.logprob, 1e-5) << what << " row " << s;
+    EXPECT_EQ(got.rows[s].num_top, static_cast<int32_t>(want.top.size())) << what;
+    for (int32_t j = 0; j < got.rows[s].num_top; ++j) {
+      EXPECT_EQ(got.top_ids[s * kernels::kMaxSampleTopLogprobs + j], want.top[j].first);
+      EXPECT_NEAR(got.top_logprobs[s * kernels::kMaxSampleTopLogprobs + j], want.top[j].second,
+                  1e-5);
+    }
+    seqs.tokens[s].push_back(want.id);
+  }
+  seqs.computed = static_cast<int32_t>(seqs.tokens[0].size()) - 1;
+  return counts;
+}
+
+TEST(StepTransfersTest, ADecodeStepIsOneGraphLaunchTheSamplerAndOneSmallCopyOut) {
+  Models m = MakeModels();
+  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}},
+            .slot = {-1, -1, -1},
+            .top = {0, 0, 0}};
+  StepAndCompare(m, seqs, "prefill");
+  for (int step = 0; step < 12; ++step) {
+    const std::string what = "decode step " + std::to_string(step);
+    seqs.top[1] = step % 2 == 1 ? 5 : 0;  // alternatives on odd steps only
+    const int64_t n = 3;
+    const BackendCounts c = StepAndCompare(m, seqs, what);
+    EXPECT_EQ(c.graph_launches, 1) << what;
+    EXPECT_EQ(c.ops, 1) << what << ": only the sampler runs outside the graph";
+    EXPECT_EQ(c.syncs, 1) << what;
+    EXPECT_EQ(c.d2h_copies, 1) << what;
+    EXPECT_EQ(c.d2h_bytes, n * kRowBytes + (step % 2 == 1 ? n * kTopBytes : 0)) << what;
+    EXPECT_LT(c.h2d_bytes, 1024) << what << ": the step's index arrays and sampler rows only";
+  }
+  EXPECT_EQ(m.model->decode_graphs(), 1);
+}
+
+TEST(StepTransfersTest, StepsWithAdaptersBringNoLogitsToTheHost) {
+  Models m = MakeModels();
+  const std::string dir = testing::TempDir() + "/step_transfers_mole";
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(dir).empty());
+  auto adapter = LoadAdapter(dir, "mole", m.model->config(), {});
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  auto slot = m.model->AttachAdapter(*adapter);
+  auto ref_slot = m.reference->AttachAdapter(*adapter);
+  ASSERT_TRUE(slot.ok() && ref_slot.ok());
+  ASSERT_EQ(*slot, *ref_slot);
+  // Sequence 1 asks for its routing: the decisions of its 8 routed sites (4 layers x q_proj,
+  // o_proj; 4 experts) come back with the step's results, without a synchronisation per site.
+  // The MoLE's routing is planned (AdapterExecutor::PlanPass), so its decode steps are graphed.
+  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}},
+            .slot = {-1, *slot},
+            .top = {0, 3},
+            .routing = {0, 1}};
+  const int32_t vocab = m.model->config().vocab_size;
+  for (int step = 0; step < 6; ++step) {
+    const std::string what = step == 0 ? "prefill" : "step " + std::to_string(step);
+    const BackendCounts c = StepAndCompare(m, seqs, what);
+    EXPECT_EQ(c.syncs, 1) << what;
+    EXPECT_EQ(c.graph_launches, step == 0 ? 0 : 1) << what;
+    if (step > 0) {
+      EXPECT_EQ(c.ops, 1) << what << ": only the sampler runs outside the graph";
+    }
+    // The sampler's rows and alternatives, the routing status, and the routed sites' decisions
+    // for the step's tokens (ids, weights, counts; routing runs over the whole step under the
+    // adapter's mask): never a row of logits.
+    const int64_t step_tokens = step == 0 ? 8 : 2;
+    const int64_t routing_bytes = 8 * step_tokens * (2 * 4 + 1) * 4;
+    EXPECT_EQ(c.d2h_bytes, 2 * kRowBytes + 2 * kTopBytes + 4 + routing_bytes) << what;
+    if (step > 0) {
+      EXPECT_LT(c.d2h_bytes, vocab * 4) << what;
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(StepTransfersTest, PlainLoraStepsUploadOnceAndDecodeInOneGraphLaunch) {
+  Models m = MakeModels();
+  const std::string dir = testing::TempDir() + "/step_transfers_lora";
+  std::vector<int32_t> slots;
+  for (uint32_t seed : {11u, 12u}) {
+    const std::string d = dir + std::to_string(seed);
+    ASSERT_FALSE(test_util::WriteDemoPeftLora(d, seed).empty());
+    auto adapter = LoadAdapter(d, "lora" + std::to_string(seed), m.model->config(), {});
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    auto slot = m.model->AttachAdapter(*adapter);
+    auto ref_slot = m.reference->AttachAdapter(*adapter);
+    ASSERT_TRUE(slot.ok() && ref_slot.ok());
+    ASSERT_EQ(*slot, *ref_slot);
+    slots.push_back(*slot);
+    std::filesystem::remove_all(d);
+  }
+  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}},
+            .slot = {-1, slots[0], slots[1]},
+            .top = {0, 0, 0}};
+  // Prefill, eager: every site's tables in one upload (the demo model adapts 12 sites; before,
+  // each site uploaded 8 tables).
+  const BackendCounts prefill = StepAndCompare(m, seqs, "prefill");
+  EXPECT_EQ(prefill.graph_launches, 0);
+  EXPECT_LE(prefill.h2d_copies, 10);
+  EXPECT_GT(prefill.page_copies, 0);  // the experts' first use copies them in
+  for (int step = 0; step < 8; ++step) {
+    const std::string what = "lora decode step " + std::to_string(step);
+    const BackendCounts c = StepAndCompare(m, seqs, what);
+    EXPECT_EQ(c.graph_launches, 1) << what;
+    EXPECT_EQ(c.ops, 1) << what << ": only the sampler runs outside the graph";
+    EXPECT_EQ(c.syncs, 1) << what;
+    EXPECT_EQ(c.d2h_bytes, 3 * kRowBytes) << what;
+    EXPECT_LE(c.h2d_copies, 10) << what;
+    EXPECT_EQ(c.page_copies, 0) << what << ": the experts stay resident";
+  }
+  EXPECT_EQ(m.model->decode_graphs(), 1);
+}
+
+TEST(StepTransfersTest, SamplingThatDoesNotFitTheBatchIsRefused) {
+  Models m = MakeModels();
+  Seqs seqs{.tokens = {{5, 9}}, .slot = {-1}, .top = {0}};
+  const Batch b = seqs.Next();
+  StepSamples out;
+  StepSampling none;  // no row for the batch's one sample row
+  EXPECT_EQ(m.model->ForwardSample(b, none, &out).code(), absl::StatusCode::kInvalidArgument);
+  StepSampling bad;
+  bad.rows.resize(1);
+  bad.rows[0].num_top_logprobs = 21;
+  EXPECT_EQ(m.model->ForwardSample(b, bad, &out).code(), absl::StatusCode::kInvalidArgument);
+  bad.rows[0] = {};
+  bad.rows[0].penalty_end = 1;  // past the entries
+  EXPECT_EQ(m.model->ForwardSample(b, bad, &out).code(), absl::StatusCode::kInvalidArgument);
+  bad.rows[0].penalty_end = 1;
+  bad.penalty_ids = {m.model->config().vocab_size};  // outside the vocabulary
+  bad.penalty_counts = {1};
+  EXPECT_EQ(m.model->ForwardSample(b, bad, &out).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace moleserve::engine
