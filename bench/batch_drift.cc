@@ -150,17 +150,20 @@ nlohmann::json Measure(const std::string& label, Backend* backend, const std::st
   std::vector<int32_t> forced;
   const Trace alone = RunOne(*model, slot, {"alone", {}}, steps, &forced);
   nlohmann::json rows = nlohmann::json::array();
-  std::printf("%s\n%-34s %12s %12s %8s %14s\n", label.c_str(), "composition", "max|dlogit|",
-              "max|dlogprob|", "greedy", "routing flips");
+  std::printf("%s\n%-34s %12s %12s %12s %8s %14s\n", label.c_str(), "composition", "max|dlogit|",
+              "(decode)", "max|dlogprob|", "greedy", "routing flips");
   for (const Composition& comp : comps) {
     const Trace t = RunOne(*model, slot, comp, steps, &forced);
-    double max_logit = 0, max_logprob = 0;
+    double max_logit = 0, max_logprob = 0, max_decode_logit = 0;
     int agree = 0, sites = 0, flips = 0;
     for (size_t step = 0; step < alone.logits.size(); ++step) {
       const auto& a = alone.logits[step];
       const auto& b = t.logits[step];
-      for (size_t i = 0; i < a.size(); ++i)
-        max_logit = std::max<double>(max_logit, std::fabs(a[i] - b[i]));
+      for (size_t i = 0; i < a.size(); ++i) {
+        const double d = std::fabs(a[i] - b[i]);
+        max_logit = std::max(max_logit, d);
+        if (step > 0) max_decode_logit = std::max(max_decode_logit, d);  // step 0 is the prefill
+      }
       const int32_t pick = static_cast<int32_t>(std::max_element(a.begin(), a.end()) - a.begin());
       max_logprob = std::max(max_logprob, std::fabs(LogSoftmaxAt(a, pick) - LogSoftmaxAt(b, pick)));
       agree += pick == static_cast<int32_t>(std::max_element(b.begin(), b.end()) - b.begin());
@@ -170,12 +173,13 @@ nlohmann::json Measure(const std::string& label, Backend* backend, const std::st
       }
     }
     const int total = static_cast<int>(alone.logits.size());
-    std::printf("%-34s %12.3g %12.3g %4d/%-3d %7d/%-6d\n", comp.name.c_str(), max_logit,
-                max_logprob, agree, total, flips, sites);
+    std::printf("%-34s %12.3g %12.3g %12.3g %4d/%-3d %7d/%-6d\n", comp.name.c_str(), max_logit,
+                max_decode_logit, max_logprob, agree, total, flips, sites);
     rows.push_back({{"composition", comp.name},
                     {"neighbours", comp.neighbours.size()},
                     {"max_abs_logit_diff", max_logit},
                     {"max_abs_logprob_diff", max_logprob},
+                    {"max_abs_logit_diff_decode_steps", max_decode_logit},
                     {"greedy_agree", agree},
                     {"steps", total},
                     {"routing_sites", sites},
