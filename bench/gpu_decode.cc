@@ -8,6 +8,10 @@
 //     distinct plain LoRAs (PEFT, rank 16, all seven linear modules), and for a top-2-of-8 MoLE
 //     adapter (mole/1, rank 16 experts on all seven linear modules), each as a ratio of the base
 //     model's throughput measured in the same run.
+//  3. determinism: one decode step of 64 sequences run twice, without adapters and with half the
+//     sequences on the MoLE: how many logits differ between the runs (0 is the goal).
+// The bound of (1) counts the bytes a step reads: every weight but the embedding table, plus the
+// KV cache. Adapters are warmed before any throughput is timed.
 // Adapters are written (bf16 safetensors) under --workdir. Prints a table, writes JSON.
 //
 //   bench_gpu_decode [--out bench/results/gpu_decode_raw.json] [--preset llama-7b]
@@ -17,6 +21,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -29,6 +34,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "bench/gpu/copy_bandwidth.h"
+#include "engine/adapters/adapter.h"
 #include "engine/backend/backend.h"
 #include "engine/engine.h"
 #include "engine/model/llama_model.h"
@@ -190,11 +196,17 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
   const double copy_bw = moleserve::bench::MeasureCopyBandwidth();
-  const double weight_bytes = 2.0 * config->ParameterCount();
-  const double bound_ms = weight_bytes / copy_bw * 1e3;
-  std::printf("device %s: copy bandwidth %.0f GB/s; %s weights %.2f GB -> bound %.3f ms/step\n",
-              prop.name, copy_bw / 1e9, preset.c_str(), weight_bytes / 1e9, bound_ms);
+  // What a decode step really reads: every weight except the embedding table (a lookup reads one
+  // row per token; when tied, it is read once as lm_head), plus the KV cache of the context.
+  const double embed_bytes =
+      config->tie_word_embeddings ? 0.0 : 2.0 * config->vocab_size * config->hidden_size;
+  const double weight_bytes = 2.0 * config->ParameterCount() - embed_bytes;
+  const double kv_bytes_per_token =
+      2.0 * 2.0 * config->num_layers * config->num_kv_heads * config->head_dim;  // K and V, bf16
+  std::printf("device %s: copy bandwidth %.0f GB/s; %s weights read per step %.2f GB\n", prop.name,
+              copy_bw / 1e9, preset.c_str(), weight_bytes / 1e9);
   nlohmann::json steps = nlohmann::json::array();
+  nlohmann::json determinism = nlohmann::json::object();
   {
     auto backend = CreateCudaBackend({});
     Check(backend.status(), "cuda backend");
@@ -206,7 +218,8 @@ int main(int argc, char** argv) {
                                      .max_batch_tokens = 2048,
                                      .max_seqs = kMaxSeqs});
     Check(model.status(), "model");
-    std::printf("%6s %10s %10s %10s\n", "batch", "ms/step", "bound ms", "bound/step");
+    std::printf("%6s %10s %10s %10s %10s\n", "batch", "ms/step", "bound ms", "bound/step",
+                "step/bound");
     for (int batch : {1, 8, 16, 32, 64}) {
       Batch b;
       for (int s = 0; s < batch; ++s) {
@@ -250,12 +263,67 @@ int main(int argc, char** argv) {
       }
       std::sort(ms.begin(), ms.end());
       const double step_ms = ms[ms.size() / 2];
-      std::printf("%6d %10.3f %10.3f %10.3f\n", batch, step_ms, bound_ms, bound_ms / step_ms);
+      // The steps' mean context is kContext + 14 tokens.
+      const double bytes = weight_bytes + batch * (kContext + 14) * kv_bytes_per_token;
+      const double bound_ms = bytes / copy_bw * 1e3;
+      std::printf("%6d %10.3f %10.3f %10.3f %10.3f\n", batch, step_ms, bound_ms, bound_ms / step_ms,
+                  step_ms / bound_ms);
       steps.push_back({{"batch", batch},
                        {"ms_per_step", step_ms},
+                       {"bytes_read_per_step", bytes},
                        {"bound_ms", bound_ms},
-                       {"bound_over_step", bound_ms / step_ms}});
+                       {"bound_over_step", bound_ms / step_ms},
+                       {"step_over_bound", step_ms / bound_ms}});
     }
+    // Determinism: the same decode step twice (same inputs, same KV positions rewritten with the
+    // same values) must give bit-identical logits.
+    Batch d;
+    for (int s = 0; s < kMaxSeqs; ++s) {
+      for (int blk = 0; blk < (kContext + 64) / kBlock; ++blk) {
+        d.block_tables.push_back(s * ((kContext + 64) / kBlock) + blk);
+      }
+      d.block_table_offsets.push_back(static_cast<int32_t>(d.block_tables.size()));
+      d.tokens.push_back((s * 3 + 1) % 256);
+      d.positions.push_back(kContext + 30);
+      d.token_seq.push_back(s);
+      d.sample_rows.push_back(s);
+    }
+    std::vector<float> first, second;
+    Check((*model)->Forward(d, &first), "determinism run 1");
+    Check((*model)->Forward(d, &second), "determinism run 2");
+    int64_t differ = 0;
+    double max_diff = 0;
+    for (size_t i = 0; i < first.size(); ++i) {
+      differ += first[i] != second[i] ? 1 : 0;
+      max_diff = std::max<double>(max_diff, std::fabs(first[i] - second[i]));
+    }
+    std::printf("determinism (base, batch %d): %lld of %zu logits differ (max %.3g)\n", kMaxSeqs,
+                static_cast<long long>(differ), first.size(), max_diff);
+    determinism["base_batch64_logits_differing"] = differ;
+    determinism["base_batch64_max_abs_diff"] = max_diff;
+    // The same with half the sequences on a top-2-of-8 MoLE (planned, in the decode graph):
+    // its expand adds two experts per row.
+    const std::string mole_dir = absl::GetFlag(FLAGS_workdir) + "/determinism_mole";
+    auto mole = LoadAdapter(WriteMole(mole_dir, *config, 8, 2, 16), "mole", *config, {});
+    Check(mole.status(), "load mole");
+    auto slot = (*model)->AttachAdapter(*mole);
+    Check(slot.status(), "attach mole");
+    d.seq_adapter.assign(kMaxSeqs, -1);
+    for (int s = 0; s < kMaxSeqs; s += 2) d.seq_adapter[s] = *slot;
+    d.aux_block_table_offsets.assign(kMaxSeqs + 1, 0);
+    Check((*model)->Forward(d, &first), "determinism mole run 1");
+    Check((*model)->Forward(d, &second), "determinism mole run 2");
+    differ = 0;
+    max_diff = 0;
+    for (size_t i = 0; i < first.size(); ++i) {
+      differ += first[i] != second[i] ? 1 : 0;
+      max_diff = std::max<double>(max_diff, std::fabs(first[i] - second[i]));
+    }
+    std::printf("determinism (half MoLE, batch %d): %lld of %zu logits differ (max %.3g)\n",
+                kMaxSeqs, static_cast<long long>(differ), first.size(), max_diff);
+    determinism["mole_batch64_logits_differing"] = differ;
+    determinism["mole_batch64_max_abs_diff"] = max_diff;
+    fs::remove_all(mole_dir);
   }
 
   // Throughput with adapters.
@@ -275,7 +343,11 @@ int main(int argc, char** argv) {
   auto engine = Engine::Create(options);
   Check(engine.status(), "engine");
   const int n = absl::GetFlag(FLAGS_requests);
-  Throughput(**engine, 8, [](int) { return ""; });  // warm-up
+  // Warm-up: the base model's graphs, then every adapter's experts (so no timed run pays for
+  // cold expert copies or graph captures its adapters need).
+  Throughput(**engine, 8, [](int) { return ""; });
+  Throughput(**engine, 32, [](int i) { return absl::StrCat("lora", i % 32); });
+  Throughput(**engine, 8, [](int) { return "mole"; });
   const double base = Throughput(**engine, n, [](int) { return ""; });
   const double loras = Throughput(**engine, n, [](int i) { return absl::StrCat("lora", i % 32); });
   const double mole = Throughput(**engine, n, [](int) { return "mole"; });
@@ -288,8 +360,9 @@ int main(int argc, char** argv) {
                                  {"preset", preset},
                                  {"dtype", "bf16"},
                                  {"copy_bandwidth_bytes_per_s", copy_bw},
-                                 {"weight_bytes", weight_bytes},
+                                 {"weight_bytes_read_per_step", weight_bytes},
                                  {"decode_steps", steps},
+                                 {"determinism", determinism},
                                  {"throughput",
                                   {{"requests", n},
                                    {"prompt_tokens", absl::GetFlag(FLAGS_prompt_tokens)},

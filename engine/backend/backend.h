@@ -133,6 +133,9 @@ class Backend {
   // the replay is testable without a GPU); CUDA captures its compute stream.
   virtual absl::StatusOr<int64_t> CaptureGraph(const std::function<absl::Status()>& record) = 0;
   virtual absl::Status LaunchGraph(int64_t graph) = 0;
+  // Frees a captured graph (after any launch of it finishes); launching it afterwards fails.
+  // Unknown or already destroyed handles are ignored. Default: nothing to free.
+  virtual void DestroyGraph(int64_t graph) {}
 };
 
 struct CpuBackendOptions {

@@ -2,6 +2,7 @@
 #include <cstring>
 #include <functional>
 #include <new>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -68,8 +69,17 @@ class CpuBackend final : public Backend {
     if (graph < 0 || graph >= static_cast<int64_t>(graphs_.size())) {
       return absl::InvalidArgumentError(absl::StrCat("cpu backend: no graph ", graph));
     }
+    if (destroyed_.count(graph)) {
+      return absl::InvalidArgumentError(absl::StrCat("cpu backend: graph ", graph, " destroyed"));
+    }
     for (const auto& op : graphs_[graph]) RETURN_IF_ERROR(op());
     return absl::OkStatus();
+  }
+  void DestroyGraph(int64_t graph) override {
+    if (graph < 0 || graph >= static_cast<int64_t>(graphs_.size())) return;
+    graphs_[graph].clear();
+    graphs_[graph].shrink_to_fit();
+    destroyed_.insert(graph);
   }
 
   absl::Status Gemm(const kernels::GemmParams& p) override {
@@ -143,6 +153,7 @@ class CpuBackend final : public Backend {
   kc::ThreadPool pool_;
   std::vector<std::function<absl::Status()>>* recording_ = nullptr;  // while capturing
   std::vector<std::vector<std::function<absl::Status()>>> graphs_;
+  std::set<int64_t> destroyed_;
 };
 
 }  // namespace

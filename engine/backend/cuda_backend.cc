@@ -84,7 +84,9 @@ struct CudaState {
     cudaSetDevice(device);
     if (compute != nullptr) cudaStreamSynchronize(compute);
     if (copy != nullptr) cudaStreamSynchronize(copy);
-    for (cudaGraphExec_t g : graphs) cudaGraphExecDestroy(g);
+    for (cudaGraphExec_t g : graphs) {
+      if (g != nullptr) cudaGraphExecDestroy(g);
+    }
     if (compute_done != nullptr) cudaEventDestroy(compute_done);
     if (copy_done != nullptr) cudaEventDestroy(copy_done);
     if (compute != nullptr) cudaStreamDestroy(compute);
@@ -288,7 +290,19 @@ class CudaBackend final : public Backend {
     if (graph < 0 || graph >= static_cast<int64_t>(state_->graphs.size())) {
       return absl::InvalidArgumentError(absl::StrCat("cuda backend: no graph ", graph));
     }
+    if (state_->graphs[graph] == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("cuda backend: graph ", graph, " destroyed"));
+    }
     return CudaStatus(cudaGraphLaunch(state_->graphs[graph], state_->compute), "graph launch");
+  }
+
+  void DestroyGraph(int64_t graph) override {
+    if (graph < 0 || graph >= static_cast<int64_t>(state_->graphs.size())) return;
+    if (state_->graphs[graph] == nullptr) return;
+    cudaSetDevice(state_->device);
+    cudaStreamSynchronize(state_->compute);  // a launch in flight finishes first
+    cudaGraphExecDestroy(state_->graphs[graph]);
+    state_->graphs[graph] = nullptr;
   }
 
  private:
@@ -318,21 +332,24 @@ class CudaBackend final : public Backend {
   }
 
   // The staging buffer is a ring of kStagingSegments segments. When a segment is full, an event
-  // is recorded on the compute stream (which every bulk copy on the copy stream is ordered
-  // before), and the next segment is reused only once the event recorded when it was last
-  // closed has completed: a wrap waits for copies issued a whole ring ago, never for the device
-  // to drain.
+  // is recorded on the stream of the copy that found it full, and the next segment is reused
+  // only once the event recorded when it was last closed has completed: a wrap waits for copies
+  // issued a whole ring ago, never for the device to drain.
   static constexpr int kStagingSegments = 8;
   static constexpr size_t kAlign = 256;
   size_t segment_bytes() const { return staging_bytes_ / kStagingSegments / kAlign * kAlign; }
 
-  absl::Status NextSegment() {
+  absl::Status NextSegment(cudaStream_t stream) {
     cudaEvent_t& done = segment_done_[segment_];
     if (done == nullptr) {
       RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&done, cudaEventDisableTiming),
                                  "staging: create event"));
     }
-    RETURN_IF_ERROR(CudaStatus(cudaEventRecord(done, state_->compute), "staging: record"));
+    // On the stream of the copy being issued: the copy stream is ordered after every compute op
+    // issued so far (CopyToDeviceBulk waits for compute_done) and the compute stream after every
+    // finished bulk (copy_done), so the event follows every copy that read the segment, also
+    // those of a bulk still being issued.
+    RETURN_IF_ERROR(CudaStatus(cudaEventRecord(done, stream), "staging: record"));
     segment_pending_[segment_] = true;
     segment_ = (segment_ + 1) % kStagingSegments;
     segment_used_ = 0;
@@ -352,7 +369,7 @@ class CudaBackend final : public Backend {
     if (bytes > segment_bytes()) {
       return CudaStatus(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream), what);
     }
-    if (segment_used_ + bytes > segment_bytes()) RETURN_IF_ERROR(NextSegment());
+    if (segment_used_ + bytes > segment_bytes()) RETURN_IF_ERROR(NextSegment(stream));
     char* slot = static_cast<char*>(staging_.get()) + segment_ * segment_bytes() + segment_used_;
     std::memcpy(slot, src, bytes);
     segment_used_ += (bytes + kAlign - 1) / kAlign * kAlign;

@@ -113,6 +113,7 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
 }
 
 void AdapterExecutor::Detach(int32_t slot) {
+  EndPass();  // no pin of a previous pass may outlive its stacks
   auto it = attached_.find(slot);
   if (it == attached_.end()) return;
   cache_.RemoveOwner(slot);
@@ -168,6 +169,18 @@ absl::Status AdapterExecutor::BeginPass(PassTokens tokens) {
     RETURN_IF_ERROR(backend_->CopyToDevice(route_undefined_.data(), &zero, sizeof(zero)));
   }
   return absl::OkStatus();
+}
+
+std::vector<int32_t> AdapterExecutor::plan_routed_slots() const {
+  std::vector<int32_t> slots;
+  for (const StepPlan::Routed& r : plan_.routed) {
+    for (const auto& [slot, att] : attached_) {
+      if (att.get() == r.att && std::find(slots.begin(), slots.end(), slot) == slots.end()) {
+        slots.push_back(slot);
+      }
+    }
+  }
+  return slots;
 }
 
 void AdapterExecutor::EndPass() {
@@ -310,8 +323,10 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
     plan_.pins.push_back({stack, expert});
     return true;
   };
+  // No plan: nothing stays pinned; running out of memory only means the pass runs eagerly.
   auto give_up = [&](absl::StatusOr<bool> why) -> absl::StatusOr<bool> {
     EndPass();
+    if (!why.ok() && absl::IsResourceExhausted(why.status())) return false;
     return why;
   };
   plan_.site_used.assign(sites, 0);
@@ -347,10 +362,11 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
     std::memcpy(h + routed_at[r].scale, stack.scale.data(), stack.scale.size() * 4);
     a_rows.clear();
     b_rows.clear();
-    for (int32_t e = 0; e < stack.num_experts; ++e) {
-      absl::StatusOr<bool> ok = pin(&stack, e, &a_rows, &b_rows);
-      if (!ok.ok() || !*ok) return give_up(ok);
-    }
+    // Every expert, but only into free pages (as the eager device route does): when they do
+    // not fit, evicting idle experts for a plan that may fail anyway would thrash the cache.
+    absl::StatusOr<bool> ok = cache_.AcquireAllIfRoom(&stack, &a_rows, &b_rows);
+    if (!ok.ok() || !*ok) return give_up(ok);
+    for (int32_t e = 0; e < stack.num_experts; ++e) plan_.pins.push_back({&stack, e});
     std::copy(a_rows.begin(), a_rows.end(),
               reinterpret_cast<const void**>(h + routed_at[r].a_rows));
     std::copy(b_rows.begin(), b_rows.end(),

@@ -94,6 +94,10 @@ class AdapterExecutor {
   // routed group takes part): a graph captured for one key replays correctly for any planned
   // pass with the same key.
   const std::vector<int64_t>& plan_key() const { return plan_.key; }
+  // The plan buffers' allocation epoch (a graph captured before it grew reads freed memory),
+  // and the slots whose routers the planned pass's launches read.
+  int64_t plan_epoch() const { return plan_epoch_; }
+  std::vector<int32_t> plan_routed_slots() const;
   // Ends the pass: releases what the plan pinned.
   void EndPass();
   // True when some token of the pass uses an adapter.

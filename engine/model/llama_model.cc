@@ -658,6 +658,26 @@ bool LlamaModel::IsGraphableDecode(const Batch& b) const {
   return true;
 }
 
+void LlamaModel::DetachAdapter(int32_t slot) {
+  adapters_.Detach(slot);
+  // Graphs whose launches read the adapter's routers can never be replayed (slots are not
+  // reused): free them.
+  DropGraphs([&](const GraphEntry& g) {
+    return std::find(g.slots.begin(), g.slots.end(), slot) != g.slots.end();
+  });
+}
+
+void LlamaModel::DropGraphs(const std::function<bool(const GraphEntry&)>& stale) {
+  for (auto it = decode_graphs_.begin(); it != decode_graphs_.end();) {
+    if (stale(it->second)) {
+      backend_->DestroyGraph(it->second.graph);
+      it = decode_graphs_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   const int32_t n = b.num_tokens();
   PassTokens pass;
@@ -676,10 +696,14 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   // (AdapterExecutor::PlanPass: plain LoRAs and module-scope routed groups); others (rank-wise,
   // X-LoRA, block FFN, routing overrides) run eagerly.
   std::vector<int64_t> key = {n};
+  GraphEntry entry;
   if (adapters_.active()) {
     ASSIGN_OR_RETURN(bool planned, adapters_.PlanPass());
     if (!planned) return false;
     key.insert(key.end(), adapters_.plan_key().begin(), adapters_.plan_key().end());
+    entry.epoch = adapters_.plan_epoch();
+    entry.slots = adapters_.plan_routed_slots();
+    DropGraphs([&](const GraphEntry& g) { return g.epoch >= 0 && g.epoch < entry.epoch; });
   }
   RETURN_IF_ERROR(UploadBatch(b));
   RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
@@ -700,9 +724,27 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
       graph_status_ = graph.status();
       return false;
     }
-    it = decode_graphs_.emplace(std::move(key), *graph).first;
+    entry.graph = *graph;
+    if (entry.epoch >= 0) {
+      // Adapter graphs are bounded: the least recently launched goes first.
+      int64_t adapter_graphs = 0;
+      for (const auto& [k, g] : decode_graphs_) adapter_graphs += g.epoch >= 0 ? 1 : 0;
+      if (adapter_graphs >= kMaxAdapterGraphs) {
+        auto oldest = decode_graphs_.end();
+        for (auto g = decode_graphs_.begin(); g != decode_graphs_.end(); ++g) {
+          if (g->second.epoch >= 0 &&
+              (oldest == decode_graphs_.end() || g->second.last_used < oldest->second.last_used)) {
+            oldest = g;
+          }
+        }
+        backend_->DestroyGraph(oldest->second.graph);
+        decode_graphs_.erase(oldest);
+      }
+    }
+    it = decode_graphs_.emplace(std::move(key), std::move(entry)).first;
   }
-  RETURN_IF_ERROR(backend_->LaunchGraph(it->second));
+  it->second.last_used = ++graph_clock_;
+  RETURN_IF_ERROR(backend_->LaunchGraph(it->second.graph));
   adapters_.EndPass();
   return true;
 }

@@ -12,6 +12,7 @@
 // Device memory: owned by the model (weights, KV cache, scratch), freed on destruction.
 // Thread safety: Forward() must be called by one thread at a time (the engine loop).
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <vector>
@@ -94,7 +95,8 @@ class LlamaModel {
   absl::StatusOr<int32_t> AttachAdapter(std::shared_ptr<const Adapter> adapter) {
     return adapters_.Attach(std::move(adapter));
   }
-  void DetachAdapter(int32_t slot) { adapters_.Detach(slot); }
+  // Also frees the decode graphs that read its routers.
+  void DetachAdapter(int32_t slot);
   AdapterExecutor& adapters() { return adapters_; }
   const AdapterExecutor& adapters() const { return adapters_; }
 
@@ -164,7 +166,18 @@ class LlamaModel {
   DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, o_;
   DeviceBuffer logits_;  // fp32 on every backend (lm_head writes fp32: no bf16 rounding)
   // {batch size, AdapterExecutor::plan_key()...} -> Backend graph
-  std::map<std::vector<int64_t>, int64_t> decode_graphs_;
+  struct GraphEntry {
+    int64_t graph = -1;
+    int64_t epoch = -1;          // plan buffers' epoch for adapter graphs; -1 = no adapters
+    std::vector<int32_t> slots;  // adapters whose routers the graph reads
+    uint64_t last_used = 0;
+  };
+  // Adapter graphs kept at most (the least recently launched is freed first); graphs of an old
+  // plan epoch or a detached adapter are freed at once.
+  static constexpr int64_t kMaxAdapterGraphs = 64;
+  void DropGraphs(const std::function<bool(const GraphEntry&)>& stale);
+  std::map<std::vector<int64_t>, GraphEntry> decode_graphs_;
+  uint64_t graph_clock_ = 0;
   bool graphs_unavailable_ = false;  // the backend has no graphs
   bool routing_to_take_ = false;     // the eager pass left records for TakeRouting
   absl::Status graph_status_;        // why, when it has none

@@ -36,7 +36,13 @@ MOLESERVE_HD inline float PenalizedLogit(float logit, int32_t count, const Sampl
     w = w > 0 ? w / rp.repetition_penalty : w * rp.repetition_penalty;
   }
   if ((rp.frequency_penalty != 0.0f || rp.presence_penalty != 0.0f) && count > 0) {
+#if defined(__CUDA_ARCH__)
+    // Rounded like the host (no fused multiply-add): the same penalised logit on both sides.
+    w = __fsub_rn(w, __fadd_rn(__fmul_rn(rp.frequency_penalty, static_cast<float>(count)),
+                               rp.presence_penalty));
+#else
     w -= rp.frequency_penalty * static_cast<float>(count) + rp.presence_penalty;
+#endif
   }
   return w;
 }
@@ -47,8 +53,10 @@ MOLESERVE_HD inline float ScaledLogit(float w, float max_w, double inv_temperatu
   return static_cast<float>((static_cast<double>(w) - max_w) * inv_temperature);
 }
 
-// Unsigned image of a float that sorts like the float (-0 below +0; finite values only).
+// Unsigned image of a float that sorts like the float (finite values and infinities; -0 and +0
+// are one value, as `Before` compares them).
 MOLESERVE_HD inline uint32_t OrderedBits(float v) {
+  if (v == 0.0f) v = 0.0f;  // -0 -> +0
   uint32_t u;
 #if defined(__CUDA_ARCH__)
   u = __float_as_uint(v);

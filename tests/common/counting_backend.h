@@ -78,6 +78,7 @@ class CountingBackend final : public engine::Backend {
     ++counts_.graph_launches;
     return inner_->LaunchGraph(graph);
   }
+  void DestroyGraph(int64_t graph) override { inner_->DestroyGraph(graph); }
 
 #define MOLESERVE_COUNTED_OP(Op, Params)               \
   absl::Status Op(const kernels::Params& p) override { \
