@@ -100,6 +100,93 @@ struct Collect : GenerationSink {
 
 // 64 greedy streams at once (half through a MoLE adapter) on the CUDA engine, and the same
 // requests on the CPU engine.
+// Planned adapter steps in CUDA graphs (AdapterExecutor::PlanPass): two PEFT LoRAs and the demo
+// MoLE with the base model, decode steps replayed from graphs on the GPU. Against the bf16 CPU
+// twin (kTolerance) every step; against an eager CUDA model, LoRA-only steps bit-identical (each
+// output row gets one add per site) and MoLE steps within kTolerance (k = 2 adds per row whose
+// order the expand's atomics do not fix). The graphed model captures graphs for adapter steps.
+TEST(CudaForwardTest, PlannedAdapterDecodeStepsInGraphsMatch) {
+  SKIP_WITHOUT_GPU();
+  Backends b = MakeBackends();
+  ASSERT_TRUE(b.cuda);
+  auto eager_backend = CreateCudaBackend({});
+  ASSERT_TRUE(eager_backend.ok()) << eager_backend.status();
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(b.cuda.get(), config, weights, options);
+  auto ref = LlamaModel::Create(b.ref.get(), config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(eager_backend->get(), config, weights, options);
+  ASSERT_TRUE(graphed.ok() && ref.ok() && eager.ok());
+  const std::string root = ::testing::TempDir() + "/cuda_planned_adapters";
+  std::vector<int32_t> slot;
+  for (int i = 0; i < 3; ++i) {
+    const std::string dir = root + "/" + std::to_string(i);
+    const std::string written =
+        i < 2 ? test_util::WriteDemoPeftLora(dir, 40 + i) : test_util::WriteDemoMoleAdapter(dir);
+    ASSERT_FALSE(written.empty());
+    auto a = LoadAdapter(dir, "a" + std::to_string(i), config, {});
+    ASSERT_TRUE(a.ok()) << a.status();
+    int32_t s = -1;
+    for (LlamaModel* m : {graphed->get(), ref->get(), eager->get()}) {
+      auto attached = m->AttachAdapter(*a);
+      ASSERT_TRUE(attached.ok()) << attached.status();
+      s = *attached;
+    }
+    slot.push_back(s);
+  }
+  std::filesystem::remove_all(root);
+  // Four sequences (base, LoRA 0, LoRA 1, MoLE); the MoLE sequence decodes on steps 10.. only.
+  const std::vector<int32_t> uses = {-1, slot[0], slot[1], slot[2]};
+  std::vector<std::vector<int32_t>> tokens(4);
+  for (int32_t s = 0; s < 4; ++s) {
+    for (int32_t i = 0; i < 6; ++i) tokens[s].push_back((i * 23 + s * 7 + 1) % 256);
+  }
+  std::vector<int32_t> computed(4, 0);
+  int64_t lora_steps_identical = 0, lora_steps = 0;
+  for (int32_t step = 0; step < 20; ++step) {
+    Batch batch;
+    std::vector<int32_t> in_batch;
+    for (int32_t s = 0; s < 4; ++s) {
+      if (s == 3 && step < 10) continue;
+      for (int32_t p = computed[s]; p < static_cast<int32_t>(tokens[s].size()); ++p) {
+        batch.tokens.push_back(tokens[s][p]);
+        batch.positions.push_back(p);
+        batch.token_seq.push_back(batch.num_seqs());
+      }
+      computed[s] = static_cast<int32_t>(tokens[s].size());
+      batch.sample_rows.push_back(batch.num_tokens() - 1);
+      for (int32_t k = 0; k < 2; ++k) batch.block_tables.push_back(s * 2 + k);
+      batch.block_table_offsets.push_back(static_cast<int32_t>(batch.block_tables.size()));
+      batch.seq_adapter.push_back(uses[s]);
+      in_batch.push_back(s);
+    }
+    batch.aux_block_table_offsets.assign(batch.num_seqs() + 1, 0);
+    std::vector<float> lg, lr, le;
+    absl::Status st = (*graphed)->Forward(batch, &lg);
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    ASSERT_TRUE((*ref)->Forward(batch, &lr).ok());
+    ASSERT_TRUE((*eager)->Forward(batch, &le).ok());
+    const std::string what = absl::StrCat("planned adapters, step ", step);
+    test_util::ExpectLogitsClose(lg, lr, what + " vs the bf16 twin", kTolerance);
+    test_util::ExpectLogitsClose(lg, le, what + " vs eager CUDA", kTolerance);
+    const bool mole = step >= 10;
+    if (!mole && step > 0) {
+      ++lora_steps;
+      lora_steps_identical += lg == le ? 1 : 0;
+    }
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const float* row = lg.data() + r * config.vocab_size;
+      tokens[in_batch[r]].push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+  }
+  EXPECT_EQ(lora_steps_identical, lora_steps) << "LoRA-only decode steps, graphed vs eager";
+  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+}
+
 TEST(CudaForwardTest, SixtyFourConcurrentStreams) {
   SKIP_WITHOUT_GPU();
   const std::string dir =
