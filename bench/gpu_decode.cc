@@ -302,7 +302,7 @@ int main(int argc, char** argv) {
     determinism["base_batch64_logits_differing"] = differ;
     determinism["base_batch64_max_abs_diff"] = max_diff;
     // The same with half the sequences on a top-2-of-8 MoLE (planned, in the decode graph):
-    // its expand adds two experts per row.
+    // two experts per row, summed in a fixed order (SgmvExpandRows).
     const std::string mole_dir = absl::GetFlag(FLAGS_workdir) + "/determinism_mole";
     auto mole = LoadAdapter(WriteMole(mole_dir, *config, 8, 2, 16), "mole", *config, {});
     Check(mole.status(), "load mole");

@@ -115,6 +115,8 @@ class Backend {
   virtual absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) = 0;
   virtual absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) = 0;
   virtual absl::Status ScatterAdd(const kernels::ScatterAddParams& p) = 0;
+  // The expand owned by output rows (deterministic sums where a row has several pairs).
+  virtual absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) = 0;
   virtual absl::Status Convert(const kernels::ConvertParams& p) = 0;
   // Routing of lora-granular and rank-granular groups (kernels/common/routing_math.h).
   virtual absl::Status Route(const kernels::RouteParams& p) = 0;

@@ -115,6 +115,9 @@ class CpuBackend final : public Backend {
   absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
     return Run("SgmvExpand", [this, p] { return kc::SgmvExpand(p, &pool_); });
   }
+  absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) override {
+    return Run("SgmvExpandRows", [this, p] { return kc::SgmvExpandRows(p, &pool_); });
+  }
   absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
     return Run("ScatterAdd", [this, p] { return kc::ScatterAdd(p, &pool_); });
   }

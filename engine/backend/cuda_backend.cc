@@ -235,6 +235,9 @@ class CudaBackend final : public Backend {
   absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
     return Launch("SgmvExpand", &kcu::SgmvExpand, p);
   }
+  absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) override {
+    return Launch("SgmvExpandRows", &kcu::SgmvExpandRows, p);
+  }
   absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
     return Launch("ScatterAdd", &kcu::ScatterAdd, p);
   }

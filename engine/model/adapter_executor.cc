@@ -399,9 +399,9 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
   }
   // Device buffers keep their addresses while they are big enough (graphs hold them); growing
   // one changes the key, so graphs captured with the old ones are never replayed.
-  // ApplyPlanned's scratch: 5 [t, e_max] arrays, counts, segment starts and ranks, then the
+  // ApplyPlanned's scratch: 6 [t, e_max] arrays, counts, segment starts and ranks, then the
   // 8-aligned segment offsets.
-  const int64_t scratch_bytes = ((5 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8 + 8 * e_max;
+  const int64_t scratch_bytes = ((6 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8 + 8 * e_max;
   const int64_t v_floats = std::max(t * v, t * e_max * std::max(routed_rank, 1));
   const bool grows = plan_buf_.bytes() < static_cast<size_t>(layout.bytes) ||
                      plan_v_.bytes() < static_cast<size_t>(v_floats * 4) ||
@@ -466,18 +466,20 @@ absl::Status AdapterExecutor::ApplyPlanned(int32_t layer, LinearModule m, const 
   const auto [in, out] = LinearModuleShape(config_, m);
   const int64_t t = plan_.tokens;
   const int64_t e_max = plan_.max_experts;
-  // Scratch words: logits | experts | weights | pair rows | pair weights | count | segments.
+  // Scratch words: logits | experts | weights | pair rows | pair weights | token pairs | count |
+  // segments.
   float* logits = plan_scratch_.as<float>();
   int32_t* experts = plan_scratch_.as<int32_t>() + t * e_max;
   float* weights = plan_scratch_.as<float>() + 2 * t * e_max;
   int32_t* pair_row = plan_scratch_.as<int32_t>() + 3 * t * e_max;
   float* pair_w = plan_scratch_.as<float>() + 4 * t * e_max;
-  int32_t* count = plan_scratch_.as<int32_t>() + 5 * t * e_max;
+  int32_t* token_pair = plan_scratch_.as<int32_t>() + 5 * t * e_max;
+  int32_t* count = plan_scratch_.as<int32_t>() + 6 * t * e_max;
   int32_t* seg_start = count + t;
   int32_t* seg_rank = seg_start + e_max + 1;
   // int64 offsets after them, 8-aligned.
   auto* seg_off = reinterpret_cast<int64_t*>(
-      plan_scratch_.as<char>() + ((5 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8);
+      plan_scratch_.as<char>() + ((6 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8);
   for (int32_t r : plan_.routed_of_site[site]) {
     const StepPlan::Routed& entry = plan_.routed[r];
     const RoutedModule& rm = *entry.rm;
@@ -515,6 +517,7 @@ absl::Status AdapterExecutor::ApplyPlanned(int32_t layer, LinearModule m, const 
                                              .seg_start = seg_start,
                                              .seg_rank = seg_rank,
                                              .seg_row_offset = seg_off,
+                                             .token_pair = token_pair,
                                              .undefined = route_undefined_.as<int32_t>(),
                                              .num_tokens = static_cast<int32_t>(t),
                                              .num_experts = e,
@@ -530,18 +533,24 @@ absl::Status AdapterExecutor::ApplyPlanned(int32_t layer, LinearModule m, const 
                                           .in = in,
                                           .v_stride = rank,
                                           .dtype = dt_}));
-    RETURN_IF_ERROR(backend_->SgmvExpand({.v = plan_v_.as<float>(),
-                                          .y = y,
-                                          .y_row = pair_row,
-                                          .weight = pair_w,
-                                          .seg_start = seg_start,
-                                          .seg_rank = seg_rank,
-                                          .seg_row_offset = seg_off,
-                                          .b_rows = entry.b_rows,
-                                          .num_segments = e,
-                                          .out = out,
-                                          .v_stride = rank,
-                                          .dtype = dt_}));
+    // Each token's k experts summed in its decision order and added once: no atomics, the
+    // same bits on every run (SgmvExpandRows).
+    RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = plan_v_.as<float>(),
+                                              .y = y,
+                                              .token_pair = token_pair,
+                                              .count = count,
+                                              .active = entry.mask,
+                                              .weight = pair_w,
+                                              .seg_start = seg_start,
+                                              .seg_rank = seg_rank,
+                                              .seg_row_offset = seg_off,
+                                              .b_rows = entry.b_rows,
+                                              .num_tokens = t,
+                                              .pair_stride = e,
+                                              .num_segments = e,
+                                              .out = out,
+                                              .v_stride = rank,
+                                              .dtype = dt_}));
     if (entry.record_at >= 0) {  // the decisions, for the step's one copy back
       int32_t* dst = plan_record_.as<int32_t>() + entry.record_at;
       for (auto [src, words, at] : {std::tuple<const void*, int64_t, int64_t>{experts, t * e, 0},

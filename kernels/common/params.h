@@ -183,6 +183,31 @@ struct SgmvExpandParams {
   ScalarType dtype = ScalarType::kF32;
 };
 
+// The expand half owned by output rows, for pairs that share a row (a token routed to k
+// experts): for each token t (active[t] != 0 when active is given) and column j,
+//   y[t, j] += sum_{q < count[t]} weight[p] * sum_{i < rank[s]} v[p, i] * Bt_s[i, j]
+// with p = token_pair[t * pair_stride + q] and s the segment holding pair p (seg_start). The
+// sum runs in q order in fp32 and is added to y once (one rounding per element in bf16), with no
+// atomics: the same inputs give the same bits on every run.
+struct SgmvExpandRowsParams {
+  const float* v = nullptr;                 // [num_pairs, v_stride] fp32
+  void* y = nullptr;                        // [num_tokens, out], dtype, accumulated into
+  const int32_t* token_pair = nullptr;      // [num_tokens, pair_stride]
+  const int32_t* count = nullptr;           // [num_tokens], 0..pair_stride
+  const int32_t* active = nullptr;          // [num_tokens] or nullptr (all)
+  const float* weight = nullptr;            // [num_pairs]
+  const int32_t* seg_start = nullptr;       // [num_segments + 1]
+  const int32_t* seg_rank = nullptr;        // [num_segments]
+  const int64_t* seg_row_offset = nullptr;  // [num_segments]
+  const void* const* b_rows = nullptr;      // row table: `out`-wide rows, dtype
+  int64_t num_tokens = 0;
+  int32_t pair_stride = 0;
+  int32_t num_segments = 0;
+  int64_t out = 0;
+  int32_t v_stride = 0;
+  ScalarType dtype = ScalarType::kF32;
+};
+
 // y[y_row[r], :] += weight[r] * x[r, :]  for r < rows (weight == nullptr: 1). Several rows may
 // add to the same y row. (MixLoRA's weighted sum of the k expert activations of a token.)
 struct ScatterAddParams {
@@ -277,7 +302,10 @@ struct SegmentBuildParams {
   int32_t* seg_start = nullptr;       // [num_experts + 1]
   int32_t* seg_rank = nullptr;        // [num_experts]
   int64_t* seg_row_offset = nullptr;  // [num_experts]
-  int32_t* undefined = nullptr;       // [1], accumulated into
+  // [num_tokens, num_experts] or nullptr: the pair of each decision (t, j < count[t]), for
+  // SgmvExpandRows.
+  int32_t* token_pair = nullptr;
+  int32_t* undefined = nullptr;  // [1], accumulated into
   int32_t num_tokens = 0;
   int32_t num_experts = 0;  // 1..kMaxRouteWidth
   int32_t rank = 0;

@@ -207,6 +207,7 @@ MOLESERVE_HD inline void WriteExpertSegment(const SegmentBuildParams& p, int32_t
       if (p.experts[k] != e) continue;
       p.pair_row[at] = p.rows[t];
       p.pair_weight[at] = p.weights[k] * p.scale[e];
+      if (p.token_pair != nullptr) p.token_pair[k] = at;
       ++at;
     }
   }

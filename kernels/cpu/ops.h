@@ -32,6 +32,8 @@ KernelStatus PagedAttention(const PagedAttentionParams& p, ThreadPool* pool);
 KernelStatus SgmvShrink(const SgmvShrinkParams& p, ThreadPool* pool);
 KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool);
 KernelStatus ScatterAdd(const ScatterAddParams& p, ThreadPool* pool);
+// Rows of y in parallel; within a row the pairs in token_pair order (params.h).
+KernelStatus SgmvExpandRows(const SgmvExpandRowsParams& p, ThreadPool* pool);
 
 // Routing (routing_math.h, the same per-token code the CUDA kernel runs) and dtype conversion.
 // Route / RankRoute: widths outside 1..kMaxRouteWidth or k outside 1..width -> kInvalidShape.

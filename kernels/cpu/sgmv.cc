@@ -515,6 +515,55 @@ KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool) {
   return KernelStatus::kOk;
 }
 
+KernelStatus SgmvExpandRows(const SgmvExpandRowsParams& p, ThreadPool* pool) {
+  if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
+  if (p.out < 0 || p.num_tokens < 0 || p.pair_stride < 0) return KernelStatus::kInvalidShape;
+  const Segments seg{p.seg_start, p.seg_rank, p.seg_row_offset, p.num_segments, p.v_stride};
+  int64_t num_pairs = 0;
+  if (KernelStatus s = CheckSegments(seg, p.b_rows, &num_pairs); s != KernelStatus::kOk) return s;
+  if (p.num_tokens == 0 || p.out == 0) return KernelStatus::kOk;
+  if (p.y == nullptr || p.token_pair == nullptr || p.count == nullptr) {
+    return KernelStatus::kInvalidArgument;
+  }
+  // Every pair a row names must exist (checked before anything is written).
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    if (p.active != nullptr && p.active[t] == 0) continue;
+    if (p.count[t] < 0 || p.count[t] > p.pair_stride) return KernelStatus::kInvalidArgument;
+    for (int32_t q = 0; q < p.count[t]; ++q) {
+      const int32_t pair = p.token_pair[t * p.pair_stride + q];
+      if (pair < 0 || pair >= num_pairs) return KernelStatus::kInvalidArgument;
+    }
+    if (p.count[t] > 0 && (p.v == nullptr || p.weight == nullptr)) {
+      return KernelStatus::kInvalidArgument;
+    }
+  }
+  auto* y = static_cast<float*>(p.y);
+  const int64_t out = p.out;
+  ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(out);
+    for (int64_t t = begin; t < end; ++t) {
+      if ((p.active != nullptr && p.active[t] == 0) || p.count[t] == 0) continue;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int32_t q = 0; q < p.count[t]; ++q) {
+        const int32_t pair = p.token_pair[t * p.pair_stride + q];
+        // The segment holding the pair: the last start <= pair among non-empty segments.
+        const int32_t s = static_cast<int32_t>(
+            std::upper_bound(p.seg_start, p.seg_start + p.num_segments + 1, pair) - p.seg_start -
+            1);
+        const float w = p.weight[pair];
+        for (int32_t i = 0; i < p.seg_rank[s]; ++i) {
+          const float coef = w * p.v[int64_t{pair} * p.v_stride + i];
+          const auto* b = static_cast<const float*>(p.b_rows[p.seg_row_offset[s] + i]);
+          for (int64_t j = 0; j < out; ++j) acc[j] += coef * b[j];
+        }
+      }
+      float* row = y + t * out;
+      for (int64_t j = 0; j < out; ++j) row[j] += acc[j];
+    }
+  });
+  return KernelStatus::kOk;
+}
+
 KernelStatus ScatterAdd(const ScatterAddParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
   if (p.rows < 0 || p.cols < 0) return KernelStatus::kInvalidShape;

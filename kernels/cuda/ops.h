@@ -26,6 +26,8 @@ cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream);
 cudaError_t SgmvShrink(const SgmvShrinkParams& p, cudaStream_t stream);
 cudaError_t SgmvExpand(const SgmvExpandParams& p, cudaStream_t stream);
 cudaError_t ScatterAdd(const ScatterAddParams& p, cudaStream_t stream);
+// One block per (token, 256 columns): no atomics, the pairs of a row in token_pair order.
+cudaError_t SgmvExpandRows(const SgmvExpandRowsParams& p, cudaStream_t stream);
 // Routing: count[t] == 0 / ok[t] == 0 marks a token with NaN or undefined logits.
 cudaError_t Route(const RouteParams& p, cudaStream_t stream);
 cudaError_t RankRoute(const RankRouteParams& p, cudaStream_t stream);

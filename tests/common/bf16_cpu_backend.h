@@ -169,6 +169,15 @@ class Bf16CpuBackend final : public engine::Backend {
     q.y = y.data(), q.b_rows = table.data(), q.dtype = kF32;
     return Out(inner_->SgmvExpand(q), y, p.y);
   }
+  absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) override {
+    if (!Bf16(p.dtype)) return inner_->SgmvExpandRows(p);
+    std::vector<float> y = In(p.y, p.num_tokens * p.out);
+    std::vector<std::vector<float>> b;
+    std::vector<const void*> table = RowTable(p.b_rows, p, p.out, &b);
+    kernels::SgmvExpandRowsParams q = p;
+    q.y = y.data(), q.b_rows = table.data(), q.dtype = kF32;
+    return Out(inner_->SgmvExpandRows(q), y, p.y);
+  }
   absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
     if (!Bf16(p.dtype)) return inner_->ScatterAdd(p);
     std::vector<float> x = In(p.x, p.rows * p.cols);

@@ -97,6 +97,7 @@ class CountingBackend final : public engine::Backend {
   MOLESERVE_COUNTED_OP(SgmvShrink, SgmvShrinkParams)
   MOLESERVE_COUNTED_OP(SgmvExpand, SgmvExpandParams)
   MOLESERVE_COUNTED_OP(ScatterAdd, ScatterAddParams)
+  MOLESERVE_COUNTED_OP(SgmvExpandRows, SgmvExpandRowsParams)
   MOLESERVE_COUNTED_OP(Convert, ConvertParams)
   MOLESERVE_COUNTED_OP(Route, RouteParams)
   MOLESERVE_COUNTED_OP(RankRoute, RankRouteParams)

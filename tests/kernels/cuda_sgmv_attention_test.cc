@@ -727,5 +727,87 @@ TEST(CudaRoutingTest, RankRoutingMatchesTheCpuTwin) {
   }
 }
 
+// The row-owned expand (no atomics) against its CPU twin: fp32 within 1e-5 x max(1, |ref|)
+// (fused multiply-adds on the device), two device runs bit-identical; rows of masked tokens
+// untouched.
+TEST(CudaSgmvExpandRowsTest, MatchesCpuAndRepeatsBitForBit) {
+  SKIP_WITHOUT_GPU();
+  constexpr int32_t kTokens = 64, kExperts = 8, kRank = 16, kOut = 1000, kK = 2;
+  // Each token's k pairs: token t takes experts (t % E, (t + 3) % E); pairs grouped by expert.
+  std::vector<int32_t> count(kTokens, kK), active(kTokens, 1), token_pair(kTokens * kExperts, 0);
+  active[5] = 0;
+  std::vector<std::vector<int32_t>> by_expert(kExperts);
+  for (int32_t t = 0; t < kTokens; ++t) {
+    by_expert[t % kExperts].push_back(t * kExperts + 0);
+    by_expert[(t + 3) % kExperts].push_back(t * kExperts + 1);
+  }
+  std::vector<int32_t> seg_start(kExperts + 1, 0), seg_rank(kExperts, kRank);
+  std::vector<int64_t> seg_off(kExperts);
+  int32_t at = 0;
+  for (int32_t e = 0; e < kExperts; ++e) {
+    seg_start[e] = at;
+    seg_off[e] = int64_t{e} * kRank;
+    for (int32_t slot : by_expert[e]) token_pair[slot] = at++;
+  }
+  seg_start[kExperts] = at;
+  const std::vector<float> v = Random(int64_t{at} * kRank, 7, 1.0f);
+  const std::vector<float> w = Random(at, 8, 1.0f);
+  const std::vector<float> b = Random(int64_t{kExperts} * kRank * kOut, 9, 0.2f);
+  const std::vector<float> y0 = Random(int64_t{kTokens} * kOut, 10, 1.0f);
+  std::vector<const void*> rows(kExperts * kRank);
+  for (int32_t i = 0; i < kExperts * kRank; ++i) rows[i] = b.data() + int64_t{i} * kOut;
+  std::vector<float> want = y0;
+  SgmvExpandRowsParams p{.v = v.data(),
+                         .y = want.data(),
+                         .token_pair = token_pair.data(),
+                         .count = count.data(),
+                         .active = active.data(),
+                         .weight = w.data(),
+                         .seg_start = seg_start.data(),
+                         .seg_rank = seg_rank.data(),
+                         .seg_row_offset = seg_off.data(),
+                         .b_rows = rows.data(),
+                         .num_tokens = kTokens,
+                         .pair_stride = kExperts,
+                         .num_segments = kExperts,
+                         .out = kOut,
+                         .v_stride = kRank};
+  ASSERT_EQ(cpu::SgmvExpandRows(p, nullptr), KernelStatus::kOk);
+  DeviceBytes d_v(v), d_w(w), d_b(b), d_tp(token_pair), d_count(count), d_active(active),
+      d_start(seg_start), d_rank(seg_rank), d_off(seg_off);
+  std::vector<const void*> d_rows_host(kExperts * kRank);
+  for (int32_t i = 0; i < kExperts * kRank; ++i) {
+    d_rows_host[i] = d_b.get<float>() + int64_t{i} * kOut;
+  }
+  DeviceBytes d_rows(d_rows_host);
+  std::vector<float> got[2];
+  for (int run = 0; run < 2; ++run) {
+    DeviceBytes d_y(y0);
+    SgmvExpandRowsParams q = p;
+    q.v = d_v.get<float>();
+    q.y = d_y.get();
+    q.token_pair = d_tp.get<int32_t>();
+    q.count = d_count.get<int32_t>();
+    q.active = d_active.get<int32_t>();
+    q.weight = d_w.get<float>();
+    q.seg_start = d_start.get<int32_t>();
+    q.seg_rank = d_rank.get<int32_t>();
+    q.seg_row_offset = d_off.get<int64_t>();
+    q.b_rows = d_rows.get<const void*>();
+    ASSERT_EQ(cuda::SgmvExpandRows(q, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    got[run] = d_y.Download<float>(y0.size());
+  }
+  EXPECT_EQ(got[0], got[1]);
+  double max_ref = 1.0;
+  for (float x : want) max_ref = std::max<double>(max_ref, std::fabs(x));
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_NEAR(got[0][i], want[i], 1e-5 * max_ref) << i;
+    if (i / kOut == 5) {
+      ASSERT_EQ(got[0][i], y0[i]);  // masked
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moleserve::kernels

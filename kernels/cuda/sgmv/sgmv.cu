@@ -43,6 +43,27 @@ cudaError_t SgmvExpand(const SgmvExpandParams& p, cudaStream_t stream) {
   });
 }
 
+cudaError_t SgmvExpandRows(const SgmvExpandRowsParams& p, cudaStream_t stream) {
+  if (p.num_tokens < 0 || p.out < 0 || p.pair_stride < 0 || p.num_segments < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.num_tokens == 0 || p.out == 0 || p.num_segments == 0) return cudaSuccess;
+  if (p.v == nullptr || p.y == nullptr || p.token_pair == nullptr || p.count == nullptr ||
+      p.weight == nullptr || p.seg_start == nullptr || p.seg_rank == nullptr ||
+      p.seg_row_offset == nullptr || p.b_rows == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  constexpr int kThreads = 256;
+  const int64_t col_blocks = (p.out + kThreads - 1) / kThreads;
+  if (p.num_tokens > kMaxGridX || col_blocks > kMaxGridY) return cudaErrorInvalidValue;
+  return DispatchFloat(p.dtype, [&]<typename T>() {
+    SgmvExpandRowsKernel<T>
+        <<<dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks)), kThreads,
+           0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
 cudaError_t ScatterAdd(const ScatterAddParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.cols < 0) return cudaErrorInvalidValue;
   if (p.rows == 0 || p.cols == 0) return cudaSuccess;

@@ -114,6 +114,42 @@ __global__ void SgmvExpandKernel(
   }
 }
 
+// y[t, j] += sum over t's pairs (token_pair order) of w * v . Bt[:, j]: thread j of block
+// (t, column block) owns the element, so no atomics; fp32 sum in the CPU twin's order (the
+// multiply-adds may fuse on the device), added to y once.
+template <typename T>
+__global__ void SgmvExpandRowsKernel(SgmvExpandRowsParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t j = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
+  if (j >= p.out) return;
+  if (p.active != nullptr && p.active[t] == 0) return;
+  const int32_t count = p.count[t];
+  if (count <= 0) return;
+  float acc = 0.0f;
+  for (int32_t q = 0; q < count; ++q) {
+    const int32_t pair = p.token_pair[t * p.pair_stride + q];
+    int32_t lo = 0, hi = p.num_segments;  // the segment s with seg_start[s] <= pair < [s + 1]
+    while (hi - lo > 1) {
+      const int32_t mid = (lo + hi) / 2;
+      if (p.seg_start[mid] <= pair) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    while (lo + 1 < p.num_segments && p.seg_start[lo + 1] <= pair) ++lo;  // empty segments
+    const int32_t rank = min(p.seg_rank[lo], p.v_stride);
+    const float w = p.weight[pair];
+    const void* const* rows = p.b_rows + p.seg_row_offset[lo];
+    for (int32_t i = 0; i < rank; ++i) {
+      const float coef = w * p.v[static_cast<int64_t>(pair) * p.v_stride + i];
+      acc += coef * ToFloat(static_cast<const T*>(rows[i])[j]);
+    }
+  }
+  T* y = static_cast<T*>(p.y) + t * p.out + j;
+  *y = FromFloat<T>(ToFloat(*y) + acc);
+}
+
 // y[y_row[r], c] += weight[r] * x[r, c]; grid (rows, column blocks).
 template <typename T>
 __global__ void ScatterAddKernel(const T* __restrict__ x, T* __restrict__ y,
