@@ -1,4 +1,4 @@
-// CPU segmented LoRA GEMM: SgmvShrink + SgmvExpand against the per-expert loop of GEMMs a naive
+// CPU segmented LoRA GEMM: SgmvShrink + SgmvExpandRows against the per-expert loop of GEMMs a naive
 // server runs (for each expert: gather its tokens, sgemm shrink, sgemm expand, weighted
 // scatter-add with saxpy), over tokens x experts x rank with top-2 routing to random experts
 // (top-1 when there is one expert). Both sides use the same stacked weights, OpenBLAS with the
@@ -167,7 +167,7 @@ int main(int argc, char** argv) {
   std::vector<float> xg(int64_t{max_tokens} * hidden), vg(int64_t{max_tokens} * max_rank),
       tg(int64_t{max_tokens} * hidden);
 
-  std::printf("SgmvShrink + SgmvExpand vs per-expert GEMM loop: in = out = %lld, %d threads\n",
+  std::printf("SgmvShrink + SgmvExpandRows vs per-expert GEMM loop: in = out = %lld, %d threads\n",
               static_cast<long long>(hidden), threads);
   std::printf("%7s %8s %5s %6s %12s %12s %9s %10s\n", "tokens", "experts", "rank", "pairs",
               "sgmv us", "baseline us", "speedup", "max |diff|");
@@ -181,7 +181,12 @@ int main(int argc, char** argv) {
         const int k = std::min(absl::GetFlag(FLAGS_top_k), experts);
         const Problem pr = Route(tokens, experts, rank, k, max_rank, rng);
         const int32_t num_pairs = pr.seg_start.back();
-        std::vector<int32_t> y_row(pr.pair_token.begin(), pr.pair_token.end());
+        // Each token's k pairs, in pair order, for the row-owned expand.
+        std::vector<int32_t> token_pair(int64_t{tokens} * k, 0), token_count(tokens, 0);
+        for (int32_t q = 0; q < num_pairs; ++q) {
+          const int32_t t = pr.pair_token[q];
+          token_pair[int64_t{t} * k + token_count[t]++] = q;
+        }
 
         const moleserve::kernels::SgmvShrinkParams shrink{
             .x = x.data(),
@@ -194,21 +199,24 @@ int main(int argc, char** argv) {
             .num_segments = experts,
             .in = hidden,
             .v_stride = rank};
-        const moleserve::kernels::SgmvExpandParams expand{
+        const moleserve::kernels::SgmvExpandRowsParams expand{
             .v = v.data(),
             .y = y_sgmv.data(),
-            .y_row = y_row.data(),
+            .token_pair = token_pair.data(),
+            .count = token_count.data(),
             .weight = pr.pair_weight.data(),
             .seg_start = pr.seg_start.data(),
             .seg_rank = pr.seg_rank.data(),
             .seg_row_offset = pr.seg_row_offset.data(),
             .b_rows = b_rows.data(),
+            .num_tokens = tokens,
+            .pair_stride = k,
             .num_segments = experts,
             .out = hidden,
             .v_stride = rank};
         auto sgmv = [&] {
           if (kc::SgmvShrink(shrink, &pool) != KernelStatus::kOk ||
-              kc::SgmvExpand(expand, &pool) != KernelStatus::kOk) {
+              kc::SgmvExpandRows(expand, &pool) != KernelStatus::kOk) {
             std::fprintf(stderr, "sgmv refused its arguments\n");
             std::exit(1);
           }

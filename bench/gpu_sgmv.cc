@@ -1,4 +1,4 @@
-// CUDA segmented LoRA GEMM at decode shapes: SgmvShrink + SgmvExpand (bf16, fp32 accumulation)
+// CUDA segmented LoRA GEMM at decode shapes: SgmvShrink + SgmvExpandRows (bf16, fp32 accumulation)
 // over tokens x distinct experts x rank, each token routed to one expert (so the distinct expert
 // count is exactly min(experts, tokens)), experts' rank rows scattered over a page pool as the
 // expert cache places them. Reports, per point:
@@ -136,6 +136,11 @@ int main(int argc, char** argv) {
           seg_start.push_back(static_cast<int32_t>(x_row.size()));
           seg_rank.push_back(rank);
         }
+        // Token t's one pair, for the row-owned expand.
+        std::vector<int32_t> token_pair(tokens), token_count(tokens, 1);
+        for (size_t q = 0; q < x_row.size(); ++q) token_pair[x_row[q]] = static_cast<int32_t>(q);
+        int32_t* d_tpair = Upload(token_pair);
+        int32_t* d_tcount = Upload(token_count);
         int32_t* d_xrow = Upload(x_row);
         int32_t* d_start = Upload(seg_start);
         int32_t* d_rank = Upload(seg_rank);
@@ -154,28 +159,31 @@ int main(int argc, char** argv) {
                                           .in = hidden,
                                           .v_stride = rank,
                                           .dtype = kk::ScalarType::kBF16};
-        const kk::SgmvExpandParams expand{.v = d_v,
-                                          .y = d_y,
-                                          .y_row = d_xrow,
-                                          .weight = d_w,
-                                          .seg_start = d_start,
-                                          .seg_rank = d_rank,
-                                          .seg_row_offset = d_off,
-                                          .b_rows = d_brows,
-                                          .num_segments = experts,
-                                          .out = hidden,
-                                          .v_stride = rank,
-                                          .dtype = kk::ScalarType::kBF16};
+        const kk::SgmvExpandRowsParams expand{.v = d_v,
+                                              .y = d_y,
+                                              .token_pair = d_tpair,
+                                              .count = d_tcount,
+                                              .weight = d_w,
+                                              .seg_start = d_start,
+                                              .seg_rank = d_rank,
+                                              .seg_row_offset = d_off,
+                                              .b_rows = d_brows,
+                                              .num_tokens = tokens,
+                                              .pair_stride = 1,
+                                              .num_segments = experts,
+                                              .out = hidden,
+                                              .v_stride = rank,
+                                              .dtype = kk::ScalarType::kBF16};
         for (int w = 0; w < 10; ++w) {
           CHECK_CUDA(kk::cuda::SgmvShrink(shrink, nullptr));
-          CHECK_CUDA(kk::cuda::SgmvExpand(expand, nullptr));
+          CHECK_CUDA(kk::cuda::SgmvExpandRows(expand, nullptr));
         }
         std::vector<float> per_call_us;
         for (int r = 0; r < 7; ++r) {
           CHECK_CUDA(cudaEventRecord(start));
           for (int i = 0; i < iters; ++i) {
             CHECK_CUDA(kk::cuda::SgmvShrink(shrink, nullptr));
-            CHECK_CUDA(kk::cuda::SgmvExpand(expand, nullptr));
+            CHECK_CUDA(kk::cuda::SgmvExpandRows(expand, nullptr));
           }
           CHECK_CUDA(cudaEventRecord(stop));
           CHECK_CUDA(cudaEventSynchronize(stop));
@@ -202,7 +210,8 @@ int main(int argc, char** argv) {
         for (void* p :
              {static_cast<void*>(d_xrow), static_cast<void*>(d_start), static_cast<void*>(d_rank),
               static_cast<void*>(d_off), static_cast<void*>(d_w), static_cast<void*>(d_arows),
-              static_cast<void*>(d_brows)}) {
+              static_cast<void*>(d_brows), static_cast<void*>(d_tpair),
+              static_cast<void*>(d_tcount)}) {
           cudaFree(p);
         }
       }

@@ -111,12 +111,11 @@ class Backend {
   virtual absl::Status Rope(const kernels::RopeParams& p) = 0;
   virtual absl::Status KvWrite(const kernels::KvWriteParams& p) = 0;
   virtual absl::Status PagedAttention(const kernels::PagedAttentionParams& p) = 0;
-  // Segmented LoRA GEMMs over (row, expert) pairs and the weighted scatter-add.
+  // Segmented LoRA GEMMs over (row, expert) pairs and the weighted gather-add. Sums into an
+  // output row are owned by that row (no atomics): the same inputs give the same bits.
   virtual absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) = 0;
-  virtual absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) = 0;
-  virtual absl::Status ScatterAdd(const kernels::ScatterAddParams& p) = 0;
-  // The expand owned by output rows (deterministic sums where a row has several pairs).
   virtual absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) = 0;
+  virtual absl::Status GatherAdd(const kernels::GatherAddParams& p) = 0;
   virtual absl::Status Convert(const kernels::ConvertParams& p) = 0;
   // Routing of lora-granular and rank-granular groups (kernels/common/routing_math.h).
   virtual absl::Status Route(const kernels::RouteParams& p) = 0;

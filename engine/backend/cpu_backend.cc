@@ -112,14 +112,11 @@ class CpuBackend final : public Backend {
   absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
     return Run("SgmvShrink", [this, p] { return kc::SgmvShrink(p, &pool_); });
   }
-  absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
-    return Run("SgmvExpand", [this, p] { return kc::SgmvExpand(p, &pool_); });
-  }
   absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) override {
     return Run("SgmvExpandRows", [this, p] { return kc::SgmvExpandRows(p, &pool_); });
   }
-  absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
-    return Run("ScatterAdd", [this, p] { return kc::ScatterAdd(p, &pool_); });
+  absl::Status GatherAdd(const kernels::GatherAddParams& p) override {
+    return Run("GatherAdd", [this, p] { return kc::GatherAdd(p, &pool_); });
   }
   absl::Status Convert(const kernels::ConvertParams& p) override {
     return Run("Convert", [this, p] { return kc::Convert(p, &pool_); });

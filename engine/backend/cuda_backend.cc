@@ -232,14 +232,11 @@ class CudaBackend final : public Backend {
   absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
     return Launch("SgmvShrink", &kcu::SgmvShrink, p);
   }
-  absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
-    return Launch("SgmvExpand", &kcu::SgmvExpand, p);
-  }
   absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) override {
     return Launch("SgmvExpandRows", &kcu::SgmvExpandRows, p);
   }
-  absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
-    return Launch("ScatterAdd", &kcu::ScatterAdd, p);
+  absl::Status GatherAdd(const kernels::GatherAddParams& p) override {
+    return Launch("GatherAdd", &kcu::GatherAdd, p);
   }
   absl::Status Convert(const kernels::ConvertParams& p) override {
     return Launch("Convert", &kcu::Convert, p);

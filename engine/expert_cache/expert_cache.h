@@ -7,12 +7,12 @@
 // module's input or output width) in the backend's compute dtype (converted from fp32 as it is
 // copied in, in one batch on the backend's copy stream), and there is one pool per distinct width,
 // so experts of mixed ranks never fragment a pool and evicting an expert frees exactly the pages it
-// took. Kernels reach the rows through the row pointers Acquire hands out (SgmvShrink/SgmvExpand
-// row tables), so residency changes never move another expert.
+// took. Kernels reach the rows through the row pointers Acquire hands out
+// (SgmvShrink/SgmvExpandRows row tables), so residency changes never move another expert.
 //
 //   cache.AddOwner(slot, {&stack_q, &stack_v});     // when an adapter is attached
 //   cache.Acquire(&stack_q, e, &a_rows, &b_rows);   // pins expert e; copies it in on a miss
-//   ... SgmvShrink / SgmvExpand over a_rows / b_rows ...
+//   ... SgmvShrink / SgmvExpandRows over a_rows / b_rows ...
 //   cache.Release(&stack_q, e);                     // idle again: evictable, LRU
 //   cache.RemoveOwner(slot);                        // when the adapter is detached
 //

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/cleanup/cleanup.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/status_macros.h"
 #include "kernels/common/bf16.h"
@@ -252,6 +253,8 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
   const int64_t pair_token_at = layout.Take(t * 4);
   const int64_t seg_start_at = layout.Take((s_count + 1) * 4);
   const int64_t identity_at = layout.Take(t * 4);
+  const int64_t token_pair_at = layout.Take(t * 4);
+  const int64_t token_count_at = layout.Take(t * 4);
   const int64_t masks_at = layout.Take(int64_t{s_count} * t * 4);
   struct SiteAt {
     int64_t weight, rank, off, a_rows, b_rows;
@@ -301,12 +304,16 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
   auto* seg_start = reinterpret_cast<int32_t*>(h + seg_start_at);
   auto* identity = reinterpret_cast<int32_t*>(h + identity_at);
   auto* masks = reinterpret_cast<int32_t*>(h + masks_at);
+  auto* token_pair = reinterpret_cast<int32_t*>(h + token_pair_at);
+  auto* token_count = reinterpret_cast<int32_t*>(h + token_count_at);
   for (int64_t i = 0; i < t; ++i) identity[i] = static_cast<int32_t>(i);
   int64_t pairs = 0;
   int32_t j = 0;
   for (const auto& [slot, tokens] : tokens_by_slot_) {
     seg_start[j] = static_cast<int32_t>(pairs);
     for (int32_t tok : tokens) {
+      token_pair[tok] = static_cast<int32_t>(pairs);
+      token_count[tok] = 1;
       pair_token[pairs++] = tok;
       masks[int64_t{j} * t + tok] = 1;
     }
@@ -434,6 +441,8 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
     routed[r].b_rows = reinterpret_cast<const void* const*>(d + routed_at[r].b_rows);
   }
   plan_.identity = reinterpret_cast<const int32_t*>(d + identity_at);
+  plan_.token_pair = reinterpret_cast<const int32_t*>(d + token_pair_at);
+  plan_.token_count = reinterpret_cast<const int32_t*>(d + token_count_at);
   plan_.routed = std::move(routed);
   plan_.segments = s_count;
   plan_.v_stride = v;
@@ -577,18 +586,22 @@ absl::Status AdapterExecutor::ApplyPlanned(int32_t layer, LinearModule m, const 
                                         .in = in,
                                         .v_stride = plan_.v_stride,
                                         .dtype = dt_}));
-  return backend_->SgmvExpand({.v = plan_v_.as<float>(),
-                               .y = y,
-                               .y_row = plan_.pair_token,
-                               .weight = s.weight,
-                               .seg_start = plan_.seg_start,
-                               .seg_rank = s.seg_rank,
-                               .seg_row_offset = s.seg_off,
-                               .b_rows = s.b_rows,
-                               .num_segments = plan_.segments,
-                               .out = out,
-                               .v_stride = plan_.v_stride,
-                               .dtype = dt_});
+  // One pair per adapted token (its adapter's static LoRA; rank 0 where it has none here).
+  return backend_->SgmvExpandRows({.v = plan_v_.as<float>(),
+                                   .y = y,
+                                   .token_pair = plan_.token_pair,
+                                   .count = plan_.token_count,
+                                   .weight = s.weight,
+                                   .seg_start = plan_.seg_start,
+                                   .seg_rank = s.seg_rank,
+                                   .seg_row_offset = s.seg_off,
+                                   .b_rows = s.b_rows,
+                                   .num_tokens = t,
+                                   .pair_stride = 1,
+                                   .num_segments = plan_.segments,
+                                   .out = out,
+                                   .v_stride = plan_.v_stride,
+                                   .dtype = dt_});
 }
 
 absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {
@@ -721,6 +734,7 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   }
   RETURN_IF_ERROR(Grow(&pair_x_, max_pairs * sizeof(int32_t)));
   RETURN_IF_ERROR(Grow(&pair_w_, max_pairs * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&row_pair_, max_pairs * sizeof(int32_t)));
   RETURN_IF_ERROR(Grow(&seg_start_, (e_count + 1) * sizeof(int32_t)));
   RETURN_IF_ERROR(Grow(&seg_rank_, e_count * sizeof(int32_t)));
   RETURN_IF_ERROR(Grow(&seg_off_, e_count * sizeof(int64_t)));
@@ -735,6 +749,7 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
                                            .seg_start = seg_start_.as<int32_t>(),
                                            .seg_rank = seg_rank_.as<int32_t>(),
                                            .seg_row_offset = seg_off_.as<int64_t>(),
+                                           .token_pair = row_pair_.as<int32_t>(),
                                            .undefined = route_undefined_.as<int32_t>(),
                                            .num_tokens = static_cast<int32_t>(n),
                                            .num_experts = e_count,
@@ -742,7 +757,23 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   device_routed_ = true;
   const SgmvCall call{.num_segments = e_count, .num_pairs = max_pairs, .v_stride = rank};
   RETURN_IF_ERROR(Shrink(call, x, in));
-  RETURN_IF_ERROR(Expand(call, y, out, pair_x_.as<int32_t>()));  // a pair's x and y rows agree
+  // Row i of the call is token ordered[i]: its k experts summed in decision order, added once.
+  RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = v_.as<float>(),
+                                            .y = y,
+                                            .y_row = route_rows_.as<int32_t>(),
+                                            .token_pair = row_pair_.as<int32_t>(),
+                                            .count = route_count_.as<int32_t>(),
+                                            .weight = pair_w_.as<float>(),
+                                            .seg_start = seg_start_.as<int32_t>(),
+                                            .seg_rank = seg_rank_.as<int32_t>(),
+                                            .seg_row_offset = seg_off_.as<int64_t>(),
+                                            .b_rows = b_rows_.as<const void*>(),
+                                            .num_tokens = n,
+                                            .pair_stride = e_count,
+                                            .num_segments = e_count,
+                                            .out = out,
+                                            .v_stride = rank,
+                                            .dtype = dt_}));
   // Routing records are the only reason to bring the decisions to the host: kept on the device
   // now, copied with the step's results (IssueResultCopies).
   if (std::any_of(ordered.begin(), ordered.end(),
@@ -856,7 +887,7 @@ void AdapterExecutor::ReleasePins() {
 
 absl::StatusOr<AdapterExecutor::SgmvCall> AdapterExecutor::UploadSegments(
     const std::vector<Segment>& segments, size_t* next) {
-  std::vector<int32_t> x_rows, y_rows, seg_start{0}, seg_rank;
+  std::vector<int32_t> x_rows, y_rows, orders, seg_start{0}, seg_rank;
   std::vector<float> weights;
   std::vector<int64_t> seg_off;
   std::vector<const void*> a_rows, b_rows;
@@ -879,6 +910,7 @@ absl::StatusOr<AdapterExecutor::SgmvCall> AdapterExecutor::UploadSegments(
     for (const Pair& p : s.pairs) {
       x_rows.push_back(p.x_row);
       y_rows.push_back(p.y_row);
+      orders.push_back(p.order);
       weights.push_back(p.weight);
     }
     seg_start.push_back(static_cast<int32_t>(x_rows.size()));
@@ -888,13 +920,43 @@ absl::StatusOr<AdapterExecutor::SgmvCall> AdapterExecutor::UploadSegments(
   call.num_segments = static_cast<int32_t>(seg_rank.size());
   call.num_pairs = static_cast<int64_t>(x_rows.size());
   if (call.num_segments == 0) return call;
+  // The expand is owned by output rows: each distinct y row (in first-use order) lists its
+  // pairs, ordered by Pair::order (then pair order), and sums them before adding once.
+  std::vector<int32_t> row_y, row_count, row_of(call.num_pairs);
+  {
+    absl::flat_hash_map<int32_t, int32_t> index;
+    for (int64_t q = 0; q < call.num_pairs; ++q) {
+      auto [it, fresh] = index.try_emplace(y_rows[q], static_cast<int32_t>(row_y.size()));
+      if (fresh) {
+        row_y.push_back(y_rows[q]);
+        row_count.push_back(0);
+      }
+      row_of[q] = it->second;
+      ++row_count[it->second];
+    }
+  }
+  call.num_rows = static_cast<int64_t>(row_y.size());
+  call.pair_stride = *std::max_element(row_count.begin(), row_count.end());
+  std::vector<int32_t> row_pair(call.num_rows * call.pair_stride, 0);
+  std::fill(row_count.begin(), row_count.end(), 0);
+  for (int64_t q = 0; q < call.num_pairs; ++q) {
+    const int32_t r = row_of[q];
+    row_pair[int64_t{r} * call.pair_stride + row_count[r]++] = static_cast<int32_t>(q);
+  }
+  for (int64_t r = 0; r < call.num_rows; ++r) {
+    int32_t* list = row_pair.data() + r * call.pair_stride;
+    std::stable_sort(list, list + row_count[r],
+                     [&](int32_t a, int32_t b) { return orders[a] < orders[b]; });
+  }
   struct Upload {
     DeviceBuffer* buf;
     const void* src;
     size_t bytes;
   };
   for (const Upload& u : {Upload{&pair_x_, x_rows.data(), x_rows.size() * 4},
-                          Upload{&pair_y_, y_rows.data(), y_rows.size() * 4},
+                          Upload{&row_y_, row_y.data(), row_y.size() * 4},
+                          Upload{&row_pair_, row_pair.data(), row_pair.size() * 4},
+                          Upload{&row_count_, row_count.data(), row_count.size() * 4},
                           Upload{&pair_w_, weights.data(), weights.size() * 4},
                           Upload{&seg_start_, seg_start.data(), seg_start.size() * 4},
                           Upload{&seg_rank_, seg_rank.data(), seg_rank.size() * 4},
@@ -922,20 +984,23 @@ absl::Status AdapterExecutor::Shrink(const SgmvCall& call, const void* x, int64_
                                .dtype = dt_});
 }
 
-absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out,
-                                     const int32_t* y_row, const float* v) {
-  return backend_->SgmvExpand({.v = v != nullptr ? v : v_.as<float>(),
-                               .y = y,
-                               .y_row = y_row != nullptr ? y_row : pair_y_.as<int32_t>(),
-                               .weight = pair_w_.as<float>(),
-                               .seg_start = seg_start_.as<int32_t>(),
-                               .seg_rank = seg_rank_.as<int32_t>(),
-                               .seg_row_offset = seg_off_.as<int64_t>(),
-                               .b_rows = b_rows_.as<const void*>(),
-                               .num_segments = call.num_segments,
-                               .out = out,
-                               .v_stride = call.v_stride,
-                               .dtype = dt_});
+absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out, const float* v) {
+  return backend_->SgmvExpandRows({.v = v != nullptr ? v : v_.as<float>(),
+                                   .y = y,
+                                   .y_row = row_y_.as<int32_t>(),
+                                   .token_pair = row_pair_.as<int32_t>(),
+                                   .count = row_count_.as<int32_t>(),
+                                   .weight = pair_w_.as<float>(),
+                                   .seg_start = seg_start_.as<int32_t>(),
+                                   .seg_rank = seg_rank_.as<int32_t>(),
+                                   .seg_row_offset = seg_off_.as<int64_t>(),
+                                   .b_rows = b_rows_.as<const void*>(),
+                                   .num_tokens = call.num_rows,
+                                   .pair_stride = call.pair_stride,
+                                   .num_segments = call.num_segments,
+                                   .out = out,
+                                   .v_stride = call.v_stride,
+                                   .dtype = dt_});
 }
 
 absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, const void* x,
@@ -1016,7 +1081,7 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
       }
     }
   }
-  return Expand(call, y, stack.out, /*y_row=*/nullptr, rank_u_.as<float>());
+  return Expand(call, y, stack.out, rank_u_.as<float>());
 }
 
 absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y) {
@@ -1095,7 +1160,7 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
                          RouteToken(spec, absl::MakeConstSpan(logits.data() + i * e_count, e_count),
                                     experts.data(), weights.data()));
         for (int32_t j = 0; j < n; ++j) {
-          per_expert[experts[j]].pairs.push_back({t, t, weights[j] * stack.scale[experts[j]]});
+          per_expert[experts[j]].pairs.push_back({t, t, weights[j] * stack.scale[experts[j]], j});
         }
         Record(t, layer, LinearModuleName(m), experts.data(), weights.data(), n);
       }
@@ -1265,19 +1330,40 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
   RETURN_IF_ERROR(backend_->CopyToDevice(ext_.as<char>() + t_count * inter * es_, zeros_.data(),
                                          num_block_tokens * inter * es_));
   if (num_pairs > 0) {
-    std::vector<int32_t> rows(num_pairs);
-    for (int64_t p = 0; p < num_pairs; ++p) rows[p] = t_count + ordinal[pair_token[p]];
-    RETURN_IF_ERROR(Grow(&pair_y_, num_pairs * sizeof(int32_t)));
-    RETURN_IF_ERROR(Grow(&pair_w_, num_pairs * sizeof(float)));
-    RETURN_IF_ERROR(backend_->CopyToDevice(pair_y_.data(), rows.data(), num_pairs * 4));
-    RETURN_IF_ERROR(backend_->CopyToDevice(pair_w_.data(), pair_weight.data(), num_pairs * 4));
-    RETURN_IF_ERROR(backend_->ScatterAdd({.x = block_g_.data(),
-                                          .y = ext_.data(),
-                                          .y_row = pair_y_.as<int32_t>(),
-                                          .weight = pair_w_.as<float>(),
-                                          .rows = num_pairs,
-                                          .cols = inter,
-                                          .dtype = dt_}));
+    // Row T + ordinal(t) sums its token's pairs (expert order) and adds once: no atomics.
+    std::vector<int32_t> rows(num_block_tokens), count(num_block_tokens, 0);
+    for (int32_t r = 0; r < num_block_tokens; ++r) rows[r] = static_cast<int32_t>(t_count) + r;
+    for (int64_t p = 0; p < num_pairs; ++p) ++count[ordinal[pair_token[p]]];
+    const int32_t stride = *std::max_element(count.begin(), count.end());
+    std::vector<int32_t> src(int64_t{num_block_tokens} * stride, 0);
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t p = 0; p < num_pairs; ++p) {
+      const int32_t r = ordinal[pair_token[p]];
+      src[int64_t{r} * stride + count[r]++] = static_cast<int32_t>(p);
+    }
+    struct Upload {
+      DeviceBuffer* buf;
+      const void* src;
+      size_t bytes;
+    };
+    for (const Upload& u : {Upload{&row_y_, rows.data(), rows.size() * 4},
+                            Upload{&row_pair_, src.data(), src.size() * 4},
+                            Upload{&row_count_, count.data(), count.size() * 4},
+                            Upload{&pair_w_, pair_weight.data(), pair_weight.size() * 4}}) {
+      RETURN_IF_ERROR(Grow(u.buf, u.bytes));
+      RETURN_IF_ERROR(backend_->CopyToDevice(u.buf->data(), u.src, u.bytes));
+    }
+    RETURN_IF_ERROR(backend_->GatherAdd({.x = block_g_.data(),
+                                         .y = ext_.data(),
+                                         .y_row = row_y_.as<int32_t>(),
+                                         .src = row_pair_.as<int32_t>(),
+                                         .count = row_count_.as<int32_t>(),
+                                         .weight = pair_w_.as<float>(),
+                                         .rows = num_block_tokens,
+                                         .src_stride = stride,
+                                         .x_rows = num_pairs,
+                                         .cols = inter,
+                                         .dtype = dt_}));
   }
   std::vector<int32_t> ext_ids(t_count);
   for (int64_t t = 0; t < t_count; ++t) {

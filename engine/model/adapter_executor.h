@@ -6,12 +6,14 @@
 //
 // Per module, the (token, expert, weight) pairs of every adapter in the pass are grouped by expert
 // into segments and applied with one segmented-GEMM shrink + expand (Backend::SgmvShrink /
-// SgmvExpand) whose row tables point at the attached experts' rank rows. Activations, routers and
-// pages are in the backend's compute dtype (fp32 on CPU, bf16 on CUDA; the SGMV intermediate v is
-// fp32). Module-scope groups with a linear router are routed on the device (Backend::Route +
-// BuildSegments) and so are rank-granular groups (Backend::RankRoute), with the selection rules
-// of engine/routing and no host round trip; X-LoRA and block-routed FFNs take their router
-// logits to the host and route there (engine/routing).
+// SgmvExpandRows) whose row tables point at the attached experts' rank rows. The expand is owned
+// by output rows: a token's deltas are summed in fp32 in a fixed order (decision order for
+// routed experts) and added once, with no atomics, so a pass gives the same bits on every run.
+// Activations, routers and pages are in the backend's compute dtype (fp32 on CPU, bf16 on CUDA; the
+// SGMV intermediate v is fp32). Module-scope groups with a linear router are routed on the device
+// (Backend::Route + BuildSegments) and so are rank-granular groups (Backend::RankRoute), with the
+// selection rules of engine/routing and no host round trip; X-LoRA and block-routed FFNs take their
+// router logits to the host and route there (engine/routing).
 //
 // Expert weights live in the paged expert cache (engine/expert_cache): each SGMV call pins the
 // experts of its segments (copying misses in from the adapter's host memory) and releases them
@@ -143,6 +145,9 @@ class AdapterExecutor {
     int32_t x_row;
     int32_t y_row;
     float weight;
+    // Pairs adding into one y row are summed in this order (then in segment order): a routed
+    // pair's decision index, so a token's experts add up as on the device-routed paths.
+    int32_t order = 0;
   };
   // One segment of an SGMV call: an expert of a LoRA stack and its pairs.
   struct Segment {
@@ -170,15 +175,17 @@ class AdapterExecutor {
     int32_t num_segments = 0;
     int64_t num_pairs = 0;
     int32_t v_stride = 0;
+    int64_t num_rows = 0;     // distinct y rows (row_y_), each with its pairs in row_pair_
+    int32_t pair_stride = 0;  // the most pairs one y row has
   };
   // Pins the experts of segments[*next...] (as many as fit; at least one) and uploads their pair
   // and row tables; advances *next past them. ReleasePins unpins them after the kernels.
   absl::StatusOr<SgmvCall> UploadSegments(const std::vector<Segment>& segments, size_t* next);
   void ReleasePins();
   absl::Status Shrink(const SgmvCall& call, const void* x, int64_t in);  // v = A x[x_row]
-  // y[y_row] += w B v; y_row defaults to the uploaded pair_y_, v to v_.
-  absl::Status Expand(const SgmvCall& call, void* y, int64_t out, const int32_t* y_row = nullptr,
-                      const float* v = nullptr);
+  // y[y_row] += w B v over the uploaded per-row tables (each row's pairs summed, then added
+  // once); v defaults to v_.
+  absl::Status Expand(const SgmvCall& call, void* y, int64_t out, const float* v = nullptr);
   // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]).
   absl::Status RunSegments(const std::vector<Segment>& segments, const void* x, int64_t in, void* y,
                            int64_t out);
@@ -251,7 +258,9 @@ class AdapterExecutor {
     const int32_t* pair_token = nullptr;
     const int32_t* seg_start = nullptr;
     const int32_t* identity = nullptr;
-    std::vector<uint8_t> site_used;  // some adapter has a static LoRA at the site
+    const int32_t* token_pair = nullptr;   // [T] each adapted token's static pair
+    const int32_t* token_count = nullptr;  // [T] 1 for adapted tokens, 0 for the base model
+    std::vector<uint8_t> site_used;        // some adapter has a static LoRA at the site
     std::vector<Site> sites;
     std::vector<Routed> routed;
     std::vector<std::vector<int32_t>> routed_of_site;
@@ -284,8 +293,9 @@ class AdapterExecutor {
   } block_;
 
   // Scratch (grown on demand).
-  DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_y_, pair_w_, seg_start_, seg_rank_,
-      seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_, cls_in_, cls_out_, f32_;
+  DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_w_, row_y_, row_pair_, row_count_,
+      seg_start_, seg_rank_, seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_,
+      cls_in_, cls_out_, f32_;
   // Device routing: decisions, LoRA scales of the stack, the undefined-logits counter.
   // (Rank groups: route_experts_ holds the kept ranks, route_count_ the ok flags, scale_ the
   // selection bias, rank_u_ the gated shrink output.)

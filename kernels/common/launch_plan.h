@@ -41,16 +41,12 @@ inline constexpr size_t kMaxDefaultSharedBytes = 48 * 1024;  // without an opt-i
 // packed into 256-byte-aligned chunks).
 inline constexpr int32_t kShrinkWarps = 8;
 inline constexpr int32_t kShrinkPairs = 4;
-// Expand: one thread per output column, kExpandCols columns per block, grid (num_segments,
-// ceil(out / kExpandCols)); v rows of kExpandPairs pairs at a time are staged in shared memory,
-// so a B^T element is read once per kExpandPairs pairs. Results are added with atomics (pairs of
-// different segments may share a y row).
+// Expand, owned by output rows: one thread per output column, kExpandCols columns per block,
+// grid (num_tokens, ceil(out / kExpandCols)); a thread sums its row's pairs in order and adds the
+// sum to y once, so no atomics.
 inline constexpr int32_t kExpandCols = 256;
-inline constexpr int32_t kExpandPairs = 8;
-// Widest rank a segment may have (v_stride bound): the expand's staged v rows must fit the
-// default shared memory.
-inline constexpr int32_t kMaxSgmvRank = static_cast<int32_t>(
-    kMaxDefaultSharedBytes / (sizeof(float) * static_cast<size_t>(kExpandPairs)));
+// Widest rank a segment may have (v_stride bound): far past the 8..128 LoRAs use.
+inline constexpr int32_t kMaxSgmvRank = 1536;
 
 inline LaunchPlan Refuse(const char* why) {
   LaunchPlan plan;
@@ -78,17 +74,17 @@ inline LaunchPlan PlanSgmvShrink(int32_t num_segments, int32_t v_stride, int64_t
   return plan;
 }
 
-inline LaunchPlan PlanSgmvExpand(int32_t num_segments, int32_t v_stride, int64_t out) {
-  if (num_segments < 0 || v_stride < 0 || out < 0) return Refuse("negative size");
+inline LaunchPlan PlanSgmvExpandRows(int64_t num_tokens, int32_t v_stride, int64_t out) {
+  if (num_tokens < 0 || v_stride < 0 || out < 0) return Refuse("negative size");
   if (v_stride > kMaxSgmvRank) return Refuse("rank (v_stride) above kMaxSgmvRank");
+  if (num_tokens > kMaxGridX) return Refuse("more rows than the grid holds");
   const int64_t col_blocks = (out + kExpandCols - 1) / kExpandCols;
   if (col_blocks > kMaxGridY) return Refuse("output width above 65535 * kExpandCols");
   LaunchPlan plan;
   plan.ok = true;
-  plan.grid.x = static_cast<uint32_t>(num_segments);
+  plan.grid.x = static_cast<uint32_t>(num_tokens);
   plan.grid.y = static_cast<uint32_t>(col_blocks);
   plan.block = kExpandCols;
-  plan.shared_bytes = sizeof(float) * static_cast<size_t>(kExpandPairs) * v_stride;
   return plan;
 }
 

@@ -162,36 +162,21 @@ struct SgmvShrinkParams {
   ScalarType dtype = ScalarType::kF32;
 };
 
-// The "expand" half, with the weighted scatter-add fused:
-//   y[y_row[p], j] += weight[p] * sum_i v[p, i] * Bt_s[i, j]     for i < rank[s]
-// where Bt_s is the expert's B transposed (rank-major, so a rank row is one page): row i is
-//   b_rows[seg_row_offset[s] + i]   (`out` elements, contiguous).
-// weight[p] carries everything multiplicative (gate weight x LoRA scale). Several pairs may add to
-// the same y row (a token routed to k experts); the result is their sum in any order.
-struct SgmvExpandParams {
-  const float* v = nullptr;                 // [num_pairs, v_stride] fp32
-  void* y = nullptr;                        // [*, out], dtype, accumulated into
-  const int32_t* y_row = nullptr;           // [num_pairs]
-  const float* weight = nullptr;            // [num_pairs]
-  const int32_t* seg_start = nullptr;       // [num_segments + 1]
-  const int32_t* seg_rank = nullptr;        // [num_segments]
-  const int64_t* seg_row_offset = nullptr;  // [num_segments]
-  const void* const* b_rows = nullptr;      // row table: pointers to `out`-wide rows, dtype
-  int32_t num_segments = 0;
-  int64_t out = 0;
-  int32_t v_stride = 0;
-  ScalarType dtype = ScalarType::kF32;
-};
-
-// The expand half owned by output rows, for pairs that share a row (a token routed to k
-// experts): for each token t (active[t] != 0 when active is given) and column j,
-//   y[t, j] += sum_{q < count[t]} weight[p] * sum_{i < rank[s]} v[p, i] * Bt_s[i, j]
-// with p = token_pair[t * pair_stride + q] and s the segment holding pair p (seg_start). The
-// sum runs in q order in fp32 and is added to y once (one rounding per element in bf16), with no
-// atomics: the same inputs give the same bits on every run.
+// The "expand" half of the segmented LoRA GEMM, owned by output rows. Bt_s is segment s's
+// expert B transposed (rank-major, so a rank row is one page): row i is
+// b_rows[seg_row_offset[s] + i] (`out` elements, contiguous). For each row t < num_tokens
+// (active[t] != 0 when active is given) and column j,
+//   y[r, j] += sum_{q < count[t]} weight[p] * sum_{i < rank[s]} v[p, i] * Bt_s[i, j]
+// with r = y_row[t] (t when y_row is null; rows distinct), p = token_pair[t * pair_stride + q]
+// and s the segment holding pair p (seg_start). weight[p] carries everything multiplicative
+// (gate weight x LoRA scale); a pair belongs to at most one row. On the device the sum runs in q
+// order in fp32 and is added to y once (one rounding per element in bf16), with no atomics: the
+// same inputs give the same bits on every run, whichever pairs share a row (a token routed to k
+// experts). The CPU twin (fp32 y) adds a row's pairs in place in segment order.
 struct SgmvExpandRowsParams {
   const float* v = nullptr;                 // [num_pairs, v_stride] fp32
-  void* y = nullptr;                        // [num_tokens, out], dtype, accumulated into
+  void* y = nullptr;                        // [*, out], dtype, accumulated into
+  const int32_t* y_row = nullptr;           // [num_tokens], distinct, or nullptr: row t
   const int32_t* token_pair = nullptr;      // [num_tokens, pair_stride]
   const int32_t* count = nullptr;           // [num_tokens], 0..pair_stride
   const int32_t* active = nullptr;          // [num_tokens] or nullptr (all)
@@ -208,14 +193,20 @@ struct SgmvExpandRowsParams {
   ScalarType dtype = ScalarType::kF32;
 };
 
-// y[y_row[r], :] += weight[r] * x[r, :]  for r < rows (weight == nullptr: 1). Several rows may
-// add to the same y row. (MixLoRA's weighted sum of the k expert activations of a token.)
-struct ScatterAddParams {
-  const void* x = nullptr;         // [rows, cols]
+// y[y_row[r], :] += sum_{q < count[r]} weight[i] * x[i, :] with i = src[r * src_stride + q],
+// for r < rows: the sum runs in q order in fp32 and is added to y once, with no atomics (each
+// output row is owned by one reduction; y rows distinct). weight == nullptr: 1. (MixLoRA's
+// weighted sum of the k expert activations of a token.)
+struct GatherAddParams {
+  const void* x = nullptr;         // [x_rows, cols]
   void* y = nullptr;               // [*, cols], accumulated into
-  const int32_t* y_row = nullptr;  // [rows]
-  const float* weight = nullptr;   // [rows] or nullptr
+  const int32_t* y_row = nullptr;  // [rows], distinct
+  const int32_t* src = nullptr;    // [rows, src_stride], rows of x
+  const int32_t* count = nullptr;  // [rows], 0..src_stride
+  const float* weight = nullptr;   // [x_rows] or nullptr
   int64_t rows = 0;
+  int32_t src_stride = 0;
+  int64_t x_rows = 0;
   int64_t cols = 0;
   ScalarType dtype = ScalarType::kF32;
 };

@@ -22,17 +22,18 @@ KernelStatus Rope(const RopeParams& p, ThreadPool* pool);
 KernelStatus KvWrite(const KvWriteParams& p, ThreadPool* pool);
 KernelStatus PagedAttention(const PagedAttentionParams& p, ThreadPool* pool);
 
-// Segmented LoRA GEMMs and the weighted scatter-add (params.h). fp32 only (other dtypes:
-// kUnsupportedDtype). Arguments are checked before anything is written: negative sizes or a rank
-// above v_stride -> kInvalidShape; null pointers, negative row indices or offsets, or a seg_start
-// that does not start at 0 and never decrease -> kInvalidArgument. Row indices are not checked
-// against the (unknown) row counts of x and y. Segments with many pairs go through OpenBLAS sgemm
-// on the calling thread (OpenBLAS's own threads), the rest run on the pool; the calling thread
-// keeps scratch buffers for the gathered rows between calls.
+// Segmented LoRA GEMMs and the row-owned weighted gather-add (params.h). fp32 only (other
+// dtypes: kUnsupportedDtype). Arguments are checked before anything is written: negative sizes or
+// a rank above v_stride -> kInvalidShape; null pointers, negative row indices or offsets, a
+// seg_start that does not start at 0 and never decrease, a pair or source index outside the call,
+// or an output row named twice -> kInvalidArgument. Row indices are not checked against the
+// (unknown) row counts of x and y. The shrink's segments with many pairs go through OpenBLAS
+// sgemm on the calling thread (OpenBLAS's own threads), the rest run on the pool; the calling
+// thread keeps scratch buffers for the gathered rows between calls. The expand works segment by
+// segment like the shrink (a row's pairs add in segment order; a pair named by two rows ->
+// kInvalidArgument); the gather-add runs on the pool by column blocks, a row's sources in order.
 KernelStatus SgmvShrink(const SgmvShrinkParams& p, ThreadPool* pool);
-KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool);
-KernelStatus ScatterAdd(const ScatterAddParams& p, ThreadPool* pool);
-// Rows of y in parallel; within a row the pairs in token_pair order (params.h).
+KernelStatus GatherAdd(const GatherAddParams& p, ThreadPool* pool);
 KernelStatus SgmvExpandRows(const SgmvExpandRowsParams& p, ThreadPool* pool);
 
 // Routing (routing_math.h, the same per-token code the CUDA kernel runs) and dtype conversion.

@@ -264,6 +264,16 @@ KernelStatus CheckRowIndices(const int32_t* row, int64_t n) {
   return KernelStatus::kOk;
 }
 
+// Output rows must be distinct (each is owned by one reduction) and not negative.
+KernelStatus CheckDistinctRows(const int32_t* row, int64_t n) {
+  if (KernelStatus s = CheckRowIndices(row, n); s != KernelStatus::kOk) return s;
+  std::vector<int32_t> sorted(row, row + n);
+  std::sort(sorted.begin(), sorted.end());
+  return std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end()
+             ? KernelStatus::kOk
+             : KernelStatus::kInvalidArgument;
+}
+
 // sgemm pays for its gather / scatter copies only on segments with many pairs and a rank wide
 // enough for its blocking; the direct kernels win below that (measured by bench_cpu_sgmv).
 bool UseGemm(int32_t pairs, int32_t rank, int64_t width) {
@@ -407,18 +417,11 @@ KernelStatus SgmvShrink(const SgmvShrinkParams& p, ThreadPool* pool) {
   return KernelStatus::kOk;
 }
 
-KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool) {
-  if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
-  if (p.out < 0) return KernelStatus::kInvalidShape;
-  const Segments seg{p.seg_start, p.seg_rank, p.seg_row_offset, p.num_segments, p.v_stride};
-  int64_t num_pairs = 0;
-  if (KernelStatus s = CheckSegments(seg, p.b_rows, &num_pairs); s != KernelStatus::kOk) return s;
-  if (num_pairs == 0 || p.out == 0) return KernelStatus::kOk;
-  if (p.v == nullptr || p.y == nullptr || p.y_row == nullptr || p.weight == nullptr) {
-    return KernelStatus::kInvalidArgument;
-  }
-  if (KernelStatus s = CheckRowIndices(p.y_row, num_pairs); s != KernelStatus::kOk) return s;
-
+// The expand segment by segment, for pairs whose y rows are pair_y (-1: no row takes the pair):
+// y rows accumulate in place, in fp32. Direct segments run in parallel over column blocks (each
+// block walks every direct pair, so pairs adding into one y row are serialised in a fixed order
+// within the block that owns those columns); segments with many pairs go through sgemm.
+void ExpandBySegment(const SgmvExpandRowsParams& p, const int32_t* pair_y, ThreadPool* pool) {
   auto* y = static_cast<float*>(p.y);
   const int64_t out = p.out;
   const MicroKernels& mk = Kernels();
@@ -458,11 +461,15 @@ KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool) {
           b[i] = static_cast<const float*>(p.b_rows[p.seg_row_offset[g] + i]);
         }
         for (int32_t q = p.seg_start[g]; q < end;) {
+          if (pair_y[q] < 0) {  // no row names this pair
+            ++q;
+            continue;
+          }
           // Two pairs share a tile only when they write different y rows.
-          const int np = q + 1 < end && p.y_row[q] != p.y_row[q + 1] ? 2 : 1;
+          const int np = q + 1 < end && pair_y[q + 1] >= 0 && pair_y[q] != pair_y[q + 1] ? 2 : 1;
           float* ys[2];
           for (int pp = 0; pp < np; ++pp) {
-            ys[pp] = y + int64_t{p.y_row[q + pp]} * out;
+            ys[pp] = y + int64_t{pair_y[q + pp]} * out;
             const float* vq = p.v + int64_t{q + pp} * p.v_stride;
             for (int32_t i = 0; i < rank; ++i) coef[pp * rank + i] = p.weight[q + pp] * vq[i];
           }
@@ -495,8 +502,8 @@ KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool) {
       }
       bt = packed;
     }
-    const int32_t* rows_idx = p.y_row + start;
-    bool y_contiguous = true;
+    const int32_t* rows_idx = pair_y + start;
+    bool y_contiguous = rows_idx[0] >= 0;
     for (int32_t q = 1; q < pairs && y_contiguous; ++q)
       y_contiguous = rows_idx[q] == rows_idx[0] + q;
     if (y_contiguous) {
@@ -509,10 +516,10 @@ KernelStatus SgmvExpand(const SgmvExpandParams& p, ThreadPool* pool) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, pairs, static_cast<int>(out), rank, 1.0f,
                 vs, rank, bt, static_cast<int>(out), 0.0f, t, static_cast<int>(out));
     for (int32_t q = 0; q < pairs; ++q) {
-      mk.axpy(y + int64_t{rows_idx[q]} * out, 1.0f, t + int64_t{q} * out, out);
+      if (rows_idx[q] >= 0)
+        mk.axpy(y + int64_t{rows_idx[q]} * out, 1.0f, t + int64_t{q} * out, out);
     }
   }
-  return KernelStatus::kOk;
 }
 
 KernelStatus SgmvExpandRows(const SgmvExpandRowsParams& p, ThreadPool* pool) {
@@ -525,59 +532,69 @@ KernelStatus SgmvExpandRows(const SgmvExpandRowsParams& p, ThreadPool* pool) {
   if (p.y == nullptr || p.token_pair == nullptr || p.count == nullptr) {
     return KernelStatus::kInvalidArgument;
   }
-  // Every pair a row names must exist (checked before anything is written).
+  if (p.y_row != nullptr) {
+    if (KernelStatus s = CheckDistinctRows(p.y_row, p.num_tokens); s != KernelStatus::kOk) {
+      return s;
+    }
+  }
+  // Every pair a row names must exist, and belong to that row only (checked before anything is
+  // written).
+  std::vector<int32_t> pair_y(num_pairs, -1);
   for (int64_t t = 0; t < p.num_tokens; ++t) {
     if (p.active != nullptr && p.active[t] == 0) continue;
     if (p.count[t] < 0 || p.count[t] > p.pair_stride) return KernelStatus::kInvalidArgument;
     for (int32_t q = 0; q < p.count[t]; ++q) {
       const int32_t pair = p.token_pair[t * p.pair_stride + q];
-      if (pair < 0 || pair >= num_pairs) return KernelStatus::kInvalidArgument;
+      if (pair < 0 || pair >= num_pairs || pair_y[pair] >= 0) {
+        return KernelStatus::kInvalidArgument;
+      }
+      pair_y[pair] = p.y_row != nullptr ? p.y_row[t] : static_cast<int32_t>(t);
     }
     if (p.count[t] > 0 && (p.v == nullptr || p.weight == nullptr)) {
       return KernelStatus::kInvalidArgument;
     }
   }
-  auto* y = static_cast<float*>(p.y);
-  const int64_t out = p.out;
-  ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(out);
-    for (int64_t t = begin; t < end; ++t) {
-      if ((p.active != nullptr && p.active[t] == 0) || p.count[t] == 0) continue;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int32_t q = 0; q < p.count[t]; ++q) {
-        const int32_t pair = p.token_pair[t * p.pair_stride + q];
-        // The segment holding the pair: the last start <= pair among non-empty segments.
-        const int32_t s = static_cast<int32_t>(
-            std::upper_bound(p.seg_start, p.seg_start + p.num_segments + 1, pair) - p.seg_start -
-            1);
-        const float w = p.weight[pair];
-        for (int32_t i = 0; i < p.seg_rank[s]; ++i) {
-          const float coef = w * p.v[int64_t{pair} * p.v_stride + i];
-          const auto* b = static_cast<const float*>(p.b_rows[p.seg_row_offset[s] + i]);
-          for (int64_t j = 0; j < out; ++j) acc[j] += coef * b[j];
-        }
-      }
-      float* row = y + t * out;
-      for (int64_t j = 0; j < out; ++j) row[j] += acc[j];
-    }
-  });
+  // On the CPU (fp32 y) a row's pairs are added in place in segment order rather than q order:
+  // a segment's pairs then share B loads, or go through sgemm. A fixed order all the same, so
+  // the same bits on every run; the bf16 twin rounds y once, after the call.
+  ExpandBySegment(p, pair_y.data(), pool);
   return KernelStatus::kOk;
 }
 
-KernelStatus ScatterAdd(const ScatterAddParams& p, ThreadPool* pool) {
+KernelStatus GatherAdd(const GatherAddParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
-  if (p.rows < 0 || p.cols < 0) return KernelStatus::kInvalidShape;
+  if (p.rows < 0 || p.cols < 0 || p.src_stride < 0 || p.x_rows < 0) {
+    return KernelStatus::kInvalidShape;
+  }
   if (p.rows == 0 || p.cols == 0) return KernelStatus::kOk;
-  if (p.x == nullptr || p.y == nullptr || p.y_row == nullptr) return KernelStatus::kInvalidArgument;
-  if (KernelStatus s = CheckRowIndices(p.y_row, p.rows); s != KernelStatus::kOk) return s;
+  if (p.y == nullptr || p.y_row == nullptr || p.src == nullptr || p.count == nullptr) {
+    return KernelStatus::kInvalidArgument;
+  }
+  if (KernelStatus s = CheckDistinctRows(p.y_row, p.rows); s != KernelStatus::kOk) return s;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    if (p.count[r] < 0 || p.count[r] > p.src_stride) return KernelStatus::kInvalidArgument;
+    for (int32_t q = 0; q < p.count[r]; ++q) {
+      const int32_t i = p.src[r * p.src_stride + q];
+      if (i < 0 || i >= p.x_rows) return KernelStatus::kInvalidArgument;
+    }
+    if (p.count[r] > 0 && p.x == nullptr) return KernelStatus::kInvalidArgument;
+  }
   const auto* x = static_cast<const float*>(p.x);
   auto* y = static_cast<float*>(p.y);
   const MicroKernels& mk = Kernels();
-  // Parallel over column blocks: rows that share a y row never race.
-  ParallelColumns(pool, p.cols, p.rows * p.cols, [&](int64_t c0, int64_t c1) {
+  ParallelColumns(pool, p.cols, p.rows * p.src_stride * p.cols, [&](int64_t c0, int64_t c1) {
+    thread_local std::vector<float> acc_buf;
+    float* acc = Scratch(acc_buf, c1 - c0);
     for (int64_t r = 0; r < p.rows; ++r) {
-      const float w = p.weight == nullptr ? 1.0f : p.weight[r];
-      mk.axpy(y + int64_t{p.y_row[r]} * p.cols + c0, w, x + r * p.cols + c0, c1 - c0);
+      if (p.count[r] == 0) continue;
+      std::fill(acc, acc + (c1 - c0), 0.0f);
+      for (int32_t q = 0; q < p.count[r]; ++q) {
+        const int32_t i = p.src[r * p.src_stride + q];
+        const float w = p.weight == nullptr ? 1.0f : p.weight[i];
+        mk.axpy(acc, w, x + int64_t{i} * p.cols + c0, c1 - c0);
+      }
+      float* row = y + int64_t{p.y_row[r]} * p.cols + c0;
+      for (int64_t j = 0; j < c1 - c0; ++j) row[j] += acc[j];
     }
   });
   return KernelStatus::kOk;

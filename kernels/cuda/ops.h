@@ -24,10 +24,10 @@ cudaError_t PagedAttention(const PagedAttentionParams& p, cudaStream_t stream);
 // Segmented GEMMs: the segment tables live on the device, so ranks above v_stride cannot be
 // refused here; such rows are skipped (the backend's callers build the tables).
 cudaError_t SgmvShrink(const SgmvShrinkParams& p, cudaStream_t stream);
-cudaError_t SgmvExpand(const SgmvExpandParams& p, cudaStream_t stream);
-cudaError_t ScatterAdd(const ScatterAddParams& p, cudaStream_t stream);
-// One block per (token, 256 columns): no atomics, the pairs of a row in token_pair order.
+// One block per (row, 256 columns): no atomics, the pairs of a row in token_pair order.
 cudaError_t SgmvExpandRows(const SgmvExpandRowsParams& p, cudaStream_t stream);
+// One block per (row, 256 columns): no atomics, the sources of a row in order.
+cudaError_t GatherAdd(const GatherAddParams& p, cudaStream_t stream);
 // Routing: count[t] == 0 / ok[t] == 0 marks a token with NaN or undefined logits.
 cudaError_t Route(const RouteParams& p, cudaStream_t stream);
 cudaError_t RankRoute(const RankRouteParams& p, cudaStream_t stream);

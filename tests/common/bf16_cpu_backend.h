@@ -160,31 +160,23 @@ class Bf16CpuBackend final : public engine::Backend {
     q.x = x.data(), q.a_rows = table.data(), q.dtype = kF32;
     return inner_->SgmvShrink(q);  // v is fp32 on every backend
   }
-  absl::Status SgmvExpand(const kernels::SgmvExpandParams& p) override {
-    if (!Bf16(p.dtype)) return inner_->SgmvExpand(p);
-    std::vector<float> y = In(p.y, RowsReached(p.y_row, Pairs(p)) * p.out);
-    std::vector<std::vector<float>> b;
-    std::vector<const void*> table = RowTable(p.b_rows, p, p.out, &b);
-    kernels::SgmvExpandParams q = p;
-    q.y = y.data(), q.b_rows = table.data(), q.dtype = kF32;
-    return Out(inner_->SgmvExpand(q), y, p.y);
-  }
   absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) override {
     if (!Bf16(p.dtype)) return inner_->SgmvExpandRows(p);
-    std::vector<float> y = In(p.y, p.num_tokens * p.out);
+    const int64_t rows = p.y_row == nullptr ? p.num_tokens : RowsReached(p.y_row, p.num_tokens);
+    std::vector<float> y = In(p.y, rows * p.out);
     std::vector<std::vector<float>> b;
     std::vector<const void*> table = RowTable(p.b_rows, p, p.out, &b);
     kernels::SgmvExpandRowsParams q = p;
     q.y = y.data(), q.b_rows = table.data(), q.dtype = kF32;
     return Out(inner_->SgmvExpandRows(q), y, p.y);
   }
-  absl::Status ScatterAdd(const kernels::ScatterAddParams& p) override {
-    if (!Bf16(p.dtype)) return inner_->ScatterAdd(p);
-    std::vector<float> x = In(p.x, p.rows * p.cols);
+  absl::Status GatherAdd(const kernels::GatherAddParams& p) override {
+    if (!Bf16(p.dtype)) return inner_->GatherAdd(p);
+    std::vector<float> x = In(p.x, p.x_rows * p.cols);
     std::vector<float> y = In(p.y, RowsReached(p.y_row, p.rows) * p.cols);
-    kernels::ScatterAddParams q = p;
+    kernels::GatherAddParams q = p;
     q.x = x.data(), q.y = y.data(), q.dtype = kF32;
-    return Out(inner_->ScatterAdd(q), y, p.y);
+    return Out(inner_->GatherAdd(q), y, p.y);
   }
   absl::Status Convert(const kernels::ConvertParams& p) override { return inner_->Convert(p); }
   absl::Status Route(const kernels::RouteParams& p) override { return inner_->Route(p); }

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <set>
 #include <string>
 #include <vector>
@@ -107,7 +108,8 @@ inline void ExpectDemoModelMatches(engine::Backend* ref_backend, engine::Backend
 }
 
 // One MoLE family fixture (mole_fixtures.h): the logits of every prompt position and the routing
-// of every routed site.
+// of every routed site. `backend` runs twice, on fresh models: the second run must give the same
+// bits and the same routing (no sum may depend on the order of parallel work, e.g. atomics).
 inline void ExpectFamilyMatches(engine::Backend* ref_backend, engine::Backend* backend,
                                 const FamilyCase& c, const LogitTolerance& tol) {
   using namespace engine;  // NOLINT: test helper
@@ -118,10 +120,10 @@ inline void ExpectFamilyMatches(engine::Backend* ref_backend, engine::Backend* b
   ASSERT_TRUE(dir.ok()) << dir.status();
   auto adapter = LoadAdapter(MoleFixtureAdapterDir(root, c), c.name, dir->config, {});
   ASSERT_TRUE(adapter.ok()) << adapter.status();
-  std::vector<float> logits[2];
-  ForwardExtras extras[2];
+  std::vector<float> logits[3];
+  ForwardExtras extras[3];
   int i = 0;
-  for (Backend* b : {ref_backend, backend}) {
+  for (Backend* b : {ref_backend, backend, backend}) {
     auto model = LlamaModel::Create(b, dir->config, *dir->weights, CompareModelOptions());
     ASSERT_TRUE(model.ok()) << model.status();
     auto slot = (*model)->AttachAdapter(*adapter);
@@ -144,6 +146,17 @@ inline void ExpectFamilyMatches(engine::Backend* ref_backend, engine::Backend* b
     ++i;
   }
   ExpectLogitsClose(logits[1], logits[0], c.name, tol);
+  ASSERT_EQ(logits[2].size(), logits[1].size());
+  EXPECT_EQ(std::memcmp(logits[2].data(), logits[1].data(), logits[1].size() * sizeof(float)), 0)
+      << c.name << ": a second run of the same pass gave other logits";
+  ASSERT_EQ(extras[2].routing.size(), extras[1].routing.size());
+  for (size_t p = 0; p < extras[1].routing.size(); ++p) {
+    ASSERT_EQ(extras[2].routing[p].size(), extras[1].routing[p].size());
+    for (size_t r = 0; r < extras[1].routing[p].size(); ++r) {
+      EXPECT_EQ(extras[2].routing[p][r].experts, extras[1].routing[p][r].experts) << c.name;
+      EXPECT_EQ(extras[2].routing[p][r].weights, extras[1].routing[p][r].weights) << c.name;
+    }
+  }
   int64_t sites = 0, same = 0;
   for (size_t p = 0; p < extras[0].routing.size(); ++p) {
     ASSERT_EQ(extras[0].routing[p].size(), extras[1].routing[p].size());

@@ -153,13 +153,20 @@ TEST_P(CudaSgmvTest, ShrinkAndExpandMatchCpu) {
   const int32_t segments = static_cast<int32_t>(seg_rank.size());
   const int64_t pairs = static_cast<int64_t>(x_row.size());
   const int32_t v_stride = c.rank;
+  // The expand's per-token tables: each token's pairs (at most 2), in pair order.
+  constexpr int32_t kStride = 2;
+  std::vector<int32_t> token_pair(c.tokens * kStride, 0), token_count(c.tokens, 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    token_pair[x_row[p] * kStride + token_count[x_row[p]]++] = static_cast<int32_t>(p);
+  }
 
   std::vector<float> x = Random(c.tokens * c.in, 13);
   std::vector<float> y0 = Random(c.tokens * c.out, 14);
   auto d_x = Upload(x, c.dtype);
   auto d_y = Upload(y0, c.dtype);
   DeviceBytes d_xrow(x_row), d_start(seg_start), d_rank(seg_rank), d_off(seg_off), d_w(weight),
-      d_arows(a_dev), d_brows(b_dev), d_v(pairs * v_stride * sizeof(float));
+      d_arows(a_dev), d_brows(b_dev), d_v(pairs * v_stride * sizeof(float)), d_tpair(token_pair),
+      d_tcount(token_count);
   ASSERT_EQ(cudaMemset(d_v.get(), 0, pairs * v_stride * sizeof(float)), cudaSuccess);
 
   SgmvShrinkParams shrink{.x = d_x->get(),
@@ -174,19 +181,22 @@ TEST_P(CudaSgmvTest, ShrinkAndExpandMatchCpu) {
                           .v_stride = v_stride,
                           .dtype = c.dtype};
   ASSERT_EQ(cuda::SgmvShrink(shrink, nullptr), cudaSuccess);
-  SgmvExpandParams expand{.v = d_v.get<float>(),
-                          .y = d_y->get(),
-                          .y_row = d_xrow.get<int32_t>(),
-                          .weight = d_w.get<float>(),
-                          .seg_start = d_start.get<int32_t>(),
-                          .seg_rank = d_rank.get<int32_t>(),
-                          .seg_row_offset = d_off.get<int64_t>(),
-                          .b_rows = d_brows.get<const void*>(),
-                          .num_segments = segments,
-                          .out = c.out,
-                          .v_stride = v_stride,
-                          .dtype = c.dtype};
-  ASSERT_EQ(cuda::SgmvExpand(expand, nullptr), cudaSuccess);
+  SgmvExpandRowsParams expand{.v = d_v.get<float>(),
+                              .y = d_y->get(),
+                              .token_pair = d_tpair.get<int32_t>(),
+                              .count = d_tcount.get<int32_t>(),
+                              .weight = d_w.get<float>(),
+                              .seg_start = d_start.get<int32_t>(),
+                              .seg_rank = d_rank.get<int32_t>(),
+                              .seg_row_offset = d_off.get<int64_t>(),
+                              .b_rows = d_brows.get<const void*>(),
+                              .num_tokens = c.tokens,
+                              .pair_stride = kStride,
+                              .num_segments = segments,
+                              .out = c.out,
+                              .v_stride = v_stride,
+                              .dtype = c.dtype};
+  ASSERT_EQ(cuda::SgmvExpandRows(expand, nullptr), cudaSuccess);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
   // CPU twin, fp32 on the same (rounded) values.
@@ -201,17 +211,18 @@ TEST_P(CudaSgmvTest, ShrinkAndExpandMatchCpu) {
   cs.a_rows = a_host.data();
   cs.dtype = ScalarType::kF32;
   ASSERT_EQ(cpu::SgmvShrink(cs, nullptr), KernelStatus::kOk);
-  SgmvExpandParams ce = expand;
+  SgmvExpandRowsParams ce = expand;
   ce.v = v_ref.data();
   ce.y = y_ref.data();
-  ce.y_row = x_row.data();
+  ce.token_pair = token_pair.data();
+  ce.count = token_count.data();
   ce.weight = weight.data();
   ce.seg_start = seg_start.data();
   ce.seg_rank = seg_rank.data();
   ce.seg_row_offset = seg_off.data();
   ce.b_rows = b_host.data();
   ce.dtype = ScalarType::kF32;
-  ASSERT_EQ(cpu::SgmvExpand(ce, nullptr), KernelStatus::kOk);
+  ASSERT_EQ(cpu::SgmvExpandRows(ce, nullptr), KernelStatus::kOk);
 
   const std::vector<float> v = d_v.Download<float>(pairs * v_stride);
   for (int32_t s = 0; s < segments; ++s) {
@@ -255,38 +266,44 @@ INSTANTIATE_TEST_SUITE_P(ShapesRanksExperts, CudaSgmvTest,
                                   DtypeName(c.dtype);
                          });
 
-TEST(CudaSgmvTest, ScatterAddMatchesCpu) {
+TEST(CudaSgmvTest, GatherAddMatchesCpu) {
   SKIP_WITHOUT_GPU();
   for (ScalarType dtype : {ScalarType::kF32, ScalarType::kBF16}) {
     const int64_t rows = 50, cols = 4864, targets = 20;
     std::vector<float> x = Random(rows * cols, 21), y0 = Random(targets * cols, 22);
     std::vector<float> w = Random(rows, 23);
-    std::vector<int32_t> y_row(rows);
-    for (int64_t r = 0; r < rows; ++r) y_row[r] = static_cast<int32_t>((r * 7) % targets);
+    // Target row g (of 20, in reverse) sums x rows g, g + 20, g + 40 (those below 50).
+    constexpr int32_t kStride = 3;
+    std::vector<int32_t> y_row(targets), src(targets * kStride, 0), count(targets, 0);
+    for (int64_t g = 0; g < targets; ++g) {
+      y_row[g] = static_cast<int32_t>(targets - 1 - g);
+      for (int64_t r = g; r < rows; r += targets) {
+        src[g * kStride + count[g]++] = static_cast<int32_t>(r);
+      }
+    }
     auto dx = Upload(x, dtype);
     auto dy = Upload(y0, dtype);
-    DeviceBytes dr(y_row), dw(w);
-    ASSERT_EQ(cuda::ScatterAdd({.x = dx->get(),
-                                .y = dy->get(),
-                                .y_row = dr.get<int32_t>(),
-                                .weight = dw.get<float>(),
-                                .rows = rows,
-                                .cols = cols,
-                                .dtype = dtype},
-                               nullptr),
-              cudaSuccess);
+    DeviceBytes dr(y_row), ds(src), dc(count), dw(w);
+    GatherAddParams p{.x = dx->get(),
+                      .y = dy->get(),
+                      .y_row = dr.get<int32_t>(),
+                      .src = ds.get<int32_t>(),
+                      .count = dc.get<int32_t>(),
+                      .weight = dw.get<float>(),
+                      .rows = targets,
+                      .src_stride = kStride,
+                      .x_rows = rows,
+                      .cols = cols,
+                      .dtype = dtype};
+    ASSERT_EQ(cuda::GatherAdd(p, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     std::vector<float> ref = y0;
-    ASSERT_EQ(cpu::ScatterAdd({.x = x.data(),
-                               .y = ref.data(),
-                               .y_row = y_row.data(),
-                               .weight = w.data(),
-                               .rows = rows,
-                               .cols = cols},
-                              nullptr),
-              KernelStatus::kOk);
+    p.x = x.data(), p.y = ref.data(), p.y_row = y_row.data(), p.src = src.data();
+    p.count = count.data(), p.weight = w.data(), p.dtype = ScalarType::kF32;
+    ASSERT_EQ(cpu::GatherAdd(p, nullptr), KernelStatus::kOk);
     const std::vector<float> got = DownloadAs(*dy, ref.size(), dtype);
-    // Up to 3 rows add into each target: 3 + 1 bf16 roundings of values around 3.
+    // Up to 3 rows add into each target, summed in fp32: one bf16 rounding of values around 3
+    // (and the inputs' own rounding).
     for (size_t i = 0; i < got.size(); ++i) {
       const float tol = dtype == ScalarType::kBF16 ? 0x1p-5f * std::max(1.0f, std::fabs(ref[i]))
                                                    : 1e-5f * std::max(1.0f, std::fabs(ref[i]));

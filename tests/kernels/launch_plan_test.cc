@@ -101,17 +101,16 @@ TEST(LaunchPlanTest, SgmvShrinkFallsBackToScalarLoadsForOddWidthsAndMisalignment
   }
 }
 
-TEST(LaunchPlanTest, SgmvExpandCoversEveryColumnOnceWithinSharedMemory) {
+TEST(LaunchPlanTest, SgmvExpandRowsCoversEveryRowAndColumnOnce) {
   for (const ModelShape& m : kModels) {
     for (int64_t out : ModuleWidths(m)) {
       for (int32_t rank : {8, 16, 32, 64, 128}) {
         SCOPED_TRACE(::testing::Message() << m.name << " out=" << out << " rank=" << rank);
-        const LaunchPlan plan = PlanSgmvExpand(7, rank, out);
+        const LaunchPlan plan = PlanSgmvExpandRows(7, rank, out);
         ASSERT_TRUE(plan.ok) << plan.error;
         EXPECT_EQ(plan.grid.x, 7u);
         EXPECT_LE(plan.grid.y, kMaxGridY);
-        EXPECT_LE(plan.shared_bytes, kMaxDefaultSharedBytes);
-        EXPECT_EQ(plan.shared_bytes, sizeof(float) * kExpandPairs * rank);
+        EXPECT_EQ(plan.shared_bytes, 0u);
         std::vector<int> hits(out, 0);
         for (uint32_t y = 0; y < plan.grid.y; ++y) {
           for (uint32_t t = 0; t < plan.block; ++t) {
@@ -129,15 +128,17 @@ TEST(LaunchPlanTest, SgmvRefusesShapesItCannotRun) {
   EXPECT_FALSE(PlanSgmvShrink(1, kMaxSgmvRank + 1, 4096, 2, nullptr).ok);
   EXPECT_FALSE(PlanSgmvShrink(-1, 16, 4096, 2, nullptr).ok);
   EXPECT_FALSE(PlanSgmvShrink(1, 16, int64_t{1} << 32, 2, nullptr).ok);
-  EXPECT_FALSE(PlanSgmvExpand(1, kMaxSgmvRank + 1, 4096).ok);
-  EXPECT_FALSE(PlanSgmvExpand(1, 16, int64_t{kMaxGridY} * kExpandCols + 1).ok);
-  EXPECT_TRUE(PlanSgmvExpand(1, kMaxSgmvRank, int64_t{kMaxGridY} * kExpandCols).ok);
-  // Ranks up to kMaxSgmvRank (>= 1024: far past the 8..128 LoRAs use) fit shared memory.
+  EXPECT_FALSE(PlanSgmvExpandRows(1, kMaxSgmvRank + 1, 4096).ok);
+  EXPECT_FALSE(PlanSgmvExpandRows(1, 16, int64_t{kMaxGridY} * kExpandCols + 1).ok);
+  EXPECT_FALSE(PlanSgmvExpandRows(int64_t{kMaxGridX} + 1, 16, 4096).ok);
+  EXPECT_FALSE(PlanSgmvExpandRows(-1, 16, 4096).ok);
+  EXPECT_TRUE(PlanSgmvExpandRows(1, kMaxSgmvRank, int64_t{kMaxGridY} * kExpandCols).ok);
+  // Ranks up to kMaxSgmvRank: far past the 8..128 LoRAs use.
   EXPECT_GE(kMaxSgmvRank, 1024);
-  EXPECT_LE(PlanSgmvExpand(1, kMaxSgmvRank, 4096).shared_bytes, kMaxDefaultSharedBytes);
   // Empty calls are valid plans with nothing to launch.
   EXPECT_TRUE(PlanSgmvShrink(0, 0, 0, 2, nullptr).ok);
-  EXPECT_EQ(PlanSgmvExpand(5, 16, 0).grid.y, 0u);
+  EXPECT_EQ(PlanSgmvExpandRows(5, 16, 0).grid.y, 0u);
+  EXPECT_EQ(PlanSgmvExpandRows(0, 16, 4096).grid.x, 0u);
 }
 
 TEST(LaunchPlanTest, PagedAttentionAcceptsEveryModelAndCoversTheHead) {

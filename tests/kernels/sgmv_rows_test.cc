@@ -1,12 +1,14 @@
 // SgmvExpandRows (the row-owned, atomic-free expand of routed groups) on the CPU: segments built
 // from real routing decisions (Route + BuildSegments with token_pair, under a token mask), against
-// a naive double-precision loop over each token's decisions and against SgmvExpand on the same
-// pairs. Inactive tokens' rows stay untouched (bit-exact) and count as neither routed nor
-// undefined; a pair index outside the segments is refused before anything is written.
+// a naive double-precision loop over each token's decisions; with a y_row permutation each row
+// lands where y_row says with the same bits. Inactive tokens' rows stay untouched (bit-exact) and
+// count as neither routed nor undefined; a pair index outside the segments, or an output row
+// named twice, is refused before anything is written.
 // Tolerance: max abs error <= 1e-5 * max(1, max |reference|).
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -18,7 +20,7 @@ namespace {
 
 using test_util::Random;
 
-TEST(SgmvExpandRowsTest, MatchesNaiveAndSgmvExpandUnderAMask) {
+TEST(SgmvExpandRowsTest, MatchesNaiveUnderAMaskAndFollowsYRow) {
   constexpr int32_t kTokens = 37, kExperts = 6, kRank = 5, kOut = 300, kK = 3;
   ThreadPool pool(2);
   const std::vector<float> logits = Random(kTokens * kExperts, 1, 2.0f);
@@ -88,7 +90,7 @@ TEST(SgmvExpandRowsTest, MatchesNaiveAndSgmvExpandUnderAMask) {
       }
     }
   }
-  std::vector<float> rows_y = y0, expand_y = y0;
+  std::vector<float> rows_y = y0;
   const SgmvExpandRowsParams params{.v = v.data(),
                                     .y = rows_y.data(),
                                     .token_pair = token_pair.data(),
@@ -105,24 +107,10 @@ TEST(SgmvExpandRowsTest, MatchesNaiveAndSgmvExpandUnderAMask) {
                                     .out = kOut,
                                     .v_stride = kRank};
   ASSERT_EQ(SgmvExpandRows(params, &pool), KernelStatus::kOk);
-  ASSERT_EQ(SgmvExpand({.v = v.data(),
-                        .y = expand_y.data(),
-                        .y_row = pair_row.data(),
-                        .weight = pair_w.data(),
-                        .seg_start = seg_start.data(),
-                        .seg_rank = seg_rank.data(),
-                        .seg_row_offset = seg_off.data(),
-                        .b_rows = b_rows.data(),
-                        .num_segments = kExperts,
-                        .out = kOut,
-                        .v_stride = kRank},
-                       &pool),
-            KernelStatus::kOk);
   double max_ref = 1.0;
   for (double x : want) max_ref = std::max(max_ref, std::fabs(x));
   for (int64_t i = 0; i < int64_t{kTokens} * kOut; ++i) {
     ASSERT_NEAR(rows_y[i], want[i], 1e-5 * max_ref) << i;
-    ASSERT_NEAR(rows_y[i], expand_y[i], 1e-5 * max_ref) << i;
     if (!active[i / kOut]) {
       ASSERT_EQ(rows_y[i], y0[i]) << "masked row " << i / kOut;
     }
@@ -133,6 +121,33 @@ TEST(SgmvExpandRowsTest, MatchesNaiveAndSgmvExpandUnderAMask) {
   twice.y = again.data();
   ASSERT_EQ(SgmvExpandRows(twice, &pool), KernelStatus::kOk);
   EXPECT_EQ(again, rows_y);
+  // Row t written to y row kTokens - 1 - t: the same bits, reversed.
+  std::vector<int32_t> reversed(kTokens);
+  std::vector<float> rev_y(y0.size());
+  for (int32_t t = 0; t < kTokens; ++t) {
+    reversed[t] = kTokens - 1 - t;
+    std::copy(y0.begin() + int64_t{t} * kOut, y0.begin() + int64_t{t + 1} * kOut,
+              rev_y.begin() + int64_t{reversed[t]} * kOut);
+  }
+  SgmvExpandRowsParams moved = params;
+  moved.y = rev_y.data();
+  moved.y_row = reversed.data();
+  ASSERT_EQ(SgmvExpandRows(moved, &pool), KernelStatus::kOk);
+  for (int32_t t = 0; t < kTokens; ++t) {
+    ASSERT_TRUE(std::equal(rows_y.begin() + int64_t{t} * kOut,
+                           rows_y.begin() + int64_t{t + 1} * kOut,
+                           rev_y.begin() + int64_t{reversed[t]} * kOut))
+        << "row " << t;
+  }
+  // An output row named twice: refused, nothing written.
+  std::vector<int32_t> twice_named = reversed;
+  twice_named[1] = twice_named[0];
+  std::vector<float> still = y0;
+  SgmvExpandRowsParams dup = params;
+  dup.y = still.data();
+  dup.y_row = twice_named.data();
+  EXPECT_EQ(SgmvExpandRows(dup, &pool), KernelStatus::kInvalidArgument);
+  EXPECT_EQ(still, y0);
   // A pair outside the segments: refused, nothing written.
   std::vector<int32_t> bad_pairs = token_pair;
   bad_pairs[0] = pairs;

@@ -1,4 +1,4 @@
-// SgmvShrink / SgmvExpand / ScatterAdd against a naive per-pair double-precision loop written
+// SgmvShrink / SgmvExpandRows / GatherAdd against a naive per-pair double-precision loop written
 // independently here, on seeded random inputs: mixed ranks (including 0 and a rank above the
 // expand kernel's stack buffer), empty segments, tokens routed to several experts (several pairs
 // adding into one y row), expert rows at scattered addresses (as a paged cache places them) and in
@@ -67,6 +67,34 @@ RowStore MakeRows(const std::vector<int32_t>& ranks, int64_t width, bool scatter
     for (int32_t i = 0; i < r; ++i) s.table.push_back(s.pool.data() + slot[next++] * width);
   }
   return s;
+}
+
+// The row-owned expand's tables for pairs whose y rows are pair_y: the distinct rows (first-use
+// order), each row's pairs (pair order) and their count.
+struct RowTables {
+  std::vector<int32_t> y_row, pairs, count;
+  int32_t stride = 0;
+};
+
+RowTables TablesFor(const std::vector<int32_t>& pair_y) {
+  RowTables t;
+  std::vector<std::vector<int32_t>> lists;
+  for (size_t q = 0; q < pair_y.size(); ++q) {
+    auto it = std::find(t.y_row.begin(), t.y_row.end(), pair_y[q]);
+    if (it == t.y_row.end()) {
+      t.y_row.push_back(pair_y[q]);
+      lists.emplace_back();
+      it = t.y_row.end() - 1;
+    }
+    lists[it - t.y_row.begin()].push_back(static_cast<int32_t>(q));
+  }
+  for (const auto& l : lists) t.stride = std::max(t.stride, static_cast<int32_t>(l.size()));
+  for (const auto& l : lists) {
+    t.count.push_back(static_cast<int32_t>(l.size()));
+    for (int32_t i = 0; i < t.stride; ++i)
+      t.pairs.push_back(static_cast<size_t>(i) < l.size() ? l[i] : 0);
+  }
+  return t;
 }
 
 struct Case {
@@ -183,18 +211,23 @@ TEST_P(SgmvTest, ShrinkAndExpandMatchNaive) {
       }
     }
   }
-  SgmvExpandParams ep{.v = v.data(),
-                      .y = y.data(),
-                      .y_row = y_row.data(),
-                      .weight = pairs.weight.data(),
-                      .seg_start = pairs.seg_start.data(),
-                      .seg_rank = c.ranks.data(),
-                      .seg_row_offset = b.offset.data(),
-                      .b_rows = b.table.data(),
-                      .num_segments = num_experts,
-                      .out = c.out,
-                      .v_stride = c.v_stride};
-  ASSERT_EQ(SgmvExpand(ep, pool.get()), KernelStatus::kOk);
+  const RowTables rt = TablesFor(y_row);
+  SgmvExpandRowsParams ep{.v = v.data(),
+                          .y = y.data(),
+                          .y_row = rt.y_row.data(),
+                          .token_pair = rt.pairs.data(),
+                          .count = rt.count.data(),
+                          .weight = pairs.weight.data(),
+                          .seg_start = pairs.seg_start.data(),
+                          .seg_rank = c.ranks.data(),
+                          .seg_row_offset = b.offset.data(),
+                          .b_rows = b.table.data(),
+                          .num_tokens = static_cast<int64_t>(rt.y_row.size()),
+                          .pair_stride = rt.stride,
+                          .num_segments = num_experts,
+                          .out = c.out,
+                          .v_stride = c.v_stride};
+  ASSERT_EQ(SgmvExpandRows(ep, pool.get()), KernelStatus::kOk);
   EXPECT_LE(MaxAbsDiff(y.data(), y_ref), 1e-4 * MaxAbs(y_ref));
 }
 
@@ -217,8 +250,8 @@ INSTANTIATE_TEST_SUITE_P(
     [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
 
 TEST(SgmvTest, ExpandSameRowTwiceInOneSegment) {
-  // Three pairs of one expert, the first two writing the same y row (the kernel must not tile
-  // them together), the third another row.
+  // Three pairs of one expert, the first two writing the same y row (summed, then added once),
+  // the third another row.
   const int64_t out = 40;
   const int32_t rank = 3;
   const RowStore b = MakeRows({rank}, out, true, 5);
@@ -235,23 +268,28 @@ TEST(SgmvTest, ExpandSameRowTwiceInOneSegment) {
       ref[y_row[q] * out + j] += w[q] * acc;
     }
   }
-  ASSERT_EQ(SgmvExpand({.v = v.data(),
-                        .y = y.data(),
-                        .y_row = y_row.data(),
-                        .weight = w.data(),
-                        .seg_start = seg_start.data(),
-                        .seg_rank = ranks.data(),
-                        .seg_row_offset = b.offset.data(),
-                        .b_rows = b.table.data(),
-                        .num_segments = 1,
-                        .out = out,
-                        .v_stride = rank},
-                       nullptr),
+  const RowTables rt = TablesFor(y_row);
+  ASSERT_EQ(SgmvExpandRows({.v = v.data(),
+                            .y = y.data(),
+                            .y_row = rt.y_row.data(),
+                            .token_pair = rt.pairs.data(),
+                            .count = rt.count.data(),
+                            .weight = w.data(),
+                            .seg_start = seg_start.data(),
+                            .seg_rank = ranks.data(),
+                            .seg_row_offset = b.offset.data(),
+                            .b_rows = b.table.data(),
+                            .num_tokens = static_cast<int64_t>(rt.y_row.size()),
+                            .pair_stride = rt.stride,
+                            .num_segments = 1,
+                            .out = out,
+                            .v_stride = rank},
+                           nullptr),
             KernelStatus::kOk);
   EXPECT_LE(MaxAbsDiff(y.data(), ref), 1e-5);
 }
 
-TEST(ScatterAddTest, MatchesNaiveWithRepeatedRows) {
+TEST(GatherAddTest, MatchesNaiveWithSharedRows) {
   ThreadPool pool(3);
   for (int64_t cols : {1, 13, 700}) {
     for (bool weighted : {false, true}) {
@@ -270,13 +308,18 @@ TEST(ScatterAddTest, MatchesNaiveWithRepeatedRows) {
           ref[y_row[r] * cols + c] += (weighted ? w[r] : 1.0) * x[r * cols + c];
         }
       }
-      ASSERT_EQ(ScatterAdd({.x = x.data(),
-                            .y = y.data(),
-                            .y_row = y_row.data(),
-                            .weight = weighted ? w.data() : nullptr,
-                            .rows = rows,
-                            .cols = cols},
-                           &pool),
+      const RowTables rt = TablesFor(y_row);
+      ASSERT_EQ(GatherAdd({.x = x.data(),
+                           .y = y.data(),
+                           .y_row = rt.y_row.data(),
+                           .src = rt.pairs.data(),
+                           .count = rt.count.data(),
+                           .weight = weighted ? w.data() : nullptr,
+                           .rows = static_cast<int64_t>(rt.y_row.size()),
+                           .src_stride = rt.stride,
+                           .x_rows = rows,
+                           .cols = cols},
+                          &pool),
                 KernelStatus::kOk);
       EXPECT_LE(MaxAbsDiff(y.data(), ref), 1e-5 * MaxAbs(ref)) << cols << " " << weighted;
     }
@@ -306,15 +349,20 @@ struct Valid {
             .in = 16,
             .v_stride = 4};
   }
-  SgmvExpandParams Expand() {
+  std::vector<int32_t> row_pairs = {0, 1, 2}, row_counts = {1, 1, 1};
+  SgmvExpandRowsParams Expand() {
     return {.v = v.data(),
             .y = y.data(),
             .y_row = rows.data(),
+            .token_pair = row_pairs.data(),
+            .count = row_counts.data(),
             .weight = w.data(),
             .seg_start = seg_start.data(),
             .seg_rank = ranks.data(),
             .seg_row_offset = offsets.data(),
             .b_rows = table.data(),
+            .num_tokens = 3,
+            .pair_stride = 1,
             .num_segments = 2,
             .out = 16,
             .v_stride = 4};
@@ -324,7 +372,7 @@ struct Valid {
 TEST(SgmvValidationTest, ValidProblemPasses) {
   Valid ok;
   EXPECT_EQ(SgmvShrink(ok.Shrink(), nullptr), KernelStatus::kOk);
-  EXPECT_EQ(SgmvExpand(ok.Expand(), nullptr), KernelStatus::kOk);
+  EXPECT_EQ(SgmvExpandRows(ok.Expand(), nullptr), KernelStatus::kOk);
 }
 
 TEST(SgmvValidationTest, ShrinkRefusesBadArgumentsAndWritesNothing) {
@@ -362,17 +410,24 @@ TEST(SgmvValidationTest, ShrinkRefusesBadArgumentsAndWritesNothing) {
 TEST(SgmvValidationTest, ExpandRefusesBadArgumentsAndWritesNothing) {
   auto expect = [](KernelStatus want, auto&& edit) {
     Valid s;
-    SgmvExpandParams p = s.Expand();
+    SgmvExpandRowsParams p = s.Expand();
     edit(s, p);
-    EXPECT_EQ(SgmvExpand(p, nullptr), want);
+    EXPECT_EQ(SgmvExpandRows(p, nullptr), want);
     for (float f : s.y) ASSERT_EQ(f, 0.0f);
   };
-  using P = SgmvExpandParams;
+  using P = SgmvExpandRowsParams;
   expect(KernelStatus::kUnsupportedDtype, [](Valid&, P& p) { p.dtype = ScalarType::kF16; });
   expect(KernelStatus::kInvalidShape, [](Valid&, P& p) { p.out = -1; });
   expect(KernelStatus::kInvalidShape, [](Valid&, P& p) { p.v_stride = 2; });
   expect(KernelStatus::kInvalidArgument, [](Valid&, P& p) { p.v = nullptr; });
-  expect(KernelStatus::kInvalidArgument, [](Valid&, P& p) { p.y_row = nullptr; });
+  expect(KernelStatus::kInvalidShape, [](Valid&, P& p) { p.num_tokens = -1; });
+  expect(KernelStatus::kInvalidShape, [](Valid&, P& p) { p.pair_stride = -1; });
+  expect(KernelStatus::kInvalidArgument, [](Valid&, P& p) { p.token_pair = nullptr; });
+  expect(KernelStatus::kInvalidArgument, [](Valid&, P& p) { p.count = nullptr; });
+  expect(KernelStatus::kInvalidArgument, [](Valid& s, P&) { s.rows[2] = 0; });  // row twice
+  expect(KernelStatus::kInvalidArgument, [](Valid& s, P&) { s.row_pairs[1] = 3; });
+  expect(KernelStatus::kInvalidArgument, [](Valid& s, P&) { s.row_pairs[1] = -1; });
+  expect(KernelStatus::kInvalidArgument, [](Valid& s, P&) { s.row_counts[2] = 2; });
   expect(KernelStatus::kInvalidArgument, [](Valid&, P& p) { p.weight = nullptr; });
   expect(KernelStatus::kInvalidArgument, [](Valid&, P& p) { p.b_rows = nullptr; });
   expect(KernelStatus::kInvalidArgument, [](Valid& s, P&) {
@@ -384,8 +439,9 @@ TEST(SgmvValidationTest, ExpandRefusesBadArgumentsAndWritesNothing) {
 
 TEST(SgmvValidationTest, EmptyWorkNeedsNoBuffers) {
   EXPECT_EQ(SgmvShrink({.num_segments = 0}, nullptr), KernelStatus::kOk);
-  EXPECT_EQ(SgmvExpand({.num_segments = 0}, nullptr), KernelStatus::kOk);
-  EXPECT_EQ(ScatterAdd({.rows = 0, .cols = 8}, nullptr), KernelStatus::kOk);
+  EXPECT_EQ(SgmvExpandRows({.num_segments = 0}, nullptr), KernelStatus::kOk);
+  EXPECT_EQ(SgmvExpandRows({.num_tokens = 0, .out = 8}, nullptr), KernelStatus::kOk);
+  EXPECT_EQ(GatherAdd({.rows = 0, .cols = 8}, nullptr), KernelStatus::kOk);
   // Segments without pairs, or of rank 0, need no row table.
   const std::vector<int32_t> seg_start = {0, 0, 0}, ranks = {4, 0};
   const std::vector<int64_t> offsets = {0, 4};
@@ -399,30 +455,46 @@ TEST(SgmvValidationTest, EmptyWorkNeedsNoBuffers) {
             KernelStatus::kOk);
 }
 
-TEST(ScatterAddTest, RefusesBadArguments) {
-  std::vector<float> x(8), y(8);
-  std::vector<int32_t> rows = {0, -1};
-  const ScatterAddParams ok{
-      .x = x.data(), .y = y.data(), .y_row = rows.data(), .rows = 1, .cols = 4};
-  EXPECT_EQ(ScatterAdd(ok, nullptr), KernelStatus::kOk);
-  ScatterAddParams p = ok;
-  p.dtype = ScalarType::kBF16;
-  EXPECT_EQ(ScatterAdd(p, nullptr), KernelStatus::kUnsupportedDtype);
-  p = ok;
-  p.rows = -1;
-  EXPECT_EQ(ScatterAdd(p, nullptr), KernelStatus::kInvalidShape);
-  p = ok;
-  p.cols = -1;
-  EXPECT_EQ(ScatterAdd(p, nullptr), KernelStatus::kInvalidShape);
-  p = ok;
-  p.x = nullptr;
-  EXPECT_EQ(ScatterAdd(p, nullptr), KernelStatus::kInvalidArgument);
-  p = ok;
-  p.y_row = nullptr;
-  EXPECT_EQ(ScatterAdd(p, nullptr), KernelStatus::kInvalidArgument);
-  p = ok;
-  p.rows = 2;  // row 1 targets y row -1
-  EXPECT_EQ(ScatterAdd(p, nullptr), KernelStatus::kInvalidArgument);
+TEST(GatherAddTest, RefusesBadArgumentsAndWritesNothing) {
+  std::vector<float> x(3 * 4, 1.0f), y(4 * 4, 0.0f);
+  std::vector<int32_t> rows = {0, 3}, src = {0, 2, 1, 0}, count = {2, 1};
+  auto params = [&] {
+    return GatherAddParams{.x = x.data(),
+                           .y = y.data(),
+                           .y_row = rows.data(),
+                           .src = src.data(),
+                           .count = count.data(),
+                           .rows = 2,
+                           .src_stride = 2,
+                           .x_rows = 3,
+                           .cols = 4};
+  };
+  EXPECT_EQ(GatherAdd(params(), nullptr), KernelStatus::kOk);
+  EXPECT_EQ(y[0], 2.0f);      // row 0: sources 0 and 2
+  EXPECT_EQ(y[3 * 4], 1.0f);  // row 3: source 1
+  EXPECT_EQ(y[1 * 4], 0.0f);
+  std::fill(y.begin(), y.end(), 0.0f);
+  auto expect = [&](KernelStatus want, auto&& edit) {
+    GatherAddParams p = params();
+    std::vector<int32_t> keep_rows = rows, keep_src = src, keep_count = count;
+    edit(p);
+    EXPECT_EQ(GatherAdd(p, nullptr), want);
+    for (float f : y) ASSERT_EQ(f, 0.0f);
+    rows = keep_rows, src = keep_src, count = keep_count;
+  };
+  using P = GatherAddParams;
+  expect(KernelStatus::kUnsupportedDtype, [](P& p) { p.dtype = ScalarType::kBF16; });
+  expect(KernelStatus::kInvalidShape, [](P& p) { p.rows = -1; });
+  expect(KernelStatus::kInvalidShape, [](P& p) { p.cols = -1; });
+  expect(KernelStatus::kInvalidShape, [](P& p) { p.src_stride = -1; });
+  expect(KernelStatus::kInvalidArgument, [](P& p) { p.x = nullptr; });
+  expect(KernelStatus::kInvalidArgument, [](P& p) { p.y_row = nullptr; });
+  expect(KernelStatus::kInvalidArgument, [](P& p) { p.src = nullptr; });
+  expect(KernelStatus::kInvalidArgument, [](P& p) { p.count = nullptr; });
+  expect(KernelStatus::kInvalidArgument, [&](P&) { rows[1] = -1; });
+  expect(KernelStatus::kInvalidArgument, [&](P&) { rows[1] = 0; });   // a row twice
+  expect(KernelStatus::kInvalidArgument, [&](P&) { src[1] = 3; });    // past x_rows
+  expect(KernelStatus::kInvalidArgument, [&](P&) { count[1] = 3; });  // past the stride
 }
 
 }  // namespace

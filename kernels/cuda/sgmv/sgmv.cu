@@ -25,24 +25,6 @@ cudaError_t SgmvShrink(const SgmvShrinkParams& p, cudaStream_t stream) {
   });
 }
 
-cudaError_t SgmvExpand(const SgmvExpandParams& p, cudaStream_t stream) {
-  if (p.num_segments == 0) return cudaSuccess;
-  if (p.v == nullptr || p.y == nullptr || p.y_row == nullptr || p.weight == nullptr ||
-      p.seg_start == nullptr || p.seg_rank == nullptr || p.seg_row_offset == nullptr ||
-      p.b_rows == nullptr) {
-    return cudaErrorInvalidValue;
-  }
-  const LaunchPlan plan = PlanSgmvExpand(p.num_segments, p.v_stride, p.out);
-  if (!plan.ok) return cudaErrorInvalidValue;
-  if (plan.grid.y == 0 || p.v_stride == 0) return cudaSuccess;
-  return DispatchFloat(p.dtype, [&]<typename T>() {
-    SgmvExpandKernel<T><<<dim3(plan.grid.x, plan.grid.y), plan.block, plan.shared_bytes, stream>>>(
-        p.v, static_cast<T*>(p.y), p.y_row, p.weight, p.seg_start, p.seg_rank, p.seg_row_offset,
-        p.b_rows, p.out, p.v_stride);
-    return cudaGetLastError();
-  });
-}
-
 cudaError_t SgmvExpandRows(const SgmvExpandRowsParams& p, cudaStream_t stream) {
   if (p.num_tokens < 0 || p.out < 0 || p.pair_stride < 0 || p.num_segments < 0) {
     return cudaErrorInvalidValue;
@@ -53,28 +35,27 @@ cudaError_t SgmvExpandRows(const SgmvExpandRowsParams& p, cudaStream_t stream) {
       p.seg_row_offset == nullptr || p.b_rows == nullptr) {
     return cudaErrorInvalidValue;
   }
-  constexpr int kThreads = 256;
-  const int64_t col_blocks = (p.out + kThreads - 1) / kThreads;
-  if (p.num_tokens > kMaxGridX || col_blocks > kMaxGridY) return cudaErrorInvalidValue;
+  const LaunchPlan plan = PlanSgmvExpandRows(p.num_tokens, p.v_stride, p.out);
+  if (!plan.ok) return cudaErrorInvalidValue;
   return DispatchFloat(p.dtype, [&]<typename T>() {
-    SgmvExpandRowsKernel<T>
-        <<<dim3(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(col_blocks)), kThreads,
-           0, stream>>>(p);
+    SgmvExpandRowsKernel<T><<<dim3(plan.grid.x, plan.grid.y), plan.block, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-cudaError_t ScatterAdd(const ScatterAddParams& p, cudaStream_t stream) {
-  if (p.rows < 0 || p.cols < 0) return cudaErrorInvalidValue;
+cudaError_t GatherAdd(const GatherAddParams& p, cudaStream_t stream) {
+  if (p.rows < 0 || p.cols < 0 || p.src_stride < 0 || p.x_rows < 0) return cudaErrorInvalidValue;
   if (p.rows == 0 || p.cols == 0) return cudaSuccess;
-  if (p.x == nullptr || p.y == nullptr || p.y_row == nullptr) return cudaErrorInvalidValue;
+  if (p.x == nullptr || p.y == nullptr || p.y_row == nullptr || p.src == nullptr ||
+      p.count == nullptr) {
+    return cudaErrorInvalidValue;
+  }
   constexpr int kThreads = 256;
   const int64_t col_blocks = (p.cols + kThreads - 1) / kThreads;
   if (p.rows > kMaxGridX || col_blocks > kMaxGridY) return cudaErrorInvalidValue;
   return DispatchFloat(p.dtype, [&]<typename T>() {
-    ScatterAddKernel<T>
-        <<<dim3(static_cast<unsigned>(p.rows), static_cast<unsigned>(col_blocks)), kThreads, 0,
-           stream>>>(static_cast<const T*>(p.x), static_cast<T*>(p.y), p.y_row, p.weight, p.cols);
+    GatherAddKernel<T><<<dim3(static_cast<unsigned>(p.rows), static_cast<unsigned>(col_blocks)),
+                         kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

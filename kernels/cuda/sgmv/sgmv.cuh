@@ -73,48 +73,7 @@ __global__ void SgmvShrinkKernel(const T* __restrict__ x, float* __restrict__ v,
   }
 }
 
-__device__ __forceinline__ void AtomicAddTo(float* p, float v) { atomicAdd(p, v); }
-__device__ __forceinline__ void AtomicAddTo(__nv_bfloat16* p, float v) {
-  atomicAdd(p, __float2bfloat16(v));
-}
-
-// y[y_row[p], j] += weight[p] * sum_i v[p, i] * Bt_s[i, j]: thread j of block (s, y) owns column
-// j = y * kExpandCols + threadIdx.x; v rows of kExpandPairs pairs are staged in shared memory.
-template <typename T>
-__global__ void SgmvExpandKernel(
-    const float* __restrict__ v, T* __restrict__ y, const int32_t* __restrict__ y_row,
-    const float* __restrict__ weight, const int32_t* __restrict__ seg_start,
-    const int32_t* __restrict__ seg_rank, const int64_t* __restrict__ seg_row_offset,
-    const void* const* __restrict__ b_rows, int64_t out, int32_t v_stride) {
-  extern __shared__ float staged[];  // [kExpandPairs, v_stride]
-  const int32_t s = blockIdx.x;
-  const int32_t rank = min(seg_rank[s], v_stride);
-  if (rank <= 0) return;  // the whole block: nothing to add (the CPU twin skips it too)
-  const int64_t j = int64_t{blockIdx.y} * kExpandCols + threadIdx.x;
-  const void* const* rows = b_rows + seg_row_offset[s];
-  const int32_t begin = seg_start[s], end = seg_start[s + 1];
-  for (int32_t p0 = begin; p0 < end; p0 += kExpandPairs) {
-    const int32_t n = min(kExpandPairs, end - p0);
-    __syncthreads();  // the previous chunk's readers are done with `staged`
-    for (int32_t e = threadIdx.x; e < n * rank; e += blockDim.x) {
-      const int32_t q = e / rank, i = e % rank;
-      staged[q * v_stride + i] = v[static_cast<int64_t>(p0 + q) * v_stride + i];
-    }
-    __syncthreads();
-    if (j >= out) continue;
-    float acc[kExpandPairs] = {};
-    for (int32_t i = 0; i < rank; ++i) {
-      const float b = ToFloat(static_cast<const T*>(rows[i])[j]);
-#pragma unroll
-      for (int q = 0; q < kExpandPairs; ++q) acc[q] += staged[q * v_stride + i] * b;
-    }
-    for (int q = 0; q < n; ++q) {
-      AtomicAddTo(y + static_cast<int64_t>(y_row[p0 + q]) * out + j, weight[p0 + q] * acc[q]);
-    }
-  }
-}
-
-// y[t, j] += sum over t's pairs (token_pair order) of w * v . Bt[:, j]: thread j of block
+// y[y_row[t], j] += sum over t's pairs (token_pair order) of w * v . Bt[:, j]: thread j of block
 // (t, column block) owns the element, so no atomics; fp32 sum in the CPU twin's order (the
 // multiply-adds may fuse on the device), added to y once.
 template <typename T>
@@ -146,20 +105,29 @@ __global__ void SgmvExpandRowsKernel(SgmvExpandRowsParams p) {
       acc += coef * ToFloat(static_cast<const T*>(rows[i])[j]);
     }
   }
-  T* y = static_cast<T*>(p.y) + t * p.out + j;
+  const int64_t row = p.y_row != nullptr ? p.y_row[t] : t;
+  T* y = static_cast<T*>(p.y) + row * p.out + j;
   *y = FromFloat<T>(ToFloat(*y) + acc);
 }
 
-// y[y_row[r], c] += weight[r] * x[r, c]; grid (rows, column blocks).
+// y[y_row[r], c] += sum over r's sources (in order) of w * x[src, c]: thread c of block
+// (r, column block) owns the element, so no atomics; added to y once.
 template <typename T>
-__global__ void ScatterAddKernel(const T* __restrict__ x, T* __restrict__ y,
-                                 const int32_t* __restrict__ y_row,
-                                 const float* __restrict__ weight, int64_t cols) {
+__global__ void GatherAddKernel(GatherAddParams p) {
   const int64_t r = blockIdx.x;
   const int64_t c = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
-  const float w = weight == nullptr ? 1.0f : weight[r];
-  AtomicAddTo(y + static_cast<int64_t>(y_row[r]) * cols + c, w * ToFloat(x[r * cols + c]));
+  if (c >= p.cols) return;
+  const int32_t count = p.count[r];
+  if (count <= 0) return;
+  const T* x = static_cast<const T*>(p.x);
+  float acc = 0.0f;
+  for (int32_t q = 0; q < count; ++q) {
+    const int64_t i = p.src[r * p.src_stride + q];
+    const float w = p.weight == nullptr ? 1.0f : p.weight[i];
+    acc += w * ToFloat(x[i * p.cols + c]);
+  }
+  T* y = static_cast<T*>(p.y) + static_cast<int64_t>(p.y_row[r]) * p.cols + c;
+  *y = FromFloat<T>(ToFloat(*y) + acc);
 }
 
 }  // namespace moleserve::kernels::cuda

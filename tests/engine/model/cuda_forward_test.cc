@@ -37,9 +37,10 @@ namespace {
   if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device"
 
 // The reference is the bf16 emulation on the CPU (test_util::Bf16CpuBackend): the same bf16
-// rounding of every op output, fp32 inside, so only summation order and the expand's atomics
-// differ. Tolerances (first estimates, to be confirmed on the GPU): mean relative 1%, max 10% of
-// max(1, max |ref|), 95% of routed sites identical.
+// rounding of every op output, fp32 inside, so only summation order differs (no sum uses
+// atomics: every family also runs twice on the GPU with bit-identical logits). Tolerances (first
+// estimates, to be confirmed on the GPU): mean relative 1%, max 10% of max(1, max |ref|), 95% of
+// routed sites identical.
 constexpr test_util::LogitTolerance kTolerance{
     .max_rel = 0.1, .mean_rel = 0.01, .routing_agreement = 0.95};
 
