@@ -223,7 +223,17 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
         if (!layer.statics[mi].empty()) max_rank = std::max(max_rank, layer.statics[mi][0].rank);
         if (!layer.routed[mi]) continue;
         const RoutedModule& rm = *layer.routed[mi];
-        if (rm.rank_granular || rm.router_type != RouterType::kLinear ||
+        if (rm.rank_granular) {  // FlyLoRA (no router) or SMoRA (linear router) over r ranks
+          const int32_t r = rm.experts.rank;
+          if (rm.experts.num_experts != 1 || rm.router_type == RouterType::kXloraRef ||
+              !ToRankRouteParams(rm.routing, r, rm.select_on_abs).ok()) {
+            return false;
+          }
+          max_experts = std::max(max_experts, r);
+          routed_rank = std::max(routed_rank, r);
+          continue;
+        }
+        if (rm.router_type != RouterType::kLinear ||
             rm.experts.num_experts > kernels::kMaxRouteWidth ||
             !ToRouteParams(rm.routing, rm.experts.num_experts).ok()) {
           return false;
@@ -269,6 +279,9 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
   }
   struct RoutedAt {
     int64_t scale, a_rows, b_rows;
+    // Rank groups: per-token weights [T], selection bias [r], one segment's start [2], rank
+    // and row offset.
+    int64_t weight = -1, bias = -1, seg_start = -1, seg_rank = -1, seg_off = -1;
   };
   std::vector<StepPlan::Routed> routed;
   std::vector<RoutedAt> routed_at;
@@ -290,6 +303,14 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
       routed.push_back(entry);
       routed_at.push_back({layout.Take(e * 4), layout.Take(int64_t{e} * rank * 8),
                            layout.Take(int64_t{e} * rank * 8)});
+      if (r->rank_granular) {
+        RoutedAt& at = routed_at.back();
+        at.weight = layout.Take(t * 4);
+        at.bias = layout.Take(rank * 4);
+        at.seg_start = layout.Take(2 * 4);
+        at.seg_rank = layout.Take(4);
+        at.seg_off = layout.Take(8);
+      }
     }
   }
   if (max_rank == 0 && routed.empty()) return false;
@@ -367,6 +388,26 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
   for (size_t r = 0; r < routed.size(); ++r) {
     const LoraStack& stack = routed[r].rm->experts;
     std::memcpy(h + routed_at[r].scale, stack.scale.data(), stack.scale.size() * 4);
+    if (routed[r].rm->rank_granular) {
+      // One segment over every token of the step (the adapter's mask picks its own): pair t is
+      // token t, weighted by the LoRA scale.
+      const RoutedAt& at = routed_at[r];
+      auto* weight = reinterpret_cast<float*>(h + at.weight);
+      std::fill(weight, weight + t, stack.scale[0]);
+      const std::vector<float>& bias = routed[r].rm->router.select_bias;
+      std::copy(bias.begin(), bias.end(), reinterpret_cast<float*>(h + at.bias));
+      reinterpret_cast<int32_t*>(h + at.seg_start)[1] = static_cast<int32_t>(t);
+      *reinterpret_cast<int32_t*>(h + at.seg_rank) = stack.rank;
+      a_rows.clear();
+      b_rows.clear();
+      absl::StatusOr<bool> ok = pin(&stack, 0, &a_rows, &b_rows);
+      if (!ok.ok() || !*ok) return give_up(ok);
+      std::copy(a_rows.begin(), a_rows.end(),
+                reinterpret_cast<const void**>(h + routed_at[r].a_rows));
+      std::copy(b_rows.begin(), b_rows.end(),
+                reinterpret_cast<const void**>(h + routed_at[r].b_rows));
+      continue;
+    }
     a_rows.clear();
     b_rows.clear();
     // Every expert, but only into free pages (as the eager device route does): when they do
@@ -391,7 +432,7 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
       continue;
     }
     entry.record_at = record_words;
-    record_words += 2 * t * e + t;
+    record_words += entry.rm->rank_granular ? t * RankKeep(*entry.rm) : 2 * t * e + t;
   }
   for (int64_t site = 0; site < sites; ++site) {
     for (int32_t r : plan_.routed_of_site[site]) {
@@ -399,6 +440,12 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
       if (entry.record_at < 0) continue;
       const int32_t e = entry.rm->experts.num_experts;
       for (int32_t tok : tokens_by_slot_.at(slots[entry.slot_index])) {
+        if (entry.rm->rank_granular) {  // the kept ranks, k of them, weights 1
+          const int32_t k = RankKeep(*entry.rm);
+          Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * k,
+                /*weights_at=*/-1, /*count_at=*/-1, k);
+          continue;
+        }
         Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * e,
               entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
       }
@@ -435,6 +482,16 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
     s.b_rows = reinterpret_cast<const void* const*>(d + at.b_rows);
   }
   for (size_t r = 0; r < routed.size(); ++r) {
+    if (routed[r].rm->rank_granular) {
+      const RoutedAt& at = routed_at[r];
+      routed[r].weight = reinterpret_cast<const float*>(d + at.weight);
+      routed[r].select_bias = routed[r].rm->router.select_bias.empty()
+                                  ? nullptr
+                                  : reinterpret_cast<const float*>(d + at.bias);
+      routed[r].seg_start = reinterpret_cast<const int32_t*>(d + at.seg_start);
+      routed[r].seg_rank = reinterpret_cast<const int32_t*>(d + at.seg_rank);
+      routed[r].seg_off = reinterpret_cast<const int64_t*>(d + at.seg_off);
+    }
     routed[r].mask = reinterpret_cast<const int32_t*>(d + masks_at) + routed[r].slot_index * t;
     routed[r].scale = reinterpret_cast<const float*>(d + routed_at[r].scale);
     routed[r].a_rows = reinterpret_cast<const void* const*>(d + routed_at[r].a_rows);
@@ -492,6 +549,10 @@ absl::Status AdapterExecutor::ApplyPlanned(int32_t layer, LinearModule m, const 
   for (int32_t r : plan_.routed_of_site[site]) {
     const StepPlan::Routed& entry = plan_.routed[r];
     const RoutedModule& rm = *entry.rm;
+    if (rm.rank_granular) {
+      RETURN_IF_ERROR(ApplyPlannedRanks(entry, x, in, y, out));
+      continue;
+    }
     const int32_t e = rm.experts.num_experts, rank = rm.experts.rank;
     const auto& [weight, bias] = entry.att->routers.at(&rm.router);
     // Router logits of every token of the step (the adapter's mask picks its own), fp32.
@@ -602,6 +663,90 @@ absl::Status AdapterExecutor::ApplyPlanned(int32_t layer, LinearModule m, const 
                                    .out = out,
                                    .v_stride = plan_.v_stride,
                                    .dtype = dt_});
+}
+
+int32_t AdapterExecutor::RankKeep(const RoutedModule& rm) {
+  absl::StatusOr<kernels::RankRouteParams> p =
+      ToRankRouteParams(rm.routing, rm.experts.rank, rm.select_on_abs);
+  return p.ok() ? p->k : 0;  // PlanPass admits only groups whose parameters convert
+}
+
+absl::Status AdapterExecutor::ApplyPlannedRanks(const StepPlan::Routed& entry, const void* x,
+                                                int64_t in, void* y, int64_t out) {
+  const RoutedModule& rm = *entry.rm;
+  const int64_t t = plan_.tokens;
+  const int32_t r = rm.experts.rank;
+  // Scratch (ApplyPlanned's layout): logits [t, r] | kept [t, k] | u [t, r] | ... | ok [t].
+  const int64_t e_max = plan_.max_experts;
+  float* logits = plan_scratch_.as<float>();
+  int32_t* kept = plan_scratch_.as<int32_t>() + t * e_max;
+  float* u = plan_scratch_.as<float>() + 2 * t * e_max;
+  int32_t* ok = plan_scratch_.as<int32_t>() + 6 * t * e_max;
+  // z = A x for every token of the step, one segment (the adapter's mask picks its own).
+  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                        .v = plan_v_.as<float>(),
+                                        .x_row = plan_.identity,
+                                        .seg_start = entry.seg_start,
+                                        .seg_rank = entry.seg_rank,
+                                        .seg_row_offset = entry.seg_off,
+                                        .a_rows = entry.a_rows,
+                                        .num_segments = 1,
+                                        .in = in,
+                                        .v_stride = r,
+                                        .dtype = dt_}));
+  const float* router_logits = nullptr;
+  if (rm.router_type == RouterType::kLinear) {  // SMoRA's gate, fp32
+    const auto& [weight, bias] = entry.att->routers.at(&rm.router);
+    RETURN_IF_ERROR(backend_->Gemm({.x = x,
+                                    .w = weight.data(),
+                                    .y = logits,
+                                    .m = t,
+                                    .n = r,
+                                    .k = in,
+                                    .dtype = dt_,
+                                    .y_f32 = true}));
+    if (!rm.router.bias.empty()) {
+      RETURN_IF_ERROR(backend_->BiasAdd(
+          {.x = logits, .bias = bias.data(), .rows = t, .cols = r, .dtype = ScalarType::kF32}));
+    }
+    router_logits = logits;
+  }
+  ASSIGN_OR_RETURN(kernels::RankRouteParams route,
+                   ToRankRouteParams(rm.routing, r, rm.select_on_abs));
+  route.z = plan_v_.as<float>();
+  route.router_logits = router_logits;
+  route.select_bias = entry.select_bias;
+  route.u = u;
+  route.kept = kept;
+  route.ok = ok;
+  route.undefined = route_undefined_.as<int32_t>();
+  route.active = entry.mask;
+  route.num_tokens = t;
+  route.z_stride = r;
+  RETURN_IF_ERROR(backend_->RankRoute(route));
+  // y += s B u, one pair per token of the adapter.
+  RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = u,
+                                            .y = y,
+                                            .token_pair = plan_.identity,
+                                            .count = plan_.token_count,
+                                            .active = entry.mask,
+                                            .weight = entry.weight,
+                                            .seg_start = entry.seg_start,
+                                            .seg_rank = entry.seg_rank,
+                                            .seg_row_offset = entry.seg_off,
+                                            .b_rows = entry.b_rows,
+                                            .num_tokens = t,
+                                            .pair_stride = 1,
+                                            .num_segments = 1,
+                                            .out = out,
+                                            .v_stride = r,
+                                            .dtype = dt_}));
+  if (entry.record_at < 0) return absl::OkStatus();
+  return backend_->Convert({.src = kept,
+                            .dst = plan_record_.as<int32_t>() + entry.record_at,
+                            .n = t * route.k,
+                            .src_dtype = ScalarType::kF32,
+                            .dst_dtype = ScalarType::kF32});
 }
 
 absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {

@@ -79,14 +79,16 @@ class AdapterExecutor {
 
   // Starts a pass over `tokens` (size T). kInvalidArgument on an unknown slot.
   absl::Status BeginPass(PassTokens tokens);
-  // Plans the pass: when every adapter of the pass is plain LoRA or module-scope routed with a
-  // linear router (at most one static LoRA per module; no rank-wise group, block FFN or X-LoRA;
-  // no per-request routing override in the pass) and all their experts fit the cache at once,
+  // Plans the pass: when every adapter of the pass is plain LoRA, module-scope routed with a
+  // linear router or rank-wise (FlyLoRA, SMoRA) (at most one static LoRA per module; no block
+  // FFN or X-LoRA; no per-request routing override in the pass) and all their experts fit the
+  // cache at once,
   // pins them for the whole pass and uploads, in one copy, every table the pass needs: the
   // static segments of every site, each adapter's token mask, the routed groups' scales and row
   // tables. ApplyLinear then issues only ops, with no host work and no copies: per routed group
   // router logits of all the step's tokens, Route and BuildSegments under the adapter's mask, a
-  // shrink and an expand; then one shrink and expand for the static LoRAs. So the pass can be
+  // shrink and an expand (rank groups: the shrink, the gate's logits, RankRoute under the mask
+  // and the expand); then one shrink and expand for the static LoRAs. So the pass can be
   // captured in a graph. Routing records are copied on the device and come back with the step's
   // results. False (nothing planned, nothing pinned) otherwise; the pass then runs as before.
   absl::StatusOr<bool> PlanPass();
@@ -249,6 +251,13 @@ class AdapterExecutor {
       const void* const* a_rows = nullptr;
       const void* const* b_rows = nullptr;
       int64_t record_at = -1;  // words of plan_record_ when some of its tokens record routing
+      // Rank groups: per-token weights (the LoRA scale), selection bias or null, and the one
+      // segment over every token.
+      const float* weight = nullptr;
+      const float* select_bias = nullptr;
+      const int32_t* seg_start = nullptr;
+      const int32_t* seg_rank = nullptr;
+      const int64_t* seg_off = nullptr;
     };
     bool active = false;
     int32_t segments = 0;  // S, a power of two
@@ -268,6 +277,12 @@ class AdapterExecutor {
     std::vector<int64_t> key;
   };
   absl::Status ApplyPlanned(int32_t layer, LinearModule m, const void* x, void* y);
+  // A planned rank group (FlyLoRA, SMoRA): z = A x and the gate's logits for every token, then
+  // RankRoute and the expand under the adapter's mask; the kept ranks go to the records.
+  absl::Status ApplyPlannedRanks(const StepPlan::Routed& entry, const void* x, int64_t in, void* y,
+                                 int64_t out);
+  // k, the ranks a planned rank group keeps per token.
+  static int32_t RankKeep(const RoutedModule& rm);
 
   Backend* backend_;
   ModelConfig config_;

@@ -693,8 +693,8 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   }
   RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
   // Adapter steps are graphed when their tables can be laid out before the launch
-  // (AdapterExecutor::PlanPass: plain LoRAs and module-scope routed groups); others (rank-wise,
-  // X-LoRA, block FFN, routing overrides) run eagerly.
+  // (AdapterExecutor::PlanPass: plain LoRAs, module-scope routed groups, rank-wise groups);
+  // others (X-LoRA, block FFN, routing overrides) run eagerly.
   std::vector<int64_t> key = {n};
   GraphEntry entry;
   if (adapters_.active()) {

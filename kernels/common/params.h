@@ -256,7 +256,8 @@ struct RouteParams {
 
 // Rank routing (FlyLoRA without router_logits, SMoRA with), per token t over r ranks of the
 // shrink output z (routing_math.h RouteRanksOne): kept[t, 0..k) and u[t, 0..r). ok[t] = 0 on NaN
-// or an undefined softmax; such tokens also add 1 each to *undefined when it is given.
+// or an undefined softmax; such tokens also add 1 each to *undefined when it is given. Tokens
+// with active[t] == 0 (when active is given) are not routed: ok[t] = 1, kept and u untouched.
 struct RankRouteParams {
   const float* z = nullptr;              // [num_tokens, z_stride]
   const float* router_logits = nullptr;  // [num_tokens, rank] or nullptr (FlyLoRA)
@@ -265,6 +266,7 @@ struct RankRouteParams {
   int32_t* kept = nullptr;               // [num_tokens, k]
   int32_t* ok = nullptr;                 // [num_tokens]
   int32_t* undefined = nullptr;          // [1] or nullptr, accumulated into
+  const int32_t* active = nullptr;       // [num_tokens] or nullptr (all)
   int64_t num_tokens = 0;
   int32_t rank = 0;  // 1..kMaxRouteWidth
   int32_t z_stride = 0;

@@ -45,6 +45,10 @@ KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool) {
     float key[kMaxRouteWidth], g[kMaxRouteWidth];
     int32_t order[kMaxRouteWidth];
     for (int64_t t = begin; t < end; ++t) {
+      if (p.active != nullptr && p.active[t] == 0) {
+        p.ok[t] = 1;
+        continue;
+      }
       const float* logits = p.router_logits == nullptr ? nullptr : p.router_logits + t * p.rank;
       p.ok[t] = routing_math::RouteRanksOne(p, p.z + t * p.z_stride, logits, p.kept + t * p.k,
                                             p.u + t * p.z_stride, key, g, order)

@@ -1,7 +1,9 @@
 #pragma once
 
-// WriteDemoMoleAdapter: a random mole/1 adapter for the built-in demo model, for server tests and
-// benchmarks (no gtest here). Returns the directory, or "" when the weights cannot be written.
+// Random adapters for the built-in demo model, for server tests and benchmarks (no gtest here):
+// WriteDemoMoleAdapter (a top-2 routed mole/1 group), WriteDemoRankAdapter (FlyLoRA / SMoRA rank
+// routing), WriteDemoPeftLora (a PEFT LoRA). Each returns the directory, or "" when the weights
+// cannot be written.
 
 #include <cstdint>
 #include <filesystem>
@@ -52,6 +54,50 @@ inline std::string WriteDemoMoleAdapter(const std::string& dir, uint32_t seed = 
       "num_experts": )"
       << num_experts << R"(, "rank": )" << rank << R"(, "scale": 2.0,
       "routing": {"algorithm": "topk", "k": 2}}]})";
+  return dir;
+}
+
+// A rank-wise mole/1 adapter for the demo model: one group of total rank `rank` on q_proj and
+// o_proj of every layer keeping the top `k` ranks per token, with a selection bias. FlyLoRA
+// (implicit router: selection on A x) by default; SMoRA (a linear gate over the ranks) when
+// `smora`.
+inline std::string WriteDemoRankAdapter(const std::string& dir, bool smora, uint32_t seed = 13,
+                                        int32_t rank = 8, int32_t k = 3, float stddev = 0.3f) {
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<float> v(n);
+    for (float& x : v) x = dist(rng);
+    t[name] = {std::move(shape), std::move(v)};
+  };
+  for (int l = 0; l < 4; ++l) {
+    for (const std::string m : {"q_proj", "o_proj"}) {
+      const std::string p = absl::StrCat("groups.r.layers.", l, ".", m);
+      add(p + ".A", {1, rank, 256});
+      add(p + ".B", {1, 256, rank});
+      add(p + ".router.select_bias", {rank});
+      if (smora) add(p + ".router.weight", {rank, 256});
+    }
+  }
+  std::vector<engine::SafetensorsWriteTensor> out;
+  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
+  if (!engine::WriteSafetensors(dir + "/model.safetensors", out, {}).ok()) return "";
+  std::ofstream(dir + "/mole_config.json")
+      << R"({"format": "mole", "format_version": 1, "name": "demo-rank", "source_family": ")"
+      << (smora ? "smora" : "flylora") << R"(",
+    "routed_groups": [{"id": "r", "scope": "module", "granularity": "rank",
+      "targets": {"layers": "all", "modules": ["q_proj", "o_proj"]},
+      "num_experts": 1, "rank": )"
+      << rank << R"(, "scale": 2.0,
+      "router": {"type": ")"
+      << (smora ? "linear" : "implicit_A") << R"(", "select_bias": true},
+      "routing": {"algorithm": "rank_topk", "k": )"
+      << k << R"(}}]})";
   return dir;
 }
 

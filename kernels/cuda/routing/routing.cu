@@ -26,6 +26,10 @@ __global__ void RouteKernel(RouteParams p) {
 __global__ void RankRouteKernel(RankRouteParams p) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (t >= p.num_tokens) return;
+  if (p.active != nullptr && p.active[t] == 0) {
+    p.ok[t] = 1;
+    return;
+  }
   float key[kMaxRouteWidth], g[kMaxRouteWidth];
   int32_t order[kMaxRouteWidth];
   const float* logits = p.router_logits == nullptr ? nullptr : p.router_logits + t * p.rank;

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <vector>
 
@@ -204,6 +205,114 @@ TEST(DecodeGraphTest, PlainLoraStepsReplayEqualEagerOnesAsTheBatchChanges) {
   (*graphed)->DetachAdapter(slot[2]);
   EXPECT_LT((*graphed)->decode_graphs(), before);
   EXPECT_GE((*graphed)->decode_graphs(), 1);  // the LoRA-only graph stays
+}
+
+// Rank-wise groups (FlyLoRA, SMoRA) are planned too: their decode steps replay from graphs with
+// the same bits and the same kept ranks as eager execution while sequences join and leave. On
+// the last step the eager model takes the unplanned path (a routing override that keeps k), and
+// its logits agree with the planned ones within 1e-5 relative, its kept ranks exactly.
+TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  auto b_graph = CreateCpuBackend({.num_threads = 2});
+  auto b_eager = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+  const std::string root = testing::TempDir() + "/decode_graph_rank";
+  std::vector<int32_t> slot;
+  for (bool smora : {false, true}) {
+    const std::string dir = root + (smora ? "/smora" : "/flylora");
+    ASSERT_FALSE(test_util::WriteDemoRankAdapter(dir, smora, smora ? 21 : 22).empty());
+    auto a = LoadAdapter(dir, smora ? "smora" : "flylora", config, {});
+    ASSERT_TRUE(a.ok()) << a.status();
+    auto g = (*graphed)->AttachAdapter(*a);
+    auto e = (*eager)->AttachAdapter(*a);
+    ASSERT_TRUE(g.ok() && e.ok());
+    ASSERT_EQ(*g, *e);
+    slot.push_back(*g);
+  }
+  std::filesystem::remove_all(root);
+  const std::vector<int32_t> uses = {-1, slot[0], slot[1], slot[0]};
+  const std::vector<int32_t> from = {0, 0, 0, 6};
+  const std::vector<int32_t> to = {16, 16, 12, 16};
+  std::vector<std::vector<int32_t>> tokens(uses.size());
+  for (size_t s = 0; s < uses.size(); ++s) {
+    for (int32_t i = 0; i < 4 + static_cast<int32_t>(s); ++i) {
+      tokens[s].push_back((i * 29 + static_cast<int32_t>(s) * 13 + 7) % 256);
+    }
+  }
+  std::vector<int32_t> computed(uses.size(), 0);
+  constexpr int32_t kSteps = 16;
+  for (int32_t step = 0; step < kSteps; ++step) {
+    const bool last = step + 1 == kSteps;
+    Batch b;
+    std::vector<int32_t> in_batch;
+    for (int32_t s = 0; s < static_cast<int32_t>(uses.size()); ++s) {
+      if (step < from[s] || step >= to[s]) continue;
+      const int32_t q = b.num_seqs();
+      for (int32_t p = computed[s]; p < static_cast<int32_t>(tokens[s].size()); ++p) {
+        b.tokens.push_back(tokens[s][p]);
+        b.positions.push_back(p);
+        b.token_seq.push_back(q);
+      }
+      computed[s] = static_cast<int32_t>(tokens[s].size());
+      b.sample_rows.push_back(b.num_tokens() - 1);
+      for (int32_t k = 0; k < 3; ++k) b.block_tables.push_back(s * 3 + k);
+      b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
+      b.seq_adapter.push_back(uses[s]);
+      in_batch.push_back(s);
+    }
+    b.aux_block_table_offsets.assign(b.num_seqs() + 1, 0);
+    // The FlyLoRA sequence 1 records its kept ranks on odd steps and on the last one.
+    b.seq_return_routing.assign(b.num_seqs(), 0);
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      if (in_batch[r] == 1 && (step % 2 == 1 || last)) b.seq_return_routing[r] = 1;
+    }
+    Batch unplanned = b;  // the same step with an override that changes nothing (k = 3)
+    unplanned.seq_override.assign(b.num_seqs(), -1);
+    unplanned.seq_override[1] = 0;
+    RoutingOverride keep;
+    keep.k = 3;
+    unplanned.overrides.push_back(keep);
+    std::vector<float> lg, le;
+    ForwardExtras xg, xe;
+    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    ASSERT_TRUE((*eager)->Forward(last ? unplanned : b, &le, &xe).ok()) << "step " << step;
+    if (last) {
+      ASSERT_EQ(lg.size(), le.size());
+      float scale = 1.0f, diff = 0.0f;
+      for (size_t i = 0; i < lg.size(); ++i) {
+        scale = std::max(scale, std::fabs(le[i]));
+        diff = std::max(diff, std::fabs(lg[i] - le[i]));
+      }
+      EXPECT_LE(diff, 1e-5f * scale) << "planned vs unplanned rank routing";
+    } else {
+      ASSERT_EQ(lg, le) << "step " << step;
+    }
+    ASSERT_EQ(xg.routing.size(), xe.routing.size());
+    for (size_t r = 0; r < xg.routing.size(); ++r) {
+      ASSERT_EQ(xg.routing[r].size(), xe.routing[r].size()) << "step " << step;
+      for (size_t i = 0; i < xg.routing[r].size(); ++i) {
+        EXPECT_EQ(xg.routing[r][i].experts, xe.routing[r][i].experts) << "step " << step;
+        EXPECT_EQ(xg.routing[r][i].weights, xe.routing[r][i].weights) << "step " << step;
+        EXPECT_EQ(xg.routing[r][i].experts.size(), 3u) << "k ranks kept";
+      }
+      const bool records = in_batch[r] == 1 && (step % 2 == 1 || last);
+      EXPECT_EQ(xg.routing[r].size(), records ? 8u : 0u) << "step " << step;
+    }
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const float* row = lg.data() + r * config.vocab_size;
+      tokens[in_batch[r]].push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+  }
+  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
 }
 
 TEST(DecodeGraphTest, CaptureHoldsOpsOnlyAndReplaysThemOnCurrentInputs) {

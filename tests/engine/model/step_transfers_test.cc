@@ -195,6 +195,42 @@ TEST(StepTransfersTest, StepsWithAdaptersBringNoLogitsToTheHost) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(StepTransfersTest, RankWiseStepsDecodeInOneGraphLaunch) {
+  Models m = MakeModels();
+  const std::string root = testing::TempDir() + "/step_transfers_rank";
+  std::vector<int32_t> slots;
+  for (bool smora : {false, true}) {
+    const std::string dir = root + (smora ? "/smora" : "/flylora");
+    ASSERT_FALSE(test_util::WriteDemoRankAdapter(dir, smora).empty());
+    auto adapter = LoadAdapter(dir, smora ? "smora" : "flylora", m.model->config(), {});
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    auto slot = m.model->AttachAdapter(*adapter);
+    auto ref_slot = m.reference->AttachAdapter(*adapter);
+    ASSERT_TRUE(slot.ok() && ref_slot.ok());
+    ASSERT_EQ(*slot, *ref_slot);
+    slots.push_back(*slot);
+  }
+  std::filesystem::remove_all(root);
+  // The FlyLoRA sequence asks for its routing: the 3 kept ranks of its 8 routed sites, for every
+  // token of the step (rank routing runs over the whole step under the adapter's mask).
+  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {1, 2, 3, 4}},
+            .slot = {-1, slots[0], slots[1]},
+            .top = {0, 0, 0},
+            .routing = {0, 1, 0}};
+  for (int step = 0; step < 6; ++step) {
+    const std::string what = step == 0 ? "prefill" : "step " + std::to_string(step);
+    const BackendCounts c = StepAndCompare(m, seqs, what);
+    EXPECT_EQ(c.syncs, 1) << what;
+    EXPECT_EQ(c.graph_launches, step == 0 ? 0 : 1) << what;
+    if (step > 0) {
+      EXPECT_EQ(c.ops, 1) << what << ": only the sampler runs outside the graph";
+      EXPECT_EQ(c.page_copies, 0) << what << ": the experts stay resident";
+    }
+    const int64_t step_tokens = step == 0 ? 12 : 3;
+    EXPECT_EQ(c.d2h_bytes, 3 * kRowBytes + 4 + 8 * step_tokens * 3 * 4) << what;
+  }
+}
+
 TEST(StepTransfersTest, PlainLoraStepsUploadOnceAndDecodeInOneGraphLaunch) {
   Models m = MakeModels();
   const std::string dir = testing::TempDir() + "/step_transfers_lora";

@@ -271,6 +271,33 @@ TEST(RoutingTwinTest, RankRoutingCountsUndefinedTokens) {
   EXPECT_EQ(kept[5], 1);
 }
 
+TEST(RoutingTwinTest, RankRoutingSkipsInactiveTokens) {
+  const int32_t r = 4;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<float> z = {1, 2, 3, 4, nan, nan, 0, 0, 4, 3, 2, 1};
+  std::vector<float> u(12, -7.0f);
+  std::vector<int32_t> kept(3 * 2, -7), ok(3, -7), active = {1, 0, 1};
+  int32_t undefined = 0;
+  absl::StatusOr<kernels::RankRouteParams> p =
+      ToRankRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, r, false);
+  ASSERT_TRUE(p.ok());
+  p->z = z.data();
+  p->u = u.data();
+  p->kept = kept.data();
+  p->ok = ok.data();
+  p->undefined = &undefined;
+  p->active = active.data();
+  p->num_tokens = 3;
+  ASSERT_EQ(kernels::cpu::RankRoute(*p, nullptr), kernels::KernelStatus::kOk);
+  // Token 1 (NaN, but masked) is neither routed nor undefined; the others as without a mask.
+  EXPECT_EQ(ok, (std::vector<int32_t>{1, 1, 1}));
+  EXPECT_EQ(undefined, 0);
+  EXPECT_EQ(kept, (std::vector<int32_t>{3, 2, -7, -7, 0, 1}));
+  for (int i = 4; i < 8; ++i) EXPECT_EQ(u[i], -7.0f) << i;
+  EXPECT_EQ(u[3], 4.0f);  // token 0 keeps z[3] and z[2]
+  EXPECT_EQ(u[0], 0.0f);
+}
+
 TEST(RoutingTwinTest, RefusesWidthsTheDeviceCannotRoute) {
   EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kTopK, .k = 2}, 129).ok());
   EXPECT_FALSE(ToRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, 8).ok());
