@@ -24,7 +24,8 @@ AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config,
       config_(config),
       dt_(backend->compute_dtype()),
       es_(static_cast<int64_t>(ScalarTypeSize(dt_))),
-      cache_(backend, cache_options) {}
+      cache_(backend, cache_options),
+      records_(backend) {}
 AdapterExecutor::~AdapterExecutor() = default;
 
 absl::StatusOr<DeviceBuffer> AdapterExecutor::UploadFloats(const std::vector<float>& v) {
@@ -158,18 +159,7 @@ absl::Status AdapterExecutor::BeginPass(PassTokens tokens) {
     tokens_by_slot_[slot].push_back(static_cast<int32_t>(i));
     active_ = true;
   }
-  records_.assign(pass_.num_records, {});
-  pending_.clear();
-  record_words_ = 0;
-  records_in_plan_ = false;
-  results_issued_ = false;
-  device_routed_ = false;
-  if (active_) {
-    RETURN_IF_ERROR(Grow(&route_undefined_, sizeof(int32_t)));
-    const int32_t zero = 0;
-    RETURN_IF_ERROR(backend_->CopyToDevice(route_undefined_.data(), &zero, sizeof(zero)));
-  }
-  return absl::OkStatus();
+  return records_.Begin(pass_.record, pass_.num_records, active_);
 }
 
 std::vector<int32_t> AdapterExecutor::plan_routed_slots() const {
@@ -421,7 +411,7 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
               reinterpret_cast<const void**>(h + routed_at[r].b_rows));
   }
   // Routing records: each recording token's decisions at each routed site are copied (ops) into
-  // plan_record_; placeholders now, in the order the eager pass records (site by site).
+  // plan_record_, at offsets laid out now; the placeholders follow once the buffers exist.
   const int64_t e_max = std::max(max_experts, 1);
   int64_t record_words = 0;
   for (StepPlan::Routed& entry : routed) {
@@ -433,23 +423,6 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
     }
     entry.record_at = record_words;
     record_words += entry.rm->rank_granular ? t * RankKeep(*entry.rm) : 2 * t * e + t;
-  }
-  for (int64_t site = 0; site < sites; ++site) {
-    for (int32_t r : plan_.routed_of_site[site]) {
-      const StepPlan::Routed& entry = routed[r];
-      if (entry.record_at < 0) continue;
-      const int32_t e = entry.rm->experts.num_experts;
-      for (int32_t tok : tokens_by_slot_.at(slots[entry.slot_index])) {
-        if (entry.rm->rank_granular) {  // the kept ranks, k of them, weights 1
-          const int32_t k = RankKeep(*entry.rm);
-          Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * k,
-                /*weights_at=*/-1, /*count_at=*/-1, k);
-          continue;
-        }
-        Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * e,
-              entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
-      }
-    }
   }
   // Device buffers keep their addresses while they are big enough (graphs hold them); growing
   // one changes the key, so graphs captured with the old ones are never replayed.
@@ -520,9 +493,26 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
     }
     plan_.key.push_back(word);
   }
-  records_in_plan_ = record_words > 0;
-  record_words_ = record_words;
-  device_routed_ = device_routed_ || !plan_.routed.empty();
+  // Placeholders for the decisions, in the order the eager pass records them (site by site).
+  for (int64_t site = 0; site < sites; ++site) {
+    for (int32_t r : plan_.routed_of_site[site]) {
+      const StepPlan::Routed& entry = plan_.routed[r];
+      if (entry.record_at < 0) continue;
+      const int32_t e = entry.rm->experts.num_experts;
+      for (int32_t tok : tokens_by_slot_.at(slots[entry.slot_index])) {
+        if (entry.rm->rank_granular) {  // the kept ranks, k of them, weights 1
+          const int32_t k = RankKeep(*entry.rm);
+          records_.Defer(tok, entry.layer, LinearModuleName(entry.module),
+                         entry.record_at + tok * k, /*weights_at=*/-1, /*count_at=*/-1, k);
+          continue;
+        }
+        records_.Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * e,
+                       entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
+      }
+    }
+  }
+  if (record_words > 0) records_.UseDeviceWords(&plan_record_, record_words);
+  if (!plan_.routed.empty()) records_.MarkDeviceRouted();
   plan_.active = true;
   return true;
 }
@@ -588,7 +578,7 @@ absl::Status AdapterExecutor::ApplyPlanned(int32_t layer, LinearModule m, const 
                                              .seg_rank = seg_rank,
                                              .seg_row_offset = seg_off,
                                              .token_pair = token_pair,
-                                             .undefined = route_undefined_.as<int32_t>(),
+                                             .undefined = records_.undefined_counter(),
                                              .num_tokens = static_cast<int32_t>(t),
                                              .num_experts = e,
                                              .rank = rank}));
@@ -719,7 +709,7 @@ absl::Status AdapterExecutor::ApplyPlannedRanks(const StepPlan::Routed& entry, c
   route.u = u;
   route.kept = kept;
   route.ok = ok;
-  route.undefined = route_undefined_.as<int32_t>();
+  route.undefined = records_.undefined_counter();
   route.active = entry.mask;
   route.num_tokens = t;
   route.z_stride = r;
@@ -766,18 +756,6 @@ const RoutingSpec& AdapterExecutor::SpecFor(int32_t token, const RoutingSpec& ba
     cache->override_index = o;
   }
   return cache->spec;
-}
-
-void AdapterExecutor::Record(int32_t token, int32_t layer, const char* module,
-                             const int32_t* experts, const float* weights, int32_t n) {
-  const int32_t r = pass_.record[token];
-  if (r < 0) return;
-  RoutingRecord rec;
-  rec.layer = layer;
-  rec.module = module;
-  rec.experts.assign(experts, experts + n);
-  rec.weights.assign(weights, weights + n);
-  records_[r].push_back(std::move(rec));
 }
 
 absl::StatusOr<const float*> AdapterExecutor::RouterLogitsOnDevice(
@@ -895,11 +873,11 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
                                            .seg_rank = seg_rank_.as<int32_t>(),
                                            .seg_row_offset = seg_off_.as<int64_t>(),
                                            .token_pair = row_pair_.as<int32_t>(),
-                                           .undefined = route_undefined_.as<int32_t>(),
+                                           .undefined = records_.undefined_counter(),
                                            .num_tokens = static_cast<int32_t>(n),
                                            .num_experts = e_count,
                                            .rank = rank}));
-  device_routed_ = true;
+  records_.MarkDeviceRouted();
   const SgmvCall call{.num_segments = e_count, .num_pairs = max_pairs, .v_stride = rank};
   RETURN_IF_ERROR(Shrink(call, x, in));
   // Row i of the call is token ordered[i]: its k experts summed in decision order, added once.
@@ -923,107 +901,22 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   // now, copied with the step's results (IssueResultCopies).
   if (std::any_of(ordered.begin(), ordered.end(),
                   [&](int32_t t) { return pass_.record[t] >= 0; })) {
-    ASSIGN_OR_RETURN(const int64_t experts_at, KeepWords(route_experts_.data(), n * e_count));
-    ASSIGN_OR_RETURN(const int64_t weights_at, KeepWords(route_weights_.data(), n * e_count));
-    ASSIGN_OR_RETURN(const int64_t count_at, KeepWords(route_count_.data(), n));
+    ASSIGN_OR_RETURN(const int64_t experts_at, records_.Keep(route_experts_.data(), n * e_count));
+    ASSIGN_OR_RETURN(const int64_t weights_at, records_.Keep(route_weights_.data(), n * e_count));
+    ASSIGN_OR_RETURN(const int64_t count_at, records_.Keep(route_count_.data(), n));
     for (int64_t i = 0; i < n; ++i) {
-      Defer(ordered[i], layer, LinearModuleName(m), experts_at + i * e_count,
-            weights_at + i * e_count, count_at + i, 0);
+      records_.Defer(ordered[i], layer, LinearModuleName(m), experts_at + i * e_count,
+                     weights_at + i * e_count, count_at + i, 0);
     }
   }
   return true;
 }
 
-absl::StatusOr<int64_t> AdapterExecutor::KeepWords(const void* src, int64_t words) {
-  const int64_t at = record_words_;
-  const size_t need = static_cast<size_t>(at + words) * 4;
-  if (record_dev_.bytes() < need) {
-    // Grow keeping what earlier sites copied (a device-side copy, in stream order).
-    ASSIGN_OR_RETURN(DeviceBuffer grown,
-                     backend_->Allocate(std::max(need, record_dev_.bytes() * 2)));
-    if (at > 0) {
-      RETURN_IF_ERROR(backend_->Convert({.src = record_dev_.data(),
-                                         .dst = grown.data(),
-                                         .n = at,
-                                         .src_dtype = ScalarType::kF32,
-                                         .dst_dtype = ScalarType::kF32}));
-    }
-    record_dev_ = std::move(grown);
-  }
-  // A same-dtype Convert is a copy of 4-byte words, whatever they hold.
-  RETURN_IF_ERROR(backend_->Convert({.src = src,
-                                     .dst = record_dev_.as<int32_t>() + at,
-                                     .n = words,
-                                     .src_dtype = ScalarType::kF32,
-                                     .dst_dtype = ScalarType::kF32}));
-  record_words_ += words;
-  return at;
-}
+absl::Status AdapterExecutor::IssueResultCopies() { return records_.IssueCopies(); }
 
-void AdapterExecutor::Defer(int32_t token, int32_t layer, const char* module, int64_t experts_at,
-                            int64_t weights_at, int64_t count_at, int32_t fixed_count) {
-  const int32_t r = pass_.record[token];
-  if (r < 0) return;
-  RoutingRecord rec;
-  rec.layer = layer;
-  rec.module = module;
-  records_[r].push_back(std::move(rec));
-  pending_.push_back({r, records_[r].size() - 1, experts_at, weights_at, count_at, fixed_count});
-}
+absl::Status AdapterExecutor::CollectResults() { return records_.Collect(); }
 
-absl::Status AdapterExecutor::IssueResultCopies() {
-  results_issued_ = true;
-  if (!pending_.empty()) {
-    const size_t bytes = static_cast<size_t>(record_words_) * 4;
-    if (record_host_.bytes() < bytes) {
-      ASSIGN_OR_RETURN(record_host_,
-                       backend_->AllocateHost(std::max(bytes, record_host_.bytes() * 2)));
-    }
-    const DeviceBuffer& src = records_in_plan_ ? plan_record_ : record_dev_;
-    RETURN_IF_ERROR(backend_->CopyToHostAsync(record_host_.data(), src.data(), bytes));
-  }
-  if (device_routed_) {
-    if (undefined_host_.bytes() == 0) {
-      ASSIGN_OR_RETURN(undefined_host_, backend_->AllocateHost(sizeof(int32_t)));
-    }
-    RETURN_IF_ERROR(backend_->CopyToHostAsync(undefined_host_.data(), route_undefined_.data(),
-                                              sizeof(int32_t)));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status AdapterExecutor::CollectResults() {
-  if (!results_issued_) return absl::InternalError("CollectResults before IssueResultCopies");
-  const int32_t* words = record_host_.as<int32_t>();
-  for (const PendingRecord& p : pending_) {
-    RoutingRecord& rec = records_[p.record][p.index];
-    const int32_t n = p.count_at >= 0 ? words[p.count_at] : p.fixed_count;
-    rec.experts.assign(words + p.experts_at, words + p.experts_at + n);
-    if (p.weights_at >= 0) {
-      const auto* w = reinterpret_cast<const float*>(words + p.weights_at);
-      rec.weights.assign(w, w + n);
-    } else {
-      rec.weights.assign(n, 1.0f);
-    }
-  }
-  pending_.clear();
-  if (!device_routed_) return absl::OkStatus();
-  const int32_t undefined = *undefined_host_.as<int32_t>();
-  if (undefined == 0) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("routing: router logits contain NaN, or are +inf or all -inf, for ", undefined,
-                   " token-site(s) of this step"));
-}
-
-absl::Status AdapterExecutor::CheckRouting() {
-  if (!device_routed_) return absl::OkStatus();
-  int32_t undefined = 0;
-  RETURN_IF_ERROR(backend_->CopyToHost(&undefined, route_undefined_.data(), sizeof(undefined)));
-  if (undefined == 0) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("routing: router logits contain NaN, or are +inf or all -inf, for ", undefined,
-                   " token-site(s) of this step"));
-}
+absl::Status AdapterExecutor::CheckRouting() { return records_.Check(); }
 
 void AdapterExecutor::ReleasePins() {
   for (const auto& [stack, expert] : pins_) cache_.Release(stack, expert);
@@ -1206,23 +1099,23 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
     route.u = rank_u_.as<float>() + begin * r;
     route.kept = route_experts_.as<int32_t>() + begin * r;  // k <= r entries per token
     route.ok = route_count_.as<int32_t>() + begin;
-    route.undefined = route_undefined_.as<int32_t>();
+    route.undefined = records_.undefined_counter();
     route.num_tokens = end - begin;
     route.z_stride = r;
     RETURN_IF_ERROR(backend_->RankRoute(route));
     runs.push_back({begin, spec.k});
     begin = end;
   }
-  device_routed_ = true;
+  records_.MarkDeviceRouted();
   // Routing records are the only reason to bring the decisions to the host.
   if (std::any_of(tokens.begin(), tokens.end(), [&](int32_t t) { return pass_.record[t] >= 0; })) {
-    ASSIGN_OR_RETURN(const int64_t kept_at, KeepWords(route_experts_.data(), n * r));
+    ASSIGN_OR_RETURN(const int64_t kept_at, records_.Keep(route_experts_.data(), n * r));
     for (size_t g = 0; g < runs.size(); ++g) {
       const auto [begin, k] = runs[g];
       const int64_t end = g + 1 < runs.size() ? runs[g + 1].first : n;
       for (int64_t i = begin; i < end; ++i) {
-        Defer(tokens[i], layer, LinearModuleName(m), kept_at + begin * r + (i - begin) * k,
-              /*weights_at=*/-1, /*count_at=*/-1, k);
+        records_.Defer(tokens[i], layer, LinearModuleName(m), kept_at + begin * r + (i - begin) * k,
+                       /*weights_at=*/-1, /*count_at=*/-1, k);
       }
     }
   }
@@ -1293,7 +1186,7 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
             w_sorted.push_back(weights[e]);
           }
         }
-        Record(t, layer, LinearModuleName(m), experts.data(), w_sorted.data(), n);
+        records_.Record(t, layer, LinearModuleName(m), experts.data(), w_sorted.data(), n);
       }
     } else {
       RETURN_IF_ERROR(RouterLogits(att, rm.router, x, in, tokens, &logits));
@@ -1307,7 +1200,7 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
         for (int32_t j = 0; j < n; ++j) {
           per_expert[experts[j]].pairs.push_back({t, t, weights[j] * stack.scale[experts[j]], j});
         }
-        Record(t, layer, LinearModuleName(m), experts.data(), weights.data(), n);
+        records_.Record(t, layer, LinearModuleName(m), experts.data(), weights.data(), n);
       }
     }
     for (Segment& s : per_expert) segments.push_back(std::move(s));
@@ -1416,7 +1309,7 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
                        RouteToken(spec, absl::MakeConstSpan(logits.data() + i * e_count, e_count),
                                   experts.data(), weights.data()));
       for (int32_t j = 0; j < n; ++j) by_expert[experts[j]].push_back({tokens[i], weights[j]});
-      Record(tokens[i], layer, "ffn", experts.data(), weights.data(), n);
+      records_.Record(tokens[i], layer, "ffn", experts.data(), weights.data(), n);
     }
     const LoraStack* g = ffn.lora[0] ? &*ffn.lora[0] : nullptr;
     const LoraStack* u = ffn.lora[1] ? &*ffn.lora[1] : nullptr;

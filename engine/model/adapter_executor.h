@@ -39,6 +39,7 @@
 #include "engine/backend/backend.h"
 #include "engine/expert_cache/expert_cache.h"
 #include "engine/model/model_config.h"
+#include "engine/model/step_records.h"
 #include "engine/routing/routing.h"
 
 namespace moleserve::engine {
@@ -139,7 +140,7 @@ class AdapterExecutor {
                              std::vector<float>* out);
 
   // The routing recorded during the pass, indexed by PassTokens::record.
-  std::vector<std::vector<RoutingRecord>>& records() { return records_; }
+  std::vector<std::vector<RoutingRecord>>& records() { return records_.records(); }
 
  private:
   struct Attached;
@@ -211,23 +212,6 @@ class AdapterExecutor {
   };
   const RoutingSpec& SpecFor(int32_t token, const RoutingSpec& base, int32_t num_experts,
                              SpecCache* cache) const;
-  void Record(int32_t token, int32_t layer, const char* module, const int32_t* experts,
-              const float* weights, int32_t n);
-  // Device-routed decisions of recording tokens: the site's decisions are copied (an op, on the
-  // device) into record_dev_ and a placeholder record is kept; CollectResults fills it.
-  struct PendingRecord {
-    int32_t record;      // index into records_
-    size_t index;        // the placeholder's position in records_[record]
-    int64_t experts_at;  // words of record_dev_: expert (or rank) ids
-    int64_t weights_at;  // weights, or -1: every weight is 1 (rank groups)
-    int64_t count_at;    // the count, or -1: fixed_count
-    int32_t fixed_count;
-  };
-  // Copies `words` 4-byte words from device memory into record_dev_; returns their offset.
-  absl::StatusOr<int64_t> KeepWords(const void* src, int64_t words);
-  void Defer(int32_t token, int32_t layer, const char* module, int64_t experts_at,
-             int64_t weights_at, int64_t count_at, int32_t fixed_count);
-
   // The plan of the current pass (PlanPass). Device tables in plan_buf_: shared pair_token [T]
   // (x_row = y_row), seg_start [S + 1], identity rows [T] and the adapters' token masks [S, T];
   // per site weight [T], seg_rank [S], seg_off [S] and row tables [S * V] for A and B (segment j
@@ -298,7 +282,6 @@ class AdapterExecutor {
   PassTokens pass_;
   bool active_ = false;
   std::map<int32_t, std::vector<int32_t>> tokens_by_slot_;  // ascending token indices
-  std::vector<std::vector<RoutingRecord>> records_;
   std::vector<float> zeros_;  // host zeros for clearing device rows (grown on demand)
   // Block FFN pairs of the current layer: (token, expert, weight) in segment order.
   struct BlockPairs {
@@ -311,22 +294,16 @@ class AdapterExecutor {
   DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_w_, row_y_, row_pair_, row_count_,
       seg_start_, seg_rank_, seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_,
       cls_in_, cls_out_, f32_;
-  // Device routing: decisions, LoRA scales of the stack, the undefined-logits counter.
+  // Device routing: decisions and the LoRA scales of the stack.
   // (Rank groups: route_experts_ holds the kept ranks, route_count_ the ok flags, scale_ the
   // selection bias, rank_u_ the gated shrink output.)
-  DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, route_undefined_,
-      rank_u_;
+  DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, rank_u_;
   StepPlan plan_;
   // Grown on demand; each growth bumps plan_epoch_.
   DeviceBuffer plan_buf_, plan_v_, plan_scratch_, plan_record_;
-  bool records_in_plan_ = false;  // the pass's pending records are in plan_record_
   std::vector<char> plan_host_;
   int64_t plan_epoch_ = 0;
-  std::vector<PendingRecord> pending_;
-  DeviceBuffer record_dev_, record_host_, undefined_host_;
-  int64_t record_words_ = 0;         // used words of record_dev_
-  bool results_issued_ = false;      // IssueResultCopies ran for this pass
-  bool device_routed_ = false;       // some group of the current pass was routed on the device
+  StepRecords records_;              // routing records and the undefined-logits count of the pass
   std::vector<uint16_t> host_bf16_;  // FromHostF32's conversion buffer
 };
 
