@@ -4,7 +4,6 @@
 #include <cstring>
 
 #include "absl/cleanup/cleanup.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "engine/core/status_macros.h"
 #include "kernels/common/bf16.h"
@@ -25,6 +24,7 @@ AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config,
       dt_(backend->compute_dtype()),
       es_(static_cast<int64_t>(ScalarTypeSize(dt_))),
       cache_(backend, cache_options),
+      sgmv_(backend, &cache_),
       records_(backend) {}
 AdapterExecutor::~AdapterExecutor() = default;
 
@@ -813,8 +813,9 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   std::vector<const void*> a_rows, b_rows;
   ASSIGN_OR_RETURN(bool pinned, cache_.AcquireAllIfRoom(&stack, &a_rows, &b_rows));
   if (!pinned) return false;
-  absl::Cleanup unpin = [this] { ReleasePins(); };
-  for (int32_t e = 0; e < e_count; ++e) pins_.push_back({&stack, e});
+  absl::Cleanup unpin = [&] {
+    for (int32_t e = 0; e < e_count; ++e) cache_.Release(&stack, e);
+  };
   // Tokens grouped by their routing spec (per-request overrides), one Route call per group.
   std::vector<int32_t> ordered = tokens;
   std::stable_sort(ordered.begin(), ordered.end(), [&](int32_t a, int32_t b) {
@@ -850,47 +851,56 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   };
   for (const Upload& u : {Upload{&route_rows_, ordered.data(), ordered.size() * 4},
                           Upload{&scale_, stack.scale.data(), stack.scale.size() * 4},
-                          Upload{&a_rows_, a_rows.data(), a_rows.size() * sizeof(void*)},
-                          Upload{&b_rows_, b_rows.data(), b_rows.size() * sizeof(void*)}}) {
+                          Upload{&dev_a_rows_, a_rows.data(), a_rows.size() * sizeof(void*)},
+                          Upload{&dev_b_rows_, b_rows.data(), b_rows.size() * sizeof(void*)}}) {
     RETURN_IF_ERROR(Grow(u.buf, u.bytes));
     RETURN_IF_ERROR(backend_->CopyToDevice(u.buf->data(), u.src, u.bytes));
   }
-  RETURN_IF_ERROR(Grow(&pair_x_, max_pairs * sizeof(int32_t)));
-  RETURN_IF_ERROR(Grow(&pair_w_, max_pairs * sizeof(float)));
-  RETURN_IF_ERROR(Grow(&row_pair_, max_pairs * sizeof(int32_t)));
-  RETURN_IF_ERROR(Grow(&seg_start_, (e_count + 1) * sizeof(int32_t)));
-  RETURN_IF_ERROR(Grow(&seg_rank_, e_count * sizeof(int32_t)));
-  RETURN_IF_ERROR(Grow(&seg_off_, e_count * sizeof(int64_t)));
-  RETURN_IF_ERROR(Grow(&v_, max_pairs * rank * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&dev_pair_x_, max_pairs * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&dev_pair_w_, max_pairs * sizeof(float)));
+  RETURN_IF_ERROR(Grow(&dev_row_pair_, max_pairs * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&dev_seg_start_, (e_count + 1) * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&dev_seg_rank_, e_count * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&dev_seg_off_, e_count * sizeof(int64_t)));
+  RETURN_IF_ERROR(Grow(&dev_v_, max_pairs * rank * sizeof(float)));
   RETURN_IF_ERROR(backend_->BuildSegments({.experts = route_experts_.as<int32_t>(),
                                            .weights = route_weights_.as<float>(),
                                            .count = route_count_.as<int32_t>(),
                                            .rows = route_rows_.as<int32_t>(),
                                            .scale = scale_.as<float>(),
-                                           .pair_row = pair_x_.as<int32_t>(),
-                                           .pair_weight = pair_w_.as<float>(),
-                                           .seg_start = seg_start_.as<int32_t>(),
-                                           .seg_rank = seg_rank_.as<int32_t>(),
-                                           .seg_row_offset = seg_off_.as<int64_t>(),
-                                           .token_pair = row_pair_.as<int32_t>(),
+                                           .pair_row = dev_pair_x_.as<int32_t>(),
+                                           .pair_weight = dev_pair_w_.as<float>(),
+                                           .seg_start = dev_seg_start_.as<int32_t>(),
+                                           .seg_rank = dev_seg_rank_.as<int32_t>(),
+                                           .seg_row_offset = dev_seg_off_.as<int64_t>(),
+                                           .token_pair = dev_row_pair_.as<int32_t>(),
                                            .undefined = records_.undefined_counter(),
                                            .num_tokens = static_cast<int32_t>(n),
                                            .num_experts = e_count,
                                            .rank = rank}));
   records_.MarkDeviceRouted();
-  const SgmvCall call{.num_segments = e_count, .num_pairs = max_pairs, .v_stride = rank};
-  RETURN_IF_ERROR(Shrink(call, x, in));
+  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                        .v = dev_v_.as<float>(),
+                                        .x_row = dev_pair_x_.as<int32_t>(),
+                                        .seg_start = dev_seg_start_.as<int32_t>(),
+                                        .seg_rank = dev_seg_rank_.as<int32_t>(),
+                                        .seg_row_offset = dev_seg_off_.as<int64_t>(),
+                                        .a_rows = dev_a_rows_.as<const void*>(),
+                                        .num_segments = e_count,
+                                        .in = in,
+                                        .v_stride = rank,
+                                        .dtype = dt_}));
   // Row i of the call is token ordered[i]: its k experts summed in decision order, added once.
-  RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = v_.as<float>(),
+  RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = dev_v_.as<float>(),
                                             .y = y,
                                             .y_row = route_rows_.as<int32_t>(),
-                                            .token_pair = row_pair_.as<int32_t>(),
+                                            .token_pair = dev_row_pair_.as<int32_t>(),
                                             .count = route_count_.as<int32_t>(),
-                                            .weight = pair_w_.as<float>(),
-                                            .seg_start = seg_start_.as<int32_t>(),
-                                            .seg_rank = seg_rank_.as<int32_t>(),
-                                            .seg_row_offset = seg_off_.as<int64_t>(),
-                                            .b_rows = b_rows_.as<const void*>(),
+                                            .weight = dev_pair_w_.as<float>(),
+                                            .seg_start = dev_seg_start_.as<int32_t>(),
+                                            .seg_rank = dev_seg_rank_.as<int32_t>(),
+                                            .seg_row_offset = dev_seg_off_.as<int64_t>(),
+                                            .b_rows = dev_b_rows_.as<const void*>(),
                                             .num_tokens = n,
                                             .pair_stride = e_count,
                                             .num_segments = e_count,
@@ -918,144 +928,6 @@ absl::Status AdapterExecutor::CollectResults() { return records_.Collect(); }
 
 absl::Status AdapterExecutor::CheckRouting() { return records_.Check(); }
 
-void AdapterExecutor::ReleasePins() {
-  for (const auto& [stack, expert] : pins_) cache_.Release(stack, expert);
-  pins_.clear();
-}
-
-absl::StatusOr<AdapterExecutor::SgmvCall> AdapterExecutor::UploadSegments(
-    const std::vector<Segment>& segments, size_t* next) {
-  std::vector<int32_t> x_rows, y_rows, orders, seg_start{0}, seg_rank;
-  std::vector<float> weights;
-  std::vector<int64_t> seg_off;
-  std::vector<const void*> a_rows, b_rows;
-  SgmvCall call;
-  // Pin the segments' experts in order; stop at the first that does not fit next to the pinned
-  // ones (the caller runs this part and comes back for the rest).
-  for (; *next < segments.size(); ++*next) {
-    const Segment& s = segments[*next];
-    if (s.pairs.empty()) continue;
-    const int32_t rank = s.lora->rank;
-    const size_t rows_before = a_rows.size();
-    absl::Status pinned = cache_.Acquire(s.lora, s.expert, &a_rows, &b_rows);
-    if (absl::IsResourceExhausted(pinned) && !pins_.empty()) {
-      ++splits_;
-      break;
-    }
-    RETURN_IF_ERROR(pinned);
-    pins_.push_back({s.lora, s.expert});
-    seg_off.push_back(static_cast<int64_t>(rows_before));
-    for (const Pair& p : s.pairs) {
-      x_rows.push_back(p.x_row);
-      y_rows.push_back(p.y_row);
-      orders.push_back(p.order);
-      weights.push_back(p.weight);
-    }
-    seg_start.push_back(static_cast<int32_t>(x_rows.size()));
-    seg_rank.push_back(rank);
-    call.v_stride = std::max(call.v_stride, rank);
-  }
-  call.num_segments = static_cast<int32_t>(seg_rank.size());
-  call.num_pairs = static_cast<int64_t>(x_rows.size());
-  if (call.num_segments == 0) return call;
-  // The expand is owned by output rows: each distinct y row (in first-use order) lists its
-  // pairs, ordered by Pair::order (then pair order), and sums them before adding once.
-  std::vector<int32_t> row_y, row_count, row_of(call.num_pairs);
-  {
-    absl::flat_hash_map<int32_t, int32_t> index;
-    for (int64_t q = 0; q < call.num_pairs; ++q) {
-      auto [it, fresh] = index.try_emplace(y_rows[q], static_cast<int32_t>(row_y.size()));
-      if (fresh) {
-        row_y.push_back(y_rows[q]);
-        row_count.push_back(0);
-      }
-      row_of[q] = it->second;
-      ++row_count[it->second];
-    }
-  }
-  call.num_rows = static_cast<int64_t>(row_y.size());
-  call.pair_stride = *std::max_element(row_count.begin(), row_count.end());
-  std::vector<int32_t> row_pair(call.num_rows * call.pair_stride, 0);
-  std::fill(row_count.begin(), row_count.end(), 0);
-  for (int64_t q = 0; q < call.num_pairs; ++q) {
-    const int32_t r = row_of[q];
-    row_pair[int64_t{r} * call.pair_stride + row_count[r]++] = static_cast<int32_t>(q);
-  }
-  for (int64_t r = 0; r < call.num_rows; ++r) {
-    int32_t* list = row_pair.data() + r * call.pair_stride;
-    std::stable_sort(list, list + row_count[r],
-                     [&](int32_t a, int32_t b) { return orders[a] < orders[b]; });
-  }
-  struct Upload {
-    DeviceBuffer* buf;
-    const void* src;
-    size_t bytes;
-  };
-  for (const Upload& u : {Upload{&pair_x_, x_rows.data(), x_rows.size() * 4},
-                          Upload{&row_y_, row_y.data(), row_y.size() * 4},
-                          Upload{&row_pair_, row_pair.data(), row_pair.size() * 4},
-                          Upload{&row_count_, row_count.data(), row_count.size() * 4},
-                          Upload{&pair_w_, weights.data(), weights.size() * 4},
-                          Upload{&seg_start_, seg_start.data(), seg_start.size() * 4},
-                          Upload{&seg_rank_, seg_rank.data(), seg_rank.size() * 4},
-                          Upload{&seg_off_, seg_off.data(), seg_off.size() * 8},
-                          Upload{&a_rows_, a_rows.data(), a_rows.size() * sizeof(void*)},
-                          Upload{&b_rows_, b_rows.data(), b_rows.size() * sizeof(void*)}}) {
-    RETURN_IF_ERROR(Grow(u.buf, u.bytes));
-    RETURN_IF_ERROR(backend_->CopyToDevice(u.buf->data(), u.src, u.bytes));
-  }
-  RETURN_IF_ERROR(Grow(&v_, call.num_pairs * call.v_stride * sizeof(float)));
-  return call;
-}
-
-absl::Status AdapterExecutor::Shrink(const SgmvCall& call, const void* x, int64_t in) {
-  return backend_->SgmvShrink({.x = x,
-                               .v = v_.as<float>(),
-                               .x_row = pair_x_.as<int32_t>(),
-                               .seg_start = seg_start_.as<int32_t>(),
-                               .seg_rank = seg_rank_.as<int32_t>(),
-                               .seg_row_offset = seg_off_.as<int64_t>(),
-                               .a_rows = a_rows_.as<const void*>(),
-                               .num_segments = call.num_segments,
-                               .in = in,
-                               .v_stride = call.v_stride,
-                               .dtype = dt_});
-}
-
-absl::Status AdapterExecutor::Expand(const SgmvCall& call, void* y, int64_t out, const float* v) {
-  return backend_->SgmvExpandRows({.v = v != nullptr ? v : v_.as<float>(),
-                                   .y = y,
-                                   .y_row = row_y_.as<int32_t>(),
-                                   .token_pair = row_pair_.as<int32_t>(),
-                                   .count = row_count_.as<int32_t>(),
-                                   .weight = pair_w_.as<float>(),
-                                   .seg_start = seg_start_.as<int32_t>(),
-                                   .seg_rank = seg_rank_.as<int32_t>(),
-                                   .seg_row_offset = seg_off_.as<int64_t>(),
-                                   .b_rows = b_rows_.as<const void*>(),
-                                   .num_tokens = call.num_rows,
-                                   .pair_stride = call.pair_stride,
-                                   .num_segments = call.num_segments,
-                                   .out = out,
-                                   .v_stride = call.v_stride,
-                                   .dtype = dt_});
-}
-
-absl::Status AdapterExecutor::RunSegments(const std::vector<Segment>& segments, const void* x,
-                                          int64_t in, void* y, int64_t out) {
-  // y accumulates, so a call split into parts (when the pinned experts fill the cache) adds up
-  // to the same result.
-  size_t next = 0;
-  while (next < segments.size()) {
-    absl::Cleanup unpin = [this] { ReleasePins(); };
-    ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segments, &next));
-    if (call.num_segments == 0) continue;
-    RETURN_IF_ERROR(Shrink(call, x, in));
-    RETURN_IF_ERROR(Expand(call, y, out));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer, LinearModule m,
                                              const RoutedModule& rm,
                                              const std::vector<int32_t>& tokens, const void* x,
@@ -1067,10 +939,10 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   // rank mask / gates turn z into u on the device (Backend::RankRoute), then y += s B u.
   std::vector<Segment> segment{{&stack, 0, {}}};
   for (int32_t t : tokens) segment[0].pairs.push_back({t, t, stack.scale[0]});
-  absl::Cleanup unpin = [this] { ReleasePins(); };
+  absl::Cleanup unpin = [this] { sgmv_.ReleasePins(); };
   size_t next = 0;
-  ASSIGN_OR_RETURN(SgmvCall call, UploadSegments(segment, &next));
-  RETURN_IF_ERROR(Shrink(call, x, stack.in));
+  ASSIGN_OR_RETURN(SgmvRunner::Call call, sgmv_.Upload(segment, &next));
+  RETURN_IF_ERROR(sgmv_.Shrink(call, x, stack.in));
   const float* logits = nullptr;
   if (rm.router_type == RouterType::kLinear) {
     ASSIGN_OR_RETURN(logits, RouterLogitsOnDevice(att, rm.router, x, stack.in, tokens));
@@ -1093,7 +965,7 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
     }
     const RoutingSpec& spec = SpecFor(tokens[begin], rm.routing, r, &scratch);
     ASSIGN_OR_RETURN(kernels::RankRouteParams route, ToRankRouteParams(spec, r, rm.select_on_abs));
-    route.z = v_.as<float>() + begin * r;
+    route.z = sgmv_.v() + begin * r;
     route.router_logits = logits == nullptr ? nullptr : logits + begin * r;
     route.select_bias = bias.empty() ? nullptr : scale_.as<float>();
     route.u = rank_u_.as<float>() + begin * r;
@@ -1119,7 +991,7 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
       }
     }
   }
-  return Expand(call, y, stack.out, rank_u_.as<float>());
+  return sgmv_.Expand(call, y, stack.out, rank_u_.as<float>());
 }
 
 absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y) {
@@ -1205,7 +1077,7 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     }
     for (Segment& s : per_expert) segments.push_back(std::move(s));
   }
-  return RunSegments(segments, x, in, y, out);
+  return sgmv_.Run(segments, x, in, y, out);
 }
 
 absl::Status AdapterExecutor::XloraScalings(int32_t slot, const void* hidden,
@@ -1346,8 +1218,8 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
                                            .hidden = inter,
                                            .dtype = dt_}));
     }
-    RETURN_IF_ERROR(RunSegments(gate_segs, h, hidden, block_g_.data(), inter));
-    RETURN_IF_ERROR(RunSegments(up_segs, h, hidden, block_u_.data(), inter));
+    RETURN_IF_ERROR(sgmv_.Run(gate_segs, h, hidden, block_g_.data(), inter));
+    RETURN_IF_ERROR(sgmv_.Run(up_segs, h, hidden, block_u_.data(), inter));
     RETURN_IF_ERROR(backend_->SiluMul({.gate = block_g_.data(),
                                        .up = block_u_.data(),
                                        .out = block_g_.data(),
@@ -1384,19 +1256,19 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
       const void* src;
       size_t bytes;
     };
-    for (const Upload& u : {Upload{&row_y_, rows.data(), rows.size() * 4},
-                            Upload{&row_pair_, src.data(), src.size() * 4},
-                            Upload{&row_count_, count.data(), count.size() * 4},
-                            Upload{&pair_w_, pair_weight.data(), pair_weight.size() * 4}}) {
+    for (const Upload& u : {Upload{&gather_rows_, rows.data(), rows.size() * 4},
+                            Upload{&gather_src_, src.data(), src.size() * 4},
+                            Upload{&gather_count_, count.data(), count.size() * 4},
+                            Upload{&gather_w_, pair_weight.data(), pair_weight.size() * 4}}) {
       RETURN_IF_ERROR(Grow(u.buf, u.bytes));
       RETURN_IF_ERROR(backend_->CopyToDevice(u.buf->data(), u.src, u.bytes));
     }
     RETURN_IF_ERROR(backend_->GatherAdd({.x = block_g_.data(),
                                          .y = ext_.data(),
-                                         .y_row = row_y_.as<int32_t>(),
-                                         .src = row_pair_.as<int32_t>(),
-                                         .count = row_count_.as<int32_t>(),
-                                         .weight = pair_w_.as<float>(),
+                                         .y_row = gather_rows_.as<int32_t>(),
+                                         .src = gather_src_.as<int32_t>(),
+                                         .count = gather_count_.as<int32_t>(),
+                                         .weight = gather_w_.as<float>(),
                                          .rows = num_block_tokens,
                                          .src_stride = stride,
                                          .x_rows = num_pairs,
@@ -1419,8 +1291,8 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
 
 absl::Status AdapterExecutor::BlockFfnDown(int32_t layer, void* o) {
   if (block_.num_pairs == 0) return absl::OkStatus();
-  return RunSegments(block_.by_expert_a, block_g_.data(), config_.intermediate_size, o,
-                     config_.hidden_size);
+  return sgmv_.Run(block_.by_expert_a, block_g_.data(), config_.intermediate_size, o,
+                   config_.hidden_size);
 }
 
 }  // namespace moleserve::engine

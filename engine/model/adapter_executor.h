@@ -39,6 +39,7 @@
 #include "engine/backend/backend.h"
 #include "engine/expert_cache/expert_cache.h"
 #include "engine/model/model_config.h"
+#include "engine/model/sgmv_runner.h"
 #include "engine/model/step_records.h"
 #include "engine/routing/routing.h"
 
@@ -76,7 +77,7 @@ class AdapterExecutor {
   ExpertCache& cache() { return cache_; }
   const ExpertCache& cache() const { return cache_; }
   // SGMV calls split because their experts did not fit the cache at once.
-  int64_t splits() const { return splits_; }
+  int64_t splits() const { return sgmv_.splits(); }
 
   // Starts a pass over `tokens` (size T). kInvalidArgument on an unknown slot.
   absl::Status BeginPass(PassTokens tokens);
@@ -144,20 +145,8 @@ class AdapterExecutor {
 
  private:
   struct Attached;
-  struct Pair {
-    int32_t x_row;
-    int32_t y_row;
-    float weight;
-    // Pairs adding into one y row are summed in this order (then in segment order): a routed
-    // pair's decision index, so a token's experts add up as on the device-routed paths.
-    int32_t order = 0;
-  };
-  // One segment of an SGMV call: an expert of a LoRA stack and its pairs.
-  struct Segment {
-    const LoraStack* lora;
-    int32_t expert;
-    std::vector<Pair> pairs;
-  };
+  using Pair = SgmvRunner::Pair;
+  using Segment = SgmvRunner::Segment;
 
   // fp32 host values uploaded in the compute dtype.
   absl::StatusOr<DeviceBuffer> UploadFloats(const std::vector<float>& v);
@@ -173,25 +162,6 @@ class AdapterExecutor {
   absl::Status RouterLogits(const Attached& owner, const RouterWeights& router, const void* x,
                             int64_t in, const std::vector<int32_t>& tokens,
                             std::vector<float>* logits);
-  // One SGMV call's shape after UploadSegments put its pair and row tables on the device.
-  struct SgmvCall {
-    int32_t num_segments = 0;
-    int64_t num_pairs = 0;
-    int32_t v_stride = 0;
-    int64_t num_rows = 0;     // distinct y rows (row_y_), each with its pairs in row_pair_
-    int32_t pair_stride = 0;  // the most pairs one y row has
-  };
-  // Pins the experts of segments[*next...] (as many as fit; at least one) and uploads their pair
-  // and row tables; advances *next past them. ReleasePins unpins them after the kernels.
-  absl::StatusOr<SgmvCall> UploadSegments(const std::vector<Segment>& segments, size_t* next);
-  void ReleasePins();
-  absl::Status Shrink(const SgmvCall& call, const void* x, int64_t in);  // v = A x[x_row]
-  // y[y_row] += w B v over the uploaded per-row tables (each row's pairs summed, then added
-  // once); v defaults to v_.
-  absl::Status Expand(const SgmvCall& call, void* y, int64_t out, const float* v = nullptr);
-  // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]).
-  absl::Status RunSegments(const std::vector<Segment>& segments, const void* x, int64_t in, void* y,
-                           int64_t out);
   // A module-scope routed group with a linear router, routed on the device: router logits,
   // Backend::Route, Backend::BuildSegments and one shrink + expand, with no host round trip
   // (decisions come to the host only for routing records). False when the stack's experts are
@@ -273,8 +243,7 @@ class AdapterExecutor {
   ScalarType dt_;  // the backend's compute dtype: activations, routers, classifier, pages
   int64_t es_;     // its element size in bytes
   ExpertCache cache_;
-  std::vector<std::pair<const LoraStack*, int32_t>> pins_;  // experts pinned by the current call
-  int64_t splits_ = 0;
+  SgmvRunner sgmv_;  // static LoRAs, host-routed groups, rank groups, the block FFN's LoRAs
   std::map<int32_t, std::unique_ptr<Attached>> attached_;
   int32_t next_slot_ = 0;
 
@@ -291,9 +260,14 @@ class AdapterExecutor {
   } block_;
 
   // Scratch (grown on demand).
-  DeviceBuffer ids_, gathered_, logits_, v_, pair_x_, pair_w_, row_y_, row_pair_, row_count_,
-      seg_start_, seg_rank_, seg_off_, a_rows_, b_rows_, block_g_, block_u_, ext_, ext_ids_,
-      cls_in_, cls_out_, f32_;
+  DeviceBuffer ids_, gathered_, logits_, block_g_, block_u_, ext_, ext_ids_, cls_in_, cls_out_,
+      f32_;
+  // The block FFN's weighted sum (GatherAdd): target rows, sources, counts, weights.
+  DeviceBuffer gather_rows_, gather_src_, gather_count_, gather_w_;
+  // RouteOnDevice's segments, built on the device: pairs, per-token pairs, segment and row
+  // tables, v.
+  DeviceBuffer dev_pair_x_, dev_pair_w_, dev_row_pair_, dev_seg_start_, dev_seg_rank_, dev_seg_off_,
+      dev_a_rows_, dev_b_rows_, dev_v_;
   // Device routing: decisions and the LoRA scales of the stack.
   // (Rank groups: route_experts_ holds the kept ranks, route_count_ the ok flags, scale_ the
   // selection bias, rank_u_ the gated shrink output.)
