@@ -19,6 +19,12 @@
 // experts of its segments (copying misses in from the adapter's host memory) and releases them
 // after its kernels; when the pinned experts fill the cache, the call is split into parts that fit.
 //
+// Parts, each owning its buffers: SgmvRunner (segments, pins, the shrink and expand of eager
+// calls), StepPlanner (a planned pass: every table in one upload, then ops only, so decode steps
+// can be graphed), StepRecords (routing records and the undefined-logits count, brought back with
+// the step's results). This class keeps the attached adapters, the pass's tokens, the eager
+// routing paths (device and host), the X-LoRA classifier and the block FFN.
+//
 // Lifecycle: Attach registers an adapter (routers and the X-LoRA classifier are uploaded; its LoRA
 // experts are registered with the cache) until Detach; BeginPass sets up one pass
 // (which adapter each token uses, X-LoRA scalings, which tokens record their routing); then the
@@ -38,8 +44,10 @@
 #include "engine/adapters/adapter.h"
 #include "engine/backend/backend.h"
 #include "engine/expert_cache/expert_cache.h"
+#include "engine/model/attached_adapter.h"
 #include "engine/model/model_config.h"
 #include "engine/model/sgmv_runner.h"
+#include "engine/model/step_planner.h"
 #include "engine/model/step_records.h"
 #include "engine/routing/routing.h"
 
@@ -94,16 +102,16 @@ class AdapterExecutor {
   // captured in a graph. Routing records are copied on the device and come back with the step's
   // results. False (nothing planned, nothing pinned) otherwise; the pass then runs as before.
   absl::StatusOr<bool> PlanPass();
-  bool planned() const { return plan_.active; }
+  bool planned() const { return planner_.active(); }
   // What the launches of a planned pass depend on besides the token count (segments, rank
   // stride, which sites are adapted, the plan buffers' allocation, and the adapters when a
   // routed group takes part): a graph captured for one key replays correctly for any planned
   // pass with the same key.
-  const std::vector<int64_t>& plan_key() const { return plan_.key; }
+  const std::vector<int64_t>& plan_key() const { return planner_.key(); }
   // The plan buffers' allocation epoch (a graph captured before it grew reads freed memory),
   // and the slots whose routers the planned pass's launches read.
-  int64_t plan_epoch() const { return plan_epoch_; }
-  std::vector<int32_t> plan_routed_slots() const;
+  int64_t plan_epoch() const { return planner_.epoch(); }
+  std::vector<int32_t> plan_routed_slots() const { return planner_.routed_slots(); }
   // Ends the pass: releases what the plan pinned.
   void EndPass();
   // True when some token of the pass uses an adapter.
@@ -144,7 +152,7 @@ class AdapterExecutor {
   std::vector<std::vector<RoutingRecord>>& records() { return records_.records(); }
 
  private:
-  struct Attached;
+  using Attached = AttachedAdapter;
   using Pair = SgmvRunner::Pair;
   using Segment = SgmvRunner::Segment;
 
@@ -182,61 +190,6 @@ class AdapterExecutor {
   };
   const RoutingSpec& SpecFor(int32_t token, const RoutingSpec& base, int32_t num_experts,
                              SpecCache* cache) const;
-  // The plan of the current pass (PlanPass). Device tables in plan_buf_: shared pair_token [T]
-  // (x_row = y_row), seg_start [S + 1], identity rows [T] and the adapters' token masks [S, T];
-  // per site weight [T], seg_rank [S], seg_off [S] and row tables [S * V] for A and B (segment j
-  // is the j-th adapter of the pass); per routed group its scales [E] and row tables [E * r].
-  struct StepPlan {
-    struct Site {
-      const float* weight = nullptr;
-      const int32_t* seg_rank = nullptr;
-      const int64_t* seg_off = nullptr;
-      const void* const* a_rows = nullptr;
-      const void* const* b_rows = nullptr;
-    };
-    struct Routed {  // one adapter's routed group at one site
-      int32_t layer = 0;
-      LinearModule module = LinearModule::kQ;
-      int32_t slot_index = 0;  // j: the adapter's place in the pass
-      const RoutedModule* rm = nullptr;
-      const Attached* att = nullptr;
-      const int32_t* mask = nullptr;
-      const float* scale = nullptr;
-      const void* const* a_rows = nullptr;
-      const void* const* b_rows = nullptr;
-      int64_t record_at = -1;  // words of plan_record_ when some of its tokens record routing
-      // Rank groups: per-token weights (the LoRA scale), selection bias or null, and the one
-      // segment over every token.
-      const float* weight = nullptr;
-      const float* select_bias = nullptr;
-      const int32_t* seg_start = nullptr;
-      const int32_t* seg_rank = nullptr;
-      const int64_t* seg_off = nullptr;
-    };
-    bool active = false;
-    int32_t segments = 0;  // S, a power of two
-    int32_t v_stride = 0;  // V, a power of two
-    int64_t tokens = 0;
-    int32_t max_experts = 0;
-    const int32_t* pair_token = nullptr;
-    const int32_t* seg_start = nullptr;
-    const int32_t* identity = nullptr;
-    const int32_t* token_pair = nullptr;   // [T] each adapted token's static pair
-    const int32_t* token_count = nullptr;  // [T] 1 for adapted tokens, 0 for the base model
-    std::vector<uint8_t> site_used;        // some adapter has a static LoRA at the site
-    std::vector<Site> sites;
-    std::vector<Routed> routed;
-    std::vector<std::vector<int32_t>> routed_of_site;
-    std::vector<std::pair<const LoraStack*, int32_t>> pins;
-    std::vector<int64_t> key;
-  };
-  absl::Status ApplyPlanned(int32_t layer, LinearModule m, const void* x, void* y);
-  // A planned rank group (FlyLoRA, SMoRA): z = A x and the gate's logits for every token, then
-  // RankRoute and the expand under the adapter's mask; the kept ranks go to the records.
-  absl::Status ApplyPlannedRanks(const StepPlan::Routed& entry, const void* x, int64_t in, void* y,
-                                 int64_t out);
-  // k, the ranks a planned rank group keeps per token.
-  static int32_t RankKeep(const RoutedModule& rm);
 
   Backend* backend_;
   ModelConfig config_;
@@ -272,12 +225,9 @@ class AdapterExecutor {
   // (Rank groups: route_experts_ holds the kept ranks, route_count_ the ok flags, scale_ the
   // selection bias, rank_u_ the gated shrink output.)
   DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, rank_u_;
-  StepPlan plan_;
-  // Grown on demand; each growth bumps plan_epoch_.
-  DeviceBuffer plan_buf_, plan_v_, plan_scratch_, plan_record_;
-  std::vector<char> plan_host_;
-  int64_t plan_epoch_ = 0;
-  StepRecords records_;              // routing records and the undefined-logits count of the pass
+  StepRecords records_;
+  StepPlanner planner_;  // the current pass's plan (PlanPass)              // routing records and
+                         // the undefined-logits count of the pass
   std::vector<uint16_t> host_bf16_;  // FromHostF32's conversion buffer
 };
 

@@ -1,0 +1,24 @@
+#pragma once
+
+// AttachedAdapter: an adapter attached to a model (AdapterExecutor::Attach) with what it keeps on
+// the device besides its LoRA experts, which live in the expert cache: each router's weight (in
+// the compute dtype) and bias (fp32), and the X-LoRA classifier's layers.
+
+#include <map>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "engine/adapters/adapter.h"
+#include "engine/backend/backend.h"
+
+namespace moleserve::engine {
+
+struct AttachedAdapter {
+  std::shared_ptr<const Adapter> adapter;
+  // Router weight and bias per host router.
+  std::map<const RouterWeights*, std::pair<DeviceBuffer, DeviceBuffer>> routers;
+  std::vector<std::pair<DeviceBuffer, DeviceBuffer>> classifier;  // X-LoRA: weight, bias
+};
+
+}  // namespace moleserve::engine

@@ -1,0 +1,594 @@
+#include "engine/model/step_planner.h"
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+#include "engine/core/status_macros.h"
+
+namespace moleserve::engine {
+
+namespace {
+
+// Most adapters with routed groups a planned pass holds (PlanPass).
+constexpr int64_t kMaxPlannedRoutedAdapters = 8;
+
+int32_t NextPow2(int32_t v) {
+  int32_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+}  // namespace
+
+StepPlanner::StepPlanner(Backend* backend, const ModelConfig& config, ExpertCache* cache,
+                         StepRecords* records)
+    : backend_(backend),
+      config_(config),
+      cache_(cache),
+      records_(records),
+      dt_(backend->compute_dtype()) {}
+
+absl::Status StepPlanner::Grow(DeviceBuffer* buf, size_t bytes) {
+  if (buf->bytes() >= bytes) return absl::OkStatus();
+  ASSIGN_OR_RETURN(*buf, backend_->Allocate(std::max(bytes, buf->bytes() * 2)));
+  return absl::OkStatus();
+}
+
+void StepPlanner::End() {
+  for (const auto& [stack, expert] : plan_.pins) cache_->Release(stack, expert);
+  plan_ = StepPlan();
+}
+
+std::vector<int32_t> StepPlanner::routed_slots() const {
+  std::vector<int32_t> slots;
+  for (const StepPlan::Routed& r : plan_.routed) {
+    if (std::find(slots.begin(), slots.end(), r.slot) == slots.end()) slots.push_back(r.slot);
+  }
+  return slots;
+}
+
+absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters, int64_t t) {
+  End();
+  std::vector<int32_t> slots;
+  std::vector<const AttachedAdapter*> atts;
+  int32_t max_rank = 0, max_experts = 0, routed_rank = 0;
+  for (const PassAdapter& pa : adapters) {
+    const AttachedAdapter& att = *pa.att;
+    const Adapter& a = *att.adapter;
+    if (a.xlora) return false;
+    for (const AdapterLayer& layer : a.layers) {
+      if (layer.block_ffn) return false;
+      for (int mi = 0; mi < kNumLinearModules; ++mi) {
+        if (layer.statics[mi].size() > 1) return false;
+        if (!layer.statics[mi].empty()) max_rank = std::max(max_rank, layer.statics[mi][0].rank);
+        if (!layer.routed[mi]) continue;
+        const RoutedModule& rm = *layer.routed[mi];
+        if (rm.rank_granular) {  // FlyLoRA (no router) or SMoRA (linear router) over r ranks
+          const int32_t r = rm.experts.rank;
+          if (rm.experts.num_experts != 1 || rm.router_type == RouterType::kXloraRef ||
+              !ToRankRouteParams(rm.routing, r, rm.select_on_abs).ok()) {
+            return false;
+          }
+          max_experts = std::max(max_experts, r);
+          routed_rank = std::max(routed_rank, r);
+          continue;
+        }
+        if (rm.router_type != RouterType::kLinear ||
+            rm.experts.num_experts > kernels::kMaxRouteWidth ||
+            !ToRouteParams(rm.routing, rm.experts.num_experts).ok()) {
+          return false;
+        }
+        max_experts = std::max(max_experts, rm.experts.num_experts);
+        routed_rank = std::max(routed_rank, rm.experts.rank);
+      }
+    }
+    slots.push_back(pa.slot);
+    atts.push_back(&att);
+  }
+  const int32_t s_count = NextPow2(static_cast<int32_t>(slots.size()));
+  const int32_t v = NextPow2(std::max(max_rank, 1));
+  const int64_t sites = int64_t{config_.num_layers} * kNumLinearModules;
+
+  // Host image of the tables, laid out as on the device (8-byte aligned parts): shared pair
+  // tokens, segment starts, identity rows and per-adapter token masks; per site the static
+  // tables; per routed group its scales and row tables.
+  struct Layout {
+    int64_t bytes = 0;
+    int64_t Take(int64_t b) {
+      const int64_t at = bytes;
+      bytes += (b + 7) / 8 * 8;
+      return at;
+    }
+  } layout;
+  const int64_t pair_token_at = layout.Take(t * 4);
+  const int64_t seg_start_at = layout.Take((s_count + 1) * 4);
+  const int64_t identity_at = layout.Take(t * 4);
+  const int64_t token_pair_at = layout.Take(t * 4);
+  const int64_t token_count_at = layout.Take(t * 4);
+  const int64_t masks_at = layout.Take(int64_t{s_count} * t * 4);
+  struct SiteAt {
+    int64_t weight, rank, off, a_rows, b_rows;
+  };
+  std::vector<SiteAt> site_at(sites);
+  for (SiteAt& at : site_at) {
+    at.weight = layout.Take(t * 4);
+    at.rank = layout.Take(s_count * 4);
+    at.off = layout.Take(s_count * 8);
+    at.a_rows = layout.Take(int64_t{s_count} * v * 8);
+    at.b_rows = layout.Take(int64_t{s_count} * v * 8);
+  }
+  struct RoutedAt {
+    int64_t scale, a_rows, b_rows;
+    // Rank groups: per-token weights [T], selection bias [r], one segment's start [2], rank
+    // and row offset.
+    int64_t weight = -1, bias = -1, seg_start = -1, seg_rank = -1, seg_off = -1;
+  };
+  std::vector<StepPlan::Routed> routed;
+  std::vector<RoutedAt> routed_at;
+  plan_.routed_of_site.assign(sites, {});
+  for (int64_t site = 0; site < sites; ++site) {
+    const int32_t layer = static_cast<int32_t>(site / kNumLinearModules);
+    const int mi = static_cast<int>(site % kNumLinearModules);
+    for (size_t j = 0; j < atts.size(); ++j) {
+      const auto& r = atts[j]->adapter->layers[layer].routed[mi];
+      if (!r) continue;
+      const int32_t e = r->experts.num_experts, rank = r->experts.rank;
+      plan_.routed_of_site[site].push_back(static_cast<int32_t>(routed.size()));
+      StepPlan::Routed entry;
+      entry.layer = layer;
+      entry.module = static_cast<LinearModule>(mi);
+      entry.slot_index = static_cast<int32_t>(j);
+      entry.slot = slots[j];
+      entry.rm = &*r;
+      entry.att = atts[j];
+      routed.push_back(entry);
+      routed_at.push_back({layout.Take(e * 4), layout.Take(int64_t{e} * rank * 8),
+                           layout.Take(int64_t{e} * rank * 8)});
+      if (r->rank_granular) {
+        RoutedAt& at = routed_at.back();
+        at.weight = layout.Take(t * 4);
+        at.bias = layout.Take(rank * 4);
+        at.seg_start = layout.Take(2 * 4);
+        at.seg_rank = layout.Take(4);
+        at.seg_off = layout.Take(8);
+      }
+    }
+  }
+  if (max_rank == 0 && routed.empty()) return false;
+  // Each routed adapter routes every token of the step under its mask: bounded so that the
+  // router work stays a small multiple of what gathering the adapter's tokens costs.
+  std::vector<uint8_t> routes(atts.size(), 0);
+  for (const StepPlan::Routed& entry : routed) routes[entry.slot_index] = 1;
+  if (std::count(routes.begin(), routes.end(), 1) > kMaxPlannedRoutedAdapters) return false;
+  plan_host_.assign(layout.bytes, 0);
+  char* h = plan_host_.data();
+  auto* pair_token = reinterpret_cast<int32_t*>(h + pair_token_at);
+  auto* seg_start = reinterpret_cast<int32_t*>(h + seg_start_at);
+  auto* identity = reinterpret_cast<int32_t*>(h + identity_at);
+  auto* masks = reinterpret_cast<int32_t*>(h + masks_at);
+  auto* token_pair = reinterpret_cast<int32_t*>(h + token_pair_at);
+  auto* token_count = reinterpret_cast<int32_t*>(h + token_count_at);
+  for (int64_t i = 0; i < t; ++i) identity[i] = static_cast<int32_t>(i);
+  int64_t pairs = 0;
+  int32_t j = 0;
+  for (const PassAdapter& pa : adapters) {
+    seg_start[j] = static_cast<int32_t>(pairs);
+    for (int32_t tok : *pa.tokens) {
+      token_pair[tok] = static_cast<int32_t>(pairs);
+      token_count[tok] = 1;
+      pair_token[pairs++] = tok;
+      masks[int64_t{j} * t + tok] = 1;
+    }
+    ++j;
+  }
+  for (; j <= s_count; ++j) seg_start[j] = static_cast<int32_t>(pairs);
+
+  // Pin every expert of the pass and fill the tables; when they do not all fit, no plan.
+  auto pin = [&](const LoraStack* stack, int32_t expert, std::vector<const void*>* a,
+                 std::vector<const void*>* b) -> absl::StatusOr<bool> {
+    absl::Status pinned = cache_->Acquire(stack, expert, a, b);
+    if (absl::IsResourceExhausted(pinned)) return false;
+    RETURN_IF_ERROR(pinned);
+    plan_.pins.push_back({stack, expert});
+    return true;
+  };
+  // No plan: nothing stays pinned; running out of memory only means the pass runs eagerly.
+  auto give_up = [&](absl::StatusOr<bool> why) -> absl::StatusOr<bool> {
+    End();
+    if (!why.ok() && absl::IsResourceExhausted(why.status())) return false;
+    return why;
+  };
+  plan_.site_used.assign(sites, 0);
+  std::vector<const void*> a_rows, b_rows;
+  for (int64_t site = 0; site < sites; ++site) {
+    const SiteAt& at = site_at[site];
+    auto* weight = reinterpret_cast<float*>(h + at.weight);
+    auto* seg_rank = reinterpret_cast<int32_t*>(h + at.rank);
+    auto* seg_off = reinterpret_cast<int64_t*>(h + at.off);
+    auto* a_table = reinterpret_cast<const void**>(h + at.a_rows);
+    auto* b_table = reinterpret_cast<const void**>(h + at.b_rows);
+    const int32_t layer = static_cast<int32_t>(site / kNumLinearModules);
+    const int mi = static_cast<int>(site % kNumLinearModules);
+    for (int32_t a = 0; a < s_count; ++a) {
+      seg_off[a] = int64_t{a} * v;
+      if (a >= static_cast<int32_t>(atts.size())) continue;
+      const auto& statics = atts[a]->adapter->layers[layer].statics[mi];
+      if (statics.empty()) continue;
+      const LoraStack& stack = statics[0];
+      a_rows.clear();
+      b_rows.clear();
+      absl::StatusOr<bool> ok = pin(&stack, 0, &a_rows, &b_rows);
+      if (!ok.ok() || !*ok) return give_up(ok);
+      seg_rank[a] = stack.rank;
+      std::copy(a_rows.begin(), a_rows.end(), a_table + int64_t{a} * v);
+      std::copy(b_rows.begin(), b_rows.end(), b_table + int64_t{a} * v);
+      for (int32_t p = seg_start[a]; p < seg_start[a + 1]; ++p) weight[p] = stack.scale[0];
+      plan_.site_used[site] = 1;
+    }
+  }
+  for (size_t r = 0; r < routed.size(); ++r) {
+    const LoraStack& stack = routed[r].rm->experts;
+    std::memcpy(h + routed_at[r].scale, stack.scale.data(), stack.scale.size() * 4);
+    if (routed[r].rm->rank_granular) {
+      // One segment over every token of the step (the adapter's mask picks its own): pair t is
+      // token t, weighted by the LoRA scale.
+      const RoutedAt& at = routed_at[r];
+      auto* weight = reinterpret_cast<float*>(h + at.weight);
+      std::fill(weight, weight + t, stack.scale[0]);
+      const std::vector<float>& bias = routed[r].rm->router.select_bias;
+      std::copy(bias.begin(), bias.end(), reinterpret_cast<float*>(h + at.bias));
+      reinterpret_cast<int32_t*>(h + at.seg_start)[1] = static_cast<int32_t>(t);
+      *reinterpret_cast<int32_t*>(h + at.seg_rank) = stack.rank;
+      a_rows.clear();
+      b_rows.clear();
+      absl::StatusOr<bool> ok = pin(&stack, 0, &a_rows, &b_rows);
+      if (!ok.ok() || !*ok) return give_up(ok);
+      std::copy(a_rows.begin(), a_rows.end(),
+                reinterpret_cast<const void**>(h + routed_at[r].a_rows));
+      std::copy(b_rows.begin(), b_rows.end(),
+                reinterpret_cast<const void**>(h + routed_at[r].b_rows));
+      continue;
+    }
+    a_rows.clear();
+    b_rows.clear();
+    // Every expert, but only into free pages (as the eager device route does): when they do
+    // not fit, evicting idle experts for a plan that may fail anyway would thrash the cache.
+    absl::StatusOr<bool> ok = cache_->AcquireAllIfRoom(&stack, &a_rows, &b_rows);
+    if (!ok.ok() || !*ok) return give_up(ok);
+    for (int32_t e = 0; e < stack.num_experts; ++e) plan_.pins.push_back({&stack, e});
+    std::copy(a_rows.begin(), a_rows.end(),
+              reinterpret_cast<const void**>(h + routed_at[r].a_rows));
+    std::copy(b_rows.begin(), b_rows.end(),
+              reinterpret_cast<const void**>(h + routed_at[r].b_rows));
+  }
+  // Routing records: each recording token's decisions at each routed site are copied (ops) into
+  // plan_record_, at offsets laid out now; the placeholders follow once the buffers exist.
+  const int64_t e_max = std::max(max_experts, 1);
+  int64_t record_words = 0;
+  for (StepPlan::Routed& entry : routed) {
+    const int32_t e = entry.rm->experts.num_experts;
+    const auto& tokens = *adapters[entry.slot_index].tokens;
+    if (std::none_of(tokens.begin(), tokens.end(),
+                     [&](int32_t tok) { return records_->wants(tok); })) {
+      continue;
+    }
+    entry.record_at = record_words;
+    record_words += entry.rm->rank_granular ? t * RankKeep(*entry.rm) : 2 * t * e + t;
+  }
+  // Device buffers keep their addresses while they are big enough (graphs hold them); growing
+  // one changes the key, so graphs captured with the old ones are never replayed.
+  // ApplyPlanned's scratch: 6 [t, e_max] arrays, counts, segment starts and ranks, then the
+  // 8-aligned segment offsets.
+  const int64_t scratch_bytes = ((6 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8 + 8 * e_max;
+  const int64_t v_floats = std::max(t * v, t * e_max * std::max(routed_rank, 1));
+  const bool grows = plan_buf_.bytes() < static_cast<size_t>(layout.bytes) ||
+                     plan_v_.bytes() < static_cast<size_t>(v_floats * 4) ||
+                     plan_scratch_.bytes() < static_cast<size_t>(scratch_bytes) ||
+                     plan_record_.bytes() < static_cast<size_t>(record_words * 4);
+  if (grows) ++epoch_;
+  absl::Status st = Grow(&plan_buf_, layout.bytes);
+  if (st.ok()) st = Grow(&plan_v_, v_floats * 4);
+  if (st.ok()) st = Grow(&plan_scratch_, scratch_bytes);
+  if (st.ok() && record_words > 0) st = Grow(&plan_record_, record_words * 4);
+  if (st.ok()) st = backend_->CopyToDevice(plan_buf_.data(), h, layout.bytes);
+  if (!st.ok()) return give_up(st);
+  char* d = plan_buf_.as<char>();
+  plan_.pair_token = reinterpret_cast<const int32_t*>(d + pair_token_at);
+  plan_.seg_start = reinterpret_cast<const int32_t*>(d + seg_start_at);
+  plan_.sites.resize(sites);
+  for (int64_t site = 0; site < sites; ++site) {
+    const SiteAt& at = site_at[site];
+    StepPlan::Site& s = plan_.sites[site];
+    s.weight = reinterpret_cast<const float*>(d + at.weight);
+    s.seg_rank = reinterpret_cast<const int32_t*>(d + at.rank);
+    s.seg_off = reinterpret_cast<const int64_t*>(d + at.off);
+    s.a_rows = reinterpret_cast<const void* const*>(d + at.a_rows);
+    s.b_rows = reinterpret_cast<const void* const*>(d + at.b_rows);
+  }
+  for (size_t r = 0; r < routed.size(); ++r) {
+    if (routed[r].rm->rank_granular) {
+      const RoutedAt& at = routed_at[r];
+      routed[r].weight = reinterpret_cast<const float*>(d + at.weight);
+      routed[r].select_bias = routed[r].rm->router.select_bias.empty()
+                                  ? nullptr
+                                  : reinterpret_cast<const float*>(d + at.bias);
+      routed[r].seg_start = reinterpret_cast<const int32_t*>(d + at.seg_start);
+      routed[r].seg_rank = reinterpret_cast<const int32_t*>(d + at.seg_rank);
+      routed[r].seg_off = reinterpret_cast<const int64_t*>(d + at.seg_off);
+    }
+    routed[r].mask = reinterpret_cast<const int32_t*>(d + masks_at) + routed[r].slot_index * t;
+    routed[r].scale = reinterpret_cast<const float*>(d + routed_at[r].scale);
+    routed[r].a_rows = reinterpret_cast<const void* const*>(d + routed_at[r].a_rows);
+    routed[r].b_rows = reinterpret_cast<const void* const*>(d + routed_at[r].b_rows);
+  }
+  plan_.identity = reinterpret_cast<const int32_t*>(d + identity_at);
+  plan_.token_pair = reinterpret_cast<const int32_t*>(d + token_pair_at);
+  plan_.token_count = reinterpret_cast<const int32_t*>(d + token_count_at);
+  plan_.routed = std::move(routed);
+  plan_.segments = s_count;
+  plan_.v_stride = v;
+  plan_.tokens = t;
+  plan_.max_experts = static_cast<int32_t>(e_max);
+  plan_.key = {s_count, v, epoch_};
+  if (!plan_.routed.empty()) {
+    // Routing parameters are host scalars of the launches: the adapters themselves are part of
+    // the key (slots are never reused).
+    plan_.key.push_back(-1);
+    plan_.key.insert(plan_.key.end(), slots.begin(), slots.end());
+    for (const StepPlan::Routed& entry : plan_.routed) plan_.key.push_back(entry.record_at);
+  }
+  for (int64_t site = 0; site < sites; site += 64) {  // the statically adapted sites
+    int64_t word = 0;
+    for (int64_t i = site; i < std::min(sites, site + 64); ++i) {
+      word |= int64_t{plan_.site_used[i]} << (i - site);
+    }
+    plan_.key.push_back(word);
+  }
+  // Placeholders for the decisions, in the order the eager pass records them (site by site).
+  for (int64_t site = 0; site < sites; ++site) {
+    for (int32_t r : plan_.routed_of_site[site]) {
+      const StepPlan::Routed& entry = plan_.routed[r];
+      if (entry.record_at < 0) continue;
+      const int32_t e = entry.rm->experts.num_experts;
+      for (int32_t tok : *adapters[entry.slot_index].tokens) {
+        if (entry.rm->rank_granular) {  // the kept ranks, k of them, weights 1
+          const int32_t k = RankKeep(*entry.rm);
+          records_->Defer(tok, entry.layer, LinearModuleName(entry.module),
+                          entry.record_at + tok * k, /*weights_at=*/-1, /*count_at=*/-1, k);
+          continue;
+        }
+        records_->Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * e,
+                        entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
+      }
+    }
+  }
+  if (record_words > 0) records_->UseDeviceWords(&plan_record_, record_words);
+  if (!plan_.routed.empty()) records_->MarkDeviceRouted();
+  plan_.active = true;
+  return true;
+}
+
+absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, void* y) {
+  const int64_t site = int64_t{layer} * kNumLinearModules + static_cast<int>(m);
+  const auto [in, out] = LinearModuleShape(config_, m);
+  const int64_t t = plan_.tokens;
+  const int64_t e_max = plan_.max_experts;
+  // Scratch words: logits | experts | weights | pair rows | pair weights | token pairs | count |
+  // segments.
+  float* logits = plan_scratch_.as<float>();
+  int32_t* experts = plan_scratch_.as<int32_t>() + t * e_max;
+  float* weights = plan_scratch_.as<float>() + 2 * t * e_max;
+  int32_t* pair_row = plan_scratch_.as<int32_t>() + 3 * t * e_max;
+  float* pair_w = plan_scratch_.as<float>() + 4 * t * e_max;
+  int32_t* token_pair = plan_scratch_.as<int32_t>() + 5 * t * e_max;
+  int32_t* count = plan_scratch_.as<int32_t>() + 6 * t * e_max;
+  int32_t* seg_start = count + t;
+  int32_t* seg_rank = seg_start + e_max + 1;
+  // int64 offsets after them, 8-aligned.
+  auto* seg_off = reinterpret_cast<int64_t*>(
+      plan_scratch_.as<char>() + ((6 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8);
+  for (int32_t r : plan_.routed_of_site[site]) {
+    const StepPlan::Routed& entry = plan_.routed[r];
+    const RoutedModule& rm = *entry.rm;
+    if (rm.rank_granular) {
+      RETURN_IF_ERROR(ApplyRanks(entry, x, in, y, out));
+      continue;
+    }
+    const int32_t e = rm.experts.num_experts, rank = rm.experts.rank;
+    const auto& [weight, bias] = entry.att->routers.at(&rm.router);
+    // Router logits of every token of the step (the adapter's mask picks its own), fp32.
+    RETURN_IF_ERROR(backend_->Gemm({.x = x,
+                                    .w = weight.data(),
+                                    .y = logits,
+                                    .m = t,
+                                    .n = e,
+                                    .k = in,
+                                    .dtype = dt_,
+                                    .y_f32 = true}));
+    if (!rm.router.bias.empty()) {
+      RETURN_IF_ERROR(backend_->BiasAdd(
+          {.x = logits, .bias = bias.data(), .rows = t, .cols = e, .dtype = ScalarType::kF32}));
+    }
+    ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(rm.routing, e));
+    route.logits = logits;
+    route.experts = experts;
+    route.weights = weights;
+    route.count = count;
+    route.active = entry.mask;
+    route.num_tokens = t;
+    RETURN_IF_ERROR(backend_->Route(route));
+    RETURN_IF_ERROR(backend_->BuildSegments({.experts = experts,
+                                             .weights = weights,
+                                             .count = count,
+                                             .rows = plan_.identity,
+                                             .scale = entry.scale,
+                                             .active = entry.mask,
+                                             .pair_row = pair_row,
+                                             .pair_weight = pair_w,
+                                             .seg_start = seg_start,
+                                             .seg_rank = seg_rank,
+                                             .seg_row_offset = seg_off,
+                                             .token_pair = token_pair,
+                                             .undefined = records_->undefined_counter(),
+                                             .num_tokens = static_cast<int32_t>(t),
+                                             .num_experts = e,
+                                             .rank = rank}));
+    RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                          .v = plan_v_.as<float>(),
+                                          .x_row = pair_row,
+                                          .seg_start = seg_start,
+                                          .seg_rank = seg_rank,
+                                          .seg_row_offset = seg_off,
+                                          .a_rows = entry.a_rows,
+                                          .num_segments = e,
+                                          .in = in,
+                                          .v_stride = rank,
+                                          .dtype = dt_}));
+    // Each token's k experts summed in its decision order and added once: no atomics, the
+    // same bits on every run (SgmvExpandRows).
+    RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = plan_v_.as<float>(),
+                                              .y = y,
+                                              .token_pair = token_pair,
+                                              .count = count,
+                                              .active = entry.mask,
+                                              .weight = pair_w,
+                                              .seg_start = seg_start,
+                                              .seg_rank = seg_rank,
+                                              .seg_row_offset = seg_off,
+                                              .b_rows = entry.b_rows,
+                                              .num_tokens = t,
+                                              .pair_stride = e,
+                                              .num_segments = e,
+                                              .out = out,
+                                              .v_stride = rank,
+                                              .dtype = dt_}));
+    if (entry.record_at >= 0) {  // the decisions, for the step's one copy back
+      int32_t* dst = plan_record_.as<int32_t>() + entry.record_at;
+      for (auto [src, words, at] : {std::tuple<const void*, int64_t, int64_t>{experts, t * e, 0},
+                                    {weights, t * e, t * e},
+                                    {count, t, 2 * t * e}}) {
+        RETURN_IF_ERROR(backend_->Convert({.src = src,
+                                           .dst = dst + at,
+                                           .n = words,
+                                           .src_dtype = ScalarType::kF32,
+                                           .dst_dtype = ScalarType::kF32}));
+      }
+    }
+  }
+  if (!plan_.site_used[site]) return absl::OkStatus();
+  const StepPlan::Site& s = plan_.sites[site];
+  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                        .v = plan_v_.as<float>(),
+                                        .x_row = plan_.pair_token,
+                                        .seg_start = plan_.seg_start,
+                                        .seg_rank = s.seg_rank,
+                                        .seg_row_offset = s.seg_off,
+                                        .a_rows = s.a_rows,
+                                        .num_segments = plan_.segments,
+                                        .in = in,
+                                        .v_stride = plan_.v_stride,
+                                        .dtype = dt_}));
+  // One pair per adapted token (its adapter's static LoRA; rank 0 where it has none here).
+  return backend_->SgmvExpandRows({.v = plan_v_.as<float>(),
+                                   .y = y,
+                                   .token_pair = plan_.token_pair,
+                                   .count = plan_.token_count,
+                                   .weight = s.weight,
+                                   .seg_start = plan_.seg_start,
+                                   .seg_rank = s.seg_rank,
+                                   .seg_row_offset = s.seg_off,
+                                   .b_rows = s.b_rows,
+                                   .num_tokens = t,
+                                   .pair_stride = 1,
+                                   .num_segments = plan_.segments,
+                                   .out = out,
+                                   .v_stride = plan_.v_stride,
+                                   .dtype = dt_});
+}
+
+int32_t StepPlanner::RankKeep(const RoutedModule& rm) {
+  absl::StatusOr<kernels::RankRouteParams> p =
+      ToRankRouteParams(rm.routing, rm.experts.rank, rm.select_on_abs);
+  return p.ok() ? p->k : 0;  // PlanPass admits only groups whose parameters convert
+}
+
+absl::Status StepPlanner::ApplyRanks(const StepPlan::Routed& entry, const void* x, int64_t in,
+                                     void* y, int64_t out) {
+  const RoutedModule& rm = *entry.rm;
+  const int64_t t = plan_.tokens;
+  const int32_t r = rm.experts.rank;
+  // Scratch (ApplyPlanned's layout): logits [t, r] | kept [t, k] | u [t, r] | ... | ok [t].
+  const int64_t e_max = plan_.max_experts;
+  float* logits = plan_scratch_.as<float>();
+  int32_t* kept = plan_scratch_.as<int32_t>() + t * e_max;
+  float* u = plan_scratch_.as<float>() + 2 * t * e_max;
+  int32_t* ok = plan_scratch_.as<int32_t>() + 6 * t * e_max;
+  // z = A x for every token of the step, one segment (the adapter's mask picks its own).
+  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                        .v = plan_v_.as<float>(),
+                                        .x_row = plan_.identity,
+                                        .seg_start = entry.seg_start,
+                                        .seg_rank = entry.seg_rank,
+                                        .seg_row_offset = entry.seg_off,
+                                        .a_rows = entry.a_rows,
+                                        .num_segments = 1,
+                                        .in = in,
+                                        .v_stride = r,
+                                        .dtype = dt_}));
+  const float* router_logits = nullptr;
+  if (rm.router_type == RouterType::kLinear) {  // SMoRA's gate, fp32
+    const auto& [weight, bias] = entry.att->routers.at(&rm.router);
+    RETURN_IF_ERROR(backend_->Gemm({.x = x,
+                                    .w = weight.data(),
+                                    .y = logits,
+                                    .m = t,
+                                    .n = r,
+                                    .k = in,
+                                    .dtype = dt_,
+                                    .y_f32 = true}));
+    if (!rm.router.bias.empty()) {
+      RETURN_IF_ERROR(backend_->BiasAdd(
+          {.x = logits, .bias = bias.data(), .rows = t, .cols = r, .dtype = ScalarType::kF32}));
+    }
+    router_logits = logits;
+  }
+  ASSIGN_OR_RETURN(kernels::RankRouteParams route,
+                   ToRankRouteParams(rm.routing, r, rm.select_on_abs));
+  route.z = plan_v_.as<float>();
+  route.router_logits = router_logits;
+  route.select_bias = entry.select_bias;
+  route.u = u;
+  route.kept = kept;
+  route.ok = ok;
+  route.undefined = records_->undefined_counter();
+  route.active = entry.mask;
+  route.num_tokens = t;
+  route.z_stride = r;
+  RETURN_IF_ERROR(backend_->RankRoute(route));
+  // y += s B u, one pair per token of the adapter.
+  RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = u,
+                                            .y = y,
+                                            .token_pair = plan_.identity,
+                                            .count = plan_.token_count,
+                                            .active = entry.mask,
+                                            .weight = entry.weight,
+                                            .seg_start = entry.seg_start,
+                                            .seg_rank = entry.seg_rank,
+                                            .seg_row_offset = entry.seg_off,
+                                            .b_rows = entry.b_rows,
+                                            .num_tokens = t,
+                                            .pair_stride = 1,
+                                            .num_segments = 1,
+                                            .out = out,
+                                            .v_stride = r,
+                                            .dtype = dt_}));
+  if (entry.record_at < 0) return absl::OkStatus();
+  return backend_->Convert({.src = kept,
+                            .dst = plan_record_.as<int32_t>() + entry.record_at,
+                            .n = t * route.k,
+                            .src_dtype = ScalarType::kF32,
+                            .dst_dtype = ScalarType::kF32});
+}
+
+}  // namespace moleserve::engine

@@ -1,0 +1,138 @@
+#pragma once
+
+// StepPlanner: lays out a whole pass's adapter work before it runs, so that the modules issue
+// only ops (no host work, no copies) and a decode step can be captured in a graph
+// (AdapterExecutor::PlanPass / ApplyLinear).
+//
+// Plan() takes the pass's adapters and, when each is plain LoRA, module-scope routed with a
+// linear router, or rank-wise (FlyLoRA, SMoRA), with at most one static LoRA per module, and all
+// their experts fit the cache at once: pins every expert for the pass and uploads in one copy
+// every table the pass needs. Device tables (plan_buf_): shared pair_token [T] (x_row = y_row),
+// seg_start [S + 1], identity rows [T], each adapted token's static pair and count [T], and the
+// adapters' token masks [S, T]; per site weight [T], seg_rank [S], seg_off [S] and row tables
+// [S * V] for A and B (segment j is the j-th adapter of the pass); per routed group its scales
+// [E] and row tables [E * r] (rank groups: also per-token weights, the selection bias and one
+// segment over every token). Apply() then runs a site: per routed group router logits of all
+// the step's tokens, Route and BuildSegments under the adapter's mask, a shrink and a row-owned
+// expand (rank groups: the shrink, the gate's logits, RankRoute under the mask, the expand);
+// then one shrink and expand for the static LoRAs. Routing decisions are copied on the device
+// into plan_record_ and come back with the step's results (StepRecords::UseDeviceWords).
+//
+// key() is what the launches depend on besides the token count (segments, rank stride, which
+// sites are adapted, the buffers' epoch, and the adapters when a routed group takes part): a
+// graph captured for one key replays correctly for any plan with the same key. The buffers grow
+// on demand; each growth bumps epoch() (a graph captured before reads freed memory).
+//
+// Thread safety: none; the engine loop drives it. Memory: owns the plan's device buffers; pins
+// experts of `cache` from Plan() to End().
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/adapters/adapter.h"
+#include "engine/backend/backend.h"
+#include "engine/expert_cache/expert_cache.h"
+#include "engine/model/attached_adapter.h"
+#include "engine/model/model_config.h"
+#include "engine/model/step_records.h"
+
+namespace moleserve::engine {
+
+class StepPlanner {
+ public:
+  // One adapter of the pass: its slot, what is attached, and its tokens (ascending).
+  struct PassAdapter {
+    int32_t slot;
+    const AttachedAdapter* att;
+    const std::vector<int32_t>* tokens;
+  };
+
+  StepPlanner(Backend* backend, const ModelConfig& config, ExpertCache* cache,
+              StepRecords* records);
+
+  // Plans a pass of `num_tokens` tokens over `adapters` (in slot order); leaves placeholders in
+  // the records for the tokens that record routing. False (nothing planned, nothing pinned) when
+  // some adapter cannot be planned or the experts do not fit; running out of device memory for
+  // the tables also gives false (the pass runs eagerly).
+  absl::StatusOr<bool> Plan(const std::vector<PassAdapter>& adapters, int64_t num_tokens);
+  bool active() const { return plan_.active; }
+  // y [T, out] += the planned adapters' deltas at (layer, m); x [T, in].
+  absl::Status Apply(int32_t layer, LinearModule m, const void* x, void* y);
+  // Releases what the plan pinned; no plan afterwards.
+  void End();
+
+  const std::vector<int64_t>& key() const { return plan_.key; }
+  int64_t epoch() const { return epoch_; }
+  // The slots whose routers the plan's launches read.
+  std::vector<int32_t> routed_slots() const;
+
+ private:
+  struct StepPlan {
+    struct Site {
+      const float* weight = nullptr;
+      const int32_t* seg_rank = nullptr;
+      const int64_t* seg_off = nullptr;
+      const void* const* a_rows = nullptr;
+      const void* const* b_rows = nullptr;
+    };
+    struct Routed {  // one adapter's routed group at one site
+      int32_t layer = 0;
+      LinearModule module = LinearModule::kQ;
+      int32_t slot_index = 0;  // j: the adapter's place in the pass
+      int32_t slot = 0;        // its slot
+      const RoutedModule* rm = nullptr;
+      const AttachedAdapter* att = nullptr;
+      const int32_t* mask = nullptr;
+      const float* scale = nullptr;
+      const void* const* a_rows = nullptr;
+      const void* const* b_rows = nullptr;
+      int64_t record_at = -1;  // words of plan_record_ when some of its tokens record routing
+      // Rank groups: per-token weights (the LoRA scale), selection bias or null, and the one
+      // segment over every token.
+      const float* weight = nullptr;
+      const float* select_bias = nullptr;
+      const int32_t* seg_start = nullptr;
+      const int32_t* seg_rank = nullptr;
+      const int64_t* seg_off = nullptr;
+    };
+    bool active = false;
+    int32_t segments = 0;  // S, a power of two
+    int32_t v_stride = 0;  // V, a power of two
+    int64_t tokens = 0;
+    int32_t max_experts = 0;
+    const int32_t* pair_token = nullptr;
+    const int32_t* seg_start = nullptr;
+    const int32_t* identity = nullptr;
+    const int32_t* token_pair = nullptr;   // [T] each adapted token's static pair
+    const int32_t* token_count = nullptr;  // [T] 1 for adapted tokens, 0 for the base model
+    std::vector<uint8_t> site_used;        // some adapter has a static LoRA at the site
+    std::vector<Site> sites;
+    std::vector<Routed> routed;
+    std::vector<std::vector<int32_t>> routed_of_site;
+    std::vector<std::pair<const LoraStack*, int32_t>> pins;
+    std::vector<int64_t> key;
+  };
+  // A planned rank group (FlyLoRA, SMoRA): z = A x and the gate's logits for every token, then
+  // RankRoute and the expand under the adapter's mask; the kept ranks go to the records.
+  absl::Status ApplyRanks(const StepPlan::Routed& entry, const void* x, int64_t in, void* y,
+                          int64_t out);
+  // k, the ranks a planned rank group keeps per token.
+  static int32_t RankKeep(const RoutedModule& rm);
+  absl::Status Grow(DeviceBuffer* buf, size_t bytes);
+
+  Backend* backend_;
+  ModelConfig config_;
+  ExpertCache* cache_;
+  StepRecords* records_;
+  ScalarType dt_;
+  StepPlan plan_;
+  // Grown on demand; each growth bumps epoch_.
+  DeviceBuffer plan_buf_, plan_v_, plan_scratch_, plan_record_;
+  std::vector<char> plan_host_;
+  int64_t epoch_ = 0;
+};
+
+}  // namespace moleserve::engine
