@@ -30,6 +30,9 @@ struct Engine::State {
   int32_t context_length = 0;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Tokenizer> tokenizer;
+  // The device pool of LoRA expert pages: used by the model's adapter passes and the executor's
+  // scheduling and prefetching; outlives both.
+  std::unique_ptr<ExpertCache> expert_cache;
   std::unique_ptr<LlamaModel> model;
   std::unique_ptr<Executor> executor;
   AdapterRegistry adapters;
@@ -197,6 +200,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       .max_batch_tokens = options.max_batch_tokens,
       .max_seqs = options.max_num_seqs,
       .expert_cache = {.capacity_bytes = options.expert_cache_bytes}};
+  state->expert_cache =
+      std::make_unique<ExpertCache>(state->backend.get(), model_options.expert_cache);
+  model_options.shared_expert_cache = state->expert_cache.get();
   try {
     // Host allocations while converting weights throw on exhaustion; report, don't abort.
     ASSIGN_OR_RETURN(state->model,
@@ -245,8 +251,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                               .max_queue_delay = options.max_queue_delay,
                               .fair_share_tokens = options.fair_share_tokens};
   ParseSchedulingPolicy(options.scheduling_policy, &scheduling.policy);  // validated above
-  state->executor = std::make_unique<Executor>(state->model.get(), state->tokenizer.get(),
-                                               scheduling, options.metrics);
+  state->executor = std::make_unique<Executor>(state->model.get(), state->expert_cache.get(),
+                                               state->tokenizer.get(), scheduling, options.metrics);
   state->executor->Start();
   return std::unique_ptr<Engine>(new Engine(std::move(state)));
 }
@@ -731,7 +737,7 @@ std::vector<AdapterStatus> Engine::AdapterStatuses() const {
         st.has_version = true;
         st.summary = Summarize(*v);
         st.host_bytes = v->adapter->bytes;
-        st.device_bytes = s.model->adapters().cache().ResidentBytes(slot) +
+        st.device_bytes = s.expert_cache->ResidentBytes(slot) +
                           RouterBytes(*v->adapter, ScalarTypeSize(s.backend->compute_dtype()));
         st.loaded_at = v->loaded_at;
       }
@@ -754,7 +760,7 @@ absl::StatusOr<AdapterStatus> Engine::GetAdapterStatus(const std::string& name) 
 }
 
 ExpertCacheInfo Engine::CacheInfo() const {
-  const ExpertCacheStats st = state_->model->adapters().cache().stats();
+  const ExpertCacheStats st = state_->expert_cache->stats();
   return {.capacity_bytes = st.capacity_bytes,
           .hits = st.hits,
           .misses = st.misses,

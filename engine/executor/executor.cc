@@ -28,13 +28,14 @@ const char* FinishReasonName(FinishReason r) {
   return "unknown";
 }
 
-Executor::Executor(LlamaModel* model, const Tokenizer* tokenizer, const SchedulerOptions& options,
-                   MetricsSink* metrics)
+Executor::Executor(LlamaModel* model, ExpertCache* expert_cache, const Tokenizer* tokenizer,
+                   const SchedulerOptions& options, MetricsSink* metrics)
     : model_(model),
+      expert_cache_(expert_cache),
       tokenizer_(tokenizer),
       metrics_(metrics),
       blocks_(model->options().num_kv_blocks, model->options().kv_block_size),
-      cache_view_(&model->adapters().cache()),
+      cache_view_(expert_cache),
       scheduler_(options, &blocks_, &cache_view_) {
   counters_.free_blocks = blocks_.num_free();
 }
@@ -176,7 +177,7 @@ Executor::Counters Executor::counters() const {
 }
 
 void Executor::PrefetchForQueue() {
-  ExpertCache& cache = model_->adapters().cache();
+  ExpertCache& cache = *expert_cache_;
   // The adapters the scheduler would admit next: copy their experts in ahead, a bounded amount
   // per step (an eighth of the pool), into free pages or pages the last two steps did not use.
   const int64_t capacity = cache.stats().capacity_bytes;
@@ -356,7 +357,7 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
           chunk.seq->sampler.NextRow(&sampling_.penalty_ids, &sampling_.penalty_counts));
     }
   }
-  ExpertCache& cache = model_->adapters().cache();
+  ExpertCache& cache = *expert_cache_;
   const double copy_before = mole ? cache.stats().copy_seconds : 0;
   if (mole) cache.BeginStep();
   absl::Status status =

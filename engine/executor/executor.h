@@ -6,6 +6,9 @@
 //   sample, check stops, stream chunks to sinks -> remove finished sequences (freeing blocks).
 // New requests join between steps; finished and cancelled ones leave between steps.
 //
+// The executor keeps the KV block accounting (BlockManager) and is handed the expert cache the
+// model's adapters use (owned by the engine), for admission and prefetching.
+//
 // Lifecycle: Start() spawns the loop; Stop() fails every sequence still in flight with
 // kUnavailable and joins. Thread safety: Submit, Cancel, Stop and the counters may be called from
 // any thread; everything else runs on the loop thread.
@@ -21,6 +24,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "engine/core/mutex.h"
+#include "engine/expert_cache/expert_cache.h"
 #include "engine/kv_cache/block_manager.h"
 #include "engine/metrics_sink.h"
 #include "engine/model/llama_model.h"
@@ -31,8 +35,8 @@ namespace moleserve::engine {
 
 class Executor {
  public:
-  Executor(LlamaModel* model, const Tokenizer* tokenizer, const SchedulerOptions& options,
-           MetricsSink* metrics);
+  Executor(LlamaModel* model, ExpertCache* expert_cache, const Tokenizer* tokenizer,
+           const SchedulerOptions& options, MetricsSink* metrics);
   // A key for (layer, module, expert) in Sequence::routed_experts.
   static uint32_t RoutedExpertKey(int32_t layer, std::string_view module, int32_t expert);
   ~Executor();
@@ -100,6 +104,7 @@ class Executor {
   };
 
   LlamaModel* model_;           // not owned
+  ExpertCache* expert_cache_;   // not owned: the model's adapters use it too
   const Tokenizer* tokenizer_;  // not owned
   MetricsSink* metrics_;        // not owned, may be null
   BlockManager blocks_;         // loop thread only

@@ -10,16 +10,15 @@
 
 namespace moleserve::engine {
 
-AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config,
-                                 ExpertCacheOptions cache_options)
+AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config, ExpertCache* cache)
     : backend_(backend),
       config_(config),
       dt_(backend->compute_dtype()),
       es_(static_cast<int64_t>(ScalarTypeSize(dt_))),
-      cache_(backend, cache_options),
-      sgmv_(backend, &cache_),
+      cache_(cache),
+      sgmv_(backend, cache),
       records_(backend),
-      planner_(backend, config, &cache_, &records_) {}
+      planner_(backend, config, cache, &records_) {}
 AdapterExecutor::~AdapterExecutor() = default;
 
 absl::StatusOr<DeviceBuffer> AdapterExecutor::UploadFloats(const std::vector<float>& v) {
@@ -98,7 +97,7 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
   }
   if (!status.ok()) return status;  // `att` and what it uploaded go away
   const int32_t slot = next_slot_;
-  if (absl::Status fits = cache_.AddOwner(slot, stacks); !fits.ok()) {
+  if (absl::Status fits = cache_->AddOwner(slot, stacks); !fits.ok()) {
     return absl::ResourceExhaustedError(
         absl::StrCat("adapter '", adapter->name, "' does not fit: ", fits.message()));
   }
@@ -112,14 +111,14 @@ void AdapterExecutor::Detach(int32_t slot) {
   EndPass();  // no pin of a previous pass may outlive its stacks
   auto it = attached_.find(slot);
   if (it == attached_.end()) return;
-  cache_.RemoveOwner(slot);
+  cache_->RemoveOwner(slot);
   attached_.erase(it);
 }
 
 int64_t AdapterExecutor::DeviceBytes(int32_t slot) const {
   auto it = attached_.find(slot);
   if (it == attached_.end()) return 0;
-  int64_t bytes = cache_.ResidentBytes(slot);
+  int64_t bytes = cache_->ResidentBytes(slot);
   for (const auto& [router, bufs] : it->second->routers) {
     bytes += static_cast<int64_t>(bufs.first.bytes() + bufs.second.bytes());
   }
@@ -243,10 +242,10 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   // Every expert of the stack pinned, its rows in expert order (seg_row_offset = e * rank). When
   // that would evict other experts, the host path routes and copies in only the routed experts.
   std::vector<const void*> a_rows, b_rows;
-  ASSIGN_OR_RETURN(bool pinned, cache_.AcquireAllIfRoom(&stack, &a_rows, &b_rows));
+  ASSIGN_OR_RETURN(bool pinned, cache_->AcquireAllIfRoom(&stack, &a_rows, &b_rows));
   if (!pinned) return false;
   absl::Cleanup unpin = [&] {
-    for (int32_t e = 0; e < e_count; ++e) cache_.Release(&stack, e);
+    for (int32_t e = 0; e < e_count; ++e) cache_->Release(&stack, e);
   };
   // Tokens grouped by their routing spec (per-request overrides), one Route call per group.
   std::vector<int32_t> ordered = tokens;

@@ -71,8 +71,8 @@ struct PassTokens {
 
 class AdapterExecutor {
  public:
-  AdapterExecutor(Backend* backend, const ModelConfig& config,
-                  ExpertCacheOptions cache_options = {});
+  // Adapter experts live in `cache` (not owned; it outlives the executor).
+  AdapterExecutor(Backend* backend, const ModelConfig& config, ExpertCache* cache);
   ~AdapterExecutor();
 
   // Uploads the adapter; returns its slot. kInvalidArgument when it does not fit the model,
@@ -82,8 +82,8 @@ class AdapterExecutor {
   const Adapter* adapter(int32_t slot) const;
   // Device bytes the adapter holds now: routers, classifier and its resident experts.
   int64_t DeviceBytes(int32_t slot) const;
-  ExpertCache& cache() { return cache_; }
-  const ExpertCache& cache() const { return cache_; }
+  ExpertCache& cache() { return *cache_; }
+  const ExpertCache& cache() const { return *cache_; }
   // SGMV calls split because their experts did not fit the cache at once.
   int64_t splits() const { return sgmv_.splits(); }
 
@@ -195,7 +195,7 @@ class AdapterExecutor {
   ModelConfig config_;
   ScalarType dt_;  // the backend's compute dtype: activations, routers, classifier, pages
   int64_t es_;     // its element size in bytes
-  ExpertCache cache_;
+  ExpertCache* cache_;
   SgmvRunner sgmv_;  // static LoRAs, host-routed groups, rank groups, the block FFN's LoRAs
   std::map<int32_t, std::unique_ptr<Attached>> attached_;
   int32_t next_slot_ = 0;

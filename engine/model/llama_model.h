@@ -33,6 +33,10 @@ struct LlamaModelOptions {
   int32_t max_batch_tokens = 2048;  // tokens per Forward
   int32_t max_seqs = 256;           // sequences per Forward (and logits rows)
   ExpertCacheOptions expert_cache;  // device pool of LoRA expert pages
+  // When set, the adapters' experts live in this cache instead (not owned; it outlives the model:
+  // the engine keeps it next to the KV blocks and hands it to the executor too); expert_cache is
+  // then unused.
+  ExpertCache* shared_expert_cache = nullptr;
   // Decode fast path: pure decode steps (one token per sequence) without adapters or with plain
   // LoRAs only replay a graph of the whole forward pass captured once per batch size (and, with
   // LoRAs, per plan shape: AdapterExecutor::plan_key) (Backend::CaptureGraph: CUDA graphs), so
@@ -115,7 +119,12 @@ class LlamaModel {
         options_(options),
         dt_(backend->compute_dtype()),
         es_(static_cast<int64_t>(ScalarTypeSize(dt_))),
-        adapters_(backend, config, options.expert_cache) {}
+        own_cache_(options.shared_expert_cache != nullptr
+                       ? nullptr
+                       : std::make_unique<ExpertCache>(backend, options.expert_cache)),
+        adapters_(backend, config,
+                  options.shared_expert_cache != nullptr ? options.shared_expert_cache
+                                                         : own_cache_.get()) {}
   absl::Status Init(const WeightSource& weights);
   absl::Status ValidateBatch(const Batch& batch) const;
   absl::Status ValidateSampling(const Batch& batch, const StepSampling& sampling) const;
@@ -159,6 +168,7 @@ class LlamaModel {
   LlamaModelOptions options_;
   ScalarType dt_;  // the backend's compute dtype: weights, KV cache and activations
   int64_t es_;     // its element size
+  std::unique_ptr<ExpertCache> own_cache_;  // without a shared cache
   AdapterExecutor adapters_;
   DeviceBuffer embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<Layer> layers_;
