@@ -193,7 +193,6 @@ absl::StatusOr<const float*> AdapterExecutor::RouterLogitsOnDevice(
     const Attached& owner, const RouterWeights& router, const void* x, int64_t in,
     const std::vector<int32_t>& tokens) {
   const int64_t n = static_cast<int64_t>(tokens.size());
-  const auto& [weight, bias] = owner.routers.at(&router);
   RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
   RETURN_IF_ERROR(Grow(&gathered_, n * in * es_));
   RETURN_IF_ERROR(Grow(&logits_, n * router.rows * sizeof(float)));
@@ -204,21 +203,8 @@ absl::StatusOr<const float*> AdapterExecutor::RouterLogitsOnDevice(
                                        .num_tokens = n,
                                        .hidden = in,
                                        .dtype = dt_}));
-  RETURN_IF_ERROR(backend_->Gemm({.x = gathered_.data(),
-                                  .w = weight.data(),
-                                  .y = logits_.data(),
-                                  .m = n,
-                                  .n = router.rows,
-                                  .k = in,
-                                  .dtype = dt_,
-                                  .y_f32 = true}));
-  if (!router.bias.empty()) {
-    RETURN_IF_ERROR(backend_->BiasAdd({.x = logits_.data(),
-                                       .bias = bias.data(),
-                                       .rows = n,
-                                       .cols = router.rows,
-                                       .dtype = ScalarType::kF32}));
-  }
+  RETURN_IF_ERROR(
+      owner.RouterLogits(backend_, router, gathered_.data(), n, in, logits_.as<float>()));
   return logits_.as<float>();
 }
 

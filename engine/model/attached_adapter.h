@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "engine/adapters/adapter.h"
 #include "engine/backend/backend.h"
 
@@ -19,6 +20,10 @@ struct AttachedAdapter {
   // Router weight and bias per host router.
   std::map<const RouterWeights*, std::pair<DeviceBuffer, DeviceBuffer>> routers;
   std::vector<std::pair<DeviceBuffer, DeviceBuffer>> classifier;  // X-LoRA: weight, bias
+
+  // logits [n, router.rows] (fp32) = x [n, in] (compute dtype) W^T + bias, on `backend`.
+  absl::Status RouterLogits(Backend* backend, const RouterWeights& router, const void* x, int64_t n,
+                            int64_t in, float* logits) const;
 };
 
 }  // namespace moleserve::engine

@@ -396,20 +396,8 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
       continue;
     }
     const int32_t e = rm.experts.num_experts, rank = rm.experts.rank;
-    const auto& [weight, bias] = entry.att->routers.at(&rm.router);
     // Router logits of every token of the step (the adapter's mask picks its own), fp32.
-    RETURN_IF_ERROR(backend_->Gemm({.x = x,
-                                    .w = weight.data(),
-                                    .y = logits,
-                                    .m = t,
-                                    .n = e,
-                                    .k = in,
-                                    .dtype = dt_,
-                                    .y_f32 = true}));
-    if (!rm.router.bias.empty()) {
-      RETURN_IF_ERROR(backend_->BiasAdd(
-          {.x = logits, .bias = bias.data(), .rows = t, .cols = e, .dtype = ScalarType::kF32}));
-    }
+    RETURN_IF_ERROR(entry.att->RouterLogits(backend_, rm.router, x, t, in, logits));
     ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(rm.routing, e));
     route.logits = logits;
     route.experts = experts;
@@ -538,19 +526,7 @@ absl::Status StepPlanner::ApplyRanks(const StepPlan::Routed& entry, const void* 
                                         .dtype = dt_}));
   const float* router_logits = nullptr;
   if (rm.router_type == RouterType::kLinear) {  // SMoRA's gate, fp32
-    const auto& [weight, bias] = entry.att->routers.at(&rm.router);
-    RETURN_IF_ERROR(backend_->Gemm({.x = x,
-                                    .w = weight.data(),
-                                    .y = logits,
-                                    .m = t,
-                                    .n = r,
-                                    .k = in,
-                                    .dtype = dt_,
-                                    .y_f32 = true}));
-    if (!rm.router.bias.empty()) {
-      RETURN_IF_ERROR(backend_->BiasAdd(
-          {.x = logits, .bias = bias.data(), .rows = t, .cols = r, .dtype = ScalarType::kF32}));
-    }
+    RETURN_IF_ERROR(entry.att->RouterLogits(backend_, rm.router, x, t, in, logits));
     router_logits = logits;
   }
   ASSIGN_OR_RETURN(kernels::RankRouteParams route,
