@@ -18,35 +18,52 @@
 
 namespace moleserve::test_util {
 
+// Normal random fp32 tensors (stddev, seeded: drawn in the order they are added) for an adapter
+// written into `dir` (emptied first).
+class RandomTensors {
+ public:
+  RandomTensors(const std::string& dir, uint32_t seed, float stddev)
+      : dir_(dir), rng_(seed), dist_(0.0f, stddev) {
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+  }
+  void Add(const std::string& name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<float> v(n);
+    for (float& x : v) x = dist_(rng_);
+    tensors_[name] = {std::move(shape), std::move(v)};
+  }
+  // The tensors as dir/file (safetensors); false when they cannot be written.
+  bool Write(const std::string& file) const {
+    std::vector<engine::SafetensorsWriteTensor> out;
+    for (const auto& [name, v] : tensors_) out.push_back({name, v.first, v.second.data()});
+    return engine::WriteSafetensors(dir_ + "/" + file, out, {}).ok();
+  }
+
+ private:
+  std::string dir_;
+  std::mt19937 rng_;
+  std::normal_distribution<float> dist_;
+  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> tensors_;
+};
+
 // A mole/1 adapter for the demo model (4 layers, hidden 256, 8 q heads / 4 kv heads of 32):
 // a top-2 routed group of `num_experts` experts of rank `rank` (default 4 and 4) on q_proj and
 // o_proj of every layer, strong enough to change greedy output.
 inline std::string WriteDemoMoleAdapter(const std::string& dir, uint32_t seed = 7,
                                         int32_t num_experts = 4, int32_t rank = 4,
                                         float stddev = 0.3f) {
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::vector<float> v(n);
-    for (float& x : v) x = dist(rng);
-    t[name] = {std::move(shape), std::move(v)};
-  };
+  RandomTensors t(dir, seed, stddev);
   for (int l = 0; l < 4; ++l) {
     for (const std::string m : {"q_proj", "o_proj"}) {
       const std::string p = absl::StrCat("groups.g.layers.", l, ".", m);
-      add(p + ".A", {num_experts, rank, 256});
-      add(p + ".B", {num_experts, 256, rank});
-      add(p + ".router.weight", {num_experts, 256});
+      t.Add(p + ".A", {num_experts, rank, 256});
+      t.Add(p + ".B", {num_experts, 256, rank});
+      t.Add(p + ".router.weight", {num_experts, 256});
     }
   }
-  std::vector<engine::SafetensorsWriteTensor> out;
-  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
-  if (!engine::WriteSafetensors(dir + "/model.safetensors", out, {}).ok()) return "";
+  if (!t.Write("model.safetensors")) return "";
   std::ofstream(dir + "/mole_config.json")
       << R"({"format": "mole", "format_version": 1, "name": "demo-mola", "source_family": "mola",
     "routed_groups": [{"id": "g", "scope": "module",
@@ -63,30 +80,17 @@ inline std::string WriteDemoMoleAdapter(const std::string& dir, uint32_t seed = 
 // `smora`.
 inline std::string WriteDemoRankAdapter(const std::string& dir, bool smora, uint32_t seed = 13,
                                         int32_t rank = 8, int32_t k = 3, float stddev = 0.3f) {
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::vector<float> v(n);
-    for (float& x : v) x = dist(rng);
-    t[name] = {std::move(shape), std::move(v)};
-  };
+  RandomTensors t(dir, seed, stddev);
   for (int l = 0; l < 4; ++l) {
     for (const std::string m : {"q_proj", "o_proj"}) {
       const std::string p = absl::StrCat("groups.r.layers.", l, ".", m);
-      add(p + ".A", {1, rank, 256});
-      add(p + ".B", {1, 256, rank});
-      add(p + ".router.select_bias", {rank});
-      if (smora) add(p + ".router.weight", {rank, 256});
+      t.Add(p + ".A", {1, rank, 256});
+      t.Add(p + ".B", {1, 256, rank});
+      t.Add(p + ".router.select_bias", {rank});
+      if (smora) t.Add(p + ".router.weight", {rank, 256});
     }
   }
-  std::vector<engine::SafetensorsWriteTensor> out;
-  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
-  if (!engine::WriteSafetensors(dir + "/model.safetensors", out, {}).ok()) return "";
+  if (!t.Write("model.safetensors")) return "";
   std::ofstream(dir + "/mole_config.json")
       << R"({"format": "mole", "format_version": 1, "name": "demo-rank", "source_family": ")"
       << (smora ? "smora" : "flylora") << R"(",
@@ -105,18 +109,7 @@ inline std::string WriteDemoRankAdapter(const std::string& dir, bool smora, uint
 // of every layer (lora_alpha = 2 * rank), strong enough to change greedy output.
 inline std::string WriteDemoPeftLora(const std::string& dir, uint32_t seed = 11, int32_t rank = 8,
                                      float stddev = 0.2f) {
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::map<std::string, std::pair<std::vector<int64_t>, std::vector<float>>> t;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::vector<float> v(n);
-    for (float& x : v) x = dist(rng);
-    t[name] = {std::move(shape), std::move(v)};
-  };
+  RandomTensors t(dir, seed, stddev);
   struct Module {
     const char* path;
     int64_t in, out;
@@ -127,13 +120,11 @@ inline std::string WriteDemoPeftLora(const std::string& dir, uint32_t seed = 11,
          {Module{"self_attn.q_proj", 256, 256}, Module{"self_attn.v_proj", 256, 128},
           Module{"mlp.down_proj", 688, 256}}) {
       const std::string p = absl::StrCat("base_model.model.model.layers.", l, ".", m.path);
-      add(p + ".lora_A.weight", {rank, m.in});
-      add(p + ".lora_B.weight", {m.out, rank});
+      t.Add(p + ".lora_A.weight", {rank, m.in});
+      t.Add(p + ".lora_B.weight", {m.out, rank});
     }
   }
-  std::vector<engine::SafetensorsWriteTensor> out;
-  for (const auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
-  if (!engine::WriteSafetensors(dir + "/adapter_model.safetensors", out, {}).ok()) return "";
+  if (!t.Write("adapter_model.safetensors")) return "";
   std::ofstream(dir + "/adapter_config.json")
       << R"({"peft_type": "LORA", "r": )" << rank << R"(, "lora_alpha": )" << 2 * rank
       << R"(, "target_modules": ["q_proj", "v_proj", "down_proj"]})";

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <vector>
 
 #include "engine/adapters/adapter.h"
@@ -20,6 +21,32 @@
 
 namespace moleserve::engine {
 namespace {
+
+// The next step of the sequences s for which runs(s): each sends the tokens it has not sent yet
+// (its prompt first, then one token a step), samples its last row, owns KV blocks 3s .. 3s + 2
+// and uses adapter uses[s]. in_batch gets the step's sequences, in batch order.
+Batch NextStep(const std::vector<int32_t>& uses, const std::vector<std::vector<int32_t>>& tokens,
+               const std::function<bool(int32_t)>& runs, std::vector<int32_t>* computed,
+               std::vector<int32_t>* in_batch) {
+  Batch b;
+  for (int32_t s = 0; s < static_cast<int32_t>(uses.size()); ++s) {
+    if (!runs(s)) continue;
+    const int32_t q = b.num_seqs();
+    for (int32_t p = (*computed)[s]; p < static_cast<int32_t>(tokens[s].size()); ++p) {
+      b.tokens.push_back(tokens[s][p]);
+      b.positions.push_back(p);
+      b.token_seq.push_back(q);
+    }
+    (*computed)[s] = static_cast<int32_t>(tokens[s].size());
+    b.sample_rows.push_back(b.num_tokens() - 1);
+    for (int32_t k = 0; k < 3; ++k) b.block_tables.push_back(s * 3 + k);
+    b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
+    b.seq_adapter.push_back(uses[s]);
+    in_batch->push_back(s);
+  }
+  b.aux_block_table_offsets.assign(b.num_seqs() + 1, 0);
+  return b;
+}
 
 TEST(DecodeGraphTest, ReplayedDecodeStepsEqualEagerOnes) {
   const ModelConfig config = DemoModelConfig();
@@ -140,24 +167,11 @@ TEST(DecodeGraphTest, PlainLoraStepsReplayEqualEagerOnesAsTheBatchChanges) {
   }
   std::vector<int32_t> computed(uses.size(), 0);
   for (int32_t step = 0; step < 36; ++step) {
-    Batch b;
     std::vector<int32_t> in_batch;
-    for (int32_t s = 0; s < static_cast<int32_t>(uses.size()); ++s) {
-      if (step < from[s] || step >= to[s] || paused(s, step)) continue;
-      const int32_t q = b.num_seqs();
-      for (int32_t p = computed[s]; p < static_cast<int32_t>(tokens[s].size()); ++p) {
-        b.tokens.push_back(tokens[s][p]);
-        b.positions.push_back(p);
-        b.token_seq.push_back(q);
-      }
-      computed[s] = static_cast<int32_t>(tokens[s].size());
-      b.sample_rows.push_back(b.num_tokens() - 1);
-      for (int32_t k = 0; k < 3; ++k) b.block_tables.push_back(s * 3 + k);
-      b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
-      b.seq_adapter.push_back(uses[s]);
-      in_batch.push_back(s);
-    }
-    b.aux_block_table_offsets.assign(b.num_seqs() + 1, 0);
+    Batch b = NextStep(
+        uses, tokens,
+        [&](int32_t s) { return step >= from[s] && step < to[s] && !paused(s, step); }, &computed,
+        &in_batch);
     // The MoLE sequence records its routing on even steps; on step 27 it overrides its routing
     // (top-1), which is not planned.
     b.seq_return_routing.assign(b.num_seqs(), 0);
@@ -250,24 +264,10 @@ TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath)
   constexpr int32_t kSteps = 16;
   for (int32_t step = 0; step < kSteps; ++step) {
     const bool last = step + 1 == kSteps;
-    Batch b;
     std::vector<int32_t> in_batch;
-    for (int32_t s = 0; s < static_cast<int32_t>(uses.size()); ++s) {
-      if (step < from[s] || step >= to[s]) continue;
-      const int32_t q = b.num_seqs();
-      for (int32_t p = computed[s]; p < static_cast<int32_t>(tokens[s].size()); ++p) {
-        b.tokens.push_back(tokens[s][p]);
-        b.positions.push_back(p);
-        b.token_seq.push_back(q);
-      }
-      computed[s] = static_cast<int32_t>(tokens[s].size());
-      b.sample_rows.push_back(b.num_tokens() - 1);
-      for (int32_t k = 0; k < 3; ++k) b.block_tables.push_back(s * 3 + k);
-      b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
-      b.seq_adapter.push_back(uses[s]);
-      in_batch.push_back(s);
-    }
-    b.aux_block_table_offsets.assign(b.num_seqs() + 1, 0);
+    Batch b = NextStep(
+        uses, tokens, [&](int32_t s) { return step >= from[s] && step < to[s]; }, &computed,
+        &in_batch);
     // The FlyLoRA sequence 1 records its kept ranks on odd steps and on the last one.
     b.seq_return_routing.assign(b.num_seqs(), 0);
     for (size_t r = 0; r < in_batch.size(); ++r) {

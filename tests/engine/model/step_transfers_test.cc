@@ -50,6 +50,19 @@ Models MakeModels() {
   return m;
 }
 
+// Loads the adapter in `dir` and attaches it to both models, which give it the same slot
+// (appended to *slots).
+void AttachToBoth(Models& m, const std::string& dir, const std::string& name,
+                  std::vector<int32_t>* slots) {
+  auto adapter = LoadAdapter(dir, name, m.model->config(), {});
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  auto slot = m.model->AttachAdapter(*adapter);
+  auto ref_slot = m.reference->AttachAdapter(*adapter);
+  ASSERT_TRUE(slot.ok() && ref_slot.ok());
+  ASSERT_EQ(*slot, *ref_slot);
+  slots->push_back(*slot);
+}
+
 // Sequences that decode together: tokens so far and one KV block each (prompts stay short).
 struct Seqs {
   std::vector<std::vector<int32_t>> tokens;
@@ -160,17 +173,14 @@ TEST(StepTransfersTest, StepsWithAdaptersBringNoLogitsToTheHost) {
   Models m = MakeModels();
   const std::string dir = testing::TempDir() + "/step_transfers_mole";
   ASSERT_FALSE(test_util::WriteDemoMoleAdapter(dir).empty());
-  auto adapter = LoadAdapter(dir, "mole", m.model->config(), {});
-  ASSERT_TRUE(adapter.ok()) << adapter.status();
-  auto slot = m.model->AttachAdapter(*adapter);
-  auto ref_slot = m.reference->AttachAdapter(*adapter);
-  ASSERT_TRUE(slot.ok() && ref_slot.ok());
-  ASSERT_EQ(*slot, *ref_slot);
+  std::vector<int32_t> slots;
+  ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, dir, "mole", &slots));
+  const int32_t slot = slots[0];
   // Sequence 1 asks for its routing: the decisions of its 8 routed sites (4 layers x q_proj,
   // o_proj; 4 experts) come back with the step's results, without a synchronisation per site.
   // The MoLE's routing is planned (AdapterExecutor::PlanPass), so its decode steps are graphed.
   Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}},
-            .slot = {-1, *slot},
+            .slot = {-1, slot},
             .top = {0, 3},
             .routing = {0, 1}};
   const int32_t vocab = m.model->config().vocab_size;
@@ -202,13 +212,7 @@ TEST(StepTransfersTest, RankWiseStepsDecodeInOneGraphLaunch) {
   for (bool smora : {false, true}) {
     const std::string dir = root + (smora ? "/smora" : "/flylora");
     ASSERT_FALSE(test_util::WriteDemoRankAdapter(dir, smora).empty());
-    auto adapter = LoadAdapter(dir, smora ? "smora" : "flylora", m.model->config(), {});
-    ASSERT_TRUE(adapter.ok()) << adapter.status();
-    auto slot = m.model->AttachAdapter(*adapter);
-    auto ref_slot = m.reference->AttachAdapter(*adapter);
-    ASSERT_TRUE(slot.ok() && ref_slot.ok());
-    ASSERT_EQ(*slot, *ref_slot);
-    slots.push_back(*slot);
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, dir, smora ? "smora" : "flylora", &slots));
   }
   std::filesystem::remove_all(root);
   // The FlyLoRA sequence asks for its routing: the 3 kept ranks of its 8 routed sites, for every
@@ -238,13 +242,7 @@ TEST(StepTransfersTest, PlainLoraStepsUploadOnceAndDecodeInOneGraphLaunch) {
   for (uint32_t seed : {11u, 12u}) {
     const std::string d = dir + std::to_string(seed);
     ASSERT_FALSE(test_util::WriteDemoPeftLora(d, seed).empty());
-    auto adapter = LoadAdapter(d, "lora" + std::to_string(seed), m.model->config(), {});
-    ASSERT_TRUE(adapter.ok()) << adapter.status();
-    auto slot = m.model->AttachAdapter(*adapter);
-    auto ref_slot = m.reference->AttachAdapter(*adapter);
-    ASSERT_TRUE(slot.ok() && ref_slot.ok());
-    ASSERT_EQ(*slot, *ref_slot);
-    slots.push_back(*slot);
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, d, "lora" + std::to_string(seed), &slots));
     std::filesystem::remove_all(d);
   }
   Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}},

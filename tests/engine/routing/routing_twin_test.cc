@@ -247,22 +247,29 @@ TEST(RoutingTwinTest, BuildSegmentsMatchesTheHostGrouping) {
   }
 }
 
+// Rank top-2 of 4 ranks over the 3 tokens of z [3, 4] on the CPU twin (active: a token mask or
+// nullptr), into the caller's outputs.
+void RankTop2Of4(const std::vector<float>& z, std::vector<float>* u, std::vector<int32_t>* kept,
+                 std::vector<int32_t>* ok, int32_t* undefined, const int32_t* active) {
+  absl::StatusOr<kernels::RankRouteParams> p =
+      ToRankRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, 4, false);
+  ASSERT_TRUE(p.ok());
+  p->z = z.data();
+  p->u = u->data();
+  p->kept = kept->data();
+  p->ok = ok->data();
+  p->undefined = undefined;
+  p->active = active;
+  p->num_tokens = 3;
+  ASSERT_EQ(kernels::cpu::RankRoute(*p, nullptr), kernels::KernelStatus::kOk);
+}
+
 TEST(RoutingTwinTest, RankRoutingCountsUndefinedTokens) {
-  const int32_t r = 4;
   std::vector<float> z = {1, 2, 3, 4, 1, std::numeric_limits<float>::quiet_NaN(), 0, 0, 4, 3, 2, 1};
   std::vector<float> u(12);
   std::vector<int32_t> kept(3 * 2), ok(3);
   int32_t undefined = 1;  // accumulated into
-  absl::StatusOr<kernels::RankRouteParams> p =
-      ToRankRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, r, false);
-  ASSERT_TRUE(p.ok());
-  p->z = z.data();
-  p->u = u.data();
-  p->kept = kept.data();
-  p->ok = ok.data();
-  p->undefined = &undefined;
-  p->num_tokens = 3;
-  ASSERT_EQ(kernels::cpu::RankRoute(*p, nullptr), kernels::KernelStatus::kOk);
+  ASSERT_NO_FATAL_FAILURE(RankTop2Of4(z, &u, &kept, &ok, &undefined, nullptr));
   EXPECT_EQ(ok, (std::vector<int32_t>{1, 0, 1}));
   EXPECT_EQ(undefined, 2);
   EXPECT_EQ(kept[0], 3);  // token 0 keeps ranks 3 and 2
@@ -272,23 +279,12 @@ TEST(RoutingTwinTest, RankRoutingCountsUndefinedTokens) {
 }
 
 TEST(RoutingTwinTest, RankRoutingSkipsInactiveTokens) {
-  const int32_t r = 4;
   const float nan = std::numeric_limits<float>::quiet_NaN();
   std::vector<float> z = {1, 2, 3, 4, nan, nan, 0, 0, 4, 3, 2, 1};
   std::vector<float> u(12, -7.0f);
   std::vector<int32_t> kept(3 * 2, -7), ok(3, -7), active = {1, 0, 1};
   int32_t undefined = 0;
-  absl::StatusOr<kernels::RankRouteParams> p =
-      ToRankRouteParams({.algorithm = RoutingAlgorithm::kRankTopK, .k = 2}, r, false);
-  ASSERT_TRUE(p.ok());
-  p->z = z.data();
-  p->u = u.data();
-  p->kept = kept.data();
-  p->ok = ok.data();
-  p->undefined = &undefined;
-  p->active = active.data();
-  p->num_tokens = 3;
-  ASSERT_EQ(kernels::cpu::RankRoute(*p, nullptr), kernels::KernelStatus::kOk);
+  ASSERT_NO_FATAL_FAILURE(RankTop2Of4(z, &u, &kept, &ok, &undefined, active.data()));
   // Token 1 (NaN, but masked) is neither routed nor undefined; the others as without a mask.
   EXPECT_EQ(ok, (std::vector<int32_t>{1, 1, 1}));
   EXPECT_EQ(undefined, 0);
