@@ -1,4 +1,4 @@
-// Segmented GEMM (SGMV shrink / expand) and the weighted scatter-add, fp32.
+// Segmented GEMM (SGMV shrink / expand) and the row-owned weighted gather-add, fp32.
 //
 // Two paths per segment, chosen by its pair count and rank (UseGemm):
 // - direct (decode, light prefill, low ranks): register-tiled dot products (shrink) and axpys
@@ -35,7 +35,7 @@ constexpr int32_t kGemmMinPairs = 8;
 constexpr int32_t kGemmMinRank = 16;
 constexpr int64_t kGemmMinPairsTimesRank = 256;
 constexpr int32_t kShrinkRowBlock = 8;  // rank rows per shrink work unit
-constexpr int64_t kColBlock = 256;      // y columns per expand / scatter-add work unit
+constexpr int64_t kColBlock = 256;      // y columns per expand / gather-add work unit
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs tens of
 // microseconds, about what 1M FMAs take on one core.
 constexpr int64_t kMinParallelFma = 1 << 21;

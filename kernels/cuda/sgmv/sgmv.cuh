@@ -1,8 +1,9 @@
 #pragma once
 
-// Segmented LoRA GEMMs (shrink / expand) over expert-sorted (row, expert) pairs with fused
-// gather and weighted scatter-add, reading experts through the row tables of the paged expert
-// cache. Launch shapes and their rationale: kernels/common/launch_plan.h.
+// Segmented LoRA GEMMs over expert-sorted (row, expert) pairs: the shrink gathers its x rows, the
+// expand and the gather-add are owned by output rows (no atomics). Experts are read through the
+// row tables of the paged expert cache. Launch shapes and their rationale:
+// kernels/common/launch_plan.h.
 
 #include "kernels/common/launch_plan.h"
 #include "kernels/cuda/dispatch.cuh"
