@@ -159,7 +159,7 @@ void AdapterExecutor::EndPass() { planner_.End(); }
 
 absl::StatusOr<bool> AdapterExecutor::PlanPass() {
   planner_.End();
-  if (!active_ || pass_.scaling_pass) return false;
+  if (!active_) return false;
   for (int32_t o : pass_.override_index) {
     if (o >= 0) return false;  // per-request routing: one Route call per spec, run eagerly
   }
@@ -167,7 +167,8 @@ absl::StatusOr<bool> AdapterExecutor::PlanPass() {
   for (const auto& [slot, tokens] : tokens_by_slot_) {
     adapters.push_back({slot, attached_.at(slot).get(), &tokens});
   }
-  return planner_.Plan(adapters, static_cast<int64_t>(pass_.slot.size()));
+  return planner_.Plan(adapters, static_cast<int64_t>(pass_.slot.size()),
+                       {.scalings = &pass_.scalings, .scaling_pass = pass_.scaling_pass});
 }
 
 absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {
@@ -447,35 +448,25 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     weights.resize(e_count);
     if (rm.router_type == RouterType::kXloraRef) {
       const XloraSpec& xs = *a.xlora;
-      std::vector<float> scal(e_count);
+      // The scaling pass with scaling_pass_value 0 is exactly the base model.
+      if (pass_.scaling_pass && xs.scaling_pass_value == 0.0f) continue;
+      std::vector<float> pass_value(pass_.scaling_pass ? e_count : 0, xs.scaling_pass_value);
       for (int32_t t : tokens) {
-        if (pass_.scaling_pass) {
-          if (xs.scaling_pass_value == 0.0f) break;  // exactly the base model
-          std::fill(scal.begin(), scal.end(), xs.scaling_pass_value);
-        } else {
+        const float* row = pass_value.data();
+        if (!pass_.scaling_pass) {
           const float* s = pass_.scalings[t];
           if (s == nullptr) return absl::InternalError("X-LoRA token without scalings");
-          const float* row = s + (xs.layerwise ? int64_t{rm.xlora_index} * e_count : 0);
-          std::copy(row, row + e_count, scal.begin());
+          row = s + (xs.layerwise ? int64_t{rm.xlora_index} * e_count : 0);
         }
-        XloraModuleWeights(scal, xs.top_k, xs.softmax_topk, absl::MakeSpan(weights));
-        int32_t n = 0;
-        for (int32_t e = 0; e < e_count; ++e) {
-          if (weights[e] == 0.0f) continue;
+        ASSIGN_OR_RETURN(int32_t n, RouteXlora(absl::MakeConstSpan(row, e_count), xs.top_k,
+                                               xs.softmax_topk, experts.data(), weights.data()));
+        // The planned pass's product: weight * (LoRA scale * global scaling weight).
+        for (int32_t j = 0; j < n; ++j) {
+          const int32_t e = experts[j];
           per_expert[e].pairs.push_back(
-              {t, t, weights[e] * stack.scale[e] * xs.global_scaling_weight});
+              {t, t, weights[j] * (stack.scale[e] * xs.global_scaling_weight), j});
         }
-        // Record in descending weight order, ties to the lower index.
-        std::vector<int32_t> order(e_count);
-        TopKIndices(weights, e_count, order.data());
-        std::vector<float> w_sorted;
-        for (int32_t e : order) {
-          if (weights[e] != 0.0f) {
-            experts[n++] = e;
-            w_sorted.push_back(weights[e]);
-          }
-        }
-        records_.Record(t, layer, LinearModuleName(m), experts.data(), w_sorted.data(), n);
+        records_.Record(t, layer, LinearModuleName(m), experts.data(), weights.data(), n);
       }
     } else {
       RETURN_IF_ERROR(RouterLogits(att, rm.router, x, in, tokens, &logits));

@@ -12,8 +12,9 @@
 // Activations, routers and pages are in the backend's compute dtype (fp32 on CPU, bf16 on CUDA; the
 // SGMV intermediate v is fp32). Module-scope groups with a linear router are routed on the device
 // (Backend::Route + BuildSegments) and so are rank-granular groups (Backend::RankRoute), with the
-// selection rules of engine/routing and no host round trip; X-LoRA and block-routed FFNs take their
-// router logits to the host and route there (engine/routing).
+// selection rules of engine/routing and no host round trip; so are X-LoRA modules in planned
+// passes (RouteRule::kXlora over the step's scalings). Block-routed FFNs, and X-LoRA modules of
+// unplanned passes, route on the host (engine/routing: the same rules and bits).
 //
 // Expert weights live in the paged expert cache (engine/expert_cache): each SGMV call pins the
 // experts of its segments (copying misses in from the adapter's host memory) and releases them
@@ -90,8 +91,8 @@ class AdapterExecutor {
   // Starts a pass over `tokens` (size T). kInvalidArgument on an unknown slot.
   absl::Status BeginPass(PassTokens tokens);
   // Plans the pass: when every adapter of the pass is plain LoRA, module-scope routed with a
-  // linear router or rank-wise (FlyLoRA, SMoRA) (at most one static LoRA per module; no block
-  // FFN or X-LoRA; no per-request routing override in the pass) and all their experts fit the
+  // linear router, rank-wise (FlyLoRA, SMoRA) or X-LoRA (at most one static LoRA per module; no
+  // block FFN; no per-request routing override in the pass) and all their experts fit the
   // cache at once,
   // pins them for the whole pass and uploads, in one copy, every table the pass needs: the
   // static segments of every site, each adapter's token mask, the routed groups' scales and row

@@ -483,9 +483,14 @@ absl::Status LlamaModel::SampleOnDevice(const StepSampling& s, StepSamples* out)
 absl::Status LlamaModel::RunToLogits(const Batch& b, ForwardExtras* extras) {
   routing_to_take_ = false;
   if (IsGraphableDecode(b)) {
-    if (extras != nullptr) {  // base or plain LoRA tokens: nothing routed, an empty entry per row
+    if (extras != nullptr) {  // routing comes with the step's results (TakeRouting)
       extras->routing.assign(b.sample_rows.size(), {});
       extras->xlora_scalings.assign(b.sample_rows.size(), {});
+      for (int32_t s = 0; s < b.num_seqs() && !b.seq_frozen_scalings.empty(); ++s) {
+        if (b.seq_frozen_scalings[s] != nullptr) {
+          extras->xlora_scalings[s] = *b.seq_frozen_scalings[s];  // row s is sequence s
+        }
+      }
     }
     ASSIGN_OR_RETURN(bool done, DecodeWithGraph(b, extras != nullptr));
     if (done) {
@@ -691,10 +696,19 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   for (int32_t i = 0; records && i < n && !b.seq_return_routing.empty(); ++i) {
     if (b.seq_return_routing[i]) pass.record[i] = pass.num_records++;  // token i = row i
   }
+  // X-LoRA sequences decode in the graph with their frozen scalings; the others need the
+  // scaling pass first and run eagerly.
+  pass.scalings.assign(n, nullptr);
+  for (int32_t i = 0; i < n; ++i) {
+    const Adapter* a = pass.slot[i] >= 0 ? adapters_.adapter(pass.slot[i]) : nullptr;
+    if (a == nullptr || !a->xlora) continue;
+    if (b.seq_frozen_scalings.empty() || b.seq_frozen_scalings[i] == nullptr) return false;
+    pass.scalings[i] = b.seq_frozen_scalings[i]->data();
+  }
   RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
   // Adapter steps are graphed when their tables can be laid out before the launch
-  // (AdapterExecutor::PlanPass: plain LoRAs, module-scope routed groups, rank-wise groups);
-  // others (X-LoRA, block FFN, routing overrides) run eagerly.
+  // (AdapterExecutor::PlanPass: plain LoRAs, module-scope routed groups, rank-wise groups, X-LoRA
+  // with frozen scalings); others (block FFN, routing overrides) run eagerly.
   std::vector<int64_t> key = {n};
   GraphEntry entry;
   if (adapters_.active()) {

@@ -40,6 +40,13 @@ void StepPlanner::End() {
   plan_ = StepPlan();
 }
 
+float* StepPlanner::xlora_table(int32_t slot) const {
+  for (const auto& [s, table] : plan_.xlora_tables) {
+    if (s == slot) return table;
+  }
+  return nullptr;
+}
+
 std::vector<int32_t> StepPlanner::routed_slots() const {
   std::vector<int32_t> slots;
   for (const StepPlan::Routed& r : plan_.routed) {
@@ -48,7 +55,8 @@ std::vector<int32_t> StepPlanner::routed_slots() const {
   return slots;
 }
 
-absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters, int64_t t) {
+absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters, int64_t t,
+                                       const XloraRows& xlora) {
   End();
   std::vector<int32_t> slots;
   std::vector<const AttachedAdapter*> atts;
@@ -56,7 +64,6 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   for (const PassAdapter& pa : adapters) {
     const AttachedAdapter& att = *pa.att;
     const Adapter& a = *att.adapter;
-    if (a.xlora) return false;
     for (const AdapterLayer& layer : a.layers) {
       if (layer.block_ffn) return false;
       for (int mi = 0; mi < kNumLinearModules; ++mi) {
@@ -74,9 +81,10 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
           routed_rank = std::max(routed_rank, r);
           continue;
         }
-        if (rm.router_type != RouterType::kLinear ||
-            rm.experts.num_experts > kernels::kMaxRouteWidth ||
-            !ToRouteParams(rm.routing, rm.experts.num_experts).ok()) {
+        const bool xlora = rm.router_type == RouterType::kXloraRef && a.xlora;
+        if (rm.experts.num_experts > kernels::kMaxRouteWidth ||
+            (!xlora && (rm.router_type != RouterType::kLinear ||
+                        !ToRouteParams(rm.routing, rm.experts.num_experts).ok()))) {
           return false;
         }
         max_experts = std::max(max_experts, rm.experts.num_experts);
@@ -124,6 +132,13 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     // and row offset.
     int64_t weight = -1, bias = -1, seg_start = -1, seg_rank = -1, seg_off = -1;
   };
+  // X-LoRA adapters: the scalings of the step's tokens, [T, C] fp32 (C = the classifier's
+  // width), read by every module of the adapter.
+  std::vector<int64_t> xlora_at(atts.size(), -1);
+  for (size_t j = 0; j < atts.size(); ++j) {
+    const auto& xs = atts[j]->adapter->xlora;
+    if (xs) xlora_at[j] = layout.Take(t * xs->classifier.back().out * 4);
+  }
   std::vector<StepPlan::Routed> routed;
   std::vector<RoutedAt> routed_at;
   plan_.routed_of_site.assign(sites, {});
@@ -133,6 +148,9 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     for (size_t j = 0; j < atts.size(); ++j) {
       const auto& r = atts[j]->adapter->layers[layer].routed[mi];
       if (!r) continue;
+      const auto& xs = atts[j]->adapter->xlora;
+      // The scaling pass with scaling_pass_value 0 is exactly the base model.
+      if (xs && xlora.scaling_pass && xs->scaling_pass_value == 0.0f) continue;
       const int32_t e = r->experts.num_experts, rank = r->experts.rank;
       plan_.routed_of_site[site].push_back(static_cast<int32_t>(routed.size()));
       StepPlan::Routed entry;
@@ -142,6 +160,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       entry.slot = slots[j];
       entry.rm = &*r;
       entry.att = atts[j];
+      if (xs) entry.xlora_cols = xs->classifier.back().out;
       routed.push_back(entry);
       routed_at.push_back({layout.Take(e * 4), layout.Take(int64_t{e} * rank * 8),
                            layout.Take(int64_t{e} * rank * 8)});
@@ -227,9 +246,29 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       plan_.site_used[site] = 1;
     }
   }
+  for (size_t j = 0; j < atts.size(); ++j) {
+    if (xlora_at[j] < 0) continue;
+    const XloraSpec& xs = *atts[j]->adapter->xlora;
+    const int64_t cols = xs.classifier.back().out;
+    auto* table = reinterpret_cast<float*>(h + xlora_at[j]);
+    for (int32_t tok : *adapters[j].tokens) {
+      float* row = table + tok * cols;
+      if (xlora.scaling_pass) {
+        std::fill(row, row + cols, xs.scaling_pass_value);
+      } else if (const float* src = (*xlora.scalings)[tok]; src != nullptr) {
+        std::copy(src, src + cols, row);
+      }  // else: written on the device before the first module reads it
+    }
+  }
   for (size_t r = 0; r < routed.size(); ++r) {
     const LoraStack& stack = routed[r].rm->experts;
-    std::memcpy(h + routed_at[r].scale, stack.scale.data(), stack.scale.size() * 4);
+    if (routed[r].xlora_cols > 0) {  // the LoRA scale times X-LoRA's global scaling weight
+      const float g = routed[r].att->adapter->xlora->global_scaling_weight;
+      auto* scale = reinterpret_cast<float*>(h + routed_at[r].scale);
+      for (int32_t e = 0; e < stack.num_experts; ++e) scale[e] = stack.scale[e] * g;
+    } else {
+      std::memcpy(h + routed_at[r].scale, stack.scale.data(), stack.scale.size() * 4);
+    }
     if (routed[r].rm->rank_granular) {
       // One segment over every token of the step (the adapter's mask picks its own): pair t is
       // token t, weighted by the LoRA scale.
@@ -318,9 +357,20 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       routed[r].seg_off = reinterpret_cast<const int64_t*>(d + at.seg_off);
     }
     routed[r].mask = reinterpret_cast<const int32_t*>(d + masks_at) + routed[r].slot_index * t;
+    if (routed[r].xlora_cols > 0) {
+      const XloraSpec& xs = *routed[r].att->adapter->xlora;
+      routed[r].scalings =
+          reinterpret_cast<const float*>(d + xlora_at[routed[r].slot_index]) +
+          (xs.layerwise ? int64_t{routed[r].rm->xlora_index} * xs.num_adapters : 0);
+    }
     routed[r].scale = reinterpret_cast<const float*>(d + routed_at[r].scale);
     routed[r].a_rows = reinterpret_cast<const void* const*>(d + routed_at[r].a_rows);
     routed[r].b_rows = reinterpret_cast<const void* const*>(d + routed_at[r].b_rows);
+  }
+  for (size_t j = 0; j < atts.size(); ++j) {
+    if (xlora_at[j] >= 0) {
+      plan_.xlora_tables.push_back({slots[j], reinterpret_cast<float*>(d + xlora_at[j])});
+    }
   }
   plan_.identity = reinterpret_cast<const int32_t*>(d + identity_at);
   plan_.token_pair = reinterpret_cast<const int32_t*>(d + token_pair_at);
@@ -396,10 +446,18 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
       continue;
     }
     const int32_t e = rm.experts.num_experts, rank = rm.experts.rank;
-    // Router logits of every token of the step (the adapter's mask picks its own), fp32.
-    RETURN_IF_ERROR(entry.att->RouterLogits(backend_, rm.router, x, t, in, logits));
-    ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(rm.routing, e));
-    route.logits = logits;
+    kernels::RouteParams route;
+    if (entry.xlora_cols > 0) {  // X-LoRA: the weights come from the step's scalings
+      const XloraSpec& xs = *entry.att->adapter->xlora;
+      route = XloraRouteParams(e, xs.top_k, xs.softmax_topk);
+      route.logits = entry.scalings;
+      route.logits_stride = entry.xlora_cols;
+    } else {
+      // Router logits of every token of the step (the adapter's mask picks its own), fp32.
+      RETURN_IF_ERROR(entry.att->RouterLogits(backend_, rm.router, x, t, in, logits));
+      ASSIGN_OR_RETURN(route, ToRouteParams(rm.routing, e));
+      route.logits = logits;
+    }
     route.experts = experts;
     route.weights = weights;
     route.count = count;

@@ -5,7 +5,9 @@
 // (AdapterExecutor::PlanPass / ApplyLinear).
 //
 // Plan() takes the pass's adapters and, when each is plain LoRA, module-scope routed with a
-// linear router, or rank-wise (FlyLoRA, SMoRA), with at most one static LoRA per module, and all
+// linear router, rank-wise (FlyLoRA, SMoRA) or X-LoRA (modules weighted by the step's scalings:
+// a [T, C] table per adapter, filled from the host or on the device by the classifier), with no
+// block-routed FFN and at most one static LoRA per module, and all
 // their experts fit the cache at once: pins every expert for the pass and uploads in one copy
 // every table the pass needs. Device tables (plan_buf_): shared pair_token [T] (x_row = y_row),
 // seg_start [S + 1], identity rows [T], each adapted token's static pair and count [T], and the
@@ -13,7 +15,8 @@
 // [S * V] for A and B (segment j is the j-th adapter of the pass); per routed group its scales
 // [E] and row tables [E * r] (rank groups: also per-token weights, the selection bias and one
 // segment over every token). Apply() then runs a site: per routed group router logits of all
-// the step's tokens, Route and BuildSegments under the adapter's mask, a shrink and a row-owned
+// the step's tokens (X-LoRA: its scalings table, RouteRule::kXlora), Route and BuildSegments
+// under the adapter's mask, a shrink and a row-owned
 // expand (rank groups: the shrink, the gate's logits, RankRoute under the mask, the expand);
 // then one shrink and expand for the static LoRAs. Routing decisions are copied on the device
 // into plan_record_ and come back with the step's results (StepRecords::UseDeviceWords).
@@ -53,11 +56,23 @@ class StepPlanner {
   StepPlanner(Backend* backend, const ModelConfig& config, ExpertCache* cache,
               StepRecords* records);
 
+  // Where X-LoRA tokens take their scalings from: scalings[t] ([C] fp32 host values of token t,
+  // or nullptr: written into xlora_table() on the device before the pass's first module), or, in
+  // the scaling pass, scaling_pass_value for every entry.
+  struct XloraRows {
+    const std::vector<const float*>* scalings = nullptr;
+    bool scaling_pass = false;
+  };
+
   // Plans a pass of `num_tokens` tokens over `adapters` (in slot order); leaves placeholders in
   // the records for the tokens that record routing. False (nothing planned, nothing pinned) when
   // some adapter cannot be planned or the experts do not fit; running out of device memory for
   // the tables also gives false (the pass runs eagerly).
-  absl::StatusOr<bool> Plan(const std::vector<PassAdapter>& adapters, int64_t num_tokens);
+  absl::StatusOr<bool> Plan(const std::vector<PassAdapter>& adapters, int64_t num_tokens,
+                            const XloraRows& xlora);
+  // The planned X-LoRA adapter's scalings table [num_tokens, C] fp32 on the device (rows of its
+  // tokens), or nullptr when `slot` is not an X-LoRA adapter of the plan.
+  float* xlora_table(int32_t slot) const;
   bool active() const { return plan_.active; }
   // y [T, out] += the planned adapters' deltas at (layer, m); x [T, in].
   absl::Status Apply(int32_t layer, LinearModule m, const void* x, void* y);
@@ -97,6 +112,10 @@ class StepPlanner {
       const int32_t* seg_start = nullptr;
       const int32_t* seg_rank = nullptr;
       const int64_t* seg_off = nullptr;
+      // X-LoRA modules: the width of the adapter's scalings rows and this module's first column
+      // in its table (the weights come from the scalings, not from a router).
+      int64_t xlora_cols = 0;
+      const float* scalings = nullptr;
     };
     bool active = false;
     int32_t segments = 0;  // S, a power of two
@@ -113,6 +132,7 @@ class StepPlanner {
     std::vector<Routed> routed;
     std::vector<std::vector<int32_t>> routed_of_site;
     std::vector<std::pair<const LoraStack*, int32_t>> pins;
+    std::vector<std::pair<int32_t, float*>> xlora_tables;  // (slot, its scalings table)
     std::vector<int64_t> key;
   };
   // A planned rank group (FlyLoRA, SMoRA): z = A x and the gate's logits for every token, then

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/quote.h"
+#include "kernels/common/routing_math.h"
 
 namespace moleserve::engine {
 namespace {
@@ -352,28 +353,29 @@ absl::StatusOr<int32_t> RouteToken(const RoutingSpec& spec, absl::Span<const flo
   return count;
 }
 
-void XloraModuleWeights(absl::Span<const float> scalings, int32_t top_k, bool softmax_topk,
-                        absl::Span<float> weights) {
-  const int32_t n = static_cast<int32_t>(std::min(scalings.size(), weights.size()));
-  if (n == 0) return;
-  const int32_t kept = top_k > 0 ? std::min(top_k, n) : n;
+kernels::RouteParams XloraRouteParams(int32_t num_adapters, int32_t top_k, bool softmax_topk) {
+  kernels::RouteParams p;
+  p.rule = kernels::RouteRule::kXlora;
+  p.num_experts = num_adapters;
+  p.k = top_k;
+  p.renormalize = softmax_topk;
+  return p;
+}
+
+absl::StatusOr<int32_t> RouteXlora(absl::Span<const float> scalings, int32_t top_k,
+                                   bool softmax_topk, int32_t* experts, float* weights) {
+  const int32_t n = static_cast<int32_t>(scalings.size());
+  if (n < 1) return absl::InvalidArgumentError("routing: X-LoRA over no adapter");
+  Scratch<float> p(n);
   Scratch<int32_t> order(n);
-  OrderDesc(scalings.data(), n, kept, order.data());
-  std::fill(weights.begin(), weights.begin() + n, 0.0f);
-  if (!softmax_topk) {
-    for (int32_t j = 0; j < kept; ++j) weights[order[j]] = scalings[order[j]];
-    return;
+  const int32_t count =
+      kernels::routing_math::XloraOne(XloraRouteParams(n, top_k, softmax_topk), scalings.data(),
+                                      experts, weights, p.data(), order.data());
+  if (count == 0) {
+    if (AnyNan(scalings)) return NanError("X-LoRA scalings");
+    return absl::InvalidArgumentError("routing: X-LoRA scalings are infinite");
   }
-  // Softmax over the kept entries only. (peft takes the softmax over the entries that are
-  // non-zero after the top-k mask, across the whole batch at once; per token, and over the kept
-  // entries, is MOLE_FORMAT's definition and differs only when a kept scaling is exactly 0.)
-  Scratch<float> kept_values(kept);
-  for (int32_t j = 0; j < kept; ++j) kept_values[j] = scalings[order[j]];
-  Scratch<float> soft(kept);
-  if (!Softmax(kept_values.data(), kept, 1.0f, soft.data())) {
-    for (int32_t j = 0; j < kept; ++j) soft[j] = std::numeric_limits<float>::quiet_NaN();
-  }
-  for (int32_t j = 0; j < kept; ++j) weights[order[j]] = soft[j];
+  return count;
 }
 
 absl::Status RouteRanks(const RoutingSpec& spec, absl::Span<const float> z,

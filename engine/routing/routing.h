@@ -120,12 +120,16 @@ absl::StatusOr<int32_t> RouteToken(const RoutingSpec& spec, absl::Span<const flo
 // DynMoLE's uncertainty measure.
 double NormalizedTsallisEntropy(absl::Span<const float> probs, double q, double eps);
 
-// X-LoRA: the weights one LoRA module applies to its N adapters from the token's scalings for
-// that module (already softmaxed by the classifier when enable_softmax): top_k > 0 keeps the top_k
-// largest (ties to the lower index) and zeroes the rest (no renormalisation); softmax_topk then
-// replaces the kept entries (all N when top_k is 0) by their softmax. weights has N entries.
-void XloraModuleWeights(absl::Span<const float> scalings, int32_t top_k, bool softmax_topk,
-                        absl::Span<float> weights);
+// X-LoRA: the adapters one LoRA module applies, from the token's scalings for that module (N
+// values, already softmaxed by the classifier when enable_softmax): the top_k largest (all N when
+// top_k is 0), in descending order with ties to the lower index, into experts[0..n) and their
+// weights into weights[0..n); softmax_topk replaces the kept weights by their softmax. Returns n.
+// kInvalidArgument when a scaling is NaN or infinite. The device's code (routing_math::XloraOne,
+// RouteRule::kXlora), so host and device pick the same adapters with the same bits.
+absl::StatusOr<int32_t> RouteXlora(absl::Span<const float> scalings, int32_t top_k,
+                                   bool softmax_topk, int32_t* experts, float* weights);
+// The device routing parameters of the same rule (logits = the scalings).
+kernels::RouteParams XloraRouteParams(int32_t num_adapters, int32_t top_k, bool softmax_topk);
 
 // Rank routing of one token over r ranks. z = A x (the shrink output, r values).
 //  FlyLoRA (router_logits empty, implicit A): key = z + select_bias (|z + select_bias| when

@@ -222,7 +222,10 @@ struct ConvertParams {
 };
 
 // Selection rules of lora-granular routers (engine/routing's RoutingAlgorithm minus rank_topk).
-enum class RouteRule : int32_t { kTopK = 0, kTopP, kDynMole, kSoft, kSwitch };
+// kXlora: X-LoRA's per-module weights (MOLE_FORMAT 2): the logits are the token's scalings
+// themselves (no softmax): the top k of them (k < 1: all) in descending order, softmaxed over the
+// kept ones when renormalize (softmax_topk).
+enum class RouteRule : int32_t { kTopK = 0, kTopP, kDynMole, kSoft, kSwitch, kXlora };
 
 // Widest router a routing kernel handles (experts, or ranks for rank routing).
 inline constexpr int32_t kMaxRouteWidth = 128;
@@ -231,7 +234,8 @@ inline constexpr int32_t kMaxRouteWidth = 128;
 // experts[t, 0..count[t]) in descending weight (ties: lower index), weights alike. count[t] = 0
 // when the token's logits are undefined (NaN, +inf, all -inf): the caller reports it.
 struct RouteParams {
-  const float* logits = nullptr;  // [num_tokens, num_experts] fp32
+  const float* logits = nullptr;  // [num_tokens, logits_stride] fp32, num_experts used per row
+  int64_t logits_stride = 0;      // 0: num_experts
   int32_t* experts = nullptr;     // [num_tokens, num_experts]
   float* weights = nullptr;       // [num_tokens, num_experts]
   int32_t* count = nullptr;       // [num_tokens]

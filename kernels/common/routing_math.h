@@ -101,11 +101,36 @@ MOLESERVE_HD inline double NormalizedTsallisEntropy(const float* p, int32_t n, d
   return h / h_max;
 }
 
+// X-LoRA's weights of one module (RouteRule::kXlora) from the token's scalings: the top k (k < 1:
+// all) in descending order (ties: lower index), softmaxed over the kept ones when rp.renormalize.
+// Returns the count, or 0 when a scaling is NaN or infinite (the classifier's output is
+// undefined). `p` and `order` are scratch of n entries.
+MOLESERVE_HD inline int32_t XloraOne(const RouteParams& rp, const float* scalings, int32_t* experts,
+                                     float* weights, float* p, int32_t* order) {
+  const int32_t n = rp.num_experts;
+  for (int32_t i = 0; i < n; ++i) {
+    if (IsNan(scalings[i]) || scalings[i] == INFINITY || scalings[i] == -INFINITY) return 0;
+  }
+  const int32_t count = rp.k < 1 || rp.k > n ? n : rp.k;
+  OrderDesc(scalings, n, order);
+  for (int32_t j = 0; j < count; ++j) {
+    experts[j] = order[j];
+    p[j] = scalings[order[j]];
+  }
+  if (rp.renormalize) {
+    Softmax(p, count, 1.0f, weights);  // finite inputs: always defined
+  } else {
+    for (int32_t j = 0; j < count; ++j) weights[j] = p[j];
+  }
+  return count;
+}
+
 // Routes one token (RouteParams). Writes experts / weights [0..count) and returns count, or 0
 // when the logits are undefined (NaN, +inf, all -inf). `p` and `order` are scratch of n entries.
 MOLESERVE_HD inline int32_t RouteOne(const RouteParams& rp, const float* logits, int32_t* experts,
                                      float* weights, float* p, int32_t* order) {
   const int32_t n = rp.num_experts;
+  if (rp.rule == RouteRule::kXlora) return XloraOne(rp, logits, experts, weights, p, order);
   if (!Softmax(logits, n, rp.temperature, p)) return 0;
   int32_t count = 0;
   switch (rp.rule) {
@@ -136,6 +161,8 @@ MOLESERVE_HD inline int32_t RouteOne(const RouteParams& rp, const float* logits,
       } else {
         count = TopPPrefix(p, order, n, rp.p, /*within=*/true, rp.min_k);
       }
+      break;
+    case RouteRule::kXlora:  // handled above
       break;
   }
   if (count > n) count = n;

@@ -11,7 +11,8 @@
 namespace moleserve::kernels::cpu {
 
 KernelStatus Route(const RouteParams& p, ThreadPool* pool) {
-  if (p.num_tokens < 0 || p.num_experts < 1 || p.num_experts > kMaxRouteWidth) {
+  if (p.num_tokens < 0 || p.num_experts < 1 || p.num_experts > kMaxRouteWidth ||
+      (p.logits_stride != 0 && p.logits_stride < p.num_experts)) {
     return KernelStatus::kInvalidShape;
   }
   if (p.num_tokens == 0) return KernelStatus::kOk;
@@ -19,13 +20,14 @@ KernelStatus Route(const RouteParams& p, ThreadPool* pool) {
     return KernelStatus::kInvalidArgument;
   }
   const int32_t e = p.num_experts;
+  const int64_t stride = p.logits_stride == 0 ? e : p.logits_stride;
   ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
     float prob[kMaxRouteWidth];
     int32_t order[kMaxRouteWidth];
     for (int64_t t = begin; t < end; ++t) {
       p.count[t] = p.active != nullptr && p.active[t] == 0
                        ? 0
-                       : routing_math::RouteOne(p, p.logits + t * e, p.experts + t * e,
+                       : routing_math::RouteOne(p, p.logits + t * stride, p.experts + t * e,
                                                 p.weights + t * e, prob, order);
     }
   });

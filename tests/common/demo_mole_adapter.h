@@ -2,8 +2,8 @@
 
 // Random adapters for the built-in demo model, for server tests and benchmarks (no gtest here):
 // WriteDemoMoleAdapter (a top-2 routed mole/1 group), WriteDemoRankAdapter (FlyLoRA / SMoRA rank
-// routing), WriteDemoPeftLora (a PEFT LoRA). Each returns the directory, or "" when the weights
-// cannot be written.
+// routing), WriteDemoPeftLora (a PEFT LoRA), WriteDemoXloraAdapter (an X-LoRA model). Each
+// returns the directory, or "" when the weights cannot be written.
 
 #include <cstdint>
 #include <filesystem>
@@ -128,6 +128,46 @@ inline std::string WriteDemoPeftLora(const std::string& dir, uint32_t seed = 11,
   std::ofstream(dir + "/adapter_config.json")
       << R"({"peft_type": "LORA", "r": )" << rank << R"(, "lora_alpha": )" << 2 * rank
       << R"(, "target_modules": ["q_proj", "v_proj", "down_proj"]})";
+  return dir;
+}
+
+// An X-LoRA mole/1 adapter for the demo model: 3 LoRAs of rank 4 on q_proj and o_proj of every
+// layer (8 modules), a depth-2 classifier (hidden 16, ReLU) with layerwise scalings, top-2 with
+// a softmax over the kept two, scaling_pass_value 1/3 (so the scaling pass runs the adapters)
+// and global_scaling_weight 1.5; its scalings freeze after `freeze_after` tokens (-1: never).
+inline std::string WriteDemoXloraAdapter(const std::string& dir, uint32_t seed = 17,
+                                         int32_t freeze_after = -1, float stddev = 0.3f) {
+  constexpr int32_t kAdapters = 3, kRank = 4, kModules = 8, kHidden = 16;
+  RandomTensors t(dir, seed, stddev);
+  std::string module_index;
+  for (int l = 0; l < 4; ++l) {
+    for (const std::string m : {"q_proj", "o_proj"}) {
+      const std::string p = absl::StrCat("groups.x.layers.", l, ".", m);
+      t.Add(p + ".A", {kAdapters, kRank, 256});
+      t.Add(p + ".B", {kAdapters, 256, kRank});
+      absl::StrAppend(&module_index, module_index.empty() ? "" : ", ", "\"layers.", l, ".", m,
+                      "\": ", 2 * l + (m == "q_proj" ? 0 : 1));
+    }
+  }
+  t.Add("xlora.classifier.0.weight", {kHidden, 256});
+  t.Add("xlora.classifier.0.bias", {kHidden});
+  t.Add("xlora.classifier.1.weight", {kAdapters * kModules, kHidden});
+  t.Add("xlora.classifier.1.bias", {kAdapters * kModules});
+  if (!t.Write("model.safetensors")) return "";
+  std::ofstream(dir + "/mole_config.json")
+      << R"({"format": "mole", "format_version": 1, "name": "demo-xlora", "source_family": "xlora",
+    "routed_groups": [{"id": "x", "scope": "model_scalings", "granularity": "lora",
+      "targets": {"layers": "all", "modules": ["q_proj", "o_proj"]},
+      "num_experts": 3, "rank": 4, "scale": 2.0, "router": {"type": "xlora_ref"},
+      "routing": {"algorithm": "soft"}}],
+    "xlora": {"adapters": ["a0", "a1", "a2"],
+      "classifier": {"depth": 2, "hidden": 16, "bias": true, "relu": true},
+      "layerwise_scalings": true, "enable_softmax": true, "softmax_temperature": 1.0,
+      "top_k": 2, "softmax_topk": true, "scaling_pass_value": 0.3333333,
+      "global_scaling_weight": 1.5, "module_index": {)"
+      << module_index << R"(}},
+    "inference": {"freeze_scalings_after": )"
+      << (freeze_after < 0 ? std::string("null") : std::to_string(freeze_after)) << "}}";
   return dir;
 }
 

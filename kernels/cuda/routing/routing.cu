@@ -19,8 +19,9 @@ __global__ void RouteKernel(RouteParams p) {
     p.count[t] = 0;
     return;
   }
-  p.count[t] = routing_math::RouteOne(p, p.logits + t * e, p.experts + t * e, p.weights + t * e,
-                                      prob, order);
+  const int64_t stride = p.logits_stride == 0 ? e : p.logits_stride;
+  p.count[t] = routing_math::RouteOne(p, p.logits + t * stride, p.experts + t * e,
+                                      p.weights + t * e, prob, order);
 }
 
 __global__ void RankRouteKernel(RankRouteParams p) {
@@ -87,7 +88,9 @@ cudaError_t BuildSegments(const SegmentBuildParams& p, cudaStream_t stream) {
 cudaError_t Route(const RouteParams& p, cudaStream_t stream) {
   // k is clamped to 1..E by the per-token code, as on the CPU.
   const LaunchPlan plan = PlanRoute(p.num_tokens, p.num_experts, 1);
-  if (!plan.ok) return cudaErrorInvalidValue;
+  if (!plan.ok || (p.logits_stride != 0 && p.logits_stride < p.num_experts)) {
+    return cudaErrorInvalidValue;
+  }
   if (p.num_tokens == 0) return cudaSuccess;
   if (p.logits == nullptr || p.experts == nullptr || p.weights == nullptr || p.count == nullptr) {
     return cudaErrorInvalidValue;

@@ -315,6 +315,100 @@ TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath)
   EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
 }
 
+TEST(DecodeGraphTest, XloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  auto b_graph = CreateCpuBackend({.num_threads = 2});
+  auto b_eager = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+  const std::string root = testing::TempDir() + "/decode_graph_xlora";
+  ASSERT_FALSE(test_util::WriteDemoXloraAdapter(root + "/xlora").empty());
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/mole").empty());
+  std::vector<int32_t> slot;
+  for (const char* name : {"xlora", "mole"}) {
+    auto a = LoadAdapter(root + "/" + name, name, config, {});
+    ASSERT_TRUE(a.ok()) << a.status();
+    auto g = (*graphed)->AttachAdapter(*a);
+    auto e = (*eager)->AttachAdapter(*a);
+    ASSERT_TRUE(g.ok() && e.ok());
+    ASSERT_EQ(*g, *e);
+    slot.push_back(*g);
+  }
+  std::filesystem::remove_all(root);
+  // Sequences 1 and 2 are X-LoRA: 1 freezes its scalings after its prefill, 2 runs the scaling
+  // pass (over its own KV blocks 40 + 3s ..) every step and leaves at step 10.
+  const std::vector<int32_t> uses = {-1, slot[0], slot[0], slot[1]};
+  const std::vector<int32_t> from = {0, 0, 0, 4};
+  const std::vector<int32_t> to = {16, 16, 10, 16};
+  std::vector<std::vector<int32_t>> tokens(uses.size());
+  for (size_t s = 0; s < uses.size(); ++s) {
+    for (int32_t i = 0; i < 4 + static_cast<int32_t>(s); ++i) {
+      tokens[s].push_back((i * 31 + static_cast<int32_t>(s) * 11 + 5) % 256);
+    }
+  }
+  std::vector<float> frozen;  // sequence 1's scalings
+  std::vector<int32_t> computed(uses.size(), 0);
+  constexpr int32_t kSteps = 16;
+  for (int32_t step = 0; step < kSteps; ++step) {
+    const bool last = step + 1 == kSteps;
+    std::vector<int32_t> in_batch;
+    Batch b = NextStep(
+        uses, tokens, [&](int32_t s) { return step >= from[s] && step < to[s]; }, &computed,
+        &in_batch);
+    b.seq_return_routing.assign(b.num_seqs(), 0);
+    b.seq_frozen_scalings.assign(b.num_seqs(), nullptr);
+    b.aux_block_table_offsets = {0};
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const int32_t s = in_batch[r];
+      if (s == 1 && !frozen.empty()) b.seq_frozen_scalings[r] = &frozen;
+      if (s == 2 || (s == 1 && frozen.empty())) {
+        for (int32_t k = 0; k < 3; ++k) b.aux_block_tables.push_back(40 + 3 * s + k);
+      }
+      b.aux_block_table_offsets.push_back(static_cast<int32_t>(b.aux_block_tables.size()));
+      // Both X-LoRA sequences record their routing on odd steps and on the last one.
+      if ((s == 1 || s == 2) && (step % 2 == 1 || last)) b.seq_return_routing[r] = 1;
+    }
+    Batch unplanned = b;  // the same step with an override, which X-LoRA ignores
+    unplanned.seq_override.assign(b.num_seqs(), -1);
+    unplanned.seq_override[1] = 0;
+    RoutingOverride keep;
+    keep.k = 2;
+    unplanned.overrides.push_back(keep);
+    std::vector<float> lg, le;
+    ForwardExtras xg, xe;
+    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    ASSERT_TRUE((*eager)->Forward(last ? unplanned : b, &le, &xe).ok()) << "step " << step;
+    ASSERT_EQ(lg, le) << "step " << step << (last ? ": planned vs unplanned" : "");
+    ASSERT_EQ(xg.xlora_scalings, xe.xlora_scalings) << "step " << step;
+    ASSERT_EQ(xg.routing.size(), xe.routing.size());
+    for (size_t r = 0; r < xg.routing.size(); ++r) {
+      ASSERT_EQ(xg.routing[r].size(), xe.routing[r].size()) << "step " << step;
+      for (size_t i = 0; i < xg.routing[r].size(); ++i) {
+        EXPECT_EQ(xg.routing[r][i].experts, xe.routing[r][i].experts) << "step " << step;
+        EXPECT_EQ(xg.routing[r][i].weights, xe.routing[r][i].weights) << "step " << step;
+        EXPECT_EQ(xg.routing[r][i].experts.size(), 2u) << "top-2 of 3";
+      }
+      const bool records = b.seq_return_routing[r] == 1;
+      EXPECT_EQ(xg.routing[r].size(), records ? 8u : 0u) << "step " << step;
+      if (in_batch[r] == 1 && frozen.empty()) frozen = xg.xlora_scalings[r];
+      EXPECT_EQ(xg.xlora_scalings[r].size(), in_batch[r] == 1 || in_batch[r] == 2 ? 24u : 0u);
+    }
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const float* row = lg.data() + r * config.vocab_size;
+      tokens[in_batch[r]].push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+  }
+  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+}
+
 TEST(DecodeGraphTest, CaptureHoldsOpsOnlyAndReplaysThemOnCurrentInputs) {
   auto backend = CreateCpuBackend({.num_threads = 1});
   ASSERT_TRUE(backend.ok());

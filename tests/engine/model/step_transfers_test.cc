@@ -69,7 +69,11 @@ struct Seqs {
   std::vector<int32_t> slot;          // adapter slot per sequence, -1 = base
   std::vector<int32_t> top;           // top logprobs asked
   std::vector<uint8_t> routing = {};  // return_routing per sequence (empty: none)
-  int32_t computed = 0;               // tokens already in the KV cache (same for all)
+  // X-LoRA sequences (empty: none): they run the scaling pass (over KV blocks 32 + 2s, 33 + 2s)
+  // until frozen[s] holds the scalings of their first step, then decode with those.
+  std::vector<uint8_t> xlora = {};
+  std::vector<std::vector<float>> frozen = {};
+  int32_t computed = 0;  // tokens already in the KV cache (same for all)
 
   // The next batch: the whole prompt first, then one token per sequence.
   Batch Next() const {
@@ -87,7 +91,17 @@ struct Seqs {
     }
     if (std::any_of(slot.begin(), slot.end(), [](int32_t x) { return x >= 0; })) {
       b.seq_adapter = slot;
-      b.aux_block_table_offsets.assign(slot.size() + 1, 0);
+      b.aux_block_table_offsets = {0};
+      b.seq_frozen_scalings.assign(slot.size(), nullptr);
+      for (size_t s = 0; s < slot.size(); ++s) {
+        if (!xlora.empty() && xlora[s] && !frozen[s].empty()) {
+          b.seq_frozen_scalings[s] = &frozen[s];
+        } else if (!xlora.empty() && xlora[s]) {
+          b.aux_block_tables.push_back(32 + 2 * static_cast<int32_t>(s));
+          b.aux_block_tables.push_back(33 + 2 * static_cast<int32_t>(s));
+        }
+        b.aux_block_table_offsets.push_back(static_cast<int32_t>(b.aux_block_tables.size()));
+      }
       b.seq_return_routing = routing;
     }
     return b;
@@ -129,6 +143,10 @@ BackendCounts StepAndCompare(Models& m, Seqs& seqs, const std::string& what) {
       EXPECT_EQ(g[i].experts, w[i].experts) << what;
       EXPECT_EQ(g[i].weights, w[i].weights) << what;
     }
+  }
+  EXPECT_EQ(got_extras.xlora_scalings, want_extras.xlora_scalings) << what;
+  for (size_t s = 0; s < seqs.xlora.size(); ++s) {
+    if (seqs.xlora[s] && seqs.frozen[s].empty()) seqs.frozen[s] = got_extras.xlora_scalings[s];
   }
   EXPECT_EQ(got.rows.size(), seqs.tokens.size()) << what;
   for (size_t s = 0; s < seqs.tokens.size() && s < got.rows.size(); ++s) {
@@ -265,6 +283,42 @@ TEST(StepTransfersTest, PlainLoraStepsUploadOnceAndDecodeInOneGraphLaunch) {
     EXPECT_EQ(c.page_copies, 0) << what << ": the experts stay resident";
   }
   EXPECT_EQ(m.model->decode_graphs(), 1);
+}
+
+TEST(StepTransfersTest, LoraMoleAndXloraInOneBatchDecodeInOneGraphLaunch) {
+  Models m = MakeModels();
+  const std::string root = testing::TempDir() + "/step_transfers_mixed";
+  ASSERT_FALSE(test_util::WriteDemoPeftLora(root + "/lora").empty());
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/mole").empty());
+  ASSERT_FALSE(test_util::WriteDemoXloraAdapter(root + "/xlora").empty());
+  std::vector<int32_t> slots;
+  for (const char* name : {"lora", "mole", "xlora"}) {
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, root + "/" + name, name, &slots));
+  }
+  std::filesystem::remove_all(root);
+  // The X-LoRA sequence freezes its scalings after the prefill (its scaling pass and classifier
+  // run then); the MoLE and X-LoRA sequences ask for their routing.
+  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}, {1, 2, 3, 4}},
+            .slot = {-1, slots[0], slots[1], slots[2]},
+            .top = {0, 0, 0, 0},
+            .routing = {0, 0, 1, 1},
+            .xlora = {0, 0, 0, 1},
+            .frozen = {{}, {}, {}, {}}};
+  StepAndCompare(m, seqs, "prefill");
+  ASSERT_EQ(seqs.frozen[3].size(), 24u) << "8 modules x 3 adapters";
+  for (int step = 0; step < 6; ++step) {
+    const std::string what = "mixed decode step " + std::to_string(step);
+    const BackendCounts c = StepAndCompare(m, seqs, what);
+    EXPECT_EQ(c.graph_launches, 1) << what;
+    EXPECT_EQ(c.ops, 1) << what << ": only the sampler runs outside the graph";
+    EXPECT_EQ(c.syncs, 1) << what;
+    EXPECT_EQ(c.page_copies, 0) << what << ": the experts stay resident";
+    // Rows, the routing status, and the decisions of the 8 routed sites of each recording
+    // adapter for the step's 4 tokens (MoLE: 4 experts, X-LoRA: 3 adapters).
+    const int64_t routing_bytes = 8 * 4 * (2 * 4 + 1) * 4 + 8 * 4 * (2 * 3 + 1) * 4;
+    EXPECT_EQ(c.d2h_bytes, 4 * kRowBytes + 4 + routing_bytes) << what;
+  }
+  EXPECT_GE(m.model->decode_graphs(), 1);
 }
 
 TEST(StepTransfersTest, SamplingThatDoesNotFitTheBatchIsRefused) {

@@ -327,29 +327,50 @@ TEST(RoutingTest, RouteTokenRejectsRankRouting) {
       absl::StatusCode::kInvalidArgument);
 }
 
+// X-LoRA's module weights by position (0 where an adapter is not kept), through RouteXlora.
+std::vector<float> XloraWeights(const std::vector<float>& s, int32_t top_k, bool softmax_topk) {
+  std::vector<int32_t> experts(s.size());
+  std::vector<float> weights(s.size()), by_position(s.size(), 0.0f);
+  absl::StatusOr<int32_t> n = RouteXlora(s, top_k, softmax_topk, experts.data(), weights.data());
+  EXPECT_TRUE(n.ok()) << n.status();
+  for (int32_t j = 0; n.ok() && j < *n; ++j) {
+    if (j > 0) {  // descending order
+      EXPECT_GE(s[experts[j - 1]], s[experts[j]]);
+    }
+    by_position[experts[j]] = weights[j];
+  }
+  return by_position;
+}
+
 TEST(RoutingTest, XloraTopKMasksWithoutRenormalising) {
   const std::vector<float> s = {0.1f, 0.4f, 0.2f, 0.3f};
-  std::vector<float> w(4);
-  XloraModuleWeights(s, 2, false, absl::MakeSpan(w));
-  EXPECT_EQ(w, (std::vector<float>{0.0f, 0.4f, 0.0f, 0.3f}));
-  XloraModuleWeights(s, 0, false, absl::MakeSpan(w));
-  EXPECT_EQ(w, s);
-  XloraModuleWeights(s, 9, false, absl::MakeSpan(w));  // top_k >= N keeps all
-  EXPECT_EQ(w, s);
+  EXPECT_EQ(XloraWeights(s, 2, false), (std::vector<float>{0.0f, 0.4f, 0.0f, 0.3f}));
+  EXPECT_EQ(XloraWeights(s, 0, false), s);
+  EXPECT_EQ(XloraWeights(s, 9, false), s);  // top_k >= N keeps all
 
   std::vector<float> soft2(2);
   SoftmaxF32(std::vector<float>{0.4f, 0.3f}, 1.0f, absl::MakeSpan(soft2));
-  XloraModuleWeights(s, 2, true, absl::MakeSpan(w));
-  EXPECT_EQ(w, (std::vector<float>{0.0f, soft2[0], 0.0f, soft2[1]}));
+  EXPECT_EQ(XloraWeights(s, 2, true), (std::vector<float>{0.0f, soft2[0], 0.0f, soft2[1]}));
 
   std::vector<float> soft_all(4);
   SoftmaxF32(s, 1.0f, absl::MakeSpan(soft_all));
-  XloraModuleWeights(s, 0, true, absl::MakeSpan(w));
-  EXPECT_EQ(w, soft_all);
+  EXPECT_EQ(XloraWeights(s, 0, true), soft_all);
 
   // Ties at the cut go to the lower index.
-  XloraModuleWeights(std::vector<float>{0.2f, 0.3f, 0.3f, 0.2f}, 1, false, absl::MakeSpan(w));
-  EXPECT_EQ(w, (std::vector<float>{0.0f, 0.3f, 0.0f, 0.0f}));
+  EXPECT_EQ(XloraWeights({0.2f, 0.3f, 0.3f, 0.2f}, 1, false),
+            (std::vector<float>{0.0f, 0.3f, 0.0f, 0.0f}));
+}
+
+TEST(RoutingTest, XloraRefusesUndefinedScalings) {
+  int32_t e[3];
+  float w[3];
+  for (float bad : {std::nanf(""), INFINITY, -INFINITY}) {
+    const std::vector<float> s = {0.1f, bad, 0.2f};
+    for (bool soft : {false, true}) {
+      EXPECT_EQ(RouteXlora(s, 0, soft, e, w).status().code(), absl::StatusCode::kInvalidArgument)
+          << bad << " softmax " << soft;
+    }
+  }
 }
 
 TEST(RoutingTest, FlyLoraSignedAndAbsSelection) {
@@ -635,9 +656,8 @@ TEST(RoutingTest, MatchesTorchReference) {
       worst = std::max(worst, err);
     } else if (kind == "xlora") {
       const std::vector<float> s = Floats(c.at("scalings"));
-      std::vector<float> w(s.size());
-      XloraModuleWeights(s, c.at("top_k").get<int32_t>(), c.at("softmax_topk").get<bool>(),
-                         absl::MakeSpan(w));
+      const std::vector<float> w =
+          XloraWeights(s, c.at("top_k").get<int32_t>(), c.at("softmax_topk").get<bool>());
       const std::vector<float> want = Floats(c.at("weights"));
       for (size_t i = 0; i < w.size(); ++i) {
         EXPECT_EQ(w[i] == 0.0f, want[i] == 0.0f) << "selection differs at " << i;

@@ -110,6 +110,52 @@ TEST(RoutingTwinTest, EveryRuleMatchesEngineRoutingExactly) {
   }
 }
 
+TEST(RoutingTwinTest, XloraRuleReadsStridedScalingsUnderTheMask) {
+  // Layerwise X-LoRA scalings: [T, 3 modules x N], module 1's N columns routed; odd tokens are
+  // another adapter's (inactive).
+  const int32_t n = 5, cols = 3 * n;
+  const int64_t tokens = 64;
+  const std::vector<float> scalings = TieHeavyLogits(tokens, cols, 99u);
+  std::vector<int32_t> active(tokens);
+  for (int64_t t = 0; t < tokens; ++t) active[t] = t % 2 == 0;
+  for (int32_t top_k : {0, 1, 3}) {
+    for (bool softmax_topk : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "top_k " << top_k << " softmax " << softmax_topk);
+      kernels::RouteParams p = XloraRouteParams(n, top_k, softmax_topk);
+      std::vector<int32_t> experts(tokens * n, -1), count(tokens, -1);
+      std::vector<float> weights(tokens * n, -1.0f);
+      p.logits = scalings.data() + n;
+      p.logits_stride = cols;
+      p.experts = experts.data();
+      p.weights = weights.data();
+      p.count = count.data();
+      p.active = active.data();
+      p.num_tokens = tokens;
+      ASSERT_EQ(kernels::cpu::Route(p, nullptr), kernels::KernelStatus::kOk);
+      std::vector<int32_t> want_e(n);
+      std::vector<float> want_w(n);
+      for (int64_t t = 0; t < tokens; ++t) {
+        if (!active[t]) {
+          EXPECT_EQ(count[t], 0) << "inactive token " << t;
+          continue;
+        }
+        absl::StatusOr<int32_t> k =
+            RouteXlora(absl::MakeConstSpan(scalings.data() + t * cols + n, n), top_k, softmax_topk,
+                       want_e.data(), want_w.data());
+        if (!k.ok()) {  // the grid has -inf entries: undefined, as on the host
+          EXPECT_EQ(count[t], 0) << "token " << t;
+          continue;
+        }
+        ASSERT_EQ(count[t], *k) << "token " << t;
+        for (int32_t j = 0; j < *k; ++j) {
+          EXPECT_EQ(experts[t * n + j], want_e[j]) << "token " << t;
+          EXPECT_EQ(weights[t * n + j], want_w[j]) << "token " << t;
+        }
+      }
+    }
+  }
+}
+
 TEST(RoutingTwinTest, UndefinedLogitsGiveCountZero) {
   const int32_t e = 4;
   const float nan = std::numeric_limits<float>::quiet_NaN();
