@@ -120,6 +120,8 @@ class Backend {
   // Routing of lora-granular and rank-granular groups (kernels/common/routing_math.h).
   virtual absl::Status Route(const kernels::RouteParams& p) = 0;
   virtual absl::Status RankRoute(const kernels::RankRouteParams& p) = 0;
+  // X-LoRA's classifier softmax, per group of columns, fp32.
+  virtual absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) = 0;
   // SGMV segments from Route's decisions, on the device (no host round trip).
   virtual absl::Status BuildSegments(const kernels::SegmentBuildParams& p) = 0;
   // The next token of each row from fp32 logits (kernels/common/sampling_math.h), so that only

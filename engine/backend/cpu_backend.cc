@@ -130,6 +130,9 @@ class CpuBackend final : public Backend {
   absl::Status Sample(const kernels::SampleParams& p) override {
     return Run("Sample", [this, p] { return kc::Sample(p, &pool_); });
   }
+  absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
+    return Run("SoftmaxGroups", [this, p] { return kc::SoftmaxGroups(p, &pool_); });
+  }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return Run("RankRoute", [this, p] { return kc::RankRoute(p, &pool_); });
   }

@@ -247,6 +247,9 @@ class CudaBackend final : public Backend {
   absl::Status BuildSegments(const kernels::SegmentBuildParams& p) override {
     return Launch("BuildSegments", &kcu::BuildSegments, p);
   }
+  absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
+    return Launch("SoftmaxGroups", &kcu::SoftmaxGroups, p);
+  }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return Launch("RankRoute", &kcu::RankRoute, p);
   }

@@ -18,7 +18,8 @@ AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config, Ex
       cache_(cache),
       sgmv_(backend, cache),
       records_(backend),
-      planner_(backend, config, cache, &records_) {}
+      planner_(backend, config, cache, &records_),
+      xlora_(backend, config) {}
 AdapterExecutor::~AdapterExecutor() = default;
 
 absl::StatusOr<DeviceBuffer> AdapterExecutor::UploadFloats(const std::vector<float>& v) {
@@ -86,11 +87,17 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
     }
   }
   if (adapter->xlora) {
-    for (const XloraSpec::Linear& lin : adapter->xlora->classifier) {
+    const auto& layers = adapter->xlora->classifier;
+    for (size_t li = 0; li < layers.size(); ++li) {
+      const XloraSpec::Linear& lin = layers[li];
       std::pair<DeviceBuffer, DeviceBuffer> bufs;
       ASSIGN_OR_RETURN(bufs.first, UploadFloats(lin.weight));
-      if (!lin.bias.empty()) {
+      if (!lin.bias.empty() && li + 1 < layers.size()) {
         ASSIGN_OR_RETURN(bufs.second, UploadFloats(lin.bias));
+      } else if (!lin.bias.empty()) {  // the last layer's: fp32, added to the fp32 logits
+        ASSIGN_OR_RETURN(bufs.second, backend_->Allocate(lin.bias.size() * sizeof(float)));
+        RETURN_IF_ERROR(backend_->CopyToDevice(bufs.second.data(), lin.bias.data(),
+                                               lin.bias.size() * sizeof(float)));
       }
       att->classifier.push_back(std::move(bufs));
     }
@@ -496,59 +503,27 @@ absl::Status AdapterExecutor::XloraScalings(int32_t slot, const void* hidden,
     return absl::InternalError("X-LoRA scalings asked of a non-X-LoRA adapter");
   }
   const Attached& att = *it->second;
-  const XloraSpec& xs = *att.adapter->xlora;
   const int64_t n = static_cast<int64_t>(rows.size());
-  int64_t widest = config_.hidden_size;
-  for (const XloraSpec::Linear& lin : xs.classifier) widest = std::max(widest, lin.out);
-  RETURN_IF_ERROR(Grow(&cls_in_, n * widest * es_));
-  RETURN_IF_ERROR(Grow(&cls_out_, n * widest * es_));
+  const int64_t c = att.adapter->xlora->classifier.back().out;
+  RETURN_IF_ERROR(xlora_.Reserve(att, n));
   RETURN_IF_ERROR(Grow(&ids_, n * sizeof(int32_t)));
+  RETURN_IF_ERROR(Grow(&f32_, n * c * sizeof(float)));
   RETURN_IF_ERROR(backend_->CopyToDevice(ids_.data(), rows.data(), n * sizeof(int32_t)));
-  RETURN_IF_ERROR(backend_->Embedding({.ids = ids_.as<int32_t>(),
-                                       .table = hidden,
-                                       .out = cls_in_.data(),
-                                       .num_tokens = n,
-                                       .hidden = config_.hidden_size,
-                                       .dtype = dt_}));
-  std::vector<float> host;
-  for (size_t li = 0; li < xs.classifier.size(); ++li) {
-    const XloraSpec::Linear& lin = xs.classifier[li];
-    const auto& [weight, bias] = att.classifier[li];
-    RETURN_IF_ERROR(backend_->Gemm({.x = cls_in_.data(),
-                                    .w = weight.data(),
-                                    .y = cls_out_.data(),
-                                    .m = n,
-                                    .n = lin.out,
-                                    .k = lin.in,
-                                    .dtype = dt_}));
-    if (!lin.bias.empty()) {
-      RETURN_IF_ERROR(backend_->BiasAdd(
-          {.x = cls_out_.data(), .bias = bias.data(), .rows = n, .cols = lin.out, .dtype = dt_}));
-    }
-    host.resize(n * lin.out);
-    RETURN_IF_ERROR(ToHostF32(cls_out_.data(), n * lin.out, host.data()));
-    if (li + 1 == xs.classifier.size()) break;
-    if (xs.relu) {
-      for (float& v : host) v = std::max(v, 0.0f);
-    }
-    RETURN_IF_ERROR(FromHostF32(host.data(), static_cast<int64_t>(host.size()), cls_in_.data()));
-  }
-  const int64_t c = xs.classifier.back().out;
+  RETURN_IF_ERROR(
+      xlora_.Run(att, hidden, ids_.as<int32_t>(), n, /*active=*/nullptr, f32_.as<float>(), c));
   out->resize(n * c);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* src = host.data() + t * c;
-    float* dst = out->data() + t * c;
-    if (!xs.enable_softmax) {
-      std::copy(src, src + c, dst);
-      continue;
-    }
-    // Softmax over the N adapters of each module row.
-    for (int64_t row = 0; row < c; row += xs.num_adapters) {
-      SoftmaxF32(absl::MakeConstSpan(src + row, xs.num_adapters), xs.softmax_temperature,
-                 absl::MakeSpan(dst + row, xs.num_adapters));
-    }
-  }
-  return absl::OkStatus();
+  return backend_->CopyToHost(out->data(), f32_.data(), n * c * sizeof(float));
+}
+
+absl::Status AdapterExecutor::ReserveXlora(int32_t slot, int64_t rows) {
+  return xlora_.Reserve(*attached_.at(slot), rows);
+}
+
+absl::Status AdapterExecutor::XloraScalingsOnDevice(int32_t slot, const void* hidden,
+                                                    const int32_t* ids, int64_t rows,
+                                                    const int32_t* active, float* out,
+                                                    int64_t out_stride) {
+  return xlora_.Run(*attached_.at(slot), hidden, ids, rows, active, out, out_stride);
 }
 
 bool AdapterExecutor::HasBlockFfn(int32_t layer) const {

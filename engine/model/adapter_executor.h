@@ -24,7 +24,7 @@
 // calls), StepPlanner (a planned pass: every table in one upload, then ops only, so decode steps
 // can be graphed), StepRecords (routing records and the undefined-logits count, brought back with
 // the step's results). This class keeps the attached adapters, the pass's tokens, the eager
-// routing paths (device and host), the X-LoRA classifier and the block FFN.
+// routing paths (device and host) and the block FFN; XloraClassifier runs X-LoRA's classifier.
 //
 // Lifecycle: Attach registers an adapter (routers and the X-LoRA classifier are uploaded; its LoRA
 // experts are registered with the cache) until Detach; BeginPass sets up one pass
@@ -50,6 +50,7 @@
 #include "engine/model/sgmv_runner.h"
 #include "engine/model/step_planner.h"
 #include "engine/model/step_records.h"
+#include "engine/model/xlora_classifier.h"
 #include "engine/routing/routing.h"
 
 namespace moleserve::engine {
@@ -143,11 +144,18 @@ class AdapterExecutor {
   absl::Status CollectResults();
 
   // X-LoRA classifier of the adapter in `slot` on rows `rows` of the final-norm hidden states
-  // `hidden` ([*, H], device): GEMMs on the backend, ReLU and softmax on the host. out [n, C]
+  // `hidden` ([*, H], device), on the device (XloraClassifier), brought to the host: out [n, C]
   // scalings, softmaxed per module row when enable_softmax (C = N, or num_modules * N when
   // layerwise).
   absl::Status XloraScalings(int32_t slot, const void* hidden, const std::vector<int32_t>& rows,
                              std::vector<float>* out);
+  // The same, ops only, for a graphed step (XloraClassifier::Run): rows of `ids` (device) with
+  // active[i] != 0 into out (fp32, row stride out_stride). ReserveXlora first, outside capture.
+  absl::Status ReserveXlora(int32_t slot, int64_t rows);
+  absl::Status XloraScalingsOnDevice(int32_t slot, const void* hidden, const int32_t* ids,
+                                     int64_t rows, const int32_t* active, float* out,
+                                     int64_t out_stride);
+  int64_t xlora_epoch() const { return xlora_.epoch(); }
 
   // The routing recorded during the pass, indexed by PassTokens::record.
   std::vector<std::vector<RoutingRecord>>& records() { return records_.records(); }
@@ -214,8 +222,7 @@ class AdapterExecutor {
   } block_;
 
   // Scratch (grown on demand).
-  DeviceBuffer ids_, gathered_, logits_, block_g_, block_u_, ext_, ext_ids_, cls_in_, cls_out_,
-      f32_;
+  DeviceBuffer ids_, gathered_, logits_, block_g_, block_u_, ext_, ext_ids_, f32_;
   // The block FFN's weighted sum (GatherAdd): target rows, sources, counts, weights.
   DeviceBuffer gather_rows_, gather_src_, gather_count_, gather_w_;
   // RouteOnDevice's segments, built on the device: pairs, per-token pairs, segment and row
@@ -227,8 +234,8 @@ class AdapterExecutor {
   // selection bias, rank_u_ the gated shrink output.)
   DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, rank_u_;
   StepRecords records_;
-  StepPlanner planner_;  // the current pass's plan (PlanPass)              // routing records and
-                         // the undefined-logits count of the pass
+  StepPlanner planner_;              // the current pass's plan (PlanPass)
+  XloraClassifier xlora_;            // X-LoRA classifiers' scratch
   std::vector<uint16_t> host_bf16_;  // FromHostF32's conversion buffer
 };
 

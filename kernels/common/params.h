@@ -53,13 +53,15 @@ struct AddParams {
   ScalarType dtype = ScalarType::kF32;
 };
 
-// x[r, c] += bias[c]   (the bias of an nn.Linear, applied after its GEMM)
+// x[r, c] += bias[c]   (the bias of an nn.Linear, applied after its GEMM), then, when relu,
+// x[r, c] = max(x[r, c], 0) (an nn.Linear followed by a ReLU; bias may then be nullptr).
 struct BiasAddParams {
   void* x = nullptr;           // [rows, cols], updated in place
   const void* bias = nullptr;  // [cols]
   int64_t rows = 0;
   int64_t cols = 0;
   ScalarType dtype = ScalarType::kF32;
+  bool relu = false;
 };
 
 // y[m, n] = alpha * sum_k x[m, k] * w[n, k] + beta * y[m, n]   (x W^T, the nn.Linear layout)
@@ -256,6 +258,22 @@ struct RouteParams {
   double entropy_q = 1.1;
   double entropy_threshold = 0.9;
   double entropy_eps = 1e-5;
+};
+
+// Softmax over groups of `group` columns (X-LoRA's classifier output: one group of N adapters per
+// module row), fp32: for rows r with active[r] != 0 (all when active is null),
+// y[r, j*group .. (j+1)*group) = softmax(x[r, same] / temperature) (routing_math::Softmax; NaN
+// over the group when undefined, as engine/routing's SoftmaxF32), or a copy when !softmax.
+struct SoftmaxGroupsParams {
+  const float* x = nullptr;         // [rows, cols]
+  float* y = nullptr;               // [rows, y_stride]; may alias x when y_stride == cols
+  const int32_t* active = nullptr;  // [rows] or nullptr
+  int64_t rows = 0;
+  int64_t cols = 0;      // a multiple of group
+  int64_t y_stride = 0;  // 0: cols
+  int32_t group = 1;
+  float temperature = 1.0f;
+  bool softmax = true;
 };
 
 // Rank routing (FlyLoRA without router_logits, SMoRA with), per token t over r ranks of the

@@ -125,6 +125,17 @@ MOLESERVE_HD inline int32_t XloraOne(const RouteParams& rp, const float* scaling
   return count;
 }
 
+// One row's groups (SoftmaxGroupsParams): softmax or copy, NaN over an undefined group.
+MOLESERVE_HD inline void SoftmaxGroupsRow(const SoftmaxGroupsParams& p, const float* x, float* y) {
+  for (int64_t g = 0; g < p.cols; g += p.group) {
+    if (!p.softmax) {
+      for (int32_t i = 0; i < p.group; ++i) y[g + i] = x[g + i];
+    } else if (!Softmax(x + g, p.group, p.temperature, y + g)) {
+      for (int32_t i = 0; i < p.group; ++i) y[g + i] = NAN;
+    }
+  }
+}
+
 // Routes one token (RouteParams). Writes experts / weights [0..count) and returns count, or 0
 // when the logits are undefined (NaN, +inf, all -inf). `p` and `order` are scratch of n entries.
 MOLESERVE_HD inline int32_t RouteOne(const RouteParams& rp, const float* logits, int32_t* experts,

@@ -67,12 +67,18 @@ KernelStatus Add(const AddParams& p, ThreadPool* pool) {
 
 KernelStatus BiasAdd(const BiasAddParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
+  if (p.bias == nullptr && !p.relu) return KernelStatus::kInvalidArgument;
   auto* x = static_cast<float*>(p.x);
   const auto* b = static_cast<const float*>(p.bias);
   ParallelFor(pool, p.rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* row = x + r * p.cols;
-      for (int64_t c = 0; c < p.cols; ++c) row[c] += b[c];
+      if (b != nullptr) {
+        for (int64_t c = 0; c < p.cols; ++c) row[c] += b[c];
+      }
+      if (p.relu) {
+        for (int64_t c = 0; c < p.cols; ++c) row[c] = std::max(row[c], 0.0f);
+      }
     }
   });
   return KernelStatus::kOk;

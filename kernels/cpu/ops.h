@@ -40,6 +40,8 @@ KernelStatus SgmvExpandRows(const SgmvExpandRowsParams& p, ThreadPool* pool);
 // Route / RankRoute: widths outside 1..kMaxRouteWidth or k outside 1..width -> kInvalidShape.
 KernelStatus Route(const RouteParams& p, ThreadPool* pool);
 KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool);
+// SoftmaxGroups: cols not a multiple of group, or y_stride < cols -> kInvalidShape.
+KernelStatus SoftmaxGroups(const SoftmaxGroupsParams& p, ThreadPool* pool);
 // Segments from routing decisions (params.h SegmentBuildParams); runs on the calling thread.
 KernelStatus BuildSegments(const SegmentBuildParams& p, ThreadPool* pool);
 // The next token of each row (params.h SampleParams, sampling_math.h): rows on the pool. Negative

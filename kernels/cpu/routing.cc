@@ -34,6 +34,22 @@ KernelStatus Route(const RouteParams& p, ThreadPool* pool) {
   return KernelStatus::kOk;
 }
 
+KernelStatus SoftmaxGroups(const SoftmaxGroupsParams& p, ThreadPool* pool) {
+  const int64_t stride = p.y_stride == 0 ? p.cols : p.y_stride;
+  if (p.rows < 0 || p.group < 1 || p.cols < 0 || p.cols % p.group != 0 || stride < p.cols) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.rows == 0 || p.cols == 0) return KernelStatus::kOk;
+  if (p.x == nullptr || p.y == nullptr) return KernelStatus::kInvalidArgument;
+  ParallelFor(pool, p.rows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (p.active != nullptr && p.active[r] == 0) continue;
+      routing_math::SoftmaxGroupsRow(p, p.x + r * p.cols, p.y + r * stride);
+    }
+  });
+  return KernelStatus::kOk;
+}
+
 KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool) {
   if (p.num_tokens < 0 || p.rank < 1 || p.rank > kMaxRouteWidth || p.z_stride < p.rank || p.k < 1 ||
       p.k > p.rank) {

@@ -95,9 +95,10 @@ class Bf16CpuBackend final : public engine::Backend {
   }
   absl::Status BiasAdd(const kernels::BiasAddParams& p) override {
     if (!Bf16(p.dtype)) return inner_->BiasAdd(p);
-    std::vector<float> x = In(p.x, p.rows * p.cols), b = In(p.bias, p.cols);
+    std::vector<float> x = In(p.x, p.rows * p.cols);
+    std::vector<float> b = p.bias == nullptr ? std::vector<float>() : In(p.bias, p.cols);
     kernels::BiasAddParams q = p;
-    q.x = x.data(), q.bias = b.data(), q.dtype = kF32;
+    q.x = x.data(), q.bias = p.bias == nullptr ? nullptr : b.data(), q.dtype = kF32;
     return Out(inner_->BiasAdd(q), x, p.x);
   }
   absl::Status Rope(const kernels::RopeParams& p) override {
@@ -184,6 +185,9 @@ class Bf16CpuBackend final : public engine::Backend {
     return inner_->BuildSegments(p);
   }
   absl::Status Sample(const kernels::SampleParams& p) override { return inner_->Sample(p); }
+  absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
+    return inner_->SoftmaxGroups(p);  // fp32
+  }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return inner_->RankRoute(p);
   }

@@ -331,6 +331,27 @@ TEST(BiasAddTest, AddsTheBiasToEveryRow) {
   }
 }
 
+TEST(BiasAddTest, ReluAfterTheBiasOrAlone) {
+  auto x = Random(13 * 37, 22);
+  const auto x0 = x;
+  auto b = Random(37, 23);
+  ThreadPool pool(2);
+  ASSERT_EQ(BiasAdd({.x = x.data(), .bias = b.data(), .rows = 13, .cols = 37, .relu = true}, &pool),
+            KernelStatus::kOk);
+  int zeros = 0;
+  for (int i = 0; i < 13 * 37; ++i) {
+    ASSERT_EQ(x[i], std::max(x0[i] + b[i % 37], 0.0f));
+    zeros += x[i] == 0.0f;
+  }
+  EXPECT_GT(zeros, 13 * 37 / 4);  // the inputs straddle 0
+  auto y = Random(5 * 8, 24);
+  const auto y0 = y;
+  ASSERT_EQ(BiasAdd({.x = y.data(), .rows = 5, .cols = 8, .relu = true}, &pool), KernelStatus::kOk);
+  for (int i = 0; i < 5 * 8; ++i) ASSERT_EQ(y[i], std::max(y0[i], 0.0f));
+  EXPECT_EQ(BiasAdd({.x = y.data(), .rows = 5, .cols = 8}, &pool),
+            KernelStatus::kInvalidArgument);  // neither bias nor ReLU
+}
+
 TEST(PagedAttentionTest, RejectsHeadsNotDivisibleByKvHeads) {
   PagedAttentionParams p;
   p.kv.num_kv_heads = 3;

@@ -196,6 +196,32 @@ TEST_P(CudaRowOpsTest, BiasAddMatchesCpu) {
   ExpectClose(dx.Download(), x, dtype, 0.0f);
 }
 
+TEST_P(CudaRowOpsTest, BiasAddReluMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const auto [rows, cols, dtype] = GetParam();
+  for (bool with_bias : {true, false}) {
+    auto x = Random(rows * cols, 10), b = Random(cols, 11);
+    DeviceArray dx(x, dtype), db(b, dtype);
+    ASSERT_EQ(cuda::BiasAdd({.x = dx.get(),
+                             .bias = with_bias ? db.get() : nullptr,
+                             .rows = rows,
+                             .cols = cols,
+                             .dtype = dtype,
+                             .relu = true},
+                            nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    ASSERT_EQ(cpu::BiasAdd({.x = x.data(),
+                            .bias = with_bias ? b.data() : nullptr,
+                            .rows = rows,
+                            .cols = cols,
+                            .relu = true},
+                           nullptr),
+              KernelStatus::kOk);
+    ExpectClose(dx.Download(), x, dtype, 0.0f);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     ShapesAndDtypes, CudaRowOpsTest,
     ::testing::Values(Case{1, 1, ScalarType::kF32}, Case{1, 4096, ScalarType::kF32},

@@ -602,6 +602,8 @@ TEST(CudaRoutingTest, EveryRuleMatchesTheCpuTwin) {
         {.rule = RouteRule::kDynMole, .p = 0.75f, .min_k = std::min(2, e), .entropy_gate = true});
     rules.push_back({.rule = RouteRule::kSoft, .temperature = 0.7f});
     rules.push_back({.rule = RouteRule::kSwitch});
+    rules.push_back({.rule = RouteRule::kXlora, .k = std::min(3, e), .renormalize = true});
+    rules.push_back({.rule = RouteRule::kXlora, .k = 0, .renormalize = false});
     for (RouteParams p : rules) {
       SCOPED_TRACE(::testing::Message() << "E=" << e << " rule=" << static_cast<int>(p.rule));
       p.num_tokens = t;
@@ -629,6 +631,45 @@ TEST(CudaRoutingTest, EveryRuleMatchesTheCpuTwin) {
           ASSERT_EQ(got_e[i * e + j], experts[i * e + j]) << "token " << i;
           ASSERT_NEAR(got_w[i * e + j], weights[i * e + j], 1e-6f) << "token " << i;
         }
+      }
+    }
+  }
+}
+
+TEST(CudaRoutingTest, SoftmaxGroupsMatchesTheCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 150, cols = 40;  // 8 groups of 5 (X-LoRA: modules x adapters)
+  std::vector<float> x = Random(rows * cols, 81, 3.0f);
+  x[7 * cols + 12] = std::numeric_limits<float>::quiet_NaN();  // one undefined group
+  std::vector<int32_t> active(rows);
+  for (int64_t r = 0; r < rows; ++r) active[r] = r % 3 != 0;
+  for (bool softmax : {true, false}) {
+    SCOPED_TRACE(softmax ? "softmax" : "copy");
+    const int64_t stride = cols + 8;  // rows of a wider table
+    std::vector<float> y(rows * stride, -7.0f);
+    DeviceBytes dx(x), dy(y), da(active);
+    SoftmaxGroupsParams p{.rows = rows,
+                          .cols = cols,
+                          .y_stride = stride,
+                          .group = 5,
+                          .temperature = 0.7f,
+                          .softmax = softmax};
+    SoftmaxGroupsParams dp = p;
+    dp.x = dx.get<float>();
+    dp.y = dy.get<float>();
+    dp.active = da.get<int32_t>();
+    ASSERT_EQ(cuda::SoftmaxGroups(dp, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    p.x = x.data();
+    p.y = y.data();
+    p.active = active.data();
+    ASSERT_EQ(cpu::SoftmaxGroups(p, nullptr), KernelStatus::kOk);
+    const std::vector<float> got = dy.Download<float>(rows * stride);
+    for (int64_t i = 0; i < rows * stride; ++i) {
+      if (std::isnan(y[i])) {
+        ASSERT_TRUE(std::isnan(got[i])) << "at " << i;
+      } else {
+        ASSERT_NEAR(got[i], y[i], 1e-6f) << "at " << i;  // expf may differ by an ulp
       }
     }
   }

@@ -34,10 +34,10 @@ cudaError_t Add(const AddParams& p, cudaStream_t stream) {
 cudaError_t BiasAdd(const BiasAddParams& p, cudaStream_t stream) {
   const int64_t n = p.rows * p.cols;
   if (n == 0) return cudaSuccess;
-  if (p.cols <= 0) return cudaErrorInvalidValue;
+  if (p.cols <= 0 || (p.bias == nullptr && !p.relu)) return cudaErrorInvalidValue;
   return DispatchFloat(p.dtype, [&]<typename T>() {
-    BiasAddKernel<T><<<GridFor(n), kThreads, 0, stream>>>(static_cast<T*>(p.x),
-                                                          static_cast<const T*>(p.bias), n, p.cols);
+    BiasAddKernel<T><<<GridFor(n), kThreads, 0, stream>>>(
+        static_cast<T*>(p.x), static_cast<const T*>(p.bias), n, p.cols, p.relu);
     return cudaGetLastError();
   });
 }

@@ -25,10 +25,12 @@ __global__ void AddKernel(const T* __restrict__ a, const T* __restrict__ b, T* _
 
 template <typename T>
 __global__ void BiasAddKernel(T* __restrict__ x, const T* __restrict__ bias, int64_t n,
-                              int64_t cols) {
+                              int64_t cols, bool relu) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    x[i] = FromFloat<T>(ToFloat(x[i]) + ToFloat(bias[i % cols]));
+    float v = ToFloat(x[i]);
+    if (bias != nullptr) v += ToFloat(bias[i % cols]);
+    x[i] = FromFloat<T>(relu ? fmaxf(v, 0.0f) : v);
   }
 }
 

@@ -24,6 +24,12 @@ __global__ void RouteKernel(RouteParams p) {
                                       p.weights + t * e, prob, order);
 }
 
+__global__ void SoftmaxGroupsKernel(SoftmaxGroupsParams p, int64_t stride) {
+  const int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (r >= p.rows || (p.active != nullptr && p.active[r] == 0)) return;
+  routing_math::SoftmaxGroupsRow(p, p.x + r * p.cols, p.y + r * stride);
+}
+
 __global__ void RankRouteKernel(RankRouteParams p) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (t >= p.num_tokens) return;
@@ -96,6 +102,21 @@ cudaError_t Route(const RouteParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   RouteKernel<<<plan.grid.x, plan.block, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t SoftmaxGroups(const SoftmaxGroupsParams& p, cudaStream_t stream) {
+  // One thread per row: the rows are few (a step's tokens) and their groups small.
+  const int64_t stride = p.y_stride == 0 ? p.cols : p.y_stride;
+  if (p.rows < 0 || p.rows > 0x7fffffff || p.group < 1 || p.cols < 0 || p.cols % p.group != 0 ||
+      stride < p.cols) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.rows == 0 || p.cols == 0) return cudaSuccess;
+  if (p.x == nullptr || p.y == nullptr) return cudaErrorInvalidValue;
+  constexpr int kThreads = 128;
+  const auto blocks = static_cast<unsigned int>((p.rows + kThreads - 1) / kThreads);
+  SoftmaxGroupsKernel<<<blocks, kThreads, 0, stream>>>(p, stride);
   return cudaGetLastError();
 }
 

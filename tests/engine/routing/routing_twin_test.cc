@@ -156,6 +156,56 @@ TEST(RoutingTwinTest, XloraRuleReadsStridedScalingsUnderTheMask) {
   }
 }
 
+TEST(RoutingTwinTest, SoftmaxGroupsMatchesEngineSoftmaxPerGroup) {
+  // X-LoRA's classifier output: rows of 6 modules x 4 adapters, written into a wider table
+  // under a mask; -inf entries make some groups undefined (all NaN, as SoftmaxF32).
+  const int64_t rows = 40, cols = 24, stride = 30;
+  std::vector<float> x = TieHeavyLogits(rows, cols, 5u);
+  std::fill(x.begin() + 2 * cols + 4, x.begin() + 2 * cols + 8, -kInf);  // row 2, group 1
+  std::vector<int32_t> active(rows);
+  for (int64_t r = 0; r < rows; ++r) active[r] = r % 4 != 1;
+  for (bool softmax : {true, false}) {
+    std::vector<float> y(rows * stride, -7.0f);
+    ASSERT_EQ(kernels::cpu::SoftmaxGroups({.x = x.data(),
+                                           .y = y.data(),
+                                           .active = active.data(),
+                                           .rows = rows,
+                                           .cols = cols,
+                                           .y_stride = stride,
+                                           .group = 4,
+                                           .temperature = 0.8f,
+                                           .softmax = softmax},
+                                          nullptr),
+              kernels::KernelStatus::kOk);
+    std::vector<float> want(4);
+    int undefined = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < stride; ++c) {
+        const float got = y[r * stride + c];
+        if (!active[r] || c >= cols) {
+          ASSERT_EQ(got, -7.0f) << "row " << r << " col " << c << ": not written";
+          continue;
+        }
+        const int64_t g = c / 4 * 4;
+        if (softmax) {
+          SoftmaxF32(absl::MakeConstSpan(x.data() + r * cols + g, 4), 0.8f, absl::MakeSpan(want));
+        } else {
+          std::copy(x.data() + r * cols + g, x.data() + r * cols + g + 4, want.begin());
+        }
+        if (std::isnan(want[c - g])) {
+          ++undefined;
+          ASSERT_TRUE(std::isnan(got)) << "row " << r << " col " << c;
+        } else {
+          ASSERT_EQ(got, want[c - g]) << "row " << r << " col " << c;
+        }
+      }
+    }
+    EXPECT_EQ(undefined >= 4, softmax) << "the -inf-only group is undefined under softmax";
+  }
+  EXPECT_EQ(kernels::cpu::SoftmaxGroups({.rows = 1, .cols = 10, .group = 4}, nullptr),
+            kernels::KernelStatus::kInvalidShape);
+}
+
 TEST(RoutingTwinTest, UndefinedLogitsGiveCountZero) {
   const int32_t e = 4;
   const float nan = std::numeric_limits<float>::quiet_NaN();
