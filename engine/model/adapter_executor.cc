@@ -18,7 +18,7 @@ AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config, Ex
       cache_(cache),
       sgmv_(backend, cache),
       records_(backend),
-      planner_(backend, config, cache, &records_),
+      passes_{Pass(backend, config, cache, &records_), Pass(backend, config, cache, &records_)},
       xlora_(backend, config) {}
 AdapterExecutor::~AdapterExecutor() = default;
 
@@ -140,42 +140,47 @@ const Adapter* AdapterExecutor::adapter(int32_t slot) const {
   return it == attached_.end() ? nullptr : it->second->adapter.get();
 }
 
-absl::Status AdapterExecutor::BeginPass(PassTokens tokens) {
-  EndPass();
-  pass_ = std::move(tokens);
-  tokens_by_slot_.clear();
-  active_ = false;
-  const size_t t = pass_.slot.size();
-  pass_.override_index.resize(t, -1);
-  pass_.record.resize(t, -1);
-  pass_.scalings.resize(t, nullptr);
+absl::Status AdapterExecutor::BeginPass(PassTokens tokens, PassRole role) {
+  role_ = role;
+  P().planner.End();
+  P().tokens = std::move(tokens);
+  P().by_slot.clear();
+  P().active = false;
+  const size_t t = P().tokens.slot.size();
+  P().tokens.override_index.resize(t, -1);
+  P().tokens.record.resize(t, -1);
+  P().tokens.scalings.resize(t, nullptr);
   for (size_t i = 0; i < t; ++i) {
-    const int32_t slot = pass_.slot[i];
+    const int32_t slot = P().tokens.slot[i];
     if (slot < 0) continue;
     if (!attached_.count(slot)) {
       return absl::InvalidArgumentError(
           absl::StrCat("batch: adapter slot ", slot, " is not attached"));
     }
-    tokens_by_slot_[slot].push_back(static_cast<int32_t>(i));
-    active_ = true;
+    P().by_slot[slot].push_back(static_cast<int32_t>(i));
+    P().active = true;
   }
-  return records_.Begin(pass_.record, pass_.num_records, active_);
+  return records_.Begin(P().tokens.record, P().tokens.num_records, P().active);
 }
 
-void AdapterExecutor::EndPass() { planner_.End(); }
+void AdapterExecutor::EndPass() {
+  for (Pass& pass : passes_) pass.planner.End();
+  role_ = PassRole::kMain;
+}
 
 absl::StatusOr<bool> AdapterExecutor::PlanPass() {
-  planner_.End();
-  if (!active_) return false;
-  for (int32_t o : pass_.override_index) {
+  P().planner.End();
+  if (!P().active) return false;
+  for (int32_t o : P().tokens.override_index) {
     if (o >= 0) return false;  // per-request routing: one Route call per spec, run eagerly
   }
   std::vector<StepPlanner::PassAdapter> adapters;
-  for (const auto& [slot, tokens] : tokens_by_slot_) {
+  for (const auto& [slot, tokens] : P().by_slot) {
     adapters.push_back({slot, attached_.at(slot).get(), &tokens});
   }
-  return planner_.Plan(adapters, static_cast<int64_t>(pass_.slot.size()),
-                       {.scalings = &pass_.scalings, .scaling_pass = pass_.scaling_pass});
+  return P().planner.Plan(
+      adapters, static_cast<int64_t>(P().tokens.slot.size()),
+      {.scalings = &P().tokens.scalings, .scaling_pass = P().tokens.scaling_pass});
 }
 
 absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {
@@ -186,11 +191,12 @@ absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {
 
 const RoutingSpec& AdapterExecutor::SpecFor(int32_t token, const RoutingSpec& base,
                                             int32_t num_experts, SpecCache* cache) const {
-  const int32_t o = pass_.override_index[token];
+  const int32_t o = P().tokens.override_index[token];
   if (o < 0) return base;
   // Tokens of one sequence come in a row: apply its override once per site, not per token.
   if (cache->override_index != o) {
-    absl::StatusOr<RoutingSpec> spec = ApplyRoutingOverride(base, pass_.overrides[o], num_experts);
+    absl::StatusOr<RoutingSpec> spec =
+        ApplyRoutingOverride(base, P().tokens.overrides[o], num_experts);
     cache->spec = spec.ok() ? *spec : base;  // validated at Submit; cannot fail here
     cache->override_index = o;
   }
@@ -244,7 +250,7 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   // Tokens grouped by their routing spec (per-request overrides), one Route call per group.
   std::vector<int32_t> ordered = tokens;
   std::stable_sort(ordered.begin(), ordered.end(), [&](int32_t a, int32_t b) {
-    return pass_.override_index[a] < pass_.override_index[b];
+    return P().tokens.override_index[a] < P().tokens.override_index[b];
   });
   const int64_t n = static_cast<int64_t>(ordered.size());
   ASSIGN_OR_RETURN(const float* logits, RouterLogitsOnDevice(att, rm.router, x, in, ordered));
@@ -254,7 +260,8 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   SpecCache scratch;
   for (int64_t begin = 0; begin < n;) {
     int64_t end = begin + 1;
-    while (end < n && pass_.override_index[ordered[end]] == pass_.override_index[ordered[begin]]) {
+    while (end < n &&
+           P().tokens.override_index[ordered[end]] == P().tokens.override_index[ordered[begin]]) {
       ++end;
     }
     const RoutingSpec& spec = SpecFor(ordered[begin], rm.routing, e_count, &scratch);
@@ -335,7 +342,7 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
   // Routing records are the only reason to bring the decisions to the host: kept on the device
   // now, copied with the step's results (IssueResultCopies).
   if (std::any_of(ordered.begin(), ordered.end(),
-                  [&](int32_t t) { return pass_.record[t] >= 0; })) {
+                  [&](int32_t t) { return P().tokens.record[t] >= 0; })) {
     ASSIGN_OR_RETURN(const int64_t experts_at, records_.Keep(route_experts_.data(), n * e_count));
     ASSIGN_OR_RETURN(const int64_t weights_at, records_.Keep(route_weights_.data(), n * e_count));
     ASSIGN_OR_RETURN(const int64_t count_at, records_.Keep(route_count_.data(), n));
@@ -385,7 +392,8 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   SpecCache scratch;
   for (int64_t begin = 0; begin < n;) {
     int64_t end = begin + 1;
-    while (end < n && pass_.override_index[tokens[end]] == pass_.override_index[tokens[begin]]) {
+    while (end < n &&
+           P().tokens.override_index[tokens[end]] == P().tokens.override_index[tokens[begin]]) {
       ++end;
     }
     const RoutingSpec& spec = SpecFor(tokens[begin], rm.routing, r, &scratch);
@@ -405,7 +413,8 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   }
   records_.MarkDeviceRouted();
   // Routing records are the only reason to bring the decisions to the host.
-  if (std::any_of(tokens.begin(), tokens.end(), [&](int32_t t) { return pass_.record[t] >= 0; })) {
+  if (std::any_of(tokens.begin(), tokens.end(),
+                  [&](int32_t t) { return P().tokens.record[t] >= 0; })) {
     ASSIGN_OR_RETURN(const int64_t kept_at, records_.Keep(route_experts_.data(), n * r));
     for (size_t g = 0; g < runs.size(); ++g) {
       const auto [begin, k] = runs[g];
@@ -420,15 +429,15 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
 }
 
 absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y) {
-  if (!active_) return absl::OkStatus();
-  if (planner_.active()) return planner_.Apply(layer, m, x, y);
+  if (!P().active) return absl::OkStatus();
+  if (P().planner.active()) return P().planner.Apply(layer, m, x, y);
   const auto [in, out] = LinearModuleShape(config_, m);
   const int mi = static_cast<int>(m);
   std::vector<Segment> segments;
   std::vector<float> logits;
   std::vector<int32_t> experts;
   std::vector<float> weights;
-  for (const auto& [slot, tokens] : tokens_by_slot_) {
+  for (const auto& [slot, tokens] : P().by_slot) {
     const Attached& att = *attached_.at(slot);
     const Adapter& a = *att.adapter;
     const AdapterLayer& L = a.layers[layer];
@@ -456,12 +465,12 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     if (rm.router_type == RouterType::kXloraRef) {
       const XloraSpec& xs = *a.xlora;
       // The scaling pass with scaling_pass_value 0 is exactly the base model.
-      if (pass_.scaling_pass && xs.scaling_pass_value == 0.0f) continue;
-      std::vector<float> pass_value(pass_.scaling_pass ? e_count : 0, xs.scaling_pass_value);
+      if (P().tokens.scaling_pass && xs.scaling_pass_value == 0.0f) continue;
+      std::vector<float> pass_value(P().tokens.scaling_pass ? e_count : 0, xs.scaling_pass_value);
       for (int32_t t : tokens) {
         const float* row = pass_value.data();
-        if (!pass_.scaling_pass) {
-          const float* s = pass_.scalings[t];
+        if (!P().tokens.scaling_pass) {
+          const float* s = P().tokens.scalings[t];
           if (s == nullptr) return absl::InternalError("X-LoRA token without scalings");
           row = s + (xs.layerwise ? int64_t{rm.xlora_index} * e_count : 0);
         }
@@ -527,7 +536,7 @@ absl::Status AdapterExecutor::XloraScalingsOnDevice(int32_t slot, const void* hi
 }
 
 bool AdapterExecutor::HasBlockFfn(int32_t layer) const {
-  for (const auto& [slot, tokens] : tokens_by_slot_) {
+  for (const auto& [slot, tokens] : P().by_slot) {
     if (attached_.at(slot)->adapter->layers[layer].block_ffn) return true;
   }
   return false;
@@ -535,7 +544,7 @@ bool AdapterExecutor::HasBlockFfn(int32_t layer) const {
 
 absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const void* gate,
                                           const void* up, void* act) {
-  const int64_t t_count = static_cast<int64_t>(pass_.slot.size());
+  const int64_t t_count = static_cast<int64_t>(P().tokens.slot.size());
   const int64_t hidden = config_.hidden_size;
   const int64_t inter = config_.intermediate_size;
   block_ = BlockPairs();
@@ -546,7 +555,7 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
   std::vector<int32_t> ordinal(t_count, -1);
   int32_t num_block_tokens = 0;
   std::vector<float> logits;
-  for (const auto& [slot, tokens] : tokens_by_slot_) {
+  for (const auto& [slot, tokens] : P().by_slot) {
     const Attached& att = *attached_.at(slot);
     const Adapter& a = *att.adapter;
     if (!a.layers[layer].block_ffn) continue;

@@ -71,6 +71,9 @@ struct PassTokens {
   bool scaling_pass = false;
 };
 
+// Which pass of a step: the main pass, or X-LoRA's scaling pass before it.
+enum class PassRole { kMain = 0, kScaling = 1 };
+
 class AdapterExecutor {
  public:
   // Adapter experts live in `cache` (not owned; it outlives the executor).
@@ -89,8 +92,12 @@ class AdapterExecutor {
   // SGMV calls split because their experts did not fit the cache at once.
   int64_t splits() const { return sgmv_.splits(); }
 
-  // Starts a pass over `tokens` (size T). kInvalidArgument on an unknown slot.
-  absl::Status BeginPass(PassTokens tokens);
+  // Starts a pass over `tokens` (size T) in `role`, which becomes the current pass; ends that
+  // role's previous plan only (a graphed X-LoRA step plans its scaling pass, then its main pass,
+  // then runs both). kInvalidArgument on an unknown slot.
+  absl::Status BeginPass(PassTokens tokens, PassRole role = PassRole::kMain);
+  // Makes `role`'s pass (begun before) the current one: ApplyLinear and the rest act on it.
+  void UsePass(PassRole role) { role_ = role; }
   // Plans the pass: when every adapter of the pass is plain LoRA, module-scope routed with a
   // linear router, rank-wise (FlyLoRA, SMoRA) or X-LoRA (at most one static LoRA per module; no
   // block FFN; no per-request routing override in the pass) and all their experts fit the
@@ -104,20 +111,22 @@ class AdapterExecutor {
   // captured in a graph. Routing records are copied on the device and come back with the step's
   // results. False (nothing planned, nothing pinned) otherwise; the pass then runs as before.
   absl::StatusOr<bool> PlanPass();
-  bool planned() const { return planner_.active(); }
+  bool planned() const { return P().planner.active(); }
   // What the launches of a planned pass depend on besides the token count (segments, rank
   // stride, which sites are adapted, the plan buffers' allocation, and the adapters when a
   // routed group takes part): a graph captured for one key replays correctly for any planned
   // pass with the same key.
-  const std::vector<int64_t>& plan_key() const { return planner_.key(); }
+  const std::vector<int64_t>& plan_key() const { return P().planner.key(); }
   // The plan buffers' allocation epoch (a graph captured before it grew reads freed memory),
   // and the slots whose routers the planned pass's launches read.
-  int64_t plan_epoch() const { return planner_.epoch(); }
-  std::vector<int32_t> plan_routed_slots() const { return planner_.routed_slots(); }
-  // Ends the pass: releases what the plan pinned.
+  int64_t plan_epoch() const { return P().planner.epoch(); }
+  std::vector<int32_t> plan_routed_slots() const { return P().planner.routed_slots(); }
+  // Ends both passes: releases what their plans pinned.
   void EndPass();
+  // The main pass's planned scalings table of X-LoRA adapter `slot` (StepPlanner::xlora_table).
+  float* xlora_table(int32_t slot) const { return passes_[0].planner.xlora_table(slot); }
   // True when some token of the pass uses an adapter.
-  bool active() const { return active_; }
+  bool active() const { return P().active; }
 
   // y[t] += adapter deltas of module m for every adapter token, x [T, in], y [T, out].
   absl::Status ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y);
@@ -156,6 +165,10 @@ class AdapterExecutor {
                                      int64_t rows, const int32_t* active, float* out,
                                      int64_t out_stride);
   int64_t xlora_epoch() const { return xlora_.epoch(); }
+  // Grows whenever a buffer some graph may read is replaced: both plans' and the classifier's.
+  int64_t buffers_epoch() const {
+    return passes_[0].planner.epoch() + passes_[1].planner.epoch() + xlora_.epoch();
+  }
 
   // The routing recorded during the pass, indexed by PassTokens::record.
   std::vector<std::vector<RoutingRecord>>& records() { return records_.records(); }
@@ -210,9 +223,19 @@ class AdapterExecutor {
   int32_t next_slot_ = 0;
 
   // Current pass.
-  PassTokens pass_;
-  bool active_ = false;
-  std::map<int32_t, std::vector<int32_t>> tokens_by_slot_;  // ascending token indices
+  // A pass: its tokens, whether some token uses an adapter, each adapter's tokens (ascending),
+  // and its plan. One per role, so a graphed step can hold the scaling pass's plan and the main
+  // pass's at once; each role keeps its own plan buffers (their addresses are in graphs).
+  struct Pass {
+    Pass(Backend* backend, const ModelConfig& config, ExpertCache* cache, StepRecords* records)
+        : planner(backend, config, cache, records) {}
+    PassTokens tokens;
+    bool active = false;
+    std::map<int32_t, std::vector<int32_t>> by_slot;
+    StepPlanner planner;
+  };
+  Pass& P() { return passes_[static_cast<int>(role_)]; }
+  const Pass& P() const { return passes_[static_cast<int>(role_)]; }
   std::vector<float> zeros_;  // host zeros for clearing device rows (grown on demand)
   // Block FFN pairs of the current layer: (token, expert, weight) in segment order.
   struct BlockPairs {
@@ -234,7 +257,8 @@ class AdapterExecutor {
   // selection bias, rank_u_ the gated shrink output.)
   DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, rank_u_;
   StepRecords records_;
-  StepPlanner planner_;              // the current pass's plan (PlanPass)
+  Pass passes_[2];                   // by PassRole
+  PassRole role_ = PassRole::kMain;  // the current pass
   XloraClassifier xlora_;            // X-LoRA classifiers' scratch
   std::vector<uint16_t> host_bf16_;  // FromHostF32's conversion buffer
 };

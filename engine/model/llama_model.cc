@@ -132,11 +132,17 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
         Scratch{&sample_out_,
                 int64_t{options_.max_seqs} * (int64_t{sizeof(kernels::SampledRow)} +
                                               2 * kernels::kMaxSampleTopLogprobs * 4)},
-        Scratch{&tokens_, t * 4}, Scratch{&positions_, t * 4}, Scratch{&token_seq_, t * 4},
         Scratch{&sample_rows_, int64_t{options_.max_seqs} * 4},
-        Scratch{&block_offsets_, (int64_t{options_.max_seqs} + 1) * 4},
-        Scratch{&block_tables_, int64_t{options_.num_kv_blocks} * 4}}) {
+        Scratch{&xlora_rows_, (1 + kMaxGraphXlora) * int64_t{kMaxGraphBatch} * 4}}) {
     ASSIGN_OR_RETURN(*buf, backend_->Allocate(bytes));
+  }
+  for (BatchArrays* a : {&step_arrays_, &scaling_arrays_}) {
+    for (auto [buf, bytes] :
+         {Scratch{&a->tokens, t * 4}, Scratch{&a->positions, t * 4}, Scratch{&a->token_seq, t * 4},
+          Scratch{&a->block_offsets, (int64_t{options_.max_seqs} + 1) * 4},
+          Scratch{&a->block_tables, int64_t{options_.num_kv_blocks} * 4}}) {
+      ASSIGN_OR_RETURN(*buf, backend_->Allocate(bytes));
+    }
   }
   ASSIGN_OR_RETURN(sample_host_, backend_->AllocateHost(sample_out_.bytes()));
   return absl::OkStatus();
@@ -250,27 +256,28 @@ absl::Status LlamaModel::RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& 
                             .dtype = dt_});
 }
 
-absl::Status LlamaModel::UploadBatch(const Batch& b) {
+absl::Status LlamaModel::UploadBatch(const Batch& b, BatchArrays& a) {
   auto upload = [&](DeviceBuffer& dst, const std::vector<int32_t>& src) {
     return backend_->CopyToDevice(dst.data(), src.data(), src.size() * sizeof(int32_t));
   };
-  RETURN_IF_ERROR(upload(tokens_, b.tokens));
-  RETURN_IF_ERROR(upload(positions_, b.positions));
-  RETURN_IF_ERROR(upload(token_seq_, b.token_seq));
-  RETURN_IF_ERROR(upload(block_tables_, b.block_tables));
-  return upload(block_offsets_, b.block_table_offsets);
+  RETURN_IF_ERROR(upload(a.tokens, b.tokens));
+  RETURN_IF_ERROR(upload(a.positions, b.positions));
+  RETURN_IF_ERROR(upload(a.token_seq, b.token_seq));
+  RETURN_IF_ERROR(upload(a.block_tables, b.block_tables));
+  return upload(a.block_offsets, b.block_table_offsets);
 }
 
-absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass) {
-  RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
+absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass, PassRole role) {
+  RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass), role));
   // Planned passes (AdapterExecutor::PlanPass): every table in one upload, no host work between
   // modules.
   RETURN_IF_ERROR(adapters_.PlanPass().status());
-  RETURN_IF_ERROR(UploadBatch(b));
-  return DecoderLayers(b);
+  BatchArrays& arrays = role == PassRole::kMain ? step_arrays_ : scaling_arrays_;
+  RETURN_IF_ERROR(UploadBatch(b, arrays));
+  return DecoderLayers(b, arrays);
 }
 
-absl::Status LlamaModel::DecoderLayers(const Batch& b) {
+absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
   const ModelConfig& c = config_;
   const int64_t t = b.num_tokens();
   const int64_t h = c.hidden_size;
@@ -290,7 +297,7 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b) {
         {.x = x.data(), .bias = b.data(), .rows = t, .cols = cols, .dtype = dt});
   };
 
-  RETURN_IF_ERROR(backend_->Embedding({.ids = tokens_.as<int32_t>(),
+  RETURN_IF_ERROR(backend_->Embedding({.ids = in.tokens.as<int32_t>(),
                                        .table = embed_.data(),
                                        .out = x_.data(),
                                        .num_tokens = t,
@@ -313,7 +320,7 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b) {
     RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kV, h_.data(), v_.data()));
     RETURN_IF_ERROR(backend_->Rope({.q = q_.data(),
                                     .k = k_.data(),
-                                    .positions = positions_.as<int32_t>(),
+                                    .positions = in.positions.as<int32_t>(),
                                     .inv_freq = inv_freq_.as<float>(),
                                     .num_tokens = t,
                                     .num_q_heads = c.num_heads,
@@ -322,8 +329,8 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b) {
                                     .dtype = dt}));
     const kernels::PagedKvLayout kv{.k_cache = layer.k_cache.data(),
                                     .v_cache = layer.v_cache.data(),
-                                    .block_tables = block_tables_.as<int32_t>(),
-                                    .block_table_offsets = block_offsets_.as<int32_t>(),
+                                    .block_tables = in.block_tables.as<int32_t>(),
+                                    .block_table_offsets = in.block_offsets.as<int32_t>(),
                                     .num_seqs = b.num_seqs(),
                                     .block_size = options_.kv_block_size,
                                     .num_kv_heads = c.num_kv_heads,
@@ -331,16 +338,16 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b) {
     RETURN_IF_ERROR(backend_->KvWrite({.kv = kv,
                                        .k = k_.data(),
                                        .v = v_.data(),
-                                       .token_seq = token_seq_.as<int32_t>(),
-                                       .positions = positions_.as<int32_t>(),
+                                       .token_seq = in.token_seq.as<int32_t>(),
+                                       .positions = in.positions.as<int32_t>(),
                                        .num_tokens = t,
                                        .dtype = dt}));
     RETURN_IF_ERROR(backend_->PagedAttention(
         {.kv = kv,
          .q = q_.data(),
          .out = attn_.data(),
-         .token_seq = token_seq_.as<int32_t>(),
-         .positions = positions_.as<int32_t>(),
+         .token_seq = in.token_seq.as<int32_t>(),
+         .positions = in.positions.as<int32_t>(),
          .num_tokens = t,
          .num_q_heads = c.num_heads,
          .scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim))),
@@ -512,54 +519,28 @@ absl::Status LlamaModel::RunToLogits(const Batch& b, ForwardExtras* extras) {
   // own KV (aux block tables) with scaling_pass_value scalings; the classifier turns the final-norm
   // hidden state of every token into that token's scalings for the real pass.
   std::vector<std::vector<float>> token_scalings(t);
-  {
-    Batch sub;
-    std::vector<int32_t> sub_of_token;  // sub-batch token -> batch token
-    std::vector<int32_t> sub_seq_of(b.num_seqs(), -1);
-    PassTokens pass;
-    for (int32_t i = 0; i < t; ++i) {
-      const int32_t s = b.token_seq[i];
-      if (xlora_of(s) == nullptr ||
-          (!b.seq_frozen_scalings.empty() && b.seq_frozen_scalings[s] != nullptr)) {
-        continue;
-      }
-      if (sub_seq_of[s] < 0) {
-        sub_seq_of[s] = sub.num_seqs();
-        sub.block_tables.insert(sub.block_tables.end(),
-                                b.aux_block_tables.begin() + b.aux_block_table_offsets[s],
-                                b.aux_block_tables.begin() + b.aux_block_table_offsets[s + 1]);
-        sub.block_table_offsets.push_back(static_cast<int32_t>(sub.block_tables.size()));
-      }
-      sub.tokens.push_back(b.tokens[i]);
-      sub.positions.push_back(b.positions[i]);
-      sub.token_seq.push_back(sub_seq_of[s]);
-      sub_of_token.push_back(i);
-      pass.slot.push_back(seq_slot(s));
+  if (ScalingPass sp = BuildScalingPass(b); !sp.sub.tokens.empty()) {
+    const int64_t n = sp.sub.num_tokens();
+    RETURN_IF_ERROR(RunDecoder(sp.sub, std::move(sp.pass), PassRole::kScaling));
+    RETURN_IF_ERROR(RmsNormRows(x_, final_norm_, h_, n));
+    // Tokens of one adapter are classified together, on the backend (h_ holds the final-norm
+    // hidden states of the scaling pass).
+    std::map<int32_t, std::vector<int32_t>> by_slot;
+    for (int64_t i = 0; i < n; ++i) {
+      by_slot[seq_slot(b.token_seq[sp.sub_of_token[i]])].push_back(static_cast<int32_t>(i));
     }
-    if (!sub.tokens.empty()) {
-      pass.scaling_pass = true;
-      const int64_t n = sub.num_tokens();
-      RETURN_IF_ERROR(RunDecoder(sub, std::move(pass)));
-      RETURN_IF_ERROR(RmsNormRows(x_, final_norm_, h_, n));
-      // Tokens of one adapter are classified together, on the backend (h_ holds the final-norm
-      // hidden states of the scaling pass).
-      std::map<int32_t, std::vector<int32_t>> by_slot;
-      for (int64_t i = 0; i < n; ++i) {
-        by_slot[seq_slot(b.token_seq[sub_of_token[i]])].push_back(static_cast<int32_t>(i));
+    for (const auto& [slot, rows] : by_slot) {
+      std::vector<float> out;
+      RETURN_IF_ERROR(adapters_.XloraScalings(slot, h_.data(), rows, &out));
+      const int64_t cols = static_cast<int64_t>(out.size() / rows.size());
+      for (size_t r = 0; r < rows.size(); ++r) {
+        token_scalings[sp.sub_of_token[rows[r]]].assign(out.begin() + r * cols,
+                                                        out.begin() + (r + 1) * cols);
       }
-      for (const auto& [slot, rows] : by_slot) {
-        std::vector<float> out;
-        RETURN_IF_ERROR(adapters_.XloraScalings(slot, h_.data(), rows, &out));
-        const int64_t cols = static_cast<int64_t>(out.size() / rows.size());
-        for (size_t r = 0; r < rows.size(); ++r) {
-          token_scalings[sub_of_token[rows[r]]].assign(out.begin() + r * cols,
-                                                       out.begin() + (r + 1) * cols);
-        }
-      }
-      // Device-routed groups of the scaling pass report undefined router logits now: the real
-      // pass starts counting afresh.
-      RETURN_IF_ERROR(adapters_.CheckRouting());
     }
+    // Device-routed groups of the scaling pass report undefined router logits now: the real
+    // pass starts counting afresh.
+    RETURN_IF_ERROR(adapters_.CheckRouting());
   }
 
   // The real pass.
@@ -609,8 +590,44 @@ absl::Status LlamaModel::RunToLogits(const Batch& b, ForwardExtras* extras) {
   return adapters_.IssueResultCopies();
 }
 
+LlamaModel::ScalingPass LlamaModel::BuildScalingPass(const Batch& b) const {
+  ScalingPass sp;
+  if (b.seq_adapter.empty()) return sp;
+  std::vector<int32_t> sub_seq_of(b.num_seqs(), -1);
+  for (int32_t i = 0; i < b.num_tokens(); ++i) {
+    const int32_t s = b.token_seq[i];
+    const int32_t slot = b.seq_adapter[s];
+    const Adapter* a = slot >= 0 ? adapters_.adapter(slot) : nullptr;
+    if (a == nullptr || !a->xlora ||
+        (!b.seq_frozen_scalings.empty() && b.seq_frozen_scalings[s] != nullptr)) {
+      continue;
+    }
+    if (sub_seq_of[s] < 0) {
+      sub_seq_of[s] = sp.sub.num_seqs();
+      sp.sub.block_tables.insert(sp.sub.block_tables.end(),
+                                 b.aux_block_tables.begin() + b.aux_block_table_offsets[s],
+                                 b.aux_block_tables.begin() + b.aux_block_table_offsets[s + 1]);
+      sp.sub.block_table_offsets.push_back(static_cast<int32_t>(sp.sub.block_tables.size()));
+    }
+    sp.sub.tokens.push_back(b.tokens[i]);
+    sp.sub.positions.push_back(b.positions[i]);
+    sp.sub.token_seq.push_back(sub_seq_of[s]);
+    sp.sub_of_token.push_back(i);
+    sp.pass.slot.push_back(slot);
+  }
+  sp.pass.scaling_pass = true;
+  return sp;
+}
+
 absl::Status LlamaModel::TakeRouting(const Batch& b, ForwardExtras* extras) {
   RETURN_IF_ERROR(adapters_.CollectResults());
+  if (extras != nullptr) {  // scalings classified in a graph (row = token in a decode step)
+    for (const XloraBack& x : xlora_back_) {
+      const float* src = xlora_host_.as<float>() + x.at;
+      extras->xlora_scalings[x.row].assign(src, src + x.cols);
+    }
+  }
+  xlora_back_.clear();
   if (!routing_to_take_ || extras == nullptr) return absl::OkStatus();
   routing_to_take_ = false;
   std::vector<std::vector<RoutingRecord>>& records = adapters_.records();
@@ -685,6 +702,38 @@ void LlamaModel::DropGraphs(const std::function<bool(const GraphEntry&)>& stale)
 
 absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   const int32_t n = b.num_tokens();
+  xlora_back_.clear();
+  // X-LoRA sequences without frozen scalings: their scaling pass, over their own KV, and the
+  // classifier run inside the graph, before the main pass; the classifier writes their rows of
+  // the main plan's scalings tables. Frozen scalings are uploaded with the main plan.
+  ScalingPass sp = BuildScalingPass(b);
+  const bool scaling = !sp.sub.tokens.empty();
+  std::vector<int32_t> classified;  // the X-LoRA adapters classified in the graph
+  std::vector<int32_t> host_rows((1 + kMaxGraphXlora) * int64_t{n}, 0);  // ids, then masks
+  for (size_t j = 0; j < sp.sub_of_token.size(); ++j) {
+    const int32_t tok = sp.sub_of_token[j], slot = sp.pass.slot[j];
+    auto at = std::find(classified.begin(), classified.end(), slot);
+    if (at == classified.end()) {
+      if (classified.size() == kMaxGraphXlora) return false;
+      at = classified.insert(classified.end(), slot);
+    }
+    host_rows[tok] = static_cast<int32_t>(j);  // the token's row in the scaling pass
+    host_rows[(1 + (at - classified.begin())) * int64_t{n} + tok] = 1;
+  }
+  std::vector<int64_t> key = {n};
+  GraphEntry entry;
+  if (scaling) {
+    RETURN_IF_ERROR(adapters_.BeginPass(std::move(sp.pass), PassRole::kScaling));
+    ASSIGN_OR_RETURN(bool planned, adapters_.PlanPass());
+    if (!planned) return false;
+    key.push_back(-2);  // the scaling pass: its size, plan, adapters and classifier buffers
+    key.push_back(sp.sub.num_tokens());
+    key.insert(key.end(), adapters_.plan_key().begin(), adapters_.plan_key().end());
+    key.insert(key.end(), classified.begin(), classified.end());
+    for (int32_t slot : classified) RETURN_IF_ERROR(adapters_.ReserveXlora(slot, n));
+    key.push_back(adapters_.xlora_epoch());
+    entry.slots = classified;
+  }
   PassTokens pass;
   pass.slot.assign(n, -1);
   pass.record.assign(n, -1);
@@ -696,39 +745,58 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   for (int32_t i = 0; records && i < n && !b.seq_return_routing.empty(); ++i) {
     if (b.seq_return_routing[i]) pass.record[i] = pass.num_records++;  // token i = row i
   }
-  // X-LoRA sequences decode in the graph with their frozen scalings; the others need the
-  // scaling pass first and run eagerly.
   pass.scalings.assign(n, nullptr);
-  for (int32_t i = 0; i < n; ++i) {
-    const Adapter* a = pass.slot[i] >= 0 ? adapters_.adapter(pass.slot[i]) : nullptr;
-    if (a == nullptr || !a->xlora) continue;
-    if (b.seq_frozen_scalings.empty() || b.seq_frozen_scalings[i] == nullptr) return false;
-    pass.scalings[i] = b.seq_frozen_scalings[i]->data();
+  for (int32_t i = 0; i < n && !b.seq_frozen_scalings.empty(); ++i) {
+    if (b.seq_frozen_scalings[i] != nullptr) pass.scalings[i] = b.seq_frozen_scalings[i]->data();
   }
-  RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass)));
+  RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass), PassRole::kMain));
   // Adapter steps are graphed when their tables can be laid out before the launch
-  // (AdapterExecutor::PlanPass: plain LoRAs, module-scope routed groups, rank-wise groups, X-LoRA
-  // with frozen scalings); others (block FFN, routing overrides) run eagerly.
-  std::vector<int64_t> key = {n};
-  GraphEntry entry;
+  // (AdapterExecutor::PlanPass: plain LoRAs, module-scope routed groups, rank-wise groups,
+  // X-LoRA); others (block FFN, routing overrides) run eagerly.
   if (adapters_.active()) {
     ASSIGN_OR_RETURN(bool planned, adapters_.PlanPass());
     if (!planned) return false;
     key.insert(key.end(), adapters_.plan_key().begin(), adapters_.plan_key().end());
-    entry.epoch = adapters_.plan_epoch();
-    entry.slots = adapters_.plan_routed_slots();
+    entry.epoch = adapters_.buffers_epoch();
+    for (int32_t slot : adapters_.plan_routed_slots()) {
+      if (std::find(entry.slots.begin(), entry.slots.end(), slot) == entry.slots.end()) {
+        entry.slots.push_back(slot);
+      }
+    }
     DropGraphs([&](const GraphEntry& g) { return g.epoch >= 0 && g.epoch < entry.epoch; });
   }
-  RETURN_IF_ERROR(UploadBatch(b));
+  RETURN_IF_ERROR(UploadBatch(b, step_arrays_));
   RETURN_IF_ERROR(backend_->CopyToDevice(sample_rows_.data(), b.sample_rows.data(),
                                          b.sample_rows.size() * sizeof(int32_t)));
+  if (scaling) {
+    RETURN_IF_ERROR(UploadBatch(sp.sub, scaling_arrays_));
+    RETURN_IF_ERROR(backend_->CopyToDevice(xlora_rows_.data(), host_rows.data(),
+                                           (1 + classified.size()) * n * sizeof(int32_t)));
+  }
+  // The scaling pass, then each classified adapter's classifier over the step's rows (its own
+  // under its mask) into the main plan's scalings table.
+  auto scaling_ops = [&]() -> absl::Status {
+    adapters_.UsePass(PassRole::kScaling);
+    RETURN_IF_ERROR(DecoderLayers(sp.sub, scaling_arrays_));
+    RETURN_IF_ERROR(RmsNormRows(x_, final_norm_, h_, sp.sub.num_tokens()));
+    for (size_t k = 0; k < classified.size(); ++k) {
+      const int32_t slot = classified[k];
+      RETURN_IF_ERROR(
+          adapters_.XloraScalingsOnDevice(slot, h_.data(), xlora_rows_.as<int32_t>(), n,
+                                          xlora_rows_.as<int32_t>() + (1 + k) * int64_t{n},
+                                          adapters_.xlora_table(slot), XloraColumns(slot)));
+    }
+    adapters_.UsePass(PassRole::kMain);
+    return absl::OkStatus();
+  };
   auto it = decode_graphs_.find(key);
   if (it == decode_graphs_.end()) {
     // Everything between the uploads and the logits copy: the same ops as the eager path, with
     // host scalars that depend only on the key (a pure decode batch of n sequences, and the
     // plan's shape when adapters take part).
     absl::StatusOr<int64_t> graph = backend_->CaptureGraph([&]() -> absl::Status {
-      RETURN_IF_ERROR(DecoderLayers(b));
+      if (scaling) RETURN_IF_ERROR(scaling_ops());
+      RETURN_IF_ERROR(DecoderLayers(b, step_arrays_));
       return Head(n);
     });
     if (!graph.ok()) {
@@ -759,8 +827,30 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   }
   it->second.last_used = ++graph_clock_;
   RETURN_IF_ERROR(backend_->LaunchGraph(it->second.graph));
+  // The classified scalings come back with the step's results (TakeRouting).
+  int64_t floats = 0;
+  for (int32_t slot : classified) floats += int64_t{n} * XloraColumns(slot);
+  if (xlora_host_.bytes() < static_cast<size_t>(floats * 4)) {
+    ASSIGN_OR_RETURN(xlora_host_, backend_->AllocateHost(floats * 4 * 2));
+  }
+  int64_t at = 0;
+  for (size_t k = 0; k < classified.size(); ++k) {
+    const int64_t cols = XloraColumns(classified[k]);
+    RETURN_IF_ERROR(backend_->CopyToHostAsync(xlora_host_.as<float>() + at,
+                                              adapters_.xlora_table(classified[k]),
+                                              n * cols * sizeof(float)));
+    for (int32_t tok = 0; tok < n; ++tok) {
+      if (host_rows[(1 + k) * int64_t{n} + tok])
+        xlora_back_.push_back({tok, at + tok * cols, cols});
+    }
+    at += n * cols;
+  }
   adapters_.EndPass();
   return true;
+}
+
+int64_t LlamaModel::XloraColumns(int32_t slot) const {
+  return adapters_.adapter(slot)->xlora->classifier.back().out;
 }
 
 }  // namespace moleserve::engine

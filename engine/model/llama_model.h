@@ -137,16 +137,32 @@ class LlamaModel {
   absl::Status TakeRouting(const Batch& b, ForwardExtras* extras);
   // Embedding and every decoder layer over `b` (whose index arrays are uploaded here), leaving
   // the last hidden states (before the final norm) in x_.
-  absl::Status RunDecoder(const Batch& b, PassTokens tokens);
+  // A batch's index arrays on the device: the step's, and the X-LoRA scaling pass's.
+  struct BatchArrays {
+    DeviceBuffer tokens, positions, token_seq, block_tables, block_offsets;
+  };
+  absl::Status RunDecoder(const Batch& b, PassTokens tokens, PassRole role = PassRole::kMain);
   // RunDecoder's parts: the batch's index arrays to the device, then the ops only.
-  absl::Status UploadBatch(const Batch& b);
-  absl::Status DecoderLayers(const Batch& b);
+  absl::Status UploadBatch(const Batch& b, BatchArrays& arrays);
+  absl::Status DecoderLayers(const Batch& b, const BatchArrays& in);
+  // The X-LoRA scaling pass of `b`: its X-LoRA sequences without frozen scalings, over their
+  // aux KV blocks (sub), sub_of_token[i] the batch token of sub token i, and the pass's tokens.
+  struct ScalingPass {
+    Batch sub;
+    std::vector<int32_t> sub_of_token;
+    PassTokens pass;
+  };
+  ScalingPass BuildScalingPass(const Batch& b) const;
+  // The width C of X-LoRA adapter `slot`'s scalings rows.
+  int64_t XloraColumns(int32_t slot) const;
   // Final norm and lm_head of the n rows named by sample_rows_ (uploaded) into logits_, fp32
   // from the GEMM's accumulator (GemmParams::y_f32); LogitsToHost copies them out.
   absl::Status Head(int64_t n);
   absl::Status LogitsToHost(std::vector<float>* logits);
   // The decode fast path (LlamaModelOptions::decode_graphs).
   static constexpr int32_t kMaxGraphBatch = 256;
+  // X-LoRA adapters whose classifier one decode graph runs, at most.
+  static constexpr size_t kMaxGraphXlora = 8;
   bool IsGraphableDecode(const Batch& b) const;
   // True when the step ran through a graph; false when graphs turned out unavailable (the
   // caller runs the step eagerly).
@@ -191,7 +207,17 @@ class LlamaModel {
   bool graphs_unavailable_ = false;  // the backend has no graphs
   bool routing_to_take_ = false;     // the eager pass left records for TakeRouting
   absl::Status graph_status_;        // why, when it has none
-  DeviceBuffer tokens_, positions_, token_seq_, block_tables_, block_offsets_, sample_rows_;
+  BatchArrays step_arrays_, scaling_arrays_;
+  DeviceBuffer sample_rows_;
+  // A graphed X-LoRA step: each token's row in the scaling pass, then one token mask per
+  // classified adapter ([1 + kMaxGraphXlora, kMaxGraphBatch]); the classified scalings come back
+  // into xlora_host_ (pinned), row `row` of the step from float `at`, `cols` of them.
+  DeviceBuffer xlora_rows_, xlora_host_;
+  struct XloraBack {
+    int32_t row;
+    int64_t at, cols;
+  };
+  std::vector<XloraBack> xlora_back_;
   // The device sampler's buffers: fp32 work rows, row parameters, penalty entries (ids then
   // counts, grown on demand) and the packed results; sample_host_ (Backend::AllocateHost:
   // pinned on CUDA) receives them.

@@ -174,7 +174,8 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       }
     }
   }
-  if (max_rank == 0 && routed.empty()) return false;
+  // A pass with adapters but nothing to apply (an X-LoRA scaling pass with scaling_pass_value 0)
+  // is planned too: its modules issue nothing.
   // Each routed adapter routes every token of the step under its mask: bounded so that the
   // router work stays a small multiple of what gathering the adapter's tokens costs.
   std::vector<uint8_t> routes(atts.size(), 0);

@@ -70,7 +70,8 @@ struct Seqs {
   std::vector<int32_t> top;           // top logprobs asked
   std::vector<uint8_t> routing = {};  // return_routing per sequence (empty: none)
   // X-LoRA sequences (empty: none): they run the scaling pass (over KV blocks 32 + 2s, 33 + 2s)
-  // until frozen[s] holds the scalings of their first step, then decode with those.
+  // until frozen[s] holds the scalings of their first step, then decode with those (xlora[s]
+  // == 1), or run it every step (xlora[s] == 2).
   std::vector<uint8_t> xlora = {};
   std::vector<std::vector<float>> frozen = {};
   int32_t computed = 0;  // tokens already in the KV cache (same for all)
@@ -146,7 +147,9 @@ BackendCounts StepAndCompare(Models& m, Seqs& seqs, const std::string& what) {
   }
   EXPECT_EQ(got_extras.xlora_scalings, want_extras.xlora_scalings) << what;
   for (size_t s = 0; s < seqs.xlora.size(); ++s) {
-    if (seqs.xlora[s] && seqs.frozen[s].empty()) seqs.frozen[s] = got_extras.xlora_scalings[s];
+    if (seqs.xlora[s] == 1 && seqs.frozen[s].empty()) {
+      seqs.frozen[s] = got_extras.xlora_scalings[s];
+    }
   }
   EXPECT_EQ(got.rows.size(), seqs.tokens.size()) << what;
   for (size_t s = 0; s < seqs.tokens.size() && s < got.rows.size(); ++s) {
@@ -296,14 +299,16 @@ TEST(StepTransfersTest, LoraMoleAndXloraInOneBatchDecodeInOneGraphLaunch) {
     ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, root + "/" + name, name, &slots));
   }
   std::filesystem::remove_all(root);
-  // The X-LoRA sequence freezes its scalings after the prefill (its scaling pass and classifier
-  // run then); the MoLE and X-LoRA sequences ask for their routing.
-  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}, {1, 2, 3, 4}},
-            .slot = {-1, slots[0], slots[1], slots[2]},
-            .top = {0, 0, 0, 0},
-            .routing = {0, 0, 1, 1},
-            .xlora = {0, 0, 0, 1},
-            .frozen = {{}, {}, {}, {}}};
+  // X-LoRA sequence 3 freezes its scalings after the prefill (its scaling pass and classifier
+  // run then); sequence 4 runs its scaling pass and classifier every step, inside the graph.
+  // The MoLE and the first X-LoRA sequence ask for their routing.
+  Seqs seqs{
+      .tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}, {1, 2, 3, 4}, {9, 8, 7, 6}},
+      .slot = {-1, slots[0], slots[1], slots[2], slots[2]},
+      .top = {0, 0, 0, 0, 0},
+      .routing = {0, 0, 1, 1, 0},
+      .xlora = {0, 0, 0, 1, 2},
+      .frozen = {{}, {}, {}, {}, {}}};
   StepAndCompare(m, seqs, "prefill");
   ASSERT_EQ(seqs.frozen[3].size(), 24u) << "8 modules x 3 adapters";
   for (int step = 0; step < 6; ++step) {
@@ -313,10 +318,11 @@ TEST(StepTransfersTest, LoraMoleAndXloraInOneBatchDecodeInOneGraphLaunch) {
     EXPECT_EQ(c.ops, 1) << what << ": only the sampler runs outside the graph";
     EXPECT_EQ(c.syncs, 1) << what;
     EXPECT_EQ(c.page_copies, 0) << what << ": the experts stay resident";
-    // Rows, the routing status, and the decisions of the 8 routed sites of each recording
-    // adapter for the step's 4 tokens (MoLE: 4 experts, X-LoRA: 3 adapters).
-    const int64_t routing_bytes = 8 * 4 * (2 * 4 + 1) * 4 + 8 * 4 * (2 * 3 + 1) * 4;
-    EXPECT_EQ(c.d2h_bytes, 4 * kRowBytes + 4 + routing_bytes) << what;
+    // Rows, the routing status, the decisions of the 8 routed sites of each recording adapter
+    // for the step's 5 tokens (MoLE: 4 experts, X-LoRA: 3 adapters), and the scalings table the
+    // classifier wrote (5 rows of 24).
+    const int64_t routing_bytes = 8 * 5 * (2 * 4 + 1) * 4 + 8 * 5 * (2 * 3 + 1) * 4;
+    EXPECT_EQ(c.d2h_bytes, 5 * kRowBytes + 4 + routing_bytes + 5 * 24 * 4) << what;
   }
   EXPECT_GE(m.model->decode_graphs(), 1);
 }
