@@ -544,6 +544,7 @@ bool AdapterExecutor::HasBlockFfn(int32_t layer) const {
 
 absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const void* gate,
                                           const void* up, void* act) {
+  if (P().planner.active()) return P().planner.BlockAct(layer, h, gate, up, act);
   const int64_t t_count = static_cast<int64_t>(P().tokens.slot.size());
   const int64_t hidden = config_.hidden_size;
   const int64_t inter = config_.intermediate_size;
@@ -682,6 +683,7 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
 }
 
 absl::Status AdapterExecutor::BlockFfnDown(int32_t layer, void* o) {
+  if (P().planner.active()) return P().planner.BlockDown(layer, o);
   if (block_.num_pairs == 0) return absl::OkStatus();
   return sgmv_.Run(block_.by_expert_a, block_g_.data(), config_.intermediate_size, o,
                    config_.hidden_size);

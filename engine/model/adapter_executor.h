@@ -13,8 +13,9 @@
 // SGMV intermediate v is fp32). Module-scope groups with a linear router are routed on the device
 // (Backend::Route + BuildSegments) and so are rank-granular groups (Backend::RankRoute), with the
 // selection rules of engine/routing and no host round trip; so are X-LoRA modules in planned
-// passes (RouteRule::kXlora over the step's scalings). Block-routed FFNs, and X-LoRA modules of
-// unplanned passes, route on the host (engine/routing: the same rules and bits).
+// passes (RouteRule::kXlora over the step's scalings), and so are block-routed FFNs in planned
+// passes (StepPlanner::BlockAct). Unplanned passes route X-LoRA and block FFNs on the host
+// (engine/routing: the same rules and bits).
 //
 // Expert weights live in the paged expert cache (engine/expert_cache): each SGMV call pins the
 // experts of its segments (copying misses in from the adapter's host memory) and releases them
@@ -99,8 +100,8 @@ class AdapterExecutor {
   // Makes `role`'s pass (begun before) the current one: ApplyLinear and the rest act on it.
   void UsePass(PassRole role) { role_ = role; }
   // Plans the pass: when every adapter of the pass is plain LoRA, module-scope routed with a
-  // linear router, rank-wise (FlyLoRA, SMoRA) or X-LoRA (at most one static LoRA per module; no
-  // block FFN; no per-request routing override in the pass) and all their experts fit the
+  // linear router, rank-wise (FlyLoRA, SMoRA), X-LoRA or a block-routed FFN (at most one static
+  // LoRA per module; no per-request routing override in the pass) and all their experts fit the
   // cache at once,
   // pins them for the whole pass and uploads, in one copy, every table the pass needs: the
   // static segments of every site, each adapter's token mask, the routed groups' scales and row

@@ -27,7 +27,8 @@ StepPlanner::StepPlanner(Backend* backend, const ModelConfig& config, ExpertCach
       config_(config),
       cache_(cache),
       records_(records),
-      dt_(backend->compute_dtype()) {}
+      dt_(backend->compute_dtype()),
+      es_(static_cast<int64_t>(ScalarTypeSize(dt_))) {}
 
 absl::Status StepPlanner::Grow(DeviceBuffer* buf, size_t bytes) {
   if (buf->bytes() >= bytes) return absl::OkStatus();
@@ -61,11 +62,22 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   std::vector<int32_t> slots;
   std::vector<const AttachedAdapter*> atts;
   int32_t max_rank = 0, max_experts = 0, routed_rank = 0;
+  int32_t block_experts = 0, block_rank = 0;  // over the block-routed FFNs (MixLoRA)
   for (const PassAdapter& pa : adapters) {
     const AttachedAdapter& att = *pa.att;
     const Adapter& a = *att.adapter;
     for (const AdapterLayer& layer : a.layers) {
-      if (layer.block_ffn) return false;
+      if (layer.block_ffn) {
+        const BlockFfn& ffn = *layer.block_ffn;
+        if (ffn.num_experts > kernels::kMaxRouteWidth ||
+            !ToRouteParams(ffn.routing, ffn.num_experts).ok()) {
+          return false;
+        }
+        block_experts = std::max(block_experts, ffn.num_experts);
+        for (const auto& lora : ffn.lora) {
+          if (lora) block_rank = std::max(block_rank, lora->rank);
+        }
+      }
       for (int mi = 0; mi < kNumLinearModules; ++mi) {
         if (layer.statics[mi].size() > 1) return false;
         if (!layer.statics[mi].empty()) max_rank = std::max(max_rank, layer.statics[mi][0].rank);
@@ -174,12 +186,61 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       }
     }
   }
+  // Block-routed FFNs (MixLoRA): per (adapter, layer) the gate/up/down stacks' scales and row
+  // tables; shared: per-slot ones and identity [T * Eb], the weighted sums' rows T + t, and per
+  // layer with blocks each token's row of the extended activations.
+  struct BlockAt {
+    std::array<int64_t, 3> scale{-1, -1, -1}, a_rows{-1, -1, -1}, b_rows{-1, -1, -1};
+    int64_t slot_token = -1;
+  };
+  std::vector<StepPlan::Block> blocks;
+  std::vector<BlockAt> block_at;
+  plan_.blocks_of_layer.assign(config_.num_layers, {});
+  std::vector<int64_t> select_at(config_.num_layers, -1);
+  const int64_t eb = std::max(block_experts, 1);
+  int64_t ones_at = -1, slots_at = -1, z_rows_at = -1;
+  if (block_experts > 0) {
+    ones_at = layout.Take(t * eb * 4);
+    slots_at = layout.Take(t * eb * 4);
+    z_rows_at = layout.Take(t * 4);
+  }
+  for (int32_t layer = 0; layer < config_.num_layers && block_experts > 0; ++layer) {
+    for (size_t j = 0; j < atts.size(); ++j) {
+      const auto& ffn = atts[j]->adapter->layers[layer].block_ffn;
+      if (!ffn) continue;
+      if (select_at[layer] < 0) select_at[layer] = layout.Take(t * 4);
+      StepPlan::Block entry;
+      entry.layer = layer;
+      entry.slot_index = static_cast<int32_t>(j);
+      entry.slot = slots[j];
+      entry.position = static_cast<int32_t>(plan_.blocks_of_layer[layer].size());
+      entry.ffn = &*ffn;
+      entry.att = atts[j];
+      plan_.blocks_of_layer[layer].push_back(static_cast<int32_t>(blocks.size()));
+      BlockAt at;
+      at.slot_token = layout.Take(t * ffn->num_experts * 4);
+      for (int i = 0; i < 3; ++i) {
+        if (!ffn->lora[i]) continue;
+        const int64_t rows = int64_t{ffn->num_experts} * ffn->lora[i]->rank;
+        at.scale[i] = layout.Take(ffn->num_experts * 4);
+        at.a_rows[i] = layout.Take(rows * 8);
+        at.b_rows[i] = layout.Take(rows * 8);
+      }
+      blocks.push_back(entry);
+      block_at.push_back(at);
+    }
+  }
+  int32_t block_positions = 0;  // most block FFNs at one layer
+  for (const auto& of_layer : plan_.blocks_of_layer) {
+    block_positions = std::max(block_positions, static_cast<int32_t>(of_layer.size()));
+  }
   // A pass with adapters but nothing to apply (an X-LoRA scaling pass with scaling_pass_value 0)
   // is planned too: its modules issue nothing.
   // Each routed adapter routes every token of the step under its mask: bounded so that the
   // router work stays a small multiple of what gathering the adapter's tokens costs.
   std::vector<uint8_t> routes(atts.size(), 0);
   for (const StepPlan::Routed& entry : routed) routes[entry.slot_index] = 1;
+  for (const StepPlan::Block& entry : blocks) routes[entry.slot_index] = 1;
   if (std::count(routes.begin(), routes.end(), 1) > kMaxPlannedRoutedAdapters) return false;
   plan_host_.assign(layout.bytes, 0);
   char* h = plan_host_.data();
@@ -203,6 +264,24 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     ++j;
   }
   for (; j <= s_count; ++j) seg_start[j] = static_cast<int32_t>(pairs);
+  if (block_experts > 0) {
+    std::fill_n(reinterpret_cast<float*>(h + ones_at), t * eb, 1.0f);
+    auto* slot_ids = reinterpret_cast<int32_t*>(h + slots_at);
+    for (int64_t p = 0; p < t * eb; ++p) slot_ids[p] = static_cast<int32_t>(p);
+    auto* z_rows = reinterpret_cast<int32_t*>(h + z_rows_at);
+    for (int64_t i = 0; i < t; ++i) z_rows[i] = static_cast<int32_t>(t + i);
+  }
+  for (int32_t layer = 0; layer < config_.num_layers; ++layer) {
+    if (select_at[layer] < 0) continue;
+    // Row t of the extended activations [base SwiGLU (T rows); weighted sums (T rows)].
+    auto* select = reinterpret_cast<int32_t*>(h + select_at[layer]);
+    for (int64_t i = 0; i < t; ++i) select[i] = static_cast<int32_t>(i);
+    for (int32_t b : plan_.blocks_of_layer[layer]) {
+      for (int32_t tok : *adapters[blocks[b].slot_index].tokens) {
+        select[tok] = static_cast<int32_t>(t + tok);
+      }
+    }
+  }
 
   // Pin every expert of the pass and fill the tables; when they do not all fit, no plan.
   auto pin = [&](const LoraStack* stack, int32_t expert, std::vector<const void*>* a,
@@ -302,6 +381,26 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     std::copy(b_rows.begin(), b_rows.end(),
               reinterpret_cast<const void**>(h + routed_at[r].b_rows));
   }
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const int32_t e = blocks[b].ffn->num_experts;
+    auto* slot_token = reinterpret_cast<int32_t*>(h + block_at[b].slot_token);
+    for (int64_t p = 0; p < t * e; ++p) slot_token[p] = static_cast<int32_t>(p / e);
+    for (int i = 0; i < 3; ++i) {
+      const auto& lora = blocks[b].ffn->lora[i];
+      if (!lora) continue;
+      std::copy(lora->scale.begin(), lora->scale.end(),
+                reinterpret_cast<float*>(h + block_at[b].scale[i]));
+      a_rows.clear();
+      b_rows.clear();
+      absl::StatusOr<bool> ok = cache_->AcquireAllIfRoom(&*lora, &a_rows, &b_rows);
+      if (!ok.ok() || !*ok) return give_up(ok);
+      for (int32_t e = 0; e < lora->num_experts; ++e) plan_.pins.push_back({&*lora, e});
+      std::copy(a_rows.begin(), a_rows.end(),
+                reinterpret_cast<const void**>(h + block_at[b].a_rows[i]));
+      std::copy(b_rows.begin(), b_rows.end(),
+                reinterpret_cast<const void**>(h + block_at[b].b_rows[i]));
+    }
+  }
   // Routing records: each recording token's decisions at each routed site are copied (ops) into
   // plan_record_, at offsets laid out now; the placeholders follow once the buffers exist.
   const int64_t e_max = std::max(max_experts, 1);
@@ -316,13 +415,28 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     entry.record_at = record_words;
     record_words += entry.rm->rank_granular ? t * RankKeep(*entry.rm) : 2 * t * e + t;
   }
+  for (StepPlan::Block& entry : blocks) {
+    const auto& tokens = *adapters[entry.slot_index].tokens;
+    if (std::none_of(tokens.begin(), tokens.end(),
+                     [&](int32_t tok) { return records_->wants(tok); })) {
+      continue;
+    }
+    entry.record_at = record_words;
+    record_words += 2 * t * entry.ffn->num_experts + t;
+  }
   // Device buffers keep their addresses while they are big enough (graphs hold them); growing
   // one changes the key, so graphs captured with the old ones are never replayed.
   // ApplyPlanned's scratch: 6 [t, e_max] arrays, counts, segment starts and ranks, then the
   // 8-aligned segment offsets.
   const int64_t scratch_bytes = ((6 * t * e_max + t + 2 * (e_max + 1)) * 4 + 7) / 8 * 8 + 8 * e_max;
-  const int64_t v_floats = std::max(t * v, t * e_max * std::max(routed_rank, 1));
+  const int64_t v_floats =
+      std::max({t * v, t * e_max * std::max(routed_rank, 1), t * eb * std::max(block_rank, 1)});
+  // The block FFNs' scratch (BlockLayout) and a zero block of T rows of the intermediate size.
+  const BlockLayout bl = LayoutBlocks(t, block_experts > 0 ? eb : 0, block_positions);
+  const int64_t zero_bytes = block_experts > 0 ? t * config_.intermediate_size * es_ : 0;
   const bool grows = plan_buf_.bytes() < static_cast<size_t>(layout.bytes) ||
+                     plan_block_.bytes() < static_cast<size_t>(bl.bytes) ||
+                     plan_zeros_.bytes() < static_cast<size_t>(zero_bytes) ||
                      plan_v_.bytes() < static_cast<size_t>(v_floats * 4) ||
                      plan_scratch_.bytes() < static_cast<size_t>(scratch_bytes) ||
                      plan_record_.bytes() < static_cast<size_t>(record_words * 4);
@@ -331,6 +445,14 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   if (st.ok()) st = Grow(&plan_v_, v_floats * 4);
   if (st.ok()) st = Grow(&plan_scratch_, scratch_bytes);
   if (st.ok() && record_words > 0) st = Grow(&plan_record_, record_words * 4);
+  if (st.ok() && bl.bytes > 0) st = Grow(&plan_block_, bl.bytes);
+  if (st.ok() && zero_bytes > 0 && plan_zeros_.bytes() < static_cast<size_t>(zero_bytes)) {
+    st = Grow(&plan_zeros_, zero_bytes);  // zeroed once: nothing writes it afterwards
+    if (st.ok()) {
+      const std::vector<char> zeros(plan_zeros_.bytes(), 0);
+      st = backend_->CopyToDevice(plan_zeros_.data(), zeros.data(), zeros.size());
+    }
+  }
   if (st.ok()) st = backend_->CopyToDevice(plan_buf_.data(), h, layout.bytes);
   if (!st.ok()) return give_up(st);
   char* d = plan_buf_.as<char>();
@@ -368,6 +490,30 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     routed[r].a_rows = reinterpret_cast<const void* const*>(d + routed_at[r].a_rows);
     routed[r].b_rows = reinterpret_cast<const void* const*>(d + routed_at[r].b_rows);
   }
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    blocks[b].mask = reinterpret_cast<const int32_t*>(d + masks_at) + blocks[b].slot_index * t;
+    blocks[b].slot_token = reinterpret_cast<const int32_t*>(d + block_at[b].slot_token);
+    for (int i = 0; i < 3; ++i) {
+      if (block_at[b].scale[i] < 0) continue;
+      blocks[b].scale[i] = reinterpret_cast<const float*>(d + block_at[b].scale[i]);
+      blocks[b].a_rows[i] = reinterpret_cast<const void* const*>(d + block_at[b].a_rows[i]);
+      blocks[b].b_rows[i] = reinterpret_cast<const void* const*>(d + block_at[b].b_rows[i]);
+    }
+  }
+  plan_.select.assign(config_.num_layers, nullptr);
+  for (int32_t layer = 0; layer < config_.num_layers; ++layer) {
+    if (select_at[layer] >= 0) {
+      plan_.select[layer] = reinterpret_cast<const int32_t*>(d + select_at[layer]);
+    }
+  }
+  if (block_experts > 0) {
+    plan_.ones = reinterpret_cast<const float*>(d + ones_at);
+    plan_.slots = reinterpret_cast<const int32_t*>(d + slots_at);
+    plan_.z_rows = reinterpret_cast<const int32_t*>(d + z_rows_at);
+  }
+  plan_.blocks = std::move(blocks);
+  plan_.block_experts = block_experts > 0 ? static_cast<int32_t>(eb) : 0;
+  plan_.block_positions = block_positions;
   for (size_t j = 0; j < atts.size(); ++j) {
     if (xlora_at[j] >= 0) {
       plan_.xlora_tables.push_back({slots[j], reinterpret_cast<float*>(d + xlora_at[j])});
@@ -382,12 +528,13 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   plan_.tokens = t;
   plan_.max_experts = static_cast<int32_t>(e_max);
   plan_.key = {s_count, v, epoch_};
-  if (!plan_.routed.empty()) {
+  if (!plan_.routed.empty() || !plan_.blocks.empty()) {
     // Routing parameters are host scalars of the launches: the adapters themselves are part of
     // the key (slots are never reused).
     plan_.key.push_back(-1);
     plan_.key.insert(plan_.key.end(), slots.begin(), slots.end());
     for (const StepPlan::Routed& entry : plan_.routed) plan_.key.push_back(entry.record_at);
+    for (const StepPlan::Block& entry : plan_.blocks) plan_.key.push_back(entry.record_at);
   }
   for (int64_t site = 0; site < sites; site += 64) {  // the statically adapted sites
     int64_t word = 0;
@@ -398,6 +545,18 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   }
   // Placeholders for the decisions, in the order the eager pass records them (site by site).
   for (int64_t site = 0; site < sites; ++site) {
+    // MixLoRA's decisions come between up_proj and down_proj, as the eager pass records them.
+    if (site % kNumLinearModules == static_cast<int>(LinearModule::kDown)) {
+      for (int32_t b : plan_.blocks_of_layer[site / kNumLinearModules]) {
+        const StepPlan::Block& entry = plan_.blocks[b];
+        if (entry.record_at < 0) continue;
+        const int32_t e = entry.ffn->num_experts;
+        for (int32_t tok : *adapters[entry.slot_index].tokens) {
+          records_->Defer(tok, entry.layer, "ffn", entry.record_at + tok * e,
+                          entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
+        }
+      }
+    }
     for (int32_t r : plan_.routed_of_site[site]) {
       const StepPlan::Routed& entry = plan_.routed[r];
       if (entry.record_at < 0) continue;
@@ -415,7 +574,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     }
   }
   if (record_words > 0) records_->UseDeviceWords(&plan_record_, record_words);
-  if (!plan_.routed.empty()) records_->MarkDeviceRouted();
+  if (!plan_.routed.empty() || !plan_.blocks.empty()) records_->MarkDeviceRouted();
   plan_.active = true;
   return true;
 }
@@ -624,6 +783,227 @@ absl::Status StepPlanner::ApplyRanks(const StepPlan::Routed& entry, const void* 
                             .n = t * route.k,
                             .src_dtype = ScalarType::kF32,
                             .dst_dtype = ScalarType::kF32});
+}
+
+StepPlanner::BlockLayout StepPlanner::LayoutBlocks(int64_t t, int64_t eb, int64_t positions) const {
+  BlockLayout l;
+  if (eb == 0) return l;
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t r = at;
+    at += (bytes + 255) / 256 * 256;
+    return r;
+  };
+  const int64_t slots = t * eb;
+  l.logits = take(slots * 4);
+  l.experts = take(slots * 4);
+  l.weights = take(slots * 4);
+  l.count = take(t * 4);
+  l.per_position = at - l.experts;
+  at += l.per_position * (positions - 1);
+  l.pair_row = take(slots * 4);
+  l.pair_w = take(slots * 4);
+  l.seg_start = take((eb + 1) * 4);
+  l.seg_rank = take(eb * 4);
+  l.seg_off = take(eb * 8);
+  l.token_pair = take(slots * 4);
+  l.slot_count = take(slots * 4);
+  l.spare = take(4);
+  const int64_t inter = config_.intermediate_size;
+  l.ext = take(2 * t * inter * es_);
+  l.up = take(slots * inter * es_);
+  l.gate = take(slots * inter * es_);
+  l.gate_stride = l.gate - l.up;
+  at += l.gate_stride * (positions - 1);
+  l.bytes = at;
+  return l;
+}
+
+absl::Status StepPlanner::BlockShrink(const StepPlan::Block& entry, int i, const void* x,
+                                      int64_t in, bool slot_rows, bool count_undefined) {
+  const BlockLayout l = LayoutBlocks(plan_.tokens, plan_.block_experts, plan_.block_positions);
+  char* base = plan_block_.as<char>();
+  const int64_t pos = l.per_position * entry.position;
+  const int32_t e = entry.ffn->num_experts;
+  const int32_t rank = i >= 0 && entry.ffn->lora[i] ? entry.ffn->lora[i]->rank : 0;
+  auto* pair_row = reinterpret_cast<int32_t*>(base + l.pair_row);
+  auto* seg_start = reinterpret_cast<int32_t*>(base + l.seg_start);
+  auto* seg_rank = reinterpret_cast<int32_t*>(base + l.seg_rank);
+  auto* seg_off = reinterpret_cast<int64_t*>(base + l.seg_off);
+  // The gate and up LoRAs weigh each pair by their scale alone; the down LoRA by the gate
+  // weight times its scale. (A counting build, rank 0, weighs by ones.)
+  RETURN_IF_ERROR(backend_->BuildSegments(
+      {.experts = reinterpret_cast<const int32_t*>(base + l.experts + pos),
+       .weights = i == 2 ? reinterpret_cast<const float*>(base + l.weights + pos) : plan_.ones,
+       .count = reinterpret_cast<const int32_t*>(base + l.count + pos),
+       .rows = plan_.identity,
+       .scale = rank > 0 ? entry.scale[i] : plan_.ones,
+       .active = entry.mask,
+       .pair_row = pair_row,
+       .pair_weight = reinterpret_cast<float*>(base + l.pair_w),
+       .seg_start = seg_start,
+       .seg_rank = seg_rank,
+       .seg_row_offset = seg_off,
+       .token_pair = reinterpret_cast<int32_t*>(base + l.token_pair),
+       .slot_count = reinterpret_cast<int32_t*>(base + l.slot_count),
+       .slot_rows = slot_rows,
+       .undefined = count_undefined ? records_->undefined_counter()
+                                    : reinterpret_cast<int32_t*>(base + l.spare),
+       .num_tokens = static_cast<int32_t>(plan_.tokens),
+       .num_experts = e,
+       .rank = rank}));
+  if (rank == 0) return absl::OkStatus();
+  return backend_->SgmvShrink({.x = x,
+                               .v = plan_v_.as<float>(),
+                               .x_row = pair_row,
+                               .seg_start = seg_start,
+                               .seg_rank = seg_rank,
+                               .seg_row_offset = seg_off,
+                               .a_rows = entry.a_rows[i],
+                               .num_segments = e,
+                               .in = in,
+                               .v_stride = rank,
+                               .dtype = dt_});
+}
+
+absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gate, const void* up,
+                                   void* act) {
+  const int64_t t = plan_.tokens;
+  const int64_t hidden = config_.hidden_size, inter = config_.intermediate_size;
+  const BlockLayout l = LayoutBlocks(t, plan_.block_experts, plan_.block_positions);
+  char* base = plan_block_.as<char>();
+  // ext = [base SwiGLU of every token; zeros]: row T + t gets token t's weighted sum.
+  char* ext = base + l.ext;
+  RETURN_IF_ERROR(backend_->SiluMul(
+      {.gate = gate, .up = up, .out = ext, .rows = t, .cols = inter, .dtype = dt_}));
+  RETURN_IF_ERROR(backend_->Convert({.src = plan_zeros_.data(),
+                                     .dst = ext + t * inter * es_,
+                                     .n = t * inter,
+                                     .src_dtype = dt_,
+                                     .dst_dtype = dt_}));
+  for (int32_t b : plan_.blocks_of_layer[layer]) {
+    const StepPlan::Block& entry = plan_.blocks[b];
+    const BlockFfn& ffn = *entry.ffn;
+    const int32_t e = ffn.num_experts;
+    const int64_t pos = l.per_position * entry.position;
+    auto* logits = reinterpret_cast<float*>(base + l.logits);
+    auto* experts = reinterpret_cast<int32_t*>(base + l.experts + pos);
+    auto* weights = reinterpret_cast<float*>(base + l.weights + pos);
+    auto* count = reinterpret_cast<int32_t*>(base + l.count + pos);
+    char* act_slots = base + l.gate + l.gate_stride * entry.position;  // gate, then activations
+    char* up_slots = base + l.up;
+    RETURN_IF_ERROR(entry.att->RouterLogits(backend_, ffn.router, h, t, hidden, logits));
+    ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(ffn.routing, e));
+    route.logits = logits;
+    route.experts = experts;
+    route.weights = weights;
+    route.count = count;
+    route.active = entry.mask;
+    route.num_tokens = t;
+    RETURN_IF_ERROR(backend_->Route(route));
+    // Undefined logits counted once, by a build with no projection.
+    RETURN_IF_ERROR(BlockShrink(entry, /*i=*/-1, nullptr, 0, false, /*count_undefined=*/true));
+    // Per decision slot p = t * E + j: the token's base gate and up rows, plus the chosen
+    // expert's LoRA deltas (one output row per slot).
+    for (auto [src, dst, i] :
+         {std::tuple<const void*, char*, int>{gate, act_slots, 0}, {up, up_slots, 1}}) {
+      RETURN_IF_ERROR(backend_->Embedding({.ids = entry.slot_token,
+                                           .table = src,
+                                           .out = dst,
+                                           .num_tokens = t * e,
+                                           .hidden = inter,
+                                           .dtype = dt_}));
+      if (!ffn.lora[i]) continue;
+      RETURN_IF_ERROR(BlockShrink(entry, i, h, hidden, /*slot_rows=*/false, false));
+      RETURN_IF_ERROR(backend_->SgmvExpandRows(
+          {.v = plan_v_.as<float>(),
+           .y = dst,
+           .token_pair = reinterpret_cast<const int32_t*>(base + l.token_pair),
+           .count = reinterpret_cast<const int32_t*>(base + l.slot_count),
+           .weight = reinterpret_cast<const float*>(base + l.pair_w),
+           .seg_start = reinterpret_cast<const int32_t*>(base + l.seg_start),
+           .seg_rank = reinterpret_cast<const int32_t*>(base + l.seg_rank),
+           .seg_row_offset = reinterpret_cast<const int64_t*>(base + l.seg_off),
+           .b_rows = entry.b_rows[i],
+           .num_tokens = t * e,
+           .pair_stride = 1,
+           .num_segments = e,
+           .out = inter,
+           .v_stride = ffn.lora[i]->rank,
+           .dtype = dt_}));
+    }
+    RETURN_IF_ERROR(backend_->SiluMul({.gate = act_slots,
+                                       .up = up_slots,
+                                       .out = act_slots,
+                                       .rows = t * e,
+                                       .cols = inter,
+                                       .dtype = dt_}));
+    // Row T + t = sum_j w_j a_{t, j}, in decision order, added once.
+    RETURN_IF_ERROR(backend_->GatherAdd({.x = act_slots,
+                                         .y = ext,
+                                         .y_row = plan_.z_rows,
+                                         .src = plan_.slots,
+                                         .count = count,
+                                         .weight = weights,
+                                         .rows = t,
+                                         .src_stride = e,
+                                         .x_rows = t * e,
+                                         .cols = inter,
+                                         .dtype = dt_}));
+    if (entry.record_at >= 0) {  // the decisions, for the step's one copy back
+      int32_t* dst = plan_record_.as<int32_t>() + entry.record_at;
+      for (auto [src, words, at] : {std::tuple<const void*, int64_t, int64_t>{experts, t * e, 0},
+                                    {weights, t * e, t * e},
+                                    {count, t, 2 * t * e}}) {
+        RETURN_IF_ERROR(backend_->Convert({.src = src,
+                                           .dst = dst + at,
+                                           .n = words,
+                                           .src_dtype = ScalarType::kF32,
+                                           .dst_dtype = ScalarType::kF32}));
+      }
+    }
+  }
+  return backend_->Embedding({.ids = plan_.select[layer],
+                              .table = ext,
+                              .out = act,
+                              .num_tokens = t,
+                              .hidden = inter,
+                              .dtype = dt_});
+}
+
+absl::Status StepPlanner::BlockDown(int32_t layer, void* o) {
+  const int64_t t = plan_.tokens;
+  const BlockLayout l = LayoutBlocks(t, plan_.block_experts, plan_.block_positions);
+  char* base = plan_block_.as<char>();
+  for (int32_t b : plan_.blocks_of_layer[layer]) {
+    const StepPlan::Block& entry = plan_.blocks[b];
+    const BlockFfn& ffn = *entry.ffn;
+    if (!ffn.lora[2]) continue;
+    const int32_t e = ffn.num_experts;
+    const int64_t pos = l.per_position * entry.position;
+    // Pairs read their decision slot's activation; each token sums its experts' deltas in
+    // decision order and adds them once.
+    RETURN_IF_ERROR(BlockShrink(entry, 2, base + l.gate + l.gate_stride * entry.position,
+                                config_.intermediate_size, /*slot_rows=*/true, false));
+    RETURN_IF_ERROR(backend_->SgmvExpandRows(
+        {.v = plan_v_.as<float>(),
+         .y = o,
+         .token_pair = reinterpret_cast<const int32_t*>(base + l.token_pair),
+         .count = reinterpret_cast<const int32_t*>(base + l.count + pos),
+         .active = entry.mask,
+         .weight = reinterpret_cast<const float*>(base + l.pair_w),
+         .seg_start = reinterpret_cast<const int32_t*>(base + l.seg_start),
+         .seg_rank = reinterpret_cast<const int32_t*>(base + l.seg_rank),
+         .seg_row_offset = reinterpret_cast<const int64_t*>(base + l.seg_off),
+         .b_rows = entry.b_rows[2],
+         .num_tokens = t,
+         .pair_stride = e,
+         .num_segments = e,
+         .out = config_.hidden_size,
+         .v_stride = ffn.lora[2]->rank,
+         .dtype = dt_}));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace moleserve::engine

@@ -6,8 +6,9 @@
 //
 // Plan() takes the pass's adapters and, when each is plain LoRA, module-scope routed with a
 // linear router, rank-wise (FlyLoRA, SMoRA) or X-LoRA (modules weighted by the step's scalings:
-// a [T, C] table per adapter, filled from the host or on the device by the classifier), with no
-// block-routed FFN and at most one static LoRA per module, and all
+// a [T, C] table per adapter, filled from the host or on the device by the classifier) or
+// MixLoRA's block-routed FFN (BlockAct / BlockDown, per decision slot), with at most one static
+// LoRA per module, and all
 // their experts fit the cache at once: pins every expert for the pass and uploads in one copy
 // every table the pass needs. Device tables (plan_buf_): shared pair_token [T] (x_row = y_row),
 // seg_start [S + 1], identity rows [T], each adapted token's static pair and count [T], and the
@@ -29,6 +30,7 @@
 // Thread safety: none; the engine loop drives it. Memory: owns the plan's device buffers; pins
 // experts of `cache` from Plan() to End().
 
+#include <array>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -76,6 +78,14 @@ class StepPlanner {
   bool active() const { return plan_.active; }
   // y [T, out] += the planned adapters' deltas at (layer, m); x [T, in].
   absl::Status Apply(int32_t layer, LinearModule m, const void* x, void* y);
+  // MixLoRA's block FFN at `layer` (AdapterExecutor::BlockFfnAct / BlockFfnDown): router logits,
+  // Route and the gate/up LoRAs per decision slot, SwiGLU, the weighted sum into `act`; then the
+  // down LoRA per decision, summed per token in decision order into `o`.
+  bool HasBlocks(int32_t layer) const {
+    return plan_.active && !plan_.blocks_of_layer.empty() && !plan_.blocks_of_layer[layer].empty();
+  }
+  absl::Status BlockAct(int32_t layer, const void* h, const void* gate, const void* up, void* act);
+  absl::Status BlockDown(int32_t layer, void* o);
   // Releases what the plan pinned; no plan afterwards.
   void End();
 
@@ -133,12 +143,51 @@ class StepPlanner {
     std::vector<std::vector<int32_t>> routed_of_site;
     std::vector<std::pair<const LoraStack*, int32_t>> pins;
     std::vector<std::pair<int32_t, float*>> xlora_tables;  // (slot, its scalings table)
+    struct Block {  // one adapter's block-routed FFN (MixLoRA) at one layer
+      int32_t layer = 0;
+      int32_t slot_index = 0;  // the adapter's place in the pass
+      int32_t slot = 0;
+      int32_t position = 0;  // among the layer's blocks: its scratch (BlockLayout)
+      const BlockFfn* ffn = nullptr;
+      const AttachedAdapter* att = nullptr;
+      const int32_t* mask = nullptr;
+      // gate, up, down: scales [E] and row tables [E * r]; null when the projection has no LoRA
+      std::array<const float*, 3> scale{};
+      std::array<const void*const*, 3> a_rows{}, b_rows{};
+      const int32_t* slot_token = nullptr;  // [T * E]: the token of decision slot p, p / E
+      int64_t record_at = -1;
+    };
+    std::vector<Block> blocks;
+    std::vector<std::vector<int32_t>> blocks_of_layer;
+    std::vector<const int32_t*> select;  // per layer with blocks: [T] rows of the extended act
+    const float* ones = nullptr;         // [T * Eb]
+    const int32_t* slots = nullptr;      // [T * Eb]: p
+    const int32_t* z_rows = nullptr;     // [T]: T + t
+    int32_t block_experts = 0;           // Eb: the widest block router (decision slots a token)
+    int32_t block_positions = 0;         // most blocks at one layer
     std::vector<int64_t> key;
   };
   // A planned rank group (FlyLoRA, SMoRA): z = A x and the gate's logits for every token, then
   // RankRoute and the expand under the adapter's mask; the kept ranks go to the records.
   absl::Status ApplyRanks(const StepPlan::Routed& entry, const void* x, int64_t in, void* y,
                           int64_t out);
+  // The block FFNs' scratch in plan_block_ (byte offsets): router logits; per position k its
+  // decisions (experts, weights, count); the segments of the projection being applied (pairs,
+  // weights, starts, ranks, offsets, the decisions' pairs and slot counts) and a word for the
+  // undefined counts of repeated builds; then, in the compute dtype, the extended activations
+  // [2T, I], the up projections [T * Eb, I] and per position the gate projections (then the
+  // experts' activations) [T * Eb, I].
+  struct BlockLayout {
+    int64_t logits = 0, experts = 0, weights = 0, count = 0, per_position = 0;
+    int64_t pair_row = 0, pair_w = 0, seg_start = 0, seg_rank = 0, seg_off = 0, token_pair = 0,
+            slot_count = 0, spare = 0, ext = 0, up = 0, gate = 0, gate_stride = 0, bytes = 0;
+  };
+  BlockLayout LayoutBlocks(int64_t tokens, int64_t block_experts, int64_t positions) const;
+  // BuildSegments for projection i (gate 0, up 1, down 2) of `entry` from its decisions, then
+  // one shrink: pairs read x rows (tokens, or decision slots for the down projection). i = -1:
+  // a build with no projection, to count the undefined decisions once.
+  absl::Status BlockShrink(const StepPlan::Block& entry, int i, const void* x, int64_t in,
+                           bool slot_rows, bool count_undefined);
   // k, the ranks a planned rank group keeps per token.
   static int32_t RankKeep(const RoutedModule& rm);
   absl::Status Grow(DeviceBuffer* buf, size_t bytes);
@@ -148,9 +197,10 @@ class StepPlanner {
   ExpertCache* cache_;
   StepRecords* records_;
   ScalarType dt_;
+  int64_t es_;  // its element size
   StepPlan plan_;
   // Grown on demand; each growth bumps epoch_.
-  DeviceBuffer plan_buf_, plan_v_, plan_scratch_, plan_record_;
+  DeviceBuffer plan_buf_, plan_v_, plan_scratch_, plan_record_, plan_block_, plan_zeros_;
   std::vector<char> plan_host_;
   int64_t epoch_ = 0;
 };

@@ -320,6 +320,13 @@ struct SegmentBuildParams {
   // [num_tokens, num_experts] or nullptr: the pair of each decision (t, j < count[t]), for
   // SgmvExpandRows.
   int32_t* token_pair = nullptr;
+  // [num_tokens, num_experts] or nullptr: 1 for the decisions (j < count[t]), 0 for the other
+  // slots (an SgmvExpandRows over decision slots, one output row each: MixLoRA's per-expert
+  // gate and up projections).
+  int32_t* slot_count = nullptr;
+  // pair_row[p] = t * num_experts + j, the decision's slot, instead of rows[t] (rows unused):
+  // MixLoRA's down projection reads each expert's activation from its slot's row.
+  bool slot_rows = false;
   int32_t* undefined = nullptr;  // [1], accumulated into
   int32_t num_tokens = 0;
   int32_t num_experts = 0;  // 1..kMaxRouteWidth

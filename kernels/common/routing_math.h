@@ -243,7 +243,7 @@ MOLESERVE_HD inline void WriteExpertSegment(const SegmentBuildParams& p, int32_t
     for (int32_t j = 0; j < c; ++j) {
       const int64_t k = int64_t{t} * p.num_experts + j;
       if (p.experts[k] != e) continue;
-      p.pair_row[at] = p.rows[t];
+      p.pair_row[at] = p.slot_rows ? static_cast<int32_t>(k) : p.rows[t];
       p.pair_weight[at] = p.weights[k] * p.scale[e];
       if (p.token_pair != nullptr) p.token_pair[k] = at;
       ++at;
@@ -251,6 +251,11 @@ MOLESERVE_HD inline void WriteExpertSegment(const SegmentBuildParams& p, int32_t
   }
   p.seg_rank[e] = p.rank;
   p.seg_row_offset[e] = int64_t{e} * p.rank;
+  if (p.slot_count != nullptr) {  // column e of the slots
+    for (int32_t t = 0; t < p.num_tokens; ++t) {
+      p.slot_count[int64_t{t} * p.num_experts + e] = e < p.count[t] ? 1 : 0;
+    }
+  }
 }
 
 }  // namespace moleserve::kernels::routing_math

@@ -86,9 +86,9 @@ KernelStatus BuildSegments(const SegmentBuildParams& p, ThreadPool*) {
   }
   if (p.seg_start == nullptr || p.seg_rank == nullptr || p.seg_row_offset == nullptr ||
       p.undefined == nullptr ||
-      (p.num_tokens > 0 &&
-       (p.experts == nullptr || p.weights == nullptr || p.count == nullptr || p.rows == nullptr ||
-        p.scale == nullptr || p.pair_row == nullptr || p.pair_weight == nullptr))) {
+      (p.num_tokens > 0 && (p.experts == nullptr || p.weights == nullptr || p.count == nullptr ||
+                            (p.rows == nullptr && !p.slot_rows) || p.scale == nullptr ||
+                            p.pair_row == nullptr || p.pair_weight == nullptr))) {
     return KernelStatus::kInvalidArgument;
   }
   p.seg_start[0] = 0;

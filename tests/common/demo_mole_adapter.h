@@ -2,8 +2,9 @@
 
 // Random adapters for the built-in demo model, for server tests and benchmarks (no gtest here):
 // WriteDemoMoleAdapter (a top-2 routed mole/1 group), WriteDemoRankAdapter (FlyLoRA / SMoRA rank
-// routing), WriteDemoPeftLora (a PEFT LoRA), WriteDemoXloraAdapter (an X-LoRA model). Each
-// returns the directory, or "" when the weights cannot be written.
+// routing), WriteDemoPeftLora (a PEFT LoRA), WriteDemoXloraAdapter (an X-LoRA model),
+// WriteDemoMixloraAdapter (MixLoRA's block-routed FFN). Each returns the directory, or "" when the
+// weights cannot be written.
 
 #include <cstdint>
 #include <filesystem>
@@ -168,6 +169,37 @@ inline std::string WriteDemoXloraAdapter(const std::string& dir, uint32_t seed =
       << module_index << R"(}},
     "inference": {"freeze_scalings_after": )"
       << (freeze_after < 0 ? std::string("null") : std::to_string(freeze_after)) << "}}";
+  return dir;
+}
+
+// A MixLoRA-style mole/1 adapter for the demo model: a block-routed FFN of 4 experts of rank 4
+// on gate_proj, up_proj and down_proj of every layer (hidden 256, intermediate 688), routed by
+// `routing` (a mole/1 routing object, top-2 by default), strong enough to change greedy output.
+inline std::string WriteDemoMixloraAdapter(
+    const std::string& dir, uint32_t seed = 19,
+    const std::string& routing = R"({"algorithm": "topk", "k": 2})", float stddev = 0.3f) {
+  RandomTensors t(dir, seed, stddev);
+  struct Module {
+    const char* name;
+    int64_t in, out;
+  };
+  for (int l = 0; l < 4; ++l) {
+    const std::string p = absl::StrCat("groups.ffn.layers.", l);
+    t.Add(p + ".router.weight", {4, 256});
+    for (const Module& m : {Module{"gate_proj", 256, 688}, Module{"up_proj", 256, 688},
+                            Module{"down_proj", 688, 256}}) {
+      t.Add(absl::StrCat(p, ".", m.name, ".A"), {4, 4, m.in});
+      t.Add(absl::StrCat(p, ".", m.name, ".B"), {4, m.out, 4});
+    }
+  }
+  if (!t.Write("model.safetensors")) return "";
+  std::ofstream(dir + "/mole_config.json")
+      << R"({"format": "mole", "format_version": 1, "name": "demo-mixlora",
+    "source_family": "mixlora",
+    "routed_groups": [{"id": "ffn", "scope": "block_ffn",
+      "targets": {"layers": "all", "modules": ["gate_proj", "up_proj", "down_proj"]},
+      "num_experts": 4, "rank": 4, "scale": 2.0, "routing": )"
+      << routing << "}]}";
   return dir;
 }
 

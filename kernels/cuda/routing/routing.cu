@@ -82,9 +82,9 @@ cudaError_t BuildSegments(const SegmentBuildParams& p, cudaStream_t stream) {
       p.undefined == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (p.num_tokens > 0 &&
-      (p.experts == nullptr || p.weights == nullptr || p.count == nullptr || p.rows == nullptr ||
-       p.scale == nullptr || p.pair_row == nullptr || p.pair_weight == nullptr)) {
+  if (p.num_tokens > 0 && (p.experts == nullptr || p.weights == nullptr || p.count == nullptr ||
+                           (p.rows == nullptr && !p.slot_rows) || p.scale == nullptr ||
+                           p.pair_row == nullptr || p.pair_weight == nullptr)) {
     return cudaErrorInvalidValue;
   }
   BuildSegmentsKernel<<<1, kMaxRouteWidth, 0, stream>>>(p);

@@ -409,6 +409,109 @@ TEST(DecodeGraphTest, XloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
   EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
 }
 
+TEST(DecodeGraphTest, MixloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  auto b_graph = CreateCpuBackend({.num_threads = 2});
+  auto b_eager = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+  // Two MixLoRA adapters (top-2 and top-p: a token's decision count varies) and a MoLE.
+  const std::string root = testing::TempDir() + "/decode_graph_mixlora";
+  ASSERT_FALSE(test_util::WriteDemoMixloraAdapter(root + "/topk").empty());
+  ASSERT_FALSE(
+      test_util::WriteDemoMixloraAdapter(root + "/topp", 23, R"({"algorithm": "top_p", "p": 0.6})")
+          .empty());
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/mole").empty());
+  std::vector<int32_t> slot;
+  for (const char* name : {"topk", "topp", "mole"}) {
+    auto a = LoadAdapter(root + "/" + name, name, config, {});
+    ASSERT_TRUE(a.ok()) << a.status();
+    auto g = (*graphed)->AttachAdapter(*a);
+    auto e = (*eager)->AttachAdapter(*a);
+    ASSERT_TRUE(g.ok() && e.ok());
+    ASSERT_EQ(*g, *e);
+    slot.push_back(*g);
+  }
+  std::filesystem::remove_all(root);
+  const std::vector<int32_t> uses = {-1, slot[0], slot[1], slot[2], slot[0]};
+  const std::vector<int32_t> from = {0, 0, 0, 3, 6};
+  const std::vector<int32_t> to = {16, 16, 12, 16, 16};
+  std::vector<std::vector<int32_t>> tokens(uses.size());
+  for (size_t s = 0; s < uses.size(); ++s) {
+    for (int32_t i = 0; i < 4 + static_cast<int32_t>(s); ++i) {
+      tokens[s].push_back((i * 37 + static_cast<int32_t>(s) * 17 + 3) % 256);
+    }
+  }
+  std::vector<int32_t> computed(uses.size(), 0);
+  constexpr int32_t kSteps = 16;
+  for (int32_t step = 0; step < kSteps; ++step) {
+    const bool last = step + 1 == kSteps;
+    std::vector<int32_t> in_batch;
+    Batch b = NextStep(
+        uses, tokens, [&](int32_t s) { return step >= from[s] && step < to[s]; }, &computed,
+        &in_batch);
+    // The MixLoRA sequences 1 and 2 record their routing on odd steps and on the last one.
+    b.seq_return_routing.assign(b.num_seqs(), 0);
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      if ((in_batch[r] == 1 || in_batch[r] == 2) && (step % 2 == 1 || last)) {
+        b.seq_return_routing[r] = 1;
+      }
+    }
+    Batch unplanned = b;  // the same step with an override that changes nothing (k = 2)
+    unplanned.seq_override.assign(b.num_seqs(), -1);
+    unplanned.seq_override[1] = 0;
+    RoutingOverride keep;
+    keep.k = 2;
+    unplanned.overrides.push_back(keep);
+    std::vector<float> lg, le;
+    ForwardExtras xg, xe;
+    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    ASSERT_TRUE((*eager)->Forward(last ? unplanned : b, &le, &xe).ok()) << "step " << step;
+    ASSERT_EQ(lg.size(), le.size());
+    if (last) {  // the host-routed path sums a token's experts in expert order: fp32 rounding
+      float scale = 1.0f, diff = 0.0f;
+      for (size_t i = 0; i < lg.size(); ++i) {
+        scale = std::max(scale, std::fabs(le[i]));
+        diff = std::max(diff, std::fabs(lg[i] - le[i]));
+      }
+      EXPECT_LE(diff, 1e-5f * scale) << "planned vs unplanned block FFN";
+    } else {
+      ASSERT_EQ(lg, le) << "step " << step;
+    }
+    ASSERT_EQ(xg.routing.size(), xe.routing.size());
+    for (size_t r = 0; r < xg.routing.size(); ++r) {
+      ASSERT_EQ(xg.routing[r].size(), xe.routing[r].size()) << "step " << step;
+      int32_t ffn_records = 0;
+      for (size_t i = 0; i < xg.routing[r].size(); ++i) {
+        EXPECT_EQ(xg.routing[r][i].layer, xe.routing[r][i].layer) << "step " << step;
+        EXPECT_EQ(xg.routing[r][i].module, xe.routing[r][i].module) << "step " << step;
+        EXPECT_EQ(xg.routing[r][i].experts, xe.routing[r][i].experts) << "step " << step;
+        ASSERT_EQ(xg.routing[r][i].weights.size(), xe.routing[r][i].weights.size());
+        for (size_t w = 0; w < xg.routing[r][i].weights.size(); ++w) {
+          // Bit for bit, except across paths, whose router inputs differ by fp32 rounding.
+          EXPECT_NEAR(xg.routing[r][i].weights[w], xe.routing[r][i].weights[w], last ? 1e-5 : 0.0)
+              << "step " << step;
+        }
+        ffn_records += xg.routing[r][i].module == std::string("ffn");
+      }
+      EXPECT_EQ(ffn_records, b.seq_return_routing[r] ? 4 : 0) << "one per layer";
+    }
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const float* row = lg.data() + r * config.vocab_size;
+      tokens[in_batch[r]].push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+  }
+  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+}
+
 TEST(DecodeGraphTest, CaptureHoldsOpsOnlyAndReplaysThemOnCurrentInputs) {
   auto backend = CreateCpuBackend({.num_threads = 1});
   ASSERT_TRUE(backend.ok());

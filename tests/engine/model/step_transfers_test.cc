@@ -327,6 +327,38 @@ TEST(StepTransfersTest, LoraMoleAndXloraInOneBatchDecodeInOneGraphLaunch) {
   EXPECT_GE(m.model->decode_graphs(), 1);
 }
 
+TEST(StepTransfersTest, MixloraStepsDecodeInOneGraphLaunch) {
+  Models m = MakeModels();
+  const std::string root = testing::TempDir() + "/step_transfers_mixlora";
+  std::vector<int32_t> slots;
+  ASSERT_FALSE(test_util::WriteDemoMixloraAdapter(root + "/topk").empty());
+  ASSERT_FALSE(
+      test_util::WriteDemoMixloraAdapter(root + "/topp", 23, R"({"algorithm": "top_p", "p": 0.6})")
+          .empty());
+  for (const char* name : {"topk", "topp"}) {
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, root + "/" + name, name, &slots));
+  }
+  std::filesystem::remove_all(root);
+  // The top-2 sequence asks for its routing: its 4 layers' block decisions (4 experts) for
+  // every token of the step (routing runs over the whole step under the adapter's mask).
+  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}},
+            .slot = {-1, slots[0], slots[1]},
+            .top = {0, 0, 0},
+            .routing = {0, 1, 0}};
+  for (int step = 0; step < 6; ++step) {
+    const std::string what = step == 0 ? "prefill" : "mixlora step " + std::to_string(step);
+    const BackendCounts c = StepAndCompare(m, seqs, what);
+    EXPECT_EQ(c.syncs, 1) << what;
+    EXPECT_EQ(c.graph_launches, step == 0 ? 0 : 1) << what;
+    if (step > 0) {
+      EXPECT_EQ(c.ops, 1) << what << ": only the sampler runs outside the graph";
+      EXPECT_EQ(c.page_copies, 0) << what << ": the experts stay resident";
+    }
+    const int64_t step_tokens = step == 0 ? 12 : 3;
+    EXPECT_EQ(c.d2h_bytes, 3 * kRowBytes + 4 + 4 * step_tokens * (2 * 4 + 1) * 4) << what;
+  }
+}
+
 TEST(StepTransfersTest, SamplingThatDoesNotFitTheBatchIsRefused) {
   Models m = MakeModels();
   Seqs seqs{.tokens = {{5, 9}}, .slot = {-1}, .top = {0}};
