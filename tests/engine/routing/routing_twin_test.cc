@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -341,6 +342,71 @@ TEST(RoutingTwinTest, BuildSegmentsMatchesTheHostGrouping) {
       EXPECT_EQ(pair_weight[seg_start[x] + i], want[x][i].second);
     }
   }
+}
+
+TEST(RoutingTwinTest, BuildSegmentsGivesDecisionSlotsForMixlora) {
+  // MixLoRA's planned block FFN: slot p = t * E + j is decision j of token t; slot_count marks
+  // the decisions, token_pair maps each to its pair, and slot_rows makes the pairs read slots.
+  const int32_t e = 4;
+  const int64_t tokens = 30;
+  const std::vector<float> logits = TieHeavyLogits(tokens, e, 7);
+  absl::StatusOr<kernels::RouteParams> route =
+      ToRouteParams({.algorithm = RoutingAlgorithm::kTopP, .p = 0.6f}, e);
+  ASSERT_TRUE(route.ok());
+  std::vector<int32_t> experts(tokens * e), count(tokens), active(tokens);
+  std::vector<float> weights(tokens * e), ones(e, 1.0f);
+  for (int64_t t = 0; t < tokens; ++t) active[t] = t % 5 != 2;
+  route->logits = logits.data();
+  route->experts = experts.data();
+  route->weights = weights.data();
+  route->count = count.data();
+  route->active = active.data();
+  route->num_tokens = tokens;
+  ASSERT_EQ(kernels::cpu::Route(*route, nullptr), kernels::KernelStatus::kOk);
+  std::vector<int32_t> pair_row(tokens * e, -1), seg_start(e + 1), seg_rank(e),
+      token_pair(tokens * e, -1), slot_count(tokens * e, -1);
+  std::vector<float> pair_weight(tokens * e);
+  std::vector<int64_t> seg_off(e);
+  int32_t undefined = 0;
+  ASSERT_EQ(kernels::cpu::BuildSegments({.experts = experts.data(),
+                                         .weights = weights.data(),
+                                         .count = count.data(),
+                                         .scale = ones.data(),
+                                         .active = active.data(),
+                                         .pair_row = pair_row.data(),
+                                         .pair_weight = pair_weight.data(),
+                                         .seg_start = seg_start.data(),
+                                         .seg_rank = seg_rank.data(),
+                                         .seg_row_offset = seg_off.data(),
+                                         .token_pair = token_pair.data(),
+                                         .slot_count = slot_count.data(),
+                                         .slot_rows = true,
+                                         .undefined = &undefined,
+                                         .num_tokens = static_cast<int32_t>(tokens),
+                                         .num_experts = e,
+                                         .rank = 2},
+                                        nullptr),
+            kernels::KernelStatus::kOk);
+  int32_t decisions = 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int32_t j = 0; j < e; ++j) {
+      const int64_t slot = t * e + j;
+      ASSERT_EQ(slot_count[slot], j < count[t] ? 1 : 0) << "slot " << slot;
+      if (j >= count[t]) continue;
+      ++decisions;
+      const int32_t p = token_pair[slot];
+      ASSERT_GE(p, seg_start[experts[slot]]);
+      ASSERT_LT(p, seg_start[experts[slot] + 1]);
+      EXPECT_EQ(pair_row[p], slot) << "the pair reads its decision's slot";
+      EXPECT_EQ(pair_weight[p], weights[slot]);
+    }
+    if (!active[t]) {
+      EXPECT_EQ(count[t], 0);
+    }
+  }
+  EXPECT_EQ(seg_start[e], decisions);
+  // Top-p keeps more than one expert for some active tokens.
+  EXPECT_GT(decisions, std::count(active.begin(), active.end(), 1));
 }
 
 // Rank top-2 of 4 ranks over the 3 tokens of z [3, 4] on the CPU twin (active: a token mask or
