@@ -171,16 +171,15 @@ void AdapterExecutor::EndPass() {
 absl::StatusOr<bool> AdapterExecutor::PlanPass() {
   P().planner.End();
   if (!P().active) return false;
-  for (int32_t o : P().tokens.override_index) {
-    if (o >= 0) return false;  // per-request routing: one Route call per spec, run eagerly
-  }
   std::vector<StepPlanner::PassAdapter> adapters;
   for (const auto& [slot, tokens] : P().by_slot) {
     adapters.push_back({slot, attached_.at(slot).get(), &tokens});
   }
-  return P().planner.Plan(
-      adapters, static_cast<int64_t>(P().tokens.slot.size()),
-      {.scalings = &P().tokens.scalings, .scaling_pass = P().tokens.scaling_pass});
+  return P().planner.Plan(adapters, static_cast<int64_t>(P().tokens.slot.size()),
+                          {.scalings = &P().tokens.scalings,
+                           .scaling_pass = P().tokens.scaling_pass,
+                           .override_index = &P().tokens.override_index,
+                           .overrides = &P().tokens.overrides});
 }
 
 absl::Status AdapterExecutor::Grow(DeviceBuffer* buf, size_t bytes) {

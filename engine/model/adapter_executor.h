@@ -101,8 +101,8 @@ class AdapterExecutor {
   void UsePass(PassRole role) { role_ = role; }
   // Plans the pass: when every adapter of the pass is plain LoRA, module-scope routed with a
   // linear router, rank-wise (FlyLoRA, SMoRA), X-LoRA or a block-routed FFN (at most one static
-  // LoRA per module; no per-request routing override in the pass) and all their experts fit the
-  // cache at once,
+  // LoRA per module; per-request routing overrides route their own tokens) and all their experts
+  // fit the cache at once,
   // pins them for the whole pass and uploads, in one copy, every table the pass needs: the
   // static segments of every site, each adapter's token mask, the routed groups' scales and row
   // tables. ApplyLinear then issues only ops, with no host work and no copies: per routed group

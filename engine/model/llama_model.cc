@@ -271,7 +271,7 @@ absl::Status LlamaModel::RunDecoder(const Batch& b, PassTokens pass, PassRole ro
   RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass), role));
   // Planned passes (AdapterExecutor::PlanPass): every table in one upload, no host work between
   // modules.
-  RETURN_IF_ERROR(adapters_.PlanPass().status());
+  if (planned_passes_) RETURN_IF_ERROR(adapters_.PlanPass().status());
   BatchArrays& arrays = role == PassRole::kMain ? step_arrays_ : scaling_arrays_;
   RETURN_IF_ERROR(UploadBatch(b, arrays));
   return DecoderLayers(b, arrays);
@@ -722,6 +722,10 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   }
   std::vector<int64_t> key = {n};
   GraphEntry entry;
+  if (!planned_passes_ && !b.seq_adapter.empty() &&
+      std::any_of(b.seq_adapter.begin(), b.seq_adapter.end(), [](int32_t s) { return s >= 0; })) {
+    return false;
+  }
   if (scaling) {
     RETURN_IF_ERROR(adapters_.BeginPass(std::move(sp.pass), PassRole::kScaling));
     ASSIGN_OR_RETURN(bool planned, adapters_.PlanPass());

@@ -108,6 +108,10 @@ class LlamaModel {
   const LlamaModelOptions& options() const { return options_; }
   // Decode graphs captured so far (one per batch size), and why graphs are off if they are.
   int64_t decode_graphs() const { return static_cast<int64_t>(decode_graphs_.size()); }
+  // Off: adapter passes are not planned (AdapterExecutor::PlanPass), so adapter steps run
+  // module by module, routing MixLoRA and X-LoRA on the host, and are never graphed. For tests
+  // and benchmarks that compare the two paths; on by default.
+  void set_planned_passes(bool on) { planned_passes_ = on; }
   const absl::Status& graph_status() const { return graph_status_; }
   // Bytes of KV cache per block (all layers, K and V).
   int64_t kv_bytes_per_block() const;
@@ -205,6 +209,7 @@ class LlamaModel {
   std::map<std::vector<int64_t>, GraphEntry> decode_graphs_;
   uint64_t graph_clock_ = 0;
   bool graphs_unavailable_ = false;  // the backend has no graphs
+  bool planned_passes_ = true;       // set_planned_passes
   bool routing_to_take_ = false;     // the eager pass left records for TakeRouting
   absl::Status graph_status_;        // why, when it has none
   BatchArrays step_arrays_, scaling_arrays_;

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <tuple>
 
+#include "absl/base/casts.h"
 #include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
@@ -57,7 +59,8 @@ std::vector<int32_t> StepPlanner::routed_slots() const {
 }
 
 absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters, int64_t t,
-                                       const XloraRows& xlora) {
+                                       const PassInputs& inputs) {
+  const PassInputs& xlora = inputs;
   End();
   std::vector<int32_t> slots;
   std::vector<const AttachedAdapter*> atts;
@@ -151,6 +154,46 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     const auto& xs = atts[j]->adapter->xlora;
     if (xs) xlora_at[j] = layout.Take(t * xs->classifier.back().out * 4);
   }
+  // Each adapter's tokens by routing override (PassInputs): its routed groups and block FFNs
+  // route each part with the part's spec under the part's mask (X-LoRA modules take no
+  // override: they route the adapter's tokens at once).
+  struct Part {
+    int32_t adapter;
+    int32_t override_index;  // -1: none
+    int64_t mask_at;         // the adapter's mask when the part is all its tokens
+  };
+  std::vector<Part> parts;
+  std::vector<std::vector<int32_t>> parts_of(atts.size());
+  plan_.part_tokens.clear();
+  for (size_t j = 0; j < atts.size(); ++j) {
+    std::map<int32_t, std::vector<int32_t>> by_override;
+    for (int32_t tok : *adapters[j].tokens) {
+      const int32_t o = inputs.override_index == nullptr ? -1 : (*inputs.override_index)[tok];
+      by_override[o].push_back(tok);
+    }
+    for (auto& [o, tokens] : by_override) {
+      const bool whole = by_override.size() == 1;
+      parts_of[j].push_back(static_cast<int32_t>(parts.size()));
+      parts.push_back(
+          {static_cast<int32_t>(j), o,
+           whole ? masks_at + int64_t{static_cast<int32_t>(j)} * t * 4 : layout.Take(t * 4)});
+      plan_.part_tokens.push_back(std::move(tokens));
+    }
+  }
+  // The part's spec (the override applied; validated when the request was submitted).
+  auto part_spec = [&](int32_t part, const RoutingSpec& base,
+                       int32_t width) -> absl::StatusOr<RoutingSpec> {
+    const int32_t o = parts[part].override_index;
+    if (o < 0) return base;
+    return ApplyRoutingOverride(base, (*inputs.overrides)[o], width);
+  };
+  auto override_key = [&](int32_t part) -> std::array<int64_t, 3> {
+    const int32_t o = parts[part].override_index;
+    if (o < 0) return {-1, -1, -1};
+    const RoutingOverride& ov = (*inputs.overrides)[o];
+    return {ov.algorithm ? static_cast<int64_t>(*ov.algorithm) : -1, ov.k ? *ov.k : -1,
+            ov.p ? static_cast<int64_t>(absl::bit_cast<uint32_t>(*ov.p)) : -1};
+  };
   std::vector<StepPlan::Routed> routed;
   std::vector<RoutedAt> routed_at;
   plan_.routed_of_site.assign(sites, {});
@@ -164,25 +207,37 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       // The scaling pass with scaling_pass_value 0 is exactly the base model.
       if (xs && xlora.scaling_pass && xs->scaling_pass_value == 0.0f) continue;
       const int32_t e = r->experts.num_experts, rank = r->experts.rank;
-      plan_.routed_of_site[site].push_back(static_cast<int32_t>(routed.size()));
-      StepPlan::Routed entry;
-      entry.layer = layer;
-      entry.module = static_cast<LinearModule>(mi);
-      entry.slot_index = static_cast<int32_t>(j);
-      entry.slot = slots[j];
-      entry.rm = &*r;
-      entry.att = atts[j];
-      if (xs) entry.xlora_cols = xs->classifier.back().out;
-      routed.push_back(entry);
-      routed_at.push_back({layout.Take(e * 4), layout.Take(int64_t{e} * rank * 8),
-                           layout.Take(int64_t{e} * rank * 8)});
-      if (r->rank_granular) {
-        RoutedAt& at = routed_at.back();
-        at.weight = layout.Take(t * 4);
-        at.bias = layout.Take(rank * 4);
-        at.seg_start = layout.Take(2 * 4);
-        at.seg_rank = layout.Take(4);
-        at.seg_off = layout.Take(8);
+      // X-LoRA modules: one entry for the adapter's tokens; others: one per override part.
+      std::vector<int32_t> entry_parts = xs ? std::vector<int32_t>{-1} : parts_of[j];
+      for (int32_t part : entry_parts) {
+        plan_.routed_of_site[site].push_back(static_cast<int32_t>(routed.size()));
+        StepPlan::Routed entry;
+        entry.layer = layer;
+        entry.module = static_cast<LinearModule>(mi);
+        entry.slot_index = static_cast<int32_t>(j);
+        entry.slot = slots[j];
+        entry.rm = &*r;
+        entry.att = atts[j];
+        entry.part = part;
+        if (xs) entry.xlora_cols = xs->classifier.back().out;
+        if (part >= 0) {
+          absl::StatusOr<RoutingSpec> spec =
+              part_spec(part, r->routing, r->rank_granular ? rank : e);
+          if (!spec.ok()) return false;  // refused at submission; never here
+          entry.spec = *spec;
+          entry.override_key = override_key(part);
+        }
+        routed.push_back(entry);
+        routed_at.push_back({layout.Take(e * 4), layout.Take(int64_t{e} * rank * 8),
+                             layout.Take(int64_t{e} * rank * 8)});
+        if (r->rank_granular) {
+          RoutedAt& at = routed_at.back();
+          at.weight = layout.Take(t * 4);
+          at.bias = layout.Take(rank * 4);
+          at.seg_start = layout.Take(2 * 4);
+          at.seg_rank = layout.Take(4);
+          at.seg_off = layout.Take(8);
+        }
       }
     }
   }
@@ -209,25 +264,32 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       const auto& ffn = atts[j]->adapter->layers[layer].block_ffn;
       if (!ffn) continue;
       if (select_at[layer] < 0) select_at[layer] = layout.Take(t * 4);
-      StepPlan::Block entry;
-      entry.layer = layer;
-      entry.slot_index = static_cast<int32_t>(j);
-      entry.slot = slots[j];
-      entry.position = static_cast<int32_t>(plan_.blocks_of_layer[layer].size());
-      entry.ffn = &*ffn;
-      entry.att = atts[j];
-      plan_.blocks_of_layer[layer].push_back(static_cast<int32_t>(blocks.size()));
-      BlockAt at;
-      at.slot_token = layout.Take(t * ffn->num_experts * 4);
-      for (int i = 0; i < 3; ++i) {
-        if (!ffn->lora[i]) continue;
-        const int64_t rows = int64_t{ffn->num_experts} * ffn->lora[i]->rank;
-        at.scale[i] = layout.Take(ffn->num_experts * 4);
-        at.a_rows[i] = layout.Take(rows * 8);
-        at.b_rows[i] = layout.Take(rows * 8);
+      for (int32_t part : parts_of[j]) {
+        StepPlan::Block entry;
+        entry.layer = layer;
+        entry.slot_index = static_cast<int32_t>(j);
+        entry.slot = slots[j];
+        entry.position = static_cast<int32_t>(plan_.blocks_of_layer[layer].size());
+        entry.ffn = &*ffn;
+        entry.att = atts[j];
+        entry.part = part;
+        absl::StatusOr<RoutingSpec> spec = part_spec(part, ffn->routing, ffn->num_experts);
+        if (!spec.ok()) return false;  // refused at submission; never here
+        entry.spec = *spec;
+        entry.override_key = override_key(part);
+        plan_.blocks_of_layer[layer].push_back(static_cast<int32_t>(blocks.size()));
+        BlockAt at;
+        at.slot_token = layout.Take(t * ffn->num_experts * 4);
+        for (int i = 0; i < 3; ++i) {
+          if (!ffn->lora[i]) continue;
+          const int64_t rows = int64_t{ffn->num_experts} * ffn->lora[i]->rank;
+          at.scale[i] = layout.Take(ffn->num_experts * 4);
+          at.a_rows[i] = layout.Take(rows * 8);
+          at.b_rows[i] = layout.Take(rows * 8);
+        }
+        blocks.push_back(entry);
+        block_at.push_back(at);
       }
-      blocks.push_back(entry);
-      block_at.push_back(at);
     }
   }
   int32_t block_positions = 0;  // most block FFNs at one layer
@@ -238,9 +300,11 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   // is planned too: its modules issue nothing.
   // Each routed adapter routes every token of the step under its mask: bounded so that the
   // router work stays a small multiple of what gathering the adapter's tokens costs.
-  std::vector<uint8_t> routes(atts.size(), 0);
-  for (const StepPlan::Routed& entry : routed) routes[entry.slot_index] = 1;
-  for (const StepPlan::Block& entry : blocks) routes[entry.slot_index] = 1;
+  std::vector<uint8_t> routes(parts.size() + atts.size(), 0);  // parts, then whole adapters
+  for (const StepPlan::Routed& entry : routed) {
+    routes[entry.part >= 0 ? entry.part : parts.size() + entry.slot_index] = 1;
+  }
+  for (const StepPlan::Block& entry : blocks) routes[entry.part] = 1;
   if (std::count(routes.begin(), routes.end(), 1) > kMaxPlannedRoutedAdapters) return false;
   plan_host_.assign(layout.bytes, 0);
   char* h = plan_host_.data();
@@ -264,6 +328,10 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     ++j;
   }
   for (; j <= s_count; ++j) seg_start[j] = static_cast<int32_t>(pairs);
+  for (size_t part = 0; part < parts.size(); ++part) {
+    auto* mask = reinterpret_cast<int32_t*>(h + parts[part].mask_at);
+    for (int32_t tok : plan_.part_tokens[part]) mask[tok] = 1;
+  }
   if (block_experts > 0) {
     std::fill_n(reinterpret_cast<float*>(h + ones_at), t * eb, 1.0f);
     auto* slot_ids = reinterpret_cast<int32_t*>(h + slots_at);
@@ -407,16 +475,17 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   int64_t record_words = 0;
   for (StepPlan::Routed& entry : routed) {
     const int32_t e = entry.rm->experts.num_experts;
-    const auto& tokens = *adapters[entry.slot_index].tokens;
+    const auto& tokens =
+        entry.part >= 0 ? plan_.part_tokens[entry.part] : *adapters[entry.slot_index].tokens;
     if (std::none_of(tokens.begin(), tokens.end(),
                      [&](int32_t tok) { return records_->wants(tok); })) {
       continue;
     }
     entry.record_at = record_words;
-    record_words += entry.rm->rank_granular ? t * RankKeep(*entry.rm) : 2 * t * e + t;
+    record_words += entry.rm->rank_granular ? t * RankKeep(entry) : 2 * t * e + t;
   }
   for (StepPlan::Block& entry : blocks) {
-    const auto& tokens = *adapters[entry.slot_index].tokens;
+    const auto& tokens = plan_.part_tokens[entry.part];
     if (std::none_of(tokens.begin(), tokens.end(),
                      [&](int32_t tok) { return records_->wants(tok); })) {
       continue;
@@ -479,7 +548,9 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       routed[r].seg_rank = reinterpret_cast<const int32_t*>(d + at.seg_rank);
       routed[r].seg_off = reinterpret_cast<const int64_t*>(d + at.seg_off);
     }
-    routed[r].mask = reinterpret_cast<const int32_t*>(d + masks_at) + routed[r].slot_index * t;
+    routed[r].mask = reinterpret_cast<const int32_t*>(
+        d + (routed[r].part >= 0 ? parts[routed[r].part].mask_at
+                                 : masks_at + int64_t{routed[r].slot_index} * t * 4));
     if (routed[r].xlora_cols > 0) {
       const XloraSpec& xs = *routed[r].att->adapter->xlora;
       routed[r].scalings =
@@ -491,7 +562,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     routed[r].b_rows = reinterpret_cast<const void* const*>(d + routed_at[r].b_rows);
   }
   for (size_t b = 0; b < blocks.size(); ++b) {
-    blocks[b].mask = reinterpret_cast<const int32_t*>(d + masks_at) + blocks[b].slot_index * t;
+    blocks[b].mask = reinterpret_cast<const int32_t*>(d + parts[blocks[b].part].mask_at);
     blocks[b].slot_token = reinterpret_cast<const int32_t*>(d + block_at[b].slot_token);
     for (int i = 0; i < 3; ++i) {
       if (block_at[b].scale[i] < 0) continue;
@@ -533,8 +604,16 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     // the key (slots are never reused).
     plan_.key.push_back(-1);
     plan_.key.insert(plan_.key.end(), slots.begin(), slots.end());
-    for (const StepPlan::Routed& entry : plan_.routed) plan_.key.push_back(entry.record_at);
-    for (const StepPlan::Block& entry : plan_.blocks) plan_.key.push_back(entry.record_at);
+    // Per entry: where its records go and the override it routes with (the part's masks and
+    // tokens are data).
+    for (const StepPlan::Routed& entry : plan_.routed) {
+      plan_.key.push_back(entry.record_at);
+      plan_.key.insert(plan_.key.end(), entry.override_key.begin(), entry.override_key.end());
+    }
+    for (const StepPlan::Block& entry : plan_.blocks) {
+      plan_.key.push_back(entry.record_at);
+      plan_.key.insert(plan_.key.end(), entry.override_key.begin(), entry.override_key.end());
+    }
   }
   for (int64_t site = 0; site < sites; site += 64) {  // the statically adapted sites
     int64_t word = 0;
@@ -551,7 +630,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
         const StepPlan::Block& entry = plan_.blocks[b];
         if (entry.record_at < 0) continue;
         const int32_t e = entry.ffn->num_experts;
-        for (int32_t tok : *adapters[entry.slot_index].tokens) {
+        for (int32_t tok : plan_.part_tokens[entry.part]) {
           records_->Defer(tok, entry.layer, "ffn", entry.record_at + tok * e,
                           entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
         }
@@ -561,9 +640,11 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       const StepPlan::Routed& entry = plan_.routed[r];
       if (entry.record_at < 0) continue;
       const int32_t e = entry.rm->experts.num_experts;
-      for (int32_t tok : *adapters[entry.slot_index].tokens) {
+      const auto& tokens =
+          entry.part >= 0 ? plan_.part_tokens[entry.part] : *adapters[entry.slot_index].tokens;
+      for (int32_t tok : tokens) {
         if (entry.rm->rank_granular) {  // the kept ranks, k of them, weights 1
-          const int32_t k = RankKeep(*entry.rm);
+          const int32_t k = RankKeep(entry);
           records_->Defer(tok, entry.layer, LinearModuleName(entry.module),
                           entry.record_at + tok * k, /*weights_at=*/-1, /*count_at=*/-1, k);
           continue;
@@ -615,7 +696,7 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
     } else {
       // Router logits of every token of the step (the adapter's mask picks its own), fp32.
       RETURN_IF_ERROR(entry.att->RouterLogits(backend_, rm.router, x, t, in, logits));
-      ASSIGN_OR_RETURN(route, ToRouteParams(rm.routing, e));
+      ASSIGN_OR_RETURN(route, ToRouteParams(entry.spec, e));
       route.logits = logits;
     }
     route.experts = experts;
@@ -713,9 +794,9 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
                                    .dtype = dt_});
 }
 
-int32_t StepPlanner::RankKeep(const RoutedModule& rm) {
+int32_t StepPlanner::RankKeep(const StepPlan::Routed& entry) {
   absl::StatusOr<kernels::RankRouteParams> p =
-      ToRankRouteParams(rm.routing, rm.experts.rank, rm.select_on_abs);
+      ToRankRouteParams(entry.spec, entry.rm->experts.rank, entry.rm->select_on_abs);
   return p.ok() ? p->k : 0;  // PlanPass admits only groups whose parameters convert
 }
 
@@ -748,7 +829,7 @@ absl::Status StepPlanner::ApplyRanks(const StepPlan::Routed& entry, const void* 
     router_logits = logits;
   }
   ASSIGN_OR_RETURN(kernels::RankRouteParams route,
-                   ToRankRouteParams(rm.routing, r, rm.select_on_abs));
+                   ToRankRouteParams(entry.spec, r, rm.select_on_abs));
   route.z = plan_v_.as<float>();
   route.router_logits = router_logits;
   route.select_bias = entry.select_bias;
@@ -893,7 +974,7 @@ absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gat
     char* act_slots = base + l.gate + l.gate_stride * entry.position;  // gate, then activations
     char* up_slots = base + l.up;
     RETURN_IF_ERROR(entry.att->RouterLogits(backend_, ffn.router, h, t, hidden, logits));
-    ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(ffn.routing, e));
+    ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(entry.spec, e));
     route.logits = logits;
     route.experts = experts;
     route.weights = weights;

@@ -58,12 +58,15 @@ class StepPlanner {
   StepPlanner(Backend* backend, const ModelConfig& config, ExpertCache* cache,
               StepRecords* records);
 
-  // Where X-LoRA tokens take their scalings from: scalings[t] ([C] fp32 host values of token t,
-  // or nullptr: written into xlora_table() on the device before the pass's first module), or, in
-  // the scaling pass, scaling_pass_value for every entry.
-  struct XloraRows {
+  // Per-token inputs of the pass. Where X-LoRA tokens take their scalings from: scalings[t] ([C]
+  // fp32 host values of token t, or nullptr: written into xlora_table() on the device before the
+  // pass's first module), or, in the scaling pass, scaling_pass_value for every entry. Routing
+  // overrides: override_index[t] into overrides, -1 = none (null: none at all).
+  struct PassInputs {
     const std::vector<const float*>* scalings = nullptr;
     bool scaling_pass = false;
+    const std::vector<int32_t>* override_index = nullptr;
+    const std::vector<RoutingOverride>* overrides = nullptr;
   };
 
   // Plans a pass of `num_tokens` tokens over `adapters` (in slot order); leaves placeholders in
@@ -71,7 +74,7 @@ class StepPlanner {
   // some adapter cannot be planned or the experts do not fit; running out of device memory for
   // the tables also gives false (the pass runs eagerly).
   absl::StatusOr<bool> Plan(const std::vector<PassAdapter>& adapters, int64_t num_tokens,
-                            const XloraRows& xlora);
+                            const PassInputs& inputs);
   // The planned X-LoRA adapter's scalings table [num_tokens, C] fp32 on the device (rows of its
   // tokens), or nullptr when `slot` is not an X-LoRA adapter of the plan.
   float* xlora_table(int32_t slot) const;
@@ -126,6 +129,11 @@ class StepPlanner {
       // in its table (the weights come from the scalings, not from a router).
       int64_t xlora_cols = 0;
       const float* scalings = nullptr;
+      // The override part it routes (part_tokens; -1: the adapter's tokens, for X-LoRA), the
+      // spec it routes with (the group's, the part's override applied) and the override's key.
+      int32_t part = -1;
+      RoutingSpec spec;
+      std::array<int64_t, 3> override_key{-1, -1, -1};
     };
     bool active = false;
     int32_t segments = 0;  // S, a power of two
@@ -156,9 +164,13 @@ class StepPlanner {
       std::array<const void*const*, 3> a_rows{}, b_rows{};
       const int32_t* slot_token = nullptr;  // [T * E]: the token of decision slot p, p / E
       int64_t record_at = -1;
+      int32_t part = 0;  // as Routed
+      RoutingSpec spec;
+      std::array<int64_t, 3> override_key{-1, -1, -1};
     };
     std::vector<Block> blocks;
     std::vector<std::vector<int32_t>> blocks_of_layer;
+    std::vector<std::vector<int32_t>> part_tokens;  // each override part's tokens (ascending)
     std::vector<const int32_t*> select;  // per layer with blocks: [T] rows of the extended act
     const float* ones = nullptr;         // [T * Eb]
     const int32_t* slots = nullptr;      // [T * Eb]: p
@@ -189,7 +201,7 @@ class StepPlanner {
   absl::Status BlockShrink(const StepPlan::Block& entry, int i, const void* x, int64_t in,
                            bool slot_rows, bool count_undefined);
   // k, the ranks a planned rank group keeps per token.
-  static int32_t RankKeep(const RoutedModule& rm);
+  static int32_t RankKeep(const StepPlan::Routed& entry);
   absl::Status Grow(DeviceBuffer* buf, size_t bytes);
 
   Backend* backend_;

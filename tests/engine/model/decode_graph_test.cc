@@ -223,7 +223,7 @@ TEST(DecodeGraphTest, PlainLoraStepsReplayEqualEagerOnesAsTheBatchChanges) {
 
 // Rank-wise groups (FlyLoRA, SMoRA) are planned too: their decode steps replay from graphs with
 // the same bits and the same kept ranks as eager execution while sequences join and leave. On
-// the last step the eager model takes the unplanned path (a routing override that keeps k), and
+// the last step the eager model takes the unplanned path (LlamaModel::set_planned_passes), and
 // its logits agree with the planned ones within 1e-5 relative, its kept ranks exactly.
 TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
   const ModelConfig config = DemoModelConfig();
@@ -273,17 +273,12 @@ TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath)
     for (size_t r = 0; r < in_batch.size(); ++r) {
       if (in_batch[r] == 1 && (step % 2 == 1 || last)) b.seq_return_routing[r] = 1;
     }
-    Batch unplanned = b;  // the same step with an override that changes nothing (k = 3)
-    unplanned.seq_override.assign(b.num_seqs(), -1);
-    unplanned.seq_override[1] = 0;
-    RoutingOverride keep;
-    keep.k = 3;
-    unplanned.overrides.push_back(keep);
+    (*eager)->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
     std::vector<float> lg, le;
     ForwardExtras xg, xe;
     absl::Status st = (*graphed)->Forward(b, &lg, &xg);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
-    ASSERT_TRUE((*eager)->Forward(last ? unplanned : b, &le, &xe).ok()) << "step " << step;
+    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
     if (last) {
       ASSERT_EQ(lg.size(), le.size());
       float scale = 1.0f, diff = 0.0f;
@@ -374,17 +369,12 @@ TEST(DecodeGraphTest, XloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
       // Both X-LoRA sequences record their routing on odd steps and on the last one.
       if ((s == 1 || s == 2) && (step % 2 == 1 || last)) b.seq_return_routing[r] = 1;
     }
-    Batch unplanned = b;  // the same step with an override, which X-LoRA ignores
-    unplanned.seq_override.assign(b.num_seqs(), -1);
-    unplanned.seq_override[1] = 0;
-    RoutingOverride keep;
-    keep.k = 2;
-    unplanned.overrides.push_back(keep);
+    (*eager)->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
     std::vector<float> lg, le;
     ForwardExtras xg, xe;
     absl::Status st = (*graphed)->Forward(b, &lg, &xg);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
-    ASSERT_TRUE((*eager)->Forward(last ? unplanned : b, &le, &xe).ok()) << "step " << step;
+    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
     ASSERT_EQ(lg, le) << "step " << step << (last ? ": planned vs unplanned" : "");
     ASSERT_EQ(xg.xlora_scalings, xe.xlora_scalings) << "step " << step;
     ASSERT_EQ(xg.routing.size(), xe.routing.size());
@@ -463,17 +453,12 @@ TEST(DecodeGraphTest, MixloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) 
         b.seq_return_routing[r] = 1;
       }
     }
-    Batch unplanned = b;  // the same step with an override that changes nothing (k = 2)
-    unplanned.seq_override.assign(b.num_seqs(), -1);
-    unplanned.seq_override[1] = 0;
-    RoutingOverride keep;
-    keep.k = 2;
-    unplanned.overrides.push_back(keep);
+    (*eager)->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
     std::vector<float> lg, le;
     ForwardExtras xg, xe;
     absl::Status st = (*graphed)->Forward(b, &lg, &xg);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
-    ASSERT_TRUE((*eager)->Forward(last ? unplanned : b, &le, &xe).ok()) << "step " << step;
+    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
     ASSERT_EQ(lg.size(), le.size());
     if (last) {  // the host-routed path sums a token's experts in expert order: fp32 rounding
       float scale = 1.0f, diff = 0.0f;
@@ -510,6 +495,90 @@ TEST(DecodeGraphTest, MixloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) 
     }
   }
   EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+}
+
+// Per-request routing overrides are planned too: each override of an adapter routes its own
+// tokens with its own spec, in the same graph.
+TEST(DecodeGraphTest, RoutingOverridesAreGraphedPerRequest) {
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  auto b_graph = CreateCpuBackend({.num_threads = 2});
+  auto b_eager = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+  const std::string root = testing::TempDir() + "/decode_graph_overrides";
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/mole").empty());
+  ASSERT_FALSE(test_util::WriteDemoMixloraAdapter(root + "/mixlora").empty());
+  std::vector<int32_t> slot;
+  for (const char* name : {"mole", "mixlora"}) {
+    auto a = LoadAdapter(root + "/" + name, name, config, {});
+    ASSERT_TRUE(a.ok()) << a.status();
+    auto g = (*graphed)->AttachAdapter(*a);
+    auto e = (*eager)->AttachAdapter(*a);
+    ASSERT_TRUE(g.ok() && e.ok());
+    ASSERT_EQ(*g, *e);
+    slot.push_back(*g);
+  }
+  std::filesystem::remove_all(root);
+  // MoLE: none, k = 1, top-p 0.5; MixLoRA: k = 1, none.
+  const std::vector<int32_t> uses = {slot[0], slot[0], slot[0], slot[1], slot[1]};
+  const std::vector<int32_t> override_of = {-1, 0, 1, 0, -1};
+  std::vector<RoutingOverride> overrides(2);
+  overrides[0].k = 1;
+  overrides[1].algorithm = RoutingAlgorithm::kTopP;
+  overrides[1].p = 0.5f;
+  std::vector<std::vector<int32_t>> tokens(uses.size());
+  for (size_t s = 0; s < uses.size(); ++s) {
+    for (int32_t i = 0; i < 5; ++i)
+      tokens[s].push_back((i * 41 + static_cast<int32_t>(s) * 7) % 256);
+  }
+  std::vector<int32_t> computed(uses.size(), 0);
+  constexpr int32_t kSteps = 10;
+  for (int32_t step = 0; step < kSteps; ++step) {
+    const bool last = step + 1 == kSteps;
+    std::vector<int32_t> in_batch;
+    Batch b = NextStep(
+        uses, tokens, [](int32_t) { return true; }, &computed, &in_batch);
+    b.seq_override = override_of;
+    b.overrides = overrides;
+    b.seq_return_routing = {0, 1, 1, 1, 0};
+    std::vector<float> lg, le;
+    ForwardExtras xg, xe;
+    (*eager)->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
+    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
+    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
+    ASSERT_EQ(lg.size(), le.size());
+    float scale = 1.0f, diff = 0.0f;
+    for (size_t i = 0; i < lg.size(); ++i) {
+      scale = std::max(scale, std::fabs(le[i]));
+      diff = std::max(diff, std::fabs(lg[i] - le[i]));
+    }
+    EXPECT_LE(diff, last ? 1e-5f * scale : 0.0f) << "step " << step;
+    for (size_t r = 0; r < xg.routing.size(); ++r) {
+      ASSERT_EQ(xg.routing[r].size(), xe.routing[r].size()) << "step " << step;
+      for (size_t i = 0; i < xg.routing[r].size(); ++i) {
+        EXPECT_EQ(xg.routing[r][i].experts, xe.routing[r][i].experts) << "step " << step;
+        if (r == 1 || r == 3) {
+          EXPECT_EQ(xg.routing[r][i].experts.size(), 1u) << "k = 1 for this request";
+        }
+        if (r == 2) {
+          EXPECT_GE(xg.routing[r][i].experts.size(), 1u);
+        }
+      }
+    }
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const float* row = lg.data() + r * config.vocab_size;
+      tokens[in_batch[r]].push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+  }
+  EXPECT_GE((*graphed)->decode_graphs(), 1) << (*graphed)->graph_status();
 }
 
 TEST(DecodeGraphTest, CaptureHoldsOpsOnlyAndReplaysThemOnCurrentInputs) {

@@ -74,6 +74,8 @@ struct Seqs {
   // == 1), or run it every step (xlora[s] == 2).
   std::vector<uint8_t> xlora = {};
   std::vector<std::vector<float>> frozen = {};
+  std::vector<int32_t> override_index = {};  // per sequence, into overrides (empty: none)
+  std::vector<RoutingOverride> overrides = {};
   int32_t computed = 0;  // tokens already in the KV cache (same for all)
 
   // The next batch: the whole prompt first, then one token per sequence.
@@ -104,6 +106,8 @@ struct Seqs {
         b.aux_block_table_offsets.push_back(static_cast<int32_t>(b.aux_block_tables.size()));
       }
       b.seq_return_routing = routing;
+      b.seq_override = override_index;
+      b.overrides = overrides;
     }
     return b;
   }
@@ -341,10 +345,13 @@ TEST(StepTransfersTest, MixloraStepsDecodeInOneGraphLaunch) {
   std::filesystem::remove_all(root);
   // The top-2 sequence asks for its routing: its 4 layers' block decisions (4 experts) for
   // every token of the step (routing runs over the whole step under the adapter's mask).
-  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}},
-            .slot = {-1, slots[0], slots[1]},
-            .top = {0, 0, 0},
-            .routing = {0, 1, 0}};
+  // A fourth sequence routes the top-2 adapter with a per-request override (k = 1).
+  Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}, {8, 8, 9, 9}},
+            .slot = {-1, slots[0], slots[1], slots[0]},
+            .top = {0, 0, 0, 0},
+            .routing = {0, 1, 0, 0},
+            .override_index = {-1, -1, -1, 0},
+            .overrides = {RoutingOverride{.k = 1}}};
   for (int step = 0; step < 6; ++step) {
     const std::string what = step == 0 ? "prefill" : "mixlora step " + std::to_string(step);
     const BackendCounts c = StepAndCompare(m, seqs, what);
@@ -354,8 +361,8 @@ TEST(StepTransfersTest, MixloraStepsDecodeInOneGraphLaunch) {
       EXPECT_EQ(c.ops, 1) << what << ": only the sampler runs outside the graph";
       EXPECT_EQ(c.page_copies, 0) << what << ": the experts stay resident";
     }
-    const int64_t step_tokens = step == 0 ? 12 : 3;
-    EXPECT_EQ(c.d2h_bytes, 3 * kRowBytes + 4 + 4 * step_tokens * (2 * 4 + 1) * 4) << what;
+    const int64_t step_tokens = step == 0 ? 16 : 4;
+    EXPECT_EQ(c.d2h_bytes, 4 * kRowBytes + 4 + 4 * step_tokens * (2 * 4 + 1) * 4) << what;
   }
 }
 
