@@ -119,7 +119,7 @@ class AdapterExecutor {
   // pass with the same key.
   const std::vector<int64_t>& plan_key() const { return P().planner.key(); }
   // The plan buffers' allocation epoch (a graph captured before it grew reads freed memory),
-  // and the slots whose routers the planned pass's launches read.
+  // and the slots whose routers the planned pass's launches read (routed groups, block FFNs).
   int64_t plan_epoch() const { return P().planner.epoch(); }
   std::vector<int32_t> plan_routed_slots() const { return P().planner.routed_slots(); }
   // Ends both passes: releases what their plans pinned.

@@ -489,6 +489,7 @@ absl::Status LlamaModel::SampleOnDevice(const StepSampling& s, StepSamples* out)
 
 absl::Status LlamaModel::RunToLogits(const Batch& b, ForwardExtras* extras) {
   routing_to_take_ = false;
+  xlora_back_.clear();  // a failed step's are never taken
   if (IsGraphableDecode(b)) {
     if (extras != nullptr) {  // routing comes with the step's results (TakeRouting)
       extras->routing.assign(b.sample_rows.size(), {});
@@ -620,14 +621,15 @@ LlamaModel::ScalingPass LlamaModel::BuildScalingPass(const Batch& b) const {
 }
 
 absl::Status LlamaModel::TakeRouting(const Batch& b, ForwardExtras* extras) {
-  RETURN_IF_ERROR(adapters_.CollectResults());
-  if (extras != nullptr) {  // scalings classified in a graph (row = token in a decode step)
-    for (const XloraBack& x : xlora_back_) {
-      const float* src = xlora_host_.as<float>() + x.at;
-      extras->xlora_scalings[x.row].assign(src, src + x.cols);
-    }
-  }
+  // Scalings classified in a graph (row = token in a decode step), whatever else the step says.
+  std::vector<XloraBack> xlora_back = std::move(xlora_back_);
   xlora_back_.clear();
+  for (const XloraBack& x : xlora_back) {
+    if (extras == nullptr || static_cast<size_t>(x.row) >= extras->xlora_scalings.size()) break;
+    const float* src = xlora_host_.as<float>() + x.at;
+    extras->xlora_scalings[x.row].assign(src, src + x.cols);
+  }
+  RETURN_IF_ERROR(adapters_.CollectResults());
   if (!routing_to_take_ || extras == nullptr) return absl::OkStatus();
   routing_to_take_ = false;
   std::vector<std::vector<RoutingRecord>>& records = adapters_.records();
@@ -756,7 +758,7 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   RETURN_IF_ERROR(adapters_.BeginPass(std::move(pass), PassRole::kMain));
   // Adapter steps are graphed when their tables can be laid out before the launch
   // (AdapterExecutor::PlanPass: plain LoRAs, module-scope routed groups, rank-wise groups,
-  // X-LoRA); others (block FFN, routing overrides) run eagerly.
+  // X-LoRA, block FFNs, with or without routing overrides); others run eagerly.
   if (adapters_.active()) {
     ASSIGN_OR_RETURN(bool planned, adapters_.PlanPass());
     if (!planned) return false;

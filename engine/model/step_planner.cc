@@ -12,8 +12,10 @@ namespace moleserve::engine {
 
 namespace {
 
-// Most adapters with routed groups a planned pass holds (PlanPass).
+// Most routed (adapter, override) parts a planned pass holds (PlanPass).
 constexpr int64_t kMaxPlannedRoutedAdapters = 8;
+// Most bytes of block-FFN scratch (decision slots) a planned pass may use.
+constexpr int64_t kMaxPlannedBlockBytes = int64_t{256} << 20;
 
 int32_t NextPow2(int32_t v) {
   int32_t p = 1;
@@ -52,15 +54,16 @@ float* StepPlanner::xlora_table(int32_t slot) const {
 
 std::vector<int32_t> StepPlanner::routed_slots() const {
   std::vector<int32_t> slots;
-  for (const StepPlan::Routed& r : plan_.routed) {
-    if (std::find(slots.begin(), slots.end(), r.slot) == slots.end()) slots.push_back(r.slot);
-  }
+  auto add = [&](int32_t slot) {
+    if (std::find(slots.begin(), slots.end(), slot) == slots.end()) slots.push_back(slot);
+  };
+  for (const StepPlan::Routed& r : plan_.routed) add(r.slot);
+  for (const StepPlan::Block& b : plan_.blocks) add(b.slot);
   return slots;
 }
 
 absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters, int64_t t,
                                        const PassInputs& inputs) {
-  const PassInputs& xlora = inputs;
   End();
   std::vector<int32_t> slots;
   std::vector<const AttachedAdapter*> atts;
@@ -205,7 +208,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       if (!r) continue;
       const auto& xs = atts[j]->adapter->xlora;
       // The scaling pass with scaling_pass_value 0 is exactly the base model.
-      if (xs && xlora.scaling_pass && xs->scaling_pass_value == 0.0f) continue;
+      if (xs && inputs.scaling_pass && xs->scaling_pass_value == 0.0f) continue;
       const int32_t e = r->experts.num_experts, rank = r->experts.rank;
       // X-LoRA modules: one entry for the adapter's tokens; others: one per override part.
       std::vector<int32_t> entry_parts = xs ? std::vector<int32_t>{-1} : parts_of[j];
@@ -241,7 +244,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       }
     }
   }
-  // Block-routed FFNs (MixLoRA): per (adapter, layer) the gate/up/down stacks' scales and row
+  // Block-routed FFNs (MixLoRA): per (adapter, layer, part) the gate/up/down stacks' scales and row
   // tables; shared: per-slot ones and identity [T * Eb], the weighted sums' rows T + t, and per
   // layer with blocks each token's row of the extended activations.
   struct BlockAt {
@@ -298,8 +301,8 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   }
   // A pass with adapters but nothing to apply (an X-LoRA scaling pass with scaling_pass_value 0)
   // is planned too: its modules issue nothing.
-  // Each routed adapter routes every token of the step under its mask: bounded so that the
-  // router work stays a small multiple of what gathering the adapter's tokens costs.
+  // Each routed part routes every token of the step under its mask: bounded so that the router
+  // work stays a small multiple of what gathering the adapter's tokens costs.
   std::vector<uint8_t> routes(parts.size() + atts.size(), 0);  // parts, then whole adapters
   for (const StepPlan::Routed& entry : routed) {
     routes[entry.part >= 0 ? entry.part : parts.size() + entry.slot_index] = 1;
@@ -401,9 +404,9 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     auto* table = reinterpret_cast<float*>(h + xlora_at[j]);
     for (int32_t tok : *adapters[j].tokens) {
       float* row = table + tok * cols;
-      if (xlora.scaling_pass) {
+      if (inputs.scaling_pass) {
         std::fill(row, row + cols, xs.scaling_pass_value);
-      } else if (const float* src = (*xlora.scalings)[tok]; src != nullptr) {
+      } else if (const float* src = (*inputs.scalings)[tok]; src != nullptr) {
         std::copy(src, src + cols, row);
       }  // else: written on the device before the first module reads it
     }
@@ -502,6 +505,9 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       std::max({t * v, t * e_max * std::max(routed_rank, 1), t * eb * std::max(block_rank, 1)});
   // The block FFNs' scratch (BlockLayout) and a zero block of T rows of the intermediate size.
   const BlockLayout bl = LayoutBlocks(t, block_experts > 0 ? eb : 0, block_positions);
+  // The decision-slot buffers grow with T x E: long prefills with block FFNs run unplanned
+  // (host routing, pairs only for the decisions) rather than hold that much device memory.
+  if (bl.bytes > kMaxPlannedBlockBytes) return give_up(false);
   const int64_t zero_bytes = block_experts > 0 ? t * config_.intermediate_size * es_ : 0;
   const bool grows = plan_buf_.bytes() < static_cast<size_t>(layout.bytes) ||
                      plan_block_.bytes() < static_cast<size_t>(bl.bytes) ||
@@ -604,15 +610,23 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     // the key (slots are never reused).
     plan_.key.push_back(-1);
     plan_.key.insert(plan_.key.end(), slots.begin(), slots.end());
-    // Per entry: where its records go and the override it routes with (the part's masks and
-    // tokens are data).
+    // The override parts (their adapter, whether they are all its tokens, their override),
+    // which fix where every part mask and entry table lies; per entry, its part and where its
+    // records go (the parts' tokens are data).
+    plan_.key.push_back(static_cast<int64_t>(parts.size()));
+    for (size_t part = 0; part < parts.size(); ++part) {
+      const std::array<int64_t, 3> ov = override_key(static_cast<int32_t>(part));
+      plan_.key.push_back(parts[part].adapter);
+      plan_.key.push_back(parts_of[parts[part].adapter].size() == 1 ? 1 : 0);
+      plan_.key.insert(plan_.key.end(), ov.begin(), ov.end());
+    }
     for (const StepPlan::Routed& entry : plan_.routed) {
+      plan_.key.push_back(entry.part);
       plan_.key.push_back(entry.record_at);
-      plan_.key.insert(plan_.key.end(), entry.override_key.begin(), entry.override_key.end());
     }
     for (const StepPlan::Block& entry : plan_.blocks) {
+      plan_.key.push_back(entry.part);
       plan_.key.push_back(entry.record_at);
-      plan_.key.insert(plan_.key.end(), entry.override_key.begin(), entry.override_key.end());
     }
   }
   for (int64_t site = 0; site < sites; site += 64) {  // the statically adapted sites

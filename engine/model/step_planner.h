@@ -17,7 +17,7 @@
 // [E] and row tables [E * r] (rank groups: also per-token weights, the selection bias and one
 // segment over every token). Apply() then runs a site: per routed group router logits of all
 // the step's tokens (X-LoRA: its scalings table, RouteRule::kXlora), Route and BuildSegments
-// under the adapter's mask, a shrink and a row-owned
+// under the mask of the adapter's override part, a shrink and a row-owned
 // expand (rank groups: the shrink, the gate's logits, RankRoute under the mask, the expand);
 // then one shrink and expand for the static LoRAs. Routing decisions are copied on the device
 // into plan_record_ and come back with the step's results (StepRecords::UseDeviceWords).
@@ -84,9 +84,6 @@ class StepPlanner {
   // MixLoRA's block FFN at `layer` (AdapterExecutor::BlockFfnAct / BlockFfnDown): router logits,
   // Route and the gate/up LoRAs per decision slot, SwiGLU, the weighted sum into `act`; then the
   // down LoRA per decision, summed per token in decision order into `o`.
-  bool HasBlocks(int32_t layer) const {
-    return plan_.active && !plan_.blocks_of_layer.empty() && !plan_.blocks_of_layer[layer].empty();
-  }
   absl::Status BlockAct(int32_t layer, const void* h, const void* gate, const void* up, void* act);
   absl::Status BlockDown(int32_t layer, void* o);
   // Releases what the plan pinned; no plan afterwards.
@@ -94,7 +91,7 @@ class StepPlanner {
 
   const std::vector<int64_t>& key() const { return plan_.key; }
   int64_t epoch() const { return epoch_; }
-  // The slots whose routers the plan's launches read.
+  // The slots whose routers the plan's launches read (routed groups and block FFNs).
   std::vector<int32_t> routed_slots() const;
 
  private:

@@ -581,6 +581,66 @@ TEST(DecodeGraphTest, RoutingOverridesAreGraphedPerRequest) {
   EXPECT_GE((*graphed)->decode_graphs(), 1) << (*graphed)->graph_status();
 }
 
+// Steps of the same size whose override parts belong to different adapters get different
+// graphs: (A, A + override X, B + override Y) and (A, B + X, B + Y) lay out their tables alike
+// but route different adapters with different masks.
+TEST(DecodeGraphTest, OverridePartsOfDifferentAdaptersNeverShareAGraph) {
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  auto b_graph = CreateCpuBackend({.num_threads = 2});
+  auto b_eager = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+  const std::string root = testing::TempDir() + "/decode_graph_parts";
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/a", 7, 4, 4).empty());
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/b", 8, 8, 2).empty());
+  std::vector<int32_t> slot;
+  for (const char* name : {"a", "b"}) {
+    auto a = LoadAdapter(root + "/" + name, name, config, {});
+    ASSERT_TRUE(a.ok()) << a.status();
+    auto g = (*graphed)->AttachAdapter(*a);
+    auto e = (*eager)->AttachAdapter(*a);
+    ASSERT_TRUE(g.ok() && e.ok());
+    slot.push_back(*g);
+  }
+  std::filesystem::remove_all(root);
+  std::vector<RoutingOverride> overrides(2);
+  overrides[0].k = 1;
+  overrides[1].k = 3;
+  // Sequences 0..2 run on even steps, 3..5 on odd ones: the same batch size, other adapters.
+  const std::vector<int32_t> uses = {slot[0], slot[0], slot[1], slot[0], slot[1], slot[1]};
+  const std::vector<int32_t> override_of = {-1, 0, 1, -1, 0, 1};
+  std::vector<std::vector<int32_t>> tokens(uses.size());
+  for (size_t s = 0; s < uses.size(); ++s) {
+    for (int32_t i = 0; i < 4; ++i)
+      tokens[s].push_back((i * 53 + static_cast<int32_t>(s) * 19) % 256);
+  }
+  std::vector<int32_t> computed(uses.size(), 0);
+  for (int32_t step = 0; step < 10; ++step) {
+    std::vector<int32_t> in_batch;
+    Batch b = NextStep(
+        uses, tokens, [&](int32_t s) { return (s < 3) == (step % 2 == 0); }, &computed, &in_batch);
+    b.seq_override.clear();
+    for (int32_t s : in_batch) b.seq_override.push_back(override_of[s]);
+    b.overrides = overrides;
+    std::vector<float> lg, le;
+    ASSERT_TRUE((*graphed)->Forward(b, &lg, nullptr).ok()) << "step " << step;
+    ASSERT_TRUE((*eager)->Forward(b, &le, nullptr).ok()) << "step " << step;
+    ASSERT_EQ(lg, le) << "step " << step;
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const float* row = lg.data() + r * config.vocab_size;
+      tokens[in_batch[r]].push_back(
+          static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
+    }
+  }
+  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+}
+
 TEST(DecodeGraphTest, CaptureHoldsOpsOnlyAndReplaysThemOnCurrentInputs) {
   auto backend = CreateCpuBackend({.num_threads = 1});
   ASSERT_TRUE(backend.ok());
