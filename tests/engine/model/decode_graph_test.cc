@@ -10,6 +10,8 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/adapters/adapter.h"
@@ -46,6 +48,54 @@ Batch NextStep(const std::vector<int32_t>& uses, const std::vector<std::vector<i
   }
   b.aux_block_table_offsets.assign(b.num_seqs() + 1, 0);
   return b;
+}
+
+// A model that replays decode graphs and one that runs every step eagerly, on the demo model's
+// weights; AttachToBoth gives them the same adapters in the same slots.
+struct GraphAndEager {
+  ModelConfig config = DemoModelConfig();
+  std::unique_ptr<Backend> graph_backend, eager_backend;
+  std::unique_ptr<LlamaModel> graphed, eager;
+};
+
+void MakeGraphAndEager(GraphAndEager* m) {
+  const HostWeights weights = RandomLlamaWeights(m->config, kDemoModelSeed);
+  auto b_graph = CreateCpuBackend({.num_threads = 2});
+  auto b_eager = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
+  m->graph_backend = *std::move(b_graph);
+  m->eager_backend = *std::move(b_eager);
+  LlamaModelOptions options{
+      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
+  auto graphed = LlamaModel::Create(m->graph_backend.get(), m->config, weights, options);
+  options.decode_graphs = false;
+  auto eager = LlamaModel::Create(m->eager_backend.get(), m->config, weights, options);
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+  m->graphed = *std::move(graphed);
+  m->eager = *std::move(eager);
+}
+
+// Loads the adapter in `dir` as `name` and attaches it to both models; appends its slot.
+void AttachToBoth(GraphAndEager& m, const std::string& dir, const std::string& name,
+                  std::vector<int32_t>* slots) {
+  auto a = LoadAdapter(dir, name, m.config, {});
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto g = m.graphed->AttachAdapter(*a);
+  auto e = m.eager->AttachAdapter(*a);
+  ASSERT_TRUE(g.ok() && e.ok());
+  ASSERT_EQ(*g, *e);
+  slots->push_back(*g);
+}
+
+// max |a - b| relative to max(1, max |b|): how far two runs' logits are apart.
+float RelativeGap(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  float scale = 1.0f, diff = 0.0f;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    scale = std::max(scale, std::fabs(b[i]));
+    diff = std::max(diff, std::fabs(a[i] - b[i]));
+  }
+  return diff / scale;
 }
 
 TEST(DecodeGraphTest, ReplayedDecodeStepsEqualEagerOnes) {
@@ -226,29 +276,15 @@ TEST(DecodeGraphTest, PlainLoraStepsReplayEqualEagerOnesAsTheBatchChanges) {
 // the last step the eager model takes the unplanned path (LlamaModel::set_planned_passes), and
 // its logits agree with the planned ones within 1e-5 relative, its kept ranks exactly.
 TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
-  const ModelConfig config = DemoModelConfig();
-  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
-  auto b_graph = CreateCpuBackend({.num_threads = 2});
-  auto b_eager = CreateCpuBackend({.num_threads = 2});
-  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
-  LlamaModelOptions options{
-      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
-  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
-  options.decode_graphs = false;
-  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
-  ASSERT_TRUE(graphed.ok() && eager.ok());
+  GraphAndEager m;
+  ASSERT_NO_FATAL_FAILURE(MakeGraphAndEager(&m));
+  const ModelConfig& config = m.config;
   const std::string root = testing::TempDir() + "/decode_graph_rank";
   std::vector<int32_t> slot;
   for (bool smora : {false, true}) {
     const std::string dir = root + (smora ? "/smora" : "/flylora");
     ASSERT_FALSE(test_util::WriteDemoRankAdapter(dir, smora, smora ? 21 : 22).empty());
-    auto a = LoadAdapter(dir, smora ? "smora" : "flylora", config, {});
-    ASSERT_TRUE(a.ok()) << a.status();
-    auto g = (*graphed)->AttachAdapter(*a);
-    auto e = (*eager)->AttachAdapter(*a);
-    ASSERT_TRUE(g.ok() && e.ok());
-    ASSERT_EQ(*g, *e);
-    slot.push_back(*g);
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, dir, smora ? "smora" : "flylora", &slot));
   }
   std::filesystem::remove_all(root);
   const std::vector<int32_t> uses = {-1, slot[0], slot[1], slot[0]};
@@ -273,20 +309,15 @@ TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath)
     for (size_t r = 0; r < in_batch.size(); ++r) {
       if (in_batch[r] == 1 && (step % 2 == 1 || last)) b.seq_return_routing[r] = 1;
     }
-    (*eager)->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
+    m.eager->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
     std::vector<float> lg, le;
     ForwardExtras xg, xe;
-    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    absl::Status st = m.graphed->Forward(b, &lg, &xg);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
-    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
+    ASSERT_TRUE(m.eager->Forward(b, &le, &xe).ok()) << "step " << step;
     if (last) {
       ASSERT_EQ(lg.size(), le.size());
-      float scale = 1.0f, diff = 0.0f;
-      for (size_t i = 0; i < lg.size(); ++i) {
-        scale = std::max(scale, std::fabs(le[i]));
-        diff = std::max(diff, std::fabs(lg[i] - le[i]));
-      }
-      EXPECT_LE(diff, 1e-5f * scale) << "planned vs unplanned rank routing";
+      EXPECT_LE(RelativeGap(lg, le), 1e-5f) << "planned vs unplanned rank routing";
     } else {
       ASSERT_EQ(lg, le) << "step " << step;
     }
@@ -307,33 +338,19 @@ TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath)
           static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
     }
   }
-  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+  EXPECT_GE(m.graphed->decode_graphs(), 2) << m.graphed->graph_status();
 }
 
 TEST(DecodeGraphTest, XloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
-  const ModelConfig config = DemoModelConfig();
-  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
-  auto b_graph = CreateCpuBackend({.num_threads = 2});
-  auto b_eager = CreateCpuBackend({.num_threads = 2});
-  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
-  LlamaModelOptions options{
-      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
-  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
-  options.decode_graphs = false;
-  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
-  ASSERT_TRUE(graphed.ok() && eager.ok());
+  GraphAndEager m;
+  ASSERT_NO_FATAL_FAILURE(MakeGraphAndEager(&m));
+  const ModelConfig& config = m.config;
   const std::string root = testing::TempDir() + "/decode_graph_xlora";
   ASSERT_FALSE(test_util::WriteDemoXloraAdapter(root + "/xlora").empty());
   ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/mole").empty());
   std::vector<int32_t> slot;
   for (const char* name : {"xlora", "mole"}) {
-    auto a = LoadAdapter(root + "/" + name, name, config, {});
-    ASSERT_TRUE(a.ok()) << a.status();
-    auto g = (*graphed)->AttachAdapter(*a);
-    auto e = (*eager)->AttachAdapter(*a);
-    ASSERT_TRUE(g.ok() && e.ok());
-    ASSERT_EQ(*g, *e);
-    slot.push_back(*g);
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, root + "/" + name, name, &slot));
   }
   std::filesystem::remove_all(root);
   // Sequences 1 and 2 are X-LoRA: 1 freezes its scalings after its prefill, 2 runs the scaling
@@ -369,12 +386,12 @@ TEST(DecodeGraphTest, XloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
       // Both X-LoRA sequences record their routing on odd steps and on the last one.
       if ((s == 1 || s == 2) && (step % 2 == 1 || last)) b.seq_return_routing[r] = 1;
     }
-    (*eager)->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
+    m.eager->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
     std::vector<float> lg, le;
     ForwardExtras xg, xe;
-    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    absl::Status st = m.graphed->Forward(b, &lg, &xg);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
-    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
+    ASSERT_TRUE(m.eager->Forward(b, &le, &xe).ok()) << "step " << step;
     ASSERT_EQ(lg, le) << "step " << step << (last ? ": planned vs unplanned" : "");
     ASSERT_EQ(xg.xlora_scalings, xe.xlora_scalings) << "step " << step;
     ASSERT_EQ(xg.routing.size(), xe.routing.size());
@@ -396,21 +413,13 @@ TEST(DecodeGraphTest, XloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
           static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
     }
   }
-  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+  EXPECT_GE(m.graphed->decode_graphs(), 2) << m.graphed->graph_status();
 }
 
 TEST(DecodeGraphTest, MixloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
-  const ModelConfig config = DemoModelConfig();
-  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
-  auto b_graph = CreateCpuBackend({.num_threads = 2});
-  auto b_eager = CreateCpuBackend({.num_threads = 2});
-  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
-  LlamaModelOptions options{
-      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
-  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
-  options.decode_graphs = false;
-  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
-  ASSERT_TRUE(graphed.ok() && eager.ok());
+  GraphAndEager m;
+  ASSERT_NO_FATAL_FAILURE(MakeGraphAndEager(&m));
+  const ModelConfig& config = m.config;
   // Two MixLoRA adapters (top-2 and top-p: a token's decision count varies) and a MoLE.
   const std::string root = testing::TempDir() + "/decode_graph_mixlora";
   ASSERT_FALSE(test_util::WriteDemoMixloraAdapter(root + "/topk").empty());
@@ -420,13 +429,7 @@ TEST(DecodeGraphTest, MixloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) 
   ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/mole").empty());
   std::vector<int32_t> slot;
   for (const char* name : {"topk", "topp", "mole"}) {
-    auto a = LoadAdapter(root + "/" + name, name, config, {});
-    ASSERT_TRUE(a.ok()) << a.status();
-    auto g = (*graphed)->AttachAdapter(*a);
-    auto e = (*eager)->AttachAdapter(*a);
-    ASSERT_TRUE(g.ok() && e.ok());
-    ASSERT_EQ(*g, *e);
-    slot.push_back(*g);
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, root + "/" + name, name, &slot));
   }
   std::filesystem::remove_all(root);
   const std::vector<int32_t> uses = {-1, slot[0], slot[1], slot[2], slot[0]};
@@ -453,20 +456,15 @@ TEST(DecodeGraphTest, MixloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) 
         b.seq_return_routing[r] = 1;
       }
     }
-    (*eager)->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
+    m.eager->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
     std::vector<float> lg, le;
     ForwardExtras xg, xe;
-    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    absl::Status st = m.graphed->Forward(b, &lg, &xg);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
-    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
+    ASSERT_TRUE(m.eager->Forward(b, &le, &xe).ok()) << "step " << step;
     ASSERT_EQ(lg.size(), le.size());
     if (last) {  // the host-routed path sums a token's experts in expert order: fp32 rounding
-      float scale = 1.0f, diff = 0.0f;
-      for (size_t i = 0; i < lg.size(); ++i) {
-        scale = std::max(scale, std::fabs(le[i]));
-        diff = std::max(diff, std::fabs(lg[i] - le[i]));
-      }
-      EXPECT_LE(diff, 1e-5f * scale) << "planned vs unplanned block FFN";
+      EXPECT_LE(RelativeGap(lg, le), 1e-5f) << "planned vs unplanned block FFN";
     } else {
       ASSERT_EQ(lg, le) << "step " << step;
     }
@@ -494,35 +492,21 @@ TEST(DecodeGraphTest, MixloraStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) 
           static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
     }
   }
-  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+  EXPECT_GE(m.graphed->decode_graphs(), 2) << m.graphed->graph_status();
 }
 
 // Per-request routing overrides are planned too: each override of an adapter routes its own
 // tokens with its own spec, in the same graph.
 TEST(DecodeGraphTest, RoutingOverridesAreGraphedPerRequest) {
-  const ModelConfig config = DemoModelConfig();
-  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
-  auto b_graph = CreateCpuBackend({.num_threads = 2});
-  auto b_eager = CreateCpuBackend({.num_threads = 2});
-  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
-  LlamaModelOptions options{
-      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
-  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
-  options.decode_graphs = false;
-  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
-  ASSERT_TRUE(graphed.ok() && eager.ok());
+  GraphAndEager m;
+  ASSERT_NO_FATAL_FAILURE(MakeGraphAndEager(&m));
+  const ModelConfig& config = m.config;
   const std::string root = testing::TempDir() + "/decode_graph_overrides";
   ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/mole").empty());
   ASSERT_FALSE(test_util::WriteDemoMixloraAdapter(root + "/mixlora").empty());
   std::vector<int32_t> slot;
   for (const char* name : {"mole", "mixlora"}) {
-    auto a = LoadAdapter(root + "/" + name, name, config, {});
-    ASSERT_TRUE(a.ok()) << a.status();
-    auto g = (*graphed)->AttachAdapter(*a);
-    auto e = (*eager)->AttachAdapter(*a);
-    ASSERT_TRUE(g.ok() && e.ok());
-    ASSERT_EQ(*g, *e);
-    slot.push_back(*g);
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, root + "/" + name, name, &slot));
   }
   std::filesystem::remove_all(root);
   // MoLE: none, k = 1, top-p 0.5; MixLoRA: k = 1, none.
@@ -549,17 +533,12 @@ TEST(DecodeGraphTest, RoutingOverridesAreGraphedPerRequest) {
     b.seq_return_routing = {0, 1, 1, 1, 0};
     std::vector<float> lg, le;
     ForwardExtras xg, xe;
-    (*eager)->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
-    absl::Status st = (*graphed)->Forward(b, &lg, &xg);
+    m.eager->set_planned_passes(!last);  // the last step: the unplanned, host-routed path
+    absl::Status st = m.graphed->Forward(b, &lg, &xg);
     ASSERT_TRUE(st.ok()) << "step " << step << ": " << st;
-    ASSERT_TRUE((*eager)->Forward(b, &le, &xe).ok()) << "step " << step;
+    ASSERT_TRUE(m.eager->Forward(b, &le, &xe).ok()) << "step " << step;
     ASSERT_EQ(lg.size(), le.size());
-    float scale = 1.0f, diff = 0.0f;
-    for (size_t i = 0; i < lg.size(); ++i) {
-      scale = std::max(scale, std::fabs(le[i]));
-      diff = std::max(diff, std::fabs(lg[i] - le[i]));
-    }
-    EXPECT_LE(diff, last ? 1e-5f * scale : 0.0f) << "step " << step;
+    EXPECT_LE(RelativeGap(lg, le), last ? 1e-5f : 0.0f) << "step " << step;
     for (size_t r = 0; r < xg.routing.size(); ++r) {
       ASSERT_EQ(xg.routing[r].size(), xe.routing[r].size()) << "step " << step;
       for (size_t i = 0; i < xg.routing[r].size(); ++i) {
@@ -578,35 +557,22 @@ TEST(DecodeGraphTest, RoutingOverridesAreGraphedPerRequest) {
           static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
     }
   }
-  EXPECT_GE((*graphed)->decode_graphs(), 1) << (*graphed)->graph_status();
+  EXPECT_GE(m.graphed->decode_graphs(), 1) << m.graphed->graph_status();
 }
 
 // Steps of the same size whose override parts belong to different adapters get different
 // graphs: (A, A + override X, B + override Y) and (A, B + X, B + Y) lay out their tables alike
 // but route different adapters with different masks.
 TEST(DecodeGraphTest, OverridePartsOfDifferentAdaptersNeverShareAGraph) {
-  const ModelConfig config = DemoModelConfig();
-  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
-  auto b_graph = CreateCpuBackend({.num_threads = 2});
-  auto b_eager = CreateCpuBackend({.num_threads = 2});
-  ASSERT_TRUE(b_graph.ok() && b_eager.ok());
-  LlamaModelOptions options{
-      .num_kv_blocks = 64, .kv_block_size = 16, .max_batch_tokens = 256, .max_seqs = 8};
-  auto graphed = LlamaModel::Create(b_graph->get(), config, weights, options);
-  options.decode_graphs = false;
-  auto eager = LlamaModel::Create(b_eager->get(), config, weights, options);
-  ASSERT_TRUE(graphed.ok() && eager.ok());
+  GraphAndEager m;
+  ASSERT_NO_FATAL_FAILURE(MakeGraphAndEager(&m));
+  const ModelConfig& config = m.config;
   const std::string root = testing::TempDir() + "/decode_graph_parts";
   ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/a", 7, 4, 4).empty());
   ASSERT_FALSE(test_util::WriteDemoMoleAdapter(root + "/b", 8, 8, 2).empty());
   std::vector<int32_t> slot;
   for (const char* name : {"a", "b"}) {
-    auto a = LoadAdapter(root + "/" + name, name, config, {});
-    ASSERT_TRUE(a.ok()) << a.status();
-    auto g = (*graphed)->AttachAdapter(*a);
-    auto e = (*eager)->AttachAdapter(*a);
-    ASSERT_TRUE(g.ok() && e.ok());
-    slot.push_back(*g);
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, root + "/" + name, name, &slot));
   }
   std::filesystem::remove_all(root);
   std::vector<RoutingOverride> overrides(2);
@@ -629,8 +595,8 @@ TEST(DecodeGraphTest, OverridePartsOfDifferentAdaptersNeverShareAGraph) {
     for (int32_t s : in_batch) b.seq_override.push_back(override_of[s]);
     b.overrides = overrides;
     std::vector<float> lg, le;
-    ASSERT_TRUE((*graphed)->Forward(b, &lg, nullptr).ok()) << "step " << step;
-    ASSERT_TRUE((*eager)->Forward(b, &le, nullptr).ok()) << "step " << step;
+    ASSERT_TRUE(m.graphed->Forward(b, &lg, nullptr).ok()) << "step " << step;
+    ASSERT_TRUE(m.eager->Forward(b, &le, nullptr).ok()) << "step " << step;
     ASSERT_EQ(lg, le) << "step " << step;
     for (size_t r = 0; r < in_batch.size(); ++r) {
       const float* row = lg.data() + r * config.vocab_size;
@@ -638,7 +604,7 @@ TEST(DecodeGraphTest, OverridePartsOfDifferentAdaptersNeverShareAGraph) {
           static_cast<int32_t>(std::max_element(row, row + config.vocab_size) - row));
     }
   }
-  EXPECT_GE((*graphed)->decode_graphs(), 2) << (*graphed)->graph_status();
+  EXPECT_GE(m.graphed->decode_graphs(), 2) << m.graphed->graph_status();
 }
 
 TEST(DecodeGraphTest, CaptureHoldsOpsOnlyAndReplaysThemOnCurrentInputs) {
