@@ -485,7 +485,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       continue;
     }
     entry.record_at = record_words;
-    record_words += entry.rm->rank_granular ? t * RankKeep(entry) : 2 * t * e + t;
+    record_words += entry.rm->rank_granular ? t * RankKeep(entry) : DecisionWords(t, e);
   }
   for (StepPlan::Block& entry : blocks) {
     const auto& tokens = plan_.part_tokens[entry.part];
@@ -494,7 +494,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       continue;
     }
     entry.record_at = record_words;
-    record_words += 2 * t * entry.ffn->num_experts + t;
+    record_words += DecisionWords(t, entry.ffn->num_experts);
   }
   // Device buffers keep their addresses while they are big enough (graphs hold them); growing
   // one changes the key, so graphs captured with the old ones are never replayed.
@@ -644,10 +644,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
         const StepPlan::Block& entry = plan_.blocks[b];
         if (entry.record_at < 0) continue;
         const int32_t e = entry.ffn->num_experts;
-        for (int32_t tok : plan_.part_tokens[entry.part]) {
-          records_->Defer(tok, entry.layer, "ffn", entry.record_at + tok * e,
-                          entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
-        }
+        DeferDecisions(plan_.part_tokens[entry.part], entry.layer, "ffn", entry.record_at, e);
       }
     }
     for (int32_t r : plan_.routed_of_site[site]) {
@@ -656,15 +653,14 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       const int32_t e = entry.rm->experts.num_experts;
       const auto& tokens =
           entry.part >= 0 ? plan_.part_tokens[entry.part] : *adapters[entry.slot_index].tokens;
+      if (!entry.rm->rank_granular) {
+        DeferDecisions(tokens, entry.layer, LinearModuleName(entry.module), entry.record_at, e);
+        continue;
+      }
+      const int32_t k = RankKeep(entry);  // the kept ranks, k of them, weights 1
       for (int32_t tok : tokens) {
-        if (entry.rm->rank_granular) {  // the kept ranks, k of them, weights 1
-          const int32_t k = RankKeep(entry);
-          records_->Defer(tok, entry.layer, LinearModuleName(entry.module),
-                          entry.record_at + tok * k, /*weights_at=*/-1, /*count_at=*/-1, k);
-          continue;
-        }
-        records_->Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * e,
-                        entry.record_at + t * e + tok * e, entry.record_at + 2 * t * e + tok, 0);
+        records_->Defer(tok, entry.layer, LinearModuleName(entry.module), entry.record_at + tok * k,
+                        /*weights_at=*/-1, /*count_at=*/-1, k);
       }
     }
   }
@@ -765,16 +761,7 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
                                               .v_stride = rank,
                                               .dtype = dt_}));
     if (entry.record_at >= 0) {  // the decisions, for the step's one copy back
-      int32_t* dst = plan_record_.as<int32_t>() + entry.record_at;
-      for (auto [src, words, at] : {std::tuple<const void*, int64_t, int64_t>{experts, t * e, 0},
-                                    {weights, t * e, t * e},
-                                    {count, t, 2 * t * e}}) {
-        RETURN_IF_ERROR(backend_->Convert({.src = src,
-                                           .dst = dst + at,
-                                           .n = words,
-                                           .src_dtype = ScalarType::kF32,
-                                           .dst_dtype = ScalarType::kF32}));
-      }
+      RETURN_IF_ERROR(CopyDecisions(entry.record_at, experts, weights, count, e));
     }
   }
   if (!plan_.site_used[site]) return absl::OkStatus();
@@ -806,6 +793,31 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
                                    .out = out,
                                    .v_stride = plan_.v_stride,
                                    .dtype = dt_});
+}
+
+absl::Status StepPlanner::CopyDecisions(int64_t record_at, const int32_t* experts,
+                                        const float* weights, const int32_t* count, int32_t e) {
+  const int64_t t = plan_.tokens;
+  int32_t* dst = plan_record_.as<int32_t>() + record_at;
+  for (auto [src, words, at] : {std::tuple<const void*, int64_t, int64_t>{experts, t * e, 0},
+                                {weights, t * e, t * e},
+                                {count, t, 2 * t * e}}) {
+    RETURN_IF_ERROR(backend_->Convert({.src = src,
+                                       .dst = dst + at,
+                                       .n = words,
+                                       .src_dtype = ScalarType::kF32,
+                                       .dst_dtype = ScalarType::kF32}));
+  }
+  return absl::OkStatus();
+}
+
+void StepPlanner::DeferDecisions(const std::vector<int32_t>& tokens, int32_t layer,
+                                 const char* module, int64_t record_at, int32_t e) {
+  const int64_t t = plan_.tokens;
+  for (int32_t tok : tokens) {
+    records_->Defer(tok, layer, module, record_at + tok * e, record_at + t * e + tok * e,
+                    record_at + 2 * t * e + tok, 0);
+  }
 }
 
 int32_t StepPlanner::RankKeep(const StepPlan::Routed& entry) {
@@ -1046,16 +1058,7 @@ absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gat
                                          .cols = inter,
                                          .dtype = dt_}));
     if (entry.record_at >= 0) {  // the decisions, for the step's one copy back
-      int32_t* dst = plan_record_.as<int32_t>() + entry.record_at;
-      for (auto [src, words, at] : {std::tuple<const void*, int64_t, int64_t>{experts, t * e, 0},
-                                    {weights, t * e, t * e},
-                                    {count, t, 2 * t * e}}) {
-        RETURN_IF_ERROR(backend_->Convert({.src = src,
-                                           .dst = dst + at,
-                                           .n = words,
-                                           .src_dtype = ScalarType::kF32,
-                                           .dst_dtype = ScalarType::kF32}));
-      }
+      RETURN_IF_ERROR(CopyDecisions(entry.record_at, experts, weights, count, e));
     }
   }
   return backend_->Embedding({.ids = plan_.select[layer],

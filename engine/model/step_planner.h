@@ -197,6 +197,14 @@ class StepPlanner {
   // a build with no projection, to count the undefined decisions once.
   absl::Status BlockShrink(const StepPlan::Block& entry, int i, const void* x, int64_t in,
                            bool slot_rows, bool count_undefined);
+  // Routed decisions in plan_record_ from record_at: experts [T, E], weights [T, E], count [T]
+  // (DecisionWords of them). CopyDecisions copies a Route's outputs there (ops); DeferDecisions
+  // leaves the records' placeholders for `tokens` at (layer, module).
+  static int64_t DecisionWords(int64_t tokens, int32_t e) { return 2 * tokens * e + tokens; }
+  absl::Status CopyDecisions(int64_t record_at, const int32_t* experts, const float* weights,
+                             const int32_t* count, int32_t e);
+  void DeferDecisions(const std::vector<int32_t>& tokens, int32_t layer, const char* module,
+                      int64_t record_at, int32_t e);
   // k, the ranks a planned rank group keeps per token.
   static int32_t RankKeep(const StepPlan::Routed& entry);
   absl::Status Grow(DeviceBuffer* buf, size_t bytes);
