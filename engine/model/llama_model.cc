@@ -711,7 +711,8 @@ absl::StatusOr<bool> LlamaModel::DecodeWithGraph(const Batch& b, bool records) {
   ScalingPass sp = BuildScalingPass(b);
   const bool scaling = !sp.sub.tokens.empty();
   std::vector<int32_t> classified;  // the X-LoRA adapters classified in the graph
-  std::vector<int32_t> host_rows((1 + kMaxGraphXlora) * int64_t{n}, 0);  // ids, then masks
+  std::vector<int32_t> host_rows;   // ids, then masks
+  if (!sp.sub_of_token.empty()) host_rows.assign((1 + kMaxGraphXlora) * int64_t{n}, 0);
   for (size_t j = 0; j < sp.sub_of_token.size(); ++j) {
     const int32_t tok = sp.sub_of_token[j], slot = sp.pass.slot[j];
     auto at = std::find(classified.begin(), classified.end(), slot);

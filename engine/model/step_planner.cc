@@ -589,8 +589,7 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     plan_.z_rows = reinterpret_cast<const int32_t*>(d + z_rows_at);
   }
   plan_.blocks = std::move(blocks);
-  plan_.block_experts = block_experts > 0 ? static_cast<int32_t>(eb) : 0;
-  plan_.block_positions = block_positions;
+  plan_.block_layout = bl;
   for (size_t j = 0; j < atts.size(); ++j) {
     if (xlora_at[j] >= 0) {
       plan_.xlora_tables.push_back({slots[j], reinterpret_cast<float*>(d + xlora_at[j])});
@@ -928,7 +927,7 @@ StepPlanner::BlockLayout StepPlanner::LayoutBlocks(int64_t t, int64_t eb, int64_
 
 absl::Status StepPlanner::BlockShrink(const StepPlan::Block& entry, int i, const void* x,
                                       int64_t in, bool slot_rows, bool count_undefined) {
-  const BlockLayout l = LayoutBlocks(plan_.tokens, plan_.block_experts, plan_.block_positions);
+  const BlockLayout& l = plan_.block_layout;
   char* base = plan_block_.as<char>();
   const int64_t pos = l.per_position * entry.position;
   const int32_t e = entry.ffn->num_experts;
@@ -977,7 +976,7 @@ absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gat
                                    void* act) {
   const int64_t t = plan_.tokens;
   const int64_t hidden = config_.hidden_size, inter = config_.intermediate_size;
-  const BlockLayout l = LayoutBlocks(t, plan_.block_experts, plan_.block_positions);
+  const BlockLayout& l = plan_.block_layout;
   char* base = plan_block_.as<char>();
   // ext = [base SwiGLU of every token; zeros]: row T + t gets token t's weighted sum.
   char* ext = base + l.ext;
@@ -1071,7 +1070,7 @@ absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gat
 
 absl::Status StepPlanner::BlockDown(int32_t layer, void* o) {
   const int64_t t = plan_.tokens;
-  const BlockLayout l = LayoutBlocks(t, plan_.block_experts, plan_.block_positions);
+  const BlockLayout& l = plan_.block_layout;
   char* base = plan_block_.as<char>();
   for (int32_t b : plan_.blocks_of_layer[layer]) {
     const StepPlan::Block& entry = plan_.blocks[b];

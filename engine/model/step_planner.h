@@ -95,6 +95,17 @@ class StepPlanner {
   std::vector<int32_t> routed_slots() const;
 
  private:
+  // The block FFNs' scratch in plan_block_ (byte offsets): router logits; per position k its
+  // decisions (experts, weights, count); the segments of the projection being applied (pairs,
+  // weights, starts, ranks, offsets, the decisions' pairs and slot counts) and a word for the
+  // undefined counts of repeated builds; then, in the compute dtype, the extended activations
+  // [2T, I], the up projections [T * Eb, I] and per position the gate projections (then the
+  // experts' activations) [T * Eb, I].
+  struct BlockLayout {
+    int64_t logits = 0, experts = 0, weights = 0, count = 0, per_position = 0;
+    int64_t pair_row = 0, pair_w = 0, seg_start = 0, seg_rank = 0, seg_off = 0, token_pair = 0,
+            slot_count = 0, spare = 0, ext = 0, up = 0, gate = 0, gate_stride = 0, bytes = 0;
+  };
   struct StepPlan {
     struct Site {
       const float* weight = nullptr;
@@ -172,25 +183,13 @@ class StepPlanner {
     const float* ones = nullptr;         // [T * Eb]
     const int32_t* slots = nullptr;      // [T * Eb]: p
     const int32_t* z_rows = nullptr;     // [T]: T + t
-    int32_t block_experts = 0;           // Eb: the widest block router (decision slots a token)
-    int32_t block_positions = 0;         // most blocks at one layer
+    BlockLayout block_layout;            // where the block FFNs' scratch lies in plan_block_
     std::vector<int64_t> key;
   };
   // A planned rank group (FlyLoRA, SMoRA): z = A x and the gate's logits for every token, then
   // RankRoute and the expand under the adapter's mask; the kept ranks go to the records.
   absl::Status ApplyRanks(const StepPlan::Routed& entry, const void* x, int64_t in, void* y,
                           int64_t out);
-  // The block FFNs' scratch in plan_block_ (byte offsets): router logits; per position k its
-  // decisions (experts, weights, count); the segments of the projection being applied (pairs,
-  // weights, starts, ranks, offsets, the decisions' pairs and slot counts) and a word for the
-  // undefined counts of repeated builds; then, in the compute dtype, the extended activations
-  // [2T, I], the up projections [T * Eb, I] and per position the gate projections (then the
-  // experts' activations) [T * Eb, I].
-  struct BlockLayout {
-    int64_t logits = 0, experts = 0, weights = 0, count = 0, per_position = 0;
-    int64_t pair_row = 0, pair_w = 0, seg_start = 0, seg_rank = 0, seg_off = 0, token_pair = 0,
-            slot_count = 0, spare = 0, ext = 0, up = 0, gate = 0, gate_stride = 0, bytes = 0;
-  };
   BlockLayout LayoutBlocks(int64_t tokens, int64_t block_experts, int64_t positions) const;
   // BuildSegments for projection i (gate 0, up 1, down 2) of `entry` from its decisions, then
   // one shrink: pairs read x rows (tokens, or decision slots for the down projection). i = -1:
