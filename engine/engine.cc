@@ -127,6 +127,8 @@ absl::Status ValidateOptions(const EngineOptions& o) {
   }
   if (o.expert_cache_bytes < 0)
     return absl::InvalidArgumentError("expert_cache_bytes must be >= 0");
+  if (o.expert_pinned_host_bytes < 0)
+    return absl::InvalidArgumentError("expert_pinned_host_bytes must be >= 0");
   if (o.max_adapter_file_bytes <= 0 || o.max_adapter_bytes <= 0) {
     return absl::InvalidArgumentError("adapter size limits must be > 0");
   }
@@ -199,7 +201,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       .kv_block_size = options.kv_block_size,
       .max_batch_tokens = options.max_batch_tokens,
       .max_seqs = options.max_num_seqs,
-      .expert_cache = {.capacity_bytes = options.expert_cache_bytes}};
+      .expert_cache = {.capacity_bytes = options.expert_cache_bytes,
+                       .pinned_host_bytes = options.expert_pinned_host_bytes}};
   state->expert_cache =
       std::make_unique<ExpertCache>(state->backend.get(), model_options.expert_cache);
   model_options.shared_expert_cache = state->expert_cache.get();

@@ -71,6 +71,9 @@ struct EngineOptions {
   int64_t max_adapter_bytes = int64_t{32} << 30;
   // Device pool for LoRA expert pages (engine/expert_cache); 0 = hold every loaded expert.
   int64_t expert_cache_bytes = 0;
+  // Page-locked host memory for the experts' compute-dtype copies (a miss is then a DMA from
+  // them); copies beyond it stay in ordinary memory. Unused by the CPU backend (fp32 experts).
+  int64_t expert_pinned_host_bytes = int64_t{8} << 30;
   // Longest a hot load may take (LoadAdapter's own deadline, when earlier, wins). Checked
   // between the load's stages; a load past it fails with kDeadlineExceeded.
   absl::Duration max_adapter_load_time = absl::Minutes(10);

@@ -52,6 +52,10 @@ struct ExpertCacheMetrics {
   int64_t bytes_to_device = 0;
   int64_t split_calls = 0;  // SGMV calls split because their experts did not fit at once
   int64_t resident_experts = 0;
+  // Host bytes of the experts' compute-dtype images (0 when the compute dtype is fp32: the
+  // adapters' own stacks are copied from).
+  int64_t host_pinned_bytes = 0;
+  int64_t host_pageable_bytes = 0;
   struct Pool {
     int64_t width = 0;
     int64_t pages = 0;

@@ -50,6 +50,9 @@ ABSL_FLAG(int64_t, max_adapter_file_bytes, int64_t{8} << 30, "Largest file of an
 ABSL_FLAG(int64_t, max_adapter_bytes, int64_t{32} << 30, "Largest adapter (all its files)");
 ABSL_FLAG(int64_t, expert_cache_bytes, 0,
           "Device memory for LoRA expert pages (0 = hold every loaded expert)");
+ABSL_FLAG(int64_t, expert_pinned_host_bytes, int64_t{8} << 30,
+          "Page-locked host memory for the LoRA experts' bf16 copies (CUDA); beyond it they stay "
+          "in ordinary memory");
 ABSL_FLAG(std::string, admin_host, "127.0.0.1", "Address the AdapterAdmin API listens on");
 ABSL_FLAG(int, admin_port, 50052, "AdapterAdmin port (0 = any free port, -1 = off)");
 ABSL_FLAG(std::string, admin_token_file, "",
@@ -187,6 +190,7 @@ int Run() {
   options.max_adapter_file_bytes = absl::GetFlag(FLAGS_max_adapter_file_bytes);
   options.max_adapter_bytes = absl::GetFlag(FLAGS_max_adapter_bytes);
   options.expert_cache_bytes = absl::GetFlag(FLAGS_expert_cache_bytes);
+  options.expert_pinned_host_bytes = absl::GetFlag(FLAGS_expert_pinned_host_bytes);
   options.max_adapter_load_time = absl::GetFlag(FLAGS_max_adapter_load_time);
   moleserve::server::ServerOptions server_options{
       .listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),

@@ -85,12 +85,14 @@ class Backend {
   }
   // A batch of host -> device copies (an expert's pages) on the backend's copy stream: ordered
   // after every op issued so far (so it never overwrites memory a pending kernel still reads)
-  // and before every op issued after it. The sources may be reused once the call returns.
-  // CPU: memcpys.
+  // and before every op issued after it. Ordinary sources may be reused once the call returns;
+  // a source marked `src_pinned` (AllocateHost memory) is read by the device directly (no
+  // staging) and must stay unchanged until the next Synchronize. CPU: memcpys.
   struct HostToDevice {
     void* dst;
     const void* src;
     size_t bytes;
+    bool src_pinned = false;
   };
   virtual absl::Status CopyToDeviceBulk(const std::vector<HostToDevice>& copies) {
     for (const HostToDevice& c : copies) {

@@ -155,7 +155,11 @@ class CudaBackend final : public Backend {
                                "CopyToDeviceBulk: wait"));
     absl::Status copied;
     for (const HostToDevice& c : copies) {
-      copied = Copy(c.dst, c.src, c.bytes, state_->copy, "CopyToDeviceBulk");
+      // Page-locked sources go to the DMA engine as they are; others through the staging ring.
+      copied = c.src_pinned ? CudaStatus(cudaMemcpyAsync(c.dst, c.src, c.bytes,
+                                                         cudaMemcpyHostToDevice, state_->copy),
+                                         "CopyToDeviceBulk")
+                            : Copy(c.dst, c.src, c.bytes, state_->copy, "CopyToDeviceBulk");
       if (!copied.ok()) break;
     }
     RETURN_IF_ERROR(

@@ -199,7 +199,9 @@ void Executor::PrefetchForQueue() {
                        .evicted_resize = st.evicted_resize,
                        .bytes_to_device = st.bytes_to_device,
                        .split_calls = model_->adapters().splits(),
-                       .resident_experts = st.resident_experts};
+                       .resident_experts = st.resident_experts,
+                       .host_pinned_bytes = st.host_pinned_bytes,
+                       .host_pageable_bytes = st.host_image_bytes - st.host_pinned_bytes};
   for (const auto& p : st.pools) m.pools.push_back({p.width, p.pages, p.free_pages});
   metrics_->OnExpertCache(m);
 }

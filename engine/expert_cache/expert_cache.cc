@@ -10,7 +10,6 @@
 #include "kernels/common/bf16.h"
 
 namespace moleserve::engine {
-namespace {}  // namespace
 
 struct ExpertCache::Pool {
   struct Chunk {
@@ -59,14 +58,65 @@ void* ExpertCache::PagePtr(const Pool& pool, int32_t page) const {
   return c.buf.as<char>() + int64_t{page - c.first} * pool.width * elem_bytes_;
 }
 
-absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraStack*>& stacks) {
-  MutexLock lock(&mu_);
-  if (owners_.count(owner)) {
-    return absl::AlreadyExistsError(absl::StrCat("expert cache: owner ", owner, " is registered"));
+ExpertCache::HostImage ExpertCache::MakeImage(const LoraStack& s, int64_t* pinned_left) const {
+  HostImage image;
+  if (dtype_ == ScalarType::kF32) {  // the stack is already in the page dtype
+    image.a = reinterpret_cast<const char*>(s.a.data());
+    image.bt = reinterpret_cast<const char*>(s.bt.data());
+    return image;
   }
-  for (const LoraStack* s : stacks) {
+  const int64_t a_elems = static_cast<int64_t>(s.a.size());
+  const int64_t bt_elems = static_cast<int64_t>(s.bt.size());
+  image.bytes = (a_elems + bt_elems) * elem_bytes_;
+  char* base = nullptr;
+  if (image.bytes <= *pinned_left) {
+    // Page-locked memory may run out before the budget does: ordinary memory then.
+    if (absl::StatusOr<DeviceBuffer> buf = backend_->AllocateHost(image.bytes); buf.ok()) {
+      image.pinned = std::move(*buf);
+      image.is_pinned = true;
+      base = image.pinned.as<char>();
+      *pinned_left -= image.bytes;
+    }
+  }
+  if (base == nullptr) {
+    image.pageable.resize(static_cast<size_t>(image.bytes));
+    base = image.pageable.data();
+  }
+  ToDtype(s.a.data(), a_elems, base);
+  ToDtype(s.bt.data(), bt_elems, base + a_elems * elem_bytes_);
+  image.a = base;
+  image.bt = base + a_elems * elem_bytes_;
+  return image;
+}
+
+absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraStack*>& stacks) {
+  auto known = [&] {
+    return absl::AlreadyExistsError(absl::StrCat("expert cache: owner ", owner, " is registered"));
+  };
+  // The images are converted outside the lock, against a reservation of the pinned budget.
+  int64_t reserved = 0;
+  {
+    MutexLock lock(&mu_);
+    if (owners_.count(owner)) return known();
+    int64_t want = 0;
+    for (const LoraStack* s : stacks) want += int64_t{s->num_experts} * ExpertBytes(*s);
+    reserved = std::clamp<int64_t>(options_.pinned_host_bytes - pinned_bytes_, 0, want);
+    pinned_bytes_ += reserved;
+  }
+  int64_t pinned_left = reserved;
+  std::vector<HostImage> images;
+  for (const LoraStack* s : stacks) images.push_back(MakeImage(*s, &pinned_left));
+  MutexLock lock(&mu_);
+  pinned_bytes_ -= pinned_left;  // what the images did not take
+  if (owners_.count(owner)) {
+    for (const HostImage& image : images) pinned_bytes_ -= image.is_pinned ? image.bytes : 0;
+    return known();
+  }
+  for (size_t i = 0; i < stacks.size(); ++i) {
+    const LoraStack* s = stacks[i];
     StackInfo& info = stacks_[s];
     info.owner = owner;
+    info.image = std::move(images[i]);
     info.experts.resize(s->num_experts);
     for (int32_t e = 0; e < s->num_experts; ++e) {
       info.experts[e].stack = s;
@@ -76,7 +126,11 @@ absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraSt
   }
   owners_[owner] = stacks;
   if (absl::Status fits = Repartition(/*check_only=*/true); !fits.ok()) {
-    for (const LoraStack* s : stacks) stacks_.erase(s);
+    for (const LoraStack* s : stacks) {
+      const HostImage& image = stacks_.at(s).image;
+      if (image.is_pinned) pinned_bytes_ -= image.bytes;
+      stacks_.erase(s);
+    }
     owners_.erase(owner);
     return fits;
   }
@@ -91,6 +145,8 @@ void ExpertCache::RemoveOwner(int32_t owner) {
     for (Entry& e : stacks_.at(s).experts) {
       if (e.resident) Evict(&e, &stats_.evicted_unload);
     }
+    const HostImage& image = stacks_.at(s).image;
+    if (image.is_pinned) pinned_bytes_ -= image.bytes;
     stacks_.erase(s);
   }
   owners_.erase(it);
@@ -196,8 +252,9 @@ absl::Status ExpertCache::ResizePool(Pool* pool, int64_t pages) {
 void ExpertCache::Evict(Entry* entry, int64_t* counter) {
   Pool& pa = pools_.at(entry->stack->in);
   Pool& pb = pools_.at(entry->stack->out);
-  pa.free.insert(pa.free.end(), entry->a_pages.begin(), entry->a_pages.end());
-  pb.free.insert(pb.free.end(), entry->b_pages.begin(), entry->b_pages.end());
+  // Reversed, so that the next expert takes them in ascending order (consecutive pages, one copy).
+  pa.free.insert(pa.free.end(), entry->a_pages.rbegin(), entry->a_pages.rend());
+  pb.free.insert(pb.free.end(), entry->b_pages.rbegin(), entry->b_pages.rend());
   entry->a_pages.clear();
   entry->b_pages.clear();
   entry->resident = false;
@@ -238,20 +295,28 @@ bool ExpertCache::MakeResident(Entry* entry, bool (*evictable)(const Entry&, int
   };
   for (int32_t i = 0; i < s.rank; ++i) entry->a_pages.push_back(take(pa));
   for (int32_t i = 0; i < s.rank; ++i) entry->b_pages.push_back(take(pb));
+  // The expert's rows from the stack's image, consecutive pages of consecutive rows in one copy.
+  const HostImage& image = stacks_.at(&s).image;
   const int64_t row0 = int64_t{entry->expert} * s.rank;
-  // The expert's rows in the backend's dtype, then one batch of page copies.
-  const int64_t row_elems = s.in + s.out;
-  staged_.resize(static_cast<size_t>(s.rank * row_elems * elem_bytes_));
   std::vector<Backend::HostToDevice> copies;
+  auto add = [&](void* dst, const char* src, int64_t bytes) {
+    if (!copies.empty()) {
+      Backend::HostToDevice& last = copies.back();
+      if (static_cast<char*>(last.dst) + last.bytes == dst &&
+          static_cast<const char*>(last.src) + last.bytes == src) {
+        last.bytes += static_cast<size_t>(bytes);
+        return;
+      }
+    }
+    copies.push_back({dst, src, static_cast<size_t>(bytes), image.is_pinned});
+  };
   for (int32_t i = 0; i < s.rank; ++i) {
-    char* a_dst = staged_.data() + i * row_elems * elem_bytes_;
-    char* b_dst = a_dst + s.in * elem_bytes_;
-    ToDtype(s.a.data() + (row0 + i) * s.in, s.in, a_dst);
-    ToDtype(s.bt.data() + (row0 + i) * s.out, s.out, b_dst);
-    copies.push_back(
-        {PagePtr(pa, entry->a_pages[i]), a_dst, static_cast<size_t>(s.in * elem_bytes_)});
-    copies.push_back(
-        {PagePtr(pb, entry->b_pages[i]), b_dst, static_cast<size_t>(s.out * elem_bytes_)});
+    add(PagePtr(pa, entry->a_pages[i]), image.a + (row0 + i) * s.in * elem_bytes_,
+        s.in * elem_bytes_);
+  }
+  for (int32_t i = 0; i < s.rank; ++i) {
+    add(PagePtr(pb, entry->b_pages[i]), image.bt + (row0 + i) * s.out * elem_bytes_,
+        s.out * elem_bytes_);
   }
   const absl::Status copied = backend_->CopyToDeviceBulk(copies);
   entry->resident = true;
@@ -265,6 +330,7 @@ bool ExpertCache::MakeResident(Entry* entry, bool (*evictable)(const Entry&, int
     return false;
   }
   stats_.bytes_to_device += ExpertBytes(s);
+  stats_.copies_to_device += static_cast<int64_t>(copies.size());
   stats_.copy_seconds += absl::ToDoubleSeconds(absl::Now() - start);
   if (prefetch) ++stats_.prefetched;
   return true;
@@ -417,6 +483,8 @@ ExpertCacheStats ExpertCache::stats() const {
   MutexLock lock(&mu_);
   ExpertCacheStats s = stats_;
   s.capacity_bytes = 0;
+  for (const auto& [stack, info] : stacks_) s.host_image_bytes += info.image.bytes;
+  s.host_pinned_bytes = pinned_bytes_;
   for (const auto& [w, pool] : pools_) {
     s.pools.push_back({w, pool.pages, static_cast<int64_t>(pool.free.size())});
     s.capacity_bytes += int64_t{pool.pages} * w * elem_bytes_;

@@ -2,13 +2,17 @@
 
 // ExpertCache: the device tier of the paged LoRA-expert cache (DESIGN.md section 4).
 //
-// Host memory holds every attached adapter's LoRA stacks (Adapter, fp32). The device holds a
-// bounded working set of their experts in pools of pages; a page is one rank row (one vector of a
-// module's input or output width) in the backend's compute dtype (converted from fp32 as it is
-// copied in, in one batch on the backend's copy stream), and there is one pool per distinct width,
-// so experts of mixed ranks never fragment a pool and evicting an expert frees exactly the pages it
-// took. Kernels reach the rows through the row pointers Acquire hands out
-// (SgmvShrink/SgmvExpandRows row tables), so residency changes never move another expert.
+// Host memory holds every attached adapter's LoRA stacks (Adapter, fp32) and, per stack, an image
+// of its A and B^T rows in the backend's compute dtype, converted once when the owner is added
+// (in page-locked memory while `pinned_host_bytes` allows, so the device copies from it directly;
+// with an fp32 compute dtype the image is the stack itself). The device holds a bounded working
+// set of the experts in pools of pages; a page is one rank row (one vector of a module's input or
+// output width), and there is one pool per distinct width, so experts of mixed ranks never
+// fragment a pool and evicting an expert frees exactly the pages it took. A miss is one batch of
+// copies on the backend's copy stream with no conversion: consecutive pages take consecutive image
+// rows in one copy, so an expert whose pages are consecutive arrives in two copies (A, B^T).
+// Kernels reach the rows through the row pointers Acquire hands out (SgmvShrink/SgmvExpandRows row
+// tables), so residency changes never move another expert.
 //
 //   cache.AddOwner(slot, {&stack_q, &stack_v});     // when an adapter is attached
 //   cache.Acquire(&stack_q, e, &a_rows, &b_rows);   // pins expert e; copies it in on a miss
@@ -48,21 +52,27 @@ namespace moleserve::engine {
 struct ExpertCacheOptions {
   // Device bytes for expert pages over all pools; 0 = unbounded.
   int64_t capacity_bytes = 0;
+  // Host bytes of page-locked memory for the compute-dtype images (Backend::AllocateHost);
+  // images beyond it are kept in ordinary memory (copied through the backend's staging).
+  int64_t pinned_host_bytes = int64_t{8} << 30;
 };
 
 struct ExpertCacheStats {
-  int64_t hits = 0;              // Acquire found the expert resident
-  int64_t misses = 0;            // Acquire copied it in from host memory
-  int64_t prefetched = 0;        // experts copied in by Prefetch
-  int64_t evicted_lru = 0;       // evicted to make room
-  int64_t evicted_unload = 0;    // pages returned when their adapter was detached
-  int64_t evicted_resize = 0;    // evicted because their pool shrank
-  int64_t bytes_to_device = 0;   // host -> device bytes (misses and prefetch)
-  double copy_seconds = 0;       // time spent copying experts in
-  int64_t resident_experts = 0;  // experts with pages now
-  int64_t pinned_experts = 0;    // experts pinned now
-  int64_t step_experts = 0;      // distinct experts acquired in the current step
-  int64_t capacity_bytes = 0;    // bytes of all pools now
+  int64_t hits = 0;               // Acquire found the expert resident
+  int64_t misses = 0;             // Acquire copied it in from host memory
+  int64_t prefetched = 0;         // experts copied in by Prefetch
+  int64_t evicted_lru = 0;        // evicted to make room
+  int64_t evicted_unload = 0;     // pages returned when their adapter was detached
+  int64_t evicted_resize = 0;     // evicted because their pool shrank
+  int64_t bytes_to_device = 0;    // host -> device bytes (misses and prefetch)
+  int64_t copies_to_device = 0;   // contiguous host -> device copies those bytes took
+  double copy_seconds = 0;        // time spent copying experts in
+  int64_t resident_experts = 0;   // experts with pages now
+  int64_t pinned_experts = 0;     // experts pinned now
+  int64_t step_experts = 0;       // distinct experts acquired in the current step
+  int64_t capacity_bytes = 0;     // bytes of all pools now
+  int64_t host_image_bytes = 0;   // compute-dtype images held besides the fp32 stacks
+  int64_t host_pinned_bytes = 0;  // of which page-locked
   struct Pool {
     int64_t width = 0;  // elements per page
     int64_t pages = 0;
@@ -128,9 +138,20 @@ class ExpertCache {
     std::vector<int32_t> a_pages, b_pages;
     std::list<Entry*>::iterator lru;  // valid while resident; front = most recent
   };
+  // A stack's rows in the page dtype, laid out as the stack's: [num_experts * rank, in] A rows,
+  // [num_experts * rank, out] B^T rows.
+  struct HostImage {
+    DeviceBuffer pinned;         // AllocateHost memory, or
+    std::vector<char> pageable;  // when over the pinned budget, or
+    const char* a = nullptr;     // (the stack itself when the page dtype is fp32)
+    const char* bt = nullptr;
+    bool is_pinned = false;
+    int64_t bytes = 0;  // held by the image (0 when it is the stack)
+  };
   struct StackInfo {
     int32_t owner = -1;
     std::vector<Entry> experts;
+    HostImage image;
   };
 
   Pool& PoolFor(int64_t width) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -150,6 +171,8 @@ class ExpertCache {
   int64_t ExpertBytes(const LoraStack& s) const;
   // n fp32 host values in the page dtype (the backend's compute dtype) at dst.
   void ToDtype(const float* src, int64_t n, char* dst) const;
+  // The stack's image; pinned while `*pinned_left` allows (decremented by what it takes).
+  HostImage MakeImage(const LoraStack& s, int64_t* pinned_left) const;
 
   Backend* backend_;  // not owned
   const ExpertCacheOptions options_;
@@ -161,7 +184,7 @@ class ExpertCache {
   std::map<int32_t, std::vector<const LoraStack*>> owners_ ABSL_GUARDED_BY(mu_);
   std::map<int32_t, int64_t> resident_bytes_ ABSL_GUARDED_BY(mu_);  // by owner
   std::list<Entry*> lru_ ABSL_GUARDED_BY(mu_);
-  std::vector<char> staged_ ABSL_GUARDED_BY(mu_);  // an expert's rows in the page dtype
+  int64_t pinned_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // of all images
   int64_t step_ ABSL_GUARDED_BY(mu_) = 0;
   ExpertCacheStats stats_ ABSL_GUARDED_BY(mu_);
 };

@@ -152,6 +152,11 @@ struct PrometheusMetrics::Families {
                            .Help("Experts resident in the device pool")
                            .Register(r)
                            .Add({})),
+        cache_host_bytes(BuildGauge()
+                             .Name("moleserve_expert_cache_host_bytes")
+                             .Help("Host bytes of the experts' compute-dtype copies, by memory "
+                                   "(pinned: page-locked, copied by DMA; pageable: staged)")
+                             .Register(r)),
         cache_pages(BuildGauge()
                         .Name("moleserve_expert_cache_pages")
                         .Help("Pages (rank rows) of the device pool of each row width")
@@ -204,6 +209,7 @@ struct PrometheusMetrics::Families {
   prometheus::Counter& cache_bytes;
   prometheus::Counter& cache_splits;
   prometheus::Gauge& cache_resident;
+  prometheus::Family<prometheus::Gauge>& cache_host_bytes;
   prometheus::Family<prometheus::Gauge>& cache_pages;
   prometheus::Family<prometheus::Gauge>& cache_free_pages;
   Histogram& expert_wait;
@@ -300,6 +306,8 @@ void PrometheusMetrics::OnExpertCache(const engine::ExpertCacheMetrics& m) {
   add(f.cache_bytes, m.bytes_to_device, last.bytes_to_device);
   add(f.cache_splits, m.split_calls, last.split_calls);
   f.cache_resident.Set(static_cast<double>(m.resident_experts));
+  f.cache_host_bytes.Add({{"memory", "pinned"}}).Set(static_cast<double>(m.host_pinned_bytes));
+  f.cache_host_bytes.Add({{"memory", "pageable"}}).Set(static_cast<double>(m.host_pageable_bytes));
   for (const auto& p : last.pools) {  // pools that went away read 0
     f.cache_pages.Add({{"width", std::to_string(p.width)}}).Set(0);
     f.cache_free_pages.Add({{"width", std::to_string(p.width)}}).Set(0);

@@ -31,6 +31,8 @@
 //   moleserve_expert_cache_bytes_to_device_total counter, host -> device bytes
 //   moleserve_expert_cache_split_calls_total     counter, SGMV calls split to fit the pool
 //   moleserve_expert_cache_resident_experts      gauge
+//   moleserve_expert_cache_host_bytes{memory}    gauge, the experts' compute-dtype copies in host
+//                                                memory; pinned (DMA) or pageable (staged)
 //   moleserve_expert_cache_pages{width}          gauge, pages of the pool of rank rows `width`
 //   moleserve_expert_cache_free_pages{width}     gauge
 //   moleserve_step_distinct_experts             histogram, LoRA experts a step read (steps with

@@ -21,6 +21,8 @@ struct BackendCounts {
   int64_t h2d_bytes = 0;
   int64_t page_copies = 0;  // CopyToDeviceBulk entries: expert pages copied in on a cache miss
   int64_t page_bytes = 0;
+  int64_t pinned_page_copies = 0;  // of which from page-locked host memory (no staging)
+  int64_t bulk_calls = 0;          // CopyToDeviceBulk calls
   int64_t d2h_copies = 0;
   int64_t d2h_bytes = 0;
   int64_t syncs = 0;
@@ -47,9 +49,11 @@ class CountingBackend final : public engine::Backend {
     return inner_->CopyToDevice(dst, src, bytes);
   }
   absl::Status CopyToDeviceBulk(const std::vector<HostToDevice>& copies) override {
+    ++counts_.bulk_calls;
     for (const HostToDevice& c : copies) {
       ++counts_.page_copies;
       counts_.page_bytes += static_cast<int64_t>(c.bytes);
+      counts_.pinned_page_copies += c.src_pinned ? 1 : 0;
     }
     return inner_->CopyToDeviceBulk(copies);
   }

@@ -8,6 +8,10 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/common/bf16.h"
+#include "tests/common/bf16_cpu_backend.h"
+#include "tests/common/counting_backend.h"
+
 namespace moleserve::engine {
 namespace {
 
@@ -333,6 +337,112 @@ TEST_F(ExpertCacheTest, ConcurrentAcquireAndRelease) {
   EXPECT_EQ(st.pinned_experts, 0);
   EXPECT_EQ(st.hits + st.misses, done.load());
   EXPECT_GT(st.evicted_lru, 0);
+}
+
+// Under a bf16 compute dtype (as on CUDA) each stack is converted once, when its owner is added,
+// into an image in AllocateHost memory; a miss copies from it with no conversion, one copy per
+// contiguous run of pages: two per expert (A rows, B^T rows) as long as pages come back in order.
+TEST(ExpertCacheBf16Test, MissesCopyTheConvertedImageInTwoPinnedRunsPerExpert) {
+  auto counting =
+      std::make_unique<test_util::CountingBackend>(test_util::Bf16CpuBackend::Create(1));
+  test_util::CountingBackend* backend = counting.get();
+  auto s = MakeStack(1, 5, 3, 16, 8);
+  const int64_t expert_bytes = int64_t{3} * (16 + 8) * 2;
+  // Room for three experts: misses after the first three evict, and the freed pages are reused.
+  ExpertCache cache(backend, {.capacity_bytes = 3 * expert_bytes});
+  ASSERT_TRUE(cache.AddOwner(0, {s.get()}).ok());
+  ExpertCacheStats st = cache.stats();
+  EXPECT_EQ(st.host_image_bytes, 5 * expert_bytes);
+  EXPECT_EQ(st.host_pinned_bytes, 5 * expert_bytes);
+  // What a miss copies no longer depends on the fp32 stack.
+  auto original = MakeStack(1, 5, 3, 16, 8);
+  std::fill(s->a.begin(), s->a.end(), -1.0f);
+  std::fill(s->bt.begin(), s->bt.end(), -1.0f);
+  backend->Reset();
+  int64_t misses = 0;
+  for (int32_t e : {0, 1, 2, 3, 4, 0, 2, 1}) {
+    const int64_t before = cache.stats().misses;
+    const test_util::BackendCounts c0 = backend->counts();
+    std::vector<const void*> a, b;
+    ASSERT_TRUE(cache.Acquire(s.get(), e, &a, &b).ok());
+    const test_util::BackendCounts c1 = backend->counts();
+    if (cache.stats().misses > before) {
+      ++misses;
+      EXPECT_EQ(c1.bulk_calls - c0.bulk_calls, 1) << "expert " << e;
+      EXPECT_EQ(c1.page_copies - c0.page_copies, 2) << "expert " << e;
+      EXPECT_EQ(c1.pinned_page_copies - c0.pinned_page_copies, 2) << "expert " << e;
+      EXPECT_EQ(c1.page_bytes - c0.page_bytes, expert_bytes);
+    } else {
+      EXPECT_EQ(c1.bulk_calls, c0.bulk_calls);
+    }
+    // The rows are the fp32 values rounded once to bf16.
+    std::vector<uint16_t> row(16);
+    for (int32_t r = 0; r < 3; ++r) {
+      ASSERT_TRUE(backend->CopyToHost(row.data(), a[r], 16 * 2).ok());
+      for (int64_t c = 0; c < 16; ++c) {
+        ASSERT_EQ(row[c], kernels::F32ToBf16(original->a[(int64_t{e} * 3 + r) * 16 + c]));
+      }
+      ASSERT_TRUE(backend->CopyToHost(row.data(), b[r], 8 * 2).ok());
+      for (int64_t c = 0; c < 8; ++c) {
+        ASSERT_EQ(row[c], kernels::F32ToBf16(original->bt[(int64_t{e} * 3 + r) * 8 + c]));
+      }
+    }
+    cache.Release(s.get(), e);
+  }
+  st = cache.stats();
+  EXPECT_EQ(st.misses, misses);
+  EXPECT_GT(st.evicted_lru, 0);
+  EXPECT_EQ(st.copies_to_device, 2 * misses);
+  cache.RemoveOwner(0);
+  EXPECT_EQ(cache.stats().host_image_bytes, 0);
+  EXPECT_EQ(cache.stats().host_pinned_bytes, 0);
+}
+
+TEST(ExpertCacheBf16Test, ImagesBeyondThePinnedBudgetStayInOrdinaryMemory) {
+  auto counting =
+      std::make_unique<test_util::CountingBackend>(test_util::Bf16CpuBackend::Create(1));
+  test_util::CountingBackend* backend = counting.get();
+  auto first = MakeStack(1, 2, 2, 8, 8);
+  auto second = MakeStack(2, 2, 2, 8, 8);
+  const int64_t image_bytes = 2 * int64_t{2} * (8 + 8) * 2;
+  // Room for the first owner's image only.
+  ExpertCache cache(backend, {.pinned_host_bytes = image_bytes + image_bytes / 2});
+  ASSERT_TRUE(cache.AddOwner(0, {first.get()}).ok());
+  ASSERT_TRUE(cache.AddOwner(1, {second.get()}).ok());
+  EXPECT_EQ(cache.stats().host_image_bytes, 2 * image_bytes);
+  EXPECT_EQ(cache.stats().host_pinned_bytes, image_bytes);
+  std::vector<const void*> a, b;
+  backend->Reset();
+  ASSERT_TRUE(cache.Acquire(second.get(), 1, &a, &b).ok());
+  EXPECT_EQ(backend->counts().page_copies, 2);
+  EXPECT_EQ(backend->counts().pinned_page_copies, 0);
+  cache.Release(second.get(), 1);
+  a.clear();
+  b.clear();
+  ASSERT_TRUE(cache.Acquire(first.get(), 0, &a, &b).ok());
+  EXPECT_EQ(backend->counts().pinned_page_copies, 2);
+  cache.Release(first.get(), 0);
+  // The budget freed by the first owner is there for the next one.
+  cache.RemoveOwner(0);
+  EXPECT_EQ(cache.stats().host_pinned_bytes, 0);
+  auto third = MakeStack(3, 2, 2, 8, 8);
+  ASSERT_TRUE(cache.AddOwner(2, {third.get()}).ok());
+  EXPECT_EQ(cache.stats().host_pinned_bytes, image_bytes);
+  // A refused owner returns what it reserved.
+  EXPECT_TRUE(absl::IsAlreadyExists(cache.AddOwner(2, {third.get()})));
+  EXPECT_EQ(cache.stats().host_pinned_bytes, image_bytes);
+}
+
+TEST_F(ExpertCacheTest, Fp32PagesCopyStraightFromTheStacks) {
+  ExpertCache cache(backend_.get(), {});
+  auto s = MakeStack(1, 2, 4, 8, 8);
+  ASSERT_TRUE(cache.AddOwner(0, {s.get()}).ok());
+  EXPECT_EQ(cache.stats().host_image_bytes, 0);  // no second copy of an fp32 adapter
+  std::vector<const void*> a, b;
+  ASSERT_TRUE(cache.Acquire(s.get(), 1, &a, &b).ok());
+  ExpectRows(*s, 1, 1, a, b);
+  cache.Release(s.get(), 1);
+  EXPECT_EQ(cache.stats().copies_to_device, 2);
 }
 
 }  // namespace
