@@ -24,6 +24,44 @@ std::optional<LinearModule> ParseLinearModule(std::string_view name) {
   return std::nullopt;
 }
 
+std::span<const LinearModule> ProjectionModules(Projection p) {
+  static constexpr LinearModule kQkv[] = {LinearModule::kQ, LinearModule::kK, LinearModule::kV};
+  static constexpr LinearModule kGateUp[] = {LinearModule::kGate, LinearModule::kUp};
+  return p == Projection::kQkv ? std::span<const LinearModule>(kQkv)
+                               : std::span<const LinearModule>(kGateUp);
+}
+
+std::optional<Projection> ProjectionOf(LinearModule m) {
+  switch (m) {
+    case LinearModule::kQ:
+    case LinearModule::kK:
+    case LinearModule::kV:
+      return Projection::kQkv;
+    case LinearModule::kGate:
+    case LinearModule::kUp:
+      return Projection::kGateUp;
+    default:
+      return std::nullopt;
+  }
+}
+
+int64_t ProjectionColumn(const ModelConfig& c, LinearModule m) {
+  const std::optional<Projection> p = ProjectionOf(m);
+  if (!p) return 0;
+  int64_t column = 0;
+  for (LinearModule before : ProjectionModules(*p)) {
+    if (before == m) break;
+    column += LinearModuleShape(c, before)[1];
+  }
+  return column;
+}
+
+int64_t ProjectionWidth(const ModelConfig& c, Projection p) {
+  int64_t width = 0;
+  for (LinearModule m : ProjectionModules(p)) width += LinearModuleShape(c, m)[1];
+  return width;
+}
+
 std::array<int64_t, 2> LinearModuleShape(const ModelConfig& c, LinearModule m) {
   const int64_t h = c.hidden_size;
   const int64_t q = int64_t{c.num_heads} * c.head_dim;

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -34,6 +35,19 @@ const char* LinearModuleName(LinearModule m);  // "q_proj" ...
 std::optional<LinearModule> ParseLinearModule(std::string_view name);
 // {in_features, out_features} of module m in the base model.
 std::array<int64_t, 2> LinearModuleShape(const ModelConfig& config, LinearModule m);
+
+// The base model's fused projections: q|k|v and gate|up, each one GEMM over the same input whose
+// output rows hold the modules' outputs side by side (LlamaModel), their static LoRAs' shrinks
+// fused the same way (StepPlanner::ApplyProjection).
+enum class Projection : int8_t { kQkv, kGateUp };
+inline constexpr int kNumProjections = 2;
+// Its modules, in column order.
+std::span<const LinearModule> ProjectionModules(Projection p);
+// The projection module m belongs to (nullopt: o_proj, down_proj), its first column in the
+// projection's rows, and the rows' width.
+std::optional<Projection> ProjectionOf(LinearModule m);
+int64_t ProjectionColumn(const ModelConfig& config, LinearModule m);
+int64_t ProjectionWidth(const ModelConfig& config, Projection p);
 
 // E LoRA experts of one linear module, stacked (E = 1 for a static LoRA and for a rank group).
 // Ranks are padded to `rank` with zero rows of A and zero columns of B (exact).

@@ -233,8 +233,8 @@ absl::Status AdapterExecutor::RouterLogits(const Attached& owner, const RouterWe
 absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t layer,
                                                     LinearModule m, const RoutedModule& rm,
                                                     const std::vector<int32_t>& tokens,
-                                                    const void* x, int64_t in, void* y,
-                                                    int64_t out) {
+                                                    const void* x, int64_t in, void* y, int64_t out,
+                                                    int64_t y_stride) {
   const LoraStack& stack = rm.experts;
   const int32_t e_count = stack.num_experts;
   const int32_t rank = stack.rank;
@@ -337,7 +337,8 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
                                             .num_segments = e_count,
                                             .out = out,
                                             .v_stride = rank,
-                                            .dtype = dt_}));
+                                            .dtype = dt_,
+                                            .y_stride = y_stride}));
   // Routing records are the only reason to bring the decisions to the host: kept on the device
   // now, copied with the step's results (IssueResultCopies).
   if (std::any_of(ordered.begin(), ordered.end(),
@@ -362,7 +363,7 @@ absl::Status AdapterExecutor::CheckRouting() { return records_.Check(); }
 absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer, LinearModule m,
                                              const RoutedModule& rm,
                                              const std::vector<int32_t>& tokens, const void* x,
-                                             void* y) {
+                                             void* y, int64_t y_stride) {
   const LoraStack& stack = rm.experts;
   const int32_t r = stack.rank;
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -424,12 +425,13 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
       }
     }
   }
-  return sgmv_.Expand(call, y, stack.out, rank_u_.as<float>());
+  return sgmv_.Expand(call, y, stack.out, y_stride, rank_u_.as<float>());
 }
 
-absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y) {
+absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y,
+                                          int64_t y_stride) {
   if (!P().active) return absl::OkStatus();
-  if (P().planner.active()) return P().planner.Apply(layer, m, x, y);
+  if (P().planner.active()) return P().planner.Apply(layer, m, x, y, y_stride);
   const auto [in, out] = LinearModuleShape(config_, m);
   const int mi = static_cast<int>(m);
   std::vector<Segment> segments;
@@ -448,13 +450,14 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     if (!L.routed[mi]) continue;
     const RoutedModule& rm = *L.routed[mi];
     if (rm.rank_granular) {
-      RETURN_IF_ERROR(ApplyRankGroup(att, layer, m, rm, tokens, x, y));
+      RETURN_IF_ERROR(ApplyRankGroup(att, layer, m, rm, tokens, x, y, y_stride));
       continue;
     }
     const LoraStack& stack = rm.experts;
     const int32_t e_count = stack.num_experts;
     if (rm.router_type == RouterType::kLinear && e_count <= kernels::kMaxRouteWidth) {
-      ASSIGN_OR_RETURN(bool routed, RouteOnDevice(att, layer, m, rm, tokens, x, in, y, out));
+      ASSIGN_OR_RETURN(bool routed,
+                       RouteOnDevice(att, layer, m, rm, tokens, x, in, y, out, y_stride));
       if (routed) continue;
     }
     std::vector<Segment> per_expert(e_count);
@@ -500,7 +503,18 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     }
     for (Segment& s : per_expert) segments.push_back(std::move(s));
   }
-  return sgmv_.Run(segments, x, in, y, out);
+  return sgmv_.Run(segments, x, in, y, out, y_stride);
+}
+
+absl::Status AdapterExecutor::ApplyProjection(int32_t layer, Projection p, const void* x, void* y) {
+  if (!P().active) return absl::OkStatus();
+  if (P().planner.active()) return P().planner.ApplyProjection(layer, p, x, y);
+  const int64_t width = ProjectionWidth(config_, p);
+  for (LinearModule m : ProjectionModules(p)) {
+    char* columns = static_cast<char*>(y) + ProjectionColumn(config_, m) * es_;
+    RETURN_IF_ERROR(ApplyLinear(layer, m, x, columns, width));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status AdapterExecutor::XloraScalings(int32_t slot, const void* hidden,
@@ -541,12 +555,14 @@ bool AdapterExecutor::HasBlockFfn(int32_t layer) const {
   return false;
 }
 
-absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const void* gate,
-                                          const void* up, void* act) {
-  if (P().planner.active()) return P().planner.BlockAct(layer, h, gate, up, act);
+absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const void* gate_up,
+                                          void* act) {
+  if (P().planner.active()) return P().planner.BlockAct(layer, h, gate_up, act);
   const int64_t t_count = static_cast<int64_t>(P().tokens.slot.size());
   const int64_t hidden = config_.hidden_size;
   const int64_t inter = config_.intermediate_size;
+  const void* gate = gate_up;  // columns [0, I) and [I, 2I) of rows 2I wide
+  const void* up = static_cast<const char*>(gate_up) + inter * es_;
   block_ = BlockPairs();
   // Route every block token; pairs in (adapter, expert) order.
   std::vector<int32_t> pair_token;
@@ -608,7 +624,8 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
                                            .out = dst->data(),
                                            .num_tokens = num_pairs,
                                            .hidden = inter,
-                                           .dtype = dt_}));
+                                           .dtype = dt_,
+                                           .table_stride = 2 * inter}));
     }
     RETURN_IF_ERROR(sgmv_.Run(gate_segs, h, hidden, block_g_.data(), inter));
     RETURN_IF_ERROR(sgmv_.Run(up_segs, h, hidden, block_u_.data(), inter));
@@ -623,8 +640,13 @@ absl::Status AdapterExecutor::BlockFfnAct(int32_t layer, const void* h, const vo
   // ext[T + ordinal(t)] += w * a_pair, and act[t] = ext[t or T + ordinal(t)].
   const int64_t ext_rows = t_count + num_block_tokens;
   RETURN_IF_ERROR(Grow(&ext_, ext_rows * inter * es_));
-  RETURN_IF_ERROR(backend_->SiluMul(
-      {.gate = gate, .up = up, .out = ext_.data(), .rows = t_count, .cols = inter, .dtype = dt_}));
+  RETURN_IF_ERROR(backend_->SiluMul({.gate = gate,
+                                     .up = up,
+                                     .out = ext_.data(),
+                                     .rows = t_count,
+                                     .cols = inter,
+                                     .dtype = dt_,
+                                     .in_stride = 2 * inter}));
   if (zeros_.size() < static_cast<size_t>(num_block_tokens * inter)) {
     zeros_.resize(num_block_tokens * inter, 0.0f);
   }

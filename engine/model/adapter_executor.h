@@ -129,17 +129,22 @@ class AdapterExecutor {
   // True when some token of the pass uses an adapter.
   bool active() const { return P().active; }
 
-  // y[t] += adapter deltas of module m for every adapter token, x [T, in], y [T, out].
-  absl::Status ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y);
+  // y[t] += adapter deltas of module m for every adapter token, x [T, in], y [T, y_stride]
+  // (0: out): y_stride is the width of a fused projection whose columns y starts at.
+  absl::Status ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y,
+                           int64_t y_stride = 0);
+  // The same for every module of fused projection p (q|k|v, gate|up) over one input: y
+  // [T, ProjectionWidth(p)] holds the modules' outputs side by side. A planned pass shrinks the
+  // modules' static LoRAs in one call (StepPlanner::ApplyProjection).
+  absl::Status ApplyProjection(int32_t layer, Projection p, const void* x, void* y);
 
   // True when some token of the pass has a block-routed FFN at `layer`.
   bool HasBlockFfn(int32_t layer) const;
-  // Block-routed FFN (MOLE_FORMAT 1.3, serving rewrite). In: h [T, H] (FFN input), gate/up [T, I]
-  // base results (with static deltas). Out: act [T, I], the input of the down projection: the
-  // base SwiGLU for other tokens, sum_e w_e a_e for routed ones. Keeps the pairs for
-  // BlockFfnDown, which adds sum_e w_e s_d B_d,e A_d,e a_e to o [T, H].
-  absl::Status BlockFfnAct(int32_t layer, const void* h, const void* gate, const void* up,
-                           void* act);
+  // Block-routed FFN (MOLE_FORMAT 1.3, serving rewrite). In: h [T, H] (FFN input), gate_up
+  // [T, 2I] the fused gate|up base results (with static deltas). Out: act [T, I], the input of
+  // the down projection: the base SwiGLU for other tokens, sum_e w_e a_e for routed ones. Keeps
+  // the pairs for BlockFfnDown, which adds sum_e w_e s_d B_d,e A_d,e a_e to o [T, H].
+  absl::Status BlockFfnAct(int32_t layer, const void* h, const void* gate_up, void* act);
   absl::Status BlockFfnDown(int32_t layer, void* o);
 
   // After a pass: kInvalidArgument when some token routed on the device had undefined router
@@ -200,11 +205,12 @@ class AdapterExecutor {
   // routes on the host, which copies in only the routed experts and can split the call.
   absl::StatusOr<bool> RouteOnDevice(const Attached& att, int32_t layer, LinearModule m,
                                      const RoutedModule& rm, const std::vector<int32_t>& tokens,
-                                     const void* x, int64_t in, void* y, int64_t out);
+                                     const void* x, int64_t in, void* y, int64_t out,
+                                     int64_t y_stride);
   // Applies a rank-granular group to the tokens of one adapter.
   absl::Status ApplyRankGroup(const Attached& att, int32_t layer, LinearModule m,
                               const RoutedModule& rm, const std::vector<int32_t>& tokens,
-                              const void* x, void* y);
+                              const void* x, void* y, int64_t y_stride);
   // The routing spec of `token` at a site whose own spec is `base`: base, or base with the
   // token's request override applied (memoised in `cache`, one per site and pass).
   struct SpecCache {

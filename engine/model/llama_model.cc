@@ -48,20 +48,25 @@ int64_t LlamaModel::kv_bytes_per_block() const {
 }
 
 absl::StatusOr<DeviceBuffer> LlamaModel::Upload(const WeightSource& weights,
-                                                const TensorSpec& spec) {
-  ASSIGN_OR_RETURN(std::vector<int64_t> stored, weights.Shape(spec.name));
-  if (stored != spec.shape) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor '", spec.name, "' has shape [",
-                                                   absl::StrJoin(stored, ", "), "], expected [",
-                                                   absl::StrJoin(spec.shape, ", "), "]"));
-  }
-  std::vector<float> host(Numel(spec.shape));
-  RETURN_IF_ERROR(weights.ReadF32(spec.name, spec.shape, host.data()));
-  for (float v : host) {
-    if (!std::isfinite(v)) {
+                                                const std::vector<TensorSpec>& specs) {
+  int64_t total = 0;
+  for (const TensorSpec& spec : specs) total += Numel(spec.shape);
+  std::vector<float> host(total);
+  float* at = host.data();
+  for (const TensorSpec& spec : specs) {
+    ASSIGN_OR_RETURN(std::vector<int64_t> stored, weights.Shape(spec.name));
+    if (stored != spec.shape) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor '", spec.name, "' has shape [",
+                                                     absl::StrJoin(stored, ", "), "], expected [",
+                                                     absl::StrJoin(spec.shape, ", "), "]"));
+    }
+    const int64_t n = Numel(spec.shape);
+    RETURN_IF_ERROR(weights.ReadF32(spec.name, spec.shape, at));
+    if (!std::all_of(at, at + n, [](float v) { return std::isfinite(v); })) {
       return absl::InvalidArgumentError(
           absl::StrCat("tensor '", spec.name, "' contains NaN or Inf"));
     }
+    at += n;
   }
   ASSIGN_OR_RETURN(DeviceBuffer buf, backend_->Allocate(host.size() * es_));
   if (dt_ == ScalarType::kF32) {
@@ -78,8 +83,11 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
   const ModelConfig& c = config_;
   std::vector<TensorSpec> specs = LlamaTensorSpecs(c);
   size_t next = 0;
-  auto take = [&](DeviceBuffer* dst) -> absl::Status {
-    ASSIGN_OR_RETURN(*dst, Upload(weights, specs[next++]));
+  // The next `n` specs into one buffer (concatenated).
+  auto take = [&](DeviceBuffer* dst, size_t n = 1) -> absl::Status {
+    ASSIGN_OR_RETURN(*dst, Upload(weights, std::vector<TensorSpec>(specs.begin() + next,
+                                                                   specs.begin() + next + n)));
+    next += n;
     return absl::OkStatus();
   };
   RETURN_IF_ERROR(take(&embed_));
@@ -87,18 +95,15 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
   const int64_t kv_elems = static_cast<int64_t>(options_.num_kv_blocks) * options_.kv_block_size *
                            c.num_kv_heads * c.head_dim;
   for (Layer& layer : layers_) {
-    // Same order as LlamaTensorSpecs.
-    for (DeviceBuffer* b : {&layer.input_norm, &layer.q, &layer.k, &layer.v, &layer.o}) {
-      RETURN_IF_ERROR(take(b));
-    }
-    if (c.qkv_bias) {
-      for (DeviceBuffer* b : {&layer.q_bias, &layer.k_bias, &layer.v_bias})
-        RETURN_IF_ERROR(take(b));
-    }
+    // Same order as LlamaTensorSpecs: q, k, v (then their biases) and gate, up are adjacent.
+    RETURN_IF_ERROR(take(&layer.input_norm));
+    RETURN_IF_ERROR(take(&layer.qkv, 3));
+    RETURN_IF_ERROR(take(&layer.o));
+    if (c.qkv_bias) RETURN_IF_ERROR(take(&layer.qkv_bias, 3));
     if (c.o_bias) RETURN_IF_ERROR(take(&layer.o_bias));
-    for (DeviceBuffer* b : {&layer.post_norm, &layer.gate, &layer.up, &layer.down}) {
-      RETURN_IF_ERROR(take(b));
-    }
+    RETURN_IF_ERROR(take(&layer.post_norm));
+    RETURN_IF_ERROR(take(&layer.gate_up, 2));
+    RETURN_IF_ERROR(take(&layer.down));
     ASSIGN_OR_RETURN(layer.k_cache, backend_->Allocate(kv_elems * es_));
     ASSIGN_OR_RETURN(layer.v_cache, backend_->Allocate(kv_elems * es_));
   }
@@ -121,10 +126,9 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
   };
   for (auto [buf, bytes] :
        {Scratch{&x_, t * c.hidden_size * f}, Scratch{&h_, t * c.hidden_size * f},
-        Scratch{&q_, t * q_width * f}, Scratch{&k_, t * kv_width * f},
-        Scratch{&v_, t * kv_width * f}, Scratch{&attn_, t * q_width * f},
-        Scratch{&gate_, t * c.intermediate_size * f}, Scratch{&up_, t * c.intermediate_size * f},
-        Scratch{&o_, t * c.hidden_size * f},
+        Scratch{&qkv_, t * (q_width + 2 * kv_width) * f}, Scratch{&attn_, t * q_width * f},
+        Scratch{&gate_up_, t * 2 * c.intermediate_size * f},
+        Scratch{&act_, t * c.intermediate_size * f}, Scratch{&o_, t * c.hidden_size * f},
         Scratch{&logits_, int64_t{options_.max_seqs} * c.vocab_size * 4},
         Scratch{&sample_work_, int64_t{options_.max_seqs} * c.vocab_size * 4},
         Scratch{&sample_params_,
@@ -296,6 +300,13 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
     return backend_->BiasAdd(
         {.x = x.data(), .bias = b.data(), .rows = t, .cols = cols, .dtype = dt});
   };
+  // The fused projections' outputs: q | k | v and gate | up side by side in each row.
+  const int64_t qkv_width = q_width + 2 * kv_width;
+  char* const q = qkv_.as<char>();
+  char* const k = q + q_width * es_;
+  char* const v = k + kv_width * es_;
+  char* const gate = gate_up_.as<char>();
+  char* const up = gate + inter * es_;
 
   RETURN_IF_ERROR(backend_->Embedding({.ids = in.tokens.as<int32_t>(),
                                        .table = embed_.data(),
@@ -307,26 +318,20 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
     Layer& layer = layers_[l];
     // Attention block.
     RETURN_IF_ERROR(RmsNormRows(x_, layer.input_norm, h_, t));
-    RETURN_IF_ERROR(gemm(h_, layer.q, q_, t, q_width, h));
-    RETURN_IF_ERROR(gemm(h_, layer.k, k_, t, kv_width, h));
-    RETURN_IF_ERROR(gemm(h_, layer.v, v_, t, kv_width, h));
-    if (c.qkv_bias) {
-      RETURN_IF_ERROR(bias(q_, layer.q_bias, q_width));
-      RETURN_IF_ERROR(bias(k_, layer.k_bias, kv_width));
-      RETURN_IF_ERROR(bias(v_, layer.v_bias, kv_width));
-    }
-    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kQ, h_.data(), q_.data()));
-    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kK, h_.data(), k_.data()));
-    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kV, h_.data(), v_.data()));
-    RETURN_IF_ERROR(backend_->Rope({.q = q_.data(),
-                                    .k = k_.data(),
+    RETURN_IF_ERROR(gemm(h_, layer.qkv, qkv_, t, qkv_width, h));
+    if (c.qkv_bias) RETURN_IF_ERROR(bias(qkv_, layer.qkv_bias, qkv_width));
+    RETURN_IF_ERROR(adapters_.ApplyProjection(l, Projection::kQkv, h_.data(), qkv_.data()));
+    RETURN_IF_ERROR(backend_->Rope({.q = q,
+                                    .k = k,
                                     .positions = in.positions.as<int32_t>(),
                                     .inv_freq = inv_freq_.as<float>(),
                                     .num_tokens = t,
                                     .num_q_heads = c.num_heads,
                                     .num_kv_heads = c.num_kv_heads,
                                     .head_dim = c.head_dim,
-                                    .dtype = dt}));
+                                    .dtype = dt,
+                                    .q_stride = qkv_width,
+                                    .k_stride = qkv_width}));
     const kernels::PagedKvLayout kv{.k_cache = layer.k_cache.data(),
                                     .v_cache = layer.v_cache.data(),
                                     .block_tables = in.block_tables.as<int32_t>(),
@@ -336,15 +341,16 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
                                     .num_kv_heads = c.num_kv_heads,
                                     .head_dim = c.head_dim};
     RETURN_IF_ERROR(backend_->KvWrite({.kv = kv,
-                                       .k = k_.data(),
-                                       .v = v_.data(),
+                                       .k = k,
+                                       .v = v,
                                        .token_seq = in.token_seq.as<int32_t>(),
                                        .positions = in.positions.as<int32_t>(),
                                        .num_tokens = t,
-                                       .dtype = dt}));
+                                       .dtype = dt,
+                                       .kv_stride = qkv_width}));
     RETURN_IF_ERROR(backend_->PagedAttention(
         {.kv = kv,
-         .q = q_.data(),
+         .q = q,
          .out = attn_.data(),
          .token_seq = in.token_seq.as<int32_t>(),
          .positions = in.positions.as<int32_t>(),
@@ -352,7 +358,8 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
          .num_q_heads = c.num_heads,
          .scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim))),
          .sliding_window = c.sliding_window,
-         .dtype = dt}));
+         .dtype = dt,
+         .q_stride = qkv_width}));
     RETURN_IF_ERROR(gemm(attn_, layer.o, o_, t, h, q_width));
     if (c.o_bias) RETURN_IF_ERROR(bias(o_, layer.o_bias, h));
     RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kO, attn_.data(), o_.data()));
@@ -360,25 +367,23 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
         backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
     // MLP block (SwiGLU).
     RETURN_IF_ERROR(RmsNormRows(x_, layer.post_norm, h_, t));
-    RETURN_IF_ERROR(gemm(h_, layer.gate, gate_, t, inter, h));
-    RETURN_IF_ERROR(gemm(h_, layer.up, up_, t, inter, h));
-    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kGate, h_.data(), gate_.data()));
-    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kUp, h_.data(), up_.data()));
+    RETURN_IF_ERROR(gemm(h_, layer.gate_up, gate_up_, t, 2 * inter, h));
+    RETURN_IF_ERROR(adapters_.ApplyProjection(l, Projection::kGateUp, h_.data(), gate_up_.data()));
     const bool block_ffn = adapters_.HasBlockFfn(l);
     if (block_ffn) {
-      // MixLoRA: act = the base SwiGLU, or sum_e w_e a_e for routed tokens (written over gate_
-      // after gate_ and up_ have been read).
-      RETURN_IF_ERROR(adapters_.BlockFfnAct(l, h_.data(), gate_.data(), up_.data(), gate_.data()));
+      // MixLoRA: act = the base SwiGLU, or sum_e w_e a_e for routed tokens.
+      RETURN_IF_ERROR(adapters_.BlockFfnAct(l, h_.data(), gate_up_.data(), act_.data()));
     } else {
-      RETURN_IF_ERROR(backend_->SiluMul({.gate = gate_.data(),
-                                         .up = up_.data(),
-                                         .out = gate_.data(),
+      RETURN_IF_ERROR(backend_->SiluMul({.gate = gate,
+                                         .up = up,
+                                         .out = act_.data(),
                                          .rows = t,
                                          .cols = inter,
-                                         .dtype = dt}));
+                                         .dtype = dt,
+                                         .in_stride = 2 * inter}));
     }
-    RETURN_IF_ERROR(gemm(gate_, layer.down, o_, t, h, inter));
-    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kDown, gate_.data(), o_.data()));
+    RETURN_IF_ERROR(gemm(act_, layer.down, o_, t, h, inter));
+    RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kDown, act_.data(), o_.data()));
     if (block_ffn) RETURN_IF_ERROR(adapters_.BlockFfnDown(l, o_.data()));
     RETURN_IF_ERROR(
         backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));

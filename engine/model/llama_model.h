@@ -175,11 +175,17 @@ class LlamaModel {
   // y = RMSNorm(x) * weight over `rows` rows of hidden_size.
   absl::Status RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& weight, DeviceBuffer& y,
                            int64_t rows);
-  absl::StatusOr<DeviceBuffer> Upload(const WeightSource& weights, const TensorSpec& spec);
+  // The tensors of `specs` read (shapes and finiteness checked), concatenated in order (so
+  // [n_i, k] matrices make one [sum n_i, k]: a fused projection) and uploaded in the compute
+  // dtype.
+  absl::StatusOr<DeviceBuffer> Upload(const WeightSource& weights,
+                                      const std::vector<TensorSpec>& specs);
 
+  // q|k|v and gate|up are fused: one GEMM each, their outputs side by side in a row (qkv_,
+  // gate_up_), read by the next ops through row strides.
   struct Layer {
-    DeviceBuffer input_norm, q, k, v, o, post_norm, gate, up, down;
-    DeviceBuffer q_bias, k_bias, v_bias, o_bias;  // empty unless the config has biases
+    DeviceBuffer input_norm, qkv, o, post_norm, gate_up, down;
+    DeviceBuffer qkv_bias, o_bias;  // empty unless the config has biases
     DeviceBuffer k_cache, v_cache;  // [num_kv_blocks, block_size, num_kv_heads, head_dim]
   };
 
@@ -193,7 +199,7 @@ class LlamaModel {
   DeviceBuffer embed_, final_norm_, lm_head_, inv_freq_;
   std::vector<Layer> layers_;
   // Scratch, sized for max_batch_tokens rows.
-  DeviceBuffer x_, h_, q_, k_, v_, attn_, gate_, up_, o_;
+  DeviceBuffer x_, h_, qkv_, attn_, gate_up_, act_, o_;
   DeviceBuffer logits_;  // fp32 on every backend (lm_head writes fp32: no bf16 rounding)
   // {batch size, AdapterExecutor::plan_key()...} -> Backend graph
   struct GraphEntry {

@@ -118,7 +118,8 @@ absl::Status SgmvRunner::Shrink(const Call& call, const void* x, int64_t in) {
                                .dtype = dt_});
 }
 
-absl::Status SgmvRunner::Expand(const Call& call, void* y, int64_t out, const float* v) {
+absl::Status SgmvRunner::Expand(const Call& call, void* y, int64_t out, int64_t y_stride,
+                                const float* v) {
   return backend_->SgmvExpandRows({.v = v != nullptr ? v : v_.as<float>(),
                                    .y = y,
                                    .y_row = row_y_.as<int32_t>(),
@@ -134,11 +135,12 @@ absl::Status SgmvRunner::Expand(const Call& call, void* y, int64_t out, const fl
                                    .num_segments = call.num_segments,
                                    .out = out,
                                    .v_stride = call.v_stride,
-                                   .dtype = dt_});
+                                   .dtype = dt_,
+                                   .y_stride = y_stride});
 }
 
 absl::Status SgmvRunner::Run(const std::vector<Segment>& segments, const void* x, int64_t in,
-                             void* y, int64_t out) {
+                             void* y, int64_t out, int64_t y_stride) {
   // y accumulates, so a call split into parts (when the pinned experts fill the cache) adds up
   // to the same result.
   size_t next = 0;
@@ -147,7 +149,7 @@ absl::Status SgmvRunner::Run(const std::vector<Segment>& segments, const void* x
     ASSIGN_OR_RETURN(Call call, Upload(segments, &next));
     if (call.num_segments == 0) continue;
     RETURN_IF_ERROR(Shrink(call, x, in));
-    RETURN_IF_ERROR(Expand(call, y, out));
+    RETURN_IF_ERROR(Expand(call, y, out, y_stride));
   }
   return absl::OkStatus();
 }

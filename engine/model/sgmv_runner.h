@@ -11,7 +11,7 @@
 //   sgmv.Run(segments, x, in, y, out);          // the whole call, in parts when it must
 //   // or, to transform v between the halves (rank routing):
 //   Call c = *sgmv.Upload(segments, &next);  sgmv.Shrink(c, x, in);  ... v() ...
-//   sgmv.Expand(c, y, out, u);  sgmv.ReleasePins();
+//   sgmv.Expand(c, y, out, /*y_stride=*/0, u);  sgmv.ReleasePins();
 //
 // Thread safety: none; the engine loop drives it. Device memory: owns its tables and v, grown on
 // demand and kept.
@@ -57,16 +57,18 @@ class SgmvRunner {
   SgmvRunner(Backend* backend, ExpertCache* cache)
       : backend_(backend), cache_(cache), dt_(backend->compute_dtype()) {}
 
-  // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]); x [*, in], y [*, out].
+  // Shrink + expand of `segments`: y[y_row] += w * B (A x[x_row]); x [*, in], y [*, y_stride]
+  // (0: out).
   absl::Status Run(const std::vector<Segment>& segments, const void* x, int64_t in, void* y,
-                   int64_t out);
+                   int64_t out, int64_t y_stride = 0);
   // Pins the experts of segments[*next...] (as many as fit; at least one) and uploads their pair
   // and row tables; advances *next past them. ReleasePins unpins them after the kernels.
   absl::StatusOr<Call> Upload(const std::vector<Segment>& segments, size_t* next);
   void ReleasePins();
   absl::Status Shrink(const Call& call, const void* x, int64_t in);  // v = A x[x_row]
   // y[y_row] += w B v over the uploaded per-row tables; v defaults to v().
-  absl::Status Expand(const Call& call, void* y, int64_t out, const float* v = nullptr);
+  absl::Status Expand(const Call& call, void* y, int64_t out, int64_t y_stride = 0,
+                      const float* v = nullptr);
   // The shrink's output [num_pairs, v_stride] (fp32).
   float* v() { return v_.as<float>(); }
   // Calls split because their experts did not fit the cache at once.

@@ -144,6 +144,36 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
     at.a_rows = layout.Take(int64_t{s_count} * v * 8);
     at.b_rows = layout.Take(int64_t{s_count} * v * 8);
   }
+  // Per (layer, projection) with some static LoRA among its modules: the fused shrink's ranks,
+  // row offsets and row tables (StepPlan::Fused).
+  struct FusedAt {
+    int64_t rank = -1, off = -1, a_rows = -1;
+  };
+  const int64_t fused_count = int64_t{config_.num_layers} * kNumProjections;
+  std::vector<FusedAt> fused_at(fused_count);
+  bool any_fused = false;
+  for (int64_t f = 0; f < fused_count; ++f) {
+    const int32_t layer = static_cast<int32_t>(f / kNumProjections);
+    const auto modules = ProjectionModules(static_cast<Projection>(f % kNumProjections));
+    const bool has_static = std::any_of(atts.begin(), atts.end(), [&](const AttachedAdapter* a) {
+      return std::any_of(modules.begin(), modules.end(), [&](LinearModule m) {
+        return !a->adapter->layers[layer].statics[static_cast<int>(m)].empty();
+      });
+    });
+    if (!has_static) continue;
+    any_fused = true;
+    fused_at[f] = {layout.Take(s_count * 4), layout.Take(s_count * 8),
+                   layout.Take(int64_t{s_count} * static_cast<int64_t>(modules.size()) * v * 8)};
+  }
+  // The padding rows' zeros, allocated once (Allocate zeroes) and never moved.
+  if (any_fused && zero_row_.bytes() == 0) {
+    absl::StatusOr<DeviceBuffer> zeros = backend_->Allocate(config_.hidden_size * es_);
+    if (!zeros.ok()) {
+      if (absl::IsResourceExhausted(zeros.status())) return false;  // runs unplanned
+      return zeros.status();
+    }
+    zero_row_ = std::move(*zeros);
+  }
   struct RoutedAt {
     int64_t scale, a_rows, b_rows;
     // Rank groups: per-token weights [T], selection bias [r], one segment's start [2], rank
@@ -397,6 +427,31 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
       plan_.site_used[site] = 1;
     }
   }
+  // The fused shrinks' row tables from the sites' (just filled).
+  for (int64_t f = 0; f < fused_count; ++f) {
+    if (fused_at[f].rank < 0) continue;
+    const int32_t layer = static_cast<int32_t>(f / kNumProjections);
+    const auto modules = ProjectionModules(static_cast<Projection>(f % kNumProjections));
+    const int64_t stride = static_cast<int64_t>(modules.size()) * v;
+    auto* rank = reinterpret_cast<int32_t*>(h + fused_at[f].rank);
+    auto* off = reinterpret_cast<int64_t*>(h + fused_at[f].off);
+    auto* rows = reinterpret_cast<const void**>(h + fused_at[f].a_rows);
+    for (int32_t a = 0; a < s_count; ++a) {
+      off[a] = a * stride;
+      for (size_t i = 0; i < modules.size(); ++i) {
+        const SiteAt& at =
+            site_at[int64_t{layer} * kNumLinearModules + static_cast<int>(modules[i])];
+        const int32_t r = reinterpret_cast<const int32_t*>(h + at.rank)[a];
+        const auto* site_rows =
+            reinterpret_cast<const void* const*>(h + at.a_rows) + int64_t{a} * v;
+        for (int32_t k = 0; k < v; ++k) {
+          rows[a * stride + static_cast<int64_t>(i) * v + k] =
+              k < r ? site_rows[k] : zero_row_.data();
+        }
+        if (r > 0) rank[a] = static_cast<int32_t>(stride);
+      }
+    }
+  }
   for (size_t j = 0; j < atts.size(); ++j) {
     if (xlora_at[j] < 0) continue;
     const XloraSpec& xs = *atts[j]->adapter->xlora;
@@ -509,15 +564,18 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   // (host routing, pairs only for the decisions) rather than hold that much device memory.
   if (bl.bytes > kMaxPlannedBlockBytes) return give_up(false);
   const int64_t zero_bytes = block_experts > 0 ? t * config_.intermediate_size * es_ : 0;
+  const int64_t vs_floats = any_fused ? t * 3 * v : 0;  // the widest projection: q|k|v
   const bool grows = plan_buf_.bytes() < static_cast<size_t>(layout.bytes) ||
                      plan_block_.bytes() < static_cast<size_t>(bl.bytes) ||
                      plan_zeros_.bytes() < static_cast<size_t>(zero_bytes) ||
                      plan_v_.bytes() < static_cast<size_t>(v_floats * 4) ||
+                     plan_vs_.bytes() < static_cast<size_t>(vs_floats * 4) ||
                      plan_scratch_.bytes() < static_cast<size_t>(scratch_bytes) ||
                      plan_record_.bytes() < static_cast<size_t>(record_words * 4);
   if (grows) ++epoch_;
   absl::Status st = Grow(&plan_buf_, layout.bytes);
   if (st.ok()) st = Grow(&plan_v_, v_floats * 4);
+  if (st.ok() && vs_floats > 0) st = Grow(&plan_vs_, vs_floats * 4);
   if (st.ok()) st = Grow(&plan_scratch_, scratch_bytes);
   if (st.ok() && record_words > 0) st = Grow(&plan_record_, record_words * 4);
   if (st.ok() && bl.bytes > 0) st = Grow(&plan_block_, bl.bytes);
@@ -533,6 +591,13 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   char* d = plan_buf_.as<char>();
   plan_.pair_token = reinterpret_cast<const int32_t*>(d + pair_token_at);
   plan_.seg_start = reinterpret_cast<const int32_t*>(d + seg_start_at);
+  plan_.fused.assign(fused_count, {});
+  for (int64_t f = 0; f < fused_count; ++f) {
+    if (fused_at[f].rank < 0) continue;
+    plan_.fused[f] = {true, reinterpret_cast<const int32_t*>(d + fused_at[f].rank),
+                      reinterpret_cast<const int64_t*>(d + fused_at[f].off),
+                      reinterpret_cast<const void* const*>(d + fused_at[f].a_rows)};
+  }
   plan_.sites.resize(sites);
   for (int64_t site = 0; site < sites; ++site) {
     const SiteAt& at = site_at[site];
@@ -669,7 +734,87 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
   return true;
 }
 
-absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, void* y) {
+absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, void* y,
+                                int64_t y_stride) {
+  const int64_t site = int64_t{layer} * kNumLinearModules + static_cast<int>(m);
+  const int64_t in = LinearModuleShape(config_, m)[0];
+  RETURN_IF_ERROR(ApplyRouted(layer, m, x, y, y_stride));
+  if (!plan_.site_used[site]) return absl::OkStatus();
+  const StepPlan::Site& s = plan_.sites[site];
+  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                        .v = plan_v_.as<float>(),
+                                        .x_row = plan_.pair_token,
+                                        .seg_start = plan_.seg_start,
+                                        .seg_rank = s.seg_rank,
+                                        .seg_row_offset = s.seg_off,
+                                        .a_rows = s.a_rows,
+                                        .num_segments = plan_.segments,
+                                        .in = in,
+                                        .v_stride = plan_.v_stride,
+                                        .dtype = dt_}));
+  return ExpandStatic(site, plan_v_.as<float>(), plan_.v_stride, y, y_stride);
+}
+
+absl::Status StepPlanner::ApplyProjection(int32_t layer, Projection p, const void* x, void* y) {
+  const std::span<const LinearModule> modules = ProjectionModules(p);
+  const int64_t width = ProjectionWidth(config_, p);
+  const StepPlan::Fused& fused =
+      plan_.fused[int64_t{layer} * kNumProjections + static_cast<int>(p)];
+  const int32_t fused_stride = static_cast<int32_t>(modules.size()) * plan_.v_stride;
+  if (fused.used) {
+    // The modules' static LoRAs in one shrink: segment j's A rows are its q (gate) rows, then its
+    // k rows, then its v (up) rows, each padded to V with a zero row, so module i's ranks are
+    // columns [i V, i V + r) of v. Its own buffer: the routed groups below use plan_v_.
+    RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
+                                          .v = plan_vs_.as<float>(),
+                                          .x_row = plan_.pair_token,
+                                          .seg_start = plan_.seg_start,
+                                          .seg_rank = fused.seg_rank,
+                                          .seg_row_offset = fused.seg_off,
+                                          .a_rows = fused.a_rows,
+                                          .num_segments = plan_.segments,
+                                          .in = config_.hidden_size,
+                                          .v_stride = fused_stride,
+                                          .dtype = dt_}));
+  }
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const LinearModule m = modules[i];
+    void* columns = static_cast<char*>(y) + ProjectionColumn(config_, m) * es_;
+    RETURN_IF_ERROR(ApplyRouted(layer, m, x, columns, width));
+    const int64_t site = int64_t{layer} * kNumLinearModules + static_cast<int>(m);
+    if (!plan_.site_used[site]) continue;
+    RETURN_IF_ERROR(ExpandStatic(site, plan_vs_.as<float>() + i * plan_.v_stride, fused_stride,
+                                 columns, width));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StepPlanner::ExpandStatic(int64_t site, const float* v, int32_t v_stride, void* y,
+                                       int64_t y_stride) {
+  const StepPlan::Site& s = plan_.sites[site];
+  const int64_t out =
+      LinearModuleShape(config_, static_cast<LinearModule>(site % kNumLinearModules))[1];
+  // One pair per adapted token (its adapter's static LoRA; rank 0 where it has none here).
+  return backend_->SgmvExpandRows({.v = v,
+                                   .y = y,
+                                   .token_pair = plan_.token_pair,
+                                   .count = plan_.token_count,
+                                   .weight = s.weight,
+                                   .seg_start = plan_.seg_start,
+                                   .seg_rank = s.seg_rank,
+                                   .seg_row_offset = s.seg_off,
+                                   .b_rows = s.b_rows,
+                                   .num_tokens = plan_.tokens,
+                                   .pair_stride = 1,
+                                   .num_segments = plan_.segments,
+                                   .out = out,
+                                   .v_stride = v_stride,
+                                   .dtype = dt_,
+                                   .y_stride = y_stride});
+}
+
+absl::Status StepPlanner::ApplyRouted(int32_t layer, LinearModule m, const void* x, void* y,
+                                      int64_t y_stride) {
   const int64_t site = int64_t{layer} * kNumLinearModules + static_cast<int>(m);
   const auto [in, out] = LinearModuleShape(config_, m);
   const int64_t t = plan_.tokens;
@@ -692,7 +837,7 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
     const StepPlan::Routed& entry = plan_.routed[r];
     const RoutedModule& rm = *entry.rm;
     if (rm.rank_granular) {
-      RETURN_IF_ERROR(ApplyRanks(entry, x, in, y, out));
+      RETURN_IF_ERROR(ApplyRanks(entry, x, in, y, out, y_stride));
       continue;
     }
     const int32_t e = rm.experts.num_experts, rank = rm.experts.rank;
@@ -758,40 +903,13 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
                                               .num_segments = e,
                                               .out = out,
                                               .v_stride = rank,
-                                              .dtype = dt_}));
+                                              .dtype = dt_,
+                                              .y_stride = y_stride}));
     if (entry.record_at >= 0) {  // the decisions, for the step's one copy back
       RETURN_IF_ERROR(CopyDecisions(entry.record_at, experts, weights, count, e));
     }
   }
-  if (!plan_.site_used[site]) return absl::OkStatus();
-  const StepPlan::Site& s = plan_.sites[site];
-  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
-                                        .v = plan_v_.as<float>(),
-                                        .x_row = plan_.pair_token,
-                                        .seg_start = plan_.seg_start,
-                                        .seg_rank = s.seg_rank,
-                                        .seg_row_offset = s.seg_off,
-                                        .a_rows = s.a_rows,
-                                        .num_segments = plan_.segments,
-                                        .in = in,
-                                        .v_stride = plan_.v_stride,
-                                        .dtype = dt_}));
-  // One pair per adapted token (its adapter's static LoRA; rank 0 where it has none here).
-  return backend_->SgmvExpandRows({.v = plan_v_.as<float>(),
-                                   .y = y,
-                                   .token_pair = plan_.token_pair,
-                                   .count = plan_.token_count,
-                                   .weight = s.weight,
-                                   .seg_start = plan_.seg_start,
-                                   .seg_rank = s.seg_rank,
-                                   .seg_row_offset = s.seg_off,
-                                   .b_rows = s.b_rows,
-                                   .num_tokens = t,
-                                   .pair_stride = 1,
-                                   .num_segments = plan_.segments,
-                                   .out = out,
-                                   .v_stride = plan_.v_stride,
-                                   .dtype = dt_});
+  return absl::OkStatus();
 }
 
 absl::Status StepPlanner::CopyDecisions(int64_t record_at, const int32_t* experts,
@@ -826,7 +944,7 @@ int32_t StepPlanner::RankKeep(const StepPlan::Routed& entry) {
 }
 
 absl::Status StepPlanner::ApplyRanks(const StepPlan::Routed& entry, const void* x, int64_t in,
-                                     void* y, int64_t out) {
+                                     void* y, int64_t out, int64_t y_stride) {
   const RoutedModule& rm = *entry.rm;
   const int64_t t = plan_.tokens;
   const int32_t r = rm.experts.rank;
@@ -882,7 +1000,8 @@ absl::Status StepPlanner::ApplyRanks(const StepPlan::Routed& entry, const void* 
                                             .num_segments = 1,
                                             .out = out,
                                             .v_stride = r,
-                                            .dtype = dt_}));
+                                            .dtype = dt_,
+                                            .y_stride = y_stride}));
   if (entry.record_at < 0) return absl::OkStatus();
   return backend_->Convert({.src = kept,
                             .dst = plan_record_.as<int32_t>() + entry.record_at,
@@ -972,16 +1091,22 @@ absl::Status StepPlanner::BlockShrink(const StepPlan::Block& entry, int i, const
                                .dtype = dt_});
 }
 
-absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gate, const void* up,
-                                   void* act) {
+absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gate_up, void* act) {
   const int64_t t = plan_.tokens;
   const int64_t hidden = config_.hidden_size, inter = config_.intermediate_size;
+  const void* gate = gate_up;  // columns [0, I) and [I, 2I) of rows 2I wide
+  const void* up = static_cast<const char*>(gate_up) + inter * es_;
   const BlockLayout& l = plan_.block_layout;
   char* base = plan_block_.as<char>();
   // ext = [base SwiGLU of every token; zeros]: row T + t gets token t's weighted sum.
   char* ext = base + l.ext;
-  RETURN_IF_ERROR(backend_->SiluMul(
-      {.gate = gate, .up = up, .out = ext, .rows = t, .cols = inter, .dtype = dt_}));
+  RETURN_IF_ERROR(backend_->SiluMul({.gate = gate,
+                                     .up = up,
+                                     .out = ext,
+                                     .rows = t,
+                                     .cols = inter,
+                                     .dtype = dt_,
+                                     .in_stride = 2 * inter}));
   RETURN_IF_ERROR(backend_->Convert({.src = plan_zeros_.data(),
                                      .dst = ext + t * inter * es_,
                                      .n = t * inter,
@@ -1018,7 +1143,8 @@ absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gat
                                            .out = dst,
                                            .num_tokens = t * e,
                                            .hidden = inter,
-                                           .dtype = dt_}));
+                                           .dtype = dt_,
+                                           .table_stride = 2 * inter}));
       if (!ffn.lora[i]) continue;
       RETURN_IF_ERROR(BlockShrink(entry, i, h, hidden, /*slot_rows=*/false, false));
       RETURN_IF_ERROR(backend_->SgmvExpandRows(

@@ -79,12 +79,17 @@ class StepPlanner {
   // tokens), or nullptr when `slot` is not an X-LoRA adapter of the plan.
   float* xlora_table(int32_t slot) const;
   bool active() const { return plan_.active; }
-  // y [T, out] += the planned adapters' deltas at (layer, m); x [T, in].
-  absl::Status Apply(int32_t layer, LinearModule m, const void* x, void* y);
+  // y [T, y_stride] (0: out) += the planned adapters' deltas at (layer, m); x [T, in].
+  absl::Status Apply(int32_t layer, LinearModule m, const void* x, void* y, int64_t y_stride = 0);
+  // The same for every module of fused projection p (AdapterExecutor::ApplyProjection), y
+  // [T, ProjectionWidth(p)]: the modules' static LoRAs in one shrink (their A rows side by side
+  // per segment), then per module its routed groups and the static expand into its columns.
+  absl::Status ApplyProjection(int32_t layer, Projection p, const void* x, void* y);
   // MixLoRA's block FFN at `layer` (AdapterExecutor::BlockFfnAct / BlockFfnDown): router logits,
   // Route and the gate/up LoRAs per decision slot, SwiGLU, the weighted sum into `act`; then the
   // down LoRA per decision, summed per token in decision order into `o`.
-  absl::Status BlockAct(int32_t layer, const void* h, const void* gate, const void* up, void* act);
+  // gate_up: [T, 2I], the fused projection's gate and up halves.
+  absl::Status BlockAct(int32_t layer, const void* h, const void* gate_up, void* act);
   absl::Status BlockDown(int32_t layer, void* o);
   // Releases what the plan pinned; no plan afterwards.
   void End();
@@ -143,6 +148,15 @@ class StepPlanner {
       RoutingSpec spec;
       std::array<int64_t, 3> override_key{-1, -1, -1};
     };
+    // Per (layer, projection): the static LoRAs' fused shrink, segment j's rows for module i at
+    // j * P V + i V (P modules; zero rows pad each module's rank to V).
+    struct Fused {
+      bool used = false;
+      const int32_t* seg_rank = nullptr;  // [S]: P V, or 0 where the adapter has none here
+      const int64_t* seg_off = nullptr;   // [S]
+      const void* const* a_rows = nullptr;
+    };
+    std::vector<Fused> fused;  // [layer * kNumProjections + projection]
     bool active = false;
     int32_t segments = 0;  // S, a power of two
     int32_t v_stride = 0;  // V, a power of two
@@ -186,10 +200,15 @@ class StepPlanner {
     BlockLayout block_layout;            // where the block FFNs' scratch lies in plan_block_
     std::vector<int64_t> key;
   };
+  // The routed groups at (layer, m), in plan order, added into y.
+  absl::Status ApplyRouted(int32_t layer, LinearModule m, const void* x, void* y, int64_t y_stride);
+  // The static LoRAs' expand at `site` from v (rows v_stride apart) into y.
+  absl::Status ExpandStatic(int64_t site, const float* v, int32_t v_stride, void* y,
+                            int64_t y_stride);
   // A planned rank group (FlyLoRA, SMoRA): z = A x and the gate's logits for every token, then
   // RankRoute and the expand under the adapter's mask; the kept ranks go to the records.
   absl::Status ApplyRanks(const StepPlan::Routed& entry, const void* x, int64_t in, void* y,
-                          int64_t out);
+                          int64_t out, int64_t y_stride);
   BlockLayout LayoutBlocks(int64_t tokens, int64_t block_experts, int64_t positions) const;
   // BuildSegments for projection i (gate 0, up 1, down 2) of `entry` from its decisions, then
   // one shrink: pairs read x rows (tokens, or decision slots for the down projection). i = -1:
@@ -217,6 +236,8 @@ class StepPlanner {
   StepPlan plan_;
   // Grown on demand; each growth bumps epoch_.
   DeviceBuffer plan_buf_, plan_v_, plan_scratch_, plan_record_, plan_block_, plan_zeros_;
+  DeviceBuffer plan_vs_;   // the fused static shrinks' output (grown on demand)
+  DeviceBuffer zero_row_;  // hidden_size zeros in the compute dtype: fused shrinks' padding rows
   std::vector<char> plan_host_;
   int64_t epoch_ = 0;
 };

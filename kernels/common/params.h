@@ -26,22 +26,26 @@ struct RmsNormParams {
 
 // out[t, i] = silu(gate[t, i]) * up[t, i]   (SwiGLU)
 struct SiluMulParams {
-  const void* gate = nullptr;  // [rows, cols]
-  const void* up = nullptr;    // [rows, cols]
-  void* out = nullptr;         // [rows, cols]; may alias gate or up
+  const void* gate = nullptr;  // [rows, in_stride]
+  const void* up = nullptr;    // [rows, in_stride]
+  void* out = nullptr;         // [rows, cols]; may alias gate or up when in_stride == cols
   int64_t rows = 0;
   int64_t cols = 0;
   ScalarType dtype = ScalarType::kF32;
+  // Elements between rows of gate and up (0: cols); 2 * cols for the halves of a fused gate|up
+  // projection (gate = its first column, up = column cols).
+  int64_t in_stride = 0;
 };
 
 // out[t, :] = table[ids[t], :]. Ids are validated by the caller (ids[t] < vocab).
 struct EmbeddingParams {
   const int32_t* ids = nullptr;  // [num_tokens]
-  const void* table = nullptr;   // [vocab, hidden]
+  const void* table = nullptr;   // [vocab, table_stride]
   void* out = nullptr;           // [num_tokens, hidden]
   int64_t num_tokens = 0;
   int64_t hidden = 0;
   ScalarType dtype = ScalarType::kF32;
+  int64_t table_stride = 0;  // elements between table rows (0: hidden)
 };
 
 // out[i] = a[i] + b[i]
@@ -86,8 +90,8 @@ struct GemmParams {
 //   x'[i + d/2]    = x[i + d/2] cos + x[i] sin
 // applied in place to q and k.
 struct RopeParams {
-  void* q = nullptr;                   // [num_tokens, num_q_heads, head_dim]
-  void* k = nullptr;                   // [num_tokens, num_kv_heads, head_dim]
+  void* q = nullptr;                   // [num_tokens, q_stride]: num_q_heads x head_dim used
+  void* k = nullptr;                   // [num_tokens, k_stride]: num_kv_heads x head_dim used
   const int32_t* positions = nullptr;  // [num_tokens]
   const float* inv_freq = nullptr;     // [head_dim / 2], already scaled (llama3 etc.)
   int64_t num_tokens = 0;
@@ -95,6 +99,10 @@ struct RopeParams {
   int32_t num_kv_heads = 0;
   int32_t head_dim = 0;
   ScalarType dtype = ScalarType::kF32;
+  // Elements between tokens' rows (0: dense). Both the width of the fused q|k|v projection when
+  // q and k are its columns.
+  int64_t q_stride = 0;
+  int64_t k_stride = 0;
 };
 
 // Paged KV cache, vLLM-style. One cache tensor per layer for K and one for V:
@@ -116,12 +124,13 @@ struct PagedKvLayout {
 // Writes the step's new K and V rows into the paged cache at each token's position.
 struct KvWriteParams {
   PagedKvLayout kv;
-  const void* k = nullptr;             // [num_tokens, num_kv_heads, head_dim]
-  const void* v = nullptr;             // [num_tokens, num_kv_heads, head_dim]
+  const void* k = nullptr;             // [num_tokens, kv_stride]: num_kv_heads x head_dim used
+  const void* v = nullptr;             // [num_tokens, kv_stride]
   const int32_t* token_seq = nullptr;  // [num_tokens] sequence index of each token
   const int32_t* positions = nullptr;  // [num_tokens]
   int64_t num_tokens = 0;
   ScalarType dtype = ScalarType::kF32;
+  int64_t kv_stride = 0;  // elements between tokens' rows of k and v (0: dense)
 };
 
 // Causal grouped-query attention over the paged cache for a flat batch of mixed prefill and decode
@@ -131,7 +140,7 @@ struct KvWriteParams {
 // h / (num_q_heads / num_kv_heads).
 struct PagedAttentionParams {
   PagedKvLayout kv;
-  const void* q = nullptr;             // [num_tokens, num_q_heads, head_dim]
+  const void* q = nullptr;             // [num_tokens, q_stride]: num_q_heads x head_dim used
   void* out = nullptr;                 // [num_tokens, num_q_heads, head_dim]
   const int32_t* token_seq = nullptr;  // [num_tokens]
   const int32_t* positions = nullptr;  // [num_tokens]
@@ -140,6 +149,7 @@ struct PagedAttentionParams {
   float scale = 1.0f;          // usually 1 / sqrt(head_dim)
   int32_t sliding_window = 0;  // 0 = full causal attention
   ScalarType dtype = ScalarType::kF32;
+  int64_t q_stride = 0;  // elements between tokens' rows of q (0: dense)
 };
 
 // Segmented GEMM over (row, expert) pairs, the LoRA "shrink" half (SGMV, as in Punica/S-LoRA):
@@ -177,7 +187,7 @@ struct SgmvShrinkParams {
 // experts). The CPU twin (fp32 y) adds a row's pairs in place in segment order.
 struct SgmvExpandRowsParams {
   const float* v = nullptr;                 // [num_pairs, v_stride] fp32
-  void* y = nullptr;                        // [*, out], dtype, accumulated into
+  void* y = nullptr;                        // [*, y_stride], dtype, accumulated into
   const int32_t* y_row = nullptr;           // [num_tokens], distinct, or nullptr: row t
   const int32_t* token_pair = nullptr;      // [num_tokens, pair_stride]
   const int32_t* count = nullptr;           // [num_tokens], 0..pair_stride
@@ -193,6 +203,8 @@ struct SgmvExpandRowsParams {
   int64_t out = 0;
   int32_t v_stride = 0;
   ScalarType dtype = ScalarType::kF32;
+  // Elements between rows of y (0: out): a module's columns of a fused projection's output.
+  int64_t y_stride = 0;
 };
 
 // y[y_row[r], :] += sum_{q < count[r]} weight[i] * x[i, :] with i = src[r * src_stride + q],

@@ -21,13 +21,15 @@ inline int64_t CacheRowOffset(const PagedKvLayout& kv, int32_t seq, int32_t pos)
 KernelStatus KvWrite(const KvWriteParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
   const int64_t width = static_cast<int64_t>(p.kv.num_kv_heads) * p.kv.head_dim;
+  if (p.kv_stride != 0 && p.kv_stride < width) return KernelStatus::kInvalidShape;
+  const int64_t stride = p.kv_stride > 0 ? p.kv_stride : width;
   ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t off = CacheRowOffset(p.kv, p.token_seq[t], p.positions[t]);
       std::memcpy(static_cast<float*>(p.kv.k_cache) + off,
-                  static_cast<const float*>(p.k) + t * width, sizeof(float) * width);
+                  static_cast<const float*>(p.k) + t * stride, sizeof(float) * width);
       std::memcpy(static_cast<float*>(p.kv.v_cache) + off,
-                  static_cast<const float*>(p.v) + t * width, sizeof(float) * width);
+                  static_cast<const float*>(p.v) + t * stride, sizeof(float) * width);
     }
   });
   return KernelStatus::kOk;
@@ -39,6 +41,9 @@ KernelStatus PagedAttention(const PagedAttentionParams& p, ThreadPool* pool) {
     return KernelStatus::kInvalidShape;
   }
   const int d = p.kv.head_dim;
+  const int64_t q_width = int64_t{p.num_q_heads} * d;
+  if (p.q_stride != 0 && p.q_stride < q_width) return KernelStatus::kInvalidShape;
+  const int64_t q_stride = p.q_stride > 0 ? p.q_stride : q_width;
   const int group = p.num_q_heads / p.kv.num_kv_heads;
   const auto* k_cache = static_cast<const float*>(p.kv.k_cache);
   const auto* v_cache = static_cast<const float*>(p.kv.v_cache);
@@ -53,7 +58,7 @@ KernelStatus PagedAttention(const PagedAttentionParams& p, ThreadPool* pool) {
       const int32_t seq = p.token_seq[t];
       const int32_t ctx = p.positions[t] + 1;
       const int32_t first = p.sliding_window > 0 ? std::max(0, ctx - p.sliding_window) : 0;
-      const float* q = static_cast<const float*>(p.q) + (t * p.num_q_heads + h) * d;
+      const float* q = static_cast<const float*>(p.q) + t * q_stride + h * d;
       scores.resize(ctx);
       float max_score = -std::numeric_limits<float>::infinity();
       for (int32_t j = first; j < ctx; ++j) {

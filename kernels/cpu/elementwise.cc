@@ -30,10 +30,17 @@ KernelStatus SiluMul(const SiluMulParams& p, ThreadPool* pool) {
   const auto* g = static_cast<const float*>(p.gate);
   const auto* u = static_cast<const float*>(p.up);
   auto* o = static_cast<float*>(p.out);
+  if (p.in_stride != 0 && p.in_stride < p.cols) return KernelStatus::kInvalidShape;
+  const int64_t in_stride = p.in_stride > 0 ? p.in_stride : p.cols;
   ParallelFor(pool, p.rows, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * p.cols; i < end * p.cols; ++i) {
-      const float gv = g[i];
-      o[i] = gv / (1.0f + std::exp(-gv)) * u[i];
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gr = g + r * in_stride;
+      const float* ur = u + r * in_stride;
+      float* orow = o + r * p.cols;
+      for (int64_t i = 0; i < p.cols; ++i) {
+        const float gv = gr[i];
+        orow[i] = gv / (1.0f + std::exp(-gv)) * ur[i];
+      }
     }
   });
   return KernelStatus::kOk;
@@ -43,9 +50,11 @@ KernelStatus Embedding(const EmbeddingParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
   const auto* table = static_cast<const float*>(p.table);
   auto* out = static_cast<float*>(p.out);
+  if (p.table_stride != 0 && p.table_stride < p.hidden) return KernelStatus::kInvalidShape;
+  const int64_t stride = p.table_stride > 0 ? p.table_stride : p.hidden;
   ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      std::memcpy(out + t * p.hidden, table + static_cast<int64_t>(p.ids[t]) * p.hidden,
+      std::memcpy(out + t * p.hidden, table + static_cast<int64_t>(p.ids[t]) * stride,
                   sizeof(float) * p.hidden);
     }
   });
@@ -87,6 +96,13 @@ KernelStatus BiasAdd(const BiasAddParams& p, ThreadPool* pool) {
 KernelStatus Rope(const RopeParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
   if (p.head_dim % 2 != 0) return KernelStatus::kInvalidShape;
+  const int64_t q_width = int64_t{p.num_q_heads} * p.head_dim;
+  const int64_t k_width = int64_t{p.num_kv_heads} * p.head_dim;
+  if ((p.q_stride != 0 && p.q_stride < q_width) || (p.k_stride != 0 && p.k_stride < k_width)) {
+    return KernelStatus::kInvalidShape;
+  }
+  const int64_t q_stride = p.q_stride > 0 ? p.q_stride : q_width;
+  const int64_t k_stride = p.k_stride > 0 ? p.k_stride : k_width;
   const int half = p.head_dim / 2;
   auto rotate = [&](float* head, const float* cos_v, const float* sin_v) {
     for (int i = 0; i < half; ++i) {
@@ -106,10 +122,10 @@ KernelStatus Rope(const RopeParams& p, ThreadPool* pool) {
         cos_v[i] = static_cast<float>(std::cos(angle));
         sin_v[i] = static_cast<float>(std::sin(angle));
       }
-      auto* q = static_cast<float*>(p.q) + t * p.num_q_heads * p.head_dim;
+      auto* q = static_cast<float*>(p.q) + t * q_stride;
       for (int h = 0; h < p.num_q_heads; ++h)
         rotate(q + h * p.head_dim, cos_v.data(), sin_v.data());
-      auto* k = static_cast<float*>(p.k) + t * p.num_kv_heads * p.head_dim;
+      auto* k = static_cast<float*>(p.k) + t * k_stride;
       for (int h = 0; h < p.num_kv_heads; ++h)
         rotate(k + h * p.head_dim, cos_v.data(), sin_v.data());
     }

@@ -424,6 +424,7 @@ KernelStatus SgmvShrink(const SgmvShrinkParams& p, ThreadPool* pool) {
 void ExpandBySegment(const SgmvExpandRowsParams& p, const int32_t* pair_y, ThreadPool* pool) {
   auto* y = static_cast<float*>(p.y);
   const int64_t out = p.out;
+  const int64_t ys = p.y_stride > 0 ? p.y_stride : out;  // elements between y rows
   const MicroKernels& mk = Kernels();
 
   // Direct segments, parallel over column blocks of y: each block walks every direct pair, so
@@ -467,13 +468,13 @@ void ExpandBySegment(const SgmvExpandRowsParams& p, const int32_t* pair_y, Threa
           }
           // Two pairs share a tile only when they write different y rows.
           const int np = q + 1 < end && pair_y[q + 1] >= 0 && pair_y[q] != pair_y[q + 1] ? 2 : 1;
-          float* ys[2];
+          float* yrow[2];
           for (int pp = 0; pp < np; ++pp) {
-            ys[pp] = y + int64_t{pair_y[q + pp]} * out;
+            yrow[pp] = y + int64_t{pair_y[q + pp]} * ys;
             const float* vq = p.v + int64_t{q + pp} * p.v_stride;
             for (int32_t i = 0; i < rank; ++i) coef[pp * rank + i] = p.weight[q + pp] * vq[i];
           }
-          mk.axpy_rows(ys, np, coef, b, rank, c0, c1);
+          mk.axpy_rows(yrow, np, coef, b, rank, c0, c1);
           q += np;
         }
       }
@@ -508,23 +509,25 @@ void ExpandBySegment(const SgmvExpandRowsParams& p, const int32_t* pair_y, Threa
       y_contiguous = rows_idx[q] == rows_idx[0] + q;
     if (y_contiguous) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, pairs, static_cast<int>(out), rank,
-                  1.0f, vs, rank, bt, static_cast<int>(out), 1.0f, y + int64_t{rows_idx[0]} * out,
-                  static_cast<int>(out));
+                  1.0f, vs, rank, bt, static_cast<int>(out), 1.0f, y + int64_t{rows_idx[0]} * ys,
+                  static_cast<int>(ys));
       continue;
     }
     float* t = Scratch(t_pack, int64_t{pairs} * out);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, pairs, static_cast<int>(out), rank, 1.0f,
                 vs, rank, bt, static_cast<int>(out), 0.0f, t, static_cast<int>(out));
     for (int32_t q = 0; q < pairs; ++q) {
-      if (rows_idx[q] >= 0)
-        mk.axpy(y + int64_t{rows_idx[q]} * out, 1.0f, t + int64_t{q} * out, out);
+      if (rows_idx[q] >= 0) mk.axpy(y + int64_t{rows_idx[q]} * ys, 1.0f, t + int64_t{q} * out, out);
     }
   }
 }
 
 KernelStatus SgmvExpandRows(const SgmvExpandRowsParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
-  if (p.out < 0 || p.num_tokens < 0 || p.pair_stride < 0) return KernelStatus::kInvalidShape;
+  if (p.out < 0 || p.num_tokens < 0 || p.pair_stride < 0 ||
+      (p.y_stride != 0 && p.y_stride < p.out)) {
+    return KernelStatus::kInvalidShape;
+  }
   const Segments seg{p.seg_start, p.seg_rank, p.seg_row_offset, p.num_segments, p.v_stride};
   int64_t num_pairs = 0;
   if (KernelStatus s = CheckSegments(seg, p.b_rows, &num_pairs); s != KernelStatus::kOk) return s;

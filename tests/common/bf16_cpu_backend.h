@@ -70,18 +70,20 @@ class Bf16CpuBackend final : public engine::Backend {
   absl::Status SiluMul(const kernels::SiluMulParams& p) override {
     if (!Bf16(p.dtype)) return inner_->SiluMul(p);
     const int64_t n = p.rows * p.cols;
-    std::vector<float> g = In(p.gate, n), u = In(p.up, n), out(n);
+    std::vector<float> g = InRows(p.gate, p.rows, p.cols, p.in_stride);
+    std::vector<float> u = InRows(p.up, p.rows, p.cols, p.in_stride), out(n);
     kernels::SiluMulParams q = p;
-    q.gate = g.data(), q.up = u.data(), q.out = out.data(), q.dtype = kF32;
+    q.gate = g.data(), q.up = u.data(), q.out = out.data(), q.dtype = kF32, q.in_stride = 0;
     return Out(inner_->SiluMul(q), out, p.out);
   }
   absl::Status Embedding(const kernels::EmbeddingParams& p) override {
     if (!Bf16(p.dtype)) return inner_->Embedding(p);
     const auto* table = static_cast<const uint16_t*>(p.table);
     auto* out = static_cast<uint16_t*>(p.out);
+    const int64_t stride = p.table_stride > 0 ? p.table_stride : p.hidden;
     std::vector<uint16_t> rows(p.num_tokens * p.hidden);  // the table may alias the output
     for (int64_t t = 0; t < p.num_tokens; ++t) {
-      std::memcpy(rows.data() + t * p.hidden, table + int64_t{p.ids[t]} * p.hidden, 2 * p.hidden);
+      std::memcpy(rows.data() + t * p.hidden, table + int64_t{p.ids[t]} * stride, 2 * p.hidden);
     }
     std::memcpy(out, rows.data(), rows.size() * 2);
     return absl::OkStatus();
@@ -103,23 +105,29 @@ class Bf16CpuBackend final : public engine::Backend {
   }
   absl::Status Rope(const kernels::RopeParams& p) override {
     if (!Bf16(p.dtype)) return inner_->Rope(p);
-    std::vector<float> q_ = In(p.q, p.num_tokens * p.num_q_heads * p.head_dim);
-    std::vector<float> k_ = In(p.k, p.num_tokens * p.num_kv_heads * p.head_dim);
+    const int64_t q_width = int64_t{p.num_q_heads} * p.head_dim;
+    const int64_t k_width = int64_t{p.num_kv_heads} * p.head_dim;
+    std::vector<float> q_ = InRows(p.q, p.num_tokens, q_width, p.q_stride);
+    std::vector<float> k_ = InRows(p.k, p.num_tokens, k_width, p.k_stride);
     kernels::RopeParams q = p;
-    q.q = q_.data(), q.k = k_.data(), q.dtype = kF32;
+    q.q = q_.data(), q.k = k_.data(), q.dtype = kF32, q.q_stride = 0, q.k_stride = 0;
     absl::Status s = inner_->Rope(q);
-    if (s.ok()) Store(k_, p.k);
-    return Out(s, q_, p.q);
+    if (s.ok()) {
+      StoreRows(k_, p.k, p.num_tokens, k_width, p.k_stride);
+      StoreRows(q_, p.q, p.num_tokens, q_width, p.q_stride);
+    }
+    return s;
   }
   absl::Status KvWrite(const kernels::KvWriteParams& p) override {
     if (!Bf16(p.dtype)) return inner_->KvWrite(p);
     const int64_t width = int64_t{p.kv.num_kv_heads} * p.kv.head_dim;
+    const int64_t stride = p.kv_stride > 0 ? p.kv_stride : width;
     for (int64_t t = 0; t < p.num_tokens; ++t) {
       const int64_t off = RowOffset(p.kv, p.token_seq[t], p.positions[t]);
       std::memcpy(static_cast<uint16_t*>(p.kv.k_cache) + off,
-                  static_cast<const uint16_t*>(p.k) + t * width, 2 * width);
+                  static_cast<const uint16_t*>(p.k) + t * stride, 2 * width);
       std::memcpy(static_cast<uint16_t*>(p.kv.v_cache) + off,
-                  static_cast<const uint16_t*>(p.v) + t * width, 2 * width);
+                  static_cast<const uint16_t*>(p.v) + t * stride, 2 * width);
     }
     return absl::OkStatus();
   }
@@ -145,11 +153,12 @@ class Bf16CpuBackend final : public engine::Backend {
             kernels::Bf16ToF32(static_cast<const uint16_t*>(kv.v_cache)[block * block_elems + e]);
       }
     }
-    const int64_t width = p.num_tokens * p.num_q_heads * kv.head_dim;
-    std::vector<float> q = In(p.q, width), out(width);
+    const int64_t q_width = int64_t{p.num_q_heads} * kv.head_dim;
+    std::vector<float> q = InRows(p.q, p.num_tokens, q_width, p.q_stride);
+    std::vector<float> out(p.num_tokens * q_width);
     kernels::PagedAttentionParams a = p;
     a.kv.k_cache = k.data(), a.kv.v_cache = v.data(), a.kv.block_tables = tables.data();
-    a.q = q.data(), a.out = out.data(), a.dtype = kF32;
+    a.q = q.data(), a.out = out.data(), a.dtype = kF32, a.q_stride = 0;
     return Out(inner_->PagedAttention(a), out, p.out);
   }
   absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
@@ -164,12 +173,14 @@ class Bf16CpuBackend final : public engine::Backend {
   absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) override {
     if (!Bf16(p.dtype)) return inner_->SgmvExpandRows(p);
     const int64_t rows = p.y_row == nullptr ? p.num_tokens : RowsReached(p.y_row, p.num_tokens);
-    std::vector<float> y = In(p.y, rows * p.out);
+    std::vector<float> y = InRows(p.y, rows, p.out, p.y_stride);
     std::vector<std::vector<float>> b;
     std::vector<const void*> table = RowTable(p.b_rows, p, p.out, &b);
     kernels::SgmvExpandRowsParams q = p;
-    q.y = y.data(), q.b_rows = table.data(), q.dtype = kF32;
-    return Out(inner_->SgmvExpandRows(q), y, p.y);
+    q.y = y.data(), q.b_rows = table.data(), q.dtype = kF32, q.y_stride = 0;
+    absl::Status s = inner_->SgmvExpandRows(q);
+    if (s.ok()) StoreRows(y, p.y, rows, p.out, p.y_stride);
+    return s;
   }
   absl::Status GatherAdd(const kernels::GatherAddParams& p) override {
     if (!Bf16(p.dtype)) return inner_->GatherAdd(p);
@@ -203,6 +214,25 @@ class Bf16CpuBackend final : public engine::Backend {
     const auto* h = static_cast<const uint16_t*>(p);
     for (int64_t i = 0; i < n; ++i) out[i] = kernels::Bf16ToF32(h[i]);
     return out;
+  }
+  // `rows` rows of `width` elements, `stride` apart (0: dense), as dense fp32; and back.
+  static std::vector<float> InRows(const void* p, int64_t rows, int64_t width, int64_t stride) {
+    if (stride == 0) stride = width;
+    std::vector<float> out(rows * width);
+    const auto* h = static_cast<const uint16_t*>(p);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < width; ++c)
+        out[r * width + c] = kernels::Bf16ToF32(h[r * stride + c]);
+    }
+    return out;
+  }
+  static void StoreRows(const std::vector<float>& v, void* p, int64_t rows, int64_t width,
+                        int64_t stride) {
+    if (stride == 0) stride = width;
+    auto* h = static_cast<uint16_t*>(p);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < width; ++c) h[r * stride + c] = kernels::F32ToBf16(v[r * width + c]);
+    }
   }
   static void Store(const std::vector<float>& v, void* p) {
     auto* h = static_cast<uint16_t*>(p);

@@ -26,6 +26,7 @@ struct BackendCounts {
   int64_t d2h_copies = 0;
   int64_t d2h_bytes = 0;
   int64_t syncs = 0;
+  int64_t shrinks = 0;  // SgmvShrink calls outside graph capture (also counted in ops)
 };
 
 class CountingBackend final : public engine::Backend {
@@ -98,7 +99,10 @@ class CountingBackend final : public engine::Backend {
   MOLESERVE_COUNTED_OP(Rope, RopeParams)
   MOLESERVE_COUNTED_OP(KvWrite, KvWriteParams)
   MOLESERVE_COUNTED_OP(PagedAttention, PagedAttentionParams)
-  MOLESERVE_COUNTED_OP(SgmvShrink, SgmvShrinkParams)
+  absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
+    if (!capturing_) ++counts_.ops, ++counts_.shrinks;
+    return inner_->SgmvShrink(p);
+  }
   MOLESERVE_COUNTED_OP(SgmvExpandRows, SgmvExpandRowsParams)
   MOLESERVE_COUNTED_OP(GatherAdd, GatherAddParams)
   MOLESERVE_COUNTED_OP(Convert, ConvertParams)

@@ -107,19 +107,24 @@ inline std::string WriteDemoRankAdapter(const std::string& dir, bool smora, uint
 }
 
 // A PEFT LoRA for the demo model: one static LoRA of rank `rank` on q_proj, v_proj and down_proj
-// of every layer (lora_alpha = 2 * rank), strong enough to change greedy output.
+// of every layer (lora_alpha = 2 * rank), strong enough to change greedy output; with
+// `every_module`, on all seven linear modules instead.
 inline std::string WriteDemoPeftLora(const std::string& dir, uint32_t seed = 11, int32_t rank = 8,
-                                     float stddev = 0.2f) {
+                                     float stddev = 0.2f, bool every_module = false) {
   RandomTensors t(dir, seed, stddev);
   struct Module {
     const char* path;
     int64_t in, out;
+    bool always;
   };
-  // Demo shapes: hidden 256, 4 KV heads of 32 (v_proj 128 wide), intermediate 688.
+  // Demo shapes: hidden 256, 4 KV heads of 32 (k_proj, v_proj 128 wide), intermediate 688.
   for (int l = 0; l < 4; ++l) {
     for (const Module& m :
-         {Module{"self_attn.q_proj", 256, 256}, Module{"self_attn.v_proj", 256, 128},
-          Module{"mlp.down_proj", 688, 256}}) {
+         {Module{"self_attn.q_proj", 256, 256, true}, Module{"self_attn.k_proj", 256, 128, false},
+          Module{"self_attn.v_proj", 256, 128, true}, Module{"self_attn.o_proj", 256, 256, false},
+          Module{"mlp.gate_proj", 256, 688, false}, Module{"mlp.up_proj", 256, 688, false},
+          Module{"mlp.down_proj", 688, 256, true}}) {
+      if (!m.always && !every_module) continue;
       const std::string p = absl::StrCat("base_model.model.model.layers.", l, ".", m.path);
       t.Add(p + ".lora_A.weight", {rank, m.in});
       t.Add(p + ".lora_B.weight", {m.out, rank});
@@ -128,7 +133,10 @@ inline std::string WriteDemoPeftLora(const std::string& dir, uint32_t seed = 11,
   if (!t.Write("adapter_model.safetensors")) return "";
   std::ofstream(dir + "/adapter_config.json")
       << R"({"peft_type": "LORA", "r": )" << rank << R"(, "lora_alpha": )" << 2 * rank
-      << R"(, "target_modules": ["q_proj", "v_proj", "down_proj"]})";
+      << R"(, "target_modules": )"
+      << (every_module ? R"(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", )"
+                         R"("down_proj"]})"
+                       : R"(["q_proj", "v_proj", "down_proj"]})");
   return dir;
 }
 

@@ -319,6 +319,140 @@ TEST(PagedAttentionTest, SlidingWindowMatchesDenseWindowedAttention) {
   CheckMixedBatchAgainstDenseAttention(7);
 }
 
+// The fused projections (q|k|v and gate|up in one GEMM) leave each module's output as columns
+// of a wider row; the ops that read or write them take row strides. Each strided op must give
+// the bits its dense form gives on copies of the columns, and leave the other columns alone.
+TEST(FusedProjectionTest, StridedOperandsGiveTheDenseResultsBitForBit) {
+  const int nq = 4, nkv = 2, d = 8, bs = 4, t = 5, inter = 12;
+  const int64_t qw = nq * d, kvw = nkv * d, w = qw + 2 * kvw;
+  ThreadPool pool(2);
+  const std::vector<float> fused0 = Random(t * w, 11);
+  auto columns = [&](const std::vector<float>& f, int64_t first, int64_t width) {
+    std::vector<float> out(t * width);
+    for (int64_t r = 0; r < t; ++r) {
+      std::copy(f.begin() + r * w + first, f.begin() + r * w + first + width,
+                out.begin() + r * width);
+    }
+    return out;
+  };
+  // RoPE over q and k in place, through the strides.
+  std::vector<float> fused = fused0;
+  std::vector<float> q = columns(fused0, 0, qw), k = columns(fused0, qw, kvw);
+  const std::vector<int32_t> pos = {0, 3, 17, 1000, 5};
+  const std::vector<float> inv_freq = {1.0f, 0.1f, 0.01f, 0.001f};
+  RopeParams rope{.positions = pos.data(),
+                  .inv_freq = inv_freq.data(),
+                  .num_tokens = t,
+                  .num_q_heads = nq,
+                  .num_kv_heads = nkv,
+                  .head_dim = d};
+  RopeParams dense = rope, strided = rope;
+  dense.q = q.data(), dense.k = k.data();
+  strided.q = fused.data(), strided.k = fused.data() + qw, strided.q_stride = w,
+  strided.k_stride = w;
+  ASSERT_EQ(Rope(dense, &pool), KernelStatus::kOk);
+  ASSERT_EQ(Rope(strided, &pool), KernelStatus::kOk);
+  EXPECT_EQ(columns(fused, 0, qw), q);
+  EXPECT_EQ(columns(fused, qw, kvw), k);
+  EXPECT_EQ(columns(fused, qw + kvw, kvw), columns(fused0, qw + kvw, kvw));  // v untouched
+  EXPECT_NE(q, columns(fused0, 0, qw));                                      // it did rotate
+  // KV write and attention: one sequence of t tokens over two blocks.
+  const std::vector<int32_t> table = {1, 0}, offsets = {0, 2}, seq(t, 0);
+  const std::vector<int32_t> positions = {0, 1, 2, 3, 4};
+  std::vector<float> kc_dense(2 * bs * kvw, NAN), vc_dense(kc_dense), kc(kc_dense), vc(kc_dense);
+  PagedKvLayout kv{.block_tables = table.data(),
+                   .block_table_offsets = offsets.data(),
+                   .num_seqs = 1,
+                   .block_size = bs,
+                   .num_kv_heads = nkv,
+                   .head_dim = d};
+  const std::vector<float> v = columns(fused, qw + kvw, kvw);
+  PagedKvLayout kv_dense = kv;
+  kv_dense.k_cache = kc_dense.data(), kv_dense.v_cache = vc_dense.data();
+  kv.k_cache = kc.data(), kv.v_cache = vc.data();
+  ASSERT_EQ(KvWrite({.kv = kv_dense,
+                     .k = k.data(),
+                     .v = v.data(),
+                     .token_seq = seq.data(),
+                     .positions = positions.data(),
+                     .num_tokens = t},
+                    &pool),
+            KernelStatus::kOk);
+  ASSERT_EQ(KvWrite({.kv = kv,
+                     .k = fused.data() + qw,
+                     .v = fused.data() + qw + kvw,
+                     .token_seq = seq.data(),
+                     .positions = positions.data(),
+                     .num_tokens = t,
+                     .kv_stride = w},
+                    &pool),
+            KernelStatus::kOk);
+  for (size_t i = 0; i < kc.size(); ++i) {  // NaN where nothing was written, on both sides
+    ASSERT_TRUE(kc[i] == kc_dense[i] || (std::isnan(kc[i]) && std::isnan(kc_dense[i]))) << i;
+    ASSERT_TRUE(vc[i] == vc_dense[i] || (std::isnan(vc[i]) && std::isnan(vc_dense[i]))) << i;
+  }
+  std::vector<float> out_dense(t * qw), out(t * qw);
+  PagedAttentionParams attn{.kv = kv,
+                            .token_seq = seq.data(),
+                            .positions = positions.data(),
+                            .num_tokens = t,
+                            .num_q_heads = nq,
+                            .scale = 0.25f};
+  PagedAttentionParams attn_dense = attn;
+  attn_dense.q = q.data(), attn_dense.out = out_dense.data();
+  attn.q = fused.data(), attn.out = out.data(), attn.q_stride = w;
+  ASSERT_EQ(PagedAttention(attn_dense, &pool), KernelStatus::kOk);
+  ASSERT_EQ(PagedAttention(attn, &pool), KernelStatus::kOk);
+  EXPECT_EQ(out, out_dense);
+  // SwiGLU over the gate|up halves, and the embedding gather from a strided table.
+  const std::vector<float> gate_up = Random(t * 2 * inter, 12);
+  std::vector<float> gate(t * inter), up(t * inter);
+  for (int64_t r = 0; r < t; ++r) {
+    std::copy_n(gate_up.begin() + r * 2 * inter, inter, gate.begin() + r * inter);
+    std::copy_n(gate_up.begin() + r * 2 * inter + inter, inter, up.begin() + r * inter);
+  }
+  std::vector<float> act_dense(t * inter), act(t * inter);
+  ASSERT_EQ(
+      SiluMul(
+          {.gate = gate.data(), .up = up.data(), .out = act_dense.data(), .rows = t, .cols = inter},
+          &pool),
+      KernelStatus::kOk);
+  ASSERT_EQ(SiluMul({.gate = gate_up.data(),
+                     .up = gate_up.data() + inter,
+                     .out = act.data(),
+                     .rows = t,
+                     .cols = inter,
+                     .in_stride = 2 * inter},
+                    &pool),
+            KernelStatus::kOk);
+  EXPECT_EQ(act, act_dense);
+  const std::vector<int32_t> ids = {4, 0, 4, 2};
+  std::vector<float> rows(4 * inter);
+  ASSERT_EQ(Embedding({.ids = ids.data(),
+                       .table = gate_up.data() + inter,
+                       .out = rows.data(),
+                       .num_tokens = 4,
+                       .hidden = inter,
+                       .table_stride = 2 * inter},
+                      &pool),
+            KernelStatus::kOk);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_TRUE(std::equal(rows.begin() + i * inter, rows.begin() + (i + 1) * inter,
+                           up.begin() + ids[i] * inter));
+  }
+  // Strides narrower than the row are refused.
+  strided.q_stride = qw - 1;
+  EXPECT_EQ(Rope(strided, &pool), KernelStatus::kInvalidShape);
+  EXPECT_EQ(SiluMul({.gate = gate_up.data(),
+                     .up = gate_up.data(),
+                     .out = act.data(),
+                     .rows = t,
+                     .cols = inter,
+                     .in_stride = inter - 1},
+                    &pool),
+            KernelStatus::kInvalidShape);
+}
+
 TEST(BiasAddTest, AddsTheBiasToEveryRow) {
   auto x = Random(13 * 37, 20);
   const auto x0 = x;

@@ -493,6 +493,158 @@ TEST(CudaElementwiseTest, RopeMatchesCpuIncludingLargePositions) {
   }
 }
 
+// The fused q|k|v and gate|up projections: each op given strided columns of the fused rows gives
+// the bits it gives on dense copies of them (same kernel, same inputs), on the device, and leaves
+// the other columns alone. (Dense against the CPU twin: the tests above.)
+TEST(CudaElementwiseTest, FusedProjectionStridesGiveTheDenseBits) {
+  SKIP_WITHOUT_GPU();
+  const ScalarType bf16 = ScalarType::kBF16;
+  const int32_t nq = 8, nkv = 2, d = 64, bs = 16;
+  const int64_t t = 5, qw = nq * d, kvw = nkv * d, w = qw + 2 * kvw, inter = 96;
+  std::vector<float> fused = Random(t * w, 51);
+  auto dfused = Upload(fused, bf16);  // rounds `fused` to bf16 values
+  auto columns = [&](int64_t first, int64_t width) {
+    std::vector<float> out(t * width);
+    for (int64_t r = 0; r < t; ++r) {
+      std::copy_n(fused.begin() + r * w + first, width, out.begin() + r * width);
+    }
+    return out;
+  };
+  std::vector<float> q = columns(0, qw), k = columns(qw, kvw), v = columns(qw + kvw, kvw);
+  auto dq = Upload(q, bf16);
+  auto dk = Upload(k, bf16);
+  auto dv = Upload(v, bf16);
+  const std::vector<int32_t> pos = {0, 1, 2, 3, 4}, seq(t, 0), table = {3, 1}, offsets = {0, 2};
+  std::vector<float> inv_freq(d / 2);
+  for (int i = 0; i < d / 2; ++i) inv_freq[i] = static_cast<float>(std::pow(1e4, -2.0 * i / d));
+  DeviceBytes dpos(pos), dseq(seq), dtable(table), doffsets(offsets), dfreq(inv_freq);
+  char* f = dfused->get<char>();
+  RopeParams rope{.positions = dpos.get<int32_t>(),
+                  .inv_freq = dfreq.get<float>(),
+                  .num_tokens = t,
+                  .num_q_heads = nq,
+                  .num_kv_heads = nkv,
+                  .head_dim = d,
+                  .dtype = bf16};
+  RopeParams dense = rope, strided = rope;
+  dense.q = dq->get(), dense.k = dk->get();
+  strided.q = f, strided.k = f + qw * 2, strided.q_stride = w, strided.k_stride = w;
+  ASSERT_EQ(cuda::Rope(dense, nullptr), cudaSuccess);
+  ASSERT_EQ(cuda::Rope(strided, nullptr), cudaSuccess);
+  // KV write and attention over 4 blocks of the cache, dense and strided into separate caches.
+  const int64_t cache_elems = 4 * bs * kvw;
+  DeviceBytes kc1(cache_elems * 2), vc1(cache_elems * 2), kc2(cache_elems * 2),
+      vc2(cache_elems * 2);
+  PagedKvLayout kv{.block_tables = dtable.get<int32_t>(),
+                   .block_table_offsets = doffsets.get<int32_t>(),
+                   .num_seqs = 1,
+                   .block_size = bs,
+                   .num_kv_heads = nkv,
+                   .head_dim = d};
+  PagedKvLayout kv1 = kv, kv2 = kv;
+  kv1.k_cache = kc1.get(), kv1.v_cache = vc1.get(), kv2.k_cache = kc2.get(),
+  kv2.v_cache = vc2.get();
+  ASSERT_EQ(cuda::KvWrite({.kv = kv1,
+                           .k = dk->get(),
+                           .v = dv->get(),
+                           .token_seq = dseq.get<int32_t>(),
+                           .positions = dpos.get<int32_t>(),
+                           .num_tokens = t,
+                           .dtype = bf16},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::KvWrite({.kv = kv2,
+                           .k = f + qw * 2,
+                           .v = f + (qw + kvw) * 2,
+                           .token_seq = dseq.get<int32_t>(),
+                           .positions = dpos.get<int32_t>(),
+                           .num_tokens = t,
+                           .dtype = bf16,
+                           .kv_stride = w},
+                          nullptr),
+            cudaSuccess);
+  DeviceBytes out1(t * qw * 2), out2(t * qw * 2);
+  PagedAttentionParams attn{.token_seq = dseq.get<int32_t>(),
+                            .positions = dpos.get<int32_t>(),
+                            .num_tokens = t,
+                            .num_q_heads = nq,
+                            .scale = 0.125f,
+                            .dtype = bf16};
+  PagedAttentionParams a1 = attn, a2 = attn;
+  a1.kv = kv1, a1.q = dq->get(), a1.out = out1.get();
+  a2.kv = kv2, a2.q = f, a2.out = out2.get(), a2.q_stride = w;
+  ASSERT_EQ(cuda::PagedAttention(a1, nullptr), cudaSuccess);
+  ASSERT_EQ(cuda::PagedAttention(a2, nullptr), cudaSuccess);
+  // SwiGLU over gate|up halves and the embedding gather from the up half.
+  std::vector<float> gate_up = Random(t * 2 * inter, 52);
+  auto dgu = Upload(gate_up, bf16);
+  std::vector<float> gate(t * inter), up(t * inter);
+  for (int64_t r = 0; r < t; ++r) {
+    std::copy_n(gate_up.begin() + r * 2 * inter, inter, gate.begin() + r * inter);
+    std::copy_n(gate_up.begin() + r * 2 * inter + inter, inter, up.begin() + r * inter);
+  }
+  auto dgate = Upload(gate, bf16);
+  auto dup = Upload(up, bf16);
+  DeviceBytes act1(t * inter * 2), act2(t * inter * 2), emb1(3 * inter * 2), emb2(3 * inter * 2);
+  const std::vector<int32_t> ids = {4, 0, 2};
+  DeviceBytes dids(ids);
+  char* gu = dgu->get<char>();
+  ASSERT_EQ(cuda::SiluMul({.gate = dgate->get(),
+                           .up = dup->get(),
+                           .out = act1.get(),
+                           .rows = t,
+                           .cols = inter,
+                           .dtype = bf16},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::SiluMul({.gate = gu,
+                           .up = gu + inter * 2,
+                           .out = act2.get(),
+                           .rows = t,
+                           .cols = inter,
+                           .dtype = bf16,
+                           .in_stride = 2 * inter},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::Embedding({.ids = dids.get<int32_t>(),
+                             .table = dup->get(),
+                             .out = emb1.get(),
+                             .num_tokens = 3,
+                             .hidden = inter,
+                             .dtype = bf16},
+                            nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cuda::Embedding({.ids = dids.get<int32_t>(),
+                             .table = gu + inter * 2,
+                             .out = emb2.get(),
+                             .num_tokens = 3,
+                             .hidden = inter,
+                             .dtype = bf16,
+                             .table_stride = 2 * inter},
+                            nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<uint16_t> fused_after = dfused->Download<uint16_t>(t * w);
+  const std::vector<uint16_t> q_after = dq->Download<uint16_t>(t * qw);
+  const std::vector<uint16_t> k_after = dk->Download<uint16_t>(t * kvw);
+  for (int64_t r = 0; r < t; ++r) {
+    for (int64_t c = 0; c < w; ++c) {
+      const uint16_t want = c < qw         ? q_after[r * qw + c]
+                            : c < qw + kvw ? k_after[r * kvw + c - qw]
+                                           : F32ToBf16(v[r * kvw + c - qw - kvw]);
+      ASSERT_EQ(fused_after[r * w + c], want) << "token " << r << " column " << c;
+    }
+  }
+  EXPECT_EQ(kc1.Download<uint16_t>(cache_elems), kc2.Download<uint16_t>(cache_elems));
+  EXPECT_EQ(vc1.Download<uint16_t>(cache_elems), vc2.Download<uint16_t>(cache_elems));
+  EXPECT_EQ(out1.Download<uint16_t>(t * qw), out2.Download<uint16_t>(t * qw));
+  EXPECT_EQ(act1.Download<uint16_t>(t * inter), act2.Download<uint16_t>(t * inter));
+  EXPECT_EQ(emb1.Download<uint16_t>(3 * inter), emb2.Download<uint16_t>(3 * inter));
+  // A stride narrower than the row is refused.
+  strided.q_stride = qw - 1;
+  EXPECT_EQ(cuda::Rope(strided, nullptr), cudaErrorInvalidValue);
+}
+
 TEST(CudaElementwiseTest, CublasGemmMatchesCpu) {
   SKIP_WITHOUT_GPU();
   cudaStream_t stream = nullptr;
@@ -878,6 +1030,37 @@ TEST(CudaSgmvExpandRowsTest, MatchesCpuAndRepeatsBitForBit) {
     ASSERT_NEAR(got[0][i], want[i], 1e-5 * max_ref) << i;
     if (i / kOut == 5) {
       ASSERT_EQ(got[0][i], y0[i]);  // masked
+    }
+  }
+  // Into columns [3, 3 + kOut) of rows kOut + 5 wide (a module of a fused projection): the same
+  // bits there, the other columns untouched.
+  constexpr int64_t kWide = kOut + 5, kFirst = 3;
+  std::vector<float> wide = Random(int64_t{kTokens} * kWide, 11, 1.0f);
+  for (int32_t t = 0; t < kTokens; ++t) {
+    std::copy_n(y0.begin() + int64_t{t} * kOut, kOut, wide.begin() + t * kWide + kFirst);
+  }
+  DeviceBytes d_wide(wide);
+  SgmvExpandRowsParams q = p;
+  q.v = d_v.get<float>();
+  q.y = d_wide.get<float>() + kFirst;
+  q.y_stride = kWide;
+  q.token_pair = d_tp.get<int32_t>();
+  q.count = d_count.get<int32_t>();
+  q.active = d_active.get<int32_t>();
+  q.weight = d_w.get<float>();
+  q.seg_start = d_start.get<int32_t>();
+  q.seg_rank = d_rank.get<int32_t>();
+  q.seg_row_offset = d_off.get<int64_t>();
+  q.b_rows = d_rows.get<const void*>();
+  ASSERT_EQ(cuda::SgmvExpandRows(q, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> wide_got = d_wide.Download<float>(wide.size());
+  for (int32_t t = 0; t < kTokens; ++t) {
+    for (int64_t c = 0; c < kWide; ++c) {
+      const bool mine = c >= kFirst && c < kFirst + kOut;
+      ASSERT_EQ(wide_got[t * kWide + c],
+                mine ? got[0][int64_t{t} * kOut + c - kFirst] : wide[t * kWide + c])
+          << "token " << t << " column " << c;
     }
   }
 }

@@ -139,6 +139,36 @@ TEST(SgmvExpandRowsTest, MatchesNaiveUnderAMaskAndFollowsYRow) {
                            rev_y.begin() + int64_t{reversed[t]} * kOut))
         << "row " << t;
   }
+  // Into columns [7, 7 + kOut) of rows kOut + 9 wide (a module of a fused projection): the same
+  // bits there, the other columns untouched (the GEMM path when the rows are consecutive and the
+  // direct path otherwise both see the stride).
+  for (const int32_t* y_row : std::vector<const int32_t*>{nullptr, reversed.data()}) {
+    constexpr int64_t kWide = kOut + 9, kFirst = 7;
+    const std::vector<float> wide0 = Random(int64_t{kTokens} * kWide, 5, 1.0f);
+    std::vector<float> wide = wide0;
+    for (int32_t t = 0; t < kTokens; ++t) {
+      const int64_t r = y_row == nullptr ? t : y_row[t];
+      std::copy(y0.begin() + int64_t{t} * kOut, y0.begin() + int64_t{t + 1} * kOut,
+                wide.begin() + r * kWide + kFirst);
+    }
+    const std::vector<float> before = wide;
+    SgmvExpandRowsParams strided = params;
+    strided.y = wide.data() + kFirst;
+    strided.y_row = y_row;
+    strided.y_stride = kWide;
+    ASSERT_EQ(SgmvExpandRows(strided, &pool), KernelStatus::kOk);
+    for (int32_t t = 0; t < kTokens; ++t) {
+      const int64_t r = y_row == nullptr ? t : y_row[t];
+      for (int64_t c = 0; c < kWide; ++c) {
+        const bool mine = c >= kFirst && c < kFirst + kOut;
+        ASSERT_EQ(wide[r * kWide + c],
+                  mine ? rows_y[int64_t{t} * kOut + c - kFirst] : before[r * kWide + c])
+            << "token " << t << " column " << c;
+      }
+    }
+    strided.y_stride = kOut - 1;
+    EXPECT_EQ(SgmvExpandRows(strided, &pool), KernelStatus::kInvalidShape);
+  }
   // An output row named twice: refused, nothing written.
   std::vector<int32_t> twice_named = reversed;
   twice_named[1] = twice_named[0];

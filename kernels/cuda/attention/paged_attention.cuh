@@ -20,15 +20,15 @@ __device__ __forceinline__ int64_t KvRowOffset(const PagedKvLayout& kv, int32_t 
 template <typename T>
 __global__ void KvWriteKernel(PagedKvLayout kv, const T* __restrict__ k, const T* __restrict__ v,
                               const int32_t* __restrict__ token_seq,
-                              const int32_t* __restrict__ positions) {
+                              const int32_t* __restrict__ positions, int64_t stride) {
   const int64_t t = blockIdx.x;
   const int64_t width = int64_t{kv.num_kv_heads} * kv.head_dim;
   const int64_t dst = KvRowOffset(kv, token_seq[t], positions[t]);
   T* kc = static_cast<T*>(kv.k_cache) + dst;
   T* vc = static_cast<T*>(kv.v_cache) + dst;
   for (int64_t e = threadIdx.x; e < width; e += blockDim.x) {
-    kc[e] = k[t * width + e];
-    vc[e] = v[t * width + e];
+    kc[e] = k[t * stride + e];
+    vc[e] = v[t * stride + e];
   }
 }
 
@@ -40,7 +40,7 @@ template <typename T>
 __global__ void PagedAttentionKernel(PagedKvLayout kv, const T* __restrict__ q, T* __restrict__ out,
                                      const int32_t* __restrict__ token_seq,
                                      const int32_t* __restrict__ positions, int32_t num_q_heads,
-                                     float scale, int32_t sliding_window) {
+                                     float scale, int32_t sliding_window, int64_t q_stride) {
   constexpr int kPerLane = kMaxHeadDim / 32;
   __shared__ float warp_m[kAttentionWarps], warp_l[kAttentionWarps];
   __shared__ float warp_acc[kAttentionWarps][kMaxHeadDim];
@@ -53,7 +53,7 @@ __global__ void PagedAttentionKernel(PagedKvLayout kv, const T* __restrict__ q, 
   const int32_t pos = positions[t];
   const int32_t start = sliding_window > 0 ? max(0, pos - sliding_window + 1) : 0;
 
-  const T* qh = q + (t * num_q_heads + h) * d;
+  const T* qh = q + t * q_stride + int64_t{h} * d;
   float qr[kPerLane], acc[kPerLane];
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) {

@@ -15,9 +15,12 @@ unsigned int GridFor(int64_t n) { return std::min<unsigned int>(CeilDiv(n, kThre
 cudaError_t SiluMul(const SiluMulParams& p, cudaStream_t stream) {
   const int64_t n = p.rows * p.cols;
   if (n == 0) return cudaSuccess;
+  if (p.cols <= 0 || (p.in_stride != 0 && p.in_stride < p.cols)) return cudaErrorInvalidValue;
+  const int64_t in_stride = p.in_stride > 0 ? p.in_stride : p.cols;
   return DispatchFloat(p.dtype, [&]<typename T>() {
     SiluMulKernel<T><<<GridFor(n), kThreads, 0, stream>>>(
-        static_cast<const T*>(p.gate), static_cast<const T*>(p.up), static_cast<T*>(p.out), n);
+        static_cast<const T*>(p.gate), static_cast<const T*>(p.up), static_cast<T*>(p.out), n,
+        p.cols, in_stride);
     return cudaGetLastError();
   });
 }
@@ -44,10 +47,14 @@ cudaError_t BiasAdd(const BiasAddParams& p, cudaStream_t stream) {
 
 cudaError_t Embedding(const EmbeddingParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
-  if (p.num_tokens < 0 || p.num_tokens > 0x7fffffff) return cudaErrorInvalidValue;
+  if (p.num_tokens < 0 || p.num_tokens > 0x7fffffff ||
+      (p.table_stride != 0 && p.table_stride < p.hidden)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t stride = p.table_stride > 0 ? p.table_stride : p.hidden;
   return DispatchFloat(p.dtype, [&]<typename T>() {
     EmbeddingKernel<T><<<static_cast<unsigned int>(p.num_tokens), kThreads, 0, stream>>>(
-        p.ids, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.hidden);
+        p.ids, static_cast<const T*>(p.table), static_cast<T*>(p.out), p.hidden, stride);
     return cudaGetLastError();
   });
 }
@@ -58,11 +65,17 @@ cudaError_t Rope(const RopeParams& p, cudaStream_t stream) {
       p.num_q_heads < 0 || p.num_kv_heads < 0) {
     return cudaErrorInvalidValue;
   }
+  const int64_t q_width = int64_t{p.num_q_heads} * p.head_dim;
+  const int64_t k_width = int64_t{p.num_kv_heads} * p.head_dim;
+  if ((p.q_stride != 0 && p.q_stride < q_width) || (p.k_stride != 0 && p.k_stride < k_width)) {
+    return cudaErrorInvalidValue;
+  }
   return DispatchFloat(p.dtype, [&]<typename T>() {
     const int threads = std::min(128, std::max(32, p.head_dim / 2));
     RopeKernel<T><<<static_cast<unsigned int>(p.num_tokens), threads, 0, stream>>>(
         static_cast<T*>(p.q), static_cast<T*>(p.k), p.positions, p.inv_freq, p.num_q_heads,
-        p.num_kv_heads, p.head_dim);
+        p.num_kv_heads, p.head_dim, p.q_stride > 0 ? p.q_stride : q_width,
+        p.k_stride > 0 ? p.k_stride : k_width);
     return cudaGetLastError();
   });
 }

@@ -4,13 +4,16 @@
 
 namespace moleserve::kernels::cuda {
 
+// n = rows * cols outputs; gate and up rows are in_stride apart (a fused gate|up projection).
+// Not __restrict__: out may alias gate when in_stride == cols.
 template <typename T>
-__global__ void SiluMulKernel(const T* __restrict__ gate, const T* __restrict__ up,
-                              T* __restrict__ out, int64_t n) {
+__global__ void SiluMulKernel(const T* gate, const T* up, T* out, int64_t n, int64_t cols,
+                              int64_t in_stride) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const float g = ToFloat(gate[i]);
-    out[i] = FromFloat<T>(g / (1.0f + __expf(-g)) * ToFloat(up[i]));
+    const int64_t in = i / cols * in_stride + i % cols;
+    const float g = ToFloat(gate[in]);
+    out[i] = FromFloat<T>(g / (1.0f + __expf(-g)) * ToFloat(up[in]));
   }
 }
 
@@ -37,9 +40,9 @@ __global__ void BiasAddKernel(T* __restrict__ x, const T* __restrict__ bias, int
 // One block per token; threads copy the embedding row.
 template <typename T>
 __global__ void EmbeddingKernel(const int32_t* __restrict__ ids, const T* __restrict__ table,
-                                T* __restrict__ out, int64_t hidden) {
+                                T* __restrict__ out, int64_t hidden, int64_t table_stride) {
   const int64_t t = blockIdx.x;
-  const T* src = table + static_cast<int64_t>(ids[t]) * hidden;
+  const T* src = table + static_cast<int64_t>(ids[t]) * table_stride;
   for (int64_t c = threadIdx.x; c < hidden; c += blockDim.x) out[t * hidden + c] = src[c];
 }
 
@@ -50,7 +53,8 @@ template <typename T>
 __global__ void RopeKernel(T* __restrict__ q, T* __restrict__ k,
                            const int32_t* __restrict__ positions,
                            const float* __restrict__ inv_freq, int32_t num_q_heads,
-                           int32_t num_kv_heads, int32_t head_dim) {
+                           int32_t num_kv_heads, int32_t head_dim, int64_t q_stride,
+                           int64_t k_stride) {
   const int64_t t = blockIdx.x;
   const int32_t half = head_dim / 2;
   const double pos = positions[t];
@@ -63,8 +67,8 @@ __global__ void RopeKernel(T* __restrict__ q, T* __restrict__ k,
       head[i] = FromFloat<T>(x0 * c - x1 * s);
       head[i + half] = FromFloat<T>(x1 * c + x0 * s);
     };
-    for (int32_t h = 0; h < num_q_heads; ++h) rotate(q + (t * num_q_heads + h) * head_dim);
-    for (int32_t h = 0; h < num_kv_heads; ++h) rotate(k + (t * num_kv_heads + h) * head_dim);
+    for (int32_t h = 0; h < num_q_heads; ++h) rotate(q + t * q_stride + h * head_dim);
+    for (int32_t h = 0; h < num_kv_heads; ++h) rotate(k + t * k_stride + h * head_dim);
   }
 }
 

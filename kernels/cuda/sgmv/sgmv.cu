@@ -26,7 +26,8 @@ cudaError_t SgmvShrink(const SgmvShrinkParams& p, cudaStream_t stream) {
 }
 
 cudaError_t SgmvExpandRows(const SgmvExpandRowsParams& p, cudaStream_t stream) {
-  if (p.num_tokens < 0 || p.out < 0 || p.pair_stride < 0 || p.num_segments < 0) {
+  if (p.num_tokens < 0 || p.out < 0 || p.pair_stride < 0 || p.num_segments < 0 ||
+      (p.y_stride != 0 && p.y_stride < p.out)) {
     return cudaErrorInvalidValue;
   }
   if (p.num_tokens == 0 || p.out == 0 || p.num_segments == 0) return cudaSuccess;

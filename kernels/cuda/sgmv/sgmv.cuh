@@ -107,7 +107,7 @@ __global__ void SgmvExpandRowsKernel(SgmvExpandRowsParams p) {
     }
   }
   const int64_t row = p.y_row != nullptr ? p.y_row[t] : t;
-  T* y = static_cast<T*>(p.y) + row * p.out + j;
+  T* y = static_cast<T*>(p.y) + row * (p.y_stride > 0 ? p.y_stride : p.out) + j;
   *y = FromFloat<T>(ToFloat(*y) + acc);
 }
 

@@ -275,6 +275,66 @@ TEST(DecodeGraphTest, PlainLoraStepsReplayEqualEagerOnesAsTheBatchChanges) {
 // the same bits and the same kept ranks as eager execution while sequences join and leave. On
 // the last step the eager model takes the unplanned path (LlamaModel::set_planned_passes), and
 // its logits agree with the planned ones within 1e-5 relative, its kept ranks exactly.
+// The fused projections: q|k|v and gate|up are one GEMM each, and a planned pass shrinks their
+// static LoRAs in one call per projection (A rows side by side, each module's padded with zero
+// rows to the plan's rank stride). Two LoRAs of different ranks, one on every module and one on
+// q, v and down only (so k's and the MLP's rows of the second are all padding): graph replay
+// equals eager execution bit for bit, and both match the unplanned path (one shrink per module,
+// no padding) within 1e-5 on every step.
+TEST(DecodeGraphTest, FusedProjectionsMatchTheUnplannedPath) {
+  GraphAndEager m;
+  ASSERT_NO_FATAL_FAILURE(MakeGraphAndEager(&m));
+  auto unplanned_backend = CreateCpuBackend({.num_threads = 2});
+  ASSERT_TRUE(unplanned_backend.ok());
+  LlamaModelOptions options{.num_kv_blocks = 64,
+                            .kv_block_size = 16,
+                            .max_batch_tokens = 256,
+                            .max_seqs = 8,
+                            .decode_graphs = false};
+  auto unplanned = LlamaModel::Create(unplanned_backend->get(), m.config,
+                                      RandomLlamaWeights(m.config, kDemoModelSeed), options);
+  ASSERT_TRUE(unplanned.ok());
+  (*unplanned)->set_planned_passes(false);
+  const std::string root = testing::TempDir() + "/decode_graph_fused";
+  ASSERT_FALSE(test_util::WriteDemoPeftLora(root + "/every", 41, 4, 0.2f, true).empty());
+  ASSERT_FALSE(test_util::WriteDemoPeftLora(root + "/some", 42, 8).empty());
+  std::vector<int32_t> slot;
+  for (const char* name : {"every", "some"}) {
+    ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, root + "/" + name, name, &slot));
+    auto a = LoadAdapter(root + "/" + name, name, m.config, {});
+    ASSERT_TRUE(a.ok()) << a.status();
+    auto s = (*unplanned)->AttachAdapter(*a);
+    ASSERT_TRUE(s.ok());
+    ASSERT_EQ(*s, slot.back());
+  }
+  std::filesystem::remove_all(root);
+  const std::vector<int32_t> uses = {slot[0], -1, slot[1], slot[0]};
+  std::vector<std::vector<int32_t>> tokens(uses.size());
+  for (size_t s = 0; s < uses.size(); ++s) {
+    for (int32_t i = 0; i < 3 + static_cast<int32_t>(s); ++i) {
+      tokens[s].push_back((i * 37 + static_cast<int32_t>(s) * 11 + 5) % 256);
+    }
+  }
+  std::vector<int32_t> computed(uses.size(), 0);
+  for (int32_t step = 0; step < 8; ++step) {
+    std::vector<int32_t> in_batch;
+    Batch b = NextStep(
+        uses, tokens, [&](int32_t s) { return s != 3 || step >= 3; }, &computed, &in_batch);
+    std::vector<float> lg, le, lu;
+    ASSERT_TRUE(m.graphed->Forward(b, &lg, nullptr).ok()) << "step " << step;
+    ASSERT_TRUE(m.eager->Forward(b, &le, nullptr).ok()) << "step " << step;
+    ASSERT_TRUE((*unplanned)->Forward(b, &lu, nullptr).ok()) << "step " << step;
+    ASSERT_EQ(lg, le) << "step " << step;
+    EXPECT_LE(RelativeGap(le, lu), 1e-5f) << "step " << step << ": fused vs per-module shrinks";
+    for (size_t r = 0; r < in_batch.size(); ++r) {
+      const float* row = lg.data() + r * m.config.vocab_size;
+      tokens[in_batch[r]].push_back(
+          static_cast<int32_t>(std::max_element(row, row + m.config.vocab_size) - row));
+    }
+  }
+  EXPECT_GE(m.graphed->decode_graphs(), 1) << m.graphed->graph_status();
+}
+
 TEST(DecodeGraphTest, RankWiseStepsReplayEqualEagerOnesAndMatchTheUnplannedPath) {
   GraphAndEager m;
   ASSERT_NO_FATAL_FAILURE(MakeGraphAndEager(&m));

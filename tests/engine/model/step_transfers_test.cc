@@ -279,6 +279,9 @@ TEST(StepTransfersTest, PlainLoraStepsUploadOnceAndDecodeInOneGraphLaunch) {
   EXPECT_EQ(prefill.graph_launches, 0);
   EXPECT_LE(prefill.h2d_copies, 10);
   EXPECT_GT(prefill.page_copies, 0);  // the experts' first use copies them in
+  // q_proj and v_proj shrink in one call (the fused q|k|v projection), down_proj in its own: two
+  // per layer, not three.
+  EXPECT_EQ(prefill.shrinks, 2 * m.model->config().num_layers);
   for (int step = 0; step < 8; ++step) {
     const std::string what = "lora decode step " + std::to_string(step);
     const BackendCounts c = StepAndCompare(m, seqs, what);
