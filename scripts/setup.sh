@@ -17,7 +17,7 @@ packages=(
   build-essential cmake ninja-build pkg-config ccache git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   prometheus-cpp-dev libopenblas-dev nlohmann-json3-dev libspdlog-dev
-  libpcre2-dev libicu-dev libssl-dev python3
+  libpcre2-dev libicu-dev libssl-dev libboost-dev python3
 )
 if [ $build_only -eq 0 ]; then
   # Tests: GoogleTest, torch (the model reference), clang-format (the format check), the real

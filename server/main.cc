@@ -29,10 +29,18 @@
 #include "server/grpc/admin_service.h"
 #include "server/grpc/listeners.h"
 #include "server/grpc/server.h"
+#include "server/http/http_server.h"
+#include "server/http/openai_api.h"
 #if MOLESERVE_WITH_METRICS
 #include "server/metrics/prometheus_metrics.h"
 #endif
 
+ABSL_FLAG(std::string, http_host, "0.0.0.0", "Address the OpenAI-compatible HTTP API listens on");
+ABSL_FLAG(int, http_port, 8000,
+          "OpenAI-compatible HTTP API port (/v1/completions, /v1/models, /health; 0 = any free "
+          "port, -1 = off)");
+ABSL_FLAG(int64_t, http_max_body_bytes, int64_t{4} << 20,
+          "Largest HTTP request body; larger gets 413");
 ABSL_FLAG(std::string, model, "",
           "Hugging Face-style model directory (config.json, model.safetensors, tokenizer.json); "
           "empty = the built-in demo model");
@@ -272,6 +280,30 @@ int Run() {
                  absl::GetFlag(FLAGS_metrics_host));
   }
 #endif
+  // The OpenAI-compatible HTTP API, on the same engine.
+  std::unique_ptr<moleserve::server::OpenAiApi> openai;
+  std::unique_ptr<moleserve::server::HttpServer> http;
+  if (absl::GetFlag(FLAGS_http_port) >= 0) {
+    openai = std::make_unique<moleserve::server::OpenAiApi>(engine->get(),
+                                                            moleserve::server::OpenAiApiOptions{});
+    auto started = moleserve::server::HttpServer::Start(
+        {.address = absl::GetFlag(FLAGS_http_host),
+         .port = absl::GetFlag(FLAGS_http_port),
+         .max_body_bytes = absl::GetFlag(FLAGS_http_max_body_bytes)},
+        [api = openai.get()](moleserve::server::HttpRequest r,
+                             std::shared_ptr<moleserve::server::HttpResponder> out) {
+          api->Handle(std::move(r), std::move(out));
+        });
+    if (!started.ok()) {
+      spdlog::critical("{}", started.status().ToString());
+      return 1;
+    }
+    http = *std::move(started);
+    spdlog::info("serving the OpenAI-compatible HTTP API on {}:{} (plaintext)",
+                 absl::GetFlag(FLAGS_http_host), http->port());
+  } else {
+    spdlog::info("HTTP API off (--http-port=-1)");
+  }
   // Every socket this process listens on, as the kernel reports them: an operator can check
   // that nothing serves on an address they were not told about.
   for (const std::string& address : moleserve::server::ListeningTcpAddresses()) {
@@ -284,7 +316,9 @@ int Run() {
   }
   spdlog::info("signal {}: draining (up to {}); a second signal exits at once", int{sig},
                absl::FormatDuration(absl::GetFlag(FLAGS_drain_timeout)));
+  if (openai) openai->StartDrain();  // new HTTP requests 503; in-flight ones finish
   (*server)->Drain(absl::GetFlag(FLAGS_drain_timeout));
+  if (http) http->Shutdown();
   spdlog::info("drained; exiting");
   return 0;
 }
@@ -293,8 +327,9 @@ int Run() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
-      "moleserve: gRPC inference server for Mixture-of-LoRA-Experts models.\n"
-      "  moleserve [--model DIR] [--port 50051] [--metrics-port 9090]");
+      "moleserve: gRPC and OpenAI-compatible HTTP inference server for Mixture-of-LoRA-Experts "
+      "models.\n"
+      "  moleserve [--model DIR] [--port 50051] [--http-port 8000] [--metrics-port 9090]");
   std::vector<std::string> storage;
   std::vector<char*> args =
       moleserve::server::NormalizeDashedFlags(argc, argv, &storage, {"adapter"});

@@ -54,7 +54,7 @@ for fraction in $FRACTIONS; do
     if [[ "$policy" == expert_aware_nofair ]]; then
       policy_flags=(--scheduling-policy expert_aware --fair-share-tokens 1000000000000)
     fi
-    "$BUILD/server/moleserve" --port "$PORT" --metrics-port "$METRICS_PORT" --admin-port -1 \
+    "$BUILD/server/moleserve" --port "$PORT" --http-port -1 --metrics-port "$METRICS_PORT" --admin-port -1 \
       --threads "$THREADS" --max-num-seqs "$MAX_NUM_SEQS" --max-queue 1024 \
       --expert-cache-bytes "$pool" "${policy_flags[@]}" --adapter "$adapter_flags" \
       --log-level warn >"$work/server.log" 2>&1 &

@@ -84,8 +84,8 @@ class Moleserve(Process):
     """moleserve on free ports (gRPC and /metrics), read back from its log."""
 
     def __init__(self, binary, args, log_path, name="moleserve"):
-        super().__init__(name, [binary, "--port", "0", "--metrics-port", "0", "--threads", "1",
-                                "--log-level", "info"] + args, log_path)
+        super().__init__(name, [binary, "--port", "0", "--http-port", "0", "--metrics-port", "0",
+                                "--threads", "1", "--log-level", "info"] + args, log_path)
         self.port = self.metrics_port = self.admin_port = None
 
     def wait_ready(self):

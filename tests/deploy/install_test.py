@@ -63,7 +63,8 @@ def test_bundle(tmp):
     if built_plugin and not os.path.exists("/dev/nvidia0"):
         # --backend cuda finds the plugin next to the binary (../lib): without a GPU the error is
         # about the device, not about a missing plugin.
-        r = run([moleserve, "--backend", "cuda", "--port", "0", "--metrics-port", "-1",
+        r = run([moleserve, "--backend", "cuda", "--port", "0", "--http-port", "-1",
+                 "--metrics-port", "-1",
                  "--admin-port", "-1"], timeout=60)
         log = r.stdout + r.stderr
         check("cannot load the CUDA backend plugin" not in log, f"plugin not found:\n{log}")

@@ -1,0 +1,382 @@
+// The OpenAI-compatible HTTP API (server/http) on the demo model, through a real socket:
+// - /health, /v1/models (the base model and the adapters), /v1/models/{id}, 404 model_not_found;
+// - /v1/completions, greedy, equals the same request submitted to the engine directly, token for
+//   token, for the base model and a MoLE adapter; usage and finish_reason as OpenAI reports them;
+// - the streamed form (Server-Sent Events) concatenates to the same text, ends with the usage
+//   chunk when asked and `data: [DONE]`; n = 2 gives two choices;
+// - bad values are 400 with OpenAI's error object naming the parameter; malformed JSON, wrong
+//   methods, unknown routes and an oversized body get a clear 4xx and the server keeps serving;
+// - a client that disconnects mid-stream has its request cancelled in the engine;
+// - a drain answers 503 on /health and on new requests.
+
+#include <gtest/gtest.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "engine/engine.h"
+#include "engine/metrics_sink.h"
+#include "nlohmann/json.hpp"
+#include "server/http/http_server.h"
+#include "server/http/openai_api.h"
+#include "tests/common/demo_mole_adapter.h"
+
+namespace moleserve::server {
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = boost::beast::http;
+using tcp = net::ip::tcp;
+using Json = nlohmann::ordered_json;
+
+// Records how requests finished (the cancellation test waits for a kCancelled one).
+class RecordingMetrics final : public engine::MetricsSink {
+ public:
+  void OnRequestRejected(absl::StatusCode) override {}
+  void OnFirstToken(double) override {}
+  void OnInterTokenLatency(double) override {}
+  void OnRequestFinished(const engine::FinishedRequestMetrics& m) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    codes_.push_back(m.code);
+  }
+  void OnStep(const engine::StepMetrics&) override {}
+  void OnQueueState(int64_t, int64_t, double) override {}
+  int Count(absl::StatusCode code) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int>(std::count(codes_.begin(), codes_.end(), code));
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<absl::StatusCode> codes_;
+};
+
+struct Response {
+  int status = 0;
+  std::string body;
+  std::string content_type;
+};
+
+class HttpApiTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(::testing::TempDir() + "/http_api_mole");
+    ASSERT_FALSE(test_util::WriteDemoMoleAdapter(*dir_).empty());
+    metrics_ = new RecordingMetrics();
+    engine::EngineOptions o;
+    o.num_threads = 2;
+    o.kv_cache_bytes = int64_t{64} << 20;
+    o.adapters = {{"mole", *dir_}};
+    o.metrics = metrics_;
+    auto e = engine::Engine::Create(o);
+    ASSERT_TRUE(e.ok()) << e.status();
+    engine_ = e->release();
+    api_ = new OpenAiApi(engine_, {});
+    auto s = HttpServer::Start({.address = "127.0.0.1", .port = 0, .max_body_bytes = 64 * 1024},
+                               [](HttpRequest r, std::shared_ptr<HttpResponder> out) {
+                                 api_->Handle(std::move(r), std::move(out));
+                               });
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = s->release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    delete engine_;
+    delete api_;
+    delete metrics_;
+    delete dir_;
+  }
+
+  // One request on a fresh connection; the whole response.
+  static Response Call(const std::string& method, const std::string& target,
+                       const std::string& body = "") {
+    net::io_context ioc;
+    beast::tcp_stream stream(ioc);
+    stream.connect(
+        tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<uint16_t>(server_->port())));
+    http::request<http::string_body> req(http::string_to_verb(method), target, 11);
+    req.set(http::field::host, "localhost");
+    if (!body.empty()) {
+      req.set(http::field::content_type, "application/json");
+      req.body() = body;
+      req.prepare_payload();
+    }
+    http::write(stream, req);
+    beast::flat_buffer buffer;
+    http::response_parser<http::string_body> parser;
+    parser.body_limit(64 << 20);
+    http::read(stream, buffer, parser);
+    Response out;
+    out.status = static_cast<int>(parser.get().result_int());
+    out.body = parser.get().body();
+    out.content_type = std::string(parser.get()[http::field::content_type]);
+    return out;
+  }
+
+  static Json Post(const std::string& target, const Json& body, int* status = nullptr) {
+    Response r = Call("POST", target, body.dump());
+    if (status) *status = r.status;
+    return Json::parse(r.body, nullptr, false);
+  }
+
+  // The greedy text the engine gives for `prompt` on `adapter`, submitted directly.
+  static std::string Direct(const std::string& adapter, const std::string& prompt, int tokens) {
+    struct Collect final : engine::GenerationSink {
+      std::string text;
+      absl::Notification done;
+      void OnChunk(engine::GenerationChunk c) override { text += c.text; }
+      void OnFinish(engine::GenerationChunk c, engine::FinishInfo) override {
+        text += c.text;
+        done.Notify();
+      }
+      void OnError(absl::Status) override { done.Notify(); }
+    };
+    auto sink = std::make_shared<Collect>();
+    engine::GenerateRequest r;
+    r.adapter = adapter;
+    r.text = prompt;
+    r.sampling = engine_->model_info().default_sampling;
+    r.sampling.temperature = 0;
+    r.stopping.max_new_tokens = tokens;
+    EXPECT_TRUE(engine_->Submit(r, sink).ok());
+    sink->done.WaitForNotification();
+    return sink->text;
+  }
+
+  // The `data:` payloads of a Server-Sent Events body.
+  static std::vector<std::string> Events(const std::string& body) {
+    std::vector<std::string> out;
+    size_t at = 0;
+    while ((at = body.find("data: ", at)) != std::string::npos) {
+      const size_t end = body.find("\n\n", at);
+      out.push_back(body.substr(at + 6, end - at - 6));
+      at = end;
+    }
+    return out;
+  }
+
+  static std::string* dir_;
+  static RecordingMetrics* metrics_;
+  static engine::Engine* engine_;
+  static OpenAiApi* api_;
+  static HttpServer* server_;
+};
+
+std::string* HttpApiTest::dir_ = nullptr;
+RecordingMetrics* HttpApiTest::metrics_ = nullptr;
+engine::Engine* HttpApiTest::engine_ = nullptr;
+OpenAiApi* HttpApiTest::api_ = nullptr;
+HttpServer* HttpApiTest::server_ = nullptr;
+
+TEST_F(HttpApiTest, HealthAndModels) {
+  Response health = Call("GET", "/health");
+  EXPECT_EQ(health.status, 200);
+  Response models = Call("GET", "/v1/models");
+  ASSERT_EQ(models.status, 200);
+  const Json list = Json::parse(models.body);
+  EXPECT_EQ(list["object"], "list");
+  ASSERT_EQ(list["data"].size(), 2u);
+  const std::string base = engine_->model_info().name;
+  EXPECT_EQ(list["data"][0]["id"], base);
+  EXPECT_EQ(list["data"][1]["id"], "mole");
+  EXPECT_EQ(list["data"][1]["parent"], base);
+  Response one = Call("GET", "/v1/models/mole");
+  EXPECT_EQ(one.status, 200);
+  EXPECT_EQ(Json::parse(one.body)["id"], "mole");
+  Response missing = Call("GET", "/v1/models/nope");
+  EXPECT_EQ(missing.status, 404);
+  EXPECT_EQ(Json::parse(missing.body)["error"]["code"], "model_not_found");
+}
+
+TEST_F(HttpApiTest, GreedyCompletionsEqualTheEngineForTheBaseModelAndAnAdapter) {
+  for (const std::string adapter : {"", "mole"}) {
+    const std::string model = adapter.empty() ? engine_->model_info().name : adapter;
+    int status = 0;
+    const Json r = Post("/v1/completions",
+                        {{"model", model},
+                         {"prompt", "The quick brown fox"},
+                         {"max_tokens", 12},
+                         {"temperature", 0}},
+                        &status);
+    ASSERT_EQ(status, 200) << r.dump();
+    EXPECT_EQ(r["object"], "text_completion");
+    EXPECT_EQ(r["model"], model);
+    ASSERT_EQ(r["choices"].size(), 1u);
+    EXPECT_EQ(r["choices"][0]["text"], Direct(adapter, "The quick brown fox", 12)) << model;
+    EXPECT_EQ(r["choices"][0]["finish_reason"], "length");
+    EXPECT_EQ(r["usage"]["completion_tokens"], 12);
+    EXPECT_GT(r["usage"]["prompt_tokens"].get<int>(), 0);
+    EXPECT_EQ(r["usage"]["total_tokens"].get<int>(), r["usage"]["prompt_tokens"].get<int>() + 12);
+    EXPECT_TRUE(r["choices"][0]["logprobs"].is_null());
+  }
+}
+
+TEST_F(HttpApiTest, StreamingGivesTheSameTextThenUsageThenDone) {
+  const Json request{{"model", "mole"},  {"prompt", "Once upon a time"},
+                     {"max_tokens", 10}, {"temperature", 0},
+                     {"logprobs", 2},    {"stream_options", {{"include_usage", true}}}};
+  const Json whole = Post("/v1/completions", request);
+  Json streamed_request = request;
+  streamed_request["stream"] = true;
+  Response r = Call("POST", "/v1/completions", streamed_request.dump());
+  ASSERT_EQ(r.status, 200);
+  EXPECT_EQ(r.content_type, "text/event-stream");
+  const std::vector<std::string> events = Events(r.body);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  int tokens = 0;
+  std::string finish;
+  for (size_t i = 0; i + 2 < events.size(); ++i) {
+    const Json e = Json::parse(events[i]);
+    ASSERT_EQ(e["choices"].size(), 1u);
+    text += e["choices"][0]["text"].get<std::string>();
+    tokens += static_cast<int>(e["choices"][0]["logprobs"]["tokens"].size());
+    if (!e["choices"][0]["finish_reason"].is_null()) finish = e["choices"][0]["finish_reason"];
+  }
+  EXPECT_EQ(text, whole["choices"][0]["text"]);
+  EXPECT_EQ(tokens, 10);
+  EXPECT_EQ(whole["choices"][0]["logprobs"]["tokens"].size(), 10u);
+  EXPECT_EQ(whole["choices"][0]["logprobs"]["top_logprobs"][0].size(), 2u);
+  EXPECT_EQ(finish, "length");
+  const Json usage = Json::parse(events[events.size() - 2]);
+  EXPECT_TRUE(usage["choices"].empty());
+  EXPECT_EQ(usage["usage"], whole["usage"]);
+}
+
+TEST_F(HttpApiTest, SeveralChoicesAndStops) {
+  const Json r = Post("/v1/completions", {{"model", "mole"},
+                                          {"prompt", "Hello"},
+                                          {"max_tokens", 6},
+                                          {"n", 2},
+                                          {"seed", 7},
+                                          {"temperature", 1.0}});
+  ASSERT_EQ(r["choices"].size(), 2u) << r.dump();
+  EXPECT_EQ(r["choices"][0]["index"], 0);
+  EXPECT_EQ(r["choices"][1]["index"], 1);
+  EXPECT_EQ(r["usage"]["completion_tokens"], 12);
+  // Seeded: the same request gives the same choices.
+  const Json again = Post("/v1/completions", {{"model", "mole"},
+                                              {"prompt", "Hello"},
+                                              {"max_tokens", 6},
+                                              {"n", 2},
+                                              {"seed", 7},
+                                              {"temperature", 1.0}});
+  EXPECT_EQ(again["choices"], r["choices"]);
+  // A stop string cut out of the greedy text ends the choice there, with "stop".
+  const std::string greedy = Direct("", "Hello", 12);
+  ASSERT_GE(greedy.size(), 4u);
+  const std::string stop = greedy.substr(greedy.size() / 2, 2);
+  const Json stopped = Post("/v1/completions", {{"model", engine_->model_info().name},
+                                                {"prompt", "Hello"},
+                                                {"max_tokens", 12},
+                                                {"temperature", 0},
+                                                {"stop", Json::array({stop})}});
+  EXPECT_EQ(stopped["choices"][0]["finish_reason"], "stop") << stopped.dump();
+  EXPECT_EQ(stopped["choices"][0]["text"], greedy.substr(0, greedy.find(stop)));
+}
+
+TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {
+  const std::string base = engine_->model_info().name;
+  struct Case {
+    Json body;
+    int status;
+    std::string param;
+  };
+  const std::vector<Case> cases = {
+      {{{"model", "nope"}, {"prompt", "x"}}, 404, "model"},
+      {{{"prompt", "x"}}, 400, "model"},
+      {{{"model", base}}, 400, "prompt"},
+      {{{"model", base}, {"prompt", "x"}, {"temperature", 3}}, 400, "temperature"},
+      {{{"model", base}, {"prompt", "x"}, {"temperature", "hot"}}, 400, "temperature"},
+      {{{"model", base}, {"prompt", "x"}, {"max_tokens", 0}}, 400, "max_tokens"},
+      {{{"model", base}, {"prompt", "x"}, {"n", 1000}}, 400, "n"},
+      {{{"model", base}, {"prompt", "x"}, {"top_p", 0}}, 400, "top_p"},
+      {{{"model", base}, {"prompt", "x"}, {"logprobs", 21}}, 400, "logprobs"},
+      {{{"model", base}, {"prompt", "x"}, {"stop", 5}}, 400, "stop"},
+      {{{"model", base}, {"prompt", "x"}, {"echo", true}}, 400, "echo"},
+      {{{"model", base}, {"prompt", "x"}, {"logit_bias", {{"5", 10}}}}, 400, "logit_bias"},
+      {{{"model", base}, {"prompt", Json::array({-1})}}, 400, "prompt"},
+      {{{"model", base}, {"prompt", "x"}, {"stream", "yes"}}, 400, "stream"},
+  };
+  for (const Case& c : cases) {
+    int status = 0;
+    const Json r = Post("/v1/completions", c.body, &status);
+    EXPECT_EQ(status, c.status) << c.body.dump() << " -> " << r.dump();
+    ASSERT_TRUE(r.contains("error")) << r.dump();
+    EXPECT_EQ(r["error"]["param"], c.param) << c.body.dump();
+    EXPECT_FALSE(r["error"]["message"].get<std::string>().empty());
+  }
+  EXPECT_EQ(Call("POST", "/v1/completions", "{not json").status, 400);
+  EXPECT_EQ(Call("POST", "/v1/completions", "[" + std::string(200, '[')).status, 400);
+  EXPECT_EQ(Call("GET", "/v1/completions").status, 405);
+  EXPECT_EQ(Call("GET", "/v2/anything").status, 404);
+  Response big = Call("POST", "/v1/completions", std::string(100 * 1024, ' '));
+  EXPECT_EQ(big.status, 413);
+  EXPECT_EQ(Json::parse(big.body)["error"]["type"], "invalid_request_error");
+  // Still serving.
+  EXPECT_EQ(Call("GET", "/health").status, 200);
+}
+
+TEST_F(HttpApiTest, AClientThatDisconnectsMidStreamIsCancelled) {
+  const int cancelled_before = metrics_->Count(absl::StatusCode::kCancelled);
+  {
+    net::io_context ioc;
+    beast::tcp_stream stream(ioc);
+    stream.connect(
+        tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<uint16_t>(server_->port())));
+    http::request<http::string_body> req(http::verb::post, "/v1/completions", 11);
+    req.set(http::field::host, "localhost");
+    req.body() = Json{
+        {"model", "mole"},
+        {"prompt", "Tell me everything"},
+        {"max_tokens", 1000},
+        {"ignore_eos", true},
+        {"stream",
+         true}}.dump();
+    req.prepare_payload();
+    http::write(stream, req);
+    // The header and the first event, then the client goes away.
+    beast::flat_buffer buffer;
+    http::response_parser<http::buffer_body> parser;
+    http::read_header(stream, buffer, parser);
+    ASSERT_EQ(parser.get().result_int(), 200u);
+    char chunk[256];
+    parser.get().body().data = chunk;
+    parser.get().body().size = sizeof(chunk);
+    beast::error_code ec;
+    http::read(stream, buffer, parser, ec);  // some body bytes (need_buffer once full)
+    stream.socket().shutdown(tcp::socket::shutdown_both, ec);
+    stream.close();
+  }
+  // The engine reports the request cancelled, long before 1000 tokens.
+  for (int i = 0; i < 6000 && metrics_->Count(absl::StatusCode::kCancelled) == cancelled_before;
+       ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(metrics_->Count(absl::StatusCode::kCancelled), cancelled_before + 1);
+  EXPECT_TRUE(engine_->WaitIdle(absl::Seconds(60)));
+}
+
+// Last: the drain is not undone.
+TEST_F(HttpApiTest, ZzDrainAnswers503) {
+  api_->StartDrain();
+  EXPECT_EQ(Call("GET", "/health").status, 503);
+  int status = 0;
+  const Json r =
+      Post("/v1/completions", {{"model", engine_->model_info().name}, {"prompt", "x"}}, &status);
+  EXPECT_EQ(status, 503);
+  EXPECT_EQ(r["error"]["type"], "service_unavailable");
+}
+
+}  // namespace
+}  // namespace moleserve::server
