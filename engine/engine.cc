@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <new>
+#include <optional>
 #include <random>
+#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -12,6 +15,7 @@
 #include "engine/adapters/adapter_path.h"
 #include "engine/adapters/registry.h"
 #include "engine/backend/backend.h"
+#include "engine/chat/chat_template.h"
 #include "engine/core/mutex.h"
 #include "engine/core/quote.h"
 #include "engine/core/status_macros.h"
@@ -30,6 +34,7 @@ struct Engine::State {
   int32_t context_length = 0;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Tokenizer> tokenizer;
+  std::optional<ChatTemplate> chat_template;  // none: chat requests are refused
   // The device pool of LoRA expert pages: used by the model's adapter passes and the executor's
   // scheduling and prefetching; outlives both.
   std::unique_ptr<ExpertCache> expert_cache;
@@ -186,6 +191,33 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   // add_special_tokens=True: Llama has one, Qwen2 has none, whatever config.json says). EOS ids
   // come from the model (generation_config.json overrides config.json), as HF generate does.
   if (!config.eos_token_ids.empty()) state->tokenizer->set_eos_ids(config.eos_token_ids);
+  // The chat template: the operator's file, else the model's tokenizer_config.json (if any). A
+  // template that does not parse stops the start, naming the construct.
+  const bool model_dir =
+      !options.model.empty() && !absl::StartsWith(options.model, kSyntheticPrefix);
+  if (model_dir) {
+    absl::StatusOr<ChatTemplate> own = ChatTemplate::FromModelDir(options.model);
+    if (own.ok()) {
+      state->chat_template = *std::move(own);
+    } else if (!absl::IsNotFound(own.status())) {
+      return own.status();
+    }
+  }
+  if (!options.chat_template_file.empty()) {
+    std::ifstream in(options.chat_template_file);
+    if (!in) {
+      return absl::NotFoundError(
+          absl::StrCat("cannot read the chat template ", Quote(options.chat_template_file)));
+    }
+    std::stringstream text;
+    text << in.rdbuf();
+    // Its special tokens' text: the model's BOS and first EOS pieces.
+    const std::optional<int32_t> bos = state->tokenizer->bos_id();
+    const std::vector<int32_t>& eos = state->tokenizer->eos_ids();
+    ASSIGN_OR_RETURN(state->chat_template,
+                     ChatTemplate::FromSource(text.str(), bos ? state->tokenizer->Piece(*bos) : "",
+                                              eos.empty() ? "" : state->tokenizer->Piece(eos[0])));
+  }
 
   const int64_t per_block_token =
       2LL * config.num_layers * config.num_kv_heads * config.head_dim *
@@ -761,6 +793,19 @@ absl::StatusOr<AdapterStatus> Engine::GetAdapterStatus(const std::string& name) 
   }
   return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not known"));
 }
+
+absl::StatusOr<std::string> Engine::ApplyChatTemplate(const nlohmann::ordered_json& messages,
+                                                      const nlohmann::ordered_json& tools,
+                                                      bool add_generation_prompt) const {
+  if (!state_->chat_template) {
+    return absl::FailedPreconditionError(
+        "this model has no chat template (tokenizer_config.json has no chat_template): start "
+        "moleserve with --chat-template FILE");
+  }
+  return state_->chat_template->Apply(messages, tools, add_generation_prompt);
+}
+
+bool Engine::has_chat_template() const { return state_->chat_template.has_value(); }
 
 ExpertCacheInfo Engine::CacheInfo() const {
   const ExpertCacheStats st = state_->expert_cache->stats();

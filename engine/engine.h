@@ -22,6 +22,7 @@
 #include "absl/time/time.h"
 #include "engine/metrics_sink.h"
 #include "engine/request.h"
+#include "nlohmann/json.hpp"
 
 namespace moleserve::engine {
 
@@ -69,6 +70,9 @@ struct EngineOptions {
   // Size limits on an adapter directory's files (hot loads and start-up adapters).
   int64_t max_adapter_file_bytes = int64_t{8} << 30;
   int64_t max_adapter_bytes = int64_t{32} << 30;
+  // A Jinja chat template file that replaces the model's (tokenizer_config.json's chat_template);
+  // empty = the model's, if it has one.
+  std::string chat_template_file;
   // Device pool for LoRA expert pages (engine/expert_cache); 0 = hold every loaded expert.
   int64_t expert_cache_bytes = 0;
   // Page-locked host memory for the experts' compute-dtype copies (a miss is then a DMA from
@@ -183,6 +187,14 @@ class Engine {
   std::string DecodeToken(int32_t id) const;
 
   const ModelInfo& model_info() const;
+  // The chat prompt for OpenAI-style `messages` (and `tools`: null or a list) through the
+  // model's chat template (engine/chat/chat_template.h): text with its special tokens, to submit
+  // with add_bos = false. kFailedPrecondition when the model has no chat template;
+  // kInvalidArgument when the template raises (roles out of order, a role it refuses).
+  absl::StatusOr<std::string> ApplyChatTemplate(const nlohmann::ordered_json& messages,
+                                                const nlohmann::ordered_json& tools,
+                                                bool add_generation_prompt) const;
+  bool has_chat_template() const;
   std::vector<AdapterSummary> ListAdapters() const;
 
   // Hot-loads the mole/1 or PEFT LoRA directory `path`, relative to EngineOptions::adapter_root

@@ -41,6 +41,9 @@ ABSL_FLAG(int, http_port, 8000,
           "port, -1 = off)");
 ABSL_FLAG(int64_t, http_max_body_bytes, int64_t{4} << 20,
           "Largest HTTP request body; larger gets 413");
+ABSL_FLAG(std::string, chat_template, "",
+          "Jinja chat template file for /v1/chat/completions, replacing the model's "
+          "(tokenizer_config.json's chat_template)");
 ABSL_FLAG(std::string, model, "",
           "Hugging Face-style model directory (config.json, model.safetensors, tokenizer.json); "
           "empty = the built-in demo model");
@@ -198,6 +201,7 @@ int Run() {
   options.max_adapter_file_bytes = absl::GetFlag(FLAGS_max_adapter_file_bytes);
   options.max_adapter_bytes = absl::GetFlag(FLAGS_max_adapter_bytes);
   options.expert_cache_bytes = absl::GetFlag(FLAGS_expert_cache_bytes);
+  options.chat_template_file = absl::GetFlag(FLAGS_chat_template);
   options.expert_pinned_host_bytes = absl::GetFlag(FLAGS_expert_pinned_host_bytes);
   options.max_adapter_load_time = absl::GetFlag(FLAGS_max_adapter_load_time);
   moleserve::server::ServerOptions server_options{

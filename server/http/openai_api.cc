@@ -82,6 +82,7 @@ const char* FinishReasonText(engine::FinishReason r) {
 // ---------------------------------------------------------------- request parsing
 
 struct CompletionParams {
+  bool chat = false;  // /v1/chat/completions (else /v1/completions)
   std::string model;
   std::string adapter;  // "" = base model
   std::vector<std::variant<std::string, std::vector<int32_t>>> prompts;
@@ -118,28 +119,28 @@ std::optional<ApiError> Bool(const Json& body, const char* name, bool* out) {
   return std::nullopt;
 }
 
-std::optional<ApiError> ParseCompletion(const Json& body, const engine::Engine& engine,
-                                        const OpenAiApiOptions& options, CompletionParams* p) {
-  if (!body.is_object()) return BadParam("body", "the request body must be a JSON object");
-  // model
+std::optional<ApiError> ParseModel(const Json& body, const engine::Engine& engine,
+                                   CompletionParams* p) {
   auto model = body.find("model");
   if (model == body.end() || !model->is_string()) {
     return BadParam("model", "'model' is required: the base model's name or an adapter's");
   }
   p->model = model->get<std::string>();
-  if (p->model != engine.model_info().name) {
-    const std::vector<engine::AdapterSummary> adapters = engine.ListAdapters();
-    if (std::none_of(adapters.begin(), adapters.end(),
-                     [&](const engine::AdapterSummary& a) { return a.name == p->model; })) {
-      ApiError e{.status = 404,
-                 .message = absl::StrCat("The model '", p->model, "' does not exist"),
-                 .param = "model",
-                 .code = "model_not_found"};
-      return e;
-    }
-    p->adapter = p->model;
+  if (p->model == engine.model_info().name) return std::nullopt;
+  const std::vector<engine::AdapterSummary> adapters = engine.ListAdapters();
+  if (std::none_of(adapters.begin(), adapters.end(),
+                   [&](const engine::AdapterSummary& a) { return a.name == p->model; })) {
+    return ApiError{.status = 404,
+                    .message = absl::StrCat("The model '", p->model, "' does not exist"),
+                    .param = "model",
+                    .code = "model_not_found"};
   }
-  // prompt: a string, a list of strings, a list of token ids, or a list of those lists
+  p->adapter = p->model;
+  return std::nullopt;
+}
+
+// prompt: a string, a list of strings, a list of token ids, or a list of those lists.
+std::optional<ApiError> ParsePrompt(const Json& body, CompletionParams* p) {
   auto prompt = body.find("prompt");
   if (prompt == body.end() || prompt->is_null()) return BadParam("prompt", "'prompt' is required");
   auto token_list = [](const Json& j, std::vector<int32_t>* ids) {
@@ -172,20 +173,89 @@ std::optional<ApiError> ParseCompletion(const Json& body, const engine::Engine& 
   } else {
     return BadParam("prompt", "'prompt' must be a string, a list of strings or token ids");
   }
+  bool echo = false;
+  if (auto e = Bool(body, "echo", &echo)) return e;
+  if (echo) return BadParam("echo", "'echo' is not supported yet");
+  return std::nullopt;
+}
+
+// messages through the chat template: one prompt, its special tokens included.
+std::optional<ApiError> ParseMessages(const Json& body, const engine::Engine& engine,
+                                      CompletionParams* p) {
+  auto messages = body.find("messages");
+  if (messages == body.end() || !messages->is_array() || messages->empty()) {
+    return BadParam("messages", "'messages' must be a non-empty list");
+  }
+  Json normalized = Json::array();
+  for (const Json& m : *messages) {
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
+      return BadParam("messages", "each message needs a string 'role'");
+    }
+    Json out = m;
+    // Content parts of type text are joined (the templates expect a string); others refused.
+    if (auto c = m.find("content"); c != m.end() && c->is_array()) {
+      std::string text;
+      for (const Json& part : *c) {
+        if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+            !part["text"].is_string()) {
+          return BadParam("messages", "only text content parts are supported");
+        }
+        text += part["text"].get<std::string>();
+      }
+      out["content"] = text;
+    } else if (c != m.end() && !c->is_string() && !c->is_null()) {
+      return BadParam("messages", "'content' must be a string or a list of text parts");
+    }
+    normalized.push_back(std::move(out));
+  }
+  Json tools = Json();
+  if (auto t = body.find("tools"); t != body.end() && !t->is_null()) {
+    if (!t->is_array()) return BadParam("tools", "'tools' must be a list");
+    tools = *t;
+  }
+  if (auto choice = body.find("tool_choice"); choice != body.end() && !choice->is_null()) {
+    if (!choice->is_string() || (*choice != "auto" && *choice != "none")) {
+      return BadParam("tool_choice",
+                      "'tool_choice' other than \"auto\" or \"none\" is not "
+                      "supported");
+    }
+    if (*choice == "none") tools = Json();
+  }
+  bool add_generation_prompt = true;
+  if (auto e = Bool(body, "add_generation_prompt", &add_generation_prompt)) return e;
+  absl::StatusOr<std::string> prompt =
+      engine.ApplyChatTemplate(normalized, tools, add_generation_prompt);
+  if (!prompt.ok()) {
+    ApiError e = BadParam("messages", std::string(prompt.status().message()));
+    return e;
+  }
+  p->prompts.push_back(*std::move(prompt));
+  p->base.add_bos = false;  // the template wrote the special tokens
+  return std::nullopt;
+}
+
+// Everything else, shared by both endpoints (their differences: `chat`).
+std::optional<ApiError> ParseSampling(const Json& body, const engine::Engine& engine,
+                                      const OpenAiApiOptions& options, bool chat,
+                                      CompletionParams* p) {
   // Refused until implemented, rather than silently ignored.
-  for (const char* name : {"suffix", "response_format", "logit_bias", "tools", "functions"}) {
+  for (const char* name : {"suffix", "response_format", "logit_bias", "functions"}) {
     auto it = body.find(name);
     if (it != body.end() && !it->is_null() && !(it->is_object() && it->empty())) {
       return BadParam(name, absl::StrCat("'", name, "' is not supported"));
     }
   }
-  bool echo = false;
-  if (auto e = Bool(body, "echo", &echo)) return e;
-  if (echo) return BadParam("echo", "'echo' is not supported yet");
+  if (!chat && body.contains("tools") && !body["tools"].is_null()) {
+    return BadParam("tools", "'tools' belongs to /v1/chat/completions");
+  }
   engine::GenerateRequest& r = p->base;
   r.sampling = engine.model_info().default_sampling;
-  int32_t max_tokens = 16;  // OpenAI's default for completions
+  // Completions default to OpenAI's 16 tokens; chat to the server's default (the room left).
+  int32_t max_tokens = chat ? 0 : 16;
   if (auto e = Number(body, "max_tokens", 1, INT32_MAX, &max_tokens)) return e;
+  if (chat) {
+    if (auto e = Number(body, "max_completion_tokens", 1, INT32_MAX, &max_tokens)) return e;
+  }
   r.stopping.max_new_tokens = max_tokens;
   if (auto e = Number(body, "temperature", 0, 2, &r.sampling.temperature)) return e;
   if (auto e = Number(body, "top_p", 1e-9, 1, &r.sampling.top_p)) return e;
@@ -199,14 +269,26 @@ std::optional<ApiError> ParseCompletion(const Json& body, const engine::Engine& 
   if (auto e = Number(body, "presence_penalty", -2, 2, &r.sampling.presence_penalty)) return e;
   int64_t seed = -1;
   if (auto e = Number(body, "seed", static_cast<double>(INT64_MIN), 9.2e18, &seed)) return e;
-  if (body.contains("seed") && !body["seed"].is_null())
+  if (body.contains("seed") && !body["seed"].is_null()) {
     r.sampling.seed = static_cast<uint64_t>(seed);
+  }
   if (auto e = Number(body, "n", 1, options.max_n, &p->n)) return e;
   int32_t best_of = p->n;
   if (auto e = Number(body, "best_of", 1, options.max_n, &best_of)) return e;
   if (best_of != p->n) return BadParam("best_of", "'best_of' other than 'n' is not supported");
-  if (auto e = Number(body, "logprobs", 0, engine::kMaxTopLogprobs, &p->logprobs)) return e;
-  if (!body.contains("logprobs") || body["logprobs"].is_null()) p->logprobs = -1;
+  if (chat) {  // logprobs: a boolean; top_logprobs: the alternatives (needs logprobs)
+    bool logprobs = false;
+    if (auto e = Bool(body, "logprobs", &logprobs)) return e;
+    int32_t top = 0;
+    if (auto e = Number(body, "top_logprobs", 0, engine::kMaxTopLogprobs, &top)) return e;
+    if (top > 0 && !logprobs) {
+      return BadParam("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+    }
+    p->logprobs = logprobs ? top : -1;
+  } else {
+    if (auto e = Number(body, "logprobs", 0, engine::kMaxTopLogprobs, &p->logprobs)) return e;
+    if (!body.contains("logprobs") || body["logprobs"].is_null()) p->logprobs = -1;
+  }
   if (p->logprobs >= 0) {
     r.logprobs = true;
     r.top_logprobs = p->logprobs;
@@ -242,6 +324,17 @@ std::optional<ApiError> ParseCompletion(const Json& body, const engine::Engine& 
   if (auto user = body.find("user"); user != body.end() && !user->is_null() && !user->is_string()) {
     return BadParam("user", "'user' must be a string");
   }
+  return std::nullopt;
+}
+
+std::optional<ApiError> ParseRequest(const Json& body, const engine::Engine& engine,
+                                     const OpenAiApiOptions& options, bool chat,
+                                     CompletionParams* p) {
+  if (!body.is_object()) return BadParam("body", "the request body must be a JSON object");
+  p->chat = chat;
+  if (auto e = ParseModel(body, engine, p)) return e;
+  if (auto e = ParseSampling(body, engine, options, chat, p)) return e;
+  if (auto e = chat ? ParseMessages(body, engine, p) : ParsePrompt(body, p)) return e;
   if (static_cast<int64_t>(p->prompts.size()) * p->n > options.max_n) {
     return BadParam("n",
                     absl::StrCat("at most ", options.max_n, " choices per request (prompts x n)"));
@@ -269,6 +362,8 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
     std::string text;
     Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
          text_offset = Json::array();
+    Json chat_logprobs = Json::array();  // chat's {"content": [...]} entries
+    bool sent_role = false;              // chat streams open each choice with the role
     int32_t prompt_tokens = 0, completion_tokens = 0;
     const char* finish_reason = nullptr;
     uint64_t handle = 0;
@@ -341,10 +436,33 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
     for (uint64_t h : handles) engine_->Cancel(h);
   }
 
-  // Appends the chunk's tokens to the choice's logprobs (OpenAI's completions format).
+  // The UTF-8 bytes of a token's text (chat logprobs carry them: a token may be half a
+  // character).
+  static Json Bytes(const std::string& piece) {
+    Json out = Json::array();
+    for (unsigned char b : piece) out.push_back(static_cast<int>(b));
+    return out;
+  }
+
+  // Appends the chunk's tokens to the choice's logprobs, in the endpoint's format (and to the
+  // stream's delta when given).
   void AddLogprobs(Choice& c, const engine::GenerationChunk& chunk, Json* delta) {
     for (const engine::GeneratedToken& t : chunk.tokens) {
       const std::string piece = engine_->DecodeToken(t.id);
+      if (p_.chat) {
+        Json top = Json::array();
+        for (const auto& [id, lp] : t.top) {
+          const std::string alt = engine_->DecodeToken(id);
+          top.push_back(Json{{"token", alt}, {"logprob", lp}, {"bytes", Bytes(alt)}});
+        }
+        Json entry{{"token", piece},
+                   {"logprob", t.logprob},
+                   {"bytes", Bytes(piece)},
+                   {"top_logprobs", std::move(top)}};
+        if (delta) (*delta)["content"].push_back(entry);
+        c.chat_logprobs.push_back(std::move(entry));
+        continue;
+      }
       Json top = Json::object();
       for (const auto& [id, lp] : t.top) top[engine_->DecodeToken(id)] = lp;
       const int64_t offset = static_cast<int64_t>(c.text.size());
@@ -372,10 +490,11 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
       Choice& c = choices_[index];
       Json delta_logprobs = nullptr;
       if (p_.logprobs >= 0) {
-        delta_logprobs = Json{{"tokens", Json::array()},
-                              {"token_logprobs", Json::array()},
-                              {"top_logprobs", Json::array()},
-                              {"text_offset", Json::array()}};
+        delta_logprobs = p_.chat ? Json{{"content", Json::array()}}
+                                 : Json{{"tokens", Json::array()},
+                                        {"token_logprobs", Json::array()},
+                                        {"top_logprobs", Json::array()},
+                                        {"text_offset", Json::array()}};
         AddLogprobs(c, chunk, &delta_logprobs);
       }
       c.text += chunk.text;
@@ -387,11 +506,25 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
                                [](const Choice& x) { return x.finish_reason != nullptr; });
       }
       if (p_.stream && (!chunk.text.empty() || !chunk.tokens.empty() || info)) {
-        Json choice{{"index", index},
-                    {"text", chunk.text},
-                    {"logprobs", delta_logprobs},
-                    {"finish_reason", info ? Json(c.finish_reason) : Json(nullptr)}};
-        event = "data: " + Dump(Frame(Json::array({choice}))) + "\n\n";
+        const Json finish = info ? Json(c.finish_reason) : Json(nullptr);
+        if (p_.chat && !c.sent_role) {  // the role first, as OpenAI streams it
+          c.sent_role = true;
+          Json opening{{"index", index},
+                       {"delta", {{"role", "assistant"}, {"content", ""}}},
+                       {"logprobs", nullptr},
+                       {"finish_reason", nullptr}};
+          event = "data: " + Dump(Frame(Json::array({opening}))) + "\n\n";
+        }
+        Json choice = p_.chat ? Json{{"index", index},
+                                     {"delta", chunk.text.empty() ? Json::object()
+                                                                  : Json{{"content", chunk.text}}},
+                                     {"logprobs", delta_logprobs},
+                                     {"finish_reason", finish}}
+                              : Json{{"index", index},
+                                     {"text", chunk.text},
+                                     {"logprobs", delta_logprobs},
+                                     {"finish_reason", finish}};
+        event += "data: " + Dump(Frame(Json::array({choice}))) + "\n\n";
         if (all_done && p_.include_usage) {
           Json usage_frame = Frame(Json::array());
           usage_frame["usage"] = Usage();
@@ -427,7 +560,9 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
 
   Json Frame(Json choices) const {
     return Json{{"id", id_},
-                {"object", "text_completion"},
+                {"object", !p_.chat    ? "text_completion"
+                           : p_.stream ? "chat.completion.chunk"
+                                       : "chat.completion"},
                 {"created", created_},
                 {"model", p_.model},
                 {"choices", std::move(choices)}};
@@ -452,16 +587,25 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
       for (size_t i = 0; i < choices_.size(); ++i) {
         const Choice& c = choices_[i];
         Json logprobs = nullptr;
-        if (p_.logprobs >= 0) {
+        if (p_.logprobs >= 0 && p_.chat) {
+          logprobs = Json{{"content", c.chat_logprobs}};
+        } else if (p_.logprobs >= 0) {
           logprobs = Json{{"tokens", c.tokens},
                           {"token_logprobs", c.token_logprobs},
                           {"top_logprobs", c.top_logprobs},
                           {"text_offset", c.text_offset}};
         }
-        choices.push_back(Json{{"index", i},
-                               {"text", c.text},
-                               {"logprobs", logprobs},
-                               {"finish_reason", c.finish_reason}});
+        if (p_.chat) {
+          choices.push_back(Json{{"index", i},
+                                 {"message", {{"role", "assistant"}, {"content", c.text}}},
+                                 {"logprobs", logprobs},
+                                 {"finish_reason", c.finish_reason}});
+        } else {
+          choices.push_back(Json{{"index", i},
+                                 {"text", c.text},
+                                 {"logprobs", logprobs},
+                                 {"finish_reason", c.finish_reason}});
+        }
       }
       body = Frame(std::move(choices));
       body["usage"] = Usage();
@@ -500,7 +644,7 @@ void OpenAiApi::Handle(HttpRequest request, std::shared_ptr<HttpResponder> out) 
     }
     return Models(request, *out);
   }
-  if (path == "/v1/completions") {
+  if (path == "/v1/completions" || path == "/v1/chat/completions") {
     if (request.method != "POST") {
       return SendError(*out, {.status = 405, .message = "use POST"});
     }
@@ -558,12 +702,14 @@ void OpenAiApi::Completions(const HttpRequest& request, std::shared_ptr<HttpResp
   if (body.is_discarded()) {
     return SendError(*out, BadParam("body", "the request body is not valid JSON"));
   }
+  const bool chat = request.path == "/v1/chat/completions";
   CompletionParams params;
-  if (std::optional<ApiError> e = ParseCompletion(body, *engine_, options_, &params)) {
+  if (std::optional<ApiError> e = ParseRequest(body, *engine_, options_, chat, &params)) {
     return SendError(*out, *e);
   }
-  auto call = std::make_shared<CompletionCall>(engine_, out, std::move(params),
-                                               absl::StrCat("cmpl-", next_id_.fetch_add(1)));
+  auto call = std::make_shared<CompletionCall>(
+      engine_, out, std::move(params),
+      absl::StrCat(chat ? "chatcmpl-" : "cmpl-", next_id_.fetch_add(1)));
   call->Submit();
 }
 

@@ -309,8 +309,12 @@ class Suite:
             check(json.loads(audits[1].split("admin audit: ", 1)[1])["adapter"] == "",
                   f"a refused call's name reached the log: {audits[1]}")
             sockets = re.findall(r"listening socket: (\S+)", out)
-            check(len(sockets) == 3 and any(s.endswith(f":{admin_port}") for s in sockets)
-                  and any(s.endswith(f":{port}") for s in sockets),
+            http = re.search(r"OpenAI-compatible HTTP API on [^\s:]+:(\d+)", out)
+            check(http is not None, f"no HTTP API line:\n{out}")
+            # gRPC, admin, /metrics and the HTTP API: nothing else.
+            check(len(sockets) == 4 and any(s.endswith(f":{admin_port}") for s in sockets)
+                  and any(s.endswith(f":{port}") for s in sockets)
+                  and any(s.endswith(f":{http.group(1)}") for s in sockets),
                   f"listening sockets: {sockets}")
         finally:
             server.kill()

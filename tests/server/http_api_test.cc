@@ -15,6 +15,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -76,6 +77,14 @@ class HttpApiTest : public ::testing::Test {
     o.num_threads = 2;
     o.kv_cache_bytes = int64_t{64} << 20;
     o.adapters = {{"mole", *dir_}};
+    // ChatML, refusing roles it does not know (as real templates raise).
+    const std::string chat_template = ::testing::TempDir() + "/http_api_chatml.jinja";
+    std::ofstream(chat_template)
+        << "{% for message in messages %}{% if message['role'] not in ['system', 'user', "
+           "'assistant'] %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+           "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    o.chat_template_file = chat_template;
     o.metrics = metrics_;
     auto e = engine::Engine::Create(o);
     ASSERT_TRUE(e.ok()) << e.status();
@@ -129,7 +138,8 @@ class HttpApiTest : public ::testing::Test {
   }
 
   // The greedy text the engine gives for `prompt` on `adapter`, submitted directly.
-  static std::string Direct(const std::string& adapter, const std::string& prompt, int tokens) {
+  static std::string Direct(const std::string& adapter, const std::string& prompt, int tokens,
+                            bool add_bos = true) {
     struct Collect final : engine::GenerationSink {
       std::string text;
       absl::Notification done;
@@ -144,6 +154,7 @@ class HttpApiTest : public ::testing::Test {
     engine::GenerateRequest r;
     r.adapter = adapter;
     r.text = prompt;
+    if (!add_bos) r.add_bos = false;
     r.sampling = engine_->model_info().default_sampling;
     r.sampling.temperature = 0;
     r.stopping.max_new_tokens = tokens;
@@ -283,6 +294,87 @@ TEST_F(HttpApiTest, SeveralChoicesAndStops) {
                                                 {"stop", Json::array({stop})}});
   EXPECT_EQ(stopped["choices"][0]["finish_reason"], "stop") << stopped.dump();
   EXPECT_EQ(stopped["choices"][0]["text"], greedy.substr(0, greedy.find(stop)));
+}
+
+TEST_F(HttpApiTest, ChatCompletionsRenderTheTemplateAndStreamTheRoleFirst) {
+  const Json messages = Json::array({{{"role", "system"}, {"content", "Be brief."}},
+                                     {{"role", "user"}, {"content", "Hi there"}}});
+  const std::string prompt =
+      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+      "<|im_start|>assistant\n";
+  int status = 0;
+  const Json r = Post("/v1/chat/completions",
+                      {{"model", "mole"},
+                       {"messages", messages},
+                       {"max_tokens", 9},
+                       {"temperature", 0},
+                       {"logprobs", true},
+                       {"top_logprobs", 2}},
+                      &status);
+  ASSERT_EQ(status, 200) << r.dump();
+  EXPECT_EQ(r["object"], "chat.completion");
+  EXPECT_EQ(r["choices"][0]["message"]["role"], "assistant");
+  // The prompt is the template's text, tokenized without another BOS.
+  EXPECT_EQ(r["choices"][0]["message"]["content"], Direct("mole", prompt, 9, /*add_bos=*/false));
+  const Json& content = r["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 9u);
+  EXPECT_EQ(content[0]["top_logprobs"].size(), 2u);
+  for (const Json& t : content) {  // each token with its text's UTF-8 bytes
+    EXPECT_TRUE(t["token"].is_string());
+    EXPECT_FALSE(t["bytes"].empty());
+    EXPECT_LE(t["logprob"].get<double>(), 0.0);
+  }
+  // Streamed: the role first, then content deltas that add up, then the finish.
+  Response s = Call("POST", "/v1/chat/completions",
+                    Json{{"model", "mole"},
+                         {"messages", messages},
+                         {"max_tokens", 9},
+                         {"temperature", 0},
+                         {"stream", true}}
+                        .dump());
+  ASSERT_EQ(s.status, 200);
+  const std::vector<std::string> events = Events(s.body);
+  ASSERT_GE(events.size(), 3u);
+  const Json first = Json::parse(events[0]);
+  EXPECT_EQ(first["object"], "chat.completion.chunk");
+  EXPECT_EQ(first["choices"][0]["delta"]["role"], "assistant");
+  std::string text, finish;
+  for (size_t i = 1; i + 1 < events.size(); ++i) {
+    const Json e = Json::parse(events[i]);
+    const Json& delta = e["choices"][0]["delta"];
+    if (delta.contains("content")) text += delta["content"].get<std::string>();
+    if (!e["choices"][0]["finish_reason"].is_null()) finish = e["choices"][0]["finish_reason"];
+  }
+  EXPECT_EQ(text, r["choices"][0]["message"]["content"]);
+  EXPECT_EQ(finish, "length");
+  EXPECT_EQ(events.back(), "[DONE]");
+  // Text content parts are joined; a role the template refuses is a 400 naming messages.
+  const Json parts =
+      Post("/v1/chat/completions",
+           {{"model", "mole"},
+            {"messages",
+             Json::array({{{"role", "user"},
+                           {"content", Json::array({{{"type", "text"}, {"text", "Hi "}},
+                                                    {{"type", "text"}, {"text", "there"}}})}}})},
+            {"max_tokens", 9},
+            {"temperature", 0}});
+  EXPECT_EQ(
+      parts["choices"][0]["message"]["content"],
+      Direct("mole", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n", 9, false));
+  const Json refused =
+      Post("/v1/chat/completions",
+           {{"model", "mole"}, {"messages", Json::array({{{"role", "wizard"}, {"content", "x"}}})}},
+           &status);
+  EXPECT_EQ(status, 400);
+  EXPECT_EQ(refused["error"]["param"], "messages");
+  EXPECT_NE(refused["error"]["message"].get<std::string>().find("unknown role wizard"),
+            std::string::npos);
+  EXPECT_EQ(Post("/v1/chat/completions", {{"model", "mole"}}, &status)["error"]["param"],
+            "messages");
+  EXPECT_EQ(
+      Post("/v1/chat/completions", {{"model", "mole"}, {"messages", messages}, {"top_logprobs", 2}},
+           &status)["error"]["param"],
+      "top_logprobs");
 }
 
 TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {

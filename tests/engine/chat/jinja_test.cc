@@ -7,7 +7,11 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <fstream>
 #include <string>
+
+#include "engine/chat/chat_template.h"
 
 namespace moleserve::engine::jinja {
 namespace {
@@ -98,6 +102,42 @@ TEST(JinjaTest, FailuresNameWhatWentWrong) {
   EXPECT_EQ(Render("{% for i in range(100000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}")
                 .rfind("RENDER: ", 0),
             0u);
+}
+
+// A model's template from tokenizer_config.json: a string, or named templates ("tool_use" when
+// tools are given); special tokens as strings or AddedToken objects; missing and broken ones.
+TEST(ChatTemplateTest, FromTokenizerConfig) {
+  const std::string dir = ::testing::TempDir() + "/chat_template_model";
+  std::filesystem::create_directories(dir);
+  auto write = [&](const Json& config) {
+    std::ofstream(dir + "/tokenizer_config.json") << config.dump();
+  };
+  const Json messages = Json::array({{{"role", "user"}, {"content", "hi"}}});
+  const Json tools = Json::array({{{"type", "function"}, {"function", {{"name", "f"}}}}});
+  write({{"bos_token", {{"__type", "AddedToken"}, {"content", "<s>"}}},
+         {"eos_token", "</s>"},
+         {"chat_template",
+          "{{ bos_token }}{% for m in messages %}[{{ m.content }}]{% endfor %}"
+          "{% if add_generation_prompt %}>{% endif %}{{ eos_token }}"}});
+  absl::StatusOr<ChatTemplate> t = ChatTemplate::FromModelDir(dir);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t->Apply(messages, Json(), true), "<s>[hi]></s>");
+  EXPECT_EQ(*t->Apply(messages, Json(), false), "<s>[hi]</s>");
+  write({{"chat_template",
+          Json::array({{{"name", "default"}, {"template", "plain"}},
+                       {{"name", "tool_use"}, {"template", "tools={{ tools | length }}"}}})}});
+  t = ChatTemplate::FromModelDir(dir);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t->Apply(messages, Json(), true), "plain");
+  EXPECT_EQ(*t->Apply(messages, tools, true), "tools=1");
+  write({{"eos_token", "</s>"}});
+  EXPECT_TRUE(absl::IsNotFound(ChatTemplate::FromModelDir(dir).status()));
+  EXPECT_TRUE(absl::IsNotFound(ChatTemplate::FromModelDir(dir + "/nowhere").status()));
+  write({{"chat_template", "{% include 'x' %}"}});
+  absl::Status broken = ChatTemplate::FromModelDir(dir).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(broken));
+  EXPECT_NE(broken.message().find("unsupported statement 'include'"), std::string::npos) << broken;
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
