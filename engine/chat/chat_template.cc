@@ -45,8 +45,8 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromModelDir(const std::string& dir) 
     }
     absl::StatusOr<jinja::Template> parsed = jinja::Template::Parse(source.get<std::string>());
     if (!parsed.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(path.string(), ": chat template '", name,
-                                                     "': ", parsed.status().message()));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path.string(), ": chat template '", name, "': ", parsed.status().message()));
     }
     t.templates_.emplace(name, *std::move(parsed));
     return absl::OkStatus();
@@ -74,8 +74,7 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromSource(const std::string& source,
                                                       std::string eos_token) {
   absl::StatusOr<jinja::Template> parsed = jinja::Template::Parse(source);
   if (!parsed.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("chat template: ", parsed.status().message()));
+    return absl::InvalidArgumentError(absl::StrCat("chat template: ", parsed.status().message()));
   }
   ChatTemplate t;
   t.templates_.emplace("default", *std::move(parsed));
@@ -88,7 +87,7 @@ absl::StatusOr<std::string> ChatTemplate::Apply(const Json& messages, const Json
                                                 bool add_generation_prompt) const {
   const bool with_tools = tools.is_array() && !tools.empty();
   auto it = with_tools && templates_.count("tool_use") ? templates_.find("tool_use")
-                                                        : templates_.find("default");
+                                                       : templates_.find("default");
   Json context{{"messages", messages},
                {"add_generation_prompt", add_generation_prompt},
                {"bos_token", bos_token_},
