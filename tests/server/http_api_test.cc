@@ -487,6 +487,46 @@ TEST_F(HttpApiTest, AClientThatDisconnectsMidStreamIsCancelled) {
   EXPECT_TRUE(engine_->WaitIdle(absl::Seconds(60)));
 }
 
+// Slow headers (slowloris) and idle keep-alive connections are cut off by the server's timeouts,
+// and it keeps serving others meanwhile. (A server of its own, with short timeouts.)
+TEST(HttpServerTest, SlowHeadersAndIdleConnectionsAreCutOff) {
+  auto server = HttpServer::Start(
+      {.address = "127.0.0.1",
+       .port = 0,
+       .header_timeout = absl::Milliseconds(300),
+       .idle_timeout = absl::Milliseconds(300)},
+      [](HttpRequest, std::shared_ptr<HttpResponder> out) { out->Send(200, "text/plain", "ok"); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const tcp::endpoint at(net::ip::make_address("127.0.0.1"),
+                         static_cast<uint16_t>((*server)->port()));
+  net::io_context ioc;
+  // A header that never ends: the server closes the connection (the read sees the end).
+  tcp::socket slow(ioc);
+  slow.connect(at);
+  net::write(slow, net::buffer(std::string("GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")));
+  // Meanwhile another client is served.
+  {
+    beast::tcp_stream other(ioc);
+    other.connect(at);
+    http::request<http::string_body> req(http::verb::get, "/health", 11);
+    req.set(http::field::host, "x");
+    http::write(other, req);
+    beast::flat_buffer buffer;
+    http::response<http::string_body> res;
+    http::read(other, buffer, res);
+    EXPECT_EQ(res.body(), "ok");
+    // Then it idles past the idle timeout: closed too.
+    beast::error_code ec;
+    char byte;
+    other.socket().read_some(net::buffer(&byte, 1), ec);
+    EXPECT_TRUE(ec == net::error::eof || ec == net::error::connection_reset) << ec.message();
+  }
+  beast::error_code ec;
+  char byte;
+  slow.read_some(net::buffer(&byte, 1), ec);  // blocks until the server gives up on it
+  EXPECT_TRUE(ec == net::error::eof || ec == net::error::connection_reset) << ec.message();
+}
+
 // Last: the drain is not undone.
 TEST_F(HttpApiTest, ZzDrainAnswers503) {
   api_->StartDrain();
