@@ -97,7 +97,8 @@ def test_compose(tmp):
     for name, svc in moleserves.items():
         flags = parse_flags(svc["command"], MOLESERVE_FLAGS, name)
         published = {p.split(":")[-1] for p in svc["ports"]}
-        check(published == {flags.get("port", "50051")}, f"{name}: publishes {published}")
+        check(published == {flags.get("port", "50051"), flags.get("http_port", "8000")},
+              f"{name}: publishes {published}")
         admin_ip = svc["networks"]["admin"]["ipv4_address"]
         check(flags["admin_host"] == admin_ip,
               f"{name}: the admin API must listen on its admin-network address {admin_ip}")
@@ -183,7 +184,7 @@ def test_dockerfiles(tmp):
         cmd = yaml.safe_load([arg for op, arg in ins if op == "CMD"][-1])
         flags = parse_flags(cmd, MOLESERVE_FLAGS, f"{name} CMD")
         exposed = set(" ".join(arg for op, arg in ins if op == "EXPOSE").split())
-        check(exposed == {"50051", "9090"}, f"{name}: exposes {exposed}")
+        check(exposed == {"50051", "8000", "9090"}, f"{name}: exposes {exposed}")
         check(flags["backend"] == ("cuda" if name.endswith("Dockerfile") else "cpu"), name)
     # The scripts accept what the images pass them.
     setup = open(repo_path("scripts/setup.sh")).read()
@@ -214,6 +215,10 @@ def test_kubernetes(tmp):
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     check(str(ports["grpc"]) == flags.get("port", "50051"), "grpc containerPort vs --port")
     check(str(ports["metrics"]) == flags.get("metrics_port", "9090"), "metrics port")
+    check(str(ports["http"]) == flags.get("http_port", "8000"), "http containerPort vs --http-port")
+    service = by[("Service", "moleserve")]
+    check({p["targetPort"] for p in service["spec"]["ports"]} >= {"grpc", "http", "metrics"},
+          "the Service exposes gRPC, HTTP and metrics")
     check(flags["admin_host"] == "127.0.0.1" and int(flags["admin_port"]) not in ports.values(),
           "the admin API stays on the pod's loopback")
     check(c["resources"]["limits"].get("nvidia.com/gpu") == 1, "no GPU limit")
