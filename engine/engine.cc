@@ -433,7 +433,7 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
                                         std::shared_ptr<GenerationSink> sink) {
   State& s = *state_;
   auto reject = [&](absl::Status status) {
-    if (s.options.metrics) s.options.metrics->OnRequestRejected(status.code());
+    if (s.options.metrics) s.options.metrics->OnRequestRejected(status.code(), request.protocol);
     return status;
   };
   {
@@ -484,8 +484,8 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
 
 void Engine::Cancel(uint64_t handle) { state_->executor->Cancel(handle); }
 
-void Engine::CountRejected(absl::StatusCode code) const {
-  if (state_->options.metrics) state_->options.metrics->OnRequestRejected(code);
+void Engine::CountRejected(absl::StatusCode code, ClientProtocol protocol) const {
+  if (state_->options.metrics) state_->options.metrics->OnRequestRejected(code, protocol);
 }
 
 absl::StatusOr<Engine::Tokenized> Engine::Tokenize(std::string_view text,

@@ -175,7 +175,7 @@ class Engine {
   void Cancel(uint64_t handle);
   // Counts a request refused before it reached Submit (a malformed message, an overlong
   // request_id) in the metrics sink's rejections, by code, like Submit's own refusals.
-  void CountRejected(absl::StatusCode code) const;
+  void CountRejected(absl::StatusCode code, ClientProtocol protocol = ClientProtocol::kGrpc) const;
 
   struct Tokenized {
     std::vector<int32_t> ids;

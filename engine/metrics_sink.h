@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "engine/request.h"
 
 namespace moleserve::engine {
 
@@ -24,6 +25,7 @@ struct FinishedRequestMetrics {
   double decode_seconds = 0;
   // Time the steps it took part in spent copying LoRA experts into the device pool.
   double expert_wait_seconds = 0;
+  ClientProtocol protocol = ClientProtocol::kGrpc;
 };
 
 struct StepMetrics {
@@ -78,7 +80,7 @@ class MetricsSink {
  public:
   virtual ~MetricsSink() = default;
   // Submit refused the request before it entered the queue.
-  virtual void OnRequestRejected(absl::StatusCode code) = 0;
+  virtual void OnRequestRejected(absl::StatusCode code, ClientProtocol protocol) = 0;
   virtual void OnFirstToken(double time_to_first_token_seconds) = 0;
   virtual void OnInterTokenLatency(double seconds) = 0;
   virtual void OnRequestFinished(const FinishedRequestMetrics& m) = 0;

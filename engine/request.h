@@ -17,9 +17,14 @@
 
 namespace moleserve::engine {
 
+// The front end a request came through (metrics carry it as a label).
+enum class ClientProtocol : uint8_t { kGrpc, kHttp };
+const char* ClientProtocolName(ClientProtocol p);  // "grpc", "http"
+
 struct GenerateRequest {
   std::string request_id;  // echoed back; assigned by the server when empty
-  std::string adapter;     // empty = base model
+  ClientProtocol protocol = ClientProtocol::kGrpc;
+  std::string adapter;  // empty = base model
   // Exactly one input: text (tokenized by the engine) or token ids.
   std::optional<std::string> text;
   std::vector<int32_t> token_ids;

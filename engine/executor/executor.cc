@@ -14,6 +14,10 @@ double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
 
 }  // namespace
 
+const char* ClientProtocolName(ClientProtocol p) {
+  return p == ClientProtocol::kHttp ? "http" : "grpc";
+}
+
 const char* FinishReasonName(FinishReason r) {
   switch (r) {
     case FinishReason::kLength:
@@ -505,7 +509,8 @@ void Executor::Finish(Sequence* seq, FinishReason reason, std::string matched,
                                  .e2e_seconds = info.timings.total_seconds,
                                  .prefill_seconds = info.timings.prefill_seconds,
                                  .decode_seconds = info.timings.decode_seconds,
-                                 .expert_wait_seconds = owned->expert_wait_seconds});
+                                 .expert_wait_seconds = owned->expert_wait_seconds,
+                                 .protocol = owned->request.protocol});
   }
   owned->sink->OnFinish(std::move(last), std::move(info));
 }
@@ -521,7 +526,8 @@ void Executor::Fail(Sequence* seq, absl::Status status) {
          .generated_tokens = owned->generated(),
          .queue_seconds = Seconds(owned->admitted.value_or(now) - owned->arrival),
          .e2e_seconds = Seconds(now - owned->arrival),
-         .expert_wait_seconds = owned->expert_wait_seconds});
+         .expert_wait_seconds = owned->expert_wait_seconds,
+         .protocol = owned->request.protocol});
   }
   owned->sink->OnError(std::move(status));
 }

@@ -374,6 +374,7 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
     for (size_t i = 0; i < choices_.size(); ++i) {
       engine::GenerateRequest r = p_.base;
       r.adapter = p_.adapter;
+      r.protocol = engine::ClientProtocol::kHttp;
       r.request_id = absl::StrCat(id_, "-", i);
       const auto& prompt = p_.prompts[i / p_.n];
       if (std::holds_alternative<std::string>(prompt)) {
@@ -700,11 +701,16 @@ void OpenAiApi::Models(const HttpRequest& request, HttpResponder& out) const {
 void OpenAiApi::Completions(const HttpRequest& request, std::shared_ptr<HttpResponder> out) {
   Json body = Json::parse(request.body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
+    engine_->CountRejected(absl::StatusCode::kInvalidArgument, engine::ClientProtocol::kHttp);
     return SendError(*out, BadParam("body", "the request body is not valid JSON"));
   }
   const bool chat = request.path == "/v1/chat/completions";
   CompletionParams params;
   if (std::optional<ApiError> e = ParseRequest(body, *engine_, options_, chat, &params)) {
+    // Counted with the engine's own refusals (moleserve_requests_rejected_total).
+    engine_->CountRejected(
+        e->status == 404 ? absl::StatusCode::kNotFound : absl::StatusCode::kInvalidArgument,
+        engine::ClientProtocol::kHttp);
     return SendError(*out, *e);
   }
   auto call = std::make_shared<CompletionCall>(

@@ -240,8 +240,10 @@ absl::StatusOr<std::unique_ptr<PrometheusMetrics>> PrometheusMetrics::Create(
   return m;
 }
 
-void PrometheusMetrics::OnRequestRejected(absl::StatusCode code) {
-  families_->rejected.Add({{"code", CodeName(code)}}).Increment();
+void PrometheusMetrics::OnRequestRejected(absl::StatusCode code, engine::ClientProtocol protocol) {
+  families_->rejected
+      .Add({{"code", CodeName(code)}, {"protocol", engine::ClientProtocolName(protocol)}})
+      .Increment();
 }
 
 void PrometheusMetrics::OnFirstToken(double seconds) { families_->ttft.Observe(seconds); }
@@ -250,7 +252,9 @@ void PrometheusMetrics::OnInterTokenLatency(double seconds) { families_->itl.Obs
 
 void PrometheusMetrics::OnRequestFinished(const engine::FinishedRequestMetrics& m) {
   const std::string outcome = m.code == absl::StatusCode::kOk ? m.finish_reason : CodeName(m.code);
-  families_->finished.Add({{"outcome", outcome}}).Increment();
+  families_->finished
+      .Add({{"outcome", outcome}, {"protocol", engine::ClientProtocolName(m.protocol)}})
+      .Increment();
   families_->prompt_tokens.Increment(static_cast<double>(m.prompt_tokens));
   families_->generation_tokens.Increment(static_cast<double>(m.generated_tokens));
   families_->expert_wait.Observe(m.expert_wait_seconds);

@@ -3,10 +3,11 @@
 // PrometheusMetrics: engine::MetricsSink on prometheus-cpp, exposed over HTTP at /metrics.
 //
 // Families (vLLM semantics where they exist; no adapter label on any series):
-//   moleserve_requests_finished_total{outcome}   counter; outcome = finish reason ("length",
-//                                                "stop", "stop_token", "eos") or the gRPC code
-//                                                name of a failure ("cancelled", ...)
-//   moleserve_requests_rejected_total{code}      counter; refused at submission
+//   moleserve_requests_finished_total{outcome,protocol}  counter; outcome = finish reason
+//                                                ("length", "stop", "stop_token", "eos") or the
+//                                                gRPC code name of a failure ("cancelled", ...);
+//                                                protocol = "grpc" or "http" (the front end)
+//   moleserve_requests_rejected_total{code,protocol}  counter; refused at submission
 //   moleserve_prompt_tokens_total                counter, tokens
 //   moleserve_generation_tokens_total            counter, tokens
 //   moleserve_time_to_first_token_seconds        histogram, arrival -> first token
@@ -70,7 +71,7 @@ class PrometheusMetrics final : public engine::MetricsSink {
 
   int port() const { return port_; }
 
-  void OnRequestRejected(absl::StatusCode code) override;
+  void OnRequestRejected(absl::StatusCode code, engine::ClientProtocol protocol) override;
   void OnFirstToken(double seconds) override;
   void OnInterTokenLatency(double seconds) override;
   void OnRequestFinished(const engine::FinishedRequestMetrics& m) override;

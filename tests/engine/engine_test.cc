@@ -373,7 +373,7 @@ TEST(EngineTest, KvPressureDelaysAdmissionButEverythingCompletes) {
 // Counts preemptions and steps (the other reports are ignored).
 class PreemptionCounter final : public MetricsSink {
  public:
-  void OnRequestRejected(absl::StatusCode) override {}
+  void OnRequestRejected(absl::StatusCode, ClientProtocol) override {}
   void OnFirstToken(double) override {}
   void OnInterTokenLatency(double) override {}
   void OnRequestFinished(const FinishedRequestMetrics&) override {}

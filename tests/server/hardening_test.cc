@@ -254,8 +254,8 @@ TEST(HardeningTest, MalformedBodiesAreInvalidArgumentWithAReasonAndCounted) {
   o.adapter_root = root.path.string();
   auto inst = Instance::Start(o);
   ASSERT_NE(inst, nullptr);
-  const double before =
-      inst->Metric("moleserve_requests_rejected_total{code=\"invalid_argument\"}");
+  const double before = inst->Metric(
+      "moleserve_requests_rejected_total{code=\"invalid_argument\",protocol=\"grpc\"}");
   int sent = 0;
   for (const MalformedBody& body : MalformedBodies("moleserve.v1.GenerateRequest")) {
     SCOPED_TRACE(body.name);
@@ -303,7 +303,9 @@ TEST(HardeningTest, MalformedBodiesAreInvalidArgumentWithAReasonAndCounted) {
               HasSubstr("moleserve.v1.GetAdapterRequest.name is not valid UTF-8"));
   ++sent;
 
-  EXPECT_EQ(inst->Metric("moleserve_requests_rejected_total{code=\"invalid_argument\"}") - before,
+  EXPECT_EQ(inst->Metric(
+                "moleserve_requests_rejected_total{code=\"invalid_argument\",protocol=\"grpc\"}") -
+                before,
             sent);
   // Still serving, and nothing was loaded.
   GenResult ok = RunGenerate(*inst->stub, Greedy("Hello", 3));

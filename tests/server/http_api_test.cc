@@ -42,12 +42,16 @@ using Json = nlohmann::ordered_json;
 // Records how requests finished (the cancellation test waits for a kCancelled one).
 class RecordingMetrics final : public engine::MetricsSink {
  public:
-  void OnRequestRejected(absl::StatusCode) override {}
+  void OnRequestRejected(absl::StatusCode, engine::ClientProtocol protocol) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    rejected_protocols_.push_back(protocol);
+  }
   void OnFirstToken(double) override {}
   void OnInterTokenLatency(double) override {}
   void OnRequestFinished(const engine::FinishedRequestMetrics& m) override {
     std::lock_guard<std::mutex> lock(mu_);
     codes_.push_back(m.code);
+    protocols_.push_back(m.protocol);
   }
   void OnStep(const engine::StepMetrics&) override {}
   void OnQueueState(int64_t, int64_t, double) override {}
@@ -55,10 +59,20 @@ class RecordingMetrics final : public engine::MetricsSink {
     std::lock_guard<std::mutex> lock(mu_);
     return static_cast<int>(std::count(codes_.begin(), codes_.end(), code));
   }
+  // Requests finished / rejected through `p`.
+  int Finished(engine::ClientProtocol p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int>(std::count(protocols_.begin(), protocols_.end(), p));
+  }
+  int Rejected(engine::ClientProtocol p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int>(std::count(rejected_protocols_.begin(), rejected_protocols_.end(), p));
+  }
 
  private:
   std::mutex mu_;
   std::vector<absl::StatusCode> codes_;
+  std::vector<engine::ClientProtocol> protocols_, rejected_protocols_;
 };
 
 struct Response {
@@ -209,6 +223,8 @@ TEST_F(HttpApiTest, HealthAndModels) {
 }
 
 TEST_F(HttpApiTest, GreedyCompletionsEqualTheEngineForTheBaseModelAndAnAdapter) {
+  const int http_before = metrics_->Finished(engine::ClientProtocol::kHttp);
+  const int grpc_before = metrics_->Finished(engine::ClientProtocol::kGrpc);
   for (const std::string adapter : {"", "mole"}) {
     const std::string model = adapter.empty() ? engine_->model_info().name : adapter;
     int status = 0;
@@ -229,6 +245,10 @@ TEST_F(HttpApiTest, GreedyCompletionsEqualTheEngineForTheBaseModelAndAnAdapter) 
     EXPECT_EQ(r["usage"]["total_tokens"].get<int>(), r["usage"]["prompt_tokens"].get<int>() + 12);
     EXPECT_TRUE(r["choices"][0]["logprobs"].is_null());
   }
+  // Counted with the protocol they came through (the direct submissions count as gRPC's, the
+  // engine's default).
+  EXPECT_EQ(metrics_->Finished(engine::ClientProtocol::kHttp) - http_before, 2);
+  EXPECT_EQ(metrics_->Finished(engine::ClientProtocol::kGrpc) - grpc_before, 2);
 }
 
 TEST_F(HttpApiTest, StreamingGivesTheSameTextThenUsageThenDone) {
@@ -400,6 +420,7 @@ TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {
       {{{"model", base}, {"prompt", Json::array({-1})}}, 400, "prompt"},
       {{{"model", base}, {"prompt", "x"}, {"stream", "yes"}}, 400, "stream"},
   };
+  const int rejected_before = metrics_->Rejected(engine::ClientProtocol::kHttp);
   for (const Case& c : cases) {
     int status = 0;
     const Json r = Post("/v1/completions", c.body, &status);
@@ -408,6 +429,9 @@ TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {
     EXPECT_EQ(r["error"]["param"], c.param) << c.body.dump();
     EXPECT_FALSE(r["error"]["message"].get<std::string>().empty());
   }
+  // Each refusal counted as an HTTP rejection.
+  EXPECT_EQ(metrics_->Rejected(engine::ClientProtocol::kHttp) - rejected_before,
+            static_cast<int>(cases.size()));
   EXPECT_EQ(Call("POST", "/v1/completions", "{not json").status, 400);
   EXPECT_EQ(Call("POST", "/v1/completions", "[" + std::string(200, '[')).status, 400);
   EXPECT_EQ(Call("GET", "/v1/completions").status, 405);

@@ -784,8 +784,11 @@ TEST(ServerTest, OverloadRejectsAtOnceWhenFullAndCompletesTheRest) {
     }
     absl::SleepFor(absl::Milliseconds(50));
   }
-  EXPECT_EQ(delta("moleserve_requests_rejected_total{code=\"resource_exhausted\"}"), rejected);
-  EXPECT_EQ(delta("moleserve_requests_finished_total{outcome=\"length\"}"), finished);
+  EXPECT_EQ(
+      delta("moleserve_requests_rejected_total{code=\"resource_exhausted\",protocol=\"grpc\"}"),
+      rejected);
+  EXPECT_EQ(delta("moleserve_requests_finished_total{outcome=\"length\",protocol=\"grpc\"}"),
+            finished);
   EXPECT_EQ(delta("moleserve_request_queue_time_seconds_count"), finished);
   EXPECT_EQ(delta("moleserve_generation_tokens_total"), kHolders * kLong + accepted * kShort + 2);
   EXPECT_TRUE(after.contains("moleserve_requests_preempted_total"));
@@ -938,9 +941,9 @@ TEST(ServerTest, MetricsEndpointCountsTraffic) {
   }
   EXPECT_EQ(m["moleserve_generation_tokens_total"], generated);
   EXPECT_EQ(m["moleserve_prompt_tokens_total"], prompt);
-  EXPECT_EQ(m["moleserve_requests_finished_total{outcome=\"length\"}"], 4);
-  EXPECT_EQ(m["moleserve_requests_finished_total{outcome=\"stop_token\"}"], 1);
-  EXPECT_EQ(m["moleserve_requests_rejected_total{code=\"invalid_argument\"}"], 1);
+  EXPECT_EQ(m["moleserve_requests_finished_total{outcome=\"length\",protocol=\"grpc\"}"], 4);
+  EXPECT_EQ(m["moleserve_requests_finished_total{outcome=\"stop_token\",protocol=\"grpc\"}"], 1);
+  EXPECT_EQ(m["moleserve_requests_rejected_total{code=\"invalid_argument\",protocol=\"grpc\"}"], 1);
   EXPECT_EQ(m["moleserve_time_to_first_token_seconds_count"], 5);
   EXPECT_EQ(m["moleserve_e2e_request_latency_seconds_count"], 5);
   EXPECT_GT(m["moleserve_time_to_first_token_seconds_sum"], 0);

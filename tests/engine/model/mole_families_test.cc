@@ -463,7 +463,7 @@ TEST_F(MoleFamiliesTest, HotLoadReplaceAndUnloadWhileServing) {
 // Records the most sequences one step ran, to prove the requests really shared steps.
 class StepWatcher final : public MetricsSink {
  public:
-  void OnRequestRejected(absl::StatusCode) override {}
+  void OnRequestRejected(absl::StatusCode, ClientProtocol) override {}
   void OnFirstToken(double) override {}
   void OnInterTokenLatency(double) override {}
   void OnRequestFinished(const FinishedRequestMetrics&) override {}
