@@ -91,6 +91,13 @@ class MetricsSink {
   virtual void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) = 0;
   // After each step that ran adapter tokens or prefetched experts.
   virtual void OnExpertCache(const ExpertCacheMetrics& m) { (void)m; }
+  // The adapters of the running and of the waiting requests (distinct names, sorted; the base
+  // model is not an adapter) and the most adapters one step may hold, when that changes (what
+  // the Gateway API Inference Extension's endpoint picker reads to route by adapter).
+  virtual void OnAdapterQueue(const std::vector<std::string>& running,
+                              const std::vector<std::string>& waiting, int64_t max_adapters) {
+    (void)running, (void)waiting, (void)max_adapters;
+  }
   // After each LoadAdapter call (from the caller's thread).
   virtual void OnAdapterLoad(const AdapterLoadMetrics& m) { (void)m; }
 };

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/check.h"
@@ -219,10 +220,28 @@ void Executor::PublishCounters() {
     counters_.running = scheduler_.num_running();
     counters_.free_blocks = blocks_.num_free();
   }
-  if (metrics_) {
-    metrics_->OnQueueState(inbox + scheduler_.num_waiting(), scheduler_.num_running(),
-                           blocks_.Usage());
+  if (!metrics_) return;
+  metrics_->OnQueueState(inbox + scheduler_.num_waiting(), scheduler_.num_running(),
+                         blocks_.Usage());
+  std::set<std::string> running, waiting;
+  for (const auto& seq : scheduler_.running()) {
+    if (!seq->request.adapter.empty()) running.insert(seq->request.adapter);
   }
+  for (const auto& seq : scheduler_.waiting()) {
+    if (!seq->request.adapter.empty()) waiting.insert(seq->request.adapter);
+  }
+  {
+    MutexLock lock(&mu_);
+    for (const auto& seq : inbox_) {
+      if (!seq->request.adapter.empty()) waiting.insert(seq->request.adapter);
+    }
+  }
+  std::vector<std::string> r(running.begin(), running.end()), w(waiting.begin(), waiting.end());
+  if (r == published_running_ && w == published_waiting_) return;
+  published_running_ = r;
+  published_waiting_ = w;
+  // Every running sequence may use its own adapter: max_num_seqs bounds the adapters of a step.
+  metrics_->OnAdapterQueue(r, w, scheduler_.options().max_num_seqs);
 }
 
 void Executor::Ingest(absl::Time now) {

@@ -116,6 +116,8 @@ class Executor {
   StepSamples samples_;                                // what it returned
   ForwardExtras extras_;
   int64_t published_cache_events_ = 0;  // lookups + prefetches at the last OnExpertCache
+  // The adapter names at the last OnAdapterQueue (engine loop only).
+  std::vector<std::string> published_running_, published_waiting_;
 
   mutable Mutex mu_;  // guards the inbox, cancellations, stop flag and counters
   CondVar input_cv_;  // signalled on submission, cancellation and Stop

@@ -91,6 +91,11 @@ struct PrometheusMetrics::Families {
                     .Help("Requests waiting for admission")
                     .Register(r)
                     .Add({})),
+        lora_info(BuildGauge()
+                      .Name("moleserve_lora_requests_info")
+                      .Help("Adapters of the running and waiting requests (labels), and the "
+                            "most a step may hold; the value is when it was set (Unix time)")
+                      .Register(r)),
         kv_usage(BuildGauge()
                      .Name("moleserve_kv_cache_usage_ratio")
                      .Help("Fraction of KV cache blocks allocated, 0..1")
@@ -197,6 +202,8 @@ struct PrometheusMetrics::Families {
   Histogram& decode;
   prometheus::Gauge& running;
   prometheus::Gauge& waiting;
+  prometheus::Family<prometheus::Gauge>& lora_info;
+  prometheus::Gauge* lora_info_series = nullptr;  // the one series (guarded by lora_mu_)
   prometheus::Gauge& kv_usage;
   prometheus::Counter& steps;
   Histogram& step_tokens;
@@ -288,6 +295,24 @@ void PrometheusMetrics::OnQueueState(int64_t num_waiting, int64_t num_running,
   families_->kv_usage.Set(kv_cache_usage);
   families_->running.Set(static_cast<double>(num_running));
   families_->waiting.Set(static_cast<double>(num_waiting));
+}
+
+void PrometheusMetrics::OnAdapterQueue(const std::vector<std::string>& running,
+                                       const std::vector<std::string>& waiting,
+                                       int64_t max_adapters) {
+  Families& f = *families_;
+  std::lock_guard<std::mutex> lock(lora_mu_);
+  // One series at a time: the previous label set goes away, as vLLM's does.
+  if (f.lora_info_series != nullptr) f.lora_info.Remove(f.lora_info_series);
+  auto join = [](const std::vector<std::string>& names) {
+    std::string out;
+    for (const std::string& n : names) out += (out.empty() ? "" : ",") + n;
+    return out;
+  };
+  f.lora_info_series = &f.lora_info.Add({{"running_lora_adapters", join(running)},
+                                         {"waiting_lora_adapters", join(waiting)},
+                                         {"max_lora", std::to_string(max_adapters)}});
+  f.lora_info_series->SetToCurrentTime();
 }
 
 void PrometheusMetrics::OnExpertCache(const engine::ExpertCacheMetrics& m) {

@@ -18,6 +18,12 @@
 //   moleserve_request_decode_time_seconds        histogram, first -> last token
 //   moleserve_num_requests_running               gauge
 //   moleserve_num_requests_waiting               gauge
+//   moleserve_lora_requests_info{running_lora_adapters,waiting_lora_adapters,max_lora}  gauge:
+//                                                the adapters of the running and waiting requests
+//                                                (comma-separated) and the most a step may hold;
+//                                                one series, its value the Unix time it was set
+//                                                (vLLM's vllm:lora_requests_info, which the
+//                                                Gateway API Inference Extension reads)
 //   moleserve_kv_cache_usage_ratio               gauge, 0..1 of KV blocks allocated
 //   moleserve_steps_total                        counter, engine steps
 //   moleserve_step_tokens                        histogram, tokens per step
@@ -79,6 +85,8 @@ class PrometheusMetrics final : public engine::MetricsSink {
   void OnPreempted(int64_t n) override;
   void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) override;
   void OnExpertCache(const engine::ExpertCacheMetrics& m) override;
+  void OnAdapterQueue(const std::vector<std::string>& running,
+                      const std::vector<std::string>& waiting, int64_t max_adapters) override;
   void OnAdapterLoad(const engine::AdapterLoadMetrics& m) override;
 
  private:
@@ -88,6 +96,7 @@ class PrometheusMetrics final : public engine::MetricsSink {
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<Families> families_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::mutex lora_mu_;   // moleserve_lora_requests_info's one series
   std::mutex cache_mu_;  // the last cumulative expert cache counters, for increments
   engine::ExpertCacheMetrics last_cache_;
   int port_ = 0;

@@ -18,6 +18,7 @@
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -54,6 +55,20 @@ class RecordingMetrics final : public engine::MetricsSink {
     protocols_.push_back(m.protocol);
   }
   void OnStep(const engine::StepMetrics&) override {}
+  void OnAdapterQueue(const std::vector<std::string>& running, const std::vector<std::string>&,
+                      int64_t max_adapters) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const std::string& name : running) running_seen_.insert(name);
+    max_adapters_ = max_adapters;
+  }
+  bool SawRunning(const std::string& adapter) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return running_seen_.count(adapter) > 0;
+  }
+  int64_t max_adapters() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return max_adapters_;
+  }
   void OnQueueState(int64_t, int64_t, double) override {}
   int Count(absl::StatusCode code) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -73,6 +88,8 @@ class RecordingMetrics final : public engine::MetricsSink {
   std::mutex mu_;
   std::vector<absl::StatusCode> codes_;
   std::vector<engine::ClientProtocol> protocols_, rejected_protocols_;
+  std::set<std::string> running_seen_;
+  int64_t max_adapters_ = 0;
 };
 
 struct Response {
@@ -509,6 +526,10 @@ TEST_F(HttpApiTest, AClientThatDisconnectsMidStreamIsCancelled) {
   }
   EXPECT_EQ(metrics_->Count(absl::StatusCode::kCancelled), cancelled_before + 1);
   EXPECT_TRUE(engine_->WaitIdle(absl::Seconds(60)));
+  // While it ran, the adapter queue reported it (what a gateway's endpoint picker reads), with
+  // the most adapters a step may hold (max_num_seqs).
+  EXPECT_TRUE(metrics_->SawRunning("mole"));
+  EXPECT_EQ(metrics_->max_adapters(), engine::EngineOptions().max_num_seqs);
 }
 
 // Slow headers (slowloris) and idle keep-alive connections are cut off by the server's timeouts,

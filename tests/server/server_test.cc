@@ -1262,3 +1262,29 @@ TEST(ServerTest, AdaptersListedRoutedAndOverriddenPerRequest) {
 
 }  // namespace
 }  // namespace moleserve::server
+
+namespace moleserve::server {
+namespace {
+
+// moleserve_lora_requests_info: one series at a time, in vLLM's label format (what the Gateway
+// API Inference Extension's endpoint picker parses), its value the time it was set.
+TEST(PrometheusMetricsTest, LoraRequestsInfoKeepsOneSeries) {
+  auto metrics = PrometheusMetrics::Create("127.0.0.1:0");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  (*metrics)->OnAdapterQueue({"a", "b"}, {"c"}, 64);
+  (*metrics)->OnAdapterQueue({"b"}, {}, 64);
+  const std::string text = test_util::HttpGetMetrics((*metrics)->port());
+  std::map<std::string, double> m = test_util::ParsePrometheus(text);
+  int series = 0;
+  for (const auto& [key, value] : m) {
+    if (key.rfind("moleserve_lora_requests_info{", 0) == 0) ++series;
+  }
+  EXPECT_EQ(series, 1) << text;
+  const double when =
+      m["moleserve_lora_requests_info{max_lora=\"64\",running_lora_adapters=\"b\","
+        "waiting_lora_adapters=\"\"}"];
+  EXPECT_GT(when, 1.7e9) << text;  // a Unix time
+}
+
+}  // namespace
+}  // namespace moleserve::server
