@@ -38,8 +38,11 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "moleserve/v1/inference.grpc.pb.h"
+#include "nlohmann/json.hpp"
 #include "server/grpc/health_client.h"
 #include "server/grpc/metadata.h"
+#include "server/http/http_server.h"
+#include "server/http/openai_api.h"
 #include "server/metrics/prometheus_metrics.h"
 #include "tests/common/demo_mole_adapter.h"
 #include "tests/common/metrics_scrape.h"
@@ -1284,6 +1287,82 @@ TEST(PrometheusMetricsTest, LoraRequestsInfoKeepsOneSeries) {
       m["moleserve_lora_requests_info{max_lora=\"64\",running_lora_adapters=\"b\","
         "waiting_lora_adapters=\"\"}"];
   EXPECT_GT(when, 1.7e9) << text;  // a Unix time
+}
+
+}  // namespace
+}  // namespace moleserve::server
+
+namespace moleserve::server {
+namespace {
+
+// POST with Connection: close over a plain socket; the response body ("" on failure).
+std::string HttpPostJson(int port, const std::string& path, const std::string& body) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "";
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string response;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string request = absl::StrCat(
+        "POST ", path, " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
+        "Content-Type: application/json\r\nContent-Length: ", body.size(), "\r\n\r\n", body);
+    if (write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
+      char buf[4096];
+      for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) response.append(buf, n);
+    }
+  }
+  close(fd);
+  const size_t at = response.find("\r\n\r\n");
+  return at == std::string::npos ? "" : response.substr(at + 4);
+}
+
+// The same greedy request through gRPC and through the OpenAI-compatible HTTP API, on one
+// engine, for the base model and a MoLE adapter: the same tokens, one for one, and the same text.
+TEST(ServerTest, HttpAndGrpcGiveTheSameGreedyTokens) {
+  const std::string dir = testing::TempDir() + "/grpc_http_mole";
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(dir).empty());
+  engine::EngineOptions o = SmallEngineOptions();
+  o.adapters = {{"mole", dir}};
+  auto inst = Instance::Start(o);
+  ASSERT_NE(inst, nullptr);
+  OpenAiApi api(inst->engine.get(), {});
+  auto http = HttpServer::Start({.address = "127.0.0.1", .port = 0},
+                                [&api](HttpRequest r, std::shared_ptr<HttpResponder> out) {
+                                  api.Handle(std::move(r), std::move(out));
+                                });
+  ASSERT_TRUE(http.ok()) << http.status();
+  for (const std::string adapter : {"", "mole"}) {
+    pb::GenerateRequest req = Greedy("Tokens for tokens", 16);
+    req.set_adapter(adapter);
+    const GenResult grpc_result = RunGenerate(*inst->stub, req);
+    ASSERT_TRUE(grpc_result.status.ok()) << grpc_result.status.error_message();
+    ASSERT_EQ(grpc_result.ids.size(), 16u);
+    const nlohmann::json body{
+        {"model", adapter.empty() ? inst->engine->model_info().name : adapter},
+        {"prompt", "Tokens for tokens"},
+        {"max_tokens", 16},
+        {"temperature", 0},
+        {"ignore_eos", true},
+        {"logprobs", 0}};
+    const nlohmann::json r = nlohmann::json::parse(
+        HttpPostJson((*http)->port(), "/v1/completions", body.dump()), nullptr, false);
+    ASSERT_TRUE(r.contains("choices")) << r.dump();
+    const nlohmann::json& tokens = r["choices"][0]["logprobs"]["tokens"];
+    ASSERT_EQ(tokens.size(), grpc_result.ids.size()) << adapter;
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      // A token that is not valid UTF-8 on its own (a byte of a character) is U+FFFD in JSON.
+      const std::string piece = inst->engine->DecodeToken(static_cast<int32_t>(grpc_result.ids[i]));
+      const std::string in_json =
+          nlohmann::json::parse(
+              nlohmann::json(piece).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace))
+              .get<std::string>();
+      EXPECT_EQ(tokens[i].get<std::string>(), in_json) << adapter << " token " << i;
+    }
+    EXPECT_EQ(r["choices"][0]["text"], grpc_result.text) << adapter;
+  }
+  (*http)->Shutdown();
 }
 
 }  // namespace
