@@ -17,7 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 targets=(generate_request_fuzz safetensors_fuzz adapter_config_fuzz tokenizer_fuzz
-         tokenizer_codec_fuzz model_config_fuzz stop_strings_fuzz admin_request_fuzz)
+         tokenizer_codec_fuzz model_config_fuzz stop_strings_fuzz admin_request_fuzz
+         chat_template_fuzz)
 
 usage() { echo "usage: $0 TARGET|all SECONDS [libFuzzer flags...] | $0 list" >&2; exit 2; }
 [ $# -ge 1 ] || usage

@@ -482,6 +482,10 @@ using NodePtr = std::shared_ptr<const Node>;
 
 namespace {
 
+// Nesting a template may use (parentheses, brackets, unary operators; blocks): deeper is refused
+// at Parse rather than recursing without bound.
+constexpr int kMaxNesting = 128;
+
 class ExprParser {
  public:
   explicit ExprParser(const std::vector<Token>& tokens) : t_(tokens) {}
@@ -516,6 +520,8 @@ class ExprParser {
 
   // expr := or ['if' or ['else' expr]]
   absl::StatusOr<ExprPtr> Parse() {
+    Nest nest(this);
+    if (depth_ > kMaxNesting) return SyntaxError(Peek().line, "expression nested too deep");
     ASSIGN_OR_RETURN(ExprPtr value, Or());
     if (!IsName("if")) return value;
     const int line = Next().line;
@@ -555,6 +561,8 @@ class ExprParser {
     return left;
   }
   absl::StatusOr<ExprPtr> Not() {
+    Nest nest(this);
+    if (depth_ > kMaxNesting) return SyntaxError(Peek().line, "expression nested too deep");
     if (IsName("not")) {
       const int line = Next().line;
       ASSIGN_OR_RETURN(ExprPtr operand, Not());
@@ -632,6 +640,8 @@ class ExprParser {
     return left;
   }
   absl::StatusOr<ExprPtr> Unary() {
+    Nest nest(this);
+    if (depth_ > kMaxNesting) return SyntaxError(Peek().line, "expression nested too deep");
     if (IsOp("-") || IsOp("+")) {
       const Token& op = Next();
       ASSIGN_OR_RETURN(ExprPtr operand, Unary());
@@ -785,8 +795,15 @@ class ExprParser {
     }
   }
 
+  struct Nest {  // counts the recursion it is in
+    explicit Nest(ExprParser* p) : p(p) { ++p->depth_; }
+    ~Nest() { --p->depth_; }
+    ExprParser* p;
+  };
+
   const std::vector<Token>& t_;
   size_t i_ = 0;
+  int depth_ = 0;
 };
 
 class Parser {
@@ -804,6 +821,11 @@ class Parser {
   // Nodes up to a statement whose keyword is in `stops` (left unconsumed in *stop, with its
   // piece current) or the end.
   absl::StatusOr<NodePtr> Body(const std::vector<std::string_view>& stops, std::string* stop) {
+    if (++depth_ > kMaxNesting) return SyntaxError(line_, "blocks nested too deep");
+    struct Leave {
+      int* depth;
+      ~Leave() { --*depth; }
+    } leave{&depth_};
     auto node = std::make_shared<Node>(Node{.kind = Node::Kind::kBody});
     stop->clear();
     while (at_ < pieces_.size()) {
@@ -966,11 +988,12 @@ class Parser {
   std::vector<Piece> pieces_;
   size_t at_ = 0;
   int line_ = 1;
+  int depth_ = 0;
 };
 
-constexpr int kMaxDepth = 64;                // nested macro calls and loops
-constexpr int64_t kMaxIterations = 1000000;  // loop iterations of one render
-constexpr size_t kMaxOutput = size_t{256} << 20;
+constexpr int kMaxDepth = 64;                    // nested macro calls and loops
+constexpr int64_t kMaxIterations = 1000000;      // loop iterations of one render
+constexpr size_t kMaxOutput = size_t{16} << 20;  // bytes of the output, and of any one string
 
 absl::Status RenderError(int line, std::string_view what) {
   return absl::InvalidArgumentError(
@@ -1400,10 +1423,13 @@ class Renderer {
           return RenderError(e.line, absl::StrCat("'", Describe(*e.a), "' is not callable"));
         }
         ASSIGN_OR_RETURN(auto args, Arguments(e));
-        return callee.callable->fn(args.first, args.second);
+        ASSIGN_OR_RETURN(Value v, callee.callable->fn(args.first, args.second));
+        return Bounded(std::move(v), e.line);
       }
-      case Expr::Kind::kFilter:
-        return ApplyFilter(e);
+      case Expr::Kind::kFilter: {
+        ASSIGN_OR_RETURN(Value v, ApplyFilter(e));
+        return Bounded(std::move(v), e.line);
+      }
       case Expr::Kind::kTest: {
         ASSIGN_OR_RETURN(bool result, ApplyTest(e));
         return Value::Bool(result != e.negate);
@@ -1421,10 +1447,21 @@ class Renderer {
         if (e.c) return Eval(*e.c);
         return Value();
       }
-      case Expr::Kind::kBinary:
-        return Binary(e);
+      case Expr::Kind::kBinary: {
+        ASSIGN_OR_RETURN(Value v, Binary(e));
+        return Bounded(std::move(v), e.line);
+      }
     }
     return Value();
+  }
+
+  // Values that grow by doubling (`s + s` in a loop) stop at the output's bound.
+  static absl::StatusOr<Value> Bounded(Value v, int line) {
+    if ((v.kind == Value::Kind::kString && v.s.size() > kMaxOutput) ||
+        (v.kind == Value::Kind::kArray && v.array->size() > static_cast<size_t>(kMaxIterations))) {
+      return RenderError(line, "a value grew too large");
+    }
+    return v;
   }
 
   static std::string Describe(const Expr& e) {

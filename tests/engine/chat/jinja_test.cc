@@ -96,6 +96,18 @@ TEST(JinjaTest, FailuresNameWhatWentWrong) {
             "RENDER: chat template: Roles must alternate");
   EXPECT_EQ(Render("{{ nope() }}"), "RENDER: chat template line 1: 'nope' is not callable");
   EXPECT_EQ(Render("{{ 'unterminated }}"), "PARSE: chat template line 1: unterminated string");
+  // Hostile nesting is refused at Parse, not recursed into.
+  EXPECT_EQ(Render("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}"),
+            "PARSE: chat template line 1: expression nested too deep");
+  EXPECT_EQ(Render("{{ " + std::string(5000, '-') + "1 }}"),
+            "PARSE: chat template line 1: expression nested too deep");
+  std::string blocks;
+  for (int i = 0; i < 1000; ++i) blocks += "{% if true %}";
+  EXPECT_EQ(Render(blocks), "PARSE: chat template line 1: blocks nested too deep");
+  // Values that double in a loop stop at the bound.
+  EXPECT_EQ(Render("{% set ns = namespace(s='ab') %}{% for i in range(60) %}"
+                   "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}"),
+            "RENDER: chat template line 1: a value grew too large");
   // Runaway templates stop instead of hanging or overflowing the stack.
   EXPECT_EQ(Render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}").rfind("RENDER: ", 0),
             0u);
