@@ -799,7 +799,8 @@ absl::StatusOr<std::string> Engine::ApplyChatTemplate(const nlohmann::ordered_js
                                                       bool add_generation_prompt) const {
   if (!state_->chat_template) {
     return absl::FailedPreconditionError(
-        "this model has no chat template (tokenizer_config.json has no chat_template): start "
+        "this model has no chat template (no chat_template.jinja, no chat_template in "
+        "tokenizer_config.json): start "
         "moleserve with --chat-template FILE");
   }
   return state_->chat_template->Apply(messages, tools, add_generation_prompt);

@@ -70,7 +70,8 @@ struct EngineOptions {
   // Size limits on an adapter directory's files (hot loads and start-up adapters).
   int64_t max_adapter_file_bytes = int64_t{8} << 30;
   int64_t max_adapter_bytes = int64_t{32} << 30;
-  // A Jinja chat template file that replaces the model's (tokenizer_config.json's chat_template);
+  // A Jinja chat template file that replaces the model's (chat_template.jinja or
+  // tokenizer_config.json's chat_template);
   // empty = the model's, if it has one.
   std::string chat_template_file;
   // Device pool for LoRA expert pages (engine/expert_cache); 0 = hold every loaded expert.

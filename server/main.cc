@@ -43,7 +43,7 @@ ABSL_FLAG(int64_t, http_max_body_bytes, int64_t{4} << 20,
           "Largest HTTP request body; larger gets 413");
 ABSL_FLAG(std::string, chat_template, "",
           "Jinja chat template file for /v1/chat/completions, replacing the model's "
-          "(tokenizer_config.json's chat_template)");
+          "(chat_template.jinja or tokenizer_config.json's chat_template)");
 ABSL_FLAG(std::string, model, "",
           "Hugging Face-style model directory (config.json, model.safetensors, tokenizer.json); "
           "empty = the built-in demo model");

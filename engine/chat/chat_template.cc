@@ -25,15 +25,32 @@ std::string TokenText(const Json& j) {
 
 absl::StatusOr<ChatTemplate> ChatTemplate::FromModelDir(const std::string& dir) {
   const std::filesystem::path path = std::filesystem::path(dir) / "tokenizer_config.json";
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("no ", path.string()));
-  const Json config = Json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (config.is_discarded() || !config.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(path.string(), " is not a JSON object"));
+  const std::filesystem::path jinja_path = std::filesystem::path(dir) / "chat_template.jinja";
+  Json config = Json::object();
+  if (std::ifstream in(path); in) {
+    config = Json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (config.is_discarded() || !config.is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(path.string(), " is not a JSON object"));
+    }
+  }
+  // Newer checkpoints keep the template in chat_template.jinja, which transformers prefers.
+  if (std::ifstream in(jinja_path); in) {
+    std::stringstream text;
+    text << in.rdbuf();
+    absl::StatusOr<ChatTemplate> t =
+        FromSource(text.str(), TokenText(config.value("bos_token", Json())),
+                   TokenText(config.value("eos_token", Json())));
+    if (!t.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(jinja_path.string(), ": ", t.status().message()));
+    }
+    return t;
   }
   auto it = config.find("chat_template");
   if (it == config.end() || it->is_null()) {
-    return absl::NotFoundError(absl::StrCat(path.string(), " has no chat_template"));
+    return absl::NotFoundError(absl::StrCat("no chat template in ", dir,
+                                            " (chat_template.jinja, or chat_template in "
+                                            "tokenizer_config.json)"));
   }
   ChatTemplate t;
   t.bos_token_ = TokenText(config.value("bos_token", Json()));

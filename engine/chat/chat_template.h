@@ -1,6 +1,7 @@
 #pragma once
 
 // ChatTemplate: a model's chat template, as transformers' apply_chat_template uses it: the
+// model directory's chat_template.jinja (where newer checkpoints keep it), else the
 // `chat_template` of tokenizer_config.json (a string, or a list of named templates: "default",
 // and "tool_use" when tools are given and it exists), or a template file given by the operator,
 // rendered by engine/chat/jinja.h with `messages`, `tools`, `add_generation_prompt`, `bos_token`
@@ -25,8 +26,9 @@ namespace moleserve::engine {
 
 class ChatTemplate {
  public:
-  // From <dir>/tokenizer_config.json. kNotFound when it has no chat_template (or no such file);
-  // kInvalidArgument when a template does not parse (the construct named).
+  // From <dir>/chat_template.jinja, else <dir>/tokenizer_config.json's chat_template (special
+  // tokens from tokenizer_config.json either way). kNotFound when there is neither;
+  // kInvalidArgument when a template does not parse (the file and construct named).
   static absl::StatusOr<ChatTemplate> FromModelDir(const std::string& dir);
   // From a template's source (a --chat-template file), with the special tokens' text.
   static absl::StatusOr<ChatTemplate> FromSource(const std::string& source, std::string bos_token,

@@ -149,6 +149,19 @@ TEST(ChatTemplateTest, FromTokenizerConfig) {
   absl::Status broken = ChatTemplate::FromModelDir(dir).status();
   EXPECT_TRUE(absl::IsInvalidArgument(broken));
   EXPECT_NE(broken.message().find("unsupported statement 'include'"), std::string::npos) << broken;
+  // chat_template.jinja wins over tokenizer_config.json (as in transformers), with its tokens.
+  write({{"bos_token", "<s>"}, {"chat_template", "from the config"}});
+  std::ofstream(dir + "/chat_template.jinja") << "{{ bos_token }}from the file\n";
+  t = ChatTemplate::FromModelDir(dir);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t->Apply(messages, Json(), true), "<s>from the file");
+  std::filesystem::remove(dir + "/tokenizer_config.json");
+  t = ChatTemplate::FromModelDir(dir);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t->Apply(messages, Json(), true), "from the file");
+  std::ofstream(dir + "/chat_template.jinja") << "{% if %}";
+  EXPECT_NE(ChatTemplate::FromModelDir(dir).status().message().find("chat_template.jinja"),
+            std::string::npos);
   std::filesystem::remove_all(dir);
 }
 
