@@ -20,11 +20,12 @@
 
 namespace moleserve::test_util {
 
-// GET http://127.0.0.1:port/metrics; returns the body ("" on failure).
-inline std::string HttpGetMetrics(int port) {
+// Sends `request` to 127.0.0.1:port and reads until the server closes (each read and write
+// bounded by `timeout_s`); the whole raw response ("" when nothing came).
+inline std::string HttpExchange(int port, const std::string& request, int timeout_s = 5) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return "";
-  timeval tv{.tv_sec = 5, .tv_usec = 0};
+  timeval tv{.tv_sec = timeout_s, .tv_usec = 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   sockaddr_in addr{};
@@ -33,7 +34,6 @@ inline std::string HttpGetMetrics(int port) {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   std::string response;
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
     if (send(fd, request.data(), request.size(), 0) == static_cast<ssize_t>(request.size())) {
       char buf[4096];
       for (int i = 0; i < 10000; ++i) {
@@ -44,6 +44,13 @@ inline std::string HttpGetMetrics(int port) {
     }
   }
   close(fd);
+  return response;
+}
+
+// GET http://127.0.0.1:port/metrics; returns the body ("" on failure).
+inline std::string HttpGetMetrics(int port) {
+  const std::string response =
+      HttpExchange(port, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
   const size_t body = response.find("\r\n\r\n");
   if (response.rfind("HTTP/1.", 0) != 0 || response.find(" 200 ") == std::string::npos ||
       body == std::string::npos) {

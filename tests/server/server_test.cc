@@ -1295,25 +1295,14 @@ TEST(PrometheusMetricsTest, LoraRequestsInfoKeepsOneSeries) {
 namespace moleserve::server {
 namespace {
 
-// POST with Connection: close over a plain socket; the response body ("" on failure).
+// POST with Connection: close (test_util::HttpExchange); the response body ("" on failure).
 std::string HttpPostJson(int port, const std::string& path, const std::string& body) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string response;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
-    const std::string request = absl::StrCat(
-        "POST ", path, " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
-        "Content-Type: application/json\r\nContent-Length: ", body.size(), "\r\n\r\n", body);
-    if (write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
-      char buf[4096];
-      for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) response.append(buf, n);
-    }
-  }
-  close(fd);
+  const std::string response = test_util::HttpExchange(
+      port,
+      absl::StrCat("POST ", path, " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
+                   "Content-Type: application/json\r\nContent-Length: ", body.size(), "\r\n\r\n",
+                   body),
+      /*timeout_s=*/120);
   const size_t at = response.find("\r\n\r\n");
   return at == std::string::npos ? "" : response.substr(at + 4);
 }
