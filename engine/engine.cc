@@ -387,7 +387,9 @@ absl::Status Engine::Admit(GenerateRequest* request_ptr, Admission* out) const {
     return absl::InvalidArgumentError("the input is empty: give non-empty text or token_ids");
   }
   // Sampling, stopping and output options.
-  if (absl::Status st = ValidateSamplingParams(request.sampling); !st.ok()) return st;
+  if (absl::Status st = ValidateSamplingParams(request.sampling, s.info.vocab_size); !st.ok()) {
+    return st;
+  }
   if (absl::Status st = ValidateStoppingParams(request.stopping, s.info.vocab_size); !st.ok()) {
     return st;
   }

@@ -33,6 +33,9 @@ struct GenerateRequest {
   StoppingParams stopping;
   bool logprobs = false;
   int32_t top_logprobs = 0;  // 0..kMaxTopLogprobs
+  // Report the logprob of every prompt token after the first under the tokens before it (with
+  // top_logprobs alternatives), in the first chunk (GenerationChunk::prompt_logprobs).
+  bool prompt_logprobs = false;
   // Report, per generated token, the experts each routed site of the adapter chose for the
   // position that produced it (GeneratedToken::routing).
   bool return_routing = false;
@@ -56,6 +59,10 @@ struct GeneratedToken {
 struct GenerationChunk {
   std::vector<GeneratedToken> tokens;
   std::string text;  // valid UTF-8; may lag tokens (see OutputText)
+  // First chunk only, when the request asked for prompt_logprobs: the prompt's token ids, and
+  // one entry per prompt token after the first (prompt_logprobs[i] is prompt_ids[i + 1]).
+  std::vector<int32_t> prompt_ids;
+  std::vector<GeneratedToken> prompt_logprobs;
 };
 
 struct RequestTimings {

@@ -351,6 +351,13 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     }
     batch_.block_tables.insert(batch_.block_tables.end(), seq->blocks.begin(), seq->blocks.end());
     batch_.block_table_offsets.push_back(static_cast<int32_t>(batch_.block_tables.size()));
+    // Prompt logprobs: a logits row for every scored position of the chunk, then the sampled
+    // one (Scheduler::FitScoringRows made them fit).
+    const int32_t first_scored = seq->FirstScored(begin);
+    const int32_t chunk_base = batch_.num_tokens() - chunk.num_tokens;
+    for (int32_t i = 0; i < seq->ScoringRows(begin, chunk.num_tokens); ++i) {
+      batch_.sample_rows.push_back(chunk_base + first_scored - begin + i);
+    }
     if (chunk.sample) batch_.sample_rows.push_back(batch_.num_tokens() - 1);
     if (mole) {
       batch_.seq_adapter.push_back(seq->adapter_slot);
@@ -377,9 +384,16 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
   // Each sampled sequence's row for the device sampler (its random draw for this step included).
   sampling_.Clear();
   for (const ScheduledChunk& chunk : step) {
+    const Sequence& seq = *chunk.seq;
+    const int32_t first_scored = seq.FirstScored(seq.num_computed);
+    for (int32_t i = 0; i < seq.ScoringRows(seq.num_computed, chunk.num_tokens); ++i) {
+      sampling_.rows.push_back({.num_top_logprobs = seq.request.top_logprobs,
+                                .forced_id = seq.tokens[first_scored + i + 1]});
+    }
     if (chunk.sample) {
       sampling_.rows.push_back(
-          chunk.seq->sampler.NextRow(&sampling_.penalty_ids, &sampling_.penalty_counts));
+          chunk.seq->sampler.NextRow(&sampling_.penalty_ids, &sampling_.penalty_counts,
+                                     &sampling_.bias_ids, &sampling_.bias_values));
     }
   }
   ExpertCache& cache = *expert_cache_;
@@ -404,9 +418,32 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
   }
   const absl::Time now = absl::Now();
   int32_t row = 0;
+  auto alternatives = [this](int32_t sample_row, GeneratedToken* token) {
+    const kernels::SampledRow& sampled = samples_.rows[sample_row];
+    for (int32_t j = 0; j < sampled.num_top; ++j) {
+      const int64_t at = int64_t{sample_row} * kernels::kMaxSampleTopLogprobs + j;
+      token->top.emplace_back(samples_.top_ids[at], samples_.top_logprobs[at]);
+    }
+  };
   for (const ScheduledChunk& chunk : step) {
     Sequence* seq = chunk.seq;
+    const int32_t scoring = seq->ScoringRows(seq->num_computed, chunk.num_tokens);
     seq->num_computed += chunk.num_tokens;
+    bool finite = true;
+    for (int32_t i = 0; i < scoring; ++i) {
+      const int32_t scored_row = row++;
+      const kernels::SampledRow& scored = samples_.rows[scored_row];
+      finite = finite && scored.finite;
+      GeneratedToken token{scored.id, scored.logprob, {}};
+      alternatives(scored_row, &token);
+      seq->prompt_scores.push_back(std::move(token));
+    }
+    seq->scored += scoring;
+    if (!finite) {
+      Fail(seq, absl::InternalError("the model produced non-finite logits (NaN or Inf)"));
+      if (chunk.sample) ++row;
+      continue;
+    }
     if (!chunk.sample) continue;
     const int32_t sample_row = row++;
     const kernels::SampledRow& sampled = samples_.rows[sample_row];
@@ -426,11 +463,13 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     seq->last_token = now;
 
     GenerationChunk out;
-    GeneratedToken token{sampled.id, sampled.logprob, {}};
-    for (int32_t j = 0; j < sampled.num_top; ++j) {
-      const int64_t at = int64_t{sample_row} * kernels::kMaxSampleTopLogprobs + j;
-      token.top.emplace_back(samples_.top_ids[at], samples_.top_logprobs[at]);
+    if (seq->request.prompt_logprobs && seq->generated() == 1) {
+      out.prompt_ids.assign(seq->tokens.begin(), seq->tokens.begin() + seq->prompt_len);
+      out.prompt_logprobs = std::move(seq->prompt_scores);
+      seq->prompt_scores = {};
     }
+    GeneratedToken token{sampled.id, sampled.logprob, {}};
+    alternatives(sample_row, &token);
     if (mole && seq->adapter_slot >= 0 && !seq->routing_observed &&
         scheduler_.options().policy == SchedulingPolicy::kExpertAware) {
       seq->routing_observed = true;

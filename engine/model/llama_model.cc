@@ -428,18 +428,28 @@ absl::Status LlamaModel::ValidateSampling(const Batch& b, const StepSampling& s)
       s.penalty_ids.size() > static_cast<size_t>(INT32_MAX / 2)) {
     return absl::InvalidArgumentError("sampling: penalty ids and counts differ in length");
   }
+  if (s.bias_ids.size() != s.bias_values.size() ||
+      s.bias_ids.size() > static_cast<size_t>(INT32_MAX / 4)) {
+    return absl::InvalidArgumentError("sampling: bias ids and values differ in length");
+  }
   const auto entries = static_cast<int32_t>(s.penalty_ids.size());
+  const auto bias_entries = static_cast<int32_t>(s.bias_ids.size());
   for (const kernels::SampleRowParams& r : s.rows) {
     if (r.num_top_logprobs < 0 || r.num_top_logprobs > kernels::kMaxSampleTopLogprobs ||
-        r.penalty_begin < 0 || r.penalty_begin > r.penalty_end || r.penalty_end > entries) {
+        r.penalty_begin < 0 || r.penalty_begin > r.penalty_end || r.penalty_end > entries ||
+        r.bias_begin < 0 || r.bias_begin > r.bias_end || r.bias_end > bias_entries ||
+        r.forced_id >= config_.vocab_size) {
       return absl::InvalidArgumentError(
-          "sampling: top logprobs outside 0..20 or a penalty range outside the entries");
+          "sampling: top logprobs outside 0..20, a penalty or bias range outside the entries, "
+          "or a scored token outside the vocabulary");
     }
   }
-  for (int32_t id : s.penalty_ids) {
-    if (id < 0 || id >= config_.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sampling: penalty token id ", id, " outside the vocabulary"));
+  for (const std::vector<int32_t>* ids : {&s.penalty_ids, &s.bias_ids}) {
+    for (int32_t id : *ids) {
+      if (id < 0 || id >= config_.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("sampling: penalty or bias token id ", id, " outside the vocabulary"));
+      }
     }
   }
   return absl::OkStatus();
@@ -448,14 +458,25 @@ absl::Status LlamaModel::ValidateSampling(const Batch& b, const StepSampling& s)
 absl::Status LlamaModel::SampleOnDevice(const StepSampling& s, StepSamples* out) {
   const int64_t n = static_cast<int64_t>(s.rows.size());
   const int64_t entries = static_cast<int64_t>(s.penalty_ids.size());
-  if (entries > 0) {
-    if (penalties_.bytes() < static_cast<size_t>(2 * entries * 4)) {
+  const int64_t bias_entries = static_cast<int64_t>(s.bias_ids.size());
+  // [penalty ids][penalty counts][bias ids][bias values], 4 bytes each.
+  const int64_t entry_bytes = 2 * (entries + bias_entries) * 4;
+  if (entry_bytes > 0) {
+    if (penalties_.bytes() < static_cast<size_t>(entry_bytes)) {
       penalties_.Reset();
-      ASSIGN_OR_RETURN(penalties_, backend_->Allocate(2 * entries * 4 * 2));  // room to grow
+      ASSIGN_OR_RETURN(penalties_, backend_->Allocate(entry_bytes * 2));  // room to grow
     }
-    RETURN_IF_ERROR(backend_->CopyToDevice(penalties_.data(), s.penalty_ids.data(), entries * 4));
-    RETURN_IF_ERROR(backend_->CopyToDevice(penalties_.as<int32_t>() + entries,
-                                           s.penalty_counts.data(), entries * 4));
+    int32_t* dev = penalties_.as<int32_t>();
+    if (entries > 0) {
+      RETURN_IF_ERROR(backend_->CopyToDevice(dev, s.penalty_ids.data(), entries * 4));
+      RETURN_IF_ERROR(backend_->CopyToDevice(dev + entries, s.penalty_counts.data(), entries * 4));
+    }
+    if (bias_entries > 0) {
+      RETURN_IF_ERROR(
+          backend_->CopyToDevice(dev + 2 * entries, s.bias_ids.data(), bias_entries * 4));
+      RETURN_IF_ERROR(backend_->CopyToDevice(dev + 2 * entries + bias_entries,
+                                             s.bias_values.data(), bias_entries * 4));
+    }
   }
   RETURN_IF_ERROR(backend_->CopyToDevice(sample_params_.data(), s.rows.data(),
                                          n * sizeof(kernels::SampleRowParams)));
@@ -473,6 +494,9 @@ absl::Status LlamaModel::SampleOnDevice(const StepSampling& s, StepSamples* out)
                                     .row_params = sample_params_.as<kernels::SampleRowParams>(),
                                     .penalty_ids = penalties_.as<int32_t>(),
                                     .penalty_counts = penalties_.as<int32_t>() + entries,
+                                    .bias_ids = penalties_.as<int32_t>() + 2 * entries,
+                                    .bias_values = reinterpret_cast<const float*>(
+                                        penalties_.as<int32_t>() + 2 * entries + bias_entries),
                                     .out = reinterpret_cast<kernels::SampledRow*>(base),
                                     .top_ids = any_top ? top_ids : nullptr,
                                     .top_logprobs = any_top ? top_lp : nullptr,

@@ -45,15 +45,19 @@ struct LlamaModelOptions {
 };
 
 // The sampling of one step (ForwardSample): one row per Batch::sample_rows entry, in that order
-// (TokenSampler::NextRow makes them), and the rows' penalty entries.
+// (TokenSampler::NextRow makes them), and the rows' penalty and logit bias entries.
 struct StepSampling {
   std::vector<kernels::SampleRowParams> rows;
   std::vector<int32_t> penalty_ids;
   std::vector<int32_t> penalty_counts;
+  std::vector<int32_t> bias_ids;
+  std::vector<float> bias_values;
   void Clear() {
     rows.clear();
     penalty_ids.clear();
     penalty_counts.clear();
+    bias_ids.clear();
+    bias_values.clear();
   }
 };
 
@@ -229,8 +233,8 @@ class LlamaModel {
     int64_t at, cols;
   };
   std::vector<XloraBack> xlora_back_;
-  // The device sampler's buffers: fp32 work rows, row parameters, penalty entries (ids then
-  // counts, grown on demand) and the packed results; sample_host_ (Backend::AllocateHost:
+  // The device sampler's buffers: fp32 work rows, row parameters, penalty and bias entries
+  // (penalty ids, counts, bias ids, values; grown on demand) and the packed results; sample_host_ (Backend::AllocateHost:
   // pinned on CUDA) receives them.
   DeviceBuffer sample_work_, sample_params_, penalties_, sample_out_, sample_host_;
 };

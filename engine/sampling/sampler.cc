@@ -61,7 +61,9 @@ double TokenSampler::NextUniform() {
 static_assert(kGreedyTemperature == kernels::kSampleGreedyTemperature);
 
 kernels::SampleRowParams TokenSampler::NextRow(std::vector<int32_t>* penalty_ids,
-                                               std::vector<int32_t>* penalty_counts) {
+                                               std::vector<int32_t>* penalty_counts,
+                                               std::vector<int32_t>* bias_ids,
+                                               std::vector<float>* bias_values) {
   kernels::SampleRowParams row{.temperature = params_.temperature,
                                .top_k = params_.top_k,
                                .top_p = params_.top_p,
@@ -88,6 +90,12 @@ kernels::SampleRowParams TokenSampler::NextRow(std::vector<int32_t>* penalty_ids
     }
   }
   row.penalty_end = static_cast<int32_t>(penalty_ids->size());
+  row.bias_begin = static_cast<int32_t>(bias_ids->size());
+  for (const auto& [id, value] : params_.logit_bias) {
+    bias_ids->push_back(id);
+    bias_values->push_back(value);
+  }
+  row.bias_end = static_cast<int32_t>(bias_ids->size());
   return row;
 }
 
@@ -110,6 +118,7 @@ SampledToken TokenSampler::Sample(absl::Span<const float> logits) {
       w[id] -= params_.frequency_penalty * count + params_.presence_penalty;
     }
   }
+  for (const auto& [id, value] : params_.logit_bias) w[id] += value;
 
   int32_t chosen = 0;
   if (params_.temperature < kGreedyTemperature) {

@@ -4,7 +4,7 @@
 //
 // Pipeline, in order (vLLM's order): log-probabilities for the response are taken from the raw
 // logits; then repetition penalty (HF: over prompt and output tokens), frequency and presence
-// penalties (OpenAI: over output tokens); temperature == 0 -> argmax (ties to the lower id);
+// penalties (OpenAI: over output tokens), the logit bias (OpenAI); temperature == 0 -> argmax (ties to the lower id);
 // otherwise logits / temperature, top-k, top-p (smallest set whose mass reaches p), min-p, and a
 // draw from the renormalised distribution with the sequence's own RNG.
 // Determinism: the same seed, prompt and logits give the same tokens on every run and platform.
@@ -41,8 +41,10 @@ class TokenSampler {
   // `penalty_counts` (every id of the prompt and output when repetition_penalty != 1, the
   // output's when frequency or presence penalties are set; none otherwise). The caller then
   // Observe()s the token the device picked.
+  // The logit bias entries go to `bias_ids` / `bias_values`.
   kernels::SampleRowParams NextRow(std::vector<int32_t>* penalty_ids,
-                                   std::vector<int32_t>* penalty_counts);
+                                   std::vector<int32_t>* penalty_counts,
+                                   std::vector<int32_t>* bias_ids, std::vector<float>* bias_values);
 
   // Records a token as output without sampling (used when resuming from known tokens).
   void Observe(int32_t id);

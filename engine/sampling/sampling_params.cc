@@ -1,6 +1,8 @@
 #include "engine/sampling/sampling_params.h"
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 
@@ -14,7 +16,7 @@ absl::Status Bad(const char* field, float value, const char* range) {
 
 }  // namespace
 
-absl::Status ValidateSamplingParams(const SamplingParams& p) {
+absl::Status ValidateSamplingParams(const SamplingParams& p, int32_t vocab_size) {
   if (!std::isfinite(p.temperature) || p.temperature < 0.0f) {
     return Bad("temperature", p.temperature, "[0, inf) (0 means greedy)");
   }
@@ -34,6 +36,22 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
   }
   if (!std::isfinite(p.presence_penalty) || std::fabs(p.presence_penalty) > 2.0f) {
     return Bad("presence_penalty", p.presence_penalty, "[-2, 2]");
+  }
+  std::vector<int32_t> ids;
+  for (const auto& [id, value] : p.logit_bias) {
+    if (id < 0 || (vocab_size > 0 && id >= vocab_size)) {
+      return absl::InvalidArgumentError(absl::StrCat("sampling.logit_bias: token id ", id,
+                                                     " is outside the vocabulary [0, ",
+                                                     vocab_size, ")"));
+    }
+    if (!std::isfinite(value) || std::fabs(value) > kMaxLogitBias) {
+      return Bad("logit_bias", value, "[-100, 100]");
+    }
+    ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
+  if (std::adjacent_find(ids.begin(), ids.end()) != ids.end()) {
+    return absl::InvalidArgumentError("sampling.logit_bias names a token id twice");
   }
   return absl::OkStatus();
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -25,7 +26,12 @@ struct SamplingParams {
   float frequency_penalty = 0.0f;   // [-2, 2]
   float presence_penalty = 0.0f;    // [-2, 2]
   std::optional<uint64_t> seed;     // unset: random
+  // OpenAI logit_bias: (token id, value in [-100, 100]) added to the logit before sampling
+  // (after the penalties; logprobs stay those of the raw logits). Distinct ids.
+  std::vector<std::pair<int32_t, float>> logit_bias;
 };
+
+inline constexpr float kMaxLogitBias = 100.0f;
 
 struct StoppingParams {
   int32_t max_new_tokens = 0;  // 0 = default (see EngineOptions::default_max_new_tokens)
@@ -38,8 +44,9 @@ inline constexpr int kMaxStopStrings = 16;
 inline constexpr int kMaxStopStringBytes = 256;
 inline constexpr int kMaxTopLogprobs = 20;
 
-// kInvalidArgument naming the field and its allowed range.
-absl::Status ValidateSamplingParams(const SamplingParams& p);
+// kInvalidArgument naming the field and its allowed range (logit_bias ids within the
+// vocabulary when vocab_size > 0).
+absl::Status ValidateSamplingParams(const SamplingParams& p, int32_t vocab_size = 0);
 absl::Status ValidateStoppingParams(const StoppingParams& p, int32_t vocab_size);
 
 }  // namespace moleserve::engine

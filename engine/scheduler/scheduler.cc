@@ -340,8 +340,36 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
     budget -= n;
     join_step(*seq, n);
   }
+  FitScoringRows(&step);
   ComputePrefetchHint(now);
   return step;
+}
+
+void Scheduler::FitScoringRows(std::vector<ScheduledChunk>* step) const {
+  // The model computes logits for max_num_seqs rows a step: one per sampling chunk, plus one per
+  // scored prompt position. A chunk whose positions do not fit is cut after the last that does
+  // (and then samples nothing, giving its row back); one that fits none waits. The first
+  // prefilling chunk always scores at least one position: it does not sample, so the sampling
+  // chunks leave it a row.
+  int32_t rows_left = options_.max_num_seqs;
+  for (const ScheduledChunk& c : *step) rows_left -= c.sample ? 1 : 0;
+  for (auto it = step->begin(); it != step->end();) {
+    const Sequence& seq = *it->seq;
+    const int32_t begin = seq.num_computed;
+    const int32_t need = seq.ScoringRows(begin, it->num_tokens);
+    if (need <= rows_left) {
+      rows_left -= need;
+      ++it;
+      continue;
+    }
+    if (it->sample) {
+      it->sample = false;
+      ++rows_left;
+    }
+    it->num_tokens = seq.FirstScored(begin) - begin + rows_left;
+    rows_left = 0;
+    it = it->num_tokens > 0 ? it + 1 : step->erase(it);
+  }
 }
 
 void Scheduler::ComputePrefetchHint(absl::Time now) {

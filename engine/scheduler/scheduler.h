@@ -138,6 +138,8 @@ class Scheduler {
   int64_t ServedTokens(int32_t slot) const;
 
  private:
+  // Cuts the chunks of sequences that want prompt logprobs so that the step's logits rows fit.
+  void FitScoringRows(std::vector<ScheduledChunk>* step) const;
   // Takes the blocks seq's table needs to cover `positions`, preempting running sequences that
   // arrived after it (latest first) when there are not enough free ones. False when seq itself
   // had to be preempted.

@@ -7,6 +7,7 @@
 // A sequence is prefilling while more than one token is uncomputed, and decoding when exactly one
 // (the last sampled token) is.
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -34,6 +35,13 @@ struct Sequence {
 
   int32_t generated() const { return static_cast<int32_t>(tokens.size()) - prompt_len; }
   int32_t uncomputed() const { return static_cast<int32_t>(tokens.size()) - num_computed; }
+  // Prompt logprobs: the positions p of [begin, begin + n) still to be scored (the logits at p
+  // give the logprob of prompt token p + 1), each one more logits row of its step.
+  int32_t FirstScored(int32_t begin) const { return std::max(begin, scored); }
+  int32_t ScoringRows(int32_t begin, int32_t n) const {
+    if (!request.prompt_logprobs) return 0;
+    return std::max(0, std::min(begin + n, prompt_len - 1) - FirstScored(begin));
+  }
 
   const uint64_t handle;
   const GenerateRequest request;  // max_new_tokens already resolved
@@ -51,6 +59,10 @@ struct Sequence {
   std::optional<std::vector<float>> frozen_scalings;
   int32_t reserved_blocks = 0;  // promised by the BlockManager, not yet taken
   TokenSampler sampler;
+  // Prompt logprobs reported so far: positions [0, scored) (kept across preemption, so a
+  // recomputed prompt is not scored twice), for the first chunk.
+  int32_t scored = 0;
+  std::vector<GeneratedToken> prompt_scores;
   OutputText text;
   std::shared_ptr<GenerationSink> sink;
 

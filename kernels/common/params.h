@@ -366,6 +366,13 @@ struct SampleRowParams {
   // The row's penalty entries: penalty_ids / penalty_counts [penalty_begin, penalty_end).
   int32_t penalty_begin = 0;
   int32_t penalty_end = 0;
+  // The row's logit bias entries (OpenAI logit_bias): bias_ids / bias_values
+  // [bias_begin, bias_end), distinct ids, added to the penalised logits.
+  int32_t bias_begin = 0;
+  int32_t bias_end = 0;
+  // >= 0: the row is scored, not sampled (a prompt position's logprob): id = forced_id, with its
+  // logprob and alternatives; penalties, bias and the draw are skipped.
+  int32_t forced_id = -1;
 };
 
 // What the sampler returns per row. id = -1 and finite = 0 when the row's logits hold a NaN or
@@ -385,6 +392,9 @@ struct SampledRow {
 //     is not 1 (HF: divide positive logits, multiply negative ones; entries are every id of the
 //     prompt and the output), then frequency_penalty * count + presence_penalty when count > 0
 //     (OpenAI: output tokens only);
+//   - then, for each bias entry (id, value) of the row, w[id] += value (OpenAI logit_bias);
+//   - forced_id >= 0: the token is forced_id (scoring: nothing above this line but the logprob
+//     and the alternatives is done);
 //   - temperature < kSampleGreedyTemperature: the argmax, ties to the lower id;
 //   - otherwise w = (logit - max) / temperature, probabilities exp(w) over the candidates in
 //     descending order (ties to the lower id): the top_k first (when 0 < top_k < vocab), then the
@@ -397,6 +407,8 @@ struct SampleParams {
   const SampleRowParams* row_params = nullptr;  // [rows]
   const int32_t* penalty_ids = nullptr;         // entries of every row, distinct within a row
   const int32_t* penalty_counts = nullptr;      // output occurrences (0: prompt only)
+  const int32_t* bias_ids = nullptr;            // entries of every row, distinct within a row
+  const float* bias_values = nullptr;
   SampledRow* out = nullptr;                    // [rows]
   int32_t* top_ids = nullptr;                   // [rows, kMaxSampleTopLogprobs] or nullptr
   float* top_logprobs = nullptr;                // [rows, kMaxSampleTopLogprobs] or nullptr

@@ -99,7 +99,10 @@ KernelStatus Sample(const SampleParams& p, ThreadPool* pool) {
         (rp.num_top_logprobs > 0 && (p.top_ids == nullptr || p.top_logprobs == nullptr)) ||
         rp.penalty_begin < 0 || rp.penalty_end < rp.penalty_begin ||
         (rp.penalty_end > rp.penalty_begin &&
-         (p.penalty_ids == nullptr || p.penalty_counts == nullptr))) {
+         (p.penalty_ids == nullptr || p.penalty_counts == nullptr)) ||
+        rp.bias_begin < 0 || rp.bias_end < rp.bias_begin ||
+        (rp.bias_end > rp.bias_begin && (p.bias_ids == nullptr || p.bias_values == nullptr)) ||
+        rp.forced_id >= p.vocab) {
       return KernelStatus::kInvalidArgument;
     }
   }
@@ -126,11 +129,20 @@ KernelStatus Sample(const SampleParams& p, ThreadPool* pool) {
         }
       }
       out.num_top = n;
+      if (rp.forced_id >= 0) {  // scored, not sampled
+        out.id = rp.forced_id;
+        out.logprob = static_cast<float>(x[out.id] - lse);
+        continue;
+      }
       float* w = p.work + r * vocab;
       std::copy(x, x + vocab, w);
       for (int32_t e = rp.penalty_begin; e < rp.penalty_end; ++e) {
         const int32_t id = p.penalty_ids[e];
         if (id >= 0 && id < vocab) w[id] = sm::PenalizedLogit(x[id], p.penalty_counts[e], rp);
+      }
+      for (int32_t e = rp.bias_begin; e < rp.bias_end; ++e) {
+        const int32_t id = p.bias_ids[e];
+        if (id >= 0 && id < vocab) w[id] += p.bias_values[e];
       }
       out.id = Choose(rp, w, vocab, order, probs);
       out.logprob = static_cast<float>(x[out.id] - lse);

@@ -1,5 +1,6 @@
 #include "server/grpc/conversion.h"
 
+#include <algorithm>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
@@ -62,6 +63,15 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
   if (s.has_frequency_penalty()) out.sampling.frequency_penalty = s.frequency_penalty();
   if (s.has_presence_penalty()) out.sampling.presence_penalty = s.presence_penalty();
   if (s.has_seed()) out.sampling.seed = s.seed();
+  for (const auto& [id, value] : s.logit_bias()) {
+    if (id > kMaxInt32) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sampling.logit_bias: ", id, " is not a token id"));
+    }
+    out.sampling.logit_bias.emplace_back(static_cast<int32_t>(id), value);
+  }
+  // Map order is unspecified: sorted, so that the same request samples the same way.
+  std::sort(out.sampling.logit_bias.begin(), out.sampling.logit_bias.end());
 
   const pb::StoppingCriteria& st = in.stopping();
   if (st.max_new_tokens() > kMaxInt32) {
@@ -87,6 +97,7 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
   }
   out.top_logprobs = static_cast<int32_t>(in.output().top_logprobs());
   out.return_routing = in.output().return_routing();
+  out.prompt_logprobs = in.output().prompt_logprobs();
   if (in.has_routing()) {
     const pb::RoutingOverride& r = in.routing();
     if (!r.algorithm().empty()) {
@@ -110,6 +121,32 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
   return out;
 }
 
+namespace {
+
+void SetLogprob(const engine::GeneratedToken& t, pb::TokenLogprob* lp) {
+  lp->set_token_id(static_cast<uint32_t>(t.id));
+  lp->set_logprob(t.logprob);
+  for (const auto& [id, value] : t.top) {
+    pb::TopLogprob* top = lp->add_top();
+    top->set_token_id(static_cast<uint32_t>(id));
+    top->set_logprob(value);
+  }
+}
+
+}  // namespace
+
+std::vector<pb::GenerateResponse> PromptLogprobMessages(const engine::GenerationChunk& chunk) {
+  std::vector<pb::GenerateResponse> out;
+  if (chunk.prompt_ids.empty()) return out;
+  out.emplace_back();
+  for (int32_t id : chunk.prompt_ids) out.back().add_prompt_token_ids(static_cast<uint32_t>(id));
+  for (const engine::GeneratedToken& t : chunk.prompt_logprobs) {
+    if (out.back().prompt_logprobs_size() >= kMaxPromptLogprobsPerMessage) out.emplace_back();
+    SetLogprob(t, out.back().add_prompt_logprobs());
+  }
+  return out;
+}
+
 void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs, bool routing,
                  pb::GenerateResponse* out) {
   for (const engine::GeneratedToken& t : chunk.tokens) {
@@ -124,16 +161,7 @@ void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs, bool routi
         for (float w : rec.weights) site->add_weights(w);
       }
     }
-    if (logprobs) {
-      pb::TokenLogprob* lp = out->add_logprobs();
-      lp->set_token_id(static_cast<uint32_t>(t.id));
-      lp->set_logprob(t.logprob);
-      for (const auto& [id, value] : t.top) {
-        pb::TopLogprob* top = lp->add_top();
-        top->set_token_id(static_cast<uint32_t>(id));
-        top->set_logprob(value);
-      }
-    }
+    if (logprobs) SetLogprob(t, out->add_logprobs());
   }
   out->mutable_text()->append(chunk.text);
 }

@@ -3,6 +3,8 @@
 // proto <-> engine conversion for the Inference service. Validation that needs no model knowledge
 // (field presence, integer ranges of proto types) happens here; the engine validates the rest.
 
+#include <vector>
+
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "engine/engine.h"
@@ -16,6 +18,12 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const moleserve::v1::GenerateR
                                                   absl::Time deadline,
                                                   const engine::SamplingParams& defaults);
 
+// The chunk's prompt logprobs (GenerationChunk::prompt_ids non-empty) as the messages that
+// precede its tokens: at most kMaxPromptLogprobsPerMessage entries each (a 20-alternative entry
+// is about 170 bytes: each message stays under 1 MiB, far below clients' 4 MiB default).
+inline constexpr int kMaxPromptLogprobsPerMessage = 4096;
+std::vector<moleserve::v1::GenerateResponse> PromptLogprobMessages(
+    const engine::GenerationChunk& chunk);
 // Appends chunk's tokens, logprobs (when `logprobs`), routing (when `routing`) and text to `out`.
 void AppendChunk(const engine::GenerationChunk& chunk, bool logprobs, bool routing,
                  moleserve::v1::GenerateResponse* out);

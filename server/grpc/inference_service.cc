@@ -36,11 +36,13 @@ class StreamState final : public engine::GenerationSink {
 
   // GenerationSink (engine loop thread).
   void OnChunk(engine::GenerationChunk chunk) override {
+    for (pb::GenerateResponse& m : PromptLogprobMessages(chunk)) Push(std::move(m), std::nullopt);
     pb::GenerateResponse msg;
     AppendChunk(chunk, logprobs_, routing_, &msg);
     Push(std::move(msg), std::nullopt);
   }
   void OnFinish(engine::GenerationChunk last, engine::FinishInfo info) override {
+    for (pb::GenerateResponse& m : PromptLogprobMessages(last)) Push(std::move(m), std::nullopt);
     pb::GenerateResponse msg;
     AppendChunk(last, logprobs_, routing_, &msg);
     SetFinal(info, msg.mutable_final());
@@ -103,6 +105,11 @@ class StreamState final : public engine::GenerationSink {
     into->mutable_text()->append(from.text());
     for (pb::TokenLogprob& lp : *from.mutable_logprobs()) *into->add_logprobs() = std::move(lp);
     for (pb::TokenRouting& r : *from.mutable_routing()) *into->add_routing() = std::move(r);
+    into->mutable_prompt_token_ids()->Add(from.prompt_token_ids().begin(),
+                                          from.prompt_token_ids().end());
+    for (pb::TokenLogprob& lp : *from.mutable_prompt_logprobs()) {
+      *into->add_prompt_logprobs() = std::move(lp);
+    }
     if (from.has_final()) *into->mutable_final() = std::move(*from.mutable_final());
   }
   void End(grpc::Status status, bool drop_pending) {

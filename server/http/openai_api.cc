@@ -10,6 +10,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "engine/core/json_depth.h"
+#include "engine/tokenizer/utf8.h"
 #include "nlohmann/json.hpp"
 
 namespace moleserve::server {
@@ -90,6 +92,8 @@ struct CompletionParams {
   bool stream = false;
   bool include_usage = false;
   int32_t logprobs = -1;         // -1: none; else the alternatives per token (0..20)
+  bool echo = false;             // completions: the prompt comes back before the completion
+  bool hide_completion = false;  // echo with max_tokens 0: only the prompt comes back
   engine::GenerateRequest base;  // everything but the input
 };
 
@@ -173,9 +177,6 @@ std::optional<ApiError> ParsePrompt(const Json& body, CompletionParams* p) {
   } else {
     return BadParam("prompt", "'prompt' must be a string, a list of strings or token ids");
   }
-  bool echo = false;
-  if (auto e = Bool(body, "echo", &echo)) return e;
-  if (echo) return BadParam("echo", "'echo' is not supported yet");
   return std::nullopt;
 }
 
@@ -239,7 +240,7 @@ std::optional<ApiError> ParseSampling(const Json& body, const engine::Engine& en
                                       const OpenAiApiOptions& options, bool chat,
                                       CompletionParams* p) {
   // Refused until implemented, rather than silently ignored.
-  for (const char* name : {"suffix", "response_format", "logit_bias", "functions"}) {
+  for (const char* name : {"suffix", "response_format", "functions"}) {
     auto it = body.find(name);
     if (it != body.end() && !it->is_null() && !(it->is_object() && it->empty())) {
       return BadParam(name, absl::StrCat("'", name, "' is not supported"));
@@ -252,7 +253,17 @@ std::optional<ApiError> ParseSampling(const Json& body, const engine::Engine& en
   r.sampling = engine.model_info().default_sampling;
   // Completions default to OpenAI's 16 tokens; chat to the server's default (the room left).
   int32_t max_tokens = chat ? 0 : 16;
-  if (auto e = Number(body, "max_tokens", 1, INT32_MAX, &max_tokens)) return e;
+  if (chat && body.contains("echo") && body["echo"] != false && !body["echo"].is_null()) {
+    return BadParam("echo", "'echo' belongs to /v1/completions");
+  }
+  if (auto e = Bool(body, "echo", &p->echo)) return e;
+  // OpenAI's legacy scoring call: echo with max_tokens 0 returns the prompt (and its logprobs)
+  // alone.
+  if (auto e = Number(body, "max_tokens", p->echo ? 0 : 1, INT32_MAX, &max_tokens)) return e;
+  if (max_tokens == 0 && p->echo) {
+    p->hide_completion = true;
+    max_tokens = 1;
+  }
   if (chat) {
     if (auto e = Number(body, "max_completion_tokens", 1, INT32_MAX, &max_tokens)) return e;
   }
@@ -292,6 +303,25 @@ std::optional<ApiError> ParseSampling(const Json& body, const engine::Engine& en
   if (p->logprobs >= 0) {
     r.logprobs = true;
     r.top_logprobs = p->logprobs;
+    r.prompt_logprobs = p->echo;
+  }
+  if (auto bias = body.find("logit_bias"); bias != body.end() && !bias->is_null()) {
+    if (!bias->is_object()) {
+      return BadParam("logit_bias", "'logit_bias' must map token ids to numbers");
+    }
+    for (const auto& [key, value] : bias->items()) {
+      int64_t id = -1;
+      if (key.empty() || key.size() > 10 ||
+          !std::all_of(key.begin(), key.end(), [](char ch) { return ch >= '0' && ch <= '9'; }) ||
+          (id = std::stoll(key)) >= engine.model_info().vocab_size) {
+        return BadParam("logit_bias", "'logit_bias' keys must be token ids of the vocabulary");
+      }
+      if (!value.is_number() || !(std::fabs(value.get<double>()) <= engine::kMaxLogitBias)) {
+        return BadParam("logit_bias", "'logit_bias' values must be numbers in [-100, 100]");
+      }
+      r.sampling.logit_bias.emplace_back(static_cast<int32_t>(id), value.get<float>());
+    }
+    std::sort(r.sampling.logit_bias.begin(), r.sampling.logit_bias.end());
   }
   if (auto e = Bool(body, "stream", &p->stream)) return e;
   if (auto so = body.find("stream_options"); so != body.end() && !so->is_null()) {
@@ -364,6 +394,8 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
          text_offset = Json::array();
     Json chat_logprobs = Json::array();  // chat's {"content": [...]} entries
     bool sent_role = false;              // chat streams open each choice with the role
+    std::string echo;                    // the prompt's text, until sent (echo)
+    bool echoed = false;
     int32_t prompt_tokens = 0, completion_tokens = 0;
     const char* finish_reason = nullptr;
     uint64_t handle = 0;
@@ -381,6 +413,15 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
         r.text = std::get<std::string>(prompt);
       } else {
         r.token_ids = std::get<std::vector<int32_t>>(prompt);
+      }
+      if (p_.echo) {
+        if (r.text) {
+          choices_[i].echo = *r.text;
+        } else {
+          std::string bytes;
+          for (int32_t id : r.token_ids) bytes += engine_->DecodeToken(id);
+          choices_[i].echo = engine::SanitizeUtf8(bytes);
+        }
       }
       // n > 1 with a seed: each choice its own stream, reproducibly.
       if (r.sampling.seed && i > 0) *r.sampling.seed += i;
@@ -445,6 +486,36 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
     return out;
   }
 
+  // Echo with logprobs: the prompt's tokens first, the first one without a logprob (nothing
+  // precedes it), offsets into the echoed text.
+  void AddPromptLogprobs(Choice& c, const engine::GenerationChunk& chunk, Json* delta) {
+    int64_t offset = static_cast<int64_t>(c.text.size());
+    const int64_t end = offset + static_cast<int64_t>(c.echo.size());
+    for (size_t i = 0; i < chunk.prompt_ids.size(); ++i) {
+      const std::string piece = engine_->DecodeToken(chunk.prompt_ids[i]);
+      Json lp = nullptr, top = nullptr;
+      if (i > 0 && i - 1 < chunk.prompt_logprobs.size()) {
+        const engine::GeneratedToken& t = chunk.prompt_logprobs[i - 1];
+        lp = t.logprob;
+        top = Json::object();
+        for (const auto& [id, value] : t.top) top[engine_->DecodeToken(id)] = value;
+      }
+      for (Json* j : {&c.tokens, delta ? &(*delta)["tokens"] : nullptr}) {
+        if (j) j->push_back(piece);
+      }
+      for (Json* j : {&c.token_logprobs, delta ? &(*delta)["token_logprobs"] : nullptr}) {
+        if (j) j->push_back(lp);
+      }
+      for (Json* j : {&c.top_logprobs, delta ? &(*delta)["top_logprobs"] : nullptr}) {
+        if (j) j->push_back(top);
+      }
+      for (Json* j : {&c.text_offset, delta ? &(*delta)["text_offset"] : nullptr}) {
+        if (j) j->push_back(std::min(offset, end));
+      }
+      offset += static_cast<int64_t>(piece.size());
+    }
+  }
+
   // Appends the chunk's tokens to the choice's logprobs, in the endpoint's format (and to the
   // stream's delta when given).
   void AddLogprobs(Choice& c, const engine::GenerationChunk& chunk, Json* delta) {
@@ -496,17 +567,28 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
                                         {"token_logprobs", Json::array()},
                                         {"top_logprobs", Json::array()},
                                         {"text_offset", Json::array()}};
-        AddLogprobs(c, chunk, &delta_logprobs);
       }
-      c.text += chunk.text;
+      // Echo: the prompt (and its logprobs) ahead of the first chunk's text.
+      std::string text;
+      if (p_.echo && !c.echoed) {
+        c.echoed = true;
+        if (p_.logprobs >= 0) AddPromptLogprobs(c, chunk, &delta_logprobs);
+        text = std::move(c.echo);
+        c.echo.clear();
+      }
+      if (!p_.hide_completion) {
+        if (p_.logprobs >= 0) AddLogprobs(c, chunk, &delta_logprobs);
+        text += chunk.text;
+      }
+      c.text += text;
       if (info) {
         c.finish_reason = FinishReasonText(info->reason);
         c.prompt_tokens = info->prompt_tokens;
-        c.completion_tokens = info->generated_tokens;
+        c.completion_tokens = p_.hide_completion ? 0 : info->generated_tokens;
         all_done = std::all_of(choices_.begin(), choices_.end(),
                                [](const Choice& x) { return x.finish_reason != nullptr; });
       }
-      if (p_.stream && (!chunk.text.empty() || !chunk.tokens.empty() || info)) {
+      if (p_.stream && (!text.empty() || (!chunk.tokens.empty() && !p_.hide_completion) || info)) {
         const Json finish = info ? Json(c.finish_reason) : Json(nullptr);
         if (p_.chat && !c.sent_role) {  // the role first, as OpenAI streams it
           c.sent_role = true;
@@ -516,15 +598,15 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
                        {"finish_reason", nullptr}};
           event = "data: " + Dump(Frame(Json::array({opening}))) + "\n\n";
         }
-        Json choice = p_.chat ? Json{{"index", index},
-                                     {"delta", chunk.text.empty() ? Json::object()
-                                                                  : Json{{"content", chunk.text}}},
-                                     {"logprobs", delta_logprobs},
-                                     {"finish_reason", finish}}
-                              : Json{{"index", index},
-                                     {"text", chunk.text},
-                                     {"logprobs", delta_logprobs},
-                                     {"finish_reason", finish}};
+        Json choice = p_.chat
+                          ? Json{{"index", index},
+                                 {"delta", text.empty() ? Json::object() : Json{{"content", text}}},
+                                 {"logprobs", delta_logprobs},
+                                 {"finish_reason", finish}}
+                          : Json{{"index", index},
+                                 {"text", text},
+                                 {"logprobs", delta_logprobs},
+                                 {"finish_reason", finish}};
         event += "data: " + Dump(Frame(Json::array({choice}))) + "\n\n";
         if (all_done && p_.include_usage) {
           Json usage_frame = Frame(Json::array());
@@ -699,6 +781,13 @@ void OpenAiApi::Models(const HttpRequest& request, HttpResponder& out) const {
 }
 
 void OpenAiApi::Completions(const HttpRequest& request, std::shared_ptr<HttpResponder> out) {
+  // Nesting is bounded before parsing: copying or dumping a value nested a million levels deep
+  // would overflow the stack.
+  if (engine::JsonNestingDepth(request.body) > engine::kMaxJsonDepth) {
+    engine_->CountRejected(absl::StatusCode::kInvalidArgument, engine::ClientProtocol::kHttp);
+    return SendError(*out, BadParam("body", absl::StrCat("the request body nests deeper than ",
+                                                         engine::kMaxJsonDepth, " levels")));
+  }
   Json body = Json::parse(request.body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
     engine_->CountRejected(absl::StatusCode::kInvalidArgument, engine::ClientProtocol::kHttp);

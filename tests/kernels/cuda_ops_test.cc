@@ -256,7 +256,8 @@ TEST(CudaSampleTest, MatchesCpuTwinAndRepeatsExactly) {
     for (float& v : logits) v = std::round(v * 8.0f) / 8.0f;  // ties
     logits[5 * vocab + 3] = NAN;                              // row 5 is not finite
     std::vector<SampleRowParams> rp(rows);
-    std::vector<int32_t> pids, pcounts;
+    std::vector<int32_t> pids, pcounts, bids;
+    std::vector<float> bvalues;
     for (int32_t r = 0; r < rows; ++r) {
       SampleRowParams& p = rp[r];
       p.temperature = r % 3 == 0 ? 0.0f : 0.4f + 0.2f * (r % 5);
@@ -278,6 +279,15 @@ TEST(CudaSampleTest, MatchesCpuTwinAndRepeatsExactly) {
         pcounts.resize(pids.size());
       }
       p.penalty_end = static_cast<int32_t>(pids.size());
+      // Logit bias on some rows (a ban and a boost), scored rows (a forced prompt token) on
+      // others.
+      p.bias_begin = static_cast<int32_t>(bids.size());
+      if (r % 5 == 1 && vocab > 2) {
+        bids.insert(bids.end(), {(r * 17) % vocab, (r * 17 + 1) % vocab});
+        bvalues.insert(bvalues.end(), {-100.0f, r % 2 == 0 ? 4.5f : 100.0f});
+      }
+      p.bias_end = static_cast<int32_t>(bids.size());
+      if (r % 8 == 6) p.forced_id = (r * 13) % vocab;
     }
     // CPU twin.
     std::vector<float> work(logits.size());
@@ -289,6 +299,8 @@ TEST(CudaSampleTest, MatchesCpuTwinAndRepeatsExactly) {
                            .row_params = rp.data(),
                            .penalty_ids = pids.data(),
                            .penalty_counts = pcounts.data(),
+                           .bias_ids = bids.data(),
+                           .bias_values = bvalues.data(),
                            .out = want.data(),
                            .top_ids = want_ids.data(),
                            .top_logprobs = want_lp.data(),
@@ -299,17 +311,21 @@ TEST(CudaSampleTest, MatchesCpuTwinAndRepeatsExactly) {
     // Device, twice.
     std::vector<float> l = logits;
     DeviceArray d_logits(l, ScalarType::kF32);
-    void *d_work, *d_rp, *d_pid, *d_pc, *d_out, *d_ids, *d_lp;
+    void *d_work, *d_rp, *d_pid, *d_pc, *d_bid, *d_bv, *d_out, *d_ids, *d_lp;
     ASSERT_EQ(cudaMalloc(&d_work, logits.size() * 4), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&d_rp, rows * sizeof(SampleRowParams)), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&d_pid, pids.size() * 4 + 4), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&d_pc, pids.size() * 4 + 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_bid, bids.size() * 4 + 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_bv, bids.size() * 4 + 4), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&d_out, rows * sizeof(SampledRow)), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&d_ids, rows * kTopN * 4), cudaSuccess);
     ASSERT_EQ(cudaMalloc(&d_lp, rows * kTopN * 4), cudaSuccess);
     cudaMemcpy(d_rp, rp.data(), rows * sizeof(SampleRowParams), cudaMemcpyHostToDevice);
     cudaMemcpy(d_pid, pids.data(), pids.size() * 4, cudaMemcpyHostToDevice);
     cudaMemcpy(d_pc, pcounts.data(), pcounts.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_bid, bids.data(), bids.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_bv, bvalues.data(), bvalues.size() * 4, cudaMemcpyHostToDevice);
     std::vector<SampledRow> got[2] = {std::vector<SampledRow>(rows), std::vector<SampledRow>(rows)};
     std::vector<int32_t> got_ids(rows * kTopN);
     std::vector<float> got_lp(rows * kTopN);
@@ -319,6 +335,8 @@ TEST(CudaSampleTest, MatchesCpuTwinAndRepeatsExactly) {
                               .row_params = static_cast<const SampleRowParams*>(d_rp),
                               .penalty_ids = static_cast<const int32_t*>(d_pid),
                               .penalty_counts = static_cast<const int32_t*>(d_pc),
+                              .bias_ids = static_cast<const int32_t*>(d_bid),
+                              .bias_values = static_cast<const float*>(d_bv),
                               .out = static_cast<SampledRow*>(d_out),
                               .top_ids = static_cast<int32_t*>(d_ids),
                               .top_logprobs = static_cast<float*>(d_lp),
@@ -343,7 +361,10 @@ TEST(CudaSampleTest, MatchesCpuTwinAndRepeatsExactly) {
         EXPECT_EQ(got_ids[r * kTopN + j], want_ids[r * kTopN + j]) << "row " << r << " #" << j;
         EXPECT_NEAR(got_lp[r * kTopN + j], want_lp[r * kTopN + j], 1e-4);
       }
-      if (rp[r].temperature == 0.0f) {
+      if (rp[r].forced_id >= 0) {
+        EXPECT_EQ(got[0][r].id, rp[r].forced_id) << "scored row " << r;
+        EXPECT_EQ(want[r].id, rp[r].forced_id) << "scored row " << r;
+      } else if (rp[r].temperature == 0.0f) {
         EXPECT_EQ(got[0][r].id, want[r].id) << "greedy row " << r;
       } else {
         ++sampled;
@@ -351,7 +372,7 @@ TEST(CudaSampleTest, MatchesCpuTwinAndRepeatsExactly) {
       }
     }
     EXPECT_GE(agree, sampled * 97 / 100) << "vocab " << vocab;
-    for (void* ptr : {d_work, d_rp, d_pid, d_pc, d_out, d_ids, d_lp}) cudaFree(ptr);
+    for (void* ptr : {d_work, d_rp, d_pid, d_pc, d_bid, d_bv, d_out, d_ids, d_lp}) cudaFree(ptr);
   }
 }
 

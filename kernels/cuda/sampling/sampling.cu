@@ -119,12 +119,31 @@ __global__ void __launch_bounds__(kThreads) SampleKernel(SampleParams p) {
     limit = best;
   }
 
-  // Penalties on the row's copy (entries are distinct ids: no two threads write one element).
+  // A scored row (a prompt position) keeps its given token.
+  if (rp.forced_id >= 0 && rp.forced_id < vocab) {
+    if (tid == 0) {
+      SampledRow out;
+      out.id = rp.forced_id;
+      out.logprob = static_cast<float>(x[rp.forced_id] - lse);
+      out.finite = 1;
+      out.num_top = n;
+      p.out[r] = out;
+    }
+    return;
+  }
+
+  // Penalties, then the logit bias, on the row's copy (entries are distinct ids: no two threads
+  // write one element).
   for (int32_t i = tid; i < vocab; i += kThreads) w[i] = x[i];
   __syncthreads();
   for (int32_t e = rp.penalty_begin + tid; e < rp.penalty_end; e += kThreads) {
     const int32_t id = p.penalty_ids[e];
     if (id >= 0 && id < vocab) w[id] = sm::PenalizedLogit(x[id], p.penalty_counts[e], rp);
+  }
+  __syncthreads();
+  for (int32_t e = rp.bias_begin + tid; e < rp.bias_end; e += kThreads) {
+    const int32_t id = p.bias_ids[e];
+    if (id >= 0 && id < vocab) w[id] += p.bias_values[e];
   }
   __syncthreads();
 

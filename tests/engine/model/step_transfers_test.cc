@@ -122,7 +122,8 @@ BackendCounts StepAndCompare(Models& m, Seqs& seqs, const std::string& what) {
   std::vector<TokenSampler> host;
   for (size_t s = 0; s < seqs.tokens.size(); ++s) {
     TokenSampler twin({.temperature = 0.0f}, 1, seqs.tokens[s], seqs.top[s]);
-    sampling.rows.push_back(twin.NextRow(&sampling.penalty_ids, &sampling.penalty_counts));
+    sampling.rows.push_back(twin.NextRow(&sampling.penalty_ids, &sampling.penalty_counts,
+                                         &sampling.bias_ids, &sampling.bias_values));
     host.emplace_back(SamplingParams{.temperature = 0.0f}, 1, seqs.tokens[s], seqs.top[s]);
   }
   m.counting->Reset();

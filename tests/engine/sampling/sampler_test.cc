@@ -147,6 +147,19 @@ TEST(SamplingParamsTest, ValidationNamesTheField) {
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << c.field;
     EXPECT_NE(s.message().find(c.field), std::string::npos) << s;
   }
+  // logit_bias: ids within the vocabulary, each once; values in [-100, 100].
+  for (const std::vector<std::pair<int32_t, float>>& bias :
+       std::vector<std::vector<std::pair<int32_t, float>>>{
+           {{260, 1.0f}}, {{-1, 1.0f}}, {{3, 1.0f}, {3, 2.0f}}, {{3, 101.0f}}, {{3, NAN}}}) {
+    SamplingParams p;
+    p.logit_bias = bias;
+    absl::Status s = ValidateSamplingParams(p, 260);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("logit_bias"), std::string::npos) << s;
+  }
+  SamplingParams fine;
+  fine.logit_bias = {{0, -100.0f}, {259, 100.0f}};
+  EXPECT_TRUE(ValidateSamplingParams(fine, 260).ok());
   EXPECT_FALSE(ValidateStoppingParams({.stop_token_ids = {300}}, 260).ok());
   EXPECT_FALSE(ValidateStoppingParams({.stop = {""}}, 260).ok());
   EXPECT_FALSE(ValidateStoppingParams({.stop = std::vector<std::string>(17, "x")}, 260).ok());

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -84,10 +85,11 @@ class SimEngine {
 
   // Queues a request of `prompt_len` tokens (derived from `id`) that generates `output_len`.
   void Submit(uint64_t id, int32_t adapter, int32_t prompt_len, int32_t output_len,
-              int32_t priority = 0) {
+              int32_t priority = 0, bool prompt_logprobs = false) {
     GenerateRequest req;
     req.stopping.max_new_tokens = output_len;
     req.priority = priority;
+    req.prompt_logprobs = prompt_logprobs;
     std::vector<int32_t> prompt(prompt_len);
     for (int32_t i = 0; i < prompt_len; ++i) prompt[i] = static_cast<int32_t>((id * 31 + i) % 97);
     auto seq = std::make_unique<Sequence>(id, std::move(req), std::move(prompt), 0,
@@ -102,15 +104,18 @@ class SimEngine {
     std::vector<Sequence*> preempted;
     std::vector<ScheduledChunk> step = scheduler_.Schedule(now_, &preempted);
     const SchedulerOptions& o = scheduler_.options();
-    int32_t tokens = 0;
+    int32_t tokens = 0, rows = 0;
     std::vector<int32_t> adapters;
     for (const ScheduledChunk& c : step) {
+      EXPECT_GT(c.num_tokens, 0);
       tokens += c.num_tokens;
+      rows += (c.sample ? 1 : 0) + c.seq->ScoringRows(c.seq->num_computed, c.num_tokens);
       if (std::find(adapters.begin(), adapters.end(), c.seq->adapter_slot) == adapters.end()) {
         adapters.push_back(c.seq->adapter_slot);
       }
     }
     EXPECT_LE(tokens, o.max_batch_tokens);
+    EXPECT_LE(rows, o.max_num_seqs);  // the model's logits rows
     EXPECT_LE(scheduler_.num_running(), o.max_num_seqs);
     EXPECT_LE(blocks_.num_allocated() + blocks_.num_reserved(), blocks_.num_blocks());
     max_step_adapters_ = std::max(max_step_adapters_, static_cast<int32_t>(adapters.size()));
@@ -133,11 +138,18 @@ class SimEngine {
   int64_t steps() const { return steps_; }
   int32_t max_step_adapters() const { return max_step_adapters_; }
   std::map<uint64_t, Finished>& finished() { return finished_; }
+  // Prompt positions scored per request (prompt logprobs), in the order they were.
+  std::map<uint64_t, std::vector<int32_t>>& scored() { return scored_; }
 
  private:
   void Run(const ScheduledChunk& c) {
     Sequence* seq = c.seq;
     const int32_t bs = blocks_.block_size();
+    // As the executor does: the chunk's scored positions, then the sampled one.
+    const int32_t first = seq->FirstScored(seq->num_computed);
+    const int32_t scoring = seq->ScoringRows(seq->num_computed, c.num_tokens);
+    for (int32_t i = 0; i < scoring; ++i) scored_[seq->handle].push_back(first + i);
+    seq->scored += scoring;
     for (int32_t p = seq->num_computed; p < seq->num_computed + c.num_tokens; ++p) {
       ASSERT_LT(p / bs, static_cast<int32_t>(seq->blocks.size())) << "block table too short";
       kv_[static_cast<size_t>(seq->blocks[p / bs]) * bs + p % bs] = seq->tokens[p];
@@ -153,6 +165,9 @@ class SimEngine {
     }
     seq->tokens.push_back(static_cast<int32_t>(h % 1000));
     if (seq->generated() < seq->request.stopping.max_new_tokens) return;
+    if (seq->request.prompt_logprobs) {
+      EXPECT_EQ(seq->scored, seq->prompt_len - 1);
+    }
     Finished f{
         .output = std::vector<int32_t>(seq->tokens.begin() + seq->prompt_len, seq->tokens.end()),
         .queue_time = *seq->admitted - seq->arrival,
@@ -169,6 +184,7 @@ class SimEngine {
   int64_t steps_ = 0;
   int32_t max_step_adapters_ = 0;
   std::map<uint64_t, Finished> finished_;
+  std::map<uint64_t, std::vector<int32_t>> scored_;
 };
 
 SchedulerOptions Options(SchedulingPolicy policy, int32_t max_batch_tokens = 64,
@@ -184,6 +200,42 @@ SchedulerOptions Options(SchedulingPolicy policy, int32_t max_batch_tokens = 64,
 absl::Duration Percentile(std::vector<absl::Duration> v, double q) {
   std::sort(v.begin(), v.end());
   return v[static_cast<size_t>(q * static_cast<double>(v.size() - 1))];
+}
+
+// Prompt logprobs take a logits row per scored prompt position: steps never hold more rows than
+// the model has (max_num_seqs), every prompt position is scored exactly once and in order (also
+// through preemption and recompute), and the requests still give the tokens of a run without
+// them.
+TEST(SchedulerTest, PromptLogprobRowsFitTheStepAndEveryPositionIsScoredOnce) {
+  for (SchedulingPolicy policy : {SchedulingPolicy::kFcfs, SchedulingPolicy::kExpertAware}) {
+    std::map<uint64_t, Finished> plain;
+    for (bool with_scores : {false, true}) {
+      SimEngine sim(Options(policy, 32, 4), 24, 4, nullptr);  // small KV cache: preemption
+      std::mt19937 rng(7);
+      for (uint64_t id = 0; id < 60; ++id) {
+        const int32_t prompt_len = 1 + static_cast<int32_t>(rng() % 30);
+        const bool coin = rng() % 2 == 0;  // drawn in both runs: the same requests
+        const bool scores = with_scores && coin;
+        sim.Submit(id, -1, prompt_len, 1 + static_cast<int32_t>(rng() % 12), 0, scores);
+        if (id % 2 == 0) sim.Step();
+      }
+      sim.RunUntilIdle();
+      ASSERT_EQ(sim.finished().size(), 60u);
+      if (!with_scores) {
+        plain = sim.finished();
+        EXPECT_TRUE(sim.scored().empty());
+        continue;
+      }
+      EXPECT_GT(sim.scheduler().num_preemptions(), 0) << "the test meant to preempt";
+      EXPECT_GT(sim.scored().size(), 10u);
+      for (const auto& [id, positions] : sim.scored()) {
+        std::vector<int32_t> want(positions.size());
+        std::iota(want.begin(), want.end(), 0);
+        EXPECT_EQ(positions, want) << "request " << id;
+      }
+      for (const auto& [id, f] : sim.finished()) EXPECT_EQ(f.output, plain[id].output) << id;
+    }
+  }
 }
 
 TEST(SchedulerTest, BudgetsAndExpertPoolAreRespectedUnderARandomMix) {
