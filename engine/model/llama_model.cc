@@ -474,8 +474,8 @@ absl::Status LlamaModel::SampleOnDevice(const StepSampling& s, StepSamples* out)
     if (bias_entries > 0) {
       RETURN_IF_ERROR(
           backend_->CopyToDevice(dev + 2 * entries, s.bias_ids.data(), bias_entries * 4));
-      RETURN_IF_ERROR(backend_->CopyToDevice(dev + 2 * entries + bias_entries,
-                                             s.bias_values.data(), bias_entries * 4));
+      RETURN_IF_ERROR(backend_->CopyToDevice(dev + 2 * entries + bias_entries, s.bias_values.data(),
+                                             bias_entries * 4));
     }
   }
   RETURN_IF_ERROR(backend_->CopyToDevice(sample_params_.data(), s.rows.data(),

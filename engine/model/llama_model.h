@@ -234,8 +234,8 @@ class LlamaModel {
   };
   std::vector<XloraBack> xlora_back_;
   // The device sampler's buffers: fp32 work rows, row parameters, penalty and bias entries
-  // (penalty ids, counts, bias ids, values; grown on demand) and the packed results; sample_host_ (Backend::AllocateHost:
-  // pinned on CUDA) receives them.
+  // (penalty ids, counts, bias ids, values; grown on demand) and the packed results; sample_host_
+  // (Backend::AllocateHost: pinned on CUDA) receives them.
   DeviceBuffer sample_work_, sample_params_, penalties_, sample_out_, sample_host_;
 };
 

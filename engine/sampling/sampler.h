@@ -4,9 +4,9 @@
 //
 // Pipeline, in order (vLLM's order): log-probabilities for the response are taken from the raw
 // logits; then repetition penalty (HF: over prompt and output tokens), frequency and presence
-// penalties (OpenAI: over output tokens), the logit bias (OpenAI); temperature == 0 -> argmax (ties to the lower id);
-// otherwise logits / temperature, top-k, top-p (smallest set whose mass reaches p), min-p, and a
-// draw from the renormalised distribution with the sequence's own RNG.
+// penalties (OpenAI: over output tokens), the logit bias (OpenAI); temperature == 0 -> argmax (ties
+// to the lower id); otherwise logits / temperature, top-k, top-p (smallest set whose mass reaches
+// p), min-p, and a draw from the renormalised distribution with the sequence's own RNG.
 // Determinism: the same seed, prompt and logits give the same tokens on every run and platform.
 // Thread safety: one sampler per sequence; not thread-safe.
 

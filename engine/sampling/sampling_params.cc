@@ -41,8 +41,8 @@ absl::Status ValidateSamplingParams(const SamplingParams& p, int32_t vocab_size)
   for (const auto& [id, value] : p.logit_bias) {
     if (id < 0 || (vocab_size > 0 && id >= vocab_size)) {
       return absl::InvalidArgumentError(absl::StrCat("sampling.logit_bias: token id ", id,
-                                                     " is outside the vocabulary [0, ",
-                                                     vocab_size, ")"));
+                                                     " is outside the vocabulary [0, ", vocab_size,
+                                                     ")"));
     }
     if (!std::isfinite(value) || std::fabs(value) > kMaxLogitBias) {
       return Bad("logit_bias", value, "[-100, 100]");

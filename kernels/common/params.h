@@ -409,9 +409,9 @@ struct SampleParams {
   const int32_t* penalty_counts = nullptr;      // output occurrences (0: prompt only)
   const int32_t* bias_ids = nullptr;            // entries of every row, distinct within a row
   const float* bias_values = nullptr;
-  SampledRow* out = nullptr;                    // [rows]
-  int32_t* top_ids = nullptr;                   // [rows, kMaxSampleTopLogprobs] or nullptr
-  float* top_logprobs = nullptr;                // [rows, kMaxSampleTopLogprobs] or nullptr
+  SampledRow* out = nullptr;      // [rows]
+  int32_t* top_ids = nullptr;     // [rows, kMaxSampleTopLogprobs] or nullptr
+  float* top_logprobs = nullptr;  // [rows, kMaxSampleTopLogprobs] or nullptr
   int64_t rows = 0;
   int32_t vocab = 0;
 };
