@@ -575,12 +575,13 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
         if (p_.logprobs >= 0) AddPromptLogprobs(c, chunk, &delta_logprobs);
         text = std::move(c.echo);
         c.echo.clear();
+        c.text += text;  // before the completion's logprobs: their offsets follow the prompt
       }
       if (!p_.hide_completion) {
         if (p_.logprobs >= 0) AddLogprobs(c, chunk, &delta_logprobs);
         text += chunk.text;
+        c.text += chunk.text;
       }
-      c.text += text;
       if (info) {
         c.finish_reason = FinishReasonText(info->reason);
         c.prompt_tokens = info->prompt_tokens;

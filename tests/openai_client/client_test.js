@@ -117,6 +117,23 @@ async function main() {
   check(stopped === greedy.slice(0, greedy.indexOf(stop)) && stopFinish === 'stop',
         `stop ${JSON.stringify(stop)} mid-stream`);
 
+  // echo with logprobs, as lm-eval's local-completions scores a continuation: the prompt's
+  // tokens come back first (the first without a logprob), then the generated one.
+  const scored = await client.completions.create({
+    model: adapter, prompt: 'Paris is', max_tokens: 1, temperature: 0, logprobs: 1, echo: true,
+  });
+  const lp = scored.choices[0].logprobs;
+  check(scored.choices[0].text.startsWith('Paris is') && lp.token_logprobs[0] === null &&
+        lp.tokens.length >= 3 && lp.token_logprobs.slice(1).every((x) => x <= 0) &&
+        lp.top_logprobs.length === lp.tokens.length,
+        `echo with logprobs ${JSON.stringify(lp).slice(0, 200)}`);
+
+  // logit_bias: +100 on one token id makes every greedy token that one.
+  const biased = await client.completions.create({
+    model: baseModel, prompt: 'x', max_tokens: 3, temperature: 0, logit_bias: { 66: 100 },
+  });
+  check(biased.choices[0].text === 'BBB', `logit_bias ${JSON.stringify(biased.choices[0].text)}`);
+
   // Errors come back as the SDK's typed errors.
   await expectError(client.completions.create({ model: 'nope', prompt: 'x' }),
                     OpenAI.NotFoundError, 404, 'model', 'unknown model');

@@ -53,5 +53,36 @@ TEST(ConversionTest, PriorityIsCarried) {
   EXPECT_EQ(background->priority, -3);
 }
 
+// Long prompts' logprobs are split over messages a client's default 4 MiB limit accepts, the
+// prompt ids in the first; logit_bias comes over sorted, ids checked.
+TEST(ConversionTest, PromptLogprobsAreSplitAndLogitBiasIsCarried) {
+  engine::GenerationChunk chunk;
+  chunk.prompt_ids.assign(10001, 7);
+  engine::GeneratedToken t{7, -1.5f, {}};
+  for (int k = 0; k < 20; ++k) t.top.emplace_back(k, -2.0f - k);
+  chunk.prompt_logprobs.assign(10000, t);
+  const std::vector<pb::GenerateResponse> msgs = PromptLogprobMessages(chunk);
+  ASSERT_EQ(msgs.size(), 3u);
+  EXPECT_EQ(msgs[0].prompt_token_ids_size(), 10001);
+  EXPECT_EQ(msgs[1].prompt_token_ids_size(), 0);
+  EXPECT_EQ(msgs[0].prompt_logprobs_size(), kMaxPromptLogprobsPerMessage);
+  EXPECT_EQ(msgs[1].prompt_logprobs_size(), kMaxPromptLogprobsPerMessage);
+  EXPECT_EQ(msgs[2].prompt_logprobs_size(), 10000 - 2 * kMaxPromptLogprobsPerMessage);
+  for (const pb::GenerateResponse& m : msgs) EXPECT_LT(m.ByteSizeLong(), size_t{1} << 20);
+  EXPECT_TRUE(PromptLogprobMessages(engine::GenerationChunk{}).empty());
+
+  pb::GenerateRequest req;
+  req.set_text("x");
+  (*req.mutable_sampling()->mutable_logit_bias())[9] = -3.0f;
+  (*req.mutable_sampling()->mutable_logit_bias())[2] = 5.0f;
+  auto r = FromProto(req, absl::InfiniteFuture(), {});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->sampling.logit_bias,
+            (std::vector<std::pair<int32_t, float>>{{2, 5.0f}, {9, -3.0f}}));
+  (*req.mutable_sampling()->mutable_logit_bias())[0x80000000u] = 1.0f;
+  EXPECT_EQ(FromProto(req, absl::InfiniteFuture(), {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace moleserve::server

@@ -432,8 +432,11 @@ TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {
       {{{"model", base}, {"prompt", "x"}, {"top_p", 0}}, 400, "top_p"},
       {{{"model", base}, {"prompt", "x"}, {"logprobs", 21}}, 400, "logprobs"},
       {{{"model", base}, {"prompt", "x"}, {"stop", 5}}, 400, "stop"},
-      {{{"model", base}, {"prompt", "x"}, {"echo", true}}, 400, "echo"},
-      {{{"model", base}, {"prompt", "x"}, {"logit_bias", {{"5", 10}}}}, 400, "logit_bias"},
+      {{{"model", base}, {"prompt", "x"}, {"logit_bias", {{"5", 101}}}}, 400, "logit_bias"},
+      {{{"model", base}, {"prompt", "x"}, {"logit_bias", {{"five", 1}}}}, 400, "logit_bias"},
+      {{{"model", base}, {"prompt", "x"}, {"logit_bias", {{"99999", 1}}}}, 400, "logit_bias"},
+      {{{"model", base}, {"prompt", "x"}, {"logit_bias", Json::array({1})}}, 400, "logit_bias"},
+      {{{"model", base}, {"prompt", "x"}, {"echo", "yes"}}, 400, "echo"},
       {{{"model", base}, {"prompt", Json::array({-1})}}, 400, "prompt"},
       {{{"model", base}, {"prompt", "x"}, {"stream", "yes"}}, 400, "stream"},
   };
@@ -451,6 +454,20 @@ TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {
             static_cast<int>(cases.size()));
   EXPECT_EQ(Call("POST", "/v1/completions", "{not json").status, 400);
   EXPECT_EQ(Call("POST", "/v1/completions", "[" + std::string(200, '[')).status, 400);
+  // Valid JSON nested far deeper than any request needs: refused before it is parsed.
+  const std::string deep = R"({"model": ")" + base + R"(", "prompt": "x", "extra": )" +
+                           std::string(30000, '[') + std::string(30000, ']') + "}";
+  Response nested = Call("POST", "/v1/chat/completions", deep);
+  EXPECT_EQ(nested.status, 400);
+  EXPECT_EQ(Json::parse(nested.body)["error"]["param"], "body");
+  int chat_status = 0;
+  const Json chat_echo = Post("/v1/chat/completions",
+                              {{"model", base},
+                               {"messages", Json::array({{{"role", "user"}, {"content", "x"}}})},
+                               {"echo", true}},
+                              &chat_status);
+  EXPECT_EQ(chat_status, 400);
+  EXPECT_EQ(chat_echo["error"]["param"], "echo");
   EXPECT_EQ(Call("GET", "/v1/completions").status, 405);
   EXPECT_EQ(Call("GET", "/v2/anything").status, 404);
   Response big = Call("POST", "/v1/completions", std::string(100 * 1024, ' '));
@@ -458,6 +475,97 @@ TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {
   EXPECT_EQ(Json::parse(big.body)["error"]["type"], "invalid_request_error");
   // Still serving.
   EXPECT_EQ(Call("GET", "/health").status, 200);
+}
+
+// echo as lm-eval's local-completions scores continuations: token-id prompts, echo, logprobs 1,
+// max_tokens 1 (and the legacy max_tokens 0). The prompt's logprobs line up with its tokens: a
+// prompt that is a greedy continuation scores each continuation token with the logprob it was
+// generated with.
+TEST_F(HttpApiTest, EchoReturnsThePromptAndItsLogprobs) {
+  const std::string base = engine_->model_info().name;
+  auto tokenized = engine_->Tokenize("Scores", std::nullopt, false);
+  ASSERT_TRUE(tokenized.ok());
+  std::vector<int32_t> prompt = tokenized->ids;
+  const size_t context = prompt.size();
+  // The greedy continuation, with its logprobs.
+  const Json gen = Post("/v1/completions", {{"model", base},
+                                            {"prompt", prompt},
+                                            {"max_tokens", 5},
+                                            {"temperature", 0},
+                                            {"logprobs", 1}});
+  ASSERT_TRUE(gen.contains("choices")) << gen.dump();
+  const Json& gen_lp = gen["choices"][0]["logprobs"];
+  for (const Json& piece : gen_lp["tokens"]) {
+    auto ids = engine_->Tokenize(piece.get<std::string>(), false, false);
+    ASSERT_TRUE(ids.ok());
+    ASSERT_EQ(ids->ids.size(), 1u) << piece;  // the demo tokenizer: one byte, one token
+    prompt.push_back(ids->ids[0]);
+  }
+  for (int max_tokens : {1, 0}) {
+    int status = 0;
+    const Json r = Post("/v1/completions",
+                        {{"model", base},
+                         {"prompt", Json::array({prompt, prompt})},  // a batch, as lm-eval sends
+                         {"max_tokens", max_tokens},
+                         {"temperature", 0},
+                         {"logprobs", 1},
+                         {"echo", true}},
+                        &status);
+    ASSERT_EQ(status, 200) << r.dump();
+    ASSERT_EQ(r["choices"].size(), 2u);
+    for (const Json& choice : r["choices"]) {
+      const Json& lp = choice["logprobs"];
+      const size_t want = prompt.size() + static_cast<size_t>(max_tokens);
+      ASSERT_EQ(lp["tokens"].size(), want);
+      ASSERT_EQ(lp["token_logprobs"].size(), want);
+      ASSERT_EQ(lp["top_logprobs"].size(), want);
+      ASSERT_EQ(lp["text_offset"].size(), want);
+      EXPECT_TRUE(lp["token_logprobs"][0].is_null());  // nothing precedes the first token
+      EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+      for (size_t i = 0; i < 5; ++i) {
+        EXPECT_NEAR(lp["token_logprobs"][context + i].get<double>(),
+                    gen_lp["token_logprobs"][i].get<double>(), 1e-4)
+            << "position " << context + i;
+        // Greedy tokens: each is its own most likely alternative (lm-eval's is_greedy).
+        EXPECT_NEAR(lp["top_logprobs"][context + i].begin().value().get<double>(),
+                    lp["token_logprobs"][context + i].get<double>(), 1e-6);
+      }
+      for (size_t i = 1; i < want; ++i) {
+        EXPECT_LE(lp["text_offset"][i - 1].get<int>(), lp["text_offset"][i].get<int>());
+      }
+      const std::string text = choice["text"];
+      EXPECT_EQ(text.substr(0, 6), "Scores");
+      EXPECT_EQ(choice["finish_reason"], "length");
+    }
+    EXPECT_EQ(r["usage"]["completion_tokens"], 2 * max_tokens);
+    EXPECT_EQ(r["usage"]["prompt_tokens"], 2 * prompt.size());
+  }
+  // Echo of a text prompt, streamed: the first event opens with the prompt; without logprobs no
+  // prompt scoring is asked for.
+  const Response stream = Call("POST", "/v1/completions",
+                               Json{{"model", base},
+                                    {"prompt", "Echo me"},
+                                    {"max_tokens", 3},
+                                    {"echo", true},
+                                    {"stream", true}}
+                                   .dump());
+  ASSERT_EQ(stream.status, 200);
+  const std::vector<std::string> events = Events(stream.body);
+  ASSERT_GE(events.size(), 2u);
+  EXPECT_EQ(Json::parse(events[0])["choices"][0]["text"].get<std::string>().substr(0, 7),
+            "Echo me");
+}
+
+TEST_F(HttpApiTest, LogitBiasSteersTheTokens) {
+  const Json r = Post("/v1/completions", {{"model", engine_->model_info().name},
+                                          {"prompt", "Anything"},
+                                          {"max_tokens", 4},
+                                          {"temperature", 0.8},
+                                          {"seed", 3},
+                                          {"logit_bias", {{"65", 100}}}});
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  const std::string a = engine_->DecodeToken(65);
+  EXPECT_EQ(r["choices"][0]["text"], a + a + a + a);
 }
 
 // One keep-alive connection, requests one after another (GETs and POSTs, whole and streamed):

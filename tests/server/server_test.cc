@@ -376,6 +376,70 @@ TEST(ServerTest, LogprobsAndTopLogprobsPerToken) {
   EXPECT_EQ(count, 4u);
 }
 
+// Prompt logprobs over gRPC: the prompt's ids, then one scored entry per prompt token after the
+// first, before the first generated token; a prompt that is the greedy continuation of its
+// first part scores those tokens with the logprobs they were generated with (the engine test
+// checks the values against the torch reference). logit_bias steers the same request.
+TEST(ServerTest, PromptLogprobsAndLogitBias) {
+  auto inst = Instance::Start(SmallEngineOptions());
+  ASSERT_NE(inst, nullptr);
+  pb::GenerateRequest first = Greedy("Score this", 6);
+  first.mutable_output()->set_logprobs(true);
+  GenResult gen = RunGenerate(*inst->stub, first);
+  ASSERT_TRUE(gen.status.ok()) << gen.status.error_message();
+  std::vector<float> gen_lp;
+  for (const pb::GenerateResponse& m : gen.messages) {
+    for (const pb::TokenLogprob& lp : m.logprobs()) gen_lp.push_back(lp.logprob());
+  }
+  pb::TokenizeRequest treq;
+  treq.set_text("Score this");
+  pb::TokenizeResponse tresp;
+  grpc::ClientContext tctx;
+  ASSERT_TRUE(inst->stub->Tokenize(&tctx, treq, &tresp).ok());
+  std::vector<uint32_t> prompt(tresp.ids().begin(), tresp.ids().end());
+  const size_t context = prompt.size();
+  prompt.insert(prompt.end(), gen.ids.begin(), gen.ids.end());
+
+  pb::GenerateRequest req;
+  for (uint32_t id : prompt) req.mutable_token_ids()->add_ids(id);
+  req.mutable_sampling()->set_temperature(0);
+  req.mutable_stopping()->set_max_new_tokens(3);
+  req.mutable_output()->set_prompt_logprobs(true);
+  req.mutable_output()->set_top_logprobs(2);
+  GenResult r = RunGenerate(*inst->stub, req);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  std::vector<uint32_t> prompt_ids;
+  std::vector<pb::TokenLogprob> scored;
+  bool tokens_seen = false;
+  for (const pb::GenerateResponse& m : r.messages) {
+    if (m.prompt_logprobs_size() > 0) {
+      EXPECT_FALSE(tokens_seen) << "prompt scores come first";
+    }
+    tokens_seen = tokens_seen || m.token_ids_size() > 0;
+    prompt_ids.insert(prompt_ids.end(), m.prompt_token_ids().begin(), m.prompt_token_ids().end());
+    scored.insert(scored.end(), m.prompt_logprobs().begin(), m.prompt_logprobs().end());
+    EXPECT_EQ(m.logprobs_size(), m.token_ids_size());  // top_logprobs implies logprobs
+  }
+  EXPECT_EQ(prompt_ids, prompt);
+  ASSERT_EQ(scored.size(), prompt.size() - 1);
+  for (size_t i = 0; i < scored.size(); ++i) {
+    EXPECT_EQ(scored[i].token_id(), prompt[i + 1]);
+    EXPECT_EQ(scored[i].top_size(), 2);
+  }
+  for (size_t i = 0; i < gen_lp.size(); ++i) {
+    EXPECT_NEAR(scored[context - 1 + i].logprob(), gen_lp[i], 1e-4) << "continuation token " << i;
+  }
+
+  // logit_bias through the proto map: +100 on one token makes greedy decoding repeat it.
+  pb::GenerateRequest biased = Greedy("Anything", 4);
+  (*biased.mutable_sampling()->mutable_logit_bias())[66] = 100.0f;
+  GenResult b = RunGenerate(*inst->stub, biased);
+  ASSERT_TRUE(b.status.ok()) << b.status.error_message();
+  EXPECT_EQ(b.ids, std::vector<uint32_t>(4, 66));
+  (*biased.mutable_sampling()->mutable_logit_bias())[66] = 1000.0f;
+  EXPECT_EQ(GenerateStatus(*inst->stub, biased).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stopping
 
