@@ -70,6 +70,20 @@ struct Engine::State {
 
 namespace {
 
+// An adapter directory's own chat template, read after its files were inspected (confined to
+// the adapter root, sizes checked): null when it has none (the base model's applies). Special
+// tokens it does not name are the base model's.
+absl::StatusOr<std::shared_ptr<const ChatTemplate>> AdapterChatTemplate(
+    const std::string& dir, const Tokenizer& tokenizer) {
+  const std::optional<int32_t> bos = tokenizer.bos_id();
+  const std::vector<int32_t>& eos = tokenizer.eos_ids();
+  absl::StatusOr<ChatTemplate> t = ChatTemplate::FromModelDir(
+      dir, bos ? tokenizer.Piece(*bos) : "", eos.empty() ? "" : tokenizer.Piece(eos[0]));
+  if (absl::IsNotFound(t.status())) return nullptr;
+  if (!t.ok()) return t.status();
+  return std::make_shared<const ChatTemplate>(*std::move(t));
+}
+
 // Wraps the caller's sink to count requests in flight (for drain) without the executor knowing.
 class TrackedSink final : public GenerationSink {
  public:
@@ -260,10 +274,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                      InspectAdapterFiles(dir, FileLimits(options), /*digest=*/false));
     ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
                      engine::LoadAdapter(dir, name, config, limits));
+    ASSIGN_OR_RETURN(std::shared_ptr<const ChatTemplate> chat_template,
+                     AdapterChatTemplate(dir, *state->tokenizer));
     ASSIGN_OR_RETURN(int32_t slot, state->model->AttachAdapter(adapter));
     MutexLock lock(&state->adapters_mu);
     state->adapter_slots[adapter.get()] = slot;
-    state->adapters.Publish(std::move(adapter), dir);
+    state->adapters.Publish(std::move(adapter), dir, std::move(chat_template));
     state->records[name] = {
         .state = AdapterState::kReady, .path = dir, .disk_bytes = files.total_bytes};
   }
@@ -615,6 +631,9 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
     adapter = absl::ResourceExhaustedError("out of host memory reading the adapter");
   }
   if (!adapter.ok()) return failed(adapter.status(), "invalid_adapter");
+  absl::StatusOr<std::shared_ptr<const ChatTemplate>> chat_template =
+      AdapterChatTemplate(*dir, *s.tokenizer);
+  if (!chat_template.ok()) return failed(chat_template.status(), "invalid_adapter");
   m.read_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
   t0 = absl::Now();
   if (absl::Status st = enter("attach"); !st.ok()) return failed(st, "timeout");
@@ -632,7 +651,7 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
       s.adapter_slots.erase(old->adapter.get());
     }
     s.adapter_slots[adapter->get()] = *slot;
-    s.adapters.Publish(*adapter, *dir);
+    s.adapters.Publish(*adapter, *dir, *std::move(chat_template));
     s.records[name] = {.state = AdapterState::kReady,
                        .path = path,
                        .sha256 = files->sha256,
@@ -798,7 +817,14 @@ absl::StatusOr<AdapterStatus> Engine::GetAdapterStatus(const std::string& name) 
 
 absl::StatusOr<std::string> Engine::ApplyChatTemplate(const nlohmann::ordered_json& messages,
                                                       const nlohmann::ordered_json& tools,
-                                                      bool add_generation_prompt) const {
+                                                      bool add_generation_prompt,
+                                                      const std::string& adapter) const {
+  if (!adapter.empty()) {
+    const std::shared_ptr<const AdapterVersion> version = state_->adapters.Find(adapter);
+    if (version != nullptr && version->chat_template != nullptr) {
+      return version->chat_template->Apply(messages, tools, add_generation_prompt);
+    }
+  }
   if (!state_->chat_template) {
     return absl::FailedPreconditionError(
         "this model has no chat template (no chat_template.jinja, no chat_template in "

@@ -188,13 +188,15 @@ class Engine {
   std::string DecodeToken(int32_t id) const;
 
   const ModelInfo& model_info() const;
-  // The chat prompt for OpenAI-style `messages` (and `tools`: null or a list) through the
-  // model's chat template (engine/chat/chat_template.h): text with its special tokens, to submit
-  // with add_bos = false. kFailedPrecondition when the model has no chat template;
-  // kInvalidArgument when the template raises (roles out of order, a role it refuses).
+  // The chat prompt for OpenAI-style `messages` (and `tools`: null or a list) through the chat
+  // template (engine/chat/chat_template.h) of `adapter` (its directory's own, when it carries
+  // one) or else the model's: text with its special tokens, to submit with add_bos = false.
+  // kFailedPrecondition when there is no chat template; kInvalidArgument when the template
+  // raises (roles out of order, a role it refuses).
   absl::StatusOr<std::string> ApplyChatTemplate(const nlohmann::ordered_json& messages,
                                                 const nlohmann::ordered_json& tools,
-                                                bool add_generation_prompt) const;
+                                                bool add_generation_prompt,
+                                                const std::string& adapter = "") const;
   bool has_chat_template() const;
   std::vector<AdapterSummary> ListAdapters() const;
 

@@ -6,9 +6,11 @@
 namespace moleserve::engine {
 
 std::shared_ptr<const AdapterVersion> AdapterRegistry::Publish(
-    std::shared_ptr<const Adapter> adapter, std::string source) {
+    std::shared_ptr<const Adapter> adapter, std::string source,
+    std::shared_ptr<const ChatTemplate> chat_template) {
   auto version = std::make_shared<AdapterVersion>();
   version->source = std::move(source);
+  version->chat_template = std::move(chat_template);
   version->loaded_at = absl::Now();
   const std::string name = adapter->name;
   version->adapter = std::move(adapter);

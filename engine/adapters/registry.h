@@ -23,18 +23,24 @@
 
 namespace moleserve::engine {
 
+class ChatTemplate;  // engine/chat/chat_template.h
+
 struct AdapterVersion {
   std::shared_ptr<const Adapter> adapter;
   uint64_t version = 0;  // 1, 2, ... per name
   std::string source;    // directory it was loaded from
   absl::Time loaded_at;
+  // The adapter directory's own chat template (a fine-tune often changes it); null: the base
+  // model's.
+  std::shared_ptr<const ChatTemplate> chat_template;
 };
 
 class AdapterRegistry {
  public:
   // Publishes `adapter` under adapter->name, replacing any previous version; returns the new one.
-  std::shared_ptr<const AdapterVersion> Publish(std::shared_ptr<const Adapter> adapter,
-                                                std::string source);
+  std::shared_ptr<const AdapterVersion> Publish(
+      std::shared_ptr<const Adapter> adapter, std::string source,
+      std::shared_ptr<const ChatTemplate> chat_template = nullptr);
   // The current version, or nullptr.
   std::shared_ptr<const AdapterVersion> Find(const std::string& name) const;
   // kNotFound when absent.

@@ -2,9 +2,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
@@ -23,23 +25,46 @@ std::string TokenText(const Json& j) {
 
 }  // namespace
 
-absl::StatusOr<ChatTemplate> ChatTemplate::FromModelDir(const std::string& dir) {
+absl::StatusOr<ChatTemplate> ChatTemplate::FromModelDir(const std::string& dir,
+                                                        const std::string& default_bos,
+                                                        const std::string& default_eos) {
   const std::filesystem::path path = std::filesystem::path(dir) / "tokenizer_config.json";
   const std::filesystem::path jinja_path = std::filesystem::path(dir) / "chat_template.jinja";
+  // A file's text, bounded (model and adapter directories are not trusted to be small).
+  auto read = [](const std::filesystem::path& p) -> absl::StatusOr<std::optional<std::string>> {
+    std::ifstream in(p, std::ios::binary);
+    if (!in) return std::optional<std::string>();
+    std::string text;
+    char buf[1 << 16];
+    while (in.read(buf, sizeof(buf)) || in.gcount() > 0) {
+      text.append(buf, static_cast<size_t>(in.gcount()));
+      if (static_cast<int64_t>(text.size()) > kMaxChatFileBytes) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(p.string(), " is larger than ", kMaxChatFileBytes, " bytes"));
+      }
+    }
+    return std::optional<std::string>(std::move(text));
+  };
   Json config = Json::object();
-  if (std::ifstream in(path); in) {
-    config = Json::parse(in, nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(std::optional<std::string> config_text, read(path));
+  if (config_text) {
+    if (JsonNestingDepth(*config_text) > kMaxJsonDepth) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path.string(), " nests deeper than ", kMaxJsonDepth, " levels"));
+    }
+    config = Json::parse(*config_text, nullptr, /*allow_exceptions=*/false);
     if (config.is_discarded() || !config.is_object()) {
       return absl::InvalidArgumentError(absl::StrCat(path.string(), " is not a JSON object"));
     }
   }
+  auto token = [&](const char* key, const std::string& fallback) {
+    return config.contains(key) ? TokenText(config[key]) : fallback;
+  };
   // Newer checkpoints keep the template in chat_template.jinja, which transformers prefers.
-  if (std::ifstream in(jinja_path); in) {
-    std::stringstream text;
-    text << in.rdbuf();
+  ASSIGN_OR_RETURN(std::optional<std::string> jinja_text, read(jinja_path));
+  if (jinja_text) {
     absl::StatusOr<ChatTemplate> t =
-        FromSource(text.str(), TokenText(config.value("bos_token", Json())),
-                   TokenText(config.value("eos_token", Json())));
+        FromSource(*jinja_text, token("bos_token", default_bos), token("eos_token", default_eos));
     if (!t.ok()) {
       return absl::InvalidArgumentError(
           absl::StrCat(jinja_path.string(), ": ", t.status().message()));
@@ -53,8 +78,8 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromModelDir(const std::string& dir) 
                                             "tokenizer_config.json)"));
   }
   ChatTemplate t;
-  t.bos_token_ = TokenText(config.value("bos_token", Json()));
-  t.eos_token_ = TokenText(config.value("eos_token", Json()));
+  t.bos_token_ = token("bos_token", default_bos);
+  t.eos_token_ = token("eos_token", default_eos);
   auto add = [&](const std::string& name, const Json& source) -> absl::Status {
     if (!source.is_string()) {
       return absl::InvalidArgumentError(

@@ -27,9 +27,14 @@ namespace moleserve::engine {
 class ChatTemplate {
  public:
   // From <dir>/chat_template.jinja, else <dir>/tokenizer_config.json's chat_template (special
-  // tokens from tokenizer_config.json either way). kNotFound when there is neither;
-  // kInvalidArgument when a template does not parse (the file and construct named).
-  static absl::StatusOr<ChatTemplate> FromModelDir(const std::string& dir);
+  // tokens from tokenizer_config.json either way, else `default_bos` / `default_eos`: an
+  // adapter directory may carry only a template). kNotFound when there is neither;
+  // kInvalidArgument when a template does not parse, a file is larger than kMaxChatFileBytes or
+  // its JSON nests deeper than kMaxJsonDepth (the file and construct named).
+  static absl::StatusOr<ChatTemplate> FromModelDir(const std::string& dir,
+                                                   const std::string& default_bos = "",
+                                                   const std::string& default_eos = "");
+  static constexpr int64_t kMaxChatFileBytes = int64_t{64} << 20;
   // From a template's source (a --chat-template file), with the special tokens' text.
   static absl::StatusOr<ChatTemplate> FromSource(const std::string& source, std::string bos_token,
                                                  std::string eos_token);

@@ -225,7 +225,7 @@ std::optional<ApiError> ParseMessages(const Json& body, const engine::Engine& en
   bool add_generation_prompt = true;
   if (auto e = Bool(body, "add_generation_prompt", &add_generation_prompt)) return e;
   absl::StatusOr<std::string> prompt =
-      engine.ApplyChatTemplate(normalized, tools, add_generation_prompt);
+      engine.ApplyChatTemplate(normalized, tools, add_generation_prompt, p->adapter);
   if (!prompt.ok()) {
     ApiError e = BadParam("messages", std::string(prompt.status().message()));
     return e;

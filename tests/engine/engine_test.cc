@@ -9,6 +9,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -505,6 +506,49 @@ TEST(EngineTest, TokenizeUsesBosByDefault) {
   EXPECT_EQ(t->ids, (std::vector<int32_t>{256, 72, 105}));
   EXPECT_EQ(t->pieces.size(), 3u);
   EXPECT_EQ(e->Tokenize("Hi", false, false)->ids, (std::vector<int32_t>{72, 105}));
+}
+
+// An adapter directory may carry its own chat template (chat_template.jinja or
+// tokenizer_config.json's chat_template): chat prompts for that adapter use it, others the base
+// model's; a hot replace brings the new version's template; a template that does not parse fails
+// the load (the previous version keeps serving), naming the file.
+TEST(EngineTest, AnAdapterCarriesItsOwnChatTemplate) {
+  namespace fs = std::filesystem;
+  const fs::path root = fs::path(::testing::TempDir()) / absl::StrCat("chat_root_", getpid());
+  fs::remove_all(root);
+  for (const char* name : {"plain", "own", "config", "broken"}) {
+    ASSERT_FALSE(test_util::WriteDemoMoleAdapter((root / name).string()).empty());
+  }
+  std::ofstream(root / "own" / "chat_template.jinja")
+      << "{% for m in messages %}[{{ m.role }}|{{ m.content }}]{% endfor %}{{ eos_token }}";
+  std::ofstream(root / "config" / "tokenizer_config.json")
+      << R"({"chat_template": "{% for m in messages %}<{{ m.content }}>{% endfor %}{{ bos_token }}",
+             "bos_token": "<B>"})";
+  std::ofstream(root / "broken" / "chat_template.jinja") << "{% for m in messages %}";
+  const std::string base_template = (root / "base.jinja").string();
+  std::ofstream(base_template) << "{% for m in messages %}{{ m.content }};{% endfor %}";
+  auto e = MakeEngine(
+      {.adapters = {{"own", (root / "own").string()}, {"plain", (root / "plain").string()}},
+       .adapter_root = root.string(),
+       .chat_template_file = base_template});
+  const nlohmann::ordered_json messages = {{{"role", "user"}, {"content", "hi"}}};
+  auto render = [&](const std::string& adapter) {
+    absl::StatusOr<std::string> r = e->ApplyChatTemplate(messages, nullptr, true, adapter);
+    return r.ok() ? *r : std::string(r.status().message());
+  };
+  EXPECT_EQ(render(""), "hi;");
+  EXPECT_EQ(render("plain"), "hi;");  // no template of its own: the base model's
+  // Its eos_token: the base model's (the directory names none).
+  EXPECT_EQ(render("own"), "[user|hi]<|end_of_text|>");
+  // A hot replace with another directory brings its template (and its own special tokens).
+  ASSERT_TRUE(e->LoadAdapter("own", "config", /*replace=*/true).ok());
+  EXPECT_EQ(render("own"), "<hi><B>");
+  absl::StatusOr<AdapterSummary> broken = e->LoadAdapter("own", "broken", /*replace=*/true);
+  EXPECT_EQ(broken.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(broken.status().message().find("chat_template.jinja"), std::string::npos)
+      << broken.status();
+  EXPECT_EQ(render("own"), "<hi><B>");  // the previous version keeps serving
+  fs::remove_all(root);
 }
 
 }  // namespace

@@ -108,6 +108,7 @@ class HttpApiTest : public ::testing::Test {
     o.num_threads = 2;
     o.kv_cache_bytes = int64_t{64} << 20;
     o.adapters = {{"mole", *dir_}};
+    o.adapter_root = ::testing::TempDir();
     // ChatML, refusing roles it does not know (as real templates raise).
     const std::string chat_template = ::testing::TempDir() + "/http_api_chatml.jinja";
     std::ofstream(chat_template)
@@ -475,6 +476,25 @@ TEST_F(HttpApiTest, BadInputIsA4xxNamingTheParameter) {
   EXPECT_EQ(Json::parse(big.body)["error"]["type"], "invalid_request_error");
   // Still serving.
   EXPECT_EQ(Call("GET", "/health").status, 200);
+}
+
+// An adapter hot-loaded with its own chat template: chat requests naming it render that one.
+TEST_F(HttpApiTest, AnAdapterWithItsOwnTemplateRendersIt) {
+  const std::string dir = ::testing::TempDir() + "/http_api_chat_adapter";
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(dir).empty());
+  std::ofstream(dir + "/chat_template.jinja")
+      << "{% for m in messages %}## {{ m.content }}\n{% endfor %}## ";
+  ASSERT_TRUE(engine_->LoadAdapter("chatty", "http_api_chat_adapter", false).ok());
+  const Json r = Post("/v1/chat/completions",
+                      {{"model", "chatty"},
+                       {"messages", Json::array({{{"role", "user"}, {"content", "Hi"}}})},
+                       {"max_tokens", 6},
+                       {"temperature", 0}});
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  EXPECT_EQ(r["choices"][0]["message"]["content"], Direct("chatty", "## Hi\n## ", 6, false));
+  EXPECT_NE(Direct("chatty", "## Hi\n## ", 6, false),
+            Direct("chatty", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", 6, false));
+  ASSERT_TRUE(engine_->UnloadAdapter("chatty", absl::Seconds(30), false).ok());
 }
 
 // echo as lm-eval's local-completions scores continuations: token-id prompts, echo, logprobs 1,

@@ -159,9 +159,31 @@ TEST(ChatTemplateTest, FromTokenizerConfig) {
   t = ChatTemplate::FromModelDir(dir);
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(*t->Apply(messages, Json(), true), "from the file");
+  // Without tokenizer_config.json the caller's special tokens (an adapter's template uses the
+  // base model's).
+  std::ofstream(dir + "/chat_template.jinja") << "{{ bos_token }}|{{ eos_token }}";
+  t = ChatTemplate::FromModelDir(dir, "<B>", "<E>");
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(*t->Apply(messages, Json(), true), "<B>|<E>");
   std::ofstream(dir + "/chat_template.jinja") << "{% if %}";
   EXPECT_NE(ChatTemplate::FromModelDir(dir).status().message().find("chat_template.jinja"),
             std::string::npos);
+  // Hostile files (an adapter directory is untrusted): deep nesting and size are refused.
+  std::filesystem::remove(dir + "/chat_template.jinja");
+  std::ofstream(dir + "/tokenizer_config.json")
+      << "{\"x\": " << std::string(100000, '[') << std::string(100000, ']') << "}";
+  absl::Status deep = ChatTemplate::FromModelDir(dir).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(deep));
+  EXPECT_NE(deep.message().find("nests deeper"), std::string::npos) << deep;
+  std::filesystem::remove(dir + "/tokenizer_config.json");
+  {
+    std::ofstream big(dir + "/chat_template.jinja");
+    const std::string chunk(1 << 20, 'x');
+    for (int64_t i = 0; i <= ChatTemplate::kMaxChatFileBytes >> 20; ++i) big << chunk;
+  }
+  absl::Status large = ChatTemplate::FromModelDir(dir).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(large));
+  EXPECT_NE(large.message().find("larger than"), std::string::npos) << large;
   std::filesystem::remove_all(dir);
 }
 
