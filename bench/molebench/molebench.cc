@@ -51,6 +51,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "bench/molebench/http_driver.h"
 #include "bench/molebench/stats.h"
 #include "bench/molebench/workload.h"
 #include "engine/core/mutex.h"
@@ -59,6 +60,11 @@
 #include "server/grpc/metadata.h"
 
 ABSL_FLAG(std::string, addr, "localhost:50051", "moleserve gRPC address (host:port)");
+ABSL_FLAG(std::string, protocol, "grpc",
+          "grpc: Inference/Generate at --addr; http: the OpenAI-compatible API at --http-addr "
+          "(POST /v1/completions, streamed), the same requests");
+ABSL_FLAG(std::string, http_addr, "localhost:8000",
+          "moleserve's OpenAI-compatible HTTP address (host:port), for --protocol http");
 ABSL_FLAG(std::string, metrics_addr, "",
           "host:port of the server's Prometheus /metrics endpoint, scraped before and after the "
           "run (empty = no server-side metrics)");
@@ -542,10 +548,41 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::vector<PlannedRequest>> plan = moleserve::bench::PlanWorkload(config);
   if (!plan.ok()) return SetupError(plan.status());
 
-  // Channels, connection, first scrape.
-  const std::string addr = absl::GetFlag(FLAGS_addr);
+  // Channels (or the HTTP endpoint), connection, first scrape.
+  const std::string protocol = absl::GetFlag(FLAGS_protocol);
+  if (protocol != "grpc" && protocol != "http") {
+    return SetupError(absl::StrCat("--protocol must be grpc or http, not '", protocol, "'"));
+  }
+  const bool use_http = protocol == "http";
+  const std::string addr = use_http ? absl::GetFlag(FLAGS_http_addr) : absl::GetFlag(FLAGS_addr);
+  moleserve::bench::HttpEndpoint http_endpoint;
+  std::string base_model;
+  nlohmann::json server_info = nullptr;
+  if (use_http) {
+    absl::StatusOr<moleserve::bench::HttpEndpoint> endpoint =
+        moleserve::bench::ParseHttpEndpoint(addr);
+    if (!endpoint.ok())
+      return SetupError(absl::StrCat("--http-addr: ", endpoint.status().message()));
+    http_endpoint = *endpoint;
+    absl::StatusOr<std::vector<std::string>> models =
+        moleserve::bench::HttpListModels(http_endpoint, absl::GetFlag(FLAGS_connect_timeout));
+    if (!models.ok()) return SetupError(models.status());
+    base_model = models->front();
+    const std::set<std::string> known(models->begin(), models->end());
+    std::set<std::string> unknown;
+    for (const PlannedRequest& p : *plan) {
+      if (!p.adapter.empty() && !known.contains(p.adapter)) unknown.insert(p.adapter);
+    }
+    if (!unknown.empty()) {
+      std::cerr << "molebench: warning: /v1/models lists no model named " << *unknown.begin()
+                << (unknown.size() > 1 ? absl::StrCat(" (and ", unknown.size() - 1, " more)") : "")
+                << "; those requests will likely fail with 404\n";
+    }
+    server_info = {{"base_model", base_model},
+                   {"adapters_listed", static_cast<int64_t>(models->size()) - 1}};
+  }
   std::vector<std::unique_ptr<pb::Inference::Stub>> stubs;
-  for (int i = 0; i < absl::GetFlag(FLAGS_channels); ++i) {
+  for (int i = 0; !use_http && i < absl::GetFlag(FLAGS_channels); ++i) {
     grpc::ChannelArguments channel_args;
     channel_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // one connection per channel
     channel_args.SetMaxReceiveMessageSize(64 << 20);
@@ -554,8 +591,7 @@ int main(int argc, char** argv) {
     if (absl::Status s = Connect(*channel, addr); !s.ok()) return SetupError(s);
     stubs.push_back(pb::Inference::NewStub(channel));
   }
-  nlohmann::json server_info = nullptr;
-  CheckServer(*stubs[0], *plan, &server_info);
+  if (!use_http) CheckServer(*stubs[0], *plan, &server_info);
   const std::string metrics_addr = absl::GetFlag(FLAGS_metrics_addr);
   std::vector<MetricSample> before;
   if (!metrics_addr.empty()) {
@@ -564,13 +600,19 @@ int main(int argc, char** argv) {
     before = *std::move(scraped);
   }
 
-  std::cerr << absl::StreamFormat("molebench: %d requests, %s loop, %s\n", plan->size(), mode,
+  std::cerr << absl::StreamFormat("molebench: %d requests over %s, %s loop, %s\n", plan->size(),
+                                  protocol, mode,
                                   mode == "open" ? absl::StrCat("rate ", rate, " req/s")
                                                  : absl::StrCat("concurrency ", concurrency));
   const absl::Time started = absl::Now();
-  Driver driver(std::move(stubs), absl::GetFlag(FLAGS_timeout));
-  const std::vector<RequestRecord> records =
-      driver.Run(*plan, concurrency, /*paced=*/mode == "open");
+  std::vector<RequestRecord> records;
+  if (use_http) {
+    records = moleserve::bench::RunHttpPlan(http_endpoint, base_model, *plan, concurrency,
+                                            /*paced=*/mode == "open", absl::GetFlag(FLAGS_timeout));
+  } else {
+    Driver driver(std::move(stubs), absl::GetFlag(FLAGS_timeout));
+    records = driver.Run(*plan, concurrency, /*paced=*/mode == "open");
+  }
 
   std::optional<moleserve::bench::ServerMetricsDelta> server;
   std::string server_error;
@@ -590,6 +632,7 @@ int main(int argc, char** argv) {
   nlohmann::json report = moleserve::bench::BenchSummaryToJson(summary);
   report["label"] = absl::GetFlag(FLAGS_label);
   report["config"] = {
+      {"protocol", protocol},
       {"addr", addr},
       {"metrics_addr", metrics_addr},
       {"mode", mode},

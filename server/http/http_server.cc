@@ -385,6 +385,10 @@ struct HttpServer::Impl {
         if (ec == net::error::operation_aborted || !acceptor.is_open()) return;
         return Accept();  // e.g. too many open files: keep serving the others
       }
+      // Each streamed event is a small write: without TCP_NODELAY, Nagle holds it until the
+      // client ACKs the previous one, and a delayed ACK makes that ~40 ms per event.
+      beast::error_code nodelay_ec;
+      socket.set_option(tcp::no_delay(true), nodelay_ec);
       auto session = std::make_shared<Session>(ioc, std::move(socket), options, handler);
       {
         std::lock_guard<std::mutex> lock(mu);
