@@ -288,8 +288,11 @@ int Run() {
   std::unique_ptr<moleserve::server::OpenAiApi> openai;
   std::unique_ptr<moleserve::server::HttpServer> http;
   if (absl::GetFlag(FLAGS_http_port) >= 0) {
-    openai = std::make_unique<moleserve::server::OpenAiApi>(engine->get(),
-                                                            moleserve::server::OpenAiApiOptions{});
+    moleserve::server::OpenAiApiOptions api_options;
+#if MOLESERVE_WITH_METRICS
+    if (metrics) api_options.metrics_text = [m = metrics.get()] { return m->Text(); };
+#endif
+    openai = std::make_unique<moleserve::server::OpenAiApi>(engine->get(), api_options);
     auto started = moleserve::server::HttpServer::Start(
         {.address = absl::GetFlag(FLAGS_http_host),
          .port = absl::GetFlag(FLAGS_http_port),

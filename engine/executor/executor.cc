@@ -237,7 +237,10 @@ void Executor::PublishCounters() {
     }
   }
   std::vector<std::string> r(running.begin(), running.end()), w(waiting.begin(), waiting.end());
-  if (r == published_running_ && w == published_waiting_) return;
+  // The series exists from the first step on, so a router reads "no adapters" rather than
+  // nothing from a replica that has served only the base model.
+  if (adapters_published_ && r == published_running_ && w == published_waiting_) return;
+  adapters_published_ = true;
   published_running_ = r;
   published_waiting_ = w;
   // Every running sequence may use its own adapter: max_num_seqs bounds the adapters of a step.

@@ -118,6 +118,7 @@ class Executor {
   int64_t published_cache_events_ = 0;  // lookups + prefetches at the last OnExpertCache
   // The adapter names at the last OnAdapterQueue (engine loop only).
   std::vector<std::string> published_running_, published_waiting_;
+  bool adapters_published_ = false;  // the first call publishes (empty lists included)
 
   mutable Mutex mu_;  // guards the inbox, cancellations, stop flag and counters
   CondVar input_cv_;  // signalled on submission, cancellation and Stop

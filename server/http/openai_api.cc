@@ -722,6 +722,11 @@ void OpenAiApi::Handle(HttpRequest request, std::shared_ptr<HttpResponder> out) 
     }
     return;
   }
+  if (path == "/metrics" && options_.metrics_text) {
+    if (request.method != "GET") return SendError(*out, {.status = 405, .message = "use GET"});
+    out->Send(200, "text/plain; version=0.0.4", options_.metrics_text());
+    return;
+  }
   if (path == "/v1/models" || absl::StartsWith(path, "/v1/models/")) {
     if (request.method != "GET") {
       return SendError(*out, {.status = 405, .message = "use GET"});

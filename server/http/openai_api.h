@@ -20,6 +20,7 @@
 // Thread safety: Handle may be called from any thread.
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -30,6 +31,9 @@ namespace moleserve::server {
 
 struct OpenAiApiOptions {
   int32_t max_n = 16;  // choices per request
+  // When set, GET /metrics answers its text here too: the Gateway API Inference Extension's
+  // endpoint picker scrapes the port it routes to (InferencePool targetPorts), as vLLM serves.
+  std::function<std::string()> metrics_text;
 };
 
 class OpenAiApi {

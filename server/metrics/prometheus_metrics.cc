@@ -5,6 +5,7 @@
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
 
 #include <exception>
 
@@ -245,6 +246,10 @@ absl::StatusOr<std::unique_ptr<PrometheusMetrics>> PrometheusMetrics::Create(
   std::vector<int> ports = m->exposer_->GetListeningPorts();
   m->port_ = ports.empty() ? 0 : ports[0];
   return m;
+}
+
+std::string PrometheusMetrics::Text() const {
+  return prometheus::TextSerializer().Serialize(registry_->Collect());
 }
 
 void PrometheusMetrics::OnRequestRejected(absl::StatusCode code, engine::ClientProtocol protocol) {

@@ -76,6 +76,8 @@ class PrometheusMetrics final : public engine::MetricsSink {
   ~PrometheusMetrics() override;
 
   int port() const { return port_; }
+  // The text exposition /metrics serves (for serving it on another listener too).
+  std::string Text() const;
 
   void OnRequestRejected(absl::StatusCode code, engine::ClientProtocol protocol) override;
   void OnFirstToken(double seconds) override;

@@ -11,16 +11,18 @@ networks, the image build steps are the README's scripts, and the Kubernetes rou
 config is deploy/nginx's. Where kubectl exists, `kubectl kustomize` must render the manifests.
 """
 
+import json
 import os
 import re
 import shlex
 import shutil
 import sys
 import tempfile
+import urllib.request
 
 import yaml
 
-from harness import REPO, check, run, run_tests
+from harness import REPO, Moleserve, check, parse_samples, run, run_tests
 
 MOLESERVE, MOLECTL = sys.argv[1:3]
 
@@ -287,6 +289,81 @@ def test_kubernetes(tmp):
         check(len(list(yaml.safe_load_all(r.stdout))) == len(docs) - 1, "kustomize output")
 
 
+def test_inference_gateway(tmp):
+    """deploy/kubernetes/inference-gateway: the InferencePool selects the moleserve pods and
+    targets their HTTP port, the EPP is wired to it, and every metric its flags name is one a
+    running moleserve serves on that port, in the shape the EPP reads."""
+    base = os.path.join(REPO, "deploy/kubernetes")
+    root = os.path.join(base, "inference-gateway")
+    kust = load_yaml_docs(os.path.join(root, "kustomization.yaml"))[0]
+    check(kust["namespace"] == load_yaml_docs(os.path.join(base, "kustomization.yaml"))[0][
+        "namespace"], "the pool lives in moleserve's namespace")
+    docs = []
+    for res in kust["resources"]:
+        check(os.path.isfile(os.path.join(root, res)), f"kustomization: {res} is missing")
+        docs += load_yaml_docs(os.path.join(root, res))
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    server = {(d["kind"], d["metadata"]["name"]): d
+              for d in load_yaml_docs(os.path.join(base, "deployment.yaml"))}
+    pod = server[("Deployment", "moleserve")]["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    http_port = {p["name"]: p["containerPort"] for p in c["ports"]}["http"]
+    pool = by[("InferencePool", "moleserve")]
+    check(pool["apiVersion"] == "inference.networking.k8s.io/v1", "InferencePool v1")
+    check(all(pod["metadata"]["labels"].get(k) == v
+              for k, v in pool["spec"]["selector"]["matchLabels"].items()),
+          "the InferencePool selects no moleserve pod")
+    check(pool["spec"]["targetPorts"][0]["number"] == http_port,
+          "the pool targets the OpenAI-compatible HTTP port")
+    ref = pool["spec"]["endpointPickerRef"]
+    epp_svc = by[("Service", ref["name"])]
+    epp = by[("Deployment", ref["name"])]["spec"]["template"]["spec"]
+    epp_ports = {p["name"]: p["containerPort"] for p in epp["containers"][0]["ports"]}
+    svc_port = next(p for p in epp_svc["spec"]["ports"] if p["port"] == ref["port"]["number"])
+    check(epp_ports[svc_port["targetPort"]] == 9002, "endpointPickerRef reaches the ext-proc port")
+    check(all(by[("Deployment", ref["name"])]["spec"]["template"]["metadata"]["labels"].get(k) == v
+              for k, v in epp_svc["spec"]["selector"].items()), "the EPP Service selects no pod")
+    binding = by[("RoleBinding", "moleserve-epp")]
+    check(binding["subjects"][0]["name"] == epp["serviceAccountName"], "RBAC subject")
+    args = epp["containers"][0]["args"]
+    flags = dict(zip(args[0::2], args[1::2]))
+    check(flags["--pool-name"] == pool["metadata"]["name"] and
+          flags["--pool-namespace"] == kust["namespace"], "EPP --pool-name / --pool-namespace")
+    route = by[("HTTPRoute", "moleserve")]
+    backend = route["spec"]["rules"][0]["backendRefs"][0]
+    check(backend["kind"] == "InferencePool" and backend["name"] == pool["metadata"]["name"] and
+          backend["group"] == "inference.networking.k8s.io", "HTTPRoute backendRef")
+    # The metrics, from a running server's HTTP port after one request.
+    server_proc = Moleserve(MOLESERVE, [], os.path.join(tmp, "gie.log")).wait_ready()
+    try:
+        m = re.search(r"serving the OpenAI-compatible HTTP API on [^\s:]+:(\d+)",
+                      server_proc.output())
+        check(m is not None, "no HTTP port in the log")
+        port = int(m.group(1))
+        body = json.dumps({"model": "moleserve-demo", "prompt": "x", "max_tokens": 2}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            check(r.status == 200, "completion")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            samples = parse_samples(r.read().decode())
+    finally:
+        server_proc.stop()
+    names = {name for name, _ in samples}
+    for flag in ("--total-queued-requests-metric", "--total-running-requests-metric",
+                 "--kv-cache-usage-percentage-metric", "--lora-info-metric"):
+        check(flags[flag] in names, f"EPP {flag} {flags[flag]}: not served on the HTTP port")
+    kv = [v for (n, _), v in samples.items() if n == flags["--kv-cache-usage-percentage-metric"]]
+    check(kv and all(0 <= v <= 1 for v in kv), "KV cache usage is a fraction")
+    lora = [dict(labels) for n, labels in samples if n == flags["--lora-info-metric"]]
+    check(len(lora) == 1 and {"running_lora_adapters", "waiting_lora_adapters",
+                              "max_lora"} <= set(lora[0]), f"LoRA info labels: {lora}")
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        r = run([kubectl, "kustomize", root])
+        check(r.returncode == 0, f"kubectl kustomize: {r.stderr}")
+
+
 def test_nginx_syntax(tmp):
     """deploy/nginx/nginx.conf with its includes passes `nginx -t` (paths moved into tmp)."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -312,5 +389,7 @@ def test_nginx_syntax(tmp):
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="moleserve_deploy_") as tmp:
         sys.exit(run_tests([("compose", test_compose), ("dockerfiles", test_dockerfiles),
-                            ("kubernetes", test_kubernetes), ("nginx_syntax", test_nginx_syntax)],
+                            ("kubernetes", test_kubernetes),
+                            ("inference_gateway", test_inference_gateway),
+                            ("nginx_syntax", test_nginx_syntax)],
                            tmp))
