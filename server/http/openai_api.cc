@@ -351,6 +351,35 @@ std::optional<ApiError> ParseSampling(const Json& body, const engine::Engine& en
       r.stopping.stop_token_ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
     }
   }
+  // moleserve's extensions for MoLE adapters: the routing override and the routing trace.
+  if (auto ro = body.find("routing"); ro != body.end() && !ro->is_null()) {
+    if (!ro->is_object()) {
+      return BadParam("routing", "'routing' must be an object {algorithm, k, p}");
+    }
+    for (const auto& [key, value] : ro->items()) {
+      if (key != "algorithm" && key != "k" && key != "p") {
+        return BadParam("routing", "'routing' takes only 'algorithm', 'k' and 'p'");
+      }
+    }
+    if (auto a = ro->find("algorithm"); a != ro->end() && !a->is_null()) {
+      absl::StatusOr<engine::RoutingAlgorithm> algorithm =
+          a->is_string() ? engine::ParseRoutingAlgorithm(a->get<std::string>())
+                         : absl::InvalidArgumentError("not a string");
+      if (!algorithm.ok()) {
+        return BadParam("routing",
+                        "'routing.algorithm' must be one of topk, top_p, dynmole, soft, switch, "
+                        "rank_topk");
+      }
+      r.routing_override.algorithm = *algorithm;
+    }
+    int32_t k = 0;
+    if (auto e = Number(*ro, "k", 1, 1 << 20, &k)) return BadParam("routing", e->message);
+    if (ro->contains("k") && !(*ro)["k"].is_null()) r.routing_override.k = k;
+    float p_value = 0;
+    if (auto e = Number(*ro, "p", 1e-9, 1, &p_value)) return BadParam("routing", e->message);
+    if (ro->contains("p") && !(*ro)["p"].is_null()) r.routing_override.p = p_value;
+  }
+  if (auto e = Bool(body, "return_routing", &r.return_routing)) return e;
   if (auto user = body.find("user"); user != body.end() && !user->is_null() && !user->is_string()) {
     return BadParam("user", "'user' must be a string");
   }
@@ -394,6 +423,7 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
          text_offset = Json::array();
     Json chat_logprobs = Json::array();  // chat's {"content": [...]} entries
     bool sent_role = false;              // chat streams open each choice with the role
+    Json routing = Json::array();        // return_routing: one entry per generated token
     std::string echo;                    // the prompt's text, until sent (echo)
     bool echoed = false;
     int32_t prompt_tokens = 0, completion_tokens = 0;
@@ -436,7 +466,11 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
         }
         for (uint64_t h : started) engine_->Cancel(h);
         ApiError e = FromStatus(handle.status());
-        if (handle.status().code() == absl::StatusCode::kInvalidArgument) e.param = "prompt";
+        if (handle.status().code() == absl::StatusCode::kInvalidArgument) {
+          e.param = absl::StrContains(handle.status().message(), "routing override") ? "routing"
+                    : absl::StrContains(handle.status().message(), "logit_bias")     ? "logit_bias"
+                                                                                     : "prompt";
+        }
         SendError(*out_, e);
         return;
       }
@@ -476,6 +510,18 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
       }
     }
     for (uint64_t h : handles) engine_->Cancel(h);
+  }
+
+  // One generated token's routing (return_routing): its sites, as gRPC's TokenRouting.
+  static Json RoutingJson(const std::vector<engine::RoutingRecord>& records) {
+    Json sites = Json::array();
+    for (const engine::RoutingRecord& rec : records) {
+      sites.push_back(Json{{"layer", rec.layer},
+                           {"module", rec.module},
+                           {"experts", rec.experts},
+                           {"weights", rec.weights}});
+    }
+    return sites;
   }
 
   // The UTF-8 bytes of a token's text (chat logprobs carry them: a token may be half a
@@ -577,7 +623,14 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
         c.echo.clear();
         c.text += text;  // before the completion's logprobs: their offsets follow the prompt
       }
+      Json delta_routing = Json::array();
       if (!p_.hide_completion) {
+        if (p_.base.return_routing) {
+          for (const engine::GeneratedToken& t : chunk.tokens) {
+            delta_routing.push_back(RoutingJson(t.routing));
+            c.routing.push_back(delta_routing.back());
+          }
+        }
         if (p_.logprobs >= 0) AddLogprobs(c, chunk, &delta_logprobs);
         text += chunk.text;
         c.text += chunk.text;
@@ -608,6 +661,7 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
                                  {"text", text},
                                  {"logprobs", delta_logprobs},
                                  {"finish_reason", finish}};
+        if (p_.base.return_routing) choice["routing"] = std::move(delta_routing);
         event += "data: " + Dump(Frame(Json::array({choice}))) + "\n\n";
         if (all_done && p_.include_usage) {
           Json usage_frame = Frame(Json::array());
@@ -690,6 +744,7 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
                                  {"logprobs", logprobs},
                                  {"finish_reason", c.finish_reason}});
         }
+        if (p_.base.return_routing) choices.back()["routing"] = c.routing;
       }
       body = Frame(std::move(choices));
       body["usage"] = Usage();

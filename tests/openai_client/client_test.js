@@ -134,6 +134,22 @@ async function main() {
   });
   check(biased.choices[0].text === 'BBB', `logit_bias ${JSON.stringify(biased.choices[0].text)}`);
 
+  // Every other parameter, OpenAI's and moleserve's extensions (passed in the body, as vLLM's
+  // extra fields are): accepted, and the routing trace comes back per token.
+  const full = await client.completions.create({
+    model: adapter, prompt: 'All the knobs', max_tokens: 5, temperature: 0.7, top_p: 0.9,
+    seed: 4, frequency_penalty: 0.5, presence_penalty: 0.3, user: 'client-test', top_k: 20,
+    min_p: 0.01, repetition_penalty: 1.1, stop_token_ids: [259], priority: 1, ignore_eos: true,
+    routing: { algorithm: 'topk', k: 1 }, return_routing: true,
+  });
+  const routed = full.choices[0].routing;
+  check(full.choices.length === 1 && Array.isArray(routed) && routed.length === 5 &&
+        routed.every((t) => t.length > 0 && t.every((site) => site.experts.length === 1)),
+        `every parameter, top-1 routing override and its trace (${JSON.stringify(routed).slice(0, 120)})`);
+  await expectError(client.completions.create({
+    model: adapter, prompt: 'x', routing: { algorithm: 'topk', k: 99 },
+  }), OpenAI.BadRequestError, 400, 'routing', 'routing override that does not fit the adapter');
+
   // Errors come back as the SDK's typed errors.
   await expectError(client.completions.create({ model: 'nope', prompt: 'x' }),
                     OpenAI.NotFoundError, 404, 'model', 'unknown model');

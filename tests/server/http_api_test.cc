@@ -576,6 +576,83 @@ TEST_F(HttpApiTest, EchoReturnsThePromptAndItsLogprobs) {
             "Echo me");
 }
 
+// The MoLE extensions: `return_routing` gives each generated token's routed experts per site
+// (whole and streamed), `routing` overrides the adapter's routing for the request, as gRPC's
+// RoutingOverride does; a bad override is a 400 naming `routing`.
+TEST_F(HttpApiTest, RoutingOverrideAndRoutingTrace) {
+  const Json request{{"model", "mole"},  {"prompt", "Route me"},   {"max_tokens", 4},
+                     {"temperature", 0}, {"return_routing", true}, {"ignore_eos", true}};
+  const Json r = Post("/v1/completions", request);
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  const Json& routing = r["choices"][0]["routing"];
+  ASSERT_EQ(routing.size(), 4u) << r.dump();
+  for (const Json& token : routing) {
+    ASSERT_FALSE(token.empty());
+    for (const Json& site : token) {
+      EXPECT_TRUE(site["module"].is_string());
+      EXPECT_EQ(site["experts"].size(), 2u) << site.dump();  // the demo adapter routes top-2
+      EXPECT_EQ(site["weights"].size(), site["experts"].size());
+    }
+  }
+  // Override: top-1 everywhere, the same text as the engine gives with that override.
+  Json top1 = request;
+  top1["routing"] = {{"algorithm", "topk"}, {"k", 1}};
+  const Json one = Post("/v1/completions", top1);
+  ASSERT_TRUE(one.contains("choices")) << one.dump();
+  for (const Json& token : one["choices"][0]["routing"]) {
+    for (const Json& site : token) EXPECT_EQ(site["experts"].size(), 1u) << site.dump();
+  }
+  struct Collect final : engine::GenerationSink {
+    std::string text;
+    absl::Notification done;
+    void OnChunk(engine::GenerationChunk c) override { text += c.text; }
+    void OnFinish(engine::GenerationChunk c, engine::FinishInfo) override {
+      text += c.text;
+      done.Notify();
+    }
+    void OnError(absl::Status) override { done.Notify(); }
+  };
+  auto sink = std::make_shared<Collect>();
+  engine::GenerateRequest direct;
+  direct.adapter = "mole";
+  direct.text = "Route me";
+  direct.sampling.temperature = 0;
+  direct.stopping.max_new_tokens = 4;
+  direct.stopping.ignore_eos = true;
+  direct.routing_override.algorithm = engine::RoutingAlgorithm::kTopK;
+  direct.routing_override.k = 1;
+  ASSERT_TRUE(engine_->Submit(direct, sink).ok());
+  sink->done.WaitForNotification();
+  EXPECT_EQ(one["choices"][0]["text"], sink->text);
+  // Streamed: each event carries its tokens' routing.
+  Json streamed = request;
+  streamed["stream"] = true;
+  const Response s = Call("POST", "/v1/completions", streamed.dump());
+  size_t traced = 0;
+  for (const std::string& e : Events(s.body)) {
+    if (e == "[DONE]") continue;
+    const Json j = Json::parse(e);
+    if (!j["choices"].empty()) traced += j["choices"][0]["routing"].size();
+  }
+  EXPECT_EQ(traced, 4u);
+  // Bad overrides.
+  for (const Json& bad : {Json{{"algorithm", "bogus"}}, Json{{"k", 100}}, Json{{"k", "two"}},
+                          Json{{"q", 1}}, Json(5)}) {
+    Json b = request;
+    b["routing"] = bad;
+    int status = 0;
+    const Json e = Post("/v1/completions", b, &status);
+    EXPECT_EQ(status, 400) << bad.dump() << " -> " << e.dump();
+    EXPECT_EQ(e["error"]["param"], "routing") << bad.dump() << " -> " << e.dump();
+  }
+  Json base = request;
+  base["model"] = engine_->model_info().name;
+  base["routing"] = {{"k", 1}};
+  int status = 0;
+  EXPECT_EQ(Post("/v1/completions", base, &status)["error"]["param"], "routing");
+  EXPECT_EQ(status, 400);
+}
+
 TEST_F(HttpApiTest, LogitBiasSteersTheTokens) {
   const Json r = Post("/v1/completions", {{"model", engine_->model_info().name},
                                           {"prompt", "Anything"},
