@@ -173,6 +173,17 @@ async function main() {
   }
   const after = await client.completions.create({ model: baseModel, prompt: 'x', max_tokens: 2 });
   check(chunks >= 2 && after.choices.length === 1, 'abort mid-stream, then served again');
+  // The abort cancelled the request in the engine: the server's metrics (also served on the API
+  // port) count one cancelled HTTP request.
+  const metricsURL = baseURL.replace(/\/v1\/?$/, '/metrics');
+  let cancelled = 0;
+  for (let i = 0; i < 100 && cancelled === 0; i++) {
+    const text = await (await fetch(metricsURL)).text();
+    const m = text.match(/^moleserve_requests_finished_total\{[^}]*(?:outcome="cancelled"[^}]*protocol="http"|protocol="http"[^}]*outcome="cancelled")[^}]*\} (\S+)$/m);
+    cancelled = m ? Number(m[1]) : 0;
+    if (cancelled === 0) await new Promise((r) => setTimeout(r, 50));
+  }
+  check(cancelled === 1, `the aborted stream counts as cancelled in /metrics (${cancelled})`);
 
   console.log(failed === 0 ? 'all passed' : `${failed} failed`);
   process.exit(failed === 0 ? 0 : 1);

@@ -46,7 +46,8 @@ def main():
         log = open(log_path, "wb")
         server = subprocess.Popen(
             [moleserve, "--port", "0", "--http-port", "0", "--http-host", "127.0.0.1",
-             "--metrics-port", "-1", "--admin-port", "-1", "--threads", "2",
+             "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--admin-port", "-1",
+             "--threads", "2",
              "--adapter", f"mole={os.path.join(tmp, 'a0')}",
              "--chat-template", os.path.join(REPO, "tests/chat_template/templates/chatml.jinja")],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
