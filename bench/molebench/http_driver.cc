@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -128,37 +129,38 @@ void RunOne(ConnectionPool& pool, const std::string& body, Clock::time_point sta
   bool reused = false;
   std::unique_ptr<tcp::socket> sock;
   beast::error_code ec;
-  // A pooled connection the server closed meanwhile fails the write: once more on a new one.
+  beast::flat_buffer buffer;
+  std::optional<http::response_parser<http::buffer_body>> parser;
+  // A pooled connection the server closed meanwhile (its idle timeout) fails the write or, more
+  // often, ends before the response header: once more on a new connection.
   for (int attempt = 0; attempt < 2; ++attempt) {
     sock = attempt == 0 ? pool.Take(&reused, &error) : pool.Connect(&error);
     if (sock == nullptr) return fail(absl::StatusCode::kUnavailable, error);
     record->send_s = now_s();
     http::write(*sock, req, ec);
-    if (!ec || !reused) break;
+    buffer.clear();
+    parser.emplace();
+    parser->body_limit(boost::none);
+    if (!ec) http::read_header(*sock, buffer, *parser, ec);
+    if (!ec || !reused || attempt > 0) break;
   }
-  if (ec) return fail(absl::StatusCode::kUnavailable, absl::StrCat("write: ", ec.message()));
-
-  beast::flat_buffer buffer;
-  http::response_parser<http::buffer_body> parser;
-  parser.body_limit(boost::none);
-  http::read_header(*sock, buffer, parser, ec);
-  if (ec) return fail(absl::StatusCode::kUnavailable, absl::StrCat("read: ", ec.message()));
-  const int status = static_cast<int>(parser.get().result_int());
+  if (ec) return fail(absl::StatusCode::kUnavailable, absl::StrCat("request: ", ec.message()));
+  const int status = static_cast<int>(parser->get().result_int());
   std::string raw, pending;
   int64_t completion_tokens = -1;
   bool done = false;
   std::string stream_error;
   char chunk[16384];
-  while (!parser.is_done()) {
+  while (!parser->is_done()) {
     if (Clock::now() > deadline) {
       return fail(absl::StatusCode::kDeadlineExceeded, "past --timeout");
     }
-    parser.get().body().data = chunk;
-    parser.get().body().size = sizeof(chunk);
-    http::read_some(*sock, buffer, parser, ec);  // what has arrived, not a full buffer
+    parser->get().body().data = chunk;
+    parser->get().body().size = sizeof(chunk);
+    http::read_some(*sock, buffer, *parser, ec);  // what has arrived, not a full buffer
     if (ec == http::error::need_buffer) ec = {};
     if (ec) return fail(absl::StatusCode::kUnavailable, absl::StrCat("read: ", ec.message()));
-    const size_t got = sizeof(chunk) - parser.get().body().size;
+    const size_t got = sizeof(chunk) - parser->get().body().size;
     if (status != 200) {
       raw.append(chunk, got);
       continue;
@@ -201,7 +203,7 @@ void RunOne(ConnectionPool& pool, const std::string& body, Clock::time_point sta
     record->token_times_s.resize(static_cast<size_t>(completion_tokens), record->end_s);
   }
   record->code = absl::StatusCode::kOk;
-  if (parser.keep_alive()) pool.Give(std::move(sock));
+  if (parser->keep_alive()) pool.Give(std::move(sock));
 }
 
 }  // namespace
@@ -269,8 +271,18 @@ std::vector<RequestRecord> RunHttpPlan(const HttpEndpoint& endpoint, const std::
   std::mutex mu;
   std::condition_variable cv;
   int in_flight = 0;
-  std::vector<std::thread> threads;
-  threads.reserve(plan.size());
+  // One thread per request in flight: each reports its index when done and is joined then, so
+  // finished requests hold no thread.
+  std::vector<std::thread> threads(plan.size());
+  std::vector<int> finished;
+  auto join_finished = [&] {
+    std::vector<int> done;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      done.swap(finished);
+    }
+    for (int i : done) threads[i].join();
+  };
   const Clock::time_point start = Clock::now();
   for (const PlannedRequest& request : plan) {
     if (paced) {
@@ -283,17 +295,24 @@ std::vector<RequestRecord> RunHttpPlan(const HttpEndpoint& endpoint, const std::
       if (max_in_flight > 0) cv.wait(lock, [&] { return in_flight < max_in_flight; });
       ++in_flight;
     }
+    join_finished();
     RequestRecord* record = &records[request.index];
     record->adapter = request.adapter;
     record->prompt_tokens = static_cast<int64_t>(request.prompt_ids.size());
-    threads.emplace_back([&, record, body = CompletionBody(request, base_model)] {
+    const int index = request.index;
+    threads[index] = std::thread([&, record, index, body = CompletionBody(request, base_model)] {
       RunOne(pool, body, start, timeout, record);
       std::lock_guard<std::mutex> lock(mu);
       --in_flight;
+      finished.push_back(index);
       cv.notify_all();
     });
   }
-  for (std::thread& t : threads) t.join();
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return in_flight == 0; });
+  }
+  join_finished();
   return records;
 }
 

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/file_io.h"
 #include "engine/core/json_depth.h"
 #include "engine/core/status_macros.h"
 
@@ -30,20 +31,13 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromModelDir(const std::string& dir,
                                                         const std::string& default_eos) {
   const std::filesystem::path path = std::filesystem::path(dir) / "tokenizer_config.json";
   const std::filesystem::path jinja_path = std::filesystem::path(dir) / "chat_template.jinja";
-  // A file's text, bounded (model and adapter directories are not trusted to be small).
+  // A file's text, bounded and only from a regular file (model and adapter directories are
+  // not trusted: a FIFO named like a template must not block the load); none when absent.
   auto read = [](const std::filesystem::path& p) -> absl::StatusOr<std::optional<std::string>> {
-    std::ifstream in(p, std::ios::binary);
-    if (!in) return std::optional<std::string>();
-    std::string text;
-    char buf[1 << 16];
-    while (in.read(buf, sizeof(buf)) || in.gcount() > 0) {
-      text.append(buf, static_cast<size_t>(in.gcount()));
-      if (static_cast<int64_t>(text.size()) > kMaxChatFileBytes) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(p.string(), " is larger than ", kMaxChatFileBytes, " bytes"));
-      }
-    }
-    return std::optional<std::string>(std::move(text));
+    absl::StatusOr<std::string> text = ReadRegularFile(p.string(), kMaxChatFileBytes);
+    if (absl::IsNotFound(text.status())) return std::optional<std::string>();
+    if (!text.ok()) return text.status();
+    return std::optional<std::string>(*std::move(text));
   };
   Json config = Json::object();
   ASSIGN_OR_RETURN(std::optional<std::string> config_text, read(path));

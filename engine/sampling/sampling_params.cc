@@ -37,6 +37,10 @@ absl::Status ValidateSamplingParams(const SamplingParams& p, int32_t vocab_size)
   if (!std::isfinite(p.presence_penalty) || std::fabs(p.presence_penalty) > 2.0f) {
     return Bad("presence_penalty", p.presence_penalty, "[-2, 2]");
   }
+  if (p.logit_bias.size() > kMaxLogitBiasEntries) {
+    return absl::InvalidArgumentError(absl::StrCat("sampling.logit_bias has ", p.logit_bias.size(),
+                                                   " entries; at most ", kMaxLogitBiasEntries));
+  }
   std::vector<int32_t> ids;
   for (const auto& [id, value] : p.logit_bias) {
     if (id < 0 || (vocab_size > 0 && id >= vocab_size)) {

@@ -32,6 +32,8 @@ struct SamplingParams {
 };
 
 inline constexpr float kMaxLogitBias = 100.0f;
+// Entries a request's logit_bias may hold: each is copied into every step's sampler rows.
+inline constexpr int kMaxLogitBiasEntries = 1024;
 
 struct StoppingParams {
   int32_t max_new_tokens = 0;  // 0 = default (see EngineOptions::default_max_new_tokens)

@@ -302,14 +302,29 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
   std::vector<Sequence*> local_preempted;
   if (preempted == nullptr) preempted = &local_preempted;
   const size_t preempted_before = preempted->size();
+  // Logits rows: the model has max_num_seqs a step. Every sequence of the step may take one
+  // (its sampled token); a sequence that wants prompt logprobs takes one more per scored prompt
+  // position beyond that (extra_rows), out of the rows that neither a running sequence nor a
+  // waiting one that could be admitted holds (so scoring never starves or blocks anyone; it
+  // always has its own row). Chunks are cut to fit before their blocks and budget are taken,
+  // and admission needs a free row.
+  int32_t extra_rows = 0;
+  auto fit_rows = [&](const Sequence& seq, int32_t n) {
+    const int32_t free_slots = options_.max_num_seqs - static_cast<int32_t>(running_.size());
+    const int32_t spare = free_slots - extra_rows -
+                          static_cast<int32_t>(std::min<int64_t>(num_waiting(), free_slots));
+    const int32_t cut = FitScoredChunk(seq, n, std::max(spare, 0));
+    extra_rows += std::max(0, RowsOf(seq, cut) - 1);
+    return cut;
+  };
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* seq = running_[i].get();
     const int32_t remaining = seq->uncomputed();
-    const int32_t n = std::min(remaining, budget);
     if (remaining == 0) {
       ++i;
       continue;
     }
+    const int32_t n = fit_rows(*seq, std::min(remaining, budget));
     // seq preempted itself: it left running_, so index i now names the next sequence (X-LoRA).
     if (!GrowBlocks(seq, seq->num_computed + n, preempted)) continue;
     step.push_back({seq, n, n == remaining});
@@ -322,7 +337,8 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
   // A step that had to preempt admits nobody: the blocks just freed go to the running sequences
   // (and nobody overtakes the preempted ones into them).
   const bool admit = preempted->size() == preempted_before;
-  while (admit && budget > 0 && static_cast<int32_t>(running_.size()) < options_.max_num_seqs) {
+  while (admit && budget > 0 &&
+         static_cast<int32_t>(running_.size()) + extra_rows < options_.max_num_seqs) {
     bool overdue = false;
     const int64_t i = PickNext(now, skip, &overdue);
     if (i < 0) break;
@@ -334,42 +350,31 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
       continue;
     }
     skip.erase(skip.begin() + i);
-    const int32_t n = std::min(seq->uncomputed(), budget);
+    const int32_t n = fit_rows(*seq, std::min(seq->uncomputed(), budget));
     if (seq->xlora) GrowBlocks(seq, seq->num_computed + n, preempted);
     step.push_back({seq, n, n == seq->uncomputed()});
     budget -= n;
     join_step(*seq, n);
   }
-  FitScoringRows(&step);
   ComputePrefetchHint(now);
   return step;
 }
 
-void Scheduler::FitScoringRows(std::vector<ScheduledChunk>* step) const {
-  // The model computes logits for max_num_seqs rows a step: one per sampling chunk, plus one per
-  // scored prompt position. A chunk whose positions do not fit is cut after the last that does
-  // (and then samples nothing, giving its row back); one that fits none waits. The first
-  // prefilling chunk always scores at least one position: it does not sample, so the sampling
-  // chunks leave it a row.
-  int32_t rows_left = options_.max_num_seqs;
-  for (const ScheduledChunk& c : *step) rows_left -= c.sample ? 1 : 0;
-  for (auto it = step->begin(); it != step->end();) {
-    const Sequence& seq = *it->seq;
-    const int32_t begin = seq.num_computed;
-    const int32_t need = seq.ScoringRows(begin, it->num_tokens);
-    if (need <= rows_left) {
-      rows_left -= need;
-      ++it;
-      continue;
-    }
-    if (it->sample) {
-      it->sample = false;
-      ++rows_left;
-    }
-    it->num_tokens = seq.FirstScored(begin) - begin + rows_left;
-    rows_left = 0;
-    it = it->num_tokens > 0 ? it + 1 : step->erase(it);
-  }
+int32_t Scheduler::RowsOf(const Sequence& seq, int32_t n) {
+  const int32_t begin = seq.num_computed;
+  return seq.ScoringRows(begin, n) + (n == seq.uncomputed() ? 1 : 0);
+}
+
+int32_t Scheduler::FitScoredChunk(const Sequence& seq, int32_t n, int32_t spare) {
+  // At most 1 + spare rows: the sequence's own and the spare ones.
+  if (RowsOf(seq, n) <= 1 + spare) return n;
+  const int32_t begin = seq.num_computed;
+  // Up to 1 + spare scored positions (a chunk cut short of the end samples nothing)...
+  int32_t cut = std::min(n, seq.FirstScored(begin) - begin + 1 + spare);
+  // ...one fewer if that still reaches the end and samples too. A one-token chunk fits always:
+  // its token is the last one (not scored) or a single scored position.
+  if (RowsOf(seq, cut) > 1 + spare) --cut;
+  return cut;
 }
 
 void Scheduler::ComputePrefetchHint(absl::Time now) {

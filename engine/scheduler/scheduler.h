@@ -138,8 +138,10 @@ class Scheduler {
   int64_t ServedTokens(int32_t slot) const;
 
  private:
-  // Cuts the chunks of sequences that want prompt logprobs so that the step's logits rows fit.
-  void FitScoringRows(std::vector<ScheduledChunk>* step) const;
+  // Logits rows a chunk of n tokens of seq takes (prompt logprobs: its scored positions, plus
+  // one when it samples), and the longest prefix of it that takes at most 1 + spare.
+  static int32_t RowsOf(const Sequence& seq, int32_t n);
+  static int32_t FitScoredChunk(const Sequence& seq, int32_t n, int32_t spare);
   // Takes the blocks seq's table needs to cover `positions`, preempting running sequences that
   // arrived after it (latest first) when there are not enough free ones. False when seq itself
   // had to be preempted.

@@ -20,7 +20,8 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const moleserve::v1::GenerateR
 
 // The chunk's prompt logprobs (GenerationChunk::prompt_ids non-empty) as the messages that
 // precede its tokens: at most kMaxPromptLogprobsPerMessage entries each (a 20-alternative entry
-// is about 170 bytes: each message stays under 1 MiB, far below clients' 4 MiB default).
+// is at most about 250 bytes: each message stays near 1 MiB, far below clients' 4 MiB
+// default; the stream never merges them with other messages).
 inline constexpr int kMaxPromptLogprobsPerMessage = 4096;
 std::vector<moleserve::v1::GenerateResponse> PromptLogprobMessages(
     const engine::GenerationChunk& chunk);

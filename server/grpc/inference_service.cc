@@ -86,7 +86,9 @@ class StreamState final : public engine::GenerationSink {
     {
       engine::MutexLock lock(&mu_);
       if (finished_ || final_status_) return;
-      if (pending_.empty() || pending_.back().ByteSizeLong() >= kMaxCoalescedBytes) {
+      // Prompt logprob messages keep their bounded size: never folded, nor folded into.
+      if (pending_.empty() || pending_.back().ByteSizeLong() >= kMaxCoalescedBytes ||
+          msg.prompt_logprobs_size() > 0 || pending_.back().prompt_logprobs_size() > 0) {
         msg.set_request_id(request_id_);
         pending_.push_back(std::move(msg));
       } else {

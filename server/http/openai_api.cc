@@ -309,6 +309,10 @@ std::optional<ApiError> ParseSampling(const Json& body, const engine::Engine& en
     if (!bias->is_object()) {
       return BadParam("logit_bias", "'logit_bias' must map token ids to numbers");
     }
+    if (bias->size() > static_cast<size_t>(engine::kMaxLogitBiasEntries)) {
+      return BadParam("logit_bias", absl::StrCat("'logit_bias' holds at most ",
+                                                 engine::kMaxLogitBiasEntries, " tokens"));
+    }
     for (const auto& [key, value] : bias->items()) {
       int64_t id = -1;
       if (key.empty() || key.size() > 10 ||
@@ -636,7 +640,8 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
         c.text += chunk.text;
       }
       if (info) {
-        c.finish_reason = FinishReasonText(info->reason);
+        // Echo with max_tokens 0 generated nothing the client sees: "length", as OpenAI says.
+        c.finish_reason = p_.hide_completion ? "length" : FinishReasonText(info->reason);
         c.prompt_tokens = info->prompt_tokens;
         c.completion_tokens = p_.hide_completion ? 0 : info->generated_tokens;
         all_done = std::all_of(choices_.begin(), choices_.end(),

@@ -6,6 +6,7 @@
 #include "engine/chat/jinja.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <filesystem>
 #include <fstream>
@@ -183,7 +184,13 @@ TEST(ChatTemplateTest, FromTokenizerConfig) {
   }
   absl::Status large = ChatTemplate::FromModelDir(dir).status();
   EXPECT_TRUE(absl::IsInvalidArgument(large));
-  EXPECT_NE(large.message().find("larger than"), std::string::npos) << large;
+  EXPECT_NE(large.message().find("limit"), std::string::npos) << large;
+  // A FIFO named like a template is refused, not waited on.
+  std::filesystem::remove(dir + "/chat_template.jinja");
+  ASSERT_EQ(mkfifo((dir + "/chat_template.jinja").c_str(), 0600), 0);
+  absl::Status fifo = ChatTemplate::FromModelDir(dir).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(fifo)) << fifo;
+  EXPECT_NE(fifo.message().find("FIFO"), std::string::npos) << fifo;
   std::filesystem::remove_all(dir);
 }
 

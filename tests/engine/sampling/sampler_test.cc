@@ -157,6 +157,11 @@ TEST(SamplingParamsTest, ValidationNamesTheField) {
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(s.message().find("logit_bias"), std::string::npos) << s;
   }
+  SamplingParams many;
+  for (int32_t id = 0; id <= kMaxLogitBiasEntries; ++id) many.logit_bias.emplace_back(id, 1.0f);
+  EXPECT_NE(ValidateSamplingParams(many, 100000).message().find("at most"), std::string::npos);
+  many.logit_bias.pop_back();
+  EXPECT_TRUE(ValidateSamplingParams(many, 100000).ok());
   SamplingParams fine;
   fine.logit_bias = {{0, -100.0f}, {259, 100.0f}};
   EXPECT_TRUE(ValidateSamplingParams(fine, 260).ok());

@@ -238,6 +238,27 @@ TEST(SchedulerTest, PromptLogprobRowsFitTheStepAndEveryPositionIsScoredOnce) {
   }
 }
 
+// A long prompt scored row by row neither blocks admission nor starves the sequences after it:
+// requests that arrive while it prefills are admitted at once and decode every step, while it
+// keeps scoring at least one position a step.
+TEST(SchedulerTest, AScoredPromptDoesNotStarveOthers) {
+  for (SchedulingPolicy policy : {SchedulingPolicy::kFcfs, SchedulingPolicy::kExpertAware}) {
+    SimEngine sim(Options(policy, 64, 4), 256, 4, nullptr);
+    sim.Submit(0, -1, 200, 2, 0, /*prompt_logprobs=*/true);
+    sim.Step();
+    sim.Submit(1, -1, 2, 20);
+    sim.Submit(2, -1, 2, 20);
+    for (int i = 0; i < 20; ++i) sim.Step();
+    EXPECT_TRUE(sim.finished().contains(1)) << "request 1 starved";
+    EXPECT_TRUE(sim.finished().contains(2)) << "request 2 starved";
+    EXPECT_FALSE(sim.finished().contains(0));
+    // 21 steps: at least one scored position each.
+    EXPECT_GE(sim.scored()[0].size(), 21u);
+    sim.RunUntilIdle();
+    EXPECT_EQ(sim.scored()[0].size(), 199u);
+  }
+}
+
 TEST(SchedulerTest, BudgetsAndExpertPoolAreRespectedUnderARandomMix) {
   for (SchedulingPolicy policy : {SchedulingPolicy::kFcfs, SchedulingPolicy::kExpertAware}) {
     SchedulerOptions o = Options(policy, 48, 6);
