@@ -314,10 +314,23 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
                                        .num_tokens = t,
                                        .hidden = h,
                                        .dtype = dt}));
+  // The residual adds are fused into the RMSNorm that follows them (RmsNormParams::residual):
+  // x += block output, h = norm(x) in one kernel. The first layer's input norm has no add in
+  // front; the last layer's MLP add is a plain Add (the final norm runs on the sample rows only).
+  auto add_norm = [&](const DeviceBuffer& weight) {
+    return backend_->RmsNorm({.x = o_.data(),
+                              .weight = weight.data(),
+                              .y = h_.data(),
+                              .rows = t,
+                              .cols = h,
+                              .eps = c.rms_norm_eps,
+                              .dtype = dt,
+                              .residual = x_.data()});
+  };
+  RETURN_IF_ERROR(RmsNormRows(x_, layers_[0].input_norm, h_, t));
   for (int32_t l = 0; l < c.num_layers; ++l) {
     Layer& layer = layers_[l];
-    // Attention block.
-    RETURN_IF_ERROR(RmsNormRows(x_, layer.input_norm, h_, t));
+    // Attention block (h_ holds the input norm of x_).
     RETURN_IF_ERROR(gemm(h_, layer.qkv, qkv_, t, qkv_width, h));
     if (c.qkv_bias) RETURN_IF_ERROR(bias(qkv_, layer.qkv_bias, qkv_width));
     RETURN_IF_ERROR(adapters_.ApplyProjection(l, Projection::kQkv, h_.data(), qkv_.data()));
@@ -363,10 +376,8 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
     RETURN_IF_ERROR(gemm(attn_, layer.o, o_, t, h, q_width));
     if (c.o_bias) RETURN_IF_ERROR(bias(o_, layer.o_bias, h));
     RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kO, attn_.data(), o_.data()));
-    RETURN_IF_ERROR(
-        backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
-    // MLP block (SwiGLU).
-    RETURN_IF_ERROR(RmsNormRows(x_, layer.post_norm, h_, t));
+    // MLP block (SwiGLU), on norm(x + attention).
+    RETURN_IF_ERROR(add_norm(layer.post_norm));
     RETURN_IF_ERROR(gemm(h_, layer.gate_up, gate_up_, t, 2 * inter, h));
     RETURN_IF_ERROR(adapters_.ApplyProjection(l, Projection::kGateUp, h_.data(), gate_up_.data()));
     const bool block_ffn = adapters_.HasBlockFfn(l);
@@ -385,8 +396,12 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
     RETURN_IF_ERROR(gemm(act_, layer.down, o_, t, h, inter));
     RETURN_IF_ERROR(adapters_.ApplyLinear(l, LinearModule::kDown, act_.data(), o_.data()));
     if (block_ffn) RETURN_IF_ERROR(adapters_.BlockFfnDown(l, o_.data()));
-    RETURN_IF_ERROR(
-        backend_->Add({.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
+    if (l + 1 < c.num_layers) {
+      RETURN_IF_ERROR(add_norm(layers_[l + 1].input_norm));
+    } else {
+      RETURN_IF_ERROR(backend_->Add(
+          {.a = x_.data(), .b = o_.data(), .out = x_.data(), .n = t * h, .dtype = dt}));
+    }
   }
   return absl::OkStatus();
 }

@@ -17,11 +17,16 @@ enum class ScalarType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 struct RmsNormParams {
   const void* x = nullptr;       // [rows, cols]
   const void* weight = nullptr;  // [cols]
-  void* y = nullptr;             // [rows, cols]; may alias x
+  void* y = nullptr;             // [rows, cols]; may alias x (not with residual)
   int64_t rows = 0;
   int64_t cols = 0;
   float eps = 1e-6f;
   ScalarType dtype = ScalarType::kF32;
+  // Residual add fused in front (a decoder layer's "h = h + block(h); norm(h)"): when set,
+  // residual[r, c] += x[r, c] first, rounded to dtype and written back (the residual stream, as
+  // an Add would leave it), and y = RMSNorm(residual) instead of RMSNorm(x). y must not alias
+  // residual or x.
+  void* residual = nullptr;  // [rows, cols]
 };
 
 // out[t, i] = silu(gate[t, i]) * up[t, i]   (SwiGLU)

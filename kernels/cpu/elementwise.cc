@@ -9,12 +9,21 @@ namespace moleserve::kernels::cpu {
 
 KernelStatus RmsNorm(const RmsNormParams& p, ThreadPool* pool) {
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
+  if (p.residual != nullptr && (p.y == p.residual || p.y == p.x)) {
+    return KernelStatus::kInvalidArgument;
+  }
   const auto* x = static_cast<const float*>(p.x);
   const auto* w = static_cast<const float*>(p.weight);
   auto* y = static_cast<float*>(p.y);
+  auto* residual = static_cast<float*>(p.residual);
   ParallelFor(pool, p.rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * p.cols;
+      if (residual != nullptr) {  // the fused residual add, as Add computes it
+        float* rr = residual + r * p.cols;
+        for (int64_t c = 0; c < p.cols; ++c) rr[c] = rr[c] + xr[c];
+        xr = rr;
+      }
       float* yr = y + r * p.cols;
       double sum_sq = 0.0;  // double: the oracle should not lose bits on wide rows
       for (int64_t c = 0; c < p.cols; ++c) sum_sq += static_cast<double>(xr[c]) * xr[c];

@@ -64,6 +64,17 @@ class Bf16CpuBackend final : public engine::Backend {
     if (!Bf16(p.dtype)) return inner_->RmsNorm(p);
     std::vector<float> x = In(p.x, p.rows * p.cols), w = In(p.weight, p.cols), y(x.size());
     kernels::RmsNormParams q = p;
+    if (p.residual != nullptr) {
+      // The fused residual add: the bf16 sum an Add leaves, then the norm over it.
+      if (p.y == p.residual || p.y == p.x) return absl::InvalidArgumentError("RmsNorm aliasing");
+      std::vector<float> r = In(p.residual, p.rows * p.cols);
+      for (size_t i = 0; i < r.size(); ++i) {
+        r[i] = kernels::Bf16ToF32(kernels::F32ToBf16(r[i] + x[i]));
+      }
+      Store(r, p.residual);
+      x = std::move(r);
+      q.residual = nullptr;
+    }
     q.x = x.data(), q.weight = w.data(), q.y = y.data(), q.dtype = kF32;
     return Out(inner_->RmsNorm(q), y, p.y);
   }

@@ -26,7 +26,9 @@ struct BackendCounts {
   int64_t d2h_copies = 0;
   int64_t d2h_bytes = 0;
   int64_t syncs = 0;
-  int64_t shrinks = 0;  // SgmvShrink calls outside graph capture (also counted in ops)
+  int64_t shrinks = 0;      // SgmvShrink calls outside graph capture (also counted in ops)
+  int64_t adds = 0;         // Add calls outside graph capture (also counted in ops)
+  int64_t fused_norms = 0;  // RmsNorm calls with a residual add fused in (also in ops)
 };
 
 class CountingBackend final : public engine::Backend {
@@ -91,10 +93,16 @@ class CountingBackend final : public engine::Backend {
     return inner_->Op(p);                              \
   }
   MOLESERVE_COUNTED_OP(Gemm, GemmParams)
-  MOLESERVE_COUNTED_OP(RmsNorm, RmsNormParams)
+  absl::Status RmsNorm(const kernels::RmsNormParams& p) override {
+    if (!capturing_) ++counts_.ops, counts_.fused_norms += p.residual != nullptr ? 1 : 0;
+    return inner_->RmsNorm(p);
+  }
   MOLESERVE_COUNTED_OP(SiluMul, SiluMulParams)
   MOLESERVE_COUNTED_OP(Embedding, EmbeddingParams)
-  MOLESERVE_COUNTED_OP(Add, AddParams)
+  absl::Status Add(const kernels::AddParams& p) override {
+    if (!capturing_) ++counts_.ops, ++counts_.adds;
+    return inner_->Add(p);
+  }
   MOLESERVE_COUNTED_OP(BiasAdd, BiasAddParams)
   MOLESERVE_COUNTED_OP(Rope, RopeParams)
   MOLESERVE_COUNTED_OP(KvWrite, KvWriteParams)

@@ -98,6 +98,47 @@ TEST_P(RowOpsTest, RmsNormMatchesNaive) {
   EXPECT_EQ(x, y);
 }
 
+// The fused residual add (RmsNormParams::residual) is exactly Add then RmsNorm: the same
+// residual stream and the same normalised rows, bit for bit.
+TEST_P(RowOpsTest, RmsNormWithResidualIsAddThenRmsNorm) {
+  const auto [rows, cols] = GetParam();
+  const auto x = Random(rows * cols, 8, 2.0f), w = Random(cols, 9);
+  const auto residual = Random(rows * cols, 10, 5.0f);
+  std::vector<float> fused_residual = residual, fused_y(rows * cols);
+  ThreadPool pool(2);
+  ASSERT_EQ(RmsNorm({.x = x.data(),
+                     .weight = w.data(),
+                     .y = fused_y.data(),
+                     .rows = rows,
+                     .cols = cols,
+                     .eps = 1e-5f,
+                     .residual = fused_residual.data()},
+                    &pool),
+            KernelStatus::kOk);
+  std::vector<float> sum(rows * cols), y(rows * cols);
+  ASSERT_EQ(Add({.a = residual.data(), .b = x.data(), .out = sum.data(), .n = rows * cols}, &pool),
+            KernelStatus::kOk);
+  ASSERT_EQ(RmsNorm({.x = sum.data(),
+                     .weight = w.data(),
+                     .y = y.data(),
+                     .rows = rows,
+                     .cols = cols,
+                     .eps = 1e-5f},
+                    &pool),
+            KernelStatus::kOk);
+  EXPECT_EQ(fused_residual, sum);
+  EXPECT_EQ(fused_y, y);
+  // y may not alias the residual stream or x.
+  EXPECT_EQ(RmsNorm({.x = x.data(),
+                     .weight = w.data(),
+                     .y = fused_residual.data(),
+                     .rows = rows,
+                     .cols = cols,
+                     .residual = fused_residual.data()},
+                    nullptr),
+            KernelStatus::kInvalidArgument);
+}
+
 TEST_P(RowOpsTest, SiluMulMatchesNaive) {
   const auto [rows, cols] = GetParam();
   auto g = Random(rows * cols, 6, 4.0f), u = Random(rows * cols, 7);

@@ -111,6 +111,44 @@ TEST_P(CudaRowOpsTest, RmsNormMatchesCpu) {
   ExpectClose(dy.Download(), ref, dtype, 1e-5f);
 }
 
+// The fused residual add against the CPU twin: the residual stream is the dtype's rounding of
+// the sum, bit for bit; the normalised rows within the RmsNorm tolerance.
+TEST_P(CudaRowOpsTest, RmsNormWithResidualMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const auto [rows, cols, dtype] = GetParam();
+  auto x = Random(rows * cols, 5, 2.0f), w = Random(cols, 6), r = Random(rows * cols, 7, 4.0f);
+  std::vector<float> y(rows * cols, 0.0f);
+  DeviceArray dx(x, dtype), dw(w, dtype), dy(y, dtype), dr(r, dtype);
+  // The CPU side starts from the same (rounded) values.
+  x = dx.Download(), w = dw.Download(), r = dr.Download();
+  ASSERT_EQ(cuda::RmsNorm({.x = dx.get(),
+                           .weight = dw.get(),
+                           .y = dy.get(),
+                           .rows = rows,
+                           .cols = cols,
+                           .eps = 1e-5f,
+                           .dtype = dtype,
+                           .residual = dr.get()},
+                          nullptr),
+            cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> sum(rows * cols), ref(rows * cols);
+  for (size_t i = 0; i < sum.size(); ++i) {
+    sum[i] = r[i] + x[i];
+    if (dtype == ScalarType::kBF16) sum[i] = Bf16ToF32(F32ToBf16(sum[i]));
+  }
+  EXPECT_EQ(dr.Download(), sum);
+  ASSERT_EQ(cpu::RmsNorm({.x = sum.data(),
+                          .weight = w.data(),
+                          .y = ref.data(),
+                          .rows = rows,
+                          .cols = cols,
+                          .eps = 1e-5f},
+                         nullptr),
+            KernelStatus::kOk);
+  ExpectClose(dy.Download(), ref, dtype, 1e-5f);
+}
+
 TEST_P(CudaRowOpsTest, SiluMulMatchesCpu) {
   SKIP_WITHOUT_GPU();
   const auto [rows, cols, dtype] = GetParam();

@@ -5,18 +5,28 @@
 namespace moleserve::kernels::cuda {
 
 // One block per row; each thread strides over the row, fp32 sum of squares reduced through
-// warp shuffles then shared memory.
+// warp shuffles then shared memory. With `residual` (params.h: the fused residual add), each
+// thread first adds x into its elements of the residual row, rounded as AddKernel rounds, and
+// normalises those; it reads back only elements it wrote itself, so no barrier is needed.
 template <typename T, int kBlockSize>
 __global__ void RmsNormKernel(const T* __restrict__ x, const T* __restrict__ weight,
-                              T* __restrict__ y, int64_t cols, float eps) {
+                              T* __restrict__ y, T* __restrict__ residual, int64_t cols,
+                              float eps) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row * cols;
   T* yr = y + row * cols;
+  T* rr = residual == nullptr ? nullptr : residual + row * cols;
   float sum_sq = 0.0f;
   for (int64_t c = threadIdx.x; c < cols; c += kBlockSize) {
-    const float v = ToFloat(xr[c]);
+    float v = ToFloat(xr[c]);
+    if (rr != nullptr) {
+      const T sum = FromFloat<T>(ToFloat(rr[c]) + v);
+      rr[c] = sum;
+      v = ToFloat(sum);
+    }
     sum_sq += v * v;
   }
+  const T* src = rr != nullptr ? rr : xr;
   for (int offset = 16; offset > 0; offset /= 2)
     sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, offset);
   __shared__ float warp_sums[kBlockSize / 32];
@@ -30,7 +40,7 @@ __global__ void RmsNormKernel(const T* __restrict__ x, const T* __restrict__ wei
   }
   __syncthreads();
   for (int64_t c = threadIdx.x; c < cols; c += kBlockSize) {
-    yr[c] = FromFloat<T>(ToFloat(xr[c]) * inv_rms * ToFloat(weight[c]));
+    yr[c] = FromFloat<T>(ToFloat(src[c]) * inv_rms * ToFloat(weight[c]));
   }
 }
 

@@ -179,7 +179,12 @@ TEST(StepTransfersTest, ADecodeStepIsOneGraphLaunchTheSamplerAndOneSmallCopyOut)
   Seqs seqs{.tokens = {{5, 9, 200, 13}, {7, 7, 7, 40}, {100, 3, 250, 1}},
             .slot = {-1, -1, -1},
             .top = {0, 0, 0}};
-  StepAndCompare(m, seqs, "prefill");
+  // The residual adds ride in the RMSNorms after them (cpu_ops_test: the fused op is Add then
+  // RmsNorm bit for bit): one fused norm per block but the last, one plain Add.
+  const BackendCounts prefill = StepAndCompare(m, seqs, "prefill");
+  const int64_t layers = m.model->config().num_layers;
+  EXPECT_EQ(prefill.fused_norms, 2 * layers - 1);
+  EXPECT_EQ(prefill.adds, 1);
   for (int step = 0; step < 12; ++step) {
     const std::string what = "decode step " + std::to_string(step);
     seqs.top[1] = step % 2 == 1 ? 5 : 0;  // alternatives on odd steps only
