@@ -334,17 +334,6 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
     RETURN_IF_ERROR(gemm(h_, layer.qkv, qkv_, t, qkv_width, h));
     if (c.qkv_bias) RETURN_IF_ERROR(bias(qkv_, layer.qkv_bias, qkv_width));
     RETURN_IF_ERROR(adapters_.ApplyProjection(l, Projection::kQkv, h_.data(), qkv_.data()));
-    RETURN_IF_ERROR(backend_->Rope({.q = q,
-                                    .k = k,
-                                    .positions = in.positions.as<int32_t>(),
-                                    .inv_freq = inv_freq_.as<float>(),
-                                    .num_tokens = t,
-                                    .num_q_heads = c.num_heads,
-                                    .num_kv_heads = c.num_kv_heads,
-                                    .head_dim = c.head_dim,
-                                    .dtype = dt,
-                                    .q_stride = qkv_width,
-                                    .k_stride = qkv_width}));
     const kernels::PagedKvLayout kv{.k_cache = layer.k_cache.data(),
                                     .v_cache = layer.v_cache.data(),
                                     .block_tables = in.block_tables.as<int32_t>(),
@@ -353,6 +342,8 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
                                     .block_size = options_.kv_block_size,
                                     .num_kv_heads = c.num_kv_heads,
                                     .head_dim = c.head_dim};
+    // RoPE on q and k fused into the cache write (one kernel): q in place for the attention,
+    // k rotated into the cache.
     RETURN_IF_ERROR(backend_->KvWrite({.kv = kv,
                                        .k = k,
                                        .v = v,
@@ -360,7 +351,11 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
                                        .positions = in.positions.as<int32_t>(),
                                        .num_tokens = t,
                                        .dtype = dt,
-                                       .kv_stride = qkv_width}));
+                                       .kv_stride = qkv_width,
+                                       .rope_inv_freq = inv_freq_.as<float>(),
+                                       .q = q,
+                                       .num_q_heads = c.num_heads,
+                                       .q_stride = qkv_width}));
     RETURN_IF_ERROR(backend_->PagedAttention(
         {.kv = kv,
          .q = q,

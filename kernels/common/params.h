@@ -94,6 +94,7 @@ struct GemmParams {
 //   x'[i]          = x[i] cos - x[i + d/2] sin
 //   x'[i + d/2]    = x[i + d/2] cos + x[i] sin
 // applied in place to q and k.
+// Angles: kernels/common/rope_math.h (fp32 position x inv_freq, as Hugging Face).
 struct RopeParams {
   void* q = nullptr;                   // [num_tokens, q_stride]: num_q_heads x head_dim used
   void* k = nullptr;                   // [num_tokens, k_stride]: num_kv_heads x head_dim used
@@ -136,6 +137,13 @@ struct KvWriteParams {
   int64_t num_tokens = 0;
   ScalarType dtype = ScalarType::kF32;
   int64_t kv_stride = 0;  // elements between tokens' rows of k and v (0: dense)
+  // RoPE fused in front (optional): when rope_inv_freq is set, this is Rope (q: num_q_heads
+  // heads at q_stride, k: the cache's heads at kv_stride, both rotated in place) and then the
+  // write, in one kernel.
+  const float* rope_inv_freq = nullptr;  // [head_dim / 2], as RopeParams::inv_freq
+  void* q = nullptr;                     // [num_tokens, q_stride]
+  int32_t num_q_heads = 0;
+  int64_t q_stride = 0;
 };
 
 // Causal grouped-query attention over the paged cache for a flat batch of mixed prefill and decode

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/common/rope_math.h"
 #include "kernels/cpu/ops.h"
 
 namespace moleserve::kernels::cpu {
@@ -124,12 +125,8 @@ KernelStatus Rope(const RopeParams& p, ThreadPool* pool) {
   ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {
     std::vector<float> cos_v(half), sin_v(half);
     for (int64_t t = begin; t < end; ++t) {
-      const double pos = p.positions[t];
       for (int i = 0; i < half; ++i) {
-        // double for the angle: positions up to 1e5+ times inv_freq near 1 lose bits in fp32.
-        const double angle = pos * static_cast<double>(p.inv_freq[i]);
-        cos_v[i] = static_cast<float>(std::cos(angle));
-        sin_v[i] = static_cast<float>(std::sin(angle));
+        rope_math::CosSin(p.positions[t], p.inv_freq[i], &cos_v[i], &sin_v[i]);
       }
       auto* q = static_cast<float*>(p.q) + t * q_stride;
       for (int h = 0; h < p.num_q_heads; ++h)

@@ -203,7 +203,8 @@ TEST(RopeTest, MatchesComplexRotation) {
                   .head_dim = d},
                  nullptr),
             KernelStatus::kOk);
-  // Reference: pair (x[i], x[i + d/2]) as a complex number times e^{i * pos * f_i}.
+  // Reference: pair (x[i], x[i + d/2]) as a complex number times e^{i * theta}, theta = pos * f_i
+  // multiplied in fp32 as Hugging Face's rotary embedding does (inv_freq @ positions, float32).
   auto check = [&](const std::vector<float>& before, const std::vector<float>& after, int heads) {
     for (int tok = 0; tok < t; ++tok) {
       for (int h = 0; h < heads; ++h) {
@@ -211,7 +212,8 @@ TEST(RopeTest, MatchesComplexRotation) {
         const float* y = &after[(tok * heads + h) * d];
         for (int i = 0; i < d / 2; ++i) {
           std::complex<double> z(x[i], x[i + d / 2]);
-          z *= std::polar(1.0, static_cast<double>(pos[tok]) * inv_freq[i]);
+          const float theta = static_cast<float>(pos[tok]) * inv_freq[i];
+          z *= std::polar(1.0, static_cast<double>(theta));
           ASSERT_NEAR(y[i], z.real(), 1e-4);
           ASSERT_NEAR(y[i + d / 2], z.imag(), 1e-4);
         }
@@ -220,6 +222,68 @@ TEST(RopeTest, MatchesComplexRotation) {
   };
   check(q0, q, nq);
   check(k0, k, nkv);
+}
+
+// RoPE fused into the cache write (KvWriteParams::rope_inv_freq) is Rope then KvWrite, bit for
+// bit: q rotated in place, the rotated k and the v in the cache, on strided q|k|v rows.
+TEST(RopeTest, FusedIntoTheCacheWriteIsRopeThenKvWrite) {
+  const int nq = 4, nkv = 2, d = 16, t = 6, bs = 4;
+  const int64_t width = int64_t{nq + 2 * nkv} * d;  // one q|k|v row
+  const std::vector<float> qkv0 = Random(t * width, 12);
+  std::vector<int32_t> pos = {0, 1, 2, 3, 4, 5}, seq(t, 0), tables = {1, 0}, offsets = {0, 2};
+  std::vector<float> inv_freq(d / 2);
+  for (int i = 0; i < d / 2; ++i) inv_freq[i] = std::pow(10000.0f, -2.0f * i / d);
+  struct Out {
+    std::vector<float> qkv, k_cache, v_cache;
+  };
+  auto run = [&](bool fused) {
+    Out o{qkv0, std::vector<float>(2 * bs * nkv * d), std::vector<float>(2 * bs * nkv * d)};
+    float* q = o.qkv.data();
+    float* k = q + nq * d;
+    float* v = k + nkv * d;
+    if (!fused) {
+      EXPECT_EQ(Rope({.q = q,
+                      .k = k,
+                      .positions = pos.data(),
+                      .inv_freq = inv_freq.data(),
+                      .num_tokens = t,
+                      .num_q_heads = nq,
+                      .num_kv_heads = nkv,
+                      .head_dim = d,
+                      .q_stride = width,
+                      .k_stride = width},
+                     nullptr),
+                KernelStatus::kOk);
+    }
+    const PagedKvLayout kv{.k_cache = o.k_cache.data(),
+                           .v_cache = o.v_cache.data(),
+                           .block_tables = tables.data(),
+                           .block_table_offsets = offsets.data(),
+                           .num_seqs = 1,
+                           .block_size = bs,
+                           .num_kv_heads = nkv,
+                           .head_dim = d};
+    ThreadPool pool(2);
+    EXPECT_EQ(KvWrite({.kv = kv,
+                       .k = k,
+                       .v = v,
+                       .token_seq = seq.data(),
+                       .positions = pos.data(),
+                       .num_tokens = t,
+                       .kv_stride = width,
+                       .rope_inv_freq = fused ? inv_freq.data() : nullptr,
+                       .q = fused ? q : nullptr,
+                       .num_q_heads = fused ? nq : 0,
+                       .q_stride = width},
+                      &pool),
+              KernelStatus::kOk);
+    return o;
+  };
+  const Out separate = run(false), fused = run(true);
+  EXPECT_EQ(fused.qkv, separate.qkv);
+  EXPECT_EQ(fused.k_cache, separate.k_cache);
+  EXPECT_EQ(fused.v_cache, separate.v_cache);
+  EXPECT_NE(fused.qkv, qkv0);  // something was rotated
 }
 
 TEST(RopeTest, RejectsOddHeadDim) {

@@ -493,6 +493,93 @@ TEST(CudaElementwiseTest, RopeMatchesCpuIncludingLargePositions) {
   }
 }
 
+// RoPE fused into the cache write against the CPU twin (Rope then KvWrite on the same rounded
+// inputs): rotated q in place and the rotated k and the v in the cache (the angles at large
+// positions: RopeMatchesCpuIncludingLargePositions). fp32 within 1e-5 relative, bf16 within its
+// rounding (one bf16 ulp).
+TEST(CudaElementwiseTest, RopeFusedIntoKvWriteMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  for (ScalarType dtype : {ScalarType::kF32, ScalarType::kBF16}) {
+    const int32_t hq = 8, hkv = 2, d = 128, bs = 16;
+    const std::vector<int32_t> pos = {0, 1, 5, 9, 14, 15};  // rows of one block each
+    const int64_t t = static_cast<int64_t>(pos.size());
+    const int64_t width = int64_t{hq + 2 * hkv} * d;
+    std::vector<int32_t> seq(t), tables, offsets = {0};
+    for (int64_t i = 0; i < t; ++i) {  // one sequence per token, one block each
+      seq[i] = static_cast<int32_t>(i);
+      tables.push_back(static_cast<int32_t>(i));
+      offsets.push_back(static_cast<int32_t>(i + 1));
+    }
+    std::vector<float> inv_freq(d / 2);
+    for (int i = 0; i < d / 2; ++i) {
+      inv_freq[i] = static_cast<float>(std::pow(500000.0, -2.0 * i / d));
+    }
+    std::vector<float> qkv = Random(t * width, 43);
+    const int64_t cache = t * bs * hkv * d;
+    std::vector<float> kc(cache, 0.0f), vc(cache, 0.0f);
+    auto dqkv = Upload(qkv, dtype);
+    auto dkc = Upload(kc, dtype);
+    auto dvc = Upload(vc, dtype);
+    DeviceBytes dpos(pos), dfreq(inv_freq), dseq(seq), dtab(tables), doff(offsets);
+    const int64_t es = dtype == ScalarType::kF32 ? 4 : 2;
+    char* base = dqkv->get<char>();
+    const PagedKvLayout dkv{.k_cache = dkc->get(),
+                            .v_cache = dvc->get(),
+                            .block_tables = dtab.get<int32_t>(),
+                            .block_table_offsets = doff.get<int32_t>(),
+                            .num_seqs = static_cast<int32_t>(t),
+                            .block_size = bs,
+                            .num_kv_heads = hkv,
+                            .head_dim = d};
+    ASSERT_EQ(cuda::KvWrite({.kv = dkv,
+                             .k = base + hq * d * es,
+                             .v = base + (hq + hkv) * d * es,
+                             .token_seq = dseq.get<int32_t>(),
+                             .positions = dpos.get<int32_t>(),
+                             .num_tokens = t,
+                             .dtype = dtype,
+                             .kv_stride = width,
+                             .rope_inv_freq = dfreq.get<float>(),
+                             .q = base,
+                             .num_q_heads = hq,
+                             .q_stride = width},
+                            nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const PagedKvLayout kv{.k_cache = kc.data(),
+                           .v_cache = vc.data(),
+                           .block_tables = tables.data(),
+                           .block_table_offsets = offsets.data(),
+                           .num_seqs = static_cast<int32_t>(t),
+                           .block_size = bs,
+                           .num_kv_heads = hkv,
+                           .head_dim = d};
+    ASSERT_EQ(cpu::KvWrite({.kv = kv,
+                            .k = qkv.data() + hq * d,
+                            .v = qkv.data() + (hq + hkv) * d,
+                            .token_seq = seq.data(),
+                            .positions = pos.data(),
+                            .num_tokens = t,
+                            .kv_stride = width,
+                            .rope_inv_freq = inv_freq.data(),
+                            .q = qkv.data(),
+                            .num_q_heads = hq,
+                            .q_stride = width},
+                           nullptr),
+              KernelStatus::kOk);
+    for (auto [dev, ref] :
+         {std::pair{dqkv.get(), &qkv}, std::pair{dkc.get(), &kc}, std::pair{dvc.get(), &vc}}) {
+      const std::vector<float> got = DownloadAs(*dev, ref->size(), dtype);
+      for (size_t i = 0; i < got.size(); ++i) {
+        const float tol = dtype == ScalarType::kBF16
+                              ? 0x1p-7f * std::max(1.0f, std::fabs((*ref)[i]))
+                              : 1e-5f * std::max(1.0f, std::fabs((*ref)[i]));
+        ASSERT_NEAR(got[i], (*ref)[i], tol) << DtypeName(dtype) << " at " << i;
+      }
+    }
+  }
+}
+
 // The fused q|k|v and gate|up projections: each op given strided columns of the fused rows gives
 // the bits it gives on dense copies of them (same kernel, same inputs), on the device, and leaves
 // the other columns alone. (Dense against the CPU twin: the tests above.)

@@ -11,10 +11,17 @@ cudaError_t KvWrite(const KvWriteParams& p, cudaStream_t stream) {
   }
   const int64_t width = int64_t{p.kv.num_kv_heads} * p.kv.head_dim;
   if (p.kv_stride != 0 && p.kv_stride < width) return cudaErrorInvalidValue;
+  const int64_t q_width = int64_t{p.num_q_heads} * p.kv.head_dim;
+  if (p.rope_inv_freq != nullptr &&
+      (p.q == nullptr || p.num_q_heads < 0 || p.kv.head_dim % 2 != 0 ||
+       (p.q_stride != 0 && p.q_stride < q_width))) {
+    return cudaErrorInvalidValue;
+  }
   return DispatchFloat(p.dtype, [&]<typename T>() {
     KvWriteKernel<T><<<static_cast<unsigned>(p.num_tokens), 128, 0, stream>>>(
-        p.kv, static_cast<const T*>(p.k), static_cast<const T*>(p.v), p.token_seq, p.positions,
-        p.kv_stride > 0 ? p.kv_stride : width);
+        p.kv, static_cast<T*>(const_cast<void*>(p.k)), static_cast<const T*>(p.v), p.token_seq,
+        p.positions, p.kv_stride > 0 ? p.kv_stride : width, p.rope_inv_freq, static_cast<T*>(p.q),
+        p.num_q_heads, p.q_stride > 0 ? p.q_stride : q_width);
     return cudaGetLastError();
   });
 }

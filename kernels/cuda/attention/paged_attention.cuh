@@ -6,6 +6,7 @@
 
 #include "kernels/common/launch_plan.h"
 #include "kernels/cuda/dispatch.cuh"
+#include "kernels/cuda/elementwise/rope.cuh"
 
 namespace moleserve::kernels::cuda {
 
@@ -17,11 +18,20 @@ __device__ __forceinline__ int64_t KvRowOffset(const PagedKvLayout& kv, int32_t 
 }
 
 // One block per token; threads copy its K and V rows (num_kv_heads * head_dim) into the cache.
+// With RoPE fused in (inv_freq set), the block first rotates the token's q and k in place
+// (RopeToken), then copies the rotated k.
 template <typename T>
-__global__ void KvWriteKernel(PagedKvLayout kv, const T* __restrict__ k, const T* __restrict__ v,
+__global__ void KvWriteKernel(PagedKvLayout kv, T* __restrict__ k, const T* __restrict__ v,
                               const int32_t* __restrict__ token_seq,
-                              const int32_t* __restrict__ positions, int64_t stride) {
+                              const int32_t* __restrict__ positions, int64_t stride,
+                              const float* __restrict__ inv_freq, T* __restrict__ q,
+                              int32_t num_q_heads, int64_t q_stride) {
   const int64_t t = blockIdx.x;
+  if (inv_freq != nullptr) {
+    RopeToken(q, k, positions, inv_freq, num_q_heads, kv.num_kv_heads, kv.head_dim, q_stride,
+              stride, t);
+    __syncthreads();  // the copy below reads elements other threads rotated
+  }
   const int64_t width = int64_t{kv.num_kv_heads} * kv.head_dim;
   const int64_t dst = KvRowOffset(kv, token_seq[t], positions[t]);
   T* kc = static_cast<T*>(kv.k_cache) + dst;

@@ -1,6 +1,7 @@
 #pragma once
 
 #include "kernels/cuda/dispatch.cuh"
+#include "kernels/cuda/elementwise/rope.cuh"
 
 namespace moleserve::kernels::cuda {
 
@@ -55,21 +56,8 @@ __global__ void RopeKernel(T* __restrict__ q, T* __restrict__ k,
                            const float* __restrict__ inv_freq, int32_t num_q_heads,
                            int32_t num_kv_heads, int32_t head_dim, int64_t q_stride,
                            int64_t k_stride) {
-  const int64_t t = blockIdx.x;
-  const int32_t half = head_dim / 2;
-  const double pos = positions[t];
-  for (int32_t i = threadIdx.x; i < half; i += blockDim.x) {
-    double sin_d, cos_d;
-    sincos(pos * static_cast<double>(inv_freq[i]), &sin_d, &cos_d);
-    const float c = static_cast<float>(cos_d), s = static_cast<float>(sin_d);
-    auto rotate = [&](T* head) {
-      const float x0 = ToFloat(head[i]), x1 = ToFloat(head[i + half]);
-      head[i] = FromFloat<T>(x0 * c - x1 * s);
-      head[i + half] = FromFloat<T>(x1 * c + x0 * s);
-    };
-    for (int32_t h = 0; h < num_q_heads; ++h) rotate(q + t * q_stride + h * head_dim);
-    for (int32_t h = 0; h < num_kv_heads; ++h) rotate(k + t * k_stride + h * head_dim);
-  }
+  RopeToken(q, k, positions, inv_freq, num_q_heads, num_kv_heads, head_dim, q_stride, k_stride,
+            blockIdx.x);
 }
 
 template <typename From, typename To>
