@@ -172,6 +172,17 @@ class HttpApiTest : public ::testing::Test {
   // The greedy text the engine gives for `prompt` on `adapter`, submitted directly.
   static std::string Direct(const std::string& adapter, const std::string& prompt, int tokens,
                             bool add_bos = true) {
+    engine::GenerateRequest r;
+    r.adapter = adapter;
+    r.text = prompt;
+    if (!add_bos) r.add_bos = false;
+    r.sampling = engine_->model_info().default_sampling;
+    r.sampling.temperature = 0;
+    r.stopping.max_new_tokens = tokens;
+    return DirectText(r);
+  }
+  // The text the engine gives for `r`, submitted directly.
+  static std::string DirectText(const engine::GenerateRequest& r) {
     struct Collect final : engine::GenerationSink {
       std::string text;
       absl::Notification done;
@@ -183,13 +194,6 @@ class HttpApiTest : public ::testing::Test {
       void OnError(absl::Status) override { done.Notify(); }
     };
     auto sink = std::make_shared<Collect>();
-    engine::GenerateRequest r;
-    r.adapter = adapter;
-    r.text = prompt;
-    if (!add_bos) r.add_bos = false;
-    r.sampling = engine_->model_info().default_sampling;
-    r.sampling.temperature = 0;
-    r.stopping.max_new_tokens = tokens;
     EXPECT_TRUE(engine_->Submit(r, sink).ok());
     sink->done.WaitForNotification();
     return sink->text;
@@ -602,17 +606,6 @@ TEST_F(HttpApiTest, RoutingOverrideAndRoutingTrace) {
   for (const Json& token : one["choices"][0]["routing"]) {
     for (const Json& site : token) EXPECT_EQ(site["experts"].size(), 1u) << site.dump();
   }
-  struct Collect final : engine::GenerationSink {
-    std::string text;
-    absl::Notification done;
-    void OnChunk(engine::GenerationChunk c) override { text += c.text; }
-    void OnFinish(engine::GenerationChunk c, engine::FinishInfo) override {
-      text += c.text;
-      done.Notify();
-    }
-    void OnError(absl::Status) override { done.Notify(); }
-  };
-  auto sink = std::make_shared<Collect>();
   engine::GenerateRequest direct;
   direct.adapter = "mole";
   direct.text = "Route me";
@@ -621,9 +614,7 @@ TEST_F(HttpApiTest, RoutingOverrideAndRoutingTrace) {
   direct.stopping.ignore_eos = true;
   direct.routing_override.algorithm = engine::RoutingAlgorithm::kTopK;
   direct.routing_override.k = 1;
-  ASSERT_TRUE(engine_->Submit(direct, sink).ok());
-  sink->done.WaitForNotification();
-  EXPECT_EQ(one["choices"][0]["text"], sink->text);
+  EXPECT_EQ(one["choices"][0]["text"], DirectText(direct));
   // Streamed: each event carries its tokens' routing.
   Json streamed = request;
   streamed["stream"] = true;
