@@ -250,14 +250,15 @@ absl::Status LlamaModel::ValidateBatch(const Batch& b) const {
 }
 
 absl::Status LlamaModel::RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& weight,
-                                     DeviceBuffer& y, int64_t rows) {
+                                     DeviceBuffer& y, int64_t rows, DeviceBuffer* residual) {
   return backend_->RmsNorm({.x = x.data(),
                             .weight = weight.data(),
                             .y = y.data(),
                             .rows = rows,
                             .cols = config_.hidden_size,
                             .eps = config_.rms_norm_eps,
-                            .dtype = dt_});
+                            .dtype = dt_,
+                            .residual = residual != nullptr ? residual->data() : nullptr});
 }
 
 absl::Status LlamaModel::UploadBatch(const Batch& b, BatchArrays& a) {
@@ -318,14 +319,7 @@ absl::Status LlamaModel::DecoderLayers(const Batch& b, const BatchArrays& in) {
   // x += block output, h = norm(x) in one kernel. The first layer's input norm has no add in
   // front; the last layer's MLP add is a plain Add (the final norm runs on the sample rows only).
   auto add_norm = [&](const DeviceBuffer& weight) {
-    return backend_->RmsNorm({.x = o_.data(),
-                              .weight = weight.data(),
-                              .y = h_.data(),
-                              .rows = t,
-                              .cols = h,
-                              .eps = c.rms_norm_eps,
-                              .dtype = dt,
-                              .residual = x_.data()});
+    return RmsNormRows(o_, weight, h_, t, /*residual=*/&x_);
   };
   RETURN_IF_ERROR(RmsNormRows(x_, layers_[0].input_norm, h_, t));
   for (int32_t l = 0; l < c.num_layers; ++l) {

@@ -176,9 +176,10 @@ class LlamaModel {
   // caller runs the step eagerly).
   // `records`: the routing of sequences with seq_return_routing is recorded (TakeRouting).
   absl::StatusOr<bool> DecodeWithGraph(const Batch& b, bool records);
-  // y = RMSNorm(x) * weight over `rows` rows of hidden_size.
+  // y = RMSNorm(x) * weight over `rows` rows of hidden_size; with `residual`, the residual add
+  // fused in front: residual += x, y = RMSNorm(residual) * weight (RmsNormParams::residual).
   absl::Status RmsNormRows(const DeviceBuffer& x, const DeviceBuffer& weight, DeviceBuffer& y,
-                           int64_t rows);
+                           int64_t rows, DeviceBuffer* residual = nullptr);
   // The tensors of `specs` read (shapes and finiteness checked), concatenated in order (so
   // [n_i, k] matrices make one [sum n_i, k]: a fused projection) and uploaded in the compute
   // dtype.

@@ -146,6 +146,21 @@ struct KvWriteParams {
   int64_t q_stride = 0;
 };
 
+// The Rope a KvWrite with RoPE fused in (rope_inv_freq set) applies before its write.
+inline RopeParams FusedRopeOf(const KvWriteParams& p) {
+  return {.q = p.q,
+          .k = const_cast<void*>(p.k),  // rotated in place: k must be writable then
+          .positions = p.positions,
+          .inv_freq = p.rope_inv_freq,
+          .num_tokens = p.num_tokens,
+          .num_q_heads = p.num_q_heads,
+          .num_kv_heads = p.kv.num_kv_heads,
+          .head_dim = p.kv.head_dim,
+          .dtype = p.dtype,
+          .q_stride = p.q_stride,
+          .k_stride = p.kv_stride};
+}
+
 // Causal grouped-query attention over the paged cache for a flat batch of mixed prefill and decode
 // tokens: token t of sequence s attends to positions 0..positions[t] of s (which must already be in
 // the cache, i.e. KvWrite ran first), or with sliding_window W > 0 only to the last W of them

@@ -25,18 +25,7 @@ KernelStatus KvWrite(const KvWriteParams& p, ThreadPool* pool) {
   const int64_t stride = p.kv_stride > 0 ? p.kv_stride : width;
   if (p.rope_inv_freq != nullptr) {  // the fused RoPE: exactly Rope, then the write
     if (p.q == nullptr) return KernelStatus::kInvalidArgument;
-    const KernelStatus s = Rope({.q = p.q,
-                                 .k = const_cast<void*>(p.k),
-                                 .positions = p.positions,
-                                 .inv_freq = p.rope_inv_freq,
-                                 .num_tokens = p.num_tokens,
-                                 .num_q_heads = p.num_q_heads,
-                                 .num_kv_heads = p.kv.num_kv_heads,
-                                 .head_dim = p.kv.head_dim,
-                                 .dtype = p.dtype,
-                                 .q_stride = p.q_stride,
-                                 .k_stride = p.kv_stride},
-                                pool);
+    const KernelStatus s = Rope(FusedRopeOf(p), pool);
     if (s != KernelStatus::kOk) return s;
   }
   ParallelFor(pool, p.num_tokens, [&](int64_t begin, int64_t end) {

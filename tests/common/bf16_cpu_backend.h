@@ -132,17 +132,7 @@ class Bf16CpuBackend final : public engine::Backend {
   absl::Status KvWrite(const kernels::KvWriteParams& p) override {
     if (!Bf16(p.dtype)) return inner_->KvWrite(p);
     if (p.rope_inv_freq != nullptr) {  // the fused RoPE: Rope in bf16, then the write
-      const absl::Status rope = Rope({.q = p.q,
-                                      .k = const_cast<void*>(p.k),
-                                      .positions = p.positions,
-                                      .inv_freq = p.rope_inv_freq,
-                                      .num_tokens = p.num_tokens,
-                                      .num_q_heads = p.num_q_heads,
-                                      .num_kv_heads = p.kv.num_kv_heads,
-                                      .head_dim = p.kv.head_dim,
-                                      .dtype = p.dtype,
-                                      .q_stride = p.q_stride,
-                                      .k_stride = p.kv_stride});
+      const absl::Status rope = Rope(kernels::FusedRopeOf(p));
       if (!rope.ok()) return rope;
     }
     const int64_t width = int64_t{p.kv.num_kv_heads} * p.kv.head_dim;
