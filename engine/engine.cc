@@ -70,15 +70,21 @@ struct Engine::State {
 
 namespace {
 
+// The text of the model's special tokens that chat templates read (bos_token, eos_token): its
+// BOS and first EOS pieces, "" where it has none.
+std::pair<std::string, std::string> SpecialTokenTexts(const Tokenizer& tokenizer) {
+  const std::optional<int32_t> bos = tokenizer.bos_id();
+  const std::vector<int32_t>& eos = tokenizer.eos_ids();
+  return {bos ? tokenizer.Piece(*bos) : "", eos.empty() ? "" : tokenizer.Piece(eos[0])};
+}
+
 // An adapter directory's own chat template, read after its files were inspected (confined to
 // the adapter root, sizes checked): null when it has none (the base model's applies). Special
 // tokens it does not name are the base model's.
 absl::StatusOr<std::shared_ptr<const ChatTemplate>> AdapterChatTemplate(
     const std::string& dir, const Tokenizer& tokenizer) {
-  const std::optional<int32_t> bos = tokenizer.bos_id();
-  const std::vector<int32_t>& eos = tokenizer.eos_ids();
-  absl::StatusOr<ChatTemplate> t = ChatTemplate::FromModelDir(
-      dir, bos ? tokenizer.Piece(*bos) : "", eos.empty() ? "" : tokenizer.Piece(eos[0]));
+  const auto [bos, eos] = SpecialTokenTexts(tokenizer);
+  absl::StatusOr<ChatTemplate> t = ChatTemplate::FromModelDir(dir, bos, eos);
   if (absl::IsNotFound(t.status())) return nullptr;
   if (!t.ok()) return t.status();
   return std::make_shared<const ChatTemplate>(*std::move(t));
@@ -225,12 +231,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     }
     std::stringstream text;
     text << in.rdbuf();
-    // Its special tokens' text: the model's BOS and first EOS pieces.
-    const std::optional<int32_t> bos = state->tokenizer->bos_id();
-    const std::vector<int32_t>& eos = state->tokenizer->eos_ids();
-    ASSIGN_OR_RETURN(state->chat_template,
-                     ChatTemplate::FromSource(text.str(), bos ? state->tokenizer->Piece(*bos) : "",
-                                              eos.empty() ? "" : state->tokenizer->Piece(eos[0])));
+    const auto [bos, eos] = SpecialTokenTexts(*state->tokenizer);
+    ASSIGN_OR_RETURN(state->chat_template, ChatTemplate::FromSource(text.str(), bos, eos));
   }
 
   const int64_t per_block_token =
