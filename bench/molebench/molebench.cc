@@ -118,18 +118,15 @@ constexpr int kSetupError = 2;
 // --- /metrics scraping -------------------------------------------------------------------------
 
 // GET /metrics from "host:port" over HTTP/1.0; the body of a 200 response.
-absl::StatusOr<std::string> FetchMetrics(std::string addr) {
-  if (absl::StartsWith(addr, "http://")) addr = addr.substr(7);
-  addr = addr.substr(0, addr.find('/'));
-  const size_t colon = addr.rfind(':');
-  if (colon == std::string::npos || colon + 1 == addr.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("--metrics-addr '", addr, "' is not host:port"));
+absl::StatusOr<std::string> FetchMetrics(const std::string& addr) {
+  absl::StatusOr<moleserve::bench::HttpEndpoint> endpoint =
+      moleserve::bench::ParseHttpEndpoint(addr);
+  if (!endpoint.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics-addr: ", endpoint.status().message()));
   }
-  std::string host = addr.substr(0, colon);
-  const std::string port = addr.substr(colon + 1);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
+  const std::string& host = endpoint->host;
+  const std::string& port = endpoint->port;
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
