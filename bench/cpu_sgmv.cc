@@ -25,9 +25,9 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "bench/list_flag.h"
 #include "kernels/cpu/ops.h"
 
 ABSL_FLAG(std::string, out, "", "Write results as JSON here");
@@ -43,16 +43,11 @@ ABSL_FLAG(int, repeats, 5, "Minimum calls of each method per point; the median i
 namespace {
 
 namespace kc = moleserve::kernels::cpu;
+using moleserve::bench::ParseList;
 using moleserve::kernels::KernelStatus;
 
 double NowSeconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-std::vector<int> ParseList(const std::string& s) {
-  std::vector<int> v;
-  for (absl::string_view part : absl::StrSplit(s, ',')) v.push_back(std::stoi(std::string(part)));
-  return v;
 }
 
 // Fast uniform fill in [-scale, scale): the weights' values do not matter for timing.

@@ -1,8 +1,9 @@
 // CUDA decode at a real model shape with random weights (synthetic:llama-7b, bf16), in one run:
 //  1. decode step time of the bare model (LlamaModel::ForwardSample: forward pass and greedy
-//     sampling on the device) for batches of 1..64 sequences with 128
-//     tokens of context, against the weight-bandwidth bound: bytes of weights / measured copy
-//     bandwidth (cudaMemcpy device to device, read + write bytes);
+//     sampling on the device) for --batches sequences at --contexts tokens of context (points
+//     whose KV cache does not fit are skipped), against the bound: bytes a step reads (weights
+//     without the embedding table, plus the KV cache) / measured copy bandwidth (cudaMemcpy
+//     device to device, read + write bytes);
 //  2. serving throughput through the engine (continuous batching, 64 concurrent greedy requests
 //     of 64 prompt + 64 generated tokens) for the base model, for requests spread over 32
 //     distinct plain LoRAs (PEFT, rank 16, all seven linear modules), and for a top-2-of-8 MoLE
@@ -34,6 +35,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "bench/gpu/copy_bandwidth.h"
+#include "bench/list_flag.h"
 #include "engine/adapters/adapter.h"
 #include "engine/backend/backend.h"
 #include "engine/engine.h"
@@ -44,6 +46,9 @@
 ABSL_FLAG(std::string, out, "", "Write results as JSON here");
 ABSL_FLAG(std::string, preset, "llama-7b", "Synthetic model preset");
 ABSL_FLAG(std::string, workdir, "/tmp/moleserve_gpu_decode", "Where the adapters are written");
+ABSL_FLAG(std::string, contexts, "128,512,4096",
+          "Decode-step contexts (tokens); those above 128 are not prefilled");
+ABSL_FLAG(std::string, batches, "1,16,64", "Decode-step batch sizes");
 ABSL_FLAG(int, requests, 64, "Concurrent requests per throughput run");
 ABSL_FLAG(int, prompt_tokens, 64, "Prompt tokens per request");
 ABSL_FLAG(int, new_tokens, 64, "Generated tokens per request");
@@ -51,6 +56,7 @@ ABSL_FLAG(int, new_tokens, 64, "Generated tokens per request");
 namespace {
 
 using namespace moleserve::engine;  // NOLINT: a benchmark's main file
+using moleserve::bench::ParseList;
 namespace fs = std::filesystem;
 
 double Now() {
@@ -212,29 +218,54 @@ int main(int argc, char** argv) {
     Check(backend.status(), "cuda backend");
     RandomWeightSource weights(*config, 1);
     constexpr int kContext = 128, kBlock = 16, kMaxSeqs = 64;
+    // KV blocks for the largest (batch, context) point that fits next to the weights with 8 GB
+    // to spare; points that need more are reported as skipped.
+    struct Point {
+      int context, batch;
+    };
+    std::vector<Point> points;
+    for (int ctx : ParseList(absl::GetFlag(FLAGS_contexts))) {
+      for (int batch : ParseList(absl::GetFlag(FLAGS_batches))) points.push_back({ctx, batch});
+    }
+    auto blocks_per_seq = [](int ctx) { return (ctx + 32 + kBlock - 1) / kBlock; };
+    const double kv_budget = static_cast<double>(prop.totalGlobalMem) - weight_bytes - 8e9;
+    const double block_bytes = kv_bytes_per_token * kBlock;
+    int64_t num_kv_blocks = int64_t{kMaxSeqs} * blocks_per_seq(kContext);
+    for (const Point& pt : points) {
+      const int64_t need = int64_t{pt.batch} * blocks_per_seq(pt.context);
+      if (need * block_bytes <= kv_budget) num_kv_blocks = std::max(num_kv_blocks, need);
+    }
     auto model = LlamaModel::Create(backend->get(), *config, weights,
-                                    {.num_kv_blocks = kMaxSeqs * (kContext + 64) / kBlock,
+                                    {.num_kv_blocks = static_cast<int32_t>(num_kv_blocks),
                                      .kv_block_size = kBlock,
                                      .max_batch_tokens = 2048,
                                      .max_seqs = kMaxSeqs});
     Check(model.status(), "model");
-    std::printf("%6s %10s %10s %10s %10s %12s\n", "batch", "ms/step", "bound ms", "bound/step",
-                "step/bound", "1st step ms");
-    for (int batch : {1, 8, 16, 32, 64}) {
+    std::printf("%8s %6s %10s %10s %10s %10s %12s\n", "context", "batch", "ms/step", "bound ms",
+                "bound/step", "step/bound", "1st step ms");
+    for (const auto [context, batch] : points) {
+      const int bps = blocks_per_seq(context);
+      if (int64_t{batch} * bps > num_kv_blocks) {
+        std::printf("%8d %6d skipped: its KV cache (%.1f GB) does not fit\n", context, batch,
+                    batch * bps * block_bytes / 1e9);
+        steps.push_back({{"context", context}, {"batch", batch}, {"skipped", "KV does not fit"}});
+        continue;
+      }
       Batch b;
       for (int s = 0; s < batch; ++s) {
-        for (int blk = 0; blk < (kContext + 64) / kBlock; ++blk) {
-          b.block_tables.push_back(s * ((kContext + 64) / kBlock) + blk);
-        }
+        for (int blk = 0; blk < bps; ++blk) b.block_tables.push_back(s * bps + blk);
         // Batch::block_table_offsets starts at {0}: each sequence adds where its table ends.
         b.block_table_offsets.push_back(static_cast<int32_t>(b.block_tables.size()));
       }
-      // Prefill the contexts, 16 sequences per forward.
+      // Prefill contexts up to kContext tokens, 16 sequences per forward. Longer contexts are
+      // not prefilled (a prefill of thousands of tokens per sequence would take the run's
+      // budget): their decode steps attend over whatever the cache blocks hold, which changes
+      // the values but not the bytes read or the work done.
       std::vector<float> logits;
-      for (int s0 = 0; s0 < batch; s0 += 16) {
+      for (int s0 = 0; context <= kContext && s0 < batch; s0 += 16) {
         Batch p = b;
         for (int s = s0; s < std::min(batch, s0 + 16); ++s) {
-          for (int i = 0; i < kContext; ++i) {
+          for (int i = 0; i < context; ++i) {
             p.tokens.push_back((s * 7 + i) % 256);
             p.positions.push_back(i);
             p.token_seq.push_back(s);
@@ -254,7 +285,7 @@ int main(int argc, char** argv) {
         Batch d = b;
         for (int s = 0; s < batch; ++s) {
           d.tokens.push_back((s + step) % 256);
-          d.positions.push_back(kContext + step);
+          d.positions.push_back(context + step);
           d.token_seq.push_back(s);
           d.sample_rows.push_back(s);
         }
@@ -265,12 +296,13 @@ int main(int argc, char** argv) {
       }
       std::sort(ms.begin(), ms.end());
       const double step_ms = ms[ms.size() / 2];
-      // The steps' mean context is kContext + 14 tokens.
-      const double bytes = weight_bytes + batch * (kContext + 14) * kv_bytes_per_token;
+      // The timed steps' mean context is context + 14 tokens.
+      const double bytes = weight_bytes + batch * (context + 14.0) * kv_bytes_per_token;
       const double bound_ms = bytes / copy_bw * 1e3;
-      std::printf("%6d %10.3f %10.3f %10.3f %10.3f %12.3f\n", batch, step_ms, bound_ms,
+      std::printf("%8d %6d %10.3f %10.3f %10.3f %10.3f %12.3f\n", context, batch, step_ms, bound_ms,
                   bound_ms / step_ms, step_ms / bound_ms, first_ms);
-      steps.push_back({{"batch", batch},
+      steps.push_back({{"context", context},
+                       {"batch", batch},
                        {"ms_per_step", step_ms},
                        {"bytes_read_per_step", bytes},
                        {"bound_ms", bound_ms},

@@ -26,8 +26,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/strings/str_split.h"
 #include "bench/gpu/copy_bandwidth.h"
+#include "bench/list_flag.h"
 #include "kernels/common/bf16.h"
 #include "kernels/cuda/ops.h"
 
@@ -41,6 +41,7 @@ ABSL_FLAG(int, iters, 200, "Calls per timed batch");
 namespace {
 
 namespace kk = moleserve::kernels;
+using moleserve::bench::ParseList;
 
 #define CHECK_CUDA(expr)                                                                           \
   do {                                                                                             \
@@ -50,12 +51,6 @@ namespace kk = moleserve::kernels;
       std::exit(1);                                                                                \
     }                                                                                              \
   } while (0)
-
-std::vector<int> ParseList(const std::string& s) {
-  std::vector<int> v;
-  for (absl::string_view part : absl::StrSplit(s, ',')) v.push_back(std::stoi(std::string(part)));
-  return v;
-}
 
 template <typename T>
 T* Upload(const std::vector<T>& host) {
@@ -109,6 +104,12 @@ int main(int argc, char** argv) {
   float* d_v = nullptr;
   CHECK_CUDA(
       cudaMalloc(reinterpret_cast<void**>(&d_v), int64_t{max_tokens} * max_rank * sizeof(float)));
+  // The backend's split scratch (CudaBackendOptions::split_workspace_bytes) and SM count.
+  const int64_t scratch_floats = int64_t{16} << 20 >> 2;
+  float* d_scratch = nullptr;
+  CHECK_CUDA(cudaMalloc(reinterpret_cast<void**>(&d_scratch), scratch_floats * sizeof(float)));
+  int num_sms = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
@@ -158,7 +159,12 @@ int main(int argc, char** argv) {
                                           .num_segments = experts,
                                           .in = hidden,
                                           .v_stride = rank,
-                                          .dtype = kk::ScalarType::kBF16};
+                                          .dtype = kk::ScalarType::kBF16,
+                                          // As the CUDA backend runs it: split-K scratch.
+                                          .max_pairs = tokens,
+                                          .split_workspace = d_scratch,
+                                          .split_workspace_floats = scratch_floats,
+                                          .num_sms = num_sms};
         const kk::SgmvExpandRowsParams expand{.v = d_v,
                                               .y = d_y,
                                               .token_pair = d_tpair,

@@ -164,6 +164,10 @@ struct CudaBackendOptions {
   size_t staging_bytes = size_t{16} << 20;
   // cuBLAS workspace, allocated once.
   size_t blas_workspace_bytes = size_t{32} << 20;
+  // Scratch for the partial results of split kernels (split-KV attention, split-K shrink), one
+  // buffer allocated once and used by one op at a time on the compute stream. Smaller scratch
+  // means fewer splits, never a failure (0: nothing is split).
+  size_t split_workspace_bytes = size_t{16} << 20;
 };
 
 // The CUDA backend: bf16 compute (fp32 accumulation), every op of the table on the device

@@ -113,7 +113,16 @@ class CudaBackend final : public Backend {
     }
   }
 
-  absl::Status Init(size_t blas_workspace_bytes) {
+  absl::Status Init(size_t blas_workspace_bytes, size_t split_workspace_bytes) {
+    RETURN_IF_ERROR(CudaStatus(
+        cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, state_->device),
+        "cudaDeviceGetAttribute (multiprocessors)"));
+    if (split_workspace_bytes >= sizeof(float)) {
+      void* p = nullptr;
+      RETURN_IF_ERROR(CudaStatus(cudaMalloc(&p, split_workspace_bytes), "split scratch"));
+      split_scratch_.reset(static_cast<float*>(p));
+      split_floats_ = static_cast<int64_t>(split_workspace_bytes / sizeof(float));
+    }
     return CublasStatus(blas_.Init(state_->compute, blas_workspace_bytes), "cuBLAS init");
   }
 
@@ -231,10 +240,10 @@ class CudaBackend final : public Backend {
     return Launch("KvWrite", &kcu::KvWrite, p);
   }
   absl::Status PagedAttention(const kernels::PagedAttentionParams& p) override {
-    return Launch("PagedAttention", &kcu::PagedAttention, p);
+    return Launch("PagedAttention", &kcu::PagedAttention, WithSplitScratch(p));
   }
   absl::Status SgmvShrink(const kernels::SgmvShrinkParams& p) override {
-    return Launch("SgmvShrink", &kcu::SgmvShrink, p);
+    return Launch("SgmvShrink", &kcu::SgmvShrink, WithSplitScratch(p));
   }
   absl::Status SgmvExpandRows(const kernels::SgmvExpandRowsParams& p) override {
     return Launch("SgmvExpandRows", &kcu::SgmvExpandRows, p);
@@ -323,6 +332,15 @@ class CudaBackend final : public Backend {
     return Launched(launcher(p, state_->compute), op);
   }
 
+  // The op's params with the backend's split scratch and multiprocessor count filled in.
+  template <typename P>
+  P WithSplitScratch(P p) const {
+    p.split_workspace = split_scratch_.get();
+    p.split_workspace_floats = split_floats_;
+    p.num_sms = num_sms_;
+    return p;
+  }
+
   // Copies, allocation and synchronization are not ops: a capture may not contain them.
   absl::Status NotCapturing(const char* what) const {
     if (state_->capturing.load() != std::this_thread::get_id()) return absl::OkStatus();
@@ -391,6 +409,12 @@ class CudaBackend final : public Backend {
   std::array<cudaEvent_t, kStagingSegments> segment_done_{};
   std::array<bool, kStagingSegments> segment_pending_{};
   kcu::BlasContext blas_;
+  struct CudaFreeDeleter {
+    void operator()(float* p) const { cudaFree(p); }
+  };
+  std::unique_ptr<float, CudaFreeDeleter> split_scratch_;
+  int64_t split_floats_ = 0;
+  int num_sms_ = 0;
 };
 
 }  // namespace
@@ -443,7 +467,7 @@ absl::StatusOr<std::unique_ptr<Backend>> Create(const CudaBackendOptions& option
                              "cudaHostAlloc (staging)"));
   auto backend = std::make_unique<CudaBackend>(state, std::unique_ptr<void, PinnedDeleter>(staging),
                                                options.staging_bytes);
-  RETURN_IF_ERROR(backend->Init(options.blas_workspace_bytes));
+  RETURN_IF_ERROR(backend->Init(options.blas_workspace_bytes, options.split_workspace_bytes));
   return std::unique_ptr<Backend>(std::move(backend));
 }
 

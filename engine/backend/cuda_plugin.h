@@ -16,7 +16,7 @@
 
 namespace moleserve::engine {
 
-inline constexpr int kCudaPluginApiVersion = 1;
+inline constexpr int kCudaPluginApiVersion = 2;  // 2: CudaBackendOptions::split_workspace_bytes
 inline constexpr const char* kCudaPluginFile = "libmoleserve_cuda.so";
 inline constexpr const char* kCudaPluginSymbol = "moleserve_cuda_plugin";
 

@@ -320,7 +320,8 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
                                         .num_segments = e_count,
                                         .in = in,
                                         .v_stride = rank,
-                                        .dtype = dt_}));
+                                        .dtype = dt_,
+                                        .max_pairs = kernels::PairsThatFit(dev_v_.bytes(), rank)}));
   // Row i of the call is token ordered[i]: its k experts summed in decision order, added once.
   RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = dev_v_.as<float>(),
                                             .y = y,

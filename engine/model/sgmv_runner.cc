@@ -115,7 +115,8 @@ absl::Status SgmvRunner::Shrink(const Call& call, const void* x, int64_t in) {
                                .num_segments = call.num_segments,
                                .in = in,
                                .v_stride = call.v_stride,
-                               .dtype = dt_});
+                               .dtype = dt_,
+                               .max_pairs = kernels::PairsThatFit(v_.bytes(), call.v_stride)});
 }
 
 absl::Status SgmvRunner::Expand(const Call& call, void* y, int64_t out, int64_t y_stride,

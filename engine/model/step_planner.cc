@@ -741,17 +741,19 @@ absl::Status StepPlanner::Apply(int32_t layer, LinearModule m, const void* x, vo
   RETURN_IF_ERROR(ApplyRouted(layer, m, x, y, y_stride));
   if (!plan_.site_used[site]) return absl::OkStatus();
   const StepPlan::Site& s = plan_.sites[site];
-  RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
-                                        .v = plan_v_.as<float>(),
-                                        .x_row = plan_.pair_token,
-                                        .seg_start = plan_.seg_start,
-                                        .seg_rank = s.seg_rank,
-                                        .seg_row_offset = s.seg_off,
-                                        .a_rows = s.a_rows,
-                                        .num_segments = plan_.segments,
-                                        .in = in,
-                                        .v_stride = plan_.v_stride,
-                                        .dtype = dt_}));
+  RETURN_IF_ERROR(
+      backend_->SgmvShrink({.x = x,
+                            .v = plan_v_.as<float>(),
+                            .x_row = plan_.pair_token,
+                            .seg_start = plan_.seg_start,
+                            .seg_rank = s.seg_rank,
+                            .seg_row_offset = s.seg_off,
+                            .a_rows = s.a_rows,
+                            .num_segments = plan_.segments,
+                            .in = in,
+                            .v_stride = plan_.v_stride,
+                            .dtype = dt_,
+                            .max_pairs = kernels::PairsThatFit(plan_v_.bytes(), plan_.v_stride)}));
   return ExpandStatic(site, plan_v_.as<float>(), plan_.v_stride, y, y_stride);
 }
 
@@ -765,17 +767,19 @@ absl::Status StepPlanner::ApplyProjection(int32_t layer, Projection p, const voi
     // The modules' static LoRAs in one shrink: segment j's A rows are its q (gate) rows, then its
     // k rows, then its v (up) rows, each padded to V with a zero row, so module i's ranks are
     // columns [i V, i V + r) of v. Its own buffer: the routed groups below use plan_v_.
-    RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
-                                          .v = plan_vs_.as<float>(),
-                                          .x_row = plan_.pair_token,
-                                          .seg_start = plan_.seg_start,
-                                          .seg_rank = fused.seg_rank,
-                                          .seg_row_offset = fused.seg_off,
-                                          .a_rows = fused.a_rows,
-                                          .num_segments = plan_.segments,
-                                          .in = config_.hidden_size,
-                                          .v_stride = fused_stride,
-                                          .dtype = dt_}));
+    RETURN_IF_ERROR(
+        backend_->SgmvShrink({.x = x,
+                              .v = plan_vs_.as<float>(),
+                              .x_row = plan_.pair_token,
+                              .seg_start = plan_.seg_start,
+                              .seg_rank = fused.seg_rank,
+                              .seg_row_offset = fused.seg_off,
+                              .a_rows = fused.a_rows,
+                              .num_segments = plan_.segments,
+                              .in = config_.hidden_size,
+                              .v_stride = fused_stride,
+                              .dtype = dt_,
+                              .max_pairs = kernels::PairsThatFit(plan_vs_.bytes(), fused_stride)}));
   }
   for (size_t i = 0; i < modules.size(); ++i) {
     const LinearModule m = modules[i];
@@ -875,17 +879,19 @@ absl::Status StepPlanner::ApplyRouted(int32_t layer, LinearModule m, const void*
                                              .num_tokens = static_cast<int32_t>(t),
                                              .num_experts = e,
                                              .rank = rank}));
-    RETURN_IF_ERROR(backend_->SgmvShrink({.x = x,
-                                          .v = plan_v_.as<float>(),
-                                          .x_row = pair_row,
-                                          .seg_start = seg_start,
-                                          .seg_rank = seg_rank,
-                                          .seg_row_offset = seg_off,
-                                          .a_rows = entry.a_rows,
-                                          .num_segments = e,
-                                          .in = in,
-                                          .v_stride = rank,
-                                          .dtype = dt_}));
+    RETURN_IF_ERROR(
+        backend_->SgmvShrink({.x = x,
+                              .v = plan_v_.as<float>(),
+                              .x_row = pair_row,
+                              .seg_start = seg_start,
+                              .seg_rank = seg_rank,
+                              .seg_row_offset = seg_off,
+                              .a_rows = entry.a_rows,
+                              .num_segments = e,
+                              .in = in,
+                              .v_stride = rank,
+                              .dtype = dt_,
+                              .max_pairs = kernels::PairsThatFit(plan_v_.bytes(), rank)}));
     // Each token's k experts summed in its decision order and added once: no atomics, the
     // same bits on every run (SgmvExpandRows).
     RETURN_IF_ERROR(backend_->SgmvExpandRows({.v = plan_v_.as<float>(),
@@ -965,7 +971,8 @@ absl::Status StepPlanner::ApplyRanks(const StepPlan::Routed& entry, const void* 
                                         .num_segments = 1,
                                         .in = in,
                                         .v_stride = r,
-                                        .dtype = dt_}));
+                                        .dtype = dt_,
+                                        .max_pairs = kernels::PairsThatFit(plan_v_.bytes(), r)}));
   const float* router_logits = nullptr;
   if (rm.router_type == RouterType::kLinear) {  // SMoRA's gate, fp32
     RETURN_IF_ERROR(entry.att->RouterLogits(backend_, rm.router, x, t, in, logits));
@@ -1088,7 +1095,8 @@ absl::Status StepPlanner::BlockShrink(const StepPlan::Block& entry, int i, const
                                .num_segments = e,
                                .in = in,
                                .v_stride = rank,
-                               .dtype = dt_});
+                               .dtype = dt_,
+                               .max_pairs = kernels::PairsThatFit(plan_v_.bytes(), rank)});
 }
 
 absl::Status StepPlanner::BlockAct(int32_t layer, const void* h, const void* gate_up, void* act) {

@@ -178,6 +178,14 @@ struct PagedAttentionParams {
   int32_t sliding_window = 0;  // 0 = full causal attention
   ScalarType dtype = ScalarType::kF32;
   int64_t q_stride = 0;  // elements between tokens' rows of q (0: dense)
+  // Split-KV scratch, filled in by the CUDA backend and ignored on the CPU. When tokens x KV heads
+  // leave streaming multiprocessors idle (decode at small batches), the CUDA launcher splits each
+  // token's keys over up to kMaxAttentionSplits blocks that write partial softmax states here,
+  // and merges them in split order (launch_plan.h PlanGroupedAttention). The split count depends
+  // only on the shapes, never on the context length, so a captured graph keeps it.
+  float* split_workspace = nullptr;
+  int64_t split_workspace_floats = 0;
+  int32_t num_sms = 0;  // the device's multiprocessors; 0: never split
 };
 
 // Segmented GEMM over (row, expert) pairs, the LoRA "shrink" half (SGMV, as in Punica/S-LoRA):
@@ -200,7 +208,24 @@ struct SgmvShrinkParams {
   int64_t in = 0;        // >= 1 when num_segments > 0
   int32_t v_stride = 0;  // >= max rank
   ScalarType dtype = ScalarType::kF32;
+  // Split-K scratch, filled in by the CUDA backend and ignored on the CPU: with too few
+  // (segment, rank tile) blocks to fill the device, the bf16 tensor-core shrink splits `in` over
+  // several blocks that write partial sums here, reduced in split order by a second kernel
+  // (launch_plan.h PlanSgmvShrinkTiles). max_pairs bounds seg_start[num_segments] (the tables are
+  // on the device); 0 means unknown, and then nothing is split.
+  int32_t max_pairs = 0;
+  float* split_workspace = nullptr;
+  int64_t split_workspace_floats = 0;
+  int32_t num_sms = 0;
 };
+
+// The pairs a v buffer of v_bytes holds at v_stride floats a pair: a valid max_pairs for a
+// shrink writing that buffer (its pairs must fit in it).
+inline int32_t PairsThatFit(size_t v_bytes, int32_t v_stride) {
+  if (v_stride <= 0) return 0;
+  const size_t pairs = v_bytes / sizeof(float) / static_cast<size_t>(v_stride);
+  return pairs > 0x7fffffff ? 0x7fffffff : static_cast<int32_t>(pairs);
+}
 
 // The "expand" half of the segmented LoRA GEMM, owned by output rows. Bt_s is segment s's
 // expert B transposed (rank-major, so a rank row is one page): row i is

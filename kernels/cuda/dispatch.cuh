@@ -40,6 +40,19 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
   return __float2bfloat16(v);
 }
 
+// kVec elements of T as fp32 from a 16-byte load (kVec == 16 / sizeof(T)) or a scalar load.
+template <typename T, int kVec>
+__device__ __forceinline__ void LoadVec(const T* p, float (&out)[kVec]) {
+  if constexpr (kVec == 1) {
+    out[0] = ToFloat(p[0]);
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = ToFloat(v[i]);
+  }
+}
+
 inline unsigned int CeilDiv(int64_t a, int64_t b) {
   return static_cast<unsigned int>((a + b - 1) / b);
 }

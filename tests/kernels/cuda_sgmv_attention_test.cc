@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels/common/bf16.h"
+#include "kernels/common/launch_plan.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/blas/blas.h"
 #include "kernels/cuda/ops.h"
@@ -236,6 +237,46 @@ TEST_P(CudaSgmvTest, ShrinkAndExpandMatchCpu) {
       }
     }
   }
+  // Split-K (bf16 on tensor cores, launch_plan.h PlanSgmvShrinkTiles): with scratch and a device
+  // size the short calls split `in` over blocks; the same tolerance, and two runs bit for bit.
+  const int64_t scratch_floats = int64_t{kMaxShrinkSplits} * pairs * v_stride;
+  DeviceBytes scratch(scratch_floats * sizeof(float));
+  SgmvShrinkParams split = shrink;
+  split.max_pairs = static_cast<int32_t>(pairs);
+  split.split_workspace = scratch.get<float>();
+  split.split_workspace_floats = scratch_floats;
+  split.num_sms = 132;
+  std::vector<std::vector<float>> split_runs;
+  for (int run = 0; run < 2; ++run) {
+    DeviceBytes d_v2(pairs * v_stride * sizeof(float));
+    ASSERT_EQ(cudaMemset(d_v2.get(), 0, pairs * v_stride * sizeof(float)), cudaSuccess);
+    split.v = d_v2.get<float>();
+    ASSERT_EQ(cuda::SgmvShrink(split, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    split_runs.push_back(d_v2.Download<float>(pairs * v_stride));
+  }
+  EXPECT_EQ(split_runs[0], split_runs[1]) << "split-K shrink differs between two runs";
+  const LaunchPlan tiles = PlanSgmvShrinkTiles(segments, v_stride, c.in, ElemBytes(c.dtype),
+                                               d_x->get(), 132, split.max_pairs, scratch_floats);
+  if (c.dtype == ScalarType::kBF16 && c.in % 8 == 0 && c.tokens <= 64) {
+    EXPECT_GT(tiles.grid.z, 1u) << "this case should exercise the split";
+  }
+  for (int32_t s = 0; s < segments; ++s) {
+    for (int32_t p = seg_start[s]; p < seg_start[s + 1]; ++p) {
+      for (int32_t i = 0; i < v_stride; ++i) {
+        if (i >= seg_rank[s]) {  // columns past the rank are left untouched
+          ASSERT_EQ(split_runs[0][p * v_stride + i], 0.0f);
+          continue;
+        }
+        const float* a = static_cast<const float*>(a_host[seg_off[s] + i]);
+        double mag = 0.0;
+        for (int64_t k = 0; k < c.in; ++k) mag += std::fabs(a[k] * x[x_row[p] * c.in + k]);
+        ASSERT_NEAR(split_runs[0][p * v_stride + i], v_ref[p * v_stride + i], 1e-5 * mag + 1e-7)
+            << "split: pair " << p << " rank row " << i;
+      }
+    }
+  }
+
   const std::vector<float> y = DownloadAs(*d_y, y0.size(), c.dtype);
   if (c.dtype == ScalarType::kBF16) {
     ExpectBf16Close(y, y_ref);
@@ -253,6 +294,8 @@ INSTANTIATE_TEST_SUITE_P(ShapesRanksExperts, CudaSgmvTest,
                                            SgmvCase{64, 64, 16, 4096, 4096, ScalarType::kBF16},
                                            SgmvCase{256, 8, 64, 4096, 1024, ScalarType::kBF16},
                                            SgmvCase{33, 16, 128, 3584, 18944, ScalarType::kBF16},
+                                           SgmvCase{3, 2, 256, 1024, 512, ScalarType::kBF16},
+                                           SgmvCase{17, 2, 1, 2048, 64, ScalarType::kBF16},
                                            SgmvCase{5, 3, 32, 4100, 4098,
                                                     ScalarType::kBF16},  // unaligned widths
                                            SgmvCase{1, 1, 8, 4096, 4096, ScalarType::kF32},
@@ -425,6 +468,56 @@ TEST_P(CudaAttentionTest, KvWriteAndPagedAttentionMatchCpu) {
                                                    : 1e-5f * std::max(1.0f, std::fabs(ref[i]));
     ASSERT_NEAR(got[i], ref[i], tol) << "at " << i;
   }
+
+  // The three sequences' last tokens alone, as a decode step: 3 tokens x KV heads blocks leave a
+  // 132-SM device idle, so with scratch the keys are split (PlanGroupedAttention) and merged in
+  // split order. Same tolerance against the CPU; two runs bit for bit; the unsplit kernel agrees.
+  const std::vector<size_t> last = {69, 70, 79};
+  std::vector<int32_t> dec_seq, dec_pos;
+  std::vector<float> dec_q;
+  for (size_t i : last) {
+    dec_seq.push_back(token_seq[i]);
+    dec_pos.push_back(positions[i]);
+    dec_q.insert(dec_q.end(), q.begin() + static_cast<int64_t>(i) * qw,
+                 q.begin() + static_cast<int64_t>(i + 1) * qw);
+  }
+  const int64_t n = static_cast<int64_t>(last.size());
+  auto ddq = Upload(dec_q, c.dtype);
+  DeviceBytes ddseq(dec_seq), ddpos(dec_pos);
+  const int64_t scratch_floats =
+      AttentionSplitFloats(kMaxAttentionSplits, n, c.q_heads, c.head_dim);
+  DeviceBytes scratch(scratch_floats * sizeof(float));
+  std::vector<float> zeros(n * qw, 0.0f);
+  std::vector<std::vector<float>> runs;
+  for (int32_t num_sms : {132, 132, 0}) {
+    auto dout2 = Upload(zeros, c.dtype);
+    ASSERT_EQ(cuda::PagedAttention({.kv = kv,
+                                    .q = ddq->get(),
+                                    .out = dout2->get(),
+                                    .token_seq = ddseq.get<int32_t>(),
+                                    .positions = ddpos.get<int32_t>(),
+                                    .num_tokens = n,
+                                    .num_q_heads = c.q_heads,
+                                    .scale = scale,
+                                    .sliding_window = c.sliding_window,
+                                    .dtype = c.dtype,
+                                    .split_workspace = scratch.get<float>(),
+                                    .split_workspace_floats = scratch_floats,
+                                    .num_sms = num_sms},
+                                   nullptr),
+              cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    runs.push_back(DownloadAs(*dout2, zeros.size(), c.dtype));
+  }
+  EXPECT_EQ(runs[0], runs[1]) << "split-KV attention differs between two runs";
+  for (size_t r = 0; r < runs.size(); ++r) {
+    for (int64_t i = 0; i < n * qw; ++i) {
+      const float want = ref[last[i / qw] * qw + i % qw];
+      const float tol = c.dtype == ScalarType::kBF16 ? 0x1p-7f * std::max(1.0f, std::fabs(want))
+                                                     : 1e-5f * std::max(1.0f, std::fabs(want));
+      ASSERT_NEAR(runs[r][i], want, tol) << "run " << r << " at " << i;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -435,6 +528,8 @@ INSTANTIATE_TEST_SUITE_P(
                       AttentionCase{8, 4, 32, 8, 0, ScalarType::kF32},       // demo model
                       AttentionCase{8, 2, 256, 16, 0, ScalarType::kF32},
                       AttentionCase{8, 8, 80, 32, 0, ScalarType::kF32},
+                      AttentionCase{28, 4, 128, 16, 0, ScalarType::kBF16},    // Qwen2-7B (7)
+                      AttentionCase{64, 8, 128, 16, 0, ScalarType::kF32},     // 70B group, fp32
                       AttentionCase{32, 8, 128, 16, 64, ScalarType::kBF16}),  // sliding window
     [](const ::testing::TestParamInfo<AttentionCase>& info) {
       const AttentionCase& c = info.param;

@@ -10,19 +10,6 @@
 
 namespace moleserve::kernels::cuda {
 
-// kVec elements of T as fp32 from a 16-byte load (kVec == 16 / sizeof(T)) or a scalar load.
-template <typename T, int kVec>
-__device__ __forceinline__ void LoadVec(const T* p, float (&out)[kVec]) {
-  if constexpr (kVec == 1) {
-    out[0] = ToFloat(p[0]);
-  } else {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) out[i] = ToFloat(v[i]);
-  }
-}
-
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -74,18 +61,20 @@ __global__ void SgmvShrinkKernel(const T* __restrict__ x, float* __restrict__ v,
   }
 }
 
-// y[y_row[t], j] += sum over t's pairs (token_pair order) of w * v . Bt[:, j]: thread j of block
-// (t, column block) owns the element, so no atomics; fp32 sum in the CPU twin's order (the
-// multiply-adds may fuse on the device), added to y once.
-template <typename T>
+// y[y_row[t], j] += sum over t's pairs (token_pair order) of w * v . Bt[:, j]: thread x of block
+// (t, column block) owns columns j = (block * blockDim + x) * kVec .. + kVec (kVec 1: one
+// column; otherwise one 16-byte vector of B rows and of y), so no atomics; each element's fp32
+// sum runs in the CPU twin's order (the multiply-adds may fuse on the device) whatever kVec is,
+// and is added to y once.
+template <typename T, int kVec>
 __global__ void SgmvExpandRowsKernel(SgmvExpandRowsParams p) {
   const int64_t t = blockIdx.x;
-  const int64_t j = int64_t{blockIdx.y} * blockDim.x + threadIdx.x;
+  const int64_t j = (int64_t{blockIdx.y} * blockDim.x + threadIdx.x) * kVec;
   if (j >= p.out) return;
   if (p.active != nullptr && p.active[t] == 0) return;
   const int32_t count = p.count[t];
   if (count <= 0) return;
-  float acc = 0.0f;
+  float acc[kVec] = {};
   for (int32_t q = 0; q < count; ++q) {
     const int32_t pair = p.token_pair[t * p.pair_stride + q];
     int32_t lo = 0, hi = p.num_segments;  // the segment s with seg_start[s] <= pair < [s + 1]
@@ -103,12 +92,23 @@ __global__ void SgmvExpandRowsKernel(SgmvExpandRowsParams p) {
     const void* const* rows = p.b_rows + p.seg_row_offset[lo];
     for (int32_t i = 0; i < rank; ++i) {
       const float coef = w * p.v[static_cast<int64_t>(pair) * p.v_stride + i];
-      acc += coef * ToFloat(static_cast<const T*>(rows[i])[j]);
+      float b[kVec];
+      LoadVec<T, kVec>(static_cast<const T*>(rows[i]) + j, b);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[e] += coef * b[e];
     }
   }
   const int64_t row = p.y_row != nullptr ? p.y_row[t] : t;
   T* y = static_cast<T*>(p.y) + row * (p.y_stride > 0 ? p.y_stride : p.out) + j;
-  *y = FromFloat<T>(ToFloat(*y) + acc);
+  if constexpr (kVec == 1) {
+    *y = FromFloat<T>(ToFloat(*y) + acc[0]);
+  } else {
+    uint4 raw = *reinterpret_cast<const uint4*>(y);
+    T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v[e] = FromFloat<T>(ToFloat(v[e]) + acc[e]);
+    *reinterpret_cast<uint4*>(y) = raw;
+  }
 }
 
 // y[y_row[r], c] += sum over r's sources (in order) of w * x[src, c]: thread c of block
