@@ -125,8 +125,10 @@ absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraSt
     }
   }
   owners_[owner] = stacks;
+  for (const LoraStack* s : stacks) Account(*s, +1);
   if (absl::Status fits = Repartition(/*check_only=*/true); !fits.ok()) {
     for (const LoraStack* s : stacks) {
+      Account(*s, -1);
       const HostImage& image = stacks_.at(s).image;
       if (image.is_pinned) pinned_bytes_ -= image.bytes;
       stacks_.erase(s);
@@ -137,6 +139,27 @@ absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraSt
   return Repartition(/*check_only=*/false);
 }
 
+void ExpertCache::Account(const LoraStack& s, int sign) {
+  const StackInfo& info = stacks_.at(&s);
+  image_bytes_ += sign * info.image.bytes;
+  const int64_t rows = int64_t{s.num_experts} * s.rank;
+  auto count = [&](int64_t width, int64_t expert_rows) {
+    Demand& d = demand_[width];
+    d.rows += sign * rows;
+    int32_t& n = d.expert_rows[expert_rows];
+    n += sign;
+    if (n == 0) d.expert_rows.erase(expert_rows);
+    if (d.expert_rows.empty()) demand_.erase(width);
+  };
+  if (s.in == s.out) {  // one expert takes 2 x rank rows of the one width
+    demand_[s.in].rows += sign * rows;
+    count(s.in, 2 * int64_t{s.rank});
+  } else {
+    count(s.in, s.rank);
+    count(s.out, s.rank);
+  }
+}
+
 void ExpertCache::RemoveOwner(int32_t owner) {
   MutexLock lock(&mu_);
   auto it = owners_.find(owner);
@@ -145,6 +168,7 @@ void ExpertCache::RemoveOwner(int32_t owner) {
     for (Entry& e : stacks_.at(s).experts) {
       if (e.resident) Evict(&e, &stats_.evicted_unload);
     }
+    Account(*s, -1);
     const HostImage& image = stacks_.at(s).image;
     if (image.is_pinned) pinned_bytes_ -= image.bytes;
     stacks_.erase(s);
@@ -155,17 +179,12 @@ void ExpertCache::RemoveOwner(int32_t owner) {
 }
 
 absl::Status ExpertCache::Repartition(bool check_only) {
-  // Rows of each width: all registered experts (demand) and the largest single expert (minimum).
+  // Rows of each width: all registered experts (demand) and the largest single expert (minimum),
+  // kept up to date by Account: O(widths), whatever the number of owners.
   std::map<int64_t, int64_t> demand, minimum;
-  for (const auto& [s, info] : stacks_) {
-    demand[s->in] += int64_t{s->num_experts} * s->rank;
-    demand[s->out] += int64_t{s->num_experts} * s->rank;
-    if (s->in == s->out) {
-      minimum[s->in] = std::max<int64_t>(minimum[s->in], 2 * int64_t{s->rank});
-    } else {
-      minimum[s->in] = std::max<int64_t>(minimum[s->in], s->rank);
-      minimum[s->out] = std::max<int64_t>(minimum[s->out], s->rank);
-    }
+  for (const auto& [w, d] : demand_) {
+    demand[w] = d.rows;
+    minimum[w] = d.expert_rows.rbegin()->first;
   }
   std::map<int64_t, int64_t> target = demand;
   if (options_.capacity_bytes > 0) {
@@ -483,7 +502,7 @@ ExpertCacheStats ExpertCache::stats() const {
   MutexLock lock(&mu_);
   ExpertCacheStats s = stats_;
   s.capacity_bytes = 0;
-  for (const auto& [stack, info] : stacks_) s.host_image_bytes += info.image.bytes;
+  s.host_image_bytes = image_bytes_;
   s.host_pinned_bytes = pinned_bytes_;
   for (const auto& [w, pool] : pools_) {
     s.pools.push_back({w, pool.pages, static_cast<int64_t>(pool.free.size())});

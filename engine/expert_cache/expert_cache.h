@@ -160,7 +160,10 @@ class ExpertCache {
   bool MakeResident(Entry* entry, bool (*evictable)(const Entry&, int64_t step), bool prefetch)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Evict(Entry* entry, int64_t* counter) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Recomputes every pool's page count from the registered stacks and resizes the pools.
+  // Adds (sign +1) or removes (-1) a registered stack's rows and image bytes in the running
+  // totals Repartition and stats() read.
+  void Account(const LoraStack& s, int sign) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Recomputes every pool's page count from the running totals and resizes the pools.
   absl::Status Repartition(bool check_only) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status ResizePool(Pool* pool, int64_t pages) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Marks `entry` used by the current step (counts distinct experts per step).
@@ -184,6 +187,14 @@ class ExpertCache {
   std::map<int32_t, std::vector<const LoraStack*>> owners_ ABSL_GUARDED_BY(mu_);
   std::map<int32_t, int64_t> resident_bytes_ ABSL_GUARDED_BY(mu_);  // by owner
   std::list<Entry*> lru_ ABSL_GUARDED_BY(mu_);
+  // Per page width: rows of every registered expert, and how many stacks have experts of each
+  // size in rows (the largest is the pool's minimum).
+  struct Demand {
+    int64_t rows = 0;
+    std::map<int64_t, int32_t> expert_rows;
+  };
+  std::map<int64_t, Demand> demand_ ABSL_GUARDED_BY(mu_);
+  int64_t image_bytes_ ABSL_GUARDED_BY(mu_) = 0;   // of all images
   int64_t pinned_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // of all images
   int64_t step_ ABSL_GUARDED_BY(mu_) = 0;
   ExpertCacheStats stats_ ABSL_GUARDED_BY(mu_);

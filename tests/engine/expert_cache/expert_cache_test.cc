@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <map>
 #include <memory>
 #include <random>
 #include <thread>
@@ -254,6 +255,48 @@ TEST_F(ExpertCacheTest, RefusesAnAdapterWhoseExpertCannotFit) {
   ExpectRows(*small, 1, 1, a, b);
   cache.Release(small.get(), 1);
   EXPECT_TRUE(absl::IsAlreadyExists(cache.AddOwner(0, {small.get()})));
+}
+
+// The pools' sizes and the per-width minimum are kept as running totals (AddOwner / RemoveOwner
+// cost the owner's own stacks, not every registered one): they must follow owners coming and
+// going, including two owners sharing the largest expert size.
+TEST_F(ExpertCacheTest, PoolSizesAndMinimumsFollowOwnersAsTheyComeAndGo) {
+  auto pages = [](const ExpertCache& cache) {
+    std::map<int64_t, int64_t> out;
+    for (const auto& p : cache.stats().pools) out[p.width] = p.pages;
+    return out;
+  };
+  {  // unbounded: every width's pool holds every registered expert's rows
+    ExpertCache cache(backend_.get(), {});
+    auto s1 = MakeStack(1, 2, 2, 8, 8);    // 4 rows of 8, twice (A and B^T)
+    auto s2 = MakeStack(2, 3, 4, 8, 16);   // 12 rows of 8, 12 of 16
+    auto s3 = MakeStack(3, 1, 8, 16, 32);  // 8 of 16, 8 of 32
+    ASSERT_TRUE(cache.AddOwner(0, {s1.get()}).ok());
+    ASSERT_TRUE(cache.AddOwner(1, {s2.get(), s3.get()}).ok());
+    EXPECT_EQ(pages(cache), (std::map<int64_t, int64_t>{{8, 20}, {16, 20}, {32, 8}}));
+    cache.RemoveOwner(0);
+    EXPECT_EQ(pages(cache), (std::map<int64_t, int64_t>{{8, 12}, {16, 20}, {32, 8}}));
+    cache.RemoveOwner(1);
+    EXPECT_TRUE(pages(cache).empty());
+  }
+  // Bounded at 2048 bytes: one rank-16 expert of width 8 (in == out: 32 rows, 1024 bytes) and
+  // one of width 16 (2048 bytes) do not fit together.
+  ExpertCache cache(backend_.get(), {.capacity_bytes = 2048});
+  auto big1 = MakeStack(1, 1, 16, 8, 8);
+  auto big2 = MakeStack(2, 1, 16, 8, 8);
+  auto wide = MakeStack(3, 1, 16, 16, 16);
+  ASSERT_TRUE(cache.AddOwner(0, {big1.get()}).ok());
+  ASSERT_TRUE(cache.AddOwner(1, {big2.get()}).ok());
+  EXPECT_TRUE(absl::IsResourceExhausted(cache.AddOwner(2, {wide.get()})));
+  cache.RemoveOwner(0);  // big2 still needs its 32 rows of width 8
+  EXPECT_TRUE(absl::IsResourceExhausted(cache.AddOwner(2, {wide.get()})));
+  cache.RemoveOwner(1);  // now nothing of width 8 is registered
+  ASSERT_TRUE(cache.AddOwner(2, {wide.get()}).ok());
+  EXPECT_EQ(pages(cache), (std::map<int64_t, int64_t>{{16, 32}}));
+  std::vector<const void*> a, b;
+  ASSERT_TRUE(cache.Acquire(wide.get(), 0, &a, &b).ok());
+  ExpectRows(*wide, 3, 0, a, b);
+  cache.Release(wide.get(), 0);
 }
 
 TEST_F(ExpertCacheTest, PrefetchFillsFreePagesButSparesTheRunningSet) {
