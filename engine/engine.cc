@@ -16,6 +16,8 @@
 #include "engine/adapters/registry.h"
 #include "engine/backend/backend.h"
 #include "engine/chat/chat_template.h"
+#include "engine/core/background.h"
+#include "engine/core/chunked_visit.h"
 #include "engine/core/mutex.h"
 #include "engine/core/quote.h"
 #include "engine/core/status_macros.h"
@@ -59,6 +61,17 @@ struct Engine::State {
   };
   std::map<std::string, Record> records ABSL_GUARDED_BY(adapters_mu);
   Mutex load_mu;
+
+  // What an adapter's status is built from, copied under adapters_mu (Snapshot); the rest
+  // (summary, expert cache bytes) is filled in after it is released (Fill).
+  struct StatusSnapshot {
+    AdapterStatus status;
+    std::shared_ptr<const AdapterVersion> version;
+    int32_t slot = -1;
+  };
+  StatusSnapshot Snapshot(const std::string& name, const Record& rec) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(adapters_mu);
+  void Fill(StatusSnapshot* snap) const;
 
   Mutex mu;         // guards the fields below
   CondVar idle_cv;  // signalled when in_flight drops to 0
@@ -284,6 +297,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     state->adapters.Publish(std::move(adapter), dir, std::move(chat_template));
     state->records[name] = {
         .state = AdapterState::kReady, .path = dir, .disk_bytes = files.total_bytes};
+    if (options.startup_adapter_progress) {
+      options.startup_adapter_progress(state->records.size(), options.adapters.size());
+    }
   }
 
   state->context_length = options.max_model_len > 0
@@ -539,6 +555,10 @@ std::string LoadFailureReason(const absl::Status& status, const char* stage) {
   return stage;
 }
 
+namespace {
+AdapterSummary Summarize(const AdapterVersion& v);  // below, with the admin views
+}  // namespace
+
 absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, const std::string& path,
                                                    bool replace, const std::string& sha256,
                                                    absl::Time deadline) {
@@ -609,9 +629,12 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
   if (absl::Status st = enter("inspect"); !st.ok()) return failed(st, "timeout");
   absl::StatusOr<std::string> dir = ConfinedAdapterDir(s.options.adapter_root, path);
   if (!dir.ok()) return failed(dir.status(), "invalid_path");
-  absl::StatusOr<AdapterFiles> files =
-      InspectAdapterFiles(*dir, ConfinedFileLimits(s.options), /*digest=*/!sha256.empty(),
-                          [&] { return keep_going("inspect"); });
+  // Reading, hashing and parsing run at background priority (EngineOptions::adapter_load_nice).
+  const int nice = s.options.adapter_load_nice;
+  absl::StatusOr<AdapterFiles> files = AtBackgroundPriority(nice, [&] {
+    return InspectAdapterFiles(*dir, ConfinedFileLimits(s.options), /*digest=*/!sha256.empty(),
+                               [&] { return keep_going("inspect"); });
+  });
   if (!files.ok()) {
     const absl::Status& st = files.status();
     return failed(
@@ -626,12 +649,14 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
   const AdapterLimits limits{.max_rank = s.options.max_adapter_rank,
                              .max_experts = s.options.max_adapter_experts};
   if (absl::Status st = enter("read"); !st.ok()) return failed(st, "timeout");
-  absl::StatusOr<std::shared_ptr<const Adapter>> adapter;
-  try {
-    adapter = engine::LoadAdapter(*dir, name, s.model->config(), limits);
-  } catch (const std::bad_alloc&) {
-    adapter = absl::ResourceExhaustedError("out of host memory reading the adapter");
-  }
+  absl::StatusOr<std::shared_ptr<const Adapter>> adapter =
+      AtBackgroundPriority(nice, [&]() -> absl::StatusOr<std::shared_ptr<const Adapter>> {
+        try {
+          return engine::LoadAdapter(*dir, name, s.model->config(), limits);
+        } catch (const std::bad_alloc&) {
+          return absl::ResourceExhaustedError("out of host memory reading the adapter");
+        }
+      });
   if (!adapter.ok()) return failed(adapter.status(), "invalid_adapter");
   absl::StatusOr<std::shared_ptr<const ChatTemplate>> chat_template =
       AdapterChatTemplate(*dir, *s.tokenizer);
@@ -643,7 +668,7 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
   if (!slot.ok()) return failed(slot.status(), "invalid_adapter");
   m.attach_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
   t0 = absl::Now();
-  std::shared_ptr<const AdapterVersion> old;
+  std::shared_ptr<const AdapterVersion> old, published;
   int32_t old_slot = -1;
   {
     MutexLock lock(&s.adapters_mu);
@@ -653,7 +678,7 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
       s.adapter_slots.erase(old->adapter.get());
     }
     s.adapter_slots[adapter->get()] = *slot;
-    s.adapters.Publish(*adapter, *dir, *std::move(chat_template));
+    published = s.adapters.Publish(*adapter, *dir, *std::move(chat_template));
     s.records[name] = {.state = AdapterState::kReady,
                        .path = path,
                        .sha256 = files->sha256,
@@ -662,10 +687,7 @@ absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, cons
   if (old != nullptr) s.executor->RetireAdapter(old_slot, old);
   m.publish_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
   if (s.options.metrics) s.options.metrics->OnAdapterLoad(m);
-  for (AdapterSummary& a : ListAdapters()) {
-    if (a.name == name) return a;
-  }
-  return absl::InternalError("a published adapter is missing from the list");
+  return Summarize(*published);
 }
 
 absl::StatusOr<Engine::UnloadResult> Engine::UnloadAdapter(const std::string& name,
@@ -754,6 +776,37 @@ int64_t RouterBytes(const Adapter& a, size_t element_bytes) {
 
 }  // namespace
 
+Engine::State::StatusSnapshot Engine::State::Snapshot(const std::string& name,
+                                                      const Record& rec) const {
+  StatusSnapshot snap;
+  snap.status = {.name = name,
+                 .state = rec.state,
+                 .error = rec.error,
+                 .path = rec.path,
+                 .sha256 = rec.sha256,
+                 .disk_bytes = rec.disk_bytes};
+  if (rec.state == AdapterState::kDraining) {
+    snap.version = rec.draining.lock();
+    snap.slot = rec.draining_slot;
+  } else {
+    snap.version = adapters.Find(name);
+    if (snap.version != nullptr) snap.slot = adapter_slots.at(snap.version->adapter.get());
+  }
+  return snap;
+}
+
+void Engine::State::Fill(StatusSnapshot* snap) const {
+  const std::shared_ptr<const AdapterVersion>& v = snap->version;
+  if (v == nullptr) return;
+  AdapterStatus& st = snap->status;
+  st.has_version = true;
+  st.summary = Summarize(*v);
+  st.host_bytes = v->adapter->bytes;
+  st.device_bytes = expert_cache->ResidentBytes(snap->slot) +
+                    RouterBytes(*v->adapter, ScalarTypeSize(backend->compute_dtype()));
+  st.loaded_at = v->loaded_at;
+}
+
 const char* AdapterStateName(AdapterState s) {
   switch (s) {
     case AdapterState::kLoading:
@@ -776,45 +829,45 @@ std::vector<AdapterSummary> Engine::ListAdapters() const {
 
 std::vector<AdapterStatus> Engine::AdapterStatuses() const {
   State& s = *state_;
-  std::vector<AdapterStatus> out;
+  std::vector<State::StatusSnapshot> snaps;
+  // In chunks: admission and loads take adapters_mu for one lookup and never wait for a whole
+  // listing.
+  VisitInChunks(&s.adapters_mu, s.records, 256,
+                [&](const std::string& name, const State::Record& rec) {
+                  snaps.push_back(s.Snapshot(name, rec));
+                });
+  std::map<std::string, int64_t> in_flight;
   {
-    MutexLock lock(&s.adapters_mu);
-    for (const auto& [name, rec] : s.records) {
-      AdapterStatus st{.name = name,
-                       .state = rec.state,
-                       .error = rec.error,
-                       .path = rec.path,
-                       .sha256 = rec.sha256,
-                       .disk_bytes = rec.disk_bytes};
-      std::shared_ptr<const AdapterVersion> v =
-          rec.state == AdapterState::kDraining ? rec.draining.lock() : s.adapters.Find(name);
-      if (v != nullptr) {
-        const int32_t slot = rec.state == AdapterState::kDraining
-                                 ? rec.draining_slot
-                                 : s.adapter_slots.at(v->adapter.get());
-        st.has_version = true;
-        st.summary = Summarize(*v);
-        st.host_bytes = v->adapter->bytes;
-        st.device_bytes = s.expert_cache->ResidentBytes(slot) +
-                          RouterBytes(*v->adapter, ScalarTypeSize(s.backend->compute_dtype()));
-        st.loaded_at = v->loaded_at;
-      }
-      out.push_back(std::move(st));
-    }
+    MutexLock lock(&s.mu);
+    in_flight = s.adapter_in_flight;  // names with requests in flight only
   }
-  MutexLock lock(&s.mu);
-  for (AdapterStatus& st : out) {
-    auto it = s.adapter_in_flight.find(st.name);
-    if (it != s.adapter_in_flight.end()) st.in_flight = it->second;
+  std::vector<AdapterStatus> out;
+  out.reserve(snaps.size());
+  for (State::StatusSnapshot& snap : snaps) {
+    s.Fill(&snap);
+    auto it = in_flight.find(snap.status.name);
+    if (it != in_flight.end()) snap.status.in_flight = it->second;
+    out.push_back(std::move(snap.status));
   }
   return out;
 }
 
 absl::StatusOr<AdapterStatus> Engine::GetAdapterStatus(const std::string& name) const {
-  for (AdapterStatus& st : AdapterStatuses()) {
-    if (st.name == name) return std::move(st);
+  State& s = *state_;
+  State::StatusSnapshot snap;
+  {
+    MutexLock lock(&s.adapters_mu);
+    auto it = s.records.find(name);
+    if (it == s.records.end()) {
+      return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not known"));
+    }
+    snap = s.Snapshot(name, it->second);
   }
-  return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not known"));
+  s.Fill(&snap);
+  MutexLock lock(&s.mu);
+  auto it = s.adapter_in_flight.find(name);
+  if (it != s.adapter_in_flight.end()) snap.status.in_flight = it->second;
+  return std::move(snap.status);
 }
 
 absl::StatusOr<std::string> Engine::ApplyChatTemplate(const nlohmann::ordered_json& messages,

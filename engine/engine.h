@@ -63,6 +63,9 @@ struct EngineOptions {
   MetricsSink* metrics = nullptr;  // not owned; must outlive the engine
   // MoLE adapters loaded at start: (name, directory) of a mole/1 or PEFT LoRA directory.
   std::vector<std::pair<std::string, std::string>> adapters;
+  // Called by Create after each of `adapters` is loaded (loaded of total), so that a start with
+  // thousands of them can report its progress.
+  std::function<void(size_t loaded, size_t total)> startup_adapter_progress;
   // Directory that hot-loaded adapter paths are confined to; empty = hot loading is off.
   std::string adapter_root;
   int32_t max_adapter_rank = 256;
@@ -82,6 +85,9 @@ struct EngineOptions {
   // Longest a hot load may take (LoadAdapter's own deadline, when earlier, wins). Checked
   // between the load's stages; a load past it fails with kDeadlineExceeded.
   absl::Duration max_adapter_load_time = absl::Minutes(10);
+  // Nice value (Linux, per thread) of the thread that reads, hashes and parses a hot-loaded
+  // adapter's files, so that loads take the CPU serving leaves; 0 = the calling thread itself.
+  int32_t adapter_load_nice = 10;
   // Called on the loading thread as each stage of a hot load begins: "inspect" (size limits and
   // digest), "read" (parse and validate), "attach". For tests, which hold a load at a stage;
   // production leaves it empty.

@@ -51,6 +51,9 @@ ABSL_FLAG(std::vector<std::string>, adapter, {},
           "MoLE adapter to serve, as name=DIR (a mole/1 or PEFT LoRA directory); repeat the flag "
           "or separate with commas");
 ABSL_FLAG(int, max_adapter_rank, 256, "Largest LoRA rank an adapter may have");
+ABSL_FLAG(int32_t, adapter_load_nice, 10,
+          "Nice value (Linux) of the thread that reads and checks a hot-loaded adapter's files, "
+          "so that loads take the CPU serving leaves; 0 = the admin call's own thread");
 ABSL_FLAG(absl::Duration, max_adapter_load_time, absl::Minutes(10),
           "Longest a hot load may take (checked between its stages); the admin call's deadline "
           "wins when earlier");
@@ -204,6 +207,7 @@ int Run() {
   options.chat_template_file = absl::GetFlag(FLAGS_chat_template);
   options.expert_pinned_host_bytes = absl::GetFlag(FLAGS_expert_pinned_host_bytes);
   options.max_adapter_load_time = absl::GetFlag(FLAGS_max_adapter_load_time);
+  options.adapter_load_nice = absl::GetFlag(FLAGS_adapter_load_nice);
   moleserve::server::ServerOptions server_options{
       .listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),
       .max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes),
@@ -244,6 +248,12 @@ int Run() {
     options.adapters.emplace_back(spec.substr(0, eq), spec.substr(eq + 1));
   }
   spdlog::info("loading {}", options.model.empty() ? "the built-in demo model" : options.model);
+  // Thousands of start-up adapters take a while: a progress line every 100 and at the end.
+  options.startup_adapter_progress = [](size_t loaded, size_t total) {
+    if (loaded % 100 == 0 || loaded == total) {
+      spdlog::info("loaded {} of {} start-up adapters", loaded, total);
+    }
+  };
   auto engine = moleserve::engine::Engine::Create(options);
   if (!engine.ok()) {
     spdlog::critical("cannot start the engine: {}", engine.status().ToString());
@@ -253,9 +263,15 @@ int Run() {
   spdlog::info("model {} ({}, {} layers, hidden {}, vocab {}, context {}, {:.1f}M params) on {}",
                info.name, info.architecture, info.num_layers, info.hidden_size, info.vocab_size,
                info.context_length, info.parameter_count / 1e6, info.backend);
-  for (const moleserve::engine::AdapterSummary& a : (*engine)->ListAdapters()) {
+  const std::vector<moleserve::engine::AdapterSummary> adapters = (*engine)->ListAdapters();
+  constexpr size_t kListed = 20;  // one line each for the first ones, then a count
+  for (size_t i = 0; i < adapters.size() && i < kListed; ++i) {
+    const moleserve::engine::AdapterSummary& a = adapters[i];
     spdlog::info("adapter {} ({}, {}; {} experts, {:.1f} MiB) from {}", a.name, a.family, a.format,
                  a.num_experts, a.bytes / 1048576.0, a.source);
+  }
+  if (adapters.size() > kListed) {
+    spdlog::info("... and {} more adapters (molectl admin list)", adapters.size() - kListed);
   }
 
   auto server = moleserve::server::MoleServer::Start(engine->get(), server_options);

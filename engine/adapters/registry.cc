@@ -1,6 +1,7 @@
 #include "engine/adapters/registry.h"
 
 #include "absl/strings/str_cat.h"
+#include "engine/core/chunked_visit.h"
 #include "engine/core/quote.h"
 
 namespace moleserve::engine {
@@ -35,9 +36,12 @@ absl::Status AdapterRegistry::Remove(const std::string& name) {
 }
 
 std::vector<std::shared_ptr<const AdapterVersion>> AdapterRegistry::List() const {
-  MutexLock lock(&mu_);
   std::vector<std::shared_ptr<const AdapterVersion>> out;
-  for (const auto& [name, v] : adapters_) out.push_back(v);
+  // In chunks: Find (every request's admission) never waits for more than one chunk.
+  VisitInChunks(&mu_, adapters_, 256,
+                [&](const std::string&, const std::shared_ptr<const AdapterVersion>& v) {
+                  out.push_back(v);
+                });
   return out;
 }
 

@@ -45,7 +45,8 @@ class AdapterRegistry {
   std::shared_ptr<const AdapterVersion> Find(const std::string& name) const;
   // kNotFound when absent.
   absl::Status Remove(const std::string& name);
-  // All current versions, by name.
+  // All current versions, by name. The lock is held for 256 names at a time, so Find never waits
+  // for a whole listing; a name published or removed meanwhile may be missed or seen.
   std::vector<std::shared_ptr<const AdapterVersion>> List() const;
 
  private:
