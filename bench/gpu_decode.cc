@@ -34,6 +34,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "bench/adapter_writer.h"
 #include "bench/gpu/copy_bandwidth.h"
 #include "bench/list_flag.h"
 #include "engine/adapters/adapter.h"
@@ -57,6 +58,8 @@ namespace {
 
 using namespace moleserve::engine;  // NOLINT: a benchmark's main file
 using moleserve::bench::ParseList;
+using moleserve::bench::WriteMole;
+using moleserve::bench::WritePeftLora;
 namespace fs = std::filesystem;
 
 double Now() {
@@ -68,87 +71,6 @@ void Check(const absl::Status& s, const char* what) {
     std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
     std::exit(1);
   }
-}
-
-// Uniform values in [-scale, scale) from a fast LCG: the values do not matter for timing.
-std::vector<float> Fill(int64_t n, uint32_t seed, float scale) {
-  std::vector<float> v(n);
-  uint32_t state = seed * 2654435761u + 1;
-  for (float& x : v) {
-    state = state * 1664525u + 1013904223u;
-    x = scale * (static_cast<float>(state >> 8) * 0x1p-23f - 1.0f);
-  }
-  return v;
-}
-
-struct ModuleShape {
-  const char* name;
-  const char* block;  // self_attn / mlp
-  int64_t in, out;
-};
-std::vector<ModuleShape> Modules(const ModelConfig& c) {
-  const int64_t q = int64_t{c.num_heads} * c.head_dim, kv = int64_t{c.num_kv_heads} * c.head_dim;
-  return {{"q_proj", "self_attn", c.hidden_size, q},
-          {"k_proj", "self_attn", c.hidden_size, kv},
-          {"v_proj", "self_attn", c.hidden_size, kv},
-          {"o_proj", "self_attn", q, c.hidden_size},
-          {"gate_proj", "mlp", c.hidden_size, c.intermediate_size},
-          {"up_proj", "mlp", c.hidden_size, c.intermediate_size},
-          {"down_proj", "mlp", c.intermediate_size, c.hidden_size}};
-}
-
-void WriteTensors(
-    const std::string& path,
-    std::vector<std::pair<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>>& t) {
-  std::vector<SafetensorsWriteTensor> out;
-  for (auto& [name, v] : t) out.push_back({name, v.first, v.second.data()});
-  Check(WriteSafetensors(path, out, {}, "BF16"), "write safetensors");
-}
-
-// PEFT LoRA, rank r on every linear module of every layer.
-std::string WritePeftLora(const std::string& dir, const ModelConfig& c, int r, uint32_t seed) {
-  fs::create_directories(dir);
-  std::vector<std::pair<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>> t;
-  for (int l = 0; l < c.num_layers; ++l) {
-    for (const ModuleShape& m : Modules(c)) {
-      const std::string p =
-          absl::StrCat("base_model.model.model.layers.", l, ".", m.block, ".", m.name);
-      t.push_back({p + ".lora_A.weight", {{r, m.in}, Fill(r * m.in, seed++, 0.01f)}});
-      t.push_back({p + ".lora_B.weight", {{m.out, r}, Fill(m.out * r, seed++, 0.01f)}});
-    }
-  }
-  WriteTensors(dir + "/adapter_model.safetensors", t);
-  std::ofstream(dir + "/adapter_config.json")
-      << R"({"peft_type": "LORA", "r": )" << r << R"(, "lora_alpha": )" << 2 * r
-      << R"(, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-         "down_proj"]})";
-  return dir;
-}
-
-// mole/1, top-k of E experts of rank r on every linear module of every layer.
-std::string WriteMole(const std::string& dir, const ModelConfig& c, int experts, int k, int r) {
-  fs::create_directories(dir);
-  std::vector<std::pair<std::string, std::pair<std::vector<int64_t>, std::vector<float>>>> t;
-  uint32_t seed = 99;
-  for (int l = 0; l < c.num_layers; ++l) {
-    for (const ModuleShape& m : Modules(c)) {
-      const std::string p = absl::StrCat("groups.g.layers.", l, ".", m.name);
-      t.push_back({p + ".A", {{experts, r, m.in}, Fill(experts * r * m.in, seed++, 0.01f)}});
-      t.push_back({p + ".B", {{experts, m.out, r}, Fill(experts * m.out * r, seed++, 0.01f)}});
-      t.push_back({p + ".router.weight", {{experts, m.in}, Fill(experts * m.in, seed++, 0.05f)}});
-    }
-  }
-  WriteTensors(dir + "/model.safetensors", t);
-  std::ofstream(dir + "/mole_config.json")
-      << R"({"format": "mole", "format_version": 1, "name": "bench-mole", "source_family": "mola",
-    "routed_groups": [{"id": "g", "scope": "module",
-      "targets": {"layers": "all", "modules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                  "gate_proj", "up_proj", "down_proj"]},
-      "num_experts": )"
-      << experts << R"(, "rank": )" << r << R"(, "scale": 2.0,
-      "routing": {"algorithm": "topk", "k": )"
-      << k << "}}]}";
-  return dir;
 }
 
 struct Done : GenerationSink {
