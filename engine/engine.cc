@@ -263,7 +263,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       .max_batch_tokens = options.max_batch_tokens,
       .max_seqs = options.max_num_seqs,
       .expert_cache = {.capacity_bytes = options.expert_cache_bytes,
-                       .pinned_host_bytes = options.expert_pinned_host_bytes}};
+                       .pinned_host_bytes = options.expert_pinned_host_bytes,
+                       .host_backend = state->backend->name() == "cpu"}};
   state->expert_cache =
       std::make_unique<ExpertCache>(state->backend.get(), model_options.expert_cache);
   model_options.shared_expert_cache = state->expert_cache.get();
@@ -277,30 +278,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                                                      options.kv_cache_bytes, " bytes of KV cache"));
   }
   weights.reset();  // weights now live on the backend; unmap the checkpoint
-
-  const AdapterLimits limits{.max_rank = options.max_adapter_rank,
-                             .max_experts = options.max_adapter_experts};
-  for (const auto& [name, dir] : options.adapters) {
-    if (name.empty() || state->adapters.Find(name) != nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("adapter name ", Quote(name), " is empty or given twice"));
-    }
-    ASSIGN_OR_RETURN(AdapterFiles files,
-                     InspectAdapterFiles(dir, FileLimits(options), /*digest=*/false));
-    ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
-                     engine::LoadAdapter(dir, name, config, limits));
-    ASSIGN_OR_RETURN(std::shared_ptr<const ChatTemplate> chat_template,
-                     AdapterChatTemplate(dir, *state->tokenizer));
-    ASSIGN_OR_RETURN(int32_t slot, state->model->AttachAdapter(adapter));
-    MutexLock lock(&state->adapters_mu);
-    state->adapter_slots[adapter.get()] = slot;
-    state->adapters.Publish(std::move(adapter), dir, std::move(chat_template));
-    state->records[name] = {
-        .state = AdapterState::kReady, .path = dir, .disk_bytes = files.total_bytes};
-    if (options.startup_adapter_progress) {
-      options.startup_adapter_progress(state->records.size(), options.adapters.size());
-    }
-  }
 
   state->context_length = options.max_model_len > 0
                               ? std::min(options.max_model_len, config.max_position_embeddings)
@@ -323,7 +300,41 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   state->executor = std::make_unique<Executor>(state->model.get(), state->expert_cache.get(),
                                                state->tokenizer.get(), scheduling, options.metrics);
   state->executor->Start();
-  return std::unique_ptr<Engine>(new Engine(std::move(state)));
+  auto engine = std::unique_ptr<Engine>(new Engine(std::move(state)));
+  for (size_t i = 0; i < options.adapters.size(); ++i) {
+    const auto& [name, dir] = options.adapters[i];
+    RETURN_IF_ERROR(engine->LoadStartupAdapter(name, dir));
+    if (options.startup_adapter_progress) {
+      options.startup_adapter_progress(i + 1, options.adapters.size());
+    }
+  }
+  return engine;
+}
+
+absl::Status Engine::LoadStartupAdapter(const std::string& name, const std::string& dir) {
+  State& s = *state_;
+  MutexLock load_lock(&s.load_mu);
+  {
+    MutexLock lock(&s.adapters_mu);
+    if (name.empty() || s.records.count(name)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("adapter name ", Quote(name), " is empty or given twice"));
+    }
+  }
+  const AdapterLimits limits{.max_rank = s.options.max_adapter_rank,
+                             .max_experts = s.options.max_adapter_experts};
+  ASSIGN_OR_RETURN(AdapterFiles files,
+                   InspectAdapterFiles(dir, FileLimits(s.options), /*digest=*/false));
+  ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
+                   engine::LoadAdapter(dir, name, s.model->config(), limits));
+  ASSIGN_OR_RETURN(std::shared_ptr<const ChatTemplate> chat_template,
+                   AdapterChatTemplate(dir, *s.tokenizer));
+  ASSIGN_OR_RETURN(int32_t slot, s.executor->AttachAdapter(adapter));
+  MutexLock lock(&s.adapters_mu);
+  s.adapter_slots[adapter.get()] = slot;
+  s.adapters.Publish(std::move(adapter), dir, std::move(chat_template));
+  s.records[name] = {.state = AdapterState::kReady, .path = dir, .disk_bytes = files.total_bytes};
+  return absl::OkStatus();
 }
 
 Engine::Engine(std::unique_ptr<State> state) : state_(std::move(state)) {}

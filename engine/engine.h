@@ -225,6 +225,12 @@ class Engine {
                                              bool replace, const std::string& sha256 = "",
                                              absl::Time deadline = absl::InfiniteFuture());
 
+  // Loads a start-up adapter from `dir` (read as given, not confined to adapter_root; no
+  // deadline), as Create does for EngineOptions::adapters: for a server that brings its
+  // listeners up first (health NOT_SERVING) and loads its start-up adapters afterwards.
+  // kInvalidArgument for an empty or known name; otherwise LoadAdapter's errors.
+  absl::Status LoadStartupAdapter(const std::string& name, const std::string& dir);
+
   struct UnloadResult {
     int64_t drained = 0;    // in-flight requests that finished normally during the drain
     int64_t cancelled = 0;  // cancelled (force, or still running at the drain timeout)

@@ -7,6 +7,7 @@
 // requests finish (up to --drain-timeout), then the process exits 0. A second signal exits at once.
 
 #include <google/protobuf/stubs/logging.h>
+#include <poll.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
@@ -23,7 +24,9 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "engine/core/quote.h"
 #include "engine/engine.h"
 #include "server/cli/dashed_flags.h"
 #include "server/grpc/admin_service.h"
@@ -248,12 +251,12 @@ int Run() {
     options.adapters.emplace_back(spec.substr(0, eq), spec.substr(eq + 1));
   }
   spdlog::info("loading {}", options.model.empty() ? "the built-in demo model" : options.model);
-  // Thousands of start-up adapters take a while: a progress line every 100 and at the end.
-  options.startup_adapter_progress = [](size_t loaded, size_t total) {
-    if (loaded % 100 == 0 || loaded == total) {
-      spdlog::info("loaded {} of {} start-up adapters", loaded, total);
-    }
-  };
+  // Start-up adapters are loaded once the listeners are up (health NOT_SERVING meanwhile), so a
+  // start with thousands of them is reachable and reports its progress.
+  const std::vector<std::pair<std::string, std::string>> startup_adapters =
+      std::move(options.adapters);
+  options.adapters.clear();
+  server_options.serving_at_start = startup_adapters.empty();
   auto engine = moleserve::engine::Engine::Create(options);
   if (!engine.ok()) {
     spdlog::critical("cannot start the engine: {}", engine.status().ToString());
@@ -263,17 +266,6 @@ int Run() {
   spdlog::info("model {} ({}, {} layers, hidden {}, vocab {}, context {}, {:.1f}M params) on {}",
                info.name, info.architecture, info.num_layers, info.hidden_size, info.vocab_size,
                info.context_length, info.parameter_count / 1e6, info.backend);
-  const std::vector<moleserve::engine::AdapterSummary> adapters = (*engine)->ListAdapters();
-  constexpr size_t kListed = 20;  // one line each for the first ones, then a count
-  for (size_t i = 0; i < adapters.size() && i < kListed; ++i) {
-    const moleserve::engine::AdapterSummary& a = adapters[i];
-    spdlog::info("adapter {} ({}, {}; {} experts, {:.1f} MiB) from {}", a.name, a.family, a.format,
-                 a.num_experts, a.bytes / 1048576.0, a.source);
-  }
-  if (adapters.size() > kListed) {
-    spdlog::info("... and {} more adapters (molectl admin list)", adapters.size() - kListed);
-  }
-
   auto server = moleserve::server::MoleServer::Start(engine->get(), server_options);
   if (!server.ok()) {
     spdlog::critical("{}", server.status().ToString());
@@ -284,8 +276,13 @@ int Run() {
     return tls.client_ca_file.empty() ? std::string("TLS")
                                       : std::string("TLS, client certificates required");
   };
-  spdlog::info("serving gRPC on {}:{} ({})", absl::GetFlag(FLAGS_host), (*server)->port(),
-               security(server_options.tls));
+  if (!startup_adapters.empty()) {
+    spdlog::info(
+        "listening for gRPC on {}:{} ({}); readiness NOT_SERVING until {} start-up "
+        "adapters are loaded",
+        absl::GetFlag(FLAGS_host), (*server)->port(), security(server_options.tls),
+        startup_adapters.size());
+  }
   if ((*server)->admin_port() != 0) {
     spdlog::info("serving AdapterAdmin on {}:{} ({}; adapter root: {})",
                  absl::GetFlag(FLAGS_admin_host), (*server)->admin_port(),
@@ -327,6 +324,43 @@ int Run() {
   } else {
     spdlog::info("HTTP API off (--http-port=-1)");
   }
+  // The start-up adapters, now that every listener is up; a signal stops the start.
+  if (!startup_adapters.empty()) {
+    if (openai) openai->SetReady(false);
+    const absl::Time t0 = absl::Now();
+    for (size_t i = 0; i < startup_adapters.size(); ++i) {
+      const auto& [name, dir] = startup_adapters[i];
+      if (absl::Status st = (*engine)->LoadStartupAdapter(name, dir); !st.ok()) {
+        spdlog::critical("start-up adapter {}: {}", moleserve::engine::Quote(name), st.ToString());
+        return 1;
+      }
+      const size_t loaded = i + 1;
+      if (loaded % 100 == 0 || loaded == startup_adapters.size()) {
+        spdlog::info("loaded {} of {} start-up adapters ({:.1f} s)", loaded,
+                     startup_adapters.size(), absl::ToDoubleSeconds(absl::Now() - t0));
+      }
+      pollfd signalled{.fd = g_signal_pipe[0], .events = POLLIN, .revents = 0};
+      if (poll(&signalled, 1, 0) > 0) {
+        spdlog::info("signal during start-up: exiting before every adapter is loaded");
+        return 0;
+      }
+    }
+  }
+  const std::vector<moleserve::engine::AdapterSummary> adapters = (*engine)->ListAdapters();
+  constexpr size_t kListed = 20;  // one line each for the first ones, then a count
+  for (size_t i = 0; i < adapters.size() && i < kListed; ++i) {
+    const moleserve::engine::AdapterSummary& a = adapters[i];
+    spdlog::info("adapter {} ({}, {}; {} experts, {:.1f} MiB) from {}", a.name, a.family, a.format,
+                 a.num_experts, a.bytes / 1048576.0, a.source);
+  }
+  if (adapters.size() > kListed) {
+    spdlog::info("... and {} more adapters (molectl admin list)", adapters.size() - kListed);
+  }
+
+  spdlog::info("serving gRPC on {}:{} ({})", absl::GetFlag(FLAGS_host), (*server)->port(),
+               security(server_options.tls));
+  (*server)->SetServing(true);
+  if (openai) openai->SetReady(true);
   // Every socket this process listens on, as the kernel reports them: an operator can check
   // that nothing serves on an address they were not told about.
   for (const std::string& address : moleserve::server::ListeningTcpAddresses()) {

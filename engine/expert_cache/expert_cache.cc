@@ -40,7 +40,9 @@ ExpertCache::ExpertCache(Backend* backend, ExpertCacheOptions options)
     : backend_(backend),
       options_(options),
       dtype_(backend->compute_dtype()),
-      elem_bytes_(static_cast<int64_t>(ScalarTypeSize(dtype_))) {}
+      elem_bytes_(static_cast<int64_t>(ScalarTypeSize(dtype_))),
+      zero_copy_(options.host_backend && options.capacity_bytes == 0 &&
+                 dtype_ == ScalarType::kF32) {}
 ExpertCache::~ExpertCache() = default;
 
 ExpertCache::Pool& ExpertCache::PoolFor(int64_t width) {
@@ -119,9 +121,17 @@ absl::Status ExpertCache::AddOwner(int32_t owner, const std::vector<const LoraSt
     info.image = std::move(images[i]);
     info.experts.resize(s->num_experts);
     for (int32_t e = 0; e < s->num_experts; ++e) {
-      info.experts[e].stack = s;
-      info.experts[e].owner = owner;
-      info.experts[e].expert = e;
+      Entry& entry = info.experts[e];
+      entry.stack = s;
+      entry.owner = owner;
+      entry.expert = e;
+      if (zero_copy_) {  // its rows are the stack's: resident for as long as it is registered
+        entry.resident = true;
+        lru_.push_front(&entry);
+        entry.lru = lru_.begin();
+        resident_bytes_[owner] += ExpertBytes(*s);
+        ++stats_.resident_experts;
+      }
     }
   }
   owners_[owner] = stacks;
@@ -214,7 +224,7 @@ absl::Status ExpertCache::Repartition(bool check_only) {
       rows = std::min(demand[w], minimum[w] + share);
     }
   }
-  if (check_only) return absl::OkStatus();
+  if (check_only || zero_copy_) return absl::OkStatus();
   // Pools whose width nobody uses any more go away; shrink before growing.
   for (auto& [w, pool] : pools_) {
     if (!target.count(w)) target[w] = 0;
@@ -269,11 +279,14 @@ absl::Status ExpertCache::ResizePool(Pool* pool, int64_t pages) {
 }
 
 void ExpertCache::Evict(Entry* entry, int64_t* counter) {
-  Pool& pa = pools_.at(entry->stack->in);
-  Pool& pb = pools_.at(entry->stack->out);
-  // Reversed, so that the next expert takes them in ascending order (consecutive pages, one copy).
-  pa.free.insert(pa.free.end(), entry->a_pages.rbegin(), entry->a_pages.rend());
-  pb.free.insert(pb.free.end(), entry->b_pages.rbegin(), entry->b_pages.rend());
+  if (!zero_copy_) {  // (zero-copy experts hold no pages)
+    Pool& pa = pools_.at(entry->stack->in);
+    Pool& pb = pools_.at(entry->stack->out);
+    // Reversed, so that the next expert takes them in ascending order (consecutive pages, one
+    // copy).
+    pa.free.insert(pa.free.end(), entry->a_pages.rbegin(), entry->a_pages.rend());
+    pb.free.insert(pb.free.end(), entry->b_pages.rbegin(), entry->b_pages.rend());
+  }
   entry->a_pages.clear();
   entry->b_pages.clear();
   entry->resident = false;
@@ -357,6 +370,13 @@ bool ExpertCache::MakeResident(Entry* entry, bool (*evictable)(const Entry&, int
 
 void ExpertCache::AppendRows(const Entry& entry, std::vector<const void*>* a_rows,
                              std::vector<const void*>* b_rows) {
+  if (zero_copy_) {  // the stack's own rows
+    const LoraStack& s = *entry.stack;
+    const int64_t row0 = int64_t{entry.expert} * s.rank;
+    for (int32_t i = 0; i < s.rank; ++i) a_rows->push_back(s.a.data() + (row0 + i) * s.in);
+    for (int32_t i = 0; i < s.rank; ++i) b_rows->push_back(s.bt.data() + (row0 + i) * s.out);
+    return;
+  }
   const Pool& pa = pools_.at(entry.stack->in);
   const Pool& pb = pools_.at(entry.stack->out);
   for (int32_t p : entry.a_pages) a_rows->push_back(PagePtr(pa, p));

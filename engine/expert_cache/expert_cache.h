@@ -21,11 +21,13 @@
 //   cache.RemoveOwner(slot);                        // when the adapter is detached
 //
 // Sizing: with capacity_bytes == 0 the pools grow to hold every registered expert (nothing is
-// ever evicted for room). Otherwise the capacity is split between the widths in proportion to the
-// registered experts' rows of each width, each pool holding at least the largest single expert's
-// rows of its width (so one expert always fits; AddOwner refuses an adapter that would break
-// this). A pool is a list of backend allocations (chunks); growing adds a chunk, shrinking drops
-// whole chunks from the tail (evicting their experts) and adds one back up to the target.
+// ever evicted for room); on a host backend computing in fp32 there are no pools at all then
+// (ExpertCacheOptions::host_backend: the rows are read where the stacks hold them). Otherwise the
+// capacity is split between the widths in proportion to the registered experts' rows of each width,
+// each pool holding at least the largest single expert's rows of its width (so one expert always
+// fits; AddOwner refuses an adapter that would break this). A pool is a list of backend allocations
+// (chunks); growing adds a chunk, shrinking drops whole chunks from the tail (evicting their
+// experts) and adds one back up to the target.
 //
 // A pinned expert is never evicted. Acquire fails with kResourceExhausted only when the pool
 // cannot make room because every other expert holding pages of the needed width is pinned; the
@@ -55,6 +57,11 @@ struct ExpertCacheOptions {
   // Host bytes of page-locked memory for the compute-dtype images (Backend::AllocateHost);
   // images beyond it are kept in ordinary memory (copied through the backend's staging).
   int64_t pinned_host_bytes = int64_t{8} << 30;
+  // The backend computes on host memory (the CPU backend). With capacity_bytes == 0 and fp32
+  // pages, the pages are then the stacks' own rows: every expert is resident from AddOwner on,
+  // nothing is copied and no pool is allocated, so an adapter's experts take their raw bytes
+  // once. Ignored otherwise.
+  bool host_backend = false;
 };
 
 struct ExpertCacheStats {
@@ -123,6 +130,8 @@ class ExpertCache {
   int64_t FreeBytes() const;
   // Whether the capacity is bounded (else the pools grow to hold every registered expert).
   bool bounded() const { return options_.capacity_bytes > 0; }
+  // Whether the pages are the stacks' own rows (ExpertCacheOptions::host_backend).
+  bool zero_copy() const { return zero_copy_; }
   ExpertCacheStats stats() const;
 
  private:
@@ -181,6 +190,7 @@ class ExpertCache {
   const ExpertCacheOptions options_;
   const ScalarType dtype_;    // of the pages: the backend's compute dtype
   const int64_t elem_bytes_;  // bytes per page element
+  const bool zero_copy_;      // host backend, unbounded, fp32: no pools, rows read in place
   mutable Mutex mu_;
   std::map<int64_t, Pool> pools_ ABSL_GUARDED_BY(mu_);  // by width
   std::map<const LoraStack*, StackInfo> stacks_ ABSL_GUARDED_BY(mu_);

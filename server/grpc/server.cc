@@ -61,7 +61,7 @@ absl::StatusOr<std::unique_ptr<MoleServer>> MoleServer::Start(engine::Engine* en
                                                  " (admin; address in use or invalid)"));
     }
   }
-  server->SetServing(true);
+  server->SetServing(options.serving_at_start);
   return server;
 }
 

@@ -53,6 +53,9 @@ struct ServerOptions {
   // Lets the admin listener serve plaintext on a non-loopback address (the token then travels in
   // the clear); without it that configuration is refused at Start.
   bool allow_insecure_admin = false;
+  // Health right after Start: false keeps readiness NOT_SERVING (liveness SERVING) until
+  // SetServing(true), for a process that still loads its start-up adapters.
+  bool serving_at_start = true;
 };
 
 class MoleServer {

@@ -777,6 +777,8 @@ void OpenAiApi::Handle(HttpRequest request, std::shared_ptr<HttpResponder> out) 
   if (path == "/health") {
     if (draining_.load()) {
       out->Send(503, "text/plain", "draining\n");
+    } else if (!ready_.load()) {
+      out->Send(503, "text/plain", "loading start-up adapters\n");
     } else {
       out->Send(200, "text/plain", "ok\n");
     }

@@ -43,6 +43,9 @@ class OpenAiApi {
   void Handle(HttpRequest request, std::shared_ptr<HttpResponder> out);
   // New requests get 503 and /health reports it (SIGTERM); in-flight ones finish.
   void StartDrain() { draining_.store(true); }
+  // Readiness: while false (start-up adapters still loading), /health answers 503 "loading" so
+  // that a load balancer does not route here yet; requests are served meanwhile.
+  void SetReady(bool ready) { ready_.store(ready); }
 
  private:
   void Models(const HttpRequest& request, HttpResponder& out) const;
@@ -51,6 +54,7 @@ class OpenAiApi {
   engine::Engine* engine_;  // not owned
   OpenAiApiOptions options_;
   std::atomic<bool> draining_{false};
+  std::atomic<bool> ready_{true};
   std::atomic<uint64_t> next_id_{1};
 };
 

@@ -227,6 +227,13 @@ HttpServer* HttpApiTest::server_ = nullptr;
 TEST_F(HttpApiTest, HealthAndModels) {
   Response health = Call("GET", "/health");
   EXPECT_EQ(health.status, 200);
+  // Not ready (start-up adapters still loading): /health says so, models are still listed.
+  api_->SetReady(false);
+  health = Call("GET", "/health");
+  api_->SetReady(true);
+  EXPECT_EQ(health.status, 503);
+  EXPECT_EQ(health.body, "loading start-up adapters\n");
+  EXPECT_EQ(Call("GET", "/health").status, 200);
   Response models = Call("GET", "/v1/models");
   ASSERT_EQ(models.status, 200);
   const Json list = Json::parse(models.body);

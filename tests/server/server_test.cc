@@ -1153,6 +1153,39 @@ TEST(ServerTest, ReflectionListsTheServices) {
 // ---------------------------------------------------------------------------------------------
 // MoLE adapters over the API: ListModels, per-request adapter, return_routing, routing override
 
+// A server whose start-up adapters load after its listeners are up: readiness NOT_SERVING (and
+// liveness SERVING) meanwhile, base-model requests already served, each adapter usable once
+// LoadStartupAdapter returns, and a name given twice refused.
+TEST(ServerTest, StartupAdaptersLoadBehindANotServingReadiness) {
+  const std::string dir = test_util::WriteDemoMoleAdapter(
+      absl::StrCat(::testing::TempDir(), "/moleserve_startup_mola_", getpid()));
+  ASSERT_FALSE(dir.empty());
+  auto inst = Instance::Start(SmallEngineOptions(), {.serving_at_start = false});
+  ASSERT_NE(inst, nullptr);
+  auto health = [&](const std::string& service) {
+    absl::StatusOr<HealthStatus> h = CheckHealth(inst->channel, service, absl::Seconds(5));
+    EXPECT_TRUE(h.ok()) << h.status();
+    return h.ok() ? *h : HealthStatus::kUnknown;
+  };
+  EXPECT_EQ(health(""), HealthStatus::kNotServing);
+  EXPECT_EQ(health("moleserve.v1.Inference"), HealthStatus::kNotServing);
+  EXPECT_EQ(health(std::string(kLivenessService)), HealthStatus::kServing);
+  ASSERT_TRUE(RunGenerate(*inst->stub, Greedy("Hello", 4)).status.ok());
+  pb::GenerateRequest with_adapter = Greedy("Hello", 4);
+  with_adapter.set_adapter("mola");
+  EXPECT_EQ(RunGenerate(*inst->stub, with_adapter).status.error_code(), grpc::NOT_FOUND);
+
+  ASSERT_TRUE(inst->engine->LoadStartupAdapter("mola", dir).ok());
+  const GenResult got = RunGenerate(*inst->stub, with_adapter);
+  EXPECT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.ids.size(), 4u);
+  EXPECT_TRUE(absl::IsInvalidArgument(inst->engine->LoadStartupAdapter("mola", dir)));
+  EXPECT_FALSE(inst->engine->LoadStartupAdapter("other", dir + "/missing").ok());
+  inst->server->SetServing(true);
+  EXPECT_EQ(health(""), HealthStatus::kServing);
+  EXPECT_EQ(health("moleserve.v1.Inference"), HealthStatus::kServing);
+}
+
 // The adapter can also come from the x-moleserve-adapter header (what deploy/nginx hashes on):
 // alone it selects the adapter, with the same name in the body it is accepted, and any
 // disagreement is refused rather than guessed.

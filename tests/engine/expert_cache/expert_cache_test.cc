@@ -299,6 +299,57 @@ TEST_F(ExpertCacheTest, PoolSizesAndMinimumsFollowOwnersAsTheyComeAndGo) {
   cache.Release(wide.get(), 0);
 }
 
+// On a host backend computing in fp32 with no bound, the pages are the stacks' own rows: nothing
+// is copied, no pool exists, and an adapter's experts take their raw bytes once.
+TEST_F(ExpertCacheTest, HostBackendUnboundedReadsTheStacksInPlace) {
+  auto s1 = MakeStack(1, 3, 4, 8, 16);
+  auto s2 = MakeStack(2, 2, 2, 8, 8);
+  ExpertCache cache(backend_.get(), {.host_backend = true});
+  ASSERT_TRUE(cache.zero_copy());
+  ASSERT_TRUE(cache.AddOwner(0, {s1.get(), s2.get()}).ok());
+  EXPECT_EQ(cache.ResidentBytes(0), cache.OwnerBytes(0));
+  std::vector<const void*> a, b;
+  ASSERT_TRUE(cache.Acquire(s1.get(), 2, &a, &b).ok());
+  ExpectRows(*s1, 1, 2, a, b);
+  EXPECT_EQ(a[0], s1->a.data() + 2 * 4 * 8);  // the stack's row itself
+  EXPECT_EQ(b[3], s1->bt.data() + (2 * 4 + 3) * 16);
+  cache.Release(s1.get(), 2);
+  a.clear();
+  b.clear();
+  absl::StatusOr<bool> all = cache.AcquireAllIfRoom(s2.get(), &a, &b);
+  ASSERT_TRUE(all.ok() && *all);
+  ASSERT_EQ(a.size(), 4u);
+  for (int32_t e = 0; e < 2; ++e) {
+    ExpectRows(*s2, 2, e, {a.begin() + 2 * e, a.begin() + 2 * e + 2},
+               {b.begin() + 2 * e, b.begin() + 2 * e + 2});
+    cache.Release(s2.get(), e);
+  }
+  ExpertCacheStats st = cache.stats();
+  EXPECT_EQ(st.misses, 0);
+  EXPECT_EQ(st.hits, 3);
+  EXPECT_EQ(st.bytes_to_device, 0);
+  EXPECT_EQ(st.capacity_bytes, 0);
+  EXPECT_TRUE(st.pools.empty());
+  EXPECT_EQ(st.resident_experts, 5);
+  EXPECT_EQ(cache.Prefetch(0, 1 << 20), 0);
+  cache.RemoveOwner(0);
+  EXPECT_EQ(cache.stats().resident_experts, 0);
+  EXPECT_EQ(cache.ResidentBytes(0), 0);
+  EXPECT_TRUE(absl::IsNotFound(cache.Acquire(s1.get(), 0, &a, &b)));
+
+  // Bounded, the host backend still copies into its pools (what --expert-cache-bytes limits).
+  ExpertCache bounded(backend_.get(), {.capacity_bytes = 1 << 20, .host_backend = true});
+  EXPECT_FALSE(bounded.zero_copy());
+  ASSERT_TRUE(bounded.AddOwner(0, {s1.get()}).ok());
+  a.clear();
+  b.clear();
+  ASSERT_TRUE(bounded.Acquire(s1.get(), 1, &a, &b).ok());
+  ExpectRows(*s1, 1, 1, a, b);
+  EXPECT_NE(a[0], s1->a.data() + 1 * 4 * 8);
+  EXPECT_EQ(bounded.stats().misses, 1);
+  bounded.Release(s1.get(), 1);
+}
+
 TEST_F(ExpertCacheTest, PrefetchFillsFreePagesButSparesTheRunningSet) {
   auto running = MakeStack(1, 2, 2, 8, 8);
   auto queued = MakeStack(2, 4, 2, 8, 8);
