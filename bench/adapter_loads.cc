@@ -13,6 +13,8 @@
 //   bench_adapter_loads [--counts 100,1000,10000] [--rank 8] [--out
 //   bench/results/adapter_loads.json]
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -33,6 +35,7 @@
 #include "absl/time/time.h"
 #include "bench/adapter_writer.h"
 #include "bench/list_flag.h"
+#include "engine/adapters/adapter.h"
 #include "engine/engine.h"
 #include "engine/model/demo_model.h"
 
@@ -43,6 +46,11 @@ ABSL_FLAG(double, serve_seconds, 3.0, "Length of each serving measurement");
 ABSL_FLAG(int, threads, 0, "Engine CPU threads (0: all)");
 ABSL_FLAG(std::string, workdir, "/tmp/moleserve_adapter_loads", "Where the adapters are written");
 ABSL_FLAG(std::string, out, "", "Write results as JSON here");
+ABSL_FLAG(std::string, churn, "load",
+          "What the thread does during the loading windows: load (new names), replace (one "
+          "name again and again) or read (parse the files only, no engine call)");
+ABSL_FLAG(double, churn_rate, 20,
+          "Loads per second during the loading windows (0: back to back, as fast as they go)");
 ABSL_FLAG(std::string, commit, "", "The commit measured, recorded in the JSON");
 
 namespace {
@@ -61,8 +69,10 @@ void Check(const absl::Status& s, const char* what) {
   }
 }
 
-// Resident set of this process (bytes), from /proc/self/status.
+// Resident set of this process (bytes), from /proc/self/status, after returning the allocator's
+// free memory to the system (so memory of unloaded adapters that glibc kept is not counted).
 int64_t ResidentBytes() {
+  malloc_trim(0);
   std::ifstream in("/proc/self/status");
   std::string line;
   while (std::getline(in, line)) {
@@ -191,10 +201,21 @@ int main(int argc, char** argv) {
       alone.push_back(Serve(e, "serve", streams, serve_seconds));
       std::atomic<bool> stop{false};
       std::thread loader([&] {
-        while (!stop.load()) {
-          Check(e.LoadAdapter(absl::StrCat("c", churn + churned), "lora", false).status(),
-                "churn load");
-          ++churned;
+        const std::string mode = absl::GetFlag(FLAGS_churn);
+        const double rate = absl::GetFlag(FLAGS_churn_rate);
+        for (double next = Now(); !stop.load(); next += rate > 0 ? 1.0 / rate : 0.0) {
+          if (rate > 0 && Now() < next) {
+            std::this_thread::sleep_for(std::chrono::duration<double>(next - Now()));
+          }
+          if (mode == "read") {
+            Check(LoadAdapter(work + "/lora", "r", config, {}).status(), "churn read");
+          } else if (mode == "replace") {
+            Check(e.LoadAdapter("c", "lora", true).status(), "churn replace");
+          } else {
+            Check(e.LoadAdapter(absl::StrCat("c", churn + churned), "lora", false).status(),
+                  "churn load");
+            ++churned;
+          }
         }
       });
       loading.push_back(Serve(e, "serve", streams, serve_seconds));
