@@ -2,7 +2,7 @@
 // fine-tunes sees. One PEFT LoRA directory (rank --rank on all seven linear modules) is loaded
 // under names a0, a1, ... through Engine::LoadAdapter, one at a time, up to each of --counts.
 // At each count N:
-//  - the time of the loads that led to it (mean and p99 of the last 100);
+//  - the time of the loads that led to it (mean and p99 of the last 100), and of all N;
 //  - ListAdapters, AdapterStatuses and GetAdapterStatus of one name (median of 5 calls);
 //  - closed-loop serving throughput of --streams requests on another adapter ("serve"), alone
 //    and while a thread keeps loading new adapters (unloaded afterwards), three alternating
@@ -234,8 +234,11 @@ int main(int argc, char** argv) {
     std::printf("%7d %9.2f %9.2f %9.2f %9.2f %9.3f %10.1f %10.1f %8.3f %9.3f\n", n, mean, p99,
                 list_ms, status_ms, get_ms, serve_alone, serve_loading, serve_loading / serve_alone,
                 rss_ratio);
+    double loading_seconds = 0;
+    for (double v : load_ms) loading_seconds += v / 1e3;
     points.push_back({{"adapters", n},
-                      {"seconds_to_load_all", elapsed},
+                      {"seconds_loading_all", loading_seconds},
+                      {"seconds_since_start", elapsed},
                       {"load_ms_mean_last_100", mean},
                       {"load_ms_p99_last_100", p99},
                       {"list_adapters_ms", list_ms},
