@@ -73,8 +73,9 @@ struct Engine::State {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(adapters_mu);
   void Fill(StatusSnapshot* snap) const;
 
-  Mutex mu;         // guards the fields below
-  CondVar idle_cv;  // signalled when in_flight drops to 0
+  Mutex mu;            // guards the fields below
+  CondVar idle_cv;     // signalled when in_flight drops to 0
+  CondVar adapter_cv;  // signalled when a name leaves adapter_in_flight (its last request ended)
   bool accepting ABSL_GUARDED_BY(mu) = true;
   int64_t in_flight ABSL_GUARDED_BY(mu) = 0;
   std::map<std::string, int64_t> adapter_in_flight ABSL_GUARDED_BY(mu);  // by adapter name
@@ -513,6 +514,7 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
           auto it = state->adapter_in_flight.find(adapter_name);
           if (it != state->adapter_in_flight.end() && --it->second == 0) {
             state->adapter_in_flight.erase(it);
+            state->adapter_cv.NotifyAll();  // an unload may be draining it
           }
         }
         if (--state->in_flight == 0) state->idle_cv.NotifyAll();
@@ -732,9 +734,19 @@ absl::StatusOr<Engine::UnloadResult> Engine::UnloadAdapter(const std::string& na
   std::weak_ptr<const AdapterVersion> watch = version;
   const Adapter* adapter = version->adapter.get();
   version.reset();
-  const absl::Time deadline = absl::Now() + (force ? absl::ZeroDuration() : drain_timeout);
-  while (!watch.expired() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(5));
-  if (!watch.expired()) {
+  // Drain: wait until the name's last request in flight has ended (a condition, not a poll).
+  if (!force) {
+    MutexLock lock(&s.mu);
+    s.adapter_cv.WaitFor(&s.mu, drain_timeout, [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return s.adapter_in_flight.count(name) == 0;
+    });
+  }
+  bool still_running;
+  {
+    MutexLock lock(&s.mu);
+    still_running = s.adapter_in_flight.count(name) > 0;
+  }
+  if (still_running) {
     result.cancelled = s.executor->CancelAdapterRequests(
         adapter, absl::CancelledError(absl::StrCat("adapter ", Quote(name), " was unloaded")));
   }
