@@ -14,6 +14,15 @@
 
 namespace moleserve::engine {
 
+// One adapter's requests now and its tokens since the previous report (OnAdapterActivity).
+struct AdapterActivity {
+  std::string adapter;
+  int64_t running = 0;
+  int64_t waiting = 0;
+  int64_t prompt_tokens = 0;     // prefilled since the previous report
+  int64_t generated_tokens = 0;  // sampled since the previous report
+};
+
 struct FinishedRequestMetrics {
   absl::StatusCode code = absl::StatusCode::kOk;
   std::string finish_reason;  // "length", "stop", "stop_token", "eos"; empty when code != kOk
@@ -100,6 +109,10 @@ class MetricsSink {
   }
   // After each LoadAdapter call (from the caller's thread).
   virtual void OnAdapterLoad(const AdapterLoadMetrics& m) { (void)m; }
+  // Per adapter with requests running or waiting now, or tokens processed since the last call
+  // (never more entries than requests in the engine, whatever the number of loaded adapters):
+  // after each step, and once more with zeros when an adapter goes idle.
+  virtual void OnAdapterActivity(const std::vector<AdapterActivity>& active) { (void)active; }
 };
 
 }  // namespace moleserve::engine

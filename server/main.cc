@@ -54,6 +54,10 @@ ABSL_FLAG(std::vector<std::string>, adapter, {},
           "MoLE adapter to serve, as name=DIR (a mole/1 or PEFT LoRA directory); repeat the flag "
           "or separate with commas");
 ABSL_FLAG(int, max_adapter_rank, 256, "Largest LoRA rank an adapter may have");
+ABSL_FLAG(int32_t, metrics_top_adapters, 10,
+          "Adapters with their own series in moleserve_adapter_requests / "
+          "moleserve_adapter_tokens_total (the most active); the rest are summed as "
+          "adapter=\"(other)\"");
 ABSL_FLAG(int32_t, adapter_load_nice, 10,
           "Nice value (Linux) of the thread that reads and checks a hot-loaded adapter's files, "
           "so that loads take the CPU serving leaves; 0 = the admin call's own thread");
@@ -171,7 +175,8 @@ int Run() {
   std::unique_ptr<moleserve::server::PrometheusMetrics> metrics;
   if (absl::GetFlag(FLAGS_metrics_port) >= 0) {
     auto created = moleserve::server::PrometheusMetrics::Create(
-        absl::StrCat(absl::GetFlag(FLAGS_metrics_host), ":", absl::GetFlag(FLAGS_metrics_port)));
+        absl::StrCat(absl::GetFlag(FLAGS_metrics_host), ":", absl::GetFlag(FLAGS_metrics_port)),
+        absl::GetFlag(FLAGS_metrics_top_adapters));
     if (!created.ok()) {
       spdlog::critical("{}", created.status().ToString());
       return 1;

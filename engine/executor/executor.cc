@@ -224,17 +224,41 @@ void Executor::PublishCounters() {
   metrics_->OnQueueState(inbox + scheduler_.num_waiting(), scheduler_.num_running(),
                          blocks_.Usage());
   std::set<std::string> running, waiting;
+  std::map<std::string, AdapterActivity> activity;  // O(requests), not O(loaded adapters)
   for (const auto& seq : scheduler_.running()) {
-    if (!seq->request.adapter.empty()) running.insert(seq->request.adapter);
+    if (seq->request.adapter.empty()) continue;
+    running.insert(seq->request.adapter);
+    ++activity[seq->request.adapter].running;
   }
   for (const auto& seq : scheduler_.waiting()) {
-    if (!seq->request.adapter.empty()) waiting.insert(seq->request.adapter);
+    if (seq->request.adapter.empty()) continue;
+    waiting.insert(seq->request.adapter);
+    ++activity[seq->request.adapter].waiting;
   }
   {
     MutexLock lock(&mu_);
     for (const auto& seq : inbox_) {
-      if (!seq->request.adapter.empty()) waiting.insert(seq->request.adapter);
+      if (seq->request.adapter.empty()) continue;
+      waiting.insert(seq->request.adapter);
+      ++activity[seq->request.adapter].waiting;
     }
+  }
+  for (const auto& [name, t] : adapter_tokens_) {
+    AdapterActivity& a = activity[name];
+    a.prompt_tokens = t.prompt;
+    a.generated_tokens = t.generated;
+  }
+  adapter_tokens_.clear();
+  for (const std::string& name : adapters_reported_) activity[name];  // idle now: zeros, once
+  if (!activity.empty()) {
+    std::vector<AdapterActivity> active;
+    adapters_reported_.clear();
+    for (auto& [name, a] : activity) {
+      a.adapter = name;
+      if (a.running > 0 || a.waiting > 0) adapters_reported_.insert(name);
+      active.push_back(std::move(a));
+    }
+    metrics_->OnAdapterActivity(active);
   }
   std::vector<std::string> r(running.begin(), running.end()), w(waiting.begin(), waiting.end());
   // The series exists from the first step on, so a router reads "no adapters" rather than
@@ -362,6 +386,12 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
       batch_.sample_rows.push_back(chunk_base + first_scored - begin + i);
     }
     if (chunk.sample) batch_.sample_rows.push_back(batch_.num_tokens() - 1);
+    if (metrics_ && !seq->request.adapter.empty()) {
+      AdapterTokens& t = adapter_tokens_[seq->request.adapter];
+      const int32_t prompt_len = seq->prompt_len;
+      t.prompt += std::max(0, std::min(begin + chunk.num_tokens, prompt_len) - begin);
+      t.generated += chunk.sample ? 1 : 0;
+    }
     if (mole) {
       batch_.seq_adapter.push_back(seq->adapter_slot);
       // The expert-aware policy learns each sequence's routed experts from its prefill's last

@@ -16,8 +16,10 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -118,6 +120,13 @@ class Executor {
   int64_t published_cache_events_ = 0;  // lookups + prefetches at the last OnExpertCache
   // The adapter names at the last OnAdapterQueue (engine loop only).
   std::vector<std::string> published_running_, published_waiting_;
+  // Per adapter: tokens of the steps since the last OnAdapterActivity, and whether it was in
+  // the last report (so that it is reported once more, with zeros, when it goes idle).
+  struct AdapterTokens {
+    int64_t prompt = 0, generated = 0;
+  };
+  std::map<std::string, AdapterTokens> adapter_tokens_;
+  std::set<std::string> adapters_reported_;
   bool adapters_published_ = false;  // the first call publishes (empty lists included)
 
   mutable Mutex mu_;  // guards the inbox, cancellations, stop flag and counters

@@ -97,6 +97,18 @@ struct PrometheusMetrics::Families {
                       .Help("Adapters of the running and waiting requests (labels), and the "
                             "most a step may hold; the value is when it was set (Unix time)")
                       .Register(r)),
+        adapter_requests(BuildGauge()
+                             .Name("moleserve_adapter_requests")
+                             .Help("Requests per adapter (state: running, waiting), for the most "
+                                   "active adapters (--metrics-top-adapters); the rest summed "
+                                   "as adapter=\"(other)\"")
+                             .Register(r)),
+        adapter_tokens(BuildCounter()
+                           .Name("moleserve_adapter_tokens_total")
+                           .Help("Tokens per adapter (kind: prompt, generated) while it is "
+                                 "among the most active; the rest counted as "
+                                 "adapter=\"(other)\"")
+                           .Register(r)),
         kv_usage(BuildGauge()
                      .Name("moleserve_kv_cache_usage_ratio")
                      .Help("Fraction of KV cache blocks allocated, 0..1")
@@ -204,6 +216,8 @@ struct PrometheusMetrics::Families {
   prometheus::Gauge& running;
   prometheus::Gauge& waiting;
   prometheus::Family<prometheus::Gauge>& lora_info;
+  prometheus::Family<prometheus::Gauge>& adapter_requests;
+  prometheus::Family<prometheus::Counter>& adapter_tokens;
   prometheus::Gauge* lora_info_series = nullptr;  // the one series (guarded by lora_mu_)
   prometheus::Gauge& kv_usage;
   prometheus::Counter& steps;
@@ -233,8 +247,9 @@ PrometheusMetrics::PrometheusMetrics()
 PrometheusMetrics::~PrometheusMetrics() = default;
 
 absl::StatusOr<std::unique_ptr<PrometheusMetrics>> PrometheusMetrics::Create(
-    const std::string& bind_address) {
+    const std::string& bind_address, int top_adapters) {
   std::unique_ptr<PrometheusMetrics> m(new PrometheusMetrics());
+  m->top_adapters_ = std::max(0, top_adapters);
   try {
     // civetweb reports bind failures by throwing; contain it at this boundary.
     m->exposer_ = std::make_unique<prometheus::Exposer>(bind_address, /*num_threads=*/2);
@@ -318,6 +333,61 @@ void PrometheusMetrics::OnAdapterQueue(const std::vector<std::string>& running,
                                          {"waiting_lora_adapters", join(waiting)},
                                          {"max_lora", std::to_string(max_adapters)}});
   f.lora_info_series->SetToCurrentTime();
+}
+
+void PrometheusMetrics::OnAdapterActivity(const std::vector<engine::AdapterActivity>& active) {
+  Families& f = *families_;
+  std::lock_guard<std::mutex> lock(activity_mu_);
+  // The most active first: requests now, then tokens, then name (a stable order).
+  std::vector<const engine::AdapterActivity*> order;
+  for (const engine::AdapterActivity& a : active) order.push_back(&a);
+  std::sort(order.begin(), order.end(), [](const auto* x, const auto* y) {
+    const int64_t rx = x->running + x->waiting, ry = y->running + y->waiting;
+    if (rx != ry) return rx > ry;
+    const int64_t tx = x->prompt_tokens + x->generated_tokens;
+    const int64_t ty = y->prompt_tokens + y->generated_tokens;
+    if (tx != ty) return tx > ty;
+    return x->adapter < y->adapter;
+  });
+  // An adapter gone idle (all zeros, reported once) loses its series like one out of the top.
+  engine::AdapterActivity other{.adapter = kOtherAdapters};
+  std::set<std::string> named;
+  for (const engine::AdapterActivity* a : order) {
+    const bool idle = a->running + a->waiting + a->prompt_tokens + a->generated_tokens == 0;
+    if (static_cast<int>(named.size()) < top_adapters_ && !idle) {
+      named.insert(a->adapter);
+      continue;
+    }
+    other.running += a->running;
+    other.waiting += a->waiting;
+    other.prompt_tokens += a->prompt_tokens;
+    other.generated_tokens += a->generated_tokens;
+  }
+  // Series of adapters no longer named go away (their later tokens count in "(other)").
+  for (const std::string& name : adapter_series_) {
+    if (named.count(name)) continue;
+    for (const char* state : {"running", "waiting"}) {
+      f.adapter_requests.Remove(&f.adapter_requests.Add({{"adapter", name}, {"state", state}}));
+    }
+    for (const char* kind : {"prompt", "generated"}) {
+      f.adapter_tokens.Remove(&f.adapter_tokens.Add({{"adapter", name}, {"kind", kind}}));
+    }
+  }
+  adapter_series_ = named;
+  auto publish = [&](const engine::AdapterActivity& a) {
+    f.adapter_requests.Add({{"adapter", a.adapter}, {"state", "running"}})
+        .Set(static_cast<double>(a.running));
+    f.adapter_requests.Add({{"adapter", a.adapter}, {"state", "waiting"}})
+        .Set(static_cast<double>(a.waiting));
+    f.adapter_tokens.Add({{"adapter", a.adapter}, {"kind", "prompt"}})
+        .Increment(static_cast<double>(a.prompt_tokens));
+    f.adapter_tokens.Add({{"adapter", a.adapter}, {"kind", "generated"}})
+        .Increment(static_cast<double>(a.generated_tokens));
+  };
+  for (const engine::AdapterActivity& a : active) {
+    if (named.count(a.adapter)) publish(a);
+  }
+  publish(other);
 }
 
 void PrometheusMetrics::OnExpertCache(const engine::ExpertCacheMetrics& m) {

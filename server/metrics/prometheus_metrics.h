@@ -56,6 +56,7 @@
 
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -68,11 +69,19 @@ class Registry;
 
 namespace moleserve::server {
 
+// The adapter label of the adapters summed together in the per-adapter series (no adapter name
+// has parentheses).
+inline constexpr char kOtherAdapters[] = "(other)";
+
 class PrometheusMetrics final : public engine::MetricsSink {
  public:
   // Serves /metrics on `bind_address` ("host:port"; port 0 picks a free one). kUnavailable when
   // the address cannot be bound.
-  static absl::StatusOr<std::unique_ptr<PrometheusMetrics>> Create(const std::string& bind_address);
+  // Per-adapter series (moleserve_adapter_requests, moleserve_adapter_tokens_total) name the
+  // `top_adapters` most active adapters (running + waiting requests, then tokens); the rest are
+  // summed under adapter="(other)", which no adapter name can be. 0: everything in "(other)".
+  static absl::StatusOr<std::unique_ptr<PrometheusMetrics>> Create(const std::string& bind_address,
+                                                                   int top_adapters = 10);
   ~PrometheusMetrics() override;
 
   int port() const { return port_; }
@@ -90,6 +99,7 @@ class PrometheusMetrics final : public engine::MetricsSink {
   void OnAdapterQueue(const std::vector<std::string>& running,
                       const std::vector<std::string>& waiting, int64_t max_adapters) override;
   void OnAdapterLoad(const engine::AdapterLoadMetrics& m) override;
+  void OnAdapterActivity(const std::vector<engine::AdapterActivity>& active) override;
 
  private:
   struct Families;
@@ -102,6 +112,9 @@ class PrometheusMetrics final : public engine::MetricsSink {
   std::mutex cache_mu_;  // the last cumulative expert cache counters, for increments
   engine::ExpertCacheMetrics last_cache_;
   int port_ = 0;
+  int top_adapters_ = 10;
+  std::mutex activity_mu_;                // the adapters with their own series now
+  std::set<std::string> adapter_series_;  // guarded by activity_mu_
 };
 
 }  // namespace moleserve::server

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -433,6 +434,77 @@ TEST(EngineTest, PreemptedRequestsResumeWithTheUninterruptedTokens) {
     EXPECT_LE(metrics.max_distinct_experts, 32);
     ExpectAllBlocksFree(*e);
   }
+  std::filesystem::remove_all(dir);
+}
+
+// Records OnAdapterActivity reports (the other reports are ignored).
+class ActivityRecorder final : public MetricsSink {
+ public:
+  void OnRequestRejected(absl::StatusCode, ClientProtocol) override {}
+  void OnFirstToken(double) override {}
+  void OnInterTokenLatency(double) override {}
+  void OnRequestFinished(const FinishedRequestMetrics&) override {}
+  void OnStep(const StepMetrics&) override {}
+  void OnQueueState(int64_t, int64_t, double) override {}
+  void OnAdapterActivity(const std::vector<AdapterActivity>& active) override {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const AdapterActivity& a : active) {
+      EXPECT_FALSE(a.adapter.empty());
+      Totals& t = totals[a.adapter];
+      t.prompt += a.prompt_tokens;
+      t.generated += a.generated_tokens;
+      t.max_running = std::max(t.max_running, a.running);
+      t.last_running = a.running;
+      t.last_waiting = a.waiting;
+    }
+  }
+  struct Totals {
+    int64_t prompt = 0, generated = 0, max_running = 0, last_running = -1, last_waiting = -1;
+  };
+  std::mutex mu;
+  std::map<std::string, Totals> totals;
+};
+
+// Per-adapter activity: every prompt and generated token of an adapter's requests is reported
+// once under its name, the base model's under none, and an adapter gone idle is reported with
+// zeros.
+TEST(EngineTest, AdapterActivityCountsEachAdaptersTokensOnce) {
+  const std::string dir = test_util::WriteDemoMoleAdapter(
+      (std::filesystem::temp_directory_path() / absl::StrCat("activity_mole_", getpid())).string());
+  ASSERT_FALSE(dir.empty());
+  ActivityRecorder metrics;
+  auto e = MakeEngine({.metrics = &metrics, .adapters = {{"m1", dir}, {"m2", dir}}});
+  std::vector<std::shared_ptr<Collector>> cs;
+  const std::vector<std::string> adapters = {"m1", "m2", "m1", ""};
+  for (size_t i = 0; i < adapters.size(); ++i) {
+    GenerateRequest r = Greedy(Prompt(12 + static_cast<int>(i), static_cast<int>(i)), 9);
+    r.adapter = adapters[i];
+    cs.push_back(std::make_shared<Collector>());
+    ASSERT_TRUE(e->Submit(r, cs.back()).ok());
+  }
+  for (auto& c : cs) {
+    ASSERT_TRUE(c->Wait());
+    ASSERT_TRUE(c->status().ok()) << c->status();
+  }
+  ASSERT_TRUE(e->WaitIdle(absl::Seconds(30)));
+  // The reports after the last step: wait (bounded) for the zeros of both adapters.
+  for (int i = 0; i < 3000; ++i) {
+    {
+      std::lock_guard<std::mutex> lock(metrics.mu);
+      if (metrics.totals["m1"].last_running == 0 && metrics.totals["m2"].last_running == 0) break;
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  std::lock_guard<std::mutex> lock(metrics.mu);
+  EXPECT_EQ(metrics.totals.size(), 2u);  // no entry for the base model
+  EXPECT_EQ(metrics.totals["m1"].prompt, 12 + 14);
+  EXPECT_EQ(metrics.totals["m1"].generated, 9 + 9);
+  EXPECT_EQ(metrics.totals["m2"].prompt, 13);
+  EXPECT_EQ(metrics.totals["m2"].generated, 9);
+  EXPECT_GT(metrics.totals["m1"].max_running, 0);
+  EXPECT_EQ(metrics.totals["m1"].last_running, 0);
+  EXPECT_EQ(metrics.totals["m1"].last_waiting, 0);
+  EXPECT_EQ(metrics.totals["m2"].last_running, 0);
   std::filesystem::remove_all(dir);
 }
 
