@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "engine/model/model_config.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/model_config.h"
+#include "engine/model_io/safetensors.h"
 
 namespace moleserve::bench {
 

@@ -41,8 +41,8 @@
 #include "engine/backend/backend.h"
 #include "engine/engine.h"
 #include "engine/model/llama_model.h"
-#include "engine/model/safetensors.h"
 #include "engine/model/synthetic.h"
+#include "engine/model_io/safetensors.h"
 
 ABSL_FLAG(std::string, out, "", "Write results as JSON here");
 ABSL_FLAG(std::string, preset, "llama-7b", "Synthetic model preset");

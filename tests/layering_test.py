@@ -5,7 +5,9 @@
 - kernels/ never includes absl, engine/ or server/;
 - kernels/cpu and kernels/common never include CUDA headers;
 - only engine/backend (and kernels/cuda itself, and tests) include kernels/cuda;
-- host .cc files never include a .cuh.
+- host .cc files never include a .cuh;
+- a folder of engine/ includes only folders of a lower layer than its own (ENGINE_LAYERS; the
+  top-level engine/*.h are shared types, and engine/engine.cc is the facade above them all).
 Prints one line per violation; exit 1 when there is any.
 """
 import pathlib
@@ -21,6 +23,16 @@ rules = [
     ("kernels/cpu/", re.compile(r"^(cuda|cublas|cuda_runtime|kernels/cuda)"), "no CUDA in kernels/cpu"),
     ("kernels/common/", re.compile(r"^(cuda|cublas|cuda_runtime)"), "no CUDA in kernels/common"),
 ]
+# engine/ folders by layer: one includes only folders of lower layers (and itself).
+ENGINE_LAYERS = {
+    "core": 0,
+    "model_io": 1, "backend": 1, "chat": 1, "tokenizer": 1, "kv_cache": 1, "routing": 1,
+    "sampling": 2, "adapters": 2,
+    "expert_cache": 3, "scheduler": 3,
+    "model": 4,
+    "executor": 5,
+}
+engine_folder = re.compile(r"^engine/([a-z_]+)/")
 violations = []
 checked = 0
 for path in sorted(root.rglob("*")):
@@ -35,6 +47,15 @@ for path in sorted(root.rglob("*")):
         if inc.startswith("kernels/cuda/") and not rel.startswith(
                 ("engine/backend/", "kernels/cuda/", "tests/", "bench/")):
             violations.append(f"{rel}: includes {inc}: only engine/backend may use kernels/cuda")
+        own, dep = engine_folder.match(rel), engine_folder.match(inc)
+        if own and dep and own.group(1) != dep.group(1):
+            mine, theirs = ENGINE_LAYERS.get(own.group(1)), ENGINE_LAYERS.get(dep.group(1))
+            if mine is None or theirs is None:
+                violations.append(f"{rel}: engine/{own.group(1) if mine is None else dep.group(1)}"
+                                  " has no layer in tests/layering_test.py ENGINE_LAYERS")
+            elif theirs >= mine:
+                violations.append(f"{rel}: includes {inc}: engine/{own.group(1)} (layer {mine}) "
+                                  f"may not depend on engine/{dep.group(1)} (layer {theirs})")
         if path.suffix == ".cc" and inc.endswith(".cuh"):
             violations.append(f"{rel}: includes {inc}: host .cc files never include a .cuh")
 for v in violations:

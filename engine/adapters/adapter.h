@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "engine/model/model_config.h"
+#include "engine/model_io/model_config.h"
 #include "engine/routing/routing.h"
 
 namespace moleserve::engine {

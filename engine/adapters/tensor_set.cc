@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/core/status_macros.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 
 namespace moleserve::engine {
 

@@ -47,11 +47,11 @@
 #include "engine/backend/backend.h"
 #include "engine/expert_cache/expert_cache.h"
 #include "engine/model/attached_adapter.h"
-#include "engine/model/model_config.h"
 #include "engine/model/sgmv_runner.h"
 #include "engine/model/step_planner.h"
 #include "engine/model/step_records.h"
 #include "engine/model/xlora_classifier.h"
+#include "engine/model_io/model_config.h"
 #include "engine/routing/routing.h"
 
 namespace moleserve::engine {

@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/core/status_macros.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 
 namespace moleserve::engine {
 namespace {

@@ -22,8 +22,8 @@
 #include "engine/backend/backend.h"
 #include "engine/model/adapter_executor.h"
 #include "engine/model/batch.h"
-#include "engine/model/model_config.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/model_config.h"
+#include "engine/model_io/weights.h"
 
 namespace moleserve::engine {
 

@@ -8,8 +8,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "engine/model/model_config.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/model_config.h"
+#include "engine/model_io/weights.h"
 
 namespace moleserve::engine {
 

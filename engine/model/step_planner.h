@@ -41,8 +41,8 @@
 #include "engine/backend/backend.h"
 #include "engine/expert_cache/expert_cache.h"
 #include "engine/model/attached_adapter.h"
-#include "engine/model/model_config.h"
 #include "engine/model/step_records.h"
+#include "engine/model_io/model_config.h"
 
 namespace moleserve::engine {
 

@@ -13,8 +13,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "engine/model/model_config.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/model_config.h"
+#include "engine/model_io/weights.h"
 
 namespace moleserve::engine {
 

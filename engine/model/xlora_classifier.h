@@ -18,7 +18,7 @@
 #include "absl/status/status.h"
 #include "engine/backend/backend.h"
 #include "engine/model/attached_adapter.h"
-#include "engine/model/model_config.h"
+#include "engine/model_io/model_config.h"
 
 namespace moleserve::engine {
 

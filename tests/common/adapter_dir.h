@@ -14,8 +14,8 @@
 #include <string>
 #include <vector>
 
-#include "engine/model/model_config.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/model_config.h"
+#include "engine/model_io/safetensors.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 

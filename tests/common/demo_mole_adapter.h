@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 
 namespace moleserve::test_util {
 

@@ -22,7 +22,7 @@
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/model_directory.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/weights.h"
 #include "tests/common/mole_fixtures.h"
 
 namespace moleserve::test_util {

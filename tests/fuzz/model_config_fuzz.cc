@@ -11,8 +11,8 @@
 #include <string_view>
 #include <vector>
 
-#include "engine/model/model_config.h"
 #include "engine/model/model_directory.h"
+#include "engine/model_io/model_config.h"
 #include "tests/fuzz/fuzz_util.h"
 
 namespace moleserve::fuzz {

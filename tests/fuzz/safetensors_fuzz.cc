@@ -1,4 +1,4 @@
-// Fuzzes SafetensorsFile (engine/model/safetensors.h): the input is a whole .safetensors file.
+// Fuzzes SafetensorsFile (engine/model_io/safetensors.h): the input is a whole .safetensors file.
 // Every tensor that Open accepts is checked against its header contract and read through
 // ReadF32 (F32/F16/BF16 must convert, every other dtype must be refused).
 
@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 #include "tests/fuzz/fuzz_util.h"
 
 namespace moleserve::fuzz {

@@ -30,7 +30,7 @@
 #include "absl/time/time.h"
 #include "engine/adapters/adapter_files.h"
 #include "engine/engine.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "moleserve/v1/admin.grpc.pb.h"

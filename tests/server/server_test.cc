@@ -34,7 +34,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "engine/engine.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "moleserve/v1/inference.grpc.pb.h"

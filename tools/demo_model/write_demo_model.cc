@@ -9,7 +9,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "engine/model/demo_model.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/weights.h"
 #include "engine/tokenizer/tokenizer.h"
 
 ABSL_FLAG(std::string, out, "", "Directory to write (created if missing)");

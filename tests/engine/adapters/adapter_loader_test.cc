@@ -14,7 +14,7 @@
 
 #include "engine/adapters/adapter.h"
 #include "engine/adapters/registry.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"

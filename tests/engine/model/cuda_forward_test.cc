@@ -24,7 +24,7 @@
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/model_directory.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/weights.h"
 #include "tests/common/bf16_cpu_backend.h"
 #include "tests/common/demo_mole_adapter.h"
 #include "tests/common/forward_compare.h"

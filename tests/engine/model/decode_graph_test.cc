@@ -18,7 +18,7 @@
 #include "engine/backend/backend.h"
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/weights.h"
 #include "tests/common/demo_mole_adapter.h"
 
 namespace moleserve::engine {

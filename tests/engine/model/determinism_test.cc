@@ -14,7 +14,7 @@
 #include "engine/adapters/adapter.h"
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/weights.h"
 #include "tests/common/bf16_cpu_backend.h"
 #include "tests/common/demo_mole_adapter.h"
 

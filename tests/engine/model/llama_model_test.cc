@@ -22,7 +22,7 @@
 #include "engine/backend/backend.h"
 #include "engine/model/demo_model.h"
 #include "engine/model/model_directory.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "tests/common/run_command.h"
 

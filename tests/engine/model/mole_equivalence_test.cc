@@ -15,7 +15,7 @@
 #include "engine/adapters/adapter.h"
 #include "engine/backend/backend.h"
 #include "engine/model/llama_model.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/weights.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/common/adapter_dir.h"

@@ -1,4 +1,4 @@
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 
 #include <bit>
 #include <cmath>

@@ -15,7 +15,7 @@
 #include "engine/adapters/adapter.h"
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
-#include "engine/model/weights.h"
+#include "engine/model_io/weights.h"
 #include "engine/sampling/sampler.h"
 #include "tests/common/counting_backend.h"
 #include "tests/common/demo_mole_adapter.h"

@@ -15,7 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "engine/model/model_config.h"
+#include "engine/model_io/model_config.h"
 
 namespace moleserve::engine {
 

@@ -1,4 +1,4 @@
-#include "engine/model/model_config.h"
+#include "engine/model_io/model_config.h"
 
 #include <cmath>
 #include <cstdint>

@@ -1,4 +1,4 @@
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>

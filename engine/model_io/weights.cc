@@ -1,4 +1,4 @@
-#include "engine/model/weights.h"
+#include "engine/model_io/weights.h"
 
 #include <cmath>
 #include <cstring>
@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/core/status_macros.h"
-#include "engine/model/safetensors.h"
+#include "engine/model_io/safetensors.h"
 
 namespace moleserve::engine {
 namespace {
