@@ -34,6 +34,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "bench/adapter_writer.h"
+#include "bench/engine_bench.h"
 #include "bench/list_flag.h"
 #include "engine/adapters/adapter.h"
 #include "engine/engine.h"
@@ -55,19 +56,11 @@ ABSL_FLAG(std::string, commit, "", "The commit measured, recorded in the JSON");
 
 namespace {
 
+using moleserve::bench::Check;
+using moleserve::bench::Done;
+using moleserve::bench::Now;
 using moleserve::bench::ParseList;
 using namespace moleserve::engine;  // NOLINT: a benchmark's main file
-
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-void Check(const absl::Status& s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
-    std::exit(1);
-  }
-}
 
 // Resident set of this process (bytes), from /proc/self/status, after returning the allocator's
 // free memory to the system (so memory of unloaded adapters that glibc kept is not counted).
@@ -86,21 +79,6 @@ int64_t ResidentBytes() {
   }
   return 0;
 }
-
-struct Done : GenerationSink {
-  int64_t tokens = 0;
-  absl::Status error;
-  absl::Notification done;
-  void OnChunk(GenerationChunk chunk) override { tokens += chunk.tokens.size(); }
-  void OnFinish(GenerationChunk last, FinishInfo) override {
-    OnChunk(std::move(last));
-    done.Notify();
-  }
-  void OnError(absl::Status s) override {
-    error = std::move(s);
-    done.Notify();
-  }
-};
 
 // Generated tokens per second of `streams` closed-loop greedy requests on `adapter` for
 // `seconds`.

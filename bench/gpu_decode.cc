@@ -35,6 +35,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "bench/adapter_writer.h"
+#include "bench/engine_bench.h"
 #include "bench/gpu/copy_bandwidth.h"
 #include "bench/list_flag.h"
 #include "engine/adapters/adapter.h"
@@ -57,36 +58,13 @@ ABSL_FLAG(int, new_tokens, 64, "Generated tokens per request");
 namespace {
 
 using namespace moleserve::engine;  // NOLINT: a benchmark's main file
+using moleserve::bench::Check;
+using moleserve::bench::Done;
+using moleserve::bench::Now;
 using moleserve::bench::ParseList;
 using moleserve::bench::WriteMole;
 using moleserve::bench::WritePeftLora;
 namespace fs = std::filesystem;
-
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-void Check(const absl::Status& s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "%s: %s\n", what, s.ToString().c_str());
-    std::exit(1);
-  }
-}
-
-struct Done : GenerationSink {
-  int64_t tokens = 0;
-  absl::Status error;
-  absl::Notification done;
-  void OnChunk(GenerationChunk chunk) override { tokens += chunk.tokens.size(); }
-  void OnFinish(GenerationChunk last, FinishInfo) override {
-    OnChunk(std::move(last));
-    done.Notify();
-  }
-  void OnError(absl::Status s) override {
-    error = std::move(s);
-    done.Notify();
-  }
-};
 
 // Generated tokens per second of `n` concurrent greedy requests; adapter_of(i) names request i's.
 double Throughput(Engine& engine, int n, const std::function<std::string(int)>& adapter_of) {
