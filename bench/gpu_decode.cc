@@ -96,6 +96,9 @@ double Throughput(Engine& engine, int n, const std::function<std::string(int)>& 
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  // Line by line, so a run cut short by the GPU host's time limit still shows what it measured.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  const double t_start = Now();
   const std::string preset = absl::GetFlag(FLAGS_preset);
   absl::StatusOr<ModelConfig> config = SyntheticModelConfig(preset);
   Check(config.status(), "preset");
@@ -113,6 +116,22 @@ int main(int argc, char** argv) {
               copy_bw / 1e9, preset.c_str(), weight_bytes / 1e9);
   nlohmann::json steps = nlohmann::json::array();
   nlohmann::json determinism = nlohmann::json::object();
+  // The JSON is rewritten after each part ("complete": false until the end), so a run cut short
+  // keeps what it measured.
+  nlohmann::json result = {{"bench", "gpu_decode"},
+                           {"device", prop.name},
+                           {"preset", preset},
+                           {"dtype", "bf16"},
+                           {"copy_bandwidth_bytes_per_s", copy_bw},
+                           {"weight_bytes_read_per_step", weight_bytes},
+                           {"complete", false}};
+  auto write_json = [&] {
+    result["decode_steps"] = steps;
+    result["determinism"] = determinism;
+    if (const std::string out = absl::GetFlag(FLAGS_out); !out.empty()) {
+      std::ofstream(out) << result.dump(1) << "\n";
+    }
+  };
   {
     auto backend = CreateCudaBackend({});
     Check(backend.status(), "cuda backend");
@@ -209,6 +228,7 @@ int main(int argc, char** argv) {
                        {"bound_over_step", bound_ms / step_ms},
                        {"step_over_bound", step_ms / bound_ms},
                        {"first_step_ms_with_graph_capture", first_ms}});
+      write_json();
     }
     // Determinism: the same decode step twice (same inputs, same KV positions rewritten with the
     // same values) must give bit-identical logits.
@@ -259,6 +279,7 @@ int main(int argc, char** argv) {
     determinism["mole_batch64_logits_differing"] = differ;
     determinism["mole_batch64_max_abs_diff"] = max_diff;
     fs::remove_all(mole_dir);
+    write_json();
   }
 
   // Throughput with adapters.
@@ -275,14 +296,17 @@ int main(int argc, char** argv) {
         {name, WritePeftLora(work + "/" + name, *config, 16, 1000u * (i + 1))});
   }
   options.adapters.push_back({"mole", WriteMole(work + "/mole", *config, 8, 2, 16)});
+  std::printf("throughput: 32 LoRAs and the MoLE written (%.0f s into the run)\n", Now() - t_start);
   auto engine = Engine::Create(options);
   Check(engine.status(), "engine");
+  std::printf("throughput: engine ready (%.0f s into the run)\n", Now() - t_start);
   const int n = absl::GetFlag(FLAGS_requests);
   // Warm-up: the base model's graphs, then every adapter's experts (so no timed run pays for
   // cold expert copies or graph captures its adapters need).
   Throughput(**engine, 8, [](int) { return ""; });
   Throughput(**engine, 32, [](int i) { return absl::StrCat("lora", i % 32); });
   Throughput(**engine, 8, [](int) { return "mole"; });
+  std::printf("throughput: warmed up (%.0f s into the run)\n", Now() - t_start);
   const double base = Throughput(**engine, n, [](int) { return ""; });
   const double loras = Throughput(**engine, n, [](int i) { return absl::StrCat("lora", i % 32); });
   const double mole = Throughput(**engine, n, [](int) { return "mole"; });
@@ -290,26 +314,16 @@ int main(int argc, char** argv) {
       "throughput (tokens/s): base %.1f, 32 LoRAs %.1f (%.3f x base), "
       "top-2-of-8 MoLE %.1f (%.3f x base)\n",
       base, loras, loras / base, mole, mole / base);
-  const nlohmann::json result = {{"bench", "gpu_decode"},
-                                 {"device", prop.name},
-                                 {"preset", preset},
-                                 {"dtype", "bf16"},
-                                 {"copy_bandwidth_bytes_per_s", copy_bw},
-                                 {"weight_bytes_read_per_step", weight_bytes},
-                                 {"decode_steps", steps},
-                                 {"determinism", determinism},
-                                 {"throughput",
-                                  {{"requests", n},
-                                   {"prompt_tokens", absl::GetFlag(FLAGS_prompt_tokens)},
-                                   {"new_tokens", absl::GetFlag(FLAGS_new_tokens)},
-                                   {"base_tokens_per_s", base},
-                                   {"loras32_rank16_tokens_per_s", loras},
-                                   {"loras32_over_base", loras / base},
-                                   {"mole_top2_of_8_tokens_per_s", mole},
-                                   {"mole_over_base", mole / base}}}};
-  if (const std::string out = absl::GetFlag(FLAGS_out); !out.empty()) {
-    std::ofstream(out) << result.dump(1) << "\n";
-  }
+  result["throughput"] = {{"requests", n},
+                          {"prompt_tokens", absl::GetFlag(FLAGS_prompt_tokens)},
+                          {"new_tokens", absl::GetFlag(FLAGS_new_tokens)},
+                          {"base_tokens_per_s", base},
+                          {"loras32_rank16_tokens_per_s", loras},
+                          {"loras32_over_base", loras / base},
+                          {"mole_top2_of_8_tokens_per_s", mole},
+                          {"mole_over_base", mole / base}};
+  result["complete"] = true;
+  write_json();
   fs::remove_all(work);
   return 0;
 }

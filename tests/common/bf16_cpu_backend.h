@@ -272,6 +272,9 @@ class Bf16CpuBackend final : public engine::Backend {
     return (int64_t{block} * kv.block_size + pos % kv.block_size) * kv.num_kv_heads * kv.head_dim;
   }
   // fp32 copies of the rows a segmented GEMM's row table reaches, and a table pointing at them.
+  // Only each segment's own rows [seg_row_offset, + seg_rank) are read: a planned pass's table
+  // leaves the entries between them (ranks below the table's stride, adapters without a LoRA at
+  // a site) null.
   template <typename P>
   static std::vector<const void*> RowTable(const void* const* rows, const P& p, int64_t width,
                                            std::vector<std::vector<float>>* storage) {
@@ -279,11 +282,14 @@ class Bf16CpuBackend final : public engine::Backend {
     for (int32_t s = 0; s < p.num_segments; ++s) {
       entries = std::max<int64_t>(entries, p.seg_row_offset[s] + p.seg_rank[s]);
     }
-    std::vector<const void*> table(entries);
+    std::vector<const void*> table(entries, nullptr);
     storage->reserve(entries);
-    for (int64_t i = 0; i < entries; ++i) {
-      storage->push_back(In(rows[i], width));
-      table[i] = storage->back().data();
+    for (int32_t s = 0; s < p.num_segments; ++s) {
+      for (int64_t i = p.seg_row_offset[s]; i < p.seg_row_offset[s] + p.seg_rank[s]; ++i) {
+        if (table[i] != nullptr) continue;  // shared with an earlier segment
+        storage->push_back(In(rows[i], width));
+        table[i] = storage->back().data();
+      }
     }
     return table;
   }
