@@ -269,6 +269,422 @@ absl::StatusOr<XloraSpec> ParseXlora(const Json& x, TensorSet& tensors, const Mo
   return spec;
 }
 
+// The checks of the optional `base_model` block: the adapter was made for this model's shape.
+absl::Status CheckBaseModel(const Json& cfg, const ModelConfig& base, const std::string& ctx) {
+  auto bm = cfg.find("base_model");
+  if (bm == cfg.end() || !bm->is_object()) return absl::OkStatus();
+  const std::pair<const char*, int64_t> checks[] = {{"num_layers", base.num_layers},
+                                                    {"hidden_size", base.hidden_size},
+                                                    {"intermediate_size", base.intermediate_size},
+                                                    {"num_attention_heads", base.num_heads},
+                                                    {"num_key_value_heads", base.num_kv_heads}};
+  for (const auto& [key, have] : checks) {
+    ASSIGN_OR_RETURN(int64_t want, aj::Int(*bm, key, have, ctx + ".base_model"));
+    if (want != have) {
+      return absl::InvalidArgumentError(absl::StrCat("adapter was made for a base model with ", key,
+                                                     " = ", want, "; the served model has ", have));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// One routed group's header: its fields parsed and checked against each other, before any of
+// its tensors is read.
+struct GroupHeader {
+  const Json* json = nullptr;
+  std::string id;
+  std::string ctx;  // "mole_config.json.routed_groups['<id>']"
+  std::string scope;
+  std::string granularity;
+  Targets targets;
+  std::vector<double> num_experts;  // per layer
+  std::vector<float> scale;         // per layer
+  std::vector<double> rank;         // per layer, 0 = not given
+  RouterType router_type = RouterType::kLinear;
+  bool router_bias = false;
+  bool select_bias = false;
+  bool select_on_abs = false;
+  bool rank_granular = false;
+  bool xlora_group = false;  // scope model_scalings
+  RoutingSpec routing;
+  std::vector<int32_t> k_per_layer;
+};
+
+// LoadMoleDirectory's steps, in order: static LoRAs, the X-LoRA block, routed groups (each a
+// header, then block-FFN or module sites), then the final checks. Each step adds to `adapter`.
+class MoleLoader {
+ public:
+  MoleLoader(const ModelConfig& base, const AdapterLimits& limits, TensorSet* tensors,
+             Adapter* adapter)
+      : base_(base), limits_(limits), tensors_(*tensors), adapter_(*adapter) {}
+
+  absl::Status StaticLoras(const Json& cfg);
+  absl::Status Xlora(const Json& cfg);
+  absl::Status RoutedGroups(const Json& cfg);
+  absl::Status Finish();
+
+ private:
+  absl::StatusOr<GroupHeader> ParseGroupHeader(const Json& g, size_t index);
+  absl::Status BlockFfnSites(const GroupHeader& h, int32_t group_index, GroupInfo* info);
+  absl::Status ModuleSites(const GroupHeader& h, int32_t group_index, GroupInfo* info);
+  // The config's rank (when given) must be the tensors' rank.
+  static absl::Status CheckRank(const GroupHeader& h, int32_t layer, int32_t have,
+                                const std::string& tensor);
+
+  static constexpr const char* kCtx = "mole_config.json";
+  const ModelConfig& base_;
+  const AdapterLimits& limits_;
+  TensorSet& tensors_;
+  Adapter& adapter_;
+  std::set<std::string> ids_;  // static and group ids share one namespace (tensor prefixes)
+  std::map<std::string, int32_t> module_index_;  // X-LoRA's "layers.<l>.<module>" -> index
+  std::set<int32_t> xlora_indices_used_;
+};
+
+absl::Status MoleLoader::StaticLoras(const Json& cfg) {
+  const std::string ctx = kCtx;
+  auto st = cfg.find("static_loras");
+  if (st == cfg.end() || st->is_null()) return absl::OkStatus();
+  if (!st->is_array()) return absl::InvalidArgumentError(ctx + ": 'static_loras' must be a list");
+  const int32_t num_layers = base_.num_layers;
+  for (size_t i = 0; i < st->size(); ++i) {
+    const Json& s = (*st)[i];
+    std::string sctx = absl::StrCat(ctx, ".static_loras[", i, "]");
+    if (!s.is_object()) return absl::InvalidArgumentError(sctx + " must be an object");
+    ASSIGN_OR_RETURN(std::string id, aj::String(s, "id", std::nullopt, sctx));
+    ASSIGN_OR_RETURN(Targets targets, ParseTargets(s, num_layers, sctx));
+    ASSIGN_OR_RETURN(std::vector<double> scale_json,
+                     aj::PerLayer(s, "scale", std::nullopt, num_layers, sctx));
+    ASSIGN_OR_RETURN(std::vector<float> scale, FiniteFloats(scale_json, sctx + ".scale"));
+    if (!ids_.insert(id).second) {
+      return absl::InvalidArgumentError(absl::StrCat(sctx, ": id '", id, "' is used twice"));
+    }
+    GroupInfo info{.id = id,
+                   .scope = "static",
+                   .granularity = "lora",
+                   .algorithm = "static",
+                   .max_experts = 1,
+                   .min_experts = 1};
+    for (int32_t l : targets.layers) {
+      for (LinearModule m : targets.modules) {
+        const auto [in, out] = LinearModuleShape(base_, m);
+        const std::string prefix =
+            absl::StrCat("static.", id, ".layers.", l, ".", LinearModuleName(m));
+        ASSIGN_OR_RETURN(LoraStack stack, ReadLoraStack(tensors_, prefix + ".A", prefix + ".B",
+                                                        /*stacked=*/false, in, out, limits_));
+        stack.scale.assign(1, scale[l]);
+        RETURN_IF_ERROR(ReadScaleOverride(tensors_, prefix + ".scale", &stack));
+        info.ranks.push_back(stack.rank);
+        ++info.num_modules;
+        adapter_.layers[l].statics[static_cast<int>(m)].push_back(std::move(stack));
+      }
+    }
+    adapter_.groups.push_back(std::move(info));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MoleLoader::Xlora(const Json& cfg) {
+  const std::string ctx = kCtx;
+  auto x = cfg.find("xlora");
+  if (x == cfg.end() || x->is_null()) return absl::OkStatus();
+  if (!x->is_object()) return absl::InvalidArgumentError(ctx + ": 'xlora' must be an object");
+  ASSIGN_OR_RETURN(XloraSpec spec, ParseXlora(*x, tensors_, base_, &module_index_));
+  adapter_.xlora = std::move(spec);
+  if (auto inf = cfg.find("inference"); inf != cfg.end() && inf->is_object()) {
+    ASSIGN_OR_RETURN(int64_t freeze,
+                     aj::Int(*inf, "freeze_scalings_after", -1, ctx + ".inference"));
+    if (freeze < -1 || freeze > (1 << 30)) {
+      return absl::InvalidArgumentError(
+          "mole_config.json: inference.freeze_scalings_after must be a token count >= 0");
+    }
+    if (freeze >= 0) adapter_.xlora->freeze_after = static_cast<int32_t>(freeze);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t index) {
+  const int32_t num_layers = base_.num_layers;
+  GroupHeader h;
+  h.json = &g;
+  h.ctx = absl::StrCat(kCtx, ".routed_groups[", index, "]");
+  if (!g.is_object()) return absl::InvalidArgumentError(h.ctx + " must be an object");
+  ASSIGN_OR_RETURN(h.id, aj::String(g, "id", std::nullopt, h.ctx));
+  h.ctx = absl::StrCat(kCtx, ".routed_groups['", h.id, "']");
+  const std::string& gctx = h.ctx;
+  ASSIGN_OR_RETURN(h.scope, aj::String(g, "scope", "module", gctx));
+  ASSIGN_OR_RETURN(h.granularity, aj::String(g, "granularity", "lora", gctx));
+  ASSIGN_OR_RETURN(h.targets, ParseTargets(g, num_layers, gctx));
+  ASSIGN_OR_RETURN(h.num_experts, aj::PerLayer(g, "num_experts", std::nullopt, num_layers, gctx));
+  ASSIGN_OR_RETURN(std::vector<double> scale_json,
+                   aj::PerLayer(g, "scale", std::nullopt, num_layers, gctx));
+  ASSIGN_OR_RETURN(h.scale, FiniteFloats(scale_json, gctx + ".scale"));
+  ASSIGN_OR_RETURN(h.rank, aj::PerLayer(g, "rank", 0.0, num_layers, gctx));
+  if (!ids_.insert("group:" + h.id).second) {
+    return absl::InvalidArgumentError(absl::StrCat(gctx, ": id '", h.id, "' is used twice"));
+  }
+  ASSIGN_OR_RETURN(std::string act, aj::String(g, "act_fn", "silu", gctx));
+  if (act != "silu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(gctx, ": act_fn '", act, "' is not supported (silu, as the base)"));
+  }
+  const Json empty = Json::object();
+  if (g.contains("router") && !g["router"].is_null() && !g["router"].is_object()) {
+    return absl::InvalidArgumentError(gctx + ": 'router' must be an object");
+  }
+  const Json& router = g.contains("router") && g["router"].is_object() ? g["router"] : empty;
+  const std::string rctx = gctx + ".router";
+  ASSIGN_OR_RETURN(std::string router_type_name, aj::String(router, "type", "linear", rctx));
+  ASSIGN_OR_RETURN(h.router_bias, aj::Bool(router, "bias", false, rctx));
+  ASSIGN_OR_RETURN(h.select_bias, aj::Bool(router, "select_bias", false, rctx));
+  ASSIGN_OR_RETURN(h.select_on_abs, aj::Bool(router, "select_on_abs", false, rctx));
+  if (router_type_name == "linear") {
+    h.router_type = RouterType::kLinear;
+  } else if (router_type_name == "implicit_A") {
+    h.router_type = RouterType::kImplicitA;
+  } else if (router_type_name == "xlora_ref") {
+    h.router_type = RouterType::kXloraRef;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat(rctx, ": router type '", router_type_name,
+                     "' is not supported (linear, implicit_A, xlora_ref)"));
+  }
+  h.rank_granular = h.granularity == "rank";
+  if (!h.rank_granular && h.granularity != "lora") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(gctx, ": granularity '", h.granularity, "' is not \"lora\" or \"rank\""));
+  }
+  h.xlora_group = h.scope == "model_scalings";
+  if (h.xlora_group != (h.router_type == RouterType::kXloraRef)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(gctx, ": scope model_scalings goes with router type xlora_ref"));
+  }
+  if (h.xlora_group) {
+    if (!adapter_.xlora) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(gctx, ": scope model_scalings needs the 'xlora' block"));
+    }
+    h.k_per_layer.assign(num_layers, 1);
+  } else {
+    ASSIGN_OR_RETURN(h.routing, ParseRouting(g, num_layers, gctx, &h.k_per_layer));
+  }
+  if (h.rank_granular != (!h.xlora_group && h.routing.algorithm == RoutingAlgorithm::kRankTopK)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(gctx, ": granularity rank goes with routing algorithm rank_topk"));
+  }
+  if (h.router_type == RouterType::kImplicitA && !h.rank_granular) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(gctx, ": router type implicit_A needs granularity rank"));
+  }
+  if (h.select_bias && !h.rank_granular) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        gctx, ": router.select_bias applies to rank-granular groups (FlyLoRA, SMoRA) only"));
+  }
+  if (h.router_bias && h.router_type != RouterType::kLinear) {
+    return absl::InvalidArgumentError(absl::StrCat(gctx, ": router.bias needs a linear router"));
+  }
+  return h;
+}
+
+absl::Status MoleLoader::CheckRank(const GroupHeader& h, int32_t layer, int32_t have,
+                                   const std::string& tensor) {
+  if (h.rank[layer] != 0 && h.rank[layer] != have) {
+    return absl::InvalidArgumentError(absl::StrCat(h.ctx, ": rank ", h.rank[layer], " at layer ",
+                                                   layer, " but tensor '", tensor, "' has rank ",
+                                                   have));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MoleLoader::BlockFfnSites(const GroupHeader& h, int32_t group_index, GroupInfo* info) {
+  const std::string& gctx = h.ctx;
+  if (h.rank_granular || h.router_type != RouterType::kLinear) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(gctx, ": block_ffn needs granularity lora and a linear router"));
+  }
+  for (LinearModule m : h.targets.modules) {
+    if (m != LinearModule::kGate && m != LinearModule::kUp && m != LinearModule::kDown) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(gctx, ": block_ffn targets only gate_proj, up_proj and down_proj, not ",
+                       LinearModuleName(m)));
+    }
+  }
+  for (int32_t l : h.targets.layers) {
+    AdapterLayer& layer = adapter_.layers[l];
+    if (layer.block_ffn) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(gctx, ": layer ", l, " already has a block_ffn group"));
+    }
+    for (LinearModule m : {LinearModule::kGate, LinearModule::kUp, LinearModule::kDown}) {
+      if (layer.routed[static_cast<int>(m)]) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            gctx, ": layer ", l, " ", LinearModuleName(m), " already has a routed group"));
+      }
+    }
+    ASSIGN_OR_RETURN(int32_t e, CheckedCount(h.num_experts[l], 1, limits_.max_experts,
+                                             absl::StrCat(gctx, ".num_experts[", l, "]")));
+    BlockFfn ffn;
+    ffn.group = group_index;
+    ffn.num_experts = e;
+    ffn.routing = h.routing;
+    ffn.routing.k = h.k_per_layer[l];
+    absl::Status valid = ValidateRoutingSpec(ffn.routing, e);
+    if (!valid.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(gctx, " layer ", l, ": ", valid.message()));
+    }
+    const std::string prefix = absl::StrCat("groups.", h.id, ".layers.", l);
+    ASSIGN_OR_RETURN(ffn.router, ReadRouter(tensors_, prefix + ".router", e, base_.hidden_size,
+                                            h.router_bias, h.select_bias, /*has_weight=*/true));
+    for (LinearModule m : h.targets.modules) {
+      const auto [in, out] = LinearModuleShape(base_, m);
+      const std::string mp = absl::StrCat(prefix, ".", LinearModuleName(m));
+      ASSIGN_OR_RETURN(LoraStack stack, ReadLoraStack(tensors_, mp + ".A", mp + ".B",
+                                                      /*stacked=*/true, in, out, limits_));
+      if (stack.num_experts != e) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", mp, ".A' stacks ", stack.num_experts, " experts, the group has ", e));
+      }
+      RETURN_IF_ERROR(CheckRank(h, l, stack.rank, mp + ".A"));
+      stack.scale.assign(e, h.scale[l]);
+      RETURN_IF_ERROR(ReadScaleOverride(tensors_, mp + ".scale", &stack));
+      info->ranks.push_back(stack.rank);
+      ++info->num_modules;
+      ffn.lora[static_cast<int>(m) - static_cast<int>(LinearModule::kGate)] = std::move(stack);
+    }
+    info->max_experts = std::max(info->max_experts, e);
+    info->min_experts = std::min(info->min_experts, e);
+    layer.block_ffn = std::move(ffn);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MoleLoader::ModuleSites(const GroupHeader& h, int32_t group_index, GroupInfo* info) {
+  const std::string& gctx = h.ctx;
+  for (int32_t l : h.targets.layers) {
+    for (LinearModule m : h.targets.modules) {
+      AdapterLayer& layer = adapter_.layers[l];
+      const int mi = static_cast<int>(m);
+      if (layer.routed[mi] || (layer.block_ffn && m >= LinearModule::kGate)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            gctx, ": layer ", l, " ", LinearModuleName(m), " already has a routed group"));
+      }
+      const auto [in, out] = LinearModuleShape(base_, m);
+      const std::string mp = absl::StrCat("groups.", h.id, ".layers.", l, ".", LinearModuleName(m));
+      RoutedModule rm;
+      rm.group = group_index;
+      rm.router_type = h.router_type;
+      rm.rank_granular = h.rank_granular;
+      rm.select_on_abs = h.select_on_abs;
+      ASSIGN_OR_RETURN(rm.experts, ReadLoraStack(tensors_, mp + ".A", mp + ".B",
+                                                 /*stacked=*/true, in, out, limits_));
+      const int32_t e = rm.experts.num_experts;
+      ASSIGN_OR_RETURN(int32_t want_e, CheckedCount(h.num_experts[l], 1, limits_.max_experts,
+                                                    absl::StrCat(gctx, ".num_experts[", l, "]")));
+      if (e != want_e || (h.rank_granular && e != 1)) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor '", mp, ".A' stacks ", e,
+                                                       " experts, the group has ",
+                                                       h.rank_granular ? 1 : want_e));
+      }
+      RETURN_IF_ERROR(CheckRank(h, l, rm.experts.rank, mp + ".A"));
+      rm.experts.scale.assign(e, h.scale[l]);
+      RETURN_IF_ERROR(ReadScaleOverride(tensors_, mp + ".scale", &rm.experts));
+      if (h.xlora_group) {
+        const std::string key = absl::StrCat("layers.", l, ".", LinearModuleName(m));
+        auto it = module_index_.find(key);
+        if (it == module_index_.end()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("xlora.module_index has no entry '", key, "'"));
+        }
+        if (e != adapter_.xlora->num_adapters) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("tensor '", mp, ".A' stacks ", e, " experts; X-LoRA has ",
+                           adapter_.xlora->num_adapters, " adapters"));
+        }
+        rm.xlora_index = it->second;
+        xlora_indices_used_.insert(it->second);
+        const Json& g = *h.json;
+        if (auto tr = g.find("true_ranks"); tr != g.end() && !tr->is_null()) {
+          if (!tr->is_array() || tr->size() != static_cast<size_t>(e)) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(gctx, ": true_ranks must list one rank per expert (", e, ")"));
+          }
+          for (int32_t i = 0; i < e; ++i) {
+            const Json& v = (*tr)[i];
+            if (!v.is_number_integer() || v.get<int64_t>() < 0 ||
+                v.get<int64_t>() > rm.experts.rank) {
+              return absl::InvalidArgumentError(
+                  absl::StrCat(gctx, ": true_ranks[", i, "] must be in 0..", rm.experts.rank));
+            }
+            rm.experts.true_rank[i] = v.get<int32_t>();
+          }
+        }
+      } else {
+        rm.routing = h.routing;
+        rm.routing.k = h.k_per_layer[l];
+        const int32_t rows = h.rank_granular ? rm.experts.rank : e;
+        absl::Status valid = ValidateRoutingSpec(rm.routing, rows);
+        if (!valid.ok()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(gctx, " layer ", l, " ", LinearModuleName(m), ": ", valid.message()));
+        }
+        ASSIGN_OR_RETURN(
+            rm.router, ReadRouter(tensors_, mp + ".router", rows, in, h.router_bias, h.select_bias,
+                                  h.router_type == RouterType::kLinear));
+      }
+      info->ranks.push_back(rm.experts.rank);
+      info->max_experts = std::max(info->max_experts, e);
+      info->min_experts = std::min(info->min_experts, e);
+      ++info->num_modules;
+      layer.routed[mi] = std::move(rm);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MoleLoader::RoutedGroups(const Json& cfg) {
+  auto gs = cfg.find("routed_groups");
+  if (gs == cfg.end() || gs->is_null()) return absl::OkStatus();
+  if (!gs->is_array()) {
+    return absl::InvalidArgumentError(std::string(kCtx) + ": 'routed_groups' must be a list");
+  }
+  for (size_t gi = 0; gi < gs->size(); ++gi) {
+    ASSIGN_OR_RETURN(GroupHeader h, ParseGroupHeader((*gs)[gi], gi));
+    GroupInfo info{
+        .id = h.id,
+        .scope = h.scope,
+        .granularity = h.granularity,
+        .algorithm = h.xlora_group ? "xlora" : RoutingAlgorithmName(h.routing.algorithm)};
+    info.min_experts = 1 << 30;
+    const int32_t group_index = static_cast<int32_t>(adapter_.groups.size());
+    if (h.scope == "block_ffn") {
+      RETURN_IF_ERROR(BlockFfnSites(h, group_index, &info));
+    } else if (h.scope == "module" || h.xlora_group) {
+      RETURN_IF_ERROR(ModuleSites(h, group_index, &info));
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat(
+          h.ctx, ": scope '", h.scope, "' is not module, block_ffn or model_scalings"));
+    }
+    std::sort(info.ranks.begin(), info.ranks.end());
+    info.ranks.erase(std::unique(info.ranks.begin(), info.ranks.end()), info.ranks.end());
+    if (info.min_experts > info.max_experts) info.min_experts = info.max_experts;
+    adapter_.groups.push_back(std::move(info));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MoleLoader::Finish() {
+  if (adapter_.xlora && xlora_indices_used_.empty()) {
+    return absl::InvalidArgumentError(
+        "an 'xlora' block needs a routed group with scope model_scalings");
+  }
+  RETURN_IF_ERROR(CheckAllTensorsUsed(tensors_));
+  if (adapter_.groups.empty()) {
+    return absl::InvalidArgumentError(std::string(kCtx) + ": no static_loras and no routed_groups");
+  }
+  ComputeAdapterBytes(&adapter_);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& dir,
@@ -283,22 +699,7 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
     return absl::InvalidArgumentError(
         absl::StrCat(ctx, ": format '", format, "' version ", version, " is not mole/1"));
   }
-  const int32_t num_layers = base.num_layers;
-  if (auto bm = cfg.find("base_model"); bm != cfg.end() && bm->is_object()) {
-    const std::pair<const char*, int64_t> checks[] = {{"num_layers", base.num_layers},
-                                                      {"hidden_size", base.hidden_size},
-                                                      {"intermediate_size", base.intermediate_size},
-                                                      {"num_attention_heads", base.num_heads},
-                                                      {"num_key_value_heads", base.num_kv_heads}};
-    for (const auto& [key, have] : checks) {
-      ASSIGN_OR_RETURN(int64_t want, aj::Int(*bm, key, have, ctx + ".base_model"));
-      if (want != have) {
-        return absl::InvalidArgumentError(absl::StrCat("adapter was made for a base model with ",
-                                                       key, " = ", want, "; the served model has ",
-                                                       have));
-      }
-    }
-  }
+  RETURN_IF_ERROR(CheckBaseModel(cfg, base, ctx));
   ASSIGN_OR_RETURN(std::vector<std::string> files, ListSafetensors(dir));
   ASSIGN_OR_RETURN(std::unique_ptr<TensorSet> tensors, TensorSet::Open(files));
   RETURN_IF_ERROR(CheckAdapterSize(*tensors, limits));
@@ -306,329 +707,12 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadMoleDirectory(const std::string& di
   auto adapter = std::make_unique<Adapter>();
   adapter->format = "mole/1";
   ASSIGN_OR_RETURN(adapter->source_family, aj::String(cfg, "source_family", "mole", ctx));
-  adapter->layers.resize(num_layers);
-
-  std::set<std::string> ids;  // static and group ids share one namespace (tensor prefixes)
-  // Static LoRAs.
-  if (auto st = cfg.find("static_loras"); st != cfg.end() && !st->is_null()) {
-    if (!st->is_array()) return absl::InvalidArgumentError(ctx + ": 'static_loras' must be a list");
-    for (size_t i = 0; i < st->size(); ++i) {
-      const Json& s = (*st)[i];
-      std::string sctx = absl::StrCat(ctx, ".static_loras[", i, "]");
-      if (!s.is_object()) return absl::InvalidArgumentError(sctx + " must be an object");
-      ASSIGN_OR_RETURN(std::string id, aj::String(s, "id", std::nullopt, sctx));
-      ASSIGN_OR_RETURN(Targets targets, ParseTargets(s, num_layers, sctx));
-      ASSIGN_OR_RETURN(std::vector<double> scale_json,
-                       aj::PerLayer(s, "scale", std::nullopt, num_layers, sctx));
-      ASSIGN_OR_RETURN(std::vector<float> scale, FiniteFloats(scale_json, sctx + ".scale"));
-      if (!ids.insert(id).second) {
-        return absl::InvalidArgumentError(absl::StrCat(sctx, ": id '", id, "' is used twice"));
-      }
-      GroupInfo info{.id = id,
-                     .scope = "static",
-                     .granularity = "lora",
-                     .algorithm = "static",
-                     .max_experts = 1,
-                     .min_experts = 1};
-      for (int32_t l : targets.layers) {
-        for (LinearModule m : targets.modules) {
-          const auto [in, out] = LinearModuleShape(base, m);
-          const std::string prefix =
-              absl::StrCat("static.", id, ".layers.", l, ".", LinearModuleName(m));
-          ASSIGN_OR_RETURN(LoraStack stack, ReadLoraStack(*tensors, prefix + ".A", prefix + ".B",
-                                                          /*stacked=*/false, in, out, limits));
-          stack.scale.assign(1, scale[l]);
-          RETURN_IF_ERROR(ReadScaleOverride(*tensors, prefix + ".scale", &stack));
-          info.ranks.push_back(stack.rank);
-          ++info.num_modules;
-          adapter->layers[l].statics[static_cast<int>(m)].push_back(std::move(stack));
-        }
-      }
-      adapter->groups.push_back(std::move(info));
-    }
-  }
-
-  // X-LoRA block (before the groups that refer to it).
-  std::map<std::string, int32_t> module_index;
-  if (auto x = cfg.find("xlora"); x != cfg.end() && !x->is_null()) {
-    if (!x->is_object()) return absl::InvalidArgumentError(ctx + ": 'xlora' must be an object");
-    ASSIGN_OR_RETURN(XloraSpec spec, ParseXlora(*x, *tensors, base, &module_index));
-    adapter->xlora = std::move(spec);
-    if (auto inf = cfg.find("inference"); inf != cfg.end() && inf->is_object()) {
-      ASSIGN_OR_RETURN(int64_t freeze,
-                       aj::Int(*inf, "freeze_scalings_after", -1, ctx + ".inference"));
-      if (freeze < -1 || freeze > (1 << 30)) {
-        return absl::InvalidArgumentError(
-            "mole_config.json: inference.freeze_scalings_after must be a token count >= 0");
-      }
-      if (freeze >= 0) adapter->xlora->freeze_after = static_cast<int32_t>(freeze);
-    }
-  }
-
-  // Routed groups.
-  std::set<int32_t> xlora_indices_used;
-  if (auto gs = cfg.find("routed_groups"); gs != cfg.end() && !gs->is_null()) {
-    if (!gs->is_array())
-      return absl::InvalidArgumentError(ctx + ": 'routed_groups' must be a list");
-    for (size_t gi = 0; gi < gs->size(); ++gi) {
-      const Json& g = (*gs)[gi];
-      std::string gctx = absl::StrCat(ctx, ".routed_groups[", gi, "]");
-      if (!g.is_object()) return absl::InvalidArgumentError(gctx + " must be an object");
-      ASSIGN_OR_RETURN(std::string id, aj::String(g, "id", std::nullopt, gctx));
-      gctx = absl::StrCat(ctx, ".routed_groups['", id, "']");
-      ASSIGN_OR_RETURN(std::string scope, aj::String(g, "scope", "module", gctx));
-      ASSIGN_OR_RETURN(std::string granularity, aj::String(g, "granularity", "lora", gctx));
-      ASSIGN_OR_RETURN(Targets targets, ParseTargets(g, num_layers, gctx));
-      ASSIGN_OR_RETURN(std::vector<double> num_experts,
-                       aj::PerLayer(g, "num_experts", std::nullopt, num_layers, gctx));
-      ASSIGN_OR_RETURN(std::vector<double> scale_json,
-                       aj::PerLayer(g, "scale", std::nullopt, num_layers, gctx));
-      ASSIGN_OR_RETURN(std::vector<float> scale, FiniteFloats(scale_json, gctx + ".scale"));
-      ASSIGN_OR_RETURN(std::vector<double> rank_json,
-                       aj::PerLayer(g, "rank", 0.0, num_layers, gctx));
-      if (!ids.insert("group:" + id).second) {
-        return absl::InvalidArgumentError(absl::StrCat(gctx, ": id '", id, "' is used twice"));
-      }
-      ASSIGN_OR_RETURN(std::string act, aj::String(g, "act_fn", "silu", gctx));
-      if (act != "silu") {
-        return absl::InvalidArgumentError(
-            absl::StrCat(gctx, ": act_fn '", act, "' is not supported (silu, as the base)"));
-      }
-      const Json empty = Json::object();
-      if (g.contains("router") && !g["router"].is_null() && !g["router"].is_object()) {
-        return absl::InvalidArgumentError(gctx + ": 'router' must be an object");
-      }
-      const Json& router = g.contains("router") && g["router"].is_object() ? g["router"] : empty;
-      const std::string rctx = gctx + ".router";
-      ASSIGN_OR_RETURN(std::string router_type_name, aj::String(router, "type", "linear", rctx));
-      ASSIGN_OR_RETURN(bool router_bias, aj::Bool(router, "bias", false, rctx));
-      ASSIGN_OR_RETURN(bool select_bias, aj::Bool(router, "select_bias", false, rctx));
-      ASSIGN_OR_RETURN(bool select_on_abs, aj::Bool(router, "select_on_abs", false, rctx));
-      RouterType router_type;
-      if (router_type_name == "linear") {
-        router_type = RouterType::kLinear;
-      } else if (router_type_name == "implicit_A") {
-        router_type = RouterType::kImplicitA;
-      } else if (router_type_name == "xlora_ref") {
-        router_type = RouterType::kXloraRef;
-      } else {
-        return absl::InvalidArgumentError(
-            absl::StrCat(rctx, ": router type '", router_type_name,
-                         "' is not supported (linear, implicit_A, xlora_ref)"));
-      }
-      const bool rank_granular = granularity == "rank";
-      if (!rank_granular && granularity != "lora") {
-        return absl::InvalidArgumentError(
-            absl::StrCat(gctx, ": granularity '", granularity, "' is not \"lora\" or \"rank\""));
-      }
-      std::vector<int32_t> k_per_layer;
-      RoutingSpec routing;
-      const bool xlora_group = scope == "model_scalings";
-      if (xlora_group != (router_type == RouterType::kXloraRef)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(gctx, ": scope model_scalings goes with router type xlora_ref"));
-      }
-      if (xlora_group) {
-        if (!adapter->xlora) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(gctx, ": scope model_scalings needs the 'xlora' block"));
-        }
-        k_per_layer.assign(num_layers, 1);
-      } else {
-        ASSIGN_OR_RETURN(routing, ParseRouting(g, num_layers, gctx, &k_per_layer));
-      }
-      if (rank_granular != (!xlora_group && routing.algorithm == RoutingAlgorithm::kRankTopK)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(gctx, ": granularity rank goes with routing algorithm rank_topk"));
-      }
-      if (router_type == RouterType::kImplicitA && !rank_granular) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(gctx, ": router type implicit_A needs granularity rank"));
-      }
-      if (select_bias && !rank_granular) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            gctx, ": router.select_bias applies to rank-granular groups (FlyLoRA, SMoRA) only"));
-      }
-      if (router_bias && router_type != RouterType::kLinear) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(gctx, ": router.bias needs a linear router"));
-      }
-      // The config's rank (when given) must be the tensors' rank.
-      auto check_rank = [&](int32_t l, int32_t have, const std::string& tensor) -> absl::Status {
-        if (rank_json[l] != 0 && rank_json[l] != have) {
-          return absl::InvalidArgumentError(absl::StrCat(gctx, ": rank ", rank_json[l],
-                                                         " at layer ", l, " but tensor '", tensor,
-                                                         "' has rank ", have));
-        }
-        return absl::OkStatus();
-      };
-      GroupInfo info{.id = id,
-                     .scope = scope,
-                     .granularity = granularity,
-                     .algorithm = xlora_group ? "xlora" : RoutingAlgorithmName(routing.algorithm)};
-      info.min_experts = 1 << 30;
-      const int32_t group_index = static_cast<int32_t>(adapter->groups.size());
-
-      if (scope == "block_ffn") {
-        if (rank_granular || router_type != RouterType::kLinear) {
-          return absl::InvalidArgumentError(
-              absl::StrCat(gctx, ": block_ffn needs granularity lora and a linear router"));
-        }
-        for (LinearModule m : targets.modules) {
-          if (m != LinearModule::kGate && m != LinearModule::kUp && m != LinearModule::kDown) {
-            return absl::InvalidArgumentError(absl::StrCat(
-                gctx, ": block_ffn targets only gate_proj, up_proj and down_proj, not ",
-                LinearModuleName(m)));
-          }
-        }
-        for (int32_t l : targets.layers) {
-          AdapterLayer& layer = adapter->layers[l];
-          if (layer.block_ffn) {
-            return absl::InvalidArgumentError(
-                absl::StrCat(gctx, ": layer ", l, " already has a block_ffn group"));
-          }
-          for (LinearModule m : {LinearModule::kGate, LinearModule::kUp, LinearModule::kDown}) {
-            if (layer.routed[static_cast<int>(m)]) {
-              return absl::InvalidArgumentError(absl::StrCat(
-                  gctx, ": layer ", l, " ", LinearModuleName(m), " already has a routed group"));
-            }
-          }
-          ASSIGN_OR_RETURN(int32_t e, CheckedCount(num_experts[l], 1, limits.max_experts,
-                                                   absl::StrCat(gctx, ".num_experts[", l, "]")));
-          BlockFfn ffn;
-          ffn.group = group_index;
-          ffn.num_experts = e;
-          ffn.routing = routing;
-          ffn.routing.k = k_per_layer[l];
-          absl::Status valid = ValidateRoutingSpec(ffn.routing, e);
-          if (!valid.ok()) {
-            return absl::InvalidArgumentError(
-                absl::StrCat(gctx, " layer ", l, ": ", valid.message()));
-          }
-          const std::string prefix = absl::StrCat("groups.", id, ".layers.", l);
-          ASSIGN_OR_RETURN(ffn.router, ReadRouter(*tensors, prefix + ".router", e, base.hidden_size,
-                                                  router_bias, select_bias,
-                                                  /*has_weight=*/true));
-          for (LinearModule m : targets.modules) {
-            const auto [in, out] = LinearModuleShape(base, m);
-            const std::string mp = absl::StrCat(prefix, ".", LinearModuleName(m));
-            ASSIGN_OR_RETURN(LoraStack stack, ReadLoraStack(*tensors, mp + ".A", mp + ".B",
-                                                            /*stacked=*/true, in, out, limits));
-            if (stack.num_experts != e) {
-              return absl::InvalidArgumentError(absl::StrCat(
-                  "tensor '", mp, ".A' stacks ", stack.num_experts, " experts, the group has ", e));
-            }
-            RETURN_IF_ERROR(check_rank(l, stack.rank, mp + ".A"));
-            stack.scale.assign(e, scale[l]);
-            RETURN_IF_ERROR(ReadScaleOverride(*tensors, mp + ".scale", &stack));
-            info.ranks.push_back(stack.rank);
-            ++info.num_modules;
-            ffn.lora[static_cast<int>(m) - static_cast<int>(LinearModule::kGate)] =
-                std::move(stack);
-          }
-          info.max_experts = std::max(info.max_experts, e);
-          info.min_experts = std::min(info.min_experts, e);
-          layer.block_ffn = std::move(ffn);
-        }
-      } else if (scope == "module" || xlora_group) {
-        for (int32_t l : targets.layers) {
-          for (LinearModule m : targets.modules) {
-            AdapterLayer& layer = adapter->layers[l];
-            const int mi = static_cast<int>(m);
-            if (layer.routed[mi] || (layer.block_ffn && m >= LinearModule::kGate)) {
-              return absl::InvalidArgumentError(absl::StrCat(
-                  gctx, ": layer ", l, " ", LinearModuleName(m), " already has a routed group"));
-            }
-            const auto [in, out] = LinearModuleShape(base, m);
-            const std::string mp =
-                absl::StrCat("groups.", id, ".layers.", l, ".", LinearModuleName(m));
-            RoutedModule rm;
-            rm.group = group_index;
-            rm.router_type = router_type;
-            rm.rank_granular = rank_granular;
-            rm.select_on_abs = select_on_abs;
-            ASSIGN_OR_RETURN(rm.experts, ReadLoraStack(*tensors, mp + ".A", mp + ".B",
-                                                       /*stacked=*/true, in, out, limits));
-            const int32_t e = rm.experts.num_experts;
-            ASSIGN_OR_RETURN(int32_t want_e,
-                             CheckedCount(num_experts[l], 1, limits.max_experts,
-                                          absl::StrCat(gctx, ".num_experts[", l, "]")));
-            if (e != want_e || (rank_granular && e != 1)) {
-              return absl::InvalidArgumentError(absl::StrCat("tensor '", mp, ".A' stacks ", e,
-                                                             " experts, the group has ",
-                                                             rank_granular ? 1 : want_e));
-            }
-            RETURN_IF_ERROR(check_rank(l, rm.experts.rank, mp + ".A"));
-            rm.experts.scale.assign(e, scale[l]);
-            RETURN_IF_ERROR(ReadScaleOverride(*tensors, mp + ".scale", &rm.experts));
-            if (xlora_group) {
-              const std::string key = absl::StrCat("layers.", l, ".", LinearModuleName(m));
-              auto it = module_index.find(key);
-              if (it == module_index.end()) {
-                return absl::InvalidArgumentError(
-                    absl::StrCat("xlora.module_index has no entry '", key, "'"));
-              }
-              if (e != adapter->xlora->num_adapters) {
-                return absl::InvalidArgumentError(
-                    absl::StrCat("tensor '", mp, ".A' stacks ", e, " experts; X-LoRA has ",
-                                 adapter->xlora->num_adapters, " adapters"));
-              }
-              rm.xlora_index = it->second;
-              xlora_indices_used.insert(it->second);
-              if (auto tr = g.find("true_ranks"); tr != g.end() && !tr->is_null()) {
-                if (!tr->is_array() || tr->size() != static_cast<size_t>(e)) {
-                  return absl::InvalidArgumentError(
-                      absl::StrCat(gctx, ": true_ranks must list one rank per expert (", e, ")"));
-                }
-                for (int32_t i = 0; i < e; ++i) {
-                  const Json& v = (*tr)[i];
-                  if (!v.is_number_integer() || v.get<int64_t>() < 0 ||
-                      v.get<int64_t>() > rm.experts.rank) {
-                    return absl::InvalidArgumentError(absl::StrCat(
-                        gctx, ": true_ranks[", i, "] must be in 0..", rm.experts.rank));
-                  }
-                  rm.experts.true_rank[i] = v.get<int32_t>();
-                }
-              }
-            } else {
-              rm.routing = routing;
-              rm.routing.k = k_per_layer[l];
-              const int32_t rows = rank_granular ? rm.experts.rank : e;
-              absl::Status valid = ValidateRoutingSpec(rm.routing, rows);
-              if (!valid.ok()) {
-                return absl::InvalidArgumentError(absl::StrCat(
-                    gctx, " layer ", l, " ", LinearModuleName(m), ": ", valid.message()));
-              }
-              ASSIGN_OR_RETURN(rm.router,
-                               ReadRouter(*tensors, mp + ".router", rows, in, router_bias,
-                                          select_bias, router_type == RouterType::kLinear));
-            }
-            info.ranks.push_back(rm.experts.rank);
-            info.max_experts = std::max(info.max_experts, e);
-            info.min_experts = std::min(info.min_experts, e);
-            ++info.num_modules;
-            layer.routed[mi] = std::move(rm);
-          }
-        }
-      } else {
-        return absl::InvalidArgumentError(
-            absl::StrCat(gctx, ": scope '", scope, "' is not module, block_ffn or model_scalings"));
-      }
-      std::sort(info.ranks.begin(), info.ranks.end());
-      info.ranks.erase(std::unique(info.ranks.begin(), info.ranks.end()), info.ranks.end());
-      if (info.min_experts > info.max_experts) info.min_experts = info.max_experts;
-      adapter->groups.push_back(std::move(info));
-    }
-  }
-  if (adapter->xlora && xlora_indices_used.empty()) {
-    return absl::InvalidArgumentError(
-        "an 'xlora' block needs a routed group with scope model_scalings");
-  }
-  RETURN_IF_ERROR(CheckAllTensorsUsed(*tensors));
-  if (adapter->groups.empty()) {
-    return absl::InvalidArgumentError(ctx + ": no static_loras and no routed_groups");
-  }
-  ComputeAdapterBytes(adapter.get());
+  adapter->layers.resize(base.num_layers);
+  MoleLoader loader(base, limits, tensors.get(), adapter.get());
+  RETURN_IF_ERROR(loader.StaticLoras(cfg));
+  RETURN_IF_ERROR(loader.Xlora(cfg));  // before the groups that refer to it
+  RETURN_IF_ERROR(loader.RoutedGroups(cfg));
+  RETURN_IF_ERROR(loader.Finish());
   return adapter;
 }
 

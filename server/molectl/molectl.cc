@@ -5,8 +5,10 @@
 //   molectl health
 //   molectl tokenize --text "Hello"
 //   molectl admin load NAME PATH [--replace] [--sha256 HEX]    (AdapterAdmin; --admin-addr and
-//   molectl admin unload NAME [--force] [--drain-timeout 30s]   --admin-token-file, or the
-//   molectl admin list | molectl admin get NAME                  MOLESERVE_ADMIN_TOKEN variable)
+//   molectl admin upload NAME DIR [--replace]                   --admin-token-file, or the
+//   molectl admin unload NAME [--force] [--drain-timeout 30s]   MOLESERVE_ADMIN_TOKEN variable;
+//   molectl admin list | get NAME | replicas                    server/molectl/admin.h)
+//   ... admin load|upload|unload ... --all-replicas [--dns-server IP:PORT]
 //
 // generate prints text as it streams, then a summary line on stderr. With --tls-ca-file the
 // channels use TLS (add --tls-cert-file/--tls-key-file for a listener that requires client
@@ -33,6 +35,7 @@
 #include "server/cli/dashed_flags.h"
 #include "server/grpc/health_client.h"
 #include "server/grpc/metadata.h"
+#include "server/molectl/admin.h"
 
 ABSL_FLAG(std::string, addr, "localhost:50051", "moleserve address (host:port)");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(120), "Deadline of the call");
@@ -67,12 +70,6 @@ ABSL_FLAG(std::string, tls_server_name, "",
           "Name to verify the server's certificate against (default: the host of the address)");
 ABSL_FLAG(std::string, admin_token_file, "",
           "File with the admin token (default: the MOLESERVE_ADMIN_TOKEN variable)");
-ABSL_FLAG(bool, replace, false, "admin load: replace a loaded adapter");
-ABSL_FLAG(std::string, sha256, "", "admin load: expected digest of the adapter's files");
-ABSL_FLAG(bool, force, false, "admin unload: cancel in-flight requests at once");
-ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
-          "admin unload: how long in-flight requests may finish");
-
 namespace {
 
 namespace pb = moleserve::v1;
@@ -261,89 +258,6 @@ std::string AdminToken() {
   return std::string(absl::StripAsciiWhitespace(line));
 }
 
-void PrintAdapter(const pb::AdapterStatus& a) {
-  const pb::AdapterInfo& i = a.info();
-  std::cout << i.name() << "\t" << pb::AdapterState_Name(i.state());
-  if (i.version() > 0) {
-    std::cout << "\tv" << i.version() << " " << i.family() << " (" << i.format() << ", "
-              << i.num_experts() << " experts, ranks " << absl::StrJoin(i.ranks(), "/") << ")";
-  }
-  std::cout << "\tpath=" << a.path() << " disk=" << a.disk_bytes() << " host=" << a.host_bytes()
-            << " device=" << a.device_bytes() << " in_flight=" << a.in_flight();
-  if (!a.sha256().empty()) std::cout << " sha256=" << a.sha256();
-  if (!a.error().empty()) std::cout << "\terror: " << a.error();
-  std::cout << "\n";
-}
-
-int Admin(const std::vector<char*>& args) {
-  if (args.size() < 3) {
-    std::cerr << "admin: load NAME PATH | unload NAME | list | get NAME\n";
-    return 2;
-  }
-  const std::string verb = args[2];
-  auto stub = pb::AdapterAdmin::NewStub(Channel(absl::GetFlag(FLAGS_admin_addr)));
-  auto ctx = Context();
-  if (const std::string token = AdminToken(); !token.empty()) {
-    ctx->AddMetadata("authorization", "Bearer " + token);
-  }
-  const auto arity = [&](size_t n) {
-    if (args.size() == n) return true;
-    std::cerr << "admin " << verb << ": expected " << n - 3 << " argument(s)\n";
-    return false;
-  };
-  if (verb == "load") {
-    if (!arity(5)) return 2;
-    pb::LoadAdapterRequest req;
-    req.set_name(args[3]);
-    req.set_path(args[4]);
-    req.set_replace(absl::GetFlag(FLAGS_replace));
-    req.set_sha256(absl::GetFlag(FLAGS_sha256));
-    pb::LoadAdapterResponse resp;
-    grpc::Status st = stub->LoadAdapter(ctx.get(), req, &resp);
-    if (!st.ok()) return Fail(st);
-    PrintAdapter(resp.adapter());
-    std::cerr << "loaded in " << resp.load_seconds() << " s\n";
-    return 0;
-  }
-  if (verb == "unload") {
-    if (!arity(4)) return 2;
-    pb::UnloadAdapterRequest req;
-    req.set_name(args[3]);
-    req.set_force(absl::GetFlag(FLAGS_force));
-    req.set_drain_timeout_seconds(absl::ToDoubleSeconds(absl::GetFlag(FLAGS_drain_timeout)));
-    pb::UnloadAdapterResponse resp;
-    grpc::Status st = stub->UnloadAdapter(ctx.get(), req, &resp);
-    if (!st.ok()) return Fail(st);
-    std::cout << "unloaded " << args[3] << ": " << resp.drained() << " drained, "
-              << resp.cancelled() << " cancelled\n";
-    return 0;
-  }
-  if (verb == "list") {
-    if (!arity(3)) return 2;
-    pb::ListAdaptersResponse resp;
-    grpc::Status st = stub->ListAdapters(ctx.get(), pb::ListAdaptersRequest(), &resp);
-    if (!st.ok()) return Fail(st);
-    for (const pb::AdapterStatus& a : resp.adapters()) PrintAdapter(a);
-    const pb::ExpertCacheStatus& c = resp.cache();
-    std::cout << "expert cache: " << c.capacity_bytes() << " bytes, " << c.resident_experts()
-              << " experts resident, " << c.hits() << " hits, " << c.misses() << " misses, "
-              << c.evictions() << " evictions, " << c.bytes_to_device() << " bytes copied in\n";
-    return 0;
-  }
-  if (verb == "get") {
-    if (!arity(4)) return 2;
-    pb::GetAdapterRequest req;
-    req.set_name(args[3]);
-    pb::AdapterStatus resp;
-    grpc::Status st = stub->GetAdapter(ctx.get(), req, &resp);
-    if (!st.ok()) return Fail(st);
-    PrintAdapter(resp);
-    return 0;
-  }
-  std::cerr << "admin: unknown verb '" << verb << "' (load, unload, list, get)\n";
-  return 2;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -353,13 +267,22 @@ int main(int argc, char** argv) {
       "  list       the base model and adapters\n"
       "  tokenize   token ids and pieces of --text\n"
       "  health     grpc.health.v1 status (exit 0 when SERVING)\n"
-      "  admin      load NAME PATH [--replace --sha256 HEX] | unload NAME [--force\n"
-      "             --drain-timeout D] | list | get NAME   (--admin-addr, --admin-token-file)");
+      "  admin      load NAME PATH [--replace --sha256 HEX] | upload NAME DIR [--replace]\n"
+      "             | unload NAME [--force --drain-timeout D] | list | get NAME | replicas\n"
+      "             (--admin-addr, --admin-token-file; --all-replicas [--dns-server IP:PORT]\n"
+      "             applies it on every replica --admin-addr resolves to)");
   std::vector<std::string> storage;
   std::vector<char*> normalized = moleserve::server::NormalizeDashedFlags(argc, argv, &storage);
   std::vector<char*> args =
       absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
-  if (args.size() >= 2 && std::string(args[1]) == "admin") return Admin(args);
+  if (args.size() >= 2 && std::string(args[1]) == "admin") {
+    return moleserve::molectl::Admin(
+        std::vector<std::string>(args.begin() + 2, args.end()),
+        {.address = absl::GetFlag(FLAGS_admin_addr),
+         .token = AdminToken(),
+         .timeout = absl::GetFlag(FLAGS_timeout),
+         .channel = [](const std::string& address) { return Channel(address); }});
+  }
   if (args.size() != 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";
     return 2;
