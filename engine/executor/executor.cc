@@ -358,12 +358,39 @@ void Executor::Loop() {
 
 void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
   const absl::Time start = absl::Now();
-  batch_.Clear();
   const bool mole = std::any_of(step.begin(), step.end(),
                                 [](const ScheduledChunk& c) { return c.seq->adapter_slot >= 0; });
-  int64_t prefill_tokens = 0;
-  int64_t decode_tokens = 0;
-  int64_t adapter_tokens = 0;
+  const StepTokens tokens = BuildBatch(step, mole);
+  absl::StatusOr<int64_t> distinct_experts = ForwardStep(step, mole);
+  if (!distinct_experts.ok()) {
+    // A model failure is an engine fault: fail the step's sequences, keep serving the rest.
+    for (const ScheduledChunk& chunk : step) {
+      Fail(chunk.seq, absl::InternalError(absl::StrCat("forward pass failed: ",
+                                                       distinct_experts.status().message())));
+    }
+    return;
+  }
+  ProcessSamples(step, mole);
+  {
+    MutexLock lock(&mu_);
+    ++counters_.steps;
+  }
+  if (metrics_) {
+    metrics_->OnStep({.num_waiting = scheduler_.num_waiting(),
+                      .num_running = scheduler_.num_running(),
+                      .kv_cache_usage = blocks_.Usage(),
+                      .batch_tokens = batch_.num_tokens(),
+                      .prefill_tokens = tokens.prefill,
+                      .decode_tokens = tokens.decode,
+                      .step_seconds = Seconds(absl::Now() - start),
+                      .adapter_tokens = tokens.adapter,
+                      .distinct_experts = *distinct_experts});
+  }
+}
+
+Executor::StepTokens Executor::BuildBatch(const std::vector<ScheduledChunk>& step, bool mole) {
+  batch_.Clear();
+  StepTokens counts;
   for (int32_t s = 0; s < static_cast<int32_t>(step.size()); ++s) {
     const ScheduledChunk& chunk = step[s];
     Sequence* seq = chunk.seq;
@@ -411,8 +438,8 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
       batch_.aux_block_table_offsets.push_back(
           static_cast<int32_t>(batch_.aux_block_tables.size()));
     }
-    (seq->uncomputed() == 1 ? decode_tokens : prefill_tokens) += chunk.num_tokens;
-    if (seq->adapter_slot >= 0) adapter_tokens += chunk.num_tokens;
+    (seq->uncomputed() == 1 ? counts.decode : counts.prefill) += chunk.num_tokens;
+    if (seq->adapter_slot >= 0) counts.adapter += chunk.num_tokens;
   }
   // Each sampled sequence's row for the device sampler (its random draw for this step included).
   sampling_.Clear();
@@ -429,6 +456,10 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
                                      &sampling_.bias_ids, &sampling_.bias_values));
     }
   }
+  return counts;
+}
+
+absl::StatusOr<int64_t> Executor::ForwardStep(const std::vector<ScheduledChunk>& step, bool mole) {
   ExpertCache& cache = *expert_cache_;
   const double copy_before = mole ? cache.stats().copy_seconds : 0;
   if (mole) cache.BeginStep();
@@ -442,22 +473,21 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
     const double waited = after.copy_seconds - copy_before;
     for (const ScheduledChunk& chunk : step) chunk.seq->expert_wait_seconds += waited;
   }
-  if (!status.ok()) {
-    // A model failure is an engine fault: fail the step's sequences, keep serving the rest.
-    for (const ScheduledChunk& chunk : step) {
-      Fail(chunk.seq, absl::InternalError(absl::StrCat("forward pass failed: ", status.message())));
-    }
-    return;
+  if (!status.ok()) return status;
+  return distinct_experts;
+}
+
+void Executor::Alternatives(int32_t sample_row, GeneratedToken* token) const {
+  const kernels::SampledRow& sampled = samples_.rows[sample_row];
+  for (int32_t j = 0; j < sampled.num_top; ++j) {
+    const int64_t at = int64_t{sample_row} * kernels::kMaxSampleTopLogprobs + j;
+    token->top.emplace_back(samples_.top_ids[at], samples_.top_logprobs[at]);
   }
+}
+
+void Executor::ProcessSamples(const std::vector<ScheduledChunk>& step, bool mole) {
   const absl::Time now = absl::Now();
   int32_t row = 0;
-  auto alternatives = [this](int32_t sample_row, GeneratedToken* token) {
-    const kernels::SampledRow& sampled = samples_.rows[sample_row];
-    for (int32_t j = 0; j < sampled.num_top; ++j) {
-      const int64_t at = int64_t{sample_row} * kernels::kMaxSampleTopLogprobs + j;
-      token->top.emplace_back(samples_.top_ids[at], samples_.top_logprobs[at]);
-    }
-  };
   for (const ScheduledChunk& chunk : step) {
     Sequence* seq = chunk.seq;
     const int32_t scoring = seq->ScoringRows(seq->num_computed, chunk.num_tokens);
@@ -468,7 +498,7 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
       const kernels::SampledRow& scored = samples_.rows[scored_row];
       finite = finite && scored.finite;
       GeneratedToken token{scored.id, scored.logprob, {}};
-      alternatives(scored_row, &token);
+      Alternatives(scored_row, &token);
       seq->prompt_scores.push_back(std::move(token));
     }
     seq->scored += scoring;
@@ -484,95 +514,85 @@ void Executor::RunStep(const std::vector<ScheduledChunk>& step) {
       Fail(seq, absl::InternalError("the model produced non-finite logits (NaN or Inf)"));
       continue;
     }
-    seq->sampler.Observe(sampled.id);
-    seq->tokens.push_back(sampled.id);
+    EmitToken(seq, sample_row, mole, now);
+  }
+}
 
-    if (!seq->first_token) {
-      seq->first_token = now;
-      if (metrics_) metrics_->OnFirstToken(Seconds(now - seq->arrival));
-    } else if (metrics_) {
-      metrics_->OnInterTokenLatency(Seconds(now - seq->last_token));
-    }
-    seq->last_token = now;
+void Executor::EmitToken(Sequence* seq, int32_t sample_row, bool mole, absl::Time now) {
+  const kernels::SampledRow& sampled = samples_.rows[sample_row];
+  seq->sampler.Observe(sampled.id);
+  seq->tokens.push_back(sampled.id);
 
-    GenerationChunk out;
-    if (seq->request.prompt_logprobs && seq->generated() == 1) {
-      out.prompt_ids.assign(seq->tokens.begin(), seq->tokens.begin() + seq->prompt_len);
-      out.prompt_logprobs = std::move(seq->prompt_scores);
-      seq->prompt_scores = {};
-    }
-    GeneratedToken token{sampled.id, sampled.logprob, {}};
-    alternatives(sample_row, &token);
-    if (mole && seq->adapter_slot >= 0 && !seq->routing_observed &&
-        scheduler_.options().policy == SchedulingPolicy::kExpertAware) {
-      seq->routing_observed = true;
-      for (const RoutingRecord& rec : extras_.routing[sample_row]) {
-        for (int32_t e : rec.experts) {
-          seq->routed_experts.push_back(RoutedExpertKey(rec.layer, rec.module, e));
-        }
-      }
-      std::sort(seq->routed_experts.begin(), seq->routed_experts.end());
-      seq->routed_experts.erase(std::unique(seq->routed_experts.begin(), seq->routed_experts.end()),
-                                seq->routed_experts.end());
-    }
-    if (mole && seq->request.return_routing) {
-      token.routing = std::move(extras_.routing[sample_row]);
-    }
-    // X-LoRA: once `freeze_after` tokens are generated (mistral.rs's tgt_non_granular_index;
-    // 0 acts as 1), the scalings that produced the last one are kept for the rest of the
-    // request and the scaling pass and its KV go away.
-    if (mole && seq->xlora && !seq->frozen_scalings) {
-      const std::optional<int32_t>& freeze = seq->adapter->adapter->xlora->freeze_after;
-      if (freeze && seq->generated() >= *freeze) {
-        seq->frozen_scalings = std::move(extras_.xlora_scalings[sample_row]);
-        scheduler_.ReleaseAuxBlocks(seq);
+  if (!seq->first_token) {
+    seq->first_token = now;
+    if (metrics_) metrics_->OnFirstToken(Seconds(now - seq->arrival));
+  } else if (metrics_) {
+    metrics_->OnInterTokenLatency(Seconds(now - seq->last_token));
+  }
+  seq->last_token = now;
+
+  GenerationChunk out;
+  if (seq->request.prompt_logprobs && seq->generated() == 1) {
+    out.prompt_ids.assign(seq->tokens.begin(), seq->tokens.begin() + seq->prompt_len);
+    out.prompt_logprobs = std::move(seq->prompt_scores);
+    seq->prompt_scores = {};
+  }
+  GeneratedToken token{sampled.id, sampled.logprob, {}};
+  Alternatives(sample_row, &token);
+  if (mole && seq->adapter_slot >= 0 && !seq->routing_observed &&
+      scheduler_.options().policy == SchedulingPolicy::kExpertAware) {
+    seq->routing_observed = true;
+    for (const RoutingRecord& rec : extras_.routing[sample_row]) {
+      for (int32_t e : rec.experts) {
+        seq->routed_experts.push_back(RoutedExpertKey(rec.layer, rec.module, e));
       }
     }
-    out.tokens.push_back(std::move(token));
+    std::sort(seq->routed_experts.begin(), seq->routed_experts.end());
+    seq->routed_experts.erase(std::unique(seq->routed_experts.begin(), seq->routed_experts.end()),
+                              seq->routed_experts.end());
+  }
+  if (mole && seq->request.return_routing) {
+    token.routing = std::move(extras_.routing[sample_row]);
+  }
+  // X-LoRA: once `freeze_after` tokens are generated (mistral.rs's tgt_non_granular_index;
+  // 0 acts as 1), the scalings that produced the last one are kept for the rest of the
+  // request and the scaling pass and its KV go away.
+  if (mole && seq->xlora && !seq->frozen_scalings) {
+    const std::optional<int32_t>& freeze = seq->adapter->adapter->xlora->freeze_after;
+    if (freeze && seq->generated() >= *freeze) {
+      seq->frozen_scalings = std::move(extras_.xlora_scalings[sample_row]);
+      scheduler_.ReleaseAuxBlocks(seq);
+    }
+  }
+  out.tokens.push_back(std::move(token));
 
-    const StoppingParams& stop = seq->request.stopping;
-    const auto& eos = tokenizer_->eos_ids();
-    if (!stop.ignore_eos && std::find(eos.begin(), eos.end(), sampled.id) != eos.end()) {
-      out.text = seq->text.Flush();
-      Finish(seq, FinishReason::kEos, "", std::move(out));
-      continue;
-    }
-    if (std::find(stop.stop_token_ids.begin(), stop.stop_token_ids.end(), sampled.id) !=
-        stop.stop_token_ids.end()) {
-      // The stop token is part of the output: its id and its text (empty for special tokens).
-      out.text = seq->text.Append(tokenizer_->DecodeToken(sampled.id)).delta;
-      out.text += seq->text.Flush();
-      Finish(seq, FinishReason::kStopToken, absl::StrCat(sampled.id), std::move(out));
-      continue;
-    }
-    OutputText::Update update = seq->text.Append(tokenizer_->DecodeToken(sampled.id));
-    out.text = std::move(update.delta);
-    if (update.stopped) {
-      Finish(seq, FinishReason::kStopSequence, std::move(update.matched), std::move(out));
-      continue;
-    }
-    if (seq->generated() >= stop.max_new_tokens) {
-      out.text += seq->text.Flush();
-      Finish(seq, FinishReason::kLength, "", std::move(out));
-      continue;
-    }
-    seq->sink->OnChunk(std::move(out));
+  const StoppingParams& stop = seq->request.stopping;
+  const auto& eos = tokenizer_->eos_ids();
+  if (!stop.ignore_eos && std::find(eos.begin(), eos.end(), sampled.id) != eos.end()) {
+    out.text = seq->text.Flush();
+    Finish(seq, FinishReason::kEos, "", std::move(out));
+    return;
   }
-  {
-    MutexLock lock(&mu_);
-    ++counters_.steps;
+  if (std::find(stop.stop_token_ids.begin(), stop.stop_token_ids.end(), sampled.id) !=
+      stop.stop_token_ids.end()) {
+    // The stop token is part of the output: its id and its text (empty for special tokens).
+    out.text = seq->text.Append(tokenizer_->DecodeToken(sampled.id)).delta;
+    out.text += seq->text.Flush();
+    Finish(seq, FinishReason::kStopToken, absl::StrCat(sampled.id), std::move(out));
+    return;
   }
-  if (metrics_) {
-    metrics_->OnStep({.num_waiting = scheduler_.num_waiting(),
-                      .num_running = scheduler_.num_running(),
-                      .kv_cache_usage = blocks_.Usage(),
-                      .batch_tokens = batch_.num_tokens(),
-                      .prefill_tokens = prefill_tokens,
-                      .decode_tokens = decode_tokens,
-                      .step_seconds = Seconds(absl::Now() - start),
-                      .adapter_tokens = adapter_tokens,
-                      .distinct_experts = distinct_experts});
+  OutputText::Update update = seq->text.Append(tokenizer_->DecodeToken(sampled.id));
+  out.text = std::move(update.delta);
+  if (update.stopped) {
+    Finish(seq, FinishReason::kStopSequence, std::move(update.matched), std::move(out));
+    return;
   }
+  if (seq->generated() >= stop.max_new_tokens) {
+    out.text += seq->text.Flush();
+    Finish(seq, FinishReason::kLength, "", std::move(out));
+    return;
+  }
+  seq->sink->OnChunk(std::move(out));
 }
 
 void Executor::Finish(Sequence* seq, FinishReason reason, std::string matched,

@@ -78,7 +78,23 @@ class Executor {
   // whether Stop was called.
   bool WaitForInput(absl::Duration timeout) ABSL_LOCKS_EXCLUDED(mu_);
   void Ingest(absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
+  // One step: BuildBatch, ForwardStep (the model's pass with device sampling), ProcessSamples.
   void RunStep(const std::vector<ScheduledChunk>& step);
+  struct StepTokens {
+    int64_t prefill = 0;
+    int64_t decode = 0;
+    int64_t adapter = 0;  // tokens of sequences with an adapter
+  };
+  // Fills batch_ (tokens, positions, block tables, sample rows, adapter slots, routing asks) and
+  // sampling_ (each sampled row's parameters and this step's random draw) from the step.
+  StepTokens BuildBatch(const std::vector<ScheduledChunk>& step, bool mole);
+  // The forward pass over batch_ with sampling on the backend; the step's distinct experts.
+  absl::StatusOr<int64_t> ForwardStep(const std::vector<ScheduledChunk>& step, bool mole);
+  // Takes each chunk's scored and sampled rows: prompt logprobs, non-finite logits, the token.
+  void ProcessSamples(const std::vector<ScheduledChunk>& step, bool mole);
+  // One sampled token of `seq`: latencies, routing and X-LoRA state, stops, the chunk streamed.
+  void EmitToken(Sequence* seq, int32_t sample_row, bool mole, absl::Time now);
+  void Alternatives(int32_t sample_row, GeneratedToken* token) const;
   // Removes seq from the scheduler and reports the outcome to its sink.
   void Finish(Sequence* seq, FinishReason reason, std::string matched, GenerationChunk last);
   void Fail(Sequence* seq, absl::Status status);
