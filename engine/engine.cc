@@ -13,7 +13,6 @@
 #include "absl/strings/str_cat.h"
 #include "engine/adapters/adapter_files.h"
 #include "engine/adapters/adapter_path.h"
-#include "engine/adapters/registry.h"
 #include "engine/backend/backend.h"
 #include "engine/chat/chat_template.h"
 #include "engine/core/background.h"
@@ -22,6 +21,7 @@
 #include "engine/core/quote.h"
 #include "engine/core/status_macros.h"
 #include "engine/executor/executor.h"
+#include "engine/lifecycle/adapter_lifecycle.h"
 #include "engine/model/demo_model.h"
 #include "engine/model/llama_model.h"
 #include "engine/model/model_directory.h"
@@ -41,44 +41,17 @@ struct Engine::State {
   // scheduling and prefetching; outlives both.
   std::unique_ptr<ExpertCache> expert_cache;
   std::unique_ptr<LlamaModel> model;
+  // Every adapter name and its versions (engine/lifecycle): declared before the executor, so
+  // that the executor (whose requests hold leases) is destroyed first.
+  std::unique_ptr<AdapterHost> adapter_host;
+  std::unique_ptr<AdapterLifecycle> lifecycle;
   std::unique_ptr<Executor> executor;
-  AdapterRegistry adapters;
-  // Registry lookups and slot assignment happen together under adapters_mu, so a request never
-  // resolves a version whose slot is not known; hot loads of one name are serialized by
-  // load_mu (validation runs outside both, off the engine loop).
-  Mutex adapters_mu;
-  std::map<const Adapter*, int32_t> adapter_slots ABSL_GUARDED_BY(adapters_mu);
-  // Every known name's state (loading, ready, draining, failed), for the admin API.
-  struct Record {
-    AdapterState state = AdapterState::kLoading;
-    std::string error;
-    std::string path;
-    std::string sha256;
-    int64_t disk_bytes = 0;
-    // DRAINING: the version being unloaded (no longer in the registry) and its slot.
-    std::weak_ptr<const AdapterVersion> draining;
-    int32_t draining_slot = -1;
-  };
-  std::map<std::string, Record> records ABSL_GUARDED_BY(adapters_mu);
-  Mutex load_mu;
 
-  // What an adapter's status is built from, copied under adapters_mu (Snapshot); the rest
-  // (summary, expert cache bytes) is filled in after it is released (Fill).
-  struct StatusSnapshot {
-    AdapterStatus status;
-    std::shared_ptr<const AdapterVersion> version;
-    int32_t slot = -1;
-  };
-  StatusSnapshot Snapshot(const std::string& name, const Record& rec) const
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(adapters_mu);
-  void Fill(StatusSnapshot* snap) const;
-
-  Mutex mu;            // guards the fields below
-  CondVar idle_cv;     // signalled when in_flight drops to 0
-  CondVar adapter_cv;  // signalled when a name leaves adapter_in_flight (its last request ended)
+  Mutex uploads_mu;  // serializes CommitUpload and the removal of uploaded files
+  Mutex mu;          // guards the fields below
+  CondVar idle_cv;   // signalled when in_flight drops to 0
   bool accepting ABSL_GUARDED_BY(mu) = true;
   int64_t in_flight ABSL_GUARDED_BY(mu) = 0;
-  std::map<std::string, int64_t> adapter_in_flight ABSL_GUARDED_BY(mu);  // by adapter name
   uint64_t next_handle ABSL_GUARDED_BY(mu) = 1;
 };
 
@@ -104,37 +77,93 @@ absl::StatusOr<std::shared_ptr<const ChatTemplate>> AdapterChatTemplate(
   return std::make_shared<const ChatTemplate>(*std::move(t));
 }
 
-// Wraps the caller's sink to count requests in flight (for drain) without the executor knowing.
+// Wraps the caller's sink to count requests in flight (for drain) without the executor knowing,
+// and to end the request's adapter lease (for an unload's drain) when it finishes.
 class TrackedSink final : public GenerationSink {
  public:
-  TrackedSink(std::shared_ptr<GenerationSink> inner, std::function<void()> on_done)
-      : inner_(std::move(inner)), on_done_(std::move(on_done)) {}
+  TrackedSink(std::shared_ptr<GenerationSink> inner, AdapterLifecycle::Lease lease,
+              std::function<void()> on_done)
+      : inner_(std::move(inner)), lease_(std::move(lease)), on_done_(std::move(on_done)) {}
   void OnChunk(GenerationChunk chunk) override { inner_->OnChunk(std::move(chunk)); }
   void OnFinish(GenerationChunk last, FinishInfo info) override {
     inner_->OnFinish(std::move(last), std::move(info));
-    on_done_();
+    Done();
   }
   void OnError(absl::Status status) override {
     inner_->OnError(std::move(status));
-    on_done_();
+    Done();
   }
 
  private:
+  void Done() {
+    lease_ = AdapterLifecycle::Lease();
+    on_done_();
+  }
   std::shared_ptr<GenerationSink> inner_;
+  AdapterLifecycle::Lease lease_;
   std::function<void()> on_done_;
 };
 
-AdapterFileLimits FileLimits(const EngineOptions& o) {
-  return {.max_file_bytes = o.max_adapter_file_bytes, .max_total_bytes = o.max_adapter_bytes};
+// Device bytes an attached adapter keeps outside the expert cache: routers and classifier, in
+// the compute dtype.
+int64_t RouterBytes(const Adapter& a, size_t element_bytes) {
+  int64_t floats = 0;
+  auto router = [&](const RouterWeights& r) { floats += r.weight.size() + r.bias.size(); };
+  for (const AdapterLayer& layer : a.layers) {
+    for (const auto& r : layer.routed) {
+      if (r) router(r->router);
+    }
+    if (layer.block_ffn) router(layer.block_ffn->router);
+  }
+  if (a.xlora) {
+    for (const XloraSpec::Linear& lin : a.xlora->classifier) {
+      floats += lin.weight.size() + lin.bias.size();
+    }
+  }
+  return floats * static_cast<int64_t>(element_bytes);
 }
 
-// FileLimits of a hot load: every entry must resolve inside the adapter root, at any depth.
-AdapterFileLimits ConfinedFileLimits(const EngineOptions& o) {
-  AdapterFileLimits limits = FileLimits(o);
-  std::error_code ec;
-  limits.confine_to = std::filesystem::canonical(o.adapter_root, ec).string();
-  return limits;
-}
+// The lifecycle's view of the engine: adapters are parsed against the model's config and the
+// tokenizer, attached and retired by the executor, and sized in the expert cache.
+class EngineAdapterHost final : public AdapterHost {
+ public:
+  EngineAdapterHost(const EngineOptions& options, const LlamaModel* model,
+                    const Tokenizer* tokenizer, Executor* executor, const ExpertCache* cache,
+                    size_t element_bytes)
+      : limits_{.max_rank = options.max_adapter_rank, .max_experts = options.max_adapter_experts},
+        model_(model),
+        tokenizer_(tokenizer),
+        executor_(executor),
+        cache_(cache),
+        element_bytes_(element_bytes) {}
+
+  absl::StatusOr<Read> ReadAdapter(const std::string& dir, const std::string& name) override {
+    Read read;
+    ASSIGN_OR_RETURN(read.adapter, engine::LoadAdapter(dir, name, model_->config(), limits_));
+    ASSIGN_OR_RETURN(read.chat_template, AdapterChatTemplate(dir, *tokenizer_));
+    return read;
+  }
+  absl::StatusOr<int32_t> Attach(std::shared_ptr<const Adapter> adapter) override {
+    return executor_->AttachAdapter(std::move(adapter));
+  }
+  void Retire(int32_t slot, std::weak_ptr<const AdapterVersion> version) override {
+    executor_->RetireAdapter(slot, std::move(version));
+  }
+  int64_t CancelRequests(const Adapter* adapter, absl::Status status) override {
+    return executor_->CancelAdapterRequests(adapter, std::move(status));
+  }
+  int64_t DeviceBytes(int32_t slot, const Adapter& adapter) const override {
+    return cache_->ResidentBytes(slot) + RouterBytes(adapter, element_bytes_);
+  }
+
+ private:
+  const AdapterLimits limits_;
+  const LlamaModel* model_;
+  const Tokenizer* tokenizer_;
+  Executor* executor_;
+  const ExpertCache* cache_;
+  const size_t element_bytes_;
+};
 
 absl::Status ValidateOptions(const EngineOptions& o) {
   if (o.max_num_seqs <= 0) return absl::InvalidArgumentError("max_num_seqs must be > 0");
@@ -301,6 +330,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   state->executor = std::make_unique<Executor>(state->model.get(), state->expert_cache.get(),
                                                state->tokenizer.get(), scheduling, options.metrics);
   state->executor->Start();
+  state->adapter_host = std::make_unique<EngineAdapterHost>(
+      options, state->model.get(), state->tokenizer.get(), state->executor.get(),
+      state->expert_cache.get(), ScalarTypeSize(state->backend->compute_dtype()));
+  state->lifecycle = std::make_unique<AdapterLifecycle>(
+      LifecycleOptions{.adapter_root = options.adapter_root,
+                       .max_file_bytes = options.max_adapter_file_bytes,
+                       .max_adapter_bytes = options.max_adapter_bytes,
+                       .max_load_time = options.max_adapter_load_time,
+                       .load_nice = options.adapter_load_nice,
+                       .stage_hook = options.adapter_load_stage_hook,
+                       .metrics = options.metrics},
+      state->adapter_host.get());
+  AdapterUpload::RemoveStaleStaging(options.adapter_root);  // uploads a crash interrupted
   auto engine = std::unique_ptr<Engine>(new Engine(std::move(state)));
   for (size_t i = 0; i < options.adapters.size(); ++i) {
     const auto& [name, dir] = options.adapters[i];
@@ -313,29 +355,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 }
 
 absl::Status Engine::LoadStartupAdapter(const std::string& name, const std::string& dir) {
-  State& s = *state_;
-  MutexLock load_lock(&s.load_mu);
-  {
-    MutexLock lock(&s.adapters_mu);
-    if (name.empty() || s.records.count(name)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("adapter name ", Quote(name), " is empty or given twice"));
-    }
-  }
-  const AdapterLimits limits{.max_rank = s.options.max_adapter_rank,
-                             .max_experts = s.options.max_adapter_experts};
-  ASSIGN_OR_RETURN(AdapterFiles files,
-                   InspectAdapterFiles(dir, FileLimits(s.options), /*digest=*/false));
-  ASSIGN_OR_RETURN(std::shared_ptr<const Adapter> adapter,
-                   engine::LoadAdapter(dir, name, s.model->config(), limits));
-  ASSIGN_OR_RETURN(std::shared_ptr<const ChatTemplate> chat_template,
-                   AdapterChatTemplate(dir, *s.tokenizer));
-  ASSIGN_OR_RETURN(int32_t slot, s.executor->AttachAdapter(adapter));
-  MutexLock lock(&s.adapters_mu);
-  s.adapter_slots[adapter.get()] = slot;
-  s.adapters.Publish(std::move(adapter), dir, std::move(chat_template));
-  s.records[name] = {.state = AdapterState::kReady, .path = dir, .disk_bytes = files.total_bytes};
-  return absl::OkStatus();
+  return state_->lifecycle->Load({.name = name, .path = dir, .startup = true}).status();
 }
 
 Engine::Engine(std::unique_ptr<State> state) : state_(std::move(state)) {}
@@ -343,8 +363,7 @@ Engine::Engine(std::unique_ptr<State> state) : state_(std::move(state)) {}
 Engine::~Engine() { Shutdown(); }
 
 struct Engine::Admission {
-  std::shared_ptr<const AdapterVersion> adapter;  // null for the base model
-  int32_t adapter_slot = -1;
+  AdapterLifecycle::Lease adapter;  // empty for the base model
   bool xlora = false;
   std::vector<int32_t> prompt;
 };
@@ -364,42 +383,11 @@ absl::Status Engine::Validate(const GenerateRequest& request) const {
 absl::Status Engine::Admit(GenerateRequest* request_ptr, Admission* out) const {
   State& s = *state_;
   GenerateRequest& request = *request_ptr;
-  std::shared_ptr<const AdapterVersion>& adapter = out->adapter;
-  int32_t& adapter_slot = out->adapter_slot;
+  const AdapterVersion* adapter = nullptr;
   if (!request.adapter.empty()) {
-    absl::Status not_ready;
-    {
-      MutexLock lock(&s.adapters_mu);
-      adapter = s.adapters.Find(request.adapter);
-      if (adapter != nullptr) adapter_slot = s.adapter_slots.at(adapter->adapter.get());
-      auto rec = s.records.find(request.adapter);
-      if (adapter == nullptr && rec != s.records.end()) {
-        const std::string& n = request.adapter;
-        switch (rec->second.state) {
-          case AdapterState::kLoading:
-            not_ready = absl::FailedPreconditionError(
-                absl::StrCat("adapter ", Quote(n), " is still loading; retry when it is READY"));
-            break;
-          case AdapterState::kDraining:
-            not_ready = absl::FailedPreconditionError(
-                absl::StrCat("adapter ", Quote(n), " is being unloaded"));
-            break;
-          default:
-            not_ready = absl::FailedPreconditionError(
-                absl::StrCat("adapter ", Quote(n), " failed to load: ", rec->second.error));
-        }
-      }
-    }
-    if (!not_ready.ok()) return not_ready;
-    if (adapter == nullptr) {
-      return absl::NotFoundError(
-          absl::StrCat("adapter ", Quote(request.adapter),
-                       " is not loaded; ListModels shows the loaded adapters"));
-    }
-    if (absl::Status st = ValidateRoutingOverride(*adapter->adapter, request.routing_override);
-        !st.ok()) {
-      return st;
-    }
+    ASSIGN_OR_RETURN(out->adapter, s.lifecycle->Resolve(request.adapter));
+    adapter = out->adapter.version().get();
+    RETURN_IF_ERROR(ValidateRoutingOverride(*adapter->adapter, request.routing_override));
   } else if (!request.routing_override.empty()) {
     return absl::InvalidArgumentError(
         "a routing override needs an adapter: the base model has no router");
@@ -491,8 +479,8 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
   }
   Admission admission;
   if (absl::Status st = Admit(&request, &admission); !st.ok()) return reject(st);
-  std::shared_ptr<const AdapterVersion> adapter = std::move(admission.adapter);
-  const int32_t adapter_slot = admission.adapter_slot;
+  std::shared_ptr<const AdapterVersion> adapter = admission.adapter.version();
+  const int32_t adapter_slot = admission.adapter.slot();
   const bool xlora = admission.xlora;
   std::vector<int32_t> prompt = std::move(admission.prompt);
   uint64_t seed = request.sampling.seed.has_value() ? *request.sampling.seed
@@ -504,21 +492,13 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
       return reject(absl::UnavailableError("server is draining; retry on another replica"));
     handle = s.next_handle++;
     ++s.in_flight;
-    if (adapter != nullptr) ++s.adapter_in_flight[request.adapter];
   }
-  std::string adapter_name = adapter != nullptr ? request.adapter : std::string();
-  auto tracked = std::make_shared<TrackedSink>(
-      std::move(sink), [state = state_.get(), adapter_name = std::move(adapter_name)] {
-        MutexLock lock(&state->mu);
-        if (!adapter_name.empty()) {
-          auto it = state->adapter_in_flight.find(adapter_name);
-          if (it != state->adapter_in_flight.end() && --it->second == 0) {
-            state->adapter_in_flight.erase(it);
-            state->adapter_cv.NotifyAll();  // an unload may be draining it
-          }
-        }
-        if (--state->in_flight == 0) state->idle_cv.NotifyAll();
-      });
+  auto tracked = std::make_shared<TrackedSink>(std::move(sink), std::move(admission.adapter),
+                                               [state = state_.get()] {
+                                                 MutexLock lock(&state->mu);
+                                                 if (--state->in_flight == 0)
+                                                   state->idle_cv.NotifyAll();
+                                               });
   auto seq = std::make_unique<Sequence>(handle, std::move(request), std::move(prompt), seed,
                                         std::move(tracked));
   seq->arrival = absl::Now();
@@ -557,340 +537,67 @@ std::string Engine::DecodeToken(int32_t id) const { return state_->tokenizer->De
 
 const ModelInfo& Engine::model_info() const { return state_->info; }
 
-// Why a load failed, for the load-failure metric.
-std::string LoadFailureReason(const absl::Status& status, const char* stage) {
-  if (absl::IsAlreadyExists(status)) return "already_exists";
-  if (absl::IsResourceExhausted(status)) return "does_not_fit";
-  if (absl::IsNotFound(status)) return "not_found";
-  if (absl::IsFailedPrecondition(status)) return "disabled";
-  if (absl::IsUnavailable(status)) return "shutdown";
-  if (absl::IsDeadlineExceeded(status)) return "timeout";
-  return stage;
-}
-
-namespace {
-AdapterSummary Summarize(const AdapterVersion& v);  // below, with the admin views
-}  // namespace
-
 absl::StatusOr<AdapterSummary> Engine::LoadAdapter(const std::string& name, const std::string& path,
                                                    bool replace, const std::string& sha256,
                                                    absl::Time deadline) {
+  return state_->lifecycle->Load(
+      {.name = name, .path = path, .replace = replace, .sha256 = sha256, .deadline = deadline});
+}
+
+absl::StatusOr<std::unique_ptr<AdapterUpload>> Engine::BeginUpload(const UploadSpec& spec) const {
+  const EngineOptions& o = state_->options;
+  return AdapterUpload::Begin(o.adapter_root, spec,
+                              {.max_file_bytes = o.max_adapter_file_bytes,
+                               .max_total_bytes = o.max_adapter_bytes,
+                               .hash_nice = o.adapter_load_nice});
+}
+
+absl::StatusOr<AdapterSummary> Engine::CommitUpload(std::unique_ptr<AdapterUpload> upload,
+                                                    bool replace, absl::Time deadline) {
   State& s = *state_;
-  AdapterLoadMetrics m;
-  absl::Time t0 = absl::Now();
-  auto fail = [&](absl::Status status, const char* stage) {
-    m.failure_reason = LoadFailureReason(status, stage);
-    if (s.options.metrics) s.options.metrics->OnAdapterLoad(m);
-    return status;
-  };
-  if (s.options.adapter_root.empty()) {
-    return fail(
-        absl::FailedPreconditionError("hot loading is off: start the server with an adapter root"),
-        "disabled");
-  }
-  if (absl::Status st = ValidateAdapterName(name); !st.ok()) return fail(st, "invalid_name");
-  if (absl::Status st = ValidateSha256(sha256); !st.ok()) return fail(st, "invalid_name");
-  MutexLock load_lock(&s.load_mu);
-  {
-    MutexLock lock(&s.adapters_mu);
-    if (!replace && s.adapters.Find(name) != nullptr) {
-      return fail(absl::AlreadyExistsError(absl::StrCat(
-                      "adapter ", Quote(name), " is already loaded; set replace to reload it")),
-                  "already_exists");
-    }
-    State::Record& rec = s.records[name];
-    if (rec.state != AdapterState::kReady) rec = {.state = AdapterState::kLoading, .path = path};
-  }
-  // A failure leaves a first load FAILED and a reload READY on its previous version.
-  auto failed = [&](absl::Status status, const char* stage) {
-    {
-      MutexLock lock(&s.adapters_mu);
-      State::Record& rec = s.records[name];
-      // Shown by GetAdapter/ListAdapters: escaped and bounded, whatever file text reached it.
-      const absl::string_view message = status.message();
-      rec.error = SanitizeMessage(std::string_view(message.data(), message.size()));
-      if (rec.state != AdapterState::kReady) {
-        rec.state = AdapterState::kFailed;
-        rec.path = path;
-      }
-    }
-    return fail(std::move(status), stage);
-  };
-  deadline = std::min(deadline, absl::Now() + s.options.max_adapter_load_time);
-  // Whether the load may go on: not past the deadline, and the engine still accepting.
-  auto keep_going = [&](const char* stage) -> absl::Status {
-    {
-      MutexLock lock(&s.mu);
-      if (!s.accepting) {
-        return absl::UnavailableError(
-            absl::StrCat("the server is shutting down; the load stopped in its ", stage, " stage"));
-      }
-    }
+  const std::string root = s.options.adapter_root;
+  const UploadSpec spec = upload->spec();
+  MutexLock lock(&s.uploads_mu);
+  absl::StatusOr<std::string> path = upload->Finish([&]() -> absl::Status {
     if (absl::Now() > deadline) {
-      return absl::DeadlineExceededError(absl::StrCat(
-          "the load passed its deadline in its ", stage, " stage (at most ",
-          absl::FormatDuration(s.options.max_adapter_load_time), ", --max-adapter-load-time)"));
+      return absl::DeadlineExceededError(
+          "the upload passed its deadline while its files were hashed");
     }
     return absl::OkStatus();
-  };
-  // Entering `stage`: the test hook, then the same check.
-  auto enter = [&](const char* stage) -> absl::Status {
-    if (s.options.adapter_load_stage_hook) s.options.adapter_load_stage_hook(stage);
-    return keep_going(stage);
-  };
-  if (absl::Status st = ValidateAdapterPath(path); !st.ok()) return failed(st, "invalid_path");
-  if (absl::Status st = enter("inspect"); !st.ok()) return failed(st, "timeout");
-  absl::StatusOr<std::string> dir = ConfinedAdapterDir(s.options.adapter_root, path);
-  if (!dir.ok()) return failed(dir.status(), "invalid_path");
-  // Reading, hashing and parsing run at background priority (EngineOptions::adapter_load_nice).
-  const int nice = s.options.adapter_load_nice;
-  absl::StatusOr<AdapterFiles> files = AtBackgroundPriority(nice, [&] {
-    return InspectAdapterFiles(*dir, ConfinedFileLimits(s.options), /*digest=*/!sha256.empty(),
-                               [&] { return keep_going("inspect"); });
   });
-  if (!files.ok()) {
-    const absl::Status& st = files.status();
-    return failed(
-        st, absl::IsDeadlineExceeded(st) || absl::IsUnavailable(st) ? "timeout" : "too_large");
-  }
-  if (!sha256.empty() && files->sha256 != sha256) {
-    return failed(absl::InvalidArgumentError(absl::StrCat("sha256 mismatch: the files of ",
-                                                          Quote(path), " digest to ", files->sha256,
-                                                          ", expected ", sha256)),
-                  "digest_mismatch");
-  }
-  const AdapterLimits limits{.max_rank = s.options.max_adapter_rank,
-                             .max_experts = s.options.max_adapter_experts};
-  if (absl::Status st = enter("read"); !st.ok()) return failed(st, "timeout");
-  absl::StatusOr<std::shared_ptr<const Adapter>> adapter =
-      AtBackgroundPriority(nice, [&]() -> absl::StatusOr<std::shared_ptr<const Adapter>> {
-        try {
-          return engine::LoadAdapter(*dir, name, s.model->config(), limits);
-        } catch (const std::bad_alloc&) {
-          return absl::ResourceExhaustedError("out of host memory reading the adapter");
-        }
-      });
-  if (!adapter.ok()) return failed(adapter.status(), "invalid_adapter");
-  absl::StatusOr<std::shared_ptr<const ChatTemplate>> chat_template =
-      AdapterChatTemplate(*dir, *s.tokenizer);
-  if (!chat_template.ok()) return failed(chat_template.status(), "invalid_adapter");
-  m.read_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
-  t0 = absl::Now();
-  if (absl::Status st = enter("attach"); !st.ok()) return failed(st, "timeout");
-  absl::StatusOr<int32_t> slot = s.executor->AttachAdapter(*adapter);
-  if (!slot.ok()) return failed(slot.status(), "invalid_adapter");
-  m.attach_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
-  t0 = absl::Now();
-  std::shared_ptr<const AdapterVersion> old, published;
-  int32_t old_slot = -1;
-  {
-    MutexLock lock(&s.adapters_mu);
-    old = s.adapters.Find(name);
-    if (old != nullptr) {
-      old_slot = s.adapter_slots.at(old->adapter.get());
-      s.adapter_slots.erase(old->adapter.get());
+  upload.reset();  // a staging copy that was not moved into place goes now
+  if (!path.ok()) return path.status();
+  absl::StatusOr<AdapterSummary> loaded =
+      LoadAdapter(spec.name, *path, replace, spec.sha256, deadline);
+  if (!loaded.ok()) {
+    // The placed files stay only when they are what the name serves now.
+    absl::StatusOr<AdapterStatus> now = state_->lifecycle->Status(spec.name);
+    if (!now.ok() || !now->has_version || now->sha256 != spec.sha256) {
+      std::error_code ec;
+      std::filesystem::remove_all(std::filesystem::path(root) / *path, ec);
     }
-    s.adapter_slots[adapter->get()] = *slot;
-    published = s.adapters.Publish(*adapter, *dir, *std::move(chat_template));
-    s.records[name] = {.state = AdapterState::kReady,
-                       .path = path,
-                       .sha256 = files->sha256,
-                       .disk_bytes = files->total_bytes};
+    return loaded.status();
   }
-  if (old != nullptr) s.executor->RetireAdapter(old_slot, old);
-  m.publish_seconds = absl::ToDoubleSeconds(absl::Now() - t0);
-  if (s.options.metrics) s.options.metrics->OnAdapterLoad(m);
-  return Summarize(*published);
+  AdapterUpload::RemoveUploadedVersions(root, spec.name, spec.sha256);
+  return loaded;
 }
 
 absl::StatusOr<Engine::UnloadResult> Engine::UnloadAdapter(const std::string& name,
                                                            absl::Duration drain_timeout,
                                                            bool force) {
-  State& s = *state_;
-  MutexLock load_lock(&s.load_mu);
-  std::shared_ptr<const AdapterVersion> version;
-  int32_t slot = -1;
-  {
-    MutexLock lock(&s.adapters_mu);
-    version = s.adapters.Find(name);
-    if (version == nullptr) {
-      auto rec = s.records.find(name);
-      if (rec != s.records.end() && rec->second.state == AdapterState::kFailed) {
-        s.records.erase(rec);  // forget the failed load
-        return UnloadResult{};
-      }
-      return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not loaded"));
-    }
-    slot = s.adapter_slots.at(version->adapter.get());
-    s.adapter_slots.erase(version->adapter.get());
-    RETURN_IF_ERROR(s.adapters.Remove(name));
-    s.records[name].state = AdapterState::kDraining;
-    s.records[name].draining = version;
-    s.records[name].draining_slot = slot;
-  }
-  // Requests in flight hold the version; ours is the one extra reference.
-  UnloadResult result;
-  const int64_t in_flight = version.use_count() - 1;
-  std::weak_ptr<const AdapterVersion> watch = version;
-  const Adapter* adapter = version->adapter.get();
-  version.reset();
-  // Drain: wait until the name's last request in flight has ended (a condition, not a poll).
-  if (!force) {
-    MutexLock lock(&s.mu);
-    s.adapter_cv.WaitFor(&s.mu, drain_timeout, [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      return s.adapter_in_flight.count(name) == 0;
-    });
-  }
-  bool still_running;
-  {
-    MutexLock lock(&s.mu);
-    still_running = s.adapter_in_flight.count(name) > 0;
-  }
-  if (still_running) {
-    result.cancelled = s.executor->CancelAdapterRequests(
-        adapter, absl::CancelledError(absl::StrCat("adapter ", Quote(name), " was unloaded")));
-  }
-  result.drained = std::max<int64_t>(0, in_flight - result.cancelled);
-  s.executor->RetireAdapter(slot, watch);
-  MutexLock lock(&s.adapters_mu);
-  s.records.erase(name);
-  return result;
+  ASSIGN_OR_RETURN(AdapterLifecycle::UnloadResult r,
+                   state_->lifecycle->Unload(name, drain_timeout, force));
+  MutexLock lock(&state_->uploads_mu);
+  AdapterUpload::RemoveUploadedVersions(state_->options.adapter_root, name, "");
+  return UnloadResult{.drained = r.drained, .cancelled = r.cancelled};
 }
 
-namespace {
+std::vector<AdapterSummary> Engine::ListAdapters() const { return state_->lifecycle->Summaries(); }
 
-AdapterSummary Summarize(const AdapterVersion& v) {
-  const Adapter& a = *v.adapter;
-  AdapterSummary sum{.name = a.name,
-                     .family = a.source_family,
-                     .format = a.format,
-                     .version = v.version,
-                     .source = v.source,
-                     .num_experts = a.num_experts(),
-                     .bytes = a.bytes};
-  for (const GroupInfo& g : a.groups) {
-    sum.max_experts = std::max(sum.max_experts, g.max_experts);
-    sum.ranks.insert(sum.ranks.end(), g.ranks.begin(), g.ranks.end());
-    sum.algorithms.push_back(g.algorithm);
-  }
-  std::sort(sum.ranks.begin(), sum.ranks.end());
-  sum.ranks.erase(std::unique(sum.ranks.begin(), sum.ranks.end()), sum.ranks.end());
-  return sum;
-}
-
-// Device bytes an attached adapter keeps outside the expert cache: routers and classifier, in
-// the compute dtype.
-int64_t RouterBytes(const Adapter& a, size_t element_bytes) {
-  int64_t floats = 0;
-  auto router = [&](const RouterWeights& r) { floats += r.weight.size() + r.bias.size(); };
-  for (const AdapterLayer& layer : a.layers) {
-    for (const auto& r : layer.routed) {
-      if (r) router(r->router);
-    }
-    if (layer.block_ffn) router(layer.block_ffn->router);
-  }
-  if (a.xlora) {
-    for (const XloraSpec::Linear& lin : a.xlora->classifier) {
-      floats += lin.weight.size() + lin.bias.size();
-    }
-  }
-  return floats * static_cast<int64_t>(element_bytes);
-}
-
-}  // namespace
-
-Engine::State::StatusSnapshot Engine::State::Snapshot(const std::string& name,
-                                                      const Record& rec) const {
-  StatusSnapshot snap;
-  snap.status = {.name = name,
-                 .state = rec.state,
-                 .error = rec.error,
-                 .path = rec.path,
-                 .sha256 = rec.sha256,
-                 .disk_bytes = rec.disk_bytes};
-  if (rec.state == AdapterState::kDraining) {
-    snap.version = rec.draining.lock();
-    snap.slot = rec.draining_slot;
-  } else {
-    snap.version = adapters.Find(name);
-    if (snap.version != nullptr) snap.slot = adapter_slots.at(snap.version->adapter.get());
-  }
-  return snap;
-}
-
-void Engine::State::Fill(StatusSnapshot* snap) const {
-  const std::shared_ptr<const AdapterVersion>& v = snap->version;
-  if (v == nullptr) return;
-  AdapterStatus& st = snap->status;
-  st.has_version = true;
-  st.summary = Summarize(*v);
-  st.host_bytes = v->adapter->bytes;
-  st.device_bytes = expert_cache->ResidentBytes(snap->slot) +
-                    RouterBytes(*v->adapter, ScalarTypeSize(backend->compute_dtype()));
-  st.loaded_at = v->loaded_at;
-}
-
-const char* AdapterStateName(AdapterState s) {
-  switch (s) {
-    case AdapterState::kLoading:
-      return "LOADING";
-    case AdapterState::kReady:
-      return "READY";
-    case AdapterState::kDraining:
-      return "DRAINING";
-    case AdapterState::kFailed:
-      return "FAILED";
-  }
-  return "UNKNOWN";
-}
-
-std::vector<AdapterSummary> Engine::ListAdapters() const {
-  std::vector<AdapterSummary> out;
-  for (const auto& v : state_->adapters.List()) out.push_back(Summarize(*v));
-  return out;
-}
-
-std::vector<AdapterStatus> Engine::AdapterStatuses() const {
-  State& s = *state_;
-  std::vector<State::StatusSnapshot> snaps;
-  // In chunks: admission and loads take adapters_mu for one lookup and never wait for a whole
-  // listing.
-  VisitInChunks(&s.adapters_mu, s.records, 256,
-                [&](const std::string& name, const State::Record& rec) {
-                  snaps.push_back(s.Snapshot(name, rec));
-                });
-  std::map<std::string, int64_t> in_flight;
-  {
-    MutexLock lock(&s.mu);
-    in_flight = s.adapter_in_flight;  // names with requests in flight only
-  }
-  std::vector<AdapterStatus> out;
-  out.reserve(snaps.size());
-  for (State::StatusSnapshot& snap : snaps) {
-    s.Fill(&snap);
-    auto it = in_flight.find(snap.status.name);
-    if (it != in_flight.end()) snap.status.in_flight = it->second;
-    out.push_back(std::move(snap.status));
-  }
-  return out;
-}
+std::vector<AdapterStatus> Engine::AdapterStatuses() const { return state_->lifecycle->Statuses(); }
 
 absl::StatusOr<AdapterStatus> Engine::GetAdapterStatus(const std::string& name) const {
-  State& s = *state_;
-  State::StatusSnapshot snap;
-  {
-    MutexLock lock(&s.adapters_mu);
-    auto it = s.records.find(name);
-    if (it == s.records.end()) {
-      return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not known"));
-    }
-    snap = s.Snapshot(name, it->second);
-  }
-  s.Fill(&snap);
-  MutexLock lock(&s.mu);
-  auto it = s.adapter_in_flight.find(name);
-  if (it != s.adapter_in_flight.end()) snap.status.in_flight = it->second;
-  return std::move(snap.status);
+  return state_->lifecycle->Status(name);
 }
 
 absl::StatusOr<std::string> Engine::ApplyChatTemplate(const nlohmann::ordered_json& messages,
@@ -898,7 +605,7 @@ absl::StatusOr<std::string> Engine::ApplyChatTemplate(const nlohmann::ordered_js
                                                       bool add_generation_prompt,
                                                       const std::string& adapter) const {
   if (!adapter.empty()) {
-    const std::shared_ptr<const AdapterVersion> version = state_->adapters.Find(adapter);
+    const std::shared_ptr<const AdapterVersion> version = state_->lifecycle->Find(adapter);
     if (version != nullptr && version->chat_template != nullptr) {
       return version->chat_template->Apply(messages, tools, add_generation_prompt);
     }
@@ -937,8 +644,12 @@ EngineStats Engine::Stats() const {
 }
 
 void Engine::StopAccepting() {
-  MutexLock lock(&state_->mu);
-  state_->accepting = false;
+  {
+    MutexLock lock(&state_->mu);
+    state_->accepting = false;
+  }
+  // Hot loads in progress stop at their next stage; a drain never waits for a whole load.
+  if (state_->lifecycle) state_->lifecycle->StopLoads();
 }
 
 bool Engine::WaitIdle(absl::Duration timeout) {

@@ -20,6 +20,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "engine/lifecycle/adapter_status.h"
+#include "engine/lifecycle/adapter_upload.h"
 #include "engine/metrics_sink.h"
 #include "engine/request.h"
 #include "nlohmann/json.hpp"
@@ -92,41 +94,6 @@ struct EngineOptions {
   // digest), "read" (parse and validate), "attach". For tests, which hold a load at a stage;
   // production leaves it empty.
   std::function<void(std::string_view stage)> adapter_load_stage_hook;
-};
-
-// One served adapter (ListModels).
-struct AdapterSummary {
-  std::string name;
-  std::string family;  // source_family: lora, mixlora, mola, dynmole, loramoe, xlora, flylora...
-  std::string format;  // "mole/1" or "peft"
-  uint64_t version = 0;
-  std::string source;
-  int64_t num_experts = 0;              // over all routed sites (static LoRAs count one each)
-  int32_t max_experts = 0;              // most experts of one routed site
-  std::vector<int32_t> ranks;           // distinct ranks
-  std::vector<std::string> algorithms;  // routing algorithm per group
-  int64_t bytes = 0;
-};
-
-enum class AdapterState { kLoading, kReady, kDraining, kFailed };
-const char* AdapterStateName(AdapterState s);  // "LOADING", "READY", "DRAINING", "FAILED"
-
-// An adapter name's state for the admin API (ListAdapters / GetAdapter).
-struct AdapterStatus {
-  std::string name;
-  AdapterState state = AdapterState::kLoading;
-  // FAILED: why the load failed. READY: the error of the last failed reload (the previous
-  // version kept serving), empty when the last load succeeded.
-  std::string error;
-  std::string path;    // as given to the load (relative to the adapter root) or at start-up
-  std::string sha256;  // digest of the adapter's files when the load asked for one
-  bool has_version = false;
-  AdapterSummary summary;    // the serving version (has_version)
-  int64_t disk_bytes = 0;    // its files
-  int64_t host_bytes = 0;    // host memory (every loaded adapter is there)
-  int64_t device_bytes = 0;  // resident experts in the expert cache + routers and classifier
-  int64_t in_flight = 0;     // requests using it now
-  absl::Time loaded_at;
 };
 
 // The paged expert cache (Engine::CacheStats).
@@ -225,6 +192,18 @@ class Engine {
                                              bool replace, const std::string& sha256 = "",
                                              absl::Time deadline = absl::InfiniteFuture());
 
+  // Uploads (AdapterAdmin.UploadAdapter, engine/lifecycle/adapter_upload.h): BeginUpload checks
+  // the header (a name, the files' sha256, their count and total size within the adapter size
+  // limits; hot loading must be on); the caller writes the files into the upload; CommitUpload
+  // checks them (every declared byte, then the sha256, before anything is parsed), moves them to
+  // <adapter root>/.uploads/<name>/<sha256> and loads them as LoadAdapter(name, that path,
+  // replace, sha256, deadline) would, with its errors; after a successful load the name's older
+  // uploads are removed. Whatever fails, nothing of the upload is left behind and a previous
+  // version keeps serving. Commits are serialized (the receiving is not).
+  absl::StatusOr<std::unique_ptr<AdapterUpload>> BeginUpload(const UploadSpec& spec) const;
+  absl::StatusOr<AdapterSummary> CommitUpload(std::unique_ptr<AdapterUpload> upload, bool replace,
+                                              absl::Time deadline = absl::InfiniteFuture());
+
   // Loads a start-up adapter from `dir` (read as given, not confined to adapter_root; no
   // deadline), as Create does for EngineOptions::adapters: for a server that brings its
   // listeners up first (health NOT_SERVING) and loads its start-up adapters afterwards.
@@ -238,7 +217,8 @@ class Engine {
   // Unloads adapter `name`: it is DRAINING (new requests get kFailedPrecondition), requests in
   // flight finish for up to `drain_timeout` (none with `force`), the rest end with kCancelled
   // naming the unload; then its memory is freed and the name is gone (kNotFound). Unloading a
-  // FAILED name forgets it. kNotFound when the name is unknown.
+  // FAILED name forgets it; an uploaded adapter's files go with it. kNotFound when the name is
+  // unknown.
   absl::StatusOr<UnloadResult> UnloadAdapter(const std::string& name, absl::Duration drain_timeout,
                                              bool force);
   EngineStats Stats() const;

@@ -23,9 +23,10 @@ if [ $build_only -eq 0 ]; then
   # Tests: GoogleTest, torch (the model reference), clang-format (the format check), the real
   # Prometheus and nginx that tests/deploy runs the deploy/ configs with, and clang 14 with its
   # sanitizer/libFuzzer runtimes for the fuzz targets (scripts/fuzz.sh), and the openssl command
-  # that makes the TLS tests' certificates.
+  # that makes the TLS tests' certificates; dnspython for the DNS test double that molectl's
+  # --all-replicas resolves against.
   packages+=(curl clang-format libgtest-dev libgmock-dev python3-numpy python3-torch python3-yaml
-             prometheus nginx-light clang libclang-rt-14-dev openssl)
+             python3-dnspython prometheus nginx-light clang libclang-rt-14-dev openssl)
   # Node.js runs Hugging Face's tokenizers for tests/tokenizer_compat. Debian's nodejs/npm only
   # when no node is installed (a machine may already have a newer one).
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then

@@ -28,7 +28,7 @@ ENGINE_LAYERS = {
     "core": 0,
     "model_io": 1, "backend": 1, "chat": 1, "tokenizer": 1, "kv_cache": 1, "routing": 1,
     "sampling": 2, "adapters": 2,
-    "expert_cache": 3, "scheduler": 3,
+    "expert_cache": 3, "scheduler": 3, "lifecycle": 3,
     "model": 4,
     "executor": 5,
 }

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "absl/time/time.h"
-#include "engine/adapters/registry.h"
+#include "engine/adapters/adapter_version.h"
 #include "engine/request.h"
 #include "engine/sampling/output_text.h"
 #include "engine/sampling/sampler.h"

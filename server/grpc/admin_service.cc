@@ -3,6 +3,7 @@
 #include <grpcpp/impl/codegen/method_handler.h>
 #include <grpcpp/impl/codegen/rpc_service_method.h>
 
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/ascii.h"
@@ -19,6 +20,7 @@ namespace {
 namespace pb = moleserve::v1;
 
 constexpr absl::Duration kDefaultDrain = absl::Seconds(30);
+constexpr size_t kMaxUnaryRequestBytes = 64 << 10;
 
 // Compares without an early exit, so the time taken does not reveal the matching prefix.
 bool ConstantTimeEquals(std::string_view a, std::string_view b) {
@@ -54,6 +56,7 @@ void ToProto(const engine::AdapterStatus& in, pb::AdapterStatus* out) {
   out->set_device_bytes(static_cast<uint64_t>(in.device_bytes));
   out->set_in_flight(static_cast<uint64_t>(in.in_flight));
   out->set_loaded_at_unix_ms(in.has_version ? absl::ToUnixMillis(in.loaded_at) : 0);
+  out->set_retiring_versions(static_cast<uint64_t>(in.retiring_versions));
 }
 
 std::string Describe(const grpc::Status& s) {
@@ -126,6 +129,7 @@ AdminService::AdminService(engine::Engine* engine, std::string token,
       "ListAdapters", &AdminService::ListAdapters, &DescribeNothing);
   AddRawMethod<pb::GetAdapterRequest, pb::AdapterStatus>("GetAdapter", &AdminService::GetAdapter,
                                                          &DescribeNothing);
+  AddUploadMethod();
 }
 
 bool AdminService::Authenticate(grpc::ServerContext* context, grpc::Status* refusal) const {
@@ -164,7 +168,14 @@ void AdminService::AddRawMethod(const char* method,
             if (self->Authenticate(context, &status)) {
               entry.authenticated = true;
               Request request;
-              if (absl::Status parsed = ParseRequest(*raw, &request); !parsed.ok()) {
+              if (raw->Length() > kMaxUnaryRequestBytes) {
+                // The listener takes UploadAdapter's 1 MiB messages; the others stay small.
+                self->engine_->CountRejected(absl::StatusCode::kResourceExhausted);
+                status = grpc::Status(
+                    grpc::StatusCode::RESOURCE_EXHAUSTED,
+                    absl::StrCat("the request is ", raw->Length(),
+                                 " bytes; admin requests are at most ", kMaxUnaryRequestBytes));
+              } else if (absl::Status parsed = ParseRequest(*raw, &request); !parsed.ok()) {
                 self->engine_->CountRejected(parsed.code());
                 status = ToGrpcStatus(parsed);
               } else {
@@ -180,6 +191,95 @@ void AdminService::AddRawMethod(const char* method,
             return status;
           },
           this)));
+}
+
+void AdminService::AddUploadMethod() {
+  method_paths_.push_back(
+      absl::StrCat("/", pb::AdapterAdmin::service_full_name(), "/UploadAdapter"));
+  AddMethod(new grpc::internal::RpcServiceMethod(
+      method_paths_.back().c_str(), grpc::internal::RpcMethod::CLIENT_STREAMING,
+      new grpc::internal::ClientStreamingHandler<AdminService, grpc::ByteBuffer, grpc::ByteBuffer>(
+          [](AdminService* self, grpc::ServerContext* context,
+             grpc::ServerReader<grpc::ByteBuffer>* reader, grpc::ByteBuffer* raw_out) {
+            AdminAuditEntry entry{.peer = context->peer(), .method = "UploadAdapter"};
+            grpc::Status status;
+            if (self->Authenticate(context, &status)) {
+              entry.authenticated = true;
+              pb::LoadAdapterResponse response;
+              status = self->UploadAdapter(context, reader, &response, &entry);
+              if (!status.ok()) {
+                self->engine_->CountRejected(static_cast<absl::StatusCode>(status.error_code()));
+              }
+              if (status.ok()) *raw_out = SerializeMessage(response);
+            }
+            entry.result = Describe(status);
+            if (self->audit_) self->audit_(entry);
+            return status;
+          },
+          this)));
+}
+
+grpc::Status AdminService::UploadAdapter(grpc::ServerContext* context,
+                                         grpc::ServerReader<grpc::ByteBuffer>* reader,
+                                         pb::LoadAdapterResponse* response,
+                                         AdminAuditEntry* entry) {
+  const absl::Time start = absl::Now();
+  auto refuse = [](std::string message) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::move(message));
+  };
+  grpc::ByteBuffer raw;
+  pb::UploadAdapterRequest message;
+  if (!reader->Read(&raw)) return refuse("an upload starts with its header");
+  if (absl::Status st = ParseRequest(raw, &message); !st.ok()) return ToGrpcStatus(st);
+  if (!message.has_header()) return refuse("an upload starts with its header");
+  const pb::UploadHeader h = message.header();  // `message` is reused for the files
+  entry->adapter = h.name();
+  entry->detail = absl::StrCat("upload files=", h.num_files(), " bytes=", h.total_bytes(),
+                               " replace=", h.replace() ? "true" : "false");
+  if (h.total_bytes() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return refuse("total_bytes is out of range");
+  }
+  absl::StatusOr<std::unique_ptr<engine::AdapterUpload>> upload =
+      engine_->BeginUpload({.name = h.name(),
+                            .sha256 = h.sha256(),
+                            .total_bytes = static_cast<int64_t>(h.total_bytes()),
+                            .num_files = h.num_files()});
+  if (!upload.ok()) return ToGrpcStatus(upload.status());
+  const bool replace = h.replace();
+  // The files; the upload (and its staging directory) goes at any error or an early end.
+  while (reader->Read(&raw)) {
+    if (absl::Status st = ParseRequest(raw, &message); !st.ok()) return ToGrpcStatus(st);
+    absl::Status st;
+    switch (message.part_case()) {
+      case pb::UploadAdapterRequest::kFile:
+        if (message.file().size() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+          return refuse("a file size is out of range");
+        }
+        st = (*upload)->BeginFile(message.file().path(),
+                                  static_cast<int64_t>(message.file().size()));
+        break;
+      case pb::UploadAdapterRequest::kData:
+        st = (*upload)->Write(message.data());
+        break;
+      default:
+        return refuse("after the header, an upload sends only `file` and `data` messages");
+    }
+    if (!st.ok()) return ToGrpcStatus(st);
+  }
+  if (context->IsCancelled()) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away mid-upload");
+  }
+  const auto call_deadline = context->deadline();
+  const absl::Time deadline = call_deadline == std::chrono::system_clock::time_point::max()
+                                  ? absl::InfiniteFuture()
+                                  : absl::FromChrono(call_deadline);
+  absl::StatusOr<engine::AdapterSummary> loaded =
+      engine_->CommitUpload(*std::move(upload), replace, deadline);
+  if (!loaded.ok()) return ToGrpcStatus(loaded.status());
+  response->set_load_seconds(absl::ToDoubleSeconds(absl::Now() - start));
+  absl::StatusOr<engine::AdapterStatus> st = engine_->GetAdapterStatus(h.name());
+  if (st.ok()) ToProto(*st, response->mutable_adapter());
+  return grpc::Status::OK;
 }
 
 grpc::Status AdminService::LoadAdapter(grpc::ServerContext* context,

@@ -40,7 +40,7 @@ struct AdminAuditEntry {
 // writer (control characters as \uXXXX, invalid UTF-8 replaced) and cut to 256 bytes each.
 std::string FormatAuditLine(const AdminAuditEntry& entry);
 
-// moleserve.v1.AdapterAdmin, its four methods on gRPC's synchronous API with raw messages.
+// moleserve.v1.AdapterAdmin, its methods on gRPC's synchronous API with raw messages.
 class AdminService final : public grpc::Service {
  public:
   // `token` must not be empty.
@@ -60,6 +60,12 @@ class AdminService final : public grpc::Service {
   grpc::Status GetAdapter(grpc::ServerContext* context,
                           const moleserve::v1::GetAdapterRequest& request,
                           moleserve::v1::AdapterStatus* response);
+  // The client stream of UploadAdapter, after the token check; fills the audit entry's adapter
+  // and detail from the header.
+  grpc::Status UploadAdapter(grpc::ServerContext* context,
+                             grpc::ServerReader<grpc::ByteBuffer>* reader,
+                             moleserve::v1::LoadAdapterResponse* response, AdminAuditEntry* entry);
+  void AddUploadMethod();
 
   // Registers `method` of moleserve.v1.AdapterAdmin: checks the token, parses Request from the
   // raw body, calls `handler`, serializes Response, and audits the call.

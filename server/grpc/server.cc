@@ -54,7 +54,9 @@ absl::StatusOr<std::unique_ptr<MoleServer>> MoleServer::Start(engine::Engine* en
     admin.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
     admin.AddListeningPort(options.admin_address, *admin_credentials, &server->admin_port_);
     admin.RegisterService(server->admin_service_.get());
-    admin.SetMaxReceiveMessageSize(64 << 10);  // admin requests are a few names and paths
+    // Admin requests are a few names and paths (64 KiB, checked per method), except
+    // UploadAdapter's data messages of up to 1 MiB.
+    admin.SetMaxReceiveMessageSize((1 << 20) + (4 << 10));
     server->admin_server_ = admin.BuildAndStart();
     if (server->admin_server_ == nullptr || server->admin_port_ == 0) {
       return absl::UnavailableError(absl::StrCat("cannot listen on ", options.admin_address,

@@ -221,8 +221,12 @@ def test_kubernetes(tmp):
     service = by[("Service", "moleserve")]
     check({p["targetPort"] for p in service["spec"]["ports"]} >= {"grpc", "http", "metrics"},
           "the Service exposes gRPC, HTTP and metrics")
-    check(flags["admin_host"] == "127.0.0.1" and int(flags["admin_port"]) not in ports.values(),
-          "the admin API stays on the pod's loopback")
+    # The admin API listens on the pod's address with TLS, and only the headless Service
+    # publishes it (molectl --all-replicas resolves its SRV records).
+    check(flags["admin_host"] == "0.0.0.0" and str(ports["admin"]) == flags["admin_port"],
+          "the admin containerPort is --admin-port on the pod's address")
+    check(not any(p["targetPort"] == "admin" for p in service["spec"]["ports"]),
+          "the round-robin Service must not publish the admin API")
     check(c["resources"]["limits"].get("nvidia.com/gpu") == 1, "no GPU limit")
     liveness = open(repo_path("server/grpc/server.h")).read()
     live_name = re.search(r'kLivenessService\[\] = "([^"]+)"', liveness).group(1)
@@ -242,6 +246,11 @@ def test_kubernetes(tmp):
           volumes["admin-token"]["secret"]["defaultMode"] & 0o040,
           "the non-root user cannot read the admin token Secret (fsGroup / defaultMode)")
     check(volumes["admin-token"]["secret"]["secretName"] == "moleserve-admin-token", "secret")
+    for flag in ("admin_tls_cert_file", "admin_tls_key_file"):
+        check(os.path.dirname(flags.get(flag, "")) == mounts["admin-tls"],
+              f"--{flag} must come from the admin-tls mount: a reachable admin API needs TLS")
+    check(volumes["admin-tls"]["secret"]["secretName"] == "moleserve-admin-tls" and
+          volumes["admin-tls"]["secret"]["defaultMode"] & 0o040, "admin TLS secret")
     check(flags["model"].startswith(mounts["models"]) and
           flags["adapter_root"].startswith(mounts["adapters"]), "model / adapter mounts")
     for v in ("models", "adapters"):
@@ -273,6 +282,11 @@ def test_kubernetes(tmp):
     # points on the hash ring.
     replicas_svc = by[("Service", "moleserve-replicas")]["spec"]["ports"]
     check(any(p["name"] == "grpc" for p in replicas_svc), "headless Service has no grpc port")
+    check(any(p["name"] == "admin" and p["targetPort"] == "admin" for p in replicas_svc),
+          "the headless Service publishes no admin port (SRV _admin._tcp for --all-replicas)")
+    readme = open(repo_path("README.md")).read()
+    check(f"srv:_admin._tcp.moleserve-replicas.{kust['namespace']}.svc.cluster.local" in readme,
+          "the README's --all-replicas command does not name this namespace's SRV records")
     check(re.search(rf"server moleserve-replicas\.{kust['namespace']}\.svc\.cluster\.local "
                     r"service=grpc resolve ", cm["upstream.conf"]),
           "router upstream: not the SRV records of the headless Service")

@@ -5,6 +5,7 @@
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <filesystem>
@@ -429,6 +430,275 @@ TEST(AdminTest, LoadWhileSixteenStreamsDecodeStallsNone) {
   GenResult big = RunGenerate(*inst->stub, Greedy("big", "Hello", 4));
   EXPECT_TRUE(big.status.ok()) << big.status.error_message();
   EXPECT_EQ(big.ids.size(), 4u);
+}
+
+// How an upload misbehaves (UploadDir).
+struct UploadFaults {
+  bool flip_a_byte = false;        // corrupt one byte of the first data chunk (header sha kept)
+  std::string sha256;              // a header sha256 other than the files' digest
+  bool cancel_midway = false;      // send the header, one file header and one chunk, then cancel
+  bool data_before_file = false;   // a data message before any file message
+  bool one_byte_too_many = false;  // the first file's data one byte longer than declared
+};
+
+// Uploads the files of `dir` (any directory, not under the root) as adapter `name` through
+// AdapterAdmin.UploadAdapter, in chunks of `chunk` bytes.
+grpc::Status UploadDir(Instance& inst, const std::string& name, const fs::path& dir, bool replace,
+                       const UploadFaults& faults = {}, pb::LoadAdapterResponse* out = nullptr,
+                       size_t chunk = 64 << 10) {
+  std::vector<fs::path> files;
+  uint64_t total = 0;
+  for (const auto& e : fs::recursive_directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    files.push_back(e.path());
+    total += e.file_size();
+  }
+  std::sort(files.begin(), files.end());
+  pb::LoadAdapterResponse resp;
+  auto ctx = inst.AdminContext();
+  auto writer = inst.admin->UploadAdapter(ctx.get(), out != nullptr ? out : &resp);
+  pb::UploadAdapterRequest msg;
+  pb::UploadHeader* h = msg.mutable_header();
+  h->set_name(name);
+  h->set_sha256(faults.sha256.empty() ? ShellDigest(dir) : faults.sha256);
+  h->set_total_bytes(total);
+  h->set_num_files(static_cast<uint32_t>(files.size()));
+  h->set_replace(replace);
+  bool ok = writer->Write(msg);
+  if (faults.data_before_file) {
+    msg.Clear();
+    msg.set_data("x");
+    ok = ok && writer->Write(msg);
+  }
+  bool first_chunk = true;
+  for (const fs::path& f : files) {
+    std::ifstream in(f, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (faults.one_byte_too_many && first_chunk) bytes.push_back('!');
+    msg.Clear();
+    msg.mutable_file()->set_path(fs::relative(f, dir).generic_string());
+    msg.mutable_file()->set_size(fs::file_size(f));
+    ok = ok && writer->Write(msg);
+    for (size_t at = 0; ok && at < bytes.size(); at += chunk) {
+      msg.Clear();
+      msg.set_data(bytes.substr(at, chunk));
+      if (faults.flip_a_byte && first_chunk) (*msg.mutable_data())[0] ^= 0x01;
+      first_chunk = false;
+      ok = writer->Write(msg);
+      if (faults.cancel_midway) {
+        ctx->TryCancel();
+        return writer->Finish();
+      }
+    }
+  }
+  if (ok) writer->WritesDone();
+  return writer->Finish();
+}
+
+// The entries of root/.uploads/<sub> (empty when it does not exist).
+std::vector<std::string> UploadEntries(const fs::path& root, const std::string& sub) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root / ".uploads" / sub, ec)) {
+    out.push_back(e.path().filename().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// A client-side adapter directory (not under the adapter root), removed at the end.
+struct ClientDir {
+  fs::path path;
+  explicit ClientDir(const std::string& tag) {
+    path = fs::path(::testing::TempDir()) / absl::StrCat("moleserve_upload_", tag, "_", getpid());
+    fs::remove_all(path);
+  }
+  ~ClientDir() { fs::remove_all(path); }
+};
+
+TEST(AdminTest, UploadsLoadReplaceWhileOldRequestsFinishAndFailuresLeaveNothing) {
+  AdapterRoot root;
+  auto inst = Instance::Start(root.path.string());
+  ASSERT_NE(inst, nullptr);
+  ClientDir v1("v1"), v2("v2");
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(v1.path.string(), 61).empty());
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(v2.path.string(), 62).empty());
+  const std::string d1 = ShellDigest(v1.path), d2 = ShellDigest(v2.path);
+  ASSERT_NE(d1, d2);
+
+  pb::LoadAdapterResponse resp;
+  grpc::Status st = UploadDir(*inst, "m", v1.path, false, {}, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(resp.adapter().info().version(), 1u);
+  EXPECT_EQ(resp.adapter().sha256(), d1);
+  EXPECT_EQ(resp.adapter().path(), ".uploads/m/" + d1);
+  EXPECT_THAT(UploadEntries(root.path, "m"), ::testing::ElementsAre(d1));
+  // Retried: the same files already serve, a no-op (idempotent), with or without replace.
+  ASSERT_TRUE(UploadDir(*inst, "m", v1.path, false, {}, &resp).ok());
+  EXPECT_EQ(resp.adapter().info().version(), 1u);
+  // Without replace, other files are refused and leave nothing.
+  EXPECT_EQ(UploadDir(*inst, "m", v2.path, false).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  EXPECT_THAT(UploadEntries(root.path, "m"), ::testing::ElementsAre(d1));
+
+  // Replace while a request of v1 runs: it finishes on v1, new requests get v2.
+  const GenResult v1_tokens = RunGenerate(*inst->stub, Greedy("m", "Hello, world", 300));
+  ASSERT_TRUE(v1_tokens.status.ok());
+  GenResult old_run;
+  std::atomic<bool> old_started{false};
+  std::thread old_thread([&] {
+    grpc::ClientContext ctx;
+    auto reader = inst->stub->Generate(&ctx, Greedy("m", "Hello, world", 300));
+    pb::GenerateResponse msg;
+    while (reader->Read(&msg)) {
+      old_run.ids.insert(old_run.ids.end(), msg.token_ids().begin(), msg.token_ids().end());
+      old_started = true;
+    }
+    old_run.status = reader->Finish();
+  });
+  while (!old_started) absl::SleepFor(absl::Milliseconds(1));
+  st = UploadDir(*inst, "m", v2.path, true, {}, &resp);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(resp.adapter().info().version(), 2u);
+  old_thread.join();
+  ASSERT_TRUE(old_run.status.ok()) << old_run.status.error_message();
+  EXPECT_EQ(old_run.ids, v1_tokens.ids) << "the request that started on v1 ends on v1";
+  const GenResult v2_tokens = RunGenerate(*inst->stub, Greedy("m", "Hello, world", 300));
+  ASSERT_TRUE(v2_tokens.status.ok());
+  EXPECT_NE(v2_tokens.ids, v1_tokens.ids);
+  // The replaced upload's files are gone; only v2's remain.
+  EXPECT_THAT(UploadEntries(root.path, "m"), ::testing::ElementsAre(d2));
+
+  // Refused uploads: each leaves v2 serving, no staging directory and no other files.
+  const std::string wrong(64, 'a');
+  struct Case {
+    const char* what;
+    UploadFaults faults;
+    grpc::StatusCode code;
+    const char* message;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"corrupted chunk",
+            {.flip_a_byte = true},
+            grpc::StatusCode::INVALID_ARGUMENT,
+            "sha256 mismatch"},
+           {"wrong sha256",
+            {.sha256 = wrong},
+            grpc::StatusCode::INVALID_ARGUMENT,
+            "sha256 mismatch"},
+           {"data before a file",
+            {.data_before_file = true},
+            grpc::StatusCode::INVALID_ARGUMENT,
+            "before the file's header"},
+           {"more bytes than declared",
+            {.one_byte_too_many = true},
+            grpc::StatusCode::INVALID_ARGUMENT,
+            "more bytes than"},
+           {"interrupted", {.cancel_midway = true}, grpc::StatusCode::CANCELLED, ""}}) {
+    SCOPED_TRACE(c.what);
+    st = UploadDir(*inst, "m", v1.path, true, c.faults);
+    EXPECT_EQ(st.error_code(), c.code) << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr(c.message));
+    // The server sees an interrupted stream end a little after the client cancels it: wait
+    // (bounded) for its staging directory to go.
+    for (int i = 0; i < 3000 && !UploadEntries(root.path, ".staging").empty(); ++i) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    EXPECT_THAT(UploadEntries(root.path, ".staging"), ::testing::IsEmpty());
+    EXPECT_THAT(UploadEntries(root.path, "m"), ::testing::ElementsAre(d2));
+    absl::StatusOr<pb::AdapterStatus> now = inst->Get("m");
+    ASSERT_TRUE(now.ok());
+    EXPECT_EQ(now->info().version(), 2u);
+    EXPECT_EQ(now->sha256(), d2);
+  }
+  // Bad headers are refused before anything is written.
+  EXPECT_EQ(UploadDir(*inst, ".staging", v1.path, false).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(UploadDir(*inst, "../x", v1.path, false).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  {
+    std::lock_guard<std::mutex> lock(inst->audit_mu);
+    const AdminAuditEntry& last = inst->audit.back();
+    EXPECT_EQ(last.method, "UploadAdapter");
+    EXPECT_TRUE(last.authenticated);
+  }
+  // Unloading the name removes its uploaded files.
+  pb::UnloadAdapterResponse unloaded;
+  ASSERT_TRUE(inst->Unload("m", false, 5, &unloaded).ok());
+  EXPECT_THAT(UploadEntries(root.path, "m"), ::testing::IsEmpty());
+  EXPECT_FALSE(fs::exists(root.path / ".uploads" / "m"));
+}
+
+TEST(AdminTest, AHundredMegabyteUploadWhileSixteenStreamsDecodeStallsNone) {
+  constexpr int kStreams = 16;
+  constexpr uint32_t kTokens = 400;
+  AdapterRoot root;
+  auto inst = Instance::Start(root.path.string());
+  ASSERT_NE(inst, nullptr);
+  // A small adapter with 100 MB of other files beside it (an optimizer state, say): all of it
+  // is streamed, written and hashed; only the adapter is parsed.
+  ClientDir big("big");
+  ASSERT_FALSE(test_util::WriteDemoMoleAdapter(big.path.string(), 63).empty());
+  {
+    std::ofstream f(big.path / "optimizer.bin", std::ios::binary);
+    std::string block(1 << 20, '\0');
+    for (int mb = 0; mb < 100; ++mb) {
+      for (size_t i = 0; i < block.size(); i += 8) block[i] = static_cast<char>(mb * 31 + i);
+      f.write(block.data(), static_cast<std::streamsize>(block.size()));
+    }
+  }
+  std::vector<GenResult> results(kStreams);
+  std::mutex mu;
+  std::vector<bool> done(kStreams, false);
+  std::atomic<int> started{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + kCallTimeout));
+      auto reader = inst->stub->Generate(&ctx, Greedy("", absl::StrCat("stream ", i), kTokens));
+      pb::GenerateResponse msg;
+      bool first = true;
+      while (reader->Read(&msg)) {
+        std::lock_guard<std::mutex> lock(mu);
+        results[i].ids.insert(results[i].ids.end(), msg.token_ids().begin(), msg.token_ids().end());
+        if (first) ++started;
+        first = false;
+      }
+      grpc::Status status = reader->Finish();
+      std::lock_guard<std::mutex> lock(mu);
+      results[i].status = status;
+      done[i] = true;
+    });
+  }
+  while (started.load() < kStreams) absl::SleepFor(absl::Milliseconds(1));
+  std::vector<size_t> before(kStreams);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < kStreams; ++i) before[i] = results[i].ids.size();
+  }
+  pb::LoadAdapterResponse resp;
+  grpc::Status st = UploadDir(*inst, "big", big.path, false, {}, &resp, 1 << 20);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_GE(resp.adapter().disk_bytes(), 100u << 20);
+  // Every stream still running when the upload ended made progress during it.
+  int progressed = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (int i = 0; i < kStreams; ++i) {
+      if (done[i]) continue;
+      EXPECT_GE(results[i].ids.size(), before[i] + 2) << "stream " << i << " stalled";
+      ++progressed;
+    }
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].ids.size(), kTokens) << i;
+  }
+  GenResult served = RunGenerate(*inst->stub, Greedy("big", "Hello", 4));
+  EXPECT_TRUE(served.status.ok()) << served.status.error_message();
+  EXPECT_EQ(UploadEntries(root.path, "big").size(), 1u);
+  RecordProperty("streams_running_through_the_upload", progressed);
 }
 
 TEST(AdminTest, UnloadDrainsInFlightRequestsOrCancelsThemWithForce) {

@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "engine/adapters/adapter.h"
-#include "engine/adapters/registry.h"
 #include "engine/model_io/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -338,29 +337,6 @@ TEST(PeftLoaderTest, RejectsUnsupported) {
   ExpectPeftRejected("missing tensor", [](AdapterDir& d, Json&) {
     d.Tensor("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight", {4, 32});
   });
-}
-
-TEST(AdapterRegistryTest, VersionsAndReferenceCounts) {
-  AdapterDir d("reg");
-  Json cfg;
-  WriteMixLora(d, &cfg);
-  d.Write("mole_config.json", cfg);
-  AdapterRegistry registry;
-  absl::StatusOr<std::shared_ptr<const Adapter>> a = Load(d);
-  ASSERT_TRUE(a.ok());
-  std::shared_ptr<const AdapterVersion> v1 = registry.Publish(*a, d.path());
-  EXPECT_EQ(v1->version, 1u);
-  std::shared_ptr<const AdapterVersion> held = registry.Find("a");
-  ASSERT_EQ(held, v1);
-  absl::StatusOr<std::shared_ptr<const Adapter>> b = Load(d);
-  std::shared_ptr<const AdapterVersion> v2 = registry.Publish(*b, d.path());
-  EXPECT_EQ(v2->version, 2u);
-  EXPECT_EQ(registry.Find("a"), v2);
-  EXPECT_EQ(held->adapter.get(), a->get());  // the old version lives on for its holder
-  EXPECT_TRUE(registry.Remove("a").ok());
-  EXPECT_EQ(registry.Find("a"), nullptr);
-  EXPECT_EQ(registry.Remove("a").code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(registry.List().size(), 0u);
 }
 
 }  // namespace
