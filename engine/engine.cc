@@ -9,6 +9,7 @@
 #include <random>
 #include <sstream>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/adapters/adapter_files.h"
@@ -164,6 +165,20 @@ class EngineAdapterHost final : public AdapterHost {
   const ExpertCache* cache_;
   const size_t element_bytes_;
 };
+
+// What a sequence's KV depends on besides its tokens, for the prefix cache: the adapter (name and
+// version: versions never repeat) and the routing override; 0 (never cached) for X-LoRA, whose
+// second KV cache is not shared, and for prompt logprobs, which need every prompt position's
+// logits.
+uint64_t PrefixKey(const GenerateRequest& r, const AdapterVersion* v, bool xlora) {
+  if (xlora || r.prompt_logprobs) return 0;
+  const RoutingOverride& o = r.routing_override;
+  const uint64_t h = absl::HashOf(v != nullptr ? v->adapter->name : std::string(),
+                                  v != nullptr ? v->version : uint64_t{0},
+                                  o.algorithm ? static_cast<int>(*o.algorithm) : -1,
+                                  o.k.value_or(-1), o.p.has_value(), o.p.value_or(0.0f));
+  return h == 0 ? 1 : h;
+}
 
 absl::Status ValidateOptions(const EngineOptions& o) {
   if (o.max_num_seqs <= 0) return absl::InvalidArgumentError("max_num_seqs must be > 0");
@@ -325,7 +340,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   SchedulerOptions scheduling{.max_batch_tokens = options.max_batch_tokens,
                               .max_num_seqs = options.max_num_seqs,
                               .max_queue_delay = options.max_queue_delay,
-                              .fair_share_tokens = options.fair_share_tokens};
+                              .fair_share_tokens = options.fair_share_tokens,
+                              .prefix_caching = options.prefix_caching};
   ParseSchedulingPolicy(options.scheduling_policy, &scheduling.policy);  // validated above
   state->executor = std::make_unique<Executor>(state->model.get(), state->expert_cache.get(),
                                                state->tokenizer.get(), scheduling, options.metrics);
@@ -502,6 +518,7 @@ absl::StatusOr<uint64_t> Engine::Submit(GenerateRequest request,
   auto seq = std::make_unique<Sequence>(handle, std::move(request), std::move(prompt), seed,
                                         std::move(tracked));
   seq->arrival = absl::Now();
+  seq->prefix_key = s.options.prefix_caching ? PrefixKey(seq->request, adapter.get(), xlora) : 0;
   if (adapter != nullptr) {
     seq->adapter_slot = adapter_slot;
     seq->xlora = xlora;
@@ -637,7 +654,13 @@ EngineStats Engine::Stats() const {
                   .running = c.running,
                   .free_kv_blocks = c.free_blocks,
                   .total_kv_blocks = state_->executor->total_blocks(),
-                  .steps = c.steps};
+                  .steps = c.steps,
+                  .kv_block_size = state_->options.kv_block_size,
+                  .prefix_caching = state_->options.prefix_caching,
+                  .cached_kv_blocks = c.cached_blocks,
+                  .prefix_query_tokens = c.prefix_query_tokens,
+                  .prefix_hit_tokens = c.prefix_hit_tokens,
+                  .prefix_evictions = c.prefix_evictions};
   MutexLock lock(&state_->mu);
   out.in_flight = state_->in_flight;
   return out;

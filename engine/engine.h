@@ -53,6 +53,9 @@ struct EngineOptions {
   // expert_aware: weighted tokens (prefill 1, decode 2) an adapter may be served ahead of the
   // least served waiting adapter and still be picked; 0 = max_batch_tokens.
   int64_t fair_share_tokens = 0;
+  // Prefix caching (engine/kv_cache/block_manager.h): full KV blocks computed under the same
+  // adapter, version and routing override are shared by later requests with the same prefix.
+  bool prefix_caching = true;
   // KV cache memory; the block count is kv_cache_bytes / bytes per block.
   int64_t kv_cache_bytes = int64_t{256} << 20;
   int32_t kv_block_size = 16;
@@ -128,6 +131,14 @@ struct EngineStats {
   int64_t total_kv_blocks = 0;
   int64_t steps = 0;
   int64_t in_flight = 0;  // submitted and not yet reported finished
+  // Prefix cache: KV blocks holding a registered prefix (in use or evictable), and since start
+  // the prompt tokens looked up at admission, those found, and cached blocks evicted.
+  int32_t kv_block_size = 0;
+  bool prefix_caching = false;
+  int64_t cached_kv_blocks = 0;
+  int64_t prefix_query_tokens = 0;
+  int64_t prefix_hit_tokens = 0;
+  int64_t prefix_evictions = 0;
 };
 
 class Engine {

@@ -51,6 +51,15 @@ struct StepMetrics {
   int64_t distinct_experts = 0;
 };
 
+// The KV prefix cache. Counters are cumulative since start (sinks publish the increments); the
+// block count is a gauge.
+struct PrefixCacheMetrics {
+  int64_t query_tokens = 0;   // prompt tokens looked up at admission
+  int64_t hit_tokens = 0;     // of those, found computed
+  int64_t evictions = 0;      // cached blocks whose KV was overwritten by a new owner
+  int64_t cached_blocks = 0;  // blocks holding a registered prefix (in use or evictable)
+};
+
 // The paged expert cache after a step. Counters are cumulative since start (sinks publish the
 // increments); gauges are the current state.
 struct ExpertCacheMetrics {
@@ -100,6 +109,8 @@ class MetricsSink {
   virtual void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) = 0;
   // After each step that ran adapter tokens or prefetched experts.
   virtual void OnExpertCache(const ExpertCacheMetrics& m) { (void)m; }
+  // The prefix cache, after each engine loop iteration.
+  virtual void OnPrefixCache(const PrefixCacheMetrics& m) { (void)m; }
   // The adapters of the running and of the waiting requests (distinct names, sorted; the base
   // model is not an adapter) and the most adapters one step may hold, when that changes (what
   // the Gateway API Inference Extension's endpoint picker reads to route by adapter).

@@ -117,6 +117,9 @@ ABSL_FLAG(int64_t, fair_share_tokens, 0,
           "expert_aware: weighted tokens an adapter may be served ahead of the least served "
           "waiting one (0 = --max-batch-tokens)");
 ABSL_FLAG(int64_t, kv_cache_mib, 256, "KV cache memory in MiB");
+ABSL_FLAG(bool, prefix_caching, true,
+          "Share the KV blocks of repeated prompt prefixes between requests of the same adapter, "
+          "version and routing override (--noprefix_caching or --prefix-caching=false: off)");
 ABSL_FLAG(int, max_model_len, 0, "Longest prompt + output per request (0 = model's context)");
 ABSL_FLAG(int, default_max_new_tokens, 256, "max_new_tokens when a request leaves it 0");
 ABSL_FLAG(int, max_message_bytes, 4 << 20, "Largest gRPC request message accepted");
@@ -203,6 +206,7 @@ int Run() {
   options.scheduling_policy = absl::GetFlag(FLAGS_scheduling_policy);
   options.max_queue_delay = absl::GetFlag(FLAGS_max_queue_delay);
   options.fair_share_tokens = absl::GetFlag(FLAGS_fair_share_tokens);
+  options.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   options.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mib) << 20;
   options.max_model_len = absl::GetFlag(FLAGS_max_model_len);
   options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);

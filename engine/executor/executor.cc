@@ -219,10 +219,18 @@ void Executor::PublishCounters() {
     counters_.waiting = inbox + scheduler_.num_waiting();
     counters_.running = scheduler_.num_running();
     counters_.free_blocks = blocks_.num_free();
+    counters_.cached_blocks = blocks_.num_cached();
+    counters_.prefix_query_tokens = scheduler_.prefix_query_tokens();
+    counters_.prefix_hit_tokens = scheduler_.prefix_hit_tokens();
+    counters_.prefix_evictions = blocks_.evictions();
   }
   if (!metrics_) return;
   metrics_->OnQueueState(inbox + scheduler_.num_waiting(), scheduler_.num_running(),
                          blocks_.Usage());
+  metrics_->OnPrefixCache({.query_tokens = scheduler_.prefix_query_tokens(),
+                           .hit_tokens = scheduler_.prefix_hit_tokens(),
+                           .evictions = blocks_.evictions(),
+                           .cached_blocks = blocks_.num_cached()});
   std::set<std::string> running, waiting;
   std::map<std::string, AdapterActivity> activity;  // O(requests), not O(loaded adapters)
   for (const auto& seq : scheduler_.running()) {
@@ -598,7 +606,7 @@ void Executor::EmitToken(Sequence* seq, int32_t sample_row, bool mole, absl::Tim
 void Executor::Finish(Sequence* seq, FinishReason reason, std::string matched,
                       GenerationChunk last) {
   by_handle_.erase(seq->handle);
-  std::unique_ptr<Sequence> owned = scheduler_.Remove(seq);
+  std::unique_ptr<Sequence> owned = scheduler_.Remove(seq, /*cache_computed=*/true);
   FinishInfo info;
   info.reason = reason;
   info.matched_stop = std::move(matched);

@@ -69,6 +69,10 @@ class Executor {
     int64_t running = 0;  // admitted, not finished
     int64_t free_blocks = 0;
     int64_t steps = 0;
+    int64_t cached_blocks = 0;
+    int64_t prefix_query_tokens = 0;
+    int64_t prefix_hit_tokens = 0;
+    int64_t prefix_evictions = 0;
   };
   Counters counters() const;
 

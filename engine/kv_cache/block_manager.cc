@@ -1,11 +1,17 @@
 #include "engine/kv_cache/block_manager.h"
 
+#include "absl/hash/hash.h"
 #include "engine/core/check.h"
 
 namespace moleserve::engine {
 
 BlockManager::BlockManager(int32_t num_blocks, int32_t block_size)
-    : num_blocks_(num_blocks), block_size_(block_size) {
+    : num_blocks_(num_blocks),
+      block_size_(block_size),
+      refs_(num_blocks, 0),
+      hash_of_(num_blocks, 0),
+      lru_pos_(num_blocks),
+      in_lru_(num_blocks, 0) {
   MOLE_CHECK(num_blocks > 0 && block_size > 0);
   free_.reserve(num_blocks);
   for (int32_t b = num_blocks - 1; b >= 0; --b) free_.push_back(b);
@@ -24,19 +30,70 @@ void BlockManager::Unreserve(int32_t n) {
 }
 
 int32_t BlockManager::AllocateReserved() {
-  MOLE_CHECK_MSG(reserved_ > 0 && !free_.empty(), "AllocateReserved without a reservation");
+  MOLE_CHECK_MSG(reserved_ > 0 && num_free() > 0, "AllocateReserved without a reservation");
   --reserved_;
-  const int32_t b = free_.back();
-  free_.pop_back();
+  int32_t b;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else {
+    // Evict the least recently released cached block: its KV is about to be overwritten.
+    b = lru_.front();
+    lru_.pop_front();
+    in_lru_[b] = 0;
+    registered_.erase(hash_of_[b]);
+    hash_of_[b] = 0;
+    ++evictions_;
+  }
+  MOLE_DCHECK(refs_[b] == 0);
+  refs_[b] = 1;
   return b;
 }
 
-void BlockManager::Free(absl::Span<const int32_t> blocks) {
+void BlockManager::Release(absl::Span<const int32_t> blocks) {
   for (int32_t b : blocks) {
-    MOLE_DCHECK(b >= 0 && b < num_blocks_);
-    free_.push_back(b);
+    MOLE_CHECK(b >= 0 && b < num_blocks_ && refs_[b] > 0);
+    if (--refs_[b] > 0) continue;
+    if (hash_of_[b] != 0) {
+      lru_pos_[b] = lru_.insert(lru_.end(), b);
+      in_lru_[b] = 1;
+    } else {
+      free_.push_back(b);
+    }
   }
-  MOLE_CHECK(static_cast<int32_t>(free_.size()) <= num_blocks_);
+  MOLE_CHECK(num_free() <= num_blocks_);
+}
+
+uint64_t BlockManager::ChainHash(uint64_t parent, absl::Span<const int32_t> tokens, uint64_t key) {
+  const uint64_t h = absl::Hash<std::tuple<uint64_t, absl::Span<const int32_t>, uint64_t>>{}(
+      std::make_tuple(parent, tokens, key));
+  return h == 0 ? 1 : h;  // 0 means "not registered"
+}
+
+std::vector<int32_t> BlockManager::Match(absl::Span<const uint64_t> hashes) {
+  std::vector<int32_t> out;
+  for (uint64_t h : hashes) {
+    auto it = registered_.find(h);
+    if (it == registered_.end()) break;
+    const int32_t b = it->second;
+    if (in_lru_[b]) {
+      // Taking it out of the evictable set must leave every reservation an available block.
+      if (num_free() - 1 < reserved_) break;
+      lru_.erase(lru_pos_[b]);
+      in_lru_[b] = 0;
+    }
+    ++refs_[b];
+    out.push_back(b);
+  }
+  return out;
+}
+
+bool BlockManager::Register(int32_t block, uint64_t hash) {
+  MOLE_CHECK(block >= 0 && block < num_blocks_ && refs_[block] > 0 && hash != 0);
+  if (hash_of_[block] != 0 || registered_.count(hash) > 0) return false;
+  registered_.emplace(hash, block);
+  hash_of_[block] = hash;
+  return true;
 }
 
 }  // namespace moleserve::engine

@@ -144,12 +144,22 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
     for (auto [buf, bytes] :
          {Scratch{&a->tokens, t * 4}, Scratch{&a->positions, t * 4}, Scratch{&a->token_seq, t * 4},
           Scratch{&a->block_offsets, (int64_t{options_.max_seqs} + 1) * 4},
-          Scratch{&a->block_tables, int64_t{options_.num_kv_blocks} * 4}}) {
+          Scratch{&a->block_tables, BlockTableCapacity() * 4}}) {
       ASSIGN_OR_RETURN(*buf, backend_->Allocate(bytes));
     }
   }
   ASSIGN_OR_RETURN(sample_host_, backend_->AllocateHost(sample_out_.bytes()));
   return absl::OkStatus();
+}
+
+int64_t LlamaModel::BlockTableCapacity() const {
+  // Sequences share prefix-cache blocks, so their tables together may name a block many times:
+  // each table holds at most the blocks of a whole context (and of the whole cache).
+  const int64_t per_seq =
+      std::min<int64_t>(options_.num_kv_blocks,
+                        (int64_t{config_.max_position_embeddings} + options_.kv_block_size - 1) /
+                            options_.kv_block_size);
+  return std::max<int64_t>(options_.num_kv_blocks, per_seq * options_.max_seqs);
 }
 
 absl::Status LlamaModel::ValidateBatch(const Batch& b) const {
@@ -167,8 +177,10 @@ absl::Status LlamaModel::ValidateBatch(const Batch& b) const {
     return absl::InvalidArgumentError(
         absl::StrCat("batch: ", b.num_seqs(), " sequences, allowed 1..", options_.max_seqs));
   }
-  if (b.block_tables.size() > static_cast<size_t>(options_.num_kv_blocks)) {
-    return absl::InvalidArgumentError("batch: more block-table entries than KV blocks");
+  if (static_cast<int64_t>(b.block_tables.size()) > BlockTableCapacity() ||
+      static_cast<int64_t>(b.aux_block_tables.size()) > BlockTableCapacity()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "batch: more block-table entries than the tables hold (", BlockTableCapacity(), ")"));
   }
   for (int32_t s = 0; s < b.num_seqs(); ++s) {
     if (b.block_table_offsets[s] > b.block_table_offsets[s + 1]) {

@@ -119,6 +119,9 @@ class LlamaModel {
   const absl::Status& graph_status() const { return graph_status_; }
   // Bytes of KV cache per block (all layers, K and V).
   int64_t kv_bytes_per_block() const;
+  // Block-table entries one step's batch may carry (all sequences' tables together): blocks
+  // shared through the prefix cache appear in several tables.
+  int64_t BlockTableCapacity() const;
 
  private:
   LlamaModel(Backend* backend, const ModelConfig& config, const LlamaModelOptions& options)

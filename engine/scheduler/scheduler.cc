@@ -196,11 +196,37 @@ bool Scheduler::Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::
     if (!blocks_->Reserve(need)) return false;
     seq->reserved_blocks = need;
   } else {
-    const int32_t need = blocks_->BlocksFor(static_cast<int64_t>(seq->tokens.size()));
+    const int32_t known = static_cast<int32_t>(seq->tokens.size());
+    std::vector<int32_t> matched;
+    if (options_.prefix_caching && seq->prefix_key != 0) {
+      // Full blocks only, and the last known token is always computed (its logits are sampled).
+      const int32_t full = (known - 1) / blocks_->block_size();
+      HashBlocks(seq, full);
+      matched = blocks_->Match(absl::MakeConstSpan(seq->block_hashes).first(full));
+      // Its next block is being computed this step by another sequence (n samples of one
+      // prompt, a shared system prompt arriving together): wait a step and share it instead.
+      if (static_cast<int32_t>(matched.size()) < full &&
+          step_pending_.count(seq->block_hashes[matched.size()]) > 0) {
+        blocks_->Release(matched);
+        return false;
+      }
+    }
+    const int32_t need = blocks_->BlocksFor(known) - static_cast<int32_t>(matched.size());
     // The watermark keeps room for running sequences to grow (none to keep when none runs).
     const int32_t keep = running_.empty() ? 0 : watermark_;
-    if (blocks_->num_free() - blocks_->num_reserved() - need < keep) return false;
+    if (blocks_->num_free() - blocks_->num_reserved() - need < keep) {
+      blocks_->Release(matched);
+      return false;
+    }
     MOLE_CHECK(blocks_->Reserve(need));
+    seq->blocks = std::move(matched);
+    seq->num_computed = static_cast<int32_t>(seq->blocks.size()) * blocks_->block_size();
+    seq->registered_blocks = static_cast<int32_t>(seq->blocks.size());
+    seq->cached_tokens = seq->num_computed;
+    if (seq->prefix_key != 0 && options_.prefix_caching) {
+      prefix_query_tokens_ += known;
+      prefix_hit_tokens_ += seq->num_computed;
+    }
     for (int32_t i = 0; i < need; ++i) seq->blocks.push_back(blocks_->AllocateReserved());
   }
   if (!seq->admitted) seq->admitted = now;
@@ -214,8 +240,9 @@ void Scheduler::Preempt(Sequence* seq, std::vector<Sequence*>* preempted) {
       std::find_if(running_.begin(), running_.end(), [&](const auto& s) { return s.get() == seq; });
   MOLE_CHECK_MSG(it != running_.end(), "Preempt of a sequence that is not running");
   MOLE_CHECK_MSG(!seq->xlora, "X-LoRA sequences are never preempted");
-  blocks_->Free(seq->blocks);
+  blocks_->Release(seq->blocks);  // registered blocks stay cached for its readmission
   seq->blocks.clear();
+  seq->registered_blocks = 0;
   seq->num_computed = 0;  // recompute: prompt + generated tokens are prefilled again
   ++seq->preemptions;
   ++num_preemptions_;
@@ -276,13 +303,44 @@ void Scheduler::ReleaseAuxBlocks(Sequence* seq) {
   seq->reserved_blocks -= untaken;
 }
 
+void Scheduler::HashBlocks(Sequence* seq, int32_t n) const {
+  const int32_t bs = blocks_->block_size();
+  for (int32_t i = static_cast<int32_t>(seq->block_hashes.size()); i < n; ++i) {
+    const uint64_t parent = i == 0 ? 0 : seq->block_hashes[i - 1];
+    seq->block_hashes.push_back(BlockManager::ChainHash(
+        parent, absl::MakeConstSpan(seq->tokens).subspan(int64_t{i} * bs, bs), seq->prefix_key));
+  }
+}
+
+void Scheduler::RegisterComputed(Sequence* seq) {
+  if (!options_.prefix_caching || seq->prefix_key == 0) return;
+  const int32_t full = seq->num_computed / blocks_->block_size();
+  if (full <= seq->registered_blocks) return;
+  HashBlocks(seq, full);
+  for (int32_t b = seq->registered_blocks; b < full; ++b) {
+    blocks_->Register(seq->blocks[b], seq->block_hashes[b]);  // false: another copy is cached
+  }
+  seq->registered_blocks = full;
+}
+
 std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequence*>* preempted) {
+  // The previous step's computed full blocks become matchable.
+  for (const auto& seq : running_) RegisterComputed(seq.get());
   std::vector<ScheduledChunk> step;
   step_adapters_.clear();
   step_expert_bytes_ = 0;
   step_experts_.clear();
-  auto join_step = [&](const Sequence& seq, int32_t n) {
+  step_pending_.clear();
+  auto join_step = [&](Sequence& seq, int32_t n) {
     Account(seq, n);
+    if (options_.prefix_caching && seq.prefix_key != 0) {
+      // The full blocks this chunk completes: registered at the next step, matchable then.
+      const int32_t bs = blocks_->block_size();
+      const int32_t done = (seq.num_computed + n) / bs;
+      HashBlocks(&seq, done);
+      for (int32_t b = seq.num_computed / bs; b < done; ++b)
+        step_pending_.insert(seq.block_hashes[b]);
+    }
     const int32_t slot = seq.adapter_slot;
     if (std::find(step_adapters_.begin(), step_adapters_.end(), slot) == step_adapters_.end()) {
       step_adapters_.push_back(slot);
@@ -400,7 +458,7 @@ void Scheduler::ComputePrefetchHint(absl::Time now) {
   step_expert_bytes_ = step_bytes;
 }
 
-std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {
+std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq, bool cache_computed) {
   std::unique_ptr<Sequence> out;
   auto rit =
       std::find_if(running_.begin(), running_.end(), [&](const auto& s) { return s.get() == seq; });
@@ -414,8 +472,10 @@ std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq) {
     out = std::move(*wit);
     waiting_.erase(wit);
   }
-  blocks_->Free(out->blocks);
+  if (cache_computed) RegisterComputed(out.get());
+  blocks_->Release(out->blocks);
   out->blocks.clear();
+  out->registered_blocks = 0;
   blocks_->Free(out->aux_blocks);
   out->aux_blocks.clear();
   blocks_->Unreserve(out->reserved_blocks);

@@ -43,6 +43,17 @@
 //   the executor to prefetch their experts.
 // Both policies put preempted sequences back with their original arrival time and priority.
 //
+// Prefix cache (options.prefix_caching; BlockManager): at admission a sequence with a
+// prefix_key takes the registered blocks of its longest cached prefix of full blocks (always
+// leaving its last known token to compute, whose logits it samples) by reference, starts at
+// num_computed = their tokens, and needs blocks only for the rest; at the start of each step the
+// full blocks running sequences computed are registered. Shared blocks are released, not freed:
+// the last sequence to release one leaves it cached (evictable) for later admissions, which is
+// how a preempted sequence recomputes only what was evicted. Keys differ by adapter, version and
+// routing override, so nothing computed under another is ever matched. A sequence whose next
+// uncached block another sequence computes in the step being built waits one step and then
+// shares it (n samples of one prompt, requests that arrive together with one system prompt).
+//
 // State machine of a sequence:
 //   waiting --admit--> running --preempt--> waiting (num_computed = 0, blocks freed; a step
 //   that preempts admits nobody)
@@ -53,6 +64,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <string_view>
 #include <vector>
 
@@ -92,6 +104,9 @@ struct SchedulerOptions {
   int64_t fair_share_tokens = 0;
   // Free KV blocks admission leaves for running sequences to grow into; -1 = 1% of the blocks.
   int32_t watermark_blocks = -1;
+  // Prefix cache: admission takes the registered full blocks of a sequence's known tokens
+  // (under its prefix_key) instead of computing them, and computed full blocks are registered.
+  bool prefix_caching = false;
 };
 
 // Part of a step: `num_tokens` uncomputed tokens of `seq`, starting at seq->num_computed.
@@ -123,8 +138,10 @@ class Scheduler {
   // X-LoRA sequence whose scalings were just frozen: frees its scaling-pass KV blocks and the
   // part of its reservation they had not taken yet.
   void ReleaseAuxBlocks(Sequence* seq);
-  // Removes a sequence (waiting or running), returning its blocks; returns ownership.
-  std::unique_ptr<Sequence> Remove(Sequence* seq);
+  // Removes a sequence (waiting or running), returning its blocks; returns ownership. With
+  // `cache_computed` (a sequence that finished normally) the full blocks it computed in its last
+  // step are registered first; a failed or cancelled one registers nothing more.
+  std::unique_ptr<Sequence> Remove(Sequence* seq, bool cache_computed = false);
 
   // Adapter slots whose waiting sequences the policy would admit next, best first (at most 4).
   const std::vector<int32_t>& prefetch_hint() const { return prefetch_hint_; }
@@ -134,6 +151,9 @@ class Scheduler {
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   int64_t num_running() const { return static_cast<int64_t>(running_.size()); }
   int64_t num_preemptions() const { return num_preemptions_; }
+  // Prefix cache, since start: prompt positions looked up at admission, and those found.
+  int64_t prefix_query_tokens() const { return prefix_query_tokens_; }
+  int64_t prefix_hit_tokens() const { return prefix_hit_tokens_; }
   // Weighted tokens served to the adapter in `slot` (-1 = base model), for tests and metrics.
   int64_t ServedTokens(int32_t slot) const;
 
@@ -147,6 +167,10 @@ class Scheduler {
   // had to be preempted.
   bool GrowBlocks(Sequence* seq, int32_t positions, std::vector<Sequence*>* preempted);
   void Preempt(Sequence* seq, std::vector<Sequence*>* preempted);
+  // Prefix cache: extends seq->block_hashes to its first `n` full blocks; registers the full
+  // blocks a running sequence has computed since its last registration.
+  void HashBlocks(Sequence* seq, int32_t n) const;
+  void RegisterComputed(Sequence* seq);
   // Moves seq from waiting to running and allocates its blocks; false (nothing changed) when the
   // KV blocks do not allow it.
   bool Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::Time now);
@@ -174,8 +198,13 @@ class Scheduler {
   std::vector<int32_t> step_adapters_;
   int64_t step_expert_bytes_ = 0;
   std::vector<uint32_t> step_experts_;
+  // Prefix cache: hashes of the full blocks the step being built computes (a sequence whose
+  // next block is among them waits a step and shares it).
+  std::set<uint64_t> step_pending_;
   std::vector<int32_t> prefetch_hint_;
   int64_t num_preemptions_ = 0;
+  int64_t prefix_query_tokens_ = 0;
+  int64_t prefix_hit_tokens_ = 0;
 };
 
 }  // namespace moleserve::engine

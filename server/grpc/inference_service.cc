@@ -320,6 +320,15 @@ grpc::ServerUnaryReactor* InferenceService::ListModels(grpc::CallbackServerConte
   d->set_top_k(info.default_sampling.top_k);
   d->set_min_p(info.default_sampling.min_p);
   d->set_repetition_penalty(info.default_sampling.repetition_penalty);
+  const engine::EngineStats stats = engine_->Stats();
+  pb::KvCacheInfo* kv = base->mutable_kv_cache();
+  kv->set_block_size(static_cast<uint32_t>(stats.kv_block_size));
+  kv->set_total_blocks(static_cast<uint64_t>(stats.total_kv_blocks));
+  kv->set_free_blocks(static_cast<uint64_t>(stats.free_kv_blocks));
+  kv->set_prefix_caching(stats.prefix_caching);
+  kv->set_cached_blocks(static_cast<uint64_t>(stats.cached_kv_blocks));
+  kv->set_prefix_query_tokens(static_cast<uint64_t>(stats.prefix_query_tokens));
+  kv->set_prefix_hit_tokens(static_cast<uint64_t>(stats.prefix_hit_tokens));
   for (const engine::AdapterSummary& a : engine_->ListAdapters()) {
     ToProto(a, response->add_adapters());
   }

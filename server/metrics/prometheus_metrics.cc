@@ -165,6 +165,26 @@ struct PrometheusMetrics::Families {
                          .Help("Segmented-GEMM calls split because their experts did not fit")
                          .Register(r)
                          .Add({})),
+        prefix_query_tokens(BuildCounter()
+                                .Name("moleserve_prefix_cache_queries_tokens_total")
+                                .Help("Prompt tokens looked up in the KV prefix cache at admission")
+                                .Register(r)
+                                .Add({})),
+        prefix_hit_tokens(BuildCounter()
+                              .Name("moleserve_prefix_cache_hits_tokens_total")
+                              .Help("Prompt tokens whose KV the prefix cache already held")
+                              .Register(r)
+                              .Add({})),
+        prefix_evictions(BuildCounter()
+                             .Name("moleserve_prefix_cache_evictions_total")
+                             .Help("Cached KV blocks evicted for new ones")
+                             .Register(r)
+                             .Add({})),
+        prefix_blocks(BuildGauge()
+                          .Name("moleserve_prefix_cache_blocks")
+                          .Help("KV blocks holding a cached prefix (in use or evictable)")
+                          .Register(r)
+                          .Add({})),
         cache_resident(BuildGauge()
                            .Name("moleserve_expert_cache_resident_experts")
                            .Help("Experts resident in the device pool")
@@ -230,6 +250,10 @@ struct PrometheusMetrics::Families {
   prometheus::Family<prometheus::Counter>& cache_evictions;
   prometheus::Counter& cache_bytes;
   prometheus::Counter& cache_splits;
+  prometheus::Counter& prefix_query_tokens;
+  prometheus::Counter& prefix_hit_tokens;
+  prometheus::Counter& prefix_evictions;
+  prometheus::Gauge& prefix_blocks;
   prometheus::Gauge& cache_resident;
   prometheus::Family<prometheus::Gauge>& cache_host_bytes;
   prometheus::Family<prometheus::Gauge>& cache_pages;
@@ -388,6 +412,19 @@ void PrometheusMetrics::OnAdapterActivity(const std::vector<engine::AdapterActiv
     if (named.count(a.adapter)) publish(a);
   }
   publish(other);
+}
+
+void PrometheusMetrics::OnPrefixCache(const engine::PrefixCacheMetrics& m) {
+  Families& f = *families_;
+  std::lock_guard<std::mutex> lock(prefix_mu_);
+  auto add = [](prometheus::Counter& c, int64_t now, int64_t before) {
+    if (now > before) c.Increment(static_cast<double>(now - before));
+  };
+  add(f.prefix_query_tokens, m.query_tokens, last_prefix_.query_tokens);
+  add(f.prefix_hit_tokens, m.hit_tokens, last_prefix_.hit_tokens);
+  add(f.prefix_evictions, m.evictions, last_prefix_.evictions);
+  f.prefix_blocks.Set(static_cast<double>(m.cached_blocks));
+  last_prefix_ = m;
 }
 
 void PrometheusMetrics::OnExpertCache(const engine::ExpertCacheMetrics& m) {

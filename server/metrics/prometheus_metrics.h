@@ -96,6 +96,7 @@ class PrometheusMetrics final : public engine::MetricsSink {
   void OnPreempted(int64_t n) override;
   void OnQueueState(int64_t num_waiting, int64_t num_running, double kv_cache_usage) override;
   void OnExpertCache(const engine::ExpertCacheMetrics& m) override;
+  void OnPrefixCache(const engine::PrefixCacheMetrics& m) override;
   void OnAdapterQueue(const std::vector<std::string>& running,
                       const std::vector<std::string>& waiting, int64_t max_adapters) override;
   void OnAdapterLoad(const engine::AdapterLoadMetrics& m) override;
@@ -111,6 +112,8 @@ class PrometheusMetrics final : public engine::MetricsSink {
   std::mutex lora_mu_;   // moleserve_lora_requests_info's one series
   std::mutex cache_mu_;  // the last cumulative expert cache counters, for increments
   engine::ExpertCacheMetrics last_cache_;
+  std::mutex prefix_mu_;  // the last cumulative prefix cache counters
+  engine::PrefixCacheMetrics last_prefix_;
   int port_ = 0;
   int top_adapters_ = 10;
   std::mutex activity_mu_;                // the adapters with their own series now

@@ -176,6 +176,11 @@ int List(pb::Inference::Stub& stub) {
             << " layers, hidden " << b.hidden_size() << ", vocab " << b.vocab_size() << ", context "
             << b.context_length() << ", " << b.parameter_count() << " params, " << b.backend()
             << "/" << b.dtype() << ")\n";
+  const pb::KvCacheInfo& kv = b.kv_cache();
+  std::cout << "kv cache: " << kv.total_blocks() << " blocks of " << kv.block_size() << " tokens, "
+            << kv.free_blocks() << " free; prefix cache " << (kv.prefix_caching() ? "on" : "off")
+            << ", " << kv.cached_blocks() << " blocks cached, " << kv.prefix_hit_tokens() << " of "
+            << kv.prefix_query_tokens() << " prompt tokens found\n";
   for (const pb::AdapterInfo& a : resp.adapters()) {
     std::cout << "adapter: " << a.name() << " " << pb::AdapterState_Name(a.state()) << " "
               << a.family() << " (" << a.format() << " v" << a.version() << ", " << a.num_experts()

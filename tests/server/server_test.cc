@@ -1022,6 +1022,22 @@ TEST(ServerTest, MetricsEndpointCountsTraffic) {
   }
   EXPECT_GE(m["moleserve_kv_cache_usage_ratio"], 0.0);
   EXPECT_LE(m["moleserve_kv_cache_usage_ratio"], 1.0);
+  EXPECT_EQ(m["moleserve_prefix_cache_hits_tokens_total"], 0);  // short prompts: no full block
+
+  // The prefix cache: a long prompt again finds its full blocks (of 16 tokens).
+  const std::string long_text(99, 'q');
+  ASSERT_TRUE(RunGenerate(*inst->stub, Greedy(long_text, 2)).status.ok());
+  ASSERT_TRUE(RunGenerate(*inst->stub, Greedy(long_text, 2)).status.ok());
+  for (int i = 0; i < 600 && m["moleserve_prefix_cache_hits_tokens_total"] < 16; ++i) {
+    m = test_util::ParsePrometheus(test_util::HttpGetMetrics(inst->metrics->port()));
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  const double hits = m["moleserve_prefix_cache_hits_tokens_total"];
+  EXPECT_GE(hits, 16);
+  EXPECT_EQ(std::fmod(hits, 16.0), 0) << hits;
+  EXPECT_GT(m["moleserve_prefix_cache_queries_tokens_total"], hits);
+  EXPECT_GE(m["moleserve_prefix_cache_blocks"], hits / 16);
+  EXPECT_TRUE(m.contains("moleserve_prefix_cache_evictions_total"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1066,6 +1082,11 @@ TEST(ServerTest, TokenizeAndListModels) {
   EXPECT_EQ(lresp.base().name(), "moleserve-demo");
   EXPECT_EQ(lresp.base().vocab_size(), 260u);
   EXPECT_EQ(lresp.base().context_length(), 2048u);
+  const pb::KvCacheInfo& kv = lresp.base().kv_cache();
+  EXPECT_EQ(kv.block_size(), 16u);
+  EXPECT_GT(kv.total_blocks(), 0u);
+  EXPECT_EQ(kv.free_blocks(), kv.total_blocks());  // nothing runs
+  EXPECT_TRUE(kv.prefix_caching());
   EXPECT_EQ(lresp.base().num_layers(), 4u);
   EXPECT_EQ(lresp.base().backend(), "cpu");
   EXPECT_GT(lresp.base().parameter_count(), 0u);

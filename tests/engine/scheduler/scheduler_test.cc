@@ -2,9 +2,11 @@
 //
 // SimEngine drives a real Scheduler and BlockManager with a fake clock (one step = 10 ms) and a
 // fake model whose next token is a hash of what the KV cache holds, read back through the
-// sequence's block table: a scheduler that loses, shares or forgets to recompute a block changes
-// the tokens. The device expert pool is simulated too (FakePool: whole adapters, LRU), so the
-// tests can count the bytes a policy makes it copy.
+// sequence's block table. As a real one, the KV of a position depends on the position before it
+// (read back through the table) and on what the sequence runs under (its adapter and version):
+// a scheduler that loses, wrongly shares or forgets to recompute a block changes the tokens. The
+// device expert pool is simulated too (FakePool: whole adapters, LRU), so the tests can count the
+// bytes a policy makes it copy.
 
 #include "engine/scheduler/scheduler.h"
 
@@ -81,23 +83,37 @@ class SimEngine {
       : blocks_(num_blocks, block_size),
         pool_(pool),
         scheduler_(options, &blocks_, pool),
-        kv_(static_cast<size_t>(num_blocks) * block_size, -1) {}
+        kv_(static_cast<size_t>(num_blocks) * block_size, 0) {}
 
   // Queues a request of `prompt_len` tokens (derived from `id`) that generates `output_len`.
   void Submit(uint64_t id, int32_t adapter, int32_t prompt_len, int32_t output_len,
               int32_t priority = 0, bool prompt_logprobs = false) {
+    std::vector<int32_t> prompt(prompt_len);
+    for (int32_t i = 0; i < prompt_len; ++i) prompt[i] = static_cast<int32_t>((id * 31 + i) % 97);
+    SubmitPrompt(id, adapter, std::move(prompt), output_len, /*kv_key=*/adapter + 1000, priority,
+                 prompt_logprobs);
+  }
+  // A request with its own prompt; `kv_key` is what its KV depends on besides its tokens (the
+  // adapter and its version). The scheduler sees it as the prefix key (0: not cached).
+  Sequence* SubmitPrompt(uint64_t id, int32_t adapter, std::vector<int32_t> prompt,
+                         int32_t output_len, uint64_t kv_key, int32_t priority = 0,
+                         bool prompt_logprobs = false, bool cacheable = true) {
     GenerateRequest req;
     req.stopping.max_new_tokens = output_len;
     req.priority = priority;
     req.prompt_logprobs = prompt_logprobs;
-    std::vector<int32_t> prompt(prompt_len);
-    for (int32_t i = 0; i < prompt_len; ++i) prompt[i] = static_cast<int32_t>((id * 31 + i) % 97);
     auto seq = std::make_unique<Sequence>(id, std::move(req), std::move(prompt), 0,
                                           std::make_shared<NullSink>());
     seq->adapter_slot = adapter;
     seq->arrival = now_;
+    seq->prefix_key = cacheable && !prompt_logprobs ? kv_key : 0;
+    kv_key_[id] = kv_key;
+    Sequence* out = seq.get();
     scheduler_.Enqueue(std::move(seq));
+    return out;
   }
+  // Cancels a request (waiting or running), as the executor does.
+  void Cancel(Sequence* seq) { scheduler_.Remove(seq); }
 
   // One step: schedule, check the budgets, "run" the fake model, finish what is done.
   void Step() {
@@ -150,19 +166,18 @@ class SimEngine {
     const int32_t scoring = seq->ScoringRows(seq->num_computed, c.num_tokens);
     for (int32_t i = 0; i < scoring; ++i) scored_[seq->handle].push_back(first + i);
     seq->scored += scoring;
+    auto slot = [&](int32_t p) { return static_cast<size_t>(seq->blocks[p / bs]) * bs + p % bs; };
     for (int32_t p = seq->num_computed; p < seq->num_computed + c.num_tokens; ++p) {
       ASSERT_LT(p / bs, static_cast<int32_t>(seq->blocks.size())) << "block table too short";
-      kv_[static_cast<size_t>(seq->blocks[p / bs]) * bs + p % bs] = seq->tokens[p];
+      // The position before, read back through the table (or the key, at position 0).
+      const uint64_t before = p == 0 ? kv_key_.at(seq->handle) : kv_[slot(p - 1)];
+      kv_[slot(p)] = (before ^ static_cast<uint64_t>(seq->tokens[p] + 1)) * 1099511628211ull;
     }
     seq->num_computed += c.num_tokens;
     if (!c.sample) return;
     // The fake model: a hash of the KV cache's contents for positions [0, num_computed).
     uint64_t h = 1469598103934665603ull;
-    for (int32_t p = 0; p < seq->num_computed; ++p) {
-      h = (h ^
-           static_cast<uint64_t>(kv_[static_cast<size_t>(seq->blocks[p / bs]) * bs + p % bs] + 1)) *
-          1099511628211ull;
-    }
+    for (int32_t p = 0; p < seq->num_computed; ++p) h = (h ^ (kv_[slot(p)] + 1)) * 1099511628211ull;
     seq->tokens.push_back(static_cast<int32_t>(h % 1000));
     if (seq->generated() < seq->request.stopping.max_new_tokens) return;
     if (seq->request.prompt_logprobs) {
@@ -173,13 +188,14 @@ class SimEngine {
         .queue_time = *seq->admitted - seq->arrival,
         .adapter = seq->adapter_slot};
     finished_[seq->handle] = std::move(f);
-    scheduler_.Remove(seq);
+    scheduler_.Remove(seq, /*cache_computed=*/true);
   }
 
   BlockManager blocks_;
   FakePool* pool_;
   Scheduler scheduler_;
-  std::vector<int32_t> kv_;  // the token whose K/V a slot holds
+  std::vector<uint64_t> kv_;             // what a slot's K/V holds (see Run)
+  std::map<uint64_t, uint64_t> kv_key_;  // by request id
   absl::Time now_ = absl::UnixEpoch();
   int64_t steps_ = 0;
   int32_t max_step_adapters_ = 0;
@@ -469,6 +485,68 @@ TEST(SchedulerTest, ParsesPolicyNames) {
   EXPECT_TRUE(ParseSchedulingPolicy("expert-aware", &p));
   EXPECT_EQ(p, SchedulingPolicy::kExpertAware);
   EXPECT_FALSE(ParseSchedulingPolicy("lifo", &p));
+}
+
+// Prefix caching on a small pool (preemption all the time) with cancellations and adapter
+// replaces over 10,000 requests: every request gives the tokens it gives without the cache (the
+// fake model reads each position's KV through the block table, so a wrongly shared, stale or
+// evicted-and-reused block changes them), prompts that share prefixes hit the cache, and every
+// block comes back.
+TEST(SchedulerTest, PrefixCacheGivesTheSameTokensUnderChurnAndLeaksNoBlock) {
+  constexpr int kRequests = 10000;
+  constexpr int32_t kBlocks = 24;
+  auto run = [&](bool caching, int64_t* hit_tokens, int64_t* preemptions) {
+    SchedulerOptions o = Options(SchedulingPolicy::kExpertAware, 64, 8);
+    o.prefix_caching = caching;
+    SimEngine sim(o, kBlocks, /*block_size=*/4, nullptr);
+    std::mt19937 rng(1234);                      // the workload: the same in both runs
+    std::vector<std::vector<int32_t>> prefixes;  // shared system prompts
+    for (int i = 0; i < 6; ++i) {
+      std::vector<int32_t> p(4 + rng() % 20);
+      for (int32_t& t : p) t = static_cast<int32_t>(rng() % 50);
+      prefixes.push_back(p);
+    }
+    std::map<int32_t, uint64_t> version = {{-1, 1}, {0, 1}, {1, 1}, {2, 1}};
+    std::map<uint64_t, Sequence*> to_cancel;  // id -> sequence, cancelled two steps later
+    for (int i = 0; i < kRequests; ++i) {
+      const int32_t adapter = static_cast<int32_t>(rng() % 4) - 1;
+      std::vector<int32_t> prompt = prefixes[rng() % prefixes.size()];
+      for (uint32_t n = rng() % 7; n > 0; --n) prompt.push_back(static_cast<int32_t>(rng() % 50));
+      const int32_t output = 1 + static_cast<int32_t>(rng() % 12);
+      const bool cacheable = rng() % 10 != 0;
+      if (i % 500 == 499) ++version[static_cast<int32_t>(rng() % 3)];  // a replace
+      const uint64_t key = static_cast<uint64_t>(adapter + 2) * 1000 + version[adapter];
+      Sequence* seq =
+          sim.SubmitPrompt(i, adapter, std::move(prompt), output, key, 0, false, cacheable);
+      if (i % 13 == 0) to_cancel[i] = seq;
+      if (i % 3 != 0) sim.Step();  // arrivals outpace the steps: the pool fills
+      for (auto it = to_cancel.begin(); it != to_cancel.end();) {
+        if (static_cast<int64_t>(it->first) > i - 2) break;
+        if (sim.finished().count(it->first) == 0) sim.Cancel(it->second);
+        it = to_cancel.erase(it);
+      }
+    }
+    sim.RunUntilIdle();
+    EXPECT_EQ(sim.blocks().num_free(), kBlocks) << "a block leaked";
+    EXPECT_EQ(sim.blocks().num_reserved(), 0);
+    *hit_tokens = sim.scheduler().prefix_hit_tokens();
+    *preemptions = sim.scheduler().num_preemptions();
+    std::map<uint64_t, std::vector<int32_t>> out;
+    for (const auto& [id, f] : sim.finished()) {
+      if (id % 13 != 0) out[id] = f.output;
+    }
+    return out;
+  };
+  int64_t hits_off = 0, hits_on = 0, preempt_off = 0, preempt_on = 0;
+  const auto without = run(false, &hits_off, &preempt_off);
+  const auto with = run(true, &hits_on, &preempt_on);
+  EXPECT_EQ(hits_off, 0);
+  EXPECT_GT(hits_on, 0) << "shared prompt prefixes never hit the cache";
+  EXPECT_GT(preempt_on, 0) << "the pool is meant to force preemption";
+  ASSERT_EQ(without.size(), with.size());
+  int64_t differ = 0;
+  for (const auto& [id, tokens] : without) differ += with.at(id) != tokens ? 1 : 0;
+  EXPECT_EQ(differ, 0) << "requests whose tokens changed with the cache";
 }
 
 }  // namespace
