@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <ctime>
 #include <functional>
 #include <map>
@@ -12,6 +13,7 @@
 #include <variant>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -727,14 +729,18 @@ class ExprParser {
         while (Peek().kind == Token::Kind::kString) s += Next().text;  // adjacent literals join
         return Make({.kind = Expr::Kind::kLiteral, .line = t.line, .literal = Value::Str(s)});
       }
-      case Token::Kind::kInt:
+      case Token::Kind::kInt: {
+        int64_t value = 0;
+        if (!absl::SimpleAtoi(t.text, &value)) {  // past int64: refused, never thrown
+          return SyntaxError(t.line,
+                             absl::StrCat("integer literal out of range: ", t.text.substr(0, 32)));
+        }
+        return Make({.kind = Expr::Kind::kLiteral, .line = t.line, .literal = Value::Int(value)});
+      }
+      case Token::Kind::kFloat:  // strtod: a literal past the range is +-inf, as in JavaScript
         return Make({.kind = Expr::Kind::kLiteral,
                      .line = t.line,
-                     .literal = Value::Int(std::stoll(t.text))});
-      case Token::Kind::kFloat:
-        return Make({.kind = Expr::Kind::kLiteral,
-                     .line = t.line,
-                     .literal = Value::Float(std::stod(t.text))});
+                     .literal = Value::Float(std::strtod(t.text.c_str(), nullptr))});
       case Token::Kind::kName: {
         if (t.text == "true" || t.text == "True") {
           return Make({.kind = Expr::Kind::kLiteral, .line = t.line, .literal = Value::Bool(true)});

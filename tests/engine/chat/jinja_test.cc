@@ -42,6 +42,17 @@ TEST(JinjaTest, ExpressionsFollowPython) {
             "false true true");
 }
 
+// Found by chat_template_fuzz: a literal of more digits than int64 holds once threw out of the
+// parser. It is a syntax error naming it; a float literal past the range is infinite, as in
+// JavaScript (@huggingface/jinja); the largest int64 still parses.
+TEST(JinjaTest, NumericLiteralsPastTheirRange) {
+  EXPECT_EQ(Render("{{ 1 != 44444444444444444444444444444444 }}"),
+            "PARSE: chat template line 1: integer literal out of range: "
+            "44444444444444444444444444444444");
+  EXPECT_EQ(Render("{{ 9223372036854775807 }}"), "9223372036854775807");
+  EXPECT_EQ(Render("{{ 1" + std::string(400, '0') + ".0 > 1.0 }}"), "true");  // infinity
+}
+
 TEST(JinjaTest, WhitespaceControlAndBlocks) {
   // trim_blocks and lstrip_blocks as Hugging Face sets them; `-` strips across newlines.
   EXPECT_EQ(Render("  {% if true %}\nA\n  {% endif %}\nB"), "A\nB");
