@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -69,7 +70,8 @@ ABSL_FLAG(std::string, metrics_addr, "",
           "host:port of the server's Prometheus /metrics endpoint, scraped before and after the "
           "run (empty = no server-side metrics)");
 ABSL_FLAG(std::string, mode, "open",
-          "open: Poisson arrivals at --rate; closed: --concurrency requests always in flight");
+          "open: Poisson arrivals at --rate; closed: --concurrency requests always in flight; "
+          "chat: --num-requests multi-turn conversations, --concurrency of them at once");
 ABSL_FLAG(double, rate, std::numeric_limits<double>::infinity(),
           "Open loop: mean requests per second (inf = all at once)");
 ABSL_FLAG(int, concurrency, 0,
@@ -100,6 +102,9 @@ ABSL_FLAG(bool, wait_for_server, false,
 ABSL_FLAG(int, channels, 1, "gRPC channels (connections) the requests are spread over");
 ABSL_FLAG(std::string, out, "", "JSON report path (empty = none)");
 ABSL_FLAG(std::string, label, "", "Free text copied into the report");
+ABSL_FLAG(int, turns, 4, "--mode=chat: turns per conversation");
+ABSL_FLAG(int, system_prompt_len, 256,
+          "--mode=chat: tokens of the system prompt every conversation starts with");
 
 namespace {
 
@@ -313,6 +318,114 @@ std::vector<RequestRecord> Driver::Run(const std::vector<PlannedRequest>& plan, 
   return records;
 }
 
+// --- chat mode ---------------------------------------------------------------------------------
+
+// One multi-turn conversation: its adapter, and per turn the question it adds and the tokens it
+// asks for. Turn t's prompt is the system prompt, every earlier question and answer (the tokens
+// the server generated), then question t: what a chat client sends back every turn.
+struct Conversation {
+  std::string adapter;
+  std::vector<std::vector<uint32_t>> questions;
+  std::vector<int> output_lens;
+};
+
+std::vector<Conversation> PlanChat(const moleserve::bench::WorkloadConfig& c, int turns,
+                                   const moleserve::bench::AdapterSampler& adapters) {
+  std::mt19937_64 adapter_rng(c.seed * 3 + 1), length_rng(c.seed * 3 + 2), id_rng(c.seed * 3 + 3);
+  std::uniform_int_distribution<uint32_t> id(c.token_id_min, c.token_id_max - 1);
+  std::vector<Conversation> out(c.num_requests);
+  for (Conversation& conv : out) {
+    conv.adapter = adapters.Sample(adapter_rng);
+    for (int t = 0; t < turns; ++t) {
+      std::vector<uint32_t> q(c.prompt_len.Sample(length_rng));
+      for (uint32_t& v : q) v = id(id_rng);
+      conv.questions.push_back(std::move(q));
+      conv.output_lens.push_back(c.output_len.Sample(length_rng));
+    }
+  }
+  return out;
+}
+
+// Runs the conversations, `concurrency` at a time (0 = all at once), each turn after the one
+// before it ended. records[conversation * turns + turn]; a failed turn ends its conversation
+// (its later turns stay unsent: code kUnknown, not counted as requests).
+std::vector<RequestRecord> RunChat(const std::vector<std::unique_ptr<pb::Inference::Stub>>& stubs,
+                                   const std::vector<uint32_t>& system_prompt,
+                                   const std::vector<Conversation>& conversations, int turns,
+                                   int concurrency, absl::Duration timeout) {
+  std::vector<RequestRecord> records(conversations.size() * turns);
+  const Clock::time_point start = Clock::now();
+  auto now = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t c = next++; c < conversations.size(); c = next++) {
+      const Conversation& conv = conversations[c];
+      std::vector<uint32_t> history = system_prompt;
+      for (int t = 0; t < turns; ++t) {
+        history.insert(history.end(), conv.questions[t].begin(), conv.questions[t].end());
+        pb::GenerateRequest req;
+        req.set_request_id(absl::StrCat("molebench-chat-", c, "-", t));
+        req.set_adapter(conv.adapter);
+        req.mutable_token_ids()->mutable_ids()->Add(history.begin(), history.end());
+        req.mutable_sampling()->set_temperature(0);
+        req.mutable_stopping()->set_max_new_tokens(static_cast<uint32_t>(conv.output_lens[t]));
+        req.mutable_stopping()->set_ignore_eos(true);
+        RequestRecord& r = records[c * turns + t];
+        r.adapter = conv.adapter;
+        r.prompt_tokens = static_cast<int64_t>(history.size());
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(timeout));
+        if (!conv.adapter.empty()) {
+          ctx.AddMetadata(moleserve::server::kAdapterHeader, conv.adapter);
+        }
+        r.send_s = now();
+        auto reader = stubs[c % stubs.size()]->Generate(&ctx, req);
+        pb::GenerateResponse msg;
+        while (reader->Read(&msg)) {
+          r.token_times_s.insert(r.token_times_s.end(), msg.token_ids_size(), now());
+          history.insert(history.end(), msg.token_ids().begin(), msg.token_ids().end());
+        }
+        const grpc::Status st = reader->Finish();
+        r.end_s = now();
+        r.code = static_cast<absl::StatusCode>(st.error_code());
+        r.error_message = st.error_message();
+        if (!st.ok()) break;
+      }
+    }
+  };
+  const int n = concurrency > 0 ? std::min<int>(concurrency, static_cast<int>(conversations.size()))
+                                : static_cast<int>(conversations.size());
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) threads.emplace_back(worker);
+  for (std::thread& t : threads) t.join();
+  return records;
+}
+
+void PrintLine(absl::string_view key, absl::string_view value);  // below, with the report
+
+// TTFT per turn: where a prefix cache shows (later turns repeat the earlier ones).
+nlohmann::json PerTurn(const std::vector<RequestRecord>& records, int turns,
+                       const moleserve::bench::SloConfig& slo) {
+  nlohmann::json out = nlohmann::json::array();
+  std::cout << "--------------- Per turn (TTFT ms) ---------------\n";
+  for (int t = 0; t < turns; ++t) {
+    std::vector<RequestRecord> of_turn;
+    for (size_t i = t; i < records.size(); i += turns) {
+      if (records[i].code != absl::StatusCode::kUnknown) of_turn.push_back(records[i]);
+    }
+    const BenchSummary s = moleserve::bench::SummarizeRun(of_turn, slo);
+    PrintLine(absl::StrCat("  turn ", t + 1, ":"),
+              absl::StrFormat("n=%d  prompt tokens %d  TTFT p50 %.2f p99 %.2f", s.completed,
+                              s.completed > 0 ? s.input_tokens / s.completed : 0, s.ttft_ms.p50,
+                              s.ttft_ms.p99));
+    out.push_back({{"turn", t + 1},
+                   {"completed", s.completed},
+                   {"mean_prompt_tokens", s.completed > 0 ? s.input_tokens / s.completed : 0},
+                   {"ttft_ms", moleserve::bench::SummaryToJson(s.ttft_ms)}});
+  }
+  return out;
+}
+
 // --- report ------------------------------------------------------------------------------------
 
 std::string AdapterName(const std::string& name) { return name.empty() ? "(base)" : name; }
@@ -480,6 +593,8 @@ int main(int argc, char** argv) {
       "molebench [flags]: load generator for moleserve Inference/Generate.\n"
       "  open loop:   molebench --rate 20 --num-requests 500 --adapters mole:40 --popularity zipf\n"
       "  closed loop: molebench --mode closed --concurrency 64 --dataset prompts.jsonl\n"
+      "  chat:        molebench --mode chat --num-requests 32 --turns 4 --system-prompt-len 256\n"
+      "               (--num-requests conversations; each turn repeats the ones before it)\n"
       "Reports TTFT/TPOT/ITL/E2E (ms), throughput, goodput (--slo-ttft-ms/--slo-tpot-ms), status\n"
       "counts, per-adapter latency and, with --metrics-addr, server expert-cache deltas;\n"
       "--out writes the same as JSON.");
@@ -496,8 +611,12 @@ int main(int argc, char** argv) {
   const std::string mode = absl::GetFlag(FLAGS_mode);
   const int concurrency = absl::GetFlag(FLAGS_concurrency);
   const double rate = absl::GetFlag(FLAGS_rate);
-  if (mode != "open" && mode != "closed") {
-    return SetupError(absl::StrCat("--mode must be open or closed, not '", mode, "'"));
+  if (mode != "open" && mode != "closed" && mode != "chat") {
+    return SetupError(absl::StrCat("--mode must be open, closed or chat, not '", mode, "'"));
+  }
+  const int turns = absl::GetFlag(FLAGS_turns);
+  if (mode == "chat" && (turns < 1 || absl::GetFlag(FLAGS_system_prompt_len) < 0)) {
+    return SetupError("--mode=chat needs --turns >= 1 and --system-prompt-len >= 0");
   }
   if (concurrency < 0) return SetupError("--concurrency must be >= 0");
   if (mode == "closed" && concurrency < 1) return SetupError("--mode=closed needs --concurrency");
@@ -603,7 +722,25 @@ int main(int argc, char** argv) {
                                                  : absl::StrCat("concurrency ", concurrency));
   const absl::Time started = absl::Now();
   std::vector<RequestRecord> records;
-  if (use_http) {
+  std::vector<Conversation> conversations;
+  std::vector<RequestRecord> chat_records;  // mode chat: conversation * turns + turn
+  if (mode == "chat") {
+    if (use_http) return SetupError("--mode=chat runs over gRPC");
+    absl::StatusOr<moleserve::bench::AdapterSampler> sampler =
+        moleserve::bench::AdapterSampler::Create(config.adapters, config.popularity, config.zipf_s,
+                                                 config.seed);
+    if (!sampler.ok()) return SetupError(sampler.status());
+    conversations = PlanChat(config, turns, *sampler);
+    std::mt19937_64 system_rng(config.seed * 3 + 4);
+    std::uniform_int_distribution<uint32_t> id(config.token_id_min, config.token_id_max - 1);
+    std::vector<uint32_t> system_prompt(absl::GetFlag(FLAGS_system_prompt_len));
+    for (uint32_t& v : system_prompt) v = id(system_rng);
+    chat_records = RunChat(stubs, system_prompt, conversations, turns, concurrency,
+                           absl::GetFlag(FLAGS_timeout));
+    for (const RequestRecord& r : chat_records) {
+      if (r.code != absl::StatusCode::kUnknown) records.push_back(r);  // unsent turns aside
+    }
+  } else if (use_http) {
     records = moleserve::bench::RunHttpPlan(http_endpoint, base_model, *plan, concurrency,
                                             /*paced=*/mode == "open", absl::GetFlag(FLAGS_timeout));
   } else {
@@ -623,6 +760,8 @@ int main(int argc, char** argv) {
   }
   const BenchSummary summary = moleserve::bench::SummarizeRun(records, slo);
   PrintReport(summary, slo, absl::GetFlag(FLAGS_label), mode, server, server_error);
+  nlohmann::json per_turn;
+  if (mode == "chat") per_turn = PerTurn(chat_records, turns, slo);
 
   const std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) return 0;
@@ -651,6 +790,12 @@ int main(int argc, char** argv) {
       {"channels", absl::GetFlag(FLAGS_channels)},
       {"started", absl::FormatTime(absl::RFC3339_sec, started, absl::UTCTimeZone())},
   };
+  if (mode == "chat") {
+    report["config"]["turns"] = turns;
+    report["config"]["conversations"] = conversations.size();
+    report["config"]["system_prompt_len"] = absl::GetFlag(FLAGS_system_prompt_len);
+    report["per_turn"] = per_turn;
+  }
   report["server"] = server_info;
   report["server_metrics"] =
       server.has_value() ? moleserve::bench::ServerMetricsDeltaToJson(*server) : nlohmann::json();

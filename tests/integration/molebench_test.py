@@ -60,7 +60,26 @@ def main():
                   g["input_tokens"] == h["input_tokens"],
                   f"the same plan gave other token counts: grpc {g} http {h}")
             print("ok   both protocols ran the plan")
+            # Chat mode: each turn repeats the conversation so far (the answers included).
+            out = os.path.join(tmp, "chat.json")
+            r = run([molebench, "--addr", f"127.0.0.1:{port}", "--mode", "chat",
+                     "--num-requests", "3", "--turns", "3", "--concurrency", "2",
+                     "--system-prompt-len", "40", "--prompt-len", "fixed:5",
+                     "--output-len", "fixed:4", "--seed", "5", "--out", out], timeout=120)
+            check(r.returncode == 0, f"molebench chat exit {r.returncode}: {text(r.stderr)}")
+            with open(out) as f:
+                chat = json.load(f)
+            check(chat["totals"]["completed"] == 9, f"chat: {chat['totals']}")
+            turns = chat["per_turn"]
+            check([t["completed"] for t in turns] == [3, 3, 3], f"chat turns: {turns}")
+            # 40 system + 5 per question + 4 per answer before it.
+            check([t["mean_prompt_tokens"] for t in turns] == [45, 54, 63], f"chat: {turns}")
+            check("Per turn" in text(r.stdout), f"chat report: {text(r.stdout)}")
+            print("ok   chat mode ran 3 conversations of 3 turns")
             for args, what in [(["--protocol", "smoke"], "bad --protocol"),
+                               (["--mode", "chat", "--turns", "0"], "chat without turns"),
+                               (["--mode", "chat", "--protocol", "http", "--http-addr",
+                                 f"127.0.0.1:{http_port}"], "chat over HTTP"),
                                (["--protocol", "http", "--http-addr", "127.0.0.1:1"],
                                 "unreachable --http-addr")]:
                 r = run([molebench, "--num-requests", "1"] + args)
