@@ -11,10 +11,12 @@
 #include "engine/scheduler/scheduler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 #include <vector>
 
 #include "engine/kv_cache/block_manager.h"
@@ -547,6 +549,61 @@ TEST(SchedulerTest, PrefixCacheGivesTheSameTokensUnderChurnAndLeaksNoBlock) {
   int64_t differ = 0;
   for (const auto& [id, tokens] : without) differ += with.at(id) != tokens ? 1 : 0;
   EXPECT_EQ(differ, 0) << "requests whose tokens changed with the cache";
+}
+
+// Fair share charges output tokens (twice a prompt token), so an adapter whose requests are
+// one-token prompts with long outputs counts what it really takes. Against an adapter of the
+// opposite shape (long prompts, one output token), both flooding two sequence slots, the
+// weighted service evens out: the cheap-per-request adapter completes more requests. Were output
+// tokens free, the long-output adapter would look idle to the counter and take every slot.
+TEST(SchedulerTest, FairShareChargesOutputTokensAgainstUnevenShapes) {
+  SchedulerOptions o = Options(SchedulingPolicy::kExpertAware, 64, 2);
+  o.max_queue_delay = absl::Hours(1);
+  o.fair_share_tokens = 16;
+  SimEngine sim(o, 1024, 4, nullptr);
+  for (uint64_t i = 0; i < 200; ++i) {
+    sim.Submit(2 * i, /*adapter=*/0, /*prompt_len=*/1, /*output_len=*/32);
+    sim.Submit(2 * i + 1, /*adapter=*/1, /*prompt_len=*/32, /*output_len=*/1);
+  }
+  for (int s = 0; s < 400; ++s) sim.Step();
+  int64_t long_output = 0, long_prompt = 0;
+  for (const auto& [id, f] : sim.finished()) (f.adapter == 0 ? long_output : long_prompt) += 1;
+  // Weighted cost per request: 1 + 2 * 32 = 65 against 32 + 2 = 34.
+  EXPECT_GT(long_output, 0);
+  EXPECT_GE(long_prompt, long_output * 3 / 2)
+      << long_prompt << " long-prompt requests against " << long_output << " long-output ones";
+  const double a = static_cast<double>(sim.scheduler().ServedTokens(0));
+  const double b = static_cast<double>(sim.scheduler().ServedTokens(1));
+  EXPECT_LT(std::abs(a - b) / std::max(a, b), 0.25) << "weighted service " << a << " vs " << b;
+}
+
+// An adapter coming back after a long idle spell starts level with the least served active one
+// (S-LoRA's lift), so its idleness is no credit: while it sends a burst, the adapter that kept
+// flooding still gets its share. Without the lift the returning adapter would take every slot
+// until its counter caught up.
+TEST(SchedulerTest, AnAdapterReturningFromIdleGetsNoCreditForIt) {
+  SchedulerOptions o = Options(SchedulingPolicy::kExpertAware, 64, 2);
+  o.max_queue_delay = absl::Hours(1);
+  o.fair_share_tokens = 32;
+  SimEngine sim(o, 1024, 4, nullptr);
+  uint64_t id = 0;
+  // The returning adapter runs a little first, then goes idle while the other floods for long.
+  for (int i = 0; i < 4; ++i) sim.Submit(id++, /*adapter=*/1, 8, 8);
+  sim.RunUntilIdle();
+  for (int i = 0; i < 400; ++i) sim.Submit(id++, /*adapter=*/0, 8, 8);
+  for (int s = 0; s < 600; ++s) sim.Step();
+  std::set<uint64_t> before;
+  for (const auto& [rid, f] : sim.finished()) before.insert(rid);
+  // The burst.
+  for (int i = 0; i < 60; ++i) sim.Submit(id++, /*adapter=*/1, 8, 8);
+  for (int s = 0; s < 150; ++s) sim.Step();
+  int64_t flood = 0, burst = 0;
+  for (const auto& [rid, f] : sim.finished()) {
+    if (before.count(rid) == 0) (f.adapter == 0 ? flood : burst) += 1;
+  }
+  EXPECT_GT(burst, 0);
+  EXPECT_GE(flood, burst / 2) << "the flooding adapter got " << flood
+                              << " requests through while the returning one got " << burst;
 }
 
 }  // namespace
