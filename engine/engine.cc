@@ -196,6 +196,7 @@ absl::Status ValidateOptions(const EngineOptions& o) {
   if (o.max_queue_delay <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("max_queue_delay must be > 0");
   }
+  if (o.max_bypass < 0) return absl::InvalidArgumentError("max_bypass must be >= 0");
   if (o.fair_share_tokens < 0) {
     return absl::InvalidArgumentError("fair_share_tokens must be >= 0");
   }
@@ -341,6 +342,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                               .max_num_seqs = options.max_num_seqs,
                               .max_queue_delay = options.max_queue_delay,
                               .fair_share_tokens = options.fair_share_tokens,
+                              .max_bypass = options.max_bypass,
                               .prefix_caching = options.prefix_caching};
   ParseSchedulingPolicy(options.scheduling_policy, &scheduling.policy);  // validated above
   state->executor = std::make_unique<Executor>(state->model.get(), state->expert_cache.get(),

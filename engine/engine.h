@@ -53,6 +53,9 @@ struct EngineOptions {
   // expert_aware: weighted tokens (prefill 1, decode 2) an adapter may be served ahead of the
   // least served waiting adapter and still be picked; 0 = max_batch_tokens.
   int64_t fair_share_tokens = 0;
+  // expert_aware: later requests grouping may admit ahead of a waiting one before it goes next;
+  // 0 = max_num_seqs / 2.
+  int32_t max_bypass = 0;
   // Prefix caching (engine/kv_cache/block_manager.h): full KV blocks computed under the same
   // adapter, version and routing override are shared by later requests with the same prefix.
   bool prefix_caching = true;

@@ -116,6 +116,9 @@ ABSL_FLAG(absl::Duration, max_queue_delay, absl::Seconds(2),
 ABSL_FLAG(int64_t, fair_share_tokens, 0,
           "expert_aware: weighted tokens an adapter may be served ahead of the least served "
           "waiting one (0 = --max-batch-tokens)");
+ABSL_FLAG(int32_t, max_bypass, 0,
+          "expert_aware: later requests grouping may admit ahead of a waiting one before it goes "
+          "next (0 = --max-num-seqs / 2)");
 ABSL_FLAG(int64_t, kv_cache_mib, 256, "KV cache memory in MiB");
 ABSL_FLAG(bool, prefix_caching, true,
           "Share the KV blocks of repeated prompt prefixes between requests of the same adapter, "
@@ -207,6 +210,7 @@ int Run() {
   options.max_queue_delay = absl::GetFlag(FLAGS_max_queue_delay);
   options.fair_share_tokens = absl::GetFlag(FLAGS_fair_share_tokens);
   options.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
+  options.max_bypass = absl::GetFlag(FLAGS_max_bypass);
   options.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mib) << 20;
   options.max_model_len = absl::GetFlag(FLAGS_max_model_len);
   options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);

@@ -1,5 +1,7 @@
 #include "engine/kv_cache/block_manager.h"
 
+#include <algorithm>
+
 #include "absl/hash/hash.h"
 #include "engine/core/check.h"
 
@@ -10,6 +12,7 @@ BlockManager::BlockManager(int32_t num_blocks, int32_t block_size)
       block_size_(block_size),
       refs_(num_blocks, 0),
       hash_of_(num_blocks, 0),
+      content_(num_blocks),
       lru_pos_(num_blocks),
       in_lru_(num_blocks, 0) {
   MOLE_CHECK(num_blocks > 0 && block_size > 0);
@@ -51,7 +54,8 @@ int32_t BlockManager::AllocateReserved() {
 }
 
 void BlockManager::Release(absl::Span<const int32_t> blocks) {
-  for (int32_t b : blocks) {
+  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+    const int32_t b = *it;
     MOLE_CHECK(b >= 0 && b < num_blocks_ && refs_[b] > 0);
     if (--refs_[b] > 0) continue;
     if (hash_of_[b] != 0) {
@@ -70,12 +74,19 @@ uint64_t BlockManager::ChainHash(uint64_t parent, absl::Span<const int32_t> toke
   return h == 0 ? 1 : h;  // 0 means "not registered"
 }
 
-std::vector<int32_t> BlockManager::Match(absl::Span<const uint64_t> hashes) {
+std::vector<int32_t> BlockManager::Match(absl::Span<const uint64_t> hashes,
+                                         absl::Span<const int32_t> tokens, uint64_t key) {
   std::vector<int32_t> out;
-  for (uint64_t h : hashes) {
-    auto it = registered_.find(h);
+  for (size_t i = 0; i < hashes.size(); ++i) {
+    auto it = registered_.find(hashes[i]);
     if (it == registered_.end()) break;
     const int32_t b = it->second;
+    const Content& c = content_[b];
+    const absl::Span<const int32_t> own = tokens.subspan(i * block_size_, block_size_);
+    if (c.key != key || c.parent != (i == 0 ? 0 : hashes[i - 1]) ||
+        !std::equal(c.tokens.begin(), c.tokens.end(), own.begin(), own.end())) {
+      break;  // a hash collision: another prefix's block
+    }
     if (in_lru_[b]) {
       // Taking it out of the evictable set must leave every reservation an available block.
       if (num_free() - 1 < reserved_) break;
@@ -88,11 +99,14 @@ std::vector<int32_t> BlockManager::Match(absl::Span<const uint64_t> hashes) {
   return out;
 }
 
-bool BlockManager::Register(int32_t block, uint64_t hash) {
-  MOLE_CHECK(block >= 0 && block < num_blocks_ && refs_[block] > 0 && hash != 0);
+bool BlockManager::Register(int32_t block, uint64_t hash, uint64_t parent,
+                            absl::Span<const int32_t> tokens, uint64_t key) {
+  MOLE_CHECK(block >= 0 && block < num_blocks_ && refs_[block] > 0 && hash != 0 &&
+             static_cast<int32_t>(tokens.size()) == block_size_);
   if (hash_of_[block] != 0 || registered_.count(hash) > 0) return false;
   registered_.emplace(hash, block);
   hash_of_[block] = hash;
+  content_[block] = {.parent = parent, .key = key, .tokens = {tokens.begin(), tokens.end()}};
   return true;
 }
 

@@ -64,19 +64,28 @@ class BlockManager {
   // Requires a reservation (checked).
   int32_t AllocateReserved();
   // Drops one reference to each block: at 0 a registered block becomes evictable, any other
-  // free. (Free is the same.)
+  // free. Blocks are released last to first (a sequence's table), so a chain's later blocks are
+  // evicted before its first ones, which every later match needs. (Free is the same.)
   void Release(absl::Span<const int32_t> blocks);
   void Free(absl::Span<const int32_t> blocks) { Release(blocks); }
 
   // The hash of a full block of `tokens` after the prefix hashed `parent` (0 for the first
   // block), under `key` (nonzero).
   static uint64_t ChainHash(uint64_t parent, absl::Span<const int32_t> tokens, uint64_t key);
-  // The registered blocks of the longest prefix of `hashes`, each with one more reference; an
-  // evictable one is taken only while an unpromised block remains beside it.
-  std::vector<int32_t> Match(absl::Span<const uint64_t> hashes);
-  // Registers `block` (in use, full, its KV computed) under `hash`. False when the hash already
-  // has a block (this one stays private) or `block` is registered already.
-  bool Register(int32_t block, uint64_t hash);
+  // The registered blocks of the longest prefix of `hashes` (hashes[i] = the chain hash of full
+  // block i of `tokens` under `key`), each with one more reference; an evictable one is taken
+  // only while an unpromised block remains beside it. A hash alone never matches: the block's
+  // parent, tokens and key must equal the registration's, so a hash collision is a miss.
+  std::vector<int32_t> Match(absl::Span<const uint64_t> hashes, absl::Span<const int32_t> tokens,
+                             uint64_t key);
+  // Registers `block` (in use, full, its KV computed) under `hash` = ChainHash(parent, tokens,
+  // key). False when the hash already has a block (this one stays private) or `block` is
+  // registered already.
+  bool Register(int32_t block, uint64_t hash, uint64_t parent, absl::Span<const int32_t> tokens,
+                uint64_t key);
+  // For tests: a block's references, and whether it is registered.
+  int32_t refs(int32_t block) const { return refs_[block]; }
+  bool registered(int32_t block) const { return hash_of_[block] != 0; }
 
  private:
   int32_t num_blocks_;
@@ -84,9 +93,16 @@ class BlockManager {
   int32_t reserved_ = 0;
   std::vector<int32_t> free_;  // stack; the lowest ids are handed out first
   std::vector<int32_t> refs_;  // per block
-  // Registration: hash -> block, and per block its hash (0 = not registered).
+  // Registration: hash -> block, and per block its hash (0 = not registered) and what the hash
+  // was made of (checked by Match).
   std::unordered_map<uint64_t, int32_t> registered_;
   std::vector<uint64_t> hash_of_;
+  struct Content {
+    uint64_t parent = 0;
+    uint64_t key = 0;
+    std::vector<int32_t> tokens;
+  };
+  std::vector<Content> content_;
   // Evictable blocks, least recently released first, and each one's place in the list.
   std::list<int32_t> lru_;
   std::vector<std::list<int32_t>::iterator> lru_pos_;

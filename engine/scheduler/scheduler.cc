@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <set>
 
 #include "engine/core/check.h"
 
@@ -59,6 +60,8 @@ Scheduler::Scheduler(const SchedulerOptions& options, BlockManager* blocks,
     : options_(options), blocks_(blocks), experts_(experts) {
   MOLE_CHECK(options.max_num_seqs > 0 && options.max_batch_tokens >= options.max_num_seqs);
   if (options_.fair_share_tokens <= 0) options_.fair_share_tokens = options_.max_batch_tokens;
+  max_bypass_ =
+      options_.max_bypass > 0 ? options_.max_bypass : std::max(1, options_.max_num_seqs / 2);
   watermark_ = options.watermark_blocks >= 0 ? options.watermark_blocks
                                              : std::max(1, blocks->num_blocks() / 100);
 }
@@ -145,7 +148,8 @@ int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bo
     }
     return best;
   }
-  // Aging: the oldest overdue sequence goes first, whatever its adapter or priority.
+  // Aging: the oldest overdue sequence (waiting longer than max_queue_delay) goes first,
+  // whatever its adapter or priority.
   int64_t oldest = -1;
   for (int64_t i = 0; i < n; ++i) {
     if (skip[i] || now - waiting_[i]->arrival < options_.max_queue_delay) continue;
@@ -155,6 +159,16 @@ int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bo
     *overdue = true;
     return oldest;
   }
+  // Bounded bypass: a sequence overtaken by max_bypass later arrivals that grouping (not fair
+  // share or priority) put first goes next, the oldest such first, whatever the pool (like
+  // aging; the expert cache splits a call whose experts do not fit at once), but it holds
+  // nobody back for KV blocks.
+  for (int64_t i = 0; i < n; ++i) {
+    const Sequence& w = *waiting_[i];
+    if (skip[i] || w.overtaken < max_bypass_) continue;
+    if (oldest < 0 || w.arrival < waiting_[oldest]->arrival) oldest = i;
+  }
+  if (oldest >= 0) return oldest;
   int32_t priority = std::numeric_limits<int32_t>::min();
   for (int64_t i = 0; i < n; ++i) {
     if (!skip[i]) priority = std::max(priority, waiting_[i]->request.priority);
@@ -173,7 +187,9 @@ int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bo
   int64_t best = -1;
   double best_score = -1;
   for (const auto& [slot, i] : head) {
-    if (ServedTokens(slot) > least + options_.fair_share_tokens) continue;  // ahead of its share
+    // Fair share binds only while adapters contend for the pool; without contention grouping
+    // saves nothing and arrival order is the fair one.
+    if (contended_ && ServedTokens(slot) > least + options_.fair_share_tokens) continue;
     if (!FitsExpertPool(slot)) continue;
     const Sequence& s = *waiting_[i];
     double score = AdapterScore(slot);
@@ -189,7 +205,9 @@ int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bo
   return best;
 }
 
-bool Scheduler::Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::Time now) {
+bool Scheduler::Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::Time now,
+                      bool* waits_for_share) {
+  *waits_for_share = false;
   Sequence* seq = it->get();
   if (seq->xlora) {
     const int32_t need = BlocksNeeded(*seq);
@@ -202,12 +220,14 @@ bool Scheduler::Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::
       // Full blocks only, and the last known token is always computed (its logits are sampled).
       const int32_t full = (known - 1) / blocks_->block_size();
       HashBlocks(seq, full);
-      matched = blocks_->Match(absl::MakeConstSpan(seq->block_hashes).first(full));
+      matched = blocks_->Match(absl::MakeConstSpan(seq->block_hashes).first(full),
+                               absl::MakeConstSpan(seq->tokens), seq->prefix_key);
       // Its next block is being computed this step by another sequence (n samples of one
       // prompt, a shared system prompt arriving together): wait a step and share it instead.
       if (static_cast<int32_t>(matched.size()) < full &&
           step_pending_.count(seq->block_hashes[matched.size()]) > 0) {
         blocks_->Release(matched);
+        *waits_for_share = true;
         return false;
       }
     }
@@ -223,9 +243,10 @@ bool Scheduler::Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::
     seq->num_computed = static_cast<int32_t>(seq->blocks.size()) * blocks_->block_size();
     seq->registered_blocks = static_cast<int32_t>(seq->blocks.size());
     seq->cached_tokens = seq->num_computed;
-    if (seq->prefix_key != 0 && options_.prefix_caching) {
-      prefix_query_tokens_ += known;
-      prefix_hit_tokens_ += seq->num_computed;
+    if (seq->prefix_key != 0 && options_.prefix_caching && seq->preemptions == 0) {
+      // Prompt tokens at first admission (a readmission after preemption is not a new query).
+      prefix_query_tokens_ += seq->prompt_len;
+      prefix_hit_tokens_ += std::min(seq->num_computed, seq->prompt_len);
     }
     for (int32_t i = 0; i < need; ++i) seq->blocks.push_back(blocks_->AllocateReserved());
   }
@@ -317,15 +338,41 @@ void Scheduler::RegisterComputed(Sequence* seq) {
   const int32_t full = seq->num_computed / blocks_->block_size();
   if (full <= seq->registered_blocks) return;
   HashBlocks(seq, full);
+  const int32_t bs = blocks_->block_size();
   for (int32_t b = seq->registered_blocks; b < full; ++b) {
-    blocks_->Register(seq->blocks[b], seq->block_hashes[b]);  // false: another copy is cached
+    // False: another copy is cached; this one stays private.
+    blocks_->Register(seq->blocks[b], seq->block_hashes[b], b == 0 ? 0 : seq->block_hashes[b - 1],
+                      absl::MakeConstSpan(seq->tokens).subspan(int64_t{b} * bs, bs),
+                      seq->prefix_key);
   }
   seq->registered_blocks = full;
+}
+
+bool Scheduler::Contended() const {
+  if (experts_ == nullptr || experts_->capacity_bytes() <= 0) return false;
+  std::set<int32_t> slots;
+  for (const auto& s : running_) slots.insert(s->adapter_slot);
+  for (const auto& s : waiting_) slots.insert(s->adapter_slot);
+  int64_t bytes = 0;
+  for (int32_t slot : slots) bytes += slot < 0 ? 0 : experts_->AdapterBytes(slot);
+  return bytes > experts_->capacity_bytes();
+}
+
+void Scheduler::CountOvertaken(const Sequence& admitted) {
+  for (const auto& w : waiting_) {
+    // Overtaken by grouping: it should have gone first (priority, then arrival), and the
+    // admitted one's adapter is not owed service by fair share.
+    if (Before(*w, admitted) &&
+        (!contended_ || ServedTokens(admitted.adapter_slot) >= ServedTokens(w->adapter_slot))) {
+      ++w->overtaken;
+    }
+  }
 }
 
 std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequence*>* preempted) {
   // The previous step's computed full blocks become matchable.
   for (const auto& seq : running_) RegisterComputed(seq.get());
+  contended_ = options_.policy == SchedulingPolicy::kExpertAware && Contended();
   std::vector<ScheduledChunk> step;
   step_adapters_.clear();
   step_expert_bytes_ = 0;
@@ -401,13 +448,16 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
     const int64_t i = PickNext(now, skip, &overdue);
     if (i < 0) break;
     Sequence* seq = waiting_[i].get();
-    if (!Admit(waiting_.begin() + i, now)) {
-      // FCFS and overdue sequences: the head waits for blocks and nobody overtakes it.
-      if (options_.policy == SchedulingPolicy::kFcfs || overdue) break;
+    bool waits_for_share = false;
+    if (!Admit(waiting_.begin() + i, now, &waits_for_share)) {
+      // FCFS and overdue sequences: the head waits for blocks and nobody overtakes it. One that
+      // waits a step to share a block being computed holds nobody back.
+      if (!waits_for_share && (options_.policy == SchedulingPolicy::kFcfs || overdue)) break;
       skip[i] = 1;
       continue;
     }
     skip.erase(skip.begin() + i);
+    if (options_.policy == SchedulingPolicy::kExpertAware) CountOvertaken(*seq);
     const int32_t n = fit_rows(*seq, std::min(seq->uncomputed(), budget));
     if (seq->xlora) GrowBlocks(seq, seq->num_computed + n, preempted);
     step.push_back({seq, n, n == seq->uncomputed()});

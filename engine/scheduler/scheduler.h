@@ -100,8 +100,11 @@ struct SchedulerOptions {
   // Expert-aware: no sequence waits longer than this because of grouping or fair share.
   absl::Duration max_queue_delay = absl::Seconds(2);
   // Expert-aware: weighted tokens an adapter may be ahead of the least served waiting adapter and
-  // still be picked; 0 = max_batch_tokens.
+  // still be picked, while adapters contend for the pool; 0 = max_batch_tokens.
   int64_t fair_share_tokens = 0;
+  // Expert-aware: later arrivals grouping may admit ahead of a sequence before it goes first;
+  // 0 = max_num_seqs / 2.
+  int32_t max_bypass = 0;
   // Free KV blocks admission leaves for running sequences to grow into; -1 = 1% of the blocks.
   int32_t watermark_blocks = -1;
   // Prefix cache: admission takes the registered full blocks of a sequence's known tokens
@@ -172,12 +175,18 @@ class Scheduler {
   void HashBlocks(Sequence* seq, int32_t n) const;
   void RegisterComputed(Sequence* seq);
   // Moves seq from waiting to running and allocates its blocks; false (nothing changed) when the
-  // KV blocks do not allow it.
-  bool Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::Time now);
+  // KV blocks do not allow it, or (`waits_for_share`) when its next block is being computed this
+  // step by another sequence, to be shared from the next one.
+  bool Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::Time now,
+             bool* waits_for_share);
   // Index into waiting_ of the sequence the policy takes next among those not in `skip`; -1 when
   // none. `overdue` is set when the pick is overdue.
   int64_t PickNext(absl::Time now, const std::vector<uint8_t>& skip, bool* overdue) const;
   double AdapterScore(int32_t slot) const;
+  // Whether the experts of every adapter running or waiting exceed the pool.
+  bool Contended() const;
+  // After `admitted` was taken: every waiting sequence it overtook by grouping counts one more.
+  void CountOvertaken(const Sequence& admitted);
   bool FitsExpertPool(int32_t slot) const;
   void Account(const Sequence& seq, int32_t tokens);
   void ActivateAdapter(int32_t slot);
@@ -203,6 +212,8 @@ class Scheduler {
   std::set<uint64_t> step_pending_;
   std::vector<int32_t> prefetch_hint_;
   int64_t num_preemptions_ = 0;
+  bool contended_ = false;  // this step: adapters contend for the expert pool (Contended)
+  int32_t max_bypass_ = 1;
   int64_t prefix_query_tokens_ = 0;
   int64_t prefix_hit_tokens_ = 0;
 };

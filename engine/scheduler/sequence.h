@@ -87,6 +87,8 @@ struct Sequence {
   // expert-aware scheduling policy; empty until observed or for the base model.
   std::vector<uint32_t> routed_experts;
   bool routing_observed = false;  // routed_experts was taken (it may be empty)
+  // Expert-aware policy: later arrivals admitted ahead of it by grouping while it waited.
+  int32_t overtaken = 0;
 };
 
 }  // namespace moleserve::engine

@@ -186,28 +186,38 @@ TEST(PrefixCacheTest, AdapterVersionAndOverrideAreInTheKey) {
   std::vector<int32_t> prompt = {256};
   const std::vector<int32_t> body = Tokens(80, 3);
   prompt.insert(prompt.end(), body.begin(), body.end());
-  auto both = [&](GenerateRequest r, const std::string& what) {
+  // Each request's outputs equal the uncached engine's; `hits` says whether the cached engine
+  // should have found the prompt (computed before under the same key) or nothing of it.
+  auto both = [&](GenerateRequest r, const std::string& what, bool hits) {
     const auto want = Generate(*plain, r);
+    const int64_t before = cached->Stats().prefix_hit_tokens;
     const auto got = Generate(*cached, r);
     ExpectSame(got, want, what);
+    const int64_t found = cached->Stats().prefix_hit_tokens - before;
+    if (hits) {
+      EXPECT_EQ(found, 80) << what << ": the prompt's 5 full blocks";
+    } else {
+      EXPECT_EQ(found, 0) << what << ": computed under another key, yet found in the cache";
+    }
     return got;
   };
-  const auto on_mole = both(Greedy("mole", prompt, 10), "mole");
+  const auto on_mole = both(Greedy("mole", prompt, 10), "mole", false);
   // The same prompt on the base model and on another adapter.
-  const auto on_base = both(Greedy("", prompt, 10), "base after mole");
-  both(Greedy("lora", prompt, 10), "lora after mole");
+  both(Greedy("", prompt, 10), "base after mole", false);
+  both(Greedy("lora", prompt, 10), "lora after mole", false);
   // A routing override: top-1 instead of the adapter's top-2.
   GenerateRequest top1 = Greedy("mole", prompt, 10);
   top1.routing_override.k = 1;
-  const auto overridden = both(top1, "mole with k=1 after mole");
+  const auto overridden = both(top1, "mole with k=1 after mole", false);
   EXPECT_NE(overridden, on_mole)
       << "the override changes nothing: the test would not see a bad key";
-  both(Greedy("mole", prompt, 10), "mole after mole with k=1");
+  both(top1, "mole with k=1 again", true);
+  both(Greedy("mole", prompt, 10), "mole again", true);
   // A replace: the same name, other weights.
   for (Engine* e : {cached.get(), plain.get()}) {
     ASSERT_TRUE(e->LoadAdapter("mole", "mole2", /*replace=*/true).ok());
   }
-  const auto replaced = both(Greedy("mole", prompt, 10), "mole v2 after v1");
+  const auto replaced = both(Greedy("mole", prompt, 10), "mole v2 after v1", false);
   EXPECT_NE(replaced, on_mole) << "v2 gives v1's tokens: the test would not see a bad key";
   EXPECT_GT(cached->Stats().prefix_hit_tokens, 0);
 }
