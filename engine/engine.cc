@@ -197,6 +197,9 @@ absl::Status ValidateOptions(const EngineOptions& o) {
     return absl::InvalidArgumentError("max_queue_delay must be > 0");
   }
   if (o.max_bypass < 0) return absl::InvalidArgumentError("max_bypass must be >= 0");
+  if (o.fair_share_half_life <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("fair_share_half_life must be > 0");
+  }
   if (o.fair_share_tokens < 0) {
     return absl::InvalidArgumentError("fair_share_tokens must be >= 0");
   }
@@ -343,6 +346,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                               .max_queue_delay = options.max_queue_delay,
                               .fair_share_tokens = options.fair_share_tokens,
                               .max_bypass = options.max_bypass,
+                              .fair_share_half_life = options.fair_share_half_life,
                               .prefix_caching = options.prefix_caching};
   ParseSchedulingPolicy(options.scheduling_policy, &scheduling.policy);  // validated above
   state->executor = std::make_unique<Executor>(state->model.get(), state->expert_cache.get(),

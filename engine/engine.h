@@ -56,6 +56,8 @@ struct EngineOptions {
   // expert_aware: later requests grouping may admit ahead of a waiting one before it goes next;
   // 0 = max_num_seqs / 2.
   int32_t max_bypass = 0;
+  // expert_aware: the fair-share counters halve over this long (recent service counts).
+  absl::Duration fair_share_half_life = absl::Seconds(1);
   // Prefix caching (engine/kv_cache/block_manager.h): full KV blocks computed under the same
   // adapter, version and routing override are shared by later requests with the same prefix.
   bool prefix_caching = true;

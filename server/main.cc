@@ -116,6 +116,9 @@ ABSL_FLAG(absl::Duration, max_queue_delay, absl::Seconds(2),
 ABSL_FLAG(int64_t, fair_share_tokens, 0,
           "expert_aware: weighted tokens an adapter may be served ahead of the least served "
           "waiting one (0 = --max-batch-tokens)");
+ABSL_FLAG(absl::Duration, fair_share_half_life, absl::Seconds(1),
+          "expert_aware: the fair-share counters halve over this long, so a popular adapter is "
+          "held back only while it takes far more than its share");
 ABSL_FLAG(int32_t, max_bypass, 0,
           "expert_aware: later requests grouping may admit ahead of a waiting one before it goes "
           "next (0 = --max-num-seqs / 2)");
@@ -211,6 +214,7 @@ int Run() {
   options.fair_share_tokens = absl::GetFlag(FLAGS_fair_share_tokens);
   options.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   options.max_bypass = absl::GetFlag(FLAGS_max_bypass);
+  options.fair_share_half_life = absl::GetFlag(FLAGS_fair_share_half_life);
   options.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_mib) << 20;
   options.max_model_len = absl::GetFlag(FLAGS_max_model_len);
   options.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);

@@ -1,6 +1,7 @@
 #include "engine/scheduler/scheduler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <set>
 
@@ -60,6 +61,8 @@ Scheduler::Scheduler(const SchedulerOptions& options, BlockManager* blocks,
     : options_(options), blocks_(blocks), experts_(experts) {
   MOLE_CHECK(options.max_num_seqs > 0 && options.max_batch_tokens >= options.max_num_seqs);
   if (options_.fair_share_tokens <= 0) options_.fair_share_tokens = options_.max_batch_tokens;
+  half_life_ = options_.fair_share_half_life > absl::ZeroDuration() ? options_.fair_share_half_life
+                                                                    : absl::Seconds(1);
   max_bypass_ =
       options_.max_bypass > 0 ? options_.max_bypass : std::max(1, options_.max_num_seqs / 2);
   watermark_ = options.watermark_blocks >= 0 ? options.watermark_blocks
@@ -77,10 +80,21 @@ int32_t Scheduler::BlocksNeeded(const Sequence& seq) const {
   return seq.xlora ? 2 * n : n;  // X-LoRA: the scaling pass has its own KV
 }
 
-int64_t Scheduler::ServedTokens(int32_t slot) const {
+double Scheduler::Served(int32_t slot) const {
   auto it = served_.find(slot);
-  return it == served_.end() ? 0 : it->second;
+  if (it == served_.end()) return 0;
+  // Decayed with a half-life: what counts is recent service, so a popular adapter's lead over
+  // the others stays bounded (it is held back only when it takes far more than its share).
+  const double half_lives =
+      absl::ToDoubleSeconds(now_ - it->second.at) / absl::ToDoubleSeconds(half_life_);
+  return it->second.value * std::exp2(-std::max(0.0, half_lives));
 }
+
+int64_t Scheduler::ServedTokens(int32_t slot) const {
+  return static_cast<int64_t>(std::llround(Served(slot)));
+}
+
+void Scheduler::SetServed(int32_t slot, double value) { served_[slot] = {value, now_}; }
 
 bool Scheduler::AdapterActive(int32_t slot) const {
   auto it = active_.find(slot);
@@ -91,12 +105,12 @@ void Scheduler::ActivateAdapter(int32_t slot) {
   if (!AdapterActive(slot)) {
     // S-LoRA's lift: an adapter that was idle starts level with the least served active one, so
     // idleness is not banked as credit.
-    int64_t least = std::numeric_limits<int64_t>::max();
+    double least = std::numeric_limits<double>::infinity();
     for (const auto& [s, n] : active_) {
-      if (n > 0) least = std::min(least, ServedTokens(s));
+      if (n > 0) least = std::min(least, Served(s));
     }
-    if (least == std::numeric_limits<int64_t>::max()) least = last_idle_served_;  // none active
-    served_[slot] = std::max(ServedTokens(slot), least);
+    if (std::isinf(least)) least = Served(kLastIdle);  // none active
+    SetServed(slot, std::max(Served(slot), least));
   }
   ++active_[slot];
 }
@@ -107,7 +121,9 @@ void Scheduler::Enqueue(std::unique_ptr<Sequence> seq) {
 }
 
 void Scheduler::Account(const Sequence& seq, int32_t tokens) {
-  served_[seq.adapter_slot] += tokens * (seq.uncomputed() == 1 ? kDecodeWeight : kPrefillWeight);
+  SetServed(
+      seq.adapter_slot,
+      Served(seq.adapter_slot) + tokens * (seq.uncomputed() == 1 ? kDecodeWeight : kPrefillWeight));
 }
 
 double Scheduler::AdapterScore(int32_t slot) const {
@@ -182,14 +198,16 @@ int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bo
     if (!inserted && Before(s, *waiting_[it->second])) it->second = i;
   }
   if (head.empty()) return -1;
-  int64_t least = std::numeric_limits<int64_t>::max();
-  for (const auto& [slot, i] : head) least = std::min(least, ServedTokens(slot));
+  double least = std::numeric_limits<double>::infinity();
+  for (const auto& [slot, i] : head) least = std::min(least, Served(slot));
   int64_t best = -1;
   double best_score = -1;
   for (const auto& [slot, i] : head) {
     // Fair share binds only while adapters contend for the pool; without contention grouping
     // saves nothing and arrival order is the fair one.
-    if (contended_ && ServedTokens(slot) > least + options_.fair_share_tokens) continue;
+    if (contended_ && Served(slot) > least + static_cast<double>(options_.fair_share_tokens)) {
+      continue;
+    }
     if (!FitsExpertPool(slot)) continue;
     const Sequence& s = *waiting_[i];
     double score = AdapterScore(slot);
@@ -363,13 +381,14 @@ void Scheduler::CountOvertaken(const Sequence& admitted) {
     // Overtaken by grouping: it should have gone first (priority, then arrival), and the
     // admitted one's adapter is not owed service by fair share.
     if (Before(*w, admitted) &&
-        (!contended_ || ServedTokens(admitted.adapter_slot) >= ServedTokens(w->adapter_slot))) {
+        (!contended_ || Served(admitted.adapter_slot) >= Served(w->adapter_slot))) {
       ++w->overtaken;
     }
   }
 }
 
 std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequence*>* preempted) {
+  now_ = std::max(now_, now);
   // The previous step's computed full blocks become matchable.
   for (const auto& seq : running_) RegisterComputed(seq.get());
   contended_ = options_.policy == SchedulingPolicy::kExpertAware && Contended();
@@ -532,7 +551,7 @@ std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq, bool cache_computed) 
   out->reserved_blocks = 0;
   if (--active_[out->adapter_slot] == 0) {
     active_.erase(out->adapter_slot);
-    last_idle_served_ = ServedTokens(out->adapter_slot);
+    SetServed(kLastIdle, Served(out->adapter_slot));
   }
   return out;
 }

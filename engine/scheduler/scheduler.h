@@ -62,6 +62,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <limits>
 #include <map>
 #include <memory>
 #include <set>
@@ -105,6 +106,9 @@ struct SchedulerOptions {
   // Expert-aware: later arrivals grouping may admit ahead of a sequence before it goes first;
   // 0 = max_num_seqs / 2.
   int32_t max_bypass = 0;
+  // Expert-aware: the fair-share counters halve over this long (recent service counts), so a
+  // popular adapter is held back only while it takes far more than its share; 0 = 1 s.
+  absl::Duration fair_share_half_life = absl::ZeroDuration();
   // Free KV blocks admission leaves for running sequences to grow into; -1 = 1% of the blocks.
   int32_t watermark_blocks = -1;
   // Prefix cache: admission takes the registered full blocks of a sequence's known tokens
@@ -183,6 +187,9 @@ class Scheduler {
   // none. `overdue` is set when the pick is overdue.
   int64_t PickNext(absl::Time now, const std::vector<uint8_t>& skip, bool* overdue) const;
   double AdapterScore(int32_t slot) const;
+  // The decayed counter of `slot` now (`now_`), and its new value.
+  double Served(int32_t slot) const;
+  void SetServed(int32_t slot, double value);
   // Whether the experts of every adapter running or waiting exceed the pool.
   bool Contended() const;
   // After `admitted` was taken: every waiting sequence it overtook by grouping counts one more.
@@ -200,9 +207,17 @@ class Scheduler {
   int32_t watermark_;
   std::deque<std::unique_ptr<Sequence>> waiting_;   // arrival order (preempted: re-inserted)
   std::vector<std::unique_ptr<Sequence>> running_;  // admission order
-  std::map<int32_t, int64_t> served_;               // virtual token counter per adapter slot
-  std::map<int32_t, int32_t> active_;               // waiting + running sequences per adapter slot
-  int64_t last_idle_served_ = 0;  // counter of the last adapter to go idle (S-LoRA's lift)
+  // Virtual token counter per adapter slot, decayed with fair_share_half_life from `at`.
+  struct Counter {
+    double value = 0;
+    absl::Time at;
+  };
+  std::map<int32_t, Counter> served_;
+  // The counter of the last adapter to go idle (S-LoRA's lift), kept in served_ under this slot.
+  static constexpr int32_t kLastIdle = std::numeric_limits<int32_t>::min();
+  absl::Time now_ = absl::InfinitePast();  // of the last Schedule
+  absl::Duration half_life_;
+  std::map<int32_t, int32_t> active_;  // waiting + running sequences per adapter slot
   // The step being built: its adapters and the union of its sequences' observed expert sets.
   std::vector<int32_t> step_adapters_;
   int64_t step_expert_bytes_ = 0;
