@@ -590,8 +590,13 @@ absl::StatusOr<AdapterSummary> Engine::CommitUpload(std::unique_ptr<AdapterUploa
   });
   upload.reset();  // a staging copy that was not moved into place goes now
   if (!path.ok()) return path.status();
-  absl::StatusOr<AdapterSummary> loaded =
-      LoadAdapter(spec.name, *path, replace, spec.sha256, deadline);
+  // Finish hashed the files: the load records the digest without reading them once more.
+  absl::StatusOr<AdapterSummary> loaded = state_->lifecycle->Load({.name = spec.name,
+                                                                   .path = *path,
+                                                                   .replace = replace,
+                                                                   .sha256 = spec.sha256,
+                                                                   .sha256_checked = true,
+                                                                   .deadline = deadline});
   if (!loaded.ok()) {
     // The placed files stay only when they are what the name serves now.
     absl::StatusOr<AdapterStatus> now = state_->lifecycle->Status(spec.name);

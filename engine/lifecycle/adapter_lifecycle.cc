@@ -274,7 +274,7 @@ absl::StatusOr<AdapterSummary> AdapterLifecycle::LoadLocked(const LoadSpec& spec
     limits.confine_to = std::filesystem::canonical(options_.adapter_root, ec).string();
   }
   absl::StatusOr<AdapterFiles> files = AtBackgroundPriority(nice, [&] {
-    return InspectAdapterFiles(dir, limits, /*digest=*/!spec.sha256.empty(),
+    return InspectAdapterFiles(dir, limits, /*digest=*/!spec.sha256.empty() && !spec.sha256_checked,
                                [&] { return KeepGoing("inspect", deadline); });
   });
   if (!files.ok()) {
@@ -282,7 +282,7 @@ absl::StatusOr<AdapterSummary> AdapterLifecycle::LoadLocked(const LoadSpec& spec
     return fail_at(
         st, absl::IsDeadlineExceeded(st) || absl::IsUnavailable(st) ? "timeout" : "too_large");
   }
-  if (!spec.sha256.empty() && files->sha256 != spec.sha256) {
+  if (!spec.sha256.empty() && !spec.sha256_checked && files->sha256 != spec.sha256) {
     return fail_at(absl::InvalidArgumentError(
                        absl::StrCat("sha256 mismatch: the files of ", Quote(spec.path),
                                     " digest to ", files->sha256, ", expected ", spec.sha256)),
@@ -326,7 +326,7 @@ absl::StatusOr<AdapterSummary> AdapterLifecycle::LoadLocked(const LoadSpec& spec
     e->state = AdapterState::kReady;
     e->error.clear();
     e->path = spec.path;
-    e->sha256 = files->sha256;
+    e->sha256 = spec.sha256_checked ? spec.sha256 : files->sha256;
     e->disk_bytes = files->total_bytes;
     std::erase_if(e->retiring, [](const auto& w) { return w.expired(); });
     if (old != nullptr) e->retiring.push_back(old);
@@ -436,36 +436,33 @@ std::shared_ptr<const AdapterVersion> AdapterLifecycle::Find(const std::string& 
   return it == entries_.end() ? nullptr : it->second->current;
 }
 
-AdapterStatus AdapterLifecycle::StatusOf(const std::string& name, const Entry& e) const {
-  AdapterStatus st{.name = name,
-                   .state = e.state,
-                   .error = e.error,
-                   .path = e.path,
-                   .sha256 = e.sha256,
-                   .disk_bytes = e.disk_bytes,
-                   .in_flight = e.in_flight};
-  for (const auto& w : e.retiring) st.retiring_versions += w.expired() ? 0 : 1;
-  return st;
+AdapterLifecycle::Snapshot AdapterLifecycle::SnapshotOf(const std::string& name,
+                                                        const Entry& e) const {
+  const bool draining = e.state == AdapterState::kDraining;
+  Snapshot snap{.status = {.name = name,
+                           .state = e.state,
+                           .error = e.error,
+                           .path = e.path,
+                           .sha256 = e.sha256,
+                           .disk_bytes = e.disk_bytes,
+                           .in_flight = e.in_flight},
+                .version = draining ? e.draining.lock() : e.current,
+                .slot = draining ? e.draining_slot : e.slot};
+  for (const auto& w : e.retiring) snap.status.retiring_versions += w.expired() ? 0 : 1;
+  return snap;
 }
 
-void AdapterLifecycle::FillStatus(AdapterStatus* st, const std::shared_ptr<const AdapterVersion>& v,
-                                  int32_t slot) const {
-  if (v == nullptr) return;
-  st->has_version = true;
-  st->summary = Summarize(*v);
-  st->host_bytes = v->adapter->bytes;
-  st->device_bytes = host_->DeviceBytes(slot, *v->adapter);
-  st->loaded_at = v->loaded_at;
+AdapterStatus AdapterLifecycle::Fill(Snapshot snap) const {
+  AdapterStatus& st = snap.status;
+  if (const std::shared_ptr<const AdapterVersion>& v = snap.version; v != nullptr) {
+    st.has_version = true;
+    st.summary = Summarize(*v);
+    st.host_bytes = v->adapter->bytes;
+    st.device_bytes = host_->DeviceBytes(snap.slot, *v->adapter);
+    st.loaded_at = v->loaded_at;
+  }
+  return std::move(st);
 }
-
-namespace {
-// A status copied under the lock, with the version it shows (filled in after the lock).
-struct Snapshot {
-  AdapterStatus status;
-  std::shared_ptr<const AdapterVersion> version;
-  int32_t slot = -1;
-};
-}  // namespace
 
 absl::StatusOr<AdapterStatus> AdapterLifecycle::Status(const std::string& name) const {
   Snapshot snap;
@@ -475,29 +472,19 @@ absl::StatusOr<AdapterStatus> AdapterLifecycle::Status(const std::string& name) 
     if (it == entries_.end()) {
       return absl::NotFoundError(absl::StrCat("adapter ", Quote(name), " is not known"));
     }
-    const Entry& e = *it->second;
-    snap.status = StatusOf(name, e);
-    snap.version = e.state == AdapterState::kDraining ? e.draining.lock() : e.current;
-    snap.slot = e.state == AdapterState::kDraining ? e.draining_slot : e.slot;
+    snap = SnapshotOf(name, *it->second);
   }
-  FillStatus(&snap.status, snap.version, snap.slot);
-  return std::move(snap.status);
+  return Fill(std::move(snap));
 }
 
 std::vector<AdapterStatus> AdapterLifecycle::Statuses() const {
   std::vector<Snapshot> snaps;
   VisitInChunks(&mu_, entries_, 256, [&](const std::string& name, const EntryPtr& e) {
-    const bool draining = e->state == AdapterState::kDraining;
-    snaps.push_back({.status = StatusOf(name, *e),
-                     .version = draining ? e->draining.lock() : e->current,
-                     .slot = draining ? e->draining_slot : e->slot});
+    snaps.push_back(SnapshotOf(name, *e));
   });
   std::vector<AdapterStatus> out;
   out.reserve(snaps.size());
-  for (Snapshot& snap : snaps) {
-    FillStatus(&snap.status, snap.version, snap.slot);
-    out.push_back(std::move(snap.status));
-  }
+  for (Snapshot& snap : snaps) out.push_back(Fill(std::move(snap)));
   return out;
 }
 

@@ -95,6 +95,9 @@ struct LoadSpec {
   std::string path;
   bool replace = false;
   std::string sha256;  // "" or the files' digest (InspectAdapterFiles), checked before parsing
+  // The caller has just checked that the files digest to `sha256` (an upload, in its own
+  // directory): it is recorded without hashing the files again.
+  bool sha256_checked = false;
   absl::Time deadline = absl::InfiniteFuture();
   // A start-up adapter: not confined to the root, no deadline, the name must be new.
   bool startup = false;
@@ -172,14 +175,21 @@ class AdapterLifecycle {
   absl::StatusOr<AdapterSummary> LoadLocked(const LoadSpec& spec, const EntryPtr& e,
                                             AdapterLoadMetrics* m, std::string* stage);
   void EndLease(Entry* e);
-  AdapterStatus StatusOf(const std::string& name, const Entry& e) const
+  // A name's status as far as the table knows it, with the version it shows (the draining one
+  // while DRAINING) and that version's slot: copied under the lock, completed by Fill after it.
+  struct Snapshot {
+    AdapterStatus status;
+    std::shared_ptr<const AdapterVersion> version;
+    int32_t slot = -1;
+  };
+  Snapshot SnapshotOf(const std::string& name, const Entry& e) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void FillStatus(AdapterStatus* st, const std::shared_ptr<const AdapterVersion>& v,
-                  int32_t slot) const;
+  // The version's summary and sizes (the host's device bytes), outside the lock.
+  AdapterStatus Fill(Snapshot snap) const;
 
   const LifecycleOptions options_;
-  const AdapterFileLimits file_limits_;      // start-up loads
-  const AdapterFileLimits confined_limits_;  // hot loads: confined to the root
+  // Size limits; a hot load adds confinement to the root (resolved per load).
+  const AdapterFileLimits file_limits_;
   AdapterHost* const host_;
 
   mutable Mutex mu_;

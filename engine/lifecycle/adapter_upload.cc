@@ -219,14 +219,14 @@ absl::StatusOr<std::string> AdapterUpload::Finish(const std::function<absl::Stat
     return absl::InternalError(
         absl::StrCat("cannot create ", Quote(parent.string()), ": ", ec.message()));
   }
+  // An earlier upload of the same files may still be there: the copy just checked replaces it,
+  // so what is placed is always what was hashed (the load does not hash it again).
+  fs::remove_all(target, ec);
   fs::rename(staging_, target, ec);
-  if (!ec) {
-    finished_ = true;
-  } else if (!fs::is_directory(target)) {
+  if (ec) {
     return absl::InternalError(absl::StrCat("cannot move the upload into place: ", ec.message()));
   }
-  // Else the same files were uploaded before and are still there: they serve, the staging
-  // copy goes with the destructor.
+  finished_ = true;
   return (fs::path(std::string(kUploadsDir)) / spec_.name / spec_.sha256).string();
 }
 
