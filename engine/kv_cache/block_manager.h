@@ -65,9 +65,8 @@ class BlockManager {
   int32_t AllocateReserved();
   // Drops one reference to each block: at 0 a registered block becomes evictable, any other
   // free. Blocks are released last to first (a sequence's table), so a chain's later blocks are
-  // evicted before its first ones, which every later match needs. (Free is the same.)
+  // evicted before its first ones, which every later match needs.
   void Release(absl::Span<const int32_t> blocks);
-  void Free(absl::Span<const int32_t> blocks) { Release(blocks); }
 
   // The hash of a full block of `tokens` after the prefix hashed `parent` (0 for the first
   // block), under `key` (nonzero).

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <set>
 
 #include "engine/core/check.h"
 
@@ -260,7 +259,6 @@ bool Scheduler::Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::
     seq->blocks = std::move(matched);
     seq->num_computed = static_cast<int32_t>(seq->blocks.size()) * blocks_->block_size();
     seq->registered_blocks = static_cast<int32_t>(seq->blocks.size());
-    seq->cached_tokens = seq->num_computed;
     if (seq->prefix_key != 0 && options_.prefix_caching && seq->preemptions == 0) {
       // Prompt tokens at first admission (a readmission after preemption is not a new query).
       prefix_query_tokens_ += seq->prompt_len;
@@ -336,7 +334,7 @@ void Scheduler::ReleaseAuxBlocks(Sequence* seq) {
   const int32_t aux_total = BlocksNeeded(*seq) / 2;
   const int32_t untaken = aux_total - static_cast<int32_t>(seq->aux_blocks.size());
   MOLE_CHECK_MSG(untaken >= 0 && untaken <= seq->reserved_blocks, "aux KV accounting broken");
-  blocks_->Free(seq->aux_blocks);
+  blocks_->Release(seq->aux_blocks);
   seq->aux_blocks.clear();
   blocks_->Unreserve(untaken);
   seq->reserved_blocks -= untaken;
@@ -368,11 +366,8 @@ void Scheduler::RegisterComputed(Sequence* seq) {
 
 bool Scheduler::Contended() const {
   if (experts_ == nullptr || experts_->capacity_bytes() <= 0) return false;
-  std::set<int32_t> slots;
-  for (const auto& s : running_) slots.insert(s->adapter_slot);
-  for (const auto& s : waiting_) slots.insert(s->adapter_slot);
-  int64_t bytes = 0;
-  for (int32_t slot : slots) bytes += slot < 0 ? 0 : experts_->AdapterBytes(slot);
+  int64_t bytes = 0;  // active_: the slots of every running and waiting sequence
+  for (const auto& [slot, n] : active_) bytes += slot < 0 ? 0 : experts_->AdapterBytes(slot);
   return bytes > experts_->capacity_bytes();
 }
 
@@ -545,7 +540,7 @@ std::unique_ptr<Sequence> Scheduler::Remove(Sequence* seq, bool cache_computed) 
   blocks_->Release(out->blocks);
   out->blocks.clear();
   out->registered_blocks = 0;
-  blocks_->Free(out->aux_blocks);
+  blocks_->Release(out->aux_blocks);
   out->aux_blocks.clear();
   blocks_->Unreserve(out->reserved_blocks);
   out->reserved_blocks = 0;

@@ -61,12 +61,10 @@ struct Sequence {
   // Prefix cache (Scheduler): what else its KV depends on (adapter and version, routing
   // override), nonzero; 0 = its blocks are neither matched nor registered (X-LoRA, prompt
   // logprobs, caching off). block_hashes[i]: the chain hash of full block i (as far as hashed);
-  // blocks [0, registered_blocks) of its table are registered or were matched; cached_tokens:
-  // the prompt positions its last admission took from the cache.
+  // blocks [0, registered_blocks) of its table are registered or were matched.
   uint64_t prefix_key = 0;
   std::vector<uint64_t> block_hashes;
   int32_t registered_blocks = 0;
-  int32_t cached_tokens = 0;
   TokenSampler sampler;
   // Prompt logprobs reported so far: positions [0, scored) (kept across preemption, so a
   // recomputed prompt is not scored twice), for the first chunk.

@@ -15,6 +15,11 @@
 namespace moleserve::server {
 namespace {
 
+// A counter of the engine's cumulative `now`, last published at `before`: the increment.
+void AddIncrement(prometheus::Counter& c, int64_t now, int64_t before) {
+  if (now > before) c.Increment(static_cast<double>(now - before));
+}
+
 using prometheus::BuildCounter;
 using prometheus::BuildGauge;
 using prometheus::BuildHistogram;
@@ -417,12 +422,9 @@ void PrometheusMetrics::OnAdapterActivity(const std::vector<engine::AdapterActiv
 void PrometheusMetrics::OnPrefixCache(const engine::PrefixCacheMetrics& m) {
   Families& f = *families_;
   std::lock_guard<std::mutex> lock(prefix_mu_);
-  auto add = [](prometheus::Counter& c, int64_t now, int64_t before) {
-    if (now > before) c.Increment(static_cast<double>(now - before));
-  };
-  add(f.prefix_query_tokens, m.query_tokens, last_prefix_.query_tokens);
-  add(f.prefix_hit_tokens, m.hit_tokens, last_prefix_.hit_tokens);
-  add(f.prefix_evictions, m.evictions, last_prefix_.evictions);
+  AddIncrement(f.prefix_query_tokens, m.query_tokens, last_prefix_.query_tokens);
+  AddIncrement(f.prefix_hit_tokens, m.hit_tokens, last_prefix_.hit_tokens);
+  AddIncrement(f.prefix_evictions, m.evictions, last_prefix_.evictions);
   f.prefix_blocks.Set(static_cast<double>(m.cached_blocks));
   last_prefix_ = m;
 }
@@ -431,21 +433,20 @@ void PrometheusMetrics::OnExpertCache(const engine::ExpertCacheMetrics& m) {
   Families& f = *families_;
   std::lock_guard<std::mutex> lock(cache_mu_);
   engine::ExpertCacheMetrics& last = last_cache_;
-  auto add = [](prometheus::Counter& c, int64_t now, int64_t before) {
-    if (now > before) c.Increment(static_cast<double>(now - before));
-  };
-  add(f.cache_lookups.Add({{"tier", "device"}, {"result", "hit"}}), m.device_hits,
-      last.device_hits);
-  add(f.cache_lookups.Add({{"tier", "device"}, {"result", "miss"}}), m.device_misses,
-      last.device_misses);
-  add(f.cache_lookups.Add({{"tier", "host"}, {"result", "hit"}}), m.device_misses,
-      last.device_misses);
-  add(f.cache_prefetched, m.prefetched, last.prefetched);
-  add(f.cache_evictions.Add({{"reason", "lru"}}), m.evicted_lru, last.evicted_lru);
-  add(f.cache_evictions.Add({{"reason", "unload"}}), m.evicted_unload, last.evicted_unload);
-  add(f.cache_evictions.Add({{"reason", "resize"}}), m.evicted_resize, last.evicted_resize);
-  add(f.cache_bytes, m.bytes_to_device, last.bytes_to_device);
-  add(f.cache_splits, m.split_calls, last.split_calls);
+  AddIncrement(f.cache_lookups.Add({{"tier", "device"}, {"result", "hit"}}), m.device_hits,
+               last.device_hits);
+  AddIncrement(f.cache_lookups.Add({{"tier", "device"}, {"result", "miss"}}), m.device_misses,
+               last.device_misses);
+  AddIncrement(f.cache_lookups.Add({{"tier", "host"}, {"result", "hit"}}), m.device_misses,
+               last.device_misses);
+  AddIncrement(f.cache_prefetched, m.prefetched, last.prefetched);
+  AddIncrement(f.cache_evictions.Add({{"reason", "lru"}}), m.evicted_lru, last.evicted_lru);
+  AddIncrement(f.cache_evictions.Add({{"reason", "unload"}}), m.evicted_unload,
+               last.evicted_unload);
+  AddIncrement(f.cache_evictions.Add({{"reason", "resize"}}), m.evicted_resize,
+               last.evicted_resize);
+  AddIncrement(f.cache_bytes, m.bytes_to_device, last.bytes_to_device);
+  AddIncrement(f.cache_splits, m.split_calls, last.split_calls);
   f.cache_resident.Set(static_cast<double>(m.resident_experts));
   f.cache_host_bytes.Add({{"memory", "pinned"}}).Set(static_cast<double>(m.host_pinned_bytes));
   f.cache_host_bytes.Add({{"memory", "pageable"}}).Set(static_cast<double>(m.host_pageable_bytes));

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "absl/flags/flag.h"
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/adapters/adapter_files.h"
@@ -33,28 +34,6 @@ namespace pb = moleserve::v1;
 namespace fs = std::filesystem;
 
 constexpr size_t kUploadChunkBytes = 1 << 20;  // the server's per-message limit for data
-
-std::string CodeName(grpc::StatusCode code) {
-  static constexpr const char* kNames[] = {"OK",
-                                           "CANCELLED",
-                                           "UNKNOWN",
-                                           "INVALID_ARGUMENT",
-                                           "DEADLINE_EXCEEDED",
-                                           "NOT_FOUND",
-                                           "ALREADY_EXISTS",
-                                           "PERMISSION_DENIED",
-                                           "RESOURCE_EXHAUSTED",
-                                           "FAILED_PRECONDITION",
-                                           "ABORTED",
-                                           "OUT_OF_RANGE",
-                                           "UNIMPLEMENTED",
-                                           "INTERNAL",
-                                           "UNAVAILABLE",
-                                           "DATA_LOSS",
-                                           "UNAUTHENTICATED"};
-  const int c = static_cast<int>(code);
-  return c >= 0 && c <= 16 ? kNames[c] : absl::StrCat("CODE_", c);
-}
 
 std::string Describe(const pb::AdapterStatus& a) {
   const pb::AdapterInfo& i = a.info();
@@ -254,8 +233,11 @@ int OnEveryReplica(const AdminConnection& c, const std::string& verb,
     if (o.status.ok() || absent) ++ok;
     std::string text =
         o.status.ok() ? o.text
-        : absent      ? "absent (not loaded there)"
-                 : absl::StrCat(CodeName(o.status.error_code()), ": ", o.status.error_message());
+        : absent
+            ? "absent (not loaded there)"
+            : absl::StrCat(
+                  absl::StatusCodeToString(static_cast<absl::StatusCode>(o.status.error_code())),
+                  ": ", o.status.error_message());
     if (o.status.ok() && !o.note.empty()) absl::StrAppend(&text, " (", o.note, ")");
     std::replace(text.begin(), text.end(), '\n', ' ');
     std::replace(text.begin(), text.end(), '\t', ' ');  // three tab-separated fields a line

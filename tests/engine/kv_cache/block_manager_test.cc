@@ -21,7 +21,7 @@ TEST(BlockManagerTest, ReserveAllocateFreeCycle) {
   EXPECT_EQ(m.num_free(), 3);
   EXPECT_DOUBLE_EQ(m.Usage(), 5.0 / 8);
   std::vector<int32_t> blocks(got.begin(), got.end());
-  m.Free(blocks);
+  m.Release(blocks);
   m.Unreserve(3);
   EXPECT_EQ(m.num_free(), 8);
   EXPECT_EQ(m.num_reserved(), 0);
