@@ -196,6 +196,9 @@ absl::Status ValidateOptions(const EngineOptions& o) {
   if (o.max_queue_delay <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("max_queue_delay must be > 0");
   }
+  if (!(o.queue_delay_slack >= 0) || o.queue_delay_slack > 1e6) {
+    return absl::InvalidArgumentError("queue_delay_slack must be in [0, 1e6]");
+  }
   if (o.max_bypass < 0) return absl::InvalidArgumentError("max_bypass must be >= 0");
   if (o.fair_share_half_life <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("fair_share_half_life must be > 0");
@@ -306,11 +309,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         absl::StrCat("kv_cache_bytes (", options.kv_cache_bytes, ") is smaller than one KV block (",
                      per_block_token * options.kv_block_size, " bytes)"));
   }
+  state->context_length = options.max_model_len > 0
+                              ? std::min(options.max_model_len, config.max_position_embeddings)
+                              : config.max_position_embeddings;
   LlamaModelOptions model_options{
       .num_kv_blocks = static_cast<int32_t>(std::min<int64_t>(num_blocks, 1 << 24)),
       .kv_block_size = options.kv_block_size,
       .max_batch_tokens = options.max_batch_tokens,
       .max_seqs = options.max_num_seqs,
+      .max_context = state->context_length,
       .expert_cache = {.capacity_bytes = options.expert_cache_bytes,
                        .pinned_host_bytes = options.expert_pinned_host_bytes,
                        .host_backend = state->backend->name() == "cpu"}};
@@ -328,9 +335,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   }
   weights.reset();  // weights now live on the backend; unmap the checkpoint
 
-  state->context_length = options.max_model_len > 0
-                              ? std::min(options.max_model_len, config.max_position_embeddings)
-                              : config.max_position_embeddings;
   state->info = ModelInfo{.name = config.name,
                           .architecture = config.architecture,
                           .num_layers = config.num_layers,
@@ -344,6 +348,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   SchedulerOptions scheduling{.max_batch_tokens = options.max_batch_tokens,
                               .max_num_seqs = options.max_num_seqs,
                               .max_queue_delay = options.max_queue_delay,
+                              .queue_delay_slack = options.queue_delay_slack,
                               .fair_share_tokens = options.fair_share_tokens,
                               .max_bypass = options.max_bypass,
                               .fair_share_half_life = options.fair_share_half_life,

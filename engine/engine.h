@@ -50,6 +50,10 @@ struct EngineOptions {
   // expert_aware: longest a request waits because of grouping or fair share before it is taken
   // first (oldest first).
   absl::Duration max_queue_delay = absl::Seconds(2);
+  // expert_aware: relative aging. A request that has waited this many times the mean queue
+  // delay of recent admissions (and at least 100 ms) goes ahead of grouping, within the fair
+  // share, with the next pool room (bench/results/scheduling.json); 0 = off.
+  double queue_delay_slack = 1.25;
   // expert_aware: weighted tokens (prefill 1, decode 2) an adapter may be served ahead of the
   // least served waiting adapter and still be picked; 0 = max_batch_tokens.
   int64_t fair_share_tokens = 0;

@@ -44,6 +44,9 @@ ABSL_FLAG(int, http_port, 8000,
           "port, -1 = off)");
 ABSL_FLAG(int64_t, http_max_body_bytes, int64_t{4} << 20,
           "Largest HTTP request body; larger gets 413");
+ABSL_FLAG(int32_t, max_n, 16,
+          "Most sequences one request may ask for: gRPC GenerateRequest.n, HTTP n (times the "
+          "prompts of a /v1/completions call)");
 ABSL_FLAG(std::string, chat_template, "",
           "Jinja chat template file for /v1/chat/completions, replacing the model's "
           "(chat_template.jinja or tokenizer_config.json's chat_template)");
@@ -113,6 +116,10 @@ ABSL_FLAG(std::string, scheduling_policy, "expert_aware",
           "share per adapter and --max-queue-delay) or fcfs (arrival order)");
 ABSL_FLAG(absl::Duration, max_queue_delay, absl::Seconds(2),
           "expert_aware: longest a request waits because of grouping before it goes first");
+ABSL_FLAG(double, queue_delay_slack, 1.25,
+          "expert_aware: relative aging, a request that has waited this many times the mean "
+          "queue delay of recent admissions (at least 100 ms) goes ahead of grouping, within the "
+          "fair share, with the next expert-pool room; 0 = off");
 ABSL_FLAG(int64_t, fair_share_tokens, 0,
           "expert_aware: weighted tokens an adapter may be served ahead of the least served "
           "waiting one (0 = --max-batch-tokens)");
@@ -201,6 +208,10 @@ int Run() {
   }
 #endif
 
+  if (absl::GetFlag(FLAGS_max_n) < 1) {
+    spdlog::critical("--max-n must be at least 1 (it is {})", absl::GetFlag(FLAGS_max_n));
+    return 1;
+  }
   moleserve::engine::EngineOptions options;
   options.model = absl::GetFlag(FLAGS_model);
   options.num_threads = absl::GetFlag(FLAGS_threads);
@@ -211,6 +222,7 @@ int Run() {
   options.max_queue = absl::GetFlag(FLAGS_max_queue);
   options.scheduling_policy = absl::GetFlag(FLAGS_scheduling_policy);
   options.max_queue_delay = absl::GetFlag(FLAGS_max_queue_delay);
+  options.queue_delay_slack = absl::GetFlag(FLAGS_queue_delay_slack);
   options.fair_share_tokens = absl::GetFlag(FLAGS_fair_share_tokens);
   options.prefix_caching = absl::GetFlag(FLAGS_prefix_caching);
   options.max_bypass = absl::GetFlag(FLAGS_max_bypass);
@@ -231,6 +243,7 @@ int Run() {
   moleserve::server::ServerOptions server_options{
       .listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port)),
       .max_receive_message_bytes = absl::GetFlag(FLAGS_max_message_bytes),
+      .max_n = absl::GetFlag(FLAGS_max_n),
       .tls = {.cert_file = absl::GetFlag(FLAGS_tls_cert_file),
               .key_file = absl::GetFlag(FLAGS_tls_key_file),
               .client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file),
@@ -319,6 +332,7 @@ int Run() {
   std::unique_ptr<moleserve::server::HttpServer> http;
   if (absl::GetFlag(FLAGS_http_port) >= 0) {
     moleserve::server::OpenAiApiOptions api_options;
+    api_options.max_n = absl::GetFlag(FLAGS_max_n);
 #if MOLESERVE_WITH_METRICS
     if (metrics) api_options.metrics_text = [m = metrics.get()] { return m->Text(); };
 #endif

@@ -8,14 +8,14 @@
 # Writes every run's molebench JSON and a summary to $OUT and prints the table.
 #
 #   bench/scheduling/run.sh                       # defaults below
-#   ADAPTERS=100 REQUESTS=800 CONCURRENCY=64 bench/scheduling/run.sh
+#   ADAPTERS=100 REQUESTS=2000 CONCURRENCY=64 bench/scheduling/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 BUILD=${BUILD:-build/dev}
 OUT=${OUT:-bench/results/scheduling.json}
 ADAPTERS=${ADAPTERS:-100}
-REQUESTS=${REQUESTS:-800}
+REQUESTS=${REQUESTS:-2000}  # p99 of fewer is a handful of requests: too noisy to compare
 CONCURRENCY=${CONCURRENCY:-64}
 MAX_NUM_SEQS=${MAX_NUM_SEQS:-16}
 THREADS=${THREADS:-2}
@@ -23,8 +23,11 @@ PROMPT_LEN=${PROMPT_LEN:-uniform:16:64}
 OUTPUT_LEN=${OUTPUT_LEN:-uniform:8:32}
 FRACTIONS=${FRACTIONS:-"1.0 0.25 0.10"}
 # expert_aware_nofair: the expert-aware policy with the per-adapter fair share off (to separate
-# the effect of grouping from that of fairness).
-POLICIES=${POLICIES:-"fcfs expert_aware expert_aware_nofair"}
+# the effect of grouping from that of fairness); expert_aware_noslack: with relative aging off
+# (--queue-delay-slack 0).
+POLICIES=${POLICIES:-"fcfs expert_aware expert_aware_nofair expert_aware_noslack"}
+# Extra moleserve flags for every run (e.g. SERVER_FLAGS="--max-bypass 4" to try a setting).
+SERVER_FLAGS=${SERVER_FLAGS:-}
 PORT=${PORT:-51051}
 METRICS_PORT=${METRICS_PORT:-51090}
 
@@ -53,10 +56,12 @@ for fraction in $FRACTIONS; do
     policy_flags=(--scheduling-policy "$policy")
     if [[ "$policy" == expert_aware_nofair ]]; then
       policy_flags=(--scheduling-policy expert_aware --fair-share-tokens 1000000000000)
+    elif [[ "$policy" == expert_aware_noslack ]]; then
+      policy_flags=(--scheduling-policy expert_aware --queue-delay-slack 0)
     fi
     "$BUILD/server/moleserve" --port "$PORT" --http-port -1 --metrics-port "$METRICS_PORT" --admin-port -1 \
       --threads "$THREADS" --max-num-seqs "$MAX_NUM_SEQS" --max-queue 1024 \
-      --expert-cache-bytes "$pool" "${policy_flags[@]}" --adapter "$adapter_flags" \
+      --expert-cache-bytes "$pool" "${policy_flags[@]}" --adapter "$adapter_flags" $SERVER_FLAGS \
       --log-level warn >"$work/server.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 600); do

@@ -155,10 +155,10 @@ absl::Status LlamaModel::Init(const WeightSource& weights) {
 int64_t LlamaModel::BlockTableCapacity() const {
   // Sequences share prefix-cache blocks, so their tables together may name a block many times:
   // each table holds at most the blocks of a whole context (and of the whole cache).
-  const int64_t per_seq =
-      std::min<int64_t>(options_.num_kv_blocks,
-                        (int64_t{config_.max_position_embeddings} + options_.kv_block_size - 1) /
-                            options_.kv_block_size);
+  const int64_t context =
+      options_.max_context > 0 ? options_.max_context : int64_t{config_.max_position_embeddings};
+  const int64_t per_seq = std::min<int64_t>(
+      options_.num_kv_blocks, (context + options_.kv_block_size - 1) / options_.kv_block_size);
   return std::max<int64_t>(options_.num_kv_blocks, per_seq * options_.max_seqs);
 }
 

@@ -32,6 +32,9 @@ struct LlamaModelOptions {
   int32_t kv_block_size = 16;       // tokens per block
   int32_t max_batch_tokens = 2048;  // tokens per Forward
   int32_t max_seqs = 256;           // sequences per Forward (and logits rows)
+  // Tokens one sequence may hold (the served context, --max-model-len); 0 = the model's
+  // max_position_embeddings. Sizes the block tables.
+  int32_t max_context = 0;
   ExpertCacheOptions expert_cache;  // device pool of LoRA expert pages
   // When set, the adapters' experts live in this cache instead (not owned; it outlives the model:
   // the engine keeps it next to the KV blocks and hands it to the executor too); expert_cache is

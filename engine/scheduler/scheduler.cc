@@ -199,12 +199,32 @@ int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bo
   if (head.empty()) return -1;
   double least = std::numeric_limits<double>::infinity();
   for (const auto& [slot, i] : head) least = std::min(least, Served(slot));
+  // Fair share binds only while adapters contend for the pool; without contention grouping
+  // saves nothing and arrival order is the fair one.
+  auto within_share = [&](int32_t slot) {
+    return !contended_ || Served(slot) <= least + static_cast<double>(options_.fair_share_tokens);
+  };
+  // Relative aging: among adapters within their share, the oldest head that has waited well
+  // beyond the recent mean delay goes first, before grouping, as soon as its experts fit the
+  // pool; until then no other adapter takes pool room ahead of it (only adapters the step
+  // already reads, and the base model, are admitted), so it waits for room rather than
+  // thrashing the pool within a step.
+  const absl::Duration late = LateAfter();
+  for (const auto& [slot, i] : head) {
+    if (!within_share(slot) || now - waiting_[i]->arrival < late) continue;
+    if (oldest < 0 || Before(*waiting_[i], *waiting_[oldest])) oldest = i;
+  }
+  if (oldest >= 0 && FitsExpertPool(waiting_[oldest]->adapter_slot)) {
+    *overdue = true;
+    return oldest;
+  }
+  const bool pool_held = oldest >= 0;
   int64_t best = -1;
   double best_score = -1;
   for (const auto& [slot, i] : head) {
-    // Fair share binds only while adapters contend for the pool; without contention grouping
-    // saves nothing and arrival order is the fair one.
-    if (contended_ && Served(slot) > least + static_cast<double>(options_.fair_share_tokens)) {
+    if (!within_share(slot)) continue;
+    if (pool_held && slot >= 0 &&
+        std::find(step_adapters_.begin(), step_adapters_.end(), slot) == step_adapters_.end()) {
       continue;
     }
     if (!FitsExpertPool(slot)) continue;
@@ -266,7 +286,13 @@ bool Scheduler::Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::
     }
     for (int32_t i = 0; i < need; ++i) seq->blocks.push_back(blocks_->AllocateReserved());
   }
-  if (!seq->admitted) seq->admitted = now;
+  if (!seq->admitted) {
+    seq->admitted = now;
+    const double delay = absl::ToDoubleSeconds(now - seq->arrival);
+    const double alpha = 1.0 / options_.max_num_seqs;
+    mean_queue_delay_ =
+        mean_queue_delay_ < 0 ? delay : mean_queue_delay_ + alpha * (delay - mean_queue_delay_);
+  }
   running_.push_back(std::move(*it));
   waiting_.erase(it);
   return true;
@@ -362,6 +388,13 @@ void Scheduler::RegisterComputed(Sequence* seq) {
                       seq->prefix_key);
   }
   seq->registered_blocks = full;
+}
+
+absl::Duration Scheduler::LateAfter() const {
+  if (options_.queue_delay_slack <= 0 || mean_queue_delay_ < 0) return options_.max_queue_delay;
+  return std::clamp(absl::Seconds(options_.queue_delay_slack * mean_queue_delay_),
+                    std::min(options_.queue_delay_floor, options_.max_queue_delay),
+                    options_.max_queue_delay);
 }
 
 bool Scheduler::Contended() const {

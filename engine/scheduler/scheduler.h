@@ -36,9 +36,16 @@
 //       to go idle), and only adapters within fair_share_tokens of the least
 //       counted waiting adapter may be picked, so a flooding adapter cannot hold another back by
 //       more than that many weighted tokens of its own service;
-//     * aging: a sequence waiting longer than max_queue_delay since it arrived is overdue; overdue
-//       sequences go first, oldest first, ignoring the expert pool, and nobody overtakes the
-//       oldest overdue one for KV blocks.
+//     * aging: a sequence waiting longer than max_queue_delay since it arrived is overdue;
+//       overdue sequences go first, oldest first, ignoring the expert pool, and nobody overtakes
+//       the oldest overdue one for KV blocks;
+//     * bounded bypass: a sequence overtaken by max_bypass later arrivals goes next;
+//     * relative aging: a sequence (the first of its adapter) that has waited queue_delay_slack
+//       times the mean queue delay of recent admissions (what arrival order gives everyone, by
+//       Little's law) goes ahead of grouping, oldest first, within the fair share, as soon as
+//       its experts fit the pool; until they do, only adapters the step already reads are
+//       admitted, so it gets the next room without thrashing the pool. Grouping thus reorders
+//       only within a slack of arrival order, and the tail stays near FCFS's.
 //   After a step is decided, prefetch_hint() lists the adapters the policy would take next, for
 //   the executor to prefetch their experts.
 // Both policies put preempted sequences back with their original arrival time and priority.
@@ -100,6 +107,12 @@ struct SchedulerOptions {
   SchedulingPolicy policy = SchedulingPolicy::kExpertAware;
   // Expert-aware: no sequence waits longer than this because of grouping or fair share.
   absl::Duration max_queue_delay = absl::Seconds(2);
+  // Expert-aware: a sequence is also overdue once it has waited this many times the mean queue
+  // delay of recent admissions (what arrival order would give everyone, by Little's law), so
+  // grouping delays nobody much beyond FCFS (within the fair share); 0 = off.
+  double queue_delay_slack = 1.25;
+  // ... but never below this: under light load (delays near zero) grouping still reorders.
+  absl::Duration queue_delay_floor = absl::Milliseconds(100);
   // Expert-aware: weighted tokens an adapter may be ahead of the least served waiting adapter and
   // still be picked, while adapters contend for the pool; 0 = max_batch_tokens.
   int64_t fair_share_tokens = 0;
@@ -183,6 +196,10 @@ class Scheduler {
   // step by another sequence, to be shared from the next one.
   bool Admit(std::deque<std::unique_ptr<Sequence>>::iterator it, absl::Time now,
              bool* waits_for_share);
+  // How long a sequence may wait before relative aging takes it ahead of grouping:
+  // queue_delay_slack times the recent mean queue delay (at least queue_delay_floor, at most
+  // max_queue_delay).
+  absl::Duration LateAfter() const;
   // Index into waiting_ of the sequence the policy takes next among those not in `skip`; -1 when
   // none. `overdue` is set when the pick is overdue.
   int64_t PickNext(absl::Time now, const std::vector<uint8_t>& skip, bool* overdue) const;
@@ -229,6 +246,9 @@ class Scheduler {
   int64_t num_preemptions_ = 0;
   bool contended_ = false;  // this step: adapters contend for the expert pool (Contended)
   int32_t max_bypass_ = 1;
+  // Mean queue delay of recent first admissions (seconds; an exponential moving average over
+  // about max_num_seqs admissions); negative until the first one.
+  double mean_queue_delay_ = -1;
   int64_t prefix_query_tokens_ = 0;
   int64_t prefix_hit_tokens_ = 0;
 };

@@ -1,9 +1,11 @@
 #include "server/grpc/inference_service.h"
 
+#include <algorithm>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
@@ -21,38 +23,58 @@ namespace pb = moleserve::v1;
 
 using Reactor = grpc::ServerWriteReactor<grpc::ByteBuffer>;
 
-// Per-call output queue shared by the engine (producer, through GenerationSink) and the gRPC
-// reactor (consumer). It decides, under its mutex, the reactor's next operation: one write at a
-// time, then exactly one Finish; the operation itself is started outside the mutex. After
-// Finish nothing touches the reactor again, so gRPC may delete it in OnDone while the engine
-// still holds this state.
-class StreamState final : public engine::GenerationSink {
+// Per-call output queue shared by the engine (producer, through one SequenceSink per sequence)
+// and the gRPC reactor (consumer). It decides, under its mutex, the reactor's next operation: one
+// write at a time, then exactly one Finish; the operation itself is started outside the mutex.
+// After Finish nothing touches the reactor again, so gRPC may delete it in OnDone while the
+// engine still holds this state. It also holds the call's engine handles: a broken stream, a
+// client's cancel or one sequence's error cancels every sequence.
+class StreamState {
  public:
-  StreamState(Reactor* reactor, std::string request_id, bool logprobs, bool routing)
+  StreamState(Reactor* reactor, engine::Engine* engine, std::string request_id, int32_t n,
+              bool logprobs, bool routing)
       : reactor_(reactor),
+        engine_(engine),
         request_id_(std::move(request_id)),
         logprobs_(logprobs),
-        routing_(routing) {}
+        routing_(routing),
+        unfinished_(n) {}
 
-  // GenerationSink (engine loop thread).
-  void OnChunk(engine::GenerationChunk chunk) override {
-    for (pb::GenerateResponse& m : PromptLogprobMessages(chunk)) Push(std::move(m), std::nullopt);
+  // From the engine loop thread, through SequenceSink.
+  void OnChunk(uint32_t index, const engine::GenerationChunk& chunk) {
+    for (pb::GenerateResponse& m : PromptLogprobMessages(chunk)) Push(std::move(m), index, false);
     pb::GenerateResponse msg;
     AppendChunk(chunk, logprobs_, routing_, &msg);
-    Push(std::move(msg), std::nullopt);
+    Push(std::move(msg), index, false);
   }
-  void OnFinish(engine::GenerationChunk last, engine::FinishInfo info) override {
-    for (pb::GenerateResponse& m : PromptLogprobMessages(last)) Push(std::move(m), std::nullopt);
+  void OnFinish(uint32_t index, const engine::GenerationChunk& last,
+                const engine::FinishInfo& info) {
+    for (pb::GenerateResponse& m : PromptLogprobMessages(last)) Push(std::move(m), index, false);
     pb::GenerateResponse msg;
     AppendChunk(last, logprobs_, routing_, &msg);
     SetFinal(info, msg.mutable_final());
-    Push(std::move(msg), grpc::Status::OK);
+    Push(std::move(msg), index, true);
   }
-  void OnError(absl::Status status) override { End(ToGrpcStatus(status), /*drop_pending=*/false); }
+  void OnError(absl::Status status) {
+    End(ToGrpcStatus(status), /*drop_pending=*/false);
+    CancelAll();
+  }
+
+  // A submitted sequence's engine handle; cancelled at once if the call already ended.
+  void AddHandle(uint64_t handle) {
+    {
+      engine::MutexLock lock(&mu_);
+      if (!final_status_) {
+        handles_.push_back(handle);
+        return;
+      }
+    }
+    engine_->Cancel(handle);
+  }
 
   // Reactor callbacks (gRPC threads).
   void WriteDone(bool ok) {
-    std::function<void()> cancel;
+    bool cancel = false;
     {
       engine::MutexLock lock(&mu_);
       writing_ = false;
@@ -61,43 +83,54 @@ class StreamState final : public engine::GenerationSink {
         pending_.clear();
         if (!final_status_) {
           final_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "stream closed");
-          cancel = on_broken_;
+          cancel = true;
         }
       }
     }
-    if (cancel) cancel();
+    if (cancel) CancelAll();
     Advance();
   }
-  // Called (once, outside the mutex) when a write fails before the engine finished.
-  void SetOnBroken(std::function<void()> fn) {
-    engine::MutexLock lock(&mu_);
-    on_broken_ = std::move(fn);
-  }
-
   void Cancelled() {
     End(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client"),
         /*drop_pending=*/true);
+    CancelAll();
   }
-  // Finish right away with `status` (the request never reached the engine).
-  void Reject(grpc::Status status) { End(std::move(status), /*drop_pending=*/true); }
+  // Finish right away with `status` (the call is refused; sequences already submitted are
+  // cancelled).
+  void Reject(grpc::Status status) {
+    End(std::move(status), /*drop_pending=*/true);
+    CancelAll();
+  }
 
  private:
-  void Push(pb::GenerateResponse msg, std::optional<grpc::Status> final_status) {
+  void CancelAll() {
+    std::vector<uint64_t> handles;
+    {
+      engine::MutexLock lock(&mu_);
+      handles.swap(handles_);
+    }
+    for (uint64_t h : handles) engine_->Cancel(h);  // a finished one is ignored by the engine
+  }
+
+  void Push(pb::GenerateResponse msg, uint32_t index, bool last) {
     {
       engine::MutexLock lock(&mu_);
       if (finished_ || final_status_) return;
-      // Prompt logprob messages keep their bounded size: never folded, nor folded into.
-      if (pending_.empty() || pending_.back().ByteSizeLong() >= kMaxCoalescedBytes ||
-          msg.prompt_logprobs_size() > 0 || pending_.back().prompt_logprobs_size() > 0) {
+      msg.set_index(index);
+      // The newest message of this sequence still waiting (a write is in flight): fold this
+      // chunk into it, so a slow reader costs one message per sequence, not one per token, up to
+      // kMaxCoalescedBytes (routing adds kilobytes per token; clients' default receive limit is
+      // 4 MiB). Prompt logprob messages keep their bounded size: never folded, nor folded into.
+      auto same = std::find_if(pending_.rbegin(), pending_.rend(),
+                               [&](const pb::GenerateResponse& m) { return m.index() == index; });
+      if (same == pending_.rend() || same->ByteSizeLong() >= kMaxCoalescedBytes ||
+          msg.prompt_logprobs_size() > 0 || same->prompt_logprobs_size() > 0) {
         msg.set_request_id(request_id_);
         pending_.push_back(std::move(msg));
       } else {
-        // A write is in flight and a message already waits: fold this chunk into it, so a slow
-        // reader costs one message per stream, not one per token, up to kMaxCoalescedBytes
-        // (routing adds kilobytes per token; clients' default receive limit is 4 MiB).
-        Coalesce(std::move(msg), &pending_.back());
+        Coalesce(std::move(msg), &*same);
       }
-      if (final_status) final_status_ = std::move(final_status);
+      if (last && --unfinished_ == 0) final_status_ = grpc::Status::OK;
     }
     Advance();
   }
@@ -145,6 +178,7 @@ class StreamState final : public engine::GenerationSink {
   }
 
   Reactor* const reactor_;  // valid until Finish completes (gRPC deletes it in OnDone)
+  engine::Engine* const engine_;
   const std::string request_id_;
   const bool logprobs_;
   const bool routing_;
@@ -154,7 +188,24 @@ class StreamState final : public engine::GenerationSink {
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<grpc::Status> final_status_ ABSL_GUARDED_BY(mu_);
-  std::function<void()> on_broken_ ABSL_GUARDED_BY(mu_);
+  int32_t unfinished_ ABSL_GUARDED_BY(mu_);  // sequences without their final message yet
+  std::vector<uint64_t> handles_ ABSL_GUARDED_BY(mu_);
+};
+
+// The engine's sink for one sequence of a call.
+class SequenceSink final : public engine::GenerationSink {
+ public:
+  SequenceSink(std::shared_ptr<StreamState> state, uint32_t index)
+      : state_(std::move(state)), index_(index) {}
+  void OnChunk(engine::GenerationChunk chunk) override { state_->OnChunk(index_, chunk); }
+  void OnFinish(engine::GenerationChunk last, engine::FinishInfo info) override {
+    state_->OnFinish(index_, last, info);
+  }
+  void OnError(absl::Status status) override { state_->OnError(std::move(status)); }
+
+ private:
+  std::shared_ptr<StreamState> state_;
+  uint32_t index_;
 };
 
 // Echoed in every response message, so it is kept short.
@@ -194,51 +245,54 @@ class RejectedReactor final : public Reactor {
 
 class GenerateReactor final : public Reactor {
  public:
+  // `n` is GenerateRequest.n, already checked: 1 to the server's limit.
   GenerateReactor(engine::Engine* engine, grpc::CallbackServerContext* context,
-                  const pb::GenerateRequest& request, std::string request_id)
-      : engine_(engine) {
+                  const pb::GenerateRequest& request, std::string request_id, int32_t n) {
     state_ = std::make_shared<StreamState>(
-        this, request_id, request.output().logprobs() || request.output().top_logprobs() > 0,
+        this, engine, request_id, n,
+        request.output().logprobs() || request.output().top_logprobs() > 0,
         request.output().return_routing());
     const auto deadline = context->deadline();
     const absl::Time engine_deadline = deadline == std::chrono::system_clock::time_point::max()
                                            ? absl::InfiniteFuture()
                                            : absl::FromChrono(deadline);
     absl::StatusOr<engine::GenerateRequest> converted =
-        FromProto(request, engine_deadline, engine_->model_info().default_sampling);
+        FromProto(request, engine_deadline, engine->model_info().default_sampling);
     if (!converted.ok()) {
-      engine_->CountRejected(converted.status().code());
+      engine->CountRejected(converted.status().code());
       state_->Reject(ToGrpcStatus(converted.status()));
       return;
     }
     absl::StatusOr<std::string> adapter = ResolveAdapter(*context, request.adapter());
     if (!adapter.ok()) {
-      engine_->CountRejected(adapter.status().code());
+      engine->CountRejected(adapter.status().code());
       state_->Reject(ToGrpcStatus(adapter.status()));
       return;
     }
     converted->adapter = *std::move(adapter);
-    converted->request_id = std::move(request_id);
-    absl::StatusOr<uint64_t> handle = engine_->Submit(*std::move(converted), state_);
-    if (!handle.ok()) {
-      state_->Reject(ToGrpcStatus(handle.status()));
-      return;
+    for (int32_t i = 0; i < n; ++i) {
+      engine::GenerateRequest r = *converted;
+      r.request_id = n == 1 ? request_id : absl::StrCat(request_id, "/", i);
+      if (i > 0) {
+        r.prompt_logprobs = false;  // sent once, with sequence 0
+        if (r.sampling.seed) *r.sampling.seed += static_cast<uint64_t>(i);
+      }
+      absl::StatusOr<uint64_t> handle =
+          engine->Submit(std::move(r), std::make_shared<SequenceSink>(state_, i));
+      if (!handle.ok()) {
+        state_->Reject(ToGrpcStatus(handle.status()));
+        return;
+      }
+      state_->AddHandle(*handle);
     }
-    handle_ = *handle;
-    state_->SetOnBroken([engine = engine_, h = *handle] { engine->Cancel(h); });
   }
 
   void OnWriteDone(bool ok) override { state_->WriteDone(ok); }
-  void OnCancel() override {
-    if (handle_) engine_->Cancel(*handle_);
-    state_->Cancelled();
-  }
+  void OnCancel() override { state_->Cancelled(); }
   void OnDone() override { delete this; }
 
  private:
-  engine::Engine* engine_;
   std::shared_ptr<StreamState> state_;
-  std::optional<uint64_t> handle_;
 };
 
 }  // namespace
@@ -257,10 +311,15 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* InferenceService::Generate(
     return reject(absl::InvalidArgumentError(absl::StrCat(
         "request_id is ", request.request_id().size(), " bytes; at most ", kMaxRequestIdBytes)));
   }
+  if (request.n() > static_cast<uint32_t>(max_n_)) {
+    return reject(absl::InvalidArgumentError(
+        absl::StrCat("n = ", request.n(), "; at most ", max_n_, " sequences per call (--max-n)")));
+  }
   std::string id = request.request_id().empty()
                        ? absl::StrCat("req-", next_request_id_.fetch_add(1))
                        : request.request_id();
-  return new GenerateReactor(engine_, context, request, std::move(id));
+  return new GenerateReactor(engine_, context, request, std::move(id),
+                             std::max<int32_t>(1, static_cast<int32_t>(request.n())));
 }
 
 grpc::ServerUnaryReactor* InferenceService::Tokenize(grpc::CallbackServerContext* context,

@@ -2,8 +2,9 @@
 
 // InferenceService: the moleserve.v1.Inference gRPC service on the callback API.
 //
-// Generate is a server-streaming reactor per call. The engine pushes output into a per-call
-// StreamState (the engine's GenerationSink) from its loop thread; the state writes one message at
+// Generate is a server-streaming reactor per call, with one engine request per sequence
+// (GenerateRequest.n). The engine pushes output into the call's StreamState (through one
+// GenerationSink per sequence) from its loop thread; the state writes one message at
 // a time (gRPC allows one outstanding write) and finishes the call once the engine is done, the
 // client cancels, or a write fails. Client cancellation and the gRPC deadline cancel the engine
 // request, which frees its KV blocks.
@@ -29,7 +30,8 @@ using RawInferenceService = moleserve::v1::Inference::WithRawCallbackMethod_Gene
 
 class InferenceService final : public RawInferenceService {
  public:
-  explicit InferenceService(engine::Engine* engine) : engine_(engine) {}
+  // `max_n`: the most sequences one Generate call may ask for (GenerateRequest.n).
+  InferenceService(engine::Engine* engine, int32_t max_n) : engine_(engine), max_n_(max_n) {}
 
   // moleserve.v1.GenerateRequest in, a stream of moleserve.v1.GenerateResponse out.
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
@@ -45,6 +47,7 @@ class InferenceService final : public RawInferenceService {
 
  private:
   engine::Engine* engine_;  // not owned
+  const int32_t max_n_;
   std::atomic<uint64_t> next_request_id_{1};
 };
 

@@ -15,7 +15,7 @@ absl::StatusOr<std::unique_ptr<MoleServer>> MoleServer::Start(engine::Engine* en
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   std::unique_ptr<MoleServer> server(new MoleServer());
   server->engine_ = engine;
-  server->service_ = std::make_unique<InferenceService>(engine);
+  server->service_ = std::make_unique<InferenceService>(engine, options.max_n);
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       MakeServerCredentials(options.tls, "gRPC");

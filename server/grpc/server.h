@@ -41,6 +41,8 @@ struct ServerOptions {
   std::string listen_address = "0.0.0.0:50051";
   // Largest request message accepted; larger ones fail with RESOURCE_EXHAUSTED.
   int max_receive_message_bytes = 4 << 20;
+  // The most sequences one Generate call may ask for (GenerateRequest.n).
+  int32_t max_n = 16;
   // AdapterAdmin listener host:port (port 0 = any free port, see admin_port()); empty = off.
   std::string admin_address;
   // Bearer token every admin call must carry; required with admin_address.

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <map>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -52,6 +53,9 @@ ABSL_FLAG(int64_t, seed, -1, "Sampling seed (-1 = random)");
 ABSL_FLAG(std::vector<std::string>, stop, {},
           "Stop strings, comma-separated; C escapes such as \\n are understood");
 ABSL_FLAG(bool, ignore_eos, false, "Keep generating past EOS");
+ABSL_FLAG(int, n, 1,
+          "Sequences to sample from the prompt; above 1 each is printed whole, as [i] TEXT, once "
+          "all finished");
 ABSL_FLAG(bool, logprobs, false, "Print each token's id and log-probability");
 ABSL_FLAG(bool, routing, false, "Print the experts each routed site chose for every token");
 ABSL_FLAG(std::string, routing_algorithm, "", "Routing override: topk, top_p, soft, ...");
@@ -118,6 +122,12 @@ int Generate(pb::Inference::Stub& stub) {
     st->add_stop(unescaped);
   }
   st->set_ignore_eos(absl::GetFlag(FLAGS_ignore_eos));
+  const int n = absl::GetFlag(FLAGS_n);
+  if (n < 1) {
+    std::cerr << "error: --n must be at least 1\n";
+    return 2;
+  }
+  req.set_n(static_cast<uint32_t>(n));
   req.mutable_output()->set_logprobs(absl::GetFlag(FLAGS_logprobs));
   req.mutable_output()->set_return_routing(absl::GetFlag(FLAGS_routing));
   if (!absl::GetFlag(FLAGS_routing_algorithm).empty()) {
@@ -135,9 +145,14 @@ int Generate(pb::Inference::Stub& stub) {
   if (!req.adapter().empty()) ctx->AddMetadata(moleserve::server::kAdapterHeader, req.adapter());
   std::unique_ptr<grpc::ClientReader<pb::GenerateResponse>> reader = stub.Generate(ctx.get(), req);
   pb::GenerateResponse resp;
-  pb::FinalInfo final;
+  std::map<uint32_t, pb::FinalInfo> finals;  // by sequence index
+  std::map<uint32_t, std::string> texts;     // n > 1: printed once all finished
   while (reader->Read(&resp)) {
-    std::cout << resp.text() << std::flush;
+    if (n == 1) {
+      std::cout << resp.text() << std::flush;
+    } else {
+      texts[resp.index()] += resp.text();
+    }
     if (absl::GetFlag(FLAGS_logprobs)) {
       for (const pb::TokenLogprob& lp : resp.logprobs()) {
         std::cerr << "[" << lp.token_id() << " " << lp.logprob() << "]";
@@ -153,16 +168,20 @@ int Generate(pb::Inference::Stub& stub) {
         std::cerr << "}";
       }
     }
-    if (resp.has_final()) final = resp.final();
+    if (resp.has_final()) finals[resp.index()] = resp.final();
   }
   grpc::Status status = reader->Finish();
-  std::cout << "\n";
+  if (n == 1) std::cout << "\n";
+  for (const auto& [index, text] : texts) std::cout << "[" << index << "] " << text << "\n";
   if (!status.ok()) return Fail(status);
-  std::cerr << "finish=" << pb::FinishReason_Name(final.finish_reason())
-            << " prompt_tokens=" << final.prompt_tokens()
-            << " generated_tokens=" << final.generated_tokens()
-            << " ttft=" << final.timings().time_to_first_token_seconds() << "s"
-            << " total=" << final.timings().total_seconds() << "s\n";
+  for (const auto& [index, final] : finals) {
+    if (n > 1) std::cerr << "[" << index << "] ";
+    std::cerr << "finish=" << pb::FinishReason_Name(final.finish_reason())
+              << " prompt_tokens=" << final.prompt_tokens()
+              << " generated_tokens=" << final.generated_tokens()
+              << " ttft=" << final.timings().time_to_first_token_seconds() << "s"
+              << " total=" << final.timings().total_seconds() << "s\n";
+  }
   return 0;
 }
 

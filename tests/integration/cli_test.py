@@ -153,6 +153,20 @@ class Suite:
             check(len(out) > 1, "generate printed no text")
             self.directory_generate_stdout = out
 
+            # --n 3, greedy: three sequences, each the text of the single call above.
+            r = self.molectl_cmd(port, "generate", "--text", "Hello", "--max-new-tokens", "16",
+                                 "--temperature", "0", "--ignore-eos", "--n", "3")
+            check(r.returncode == 0, f"generate --n 3 exit {r.returncode}: {text(r.stderr)}")
+            single = out[:-1]  # without the final newline
+            for i in range(3):
+                check(f"[{i}] ".encode() + single + b"\n" in r.stdout,
+                      f"sequence {i} missing or not the single call's text: {r.stdout!r}")
+                check(f"[{i}] finish=FINISH_REASON_LENGTH" in text(r.stderr),
+                      f"no summary for sequence {i}: {text(r.stderr)!r}")
+            r = self.molectl_cmd(port, "generate", "--text", "Hello", "--n", "17")
+            check(r.returncode != 0 and "at most 16" in text(r.stderr),
+                  f"n above --max-n: {r.returncode} {text(r.stderr)!r}")
+
             r = self.molectl_cmd(port, "generate", "--text", "Hello", "--max-new-tokens",
                                  "5000")
             check(r.returncode != 0, "max_new_tokens past the context was accepted")

@@ -24,6 +24,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -703,6 +704,184 @@ TEST(ServerTest, OversizedMessageAndFullQueueAreResourceExhausted) {
 
 // ---------------------------------------------------------------------------------------------
 // Concurrency
+
+// ---------------------------------------------------------------------------------------------
+// n sequences per call
+
+// One call's messages split by GenerateResponse.index.
+struct PerIndex {
+  std::vector<uint32_t> ids;
+  std::vector<float> logprobs;
+  std::vector<uint32_t> prompt_token_ids;
+  size_t prompt_logprobs = 0;
+  int finals = 0;
+  bool after_final = false;  // a message of this index came after its final
+};
+std::map<uint32_t, PerIndex> SplitByIndex(const GenResult& r) {
+  std::map<uint32_t, PerIndex> out;
+  for (const pb::GenerateResponse& m : r.messages) {
+    PerIndex& p = out[m.index()];
+    if (p.finals > 0) p.after_final = true;
+    p.ids.insert(p.ids.end(), m.token_ids().begin(), m.token_ids().end());
+    for (const pb::TokenLogprob& lp : m.logprobs()) p.logprobs.push_back(lp.logprob());
+    p.prompt_token_ids.insert(p.prompt_token_ids.end(), m.prompt_token_ids().begin(),
+                              m.prompt_token_ids().end());
+    p.prompt_logprobs += m.prompt_logprobs_size();
+    if (m.has_final()) ++p.finals;
+  }
+  return out;
+}
+
+TEST(ServerTest, NSequencesShareThePromptAndSampleLikeSeparateCallsWithSeedPlusIndex) {
+  auto inst = Instance::Start(SmallEngineOptions(), {.max_n = 4});
+  ASSERT_NE(inst, nullptr);
+  // 5+ full KV blocks of prompt (16 tokens each).
+  const std::string prompt =
+      "You are a helpful assistant. Answer in one short sentence, and never repeat the question "
+      "back to the user. The question follows after this line of instructions, which is long.";
+  pb::GenerateRequest req;
+  req.set_text(prompt);
+  req.mutable_sampling()->set_temperature(1.0f);
+  req.mutable_sampling()->set_seed(100);
+  req.mutable_stopping()->set_max_new_tokens(12);
+  req.mutable_stopping()->set_ignore_eos(true);
+  req.mutable_output()->set_logprobs(true);
+
+  // Cold cache: sequence 0 prefills the prompt, the other three share its blocks.
+  const engine::EngineStats before = inst->engine->Stats();
+  pb::GenerateRequest four = req;
+  four.set_n(4);
+  GenResult r = RunGenerate(*inst->stub, four);
+  ASSERT_TRUE(r.status.ok()) << r.status.error_message();
+  const engine::EngineStats after = inst->engine->Stats();
+  EXPECT_EQ(r.finals, 4);
+  std::map<uint32_t, PerIndex> seqs = SplitByIndex(r);
+  ASSERT_EQ(seqs.size(), 4u);
+  pb::TokenizeRequest treq;
+  treq.set_text(prompt);
+  pb::TokenizeResponse tresp;
+  grpc::ClientContext tctx;
+  ASSERT_TRUE(inst->stub->Tokenize(&tctx, treq, &tresp).ok());
+  const int64_t full_blocks = (tresp.ids_size() - 1) / before.kv_block_size;
+  ASSERT_GE(full_blocks, 5);
+  EXPECT_GE(after.prefix_hit_tokens - before.prefix_hit_tokens,
+            3 * full_blocks * before.kv_block_size)
+      << "the n sequences did not share the prompt's blocks";
+
+  std::set<std::vector<uint32_t>> distinct;
+  for (uint32_t i = 0; i < 4; ++i) {
+    SCOPED_TRACE(absl::StrCat("sequence ", i));
+    ASSERT_TRUE(seqs.count(i));
+    const PerIndex& got = seqs[i];
+    EXPECT_EQ(got.finals, 1);
+    EXPECT_FALSE(got.after_final);
+    ASSERT_EQ(got.ids.size(), 12u);
+    distinct.insert(got.ids);
+    // The same as one call with seed 100 + i (its prompt now found in the cache).
+    pb::GenerateRequest one = req;
+    one.mutable_sampling()->set_seed(100 + i);
+    GenResult alone = RunGenerate(*inst->stub, one);
+    ASSERT_TRUE(alone.status.ok()) << alone.status.error_message();
+    std::map<uint32_t, PerIndex> single = SplitByIndex(alone);
+    ASSERT_EQ(single.size(), 1u);
+    EXPECT_EQ(single.begin()->first, 0u);
+    EXPECT_EQ(single[0].ids, got.ids);
+    ASSERT_EQ(single[0].logprobs.size(), got.logprobs.size());
+    for (size_t t = 0; t < got.logprobs.size(); ++t) {
+      EXPECT_NEAR(single[0].logprobs[t], got.logprobs[t], 1e-4) << "token " << t;
+    }
+  }
+  // 12 tokens at temperature 1 from a random model: four seeds give four different sequences.
+  EXPECT_EQ(distinct.size(), 4u);
+  EXPECT_TRUE(inst->WaitEngineIdle());
+
+  // Prompt logprobs come once, with sequence 0.
+  pb::GenerateRequest scored = Greedy("Score this prompt once", 3);
+  scored.set_n(3);
+  scored.mutable_output()->set_prompt_logprobs(true);
+  GenResult s = RunGenerate(*inst->stub, scored);
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  std::map<uint32_t, PerIndex> scored_seqs = SplitByIndex(s);
+  ASSERT_EQ(scored_seqs.size(), 3u);
+  EXPECT_GT(scored_seqs[0].prompt_logprobs, 0u);
+  EXPECT_EQ(scored_seqs[0].prompt_logprobs + 1, scored_seqs[0].prompt_token_ids.size());
+  for (uint32_t i = 1; i < 3; ++i) {
+    EXPECT_EQ(scored_seqs[i].prompt_logprobs, 0u) << i;
+    EXPECT_TRUE(scored_seqs[i].prompt_token_ids.empty()) << i;
+    EXPECT_EQ(scored_seqs[i].ids, scored_seqs[0].ids) << "greedy sequences agree";
+  }
+
+  // n = 0 means one; above --max-n is refused before any work.
+  pb::GenerateRequest zero = Greedy("n zero", 2);
+  zero.set_n(0);
+  GenResult z = RunGenerate(*inst->stub, zero);
+  ASSERT_TRUE(z.status.ok());
+  EXPECT_EQ(SplitByIndex(z).size(), 1u);
+  pb::GenerateRequest five = Greedy("too many", 2);
+  five.set_n(5);
+  grpc::Status refused = GenerateStatus(*inst->stub, five);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(refused.error_message(), HasSubstr("at most 4"));
+  EXPECT_TRUE(inst->WaitEngineIdle());
+}
+
+TEST(ServerTest, NSequencesEndTogetherOnCancelAndOnARefusal) {
+  engine::EngineOptions options = SmallEngineOptions();
+  options.max_num_seqs = 1;
+  options.max_queue = 2;
+  auto inst = Instance::Start(options);
+  ASSERT_NE(inst, nullptr);
+
+  // A client cancel ends both sequences, the running one and the queued one.
+  {
+    pb::GenerateRequest req = Greedy("A long story", 1500);
+    req.set_n(2);
+    grpc::ClientContext ctx;
+    SetDeadline(&ctx, kCallTimeout);
+    auto reader = inst->stub->Generate(&ctx, req);
+    pb::GenerateResponse msg;
+    ASSERT_TRUE(reader->Read(&msg));
+    ctx.TryCancel();
+    for (int i = 0; i < 4000 && reader->Read(&msg); ++i) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    EXPECT_TRUE(inst->WaitEngineIdle());
+    EXPECT_LT(inst->engine->Stats().steps, 2000) << "a cancelled sequence ran to completion";
+  }
+
+  // One slot running and a queue of two: sequences 0 and 1 of a three-sequence call are queued,
+  // sequence 2 is refused, and the call fails with the refusal, taking the others out of the
+  // queue.
+  bool refused = false;
+  for (int attempt = 0; attempt < 5 && !refused; ++attempt) {
+    grpc::ClientContext hold_ctx;
+    SetDeadline(&hold_ctx, kCallTimeout);
+    auto holder = inst->stub->Generate(&hold_ctx, Greedy("hold the slot", 1900));
+    pb::GenerateResponse msg;
+    if (!holder->Read(&msg) || inst->engine->Stats().waiting != 0) {
+      hold_ctx.TryCancel();
+      while (holder->Read(&msg)) {
+      }
+      holder->Finish();
+      continue;
+    }
+    pb::GenerateRequest three = Greedy("three at once", 4);
+    three.set_n(3);
+    grpc::Status st = GenerateStatus(*inst->stub, three);
+    const bool holder_running = inst->engine->Stats().running == 1;
+    hold_ctx.TryCancel();
+    while (holder->Read(&msg)) {
+    }
+    holder->Finish();
+    if (!holder_running) continue;  // the holder finished first: try again
+    refused = true;
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr("queue is full"));
+  }
+  EXPECT_TRUE(refused) << "the holder never held the slot long enough";
+  EXPECT_TRUE(inst->WaitEngineIdle());
+  ExpectStillServing(*inst->stub);
+}
 
 TEST(ServerTest, ThirtyTwoConcurrentStreamsGetTheirExactTokenCounts) {
   auto inst = Instance::Start(SmallEngineOptions());

@@ -272,6 +272,32 @@ TEST(LlamaModelTest, ForwardRejectsBrokenBatches) {
   EXPECT_EQ(l.model->Forward(Batch{}, &logits).code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Block tables hold every sequence's blocks (shared prefix blocks appear in several tables), up
+// to the served context per sequence, not the model's whole position range.
+TEST(LlamaModelTest, BlockTablesAreSizedByTheServedContext) {
+  auto backend = *CreateCpuBackend({.num_threads = 1});
+  const ModelConfig config = DemoModelConfig();
+  const HostWeights weights = RandomLlamaWeights(config, kDemoModelSeed);
+  const LlamaModelOptions base{
+      .num_kv_blocks = 64, .kv_block_size = 4, .max_batch_tokens = 128, .max_seqs = 64};
+  ASSERT_GE(config.max_position_embeddings, 64 * 4);
+  auto whole = LlamaModel::Create(backend.get(), config, weights, base);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_EQ((*whole)->BlockTableCapacity(), 64 * 64);  // the whole cache per sequence
+  LlamaModelOptions served = base;
+  served.max_context = 16;  // 4 blocks per sequence
+  auto model = LlamaModel::Create(backend.get(), config, weights, served);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->BlockTableCapacity(), 4 * 64);
+  // 64 one-token sequences naming 5 blocks each: more entries than the tables hold.
+  Batch b;
+  for (int s = 0; s < 64; ++s) AddSeq(&b, {256}, 0, 1, {0, 1, 2, 3, 4}, true);
+  std::vector<float> logits;
+  absl::Status st = (*model)->Forward(b, &logits);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("block-table entries"), std::string::npos) << st;
+}
+
 void Overwrite(const std::string& path, size_t offset, const std::string& bytes) {
   std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
   f.seekp(static_cast<std::streamoff>(offset));
