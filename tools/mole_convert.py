@@ -2,7 +2,7 @@
 """Converts a public MoLE checkpoint into moleserve's `mole/1` directory format.
 
   mole_convert.py SRC_DIR DST_DIR [--family auto|peft_lora|mixlora|mola|loramoe|dynmole|
-                  mola_original|xlora|flylora] [--k-per-layer 2,2,...] [--ordering FILE]
+                  mola_original|xlora|flylora|sora] [--k-per-layer 2,2,...] [--ordering FILE]
                   [--dtype float32|bfloat16] [--base BASE_DIR] [--name NAME]
 
 Writes DST_DIR/mole_config.json and DST_DIR/model.safetensors as engine/adapters/README.md and
@@ -25,6 +25,11 @@ Families (MOLE_FORMAT.md b.4):
                  rank with a per-expert scale tensor; module_index from --ordering (or
                  SRC_DIR/ordering.json), else a replay of peft's module traversal order.
   flylora        FlyLoRA's peft fork: a rank-granular group, lora_topk_bias -> router.select_bias.
+  sora           SoRA (TsinghuaC3I/SoRA, an opendelta delta checkpoint: config.json with
+                 delta_type "lora" + pytorch_model.bin with {module}.lora.{lora_A,lora_B,gate}):
+                 the gate folds into B (B' = B diag(gate), one float32 rounding per element),
+                 zero-gated ranks are pruned (a module with none left is dropped), scale
+                 lora_alpha / lora_r of the trained rank: static LoRAs of per-module rank.
 `auto` (the default) picks the family from the files. Anything the format cannot express exactly
 (DoRA, modules_to_save, embedding LoRAs, fan_in_fan_out, LoRA biases, Renyi entropy, a non-SiLU
 MixLoRA act_fn, ...) is rejected with a message naming it and exit status 1.
@@ -43,7 +48,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ATTN = MODULES[:4]
 FFN = MODULES[4:]
 FAMILIES = ("peft_lora", "mixlora", "mola", "loramoe", "dynmole", "mola_original", "xlora",
-            "flylora")
+            "flylora", "sora")
 
 
 class ConvertError(Exception):
@@ -801,10 +806,63 @@ def convert_flylora(src, opts):
 # ------------------------------------------------------------------------------------------------
 
 
+SORA_KEY = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora\.(lora_A|lora_B|gate)$")
+
+
+def convert_sora(src, opts):
+    cfg = read_json(os.path.join(src, "config.json"))
+    if cfg.get("delta_type") != "lora":
+        raise ConvertError(f"{src}: delta_type {cfg.get('delta_type')!r} is not 'lora' (SoRA)")
+    r, alpha = cfg.get("lora_r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise ConvertError(f"{src}: lora_r must be a positive integer and lora_alpha a number")
+    w = read_weights(src, ("pytorch_model.bin",))
+    parts = {}
+    for k, t in w.items():
+        match = SORA_KEY.fullmatch(k)
+        if not match or match.group(3) not in MODULES or block(match.group(3)) != match.group(2):
+            raise ConvertError(f"{src}: tensor {k} is not a SoRA LoRA of a base model module")
+        parts.setdefault((int(match.group(1)), match.group(3)), {})[match.group(4)] = t
+    mole = new_mole("sora", {"base_model_name_or_path": cfg.get("backbone_checkpoint_name")},
+                    src, opts, weights=w)
+    scale = alpha / r
+    loras, pruned = {}, []
+    for (l, m), p in sorted(parts.items()):
+        where = f"{src}: model.layers.{l}.{block(m)}.{m}.lora"
+        if set(p) != {"lora_A", "lora_B", "gate"}:
+            raise ConvertError(f"{where}: needs lora_A, lora_B and gate, has {sorted(p)}")
+        a, b, gate = p["lora_A"].double(), p["lora_B"].double(), p["gate"].double().reshape(-1)
+        if a.shape[0] != r or b.shape[1] != r or gate.numel() != r:
+            raise ConvertError(f"{where}: rank {a.shape[0]} (gate {gate.numel()}), "
+                               f"the config says {r}")
+        if l >= mole.num_layers:
+            raise ConvertError(f"{where}: layer {l} is beyond the base model's {mole.num_layers}")
+        if not torch.isfinite(gate).all():
+            raise ConvertError(f"{where}: the gate is not finite")
+        keep = (gate != 0).nonzero().reshape(-1)
+        if keep.numel() == 0:
+            pruned.append(f"layers.{l}.{m}")
+            continue
+        loras[(l, m)] = (a[keep].float(), (b[:, keep] * gate[keep]).float(), scale)
+    if not loras:
+        raise ConvertError(f"{src}: every rank of every module is gated to zero")
+    if pruned:
+        print(f"mole_convert: {len(pruned)} SoRA modules have every rank gated to zero and are "
+              f"dropped: {', '.join(pruned[:5])}", file=sys.stderr)
+    mole.add_static("sora", loras, scale_default=scale)
+    return mole
+
+
 def detect_family(src):
     if os.path.isfile(os.path.join(src, "xlora_config.json")):
         return "xlora"
     path = os.path.join(src, "adapter_config.json")
+    delta = os.path.join(src, "config.json")
+    if not os.path.isfile(path) and os.path.isfile(delta) and "delta_type" in read_json(delta):
+        delta_type = read_json(delta)["delta_type"]
+        if delta_type != "lora":
+            raise ConvertError(f"{src}: opendelta delta_type {delta_type!r} is not 'lora' (SoRA)")
+        return "sora"
     if not os.path.isfile(path):
         raise ConvertError(f"{src}: no adapter_config.json or xlora_config.json")
     cfg = read_json(path)
@@ -832,6 +890,7 @@ CONVERTERS = {
     "mola_original": convert_mola_original,
     "xlora": convert_xlora,
     "flylora": convert_flylora,
+    "sora": convert_sora,
 }
 
 

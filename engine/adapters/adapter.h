@@ -64,16 +64,20 @@ struct LoraStack {
 };
 
 // A router's parameters (fp32). Empty `weight` for routers that have no GEMM (implicit_A,
-// xlora_ref).
+// xlora_ref). A Mixture of Routers (`mixture` > 0 sub-routers M) stacks its sub-routers and its
+// main router into one GEMM: `weight` is [M * rows + M, in] (sub-router j's rows, then the main
+// router's M rows) and its logits become rows values through Backend::MixRouter.
 struct RouterWeights {
   int32_t rows = 0;  // experts, or ranks for a rank group
   int64_t in = 0;
-  std::vector<float> weight;       // [rows, in]
+  int32_t mixture = 0;  // MoR sub-routers; 0 = a single linear router
+  int64_t gemm_rows() const { return mixture > 0 ? int64_t{mixture} * rows + mixture : rows; }
+  std::vector<float> weight;       // [gemm_rows(), in]
   std::vector<float> bias;         // [rows] or empty
   std::vector<float> select_bias;  // [rows] (selection only) or empty
 };
 
-enum class RouterType { kLinear, kImplicitA, kXloraRef };
+enum class RouterType { kLinear, kMixture, kImplicitA, kXloraRef };
 
 // A routed group on one module of one layer.
 struct RoutedModule {

@@ -156,11 +156,24 @@ absl::StatusOr<RoutingSpec> ParseRouting(const Json& group, int32_t num_layers,
 
 absl::StatusOr<RouterWeights> ReadRouter(TensorSet& tensors, const std::string& prefix,
                                          int32_t rows, int64_t in, bool bias, bool select_bias,
-                                         bool has_weight) {
+                                         bool has_weight, int32_t mixture = 0) {
   RouterWeights r;
   r.rows = rows;
   r.in = in;
-  if (has_weight) {
+  r.mixture = mixture;
+  if (mixture > 0) {
+    // MoR: sub.{j}.weight [rows, in] for each sub-router, then main.weight [M, in], stacked
+    // into one GEMM (RouterWeights).
+    r.weight.reserve(static_cast<size_t>(r.gemm_rows() * in));
+    for (int32_t j = 0; j <= mixture; ++j) {
+      const bool main = j == mixture;
+      ASSIGN_OR_RETURN(
+          std::vector<float> w,
+          tensors.Read(main ? prefix + ".main.weight" : absl::StrCat(prefix, ".sub.", j, ".weight"),
+                       {main ? mixture : rows, in}));
+      r.weight.insert(r.weight.end(), w.begin(), w.end());
+    }
+  } else if (has_weight) {
     ASSIGN_OR_RETURN(r.weight, tensors.Read(prefix + ".weight", {rows, in}));
   }
   if (bias) {
@@ -304,6 +317,7 @@ struct GroupHeader {
   bool router_bias = false;
   bool select_bias = false;
   bool select_on_abs = false;
+  int32_t mixture = 0;  // kMixture: sub-routers
   bool rank_granular = false;
   bool xlora_group = false;  // scope model_scalings
   RoutingSpec routing;
@@ -440,6 +454,14 @@ absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t i
   ASSIGN_OR_RETURN(h.select_on_abs, aj::Bool(router, "select_on_abs", false, rctx));
   if (router_type_name == "linear") {
     h.router_type = RouterType::kLinear;
+  } else if (router_type_name == "mixture") {
+    h.router_type = RouterType::kMixture;
+    ASSIGN_OR_RETURN(double routers, aj::Number(router, "num_routers", std::nullopt, rctx));
+    if (routers != std::floor(routers) || routers < 1 || routers > kernels::kMaxMixRouters) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(rctx, ".num_routers must be an integer in 1..", kernels::kMaxMixRouters));
+    }
+    h.mixture = static_cast<int32_t>(routers);
   } else if (router_type_name == "implicit_A") {
     h.router_type = RouterType::kImplicitA;
   } else if (router_type_name == "xlora_ref") {
@@ -447,7 +469,7 @@ absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t i
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat(rctx, ": router type '", router_type_name,
-                     "' is not supported (linear, implicit_A, xlora_ref)"));
+                     "' is not supported (linear, mixture, implicit_A, xlora_ref)"));
   }
   h.rank_granular = h.granularity == "rank";
   if (!h.rank_granular && h.granularity != "lora") {
@@ -483,6 +505,13 @@ absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t i
   if (h.router_bias && h.router_type != RouterType::kLinear) {
     return absl::InvalidArgumentError(absl::StrCat(gctx, ": router.bias needs a linear router"));
   }
+  if (h.router_type == RouterType::kMixture &&
+      (h.rank_granular || h.routing.temperature != 1.0f || h.routing.prob_temperature != 0.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(gctx,
+                     ": a mixture router needs granularity lora and routing temperature 1 (its "
+                     "probabilities are mixed, not its logits)"));
+  }
   return h;
 }
 
@@ -498,9 +527,10 @@ absl::Status MoleLoader::CheckRank(const GroupHeader& h, int32_t layer, int32_t 
 
 absl::Status MoleLoader::BlockFfnSites(const GroupHeader& h, int32_t group_index, GroupInfo* info) {
   const std::string& gctx = h.ctx;
-  if (h.rank_granular || h.router_type != RouterType::kLinear) {
+  if (h.rank_granular ||
+      (h.router_type != RouterType::kLinear && h.router_type != RouterType::kMixture)) {
     return absl::InvalidArgumentError(
-        absl::StrCat(gctx, ": block_ffn needs granularity lora and a linear router"));
+        absl::StrCat(gctx, ": block_ffn needs granularity lora and a linear or mixture router"));
   }
   for (LinearModule m : h.targets.modules) {
     if (m != LinearModule::kGate && m != LinearModule::kUp && m != LinearModule::kDown) {
@@ -533,8 +563,9 @@ absl::Status MoleLoader::BlockFfnSites(const GroupHeader& h, int32_t group_index
       return absl::InvalidArgumentError(absl::StrCat(gctx, " layer ", l, ": ", valid.message()));
     }
     const std::string prefix = absl::StrCat("groups.", h.id, ".layers.", l);
-    ASSIGN_OR_RETURN(ffn.router, ReadRouter(tensors_, prefix + ".router", e, base_.hidden_size,
-                                            h.router_bias, h.select_bias, /*has_weight=*/true));
+    ASSIGN_OR_RETURN(ffn.router,
+                     ReadRouter(tensors_, prefix + ".router", e, base_.hidden_size, h.router_bias,
+                                h.select_bias, /*has_weight=*/true, h.mixture));
     for (LinearModule m : h.targets.modules) {
       const auto [in, out] = LinearModuleShape(base_, m);
       const std::string mp = absl::StrCat(prefix, ".", LinearModuleName(m));
@@ -628,8 +659,9 @@ absl::Status MoleLoader::ModuleSites(const GroupHeader& h, int32_t group_index, 
               absl::StrCat(gctx, " layer ", l, " ", LinearModuleName(m), ": ", valid.message()));
         }
         ASSIGN_OR_RETURN(
-            rm.router, ReadRouter(tensors_, mp + ".router", rows, in, h.router_bias, h.select_bias,
-                                  h.router_type == RouterType::kLinear));
+            rm.router,
+            ReadRouter(tensors_, mp + ".router", rows, in, h.router_bias, h.select_bias,
+                       h.router_type == RouterType::kLinear || h.mixture > 0, h.mixture));
       }
       info->ranks.push_back(rm.experts.rank);
       info->max_experts = std::max(info->max_experts, e);

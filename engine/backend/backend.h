@@ -124,6 +124,8 @@ class Backend {
   virtual absl::Status RankRoute(const kernels::RankRouteParams& p) = 0;
   // X-LoRA's classifier softmax, per group of columns, fp32.
   virtual absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) = 0;
+  // A Mixture of Routers' logits (the log of its mixed probabilities), fp32.
+  virtual absl::Status MixRouter(const kernels::MixRouterParams& p) = 0;
   // SGMV segments from Route's decisions, on the device (no host round trip).
   virtual absl::Status BuildSegments(const kernels::SegmentBuildParams& p) = 0;
   // The next token of each row from fp32 logits (kernels/common/sampling_math.h), so that only

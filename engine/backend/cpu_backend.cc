@@ -130,6 +130,9 @@ class CpuBackend final : public Backend {
   absl::Status Sample(const kernels::SampleParams& p) override {
     return Run("Sample", [this, p] { return kc::Sample(p, &pool_); });
   }
+  absl::Status MixRouter(const kernels::MixRouterParams& p) override {
+    return Run("MixRouter", [this, p] { return kc::MixRouter(p, &pool_); });
+  }
   absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
     return Run("SoftmaxGroups", [this, p] { return kc::SoftmaxGroups(p, &pool_); });
   }

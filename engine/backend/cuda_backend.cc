@@ -260,6 +260,9 @@ class CudaBackend final : public Backend {
   absl::Status BuildSegments(const kernels::SegmentBuildParams& p) override {
     return Launch("BuildSegments", &kcu::BuildSegments, p);
   }
+  absl::Status MixRouter(const kernels::MixRouterParams& p) override {
+    return Launch("MixRouter", &kcu::MixRouter, p);
+  }
   absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
     return Launch("SoftmaxGroups", &kcu::SoftmaxGroups, p);
   }

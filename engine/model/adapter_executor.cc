@@ -456,7 +456,8 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     }
     const LoraStack& stack = rm.experts;
     const int32_t e_count = stack.num_experts;
-    if (rm.router_type == RouterType::kLinear && e_count <= kernels::kMaxRouteWidth) {
+    if ((rm.router_type == RouterType::kLinear || rm.router_type == RouterType::kMixture) &&
+        e_count <= kernels::kMaxRouteWidth) {
       ASSIGN_OR_RETURN(bool routed,
                        RouteOnDevice(att, layer, m, rm, tokens, x, in, y, out, y_stride));
       if (routed) continue;

@@ -1,5 +1,7 @@
 #include "engine/model/attached_adapter.h"
 
+#include <algorithm>
+
 #include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
@@ -8,14 +10,26 @@ absl::Status AttachedAdapter::RouterLogits(Backend* backend, const RouterWeights
                                            const void* x, int64_t n, int64_t in,
                                            float* logits) const {
   const auto& [weight, bias] = routers.at(&router);
+  float* gemm_out = logits;
+  if (router.mixture > 0) {
+    const size_t bytes = static_cast<size_t>(n * router.gemm_rows()) * sizeof(float);
+    if (mix_scratch.bytes() < bytes) {
+      ASSIGN_OR_RETURN(mix_scratch, backend->Allocate(std::max(bytes, 2 * mix_scratch.bytes())));
+    }
+    gemm_out = mix_scratch.as<float>();
+  }
   RETURN_IF_ERROR(backend->Gemm({.x = x,
                                  .w = weight.data(),
-                                 .y = logits,
+                                 .y = gemm_out,
                                  .m = n,
-                                 .n = router.rows,
+                                 .n = router.gemm_rows(),
                                  .k = in,
                                  .dtype = backend->compute_dtype(),
                                  .y_f32 = true}));
+  if (router.mixture > 0) {
+    return backend->MixRouter(
+        {.x = gemm_out, .y = logits, .rows = n, .experts = router.rows, .routers = router.mixture});
+  }
   if (router.bias.empty()) return absl::OkStatus();
   return backend->BiasAdd({.x = logits,
                            .bias = bias.data(),

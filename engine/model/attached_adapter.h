@@ -21,9 +21,14 @@ struct AttachedAdapter {
   std::map<const RouterWeights*, std::pair<DeviceBuffer, DeviceBuffer>> routers;
   std::vector<std::pair<DeviceBuffer, DeviceBuffer>> classifier;  // X-LoRA: weight, bias
 
-  // logits [n, router.rows] (fp32) = x [n, in] (compute dtype) W^T + bias, on `backend`.
+  // logits [n, router.rows] (fp32) = x [n, in] (compute dtype) W^T + bias, on `backend`. A
+  // Mixture of Routers' GEMM goes to mix_scratch first, then Backend::MixRouter gives its logits
+  // (the log of the mixed probabilities).
   absl::Status RouterLogits(Backend* backend, const RouterWeights& router, const void* x, int64_t n,
                             int64_t in, float* logits) const;
+  // The stacked sub-router and main-router logits of a mixture router (grown on demand; the
+  // engine loop is the only user).
+  mutable DeviceBuffer mix_scratch;
 };
 
 }  // namespace moleserve::engine

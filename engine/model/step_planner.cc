@@ -101,8 +101,9 @@ absl::StatusOr<bool> StepPlanner::Plan(const std::vector<PassAdapter>& adapters,
         }
         const bool xlora = rm.router_type == RouterType::kXloraRef && a.xlora;
         if (rm.experts.num_experts > kernels::kMaxRouteWidth ||
-            (!xlora && (rm.router_type != RouterType::kLinear ||
-                        !ToRouteParams(rm.routing, rm.experts.num_experts).ok()))) {
+            (!xlora &&
+             ((rm.router_type != RouterType::kLinear && rm.router_type != RouterType::kMixture) ||
+              !ToRouteParams(rm.routing, rm.experts.num_experts).ok()))) {
           return false;
         }
         max_experts = std::max(max_experts, rm.experts.num_experts);

@@ -325,6 +325,23 @@ struct RouteParams {
   double entropy_eps = 1e-5;
 };
 
+// Mixture of Routers (MoR): M sub-routers and a main router that weighs them. For rows r with
+// active[r] != 0 (all when active is null), fp32, from x[r] = [sub_0 logits (E) | ... |
+// sub_{M-1} logits (E) | main logits (M)]:
+//   y[r, e] = log(sum_j softmax(main)_j * softmax(sub_j)_e),
+// the log of the mixed probabilities, so that the routing kernels' softmax (temperature 1) gives
+// them back to top-k / top-p. A row whose softmaxes are undefined (NaN, +inf) is all NaN (Route
+// then routes nobody there, as for any undefined logits).
+inline constexpr int32_t kMaxMixRouters = 16;
+struct MixRouterParams {
+  const float* x = nullptr;         // [rows, routers * experts + routers]
+  float* y = nullptr;               // [rows, experts]; must not alias x
+  const int32_t* active = nullptr;  // [rows] or nullptr
+  int64_t rows = 0;
+  int32_t experts = 0;  // E: 1..kMaxRouteWidth
+  int32_t routers = 0;  // M: 1..kMaxMixRouters
+};
+
 // Softmax over groups of `group` columns (X-LoRA's classifier output: one group of N adapters per
 // module row), fp32: for rows r with active[r] != 0 (all when active is null),
 // y[r, j*group .. (j+1)*group) = softmax(x[r, same] / temperature) (routing_math::Softmax; NaN

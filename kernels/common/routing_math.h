@@ -136,6 +136,22 @@ MOLESERVE_HD inline void SoftmaxGroupsRow(const SoftmaxGroupsParams& p, const fl
   }
 }
 
+// One row of a Mixture of Routers (MixRouterParams): y[e] = log(sum_j g_j s_je), g = softmax of
+// the main router's logits, s_j = softmax of sub-router j's; all NaN when a softmax is undefined.
+// `s` is scratch of E entries.
+MOLESERVE_HD inline void MixRouterRow(const MixRouterParams& p, const float* x, float* y,
+                                      float* s) {
+  const int32_t e = p.experts, m = p.routers;
+  float g[kMaxMixRouters];
+  bool ok = Softmax(x + int64_t{m} * e, m, 1.0f, g);
+  for (int32_t i = 0; i < e; ++i) y[i] = 0.0f;
+  for (int32_t j = 0; ok && j < m; ++j) {
+    ok = Softmax(x + int64_t{j} * e, e, 1.0f, s);
+    for (int32_t i = 0; ok && i < e; ++i) y[i] += g[j] * s[i];
+  }
+  for (int32_t i = 0; i < e; ++i) y[i] = ok ? logf(y[i]) : NAN;
+}
+
 // Routes one token (RouteParams). Writes experts / weights [0..count) and returns count, or 0
 // when the logits are undefined (NaN, +inf, all -inf). `p` and `order` are scratch of n entries.
 MOLESERVE_HD inline int32_t RouteOne(const RouteParams& rp, const float* logits, int32_t* experts,

@@ -40,6 +40,9 @@ KernelStatus SgmvExpandRows(const SgmvExpandRowsParams& p, ThreadPool* pool);
 // Route / RankRoute: widths outside 1..kMaxRouteWidth or k outside 1..width -> kInvalidShape.
 KernelStatus Route(const RouteParams& p, ThreadPool* pool);
 KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool);
+// MixRouter: experts outside 1..kMaxRouteWidth or routers outside 1..kMaxMixRouters ->
+// kInvalidShape; x aliasing y -> kInvalidArgument.
+KernelStatus MixRouter(const MixRouterParams& p, ThreadPool* pool);
 // SoftmaxGroups: cols not a multiple of group, or y_stride < cols -> kInvalidShape.
 KernelStatus SoftmaxGroups(const SoftmaxGroupsParams& p, ThreadPool* pool);
 // Segments from routing decisions (params.h SegmentBuildParams); runs on the calling thread.

@@ -34,6 +34,24 @@ KernelStatus Route(const RouteParams& p, ThreadPool* pool) {
   return KernelStatus::kOk;
 }
 
+KernelStatus MixRouter(const MixRouterParams& p, ThreadPool* pool) {
+  if (p.rows < 0 || p.experts < 1 || p.experts > kMaxRouteWidth || p.routers < 1 ||
+      p.routers > kMaxMixRouters) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.rows == 0) return KernelStatus::kOk;
+  if (p.x == nullptr || p.y == nullptr || p.x == p.y) return KernelStatus::kInvalidArgument;
+  const int64_t width = int64_t{p.routers} * p.experts + p.routers;
+  ParallelFor(pool, p.rows, [&](int64_t begin, int64_t end) {
+    float s[kMaxRouteWidth];
+    for (int64_t r = begin; r < end; ++r) {
+      if (p.active != nullptr && p.active[r] == 0) continue;
+      routing_math::MixRouterRow(p, p.x + r * width, p.y + r * p.experts, s);
+    }
+  });
+  return KernelStatus::kOk;
+}
+
 KernelStatus SoftmaxGroups(const SoftmaxGroupsParams& p, ThreadPool* pool) {
   const int64_t stride = p.y_stride == 0 ? p.cols : p.y_stride;
   if (p.rows < 0 || p.group < 1 || p.cols < 0 || p.cols % p.group != 0 || stride < p.cols) {

@@ -214,6 +214,9 @@ class Bf16CpuBackend final : public engine::Backend {
   absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
     return inner_->SoftmaxGroups(p);  // fp32
   }
+  absl::Status MixRouter(const kernels::MixRouterParams& p) override {
+    return inner_->MixRouter(p);  // fp32
+  }
   absl::Status RankRoute(const kernels::RankRouteParams& p) override {
     return inner_->RankRoute(p);
   }

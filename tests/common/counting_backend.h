@@ -117,6 +117,7 @@ class CountingBackend final : public engine::Backend {
   MOLESERVE_COUNTED_OP(Route, RouteParams)
   MOLESERVE_COUNTED_OP(RankRoute, RankRouteParams)
   MOLESERVE_COUNTED_OP(SoftmaxGroups, SoftmaxGroupsParams)
+  MOLESERVE_COUNTED_OP(MixRouter, MixRouterParams)
   MOLESERVE_COUNTED_OP(BuildSegments, SegmentBuildParams)
   MOLESERVE_COUNTED_OP(Sample, SampleParams)
 #undef MOLESERVE_COUNTED_OP

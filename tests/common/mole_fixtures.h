@@ -52,7 +52,9 @@ inline const std::vector<FamilyCase>& MoleFamilyCases() {
       {"xlora_peft_topk", "xlora"},
       {"xlora_mistralrs", "xlora"},
       {"flylora", "flylora"},
+      {"sora", "sora"},
       {"smora", "smora", false},  // native mole/1: no public format exists
+      {"mor", "mor", false},      // likewise
   };
   return *cases;
 }

@@ -970,6 +970,38 @@ TEST(CudaRoutingTest, EveryRuleMatchesTheCpuTwin) {
   }
 }
 
+TEST(CudaRoutingTest, MixRouterMatchesTheCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 150;
+  const int32_t e = 8, m = 4;
+  const int64_t width = int64_t{m} * e + m;
+  std::vector<float> x = Random(rows * width, 83, 3.0f);
+  x[9 * width + 3] = std::numeric_limits<float>::quiet_NaN();  // one undefined row
+  std::vector<int32_t> active(rows);
+  for (int64_t r = 0; r < rows; ++r) active[r] = r % 4 != 0;
+  std::vector<float> y(rows * e, -7.0f);
+  DeviceBytes dx(x), dy(y), da(active);
+  MixRouterParams p{.rows = rows, .experts = e, .routers = m};
+  MixRouterParams dp = p;
+  dp.x = dx.get<float>();
+  dp.y = dy.get<float>();
+  dp.active = da.get<int32_t>();
+  ASSERT_EQ(cuda::MixRouter(dp, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  p.x = x.data();
+  p.y = y.data();
+  p.active = active.data();
+  ASSERT_EQ(cpu::MixRouter(p, nullptr), KernelStatus::kOk);
+  const std::vector<float> got = dy.Download<float>(rows * e);
+  for (int64_t i = 0; i < rows * e; ++i) {
+    if (std::isnan(y[i])) {
+      ASSERT_TRUE(std::isnan(got[i])) << "at " << i;
+    } else {
+      ASSERT_NEAR(got[i], y[i], 1e-5f) << "at " << i;  // expf / logf may differ by an ulp
+    }
+  }
+}
+
 TEST(CudaRoutingTest, SoftmaxGroupsMatchesTheCpuTwin) {
   SKIP_WITHOUT_GPU();
   const int64_t rows = 150, cols = 40;  // 8 groups of 5 (X-LoRA: modules x adapters)

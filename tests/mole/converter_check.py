@@ -446,6 +446,10 @@ def check_rejections(fails, pub, work):
     expect_reject("xlora_expert_dora", os.path.join(pub, "xlora_peft"),
                   os.path.join("adapter_2", "adapter_config.json"),
                   lambda c: c.update(use_dora=True), ["DoRA"])
+    expect_reject("sora_rank", os.path.join(pub, "sora"), "config.json",
+                  lambda c: c.update(lora_r=4), ["rank 8", "config says 4"])
+    expect_reject("sora_delta_type", os.path.join(pub, "sora"), "config.json",
+                  lambda c: c.update(delta_type="adapter"), ["not 'lora'"])
     # The CLI itself: exit status and message.
     p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"),
                  os.path.join(work, "reject", "peft_dora"), os.path.join(work, "reject", "x")])

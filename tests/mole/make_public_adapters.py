@@ -34,9 +34,13 @@ tools/mole_convert.py and tests/reference/mole_reference.py):
                                        ordering.json with a permuted adapter order), depth 3,
                                        no ReLU
   flylora               flylora        FlyLoRA peft fork: sparse A, lora_topk_bias, top_k 4 of 16
+  sora                  sora           SoRA (opendelta delta checkpoint): gated ranks, 3 of 8 pruned
+                                       per module, one module fully pruned
 Native mole/1 (families with no public code or checkpoint format; written by write_native):
   smora                 smora          SMoRA: rank-granular group, linear router over the 8 ranks
                                        plus a selection-only bias, k 3, renormalised gates
+  mor                   mor            Mixture of Routers: mixture routers (3 and 2 sub-routers)
+                                       on a q/o module group and a block-routed FFN, top-2 of 4
 (Per-layer lists alternate with the layer parity on bases with more than 2 layers.)
 """
 import json
@@ -392,6 +396,36 @@ def make_flylora(base, out, g):
     save_st(os.path.join(out, "adapter_model.safetensors"), w)
 
 
+def make_sora(base, out, g):
+    """SoRA (TsinghuaC3I/SoRA, src/lora.py): opendelta inserts a parallel module named "lora" next
+    to each targeted Linear, y += ((x A^T) * gate) B^T * lora_alpha / lora_r, and saves the delta
+    checkpoint (config.json + pytorch_model.bin). The proximal optimizer leaves exact zeros in the
+    gates (pruned ranks); here some ranks are zero, one module entirely. Nonzero gates are powers
+    of two, so folding them into B is exact in float32 (the converter check compares at 1e-9)."""
+    r, alpha = 8, 16
+    targets = ["q_proj", "v_proj", "down_proj"]
+    dump(os.path.join(out, "config.json"),
+         {"delta_type": "lora", "lora_r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+          "modified_modules": targets, "unfrozen_modules": ["deltas"],
+          "backbone_class": "LlamaForCausalLM", "backbone_checkpoint_name": base.dir,
+          "opendelta_version": "0.3.2"})
+    w = {}
+    powers = torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0])
+    for l in range(base.layers):
+        for m in targets:
+            din, dout = base.dims[m]
+            a, b = g.lora(r, din, dout)
+            pick = torch.randint(0, len(powers), (r,), generator=g.g)
+            sign = torch.randint(0, 2, (r,), generator=g.g) * 2 - 1
+            gate = powers[pick] * sign
+            gate[torch.randperm(r, generator=g.g)[:3]] = 0  # pruned ranks
+            if (l, m) == (base.layers - 1, "v_proj"):
+                gate[:] = 0  # a module whose every rank was pruned
+            p = f"model.layers.{l}.{block(m)}.{m}.lora"
+            w[p + ".lora_A"], w[p + ".lora_B"], w[p + ".gate"] = a, b, gate.reshape(1, r)
+    save_bin(os.path.join(out, "pytorch_model.bin"), w)
+
+
 def make_smora(base, out, g):
     """SMoRA ("each rank is an expert", MOLE_FORMAT 3.5) has no public code or checkpoint
     layout, so it is written directly as mole/1 (engine/adapters/README.md)."""
@@ -416,7 +450,51 @@ def make_smora(base, out, g):
     save_st(os.path.join(out, "model.safetensors"), w)
 
 
-NATIVE = [("smora", "smora", make_smora)]  # (directory, family flag, writer)
+def make_mor(base, out, g):
+    """Mixture of Routers (MoR, arXiv 2503.23362; MOLE_FORMAT 3.7): its code is not public, so
+    it is written as mole/1 with router.type "mixture" (the paper's equation as the format
+    states it: p = sum_j softmax(main x)_j softmax(sub_j x), then the host method's top-k and
+    renormalisation), replacing the router of a MoLA-style module group (q_proj, o_proj; 3
+    sub-routers) and of a MixLoRA-style block-routed FFN (2 sub-routers)."""
+    e, r, k = 4, 4, 2
+    groups = [
+        {"id": "attn", "scope": "module", "granularity": "lora",
+         "targets": {"layers": "all", "modules": ["q_proj", "o_proj"]},
+         "num_experts": e, "rank": r, "scale": 2.0,
+         "router": {"type": "mixture", "num_routers": 3},
+         "routing": {"algorithm": "topk", "k": k, "renormalize": True}},
+        {"id": "ffn", "scope": "block_ffn", "granularity": "lora",
+         "targets": {"layers": "all", "modules": list(MLP)},
+         "num_experts": e, "rank": r, "scale": 2.0, "act_fn": "silu",
+         "router": {"type": "mixture", "num_routers": 2},
+         "routing": {"algorithm": "topk", "k": k, "renormalize": True}}]
+    dump(os.path.join(out, "mole_config.json"),
+         {"format": "mole", "format_version": 1, "name": "mor", "source_family": "mor",
+          "routed_groups": groups})
+    w = {}
+
+    def stack(p, din, dout):
+        w[p + ".A"] = g.normal((e, r, din), 1 / math.sqrt(din))
+        w[p + ".B"] = g.normal((e, dout, r), math.sqrt(0.5 / r))
+
+    def mixture(p, din, m):
+        for j in range(m):
+            w[f"{p}.sub.{j}.weight"] = g.router(e, din, 3.0)
+        w[p + ".main.weight"] = g.router(m, din, 2.0)
+
+    for l in range(base.layers):
+        for m in ("q_proj", "o_proj"):
+            din, dout = base.dims[m]
+            stack(f"groups.attn.layers.{l}.{m}", din, dout)
+            mixture(f"groups.attn.layers.{l}.{m}.router", din, 3)
+        mixture(f"groups.ffn.layers.{l}.router", base.hidden, 2)
+        for m in MLP:
+            din, dout = base.dims[m]
+            stack(f"groups.ffn.layers.{l}.{m}", din, dout)
+    save_st(os.path.join(out, "model.safetensors"), w)
+
+
+NATIVE = [("smora", "smora", make_smora), ("mor", "mor", make_mor)]  # (dir, family, writer)
 
 
 def write_native(base_dir, out_root):
@@ -451,6 +529,7 @@ ADAPTERS = [  # (directory, family flag, writer)
                                      softmax_temperature=0.5, global_scaling_weight=0.8)),
     ("xlora_mistralrs", "xlora", make_xlora_mistralrs),
     ("flylora", "flylora", make_flylora),
+    ("sora", "sora", make_sora),
 ]
 
 

@@ -4,16 +4,18 @@
   mole_reference.py BASE_DIR ADAPTER_DIR --family F --prompt 1,2,3 [--prompt ...] [--greedy N]
                     [--k-per-layer 2,2] [--ordering FILE] > out.json
 
-F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | smora
-(native mole/1: SMoRA has no public format) | auto.
+F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | sora | smora
+| mor (native mole/1: SMoRA and MoR have no public format) | auto.
 Reads the base model as llama_reference.py does (Llama, Mistral, Qwen2) and the adapter directory as
 its public code writes it: PEFT adapter_config.json + adapter_model.safetensors, MixLoRA / MoE-PEFT
 adapter_model.bin (torch pickle), original MoLA (GCYZSL) adapter_model.bin + mola_sidecar.json,
 X-LoRA in the peft layout (adapter_config.json with peft_type XLORA) or the mistral.rs one
-(xlora_config.json, xlora_classifier.safetensors, ordering.json), FlyLoRA's peft fork. It never
+(xlora_config.json, xlora_classifier.safetensors, ordering.json), FlyLoRA's peft fork, SoRA's
+opendelta delta checkpoint (config.json + pytorch_model.bin). It never
 reads mole/1 and shares no code with tools/mole_convert.py. Each family's forward follows its
 public code path (MOLE_FORMAT.md sections 1-4):
   - PEFT LoRA: y = W x + s B A x, s = alpha/r or alpha/sqrt(r) (rsLoRA) after rank/alpha patterns.
+  - SoRA: y = W x + s ((x A^T) * gate) B^T, s = lora_alpha / lora_r (src/lora.py).
   - MixLoRA: one fp32 router per layer on the FFN input; expert e is a whole LoRA-adapted FFN o_e
     and y = sum_e w_e o_e (the naive form). mixlora: softmax -> top-k -> renormalise;
     mixlora-dynamic: softmax [/ temperature] -> top-p keeping the first crossing expert, raw
@@ -533,6 +535,34 @@ class FlyLora(PeftLora):
         return y + s * ((z * mask) @ b.T)
 
 
+class Sora(Adapter):
+    """SoRA (TsinghuaC3I/SoRA src/lora.py, saved by opendelta): per targeted module,
+    y += ((x A^T) * gate) B^T * lora_alpha / lora_r, with the gates as trained (zeros included)."""
+
+    def __init__(self, d, base):
+        super().__init__()
+        cfg = read_json(os.path.join(d, "config.json"))
+        if cfg.get("delta_type") != "lora":
+            fail(f"{d}: delta_type {cfg.get('delta_type')} is not lora")
+        self.scale = cfg["lora_alpha"] / cfg["lora_r"]
+        w = load_adapter_tensors(d, ("pytorch_model.bin",))
+        self.mods = {}
+        for l in range(base.layers):
+            for m in ALL:
+                p = module_path(l, m) + ".lora"
+                if p + ".lora_A" in w:
+                    self.mods[(l, m)] = (f64(w[p + ".lora_A"]), f64(w[p + ".lora_B"]),
+                                         f64(w[p + ".gate"]).reshape(1, -1))
+        if 3 * len(self.mods) != len(w):
+            fail(f"{d}: tensors outside the base model's modules")
+
+    def linear(self, l, m, x, y):
+        if (l, m) not in self.mods:
+            return y
+        a, b, gate = self.mods[(l, m)]
+        return y + ((x @ a.T) * gate) @ b.T * self.scale
+
+
 class Smora(Adapter):
     """SMoRA from its mole/1 files (it has no public code or format): MOLE_FORMAT (c)
     route_smora. Per token and module: l = x Wg^T; keep the k ranks with the largest l + b_sel;
@@ -567,6 +597,82 @@ class Smora(Adapter):
             g = g / g.sum(dim=-1, keepdim=True)
         self.routing[f"{l}.{m}"] = mask.double()
         return y + self.scale * ((f64(g) * (x @ a.T)) @ b.T)
+
+
+class Mor(Adapter):
+    """Mixture of Routers from its mole/1 files (its code is not public): MOLE_FORMAT 3.7's
+    equation, p = sum_j softmax(main x)_j softmax(sub_j x) in float32, then top-k and
+    renormalisation as the host method (MoLA / MixLoRA) does. Module groups add
+    sum_e w_e s B_e A_e x; a block_ffn group mixes whole LoRA-adapted FFNs (MixLoRA's naive
+    form)."""
+
+    def __init__(self, d, base):
+        super().__init__()
+        self.base = base
+        cfg = read_json(os.path.join(d, "mole_config.json"))
+        t = load_adapter_tensors(d, ("model.safetensors",))
+        self.modules, self.ffns = {}, {}
+        for grp in cfg["routed_groups"]:
+            if grp["router"]["type"] != "mixture" or grp["routing"]["algorithm"] != "topk":
+                fail("the MoR reference covers mixture routers with top-k routing")
+            m_count, e, s = grp["router"]["num_routers"], grp["num_experts"], grp["scale"]
+            k = grp["routing"]["k"]
+
+            def router(p):
+                return ([t[f"{p}.sub.{j}.weight"].float() for j in range(m_count)],
+                        t[p + ".main.weight"].float())
+
+            def experts(p):
+                return [(f64(t[p + ".A"][i]), f64(t[p + ".B"][i])) for i in range(e)]
+
+            for l in range(base.layers):
+                if grp["scope"] == "block_ffn":
+                    p = f"groups.{grp['id']}.layers.{l}"
+                    self.ffns[l] = (router(p + ".router"), k, s,
+                                    {m: experts(f"{p}.{m}") for m in grp["targets"]["modules"]})
+                else:
+                    for m in grp["targets"]["modules"]:
+                        p = f"groups.{grp['id']}.layers.{l}.{m}"
+                        self.modules[(l, m)] = (router(p + ".router"), k, s, experts(p))
+
+    @staticmethod
+    def weights(x, router, k):
+        subs, main = router
+        x32 = x.to(F32)
+        g = torch.softmax(x32 @ main.T, dim=-1)
+        p = sum(g[:, j:j + 1] * torch.softmax(x32 @ sub.T, dim=-1) for j, sub in enumerate(subs))
+        top, idx = torch.topk(p, k, dim=-1)
+        return torch.zeros_like(p).scatter(-1, idx, top / top.sum(dim=-1, keepdim=True))
+
+    def linear(self, l, m, x, y):
+        if (l, m) not in self.modules:
+            return y
+        router, k, s, experts = self.modules[(l, m)]
+        wts = self.weights(x, router, k)
+        self.routing[f"{l}.{m}"] = wts
+        for e, (a, b) in enumerate(experts):
+            y = y + wts[:, e:e + 1].to(F64) * (s * ((x @ a.T) @ b.T))
+        return y
+
+    def ffn(self, l, h):
+        if l not in self.ffns:
+            return None
+        router, k, s, experts = self.ffns[l]
+        base = self.base
+        wts = self.weights(h, router, k)
+        self.routing[f"{l}.ffn"] = wts
+        y = torch.zeros_like(h)
+        for e in range(wts.shape[1]):
+            def lin(m, inp):
+                out = inp @ base.weight(l, m).T
+                if m in experts:
+                    a, b = experts[m][e]
+                    out = out + s * ((inp @ a.T) @ b.T)
+                return out
+
+            act = F.silu(lin("gate_proj", h)) * lin("up_proj", h)
+            y = y + wts[:, e:e + 1].to(F64) * lin("down_proj", act)
+        return y
 
 
 class XLora(Adapter):
@@ -697,6 +803,9 @@ class XLora(Adapter):
 def detect_family(d):
     if os.path.exists(os.path.join(d, "xlora_config.json")):
         return "xlora"
+    if os.path.exists(os.path.join(d, "config.json")) and \
+            read_json(os.path.join(d, "config.json")).get("delta_type") == "lora":
+        return "sora"
     cfg = read_json(os.path.join(d, "adapter_config.json"))
     pt = cfg.get("peft_type", "LORA")
     by_type = {"MIXLORA": "mixlora", "MOLA": "mola", "LORAMOE": "loramoe",
@@ -729,6 +838,10 @@ def make_adapter(base, d, family, k_per_layer=None, ordering=None):
         return FlyLora(d, base)
     if family == "smora":
         return Smora(d, base)
+    if family == "sora":
+        return Sora(d, base)
+    if family == "mor":
+        return Mor(d, base)
     fail(f"unknown family {family}")
 
 
@@ -757,7 +870,7 @@ def main(argv=None):
     ap.add_argument("adapter_dir")
     ap.add_argument("--family", required=True,
                     choices=["auto", "peft_lora", "mixlora", "mola", "loramoe", "dynmole",
-                             "mola_original", "xlora", "flylora", "smora"])
+                             "mola_original", "xlora", "flylora", "smora", "sora", "mor"])
     ap.add_argument("--prompt", action="append", required=True, help="comma-separated token ids")
     ap.add_argument("--greedy", type=int, default=0, help="greedy continuation length")
     ap.add_argument("--k-per-layer", help="original MoLA: top-k per layer (default: sidecar or 2)")

@@ -30,6 +30,14 @@ __global__ void SoftmaxGroupsKernel(SoftmaxGroupsParams p, int64_t stride) {
   routing_math::SoftmaxGroupsRow(p, p.x + r * p.cols, p.y + r * stride);
 }
 
+__global__ void MixRouterKernel(MixRouterParams p) {
+  const int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (r >= p.rows || (p.active != nullptr && p.active[r] == 0)) return;
+  float s[kMaxRouteWidth];
+  const int64_t width = int64_t{p.routers} * p.experts + p.routers;
+  routing_math::MixRouterRow(p, p.x + r * width, p.y + r * p.experts, s);
+}
+
 __global__ void RankRouteKernel(RankRouteParams p) {
   const int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (t >= p.num_tokens) return;
@@ -117,6 +125,20 @@ cudaError_t SoftmaxGroups(const SoftmaxGroupsParams& p, cudaStream_t stream) {
   constexpr int kThreads = 128;
   const auto blocks = static_cast<unsigned int>((p.rows + kThreads - 1) / kThreads);
   SoftmaxGroupsKernel<<<blocks, kThreads, 0, stream>>>(p, stride);
+  return cudaGetLastError();
+}
+
+cudaError_t MixRouter(const MixRouterParams& p, cudaStream_t stream) {
+  // One thread per row, as SoftmaxGroups: a step's tokens, a few small softmaxes each.
+  if (p.rows < 0 || p.rows > 0x7fffffff || p.experts < 1 || p.experts > kMaxRouteWidth ||
+      p.routers < 1 || p.routers > kMaxMixRouters) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.rows == 0) return cudaSuccess;
+  if (p.x == nullptr || p.y == nullptr || p.x == p.y) return cudaErrorInvalidValue;
+  constexpr int kThreads = 128;
+  const auto blocks = static_cast<unsigned int>((p.rows + kThreads - 1) / kThreads);
+  MixRouterKernel<<<blocks, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

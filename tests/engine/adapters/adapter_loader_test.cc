@@ -203,6 +203,68 @@ TEST(MoleLoaderTest, RejectsBadAdapters) {
   ExpectRejected("p_mode 'maybe'", [](AdapterDir&, Json& c) {
     c["routed_groups"][0]["routing"]["p_mode"] = "maybe";
   });
+  // Mixture of Routers: its sub-routers and main router, and what it cannot be combined with.
+  auto mixture = [](AdapterDir& d, Json& c) {
+    c["routed_groups"][0]["router"] = {{"type", "mixture"}, {"num_routers", 2}};
+    for (int l = 0; l < 2; ++l) {
+      const std::string r = "groups.ffn.layers." + std::to_string(l) + ".router";
+      d.Erase(r + ".weight");
+      d.Tensor(r + ".sub.0.weight", {4, 32});
+      d.Tensor(r + ".sub.1.weight", {4, 32});
+      d.Tensor(r + ".main.weight", {2, 32});
+    }
+  };
+  ExpectRejected("missing tensor 'groups.ffn.layers.1.router.sub.1.weight'",
+                 [&](AdapterDir& d, Json& c) {
+                   mixture(d, c);
+                   d.Erase("groups.ffn.layers.1.router.sub.1.weight");
+                 });
+  ExpectRejected("router.main.weight' has shape [3, 32]", [&](AdapterDir& d, Json& c) {
+    mixture(d, c);
+    d.Tensor("groups.ffn.layers.0.router.main.weight", {3, 32});
+  });
+  ExpectRejected("num_routers must be an integer in 1..16", [&](AdapterDir& d, Json& c) {
+    mixture(d, c);
+    c["routed_groups"][0]["router"]["num_routers"] = 17;
+  });
+  ExpectRejected("a mixture router needs granularity lora and routing temperature 1",
+                 [&](AdapterDir& d, Json& c) {
+                   mixture(d, c);
+                   c["routed_groups"][0]["routing"]["temperature"] = 0.5;
+                 });
+  ExpectRejected("router.bias needs a linear router", [&](AdapterDir& d, Json& c) {
+    mixture(d, c);
+    c["routed_groups"][0]["router"]["bias"] = true;
+  });
+  ExpectRejected("router type 'mlp' is not supported (linear, mixture, implicit_A, xlora_ref)",
+                 [](AdapterDir&, Json& c) { c["routed_groups"][0]["router"]["type"] = "mlp"; });
+}
+
+// A mixture router loads as one stacked GEMM: sub-routers' rows, then the main router's.
+TEST(MoleLoaderTest, MixtureRouterStacksItsRouters) {
+  AdapterDir d("mixture");
+  Json cfg;
+  WriteMixLora(d, &cfg);
+  cfg["routed_groups"][0]["router"] = {{"type", "mixture"}, {"num_routers", 2}};
+  for (int l = 0; l < 2; ++l) {
+    const std::string r = "groups.ffn.layers." + std::to_string(l) + ".router";
+    d.Erase(r + ".weight");
+    d.Tensor(r + ".sub.0.weight", {4, 32});
+    d.Tensor(r + ".sub.1.weight", {4, 32});
+    d.Tensor(r + ".main.weight", {2, 32});
+  }
+  d.data("groups.ffn.layers.1.router.sub.1.weight")[5] = 1.5f;
+  d.data("groups.ffn.layers.1.router.main.weight")[33] = -2.5f;
+  d.Write("mole_config.json", cfg);
+  auto a = Load(d);
+  ASSERT_TRUE(a.ok()) << a.status();
+  const RouterWeights& r = (*a)->layers[1].block_ffn->router;
+  EXPECT_EQ(r.mixture, 2);
+  EXPECT_EQ(r.rows, 4);
+  EXPECT_EQ(r.gemm_rows(), 2 * 4 + 2);
+  ASSERT_EQ(r.weight.size(), 10u * 32);
+  EXPECT_EQ(r.weight[4 * 32 + 5], 1.5f);    // sub-router 1, row 0
+  EXPECT_EQ(r.weight[8 * 32 + 33], -2.5f);  // main router, row 1, column 1
 }
 
 TEST(MoleLoaderTest, RejectsCorruptSafetensors) {

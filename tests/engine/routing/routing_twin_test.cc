@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -205,6 +206,73 @@ TEST(RoutingTwinTest, SoftmaxGroupsMatchesEngineSoftmaxPerGroup) {
   }
   EXPECT_EQ(kernels::cpu::SoftmaxGroups({.rows = 1, .cols = 10, .group = 4}, nullptr),
             kernels::KernelStatus::kInvalidShape);
+}
+
+// Mixture of Routers: the kernel's log of the mixed probabilities against the mixture computed
+// here in double from engine/routing's softmax; then Route on those logits keeps the experts of
+// the largest mixed probabilities with those probabilities, renormalised.
+TEST(RoutingTwinTest, MixRouterGivesTheLogOfTheMixedProbabilities) {
+  const int64_t rows = 30;
+  const int32_t e = 6, m = 3;
+  const int64_t width = int64_t{m} * e + m;
+  std::vector<float> x = TieHeavyLogits(rows, width, 9u);
+  x[4 * width + 2] = std::numeric_limits<float>::quiet_NaN();  // row 4: undefined sub-router
+  std::vector<int32_t> active(rows);
+  for (int64_t r = 0; r < rows; ++r) active[r] = r % 5 != 3;
+  std::vector<float> y(rows * e, -7.0f);
+  ASSERT_EQ(kernels::cpu::MixRouter({.x = x.data(),
+                                     .y = y.data(),
+                                     .active = active.data(),
+                                     .rows = rows,
+                                     .experts = e,
+                                     .routers = m},
+                                    nullptr),
+            kernels::KernelStatus::kOk);
+  std::vector<float> g(m), sub(e);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x.data() + r * width;
+    if (!active[r]) {
+      for (int32_t i = 0; i < e; ++i) ASSERT_EQ(y[r * e + i], -7.0f) << "row " << r;
+      continue;
+    }
+    if (r == 4) {
+      for (int32_t i = 0; i < e; ++i) ASSERT_TRUE(std::isnan(y[r * e + i])) << i;
+      continue;
+    }
+    SoftmaxF32(absl::MakeConstSpan(row + m * e, m), 1.0f, absl::MakeSpan(g));
+    std::vector<double> p(e, 0.0);
+    for (int32_t j = 0; j < m; ++j) {
+      SoftmaxF32(absl::MakeConstSpan(row + j * e, e), 1.0f, absl::MakeSpan(sub));
+      for (int32_t i = 0; i < e; ++i) p[i] += double{g[j]} * sub[i];
+    }
+    if (std::isnan(p[0])) {  // a sub-router or the main router is undefined (all -inf)
+      for (int32_t i = 0; i < e; ++i) ASSERT_TRUE(std::isnan(y[r * e + i])) << "row " << r;
+      continue;
+    }
+    for (int32_t i = 0; i < e; ++i) {
+      ASSERT_NEAR(y[r * e + i], std::log(p[i]), 1e-5) << "row " << r << " expert " << i;
+    }
+    // Top-2 of the mixed probabilities, renormalised.
+    RoutingSpec spec{.algorithm = RoutingAlgorithm::kTopK, .k = 2};
+    int32_t experts[kernels::kMaxRouteWidth];
+    float weights[kernels::kMaxRouteWidth];
+    absl::StatusOr<int32_t> n =
+        RouteToken(spec, absl::MakeConstSpan(y.data() + r * e, e), experts, weights);
+    ASSERT_TRUE(n.ok());
+    ASSERT_EQ(*n, 2);
+    std::vector<int32_t> order(e);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[a] > p[b]; });
+    if (p[order[1]] - p[order[2]] < 1e-5) continue;  // a near-tie: either pick is right
+    EXPECT_EQ(experts[0], order[0]) << "row " << r;
+    EXPECT_EQ(experts[1], order[1]) << "row " << r;
+    EXPECT_NEAR(weights[0], p[order[0]] / (p[order[0]] + p[order[1]]), 1e-6) << "row " << r;
+  }
+  EXPECT_EQ(kernels::cpu::MixRouter({.rows = 1, .experts = e, .routers = 0}, nullptr),
+            kernels::KernelStatus::kInvalidShape);
+  EXPECT_EQ(kernels::cpu::MixRouter(
+                {.x = x.data(), .y = x.data(), .rows = 1, .experts = e, .routers = m}, nullptr),
+            kernels::KernelStatus::kInvalidArgument);
 }
 
 TEST(RoutingTwinTest, UndefinedLogitsGiveCountZero) {
