@@ -2,8 +2,9 @@
 """Converts a public MoLE checkpoint into moleserve's `mole/1` directory format.
 
   mole_convert.py SRC_DIR DST_DIR [--family auto|peft_lora|mixlora|mola|loramoe|dynmole|
-                  mola_original|xlora|flylora|sora] [--k-per-layer 2,2,...] [--ordering FILE]
-                  [--dtype float32|bfloat16] [--base BASE_DIR] [--name NAME]
+                  mola_original|xlora|flylora|sora|nola] [--k-per-layer 2,2,...]
+                  [--ordering FILE] [--dtype float32|bfloat16] [--base BASE_DIR] [--name NAME]
+                  [--nola-device cpu|cuda]
 
 Writes DST_DIR/mole_config.json and DST_DIR/model.safetensors as engine/adapters/README.md and
 MOLE_FORMAT.md section (b) define them. Needs only Debian's python3-torch (to read the `.bin`
@@ -30,6 +31,10 @@ Families (MOLE_FORMAT.md b.4):
                  the gate folds into B (B' = B diag(gate), one float32 rounding per element),
                  zero-gated ranks are pruned (a module with none left is dropped), scale
                  lora_alpha / lora_r of the trained rank: static LoRAs of per-module rank.
+  nola           NOLA's peft fork (UCDvision/NOLA, adapter_config.json use_nola): A and B are each
+                 the stored frozen weight plus sum_b c_b U_b / sqrt(nola_num_basis), the bases U_b
+                 regenerated from the module's stored seed with torch's generator on the training
+                 device (--nola-device, required: CPU and CUDA generators differ): a static LoRA.
 `auto` (the default) picks the family from the files. Anything the format cannot express exactly
 (DoRA, modules_to_save, embedding LoRAs, fan_in_fan_out, LoRA biases, Renyi entropy, a non-SiLU
 MixLoRA act_fn, ...) is rejected with a message naming it and exit status 1.
@@ -48,7 +53,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ATTN = MODULES[:4]
 FFN = MODULES[4:]
 FAMILIES = ("peft_lora", "mixlora", "mola", "loramoe", "dynmole", "mola_original", "xlora",
-            "flylora", "sora")
+            "flylora", "sora", "nola")
 
 
 class ConvertError(Exception):
@@ -853,6 +858,68 @@ def convert_sora(src, opts):
     return mole
 
 
+def nola_basis_mix(coefficients, out_dim, in_dim, seed, device):
+    """NOLA's GenerateParams.forward: sum_b c_b U_b / sqrt(n), U_b uniform(-1, 1) from torch's
+    generator seeded with the module's seed, on `device` (the training device: CPU and CUDA
+    generators give different bases). The caller's random state is kept."""
+    devices = [torch.device(device)] if device != "cpu" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        c = coefficients.to(device)
+        w = torch.zeros(c.shape[0], out_dim, in_dim, device=device, dtype=c.dtype)
+        torch.nn.init.uniform_(w, a=-1.0, b=1.0)
+        w = w * (1.0 / math.sqrt(c.shape[0]))
+        return torch.einsum("b,boi->oi", c, w).cpu()
+
+
+def convert_nola(src, opts):
+    cfg = read_json(os.path.join(src, "adapter_config.json"))
+    if not cfg.get("use_nola"):
+        raise ConvertError(f"{src}: use_nola is not set (a plain PEFT LoRA: --family peft_lora)")
+    device = opts.nola_device
+    if device not in ("cpu", "cuda"):
+        raise ConvertError(
+            f"{src}: NOLA's bases are regenerated from torch's random generator on the device the "
+            "adapter was trained on (CPU and CUDA generators differ): pass --nola-device cpu or "
+            "--nola-device cuda (the latter on a machine with a GPU)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConvertError(f"{src}: --nola-device cuda needs a CUDA device here")
+    mole = new_mole("nola", cfg, src, opts)
+    reject_common(cfg, src)
+    w = read_weights(src, ("adapter_model.bin", "adapter_model.safetensors"))
+    reject_tensors(w, src)
+    r, nb = cfg["r"], cfg.get("nola_num_basis", 128)
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_rslora"):
+        raise ConvertError(f"{src}: rank/alpha patterns and rsLoRA are not part of NOLA's fork")
+    loras, used = {}, set()
+    for l, m in peft_targets(cfg, mole.num_layers):
+        prefix = "base_model.model." + peft_module_name(l, m)
+        eff = []
+        for part, (dout, din) in (("lora_A", (r, None)), ("lora_B", (None, r))):
+            names = [f"{prefix}.{part}.{x}" for x in ("weight", "coefficients", "seed")]
+            missing = [n for n in names if n not in w]
+            if missing:
+                raise ConvertError(f"{src}: {missing[0]} missing (targeted by the config)")
+            weight, coefficients, seed = (w[n] for n in names)
+            used.update(names)
+            out_dim, in_dim = weight.shape
+            if (dout or out_dim) != out_dim or (din or in_dim) != in_dim or \
+                    coefficients.shape != (nb,) or seed.numel() != 1:
+                raise ConvertError(f"{src}: {prefix}.{part}: weight {tuple(weight.shape)}, "
+                                   f"coefficients {tuple(coefficients.shape)}; the config says "
+                                   f"r {r}, nola_num_basis {nb}")
+            mix = nola_basis_mix(coefficients, out_dim, in_dim, int(seed.reshape(-1)[0]), device)
+            eff.append(mix + weight.to(mix.dtype))
+        loras[(l, m)] = (eff[0], eff[1], cfg["lora_alpha"] / r)
+    extra = [k for k in w if k not in used]
+    if extra:
+        raise ConvertError(f"{src}: tensors the config does not target: {extra[:3]}")
+    if not loras:
+        raise ConvertError(f"{src}: the config targets no module of the base model")
+    mole.add_static("nola", loras, scale_default=cfg["lora_alpha"] / r)
+    return mole
+
+
 def detect_family(src):
     if os.path.isfile(os.path.join(src, "xlora_config.json")):
         return "xlora"
@@ -878,6 +945,8 @@ def detect_family(src):
         return "mola_original"
     if any(k.endswith(".lora_topk_bias") for k in w):
         return "flylora"
+    if cfg.get("use_nola"):
+        return "nola"
     return "peft_lora"
 
 
@@ -891,15 +960,17 @@ CONVERTERS = {
     "xlora": convert_xlora,
     "flylora": convert_flylora,
     "sora": convert_sora,
+    "nola": convert_nola,
 }
 
 
 def convert(src, dst, family="auto", k_per_layer=None, ordering=None, dtype="float32",
-            base=None, name=None):
+            base=None, name=None, nola_device=None):
     """Converts src into dst; returns the family used. Raises ConvertError."""
     if family == "auto":
         family = detect_family(src)
     opts = argparse.Namespace(k_per_layer=k_per_layer, ordering=ordering, base=base,
+                              nola_device=nola_device,
                               weight_dtype={"float32": "F32", "bfloat16": "BF16"}[dtype],
                               name=name or os.path.basename(os.path.normpath(src)))
     mole = CONVERTERS[family](src, opts)
@@ -918,11 +989,13 @@ def main(argv=None):
                     help="storage dtype of the LoRA A/B tensors (routers stay float32)")
     ap.add_argument("--base", help="base model directory (config.json) to record and check")
     ap.add_argument("--name", help="adapter name (default: the source directory name)")
+    ap.add_argument("--nola-device", choices=("cpu", "cuda"),
+                    help="NOLA: the device it was trained on, whose random generator made its bases")
     args = ap.parse_args(argv)
     k = [int(v) for v in args.k_per_layer.split(",")] if args.k_per_layer else None
     try:
         family = convert(args.src_dir, args.dst_dir, args.family, k, args.ordering, args.dtype,
-                         args.base, args.name)
+                         args.base, args.name, args.nola_device)
     except (ConvertError, KeyError, ValueError, OSError) as e:
         msg = f"{args.src_dir}: missing key {e}" if isinstance(e, KeyError) else str(e)
         print(f"mole_convert: {msg}", file=sys.stderr)

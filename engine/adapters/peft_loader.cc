@@ -268,6 +268,13 @@ absl::StatusOr<std::unique_ptr<Adapter>> LoadPeftDirectory(const std::string& di
   }
   ASSIGN_OR_RETURN(bool dora, aj::Bool(cfg, "use_dora", false, ctx));
   if (dora) return absl::InvalidArgumentError(ctx + ": use_dora (DoRA) is not supported");
+  ASSIGN_OR_RETURN(bool nola, aj::Bool(cfg, "use_nola", false, ctx));
+  if (nola) {
+    return absl::InvalidArgumentError(
+        ctx +
+        ": use_nola (NOLA's peft fork): its LoRA matrices are regenerated from seeded random "
+        "bases; convert it with tools/mole_convert.py --family nola --nola-device cpu|cuda");
+  }
   if (auto mts = cfg.find("modules_to_save");
       mts != cfg.end() && !mts->is_null() && !(mts->is_array() && mts->empty())) {
     return absl::InvalidArgumentError(

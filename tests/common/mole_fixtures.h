@@ -28,9 +28,10 @@
 namespace moleserve::test_util {
 
 struct FamilyCase {
-  std::string name;     // sub-directory written by make_public_adapters.py
-  std::string family;   // --family of the converter and the reference
-  bool convert = true;  // PEFT LoRA and native mole/1 load directly
+  std::string name;               // sub-directory written by make_public_adapters.py
+  std::string family;             // --family of the converter and the reference
+  bool convert = true;            // PEFT LoRA and native mole/1 load directly
+  std::string convert_args = "";  // more converter flags
 };
 
 inline std::ostream& operator<<(std::ostream& os, const FamilyCase& c) { return os << c.name; }
@@ -53,8 +54,9 @@ inline const std::vector<FamilyCase>& MoleFamilyCases() {
       {"xlora_mistralrs", "xlora"},
       {"flylora", "flylora"},
       {"sora", "sora"},
-      {"smora", "smora", false},  // native mole/1: no public format exists
-      {"mor", "mor", false},      // likewise
+      {"nola", "nola", true, "--nola-device cpu"},  // the fixture's bases come from the CPU
+      {"smora", "smora", false},                    // native mole/1: no public format exists
+      {"mor", "mor", false},                        // likewise
   };
   return *cases;
 }
@@ -101,9 +103,10 @@ inline std::string MoleFixturesRoot(std::string* error) {
   }
   for (const FamilyCase& c : MoleFamilyCases()) {
     if (!c.convert) continue;
-    out = RunCommand(absl::StrCat(py, " ", src, "/tools/mole_convert.py ", tmp, "/public/", c.name,
-                                  " ", tmp, "/mole/", c.name, " --family ", c.family, " 2>&1"),
-                     &rc);
+    out = RunCommand(
+        absl::StrCat(py, " ", src, "/tools/mole_convert.py ", tmp, "/public/", c.name, " ", tmp,
+                     "/mole/", c.name, " --family ", c.family, " ", c.convert_args, " 2>&1"),
+        &rc);
     if (rc != 0) {
       *error = absl::StrCat("mole_convert.py ", c.name, " failed:\n", out);
       return "";

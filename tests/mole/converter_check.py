@@ -377,7 +377,8 @@ def check_adapter(fails, base, base_doc, pub, conv, name, family, extra=None, ma
     public = ref.make_adapter(base, pub, family, extra.get("k"), extra.get("ordering"))
     want = ref.evaluate(base, public, PROMPTS)
     mole_convert.convert(pub, conv, family, k_per_layer=extra.get("k"),
-                         ordering=extra.get("ordering"))
+                         ordering=extra.get("ordering"),
+                         nola_device="cpu" if family == "nola" else None)
     model = MoleModel(conv, base)
     got = ref.evaluate(base, model, PROMPTS)
     d_logits = max_diff(want["logits"], got["logits"])
@@ -450,6 +451,12 @@ def check_rejections(fails, pub, work):
                   lambda c: c.update(lora_r=4), ["rank 8", "config says 4"])
     expect_reject("sora_delta_type", os.path.join(pub, "sora"), "config.json",
                   lambda c: c.update(delta_type="adapter"), ["not 'lora'"])
+    # NOLA without the training device: its bases cannot be known.
+    p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"), os.path.join(pub, "nola"),
+                 os.path.join(work, "reject", "nola_device")])
+    print(f"  reject {'nola_no_device':22s} rc {p.returncode}  {p.stderr.strip()}")
+    fails.check(p.returncode == 1 and "--nola-device" in p.stderr,
+                f"NOLA without --nola-device: rc {p.returncode} {p.stderr!r}")
     # The CLI itself: exit status and message.
     p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"),
                  os.path.join(work, "reject", "peft_dora"), os.path.join(work, "reject", "x")])

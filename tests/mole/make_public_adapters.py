@@ -36,6 +36,8 @@ tools/mole_convert.py and tests/reference/mole_reference.py):
   flylora               flylora        FlyLoRA peft fork: sparse A, lora_topk_bias, top_k 4 of 16
   sora                  sora           SoRA (opendelta delta checkpoint): gated ranks, 3 of 8 pruned
                                        per module, one module fully pruned
+  nola                  nola           NOLA peft fork: A and B = frozen weight + a mix of 16 seeded
+                                       random bases (CPU generator), r 4
 Native mole/1 (families with no public code or checkpoint format; written by write_native):
   smora                 smora          SMoRA: rank-granular group, linear router over the 8 ranks
                                        plus a selection-only bias, k 3, renormalised gates
@@ -426,6 +428,42 @@ def make_sora(base, out, g):
     save_bin(os.path.join(out, "pytorch_model.bin"), w)
 
 
+def nola_basis_mix(coefficients, out_dim, in_dim, seed):
+    """NOLA's GenerateParams.forward (UCDvision/NOLA llama/peft/tuners/lora.py) on the CPU: the
+    basis comes from torch's global generator seeded with the module's seed."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    w = torch.zeros(coefficients.shape[0], out_dim, in_dim, dtype=coefficients.dtype)
+    torch.nn.init.uniform_(w, a=-1.0, b=1.0)
+    w = w * (1.0 / math.sqrt(coefficients.shape[0]))
+    torch.random.set_rng_state(state)
+    return torch.einsum("b,boi->oi", coefficients, w)
+
+
+def make_nola(base, out, g):
+    """NOLA's peft fork (UCDvision/NOLA, use_nola): lora_A and lora_B are NOLALinear layers whose
+    weight is the frozen nn.Linear weight (kaiming for A, zeros for B) plus a mix of
+    nola_num_basis random bases regenerated from a per-module seed; only the coefficients train.
+    The checkpoint stores weight, coefficients and seed of each (peft drops the adapter name)."""
+    r, nb = 4, 16
+    targets = ["q_proj", "v_proj", "up_proj"]
+    cfg = peft_config(base, r=r, lora_alpha=8, target_modules=targets, use_nola=True,
+                      nola_num_basis=nb)
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    w = {}
+    for l in range(base.layers):
+        for m in targets:
+            din, dout = base.dims[m]
+            p = f"base_model.model.model.layers.{l}.{block(m)}.{m}"
+            for part, shape in (("lora_A", (r, din)), ("lora_B", (dout, r))):
+                frozen = (g.normal(shape, 1 / math.sqrt(din)) if part == "lora_A"
+                          else torch.zeros(shape))
+                w[f"{p}.{part}.weight"] = frozen
+                w[f"{p}.{part}.coefficients"] = g.normal((nb,), 2.0 if part == "lora_B" else 0.5)
+                w[f"{p}.{part}.seed"] = torch.randint(int(1e10), (1,), generator=g.g)
+    save_bin(os.path.join(out, "adapter_model.bin"), w)
+
+
 def make_smora(base, out, g):
     """SMoRA ("each rank is an expert", MOLE_FORMAT 3.5) has no public code or checkpoint
     layout, so it is written directly as mole/1 (engine/adapters/README.md)."""
@@ -530,6 +568,7 @@ ADAPTERS = [  # (directory, family flag, writer)
     ("xlora_mistralrs", "xlora", make_xlora_mistralrs),
     ("flylora", "flylora", make_flylora),
     ("sora", "sora", make_sora),
+    ("nola", "nola", make_nola),
 ]
 
 

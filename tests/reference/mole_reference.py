@@ -4,7 +4,7 @@
   mole_reference.py BASE_DIR ADAPTER_DIR --family F --prompt 1,2,3 [--prompt ...] [--greedy N]
                     [--k-per-layer 2,2] [--ordering FILE] > out.json
 
-F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | sora | smora
+F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | sora | nola | smora
 | mor (native mole/1: SMoRA and MoR have no public format) | auto.
 Reads the base model as llama_reference.py does (Llama, Mistral, Qwen2) and the adapter directory as
 its public code writes it: PEFT adapter_config.json + adapter_model.safetensors, MixLoRA / MoE-PEFT
@@ -16,6 +16,7 @@ reads mole/1 and shares no code with tools/mole_convert.py. Each family's forwar
 public code path (MOLE_FORMAT.md sections 1-4):
   - PEFT LoRA: y = W x + s B A x, s = alpha/r or alpha/sqrt(r) (rsLoRA) after rank/alpha patterns.
   - SoRA: y = W x + s ((x A^T) * gate) B^T, s = lora_alpha / lora_r (src/lora.py).
+  - NOLA: A and B are each weight + einsum(c, seeded uniform bases / sqrt(n)) (NOLALinear).
   - MixLoRA: one fp32 router per layer on the FFN input; expert e is a whole LoRA-adapted FFN o_e
     and y = sum_e w_e o_e (the naive form). mixlora: softmax -> top-k -> renormalise;
     mixlora-dynamic: softmax [/ temperature] -> top-p keeping the first crossing expert, raw
@@ -563,6 +564,48 @@ class Sora(Adapter):
         return y + ((x @ a.T) * gate) @ b.T * self.scale
 
 
+class Nola(Adapter):
+    """NOLA's peft fork (UCDvision/NOLA llama/peft/tuners/lora.py): lora_A and lora_B are
+    NOLALinear, W = GenerateParams(coefficients, out, in, seed) + weight with
+    GenerateParams = einsum('b,boi->oi', c, U / sqrt(n)), U uniform(-1, 1) drawn after
+    torch.manual_seed(seed) on the coefficients' device (the CPU here); y += s B(A x),
+    s = lora_alpha / r."""
+
+    def __init__(self, d, base):
+        super().__init__()
+        cfg = read_json(os.path.join(d, "adapter_config.json"))
+        if not cfg.get("use_nola"):
+            fail(f"{d}: use_nola is not set")
+        w = load_adapter_tensors(d, ("adapter_model.bin",))
+        self.scale = cfg["lora_alpha"] / cfg["r"]
+        self.mods = {}
+        for l in range(base.layers):
+            for m in ALL:
+                if not peft_targeted(cfg, l, m):
+                    continue
+                p = "base_model.model." + module_path(l, m)
+                self.mods[(l, m)] = tuple(self.effective(w, f"{p}.{part}")
+                                          for part in ("lora_A", "lora_B"))
+
+    @staticmethod
+    def effective(w, p):
+        weight, c, seed = w[p + ".weight"], w[p + ".coefficients"], int(w[p + ".seed"][0])
+        out_dim, in_dim = weight.shape
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        basis = torch.zeros(c.shape[0], out_dim, in_dim, dtype=c.dtype)
+        torch.nn.init.uniform_(basis, a=-1.0, b=1.0)
+        basis = basis * (1.0 / math.sqrt(c.shape[0]))
+        torch.random.set_rng_state(state)
+        return f64(torch.einsum("b,boi->oi", c, basis) + weight)
+
+    def linear(self, l, m, x, y):
+        if (l, m) not in self.mods:
+            return y
+        a, b = self.mods[(l, m)]
+        return y + self.scale * ((x @ a.T) @ b.T)
+
+
 class Smora(Adapter):
     """SMoRA from its mole/1 files (it has no public code or format): MOLE_FORMAT (c)
     route_smora. Per token and module: l = x Wg^T; keep the k ranks with the largest l + b_sel;
@@ -818,6 +861,8 @@ def detect_family(d):
         return "mola_original"
     if cfg.get("init_lora_weights") == "sparse" or "top_k" in cfg:
         return "flylora"
+    if cfg.get("use_nola"):
+        return "nola"
     return "peft_lora"
 
 
@@ -842,6 +887,8 @@ def make_adapter(base, d, family, k_per_layer=None, ordering=None):
         return Sora(d, base)
     if family == "mor":
         return Mor(d, base)
+    if family == "nola":
+        return Nola(d, base)
     fail(f"unknown family {family}")
 
 
@@ -870,7 +917,7 @@ def main(argv=None):
     ap.add_argument("adapter_dir")
     ap.add_argument("--family", required=True,
                     choices=["auto", "peft_lora", "mixlora", "mola", "loramoe", "dynmole",
-                             "mola_original", "xlora", "flylora", "smora", "sora", "mor"])
+                             "mola_original", "xlora", "flylora", "smora", "sora", "mor", "nola"])
     ap.add_argument("--prompt", action="append", required=True, help="comma-separated token ids")
     ap.add_argument("--greedy", type=int, default=0, help="greedy continuation length")
     ap.add_argument("--k-per-layer", help="original MoLA: top-k per layer (default: sidecar or 2)")

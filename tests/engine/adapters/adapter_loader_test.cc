@@ -366,6 +366,8 @@ TEST(PeftLoaderTest, RejectsUnsupported) {
     d.Tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", {32});
   });
   ExpectPeftRejected("peft_type 'IA3'", [](AdapterDir&, Json& c) { c["peft_type"] = "IA3"; });
+  ExpectPeftRejected("convert it with tools/mole_convert.py --family nola",
+                     [](AdapterDir&, Json& c) { c["use_nola"] = true; });
   ExpectPeftRejected("rank 8 but adapter_config.json says r = 4",
                      [](AdapterDir&, Json& c) { c.erase("rank_pattern"); });
   ExpectPeftRejected("layer 5 does not exist", [](AdapterDir& d, Json&) {

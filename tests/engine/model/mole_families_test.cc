@@ -14,7 +14,7 @@
 // every position: the same experts (exactly) with weights within 2e-5 absolute (fp32 router
 // logits on fp32 activations vs float32 logits on float64 activations); (3) greedy generation
 // of 16 tokens through the engine (continuous batching, paged KV, X-LoRA's second KV) equals
-// the reference's greedy tokens. Then a mixed batch: 10 adapters of 8 families plus base-model
+// the reference's greedy tokens. Then a mixed batch: 11 adapters of 10 families plus base-model
 // requests and routing overrides, all at once, each request getting exactly its tokens when run
 // alone.
 
@@ -234,7 +234,7 @@ TEST_P(MoleFamiliesTest, LogitsRoutingAndGreedyMatchReference) {
       }
     }
   }
-  if (c.family != "peft_lora" && c.family != "sora") {  // those two are static LoRAs
+  if (c.family != "peft_lora" && c.family != "sora" && c.family != "nola") {  // static LoRAs
     EXPECT_GT(routed_sites_checked, 0) << "no routed site compared";
   }
 
@@ -477,14 +477,22 @@ class StepWatcher final : public MetricsSink {
   std::atomic<int64_t> max_running{0};
 };
 
-// 10 adapters of 9 families (PEFT LoRA, MixLoRA top-k and top-p, MoLA, LoRAMoE, DynMoLE, X-LoRA,
-// FlyLoRA, SoRA, Mixture of Routers) plus base-model requests and requests with a routing
-// override (top-1 on MixLoRA and on MoR, soft on MoLA) in the same steps: each request gets exactly
-// the greedy tokens and the routing it gets when it runs alone.
+// 11 adapters of 10 families (PEFT LoRA, MixLoRA top-k and top-p, MoLA, LoRAMoE, DynMoLE,
+// X-LoRA, FlyLoRA, SoRA, Mixture of Routers, NOLA) plus base-model requests and requests with a
+// routing override (top-1 on MixLoRA and on MoR, soft on MoLA) in the same steps: each request gets
+// exactly the greedy tokens and the routing it gets when it runs alone.
 TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
-  const std::vector<std::string> names = {
-      "peft_lora",       "mixlora",    "mixlora_dynamic", "moepeft_mola", "moepeft_loramoe",
-      "moepeft_dynmole", "xlora_peft", "flylora",         "sora",         "mor"};
+  const std::vector<std::string> names = {"peft_lora",
+                                          "mixlora",
+                                          "mixlora_dynamic",
+                                          "moepeft_mola",
+                                          "moepeft_loramoe",
+                                          "moepeft_dynmole",
+                                          "xlora_peft",
+                                          "flylora",
+                                          "sora",
+                                          "mor",
+                                          "nola"};
   StepWatcher watcher;
   EngineOptions options{.model = base(), .num_threads = 2, .metrics = &watcher};
   for (const std::string& n : names) {
@@ -561,7 +569,7 @@ TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
       }
     }
     if (!requests[i].adapter.empty() && requests[i].adapter != "peft_lora" &&
-        requests[i].adapter != "sora") {  // static LoRAs route nothing
+        requests[i].adapter != "sora" && requests[i].adapter != "nola") {  // static LoRAs
       EXPECT_FALSE(sinks[i]->routing[0].empty()) << "no routing for " << requests[i].adapter;
     }
     if (requests[i].routing_override.k == 1) {
