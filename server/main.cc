@@ -208,8 +208,8 @@ int Run() {
   }
 #endif
 
-  if (absl::GetFlag(FLAGS_max_n) < 1) {
-    spdlog::critical("--max-n must be at least 1 (it is {})", absl::GetFlag(FLAGS_max_n));
+  if (absl::GetFlag(FLAGS_max_n) < 1 || absl::GetFlag(FLAGS_max_n) > 1024) {
+    spdlog::critical("--max-n must be in 1..1024 (it is {})", absl::GetFlag(FLAGS_max_n));
     return 1;
   }
   moleserve::engine::EngineOptions options;

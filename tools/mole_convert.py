@@ -819,7 +819,8 @@ def convert_sora(src, opts):
     if cfg.get("delta_type") != "lora":
         raise ConvertError(f"{src}: delta_type {cfg.get('delta_type')!r} is not 'lora' (SoRA)")
     r, alpha = cfg.get("lora_r"), cfg.get("lora_alpha")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or \
+            not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ConvertError(f"{src}: lora_r must be a positive integer and lora_alpha a number")
     w = read_weights(src, ("pytorch_model.bin",))
     parts = {}

@@ -452,6 +452,9 @@ absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t i
   ASSIGN_OR_RETURN(h.router_bias, aj::Bool(router, "bias", false, rctx));
   ASSIGN_OR_RETURN(h.select_bias, aj::Bool(router, "select_bias", false, rctx));
   ASSIGN_OR_RETURN(h.select_on_abs, aj::Bool(router, "select_on_abs", false, rctx));
+  if (router.contains("num_routers") && router_type_name != "mixture") {
+    return absl::InvalidArgumentError(rctx + ": num_routers applies to router type mixture only");
+  }
   if (router_type_name == "linear") {
     h.router_type = RouterType::kLinear;
   } else if (router_type_name == "mixture") {
@@ -504,6 +507,12 @@ absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t i
   }
   if (h.router_bias && h.router_type != RouterType::kLinear) {
     return absl::InvalidArgumentError(absl::StrCat(gctx, ": router.bias needs a linear router"));
+  }
+  for (double e : h.router_type == RouterType::kMixture ? h.num_experts : std::vector<double>{}) {
+    if (e > kernels::kMaxRouteWidth) {
+      return absl::InvalidArgumentError(absl::StrCat(gctx, ": a mixture router routes at most ",
+                                                     kernels::kMaxRouteWidth, " experts, not ", e));
+    }
   }
   if (h.router_type == RouterType::kMixture &&
       (h.rank_granular || h.routing.temperature != 1.0f || h.routing.prob_temperature != 0.0f)) {

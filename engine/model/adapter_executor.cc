@@ -10,12 +10,14 @@
 
 namespace moleserve::engine {
 
-AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config, ExpertCache* cache)
+AdapterExecutor::AdapterExecutor(Backend* backend, const ModelConfig& config, ExpertCache* cache,
+                                 int64_t max_tokens)
     : backend_(backend),
       config_(config),
       dt_(backend->compute_dtype()),
       es_(static_cast<int64_t>(ScalarTypeSize(dt_))),
       cache_(cache),
+      max_tokens_(max_tokens),
       sgmv_(backend, cache),
       records_(backend),
       passes_{Pass(backend, config, cache, &records_), Pass(backend, config, cache, &records_)},
@@ -50,7 +52,9 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
                                                    config_.num_layers));
   }
   auto att = std::make_unique<Attached>();
+  int64_t mix_rows = 0;  // the widest mixture router's GEMM
   auto add_router = [&](const RouterWeights& r) -> absl::Status {
+    if (r.mixture > 0) mix_rows = std::max(mix_rows, r.gemm_rows());
     std::pair<DeviceBuffer, DeviceBuffer> bufs;
     if (!r.weight.empty()) {
       ASSIGN_OR_RETURN(bufs.first, UploadFloats(r.weight));
@@ -100,6 +104,16 @@ absl::StatusOr<int32_t> AdapterExecutor::Attach(std::shared_ptr<const Adapter> a
                                                lin.bias.size() * sizeof(float)));
       }
       att->classifier.push_back(std::move(bufs));
+    }
+  }
+  if (mix_rows > 0) {
+    // Sized once for the largest pass: a decode graph may hold its address (never reallocated).
+    absl::StatusOr<DeviceBuffer> scratch =
+        backend_->Allocate(static_cast<size_t>(max_tokens_ * mix_rows) * sizeof(float));
+    if (scratch.ok()) {
+      att->mix_scratch = *std::move(scratch);
+    } else {
+      status.Update(scratch.status());
     }
   }
   if (!status.ok()) return status;  // `att` and what it uploaded go away

@@ -77,8 +77,11 @@ enum class PassRole { kMain = 0, kScaling = 1 };
 
 class AdapterExecutor {
  public:
-  // Adapter experts live in `cache` (not owned; it outlives the executor).
-  AdapterExecutor(Backend* backend, const ModelConfig& config, ExpertCache* cache);
+  // Adapter experts live in `cache` (not owned; it outlives the executor). `max_tokens`: the most
+  // tokens one pass routes (the model's max_batch_tokens), which sizes the mixture routers'
+  // scratch at Attach.
+  AdapterExecutor(Backend* backend, const ModelConfig& config, ExpertCache* cache,
+                  int64_t max_tokens);
   ~AdapterExecutor();
 
   // Uploads the adapter; returns its slot. kInvalidArgument when it does not fit the model,
@@ -225,6 +228,7 @@ class AdapterExecutor {
   ScalarType dt_;  // the backend's compute dtype: activations, routers, classifier, pages
   int64_t es_;     // its element size in bytes
   ExpertCache* cache_;
+  int64_t max_tokens_;
   SgmvRunner sgmv_;  // static LoRAs, host-routed groups, rank groups, the block FFN's LoRAs
   std::map<int32_t, std::unique_ptr<Attached>> attached_;
   int32_t next_slot_ = 0;

@@ -1,7 +1,6 @@
 #include "engine/model/attached_adapter.h"
 
-#include <algorithm>
-
+#include "absl/strings/str_cat.h"
 #include "engine/core/status_macros.h"
 
 namespace moleserve::engine {
@@ -12,9 +11,10 @@ absl::Status AttachedAdapter::RouterLogits(Backend* backend, const RouterWeights
   const auto& [weight, bias] = routers.at(&router);
   float* gemm_out = logits;
   if (router.mixture > 0) {
-    const size_t bytes = static_cast<size_t>(n * router.gemm_rows()) * sizeof(float);
-    if (mix_scratch.bytes() < bytes) {
-      ASSIGN_OR_RETURN(mix_scratch, backend->Allocate(std::max(bytes, 2 * mix_scratch.bytes())));
+    if (mix_scratch.bytes() < static_cast<size_t>(n * router.gemm_rows()) * sizeof(float)) {
+      return absl::InternalError(absl::StrCat("mixture router scratch holds ", mix_scratch.bytes(),
+                                              " bytes; ", n,
+                                              " tokens need more (more than a pass's tokens?)"));
     }
     gemm_out = mix_scratch.as<float>();
   }

@@ -26,9 +26,9 @@ struct AttachedAdapter {
   // (the log of the mixed probabilities).
   absl::Status RouterLogits(Backend* backend, const RouterWeights& router, const void* x, int64_t n,
                             int64_t in, float* logits) const;
-  // The stacked sub-router and main-router logits of a mixture router (grown on demand; the
-  // engine loop is the only user).
-  mutable DeviceBuffer mix_scratch;
+  // The stacked sub-router and main-router logits of a mixture router: allocated at Attach for
+  // the largest pass and never reallocated (a recorded decode graph may hold its address).
+  DeviceBuffer mix_scratch;
 };
 
 }  // namespace moleserve::engine

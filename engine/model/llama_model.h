@@ -136,9 +136,10 @@ class LlamaModel {
         own_cache_(options.shared_expert_cache != nullptr
                        ? nullptr
                        : std::make_unique<ExpertCache>(backend, options.expert_cache)),
-        adapters_(backend, config,
-                  options.shared_expert_cache != nullptr ? options.shared_expert_cache
-                                                         : own_cache_.get()) {}
+        adapters_(
+            backend, config,
+            options.shared_expert_cache != nullptr ? options.shared_expert_cache : own_cache_.get(),
+            options.max_batch_tokens) {}
   absl::Status Init(const WeightSource& weights);
   absl::Status ValidateBatch(const Batch& batch) const;
   absl::Status ValidateSampling(const Batch& batch, const StepSampling& sampling) const;

@@ -206,18 +206,21 @@ int64_t Scheduler::PickNext(absl::Time now, const std::vector<uint8_t>& skip, bo
   };
   // Relative aging: among adapters within their share, the oldest head that has waited well
   // beyond the recent mean delay goes first, before grouping, as soon as its experts fit the
-  // pool; until then no other adapter takes pool room ahead of it (only adapters the step
-  // already reads, and the base model, are admitted), so it waits for room rather than
-  // thrashing the pool within a step.
+  // pool, or after max_held_steps steps of waiting for that room (then whatever the pool: the
+  // expert cache splits the call). Meanwhile no other adapter takes pool room ahead of it (only
+  // adapters the step already reads, and the base model, are admitted), so it is not
+  // thrashing the pool within a step for a room that is about to appear.
   const absl::Duration late = LateAfter();
   for (const auto& [slot, i] : head) {
     if (!within_share(slot) || now - waiting_[i]->arrival < late) continue;
     if (oldest < 0 || Before(*waiting_[i], *waiting_[oldest])) oldest = i;
   }
-  if (oldest >= 0 && FitsExpertPool(waiting_[oldest]->adapter_slot)) {
+  if (oldest >= 0 && (FitsExpertPool(waiting_[oldest]->adapter_slot) ||
+                      waiting_[oldest]->held_steps >= options_.max_held_steps)) {
     *overdue = true;
     return oldest;
   }
+  if (oldest >= 0) held_ = waiting_[oldest].get();
   const bool pool_held = oldest >= 0;
   int64_t best = -1;
   double best_score = -1;
@@ -489,6 +492,7 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
   // A step that had to preempt admits nobody: the blocks just freed go to the running sequences
   // (and nobody overtakes the preempted ones into them).
   const bool admit = preempted->size() == preempted_before;
+  held_ = nullptr;
   while (admit && budget > 0 &&
          static_cast<int32_t>(running_.size()) + extra_rows < options_.max_num_seqs) {
     bool overdue = false;
@@ -511,6 +515,12 @@ std::vector<ScheduledChunk> Scheduler::Schedule(absl::Time now, std::vector<Sequ
     budget -= n;
     join_step(*seq, n);
   }
+  // A late sequence that waited this step for pool room counts it (PickNext's bound).
+  if (held_ != nullptr && std::any_of(waiting_.begin(), waiting_.end(),
+                                      [&](const auto& w) { return w.get() == held_; })) {
+    ++held_->held_steps;
+  }
+  held_ = nullptr;
   ComputePrefetchHint(now);
   return step;
 }

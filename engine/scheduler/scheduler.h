@@ -43,9 +43,12 @@
 //     * relative aging: a sequence (the first of its adapter) that has waited queue_delay_slack
 //       times the mean queue delay of recent admissions (what arrival order gives everyone, by
 //       Little's law) goes ahead of grouping, oldest first, within the fair share, as soon as
-//       its experts fit the pool; until they do, only adapters the step already reads are
-//       admitted, so it gets the next room without thrashing the pool. Grouping thus reorders
-//       only within a slack of arrival order, and the tail stays near FCFS's.
+//       its experts fit the pool or after max_held_steps (8) steps of waiting for that room
+//       (then whatever the pool); meanwhile only adapters the step already reads are admitted.
+//       Like an overdue one it then waits at the head for KV blocks (nobody overtakes it;
+//       preempted sequences keep their arrival time, so they are often late). Grouping thus
+//       reorders only within a slack of arrival order plus a few steps, and the tail stays near
+//       FCFS's.
 //   After a step is decided, prefetch_hint() lists the adapters the policy would take next, for
 //   the executor to prefetch their experts.
 // Both policies put preempted sequences back with their original arrival time and priority.
@@ -113,6 +116,8 @@ struct SchedulerOptions {
   double queue_delay_slack = 1.25;
   // ... but never below this: under light load (delays near zero) grouping still reorders.
   absl::Duration queue_delay_floor = absl::Milliseconds(100);
+  // Steps a late sequence waits for room in the expert pool before it goes in whatever the pool.
+  int32_t max_held_steps = 8;
   // Expert-aware: weighted tokens an adapter may be ahead of the least served waiting adapter and
   // still be picked, while adapters contend for the pool; 0 = max_batch_tokens.
   int64_t fair_share_tokens = 0;
@@ -246,6 +251,9 @@ class Scheduler {
   int64_t num_preemptions_ = 0;
   bool contended_ = false;  // this step: adapters contend for the expert pool (Contended)
   int32_t max_bypass_ = 1;
+  // Relative aging: the late sequence PickNext held back this step for expert-pool room, and the
+  // steps after which it goes in whatever the pool.
+  mutable Sequence* held_ = nullptr;
   // Mean queue delay of recent first admissions (seconds; an exponential moving average over
   // about max_num_seqs admissions); negative until the first one.
   double mean_queue_delay_ = -1;

@@ -87,6 +87,8 @@ struct Sequence {
   bool routing_observed = false;  // routed_experts was taken (it may be empty)
   // Expert-aware policy: later arrivals admitted ahead of it by grouping while it waited.
   int32_t overtaken = 0;
+  // Expert-aware policy: steps it waited, late (relative aging), for room in the expert pool.
+  int32_t held_steps = 0;
 };
 
 }  // namespace moleserve::engine

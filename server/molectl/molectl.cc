@@ -153,13 +153,15 @@ int Generate(pb::Inference::Stub& stub) {
     } else {
       texts[resp.index()] += resp.text();
     }
+    // With n > 1 the per-token lines name their sequence.
+    const std::string seq = n > 1 ? absl::StrCat("[", resp.index(), "] ") : "";
     if (absl::GetFlag(FLAGS_logprobs)) {
       for (const pb::TokenLogprob& lp : resp.logprobs()) {
-        std::cerr << "[" << lp.token_id() << " " << lp.logprob() << "]";
+        std::cerr << seq << "[" << lp.token_id() << " " << lp.logprob() << "]";
       }
     }
     for (const pb::TokenRouting& tr : resp.routing()) {
-      std::cerr << "\n  routing:";
+      std::cerr << "\n  " << seq << "routing:";
       for (const pb::SiteRouting& site : tr.sites()) {
         std::cerr << " " << site.layer() << "." << site.module() << "={";
         for (int i = 0; i < site.experts_size(); ++i) {

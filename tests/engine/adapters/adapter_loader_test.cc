@@ -236,6 +236,13 @@ TEST(MoleLoaderTest, RejectsBadAdapters) {
     mixture(d, c);
     c["routed_groups"][0]["router"]["bias"] = true;
   });
+  ExpectRejected("num_routers applies to router type mixture only",
+                 [](AdapterDir&, Json& c) { c["routed_groups"][0]["router"]["num_routers"] = 2; });
+  ExpectRejected("a mixture router routes at most 128 experts, not 200",
+                 [&](AdapterDir& d, Json& c) {
+                   mixture(d, c);
+                   c["routed_groups"][0]["num_experts"] = 200;
+                 });
   ExpectRejected("router type 'mlp' is not supported (linear, mixture, implicit_A, xlora_ref)",
                  [](AdapterDir&, Json& c) { c["routed_groups"][0]["router"]["type"] = "mlp"; });
 }

@@ -722,5 +722,41 @@ TEST(SchedulerTest, RelativeAgingCutsGroupingsTailAndKeepsItsSavings) {
   EXPECT_LT(bounded.copied, fcfs.copied * 0.7);
 }
 
+// A late request whose adapter does not fit the pool waits for room at most max_held_steps
+// steps, then goes in whatever the pool: the adapters already running, with backlogs that keep
+// them in every step, cannot hold it back until their backlogs drain.
+TEST(SchedulerTest, ALateRequestWaitsForPoolRoomAtMostMaxHeldSteps) {
+  auto run = [](int32_t max_held_steps) {
+    SchedulerOptions o = Options(SchedulingPolicy::kExpertAware, 64, 4);
+    o.max_queue_delay = absl::Hours(1);
+    o.fair_share_tokens = int64_t{1} << 40;
+    o.max_bypass = 1 << 20;
+    o.queue_delay_slack = 1.25;
+    o.queue_delay_floor = kStep;
+    o.max_held_steps = max_held_steps;
+    FakePool pool(2 * FakePool::kAdapterBytes);
+    SimEngine sim(o, 1024, 4, &pool);
+    // Adapters 0 and 2 fill the pool and keep it: a steady stream of each, two running at a
+    // time, admitted soon after it arrives (the recent mean queue delay stays short).
+    uint64_t id = 0;
+    for (int s = 0; s < 300; ++s) {
+      while (sim.scheduler().num_waiting() < 3) {  // staggered lengths: each always runs
+        sim.Submit(id, id % 2 == 0 ? 0 : 2, 4, 5 + static_cast<int32_t>(id % 3));
+        ++id;
+      }
+      if (s == 20) sim.Submit(1000, 1, 4, 2);  // the cold one
+      sim.Step();
+    }
+    sim.RunUntilIdle();
+    return sim.finished().at(1000).queue_time;
+  };
+  const absl::Duration held = run(8);
+  const absl::Duration unbounded = run(1 << 20);
+  SCOPED_TRACE(absl::StrCat("queue time with max_held_steps 8: ", absl::FormatDuration(held),
+                            ", unbounded: ", absl::FormatDuration(unbounded)));
+  EXPECT_GE(unbounded, 100 * kStep) << "the workload does not hold the cold request back";
+  EXPECT_LE(held, unbounded / 3);
+}
+
 }  // namespace
 }  // namespace moleserve::engine
