@@ -924,6 +924,14 @@ def convert_nola(src, opts):
 def detect_family(src):
     if os.path.isfile(os.path.join(src, "xlora_config.json")):
         return "xlora"
+    gates = [f for f in sorted(os.listdir(src)) if re.fullmatch(r"gates_epoch\d+\.bin", f)]
+    if gates:
+        # yushuiwx/Mixture-of-LoRA-Experts (Wu, Huang, Wei, ICLR 2024) saves its gates so.
+        raise ConvertError(
+            f"{src}: {gates[0]} holds the gates of Microsoft's output-gated MoLE (Wu, Huang, Wei, "
+            "2024), whose public code is Stable Diffusion / CLIP only: each gate weighs the LoRAs "
+            "once per sample from the whole flattened, fixed-length layer input, which has no "
+            "per-token equivalent in autoregressive decoding, so it cannot be served exactly")
     path = os.path.join(src, "adapter_config.json")
     delta = os.path.join(src, "config.json")
     if not os.path.isfile(path) and os.path.isfile(delta) and "delta_type" in read_json(delta):

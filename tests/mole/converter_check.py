@@ -451,6 +451,16 @@ def check_rejections(fails, pub, work):
                   lambda c: c.update(lora_r=4), ["rank 8", "config says 4"])
     expect_reject("sora_delta_type", os.path.join(pub, "sora"), "config.json",
                   lambda c: c.update(delta_type="adapter"), ["not 'lora'"])
+    # Microsoft's output-gated MoLE (diffusion code): refused, saying why.
+    mole_dir = os.path.join(work, "reject", "mole_gates")
+    shutil.copytree(os.path.join(pub, "peft_lora"), mole_dir)
+    torch.save({"base_model.model.text_model.encoder.layers.0.wg.weight": torch.zeros(3, 8)},
+               os.path.join(mole_dir, "gates_epoch3.bin"))
+    p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"), mole_dir,
+                 os.path.join(work, "reject", "mole_gates.out")])
+    print(f"  reject {'mole_output_gates':22s} rc {p.returncode}  {p.stderr.strip()[:100]}")
+    fails.check(p.returncode == 1 and "per-token" in p.stderr and "Stable Diffusion" in p.stderr,
+                f"output-gated MoLE gates: rc {p.returncode} {p.stderr!r}")
     # NOLA without the training device: its bases cannot be known.
     p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"), os.path.join(pub, "nola"),
                  os.path.join(work, "reject", "nola_device")])
