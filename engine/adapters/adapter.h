@@ -77,7 +77,9 @@ struct RouterWeights {
   std::vector<float> select_bias;  // [rows] (selection only) or empty
 };
 
-enum class RouterType { kLinear, kMixture, kImplicitA, kXloraRef };
+// kOutputGate (Microsoft's MoLE, Wu, Huang, Wei 2024): the gate reads the experts' outputs, not
+// the module input: logits = W [N, N*out] normalize(concat_e s_e B_e A_e x) (L2), dense.
+enum class RouterType { kLinear, kMixture, kImplicitA, kXloraRef, kOutputGate };
 
 // A routed group on one module of one layer.
 struct RoutedModule {

@@ -465,6 +465,8 @@ absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t i
           absl::StrCat(rctx, ".num_routers must be an integer in 1..", kernels::kMaxMixRouters));
     }
     h.mixture = static_cast<int32_t>(routers);
+  } else if (router_type_name == "output_gate") {
+    h.router_type = RouterType::kOutputGate;
   } else if (router_type_name == "implicit_A") {
     h.router_type = RouterType::kImplicitA;
   } else if (router_type_name == "xlora_ref") {
@@ -472,7 +474,7 @@ absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t i
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat(rctx, ": router type '", router_type_name,
-                     "' is not supported (linear, mixture, implicit_A, xlora_ref)"));
+                     "' is not supported (linear, mixture, output_gate, implicit_A, xlora_ref)"));
   }
   h.rank_granular = h.granularity == "rank";
   if (!h.rank_granular && h.granularity != "lora") {
@@ -513,6 +515,15 @@ absl::StatusOr<GroupHeader> MoleLoader::ParseGroupHeader(const Json& g, size_t i
       return absl::InvalidArgumentError(absl::StrCat(gctx, ": a mixture router routes at most ",
                                                      kernels::kMaxRouteWidth, " experts, not ", e));
     }
+  }
+  if (h.router_type == RouterType::kOutputGate &&
+      (h.rank_granular || h.scope != "module" ||
+       (h.routing.algorithm != RoutingAlgorithm::kSoft &&
+        h.routing.algorithm != RoutingAlgorithm::kTopK))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        gctx,
+        ": an output_gate router needs scope module, granularity lora and routing soft (or "
+        "topk: keep the k largest gates, renormalised)"));
   }
   if (h.router_type == RouterType::kMixture &&
       (h.rank_granular || h.routing.temperature != 1.0f || h.routing.prob_temperature != 0.0f)) {
@@ -667,10 +678,14 @@ absl::Status MoleLoader::ModuleSites(const GroupHeader& h, int32_t group_index, 
           return absl::InvalidArgumentError(
               absl::StrCat(gctx, " layer ", l, " ", LinearModuleName(m), ": ", valid.message()));
         }
+        // An output gate reads the concatenated outputs of the E experts: [E, E * out].
+        const int64_t router_in = h.router_type == RouterType::kOutputGate ? int64_t{e} * out : in;
         ASSIGN_OR_RETURN(
             rm.router,
-            ReadRouter(tensors_, mp + ".router", rows, in, h.router_bias, h.select_bias,
-                       h.router_type == RouterType::kLinear || h.mixture > 0, h.mixture));
+            ReadRouter(tensors_, mp + ".router", rows, router_in, h.router_bias, h.select_bias,
+                       h.router_type == RouterType::kLinear || h.mixture > 0 ||
+                           h.router_type == RouterType::kOutputGate,
+                       h.mixture));
       }
       info->ranks.push_back(rm.experts.rank);
       info->max_experts = std::max(info->max_experts, e);

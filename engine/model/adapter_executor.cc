@@ -1,6 +1,7 @@
 #include "engine/model/adapter_executor.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "absl/cleanup/cleanup.h"
@@ -443,6 +444,46 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   return sgmv_.Expand(call, y, stack.out, y_stride, rank_u_.as<float>());
 }
 
+absl::Status AdapterExecutor::OutputGateLogits(const RoutedModule& rm, const void* x, int64_t in,
+                                               int64_t out, const std::vector<int32_t>& tokens,
+                                               std::vector<float>* logits) {
+  // Every expert's output first: row i * E + e of d is s_e B_e A_e x[tokens[i]], so row i of
+  // d viewed as [n, E * out] is token i's concatenation.
+  const LoraStack& stack = rm.experts;
+  const int32_t e_count = stack.num_experts;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const int64_t width = int64_t{e_count} * out;
+  RETURN_IF_ERROR(Grow(&gate_d_, static_cast<size_t>(n * width * es_)));
+  const std::vector<char> zeros(static_cast<size_t>(n * width * es_), 0);  // 0.0 in every dtype
+  RETURN_IF_ERROR(backend_->CopyToDevice(gate_d_.data(), zeros.data(), zeros.size()));
+  std::vector<Segment> dense(e_count);
+  for (int32_t e = 0; e < e_count; ++e) {
+    dense[e] = Segment{&stack, e, {}};
+    for (int64_t i = 0; i < n; ++i) {
+      dense[e].pairs.push_back({tokens[i], static_cast<int32_t>(i * e_count + e), stack.scale[e]});
+    }
+  }
+  RETURN_IF_ERROR(sgmv_.Run(dense, x, in, gate_d_.data(), out, out));
+  std::vector<float> d(static_cast<size_t>(n * width));
+  RETURN_IF_ERROR(ToHostF32(gate_d_.data(), n * width, d.data()));
+  // The gate on the L2-normalised concatenation (torch's F.normalize: norm at least 1e-12).
+  const std::vector<float>& w = rm.router.weight;  // [E, E * out]
+  logits->assign(static_cast<size_t>(n * e_count), 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* v = d.data() + i * width;
+    double sum = 0;
+    for (int64_t k = 0; k < width; ++k) sum += double{v[k]} * v[k];
+    const double inv = 1.0 / std::max(std::sqrt(sum), 1e-12);
+    for (int32_t e = 0; e < e_count; ++e) {
+      const float* row = w.data() + e * width;
+      double acc = 0;
+      for (int64_t k = 0; k < width; ++k) acc += double{row[k]} * v[k];
+      (*logits)[i * e_count + e] = static_cast<float>(acc * inv);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y,
                                           int64_t y_stride) {
   if (!P().active) return absl::OkStatus();
@@ -503,7 +544,11 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
         records_.Record(t, layer, LinearModuleName(m), experts.data(), weights.data(), n);
       }
     } else {
-      RETURN_IF_ERROR(RouterLogits(att, rm.router, x, in, tokens, &logits));
+      if (rm.router_type == RouterType::kOutputGate) {
+        RETURN_IF_ERROR(OutputGateLogits(rm, x, in, out, tokens, &logits));
+      } else {
+        RETURN_IF_ERROR(RouterLogits(att, rm.router, x, in, tokens, &logits));
+      }
       SpecCache scratch;
       for (size_t i = 0; i < tokens.size(); ++i) {
         const int32_t t = tokens[i];

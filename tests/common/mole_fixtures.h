@@ -57,6 +57,7 @@ inline const std::vector<FamilyCase>& MoleFamilyCases() {
       {"nola", "nola", true, "--nola-device cpu"},  // the fixture's bases come from the CPU
       {"smora", "smora", false},                    // native mole/1: no public format exists
       {"mor", "mor", false},                        // likewise
+      {"output_gate", "output_gate", false},        // likewise
   };
   return *cases;
 }

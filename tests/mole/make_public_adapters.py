@@ -43,6 +43,8 @@ Native mole/1 (families with no public code or checkpoint format; written by wri
                                        plus a selection-only bias, k 3, renormalised gates
   mor                   mor            Mixture of Routers: mixture routers (3 and 2 sub-routers)
                                        on a q/o module group and a block-routed FFN, top-2 of 4
+  output_gate           output_gate    Microsoft's MoLE: a dense gate over 3 LoRAs' normalised
+                                       outputs on q/v, temperature 0.5
 (Per-layer lists alternate with the layer parity on bases with more than 2 layers.)
 """
 import json
@@ -532,7 +534,37 @@ def make_mor(base, out, g):
     save_st(os.path.join(out, "model.safetensors"), w)
 
 
-NATIVE = [("smora", "smora", make_smora), ("mor", "mor", make_mor)]  # (dir, family, writer)
+def make_output_gate(base, out, g):
+    """Microsoft's output-gated MoLE (Wu, Huang, Wei, ICLR 2024; MOLE_FORMAT 3.8): N trained
+    LoRAs composed per layer by a gate over their outputs. The public code is Stable Diffusion
+    only, so it is written as mole/1 with router.type "output_gate", the paper's equations per
+    token: G = softmax(W normalize(E_1(x) + ... + E_N(x)) / T), y = W0 x + sum_i G_i E_i(x), on
+    q_proj and v_proj (the modules the diffusion code gates)."""
+    n_experts, r, t = 3, 4, 0.5
+    targets = ["q_proj", "v_proj"]
+    dump(os.path.join(out, "mole_config.json"),
+         {"format": "mole", "format_version": 1, "name": "output_gate",
+          "source_family": "output_gate",
+          "routed_groups": [{
+              "id": "mole", "scope": "module", "granularity": "lora",
+              "targets": {"layers": "all", "modules": targets},
+              "num_experts": n_experts, "rank": r, "scale": 2.0,
+              "router": {"type": "output_gate"},
+              "routing": {"algorithm": "soft", "temperature": t}}]})
+    w = {}
+    for l in range(base.layers):
+        for m in targets:
+            din, dout = base.dims[m]
+            p = f"groups.mole.layers.{l}.{m}"
+            w[p + ".A"] = g.normal((n_experts, r, din), 1 / math.sqrt(din))
+            w[p + ".B"] = g.normal((n_experts, dout, r), math.sqrt(0.5 / r))
+            w[p + ".scale"] = torch.tensor([2.0, 1.0, 0.5])  # each LoRA its own alpha / r
+            w[p + ".router.weight"] = g.normal((n_experts, n_experts * dout), 2.0)
+    save_st(os.path.join(out, "model.safetensors"), w)
+
+
+NATIVE = [("smora", "smora", make_smora), ("mor", "mor", make_mor),
+          ("output_gate", "output_gate", make_output_gate)]  # (dir, family, writer)
 
 
 def write_native(base_dir, out_root):

@@ -5,7 +5,8 @@
                     [--k-per-layer 2,2] [--ordering FILE] > out.json
 
 F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | sora | nola | smora
-| mor (native mole/1: SMoRA and MoR have no public format) | auto.
+| mor | output_gate (native mole/1: SMoRA, MoR and output-gated MoLE have no public LLM format)
+| auto.
 Reads the base model as llama_reference.py does (Llama, Mistral, Qwen2) and the adapter directory as
 its public code writes it: PEFT adapter_config.json + adapter_model.safetensors, MixLoRA / MoE-PEFT
 adapter_model.bin (torch pickle), original MoLA (GCYZSL) adapter_model.bin + mola_sidecar.json,
@@ -718,6 +719,42 @@ class Mor(Adapter):
         return y
 
 
+class OutputGate(Adapter):
+    """Microsoft's output-gated MoLE from its mole/1 files (its public code is Stable Diffusion
+    only): the paper's equations (MOLE_FORMAT 3.8) per token, E_i = s_i B_i A_i x,
+    G = softmax(W F.normalize(E_1 ++ ... ++ E_N) / T) with the gate in float32, and
+    y = W0 x + sum_i G_i E_i."""
+
+    def __init__(self, d, base):
+        super().__init__()
+        cfg = read_json(os.path.join(d, "mole_config.json"))
+        (grp,) = cfg["routed_groups"]
+        if grp["router"]["type"] != "output_gate" or grp["routing"]["algorithm"] != "soft":
+            fail("the output-gate reference covers soft output_gate groups")
+        self.t = grp["routing"].get("temperature", 1.0)
+        t = load_adapter_tensors(d, ("model.safetensors",))
+        self.sites = {}
+        for l in range(base.layers):
+            for m in grp["targets"]["modules"]:
+                p = f"groups.{grp['id']}.layers.{l}.{m}"
+                e = grp["num_experts"]
+                scale = t[p + ".scale"] if p + ".scale" in t else torch.full((e,), grp["scale"])
+                self.sites[(l, m)] = ([(f64(t[p + ".A"][i]), f64(t[p + ".B"][i]), float(scale[i]))
+                                       for i in range(e)], t[p + ".router.weight"].float())
+
+    def linear(self, l, m, x, y):
+        if (l, m) not in self.sites:
+            return y
+        experts, gate = self.sites[(l, m)]
+        outs = [s * ((x @ a.T) @ b.T) for a, b, s in experts]
+        v = F.normalize(torch.cat(outs, dim=-1), dim=-1)
+        wts = torch.softmax((v.float() @ gate.T) / self.t, dim=-1)
+        self.routing[f"{l}.{m}"] = wts
+        for i, o in enumerate(outs):
+            y = y + wts[:, i:i + 1].to(F64) * o
+        return y
+
+
 class XLora(Adapter):
     """X-LoRA, peft layout (adapter_config.json, peft_type XLORA) or mistral.rs layout."""
 
@@ -889,6 +926,8 @@ def make_adapter(base, d, family, k_per_layer=None, ordering=None):
         return Mor(d, base)
     if family == "nola":
         return Nola(d, base)
+    if family == "output_gate":
+        return OutputGate(d, base)
     fail(f"unknown family {family}")
 
 
@@ -917,7 +956,7 @@ def main(argv=None):
     ap.add_argument("adapter_dir")
     ap.add_argument("--family", required=True,
                     choices=["auto", "peft_lora", "mixlora", "mola", "loramoe", "dynmole",
-                             "mola_original", "xlora", "flylora", "smora", "sora", "mor", "nola"])
+                             "mola_original", "xlora", "flylora", "smora", "sora", "mor", "nola", "output_gate"])
     ap.add_argument("--prompt", action="append", required=True, help="comma-separated token ids")
     ap.add_argument("--greedy", type=int, default=0, help="greedy continuation length")
     ap.add_argument("--k-per-layer", help="original MoLA: top-k per layer (default: sidecar or 2)")

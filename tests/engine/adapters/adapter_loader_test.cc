@@ -243,8 +243,13 @@ TEST(MoleLoaderTest, RejectsBadAdapters) {
                    mixture(d, c);
                    c["routed_groups"][0]["num_experts"] = 200;
                  });
-  ExpectRejected("router type 'mlp' is not supported (linear, mixture, implicit_A, xlora_ref)",
-                 [](AdapterDir&, Json& c) { c["routed_groups"][0]["router"]["type"] = "mlp"; });
+  ExpectRejected("an output_gate router needs scope module", [](AdapterDir&, Json& c) {
+    c["routed_groups"][0]["router"]["type"] = "output_gate";  // on a block FFN
+  });
+  ExpectRejected(
+      "router type 'mlp' is not supported (linear, mixture, output_gate, implicit_A, "
+      "xlora_ref)",
+      [](AdapterDir&, Json& c) { c["routed_groups"][0]["router"]["type"] = "mlp"; });
 }
 
 // A mixture router loads as one stacked GEMM: sub-routers' rows, then the main router's.

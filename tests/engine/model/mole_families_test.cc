@@ -14,7 +14,7 @@
 // every position: the same experts (exactly) with weights within 2e-5 absolute (fp32 router
 // logits on fp32 activations vs float32 logits on float64 activations); (3) greedy generation
 // of 16 tokens through the engine (continuous batching, paged KV, X-LoRA's second KV) equals
-// the reference's greedy tokens. Then a mixed batch: 11 adapters of 10 families plus base-model
+// the reference's greedy tokens. Then a mixed batch: 12 adapters of 11 families plus base-model
 // requests and routing overrides, all at once, each request getting exactly its tokens when run
 // alone.
 
@@ -477,10 +477,10 @@ class StepWatcher final : public MetricsSink {
   std::atomic<int64_t> max_running{0};
 };
 
-// 11 adapters of 10 families (PEFT LoRA, MixLoRA top-k and top-p, MoLA, LoRAMoE, DynMoLE,
-// X-LoRA, FlyLoRA, SoRA, Mixture of Routers, NOLA) plus base-model requests and requests with a
-// routing override (top-1 on MixLoRA and on MoR, soft on MoLA) in the same steps: each request gets
-// exactly the greedy tokens and the routing it gets when it runs alone.
+// 12 adapters of 11 families (PEFT LoRA, MixLoRA top-k and top-p, MoLA, LoRAMoE, DynMoLE,
+// X-LoRA, FlyLoRA, SoRA, Mixture of Routers, NOLA, output-gated MoLE) plus base-model requests and
+// requests with a routing override (top-1 on MixLoRA and on MoR, soft on MoLA) in the same steps:
+// each request gets exactly the greedy tokens and the routing it gets when it runs alone.
 TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
   const std::vector<std::string> names = {"peft_lora",
                                           "mixlora",
@@ -492,7 +492,8 @@ TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
                                           "flylora",
                                           "sora",
                                           "mor",
-                                          "nola"};
+                                          "nola",
+                                          "output_gate"};
   StepWatcher watcher;
   EngineOptions options{.model = base(), .num_threads = 2, .metrics = &watcher};
   for (const std::string& n : names) {
@@ -525,6 +526,12 @@ TEST_F(MoleFamiliesTest, MixedBatchEqualsEachRequestAlone) {
     soft.token_ids = kPrompts[p];
     soft.routing_override.algorithm = RoutingAlgorithm::kSoft;
     requests.push_back(soft);
+    GenerateRequest gate_top2;  // an output gate keeping its two largest gates, renormalised
+    gate_top2.adapter = "output_gate";
+    gate_top2.token_ids = kPrompts[p];
+    gate_top2.routing_override.algorithm = RoutingAlgorithm::kTopK;
+    gate_top2.routing_override.k = 2;
+    requests.push_back(gate_top2);
     GenerateRequest mor_top1;  // a mixture router's k, overridden
     mor_top1.adapter = "mor";
     mor_top1.token_ids = kPrompts[p];
