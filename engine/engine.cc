@@ -173,10 +173,10 @@ class EngineAdapterHost final : public AdapterHost {
 uint64_t PrefixKey(const GenerateRequest& r, const AdapterVersion* v, bool xlora) {
   if (xlora || r.prompt_logprobs) return 0;
   const RoutingOverride& o = r.routing_override;
-  const uint64_t h = absl::HashOf(v != nullptr ? v->adapter->name : std::string(),
-                                  v != nullptr ? v->version : uint64_t{0},
-                                  o.algorithm ? static_cast<int>(*o.algorithm) : -1,
-                                  o.k.value_or(-1), o.p.has_value(), o.p.value_or(0.0f));
+  const uint64_t h = absl::HashOf(
+      v != nullptr ? v->adapter->name : std::string(), v != nullptr ? v->version : uint64_t{0},
+      o.algorithm ? static_cast<int>(*o.algorithm) : -1, o.k.value_or(-1), o.p.has_value(),
+      o.p.value_or(0.0f), o.disabled_experts);
   return h == 0 ? 1 : h;
 }
 

@@ -1,5 +1,6 @@
 #include "engine/adapters/adapter.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -122,6 +123,34 @@ absl::Status ValidateRoutingOverride(const Adapter& adapter, const RoutingOverri
     }
     if (layer.block_ffn) {
       RETURN_IF_ERROR(check(layer.block_ffn->routing, layer.block_ffn->num_experts, "ffn"));
+    }
+  }
+  if (!ov.disabled_experts.empty()) {
+    bool gated = false;
+    for (const AdapterLayer& layer : adapter.layers) {
+      for (const auto& r : layer.routed) {
+        if (!r || r->router_type != RouterType::kOutputGate) continue;
+        gated = true;
+        const int32_t n = r->experts.num_experts;
+        std::vector<bool> off(n, false);
+        for (int32_t e : ov.disabled_experts) {
+          if (e < 0 || e >= n) {
+            return absl::InvalidArgumentError(
+                absl::StrCat("routing.disabled_experts: ", e, " is not an expert of adapter ",
+                             Quote(adapter.name), " (it has ", n, ")"));
+          }
+          off[e] = true;
+        }
+        if (std::count(off.begin(), off.end(), false) == 0) {
+          return absl::InvalidArgumentError("routing.disabled_experts turns every expert off");
+        }
+      }
+    }
+    if (!gated) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "routing.disabled_experts applies to output-gated groups (router type output_gate); "
+          "adapter ",
+          Quote(adapter.name), " has none"));
     }
   }
   if (!any) {

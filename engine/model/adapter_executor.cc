@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
@@ -546,6 +547,14 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     } else {
       if (rm.router_type == RouterType::kOutputGate) {
         RETURN_IF_ERROR(OutputGateLogits(rm, x, in, out, tokens, &logits));
+        // A request's disabled experts get no gate; softmax renormalises the rest.
+        for (size_t i = 0; i < tokens.size(); ++i) {
+          const int32_t o = P().tokens.override_index[tokens[i]];
+          if (o < 0) continue;
+          for (int32_t e : P().tokens.overrides[o].disabled_experts) {
+            logits[i * e_count + e] = -std::numeric_limits<float>::infinity();
+          }
+        }
       } else {
         RETURN_IF_ERROR(RouterLogits(att, rm.router, x, in, tokens, &logits));
       }
@@ -556,6 +565,10 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
         ASSIGN_OR_RETURN(int32_t n,
                          RouteToken(spec, absl::MakeConstSpan(logits.data() + i * e_count, e_count),
                                     experts.data(), weights.data()));
+        if (rm.router_type == RouterType::kOutputGate) {
+          // A disabled expert's gate is exactly 0 (its logit is -inf): it is not applied.
+          while (n > 0 && weights[n - 1] == 0.0f) --n;
+        }
         for (int32_t j = 0; j < n; ++j) {
           per_expert[experts[j]].pairs.push_back({t, t, weights[j] * stack.scale[experts[j]], j});
         }

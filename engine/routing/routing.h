@@ -87,7 +87,11 @@ struct RoutingOverride {
   std::optional<RoutingAlgorithm> algorithm;
   std::optional<int32_t> k;
   std::optional<float> p;
-  bool empty() const { return !algorithm && !k && !p; }
+  // Output-gated groups (Microsoft's MoLE): experts turned off for this request; the remaining
+  // gates are renormalised (the paper's inference-time masking). Checked by
+  // ValidateRoutingOverride; ApplyRoutingOverride leaves it to the executor.
+  std::vector<int32_t> disabled_experts;
+  bool empty() const { return !algorithm && !k && !p && disabled_experts.empty(); }
 };
 // The spec with the override applied; kInvalidArgument when the result is not valid for
 // `num_experts` (e.g. k > E) or the override cannot apply (rank-granular groups only take k; a

@@ -115,6 +115,11 @@ absl::StatusOr<engine::GenerateRequest> FromProto(const pb::GenerateRequest& in,
       out.routing_override.k = static_cast<int32_t>(r.k());
     }
     if (r.has_p()) out.routing_override.p = r.p();
+    for (uint32_t e : r.disabled_experts()) {
+      if (e > 1u << 20)
+        return absl::InvalidArgumentError("routing.disabled_experts is out of range");
+      out.routing_override.disabled_experts.push_back(static_cast<int32_t>(e));
+    }
   }
   out.deadline = deadline;
   out.priority = in.priority();

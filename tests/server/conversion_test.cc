@@ -53,6 +53,20 @@ TEST(ConversionTest, PriorityIsCarried) {
   EXPECT_EQ(background->priority, -3);
 }
 
+TEST(ConversionTest, DisabledExpertsAreCarried) {
+  pb::GenerateRequest req;
+  req.set_text("hi");
+  req.mutable_routing()->add_disabled_experts(2);
+  req.mutable_routing()->add_disabled_experts(0);
+  auto r = FromProto(req, absl::InfiniteFuture(), {});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->routing_override.disabled_experts, (std::vector<int32_t>{2, 0}));
+  EXPECT_FALSE(r->routing_override.empty());
+  req.mutable_routing()->add_disabled_experts(0xffffffffu);
+  EXPECT_EQ(FromProto(req, absl::InfiniteFuture(), {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 // Long prompts' logprobs are split over messages a client's default 4 MiB limit accepts, the
 // prompt ids in the first; logit_bias comes over sorted, ids checked.
 TEST(ConversionTest, PromptLogprobsAreSplitAndLogitBiasIsCarried) {

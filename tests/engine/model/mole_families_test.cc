@@ -33,6 +33,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -264,6 +265,77 @@ INSTANTIATE_TEST_SUITE_P(AllFamilies, MoleFamiliesTest, ::testing::ValuesIn(Case
 // tgt_non_granular_index): the first 3 tokens are exactly those of the unfrozen adapter (their
 // scalings come from full scaling passes), the rest reuse the last scalings; every KV block,
 // the scaling pass's included, is back in the pool afterwards.
+// The output gate's inference-time masking (routing.disabled_experts): the other gates are
+// renormalised. At layer 0 the gate's inputs do not depend on the mask, so each kept gate must be
+// exactly the unmasked one over 1 - the disabled one's.
+TEST_F(MoleFamiliesTest, OutputGateMaskRenormalisesTheOtherGates) {
+  const FamilyCase* gate = nullptr;
+  const FamilyCase* mixlora = nullptr;
+  for (const FamilyCase& c : Cases()) {
+    if (c.name == "output_gate") gate = &c;
+    if (c.name == "mixlora") mixlora = &c;
+  }
+  ASSERT_NE(gate, nullptr);
+  ASSERT_NE(mixlora, nullptr);
+  absl::StatusOr<std::unique_ptr<Engine>> engine =
+      Engine::Create({.model = base(),
+                      .num_threads = 2,
+                      .adapters = {{"gate", load_dir(*gate)}, {"mixlora", load_dir(*mixlora)}}});
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  auto run = [&](std::vector<int32_t> disabled) {
+    GenerateRequest r;
+    r.adapter = "gate";
+    r.token_ids = kPrompts[0];
+    r.sampling.temperature = 0;
+    r.stopping.max_new_tokens = 1;
+    r.return_routing = true;
+    r.routing_override.disabled_experts = std::move(disabled);
+    auto sink = std::make_shared<Collect>();
+    EXPECT_TRUE((*engine)->Submit(r, sink).ok());
+    sink->done.WaitForNotification();
+    return sink;
+  };
+  auto all = run({});
+  auto masked = run({0});
+  ASSERT_EQ(all->routing.size(), 1u);
+  ASSERT_EQ(masked->routing.size(), 1u);
+  int checked = 0;
+  for (size_t site = 0; site < all->routing[0].size(); ++site) {
+    const RoutingRecord& a = all->routing[0][site];
+    const RoutingRecord& b = masked->routing[0][site];
+    ASSERT_EQ(a.experts.size(), 3u);  // soft: every expert
+    ASSERT_EQ(b.experts.size(), 2u);
+    EXPECT_EQ(std::count(b.experts.begin(), b.experts.end(), 0), 0) << "expert 0 is off";
+    if (a.layer != 0) continue;
+    float w0 = 0;
+    std::map<int32_t, float> wa;
+    for (size_t j = 0; j < a.experts.size(); ++j) {
+      wa[a.experts[j]] = a.weights[j];
+      if (a.experts[j] == 0) w0 = a.weights[j];
+    }
+    for (size_t j = 0; j < b.experts.size(); ++j) {
+      EXPECT_NEAR(b.weights[j], wa[b.experts[j]] / (1 - w0), 1e-5) << a.module;
+    }
+    ++checked;
+  }
+  EXPECT_EQ(checked, 2);  // q_proj and v_proj of layer 0
+  // Refused: an index out of range, every expert off, an adapter without an output gate.
+  for (const auto& [adapter, disabled, want] :
+       std::vector<std::tuple<std::string, std::vector<int32_t>, std::string>>{
+           {"gate", {3}, "is not an expert"},
+           {"gate", {0, 1, 2}, "turns every expert off"},
+           {"mixlora", {0}, "applies to output-gated groups"}}) {
+    GenerateRequest r;
+    r.adapter = adapter;
+    r.token_ids = kPrompts[0];
+    r.routing_override.disabled_experts = disabled;
+    absl::StatusOr<uint64_t> h = (*engine)->Submit(r, std::make_shared<Collect>(true));
+    ASSERT_FALSE(h.ok()) << want;
+    EXPECT_EQ(h.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(h.status().message()), ::testing::HasSubstr(want));
+  }
+}
+
 TEST_F(MoleFamiliesTest, XloraFrozenScalingsKeepPrefixAndFreeTheirKv) {
   const FamilyCase* xlora = nullptr;
   for (const FamilyCase& c : Cases()) {
