@@ -136,6 +136,18 @@ TEST(MoleLoaderTest, PerLayerExpertsAndK) {
   EXPECT_EQ(r1->routing.k, 2);
 }
 
+// Turns the MixLoRA adapter's block-FFN routers into mixtures of 2 sub-routers (MoR).
+void UseMixtureRouter(AdapterDir& d, Json& c) {
+  c["routed_groups"][0]["router"] = {{"type", "mixture"}, {"num_routers", 2}};
+  for (int l = 0; l < 2; ++l) {
+    const std::string r = "groups.ffn.layers." + std::to_string(l) + ".router";
+    d.Erase(r + ".weight");
+    d.Tensor(r + ".sub.0.weight", {4, 32});
+    d.Tensor(r + ".sub.1.weight", {4, 32});
+    d.Tensor(r + ".main.weight", {2, 32});
+  }
+}
+
 // Writes the MixLoRA adapter after `mutate` changed its config or tensors; expects a rejection
 // whose message contains `want`.
 template <typename Mutate>
@@ -204,43 +216,33 @@ TEST(MoleLoaderTest, RejectsBadAdapters) {
     c["routed_groups"][0]["routing"]["p_mode"] = "maybe";
   });
   // Mixture of Routers: its sub-routers and main router, and what it cannot be combined with.
-  auto mixture = [](AdapterDir& d, Json& c) {
-    c["routed_groups"][0]["router"] = {{"type", "mixture"}, {"num_routers", 2}};
-    for (int l = 0; l < 2; ++l) {
-      const std::string r = "groups.ffn.layers." + std::to_string(l) + ".router";
-      d.Erase(r + ".weight");
-      d.Tensor(r + ".sub.0.weight", {4, 32});
-      d.Tensor(r + ".sub.1.weight", {4, 32});
-      d.Tensor(r + ".main.weight", {2, 32});
-    }
-  };
   ExpectRejected("missing tensor 'groups.ffn.layers.1.router.sub.1.weight'",
                  [&](AdapterDir& d, Json& c) {
-                   mixture(d, c);
+                   UseMixtureRouter(d, c);
                    d.Erase("groups.ffn.layers.1.router.sub.1.weight");
                  });
   ExpectRejected("router.main.weight' has shape [3, 32]", [&](AdapterDir& d, Json& c) {
-    mixture(d, c);
+    UseMixtureRouter(d, c);
     d.Tensor("groups.ffn.layers.0.router.main.weight", {3, 32});
   });
   ExpectRejected("num_routers must be an integer in 1..16", [&](AdapterDir& d, Json& c) {
-    mixture(d, c);
+    UseMixtureRouter(d, c);
     c["routed_groups"][0]["router"]["num_routers"] = 17;
   });
   ExpectRejected("a mixture router needs granularity lora and routing temperature 1",
                  [&](AdapterDir& d, Json& c) {
-                   mixture(d, c);
+                   UseMixtureRouter(d, c);
                    c["routed_groups"][0]["routing"]["temperature"] = 0.5;
                  });
   ExpectRejected("router.bias needs a linear router", [&](AdapterDir& d, Json& c) {
-    mixture(d, c);
+    UseMixtureRouter(d, c);
     c["routed_groups"][0]["router"]["bias"] = true;
   });
   ExpectRejected("num_routers applies to router type mixture only",
                  [](AdapterDir&, Json& c) { c["routed_groups"][0]["router"]["num_routers"] = 2; });
   ExpectRejected("a mixture router routes at most 128 experts, not 200",
                  [&](AdapterDir& d, Json& c) {
-                   mixture(d, c);
+                   UseMixtureRouter(d, c);
                    c["routed_groups"][0]["num_experts"] = 200;
                  });
   ExpectRejected("an output_gate router needs scope module", [](AdapterDir&, Json& c) {
@@ -257,14 +259,7 @@ TEST(MoleLoaderTest, MixtureRouterStacksItsRouters) {
   AdapterDir d("mixture");
   Json cfg;
   WriteMixLora(d, &cfg);
-  cfg["routed_groups"][0]["router"] = {{"type", "mixture"}, {"num_routers", 2}};
-  for (int l = 0; l < 2; ++l) {
-    const std::string r = "groups.ffn.layers." + std::to_string(l) + ".router";
-    d.Erase(r + ".weight");
-    d.Tensor(r + ".sub.0.weight", {4, 32});
-    d.Tensor(r + ".sub.1.weight", {4, 32});
-    d.Tensor(r + ".main.weight", {2, 32});
-  }
+  UseMixtureRouter(d, cfg);
   d.data("groups.ffn.layers.1.router.sub.1.weight")[5] = 1.5f;
   d.data("groups.ffn.layers.1.router.main.weight")[33] = -2.5f;
   d.Write("mole_config.json", cfg);
