@@ -358,11 +358,12 @@ std::optional<ApiError> ParseSampling(const Json& body, const engine::Engine& en
   // moleserve's extensions for MoLE adapters: the routing override and the routing trace.
   if (auto ro = body.find("routing"); ro != body.end() && !ro->is_null()) {
     if (!ro->is_object()) {
-      return BadParam("routing", "'routing' must be an object {algorithm, k, p}");
+      return BadParam("routing", "'routing' must be an object {algorithm, k, p, disabled_experts}");
     }
     for (const auto& [key, value] : ro->items()) {
-      if (key != "algorithm" && key != "k" && key != "p") {
-        return BadParam("routing", "'routing' takes only 'algorithm', 'k' and 'p'");
+      if (key != "algorithm" && key != "k" && key != "p" && key != "disabled_experts") {
+        return BadParam("routing",
+                        "'routing' takes only 'algorithm', 'k', 'p' and 'disabled_experts'");
       }
     }
     if (auto a = ro->find("algorithm"); a != ro->end() && !a->is_null()) {
@@ -382,6 +383,19 @@ std::optional<ApiError> ParseSampling(const Json& body, const engine::Engine& en
     float p_value = 0;
     if (auto e = Number(*ro, "p", 1e-9, 1, &p_value)) return BadParam("routing", e->message);
     if (ro->contains("p") && !(*ro)["p"].is_null()) r.routing_override.p = p_value;
+    // Output-gated adapters: the LoRAs this request turns off (the engine checks them against
+    // the adapter, as for gRPC's RoutingOverride.disabled_experts).
+    if (auto d = ro->find("disabled_experts"); d != ro->end() && !d->is_null()) {
+      if (!d->is_array()) {
+        return BadParam("routing", "'routing.disabled_experts' must be a list of expert indices");
+      }
+      for (const Json& e : *d) {
+        if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() > (1 << 20)) {
+          return BadParam("routing", "'routing.disabled_experts' has an invalid expert index");
+        }
+        r.routing_override.disabled_experts.push_back(static_cast<int32_t>(e.get<int64_t>()));
+      }
+    }
   }
   if (auto e = Bool(body, "return_routing", &r.return_routing)) return e;
   if (auto user = body.find("user"); user != body.end() && !user->is_null() && !user->is_string()) {
@@ -471,9 +485,15 @@ class CompletionCall : public std::enable_shared_from_this<CompletionCall> {
         for (uint64_t h : started) engine_->Cancel(h);
         ApiError e = FromStatus(handle.status());
         if (handle.status().code() == absl::StatusCode::kInvalidArgument) {
-          e.param = absl::StrContains(handle.status().message(), "routing override") ? "routing"
-                    : absl::StrContains(handle.status().message(), "logit_bias")     ? "logit_bias"
-                                                                                     : "prompt";
+          const absl::string_view message = handle.status().message();
+          if (absl::StrContains(message, "routing override") ||
+              absl::StartsWith(message, "routing.")) {
+            e.param = "routing";
+          } else if (absl::StrContains(message, "logit_bias")) {
+            e.param = "logit_bias";
+          } else {
+            e.param = "prompt";
+          }
         }
         SendError(*out_, e);
         return;

@@ -634,8 +634,12 @@ TEST_F(HttpApiTest, RoutingOverrideAndRoutingTrace) {
   }
   EXPECT_EQ(traced, 4u);
   // Bad overrides.
-  for (const Json& bad : {Json{{"algorithm", "bogus"}}, Json{{"k", 100}}, Json{{"k", "two"}},
-                          Json{{"q", 1}}, Json(5)}) {
+  // disabled_experts reaches the engine, which refuses it for an adapter without an output gate
+  // (mole_families_test serves it on one); malformed lists are refused before.
+  for (const Json& bad :
+       {Json{{"algorithm", "bogus"}}, Json{{"k", 100}}, Json{{"k", "two"}}, Json{{"q", 1}}, Json(5),
+        Json{{"disabled_experts", {0}}}, Json{{"disabled_experts", 1}},
+        Json{{"disabled_experts", {-1}}}, Json{{"disabled_experts", {"a"}}}}) {
     Json b = request;
     b["routing"] = bad;
     int status = 0;
@@ -643,6 +647,14 @@ TEST_F(HttpApiTest, RoutingOverrideAndRoutingTrace) {
     EXPECT_EQ(status, 400) << bad.dump() << " -> " << e.dump();
     EXPECT_EQ(e["error"]["param"], "routing") << bad.dump() << " -> " << e.dump();
   }
+  Json gated = request;
+  gated["routing"] = {{"disabled_experts", {1}}};
+  int gated_status = 0;
+  const Json gated_error = Post("/v1/completions", gated, &gated_status);
+  EXPECT_EQ(gated_status, 400);
+  EXPECT_TRUE(absl::StrContains(gated_error["error"]["message"].get<std::string>(),
+                                "applies to output-gated groups"))
+      << gated_error.dump();
   Json base = request;
   base["model"] = engine_->model_info().name;
   base["routing"] = {{"k", 1}};
