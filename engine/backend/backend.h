@@ -126,6 +126,10 @@ class Backend {
   virtual absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) = 0;
   // A Mixture of Routers' logits (the log of its mixed probabilities), fp32.
   virtual absl::Status MixRouter(const kernels::MixRouterParams& p) = 0;
+  // An output gate's logits from the GEMM over its experts' outputs: L2-normalised and masked.
+  virtual absl::Status OutputGateScale(const kernels::OutputGateScaleParams& p) = 0;
+  // Sets `bytes` bytes at `dst` (device memory) to 0, in stream order (recorded in graphs).
+  virtual absl::Status Zero(void* dst, size_t bytes) = 0;
   // SGMV segments from Route's decisions, on the device (no host round trip).
   virtual absl::Status BuildSegments(const kernels::SegmentBuildParams& p) = 0;
   // The next token of each row from fp32 logits (kernels/common/sampling_math.h), so that only

@@ -133,6 +133,15 @@ class CpuBackend final : public Backend {
   absl::Status MixRouter(const kernels::MixRouterParams& p) override {
     return Run("MixRouter", [this, p] { return kc::MixRouter(p, &pool_); });
   }
+  absl::Status OutputGateScale(const kernels::OutputGateScaleParams& p) override {
+    return Run("OutputGateScale", [this, p] { return kc::OutputGateScale(p, &pool_); });
+  }
+  absl::Status Zero(void* dst, size_t bytes) override {
+    return Run("Zero", [dst, bytes] {
+      if (bytes) std::memset(dst, 0, bytes);
+      return kernels::KernelStatus::kOk;
+    });
+  }
   absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
     return Run("SoftmaxGroups", [this, p] { return kc::SoftmaxGroups(p, &pool_); });
   }

@@ -263,6 +263,14 @@ class CudaBackend final : public Backend {
   absl::Status MixRouter(const kernels::MixRouterParams& p) override {
     return Launch("MixRouter", &kcu::MixRouter, p);
   }
+  absl::Status OutputGateScale(const kernels::OutputGateScaleParams& p) override {
+    return Launch("OutputGateScale", &kcu::OutputGateScale, p);
+  }
+  absl::Status Zero(void* dst, size_t bytes) override {
+    RETURN_IF_ERROR(Bind());
+    if (bytes == 0) return absl::OkStatus();
+    return CudaStatus(cudaMemsetAsync(dst, 0, bytes, state_->compute), "Zero");
+  }
   absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
     return Launch("SoftmaxGroups", &kcu::SoftmaxGroups, p);
   }

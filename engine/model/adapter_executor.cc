@@ -268,7 +268,10 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
     return P().tokens.override_index[a] < P().tokens.override_index[b];
   });
   const int64_t n = static_cast<int64_t>(ordered.size());
-  ASSIGN_OR_RETURN(const float* logits, RouterLogitsOnDevice(att, rm.router, x, in, ordered));
+  const bool output_gate = rm.router_type == RouterType::kOutputGate;
+  ASSIGN_OR_RETURN(const float* logits, output_gate
+                                            ? OutputGateLogitsOnDevice(att, rm, x, in, out, ordered)
+                                            : RouterLogitsOnDevice(att, rm.router, x, in, ordered));
   RETURN_IF_ERROR(Grow(&route_experts_, n * e_count * sizeof(int32_t)));
   RETURN_IF_ERROR(Grow(&route_weights_, n * e_count * sizeof(float)));
   RETURN_IF_ERROR(Grow(&route_count_, n * sizeof(int32_t)));
@@ -282,6 +285,7 @@ absl::StatusOr<bool> AdapterExecutor::RouteOnDevice(const Attached& att, int32_t
     const RoutingSpec& spec = SpecFor(ordered[begin], rm.routing, e_count, &scratch);
     ASSIGN_OR_RETURN(kernels::RouteParams route, ToRouteParams(spec, e_count));
     route.logits = logits + begin * e_count;
+    route.drop_zero = output_gate;  // a disabled expert is not routed to
     route.experts = route_experts_.as<int32_t>() + begin * e_count;
     route.weights = route_weights_.as<float>() + begin * e_count;
     route.count = route_count_.as<int32_t>() + begin;
@@ -445,9 +449,9 @@ absl::Status AdapterExecutor::ApplyRankGroup(const Attached& att, int32_t layer,
   return sgmv_.Expand(call, y, stack.out, y_stride, rank_u_.as<float>());
 }
 
-absl::Status AdapterExecutor::OutputGateLogits(const RoutedModule& rm, const void* x, int64_t in,
-                                               int64_t out, const std::vector<int32_t>& tokens,
-                                               std::vector<float>* logits) {
+absl::StatusOr<const float*> AdapterExecutor::OutputGateLogitsOnDevice(
+    const Attached& owner, const RoutedModule& rm, const void* x, int64_t in, int64_t out,
+    const std::vector<int32_t>& tokens) {
   // Every expert's output first: row i * E + e of d is s_e B_e A_e x[tokens[i]], so row i of
   // d viewed as [n, E * out] is token i's concatenation.
   const LoraStack& stack = rm.experts;
@@ -455,8 +459,7 @@ absl::Status AdapterExecutor::OutputGateLogits(const RoutedModule& rm, const voi
   const int64_t n = static_cast<int64_t>(tokens.size());
   const int64_t width = int64_t{e_count} * out;
   RETURN_IF_ERROR(Grow(&gate_d_, static_cast<size_t>(n * width * es_)));
-  const std::vector<char> zeros(static_cast<size_t>(n * width * es_), 0);  // 0.0 in every dtype
-  RETURN_IF_ERROR(backend_->CopyToDevice(gate_d_.data(), zeros.data(), zeros.size()));
+  RETURN_IF_ERROR(backend_->Zero(gate_d_.data(), static_cast<size_t>(n * width * es_)));
   std::vector<Segment> dense(e_count);
   for (int32_t e = 0; e < e_count; ++e) {
     dense[e] = Segment{&stack, e, {}};
@@ -465,24 +468,43 @@ absl::Status AdapterExecutor::OutputGateLogits(const RoutedModule& rm, const voi
     }
   }
   RETURN_IF_ERROR(sgmv_.Run(dense, x, in, gate_d_.data(), out, out));
-  std::vector<float> d(static_cast<size_t>(n * width));
-  RETURN_IF_ERROR(ToHostF32(gate_d_.data(), n * width, d.data()));
-  // The gate on the L2-normalised concatenation (torch's F.normalize: norm at least 1e-12).
-  const std::vector<float>& w = rm.router.weight;  // [E, E * out]
-  logits->assign(static_cast<size_t>(n * e_count), 0.0f);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* v = d.data() + i * width;
-    double sum = 0;
-    for (int64_t k = 0; k < width; ++k) sum += double{v[k]} * v[k];
-    const double inv = 1.0 / std::max(std::sqrt(sum), 1e-12);
-    for (int32_t e = 0; e < e_count; ++e) {
-      const float* row = w.data() + e * width;
-      double acc = 0;
-      for (int64_t k = 0; k < width; ++k) acc += double{row[k]} * v[k];
-      (*logits)[i * e_count + e] = static_cast<float>(acc * inv);
+  // The gate W [E, E * out] on the concatenation, then its L2 normalisation (torch's
+  // F.normalize: norm at least 1e-12) and the request's disabled experts (-inf: gate 0).
+  RETURN_IF_ERROR(Grow(&logits_, n * e_count * sizeof(float)));
+  RETURN_IF_ERROR(backend_->Gemm({.x = gate_d_.data(),
+                                  .w = owner.routers.at(&rm.router).first.data(),
+                                  .y = logits_.data(),
+                                  .m = n,
+                                  .n = e_count,
+                                  .k = width,
+                                  .dtype = dt_,
+                                  .y_f32 = true}));
+  const float* mask = nullptr;
+  if (std::any_of(tokens.begin(), tokens.end(), [&](int32_t t) {
+        const int32_t o = P().tokens.override_index[t];
+        return o >= 0 && !P().tokens.overrides[o].disabled_experts.empty();
+      })) {
+    std::vector<float> host(static_cast<size_t>(n * e_count), 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t o = P().tokens.override_index[tokens[i]];
+      if (o < 0) continue;
+      for (int32_t e : P().tokens.overrides[o].disabled_experts) {
+        host[i * e_count + e] = -std::numeric_limits<float>::infinity();
+      }
     }
+    RETURN_IF_ERROR(Grow(&gate_mask_, host.size() * sizeof(float)));
+    RETURN_IF_ERROR(
+        backend_->CopyToDevice(gate_mask_.data(), host.data(), host.size() * sizeof(float)));
+    mask = gate_mask_.as<float>();
   }
-  return absl::OkStatus();
+  RETURN_IF_ERROR(backend_->OutputGateScale({.d = gate_d_.data(),
+                                             .logits = logits_.as<float>(),
+                                             .mask = mask,
+                                             .rows = n,
+                                             .width = width,
+                                             .experts = e_count,
+                                             .dtype = dt_}));
+  return logits_.as<float>();
 }
 
 absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const void* x, void* y,
@@ -512,7 +534,8 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
     }
     const LoraStack& stack = rm.experts;
     const int32_t e_count = stack.num_experts;
-    if ((rm.router_type == RouterType::kLinear || rm.router_type == RouterType::kMixture) &&
+    if ((rm.router_type == RouterType::kLinear || rm.router_type == RouterType::kMixture ||
+         rm.router_type == RouterType::kOutputGate) &&
         e_count <= kernels::kMaxRouteWidth) {
       ASSIGN_OR_RETURN(bool routed,
                        RouteOnDevice(att, layer, m, rm, tokens, x, in, y, out, y_stride));
@@ -546,15 +569,11 @@ absl::Status AdapterExecutor::ApplyLinear(int32_t layer, LinearModule m, const v
       }
     } else {
       if (rm.router_type == RouterType::kOutputGate) {
-        RETURN_IF_ERROR(OutputGateLogits(rm, x, in, out, tokens, &logits));
         // A request's disabled experts get no gate; softmax renormalises the rest.
-        for (size_t i = 0; i < tokens.size(); ++i) {
-          const int32_t o = P().tokens.override_index[tokens[i]];
-          if (o < 0) continue;
-          for (int32_t e : P().tokens.overrides[o].disabled_experts) {
-            logits[i * e_count + e] = -std::numeric_limits<float>::infinity();
-          }
-        }
+        ASSIGN_OR_RETURN(const float* device,
+                         OutputGateLogitsOnDevice(att, rm, x, in, out, tokens));
+        logits.resize(tokens.size() * e_count);
+        RETURN_IF_ERROR(backend_->CopyToHost(logits.data(), device, logits.size() * sizeof(float)));
       } else {
         RETURN_IF_ERROR(RouterLogits(att, rm.router, x, in, tokens, &logits));
       }

@@ -193,10 +193,13 @@ class AdapterExecutor {
   // n compute-dtype values on the device as fp32 on the host.
   absl::Status ToHostF32(const void* src, int64_t n, float* dst);
   absl::Status Grow(DeviceBuffer* buf, size_t bytes);
-  // An output gate's logits [tokens, E] (RouterType::kOutputGate): every expert's output, then
-  // the gate on their L2-normalised concatenation, on the host (fp32 outputs, double sums).
-  absl::Status OutputGateLogits(const RoutedModule& rm, const void* x, int64_t in, int64_t out,
-                                const std::vector<int32_t>& tokens, std::vector<float>* logits);
+  // An output gate's logits [tokens, E] (RouterType::kOutputGate), fp32 on the device: every
+  // expert's output (a dense SGMV pass), the gate's GEMM over their concatenation, then
+  // Backend::OutputGateScale (L2 normalisation; -inf for the request's disabled experts).
+  absl::StatusOr<const float*> OutputGateLogitsOnDevice(const Attached& owner,
+                                                        const RoutedModule& rm, const void* x,
+                                                        int64_t in, int64_t out,
+                                                        const std::vector<int32_t>& tokens);
   // Router logits [n, rows] of `tokens` (rows of x, width in): GEMM + bias on the backend, as
   // fp32 on the device (RouterLogitsOnDevice) or on the host.
   absl::StatusOr<const float*> RouterLogitsOnDevice(const Attached& owner,
@@ -271,7 +274,8 @@ class AdapterExecutor {
   // (Rank groups: route_experts_ holds the kept ranks, route_count_ the ok flags, scale_ the
   // selection bias, rank_u_ the gated shrink output.)
   DeviceBuffer route_rows_, route_experts_, route_weights_, route_count_, scale_, rank_u_;
-  DeviceBuffer gate_d_;  // output gates: the experts' outputs
+  DeviceBuffer gate_d_;     // output gates: the experts' outputs
+  DeviceBuffer gate_mask_;  // output gates: 0 or -inf per token and expert
   StepRecords records_;
   Pass passes_[2];                   // by PassRole
   PassRole role_ = PassRole::kMain;  // the current pass

@@ -319,6 +319,9 @@ struct RouteParams {
   float temperature = 1.0f;
   float prob_temperature = 0.0f;
   bool renormalize = true;
+  // Experts whose probability is exactly 0 (a logit of -inf: an output gate's disabled expert)
+  // are not routed to; without it, soft and top-k list them with weight 0.
+  bool drop_zero = false;
   bool entropy_gate = false;  // kDynMole
   double entropy_q = 1.1;
   double entropy_threshold = 0.9;
@@ -340,6 +343,21 @@ struct MixRouterParams {
   int64_t rows = 0;
   int32_t experts = 0;  // E: 1..kMaxRouteWidth
   int32_t routers = 0;  // M: 1..kMaxMixRouters
+};
+
+// Output-gated MoLE's gate (Wu, Huang, Wei 2024), fp32, per row r of the experts' concatenated
+// outputs d [rows, width] (dtype): logits[r, e] = logits[r, e] / max(||d[r]||_2, 1e-12) +
+// (mask ? mask[r, e] : 0). The caller's GEMM wrote logits = d W^T; this turns it into W applied
+// to the L2-normalised concatenation (torch's F.normalize), and a request's disabled experts get
+// a mask of -inf. The norm accumulates in fp32 (CUDA) or double (CPU).
+struct OutputGateScaleParams {
+  const void* d = nullptr;      // [rows, width]
+  float* logits = nullptr;      // [rows, experts], in place
+  const float* mask = nullptr;  // [rows, experts] or nullptr
+  int64_t rows = 0;
+  int64_t width = 0;
+  int32_t experts = 0;  // 1..kMaxRouteWidth
+  ScalarType dtype = ScalarType::kF32;
 };
 
 // Softmax over groups of `group` columns (X-LoRA's classifier output: one group of N adapters per

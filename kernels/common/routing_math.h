@@ -193,6 +193,7 @@ MOLESERVE_HD inline int32_t RouteOne(const RouteParams& rp, const float* logits,
       break;
   }
   if (count > n) count = n;
+  while (rp.drop_zero && count > 1 && p[order[count - 1]] == 0.0f) --count;
   float sum = 0.0f;
   for (int32_t j = 0; j < count; ++j) {
     experts[j] = order[j];

@@ -1,6 +1,8 @@
 // CPU twins of the routing kernels (the per-token code is routing_math.h, shared with CUDA) and
 // of the dtype conversion.
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -47,6 +49,30 @@ KernelStatus MixRouter(const MixRouterParams& p, ThreadPool* pool) {
     for (int64_t r = begin; r < end; ++r) {
       if (p.active != nullptr && p.active[r] == 0) continue;
       routing_math::MixRouterRow(p, p.x + r * width, p.y + r * p.experts, s);
+    }
+  });
+  return KernelStatus::kOk;
+}
+
+KernelStatus OutputGateScale(const OutputGateScaleParams& p, ThreadPool* pool) {
+  if (p.rows < 0 || p.width < 1 || p.experts < 1 || p.experts > kMaxRouteWidth) {
+    return KernelStatus::kInvalidShape;
+  }
+  if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
+  if (p.rows == 0) return KernelStatus::kOk;
+  if (p.d == nullptr || p.logits == nullptr) return KernelStatus::kInvalidArgument;
+  const auto* d = static_cast<const float*>(p.d);
+  ParallelFor(pool, p.rows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* v = d + r * p.width;
+      double sum = 0;
+      for (int64_t k = 0; k < p.width; ++k) sum += double{v[k]} * v[k];
+      const double inv = 1.0 / std::max(std::sqrt(sum), 1e-12);
+      float* row = p.logits + r * p.experts;
+      for (int32_t e = 0; e < p.experts; ++e) {
+        row[e] = static_cast<float>(row[e] * inv) +
+                 (p.mask == nullptr ? 0.0f : p.mask[r * p.experts + e]);
+      }
     }
   });
   return KernelStatus::kOk;

@@ -33,6 +33,8 @@ cudaError_t Route(const RouteParams& p, cudaStream_t stream);
 cudaError_t RankRoute(const RankRouteParams& p, cudaStream_t stream);
 cudaError_t SoftmaxGroups(const SoftmaxGroupsParams& p, cudaStream_t stream);
 cudaError_t MixRouter(const MixRouterParams& p, cudaStream_t stream);
+// One block per row: the norm by a fixed-order block reduction.
+cudaError_t OutputGateScale(const OutputGateScaleParams& p, cudaStream_t stream);
 cudaError_t BuildSegments(const SegmentBuildParams& p, cudaStream_t stream);
 // The next token of each row (params.h SampleParams): one block per row, thresholds by bisection
 // over sampling_math.h's order keys (no sort), fixed-order block sums (the same inputs give the

@@ -214,6 +214,14 @@ class Bf16CpuBackend final : public engine::Backend {
   absl::Status SoftmaxGroups(const kernels::SoftmaxGroupsParams& p) override {
     return inner_->SoftmaxGroups(p);  // fp32
   }
+  absl::Status OutputGateScale(const kernels::OutputGateScaleParams& p) override {
+    if (!Bf16(p.dtype)) return inner_->OutputGateScale(p);
+    std::vector<float> d = In(p.d, p.rows * p.width);
+    kernels::OutputGateScaleParams q = p;
+    q.d = d.data(), q.dtype = kF32;
+    return inner_->OutputGateScale(q);  // logits are fp32 on every backend
+  }
+  absl::Status Zero(void* dst, size_t bytes) override { return inner_->Zero(dst, bytes); }
   absl::Status MixRouter(const kernels::MixRouterParams& p) override {
     return inner_->MixRouter(p);  // fp32
   }

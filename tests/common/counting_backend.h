@@ -118,6 +118,11 @@ class CountingBackend final : public engine::Backend {
   MOLESERVE_COUNTED_OP(RankRoute, RankRouteParams)
   MOLESERVE_COUNTED_OP(SoftmaxGroups, SoftmaxGroupsParams)
   MOLESERVE_COUNTED_OP(MixRouter, MixRouterParams)
+  MOLESERVE_COUNTED_OP(OutputGateScale, OutputGateScaleParams)
+  absl::Status Zero(void* dst, size_t bytes) override {
+    if (!capturing_) ++counts_.ops;
+    return inner_->Zero(dst, bytes);
+  }
   MOLESERVE_COUNTED_OP(BuildSegments, SegmentBuildParams)
   MOLESERVE_COUNTED_OP(Sample, SampleParams)
 #undef MOLESERVE_COUNTED_OP

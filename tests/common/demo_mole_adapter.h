@@ -3,7 +3,8 @@
 // Random adapters for the built-in demo model, for server tests and benchmarks (no gtest here):
 // WriteDemoMoleAdapter (a top-2 routed mole/1 group), WriteDemoRankAdapter (FlyLoRA / SMoRA rank
 // routing), WriteDemoPeftLora (a PEFT LoRA), WriteDemoXloraAdapter (an X-LoRA model),
-// WriteDemoMixloraAdapter (MixLoRA's block-routed FFN). Each returns the directory, or "" when the
+// WriteDemoMixloraAdapter (MixLoRA's block-routed FFN), WriteDemoOutputGateAdapter (an
+// output-gated MoLE). Each returns the directory, or "" when the
 // weights cannot be written.
 
 #include <cstdint>
@@ -72,6 +73,32 @@ inline std::string WriteDemoMoleAdapter(const std::string& dir, uint32_t seed = 
       "num_experts": )"
       << num_experts << R"(, "rank": )" << rank << R"(, "scale": 2.0,
       "routing": {"algorithm": "topk", "k": 2}}]})";
+  return dir;
+}
+
+// An output-gated mole/1 adapter for the demo model (Wu, Huang, Wei 2024; MOLE_FORMAT 3.8):
+// `num_experts` LoRAs of rank 4 on q_proj and o_proj of every layer, weighed per token by a soft
+// gate (temperature 0.5) over their L2-normalised concatenated outputs.
+inline std::string WriteDemoOutputGateAdapter(const std::string& dir, uint32_t seed = 23,
+                                              int32_t num_experts = 3) {
+  RandomTensors t(dir, seed, 0.3f);
+  for (int l = 0; l < 4; ++l) {
+    for (const std::string m : {"q_proj", "o_proj"}) {
+      const std::string p = absl::StrCat("groups.g.layers.", l, ".", m);
+      t.Add(p + ".A", {num_experts, 4, 256});
+      t.Add(p + ".B", {num_experts, 256, 4});
+      t.Add(p + ".router.weight", {num_experts, num_experts * 256});
+    }
+  }
+  if (!t.Write("model.safetensors")) return "";
+  std::ofstream(dir + "/mole_config.json")
+      << R"({"format": "mole", "format_version": 1, "name": "demo-output-gate",
+    "source_family": "output_gate",
+    "routed_groups": [{"id": "g", "scope": "module",
+      "targets": {"layers": "all", "modules": ["q_proj", "o_proj"]},
+      "num_experts": )"
+      << num_experts << R"(, "rank": 4, "scale": 2.0, "router": {"type": "output_gate"},
+      "routing": {"algorithm": "soft", "temperature": 0.5}}]})";
   return dir;
 }
 

@@ -1002,6 +1002,51 @@ TEST(CudaRoutingTest, MixRouterMatchesTheCpuTwin) {
   }
 }
 
+// The output gate's normalisation and mask over fp32 and bf16 expert outputs (one all-zero row:
+// F.normalize's floor keeps its logits finite). fp32 block sums against the CPU's double ones:
+// 1e-5 relative.
+TEST(CudaRoutingTest, OutputGateScaleMatchesTheCpuTwin) {
+  SKIP_WITHOUT_GPU();
+  const int64_t rows = 70, width = 3 * 4096;
+  const int32_t e = 3;
+  std::vector<float> d = Random(rows * width, 85, 0.5f);
+  std::fill(d.begin() + 5 * width, d.begin() + 6 * width, 0.0f);
+  const std::vector<float> logits = Random(rows * e, 86, 2.0f);
+  std::vector<float> mask(rows * e, 0.0f);
+  for (int64_t r = 0; r < rows; r += 4) mask[r * e + 1] = -std::numeric_limits<float>::infinity();
+  for (const ScalarType dtype : {ScalarType::kF32, ScalarType::kBF16}) {
+    SCOPED_TRACE(dtype == ScalarType::kF32 ? "fp32" : "bf16");
+    std::vector<uint16_t> d16(d.size());
+    std::vector<float> rounded = d;
+    for (size_t i = 0; i < d.size(); ++i) {
+      d16[i] = F32ToBf16(d[i]);
+      if (dtype == ScalarType::kBF16) rounded[i] = Bf16ToF32(d16[i]);
+    }
+    DeviceBytes d32(d), dbf(d16), dl(logits), dm(mask);
+    OutputGateScaleParams p{.rows = rows, .width = width, .experts = e, .dtype = dtype};
+    OutputGateScaleParams dp = p;
+    dp.d = dtype == ScalarType::kF32 ? d32.get() : dbf.get();
+    dp.logits = dl.get<float>();
+    dp.mask = dm.get<float>();
+    ASSERT_EQ(cuda::OutputGateScale(dp, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<float> want = logits;
+    p.d = rounded.data();
+    p.logits = want.data();
+    p.mask = mask.data();
+    p.dtype = ScalarType::kF32;
+    ASSERT_EQ(cpu::OutputGateScale(p, nullptr), KernelStatus::kOk);
+    const std::vector<float> got = dl.Download<float>(rows * e);
+    for (int64_t i = 0; i < rows * e; ++i) {
+      if (std::isinf(want[i])) {
+        ASSERT_EQ(got[i], want[i]) << "at " << i;
+      } else {
+        ASSERT_NEAR(got[i], want[i], 1e-5f * std::max(1.0f, std::abs(want[i]))) << "at " << i;
+      }
+    }
+  }
+}
+
 TEST(CudaRoutingTest, SoftmaxGroupsMatchesTheCpuTwin) {
   SKIP_WITHOUT_GPU();
   const int64_t rows = 150, cols = 40;  // 8 groups of 5 (X-LoRA: modules x adapters)

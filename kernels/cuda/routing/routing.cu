@@ -4,6 +4,7 @@
 
 #include "kernels/common/launch_plan.h"
 #include "kernels/common/routing_math.h"
+#include "kernels/cuda/dispatch.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace moleserve::kernels::cuda {
@@ -80,6 +81,32 @@ __global__ void BuildSegmentsKernel(SegmentBuildParams p) {
   if (e < p.num_experts) routing_math::WriteExpertSegment(p, e);
 }
 
+// One block per row: each thread sums the squares of a strided slice, a fixed-order tree adds
+// the partial sums (the same inputs give the same logits run to run).
+template <typename T>
+__global__ void OutputGateScaleKernel(OutputGateScaleParams p) {
+  constexpr int kThreads = 256;
+  __shared__ float partial[kThreads];
+  const int64_t r = blockIdx.x;
+  const T* v = static_cast<const T*>(p.d) + r * p.width;
+  float sum = 0.0f;
+  for (int64_t k = threadIdx.x; k < p.width; k += kThreads) {
+    const float x = ToFloat(v[k]);
+    sum += x * x;
+  }
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int step = kThreads / 2; step > 0; step /= 2) {
+    if (threadIdx.x < step) partial[threadIdx.x] += partial[threadIdx.x + step];
+    __syncthreads();
+  }
+  const float inv = 1.0f / fmaxf(sqrtf(partial[0]), 1e-12f);
+  for (int32_t e = threadIdx.x; e < p.experts; e += kThreads) {
+    const int64_t i = r * p.experts + e;
+    p.logits[i] = p.logits[i] * inv + (p.mask == nullptr ? 0.0f : p.mask[i]);
+  }
+}
+
 }  // namespace
 
 cudaError_t BuildSegments(const SegmentBuildParams& p, cudaStream_t stream) {
@@ -140,6 +167,19 @@ cudaError_t MixRouter(const MixRouterParams& p, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>((p.rows + kThreads - 1) / kThreads);
   MixRouterKernel<<<blocks, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+cudaError_t OutputGateScale(const OutputGateScaleParams& p, cudaStream_t stream) {
+  if (p.rows < 0 || p.rows > 0x7fffffff || p.width < 1 || p.experts < 1 ||
+      p.experts > kMaxRouteWidth) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.rows == 0) return cudaSuccess;
+  if (p.d == nullptr || p.logits == nullptr) return cudaErrorInvalidValue;
+  return DispatchFloat(p.dtype, [&]<typename T>() {
+    OutputGateScaleKernel<T><<<static_cast<unsigned int>(p.rows), 256, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t RankRoute(const RankRouteParams& p, cudaStream_t stream) {

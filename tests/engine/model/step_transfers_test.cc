@@ -115,7 +115,8 @@ struct Seqs {
 
 // One step on both models: the device sampler on `m.model`, the host sampler over the
 // reference's logits; returns the counted traffic of the device side.
-BackendCounts StepAndCompare(Models& m, Seqs& seqs, const std::string& what) {
+BackendCounts StepAndCompare(Models& m, Seqs& seqs, const std::string& what,
+                             ForwardExtras* extras = nullptr) {
   const Batch b = seqs.Next();
   const int32_t vocab = m.model->config().vocab_size;
   StepSampling sampling;
@@ -171,6 +172,7 @@ BackendCounts StepAndCompare(Models& m, Seqs& seqs, const std::string& what) {
     seqs.tokens[s].push_back(want.id);
   }
   seqs.computed = static_cast<int32_t>(seqs.tokens[0].size()) - 1;
+  if (extras != nullptr) *extras = std::move(got_extras);
   return counts;
 }
 
@@ -234,6 +236,57 @@ TEST(StepTransfersTest, StepsWithAdaptersBringNoLogitsToTheHost) {
     }
   }
   std::filesystem::remove_all(dir);
+}
+
+// An output-gated MoLE routes on the device: the gate's logits (a dense pass of its LoRAs, the
+// GEMM over their concatenation, the normalisation) never come to the host; only the step's
+// results and the asked-for routing decisions do, in one copy. A request that turns expert 0
+// off is not routed to it, and its other gates are renormalised.
+TEST(StepTransfersTest, OutputGateStepsRouteOnTheDeviceWithOneCopyOut) {
+  Models m = MakeModels();
+  const std::string dir = testing::TempDir() + "/step_transfers_output_gate";
+  ASSERT_FALSE(test_util::WriteDemoOutputGateAdapter(dir).empty());
+  std::vector<int32_t> slots;
+  ASSERT_NO_FATAL_FAILURE(AttachToBoth(m, dir, "gate", &slots));
+  std::filesystem::remove_all(dir);
+  RoutingOverride off0;
+  off0.disabled_experts = {0};
+  Seqs seqs{.tokens = {{5, 9, 200, 13}, {5, 9, 200, 13}, {100, 3, 250, 1}},
+            .slot = {slots[0], slots[0], -1},
+            .top = {0, 0, 0},
+            .routing = {1, 1, 0},
+            .override_index = {-1, 0, -1},
+            .overrides = {off0}};
+  for (int step = 0; step < 4; ++step) {
+    const std::string what = step == 0 ? "prefill" : "step " + std::to_string(step);
+    ForwardExtras extras;
+    const BackendCounts c = StepAndCompare(m, seqs, what, &extras);
+    EXPECT_EQ(c.syncs, 1) << what;
+    // The sampler's rows, the kept routing decisions and the undefined-routing counter, issued
+    // together before the step's one synchronisation: no gate logits per site (8 sites).
+    EXPECT_EQ(c.d2h_copies, 3) << what;
+    // Row 0 routes every token to all 3 experts at its 8 sites; row 1 to experts 1 and 2 only,
+    // with the same gates as row 0's over 1 - row 0's gate of expert 0 at layer 0's q_proj (the
+    // same tokens, whose input there does not depend on the mask).
+    ASSERT_EQ(extras.routing.size(), 3u) << what;
+    ASSERT_EQ(extras.routing[0].size(), extras.routing[1].size()) << what;
+    EXPECT_GE(extras.routing[0].size(), 8u) << what;
+    for (size_t i = 0; i < extras.routing[0].size(); ++i) {
+      const RoutingRecord& all = extras.routing[0][i];
+      const RoutingRecord& masked = extras.routing[1][i];
+      ASSERT_EQ(all.experts.size(), 3u) << what;
+      ASSERT_EQ(masked.experts.size(), 2u) << what;
+      EXPECT_EQ(std::count(masked.experts.begin(), masked.experts.end(), 0), 0) << what;
+      if (step > 0 || all.layer != 0 || all.module != "q_proj") continue;
+      float w0 = 0;
+      for (size_t j = 0; j < 3; ++j) w0 = all.experts[j] == 0 ? all.weights[j] : w0;
+      for (size_t j = 0; j < 2; ++j) {
+        const size_t k = std::find(all.experts.begin(), all.experts.end(), masked.experts[j]) -
+                         all.experts.begin();
+        EXPECT_NEAR(masked.weights[j], all.weights[k] / (1 - w0), 1e-5) << what;
+      }
+    }
+  }
 }
 
 TEST(StepTransfersTest, RankWiseStepsDecodeInOneGraphLaunch) {
