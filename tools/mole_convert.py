@@ -53,7 +53,7 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ATTN = MODULES[:4]
 FFN = MODULES[4:]
 FAMILIES = ("peft_lora", "mixlora", "mola", "loramoe", "dynmole", "mola_original", "xlora",
-            "flylora", "sora", "nola")
+            "flylora", "sora", "nola", "randlora", "mos")
 
 
 class ConvertError(Exception):
@@ -921,6 +921,186 @@ def convert_nola(src, opts):
     return mole
 
 
+def module_shape(base, m, where):
+    """(out, in) of module m of the base model, from its config (--base)."""
+    if base.get("hidden_size") is None:
+        raise ConvertError(f"{where}: the base model's config is needed for the module shapes "
+                           "(pass --base, or keep base_model_name_or_path a local directory)")
+    h, inter, nh = base["hidden_size"], base["intermediate_size"], base["num_attention_heads"]
+    hd = base.get("head_dim") or h // nh
+    kv = base["num_key_value_heads"] * hd
+    return {"q_proj": (nh * hd, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, nh * hd),
+            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}[m]
+
+
+def randlora_kaiming(shape, generator, dtype):
+    """PEFT randlora's _kaiming_init: kaiming_uniform_(a=sqrt(5), generator) is
+    uniform_(-1/sqrt(fan_in), 1/sqrt(fan_in), generator), fan_in = shape[1] * prod(shape[2:])."""
+    t = torch.empty(shape, dtype=dtype)
+    bound = 1.0 / math.sqrt(shape[1] * math.prod(shape[2:]))
+    return t.uniform_(-bound, bound, generator=generator)
+
+
+def randlora_bases(cfg, largest, basis_dtype, where):
+    """PEFT randlora's shared bases for the largest targeted (out, in), regenerated from
+    projection_prng_key as RandLoraModel._init_randlora_A_randlora_B[_sparse] draws them."""
+    r = cfg["r"]
+    max_dim, min_dim = max(largest), min(largest)
+    n = -(-min_dim // r)
+    g = torch.Generator(device="cpu").manual_seed(cfg.get("projection_prng_key", 0))
+    if cfg.get("sparse") or cfg.get("very_sparse"):
+        sparsity = math.sqrt(min_dim) if cfg.get("very_sparse") else 3
+        a, b = torch.rand((r, 1, min_dim), generator=g), torch.rand((max_dim, n, r), generator=g)
+        out = []
+        for t in (a, b):
+            sparse = torch.zeros(t.shape)
+            sparse[t < 1 / (2 * sparsity)] = -1
+            sparse[t > 1 - 1 / (2 * sparsity)] = 1
+            out.append(sparse / sparse.std())
+        return out
+    if basis_dtype is None:
+        raise ConvertError(
+            f"{where}: save_projection is false, so the bases are regenerated from "
+            "projection_prng_key, in the dtype PEFT drew them in: bfloat16 where training had a "
+            "bf16 GPU, else float16. Pass --randlora-basis-dtype bfloat16 or float16")
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[basis_dtype]
+    a = randlora_kaiming((r, 1, min_dim), g, dtype)
+    b = torch.cat([randlora_kaiming((max_dim, 1, r), g, dtype) for _ in range(n)], dim=1)
+    return a / a.std(), b / b.std()
+
+
+def convert_randlora(src, opts):
+    """PEFT's randlora tuner, folded into one static LoRA of rank n * r per module, the product
+    get_scaled_bases forms (its two flattens pair B's column b * r + k with U's row k * n + b,
+    kept as they are)."""
+    cfg = read_json(os.path.join(src, "adapter_config.json"))
+    if cfg.get("peft_type") != "RANDLORA":
+        raise ConvertError(f"{src}: peft_type {cfg.get('peft_type')!r} is not RANDLORA")
+    reject_common(cfg, src)
+    r, alpha = cfg.get("r"), cfg.get("randlora_alpha", 640)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or \
+            not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ConvertError(f"{src}: r must be a positive integer and randlora_alpha a number")
+    w = read_weights(src)
+    mole = new_mole("randlora", cfg, src, opts, weights=w)
+    targets = peft_targets(cfg, mole.num_layers)
+    if not targets:
+        raise ConvertError(f"{src}: the config targets no module of the base model")
+    shapes = {t: module_shape(mole.base, t[1], src) for t in targets}
+    largest = tuple(max(s[i] for s in shapes.values()) for i in (0, 1))
+    used = set()
+    if "base_model.randlora_A" in w and "base_model.randlora_B" in w:
+        a, b = w["base_model.randlora_A"].float(), w["base_model.randlora_B"].float()
+        used.update(("base_model.randlora_A", "base_model.randlora_B"))
+    else:
+        a, b = (t.float() for t in randlora_bases(cfg, largest, opts.randlora_basis_dtype, src))
+    if a.dim() != 3 or a.shape[0] != r or a.shape[1] != 1 or b.dim() != 3 or b.shape[2] != r:
+        raise ConvertError(f"{src}: the shared bases are {tuple(a.shape)} and {tuple(b.shape)}; "
+                           f"r {r} needs [{r}, 1, min] and [max, n, {r}]")
+    scale = alpha / r
+    loras = {}
+    for (l, m), (out_f, in_f) in shapes.items():
+        prefix = "base_model.model." + peft_module_name(l, m)
+        lo, hi = min(out_f, in_f), max(out_f, in_f)
+        n = -(-lo // r)
+        names = (prefix + ".randlora_lambda", prefix + ".randlora_gamma")
+        missing = [k for k in names if k not in w]
+        if missing:
+            raise ConvertError(f"{src}: {missing[0]} missing (targeted by the config)")
+        lam, gam = (w[k].float() for k in names)  # PEFT forms the bases in fp32 on the CPU
+        used.update(names)
+        if lam.shape != (r, n) or gam.shape != (n, lo):
+            raise ConvertError(f"{src}: {prefix}: lambda {tuple(lam.shape)}, gamma "
+                               f"{tuple(gam.shape)}; the module ({out_f} x {in_f}) with r {r} "
+                               f"needs ({r}, {n}) and ({n}, {lo})")
+        if a.shape[2] < lo or b.shape[0] < hi or b.shape[1] < n:
+            raise ConvertError(f"{src}: the shared bases {tuple(a.shape)}, {tuple(b.shape)} are "
+                               f"too small for {prefix} ({out_f} x {in_f})")
+        u = (lam[:, :, None] * a[:, :n, :lo] * gam[None]).flatten(end_dim=1)  # [r * n, lo]
+        v = b[:hi, :n, :].flatten(start_dim=1)  # [hi, n * r]
+        lora_a, lora_b = (u, v) if lo == in_f else (v.T, u.T)
+        loras[(l, m)] = (lora_a.contiguous(), lora_b.contiguous(), scale)
+        # PEFT before huggingface/peft#3714 also saved the shared bases under each module.
+        for part, shared in (("randlora_A", a), ("randlora_B", b)):
+            alias = f"{prefix}.{part}"
+            if alias in w:
+                if not torch.equal(w[alias].float(), shared):
+                    raise ConvertError(f"{src}: {alias} differs from the shared base")
+                used.add(alias)
+    extra = [k for k in w if k not in used]
+    if extra:
+        raise ConvertError(f"{src}: tensors the config does not target: {extra[:3]}")
+    top = max(a.shape[0] for a, _, _ in loras.values())
+    print(f"mole_convert: RandLoRA is full rank: the folded LoRAs have rank up to {top} (serve "
+          f"with --max-adapter-rank {top} or more)", file=sys.stderr)
+    mole.add_static("randlora", loras, scale_default=scale)
+    return mole
+
+
+MOS_PARTS = ("lora_A.weight", "lora_B.weight", "lora_pair_mask", "lora_pair_mask_B", "lora_A_vec",
+             "lora_A_anti_vec")
+
+
+def convert_mos(src, opts):
+    """Mixture of Shards (Forence1999/MoS): a training checkpoint holds, under every layer, the
+    module type's shard pools and the layer's shard masks; each LoRA vector is c pool rows
+    end to end (transform_chunks), so the per-layer LoRA is materialised here. A checkpoint
+    save_tied_lora already materialised is a plain PEFT LoRA."""
+    cfg = read_json(os.path.join(src, "adapter_config.json"))
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ConvertError(f"{src}: peft_type {cfg.get('peft_type')} is not LORA (MoS)")
+    reject_common(cfg, src)
+    w = read_weights(src)
+    mole = new_mole("mos", cfg, src, opts, weights=w)
+    r = cfg["r"]
+    scale = lora_scale(cfg["lora_alpha"], r, cfg.get("use_rslora", False))
+    if not any(k.endswith(".lora_pair_mask") for k in w):
+        _, loras, _ = read_peft_lora(src, mole.num_layers)
+    else:
+        loras = {}
+        used = set()
+        for l, m in peft_targets(cfg, mole.num_layers):
+            prefix = "base_model.model." + peft_module_name(l, m)
+            names = [f"{prefix}.{part}" for part in MOS_PARTS]
+            missing = [n for n in names if n not in w]
+            if missing:
+                raise ConvertError(f"{src}: {missing[0]} missing (targeted by the config)")
+            used.update(names)
+            pool_a, pool_b, mask_a, mask_b, vec, anti = (w[n] for n in names)
+            if mask_a.is_floating_point() or mask_b.is_floating_point():
+                raise ConvertError(f"{src}: {prefix}: the shard masks are not integers")
+            c = cfg.get("num_chunk_per_vec") or mask_a.numel() // r
+            rows = pool_a.shape[0]
+            if pool_a.dim() != 2 or pool_b.dim() != 2 or pool_b.shape[1] != rows or \
+                    mask_a.numel() != r * c or mask_b.numel() != r * c or \
+                    vec.numel() != r or anti.numel() != r:
+                raise ConvertError(
+                    f"{src}: {prefix}: pools {tuple(pool_a.shape)} / {tuple(pool_b.shape)}, "
+                    f"masks {mask_a.numel()} / {mask_b.numel()}, vectors {vec.numel()}; r {r} "
+                    f"with {c} shards per vector needs masks of {r * c}")
+            for mask in (mask_a, mask_b):
+                if mask.min() < 0 or mask.max() >= rows:
+                    raise ConvertError(f"{src}: {prefix}: a shard mask names a row outside the "
+                                       f"pool of {rows}")
+            # Vector j = rows mask[j * c], ..., mask[j * c + c - 1] end to end.
+            a = pool_a[mask_a.long().reshape(-1)].reshape(r, c * pool_a.shape[1])
+            b = pool_b.t()[mask_b.long().reshape(-1)].reshape(r, c * pool_b.shape[0]).t()
+            a = a * (vec * anti).reshape(r, 1)
+            if mole.base.get("hidden_size") is not None and \
+                    (b.shape[0], a.shape[1]) != module_shape(mole.base, m, src):
+                raise ConvertError(f"{src}: {prefix}: the shards make a {b.shape[0]} x "
+                                   f"{a.shape[1]} LoRA; the base module is "
+                                   f"{module_shape(mole.base, m, src)}")
+            loras[(l, m)] = (a.float().contiguous(), b.float().contiguous(), scale)
+        extra = [k for k in w if k not in used]
+        if extra:
+            raise ConvertError(f"{src}: tensors the config does not target: {extra[:3]}")
+    if not loras:
+        raise ConvertError(f"{src}: the config targets no module of the base model")
+    mole.add_static("mos", loras, scale_default=scale)
+    return mole
+
+
 def detect_family(src):
     if os.path.isfile(os.path.join(src, "xlora_config.json")):
         return "xlora"
@@ -934,6 +1114,17 @@ def detect_family(src):
             "per-token equivalent in autoregressive decoding, so it cannot be served exactly")
     path = os.path.join(src, "adapter_config.json")
     delta = os.path.join(src, "config.json")
+    if os.path.isfile(delta) and not os.path.isfile(path):
+        model_cfg = read_json(delta)
+        perft_keys = ("shared_routing_adapter", "embedded_routing_adapter", "shared_adapter")
+        if str(model_cfg.get("model_type", "")).endswith("-adapter") or \
+                any(model_cfg.get(k) for k in perft_keys):
+            # PERFT's OlmoeAdapterConfig / MixtralAdapterConfig (Liu et al. 2024).
+            raise ConvertError(
+                f"{src}: a PERFT checkpoint (model_type {model_cfg.get('model_type')!r}): its "
+                "adapters run beside the experts of a Mixture-of-Experts base model (OLMoE, "
+                "Mixtral), routed by the MoE block's own gate; moleserve serves dense Llama-family "
+                "base models, so it cannot be served")
     if not os.path.isfile(path) and os.path.isfile(delta) and "delta_type" in read_json(delta):
         delta_type = read_json(delta)["delta_type"]
         if delta_type != "lora":
@@ -944,7 +1135,7 @@ def detect_family(src):
     cfg = read_json(path)
     peft_type = cfg.get("peft_type", "LORA")
     known = {"MIXLORA": "mixlora", "MOLA": "mola", "LORAMOE": "loramoe", "DYNMOLE": "dynmole",
-             "XLORA": "xlora"}
+             "XLORA": "xlora", "RANDLORA": "randlora"}
     if peft_type in known:
         return known[peft_type]
     if peft_type != "LORA":
@@ -956,6 +1147,8 @@ def detect_family(src):
         return "flylora"
     if cfg.get("use_nola"):
         return "nola"
+    if cfg.get("ft_mode") == "mos" or any(k.endswith(".lora_pair_mask") for k in w):
+        return "mos"
     return "peft_lora"
 
 
@@ -970,16 +1163,19 @@ CONVERTERS = {
     "flylora": convert_flylora,
     "sora": convert_sora,
     "nola": convert_nola,
+    "randlora": convert_randlora,
+    "mos": convert_mos,
 }
 
 
 def convert(src, dst, family="auto", k_per_layer=None, ordering=None, dtype="float32",
-            base=None, name=None, nola_device=None):
+            base=None, name=None, nola_device=None, randlora_basis_dtype=None):
     """Converts src into dst; returns the family used. Raises ConvertError."""
     if family == "auto":
         family = detect_family(src)
     opts = argparse.Namespace(k_per_layer=k_per_layer, ordering=ordering, base=base,
                               nola_device=nola_device,
+                              randlora_basis_dtype=randlora_basis_dtype,
                               weight_dtype={"float32": "F32", "bfloat16": "BF16"}[dtype],
                               name=name or os.path.basename(os.path.normpath(src)))
     mole = CONVERTERS[family](src, opts)
@@ -1000,11 +1196,14 @@ def main(argv=None):
     ap.add_argument("--name", help="adapter name (default: the source directory name)")
     ap.add_argument("--nola-device", choices=("cpu", "cuda"),
                     help="NOLA: the device it was trained on, whose random generator made its bases")
+    ap.add_argument("--randlora-basis-dtype", choices=("float16", "bfloat16"),
+                    help="RandLoRA without saved bases: the dtype PEFT drew them in (bfloat16 "
+                         "on a bf16 GPU, else float16)")
     args = ap.parse_args(argv)
     k = [int(v) for v in args.k_per_layer.split(",")] if args.k_per_layer else None
     try:
         family = convert(args.src_dir, args.dst_dir, args.family, k, args.ordering, args.dtype,
-                         args.base, args.name, args.nola_device)
+                         args.base, args.name, args.nola_device, args.randlora_basis_dtype)
     except (ConvertError, KeyError, ValueError, OSError) as e:
         msg = f"{args.src_dir}: missing key {e}" if isinstance(e, KeyError) else str(e)
         print(f"mole_convert: {msg}", file=sys.stderr)

@@ -55,9 +55,13 @@ inline const std::vector<FamilyCase>& MoleFamilyCases() {
       {"flylora", "flylora"},
       {"sora", "sora"},
       {"nola", "nola", true, "--nola-device cpu"},  // the fixture's bases come from the CPU
-      {"smora", "smora", false},                    // native mole/1: no public format exists
-      {"mor", "mor", false},                        // likewise
-      {"output_gate", "output_gate", false},        // likewise
+      {"randlora", "randlora"},
+      {"randlora_sparse", "randlora"},
+      {"mos", "mos"},
+      {"mos_materialized", "mos"},            // bases regenerated from the PRNG key
+      {"smora", "smora", false},              // native mole/1: no public format exists
+      {"mor", "mor", false},                  // likewise
+      {"output_gate", "output_gate", false},  // likewise
   };
   return *cases;
 }

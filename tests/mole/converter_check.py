@@ -467,6 +467,52 @@ def check_rejections(fails, pub, work):
     print(f"  reject {'nola_no_device':22s} rc {p.returncode}  {p.stderr.strip()}")
     fails.check(p.returncode == 1 and "--nola-device" in p.stderr,
                 f"NOLA without --nola-device: rc {p.returncode} {p.stderr!r}")
+    # RandLoRA without saved bases: regenerated from projection_prng_key in the dtype given
+    # (refused without it); float16 gives back the saved fp16 bases exactly, so the same mole/1.
+    unsaved = os.path.join(work, "reject", "randlora_unsaved")
+    shutil.copytree(os.path.join(pub, "randlora"), unsaved)
+    cfg = ref.read_json(os.path.join(unsaved, "adapter_config.json"))
+    cfg["save_projection"] = False
+    with open(os.path.join(unsaved, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    w = torch.load(os.path.join(unsaved, "adapter_model.bin"))
+    torch.save({k: v for k, v in w.items() if not k.endswith(("randlora_A", "randlora_B"))},
+               os.path.join(unsaved, "adapter_model.bin"))
+    p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"), unsaved, unsaved + ".out"])
+    print(f"  reject {'randlora_no_dtype':22s} rc {p.returncode}  {p.stderr.strip()[:100]}")
+    fails.check(p.returncode == 1 and "--randlora-basis-dtype" in p.stderr,
+                f"RandLoRA without saved bases or dtype: rc {p.returncode} {p.stderr!r}")
+    saved = os.path.join(work, "reject", "randlora_saved.out")
+    mole_convert.convert(os.path.join(pub, "randlora"), saved, "randlora")
+    mole_convert.convert(unsaved, unsaved + ".out", "auto", randlora_basis_dtype="float16")
+    a = load_safetensors(os.path.join(saved, "model.safetensors"))
+    b = load_safetensors(os.path.join(unsaved + ".out", "model.safetensors"))
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    print(f"  randlora regenerated fp16 bases equal the saved ones: {same}")
+    fails.check(same, "RandLoRA: bases regenerated in float16 differ from the saved ones")
+    # PERFT (adapters beside the experts of an MoE base): refused, saying why.
+    perft = os.path.join(work, "reject", "perft")
+    os.makedirs(perft, exist_ok=True)
+    with open(os.path.join(perft, "config.json"), "w") as f:
+        json.dump({"model_type": "olmoe-adapter", "num_experts": 64, "num_experts_per_tok": 8,
+                   "shared_routing_adapter": True, "shared_routing_adapter_num_experts": 4,
+                   "shared_routing_adapter_type": "LoRA"}, f)
+    p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"), perft, perft + ".out"])
+    print(f"  reject {'perft':22s} rc {p.returncode}  {p.stderr.strip()[:100]}")
+    fails.check(p.returncode == 1 and "PERFT" in p.stderr and "Mixture-of-Experts" in p.stderr,
+                f"PERFT: rc {p.returncode} {p.stderr!r}")
+    # A MoS shard mask that names a row outside its pool.
+    bad_mos = os.path.join(work, "reject", "mos_mask")
+    shutil.copytree(os.path.join(pub, "mos"), bad_mos)
+    w = torch.load(os.path.join(bad_mos, "adapter_model.bin"))
+    key = next(k for k in sorted(w) if k.endswith(".lora_pair_mask_B"))
+    w[key] = w[key].clone()
+    w[key][0] = w[key.replace("lora_pair_mask_B", "lora_A.weight")].shape[0]
+    torch.save(w, os.path.join(bad_mos, "adapter_model.bin"))
+    p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"), bad_mos, bad_mos + ".out"])
+    print(f"  reject {'mos_mask':22s} rc {p.returncode}  {p.stderr.strip()[:100]}")
+    fails.check(p.returncode == 1 and "outside the pool" in p.stderr,
+                f"MoS mask out of range: rc {p.returncode} {p.stderr!r}")
     # The CLI itself: exit status and message.
     p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"),
                  os.path.join(work, "reject", "peft_dora"), os.path.join(work, "reject", "x")])

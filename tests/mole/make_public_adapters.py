@@ -38,6 +38,13 @@ tools/mole_convert.py and tests/reference/mole_reference.py):
                                        per module, one module fully pruned
   nola                  nola           NOLA peft fork: A and B = frozen weight + a mix of 16 seeded
                                        random bases (CPU generator), r 4
+  randlora              randlora       PEFT randlora: lambda / gamma per module and the saved
+                                       fp16 shared bases (also per module), q/k/down, r 4
+  randlora_sparse       randlora       sparse bases not saved: regenerated from the PRNG key
+  mos                   mos            Mixture of Shards training checkpoint: shard pools shared
+                                       by the layers, per-layer shard masks (public + private),
+                                       q/o/up, r 4 of 2 shards
+  mos_materialized      mos            the same as MoS's save_tied_lora writes it (plain LoRA)
 Native mole/1 (families with no public code or checkpoint format; written by write_native):
   smora                 smora          SMoRA: rank-granular group, linear router over the 8 ranks
                                        plus a selection-only bias, k 3, renormalised gates
@@ -466,6 +473,120 @@ def make_nola(base, out, g):
     save_bin(os.path.join(out, "adapter_model.bin"), w)
 
 
+def randlora_kaiming(shape, generator, dtype):
+    """PEFT's randlora _kaiming_init: kaiming_uniform_(a=sqrt(5)) with the generator, which is
+    uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = shape[1] * prod(shape[2:]) (written out:
+    Debian's torch predates kaiming_uniform_'s generator argument)."""
+    t = torch.empty(shape, dtype=dtype)
+    bound = 1.0 / math.sqrt(shape[1] * math.prod(shape[2:]))
+    return t.uniform_(-bound, bound, generator=generator)
+
+
+def randlora_bases(r, largest, key, sparse, very_sparse, dtype):
+    """PEFT randlora's shared bases (RandLoraModel._init_randlora_A_randlora_B[_sparse]) for the
+    largest (out, in) of the targeted modules: A [r, 1, min], B [max, n, r], n = ceil(min / r),
+    both divided by their std; dense kaiming in `dtype` (float16 on a machine without a bf16
+    GPU), or sparse +-1 / 0 draws in float32."""
+    max_dim, min_dim = max(largest), min(largest)
+    n = -(-min_dim // r)
+    g = torch.Generator(device="cpu").manual_seed(key)
+    if sparse or very_sparse:
+        sparsity = math.sqrt(min_dim) if very_sparse else 3
+        a, b = torch.rand((r, 1, min_dim), generator=g), torch.rand((max_dim, n, r), generator=g)
+        a_s, b_s = torch.zeros(a.shape), torch.zeros(b.shape)
+        b_s[b < 1 / (2 * sparsity)] = -1
+        b_s[b > 1 - 1 / (2 * sparsity)] = 1
+        a_s[a < 1 / (2 * sparsity)] = -1
+        a_s[a > 1 - 1 / (2 * sparsity)] = 1
+        return a_s / a_s.std(), b_s / b_s.std()
+    a = randlora_kaiming((r, 1, min_dim), g, dtype)
+    b = torch.cat([randlora_kaiming((max_dim, 1, r), g, dtype) for _ in range(n)], dim=1)
+    return a / a.std(), b / b.std()
+
+
+def make_randlora(base, out, g, sparse=False, save_projection=True):
+    """RandLoRA (Albert et al., ICLR 2025) as PEFT's randlora tuner saves it: per module
+    randlora_lambda [r, n] and randlora_gamma [n, min(in, out)] (trained; n = ceil(min / r)),
+    and, with save_projection, the shared random bases base_model.randlora_A / randlora_B, here
+    also under each module (PEFT before huggingface/peft#3714 saved those aliases too). q_proj
+    (in = out), k_proj (out < in: the transposed branch) and down_proj (in > out), r 4, so each
+    module's update has rank n * r >= min(in, out). Saved with torch.save (fp16 bases)."""
+    r, alpha, key = 4, 16, 7
+    targets = ["q_proj", "k_proj", "down_proj"]
+    cfg = {"peft_type": "RANDLORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base.dir,
+           "r": r, "randlora_alpha": alpha, "randlora_dropout": 0.05, "bias": "none",
+           "fan_in_fan_out": False, "inference_mode": True, "init_weights": True,
+           "projection_prng_key": key, "save_projection": save_projection, "sparse": sparse,
+           "very_sparse": False, "target_modules": targets, "modules_to_save": None,
+           "layers_to_transform": None, "layers_pattern": None, "revision": None}
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    shapes = {m: base.dims[m][::-1] for m in targets}  # (out, in)
+    largest = tuple(max(s[i] for s in shapes.values()) for i in (0, 1))
+    bases = randlora_bases(r, largest, key, sparse, False, torch.float16)
+    w = {}
+    for l in range(base.layers):
+        for m in targets:
+            n = -(-min(shapes[m]) // r)
+            p = f"base_model.model.model.layers.{l}.{block(m)}.{m}"
+            w[p + ".randlora_lambda"] = g.normal((r, n), 1.0)
+            w[p + ".randlora_gamma"] = g.normal((n, min(shapes[m])), 2.0 / max(shapes[m]))
+            if save_projection:
+                w[p + ".randlora_A"], w[p + ".randlora_B"] = bases
+    if save_projection:
+        w["base_model.randlora_A"], w["base_model.randlora_B"] = bases
+    save_bin(os.path.join(out, "adapter_model.bin"), w)
+
+
+def mos_gather(pool, mask, c):
+    """MoS's transform_chunks (Forence1999/MoS modules/Tied_LoRA.py): the rows mask names, and
+    each vector the concatenation of c consecutive ones (c shards per vector)."""
+    rows = pool[mask]
+    return torch.cat([rows[i::c] for i in range(c)], dim=1)
+
+
+def make_mos(base, out, g, materialized=False):
+    """Mixture of Shards (Wang et al., ICLR 2025; Forence1999/MoS, modules/Tied_LoRA.py), on
+    q/o/up: per module type one pool of shards shared by every layer (A: [R * L * c, in / c],
+    B: [out / c, R * L * c]; R = valid_param_lora_r 3, L layers, c = num_chunk_per_vec 2), the
+    first (R - P) * L * c rows public, then P * c private rows per layer (P =
+    valid_param_private_r 1). Each layer's r = 4 vectors of A and of B are c shards each: its
+    lora_pair_mask (A) and lora_pair_mask_B (B), drawn independently (pair dissociation), name
+    (r - P) * c random public shards and the layer's private ones. get_peft_model_state_dict
+    gives every layer the pools, masks, lora_A_vec and lora_A_anti_vec (product 1): the form of
+    a training checkpoint. `materialized`: what save_tied_lora writes at the end instead, a
+    plain LoRA per layer (lora_A = gather * vec, lora_B = gather of B^T, transposed)."""
+    r, big_r, private, c = 4, 3, 1, 2
+    targets = ["q_proj", "o_proj", "up_proj"]
+    cfg = peft_config(base, r=r, lora_alpha=16, target_modules=targets, ft_mode="mos",
+                      enable_lora_vec=True, valid_param_lora_r=big_r,
+                      valid_param_private_r=private, num_chunk_per_vec=c,
+                      init_lora_A_vec_value=1, init_lora_A_vec_std=None)
+    dump(os.path.join(out, "adapter_config.json"), cfg)
+    layers = base.layers
+    rows = big_r * layers * c
+    public = (big_r - private) * layers * c
+    w = {}
+    for m in targets:
+        din, dout = base.dims[m]
+        pool_a = g.normal((rows, din // c), 1 / math.sqrt(din))
+        pool_b = g.normal((dout // c, rows), math.sqrt(0.5 / r))
+        for l in range(layers):
+            own = public + torch.arange(l * private * c, (l + 1) * private * c)
+            masks = [torch.cat([torch.randperm(public, generator=g.g)[:(r - private) * c], own])
+                     for _ in range(2)]
+            vec, anti = torch.ones(r), torch.ones(r)
+            p = f"base_model.model.model.layers.{l}.{block(m)}.{m}"
+            if materialized:
+                a = mos_gather(pool_a, masks[0], c)
+                w[p + ".lora_A.weight"] = (a.t() * (vec * anti)).t()
+                w[p + ".lora_B.weight"] = mos_gather(pool_b.t(), masks[1], c).t()
+                continue
+            w[p + ".lora_A.weight"], w[p + ".lora_B.weight"] = pool_a, pool_b
+            w[p + ".lora_pair_mask"], w[p + ".lora_pair_mask_B"] = masks
+            w[p + ".lora_A_vec"], w[p + ".lora_A_anti_vec"] = vec, anti
+    save_bin(os.path.join(out, "adapter_model.bin"), w)
+
+
 def make_smora(base, out, g):
     """SMoRA ("each rank is an expert", MOLE_FORMAT 3.5) has no public code or checkpoint
     layout, so it is written directly as mole/1 (engine/adapters/README.md)."""
@@ -601,6 +722,11 @@ ADAPTERS = [  # (directory, family flag, writer)
     ("flylora", "flylora", make_flylora),
     ("sora", "sora", make_sora),
     ("nola", "nola", make_nola),
+    ("randlora", "randlora", make_randlora),
+    ("randlora_sparse", "randlora",
+     lambda b, o, g: make_randlora(b, o, g, sparse=True, save_projection=False)),
+    ("mos", "mos", make_mos),
+    ("mos_materialized", "mos", lambda b, o, g: make_mos(b, o, g, materialized=True)),
 ]
 
 

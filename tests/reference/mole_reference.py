@@ -4,7 +4,7 @@
   mole_reference.py BASE_DIR ADAPTER_DIR --family F --prompt 1,2,3 [--prompt ...] [--greedy N]
                     [--k-per-layer 2,2] [--ordering FILE] > out.json
 
-F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | sora | nola | smora
+F: peft_lora | mixlora | mola | loramoe | dynmole | mola_original | xlora | flylora | sora | nola | randlora | mos | smora
 | mor | output_gate (native mole/1: SMoRA, MoR and output-gated MoLE have no public LLM format)
 | auto.
 Reads the base model as llama_reference.py does (Llama, Mistral, Qwen2) and the adapter directory as
@@ -607,6 +607,107 @@ class Nola(Adapter):
         return y + self.scale * ((x @ a.T) @ b.T)
 
 
+class RandLora(Adapter):
+    """PEFT's randlora tuner (huggingface/peft src/peft/tuners/randlora, RandLoRA, Albert et al.
+    2025). Shared bases A [r, 1, min_dim], B [max_dim, n_max, r] (saved, or drawn from a CPU
+    generator seeded with projection_prng_key: sparse +-1 draws here) for the largest targeted
+    (out, in); per module with n = ceil(min(in, out) / r): U = (lambda[:, :, None] * A[:, :n, :min]
+    * gamma[None]) flattened to [r * n, min], V = B[:max, :n, :] flattened to [max, n * r];
+    y += s F.linear(F.linear(x, first), second), (first, second) = (U, V) when in <= out, else
+    (V^T, U^T); s = randlora_alpha / r."""
+
+    def __init__(self, d, base):
+        super().__init__()
+        cfg = read_json(os.path.join(d, "adapter_config.json"))
+        if cfg.get("peft_type") != "RANDLORA":
+            fail(f"{d}: peft_type is not RANDLORA")
+        w = load_adapter_tensors(d, ("adapter_model.bin",))
+        r = cfg["r"]
+        self.scale = cfg["randlora_alpha"] / r
+        targets = [(l, m) for l in range(base.layers) for m in ALL if peft_targeted(cfg, l, m)]
+        shape = {t: tuple(base.w[module_path(*t) + ".weight"].shape) for t in targets}
+        if "base_model.randlora_A" in w:
+            a, b = w["base_model.randlora_A"].float(), w["base_model.randlora_B"].float()
+        else:
+            a, b = self.sparse_bases(cfg, r, shape.values())
+        self.mods = {}
+        for (l, m), (out_f, in_f) in shape.items():
+            p = "base_model.model." + module_path(l, m)
+            # fp32, as get_scaled_bases on the CPU (cast_to_fp32); the products below in float64.
+            lam, gam = w[p + ".randlora_lambda"].float(), w[p + ".randlora_gamma"].float()
+            lo, hi = min(out_f, in_f), max(out_f, in_f)
+            n = math.ceil(lo / r)
+            u = (lam[:, :, None] * a[:, :n, :lo] * gam[None]).flatten(end_dim=1)
+            v = b[:hi, :n, :].flatten(start_dim=1)
+            self.mods[(l, m)] = tuple(f64(t) for t in ((u, v) if lo == in_f else (v.T, u.T)))
+
+    @staticmethod
+    def sparse_bases(cfg, r, shapes):
+        if not cfg.get("sparse") or cfg.get("very_sparse"):
+            fail("the reference regenerates only sparse (sparsity 3) bases")
+        shapes = list(shapes)
+        largest = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+        hi, lo = max(largest), min(largest)
+        n = math.ceil(lo / r)
+        g = torch.Generator(device="cpu").manual_seed(cfg.get("projection_prng_key", 0))
+        draws = [torch.rand((r, 1, lo), generator=g), torch.rand((hi, n, r), generator=g)]
+        out = []
+        for t in draws:
+            s = torch.where(t < 1 / 6, -1.0, torch.where(t > 5 / 6, 1.0, 0.0))
+            out.append((s / s.std()).float())
+        return out
+
+    def linear(self, l, m, x, y):
+        if (l, m) not in self.mods:
+            return y
+        first, second = self.mods[(l, m)]
+        return y + self.scale * ((x @ first.T) @ second.T)
+
+
+class Mos(Adapter):
+    """Mixture of Shards (Forence1999/MoS modules/Tied_LoRA.py, LoraLinear4bit_Tied_LoRA_forward):
+    y += s (x (A^T * (lora_A_vec * lora_A_anti_vec))) B^T, s = lora_alpha / r, where vector j of
+    A is the concatenation of the pool rows lora_pair_mask[j * c + i], i < c, and row-vector j of
+    B^T likewise from the columns of the B pool named by lora_pair_mask_B. A checkpoint that
+    save_tied_lora already materialised holds A and B themselves."""
+
+    def __init__(self, d, base):
+        super().__init__()
+        cfg = read_json(os.path.join(d, "adapter_config.json"))
+        w = load_adapter_tensors(d, ("adapter_model.bin",))
+        r = cfg["r"]
+        self.scale = cfg["lora_alpha"] / r
+        self.mods = {}
+        for l in range(base.layers):
+            for m in ALL:
+                p = "base_model.model." + module_path(l, m)
+                if p + ".lora_A.weight" not in w:
+                    continue
+                a, b = f64(w[p + ".lora_A.weight"]), f64(w[p + ".lora_B.weight"])
+                if p + ".lora_pair_mask" in w:
+                    mask_a, mask_b = w[p + ".lora_pair_mask"], w[p + ".lora_pair_mask_B"]
+                    c = len(mask_a) // r
+                    a = self.vectors(a, mask_a, r, c)
+                    b = self.vectors(b.T, mask_b, r, c).T
+                    a = a * f64(w[p + ".lora_A_vec"] * w[p + ".lora_A_anti_vec"])[:, None]
+                self.mods[(l, m)] = (a, b)
+
+    @staticmethod
+    def vectors(pool, mask, r, c):
+        d = pool.shape[1]
+        out = torch.zeros(r, c * d, dtype=F64)
+        for j in range(r):
+            for i in range(c):
+                out[j, i * d:(i + 1) * d] = pool[int(mask[j * c + i])]
+        return out
+
+    def linear(self, l, m, x, y):
+        if (l, m) not in self.mods:
+            return y
+        a, b = self.mods[(l, m)]
+        return y + self.scale * ((x @ a.T) @ b.T)
+
+
 class Smora(Adapter):
     """SMoRA from its mole/1 files (it has no public code or format): MOLE_FORMAT (c)
     route_smora. Per token and module: l = x Wg^T; keep the k ranks with the largest l + b_sel;
@@ -900,6 +1001,10 @@ def detect_family(d):
         return "flylora"
     if cfg.get("use_nola"):
         return "nola"
+    if pt == "RANDLORA":
+        return "randlora"
+    if cfg.get("ft_mode") == "mos":
+        return "mos"
     return "peft_lora"
 
 
@@ -928,6 +1033,10 @@ def make_adapter(base, d, family, k_per_layer=None, ordering=None):
         return Nola(d, base)
     if family == "output_gate":
         return OutputGate(d, base)
+    if family == "randlora":
+        return RandLora(d, base)
+    if family == "mos":
+        return Mos(d, base)
     fail(f"unknown family {family}")
 
 
@@ -956,7 +1065,8 @@ def main(argv=None):
     ap.add_argument("adapter_dir")
     ap.add_argument("--family", required=True,
                     choices=["auto", "peft_lora", "mixlora", "mola", "loramoe", "dynmole",
-                             "mola_original", "xlora", "flylora", "smora", "sora", "mor", "nola", "output_gate"])
+                             "mola_original", "xlora", "flylora", "smora", "sora", "mor", "nola", "output_gate",
+                             "randlora", "mos"])
     ap.add_argument("--prompt", action="append", required=True, help="comma-separated token ids")
     ap.add_argument("--greedy", type=int, default=0, help="greedy continuation length")
     ap.add_argument("--k-per-layer", help="original MoLA: top-k per layer (default: sidecar or 2)")
