@@ -19,7 +19,8 @@ top-p, ...) with decisions that are not near-ties on the first base, the one the
 gate), the CLIs (reference JSON on stdout, converter exit codes), --dtype bfloat16,
 --k-per-layer, --ordering, regex targets that split into several entries, the float32 rounding
 of irrational scales, and the converter's rejections (DoRA, modules_to_save, Renyi entropy,
-non-SiLU act_fn, unknown routing strategy).
+non-SiLU act_fn, unknown routing strategy), and tools/lora_lego.py's rank-wise merge against the
+formulas of its docstring.
 """
 import json
 import math
@@ -39,6 +40,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, HERE)
 import make_public_adapters  # noqa: E402
+import lora_lego  # noqa: E402
 import mole_convert  # noqa: E402
 import mole_reference as ref  # noqa: E402
 from llama_reference import load_safetensors  # noqa: E402
@@ -609,6 +611,86 @@ def check_options(fails, base, base_dir, pub, work):
                 "irrational scale: not the nearest float32")
 
 
+def check_lego(fails, base, base_dir, work):
+    """tools/lora_lego.py against the formulas in its docstring, on two PEFT LoRAs (q/v, r 4)
+    whose rank units pair up: the second is the first's units permuted, rescaled to another
+    LoRA scale (alpha 16 vs 8) and perturbed by 1e-3, so any k-means finds the pairs at k 4.
+      k 4: per module sum_i b_c a_c^T over the pairs' means, each rescaled to its members' mean
+           l-inf norm, output factor sqrt(4 / 4);
+      k 64 (every unit its own cluster): sqrt(4 / 8) (s_1 B_1 A_1 + s_2 B_2 A_2)."""
+    g = torch.Generator().manual_seed(77)
+    mods = ["q_proj", "v_proj"]
+    dims = {m: (tuple(base.w[ref.module_path(0, m) + ".weight"].shape)) for m in mods}
+    r, scales = 4, (16 / 4, 8 / 4)
+    srcs, units = [], {}
+    for n, alpha in enumerate((16, 8)):
+        d = os.path.join(work, "lego", f"lora{n}")
+        os.makedirs(d, exist_ok=True)
+        cfg = make_public_adapters.peft_config(make_public_adapters.Base(base_dir), r=r,
+                                               lora_alpha=alpha, target_modules=mods)
+        with open(os.path.join(d, "adapter_config.json"), "w") as f:
+            json.dump(cfg, f)
+        w = {}
+        for l in range(base.layers):
+            for m in mods:
+                out_f, in_f = dims[m]
+                key = (l, m)
+                if n == 0:
+                    a = torch.randn(r, in_f, generator=g, dtype=F64) / math.sqrt(in_f)
+                    b = torch.randn(out_f, r, generator=g, dtype=F64) * 0.3
+                    units[key] = [torch.cat([a * math.sqrt(scales[0]), b.T * math.sqrt(scales[0])],
+                                            1)]
+                else:
+                    first = units[key][0][torch.tensor([2, 0, 3, 1])]
+                    first = first * (1 + 1e-3 * torch.randn(first.shape, generator=g, dtype=F64))
+                    units[key].append(first)
+                    a = first[:, :in_f] / math.sqrt(scales[1])
+                    b = first[:, in_f:].T / math.sqrt(scales[1])
+                p = "base_model.model." + ref.module_path(l, m)
+                w[p + ".lora_A.weight"], w[p + ".lora_B.weight"] = a.float(), b.float()
+        make_public_adapters.save_st(os.path.join(d, "adapter_model.safetensors"), w)
+        srcs.append(d)
+    # The stored float32 units, as the tool reads them.
+    for n, d in enumerate(srcs):
+        t = load_safetensors(os.path.join(d, "adapter_model.safetensors"))
+        for (l, m) in units:
+            p = "base_model.model." + ref.module_path(l, m)
+            root = math.sqrt(scales[n])
+            units[(l, m)][n] = torch.cat([t[p + ".lora_A.weight"] * root,
+                                          t[p + ".lora_B.weight"].T * root], 1)
+    worst = {4: 0.0, 64: 0.0}
+    for k in worst:
+        dst = os.path.join(work, "lego", f"merged_k{k}")
+        lora_lego.merge(dst, srcs, k)
+        got = load_safetensors(os.path.join(dst, "model.safetensors"))
+        for (l, m), (u1, u2) in units.items():
+            out_f, in_f = dims[m]
+            if k == 4:
+                order = [2, 0, 3, 1]
+                want = torch.zeros(out_f, in_f, dtype=F64)
+                for i in range(r):
+                    pair = torch.stack([u1[order[i]], u2[i]])
+                    c = pair.mean(0)
+                    c = c * pair.abs().amax(1).mean() / c.abs().amax()
+                    want += torch.outer(c[in_f:], c[:in_f])
+            else:
+                both = torch.cat([u1, u2])
+                want = math.sqrt(4 / 8) * both[:, in_f:].T @ both[:, :in_f]
+            a = got[f"static.lego.layers.{l}.{m}.A"]
+            b = got[f"static.lego.layers.{l}.{m}.B"]
+            fails.check(a.shape[0] == min(k, 8), f"LEGO k {k}: merged rank {a.shape[0]}")
+            worst[k] = max(worst[k], float((b @ a - want).abs().max() / want.abs().max()))
+    print(f"  lora_lego: k 4 (pairs) rel |d delta W| {worst[4]:.1e}, k 64 (singletons) "
+          f"{worst[64]:.1e}")
+    fails.check(worst[4] < 1e-6 and worst[64] < 1e-6, f"LEGO merge differs: {worst}")
+    # Refusals: one source, rank 0, sources of different shapes.
+    for args, want in (([srcs[0]], "at least two"), (srcs + ["--rank", "0"], "at least 1")):
+        extra = [] if "--rank" in args else ["--rank", "2"]
+        p = run_cli([os.path.join(ROOT, "tools", "lora_lego.py"),
+                     os.path.join(work, "lego", "bad")] + args + extra)
+        fails.check(p.returncode == 1 and want in p.stderr, f"lora_lego {args}: {p.stderr!r}")
+
+
 def read_header(path):
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -667,6 +749,7 @@ def main():
                 fails.check(got == (family, family), f"{name}: auto-detected as {got}")
             check_options(fails, base, base_dir, pub, root)
             check_rejections(fails, pub, root)
+            check_lego(fails, base, base_dir, root)
             check_reference_cli(fails, base_dir, pub, base)
     elapsed = time.time() - t0
     if fails.items:
