@@ -84,6 +84,7 @@ struct Adapters {
     EXPECT_FALSE(test_util::WriteDemoMixloraAdapter((root / "mixlora").string()).empty());
     EXPECT_FALSE(test_util::WriteDemoRankAdapter((root / "flylora").string(), false).empty());
     EXPECT_FALSE(test_util::WriteDemoXloraAdapter((root / "xlora").string()).empty());
+    EXPECT_FALSE(test_util::WriteDemoOutputGateAdapter((root / "gate").string()).empty());
   }
   ~Adapters() { fs::remove_all(root); }
 };
@@ -96,7 +97,7 @@ std::unique_ptr<Engine> MakeEngine(bool caching, const Adapters& a, int64_t kv_b
                   .kv_cache_bytes = kv_bytes,
                   .metrics = metrics,
                   .adapter_root = a.root.string()};
-  for (const char* name : {"lora", "mole", "mixlora", "flylora", "xlora"}) {
+  for (const char* name : {"lora", "mole", "mixlora", "flylora", "xlora", "gate"}) {
     o.adapters.push_back({name, (a.root / name).string()});
   }
   auto e = Engine::Create(o);
@@ -167,7 +168,7 @@ TEST(PrefixCacheTest, MultiTurnChatsGiveTheSameOutputsWithAndWithoutTheCache) {
   auto cached = MakeEngine(true, a);
   auto plain = MakeEngine(false, a);
   ASSERT_TRUE(cached && plain);
-  for (const char* adapter : {"", "lora", "mole", "mixlora", "flylora"}) {
+  for (const char* adapter : {"", "lora", "mole", "mixlora", "flylora", "gate"}) {
     ExpectChatMatches(*cached, *plain, adapter, /*expect_hits=*/true);
   }
   ExpectChatMatches(*cached, *plain, "xlora", /*expect_hits=*/false);
@@ -213,6 +214,16 @@ TEST(PrefixCacheTest, AdapterVersionAndOverrideAreInTheKey) {
       << "the override changes nothing: the test would not see a bad key";
   both(top1, "mole with k=1 again", true);
   both(Greedy("mole", prompt, 10), "mole again", true);
+  // An output gate's disabled experts.
+  const auto gated = both(Greedy("gate", prompt, 10), "gate", false);
+  GenerateRequest off = Greedy("gate", prompt, 10);
+  off.routing_override.disabled_experts = {0};
+  const auto masked = both(off, "gate without expert 0 after gate", false);
+  EXPECT_NE(masked, gated) << "the mask changes nothing: the test would not see a bad key";
+  off.routing_override.disabled_experts = {1};
+  both(off, "gate without expert 1 after expert 0", false);
+  off.routing_override.disabled_experts = {0};
+  both(off, "gate without expert 0 again", true);
   // A replace: the same name, other weights.
   for (Engine* e : {cached.get(), plain.get()}) {
     ASSERT_TRUE(e->LoadAdapter("mole", "mole2", /*replace=*/true).ok());
