@@ -414,6 +414,16 @@ absl::Status Engine::Admit(GenerateRequest* request_ptr, Admission* out) const {
   if (!request.adapter.empty()) {
     ASSIGN_OR_RETURN(out->adapter, s.lifecycle->Resolve(request.adapter));
     adapter = out->adapter.version().get();
+    // Disabled experts as a set: bounded, sorted, each once (so [2, 0] and [0, 0, 2] share the
+    // prefix cache's key).
+    std::vector<int32_t>& disabled = request.routing_override.disabled_experts;
+    if (disabled.size() > static_cast<size_t>(kernels::kMaxRouteWidth)) {
+      return absl::InvalidArgumentError(absl::StrCat("routing.disabled_experts lists ",
+                                                     disabled.size(), " experts; at most ",
+                                                     kernels::kMaxRouteWidth));
+    }
+    std::sort(disabled.begin(), disabled.end());
+    disabled.erase(std::unique(disabled.begin(), disabled.end()), disabled.end());
     RETURN_IF_ERROR(ValidateRoutingOverride(*adapter->adapter, request.routing_override));
   } else if (!request.routing_override.empty()) {
     return absl::InvalidArgumentError(

@@ -11,7 +11,8 @@ Per module that any source adapts:
   2. k-means over the units (k = min(K, units)), squared Euclidean, k-means++ seeding from a CPU
      torch generator seeded with --seed, Lloyd iterations until no unit changes cluster (at most
      --max-iter), the best of --n-init runs by inertia (the first on ties). A cluster that empties
-     keeps its previous centroid.
+     during the iterations keeps its previous centroid; one empty at the end is dropped (fewer
+     distinct units than k), and k below is the number of clusters kept.
   3. Each centroid is its members' mean, rescaled so that its largest absolute entry is the mean of
      its members' (parameter reweighting, against the norm decay of averaging).
   4. Merged LoRA: A = the centroids' first `in` entries [k, in], B = the rest, transposed, times
@@ -82,12 +83,14 @@ def merge_module(units, k, in_dim, mean_rank, seed, n_init, max_iter):
     merged = []
     for j in range(k):
         members = units[labels == j]
+        if members.shape[0] == 0:  # fewer distinct units than k: the merge has fewer ranks
+            continue
         centre = members.mean(0)
         target = members.abs().amax(1).mean()
         peak = centre.abs().amax()
         merged.append(centre * (target / peak) if peak > 0 else centre)
     merged = torch.stack(merged)
-    factor = math.sqrt(mean_rank / k)
+    factor = math.sqrt(mean_rank / merged.shape[0])
     return merged[:, :in_dim], merged[:, in_dim:].T * factor
 
 
@@ -96,6 +99,8 @@ def merge(dst, srcs, rank, base=None, seed=0, n_init=10, max_iter=300, name=None
     """Merges the PEFT LoRA directories `srcs` into mole/1 at `dst`. Raises mc.ConvertError."""
     if rank < 1:
         raise mc.ConvertError(f"--rank must be at least 1, not {rank}")
+    if n_init < 1 or max_iter < 1:
+        raise mc.ConvertError("--n-init and --max-iter must be at least 1")
     if len(srcs) < 2:
         raise mc.ConvertError("a LEGO merge needs at least two LoRAs")
     opts = argparse.Namespace(base=base, weight_dtype={"float32": "F32", "bfloat16": "BF16"}[dtype],
@@ -147,6 +152,9 @@ def main(argv=None):
               args.max_iter, args.name, args.dtype)
     except (mc.ConvertError, KeyError, ValueError, OSError) as e:
         print(f"lora_lego: {e}", file=sys.stderr)
+        return 1
+    except (TypeError, IndexError, RuntimeError, ZeroDivisionError, AttributeError) as e:
+        print(f"lora_lego: malformed source ({type(e).__name__}: {e})", file=sys.stderr)
         return 1
     print(f"lora_lego: {len(args.src_dirs)} LoRAs -> {args.dst_dir} (rank {args.rank})",
           file=sys.stderr)

@@ -2,9 +2,9 @@
 """Converts a public MoLE checkpoint into moleserve's `mole/1` directory format.
 
   mole_convert.py SRC_DIR DST_DIR [--family auto|peft_lora|mixlora|mola|loramoe|dynmole|
-                  mola_original|xlora|flylora|sora|nola] [--k-per-layer 2,2,...]
+                  mola_original|xlora|flylora|sora|nola|randlora|mos] [--k-per-layer 2,2,...]
                   [--ordering FILE] [--dtype float32|bfloat16] [--base BASE_DIR] [--name NAME]
-                  [--nola-device cpu|cuda]
+                  [--nola-device cpu|cuda] [--randlora-basis-dtype float16|bfloat16]
 
 Writes DST_DIR/mole_config.json and DST_DIR/model.safetensors as engine/adapters/README.md and
 MOLE_FORMAT.md section (b) define them. Needs only Debian's python3-torch (to read the `.bin`
@@ -35,6 +35,15 @@ Families (MOLE_FORMAT.md b.4):
                  the stored frozen weight plus sum_b c_b U_b / sqrt(nola_num_basis), the bases U_b
                  regenerated from the module's stored seed with torch's generator on the training
                  device (--nola-device, required: CPU and CUDA generators differ): a static LoRA.
+  randlora       PEFT's randlora tuner: per module lambda [r, n] and gamma [n, min(in, out)] with
+                 the shared random bases (saved, or regenerated from projection_prng_key: sparse
+                 exactly, dense in --randlora-basis-dtype) folded into one static LoRA of rank
+                 n * r, the product get_scaled_bases forms; scale randlora_alpha / r.
+  mos            Mixture of Shards (Forence1999/MoS): a training checkpoint's shard pools and
+                 per-layer shard masks materialised into each layer's LoRA (transform_chunks),
+                 or the plain LoRA save_tied_lora writes; scale lora_alpha / r.
+A PERFT checkpoint (adapters beside the experts of a Mixture-of-Experts base) is refused with
+that reason.
 `auto` (the default) picks the family from the files. Anything the format cannot express exactly
 (DoRA, modules_to_save, embedding LoRAs, fan_in_fan_out, LoRA biases, Renyi entropy, a non-SiLU
 MixLoRA act_fn, ...) is rejected with a message naming it and exit status 1.
@@ -934,11 +943,16 @@ def module_shape(base, m, where):
 
 
 def randlora_kaiming(shape, generator, dtype):
-    """PEFT randlora's _kaiming_init: kaiming_uniform_(a=sqrt(5), generator) is
-    uniform_(-1/sqrt(fan_in), 1/sqrt(fan_in), generator), fan_in = shape[1] * prod(shape[2:])."""
+    """PEFT randlora's _kaiming_init: torch's kaiming_uniform_(a=sqrt(5), generator=...), or,
+    on a torch without its generator argument, the same arithmetic written out (fan_in =
+    shape[1] * prod(shape[2:]), bound = sqrt(3) * gain / sqrt(fan_in), then uniform_)."""
     t = torch.empty(shape, dtype=dtype)
-    bound = 1.0 / math.sqrt(shape[1] * math.prod(shape[2:]))
-    return t.uniform_(-bound, bound, generator=generator)
+    try:
+        return torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    except TypeError:
+        gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+        bound = math.sqrt(3.0) * (gain / math.sqrt(shape[1] * math.prod(shape[2:])))
+        return t.uniform_(-bound, bound, generator=generator)
 
 
 def randlora_bases(cfg, largest, basis_dtype, where):
@@ -947,7 +961,10 @@ def randlora_bases(cfg, largest, basis_dtype, where):
     r = cfg["r"]
     max_dim, min_dim = max(largest), min(largest)
     n = -(-min_dim // r)
-    g = torch.Generator(device="cpu").manual_seed(cfg.get("projection_prng_key", 0))
+    key = cfg.get("projection_prng_key", 0)
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2 ** 63:
+        raise ConvertError(f"{where}: projection_prng_key must be an integer in [0, 2^63)")
+    g = torch.Generator(device="cpu").manual_seed(key)
     if cfg.get("sparse") or cfg.get("very_sparse"):
         sparsity = math.sqrt(min_dim) if cfg.get("very_sparse") else 3
         a, b = torch.rand((r, 1, min_dim), generator=g), torch.rand((max_dim, n, r), generator=g)
@@ -989,9 +1006,17 @@ def convert_randlora(src, opts):
     shapes = {t: module_shape(mole.base, t[1], src) for t in targets}
     largest = tuple(max(s[i] for s in shapes.values()) for i in (0, 1))
     used = set()
-    if "base_model.randlora_A" in w and "base_model.randlora_B" in w:
-        a, b = w["base_model.randlora_A"].float(), w["base_model.randlora_B"].float()
-        used.update(("base_model.randlora_A", "base_model.randlora_B"))
+    if r > min(largest):
+        raise ConvertError(f"{src}: r {r} is larger than the targeted modules' dimensions")
+    # The shared bases: saved at the model level, or (PEFT before huggingface/peft#3714) under
+    # each module as well or only there; else regenerated.
+    saved = [("base_model.randlora_A", "base_model.randlora_B")] + [
+        (f"base_model.model.{peft_module_name(l, m)}.randlora_A",
+         f"base_model.model.{peft_module_name(l, m)}.randlora_B") for l, m in targets]
+    saved = [pair for pair in saved if pair[0] in w and pair[1] in w]
+    if saved:
+        a, b = w[saved[0][0]].float(), w[saved[0][1]].float()
+        used.update(saved[0])
     else:
         a, b = (t.float() for t in randlora_bases(cfg, largest, opts.randlora_basis_dtype, src))
     if a.dim() != 3 or a.shape[0] != r or a.shape[1] != 1 or b.dim() != 3 or b.shape[2] != r:
@@ -1052,9 +1077,16 @@ def convert_mos(src, opts):
     reject_common(cfg, src)
     w = read_weights(src)
     mole = new_mole("mos", cfg, src, opts, weights=w)
-    r = cfg["r"]
-    scale = lora_scale(cfg["lora_alpha"], r, cfg.get("use_rslora", False))
+    r, alpha, chunks = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("num_chunk_per_vec")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or \
+            not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ConvertError(f"{src}: r must be a positive integer and lora_alpha a number")
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or
+                               chunks < 1):
+        raise ConvertError(f"{src}: num_chunk_per_vec must be a positive integer")
+    scale = alpha / r  # MoS's LoraLayer_update_layer: lora_alpha / r, whatever else is set
     if not any(k.endswith(".lora_pair_mask") for k in w):
+        # save_tied_lora's plain LoRA, which MoS loads with PEFT (merge_lora.py).
         _, loras, _ = read_peft_lora(src, mole.num_layers)
     else:
         loras = {}
@@ -1069,9 +1101,11 @@ def convert_mos(src, opts):
             pool_a, pool_b, mask_a, mask_b, vec, anti = (w[n] for n in names)
             if mask_a.is_floating_point() or mask_b.is_floating_point():
                 raise ConvertError(f"{src}: {prefix}: the shard masks are not integers")
-            c = cfg.get("num_chunk_per_vec") or mask_a.numel() // r
+            if pool_a.dim() != 2 or pool_b.dim() != 2:
+                raise ConvertError(f"{src}: {prefix}: the shard pools are not matrices")
+            c = chunks or max(mask_a.numel() // r, 1)
             rows = pool_a.shape[0]
-            if pool_a.dim() != 2 or pool_b.dim() != 2 or pool_b.shape[1] != rows or \
+            if pool_b.shape[1] != rows or rows == 0 or \
                     mask_a.numel() != r * c or mask_b.numel() != r * c or \
                     vec.numel() != r or anti.numel() != r:
                 raise ConvertError(
@@ -1085,7 +1119,7 @@ def convert_mos(src, opts):
             # Vector j = rows mask[j * c], ..., mask[j * c + c - 1] end to end.
             a = pool_a[mask_a.long().reshape(-1)].reshape(r, c * pool_a.shape[1])
             b = pool_b.t()[mask_b.long().reshape(-1)].reshape(r, c * pool_b.shape[0]).t()
-            a = a * (vec * anti).reshape(r, 1)
+            a = a.float() * (vec.float() * anti.float()).reshape(r, 1)  # fp32, as MoS
             if mole.base.get("hidden_size") is not None and \
                     (b.shape[0], a.shape[1]) != module_shape(mole.base, m, src):
                 raise ConvertError(f"{src}: {prefix}: the shards make a {b.shape[0]} x "
@@ -1116,6 +1150,8 @@ def detect_family(src):
     delta = os.path.join(src, "config.json")
     if os.path.isfile(delta) and not os.path.isfile(path):
         model_cfg = read_json(delta)
+        if not isinstance(model_cfg, dict):
+            raise ConvertError(f"{delta}: not a JSON object")
         perft_keys = ("shared_routing_adapter", "embedded_routing_adapter", "shared_adapter")
         if str(model_cfg.get("model_type", "")).endswith("-adapter") or \
                 any(model_cfg.get(k) for k in perft_keys):
@@ -1207,6 +1243,12 @@ def main(argv=None):
     except (ConvertError, KeyError, ValueError, OSError) as e:
         msg = f"{args.src_dir}: missing key {e}" if isinstance(e, KeyError) else str(e)
         print(f"mole_convert: {msg}", file=sys.stderr)
+        return 1
+    except (TypeError, IndexError, RuntimeError, ZeroDivisionError, AttributeError) as e:
+        # A checkpoint whose fields have the wrong types or shapes for what the checks above
+        # expect: refused as malformed rather than with a traceback.
+        print(f"mole_convert: {args.src_dir}: malformed checkpoint ({type(e).__name__}: {e})",
+              file=sys.stderr)
         return 1
     print(f"mole_convert: {args.src_dir} ({family}) -> {args.dst_dir}", file=sys.stderr)
     return 0

@@ -356,7 +356,7 @@ struct OutputGateScaleParams {
   const float* mask = nullptr;  // [rows, experts] or nullptr
   int64_t rows = 0;
   int64_t width = 0;
-  int32_t experts = 0;  // 1..kMaxRouteWidth
+  int32_t experts = 0;  // any number (the host path routes more than kMaxRouteWidth)
   ScalarType dtype = ScalarType::kF32;
 };
 

@@ -43,7 +43,7 @@ KernelStatus RankRoute(const RankRouteParams& p, ThreadPool* pool);
 // MixRouter: experts outside 1..kMaxRouteWidth or routers outside 1..kMaxMixRouters ->
 // kInvalidShape; x aliasing y -> kInvalidArgument.
 KernelStatus MixRouter(const MixRouterParams& p, ThreadPool* pool);
-// OutputGateScale: experts outside 1..kMaxRouteWidth or width < 1 -> kInvalidShape; fp32 only.
+// OutputGateScale: experts < 1 or width < 1 -> kInvalidShape; fp32 only.
 KernelStatus OutputGateScale(const OutputGateScaleParams& p, ThreadPool* pool);
 // SoftmaxGroups: cols not a multiple of group, or y_stride < cols -> kInvalidShape.
 KernelStatus SoftmaxGroups(const SoftmaxGroupsParams& p, ThreadPool* pool);

@@ -55,9 +55,7 @@ KernelStatus MixRouter(const MixRouterParams& p, ThreadPool* pool) {
 }
 
 KernelStatus OutputGateScale(const OutputGateScaleParams& p, ThreadPool* pool) {
-  if (p.rows < 0 || p.width < 1 || p.experts < 1 || p.experts > kMaxRouteWidth) {
-    return KernelStatus::kInvalidShape;
-  }
+  if (p.rows < 0 || p.width < 1 || p.experts < 1) return KernelStatus::kInvalidShape;
   if (p.dtype != ScalarType::kF32) return KernelStatus::kUnsupportedDtype;
   if (p.rows == 0) return KernelStatus::kOk;
   if (p.d == nullptr || p.logits == nullptr) return KernelStatus::kInvalidArgument;

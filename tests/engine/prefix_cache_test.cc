@@ -224,6 +224,8 @@ TEST(PrefixCacheTest, AdapterVersionAndOverrideAreInTheKey) {
   both(off, "gate without expert 1 after expert 0", false);
   off.routing_override.disabled_experts = {0};
   both(off, "gate without expert 0 again", true);
+  off.routing_override.disabled_experts = {0, 0};  // the same set
+  both(off, "gate without experts {0, 0}", true);
   // A replace: the same name, other weights.
   for (Engine* e : {cached.get(), plain.get()}) {
     ASSERT_TRUE(e->LoadAdapter("mole", "mole2", /*replace=*/true).ok());

@@ -492,6 +492,32 @@ def check_rejections(fails, pub, work):
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     print(f"  randlora regenerated fp16 bases equal the saved ones: {same}")
     fails.check(same, "RandLoRA: bases regenerated in float16 differ from the saved ones")
+    # Malformed fields refused with a message, never a traceback: a MoS mask shorter than r, a
+    # RandLoRA PRNG key that is not an integer, a config.json that is not an object.
+    short = os.path.join(work, "reject", "mos_short")
+    shutil.copytree(os.path.join(pub, "mos"), short)
+    w = torch.load(os.path.join(short, "adapter_model.bin"))
+    cfg = ref.read_json(os.path.join(short, "adapter_config.json"))
+    cfg.pop("num_chunk_per_vec")
+    with open(os.path.join(short, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    torch.save({k: (v[:2] if k.endswith("lora_pair_mask") else v) for k, v in w.items()},
+               os.path.join(short, "adapter_model.bin"))
+    key = os.path.join(work, "reject", "randlora_key")
+    shutil.copytree(os.path.join(pub, "randlora_sparse"), key)
+    cfg = ref.read_json(os.path.join(key, "adapter_config.json"))
+    cfg["projection_prng_key"] = [1, 2]
+    with open(os.path.join(key, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    odd = os.path.join(work, "reject", "config_list")
+    os.makedirs(odd, exist_ok=True)
+    with open(os.path.join(odd, "config.json"), "w") as f:
+        json.dump([1, 2], f)
+    for d, want in ((short, "masks"), (key, "projection_prng_key"), (odd, "not a JSON object")):
+        p = run_cli([os.path.join(ROOT, "tools", "mole_convert.py"), d, d + ".out"])
+        print(f"  reject {os.path.basename(d):22s} rc {p.returncode}  {p.stderr.strip()[:100]}")
+        fails.check(p.returncode == 1 and want in p.stderr and "Traceback" not in p.stderr,
+                    f"{os.path.basename(d)}: rc {p.returncode} {p.stderr!r}")
     # PERFT (adapters beside the experts of an MoE base): refused, saying why.
     perft = os.path.join(work, "reject", "perft")
     os.makedirs(perft, exist_ok=True)
@@ -683,6 +709,22 @@ def check_lego(fails, base, base_dir, work):
     print(f"  lora_lego: k 4 (pairs) rel |d delta W| {worst[4]:.1e}, k 64 (singletons) "
           f"{worst[64]:.1e}")
     fails.check(worst[4] < 1e-6 and worst[64] < 1e-6, f"LEGO merge differs: {worst}")
+    # A LoRA merged with itself at rank 2r: r distinct units, each cluster a unit and its copy,
+    # so the merge is the LoRA itself (and no cluster is left empty).
+    dst = os.path.join(work, "lego", "self")
+    lora_lego.merge(dst, [srcs[0], srcs[0]], 2 * r)
+    got = load_safetensors(os.path.join(dst, "model.safetensors"))
+    worst_self = 0.0
+    for (l, m), (u1, _) in units.items():
+        in_f = dims[m][1]
+        want = u1[:, in_f:].T @ u1[:, :in_f]
+        a = got[f"static.lego.layers.{l}.{m}.A"]
+        b = got[f"static.lego.layers.{l}.{m}.B"]
+        fails.check(a.shape[0] == r and bool(torch.isfinite(a).all() and torch.isfinite(b).all()),
+                    f"LEGO self-merge: rank {a.shape[0]}")
+        worst_self = max(worst_self, float((b @ a - want).abs().max() / want.abs().max()))
+    print(f"  lora_lego: a LoRA with itself at rank {2 * r}: rel |d delta W| {worst_self:.1e}")
+    fails.check(worst_self < 1e-6, f"LEGO self-merge differs: {worst_self}")
     # Refusals: one source, rank 0, sources of different shapes.
     for args, want in (([srcs[0]], "at least two"), (srcs + ["--rank", "0"], "at least 1")):
         extra = [] if "--rank" in args else ["--rank", "2"]

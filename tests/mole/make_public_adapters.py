@@ -474,12 +474,12 @@ def make_nola(base, out, g):
 
 
 def randlora_kaiming(shape, generator, dtype):
-    """PEFT's randlora _kaiming_init: kaiming_uniform_(a=sqrt(5)) with the generator, which is
-    uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = shape[1] * prod(shape[2:]) (written out:
-    Debian's torch predates kaiming_uniform_'s generator argument)."""
+    """PEFT's randlora _kaiming_init: kaiming_uniform_(a=sqrt(5)) with the generator, written out
+    as torch computes it (Debian's torch predates its generator argument): fan_in = shape[1] *
+    prod(shape[2:]), gain = sqrt(2 / (1 + a^2)), bound = sqrt(3) * gain / sqrt(fan_in)."""
     t = torch.empty(shape, dtype=dtype)
-    bound = 1.0 / math.sqrt(shape[1] * math.prod(shape[2:]))
-    return t.uniform_(-bound, bound, generator=generator)
+    std = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2)) / math.sqrt(shape[1] * math.prod(shape[2:]))
+    return t.uniform_(-math.sqrt(3.0) * std, math.sqrt(3.0) * std, generator=generator)
 
 
 def randlora_bases(r, largest, key, sparse, very_sparse, dtype):

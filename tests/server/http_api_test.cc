@@ -104,11 +104,12 @@ class HttpApiTest : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = new std::string(::testing::TempDir() + "/http_api_mole");
     ASSERT_FALSE(test_util::WriteDemoMoleAdapter(*dir_).empty());
+    ASSERT_FALSE(test_util::WriteDemoOutputGateAdapter(*dir_ + "_gate").empty());
     metrics_ = new RecordingMetrics();
     engine::EngineOptions o;
     o.num_threads = 2;
     o.kv_cache_bytes = int64_t{64} << 20;
-    o.adapters = {{"mole", *dir_}};
+    o.adapters = {{"mole", *dir_}, {"gate", *dir_ + "_gate"}};
     o.adapter_root = ::testing::TempDir();
     // ChatML, refusing roles it does not know (as real templates raise).
     const std::string chat_template = ::testing::TempDir() + "/http_api_chatml.jinja";
@@ -239,11 +240,15 @@ TEST_F(HttpApiTest, HealthAndModels) {
   ASSERT_EQ(models.status, 200);
   const Json list = Json::parse(models.body);
   EXPECT_EQ(list["object"], "list");
-  ASSERT_EQ(list["data"].size(), 2u);
+  ASSERT_EQ(list["data"].size(), 3u);
   const std::string base = engine_->model_info().name;
   EXPECT_EQ(list["data"][0]["id"], base);
-  EXPECT_EQ(list["data"][1]["id"], "mole");
-  EXPECT_EQ(list["data"][1]["parent"], base);
+  std::set<std::string> adapters;
+  for (size_t i = 1; i < 3; ++i) {
+    adapters.insert(list["data"][i]["id"].get<std::string>());
+    EXPECT_EQ(list["data"][i]["parent"], base);
+  }
+  EXPECT_EQ(adapters, (std::set<std::string>{"gate", "mole"}));
   Response one = Call("GET", "/v1/models/mole");
   EXPECT_EQ(one.status, 200);
   EXPECT_EQ(Json::parse(one.body)["id"], "mole");
@@ -648,6 +653,25 @@ TEST_F(HttpApiTest, RoutingOverrideAndRoutingTrace) {
     EXPECT_EQ(status, 400) << bad.dump() << " -> " << e.dump();
     EXPECT_EQ(e["error"]["param"], "routing") << bad.dump() << " -> " << e.dump();
   }
+  // On the output-gated adapter: expert 1 is never routed to, and the text is the engine's
+  // with the same mask.
+  Json masked = request;
+  masked["model"] = "gate";
+  masked["routing"] = {{"disabled_experts", {1}}};
+  const Json off = Post("/v1/completions", masked);
+  ASSERT_TRUE(off.contains("choices")) << off.dump();
+  ASSERT_EQ(off["choices"][0]["routing"].size(), 4u) << off.dump();
+  for (const Json& token : off["choices"][0]["routing"]) {
+    for (const Json& site : token) {
+      EXPECT_EQ(site["experts"].size(), 2u) << site.dump();  // soft over the other two
+      for (const Json& e : site["experts"]) EXPECT_NE(e.get<int>(), 1) << site.dump();
+    }
+  }
+  engine::GenerateRequest direct_masked = direct;
+  direct_masked.adapter = "gate";
+  direct_masked.routing_override = {};
+  direct_masked.routing_override.disabled_experts = {1};
+  EXPECT_EQ(off["choices"][0]["text"], DirectText(direct_masked));
   Json gated = request;
   gated["routing"] = {{"disabled_experts", {1}}};
   int gated_status = 0;

@@ -170,8 +170,7 @@ cudaError_t MixRouter(const MixRouterParams& p, cudaStream_t stream) {
 }
 
 cudaError_t OutputGateScale(const OutputGateScaleParams& p, cudaStream_t stream) {
-  if (p.rows < 0 || p.rows > 0x7fffffff || p.width < 1 || p.experts < 1 ||
-      p.experts > kMaxRouteWidth) {
+  if (p.rows < 0 || p.rows > 0x7fffffff || p.width < 1 || p.experts < 1) {
     return cudaErrorInvalidValue;
   }
   if (p.rows == 0) return cudaSuccess;

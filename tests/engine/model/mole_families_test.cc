@@ -326,6 +326,7 @@ TEST_F(MoleFamiliesTest, OutputGateMaskRenormalisesTheOtherGates) {
        std::vector<std::tuple<std::string, std::vector<int32_t>, std::string>>{
            {"gate", {3}, "is not an expert"},
            {"gate", {0, 1, 2}, "turns every expert off"},
+           {"gate", std::vector<int32_t>(129, 1), "at most 128"},
            {"mixlora", {0}, "applies to output-gated groups"}}) {
     GenerateRequest r;
     r.adapter = adapter;
