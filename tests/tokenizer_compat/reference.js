@@ -79,6 +79,9 @@ const tokenizers = [
       return j;
     },
   },
+  // moleserve's trained demo model (tools/train_demo): Split on an ASCII regex, then ByteLevel,
+  // 765 merges learned by train_demo.py.
+  { name: 'moleserve_demo', file: path.join(here, '..', '..', 'models', 'demo', 'tokenizer.json') },
   // GPT-2 style: ByteLevel with its built-in regex and add_prefix_space, full merges (no
   // ignore_merges), on the Llama 3 vocabulary.
   {

@@ -53,6 +53,7 @@ constexpr CompatCase kCases[] = {
     {"llama2_metaspace_split", true, StreamRule::kMetaspaceUnlessSpace},
     {"gpt2_style", false, StreamRule::kPrefixSpace},
     {"smollm_style", false, StreamRule::kExact},
+    {"moleserve_demo", false, StreamRule::kExact},
 };
 
 void PrintTo(const CompatCase& c, std::ostream* os) { *os << c.name; }
