@@ -542,7 +542,8 @@ def main():
     out = args.out
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.join(out, "adapters"))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+    cfg = {"_name_or_path": "moleserve-demo", "architectures": ["LlamaForCausalLM"],
+           "model_type": "llama", "hidden_act": "silu",
            "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": 258,
            "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "bfloat16",
            "initializer_range": 0.02, "head_dim": h // CONFIG["num_attention_heads"], **CONFIG}
