@@ -379,7 +379,7 @@ def batches(tokens, g, batch):
     return torch.stack([tokens[s:s + SEQ + 1] for s in starts.tolist()])
 
 
-def train(params, data, steps, lr, g, batch, adapter=None, aux=None, log=""):
+def train(base, params, data, steps, lr, g, batch, adapter=None, aux=None, log=""):
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     t0 = time.time()
     for step in range(steps):
@@ -389,7 +389,7 @@ def train(params, data, steps, lr, g, batch, adapter=None, aux=None, log=""):
                 math.pi * frac)))
         xb = data(g, batch)
         routing = [] if aux else None
-        logits = forward(BASE, xb[:, :-1], adapter, routing)
+        logits = forward(base, xb[:, :-1], adapter, routing)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), xb[:, 1:].reshape(-1))
         if aux:
             loss = loss + aux(routing)
@@ -455,7 +455,6 @@ def heldout_ppl(p, ids_list, adapter=None, routing=None):
 
 
 def main():
-    global BASE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("corpora")
     ap.add_argument("out")
@@ -504,9 +503,10 @@ def main():
         return torch.cat(parts)
 
     # Base model on prose.
-    BASE = {k: v.requires_grad_() for k, v in init_base(g).items()}
-    train(list(BASE.values()), one("prose"), max(2, int(500 * scale)), 3e-3, g, 16, log="base")
-    BASE = {k: bf16(v).float() for k, v in BASE.items()}  # what is stored is what is adapted
+    base = {k: v.requires_grad_() for k, v in init_base(g).items()}
+    train(base, list(base.values()), one("prose"), max(2, int(500 * scale)), 3e-3, g, 16,
+          log="base")
+    base = {k: bf16(v).float() for k, v in base.items()}  # what is stored is what is adapted
 
     # Single-domain LoRAs: r 16, alpha 32, every linear module.
     r, alpha = 16, 32
@@ -515,7 +515,8 @@ def main():
         lora = {(l, m): lora_pair(g, r, *dims()[m]) for l in range(CONFIG["num_hidden_layers"])
                 for m in ATTN + MLP}
         ad = Adapter(lora, alpha / r)
-        train(ad.params(), one(d), max(2, int(100 * scale)), 2e-3, g, 16, adapter=ad, log=d)
+        train(base, ad.params(), one(d), max(2, int(100 * scale)), 2e-3, g, 16, adapter=ad,
+              log=d)
         loras[d] = Adapter({k: (bf16(a).float(), bf16(b).float()) for k, (a, b) in lora.items()},
                            alpha / r)
 
@@ -532,7 +533,7 @@ def main():
                        for e in range(e_count)},
            "scale": 16 / r_mix, "k": 2}
     ad = Adapter(attn, 16 / r_mix, mix)
-    train(ad.params(), mixture, max(2, int(160 * scale)), 2e-3, g, 18, adapter=ad,
+    train(base, ad.params(), mixture, max(2, int(160 * scale)), 2e-3, g, 18, adapter=ad,
           aux=balance_loss, log="mixlora")
     mixed = Adapter({k: (bf16(a).float(), bf16(b).float()) for k, (a, b) in attn.items()},
                     16 / r_mix,
@@ -555,7 +556,7 @@ def main():
               open(os.path.join(out, "generation_config.json"), "w", encoding="utf-8"), indent=2)
     json.dump(tok.json(), open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8"),
               ensure_ascii=False)
-    write_st(os.path.join(out, "model.safetensors"), BASE)
+    write_st(os.path.join(out, "model.safetensors"), base)
     for d, ad in loras.items():
         ddir = os.path.join(out, "adapters", d)
         os.makedirs(ddir)
@@ -612,7 +613,7 @@ def main():
         metrics["perplexity"][name] = {}
         for d in DOMAINS:
             routing = [] if name == "mixlora" else None
-            ppl, nll, n = heldout_ppl(BASE, heldout[d], ad, routing)
+            ppl, nll, n = heldout_ppl(base, heldout[d], ad, routing)
             metrics["perplexity"][name][d] = {"ppl": ppl, "nll": nll, "tokens": n}
             if routing is not None:
                 # Share of the domain's routed (token, layer) slots that went to each expert.
