@@ -1231,7 +1231,8 @@ def main(argv=None):
     ap.add_argument("--base", help="base model directory (config.json) to record and check")
     ap.add_argument("--name", help="adapter name (default: the source directory name)")
     ap.add_argument("--nola-device", choices=("cpu", "cuda"),
-                    help="NOLA: the device it was trained on, whose random generator made its bases")
+                    help="NOLA: the device it was trained on, whose random generator made its "
+                         "bases")
     ap.add_argument("--randlora-basis-dtype", choices=("float16", "bfloat16"),
                     help="RandLoRA without saved bases: the dtype PEFT drew them in (bfloat16 "
                          "on a bf16 GPU, else float16)")
